@@ -1,0 +1,40 @@
+//! The contract between thaw's guest kernel and its VMM.
+//!
+//! Everything both sides must agree on lives here and nowhere else: the interface version, the
+//! hypercall ports and their arguments, the hypervisor CPUID signature, the ELF note a kernel uses
+//! to declare the interface it speaks, the fault report a guest sends when it dies, and the
+//! conventions used when the same kernel runs under QEMU instead.
+//!
+//! This crate holds plain data and its encoding, decoding and validation only. It must never
+//! depend on anything host- or guest-specific: it is `no_std` and builds for both sides (the
+//! `std` feature only adds `std::error::Error` impls for the host).
+
+#![cfg_attr(not(feature = "std"), no_std)]
+#![deny(unsafe_code)]
+
+pub mod cpuid;
+pub mod fault;
+pub mod hypercall;
+pub mod note;
+pub mod qemu;
+
+/// Version of the guest/VMM interface defined by this crate.
+///
+/// Bump it on any change that makes an old guest and a new VMM (or the reverse) disagree: a new
+/// hypercall meaning, a changed struct layout, a moved fixed address. It is independent of the
+/// crate version. A guest declares it in its [`note`]; the VMM refuses a kernel that declares any
+/// other value.
+pub const INTERFACE_VERSION: u32 = 1;
+
+/// Process exit status conventions shared by `thaw run` and `thaw qemu`.
+pub mod exit_code {
+    /// The guest panicked. Under QEMU the guest's panic handler exits with this code.
+    pub const PANIC: u32 = 101;
+    /// The guest took a CPU exception, which its handlers report and treat as fatal.
+    pub const FAULT: u32 = 102;
+    /// The guest ran past its wall-clock timeout (the same value `timeout(1)` uses).
+    pub const TIMEOUT: u32 = 124;
+    /// The guest misbehaved in a way the VMM caught (triple fault, unknown port, malformed
+    /// hypercall), or the VMM itself failed.
+    pub const VMM_FAILURE: u32 = 125;
+}

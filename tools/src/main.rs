@@ -1,0 +1,1 @@
+fn main() { println!("{}", env!("CARGO_BIN_FILE_GUEST_KERNEL_thaw-guest")); }
