@@ -139,8 +139,7 @@ impl fmt::Display for DecodeError {
     }
 }
 
-#[cfg(feature = "std")]
-impl std::error::Error for DecodeError {}
+impl core::error::Error for DecodeError {}
 
 /// True when `port` is in the hypercall range.
 pub fn is_hypercall_port(port: u16) -> bool {

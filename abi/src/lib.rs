@@ -6,10 +6,12 @@
 //! conventions used when the same kernel runs under QEMU instead.
 //!
 //! This crate holds plain data and its encoding, decoding and validation only. It must never
-//! depend on anything host- or guest-specific: it is `no_std` and builds for both sides (the
-//! `std` feature only adds `std::error::Error` impls for the host).
+//! depend on anything host- or guest-specific: it is `no_std` and builds for both sides. Its
+//! errors implement `core::error::Error`, so the host needs no `std` feature to use them; there
+//! is deliberately none, because Cargo unifies features across the host build and the guest
+//! kernel's artifact build, and anything `std` would break the guest.
 
-#![cfg_attr(not(feature = "std"), no_std)]
+#![no_std]
 #![deny(unsafe_code)]
 
 pub mod cpuid;
@@ -32,9 +34,12 @@ pub mod exit_code {
     pub const PANIC: u32 = 101;
     /// The guest took a CPU exception, which its handlers report and treat as fatal.
     pub const FAULT: u32 = 102;
+    /// The guest misbehaved in a way the VMM caught: a triple fault, an unknown port or
+    /// address, a malformed hypercall.
+    pub const GUEST_FAILURE: u32 = 103;
     /// The guest ran past its wall-clock timeout (the same value `timeout(1)` uses).
     pub const TIMEOUT: u32 = 124;
-    /// The guest misbehaved in a way the VMM caught (triple fault, unknown port, malformed
-    /// hypercall), or the VMM itself failed.
-    pub const VMM_FAILURE: u32 = 125;
+    /// thaw itself failed before or around the guest: an invalid kernel, KVM or QEMU
+    /// unavailable, a bad option value.
+    pub const HOST_ERROR: u32 = 125;
 }

@@ -103,8 +103,7 @@ impl fmt::Display for NoteError {
     }
 }
 
-#[cfg(feature = "std")]
-impl std::error::Error for NoteError {}
+impl core::error::Error for NoteError {}
 
 #[cfg(test)]
 mod tests {

@@ -1,5 +1,16 @@
+//! The kernel thaw ships: boots, prints its banner and ready line, and exits 0.
+
 #![no_std]
 #![no_main]
-use guest_kernel as _;
-bootloader_api::entry_point!(main);
-fn main(_b: &'static mut bootloader_api::BootInfo) -> ! { loop {} }
+
+extern crate alloc;
+
+guest_kernel::kernel_main!(main);
+
+fn main() -> u32 {
+    // Exercise the heap once so a broken allocator fails here, loudly, not in a later request.
+    let values: alloc::vec::Vec<u64> = (1..=64).collect();
+    assert_eq!(values.iter().sum::<u64>(), 64 * 65 / 2, "heap self-check");
+    guest_kernel::report_ready();
+    0
+}

@@ -1,1 +1,29 @@
-//! x
+//! thaw's VMM: boots the guest kernel ELF directly under KVM and runs it to an [`Outcome`].
+//!
+//! One boot, in order (see docs/ARCHITECTURE.md for the walk-through):
+//!
+//! 1. [`kernel`] validates the ELF: type, machine, segments, the abi note and the bootloader
+//!    config, before anything is loaded.
+//! 2. [`vm`] creates the VM and its guest memory, then lays out guest-physical memory as
+//!    [`layout`] draws it: segments, page tables ([`paging`]), boot info ([`bootinfo`]).
+//! 3. [`cpu`] puts the vCPU in long mode at the kernel's entry point, with thaw's CPUID leaves.
+//! 4. [`vm`] runs the vCPU; every exit goes through [`exit::ExitHandler::handle`], which serves
+//!    hypercalls and the COM1 transmitter and turns anything else into a [`GuestError`].
+//!    [`watchdog`] interrupts `KVM_RUN` when the wall-clock timeout passes.
+//!
+//! The guest is hostile: nothing it does may panic the host. Its misbehaviour ends its own VM
+//! with an [`Outcome::Failed`] naming what it did; only host-side failures are [`VmmError`]s.
+
+pub mod bootinfo;
+pub mod cpu;
+pub mod exit;
+pub mod kernel;
+pub mod layout;
+pub mod paging;
+pub mod serial;
+pub mod vm;
+pub mod watchdog;
+
+pub use exit::{GuestError, Outcome};
+pub use kernel::{KernelError, KernelImage};
+pub use vm::{BootTimings, RunReport, VmConfig, VmmError, run_kernel};

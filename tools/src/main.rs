@@ -1,1 +1,65 @@
-fn main() { println!("{}", env!("CARGO_BIN_FILE_GUEST_KERNEL_thaw-guest")); }
+//! `thaw`: run thaw's guest kernel under KVM (`thaw run`) or QEMU (`thaw qemu`).
+//!
+//! Both commands stream what the guest prints to stdout, print one line on stderr saying why the
+//! guest ended unless it exited 0, and exit with the guest's exit code or one of the codes in
+//! `abi::exit_code` (101 panic, 102 fault, 103 guest failure, 124 timeout, 125 thaw error).
+
+mod kernel;
+mod qemu;
+mod run;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Start serverless functions in real virtual machines, from a checkpoint, in under a
+/// millisecond. This build boots thaw's guest kernel.
+#[derive(Parser)]
+#[command(name = "thaw", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Boot a guest kernel under KVM with thaw's VMM and stream its output.
+    Run(run::RunArgs),
+    /// Boot a guest kernel under QEMU (software emulation) from a BIOS disk image.
+    Qemu(qemu::QemuArgs),
+}
+
+/// Options shared by every command that boots a kernel.
+#[derive(Args, Debug, Clone)]
+pub struct KernelArgs {
+    /// Guest kernel ELF to boot [default: the kernel built into this binary].
+    #[arg(long, value_name = "PATH")]
+    pub kernel: Option<PathBuf>,
+    /// Wall-clock limit for the guest, in seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 10.0)]
+    pub timeout: f64,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(args) => run::run(&args),
+        Command::Qemu(args) => qemu::run(&args),
+    };
+    match result {
+        Ok(code) => ExitCode::from(code),
+        Err(message) => {
+            eprintln!("thaw: error: {message}");
+            ExitCode::from(abi::exit_code::HOST_ERROR as u8)
+        }
+    }
+}
+
+/// Prints why the guest ended (unless it exited 0) and returns the process exit code.
+pub fn finish(outcome: &host_vmm::Outcome) -> u8 {
+    if !matches!(outcome, host_vmm::Outcome::Exited(0)) {
+        eprintln!("thaw: {outcome}");
+    }
+    outcome.exit_code()
+}

@@ -1,0 +1,58 @@
+//! x86-64 specifics: descriptor tables, page-table fix-up, and the switch to ring 3.
+
+pub mod gdt;
+pub mod idt;
+pub mod paging;
+
+use core::arch::asm;
+
+/// RFLAGS for ring 3: IOPL=3 (bits 12-13) and the reserved bit 1; interrupts stay off, since
+/// thaw's guest has no interrupt sources.
+const USER_RFLAGS: u64 = 0x3002;
+
+/// The privilege level the caller runs at (`cs & 3`). Under PVM `cs` shows the host's selector,
+/// but its low two bits are still the CPL.
+pub fn current_privilege_level() -> u16 {
+    let cs: u16;
+    // SAFETY: reading a segment register has no side effects.
+    unsafe { asm!("mov {:x}, cs", out(reg) cs, options(nomem, nostack, preserves_flags)) };
+    cs & 3
+}
+
+/// Keeps `value` alive through the linker's section garbage collection, as `bootloader_api`
+/// does for its config, without emitting any memory access.
+pub fn force_use<T>(value: &T) {
+    let addr = value as *const T as usize;
+    // SAFETY: the instruction only adds zero to a register copy of the address.
+    unsafe { asm!("add {0}, 0", in(reg) addr, options(nomem, nostack)) };
+}
+
+/// Leaves ring 0 for good: `iretq` into `entry(arg)` at CPL 3 with IOPL=3, on the current stack.
+///
+/// # Safety
+/// The GDT and TSS from [`gdt::load`] and the IDT from [`idt::load`] must be loaded, and the code
+/// of `entry`, the current stack and all data ring 3 touches must be user-accessible.
+pub unsafe fn enter_ring3(entry: extern "C" fn(u64) -> !, arg: u64) -> ! {
+    // SAFETY: per the caller's contract the target is valid in ring 3. The user stack pointer is
+    // the current one, aligned down to 16 and then offset by 8 as if `entry` had been called.
+    unsafe {
+        asm!(
+            "mov rax, rsp",
+            "and rax, -16",
+            "sub rax, 8",
+            "push {ss}",
+            "push rax",
+            "push {rflags}",
+            "push {cs}",
+            "push rsi",
+            "iretq",
+            ss = const gdt::USER_DS as u64,
+            cs = const gdt::USER_CS as u64,
+            rflags = const USER_RFLAGS,
+            // rax is scratch: no operand may be allocated to it.
+            in("rsi") entry,
+            in("rdi") arg,
+            options(noreturn)
+        )
+    }
+}

@@ -1,0 +1,176 @@
+//! Which hypervisor the kernel runs under, and the few operations that differ between them.
+//!
+//! | operation | under thaw | elsewhere (QEMU) |
+//! |---|---|---|
+//! | log output | log hypercall | COM1 |
+//! | exit | exit hypercall | `isa-debug-exit` |
+//! | panic, fault | panic / fault-report hypercall | marker line on COM1, then `isa-debug-exit` |
+//! | boot milestones | milestone hypercall | nothing |
+//!
+//! Detection reads the hypervisor CPUID leaf once, at the very start of early boot, because the
+//! ring-0 exception handlers already need to know how to report.
+
+use core::fmt::Write;
+use core::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+
+use abi::exit_code;
+use abi::fault::FaultReport;
+use abi::hypercall::{HYPERCALL_PAGE_GPA, HYPERCALL_PAGE_SIZE, Hypercall, Milestone};
+use abi::qemu::{FAULT_MARKER, ISA_DEBUG_EXIT_PORT, PANIC_MARKER};
+
+use crate::{hypercall, serial};
+
+/// The hypervisor the kernel runs under.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Platform {
+    /// Not yet detected.
+    Unknown = 0,
+    /// thaw's VMM: its CPUID signature was found.
+    Thaw = 1,
+    /// Any other hypervisor or none (QEMU's TCG in practice).
+    Other = 2,
+}
+
+static PLATFORM: AtomicU8 = AtomicU8::new(Platform::Unknown as u8);
+static PHYS_OFFSET: AtomicU64 = AtomicU64::new(0);
+
+/// Reads the hypervisor CPUID leaf and tells whether this is thaw's VMM.
+pub fn detect() -> Platform {
+    use core::arch::x86_64::__cpuid;
+    let hypervisor_present = __cpuid(1).ecx & (1 << 31) != 0;
+    if !hypervisor_present {
+        return Platform::Other;
+    }
+    let leaf = __cpuid(abi::cpuid::HYPERVISOR_LEAF);
+    if abi::cpuid::signature_from_registers(leaf.ebx, leaf.ecx, leaf.edx) == abi::cpuid::SIGNATURE {
+        Platform::Thaw
+    } else {
+        Platform::Other
+    }
+}
+
+/// Records the platform and where physical memory is mapped.
+pub fn init(platform: Platform, phys_offset: u64) {
+    PHYS_OFFSET.store(phys_offset, Ordering::Relaxed);
+    PLATFORM.store(platform as u8, Ordering::Relaxed);
+}
+
+/// The detected platform.
+pub fn current() -> Platform {
+    match PLATFORM.load(Ordering::Relaxed) {
+        1 => Platform::Thaw,
+        2 => Platform::Other,
+        _ => Platform::Unknown,
+    }
+}
+
+/// The virtual address at which physical memory is mapped.
+pub fn physical_memory_offset() -> u64 {
+    PHYS_OFFSET.load(Ordering::Relaxed)
+}
+
+/// The hypercall page, seen through the physical-memory mapping.
+pub fn hypercall_page() -> *mut u8 {
+    (physical_memory_offset() + HYPERCALL_PAGE_GPA) as *mut u8
+}
+
+/// Prepares log output: programs COM1 where there are no hypercalls.
+pub fn init_console() {
+    if current() != Platform::Thaw {
+        serial::init();
+    }
+}
+
+/// Writes log bytes.
+pub fn write_log(bytes: &[u8]) {
+    match current() {
+        Platform::Thaw => {
+            for chunk in bytes.chunks(HYPERCALL_PAGE_SIZE) {
+                hypercall::with_payload(chunk, |len| Hypercall::LogWrite { len });
+            }
+        }
+        _ => serial::write(bytes),
+    }
+}
+
+/// Tells the VMM a boot milestone was reached (a no-op elsewhere).
+pub fn milestone(milestone: Milestone) {
+    if current() == Platform::Thaw {
+        hypercall::call(Hypercall::Milestone(milestone));
+    }
+}
+
+/// Ends the VM with `code`.
+pub fn exit(code: u32) -> ! {
+    match current() {
+        Platform::Thaw => hypercall::call(Hypercall::Exit { code }),
+        _ => {
+            // SAFETY: the TSS bitmap opens this port; without the device the write is ignored.
+            unsafe { core::arch::asm!("out dx, eax", in("dx") ISA_DEBUG_EXIT_PORT, in("eax") code, options(nomem, nostack)) };
+        }
+    }
+    // Only reached if nobody ended the VM. No `hlt` here: it is privileged.
+    loop {
+        core::hint::spin_loop();
+    }
+}
+
+/// A fixed-size text buffer for panic messages and fault reports: no heap in a dying kernel.
+pub(crate) struct TextBuffer {
+    bytes: [u8; 512],
+    len: usize,
+}
+
+impl TextBuffer {
+    pub(crate) const fn new() -> Self {
+        Self { bytes: [0; 512], len: 0 }
+    }
+
+    pub(crate) fn as_bytes(&self) -> &[u8] {
+        &self.bytes[..self.len]
+    }
+}
+
+impl Write for TextBuffer {
+    /// Appends what fits, with newlines flattened so the text stays one line.
+    fn write_str(&mut self, s: &str) -> core::fmt::Result {
+        for &b in s.as_bytes() {
+            if self.len == self.bytes.len() {
+                break;
+            }
+            self.bytes[self.len] = if b == b'\n' { b' ' } else { b };
+            self.len += 1;
+        }
+        Ok(())
+    }
+}
+
+/// Reports a panic message (one line) and ends the VM.
+pub fn report_panic(message: &[u8]) -> ! {
+    match current() {
+        Platform::Thaw => hypercall::with_payload(message, |len| Hypercall::Panic { len }),
+        _ => {
+            serial::init();
+            serial::write(PANIC_MARKER.as_bytes());
+            serial::write(message);
+            serial::write(b"\n");
+        }
+    }
+    exit(exit_code::PANIC)
+}
+
+/// Reports a fatal exception and ends the VM. Called in ring 0 by the exception handlers.
+pub fn report_fault(report: &FaultReport) -> ! {
+    match current() {
+        Platform::Thaw => hypercall::with_payload(&report.encode(), |len| Hypercall::FaultReport { len }),
+        _ => {
+            let mut text = TextBuffer::new();
+            let _ = report.write_text(&mut text);
+            serial::write(FAULT_MARKER.as_bytes());
+            serial::write(text.as_bytes());
+            serial::write(b"\n");
+        }
+    }
+    exit(exit_code::FAULT)
+}

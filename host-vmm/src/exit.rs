@@ -1,0 +1,359 @@
+//! VM exits: the one function that decides what each exit means, and how a run ends.
+//!
+//! [`ExitHandler::handle`] maps a `VcpuExit` to an [`ExitAction`]. It serves hypercalls (decoded
+//! by `abi`, payloads read from the hypercall page through vm-memory's checked API) and the COM1
+//! transmitter; every other exit is guest misbehaviour and becomes a [`GuestError`] that ends
+//! this VM only. It is unit-tested with made-up exits below.
+
+use std::io::{self, Write};
+use std::time::{Duration, Instant};
+
+use abi::fault::{FAULT_REPORT_LEN, FaultReport};
+use abi::hypercall::{DecodeError, HYPERCALL_PAGE_GPA, Hypercall, Milestone, is_hypercall_port};
+use kvm_ioctls::VcpuExit;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use crate::serial::Serial;
+
+/// How a guest's run ended.
+#[derive(Debug)]
+pub enum Outcome {
+    /// The guest called exit with this code.
+    Exited(u32),
+    /// The guest panicked with this message.
+    Panicked(String),
+    /// The guest took a fatal CPU exception.
+    Faulted(FaultReport),
+    /// The guest was still running when its wall-clock timeout passed.
+    TimedOut(Duration),
+    /// The guest did something the VMM does not allow.
+    Failed {
+        /// What it did.
+        error: GuestError,
+        /// Where, if the vCPU's registers could be read.
+        rip: Option<u64>,
+    },
+}
+
+impl Outcome {
+    /// The exit status `thaw` reports for this outcome: the guest's own code (low 8 bits) when
+    /// it exited, otherwise one of [`abi::exit_code`].
+    pub fn exit_code(&self) -> u8 {
+        let code = match self {
+            Self::Exited(code) => *code,
+            Self::Panicked(_) => abi::exit_code::PANIC,
+            Self::Faulted(_) => abi::exit_code::FAULT,
+            Self::TimedOut(_) => abi::exit_code::TIMEOUT,
+            Self::Failed { .. } => abi::exit_code::GUEST_FAILURE,
+        };
+        code as u8
+    }
+}
+
+impl std::fmt::Display for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Exited(code) => write!(f, "guest exited with code {code}"),
+            Self::Panicked(message) => write!(f, "guest panicked: {message}"),
+            Self::Faulted(report) => write!(f, "guest fault: {report}"),
+            Self::TimedOut(t) => write!(f, "guest timed out after {:.1} s", t.as_secs_f64()),
+            Self::Failed { error, rip: Some(rip) } => write!(f, "guest failed: {error} (rip {rip:#x})"),
+            Self::Failed { error, rip: None } => write!(f, "guest failed: {error}"),
+        }
+    }
+}
+
+/// Guest behaviour that ends its VM.
+#[derive(Debug, thiserror::Error)]
+pub enum GuestError {
+    /// KVM_EXIT_SHUTDOWN: an exception the guest's IDT could not deliver.
+    #[error("triple fault: the guest took an exception it had no working handler for")]
+    TripleFault,
+    /// Port I/O outside COM1 and the hypercall range.
+    #[error("{} of {size} byte(s) on unknown I/O port {port:#x}", if *.write { "write" } else { "read" })]
+    UnknownPort {
+        /// The port.
+        port: u16,
+        /// True for `out`.
+        write: bool,
+        /// Access width.
+        size: usize,
+    },
+    /// An access to guest-physical memory that is not RAM (no MMIO devices exist yet).
+    #[error("{} of {size} byte(s) at unmapped guest-physical address {addr:#x}", if *.write { "write" } else { "read" })]
+    UnknownMmio {
+        /// The guest-physical address.
+        addr: u64,
+        /// True for a store.
+        write: bool,
+        /// Access width.
+        size: usize,
+    },
+    /// A port access in the hypercall range that is not a valid hypercall.
+    #[error("malformed hypercall: {0}")]
+    Hypercall(DecodeError),
+    /// A fault report with the wrong length.
+    #[error("malformed fault report: {0} bytes, expected {FAULT_REPORT_LEN}")]
+    FaultReportLength(usize),
+    /// The guest halted; thaw's guest must end through the exit hypercall.
+    #[error("the guest executed hlt instead of the exit hypercall")]
+    Halted,
+    /// KVM could not emulate an instruction.
+    #[error("KVM internal error: an instruction could not be emulated (under PVM, SSE in ring 0 does this)")]
+    InternalError,
+    /// VM entry failed.
+    #[error("VM entry failed: hardware reason {reason:#x}")]
+    FailEntry {
+        /// The hardware entry failure reason.
+        reason: u64,
+    },
+    /// Any other exit.
+    #[error("unexpected VM exit: {0}")]
+    UnexpectedExit(String),
+}
+
+/// What the run loop does after an exit.
+#[derive(Debug)]
+pub enum ExitAction {
+    /// Run the vCPU again.
+    Continue,
+    /// The run is over.
+    Stop(Outcome),
+}
+
+/// Why an exit could not be handled.
+#[derive(Debug, thiserror::Error)]
+pub enum ExitError {
+    /// The guest misbehaved; its VM ends.
+    #[error(transparent)]
+    Guest(#[from] GuestError),
+    /// Writing guest output on the host failed.
+    #[error("writing guest output: {0}")]
+    Output(io::Error),
+    /// Reading the hypercall page failed (guest memory smaller than the layout needs).
+    #[error("reading the hypercall page: {0}")]
+    Memory(vm_memory::GuestMemoryError),
+}
+
+/// Per-run state the exit handler needs: guest memory, the output sink, COM1, milestones.
+pub struct ExitHandler<'a> {
+    mem: &'a GuestMemoryMmap,
+    output: &'a mut dyn Write,
+    serial: Serial,
+    serial_line: Vec<u8>,
+    milestones: Vec<(Milestone, Instant)>,
+}
+
+impl<'a> ExitHandler<'a> {
+    /// A handler writing guest output to `output`.
+    pub fn new(mem: &'a GuestMemoryMmap, output: &'a mut dyn Write) -> Self {
+        Self { mem, output, serial: Serial::default(), serial_line: Vec::new(), milestones: Vec::new() }
+    }
+
+    /// When each milestone was reported.
+    pub fn milestone(&self, which: Milestone) -> Option<Instant> {
+        self.milestones.iter().find(|(m, _)| *m == which).map(|(_, t)| *t)
+    }
+
+    /// Flushes any partial serial line.
+    pub fn finish(&mut self) -> Result<(), ExitError> {
+        if !self.serial_line.is_empty() {
+            let line = std::mem::take(&mut self.serial_line);
+            self.emit(&line)?;
+        }
+        Ok(())
+    }
+
+    fn emit(&mut self, bytes: &[u8]) -> Result<(), ExitError> {
+        self.output.write_all(bytes).and_then(|()| self.output.flush()).map_err(ExitError::Output)
+    }
+
+    fn payload(&self, len: usize) -> Result<Vec<u8>, ExitError> {
+        let mut buf = vec![0; len];
+        self.mem.read_slice(&mut buf, GuestAddress(HYPERCALL_PAGE_GPA)).map_err(ExitError::Memory)?;
+        Ok(buf)
+    }
+
+    /// Decides what `exit` means. The one place exits are interpreted.
+    pub fn handle(&mut self, exit: VcpuExit) -> Result<ExitAction, ExitError> {
+        match exit {
+            VcpuExit::IoOut(port, data) if is_hypercall_port(port) => {
+                let call = Hypercall::decode(port, data).map_err(GuestError::Hypercall)?;
+                self.hypercall(call)
+            }
+            VcpuExit::IoOut(port, data) if Serial::owns(port) && data.len() == 1 => {
+                if let Some(byte) = self.serial.write(port, data[0]) {
+                    self.serial_line.push(byte);
+                    if byte == b'\n' {
+                        self.finish()?;
+                    }
+                }
+                Ok(ExitAction::Continue)
+            }
+            VcpuExit::IoIn(port, data) if Serial::owns(port) && data.len() == 1 => {
+                data[0] = self.serial.read(port);
+                Ok(ExitAction::Continue)
+            }
+            VcpuExit::IoOut(port, data) => Err(GuestError::UnknownPort { port, write: true, size: data.len() }.into()),
+            VcpuExit::IoIn(port, data) => Err(GuestError::UnknownPort { port, write: false, size: data.len() }.into()),
+            VcpuExit::MmioRead(addr, data) => Err(GuestError::UnknownMmio { addr, write: false, size: data.len() }.into()),
+            VcpuExit::MmioWrite(addr, data) => Err(GuestError::UnknownMmio { addr, write: true, size: data.len() }.into()),
+            VcpuExit::Shutdown => Err(GuestError::TripleFault.into()),
+            VcpuExit::Hlt => Err(GuestError::Halted.into()),
+            VcpuExit::InternalError => Err(GuestError::InternalError.into()),
+            VcpuExit::FailEntry(reason, _cpu) => Err(GuestError::FailEntry { reason }.into()),
+            other => Err(GuestError::UnexpectedExit(format!("{other:?}")).into()),
+        }
+    }
+
+    fn hypercall(&mut self, call: Hypercall) -> Result<ExitAction, ExitError> {
+        match call {
+            Hypercall::LogWrite { len } => {
+                let bytes = self.payload(len)?;
+                self.emit(&bytes)?;
+                Ok(ExitAction::Continue)
+            }
+            Hypercall::Exit { code } => Ok(ExitAction::Stop(Outcome::Exited(code))),
+            Hypercall::Panic { len } => {
+                let message = String::from_utf8_lossy(&self.payload(len)?).into_owned();
+                Ok(ExitAction::Stop(Outcome::Panicked(message)))
+            }
+            Hypercall::FaultReport { len } => {
+                let report = FaultReport::decode(&self.payload(len)?).ok_or(GuestError::FaultReportLength(len))?;
+                Ok(ExitAction::Stop(Outcome::Faulted(report)))
+            }
+            Hypercall::Milestone(m) => {
+                if self.milestone(m).is_none() {
+                    self.milestones.push((m, Instant::now()));
+                }
+                Ok(ExitAction::Continue)
+            }
+            other => Err(GuestError::UnexpectedExit(format!("hypercall {other:?} is not served yet")).into()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use abi::hypercall::{HYPERCALL_PAGE_SIZE, PORT_BASE, number};
+    use abi::qemu::COM1_PORT;
+
+    fn memory() -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x4000)]).unwrap()
+    }
+
+    fn arg(value: u32) -> [u8; 4] {
+        value.to_le_bytes()
+    }
+
+    fn handle(mem: &GuestMemoryMmap, out: &mut Vec<u8>, exit: VcpuExit) -> Result<ExitAction, ExitError> {
+        ExitHandler::new(mem, out).handle(exit)
+    }
+
+    fn guest_error(result: Result<ExitAction, ExitError>) -> GuestError {
+        match result {
+            Err(ExitError::Guest(e)) => e,
+            other => panic!("expected a guest error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn log_write_copies_the_payload_to_output() {
+        let mem = memory();
+        mem.write_slice(b"hello\n", GuestAddress(HYPERCALL_PAGE_GPA)).unwrap();
+        let mut out = Vec::new();
+        let action = handle(&mem, &mut out, VcpuExit::IoOut(PORT_BASE + number::LOG_WRITE, &arg(6))).unwrap();
+        assert!(matches!(action, ExitAction::Continue));
+        assert_eq!(out, b"hello\n");
+    }
+
+    #[test]
+    fn exit_panic_and_fault_stop_the_run() {
+        let mem = memory();
+        let mut out = Vec::new();
+        let exit = handle(&mem, &mut out, VcpuExit::IoOut(PORT_BASE + number::EXIT, &arg(7))).unwrap();
+        assert!(matches!(exit, ExitAction::Stop(Outcome::Exited(7))));
+
+        mem.write_slice(b"boom at x.rs:1:2", GuestAddress(HYPERCALL_PAGE_GPA)).unwrap();
+        let panic = handle(&mem, &mut out, VcpuExit::IoOut(PORT_BASE + number::PANIC, &arg(16))).unwrap();
+        assert!(matches!(panic, ExitAction::Stop(Outcome::Panicked(ref m)) if m == "boom at x.rs:1:2"));
+
+        let report = FaultReport { vector: 14, error_code: 6, rip: 0x20_1000, cs: 0x23, cr2: 0xbad, ..Default::default() };
+        mem.write_slice(&report.encode(), GuestAddress(HYPERCALL_PAGE_GPA)).unwrap();
+        let fault = handle(&mem, &mut out, VcpuExit::IoOut(PORT_BASE + number::FAULT_REPORT, &arg(64))).unwrap();
+        assert!(matches!(fault, ExitAction::Stop(Outcome::Faulted(r)) if r == report));
+    }
+
+    #[test]
+    fn malformed_hypercalls_fail_the_guest() {
+        let mem = memory();
+        let mut out = Vec::new();
+        let too_long = (HYPERCALL_PAGE_SIZE + 1) as u32;
+        let e = guest_error(handle(&mem, &mut out, VcpuExit::IoOut(PORT_BASE + number::LOG_WRITE, &arg(too_long))));
+        assert!(e.to_string().contains("payload length 4097"), "{e}");
+        let e = guest_error(handle(&mem, &mut out, VcpuExit::IoOut(PORT_BASE + 30, &arg(0))));
+        assert_eq!(e.to_string(), "malformed hypercall: unknown hypercall number 30");
+        let e = guest_error(handle(&mem, &mut out, VcpuExit::IoOut(PORT_BASE + number::EXIT, &[1])));
+        assert!(e.to_string().contains("1-byte access"), "{e}");
+        let e = guest_error(handle(&mem, &mut out, VcpuExit::IoOut(PORT_BASE + number::FAULT_REPORT, &arg(3))));
+        assert!(matches!(e, GuestError::FaultReportLength(3)));
+        let mut data = [0u8; 4];
+        let e = guest_error(handle(&mem, &mut out, VcpuExit::IoIn(PORT_BASE, &mut data)));
+        assert!(matches!(e, GuestError::UnknownPort { write: false, .. }));
+    }
+
+    #[test]
+    fn serial_bytes_are_emitted_per_line() {
+        let mem = memory();
+        let mut out = Vec::new();
+        {
+            let mut h = ExitHandler::new(&mem, &mut out);
+            for &b in b"hi\nyo" {
+                assert!(matches!(h.handle(VcpuExit::IoOut(COM1_PORT, &[b])).unwrap(), ExitAction::Continue));
+            }
+            let mut lsr = [0u8];
+            h.handle(VcpuExit::IoIn(COM1_PORT + 5, &mut lsr)).unwrap();
+            assert_eq!(lsr[0] & 0x20, 0x20);
+            h.finish().unwrap();
+        }
+        assert_eq!(out, b"hi\nyo");
+    }
+
+    #[test]
+    fn unknown_ports_mmio_and_cpu_events_fail_the_guest() {
+        let mem = memory();
+        let mut out = Vec::new();
+        let e = guest_error(handle(&mem, &mut out, VcpuExit::IoOut(0x80, &[0])));
+        assert_eq!(e.to_string(), "write of 1 byte(s) on unknown I/O port 0x80");
+        let mut data = [0u8; 8];
+        let e = guest_error(handle(&mem, &mut out, VcpuExit::MmioRead(0xfee0_0000, &mut data)));
+        assert_eq!(e.to_string(), "read of 8 byte(s) at unmapped guest-physical address 0xfee00000");
+        assert!(matches!(guest_error(handle(&mem, &mut out, VcpuExit::Shutdown)), GuestError::TripleFault));
+        assert!(matches!(guest_error(handle(&mem, &mut out, VcpuExit::Hlt)), GuestError::Halted));
+        assert!(matches!(guest_error(handle(&mem, &mut out, VcpuExit::InternalError)), GuestError::InternalError));
+        assert!(matches!(guest_error(handle(&mem, &mut out, VcpuExit::FailEntry(0x21, 0))), GuestError::FailEntry { reason: 0x21 }));
+        assert!(matches!(guest_error(handle(&mem, &mut out, VcpuExit::Unknown)), GuestError::UnexpectedExit(_)));
+    }
+
+    #[test]
+    fn milestones_are_recorded_once() {
+        let mem = memory();
+        let mut out = Vec::new();
+        let mut h = ExitHandler::new(&mem, &mut out);
+        let (port, value) = Hypercall::Milestone(Milestone::Ring3Entered).encode();
+        h.handle(VcpuExit::IoOut(port, &arg(value))).unwrap();
+        let first = h.milestone(Milestone::Ring3Entered).unwrap();
+        h.handle(VcpuExit::IoOut(port, &arg(value))).unwrap();
+        assert_eq!(h.milestone(Milestone::Ring3Entered), Some(first));
+        assert_eq!(h.milestone(Milestone::Ready), None);
+    }
+
+    #[test]
+    fn exit_codes_follow_the_abi() {
+        assert_eq!(Outcome::Exited(3).exit_code(), 3);
+        assert_eq!(Outcome::Exited(256 + 4).exit_code(), 4);
+        assert_eq!(Outcome::Panicked(String::new()).exit_code(), 101);
+        assert_eq!(Outcome::TimedOut(Duration::from_secs(1)).exit_code(), 124);
+    }
+}

@@ -1,0 +1,337 @@
+//! One VM: create it, load the kernel by direct boot, run it to an [`Outcome`].
+//!
+//! [`Vm::boot`] does everything up to the first `KVM_RUN`; [`Vm::run`] runs the vCPU through
+//! [`ExitHandler::handle`] under a [`Watchdog`]. [`run_kernel`] does both and reports per-phase
+//! timings. Errors here are host-side ([`VmmError`]); what the guest does is in the outcome.
+
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use abi::hypercall::Milestone;
+use bootloader_api::config::Mapping;
+use bootloader_api::info::{MemoryRegion, MemoryRegionKind};
+use kvm_bindings::kvm_userspace_memory_region;
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+
+use crate::bootinfo::{self, BootParams};
+use crate::cpu::{self, CpuError};
+use crate::exit::{ExitAction, ExitError, ExitHandler, Outcome};
+use crate::kernel::KernelImage;
+use crate::layout::{self, BOOT_INFO_END, BOOT_INFO_GPA, PAGE_SIZE, STACK_AREA_START, STACK_TOP};
+use crate::paging::{PageTables, PagingError};
+use crate::watchdog::Watchdog;
+
+/// Where physical memory is mapped when the kernel asks for a dynamic address: PML4 slot 32.
+pub const DEFAULT_PHYSICAL_MEMORY_OFFSET: u64 = 0x0000_1000_0000_0000;
+
+/// How to run a VM.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    /// Guest memory in MiB.
+    pub memory_mib: u64,
+    /// Wall-clock limit for the run, from the first `KVM_RUN`.
+    pub timeout: Duration,
+    /// Bytes to load as the kernel's ramdisk.
+    pub ramdisk: Option<Vec<u8>>,
+}
+
+impl Default for VmConfig {
+    fn default() -> Self {
+        Self { memory_mib: 64, timeout: Duration::from_secs(10), ramdisk: None }
+    }
+}
+
+/// Host-side failures: the VM could not be built or run.
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    /// A KVM ioctl failed.
+    #[error("{op}: {source}")]
+    Kvm {
+        /// The operation.
+        op: &'static str,
+        /// The error.
+        source: kvm_ioctls::Error,
+    },
+    /// The configuration cannot work.
+    #[error("{0}")]
+    Config(String),
+    /// Guest memory could not be created or written.
+    #[error("guest memory: {0}")]
+    Memory(String),
+    /// Page tables could not be built.
+    #[error(transparent)]
+    Paging(#[from] PagingError),
+    /// The vCPU could not be set up.
+    #[error("vCPU setup: {0}")]
+    Cpu(#[from] CpuError),
+    /// The watchdog thread could not start.
+    #[error("starting the timeout watchdog: {0}")]
+    Watchdog(std::io::Error),
+    /// Handling an exit failed on the host side.
+    #[error(transparent)]
+    Exit(ExitError),
+}
+
+fn kvm(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmmError {
+    move |source| VmmError::Kvm { op, source }
+}
+
+fn memory_error(e: impl std::fmt::Display) -> VmmError {
+    VmmError::Memory(e.to_string())
+}
+
+/// How long each boot phase took.
+#[derive(Debug, Clone, Default)]
+pub struct BootTimings {
+    /// Opening KVM, creating the VM and its memory slot.
+    pub vm_create: Duration,
+    /// Writing the kernel, page tables and boot info into guest memory.
+    pub load: Duration,
+    /// Creating the vCPU and setting its CPUID and registers.
+    pub vcpu_setup: Duration,
+    /// From the first `KVM_RUN` to the guest's ring-3 milestone.
+    pub ring0_boot: Option<Duration>,
+    /// From the ring-3 milestone to the ready milestone.
+    pub ring3_to_ready: Option<Duration>,
+    /// From the start to the end of the run.
+    pub total: Duration,
+}
+
+/// The result of a run.
+#[derive(Debug)]
+pub struct RunReport {
+    /// How the guest ended.
+    pub outcome: Outcome,
+    /// Per-phase timings.
+    pub timings: BootTimings,
+    /// VM exits taken.
+    pub exits: u64,
+}
+
+/// Where direct boot puts the pieces a kernel's config decides.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BootPlan {
+    /// Guest memory size in bytes.
+    pub mem_size: u64,
+    /// Where physical memory is mapped, if the kernel asked for it.
+    pub physical_memory_offset: Option<u64>,
+    /// Lowest byte of the kernel stack.
+    pub stack_bottom: u64,
+    /// Guest address of the ramdisk, if any.
+    pub ramdisk_addr: Option<u64>,
+    /// First byte of memory the kernel may use freely.
+    pub usable_start: u64,
+}
+
+impl BootPlan {
+    /// Checks `kernel` and `config` against the memory layout and decides where things go.
+    pub fn new(kernel: &KernelImage, config: &VmConfig) -> Result<Self, VmmError> {
+        let mib = config.memory_mib;
+        if !(layout::MIN_MEMORY_MIB..=layout::MAX_MEMORY_MIB).contains(&mib) {
+            return Err(VmmError::Config(format!(
+                "memory size {mib} MiB is outside the supported {}..={} MiB",
+                layout::MIN_MEMORY_MIB,
+                layout::MAX_MEMORY_MIB
+            )));
+        }
+        let mem_size = mib << 20;
+        let unsupported = |what: &str| VmmError::Config(format!("kernel's bootloader config: {what} is not supported by thaw's direct boot"));
+        let mappings = &kernel.config.mappings;
+        if mappings.page_table_recursive.is_some() {
+            return Err(unsupported("a recursive page-table mapping"));
+        }
+        for (name, mapping) in [("kernel_stack", &mappings.kernel_stack), ("boot_info", &mappings.boot_info), ("ramdisk_memory", &mappings.ramdisk_memory)] {
+            if let Mapping::FixedAddress(addr) = mapping {
+                return Err(unsupported(&format!("a fixed {name} address ({addr:#x})")));
+            }
+        }
+        let physical_memory_offset = match mappings.physical_memory {
+            None => None,
+            Some(Mapping::Dynamic) => Some(DEFAULT_PHYSICAL_MEMORY_OFFSET),
+            Some(Mapping::FixedAddress(offset)) => Some(offset),
+        };
+        if let Some(offset) = physical_memory_offset {
+            PageTables::check_offset(offset, mem_size)?;
+        }
+        let stack_size = layout::align_up(kernel.config.kernel_stack_size, PAGE_SIZE).unwrap_or(u64::MAX);
+        if stack_size > STACK_TOP - STACK_AREA_START {
+            return Err(VmmError::Config(format!(
+                "kernel asks for a {} KiB stack; direct boot supports at most {} KiB",
+                kernel.config.kernel_stack_size / 1024,
+                (STACK_TOP - STACK_AREA_START) / 1024
+            )));
+        }
+        let kernel_end = layout::align_up(kernel.end(), PAGE_SIZE).unwrap_or(u64::MAX);
+        let ramdisk_len = config.ramdisk.as_ref().map_or(0, |r| r.len() as u64);
+        let usable_start = layout::align_up(kernel_end.saturating_add(ramdisk_len), PAGE_SIZE).unwrap_or(u64::MAX);
+        if usable_start >= mem_size {
+            return Err(VmmError::Config(format!(
+                "the kernel and ramdisk end at {usable_start:#x}, beyond the {mib} MiB of guest memory; give the VM more memory"
+            )));
+        }
+        Ok(Self {
+            mem_size,
+            physical_memory_offset,
+            stack_bottom: STACK_TOP - stack_size,
+            ramdisk_addr: config.ramdisk.as_ref().map(|_| kernel_end),
+            usable_start,
+        })
+    }
+
+    /// The memory map the kernel is given.
+    pub fn regions(&self) -> Vec<MemoryRegion> {
+        vec![
+            MemoryRegion { start: 0, end: self.usable_start, kind: MemoryRegionKind::Bootloader },
+            MemoryRegion { start: self.usable_start, end: self.mem_size, kind: MemoryRegionKind::Usable },
+        ]
+    }
+}
+
+/// A VM with one vCPU, booted to its entry point and ready to run. Fields drop in order: the
+/// vCPU, then the VM, then the guest memory the VM's slot points into.
+pub struct Vm {
+    vcpu: VcpuFd,
+    _vm: VmFd,
+    mem: GuestMemoryMmap,
+}
+
+impl Vm {
+    /// Creates the VM, loads `kernel` by direct boot and sets up the vCPU at its entry point.
+    pub fn boot(kernel: &KernelImage, config: &VmConfig, timings: &mut BootTimings) -> Result<Self, VmmError> {
+        let plan = BootPlan::new(kernel, config)?;
+        let started = Instant::now();
+
+        let kvm_fd = Kvm::new().map_err(kvm("opening /dev/kvm"))?;
+        let vm = kvm_fd.create_vm().map_err(kvm("KVM_CREATE_VM"))?;
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), plan.mem_size as usize)]).map_err(memory_error)?;
+        let host_addr = mem.get_host_address(GuestAddress(0)).map_err(memory_error)?;
+        let region = kvm_userspace_memory_region {
+            slot: 0,
+            flags: 0,
+            guest_phys_addr: 0,
+            memory_size: plan.mem_size,
+            userspace_addr: host_addr as u64,
+        };
+        // SAFETY: the region is one mapping of `plan.mem_size` bytes owned by `mem`, which the
+        // returned `Vm` keeps alive, and drops only after the VM fd.
+        unsafe { vm.set_user_memory_region(region) }.map_err(kvm("KVM_SET_USER_MEMORY_REGION"))?;
+        timings.vm_create = started.elapsed();
+
+        let started = Instant::now();
+        for segment in &kernel.segments {
+            mem.write_slice(&segment.data, GuestAddress(segment.addr)).map_err(memory_error)?;
+        }
+        if let (Some(addr), Some(ramdisk)) = (plan.ramdisk_addr, &config.ramdisk) {
+            mem.write_slice(ramdisk, GuestAddress(addr)).map_err(memory_error)?;
+        }
+        let mut tables = PageTables::new();
+        tables.map_linear(0, plan.mem_size)?;
+        if let Some(offset) = plan.physical_memory_offset {
+            tables.map_linear(offset, plan.mem_size)?;
+        }
+        tables.write(&mem)?;
+        let params = BootParams {
+            regions: plan.regions(),
+            physical_memory_offset: plan.physical_memory_offset,
+            ramdisk: plan.ramdisk_addr.zip(config.ramdisk.as_ref().map(|r| r.len() as u64)),
+            stack_bottom: plan.stack_bottom,
+            stack_len: STACK_TOP - plan.stack_bottom,
+        };
+        let info = bootinfo::encode(&params, BOOT_INFO_GPA);
+        if BOOT_INFO_GPA + info.len() as u64 > BOOT_INFO_END {
+            return Err(VmmError::Config("boot info does not fit its area".into()));
+        }
+        mem.write_slice(&info, GuestAddress(BOOT_INFO_GPA)).map_err(memory_error)?;
+        // A zero return address above the entry frame, as if the entry point had been called.
+        let stack_pointer = STACK_TOP - 8;
+        mem.write_obj(0u64, GuestAddress(stack_pointer)).map_err(memory_error)?;
+        timings.load = started.elapsed();
+
+        let started = Instant::now();
+        let vcpu = vm.create_vcpu(0).map_err(kvm("KVM_CREATE_VCPU"))?;
+        cpu::set_cpuid(&kvm_fd, &vcpu)?;
+        cpu::setup_long_mode(&vcpu, &mem, tables.root(), kernel.entry, stack_pointer, BOOT_INFO_GPA)?;
+        timings.vcpu_setup = started.elapsed();
+        Ok(Self { vcpu, _vm: vm, mem })
+    }
+
+    /// Runs the vCPU until the guest ends or `timeout` passes, writing its output to `output`.
+    pub fn run(&mut self, output: &mut dyn Write, timeout: Duration, timings: &mut BootTimings) -> Result<(Outcome, u64), VmmError> {
+        let watchdog = Watchdog::arm(timeout).map_err(VmmError::Watchdog)?;
+        let mut handler = ExitHandler::new(&self.mem, output);
+        let mut exits = 0u64;
+        let run_started = Instant::now();
+        let mut outcome = loop {
+            if watchdog.fired() {
+                break Outcome::TimedOut(timeout);
+            }
+            match self.vcpu.run() {
+                Ok(exit) => {
+                    exits += 1;
+                    match handler.handle(exit) {
+                        Ok(ExitAction::Continue) => {}
+                        Ok(ExitAction::Stop(outcome)) => break outcome,
+                        Err(ExitError::Guest(error)) => break Outcome::Failed { error, rip: None },
+                        Err(e) => return Err(VmmError::Exit(e)),
+                    }
+                }
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    self.vcpu.set_kvm_immediate_exit(0);
+                }
+                Err(e) => return Err(VmmError::Kvm { op: "KVM_RUN", source: e }),
+            }
+        };
+        drop(watchdog);
+        handler.finish().map_err(VmmError::Exit)?;
+        if let Outcome::Failed { rip, .. } = &mut outcome {
+            *rip = self.vcpu.get_regs().ok().map(|r| r.rip);
+        }
+        let ring3 = handler.milestone(Milestone::Ring3Entered);
+        timings.ring0_boot = ring3.map(|t| t - run_started);
+        timings.ring3_to_ready = ring3.zip(handler.milestone(Milestone::Ready)).map(|(r3, ready)| ready.saturating_duration_since(r3));
+        Ok((outcome, exits))
+    }
+}
+
+/// Boots `kernel` and runs it to the end, writing its output to `output`.
+pub fn run_kernel(kernel: &KernelImage, config: &VmConfig, output: &mut dyn Write) -> Result<RunReport, VmmError> {
+    let started = Instant::now();
+    let mut timings = BootTimings::default();
+    let mut vm = Vm::boot(kernel, config, &mut timings)?;
+    let (outcome, exits) = vm.run(output, config.timeout, &mut timings)?;
+    timings.total = started.elapsed();
+    Ok(RunReport { outcome, timings, exits })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernel::tests::valid_kernel;
+
+    fn kernel() -> KernelImage {
+        KernelImage::parse(&valid_kernel()).unwrap()
+    }
+
+    #[test]
+    fn plan_places_ramdisk_after_the_kernel_and_reports_the_rest_usable() {
+        let config = VmConfig { ramdisk: Some(vec![1; 5000]), ..VmConfig::default() };
+        let plan = BootPlan::new(&kernel(), &config).unwrap();
+        assert_eq!(plan.ramdisk_addr, Some(0x20_2000));
+        assert_eq!(plan.usable_start, 0x20_4000);
+        assert_eq!(plan.regions()[1], MemoryRegion { start: 0x20_4000, end: 64 << 20, kind: MemoryRegionKind::Usable });
+    }
+
+    #[test]
+    fn plan_rejects_bad_memory_sizes_and_stacks() {
+        for mib in [0, 3, layout::MAX_MEMORY_MIB + 1] {
+            let e = BootPlan::new(&kernel(), &VmConfig { memory_mib: mib, ..VmConfig::default() }).unwrap_err();
+            assert!(e.to_string().contains(&format!("memory size {mib} MiB")), "{e}");
+        }
+        let mut big_stack = kernel();
+        big_stack.config.kernel_stack_size = 4 << 20;
+        assert!(BootPlan::new(&big_stack, &VmConfig::default()).unwrap_err().to_string().contains("4096 KiB stack"));
+        let huge_ramdisk = VmConfig { memory_mib: 4, ramdisk: Some(vec![0; 3 << 20]), ..VmConfig::default() };
+        assert!(BootPlan::new(&kernel(), &huge_ramdisk).unwrap_err().to_string().contains("give the VM more memory"));
+    }
+}

@@ -1,0 +1,52 @@
+//! Choosing and validating the kernel a command boots: `--kernel PATH` or the built-in one.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use host_vmm::KernelImage;
+
+use crate::KernelArgs;
+
+/// The guest kernel built with this binary.
+pub static BUILT_IN: &[u8] = include_bytes!(env!("CARGO_BIN_FILE_GUEST_KERNEL_thaw-guest"));
+
+/// Largest kernel file thaw reads.
+const MAX_KERNEL_FILE: u64 = 256 << 20;
+
+/// A kernel's bytes and where they came from.
+pub struct Kernel {
+    /// The ELF bytes.
+    pub bytes: Vec<u8>,
+    /// The file they were read from, or `None` for the built-in kernel.
+    pub path: Option<PathBuf>,
+    /// The validated image.
+    pub image: KernelImage,
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, String> {
+    let what = |e: std::io::Error| format!("reading kernel {}: {e}", path.display());
+    let len = std::fs::metadata(path).map_err(what)?.len();
+    if len > MAX_KERNEL_FILE {
+        return Err(format!("kernel {}: {len} bytes is larger than the {MAX_KERNEL_FILE}-byte limit", path.display()));
+    }
+    std::fs::read(path).map_err(what)
+}
+
+/// Reads and validates the kernel `args` names.
+pub fn load(args: &KernelArgs) -> Result<Kernel, String> {
+    let bytes = match &args.kernel {
+        Some(path) => read(path)?,
+        None => BUILT_IN.to_vec(),
+    };
+    let name = args.kernel.as_ref().map_or("built-in kernel".into(), |p| p.display().to_string());
+    let image = KernelImage::parse(&bytes).map_err(|e| format!("kernel {name}: {e}"))?;
+    Ok(Kernel { bytes, path: args.kernel.clone(), image })
+}
+
+/// The timeout `args` asks for.
+pub fn timeout(args: &KernelArgs) -> Result<Duration, String> {
+    Duration::try_from_secs_f64(args.timeout)
+        .ok()
+        .filter(|t| !t.is_zero())
+        .ok_or_else(|| format!("--timeout {}: must be a positive number of seconds", args.timeout))
+}

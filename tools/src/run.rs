@@ -1,0 +1,52 @@
+//! `thaw run`: boot a kernel under KVM with thaw's VMM.
+
+use std::io::Write;
+
+use clap::Args;
+use host_vmm::{RunReport, VmConfig};
+
+use crate::KernelArgs;
+
+/// Arguments of `thaw run`.
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    #[command(flatten)]
+    kernel: KernelArgs,
+    /// Guest memory in MiB.
+    #[arg(long, value_name = "MIB", default_value_t = 64)]
+    memory: u64,
+    /// Print how long each boot phase took, in microseconds, on stderr.
+    #[arg(long)]
+    timings: bool,
+}
+
+/// Runs `thaw run` and returns the process exit code.
+pub fn run(args: &RunArgs) -> Result<u8, String> {
+    let kernel = crate::kernel::load(&args.kernel)?;
+    let config = VmConfig { memory_mib: args.memory, timeout: crate::kernel::timeout(&args.kernel)?, ramdisk: None };
+    let stdout = std::io::stdout();
+    let report = host_vmm::run_kernel(&kernel.image, &config, &mut stdout.lock()).map_err(|e| e.to_string())?;
+    if args.timings {
+        print_timings(&report);
+    }
+    Ok(crate::finish(&report.outcome))
+}
+
+fn print_timings(report: &RunReport) {
+    let t = &report.timings;
+    let us = |d: Option<std::time::Duration>| d.map_or("-".to_string(), |d| d.as_micros().to_string());
+    let rows = [
+        ("vm create", us(Some(t.vm_create))),
+        ("load", us(Some(t.load))),
+        ("vcpu setup", us(Some(t.vcpu_setup))),
+        ("ring-0 early boot", us(t.ring0_boot)),
+        ("ring 3 to ready", us(t.ring3_to_ready)),
+        ("total", us(Some(t.total))),
+    ];
+    let mut err = std::io::stderr().lock();
+    let _ = writeln!(err, "thaw: boot timings (µs)");
+    for (name, value) in rows {
+        let _ = writeln!(err, "  {name:<18} {value:>8}");
+    }
+    let _ = writeln!(err, "  {:<18} {:>8}", "vm exits", report.exits);
+}
