@@ -133,6 +133,22 @@ impl KernelImage {
             return Err(KernelError::NotExecutable(kind));
         }
 
+        let tables = [
+            ("program header", header.e_phoff(endian), header.e_phnum(endian), header.e_phentsize(endian)),
+            ("section header", header.e_shoff(endian), header.e_shnum(endian), header.e_shentsize(endian)),
+        ];
+        for (what, offset, count, entry_size) in tables {
+            let size = u64::from(count) * u64::from(entry_size);
+            if offset.checked_add(size).is_none_or(|end| end > bytes.len() as u64) {
+                return Err(KernelError::Table {
+                    what: "headers",
+                    reason: format!(
+                        "the {what} table at {offset:#x}+{size:#x} extends past the end of the {}-byte file (truncated?)",
+                        bytes.len()
+                    ),
+                });
+            }
+        }
         let sections = header
             .sections(endian, bytes)
             .map_err(|e| KernelError::Table { what: "section headers", reason: e.to_string() })?;
@@ -348,6 +364,8 @@ pub(crate) mod tests {
         for len in 1..k.len() {
             assert!(KernelImage::parse(&k[..len]).is_err(), "truncated to {len} bytes was accepted");
         }
+        let cut = &k[..k.len() - 10];
+        assert!(error(cut).contains(&format!("extends past the end of the {}-byte file (truncated?)", cut.len())));
     }
 
     #[test]

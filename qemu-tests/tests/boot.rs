@@ -1,2 +1,112 @@
+//! Each test kernel boots under `thaw run` (KVM) and `thaw qemu` (QEMU TCG); both must print the
+//! same output, give the same reason line and exit with the same code.
+
+use std::path::Path;
+use std::process::Command;
+
+const THAW: &str = env!("CARGO_BIN_FILE_TOOLS_thaw");
+
+/// The test kernels, built for x86_64-unknown-none by this crate's artifact dependency.
+fn kernel(name: &str) -> &'static str {
+    match name {
+        "thaw-guest" => env!("CARGO_BIN_FILE_GUEST_KERNEL_thaw-guest"),
+        "test-panic" => env!("CARGO_BIN_FILE_GUEST_KERNEL_test-panic"),
+        "test-fault" => env!("CARGO_BIN_FILE_GUEST_KERNEL_test-fault"),
+        "test-spin" => env!("CARGO_BIN_FILE_GUEST_KERNEL_test-spin"),
+        "test-bad-hypercall" => env!("CARGO_BIN_FILE_GUEST_KERNEL_test-bad-hypercall"),
+        other => panic!("no test kernel {other}"),
+    }
+}
+
+#[derive(Debug)]
+struct Run {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+}
+
+fn require_kvm() {
+    assert!(
+        Path::new("/dev/kvm").exists(),
+        "this test boots a guest under KVM and needs /dev/kvm, which this machine lacks"
+    );
+}
+
+fn require_qemu() {
+    let found = Command::new("qemu-system-x86_64").arg("--version").output().is_ok_and(|o| o.status.success());
+    assert!(found, "this test boots a guest under QEMU and needs qemu-system-x86_64 (apt-get install qemu-system-x86)");
+}
+
+fn thaw(hypervisor: &str, kernel_name: &str, timeout: &str) -> Run {
+    match hypervisor {
+        "run" => require_kvm(),
+        _ => require_qemu(),
+    }
+    let output = Command::new(THAW)
+        .args([hypervisor, "--kernel", kernel(kernel_name), "--timeout", timeout])
+        .output()
+        .expect("thaw must start");
+    Run {
+        code: output.status.code(),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}
+
+/// Boots `kernel_name` under both hypervisors, checks they agree, and returns the KVM run.
+fn both(kernel_name: &str, timeout: &str) -> Run {
+    let kvm = thaw("run", kernel_name, timeout);
+    let qemu = thaw("qemu", kernel_name, timeout);
+    assert_eq!(kvm.stdout, qemu.stdout, "guest output differs between KVM and QEMU\nkvm: {kvm:#?}\nqemu: {qemu:#?}");
+    assert_eq!(kvm.code, qemu.code, "exit code differs between KVM and QEMU\nkvm: {kvm:#?}\nqemu: {qemu:#?}");
+    assert_eq!(kvm.stderr, qemu.stderr, "reason differs between KVM and QEMU\nkvm: {kvm:#?}\nqemu: {qemu:#?}");
+    kvm
+}
+
+const BANNER: &str = concat!("thaw-guest ", env!("CARGO_PKG_VERSION"), " (abi 1)\n");
+
 #[test]
-fn t() { println!("{} {}", env!("CARGO_BIN_FILE_TOOLS_thaw"), env!("CARGO_BIN_FILE_GUEST_KERNEL_thaw-guest")); }
+fn shipped_kernel_reaches_ready_in_ring3_under_both_hypervisors() {
+    let run = both("thaw-guest", "30");
+    assert_eq!(run.stdout, format!("{BANNER}thaw-guest: ready (cpl 3)\n"));
+    assert_eq!(run.code, Some(0));
+    assert_eq!(run.stderr, "");
+}
+
+#[test]
+fn panic_is_reported_with_message_and_location_under_both_hypervisors() {
+    let run = both("test-panic", "30");
+    assert_eq!(run.stdout, format!("{BANNER}test-panic: about to panic\n"));
+    assert_eq!(run.code, Some(abi::exit_code::PANIC as i32));
+    assert!(
+        run.stderr.starts_with("thaw: guest panicked: deliberate test panic (code 42) at guest-kernel/src/bin/test-panic.rs:"),
+        "{run:#?}"
+    );
+}
+
+#[test]
+fn ring3_page_fault_is_reported_with_vector_rip_and_cr2_under_both_hypervisors() {
+    let run = both("test-fault", "30");
+    assert_eq!(run.code, Some(abi::exit_code::FAULT as i32));
+    let line = run.stderr.trim_end();
+    assert!(line.starts_with("thaw: guest fault: #PF page fault (vector 14) in ring 3 at rip 0x"), "{run:#?}");
+    assert!(line.ends_with("error code 0x6, cr2 0xbadc0de0000"), "{run:#?}");
+}
+
+#[test]
+fn spinning_guest_is_stopped_by_the_timeout_under_both_hypervisors() {
+    let run = both("test-spin", "6");
+    assert_eq!(run.stdout, format!("{BANNER}test-spin: spinning forever\n"));
+    assert_eq!(run.code, Some(abi::exit_code::TIMEOUT as i32));
+    assert_eq!(run.stderr, "thaw: guest timed out after 6.0 s\n");
+}
+
+#[test]
+fn undefined_hypercall_fails_only_that_vm_under_kvm() {
+    let run = thaw("run", "test-bad-hypercall", "10");
+    assert_eq!(run.code, Some(abi::exit_code::GUEST_FAILURE as i32), "{run:#?}");
+    assert!(
+        run.stderr.starts_with("thaw: guest failed: malformed hypercall: unknown hypercall number 31 (rip 0x"),
+        "{run:#?}"
+    );
+}

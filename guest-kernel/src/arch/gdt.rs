@@ -24,9 +24,11 @@ pub const USER_CS: u16 = 0x20 | 3;
 /// TSS selector.
 const TSS_SEL: u16 = 0x28;
 
-/// Ports ring 3 may use, as inclusive ranges.
+/// Ports ring 3 may use, as inclusive ranges. A 4-byte access checks the bits of all four ports
+/// it spans, so 4-byte ranges extend three ports past their last port (the VMM rejects those
+/// extra ports as unknown).
 const ALLOWED_PORTS: [(u16, u16); 3] = [
-    (PORT_BASE, PORT_BASE + PORT_COUNT - 1),
+    (PORT_BASE, PORT_BASE + PORT_COUNT - 1 + 3),
     (COM1_PORT, COM1_PORT + 7),
     (ISA_DEBUG_EXIT_PORT, ISA_DEBUG_EXIT_PORT + 3),
 ];
