@@ -48,8 +48,8 @@ impl FaultReport {
     /// The binary encoding sent through the hypercall page.
     pub fn encode(&self) -> [u8; FAULT_REPORT_LEN] {
         let mut out = [0; FAULT_REPORT_LEN];
-        for (chunk, value) in out.chunks_exact_mut(8).zip(self.fields()) {
-            chunk.copy_from_slice(&value.to_le_bytes());
+        for (chunk, value) in out.as_chunks_mut::<8>().0.iter_mut().zip(self.fields()) {
+            *chunk = value.to_le_bytes();
         }
         out
     }
@@ -60,10 +60,8 @@ impl FaultReport {
             return None;
         }
         let mut fields = [0; 8];
-        for (value, chunk) in fields.iter_mut().zip(bytes.chunks_exact(8)) {
-            let mut b = [0; 8];
-            b.copy_from_slice(chunk);
-            *value = u64::from_le_bytes(b);
+        for (value, chunk) in fields.iter_mut().zip(bytes.as_chunks::<8>().0) {
+            *value = u64::from_le_bytes(*chunk);
         }
         Some(Self::from_fields(fields))
     }
@@ -151,7 +149,16 @@ mod tests {
     use std::string::String;
 
     fn sample() -> FaultReport {
-        FaultReport { vector: 14, error_code: 6, rip: 0x20_1234, cs: 0x23, rflags: 0x3002, rsp: 0x7000, ss: 0x1b, cr2: 0xbad_c0de_0000 }
+        FaultReport {
+            vector: 14,
+            error_code: 6,
+            rip: 0x20_1234,
+            cs: 0x23,
+            rflags: 0x3002,
+            rsp: 0x7000,
+            ss: 0x1b,
+            cr2: 0xbad_c0de_0000,
+        }
     }
 
     #[test]

@@ -169,9 +169,9 @@ impl Hypercall {
             number::EXIT => Ok(Self::Exit { code: arg }),
             number::PANIC => Ok(Self::Panic { len: payload(arg)? }),
             number::FAULT_REPORT => Ok(Self::FaultReport { len: payload(arg)? }),
-            number::MILESTONE => Milestone::from_u32(arg)
-                .map(Self::Milestone)
-                .ok_or(DecodeError::UnknownMilestone(arg)),
+            number::MILESTONE => {
+                Milestone::from_u32(arg).map(Self::Milestone).ok_or(DecodeError::UnknownMilestone(arg))
+            }
             other => Err(DecodeError::UnknownNumber(other)),
         }
     }

@@ -112,9 +112,8 @@ mod tests {
     /// The on-disk layout is part of the interface: pin it byte for byte.
     #[test]
     fn note_layout_is_golden() {
-        let golden: [u8; NOTE_LEN] = [
-            5, 0, 0, 0, 4, 0, 0, 0, 1, 0, 0, 0, b'T', b'h', b'a', b'w', 0, 0, 0, 0, 7, 0, 0, 0,
-        ];
+        let golden: [u8; NOTE_LEN] =
+            [5, 0, 0, 0, 4, 0, 0, 0, 1, 0, 0, 0, b'T', b'h', b'a', b'w', 0, 0, 0, 0, 7, 0, 0, 0];
         assert_eq!(core::mem::size_of::<AbiNote>(), NOTE_LEN);
         assert_eq!(AbiNote::parse(&golden), Ok(AbiNote::new(7)));
     }

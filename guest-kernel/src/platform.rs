@@ -107,7 +107,9 @@ pub fn exit(code: u32) -> ! {
         Platform::Thaw => hypercall::call(Hypercall::Exit { code }),
         _ => {
             // SAFETY: the TSS bitmap opens this port; without the device the write is ignored.
-            unsafe { core::arch::asm!("out dx, eax", in("dx") ISA_DEBUG_EXIT_PORT, in("eax") code, options(nomem, nostack)) };
+            unsafe {
+                core::arch::asm!("out dx, eax", in("dx") ISA_DEBUG_EXIT_PORT, in("eax") code, options(nomem, nostack))
+            };
         }
     }
     // Only reached if nobody ended the VM. No `hlt` here: it is privileged.

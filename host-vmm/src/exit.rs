@@ -196,8 +196,12 @@ impl<'a> ExitHandler<'a> {
             }
             VcpuExit::IoOut(port, data) => Err(GuestError::UnknownPort { port, write: true, size: data.len() }.into()),
             VcpuExit::IoIn(port, data) => Err(GuestError::UnknownPort { port, write: false, size: data.len() }.into()),
-            VcpuExit::MmioRead(addr, data) => Err(GuestError::UnknownMmio { addr, write: false, size: data.len() }.into()),
-            VcpuExit::MmioWrite(addr, data) => Err(GuestError::UnknownMmio { addr, write: true, size: data.len() }.into()),
+            VcpuExit::MmioRead(addr, data) => {
+                Err(GuestError::UnknownMmio { addr, write: false, size: data.len() }.into())
+            }
+            VcpuExit::MmioWrite(addr, data) => {
+                Err(GuestError::UnknownMmio { addr, write: true, size: data.len() }.into())
+            }
             VcpuExit::Shutdown => Err(GuestError::TripleFault.into()),
             VcpuExit::Hlt => Err(GuestError::Halted.into()),
             VcpuExit::InternalError => Err(GuestError::InternalError.into()),
@@ -279,7 +283,8 @@ mod tests {
         let panic = handle(&mem, &mut out, VcpuExit::IoOut(PORT_BASE + number::PANIC, &arg(16))).unwrap();
         assert!(matches!(panic, ExitAction::Stop(Outcome::Panicked(ref m)) if m == "boom at x.rs:1:2"));
 
-        let report = FaultReport { vector: 14, error_code: 6, rip: 0x20_1000, cs: 0x23, cr2: 0xbad, ..Default::default() };
+        let report =
+            FaultReport { vector: 14, error_code: 6, rip: 0x20_1000, cs: 0x23, cr2: 0xbad, ..Default::default() };
         mem.write_slice(&report.encode(), GuestAddress(HYPERCALL_PAGE_GPA)).unwrap();
         let fault = handle(&mem, &mut out, VcpuExit::IoOut(PORT_BASE + number::FAULT_REPORT, &arg(64))).unwrap();
         assert!(matches!(fault, ExitAction::Stop(Outcome::Faulted(r)) if r == report));
@@ -332,7 +337,10 @@ mod tests {
         assert!(matches!(guest_error(handle(&mem, &mut out, VcpuExit::Shutdown)), GuestError::TripleFault));
         assert!(matches!(guest_error(handle(&mem, &mut out, VcpuExit::Hlt)), GuestError::Halted));
         assert!(matches!(guest_error(handle(&mem, &mut out, VcpuExit::InternalError)), GuestError::InternalError));
-        assert!(matches!(guest_error(handle(&mem, &mut out, VcpuExit::FailEntry(0x21, 0))), GuestError::FailEntry { reason: 0x21 }));
+        assert!(matches!(
+            guest_error(handle(&mem, &mut out, VcpuExit::FailEntry(0x21, 0))),
+            GuestError::FailEntry { reason: 0x21 }
+        ));
         assert!(matches!(guest_error(handle(&mem, &mut out, VcpuExit::Unknown)), GuestError::UnexpectedExit(_)));
     }
 

@@ -10,9 +10,9 @@
 
 use abi::note::{AbiNote, NoteError};
 use bootloader_api::BootloaderConfig;
+use object::LittleEndian;
 use object::elf::{self, FileHeader64};
 use object::read::elf::{FileHeader, ProgramHeader, SectionHeader};
-use object::LittleEndian;
 
 use crate::layout::KERNEL_MIN_ADDR;
 
@@ -34,7 +34,9 @@ pub enum KernelError {
     #[error("ELF header: {0}")]
     Header(String),
     /// The kernel is not a fixed-address executable.
-    #[error("ELF type {0} is not ET_EXEC: thaw boots kernels linked at a fixed address (a position-independent executable or a library is not a thaw kernel)")]
+    #[error(
+        "ELF type {0} is not ET_EXEC: thaw boots kernels linked at a fixed address (a position-independent executable or a library is not a thaw kernel)"
+    )]
     NotExecutable(u16),
     /// The program or section headers cannot be read.
     #[error("ELF {what}: {reason}")]
@@ -51,7 +53,9 @@ pub enum KernelError {
     #[error(".note.thaw: {0}")]
     BadAbiNote(NoteError),
     /// The kernel speaks another interface version.
-    #[error("kernel speaks thaw interface version {kernel}, this VMM speaks version {vmm}; rebuild the kernel against this abi")]
+    #[error(
+        "kernel speaks thaw interface version {kernel}, this VMM speaks version {vmm}; rebuild the kernel against this abi"
+    )]
     AbiMismatch {
         /// The kernel's version.
         kernel: u32,
@@ -156,21 +160,24 @@ impl KernelImage {
             let Some((_, section)) = sections.section_by_name(endian, name.as_bytes()) else {
                 return Ok(None);
             };
-            section.data(endian, bytes).map(Some).map_err(|e| KernelError::Table {
-                what: "section data",
-                reason: format!("{name}: {e}"),
-            })
+            section
+                .data(endian, bytes)
+                .map(Some)
+                .map_err(|e| KernelError::Table { what: "section data", reason: format!("{name}: {e}") })
         };
         let note = section_data(abi::note::SECTION_NAME)?.ok_or(KernelError::MissingAbiNote)?;
         let note = AbiNote::parse(note).map_err(KernelError::BadAbiNote)?;
         if note.version != abi::INTERFACE_VERSION {
             return Err(KernelError::AbiMismatch { kernel: note.version, vmm: abi::INTERFACE_VERSION });
         }
-        let config = section_data(".bootloader-config")?
-            .ok_or_else(|| KernelError::BootloaderConfig("section missing; declare the entry point with bootloader_api::entry_point!".into()))?;
+        let config = section_data(".bootloader-config")?.ok_or_else(|| {
+            KernelError::BootloaderConfig(
+                "section missing; declare the entry point with bootloader_api::entry_point!".into(),
+            )
+        })?;
         let config = BootloaderConfig::deserialize(config).map_err(|e| KernelError::BootloaderConfig(e.into()))?;
 
-        let segments = load_segments(&header, endian, bytes)?;
+        let segments = load_segments(header, endian, bytes)?;
         let entry = header.e_entry(endian);
         let in_code = segments.iter().any(|s| (s.addr..s.addr + s.data.len() as u64).contains(&entry));
         if !in_code {
@@ -230,10 +237,7 @@ fn load_segments(
     segments.sort_by_key(|s| s.addr);
     for pair in segments.windows(2) {
         if pair[0].addr + pair[0].mem_size > pair[1].addr {
-            return Err(KernelError::Image(format!(
-                "segments at {:#x} and {:#x} overlap",
-                pair[0].addr, pair[1].addr
-            )));
+            return Err(KernelError::Image(format!("segments at {:#x} and {:#x} overlap", pair[0].addr, pair[1].addr)));
         }
     }
     Ok(segments)
@@ -263,7 +267,7 @@ pub(crate) mod tests {
         }
         let shstr_offset = out.len() as u64;
         out.extend_from_slice(&shstrtab);
-        while out.len() % 8 != 0 {
+        while !out.len().is_multiple_of(8) {
             out.push(0);
         }
         let shoff = out.len() as u64;
@@ -390,7 +394,9 @@ pub(crate) mod tests {
             (0x20_0000, &[0; 4], 4),
             &[(".note.thaw", &note(abi::INTERFACE_VERSION + 1)), (".bootloader-config", &config)],
         );
-        assert!(error(&old).starts_with(&format!("kernel speaks thaw interface version {}", abi::INTERFACE_VERSION + 1)));
+        assert!(
+            error(&old).starts_with(&format!("kernel speaks thaw interface version {}", abi::INTERFACE_VERSION + 1))
+        );
     }
 
     #[test]

@@ -118,7 +118,7 @@ impl PageTables {
     /// Checks that the kernel's physical-memory offset can hold a map of `mem_size` bytes.
     pub fn check_offset(offset: u64, mem_size: u64) -> Result<(), PagingError> {
         let bad = |reason| Err(PagingError::BadOffset { offset, reason });
-        if offset % LARGE_PAGE_SIZE != 0 {
+        if !offset.is_multiple_of(LARGE_PAGE_SIZE) {
             return bad("not 2 MiB aligned");
         }
         let Some(end) = offset.checked_add(mem_size) else { return bad("the map would overflow") };
@@ -139,8 +139,8 @@ impl PageTables {
     pub fn write(&self, mem: &GuestMemoryMmap) -> Result<(), PagingError> {
         for (i, table) in self.tables.iter().enumerate() {
             let mut bytes = [0u8; 4096];
-            for (chunk, entry) in bytes.chunks_exact_mut(8).zip(table) {
-                chunk.copy_from_slice(&entry.to_le_bytes());
+            for (chunk, entry) in bytes.as_chunks_mut::<8>().0.iter_mut().zip(table) {
+                *chunk = entry.to_le_bytes();
             }
             mem.write_slice(&bytes, GuestAddress(Self::gpa(i)))?;
         }
@@ -185,7 +185,7 @@ mod tests {
             assert_eq!(pt.translate(addr), Some(addr));
             assert_eq!(pt.translate(OFFSET + addr), Some(addr));
         }
-        assert_eq!(pt.translate(OFFSET + 0), Some(0), "the physical map includes page 0");
+        assert_eq!(pt.translate(OFFSET), Some(0), "the physical map includes page 0");
     }
 
     #[test]

@@ -136,12 +136,18 @@ impl BootPlan {
             )));
         }
         let mem_size = mib << 20;
-        let unsupported = |what: &str| VmmError::Config(format!("kernel's bootloader config: {what} is not supported by thaw's direct boot"));
+        let unsupported = |what: &str| {
+            VmmError::Config(format!("kernel's bootloader config: {what} is not supported by thaw's direct boot"))
+        };
         let mappings = &kernel.config.mappings;
         if mappings.page_table_recursive.is_some() {
             return Err(unsupported("a recursive page-table mapping"));
         }
-        for (name, mapping) in [("kernel_stack", &mappings.kernel_stack), ("boot_info", &mappings.boot_info), ("ramdisk_memory", &mappings.ramdisk_memory)] {
+        for (name, mapping) in [
+            ("kernel_stack", &mappings.kernel_stack),
+            ("boot_info", &mappings.boot_info),
+            ("ramdisk_memory", &mappings.ramdisk_memory),
+        ] {
             if let Mapping::FixedAddress(addr) = mapping {
                 return Err(unsupported(&format!("a fixed {name} address ({addr:#x})")));
             }
@@ -257,7 +263,12 @@ impl Vm {
     }
 
     /// Runs the vCPU until the guest ends or `timeout` passes, writing its output to `output`.
-    pub fn run(&mut self, output: &mut dyn Write, timeout: Duration, timings: &mut BootTimings) -> Result<(Outcome, u64), VmmError> {
+    pub fn run(
+        &mut self,
+        output: &mut dyn Write,
+        timeout: Duration,
+        timings: &mut BootTimings,
+    ) -> Result<(Outcome, u64), VmmError> {
         let watchdog = Watchdog::arm(timeout).map_err(VmmError::Watchdog)?;
         let mut handler = ExitHandler::new(&self.mem, output);
         let mut exits = 0u64;
@@ -289,7 +300,8 @@ impl Vm {
         }
         let ring3 = handler.milestone(Milestone::Ring3Entered);
         timings.ring0_boot = ring3.map(|t| t - run_started);
-        timings.ring3_to_ready = ring3.zip(handler.milestone(Milestone::Ready)).map(|(r3, ready)| ready.saturating_duration_since(r3));
+        timings.ring3_to_ready =
+            ring3.zip(handler.milestone(Milestone::Ready)).map(|(r3, ready)| ready.saturating_duration_since(r3));
         Ok((outcome, exits))
     }
 }

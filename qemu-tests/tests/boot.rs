@@ -79,7 +79,9 @@ fn panic_is_reported_with_message_and_location_under_both_hypervisors() {
     assert_eq!(run.stdout, format!("{BANNER}test-panic: about to panic\n"));
     assert_eq!(run.code, Some(abi::exit_code::PANIC as i32));
     assert!(
-        run.stderr.starts_with("thaw: guest panicked: deliberate test panic (code 42) at guest-kernel/src/bin/test-panic.rs:"),
+        run.stderr.starts_with(
+            "thaw: guest panicked: deliberate test panic (code 42) at guest-kernel/src/bin/test-panic.rs:"
+        ),
         "{run:#?}"
     );
 }

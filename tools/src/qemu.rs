@@ -40,7 +40,10 @@ fn marker_outcome(line: &str) -> Option<Outcome> {
     let text = line.strip_prefix(FAULT_MARKER)?;
     Some(match FaultReport::parse_text(text) {
         Some(report) => Outcome::Faulted(report),
-        None => Outcome::Failed { error: GuestError::UnexpectedExit(format!("unreadable fault report {text:?}")), rip: None },
+        None => Outcome::Failed {
+            error: GuestError::UnexpectedExit(format!("unreadable fault report {text:?}")),
+            rip: None,
+        },
     })
 }
 
@@ -100,13 +103,11 @@ fn supervise(mut child: Child, timeout: Duration) -> Result<Outcome, String> {
     let deadline = Instant::now() + timeout;
     let mut reported = None;
     let mut out = std::io::stdout().lock();
-    let mut forward = |line: String, reported: &mut Option<Outcome>| {
-        match marker_outcome(&line) {
-            Some(outcome) => *reported = reported.take().or(Some(outcome)),
-            None => {
-                let _ = writeln!(out, "{line}");
-                let _ = out.flush();
-            }
+    let mut forward = |line: String, reported: &mut Option<Outcome>| match marker_outcome(&line) {
+        Some(outcome) => *reported = reported.take().or(Some(outcome)),
+        None => {
+            let _ = writeln!(out, "{line}");
+            let _ = out.flush();
         }
     };
     let status = loop {
@@ -143,7 +144,9 @@ mod tests {
 
     #[test]
     fn marker_lines_become_outcomes() {
-        assert!(matches!(marker_outcome("thaw-guest: panic: boom at a.rs:1:1"), Some(Outcome::Panicked(m)) if m == "boom at a.rs:1:1"));
+        assert!(
+            matches!(marker_outcome("thaw-guest: panic: boom at a.rs:1:1"), Some(Outcome::Panicked(m)) if m == "boom at a.rs:1:1")
+        );
         let report = FaultReport { vector: 6, rip: 0x20_0000, cs: 0x23, ..Default::default() };
         let mut text = String::from(FAULT_MARKER);
         report.write_text(&mut text).unwrap();

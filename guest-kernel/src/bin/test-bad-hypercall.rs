@@ -15,7 +15,9 @@ fn main() -> u32 {
     guest_kernel::println!("test-bad-hypercall: calling port {UNDEFINED_HYPERCALL_PORT:#x}");
     if platform::current() == Platform::Thaw {
         // SAFETY: an `out` on a port the TSS bitmap opens; it only reaches the VMM.
-        unsafe { core::arch::asm!("out dx, eax", in("dx") UNDEFINED_HYPERCALL_PORT, in("eax") 0u32, options(nomem, nostack)) };
+        unsafe {
+            core::arch::asm!("out dx, eax", in("dx") UNDEFINED_HYPERCALL_PORT, in("eax") 0u32, options(nomem, nostack))
+        };
         guest_kernel::println!("test-bad-hypercall: the VMM let the call through");
         return 1;
     }
