@@ -1,8 +1,8 @@
 //! The boot path: ring-0 early boot, the drop to ring 3, and the ring-3 half of start-up.
 //!
 //! Ring 0 is emulated instruction by instruction under PVM, so [`start`] runs a few hundred
-//! instructions and nothing else: no heap, no formatting, no loops over memory unless the loader
-//! left the page tables supervisor-only (the BIOS bootloader does; thaw's VMM does not).
+//! instructions and nothing else: no heap, no formatting, no loops over memory unless the loader left the page tables supervisor-only (the BIOS bootloader does;
+//! thaw's VMM does not).
 
 use core::sync::atomic::{AtomicPtr, Ordering};
 
@@ -18,10 +18,11 @@ static BOOT_INFO: AtomicPtr<BootInfo> = AtomicPtr::new(core::ptr::null_mut());
 pub fn start(boot_info: &'static mut BootInfo, main: fn() -> u32) -> ! {
     arch::force_use(&crate::ABI_NOTE);
     let Some(phys_offset) = boot_info.physical_memory_offset.into_option() else {
-        platform::init(platform::detect(), 0);
         panic!("loader did not map physical memory");
     };
-    platform::init(platform::detect(), phys_offset);
+    platform::set_physical_memory_offset(phys_offset);
+    // Detect the hypervisor now: only ring-0 CPUID sees thaw's leaves under PVM.
+    platform::current();
     BOOT_INFO.store(boot_info, Ordering::Release);
 
     // SAFETY: we run in ring 0 on the loader's page tables, with physical memory mapped at

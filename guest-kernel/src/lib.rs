@@ -3,8 +3,7 @@
 //!
 //! The KVM on thaw's machines (PVM) emulates guest ring 0 one instruction at a time, about
 //! 6000x slower than native, while ring 3 runs natively. So ring 0 does the minimum
-//! ([`boot::start`]): find the platform, make the page tables usable from ring 3 if the loader did
-//! not, load a GDT with user segments, a TSS with an I/O permission bitmap and an IDT, then
+//! ([`boot::start`]): make the page tables usable from ring 3 if the loader did not, load a GDT with user segments, a TSS with an I/O permission bitmap and an IDT, then
 //! `iretq` to ring 3 with IOPL=3. After that no privileged instruction runs; the kernel talks to
 //! the VMM only through hypercalls (`out` to reserved ports) and ends through the exit hypercall.
 //! Exceptions still enter ring 0, where the handlers report them and end the VM.

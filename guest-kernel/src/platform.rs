@@ -7,8 +7,10 @@
 //! | panic, fault | panic / fault-report hypercall | marker line on COM1, then `isa-debug-exit` |
 //! | boot milestones | milestone hypercall | nothing |
 //!
-//! Detection reads the hypervisor CPUID leaf once, at the very start of early boot, because the
-//! ring-0 exception handlers already need to know how to report.
+//! Detection reads the hypervisor CPUID leaf once, in ring 0 during early boot. It cannot move to
+//! ring 3: under PVM, CPUID executed in ring 3 is not trapped, so it returns the outer
+//! hypervisor's leaves (`KVMKVMKVM`), never the ones thaw's VMM sets with `KVM_SET_CPUID2`
+//! (measured; ring-0 CPUID is emulated and sees thaw's).
 
 use core::fmt::Write;
 use core::sync::atomic::{AtomicU8, AtomicU64, Ordering};
@@ -24,15 +26,14 @@ use crate::{hypercall, serial};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
 pub enum Platform {
-    /// Not yet detected.
-    Unknown = 0,
     /// thaw's VMM: its CPUID signature was found.
     Thaw = 1,
     /// Any other hypervisor or none (QEMU's TCG in practice).
     Other = 2,
 }
 
-static PLATFORM: AtomicU8 = AtomicU8::new(Platform::Unknown as u8);
+/// The detected platform, or 0 before detection.
+static PLATFORM: AtomicU8 = AtomicU8::new(0);
 static PHYS_OFFSET: AtomicU64 = AtomicU64::new(0);
 
 /// Reads the hypervisor CPUID leaf and tells whether this is thaw's VMM.
@@ -50,18 +51,21 @@ pub fn detect() -> Platform {
     }
 }
 
-/// Records the platform and where physical memory is mapped.
-pub fn init(platform: Platform, phys_offset: u64) {
+/// Records where physical memory is mapped (early boot, ring 0).
+pub fn set_physical_memory_offset(phys_offset: u64) {
     PHYS_OFFSET.store(phys_offset, Ordering::Relaxed);
-    PLATFORM.store(platform as u8, Ordering::Relaxed);
 }
 
-/// The detected platform.
+/// The platform, detected on the first call, which must be in ring 0 (see the module docs).
 pub fn current() -> Platform {
     match PLATFORM.load(Ordering::Relaxed) {
         1 => Platform::Thaw,
         2 => Platform::Other,
-        _ => Platform::Unknown,
+        _ => {
+            let platform = detect();
+            PLATFORM.store(platform as u8, Ordering::Relaxed);
+            platform
+        }
     }
 }
 

@@ -1,9 +1,11 @@
-//! `thaw`: run thaw's guest kernel under KVM (`thaw run`) or QEMU (`thaw qemu`).
+//! `thaw`: run thaw's guest kernel under KVM (`thaw run`) or QEMU (`thaw qemu`), and measure
+//! its boot (`thaw bench`).
 //!
 //! Both commands stream what the guest prints to stdout, print one line on stderr saying why the
 //! guest ended unless it exited 0, and exit with the guest's exit code or one of the codes in
 //! `abi::exit_code` (101 panic, 102 fault, 103 guest failure, 124 timeout, 125 thaw error).
 
+mod bench;
 mod kernel;
 mod qemu;
 mod run;
@@ -16,7 +18,7 @@ use clap::{Args, Parser, Subcommand};
 /// Start serverless functions in real virtual machines, from a checkpoint, in under a
 /// millisecond. This build boots thaw's guest kernel.
 #[derive(Parser)]
-#[command(name = "thaw", version, about)]
+#[command(name = "thaw", version)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -28,6 +30,8 @@ enum Command {
     Run(run::RunArgs),
     /// Boot a guest kernel under QEMU (software emulation) from a BIOS disk image.
     Qemu(qemu::QemuArgs),
+    /// Boot a guest kernel many times under KVM and print per-phase percentiles.
+    Bench(bench::BenchArgs),
 }
 
 /// Options shared by every command that boots a kernel.
@@ -46,6 +50,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => run::run(&args),
         Command::Qemu(args) => qemu::run(&args),
+        Command::Bench(args) => bench::run(&args),
     };
     match result {
         Ok(code) => ExitCode::from(code),
