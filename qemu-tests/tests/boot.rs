@@ -14,6 +14,7 @@ fn kernel(name: &str) -> &'static str {
         "test-fault" => env!("CARGO_BIN_FILE_GUEST_KERNEL_test-fault"),
         "test-spin" => env!("CARGO_BIN_FILE_GUEST_KERNEL_test-spin"),
         "test-bad-hypercall" => env!("CARGO_BIN_FILE_GUEST_KERNEL_test-bad-hypercall"),
+        "test-triple-fault" => env!("CARGO_BIN_FILE_GUEST_KERNEL_test-triple-fault"),
         other => panic!("no test kernel {other}"),
     }
 }
@@ -111,4 +112,13 @@ fn undefined_hypercall_fails_only_that_vm_under_kvm() {
         run.stderr.starts_with("thaw: guest failed: malformed hypercall: unknown hypercall number 31 (rip 0x"),
         "{run:#?}"
     );
+}
+
+#[test]
+fn triple_fault_fails_only_that_vm_under_kvm() {
+    let run = thaw("run", "test-triple-fault", "10");
+    assert_eq!(run.stdout, format!("{BANNER}test-triple-fault: wiping the IDT\n"));
+    assert_eq!(run.code, Some(abi::exit_code::GUEST_FAILURE as i32), "{run:#?}");
+    assert!(run.stderr.starts_with("thaw: guest failed: triple fault: "), "{run:#?}");
+    assert!(run.stderr.contains("(rip 0x"), "{run:#?}");
 }

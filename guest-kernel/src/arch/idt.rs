@@ -125,6 +125,13 @@ pub unsafe fn load() {
     }
 }
 
+/// Where the IDT lives. Ring 3 can write it (every page is user-accessible): the
+/// `test-triple-fault` kernel uses this to show that a guest wrecking its own IDT ends only its
+/// own VM.
+pub fn table_address() -> u64 {
+    (&raw const IDT) as u64
+}
+
 /// Called by the common stub, in ring 0, with the frame it built.
 ///
 /// # Safety
