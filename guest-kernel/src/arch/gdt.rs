@@ -13,6 +13,8 @@ use core::mem::size_of;
 use abi::hypercall::{PORT_BASE, PORT_COUNT};
 use abi::qemu::{COM1_PORT, ISA_DEBUG_EXIT_PORT};
 
+use super::DescriptorTablePointer;
+
 /// Kernel code selector.
 pub const KERNEL_CS: u16 = 0x08;
 /// Kernel data selector.
@@ -120,12 +122,6 @@ static mut DOUBLE_FAULT_STACK: Stack = Stack([0; 16 * 1024]);
 
 /// IST slot (1-based) the double-fault gate uses.
 pub const DOUBLE_FAULT_IST: u8 = 1;
-
-#[repr(C, packed)]
-struct DescriptorTablePointer {
-    limit: u16,
-    base: u64,
-}
 
 /// Loads the GDT, reloads every segment register and loads the TSS.
 ///

@@ -13,6 +13,7 @@ use core::mem::size_of;
 
 use abi::fault::FaultReport;
 
+use super::DescriptorTablePointer;
 use super::gdt::{DOUBLE_FAULT_IST, KERNEL_CS};
 
 global_asm!(
@@ -100,12 +101,6 @@ impl Gate {
 }
 
 static mut IDT: [Gate; 32] = [Gate::MISSING; 32];
-
-#[repr(C, packed)]
-struct DescriptorTablePointer {
-    limit: u16,
-    base: u64,
-}
 
 /// Fills and loads the IDT.
 ///

@@ -6,6 +6,13 @@ pub mod paging;
 
 use core::arch::asm;
 
+/// The operand of `lgdt` and `lidt`.
+#[repr(C, packed)]
+struct DescriptorTablePointer {
+    limit: u16,
+    base: u64,
+}
+
 /// RFLAGS for ring 3: IOPL=3 (bits 12-13) and the reserved bit 1; interrupts stay off, since
 /// thaw's guest has no interrupt sources.
 const USER_RFLAGS: u64 = 0x3002;
