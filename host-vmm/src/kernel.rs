@@ -101,8 +101,6 @@ pub struct KernelImage {
     pub segments: Vec<Segment>,
     /// What the kernel asks of its loader.
     pub config: BootloaderConfig,
-    /// The interface version from its note (equal to [`abi::INTERFACE_VERSION`]).
-    pub abi_version: u32,
 }
 
 impl KernelImage {
@@ -183,7 +181,7 @@ impl KernelImage {
         if !in_code {
             return Err(KernelError::Image(format!("entry point {entry:#x} is not inside any loaded segment")));
         }
-        Ok(Self { entry, segments, config, abi_version: note.version })
+        Ok(Self { entry, segments, config })
     }
 }
 
