@@ -40,7 +40,8 @@ pub struct KernelArgs {
     /// Guest kernel ELF to boot [default: the kernel built into this binary].
     #[arg(long, value_name = "PATH")]
     pub kernel: Option<PathBuf>,
-    /// Wall-clock limit for the guest, in seconds.
+    /// Wall-clock limit for the guest, in seconds (under QEMU counted from its start, firmware
+    /// included).
     #[arg(long, value_name = "SECS", default_value_t = 10.0)]
     pub timeout: f64,
 }
