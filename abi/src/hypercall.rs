@@ -42,9 +42,10 @@ pub mod number {
     pub const MILESTONE: u16 = 4;
     /// Reserved for the checkpoint call.
     pub const CHECKPOINT: u16 = 8;
-    /// Reserved for the invoke mailbox: fetch the next request.
+    /// Invoke mailbox: fetch the next request (see [`crate::invoke`]); the hypercall page holds
+    /// a `NextRequest` of `len` bytes, and the VMM answers with a `NextReply` in its place.
     pub const INVOKE_NEXT: u16 = 9;
-    /// Reserved for the invoke mailbox: hand back a response.
+    /// Invoke mailbox: hand back a response; the hypercall page holds a `Response`.
     pub const INVOKE_RESPOND: u16 = 10;
 }
 
@@ -56,6 +57,12 @@ pub enum Milestone {
     Ring3Entered = 1,
     /// The kernel is initialized and about to run its main function's work.
     Ready = 2,
+    /// The function's wasm module is compiled.
+    Compiled = 3,
+    /// The module is instantiated.
+    Instantiated = 4,
+    /// The function's init exports have run; it is ready for requests.
+    Initialized = 5,
 }
 
 impl Milestone {
@@ -64,6 +71,9 @@ impl Milestone {
         match value {
             1 => Some(Self::Ring3Entered),
             2 => Some(Self::Ready),
+            3 => Some(Self::Compiled),
+            4 => Some(Self::Instantiated),
+            5 => Some(Self::Initialized),
             _ => None,
         }
     }
@@ -95,6 +105,16 @@ pub enum Hypercall {
     },
     /// The guest reached a boot milestone.
     Milestone(Milestone),
+    /// Fetch the next request; a `NextRequest` of `len` bytes waits in the hypercall page.
+    InvokeNext {
+        /// Payload length in bytes.
+        len: usize,
+    },
+    /// Hand back a response; a `Response` of `len` bytes waits in the hypercall page.
+    InvokeRespond {
+        /// Payload length in bytes.
+        len: usize,
+    },
 }
 
 /// Why a port access in the hypercall range is not a valid hypercall.
@@ -172,6 +192,8 @@ impl Hypercall {
             number::MILESTONE => {
                 Milestone::from_u32(arg).map(Self::Milestone).ok_or(DecodeError::UnknownMilestone(arg))
             }
+            number::INVOKE_NEXT => Ok(Self::InvokeNext { len: payload(arg)? }),
+            number::INVOKE_RESPOND => Ok(Self::InvokeRespond { len: payload(arg)? }),
             other => Err(DecodeError::UnknownNumber(other)),
         }
     }
@@ -184,6 +206,8 @@ impl Hypercall {
             Self::Panic { len } => (number::PANIC, len as u32),
             Self::FaultReport { len } => (number::FAULT_REPORT, len as u32),
             Self::Milestone(m) => (number::MILESTONE, m as u32),
+            Self::InvokeNext { len } => (number::INVOKE_NEXT, len as u32),
+            Self::InvokeRespond { len } => (number::INVOKE_RESPOND, len as u32),
         };
         (PORT_BASE + number, arg)
     }

@@ -2,8 +2,9 @@
 //!
 //! Everything both sides must agree on lives here and nowhere else: the interface version, the
 //! hypercall ports and their arguments, the hypervisor CPUID signature, the ELF note a kernel uses
-//! to declare the interface it speaks, the fault report a guest sends when it dies, and the
-//! conventions used when the same kernel runs under QEMU instead.
+//! to declare the interface it speaks, the fault report a guest sends when it dies, the host
+//! parameters page, the invoke mailbox, the function bundle format, the WASI surface functions
+//! may import, and the conventions used when the same kernel runs under QEMU instead.
 //!
 //! This crate holds plain data and its encoding, decoding and validation only. It must never
 //! depend on anything host- or guest-specific: it is `no_std` and builds for both sides. Its
@@ -14,11 +15,17 @@
 #![no_std]
 #![deny(unsafe_code)]
 
+extern crate alloc;
+
+pub mod bundle;
 pub mod cpuid;
 pub mod fault;
 pub mod hypercall;
+pub mod invoke;
 pub mod note;
+pub mod params;
 pub mod qemu;
+pub mod wasi;
 
 /// Version of the guest/VMM interface defined by this crate.
 ///
@@ -26,7 +33,7 @@ pub mod qemu;
 /// hypercall meaning, a changed struct layout, a moved fixed address. It is independent of the
 /// crate version. A guest declares it in its [`note`]; the VMM refuses a kernel that declares any
 /// other value.
-pub const INTERFACE_VERSION: u32 = 1;
+pub const INTERFACE_VERSION: u32 = 2;
 
 /// Process exit status conventions shared by `thaw run` and `thaw qemu`.
 pub mod exit_code {
@@ -37,6 +44,8 @@ pub mod exit_code {
     /// The guest misbehaved in a way the VMM caught: a triple fault, an unknown port or
     /// address, a malformed hypercall.
     pub const GUEST_FAILURE: u32 = 103;
+    /// The function trapped (`thaw invoke`); the trap message is on stderr.
+    pub const FUNCTION_TRAPPED: u32 = 104;
     /// The guest ran past its wall-clock timeout (the same value `timeout(1)` uses).
     pub const TIMEOUT: u32 = 124;
     /// thaw itself failed before or around the guest: an invalid kernel, KVM or QEMU

@@ -13,6 +13,16 @@ use crate::{arch, heap, platform, println};
 /// The boot info, handed from ring 0 to ring 3.
 static BOOT_INFO: AtomicPtr<BootInfo> = AtomicPtr::new(core::ptr::null_mut());
 
+/// The ramdisk the loader placed in memory (a function bundle), if any.
+pub fn ramdisk() -> Option<&'static [u8]> {
+    // SAFETY: `start` stored a pointer to the `'static` boot info before ring 3 ran.
+    let boot_info = unsafe { BOOT_INFO.load(Ordering::Acquire).as_ref()? };
+    let addr = boot_info.ramdisk_addr.into_option()?;
+    // SAFETY: the loader mapped `ramdisk_len` bytes at `ramdisk_addr` and reserved them
+    // (reported as non-usable memory), so nothing else writes them.
+    Some(unsafe { core::slice::from_raw_parts(addr as *const u8, boot_info.ramdisk_len as usize) })
+}
+
 /// Kernel entry (ring 0): early boot, then ring 3, where `main` runs. Never returns: the kernel
 /// ends through the platform's exit.
 pub fn start(boot_info: &'static mut BootInfo, main: fn() -> u32) -> ! {

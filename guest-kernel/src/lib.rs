@@ -21,6 +21,7 @@ extern crate alloc;
 pub mod arch;
 pub mod boot;
 pub mod console;
+pub mod function;
 pub mod heap;
 pub mod hypercall;
 mod panic;
@@ -40,8 +41,10 @@ pub const PHYSICAL_MEMORY_OFFSET: u64 = 0x0000_1000_0000_0000;
 /// kernels use as known-unmapped.
 pub const DYNAMIC_RANGE_START: u64 = 0xffff_8080_0000_0000;
 
-/// Size of the boot stack, which ring 3 keeps using after the drop.
-pub const KERNEL_STACK_SIZE: u64 = 128 * 1024;
+/// Size of the boot stack, which ring 3 keeps using after the drop: generous, because the wasm
+/// runtime and the functions' host calls run on it. 1 MiB is the most thaw's direct boot
+/// supports; a guard page below it turns an overflow into a clear #PF report.
+pub const KERNEL_STACK_SIZE: u64 = 1024 * 1024;
 
 /// What the kernel asks of its loader. thaw's VMM reads the same config from the ELF's
 /// `.bootloader-config` section.

@@ -1,4 +1,5 @@
-//! The kernel thaw ships: boots, prints its banner and ready line, and exits 0.
+//! The kernel thaw ships: boots, prints its banner and ready line, then serves the function in
+//! its ramdisk if it has one, or exits 0.
 
 #![no_std]
 #![no_main]
@@ -12,5 +13,8 @@ fn main() -> u32 {
     let values: alloc::vec::Vec<u64> = (1..=64).collect();
     assert_eq!(values.iter().sum::<u64>(), 64 * 65 / 2, "heap self-check");
     guest_kernel::report_ready();
-    0
+    match guest_kernel::boot::ramdisk() {
+        Some(bundle) => guest_kernel::function::serve(bundle),
+        None => 0,
+    }
 }

@@ -18,6 +18,7 @@ use core::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use abi::exit_code;
 use abi::fault::FaultReport;
 use abi::hypercall::{HYPERCALL_PAGE_GPA, HYPERCALL_PAGE_SIZE, Hypercall, Milestone};
+use abi::params::{HOST_PARAMS_GPA, HostParams};
 use abi::qemu::{FAULT_MARKER, ISA_DEBUG_EXIT_PORT, PANIC_MARKER};
 
 use crate::{hypercall, serial};
@@ -72,6 +73,63 @@ pub fn current() -> Platform {
 /// The virtual address at which physical memory is mapped.
 pub fn physical_memory_offset() -> u64 {
     PHYS_OFFSET.load(Ordering::Relaxed)
+}
+
+/// The guest-physical address behind `ptr`: heap pointers lie in the physical-memory mapping,
+/// and under thaw everything below it is identity-mapped.
+pub fn virt_to_phys(ptr: *const u8) -> u64 {
+    let (addr, offset) = (ptr as u64, physical_memory_offset());
+    if addr >= offset { addr - offset } else { addr }
+}
+
+/// The host parameters page, if the VMM wrote one (only thaw's VMM does).
+pub fn host_params() -> Option<HostParams> {
+    if current() != Platform::Thaw {
+        return None;
+    }
+    let page = (physical_memory_offset() + HOST_PARAMS_GPA) as *const u8;
+    // SAFETY: the page is guest RAM reserved for the VMM's parameters, mapped through the
+    // physical-memory offset; the VMM wrote it before the guest ran and does not change it now.
+    HostParams::decode(unsafe { core::slice::from_raw_parts(page, HostParams::LEN) })
+}
+
+/// Reads the time-stamp counter (allowed in ring 3: CR4.TSD is clear).
+pub fn rdtsc() -> u64 {
+    // SAFETY: RDTSC only reads the counter.
+    unsafe { core::arch::x86_64::_rdtsc() }
+}
+
+/// Wall-clock and monotonic time from the host's time base and the TSC.
+#[derive(Debug, Clone, Copy)]
+pub struct Clock {
+    base_ns: u64,
+    base_tsc: u64,
+    tsc_khz: u64,
+}
+
+impl Clock {
+    /// A clock based at the host's wall-clock time, counting from now.
+    pub fn new(params: Option<&HostParams>) -> Self {
+        Self {
+            base_ns: params.map_or(0, |p| p.wall_clock_ns),
+            base_tsc: rdtsc(),
+            tsc_khz: params.map_or(0, |p| p.tsc_khz),
+        }
+    }
+
+    /// Nanoseconds since the clock was created (0 forever if the TSC rate is unknown).
+    pub fn monotonic_ns(&self) -> u64 {
+        if self.tsc_khz == 0 {
+            return 0;
+        }
+        let ticks = u128::from(rdtsc().wrapping_sub(self.base_tsc));
+        (ticks * 1_000_000 / u128::from(self.tsc_khz)) as u64
+    }
+
+    /// Nanoseconds since the Unix epoch.
+    pub fn realtime_ns(&self) -> u64 {
+        self.base_ns.saturating_add(self.monotonic_ns())
+    }
 }
 
 /// The hypercall page, seen through the physical-memory mapping.

@@ -13,6 +13,7 @@ use abi::hypercall::{DecodeError, HYPERCALL_PAGE_GPA, Hypercall, Milestone, is_h
 use kvm_ioctls::VcpuExit;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
+use crate::mailbox::Mailbox;
 use crate::serial::Serial;
 
 /// How a guest's run ended.
@@ -107,6 +108,9 @@ pub enum GuestError {
         /// The hardware entry failure reason.
         reason: u64,
     },
+    /// Misuse of the invoke mailbox.
+    #[error("invoke mailbox: {0}")]
+    Mailbox(String),
     /// Any other exit.
     #[error("unexpected VM exit: {0}")]
     UnexpectedExit(String),
@@ -135,19 +139,22 @@ pub enum ExitError {
     Memory(vm_memory::GuestMemoryError),
 }
 
-/// Per-run state the exit handler needs: guest memory, the output sink, COM1, milestones.
+/// Per-run state the exit handler needs: guest memory, the output sink, COM1, milestones, and
+/// the invoke mailbox.
 pub struct ExitHandler<'a> {
     mem: &'a GuestMemoryMmap,
     output: &'a mut dyn Write,
     serial: Serial,
     serial_line: Vec<u8>,
     milestones: Vec<(Milestone, Instant)>,
+    /// Requests for the guest and its responses.
+    pub mailbox: Mailbox,
 }
 
 impl<'a> ExitHandler<'a> {
-    /// A handler writing guest output to `output`.
-    pub fn new(mem: &'a GuestMemoryMmap, output: &'a mut dyn Write) -> Self {
-        Self { mem, output, serial: Serial::default(), serial_line: Vec::new(), milestones: Vec::new() }
+    /// A handler writing guest output to `output` and serving `mailbox`.
+    pub fn new(mem: &'a GuestMemoryMmap, output: &'a mut dyn Write, mailbox: Mailbox) -> Self {
+        Self { mem, output, serial: Serial::default(), serial_line: Vec::new(), milestones: Vec::new(), mailbox }
     }
 
     /// When each milestone was reported.
@@ -232,6 +239,15 @@ impl<'a> ExitHandler<'a> {
                 }
                 Ok(ExitAction::Continue)
             }
+            Hypercall::InvokeNext { len } => {
+                let reply = self.mailbox.next(self.mem, &self.payload(len)?)?;
+                self.mem.write_slice(&reply.encode(), GuestAddress(HYPERCALL_PAGE_GPA)).map_err(ExitError::Memory)?;
+                Ok(ExitAction::Continue)
+            }
+            Hypercall::InvokeRespond { len } => {
+                self.mailbox.respond(self.mem, &self.payload(len)?)?;
+                Ok(ExitAction::Continue)
+            }
             other => Err(GuestError::UnexpectedExit(format!("hypercall {other:?} is not served yet")).into()),
         }
     }
@@ -252,7 +268,7 @@ mod tests {
     }
 
     fn handle(mem: &GuestMemoryMmap, out: &mut Vec<u8>, exit: VcpuExit) -> Result<ExitAction, ExitError> {
-        ExitHandler::new(mem, out).handle(exit)
+        ExitHandler::new(mem, out, Mailbox::default()).handle(exit)
     }
 
     fn guest_error(result: Result<ExitAction, ExitError>) -> GuestError {
@@ -313,7 +329,7 @@ mod tests {
         let mem = memory();
         let mut out = Vec::new();
         {
-            let mut h = ExitHandler::new(&mem, &mut out);
+            let mut h = ExitHandler::new(&mem, &mut out, Mailbox::default());
             for &b in b"hi\nyo" {
                 assert!(matches!(h.handle(VcpuExit::IoOut(COM1_PORT, &[b])).unwrap(), ExitAction::Continue));
             }
@@ -348,7 +364,7 @@ mod tests {
     fn milestones_are_recorded_once() {
         let mem = memory();
         let mut out = Vec::new();
-        let mut h = ExitHandler::new(&mem, &mut out);
+        let mut h = ExitHandler::new(&mem, &mut out, Mailbox::default());
         let (port, value) = Hypercall::Milestone(Milestone::Ring3Entered).encode();
         h.handle(VcpuExit::IoOut(port, &arg(value))).unwrap();
         let first = h.milestone(Milestone::Ring3Entered).unwrap();

@@ -3,8 +3,9 @@
 //! ```text
 //!   0x0000_0000 ┌──────────────────────┐ null page: not mapped, so null dereferences fault
 //!   0x0000_1000 │ hypercall page       │ abi::hypercall::HYPERCALL_PAGE_GPA
-//!   0x0000_2000 │ boot GDT             │ replaced by the kernel's own GDT in early boot
-//!   0x0000_3000 │ page tables          │ PML4, PDPTs, PDs, and the PT of the first 2 MiB
+//!   0x0000_2000 │ host parameters      │ abi::params::HOST_PARAMS_GPA: entropy, clock
+//!   0x0000_3000 │ boot GDT             │ replaced by the kernel's own GDT in early boot
+//!   0x0000_4000 │ page tables          │ PML4, PDPTs, PDs, and the PT of the first 2 MiB
 //!   0x0008_0000 │ boot info            │ BootInfo, then its memory-region array
 //!   0x000f_f000 │ stack guard page     │ not mapped
 //!   0x0010_0000 │ kernel stack         │ grows down from 0x20_0000 (at most 1 MiB)
@@ -25,9 +26,9 @@ pub const PAGE_SIZE: u64 = 0x1000;
 pub const LARGE_PAGE_SIZE: u64 = 0x20_0000;
 
 /// The boot GDT.
-pub const GDT_GPA: u64 = 0x2000;
+pub const GDT_GPA: u64 = 0x3000;
 /// First page of the page-table area.
-pub const PAGE_TABLES_START: u64 = 0x3000;
+pub const PAGE_TABLES_START: u64 = 0x4000;
 /// End of the page-table area (exclusive).
 pub const PAGE_TABLES_END: u64 = 0x8_0000;
 /// The BootInfo struct, followed by its memory regions.

@@ -17,13 +17,17 @@
 pub mod bootinfo;
 pub mod cpu;
 pub mod exit;
+pub mod function;
 pub mod kernel;
 pub mod layout;
+pub mod mailbox;
 pub mod paging;
 pub mod serial;
 pub mod vm;
 pub mod watchdog;
 
 pub use exit::{GuestError, Outcome};
+pub use function::{Function, FunctionError, FunctionKind};
 pub use kernel::{KernelError, KernelImage};
+pub use mailbox::{FunctionResponse, FunctionStatus};
 pub use vm::{BootTimings, RunReport, VmConfig, VmmError, run_kernel};

@@ -8,6 +8,7 @@ use std::io::Write;
 use std::time::{Duration, Instant};
 
 use abi::hypercall::Milestone;
+use abi::params::{HOST_PARAMS_GPA, HostParams};
 use bootloader_api::config::Mapping;
 use bootloader_api::info::{MemoryRegion, MemoryRegionKind};
 use kvm_bindings::kvm_userspace_memory_region;
@@ -19,6 +20,7 @@ use crate::cpu::{self, CpuError};
 use crate::exit::{ExitAction, ExitError, ExitHandler, Outcome};
 use crate::kernel::KernelImage;
 use crate::layout::{self, BOOT_INFO_END, BOOT_INFO_GPA, PAGE_SIZE, STACK_AREA_START, STACK_TOP};
+use crate::mailbox::{FunctionResponse, Mailbox};
 use crate::paging::{PageTables, PagingError};
 use crate::watchdog::Watchdog;
 
@@ -34,11 +36,13 @@ pub struct VmConfig {
     pub timeout: Duration,
     /// Bytes to load as the kernel's ramdisk.
     pub ramdisk: Option<Vec<u8>>,
+    /// Requests to hand the guest through the invoke mailbox, in order.
+    pub requests: Vec<Vec<u8>>,
 }
 
 impl Default for VmConfig {
     fn default() -> Self {
-        Self { memory_mib: 64, timeout: Duration::from_secs(10), ramdisk: None }
+        Self { memory_mib: 64, timeout: Duration::from_secs(10), ramdisk: None, requests: Vec::new() }
     }
 }
 
@@ -94,6 +98,12 @@ pub struct BootTimings {
     pub ring0_boot: Option<Duration>,
     /// From the ring-3 milestone to the ready milestone.
     pub ring3_to_ready: Option<Duration>,
+    /// From ready to the function's module being compiled.
+    pub compile: Option<Duration>,
+    /// From compiled to instantiated.
+    pub instantiate: Option<Duration>,
+    /// From instantiated to the function's init exports having run.
+    pub init: Option<Duration>,
     /// From the start to the end of the run.
     pub total: Duration,
 }
@@ -107,6 +117,8 @@ pub struct RunReport {
     pub timings: BootTimings,
     /// VM exits taken.
     pub exits: u64,
+    /// The function's responses, in request order.
+    pub responses: Vec<FunctionResponse>,
 }
 
 /// Where direct boot puts the pieces a kernel's config decides.
@@ -249,6 +261,12 @@ impl Vm {
             return Err(VmmError::Config("boot info does not fit its area".into()));
         }
         mem.write_slice(&info, GuestAddress(BOOT_INFO_GPA)).map_err(memory_error)?;
+        // Fresh entropy and the time base for this VM (the TSC rate follows with the vCPU).
+        let mut entropy = [0u8; 32];
+        getrandom(&mut entropy)?;
+        let wall_clock_ns = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
         // A zero return address above the entry frame, as if the entry point had been called.
         let stack_pointer = STACK_TOP - 8;
         mem.write_obj(0u64, GuestAddress(stack_pointer)).map_err(memory_error)?;
@@ -258,19 +276,24 @@ impl Vm {
         let vcpu = vm.create_vcpu(0).map_err(kvm("KVM_CREATE_VCPU"))?;
         cpu::set_cpuid(&kvm_fd, &vcpu)?;
         cpu::setup_long_mode(&vcpu, &mem, tables.root(), kernel.entry, stack_pointer, BOOT_INFO_GPA)?;
+        let tsc_khz = vcpu.get_tsc_khz().map_or(0, u64::from);
+        let params = HostParams { entropy, wall_clock_ns, tsc_khz };
+        mem.write_slice(&params.encode(), GuestAddress(HOST_PARAMS_GPA)).map_err(memory_error)?;
         timings.vcpu_setup = started.elapsed();
         Ok(Self { vcpu, _vm: vm, mem })
     }
 
-    /// Runs the vCPU until the guest ends or `timeout` passes, writing its output to `output`.
+    /// Runs the vCPU until the guest ends or `timeout` passes, writing its output to `output`
+    /// and serving `mailbox`.
     pub fn run(
         &mut self,
         output: &mut dyn Write,
+        mailbox: Mailbox,
         timeout: Duration,
         timings: &mut BootTimings,
-    ) -> Result<(Outcome, u64), VmmError> {
+    ) -> Result<(Outcome, u64, Mailbox), VmmError> {
         let watchdog = Watchdog::arm(timeout).map_err(VmmError::Watchdog)?;
-        let mut handler = ExitHandler::new(&self.mem, output);
+        let mut handler = ExitHandler::new(&self.mem, output, mailbox);
         let mut exits = 0u64;
         let run_started = Instant::now();
         let mut outcome = loop {
@@ -298,12 +321,35 @@ impl Vm {
         if let Outcome::Failed { rip, .. } = &mut outcome {
             *rip = self.vcpu.get_regs().ok().map(|r| r.rip);
         }
-        let ring3 = handler.milestone(Milestone::Ring3Entered);
-        timings.ring0_boot = ring3.map(|t| t - run_started);
-        timings.ring3_to_ready =
-            ring3.zip(handler.milestone(Milestone::Ready)).map(|(r3, ready)| ready.saturating_duration_since(r3));
-        Ok((outcome, exits))
+        let between = |from: Milestone, to: Milestone| {
+            handler.milestone(from).zip(handler.milestone(to)).map(|(a, b)| b.saturating_duration_since(a))
+        };
+        timings.ring0_boot = handler.milestone(Milestone::Ring3Entered).map(|t| t - run_started);
+        timings.ring3_to_ready = between(Milestone::Ring3Entered, Milestone::Ready);
+        timings.compile = between(Milestone::Ready, Milestone::Compiled);
+        timings.instantiate = between(Milestone::Compiled, Milestone::Instantiated);
+        timings.init = between(Milestone::Instantiated, Milestone::Initialized);
+        Ok((outcome, exits, handler.mailbox))
     }
+}
+
+/// Fills `buf` from the host's CSPRNG.
+fn getrandom(buf: &mut [u8]) -> Result<(), VmmError> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        let rest = &mut buf[filled..];
+        // SAFETY: the pointer and length describe the writable remainder of `buf`.
+        let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() != std::io::ErrorKind::Interrupted {
+                return Err(VmmError::Memory(format!("getrandom for the guest's entropy: {e}")));
+            }
+        } else {
+            filled += n as usize;
+        }
+    }
+    Ok(())
 }
 
 /// Boots `kernel` and runs it to the end, writing its output to `output`.
@@ -311,9 +357,10 @@ pub fn run_kernel(kernel: &KernelImage, config: &VmConfig, output: &mut dyn Writ
     let started = Instant::now();
     let mut timings = BootTimings::default();
     let mut vm = Vm::boot(kernel, config, &mut timings)?;
-    let (outcome, exits) = vm.run(output, config.timeout, &mut timings)?;
+    let mailbox = Mailbox::new(config.requests.clone());
+    let (outcome, exits, mailbox) = vm.run(output, mailbox, config.timeout, &mut timings)?;
     timings.total = started.elapsed();
-    Ok(RunReport { outcome, timings, exits })
+    Ok(RunReport { outcome, timings, exits, responses: mailbox.responses })
 }
 
 #[cfg(test)]

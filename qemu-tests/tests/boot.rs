@@ -66,12 +66,14 @@ fn both(kernel_name: &str, timeout: &str) -> Run {
     kvm
 }
 
-const BANNER: &str = concat!("thaw-guest ", env!("CARGO_PKG_VERSION"), " (abi 1)\n");
+fn banner() -> String {
+    format!("thaw-guest {} (abi {})\n", env!("CARGO_PKG_VERSION"), abi::INTERFACE_VERSION)
+}
 
 #[test]
 fn shipped_kernel_reaches_ready_in_ring3_under_both_hypervisors() {
     let run = both("thaw-guest", "30");
-    assert_eq!(run.stdout, format!("{BANNER}thaw-guest: ready (cpl 3)\n"));
+    assert_eq!(run.stdout, format!("{}thaw-guest: ready (cpl 3)\n", banner()));
     assert_eq!(run.code, Some(0));
     assert_eq!(run.stderr, "");
 }
@@ -79,7 +81,7 @@ fn shipped_kernel_reaches_ready_in_ring3_under_both_hypervisors() {
 #[test]
 fn panic_is_reported_with_message_and_location_under_both_hypervisors() {
     let run = both("test-panic", "30");
-    assert_eq!(run.stdout, format!("{BANNER}test-panic: about to panic\n"));
+    assert_eq!(run.stdout, format!("{}test-panic: about to panic\n", banner()));
     assert_eq!(run.code, Some(abi::exit_code::PANIC as i32));
     assert!(
         run.stderr.starts_with(
@@ -102,7 +104,7 @@ fn ring3_page_fault_is_reported_with_vector_rip_and_cr2_under_both_hypervisors()
 fn spinning_guest_is_stopped_by_the_timeout_under_both_hypervisors() {
     // Long enough for QEMU's firmware and bootloader to reach the kernel on a loaded machine.
     let run = both("test-spin", "20");
-    assert_eq!(run.stdout, format!("{BANNER}test-spin: spinning forever\n"));
+    assert_eq!(run.stdout, format!("{}test-spin: spinning forever\n", banner()));
     assert_eq!(run.code, Some(abi::exit_code::TIMEOUT as i32));
     assert_eq!(run.stderr, "thaw: guest timed out after 20.0 s\n");
 }
@@ -120,7 +122,7 @@ fn undefined_hypercall_fails_only_that_vm_under_kvm() {
 #[test]
 fn triple_fault_fails_only_that_vm_under_kvm() {
     let run = thaw("run", "test-triple-fault", "10");
-    assert_eq!(run.stdout, format!("{BANNER}test-triple-fault: wiping the IDT\n"));
+    assert_eq!(run.stdout, format!("{}test-triple-fault: wiping the IDT\n", banner()));
     assert_eq!(run.code, Some(abi::exit_code::GUEST_FAILURE as i32), "{run:#?}");
     assert!(run.stderr.starts_with("thaw: guest failed: triple fault: "), "{run:#?}");
     assert!(run.stderr.contains("(rip 0x"), "{run:#?}");

@@ -36,7 +36,12 @@ pub fn run(args: &BenchArgs) -> Result<u8, String> {
         return Err("--runs 0: need at least one run".into());
     }
     let kernel = crate::kernel::load(&args.kernel)?;
-    let config = VmConfig { memory_mib: args.memory, timeout: crate::kernel::timeout(&args.kernel)?, ramdisk: None };
+    let config = VmConfig {
+        memory_mib: args.memory,
+        timeout: crate::kernel::timeout(&args.kernel)?,
+        ramdisk: None,
+        requests: Vec::new(),
+    };
     let rows = ["vm create", "load", "vcpu setup", "ring-0 early boot", "ring 3 to ready", "total", "vm exits"];
     let mut samples: Vec<Vec<u128>> = vec![Vec::with_capacity(args.runs); rows.len()];
     let mut err = std::io::stderr().lock();

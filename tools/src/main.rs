@@ -6,7 +6,9 @@
 //! `abi::exit_code` (101 panic, 102 fault, 103 guest failure, 124 timeout, 125 thaw error).
 
 mod bench;
+mod invoke;
 mod kernel;
+mod pack;
 mod qemu;
 mod run;
 
@@ -32,6 +34,10 @@ enum Command {
     Qemu(qemu::QemuArgs),
     /// Boot a guest kernel many times under KVM and print per-phase percentiles.
     Bench(bench::BenchArgs),
+    /// Validate a WebAssembly function and package it as a bundle (.thaw).
+    Pack(pack::PackArgs),
+    /// Cold-boot a function bundle under KVM and answer one request.
+    Invoke(invoke::InvokeArgs),
 }
 
 /// Options shared by every command that boots a kernel.
@@ -52,6 +58,8 @@ fn main() -> ExitCode {
         Command::Run(args) => run::run(&args),
         Command::Qemu(args) => qemu::run(&args),
         Command::Bench(args) => bench::run(&args),
+        Command::Pack(args) => pack::run(&args),
+        Command::Invoke(args) => invoke::run(&args),
     };
     match result {
         Ok(code) => ExitCode::from(code),

@@ -1,0 +1,446 @@
+//! The function bundle (`.thaw`): what `thaw pack` writes and the guest receives as its ramdisk.
+//!
+//! ```text
+//!   offset  size  field
+//!   0       8     magic "THAWFUNC"
+//!   8       4     format version (FORMAT_VERSION; independent of the crate version)
+//!   12      4     header length (64)
+//!   16      4     manifest length
+//!   20      4     reserved, zero
+//!   24      8     wasm length
+//!   32      8     total length = 64 + manifest length + wasm length
+//!   40      4     CRC-32 (IEEE) of header bytes 0..40 followed by the manifest
+//!   44      20    reserved, zero
+//!   64      ...   manifest (below), then the wasm module
+//! ```
+//!
+//! The manifest is a sequence of little-endian fields; a string is a u16 length and UTF-8 bytes:
+//! name (string), wasm SHA-256 (32 bytes), memory MiB (u32), fuel (u64, 0 = unlimited),
+//! args (u16 count, strings), env (u16 count, `KEY=VALUE` strings).
+//!
+//! Every length is checked against the bytes present and against the caps below before use, and
+//! every failure names the field and value. The CRC covers metadata only; the wasm bytes are
+//! covered by the SHA-256 in the manifest, which the host checks before it boots a bundle.
+
+use alloc::string::String;
+use alloc::vec::Vec;
+use core::fmt;
+
+/// The bundle magic.
+pub const MAGIC: [u8; 8] = *b"THAWFUNC";
+/// The only bundle format version this code reads and writes.
+pub const FORMAT_VERSION: u32 = 1;
+/// Header size.
+pub const HEADER_LEN: usize = 64;
+/// Largest manifest.
+pub const MAX_MANIFEST_BYTES: usize = 256 << 10;
+/// Largest wasm module.
+pub const MAX_WASM_BYTES: usize = 64 << 20;
+/// Longest function name.
+pub const MAX_NAME_BYTES: usize = 64;
+/// Most args, and most env entries.
+pub const MAX_LIST_ENTRIES: usize = 256;
+/// Longest arg or env entry.
+pub const MAX_STRING_BYTES: usize = 4096;
+/// Largest linear memory a function may ask for.
+pub const MAX_MEMORY_MIB: u32 = 4096;
+
+/// What a bundle says about its function.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Manifest {
+    /// The function's name: 1-64 of `[A-Za-z0-9._-]`.
+    pub name: String,
+    /// SHA-256 of the wasm bytes.
+    pub wasm_sha256: [u8; 32],
+    /// Most linear memory the module may use, in MiB (1..=[`MAX_MEMORY_MIB`]).
+    pub memory_mib: u32,
+    /// Fuel per invocation (wasmi's instruction budget), or `None` for no limit.
+    pub fuel: Option<u64>,
+    /// Arguments the function sees through `args_get`.
+    pub args: Vec<String>,
+    /// `KEY=VALUE` entries the function sees through `environ_get`.
+    pub env: Vec<String>,
+}
+
+/// A parsed bundle borrowing its wasm bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bundle<'a> {
+    /// The manifest.
+    pub manifest: Manifest,
+    /// The wasm module.
+    pub wasm: &'a [u8],
+}
+
+/// What is wrong with a bundle.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BundleError {
+    /// Fewer bytes than a header.
+    TooShort(usize),
+    /// Not a bundle.
+    BadMagic([u8; 8]),
+    /// A format version this code does not read.
+    UnsupportedVersion(u32),
+    /// A header field with an impossible value.
+    BadHeader {
+        /// The field.
+        field: &'static str,
+        /// Its value.
+        value: u64,
+        /// What it should be.
+        expected: &'static str,
+    },
+    /// The bytes present do not match the header's total length.
+    LengthMismatch {
+        /// Bytes present.
+        actual: u64,
+        /// Bytes the header declares.
+        declared: u64,
+    },
+    /// The CRC does not match.
+    Checksum {
+        /// Stored.
+        stored: u32,
+        /// Computed.
+        computed: u32,
+    },
+    /// A manifest field runs past the manifest's end.
+    ManifestTruncated(&'static str),
+    /// A manifest field is invalid.
+    BadField {
+        /// The field.
+        field: &'static str,
+        /// Why.
+        reason: String,
+    },
+    /// Bytes left over after the manifest's last field.
+    TrailingManifestBytes(usize),
+}
+
+impl fmt::Display for BundleError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::TooShort(n) => {
+                write!(f, "bundle is {n} bytes, shorter than its {HEADER_LEN}-byte header (truncated?)")
+            }
+            Self::BadMagic(m) => write!(f, "bundle magic {m:02x?} is not \"THAWFUNC\": not a thaw function bundle"),
+            Self::UnsupportedVersion(v) => {
+                write!(f, "bundle format version {v} is not supported (this thaw reads version {FORMAT_VERSION})")
+            }
+            Self::BadHeader { field, value, expected } => {
+                write!(f, "bundle header: {field} is {value}, expected {expected}")
+            }
+            Self::LengthMismatch { actual, declared } => write!(
+                f,
+                "bundle is {actual} bytes but its header declares {declared} (truncated, or lengths that lie)"
+            ),
+            Self::Checksum { stored, computed } => {
+                write!(f, "bundle checksum {stored:#010x} does not match the computed {computed:#010x} (corrupted)")
+            }
+            Self::ManifestTruncated(field) => write!(f, "bundle manifest: {field} runs past the end of the manifest"),
+            Self::BadField { field, reason } => write!(f, "bundle manifest: {field}: {reason}"),
+            Self::TrailingManifestBytes(n) => write!(f, "bundle manifest: {n} unexpected bytes after the last field"),
+        }
+    }
+}
+
+impl core::error::Error for BundleError {}
+
+/// CRC-32 (IEEE 802.3, reflected, as zlib computes it).
+pub fn crc32(chunks: &[&[u8]]) -> u32 {
+    const TABLE: [u32; 256] = {
+        let mut table = [0u32; 256];
+        let mut i = 0;
+        while i < 256 {
+            let mut c = i as u32;
+            let mut k = 0;
+            while k < 8 {
+                c = if c & 1 != 0 { 0xedb8_8320 ^ (c >> 1) } else { c >> 1 };
+                k += 1;
+            }
+            table[i] = c;
+            i += 1;
+        }
+        table
+    };
+    let mut crc = !0u32;
+    for chunk in chunks {
+        for &b in *chunk {
+            crc = TABLE[((crc ^ u32::from(b)) & 0xff) as usize] ^ (crc >> 8);
+        }
+    }
+    !crc
+}
+
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    let mut x = [0; 8];
+    x.copy_from_slice(&b[at..at + 8]);
+    u64::from_le_bytes(x)
+}
+
+/// Reads manifest fields in order, never past the end.
+struct Reader<'a> {
+    bytes: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize, field: &'static str) -> Result<&'a [u8], BundleError> {
+        if self.bytes.len() < n {
+            return Err(BundleError::ManifestTruncated(field));
+        }
+        let (head, tail) = self.bytes.split_at(n);
+        self.bytes = tail;
+        Ok(head)
+    }
+
+    fn u16(&mut self, field: &'static str) -> Result<u16, BundleError> {
+        let b = self.take(2, field)?;
+        Ok(u16::from_le_bytes([b[0], b[1]]))
+    }
+
+    fn u32(&mut self, field: &'static str) -> Result<u32, BundleError> {
+        Ok(u32_at(self.take(4, field)?, 0))
+    }
+
+    fn u64(&mut self, field: &'static str) -> Result<u64, BundleError> {
+        Ok(u64_at(self.take(8, field)?, 0))
+    }
+
+    fn string(&mut self, field: &'static str) -> Result<String, BundleError> {
+        let len = self.u16(field)? as usize;
+        let bytes = self.take(len, field)?;
+        core::str::from_utf8(bytes)
+            .map(String::from)
+            .map_err(|_| BundleError::BadField { field, reason: "not UTF-8".into() })
+    }
+
+    fn list(&mut self, field: &'static str) -> Result<Vec<String>, BundleError> {
+        let count = self.u16(field)? as usize;
+        if count > MAX_LIST_ENTRIES {
+            return Err(BundleError::BadField {
+                field,
+                reason: alloc::format!("{count} entries, more than {MAX_LIST_ENTRIES}"),
+            });
+        }
+        (0..count).map(|_| self.string(field)).collect()
+    }
+}
+
+fn put_string(out: &mut Vec<u8>, s: &str) {
+    out.extend_from_slice(&(s.len() as u16).to_le_bytes());
+    out.extend_from_slice(s.as_bytes());
+}
+
+impl Manifest {
+    /// Checks every field against the format's rules.
+    pub fn validate(&self) -> Result<(), BundleError> {
+        let bad = |field, reason: String| Err(BundleError::BadField { field, reason });
+        let name_ok = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
+        if self.name.is_empty() || self.name.len() > MAX_NAME_BYTES || !self.name.chars().all(name_ok) {
+            return bad("name", alloc::format!("{:?} is not 1-{MAX_NAME_BYTES} of [A-Za-z0-9._-]", self.name));
+        }
+        if self.memory_mib == 0 || self.memory_mib > MAX_MEMORY_MIB {
+            return bad("memory", alloc::format!("{} MiB is outside 1..={MAX_MEMORY_MIB}", self.memory_mib));
+        }
+        if self.fuel == Some(0) {
+            return bad("fuel", "0 would trap before the first instruction; omit it for no limit".into());
+        }
+        for (field, list) in [("args", &self.args), ("env", &self.env)] {
+            if list.len() > MAX_LIST_ENTRIES {
+                return bad(field, alloc::format!("{} entries, more than {MAX_LIST_ENTRIES}", list.len()));
+            }
+            for entry in list {
+                if entry.len() > MAX_STRING_BYTES || entry.contains('\0') {
+                    return bad(field, alloc::format!("entry of {} bytes is too long or holds a NUL", entry.len()));
+                }
+            }
+        }
+        if let Some(entry) = self.env.iter().find(|e| e.split_once('=').is_none_or(|(k, _)| k.is_empty())) {
+            return bad("env", alloc::format!("{entry:?} is not KEY=VALUE"));
+        }
+        Ok(())
+    }
+
+    /// The manifest's encoding.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        put_string(&mut out, &self.name);
+        out.extend_from_slice(&self.wasm_sha256);
+        out.extend_from_slice(&self.memory_mib.to_le_bytes());
+        out.extend_from_slice(&self.fuel.unwrap_or(0).to_le_bytes());
+        for list in [&self.args, &self.env] {
+            out.extend_from_slice(&(list.len() as u16).to_le_bytes());
+            for entry in list.iter() {
+                put_string(&mut out, entry);
+            }
+        }
+        out
+    }
+
+    /// Decodes and validates a manifest.
+    pub fn decode(bytes: &[u8]) -> Result<Self, BundleError> {
+        let mut r = Reader { bytes };
+        let name = r.string("name")?;
+        let mut wasm_sha256 = [0; 32];
+        wasm_sha256.copy_from_slice(r.take(32, "wasm sha256")?);
+        let memory_mib = r.u32("memory")?;
+        let fuel = Some(r.u64("fuel")?).filter(|&f| f != 0);
+        let args = r.list("args")?;
+        let env = r.list("env")?;
+        if !r.bytes.is_empty() {
+            return Err(BundleError::TrailingManifestBytes(r.bytes.len()));
+        }
+        let manifest = Self { name, wasm_sha256, memory_mib, fuel, args, env };
+        manifest.validate()?;
+        Ok(manifest)
+    }
+}
+
+/// Encodes a bundle. The manifest must [`validate`](Manifest::validate) and the wasm must fit
+/// [`MAX_WASM_BYTES`]; the caller checks both (and the SHA-256) first.
+pub fn encode(manifest: &Manifest, wasm: &[u8]) -> Vec<u8> {
+    let manifest_bytes = manifest.encode();
+    let total = (HEADER_LEN + manifest_bytes.len() + wasm.len()) as u64;
+    let mut header = [0u8; HEADER_LEN];
+    header[0..8].copy_from_slice(&MAGIC);
+    header[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+    header[12..16].copy_from_slice(&(HEADER_LEN as u32).to_le_bytes());
+    header[16..20].copy_from_slice(&(manifest_bytes.len() as u32).to_le_bytes());
+    header[24..32].copy_from_slice(&(wasm.len() as u64).to_le_bytes());
+    header[32..40].copy_from_slice(&total.to_le_bytes());
+    let crc = crc32(&[&header[..40], &manifest_bytes]);
+    header[40..44].copy_from_slice(&crc.to_le_bytes());
+    let mut out = Vec::with_capacity(total as usize);
+    out.extend_from_slice(&header);
+    out.extend_from_slice(&manifest_bytes);
+    out.extend_from_slice(wasm);
+    out
+}
+
+/// Parses and validates a bundle's framing and manifest. The wasm bytes are returned as they
+/// are: checking their hash and their validity as a module is the caller's job.
+pub fn parse(bytes: &[u8]) -> Result<Bundle<'_>, BundleError> {
+    if bytes.len() < HEADER_LEN {
+        return Err(BundleError::TooShort(bytes.len()));
+    }
+    let mut magic = [0; 8];
+    magic.copy_from_slice(&bytes[..8]);
+    if magic != MAGIC {
+        return Err(BundleError::BadMagic(magic));
+    }
+    let version = u32_at(bytes, 8);
+    if version != FORMAT_VERSION {
+        return Err(BundleError::UnsupportedVersion(version));
+    }
+    let header_len = u32_at(bytes, 12);
+    if header_len as usize != HEADER_LEN {
+        return Err(BundleError::BadHeader { field: "header length", value: header_len.into(), expected: "64" });
+    }
+    let manifest_len = u32_at(bytes, 16) as usize;
+    if manifest_len > MAX_MANIFEST_BYTES {
+        return Err(BundleError::BadHeader {
+            field: "manifest length",
+            value: manifest_len as u64,
+            expected: "at most 262144",
+        });
+    }
+    let wasm_len = u64_at(bytes, 24);
+    if wasm_len > MAX_WASM_BYTES as u64 {
+        return Err(BundleError::BadHeader { field: "wasm length", value: wasm_len, expected: "at most 67108864" });
+    }
+    let declared = u64_at(bytes, 32);
+    if declared != (HEADER_LEN + manifest_len) as u64 + wasm_len {
+        return Err(BundleError::BadHeader {
+            field: "total length",
+            value: declared,
+            expected: "64 + manifest length + wasm length",
+        });
+    }
+    if bytes.len() as u64 != declared {
+        return Err(BundleError::LengthMismatch { actual: bytes.len() as u64, declared });
+    }
+    if bytes[20..24] != [0; 4] || bytes[44..HEADER_LEN] != [0; 20] {
+        return Err(BundleError::BadHeader { field: "reserved bytes", value: 1, expected: "zero" });
+    }
+    let manifest_bytes = &bytes[HEADER_LEN..HEADER_LEN + manifest_len];
+    let stored = u32_at(bytes, 40);
+    let computed = crc32(&[&bytes[..40], manifest_bytes]);
+    if stored != computed {
+        return Err(BundleError::Checksum { stored, computed });
+    }
+    let manifest = Manifest::decode(manifest_bytes)?;
+    Ok(Bundle { manifest, wasm: &bytes[HEADER_LEN + manifest_len..] })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use alloc::string::ToString;
+    use alloc::vec;
+
+    fn manifest() -> Manifest {
+        Manifest {
+            name: "hello".into(),
+            wasm_sha256: [7; 32],
+            memory_mib: 16,
+            fuel: Some(1000),
+            args: vec!["hello".into(), "--x".into()],
+            env: vec!["GREETING=hi".into()],
+        }
+    }
+
+    #[test]
+    fn round_trips_and_the_header_is_golden() {
+        let wasm = b"\0asm\x01\0\0\0";
+        let bytes = encode(&manifest(), wasm);
+        assert_eq!(&bytes[..16], b"THAWFUNC\x01\0\0\0\x40\0\0\0");
+        assert_eq!(crc32(&[b"123456789"]), 0xcbf4_3926, "the standard CRC-32 check value");
+        let parsed = parse(&bytes).unwrap();
+        assert_eq!(parsed, Bundle { manifest: manifest(), wasm });
+    }
+
+    #[test]
+    fn rejects_truncation_at_every_length() {
+        let bytes = encode(&manifest(), b"\0asm\x01\0\0\0");
+        for len in 0..bytes.len() {
+            assert!(parse(&bytes[..len]).is_err(), "accepted {len} bytes");
+        }
+    }
+
+    #[test]
+    fn rejects_hostile_headers_with_named_fields() {
+        let good = encode(&manifest(), b"\0asm\x01\0\0\0");
+        let err = |edit: &dyn Fn(&mut Vec<u8>)| {
+            let mut b = good.clone();
+            edit(&mut b);
+            parse(&b).unwrap_err().to_string()
+        };
+        assert!(err(&|b| b[0] = b'X').contains("is not \"THAWFUNC\""));
+        assert!(err(&|b| b[8] = 9).contains("format version 9 is not supported"));
+        assert!(err(&|b| b[16..20].copy_from_slice(&u32::MAX.to_le_bytes())).contains("manifest length"));
+        assert!(err(&|b| b[24] = 0xff).contains("total length"));
+        assert!(err(&|b| b.push(0)).contains("but its header declares"));
+        assert!(err(&|b| b[70] ^= 1).contains("checksum"));
+        assert!(err(&|b| b[45] = 1).contains("reserved bytes"));
+    }
+
+    #[test]
+    fn rejects_invalid_manifests() {
+        let mut m = manifest();
+        m.name = "bad name".into();
+        assert!(m.validate().unwrap_err().to_string().contains("name"));
+        let mut m = manifest();
+        m.memory_mib = 0;
+        assert!(m.validate().unwrap_err().to_string().contains("0 MiB"));
+        let mut m = manifest();
+        m.env = vec!["NOEQUALS".into()];
+        assert!(m.validate().unwrap_err().to_string().contains("is not KEY=VALUE"));
+        // A manifest whose string length points past its end.
+        let mut bytes = manifest().encode();
+        bytes[0] = 200;
+        assert_eq!(Manifest::decode(&bytes), Err(BundleError::ManifestTruncated("name")));
+    }
+}

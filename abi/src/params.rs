@@ -1,0 +1,59 @@
+//! The host parameters page: what the VMM tells the guest about the outside world before it runs.
+//!
+//! The VMM writes it at [`HOST_PARAMS_GPA`] before the first `KVM_RUN`; the checkpoint issue will
+//! write a fresh one before every restored VM runs. The guest seeds its CSPRNG from the entropy
+//! and bases its WASI clocks on the wall-clock time and TSC frequency.
+
+/// Guest-physical address of the page.
+pub const HOST_PARAMS_GPA: u64 = 0x2000;
+/// `"THPR"`: marks a written page.
+pub const MAGIC: u32 = u32::from_le_bytes(*b"THPR");
+
+/// The page's contents.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostParams {
+    /// 32 bytes from the host's getrandom, fresh for every VM.
+    pub entropy: [u8; 32],
+    /// Wall-clock time (nanoseconds since the Unix epoch) just before the guest was started.
+    pub wall_clock_ns: u64,
+    /// The guest TSC frequency in kHz, or 0 if the VMM does not know it.
+    pub tsc_khz: u64,
+}
+
+impl HostParams {
+    /// Encoded size.
+    pub const LEN: usize = 56;
+
+    /// The encoding: magic, reserved u32, entropy, wall clock, TSC kHz.
+    pub fn encode(&self) -> [u8; Self::LEN] {
+        let mut b = [0; Self::LEN];
+        b[0..4].copy_from_slice(&MAGIC.to_le_bytes());
+        b[8..40].copy_from_slice(&self.entropy);
+        b[40..48].copy_from_slice(&self.wall_clock_ns.to_le_bytes());
+        b[48..56].copy_from_slice(&self.tsc_khz.to_le_bytes());
+        b
+    }
+
+    /// Decodes the page; `None` unless the magic is present.
+    pub fn decode(b: &[u8]) -> Option<Self> {
+        if b.len() < Self::LEN || b[0..4] != MAGIC.to_le_bytes() {
+            return None;
+        }
+        let u64_at = |at: usize| u64::from_le_bytes(b[at..at + 8].try_into().unwrap_or([0; 8]));
+        let mut entropy = [0; 32];
+        entropy.copy_from_slice(&b[8..40]);
+        Some(Self { entropy, wall_clock_ns: u64_at(40), tsc_khz: u64_at(48) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_and_requires_the_magic() {
+        let p = HostParams { entropy: [9; 32], wall_clock_ns: 1_700_000_000_000_000_000, tsc_khz: 2_000_000 };
+        assert_eq!(HostParams::decode(&p.encode()), Some(p));
+        assert_eq!(HostParams::decode(&[0; HostParams::LEN]), None);
+    }
+}

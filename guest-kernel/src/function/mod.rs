@@ -1,0 +1,158 @@
+//! Serving a WebAssembly function: compile it, instantiate it against WASI, run its init
+//! exports, then answer requests from the invoke mailbox until the VMM has no more.
+//!
+//! The function contract is in docs/FUNCTIONS.md: a reactor exports `handle` (and optionally
+//! `_initialize` and `init`, run once); a command exports `_start`, run in a fresh instance of
+//! the compiled module for every request.
+
+mod wasi;
+
+use alloc::string::{String, ToString};
+use alloc::vec::Vec;
+
+use abi::bundle::Bundle;
+use abi::hypercall::{Hypercall, Milestone};
+use abi::invoke::{self, NextReply, NextRequest, Range, Response};
+use wasmi::{CompilationMode, Config, Engine, Linker, Module, Store, StoreLimitsBuilder, TypedFunc};
+
+use crate::{hypercall, platform};
+
+pub use wasi::WasiCtx;
+
+/// How a module is entered for each request.
+enum Entry {
+    /// A reactor: `handle` on the instance created at boot.
+    Reactor(TypedFunc<(), ()>),
+    /// A command: `_start` on a new instance per request.
+    Command,
+}
+
+/// Runs the function in `bundle` until the VMM has no more requests; returns the exit code.
+pub fn serve(bundle: &[u8]) -> u32 {
+    let bundle = match abi::bundle::parse(bundle) {
+        Ok(bundle) => bundle,
+        Err(e) => panic!("function bundle: {e}"),
+    };
+    if platform::current() != platform::Platform::Thaw {
+        panic!("serving a function needs thaw's VMM (the invoke mailbox); this hypervisor has none");
+    }
+    match run(&bundle) {
+        Ok(()) => 0,
+        Err(message) => panic!("function {}: {message}", bundle.manifest.name),
+    }
+}
+
+fn run(bundle: &Bundle<'_>) -> Result<(), String> {
+    let manifest = &bundle.manifest;
+    let mut config = Config::default();
+    config.compilation_mode(CompilationMode::Eager);
+    config.consume_fuel(manifest.fuel.is_some());
+    let engine = Engine::new(&config);
+    let module = Module::new(&engine, bundle.wasm).map_err(|e| alloc::format!("compiling the module: {e}"))?;
+    platform::milestone(Milestone::Compiled);
+
+    // Growing past the manifest's memory traps (with wasmi's "resource limiter denied" message)
+    // instead of returning -1, so a function that outgrows its allowance says so.
+    let limits =
+        StoreLimitsBuilder::new().memory_size((manifest.memory_mib as usize) << 20).trap_on_grow_failure(true).build();
+    let mut store = Store::new(&engine, WasiCtx::new(manifest, limits));
+    store.limiter(|ctx| &mut ctx.limits);
+    let mut linker = Linker::new(&engine);
+    wasi::define(&mut linker).map_err(|e| alloc::format!("defining WASI: {e}"))?;
+
+    let has = |name: &str| module.get_export(name).is_some();
+    let entry = if has("handle") {
+        let instance = linker
+            .instantiate_and_start(&mut store, &module)
+            .map_err(|e| alloc::format!("instantiating the module: {e}"))?;
+        platform::milestone(Milestone::Instantiated);
+        for init in ["_initialize", "init"] {
+            if has(init) {
+                let func = instance
+                    .get_typed_func::<(), ()>(&store, init)
+                    .map_err(|e| alloc::format!("export {init}: {e}"))?;
+                set_fuel(&mut store, manifest.fuel)?;
+                func.call(&mut store, ()).map_err(|e| alloc::format!("{init} failed: {e}"))?;
+            }
+        }
+        Entry::Reactor(
+            instance.get_typed_func::<(), ()>(&store, "handle").map_err(|e| alloc::format!("export handle: {e}"))?,
+        )
+    } else if has("_start") {
+        platform::milestone(Milestone::Instantiated);
+        Entry::Command
+    } else {
+        return Err("the module exports neither handle nor _start".into());
+    };
+    platform::milestone(Milestone::Initialized);
+
+    let mut request = Vec::new();
+    while next_request(&mut request)? {
+        store.data_mut().begin(core::mem::take(&mut request));
+        set_fuel(&mut store, manifest.fuel)?;
+        let result = match &entry {
+            Entry::Reactor(handle) => handle.call(&mut store, ()),
+            Entry::Command => linker
+                .instantiate_and_start(&mut store, &module)
+                .and_then(|instance| instance.get_typed_func::<(), ()>(&store, "_start")?.call(&mut store, ())),
+        };
+        let (status, exit_code, message) = match result {
+            Ok(()) => (invoke::STATUS_OK, 0, String::new()),
+            Err(e) => match e.i32_exit_status() {
+                Some(code) => (invoke::STATUS_EXITED, code as u32, String::new()),
+                None => (invoke::STATUS_TRAPPED, 0, e.to_string()),
+            },
+        };
+        let ctx = store.data_mut();
+        respond(status, exit_code, &ctx.stdout, &ctx.stderr, message.as_bytes());
+        request = ctx.end();
+    }
+    Ok(())
+}
+
+fn set_fuel<T>(store: &mut Store<T>, fuel: Option<u64>) -> Result<(), String> {
+    match fuel {
+        Some(fuel) => store.set_fuel(fuel).map_err(|e| alloc::format!("setting fuel: {e}")),
+        None => Ok(()),
+    }
+}
+
+/// Fetches the next request into `buffer`; false when there are no more.
+fn next_request(buffer: &mut Vec<u8>) -> Result<bool, String> {
+    loop {
+        buffer.clear();
+        let capacity = buffer.capacity().max(64 << 10);
+        buffer.reserve_exact(capacity);
+        let next =
+            NextRequest { buffer_gpa: platform::virt_to_phys(buffer.as_ptr()), capacity: buffer.capacity() as u64 };
+        hypercall::with_payload(&next.encode(), |len| Hypercall::InvokeNext { len });
+        // SAFETY: the VMM wrote its reply over the request in the hypercall page before the
+        // `out` returned; we copy it out before anything else uses the page.
+        let reply = unsafe { core::slice::from_raw_parts(platform::hypercall_page(), NextReply::LEN) };
+        let Some(reply) = NextReply::decode(reply) else { return Err("unreadable mailbox reply".into()) };
+        match reply.status {
+            invoke::NEXT_REQUEST if reply.len <= next.capacity => {
+                // SAFETY: the VMM wrote `reply.len` bytes, at most the capacity we reserved,
+                // into the buffer's spare capacity.
+                unsafe { buffer.set_len(reply.len as usize) };
+                return Ok(true);
+            }
+            invoke::NEXT_NONE => return Ok(false),
+            invoke::NEXT_TOO_LARGE if reply.len <= invoke::MAX_REQUEST_BYTES && reply.len > next.capacity => {
+                buffer.reserve_exact(reply.len as usize);
+            }
+            status => return Err(alloc::format!("mailbox reply status {status} with length {}", reply.len)),
+        }
+    }
+}
+
+fn range(bytes: &[u8]) -> Range {
+    Range { gpa: platform::virt_to_phys(bytes.as_ptr()), len: bytes.len() as u64 }
+}
+
+fn respond(status: u32, exit_code: u32, stdout: &[u8], stderr: &[u8], message: &[u8]) {
+    let message = &message[..message.len().min(invoke::MAX_MESSAGE_BYTES as usize)];
+    let response =
+        Response { status, exit_code, stdout: range(stdout), stderr: range(stderr), message: range(message) };
+    hypercall::with_payload(&response.encode(), |len| Hypercall::InvokeRespond { len });
+}

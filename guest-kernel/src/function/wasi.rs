@@ -1,0 +1,277 @@
+//! The WASI preview1 subset functions run against (`abi::wasi::IMPLEMENTED`), and `ENOSYS` for
+//! the rest of preview1. The first call of each unsupported function in a VM adds a note to the
+//! function's stderr, so the user sees it next to the function's own messages.
+//!
+//! fd 0 reads the request, fd 1 and fd 2 collect the response and the function's stderr. Args and
+//! env come from the manifest, clocks from the host parameters page plus the TSC, randomness from
+//! a ChaCha20 CSPRNG seeded with the host's entropy. All guest-memory accesses are bounds-checked
+//! against the module's linear memory; a bad pointer gets `EFAULT`, never a trap of ours.
+
+use alloc::collections::BTreeSet;
+use alloc::string::String;
+use alloc::vec::Vec;
+
+use abi::bundle::Manifest;
+use abi::invoke::MAX_OUTPUT_BYTES;
+use abi::wasi::{self, errno};
+use rand_chacha::ChaCha20Rng;
+use rand_chacha::rand_core::{RngCore, SeedableRng};
+use wasmi::{Caller, Error, Extern, FuncType, Linker, StoreLimits, Val, ValType};
+
+use crate::platform;
+
+/// Per-store WASI state.
+pub struct WasiCtx {
+    /// Memory limits for the store's limiter.
+    pub limits: StoreLimits,
+    /// The current request, read through fd 0.
+    stdin: Vec<u8>,
+    stdin_pos: usize,
+    /// What the function wrote to fd 1.
+    pub stdout: Vec<u8>,
+    /// What the function wrote to fd 2.
+    pub stderr: Vec<u8>,
+    args: Vec<String>,
+    env: Vec<String>,
+    rng: ChaCha20Rng,
+    clock: platform::Clock,
+    warned: BTreeSet<&'static str>,
+}
+
+impl WasiCtx {
+    /// State for the function `manifest` describes.
+    pub fn new(manifest: &Manifest, limits: StoreLimits) -> Self {
+        let params = platform::host_params();
+        Self {
+            limits,
+            stdin: Vec::new(),
+            stdin_pos: 0,
+            stdout: Vec::new(),
+            stderr: Vec::new(),
+            args: manifest.args.clone(),
+            env: manifest.env.clone(),
+            rng: ChaCha20Rng::from_seed(params.map_or([0; 32], |p| p.entropy)),
+            clock: platform::Clock::new(params.as_ref()),
+            warned: BTreeSet::new(),
+        }
+    }
+
+    /// Starts an invocation on `request`.
+    pub fn begin(&mut self, request: Vec<u8>) {
+        self.stdin = request;
+        self.stdin_pos = 0;
+        self.stdout.clear();
+        self.stderr.clear();
+    }
+
+    /// Ends an invocation, handing back the request buffer for reuse.
+    pub fn end(&mut self) -> Vec<u8> {
+        self.stdin_pos = 0;
+        core::mem::take(&mut self.stdin)
+    }
+}
+
+type Ctx<'a> = Caller<'a, WasiCtx>;
+
+/// The module's linear memory as (memory, bytes), or `None` if it exports none.
+fn memory<'a>(caller: &'a mut Ctx<'_>) -> Option<(&'a mut [u8], &'a mut WasiCtx)> {
+    let memory = caller.get_export("memory").and_then(Extern::into_memory)?;
+    Some(memory.data_and_store_mut(caller))
+}
+
+fn slice(mem: &[u8], ptr: i32, len: u32) -> Option<&[u8]> {
+    mem.get(ptr as u32 as usize..(ptr as u32 as usize).checked_add(len as usize)?)
+}
+
+fn slice_mut(mem: &mut [u8], ptr: i32, len: u32) -> Option<&mut [u8]> {
+    mem.get_mut(ptr as u32 as usize..(ptr as u32 as usize).checked_add(len as usize)?)
+}
+
+fn put_u32(mem: &mut [u8], ptr: i32, value: u32) -> Option<()> {
+    slice_mut(mem, ptr, 4)?.copy_from_slice(&value.to_le_bytes());
+    Some(())
+}
+
+fn put_u64(mem: &mut [u8], ptr: i32, value: u64) -> Option<()> {
+    slice_mut(mem, ptr, 8)?.copy_from_slice(&value.to_le_bytes());
+    Some(())
+}
+
+fn get_u32(mem: &[u8], ptr: u32) -> Option<u32> {
+    Some(u32::from_le_bytes(slice(mem, ptr as i32, 4)?.try_into().ok()?))
+}
+
+/// The (pointer, length) pairs of an iovec array.
+fn iovecs(mem: &[u8], iovs: i32, count: i32) -> Option<Vec<(u32, u32)>> {
+    (0..count as u32)
+        .map(|i| {
+            let at = (iovs as u32).checked_add(i.checked_mul(8)?)?;
+            Some((get_u32(mem, at)?, get_u32(mem, at.checked_add(4)?)?))
+        })
+        .collect()
+}
+
+fn code(result: Option<u16>) -> i32 {
+    i32::from(result.unwrap_or(errno::FAULT))
+}
+
+fn fd_write(mut caller: Ctx<'_>, fd: i32, iovs: i32, count: i32, nwritten: i32) -> i32 {
+    let Some((mem, ctx)) = memory(&mut caller) else { return i32::from(errno::FAULT) };
+    let out = match fd {
+        1 => &mut ctx.stdout,
+        2 => &mut ctx.stderr,
+        _ => return i32::from(errno::BADF),
+    };
+    code((|| {
+        let mut total = 0u32;
+        for (ptr, len) in iovecs(mem, iovs, count)? {
+            let bytes = slice(mem, ptr as i32, len)?;
+            if (out.len() + bytes.len()) as u64 > MAX_OUTPUT_BYTES {
+                return Some(errno::IO);
+            }
+            out.extend_from_slice(bytes);
+            total = total.wrapping_add(len);
+        }
+        put_u32(mem, nwritten, total)?;
+        Some(errno::SUCCESS)
+    })())
+}
+
+fn fd_read(mut caller: Ctx<'_>, fd: i32, iovs: i32, count: i32, nread: i32) -> i32 {
+    let Some((mem, ctx)) = memory(&mut caller) else { return i32::from(errno::FAULT) };
+    if fd != 0 {
+        return i32::from(errno::BADF);
+    }
+    code((|| {
+        let mut total = 0u32;
+        for (ptr, len) in iovecs(mem, iovs, count)? {
+            let rest = &ctx.stdin[ctx.stdin_pos..];
+            let n = rest.len().min(len as usize);
+            slice_mut(mem, ptr as i32, n as u32)?.copy_from_slice(&rest[..n]);
+            ctx.stdin_pos += n;
+            total += n as u32;
+        }
+        put_u32(mem, nread, total)?;
+        Some(errno::SUCCESS)
+    })())
+}
+
+fn fd_close(_: Ctx<'_>, fd: i32) -> i32 {
+    i32::from(if (0..=2).contains(&fd) { errno::SUCCESS } else { errno::BADF })
+}
+
+fn fd_fdstat_get(mut caller: Ctx<'_>, fd: i32, buf: i32) -> i32 {
+    const CHARACTER_DEVICE: u8 = 2;
+    const RIGHT_FD_READ: u64 = 1 << 1;
+    const RIGHT_FD_WRITE: u64 = 1 << 6;
+    let rights = match fd {
+        0 => RIGHT_FD_READ,
+        1 | 2 => RIGHT_FD_WRITE,
+        _ => return i32::from(errno::BADF),
+    };
+    let Some((mem, _)) = memory(&mut caller) else { return i32::from(errno::FAULT) };
+    code((|| {
+        let stat = slice_mut(mem, buf, 24)?;
+        stat.fill(0);
+        stat[0] = CHARACTER_DEVICE;
+        stat[8..16].copy_from_slice(&rights.to_le_bytes());
+        Some(errno::SUCCESS)
+    })())
+}
+
+fn fd_prestat_get(_: Ctx<'_>, _fd: i32, _buf: i32) -> i32 {
+    i32::from(errno::BADF) // no preopened directories
+}
+
+/// Writes a NUL-terminated string table: pointers at `ptrs`, bytes at `buf`.
+fn put_strings(caller: &mut Ctx<'_>, list: impl Fn(&WasiCtx) -> &Vec<String>, ptrs: i32, buf: i32) -> i32 {
+    let Some((mem, ctx)) = memory(caller) else { return i32::from(errno::FAULT) };
+    code((|| {
+        let mut at = buf as u32;
+        for (i, s) in list(ctx).iter().enumerate() {
+            put_u32(mem, (ptrs as u32).checked_add(i as u32 * 4)? as i32, at)?;
+            let dest = slice_mut(mem, at as i32, s.len() as u32 + 1)?;
+            dest[..s.len()].copy_from_slice(s.as_bytes());
+            dest[s.len()] = 0;
+            at = at.checked_add(s.len() as u32 + 1)?;
+        }
+        Some(errno::SUCCESS)
+    })())
+}
+
+fn put_sizes(caller: &mut Ctx<'_>, list: impl Fn(&WasiCtx) -> &Vec<String>, count: i32, size: i32) -> i32 {
+    let Some((mem, ctx)) = memory(caller) else { return i32::from(errno::FAULT) };
+    let list = list(ctx);
+    let bytes: usize = list.iter().map(|s| s.len() + 1).sum();
+    code((|| {
+        put_u32(mem, count, list.len() as u32)?;
+        put_u32(mem, size, bytes as u32)?;
+        Some(errno::SUCCESS)
+    })())
+}
+
+fn clock_time_get(mut caller: Ctx<'_>, id: i32, _precision: i64, time: i32) -> i32 {
+    const REALTIME: i32 = 0;
+    const MONOTONIC: i32 = 1;
+    let Some((mem, ctx)) = memory(&mut caller) else { return i32::from(errno::FAULT) };
+    let now = match id {
+        REALTIME => ctx.clock.realtime_ns(),
+        MONOTONIC => ctx.clock.monotonic_ns(),
+        _ => return i32::from(errno::INVAL),
+    };
+    code(put_u64(mem, time, now).map(|()| errno::SUCCESS))
+}
+
+fn random_get(mut caller: Ctx<'_>, buf: i32, len: i32) -> i32 {
+    let Some((mem, ctx)) = memory(&mut caller) else { return i32::from(errno::FAULT) };
+    code((|| {
+        ctx.rng.fill_bytes(slice_mut(mem, buf, len as u32)?);
+        Some(errno::SUCCESS)
+    })())
+}
+
+fn proc_exit(_: Ctx<'_>, code: i32) -> Result<(), Error> {
+    Err(Error::i32_exit(code))
+}
+
+fn sched_yield(_: Ctx<'_>) -> i32 {
+    i32::from(errno::SUCCESS)
+}
+
+/// Defines every preview1 function in `linker`.
+pub fn define(linker: &mut Linker<WasiCtx>) -> Result<(), wasmi::errors::LinkerError> {
+    let m = wasi::MODULE;
+    linker.func_wrap(m, "fd_write", fd_write)?;
+    linker.func_wrap(m, "fd_read", fd_read)?;
+    linker.func_wrap(m, "fd_close", fd_close)?;
+    linker.func_wrap(m, "fd_fdstat_get", fd_fdstat_get)?;
+    linker.func_wrap(m, "fd_prestat_get", fd_prestat_get)?;
+    linker.func_wrap(m, "args_get", |mut c: Ctx<'_>, p: i32, b: i32| put_strings(&mut c, |x| &x.args, p, b))?;
+    linker.func_wrap(m, "args_sizes_get", |mut c: Ctx<'_>, n: i32, s: i32| put_sizes(&mut c, |x| &x.args, n, s))?;
+    linker.func_wrap(m, "environ_get", |mut c: Ctx<'_>, p: i32, b: i32| put_strings(&mut c, |x| &x.env, p, b))?;
+    linker.func_wrap(m, "environ_sizes_get", |mut c: Ctx<'_>, n: i32, s: i32| put_sizes(&mut c, |x| &x.env, n, s))?;
+    linker.func_wrap(m, "clock_time_get", clock_time_get)?;
+    linker.func_wrap(m, "random_get", random_get)?;
+    linker.func_wrap(m, "proc_exit", proc_exit)?;
+    linker.func_wrap(m, "sched_yield", sched_yield)?;
+    for function in wasi::FUNCTIONS.iter().filter(|f| !wasi::IMPLEMENTED.contains(&f.name)) {
+        let params = function.params.iter().map(|t| match t {
+            wasi::ValType::I32 => ValType::I32,
+            wasi::ValType::I64 => ValType::I64,
+        });
+        let results: &[ValType] = if function.returns_errno { &[ValType::I32] } else { &[] };
+        let name = function.name;
+        linker.func_new(m, name, FuncType::new(params, results.iter().copied()), move |mut caller, _, results| {
+            let ctx = caller.data_mut();
+            if ctx.warned.insert(name) {
+                let note = alloc::format!("thaw: wasi: {name} is not supported; it returns ENOSYS\n");
+                ctx.stderr.extend_from_slice(note.as_bytes());
+            }
+            if let Some(result) = results.first_mut() {
+                *result = Val::I32(i32::from(errno::NOSYS));
+            }
+            Ok(())
+        })?;
+    }
+    Ok(())
+}

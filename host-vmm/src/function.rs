@@ -1,0 +1,230 @@
+//! Function bundles on the host: validating one before it is packed or booted, and the memory a
+//! VM needs to run it.
+//!
+//! A bundle is untrusted: `thaw pack` and the VMM both run [`Function::from_bundle`], which
+//! checks the framing and manifest (`abi::bundle`), the wasm's SHA-256, and the module itself
+//! with the same wasmi version the guest runs: it must validate, import only WASI preview1
+//! functions with their exact signatures, and export `handle` (a reactor) or `_start` (a
+//! command), each taking and returning nothing.
+
+use abi::bundle::{self, BundleError, Manifest};
+use sha2::{Digest, Sha256};
+use wasmi::{Engine, ExternType, Module, ValType};
+
+/// Guest memory a function's VM gets on top of the linear memory its manifest allows: the
+/// kernel, its heap and wasmi's compiled code, which grows with the module (see
+/// [`Function::vm_memory_mib`]).
+pub const RUNTIME_OVERHEAD_MIB: u64 = 48;
+
+/// What is wrong with a function.
+#[derive(Debug, thiserror::Error)]
+pub enum FunctionError {
+    /// The bundle's framing or manifest is invalid.
+    #[error("{0}")]
+    Bundle(#[from] BundleError),
+    /// The wasm bytes do not match the manifest's hash.
+    #[error("bundle: wasm SHA-256 {actual} does not match the manifest's {expected} (corrupted)")]
+    Sha256 {
+        /// From the manifest.
+        expected: String,
+        /// Of the bytes present.
+        actual: String,
+    },
+    /// The bytes are not a valid wasm module.
+    #[error("not a valid WebAssembly module: {0}")]
+    Invalid(String),
+    /// The module imports something thaw does not provide.
+    #[error("import {module}.{name}: {reason}")]
+    Import {
+        /// The import's module.
+        module: String,
+        /// The import's name.
+        name: String,
+        /// Why it is refused.
+        reason: String,
+    },
+    /// The module has no usable entry point.
+    #[error("{0}")]
+    Entry(String),
+}
+
+/// How the guest enters a module.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FunctionKind {
+    /// Exports `handle`, and maybe `_initialize` and `init`.
+    Reactor,
+    /// Exports only `_start`.
+    Command,
+}
+
+/// A validated bundle.
+#[derive(Debug, Clone)]
+pub struct Function {
+    /// The bundle's bytes, handed to the guest as its ramdisk.
+    pub bundle: Vec<u8>,
+    /// Its manifest.
+    pub manifest: Manifest,
+    /// How the guest enters it.
+    pub kind: FunctionKind,
+}
+
+/// Lower-case hex of `bytes`.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The SHA-256 of `bytes`.
+pub fn sha256(bytes: &[u8]) -> [u8; 32] {
+    Sha256::digest(bytes).into()
+}
+
+fn unit_func(ty: &ExternType) -> bool {
+    matches!(ty, ExternType::Func(f) if f.params().is_empty() && f.results().is_empty())
+}
+
+/// Validates `wasm` as a thaw function and tells how it is entered.
+pub fn validate_wasm(wasm: &[u8]) -> Result<FunctionKind, FunctionError> {
+    if wasm.len() > bundle::MAX_WASM_BYTES {
+        return Err(FunctionError::Invalid(format!(
+            "{} bytes, more than the {}-byte limit",
+            wasm.len(),
+            bundle::MAX_WASM_BYTES
+        )));
+    }
+    let module = Module::new(&Engine::default(), wasm).map_err(|e| FunctionError::Invalid(e.to_string()))?;
+    for import in module.imports() {
+        let refuse = |reason: String| FunctionError::Import {
+            module: import.module().to_string(),
+            name: import.name().to_string(),
+            reason,
+        };
+        if import.module() != abi::wasi::MODULE {
+            return Err(refuse(format!("only {} functions can be imported", abi::wasi::MODULE)));
+        }
+        let Some(expected) = abi::wasi::lookup(import.name()) else {
+            return Err(refuse("not a WASI preview1 function".into()));
+        };
+        let ExternType::Func(ty) = import.ty() else {
+            return Err(refuse("imported as something other than a function".into()));
+        };
+        let params: Vec<ValType> = expected
+            .params
+            .iter()
+            .map(|t| match t {
+                abi::wasi::ValType::I32 => ValType::I32,
+                abi::wasi::ValType::I64 => ValType::I64,
+            })
+            .collect();
+        let results: &[ValType] = if expected.returns_errno { &[ValType::I32] } else { &[] };
+        if ty.params() != params.as_slice() || ty.results() != results {
+            return Err(refuse(format!(
+                "signature {:?} -> {:?} does not match WASI's {params:?} -> {results:?}",
+                ty.params(),
+                ty.results()
+            )));
+        }
+    }
+    let export = |name: &str| module.get_export(name);
+    match (export("handle"), export("_start")) {
+        (Some(handle), _) if unit_func(&handle) => Ok(FunctionKind::Reactor),
+        (Some(_), _) => {
+            Err(FunctionError::Entry("export handle must be a function taking and returning nothing".into()))
+        }
+        (None, Some(start)) if unit_func(&start) => Ok(FunctionKind::Command),
+        (None, Some(_)) => {
+            Err(FunctionError::Entry("export _start must be a function taking and returning nothing".into()))
+        }
+        (None, None) => Err(FunctionError::Entry("the module exports neither handle nor _start".into())),
+    }
+}
+
+impl Function {
+    /// Validates `bundle` completely.
+    pub fn from_bundle(bundle: Vec<u8>) -> Result<Self, FunctionError> {
+        let parsed = bundle::parse(&bundle)?;
+        let actual = sha256(parsed.wasm);
+        if actual != parsed.manifest.wasm_sha256 {
+            return Err(FunctionError::Sha256 { expected: hex(&parsed.manifest.wasm_sha256), actual: hex(&actual) });
+        }
+        let kind = validate_wasm(parsed.wasm)?;
+        let manifest = parsed.manifest;
+        Ok(Self { bundle, manifest, kind })
+    }
+
+    /// Guest memory for a VM running this function: its linear-memory allowance, the runtime
+    /// overhead, and room for wasmi's compiled code (a generous 8x the module).
+    pub fn vm_memory_mib(&self) -> u64 {
+        let code_mib = (self.bundle.len() as u64 * 8).div_ceil(1 << 20);
+        u64::from(self.manifest.memory_mib) + RUNTIME_OVERHEAD_MIB + code_mib
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A module with one import and a `handle` export, assembled by hand.
+    fn module(import_name: &[u8], import_type: &[u8], export: &[u8]) -> Vec<u8> {
+        let mut m = b"\0asm\x01\0\0\0".to_vec();
+        // Type section: type 0 = import_type, type 1 = () -> ().
+        let mut types = vec![2];
+        types.extend_from_slice(import_type);
+        types.extend_from_slice(&[0x60, 0, 0]);
+        m.extend_from_slice(&[1, types.len() as u8]);
+        m.extend_from_slice(&types);
+        // Import section: wasi_snapshot_preview1.<name> : type 0.
+        let mut imports = vec![1, 22];
+        imports.extend_from_slice(b"wasi_snapshot_preview1");
+        imports.push(import_name.len() as u8);
+        imports.extend_from_slice(import_name);
+        imports.extend_from_slice(&[0, 0]);
+        m.extend_from_slice(&[2, imports.len() as u8]);
+        m.extend_from_slice(&imports);
+        // Function section: one function of type 1; export it; code: empty body.
+        m.extend_from_slice(&[3, 2, 1, 1]);
+        let mut exports = vec![1, export.len() as u8];
+        exports.extend_from_slice(export);
+        exports.extend_from_slice(&[0, 1]);
+        m.extend_from_slice(&[7, exports.len() as u8]);
+        m.extend_from_slice(&exports);
+        m.extend_from_slice(&[10, 4, 1, 2, 0, 0x0b]);
+        m
+    }
+
+    const PROC_EXIT: &[u8] = &[0x60, 1, 0x7f, 0];
+
+    #[test]
+    fn accepts_reactors_and_commands() {
+        assert_eq!(validate_wasm(&module(b"proc_exit", PROC_EXIT, b"handle")).unwrap(), FunctionKind::Reactor);
+        assert_eq!(validate_wasm(&module(b"proc_exit", PROC_EXIT, b"_start")).unwrap(), FunctionKind::Command);
+    }
+
+    #[test]
+    fn rejects_bad_modules_with_named_problems() {
+        let e = validate_wasm(b"not wasm at all").unwrap_err().to_string();
+        assert!(e.starts_with("not a valid WebAssembly module"), "{e}");
+        let e = validate_wasm(&module(b"proc_exit", PROC_EXIT, b"other")).unwrap_err().to_string();
+        assert_eq!(e, "the module exports neither handle nor _start");
+        let e = validate_wasm(&module(b"no_such_call", PROC_EXIT, b"handle")).unwrap_err().to_string();
+        assert_eq!(e, "import wasi_snapshot_preview1.no_such_call: not a WASI preview1 function");
+        let e = validate_wasm(&module(b"proc_exit", &[0x60, 0, 0], b"handle")).unwrap_err().to_string();
+        assert!(e.contains("does not match WASI's"), "{e}");
+    }
+
+    #[test]
+    fn rejects_a_bundle_whose_wasm_does_not_match_its_hash() {
+        let wasm = module(b"proc_exit", PROC_EXIT, b"handle");
+        let manifest = Manifest {
+            name: "t".into(),
+            wasm_sha256: sha256(b"something else"),
+            memory_mib: 1,
+            fuel: None,
+            args: vec![],
+            env: vec![],
+        };
+        let e = Function::from_bundle(bundle::encode(&manifest, &wasm)).unwrap_err().to_string();
+        assert!(e.contains("does not match the manifest's"), "{e}");
+        let good = Manifest { wasm_sha256: sha256(&wasm), ..manifest };
+        assert_eq!(Function::from_bundle(bundle::encode(&good, &wasm)).unwrap().kind, FunctionKind::Reactor);
+    }
+}

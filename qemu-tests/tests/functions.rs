@@ -1,0 +1,162 @@
+//! Real functions (Rust compiled to wasm32-wasip1 by this build, and WAT fixtures) packed with
+//! `thaw pack` and invoked with `thaw invoke` under KVM.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+const THAW: &str = env!("CARGO_BIN_FILE_TOOLS_thaw");
+
+fn example(name: &str) -> &'static str {
+    match name {
+        "hello" => env!("CARGO_CDYLIB_FILE_EXAMPLE_HELLO_example_hello"),
+        "json-transform" => env!("CARGO_CDYLIB_FILE_EXAMPLE_JSON_TRANSFORM_example_json_transform"),
+        "random" => env!("CARGO_CDYLIB_FILE_EXAMPLE_RANDOM_example_random"),
+        "heavy-init" => env!("CARGO_CDYLIB_FILE_EXAMPLE_HEAVY_INIT_example_heavy_init"),
+        other => panic!("no example {other}"),
+    }
+}
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/fixtures").join(name)
+}
+
+#[derive(Debug)]
+struct Run {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+}
+
+fn thaw(args: &[&str]) -> Run {
+    assert!(Path::new("/dev/kvm").exists(), "thaw invoke boots a guest under KVM and needs /dev/kvm");
+    let output = Command::new(THAW).args(args).output().expect("thaw must start");
+    Run {
+        code: output.status.code(),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}
+
+/// Packs `input` into a bundle in a fresh directory and returns (directory guard, bundle path).
+fn pack(input: &Path, extra: &[&str]) -> (tempfile::TempDir, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = dir.path().join("function.thaw").to_str().unwrap().to_string();
+    let mut args = vec!["pack", input.to_str().unwrap(), "-o", &bundle];
+    args.extend_from_slice(extra);
+    let run = thaw(&args);
+    assert_eq!(run.code, Some(0), "pack failed: {run:#?}");
+    (dir, bundle)
+}
+
+fn invoke(bundle: &str, data: &str, extra: &[&str]) -> Run {
+    let mut args = vec!["invoke", bundle, "--data", data];
+    args.extend_from_slice(extra);
+    thaw(&args)
+}
+
+#[test]
+fn hello_greets_by_name() {
+    let (_dir, bundle) = pack(Path::new(example("hello")), &[]);
+    let run = invoke(&bundle, r#"{"name": "thaw"}"#, &[]);
+    assert_eq!(run.code, Some(0), "{run:#?}");
+    assert_eq!(run.stdout, "{\"greeting\":\"Hello, thaw!\"}\n");
+    assert_eq!(run.stderr, "hello: greeted thaw\n");
+}
+
+#[test]
+fn json_transform_parses_transforms_and_serializes() {
+    let (_dir, bundle) = pack(Path::new(example("json-transform")), &[]);
+    let order = r#"{"customer": "ada", "items": [
+        {"sku": "pen", "price_cents": 150, "quantity": 4},
+        {"sku": "book", "price_cents": 2500, "quantity": 1},
+        {"sku": "ink", "price_cents": 300, "quantity": 2}]}"#;
+    let run = invoke(&bundle, order, &[]);
+    assert_eq!(run.code, Some(0), "{run:#?}");
+    assert_eq!(
+        run.stdout,
+        "{\"customer\":\"ADA\",\"lines\":[{\"sku\":\"book\",\"total_cents\":2500},{\"sku\":\"ink\",\"total_cents\":600},{\"sku\":\"pen\",\"total_cents\":600}],\"item_count\":7,\"total_cents\":3700}\n"
+    );
+    let bad = invoke(&bundle, "not json", &[]);
+    assert_eq!(bad.code, Some(2), "{bad:#?}");
+    assert!(bad.stderr.contains("json-transform: bad order"), "{bad:#?}");
+}
+
+#[test]
+fn random_gives_fresh_bytes_and_the_hosts_wall_clock() {
+    let (_dir, bundle) = pack(Path::new(example("random")), &[]);
+    let mut seen = Vec::new();
+    for _ in 0..2 {
+        let run = invoke(&bundle, "", &[]);
+        assert_eq!(run.code, Some(0), "{run:#?}");
+        let line = run.stdout.trim();
+        let hex = line.split('"').nth(3).expect("random field");
+        assert_eq!(hex.len(), 32, "{line}");
+        assert!(hex.chars().all(|c| c.is_ascii_hexdigit()), "{line}");
+        let unix_ms: u128 = line.rsplit(": ").next().unwrap().trim_end_matches('}').parse().expect("unix_ms");
+        let host_ms = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis();
+        assert!(host_ms.abs_diff(unix_ms) < 5_000, "guest clock {unix_ms} vs host {host_ms}");
+        seen.push(hex.to_string());
+    }
+    assert_ne!(seen[0], seen[1], "two VMs must not share random state");
+}
+
+#[test]
+fn heavy_init_answers_from_the_index_built_in_init() {
+    let (_dir, bundle) = pack(Path::new(example("heavy-init")), &["--memory", "64"]);
+    let run = invoke(&bundle, "10", &["--stats", "json"]);
+    assert_eq!(run.code, Some(0), "{run:#?}");
+    assert_eq!(run.stdout, "{\"n\": 10, \"primes_below\": 4, \"nth_prime\": 29}\n");
+    let stats = run.stderr.lines().find(|l| l.starts_with('{')).expect("stats line");
+    for key in ["vm_create_us", "kernel_boot_us", "compile_us", "instantiate_us", "init_us", "handle_us", "vm_exits"] {
+        assert!(stats.contains(&format!("\"{key}\": ")), "{key} missing from {stats}");
+    }
+    assert!(!stats.contains("null"), "every phase must be measured: {stats}");
+}
+
+#[test]
+fn a_trap_is_reported_with_its_message() {
+    let (_dir, bundle) = pack(&fixture("trap.wat"), &[]);
+    let run = invoke(&bundle, "", &[]);
+    assert_eq!(run.code, Some(abi::exit_code::FUNCTION_TRAPPED as i32), "{run:#?}");
+    assert!(run.stderr.starts_with("thaw: function trapped: "), "{run:#?}");
+    assert!(run.stderr.contains("unreachable"), "{run:#?}");
+}
+
+#[test]
+fn an_infinite_loop_ends_by_timeout_or_by_fuel() {
+    let (_dir, bundle) = pack(&fixture("loop.wat"), &[]);
+    let run = invoke(&bundle, "", &["--timeout", "3"]);
+    assert_eq!(run.code, Some(abi::exit_code::TIMEOUT as i32), "{run:#?}");
+    assert!(run.stderr.contains("thaw: guest timed out after 3.0 s"), "{run:#?}");
+
+    let (_dir, bundle) = pack(&fixture("loop.wat"), &["--fuel", "1000000"]);
+    let run = invoke(&bundle, "", &["--timeout", "30"]);
+    assert_eq!(run.code, Some(abi::exit_code::FUNCTION_TRAPPED as i32), "{run:#?}");
+    assert!(run.stderr.contains("fuel"), "{run:#?}");
+}
+
+#[test]
+fn growing_memory_past_the_limit_traps_instead_of_crashing_the_guest() {
+    let (_dir, bundle) = pack(&fixture("grow.wat"), &["--memory", "8"]);
+    let run = invoke(&bundle, "", &[]);
+    assert_eq!(run.code, Some(abi::exit_code::FUNCTION_TRAPPED as i32), "{run:#?}");
+    assert!(run.stderr.starts_with("thaw: function trapped: "), "{run:#?}");
+}
+
+#[test]
+fn an_unsupported_wasi_call_returns_enosys_and_is_noted_once() {
+    let (_dir, bundle) = pack(&fixture("unsupported.wat"), &[]);
+    let run = invoke(&bundle, "", &[]);
+    assert_eq!(run.code, Some(0), "{run:#?}");
+    assert_eq!(run.stdout, "52");
+    assert_eq!(run.stderr, "thaw: wasi: path_open is not supported; it returns ENOSYS\n");
+}
+
+#[test]
+fn proc_exit_code_becomes_the_exit_code() {
+    let (_dir, bundle) = pack(&fixture("exit3.wat"), &[]);
+    let run = invoke(&bundle, "", &[]);
+    assert_eq!(run.code, Some(3), "{run:#?}");
+    assert_eq!(run.stderr, "thaw: function exited with code 3\n");
+}

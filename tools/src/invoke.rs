@@ -1,0 +1,122 @@
+//! `thaw invoke`: cold-boot a function under KVM, run its init, answer one request.
+//!
+//! The response goes to stdout and the function's stderr to stderr. The guest kernel's own log is
+//! shown only with `--verbose`, or when the guest itself fails.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+use host_vmm::{Function, FunctionResponse, FunctionStatus, Outcome, RunReport, VmConfig};
+
+/// Formats for `--stats`.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum StatsFormat {
+    /// One JSON object on stderr.
+    Json,
+}
+
+/// Arguments of `thaw invoke`.
+#[derive(Args, Debug)]
+pub struct InvokeArgs {
+    /// The function bundle, from `thaw pack`.
+    #[arg(value_name = "FUNCTION.thaw")]
+    function: PathBuf,
+    /// The request body.
+    #[arg(long, value_name = "STRING", conflicts_with = "input", required_unless_present = "input")]
+    data: Option<String>,
+    /// Read the request body from this file.
+    #[arg(long, value_name = "FILE")]
+    input: Option<PathBuf>,
+    /// Print per-phase timings (microseconds) and the VM exit count on stderr.
+    #[arg(long, value_name = "FORMAT")]
+    stats: Option<StatsFormat>,
+    /// Wall-clock limit for the whole invocation, boot included, in seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 30.0)]
+    timeout: f64,
+    /// Show the guest kernel's log on stderr.
+    #[arg(long)]
+    verbose: bool,
+}
+
+/// Largest bundle file thaw reads.
+const MAX_BUNDLE_FILE: u64 = 80 << 20;
+
+/// Runs `thaw invoke` and returns the process exit code.
+pub fn run(args: &InvokeArgs) -> Result<u8, String> {
+    let bytes = crate::pack::read_limited(&args.function, MAX_BUNDLE_FILE, "function bundle")?;
+    let function = Function::from_bundle(bytes).map_err(|e| format!("{}: {e}", args.function.display()))?;
+    let request = match (&args.data, &args.input) {
+        (Some(data), _) => data.as_bytes().to_vec(),
+        (None, Some(path)) => crate::pack::read_limited(path, abi::invoke::MAX_REQUEST_BYTES, "request")?,
+        (None, None) => return Err("give the request with --data or --input".into()),
+    };
+    let timeout = Duration::try_from_secs_f64(args.timeout)
+        .ok()
+        .filter(|t| !t.is_zero())
+        .ok_or_else(|| format!("--timeout {}: must be a positive number of seconds", args.timeout))?;
+    let kernel = host_vmm::KernelImage::parse(crate::kernel::BUILT_IN).map_err(|e| format!("built-in kernel: {e}"))?;
+    let config = VmConfig {
+        memory_mib: function.vm_memory_mib(),
+        timeout,
+        ramdisk: Some(function.bundle.clone()),
+        requests: vec![request],
+    };
+    let mut kernel_log = Vec::new();
+    let report = if args.verbose {
+        host_vmm::run_kernel(&kernel, &config, &mut std::io::stderr().lock())
+    } else {
+        host_vmm::run_kernel(&kernel, &config, &mut kernel_log)
+    }
+    .map_err(|e| e.to_string())?;
+    if let Some(StatsFormat::Json) = args.stats {
+        eprintln!("{}", stats_json(&report));
+    }
+    let clean = matches!(report.outcome, Outcome::Exited(0));
+    if !clean && !args.verbose {
+        let _ = std::io::stderr().write_all(&kernel_log);
+    }
+    match (clean, report.responses.first()) {
+        (true, Some(response)) => Ok(answer(response)),
+        (true, None) => Err("the guest exited without answering the request".into()),
+        (false, _) => Ok(crate::finish(&report.outcome)),
+    }
+}
+
+/// Prints a response and returns the exit code it implies.
+pub fn answer(response: &FunctionResponse) -> u8 {
+    let _ = std::io::stdout().lock().write_all(&response.stdout).and_then(|()| std::io::stdout().flush());
+    let _ = std::io::stderr().lock().write_all(&response.stderr);
+    match &response.status {
+        FunctionStatus::Ok => 0,
+        FunctionStatus::Trapped(message) => {
+            eprintln!("thaw: function trapped: {message}");
+            abi::exit_code::FUNCTION_TRAPPED as u8
+        }
+        FunctionStatus::Exited(0) => 0,
+        FunctionStatus::Exited(code) => {
+            eprintln!("thaw: function exited with code {code}");
+            *code as u8
+        }
+    }
+}
+
+fn stats_json(report: &RunReport) -> String {
+    let t = &report.timings;
+    let us = |d: Option<Duration>| d.map_or("null".to_string(), |d| d.as_micros().to_string());
+    let boot = [Some(t.load), Some(t.vcpu_setup), t.ring0_boot, t.ring3_to_ready]
+        .into_iter()
+        .try_fold(Duration::ZERO, |sum, d| d.map(|d| sum + d));
+    format!(
+        "{{\"vm_create_us\": {}, \"kernel_boot_us\": {}, \"compile_us\": {}, \"instantiate_us\": {}, \"init_us\": {}, \"handle_us\": {}, \"total_us\": {}, \"vm_exits\": {}}}",
+        us(Some(t.vm_create)),
+        us(boot),
+        us(t.compile),
+        us(t.instantiate),
+        us(t.init),
+        us(report.responses.first().map(|r| r.handle_time)),
+        us(Some(t.total)),
+        report.exits
+    )
+}

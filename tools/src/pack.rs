@@ -1,0 +1,97 @@
+//! `thaw pack`: validate a wasm (or WAT) function and write it as a bundle.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use abi::bundle::{self, Manifest};
+use clap::Args;
+use host_vmm::function::{self, FunctionKind};
+
+/// Arguments of `thaw pack`.
+#[derive(Args, Debug)]
+pub struct PackArgs {
+    /// The function: a core wasm module for wasm32-wasip1 (.wasm) or its text form (.wat).
+    #[arg(value_name = "FUNCTION.wasm|FUNCTION.wat")]
+    input: PathBuf,
+    /// The function's name [default: the input's file stem].
+    #[arg(long)]
+    name: Option<String>,
+    /// An environment variable the function sees (repeatable).
+    #[arg(long = "env", value_name = "K=V")]
+    env: Vec<String>,
+    /// An argument the function sees after its name (repeatable).
+    #[arg(long = "arg", value_name = "A")]
+    args: Vec<String>,
+    /// Most linear memory the function may use, in MiB.
+    #[arg(long, value_name = "MIB", default_value_t = 16)]
+    memory: u32,
+    /// Instruction budget per invocation (wasmi fuel) [default: no limit].
+    #[arg(long, value_name = "N")]
+    fuel: Option<u64>,
+    /// Where to write the bundle.
+    #[arg(short, long, value_name = "FUNCTION.thaw")]
+    output: PathBuf,
+}
+
+/// Reads a file of at most `limit` bytes, naming it in every error.
+pub fn read_limited(path: &Path, limit: u64, what: &str) -> Result<Vec<u8>, String> {
+    let fail = |e: std::io::Error| format!("reading {what} {}: {e}", path.display());
+    let len = std::fs::metadata(path).map_err(fail)?.len();
+    if len > limit {
+        return Err(format!("{what} {}: {len} bytes is more than the {limit}-byte limit", path.display()));
+    }
+    std::fs::read(path).map_err(fail)
+}
+
+/// Writes `bytes` to `path` atomically: a temporary file in the same directory, fsync, rename.
+fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), String> {
+    let fail = |e: std::io::Error| format!("writing {}: {e}", path.display());
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let mut file = tempfile::NamedTempFile::new_in(dir).map_err(fail)?;
+    file.write_all(bytes).map_err(fail)?;
+    file.as_file().sync_all().map_err(fail)?;
+    file.persist(path).map_err(|e| fail(e.error))?;
+    Ok(())
+}
+
+/// Runs `thaw pack` and returns the process exit code.
+pub fn run(args: &PackArgs) -> Result<u8, String> {
+    let source = read_limited(&args.input, bundle::MAX_WASM_BYTES as u64 * 4, "function")?;
+    let input = args.input.display();
+    let is_text = args.input.extension().is_some_and(|e| e == "wat") || !source.starts_with(b"\0asm");
+    let wasm = if is_text {
+        wat::parse_bytes(&source)
+            .map_err(|e| format!("{input}: not a wasm module, and not valid WAT: {e}"))?
+            .into_owned()
+    } else {
+        source
+    };
+    let kind = function::validate_wasm(&wasm).map_err(|e| format!("{input}: {e}"))?;
+    let name = match &args.name {
+        Some(name) => name.clone(),
+        None => args.input.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default(),
+    };
+    let manifest = Manifest {
+        args: std::iter::once(name.clone()).chain(args.args.iter().cloned()).collect(),
+        name,
+        wasm_sha256: function::sha256(&wasm),
+        memory_mib: args.memory,
+        fuel: args.fuel,
+        env: args.env.clone(),
+    };
+    manifest.validate().map_err(|e| format!("{input}: {e}"))?;
+    let bytes = bundle::encode(&manifest, &wasm);
+    write_atomically(&args.output, &bytes)?;
+    let kind = match kind {
+        FunctionKind::Reactor => "reactor",
+        FunctionKind::Command => "command",
+    };
+    eprintln!(
+        "thaw: packed {} ({kind}, {} bytes of wasm, {} MiB memory) into {}",
+        manifest.name,
+        wasm.len(),
+        manifest.memory_mib,
+        args.output.display()
+    );
+    Ok(0)
+}
