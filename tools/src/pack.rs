@@ -54,6 +54,17 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), String> {
     Ok(())
 }
 
+/// A WAT error on one line: the message and where, without the source excerpt.
+fn one_line(error: &wat::Error) -> String {
+    let text = error.to_string();
+    let message = text.lines().next().unwrap_or_default();
+    let location = text.lines().find_map(|l| l.trim().strip_prefix("--> <anon>:"));
+    match location {
+        Some(line_col) => format!("{message} at line:column {line_col}"),
+        None => message.to_string(),
+    }
+}
+
 /// Runs `thaw pack` and returns the process exit code.
 pub fn run(args: &PackArgs) -> Result<u8, String> {
     let source = read_limited(&args.input, bundle::MAX_WASM_BYTES as u64 * 4, "function")?;
@@ -61,7 +72,7 @@ pub fn run(args: &PackArgs) -> Result<u8, String> {
     let is_text = args.input.extension().is_some_and(|e| e == "wat") || !source.starts_with(b"\0asm");
     let wasm = if is_text {
         wat::parse_bytes(&source)
-            .map_err(|e| format!("{input}: not a wasm module, and not valid WAT: {e}"))?
+            .map_err(|e| format!("{input}: not a wasm module, and not valid WAT: {}", one_line(&e)))?
             .into_owned()
     } else {
         source

@@ -1,0 +1,120 @@
+//! Hostile bundles and modules: `thaw pack` and `thaw invoke` must refuse each with exit code
+//! 125 and one line naming the problem, before any VM is booted.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const THAW: &str = env!("CARGO_BIN_EXE_thaw");
+
+const HANDLER: &str = r#"(module (func (export "handle")) (memory (export "memory") 1))"#;
+
+struct Scratch {
+    dir: tempfile::TempDir,
+}
+
+impl Scratch {
+    fn new() -> Self {
+        Self { dir: tempfile::tempdir().unwrap() }
+    }
+
+    fn file(&self, name: &str, bytes: &[u8]) -> PathBuf {
+        let path = self.dir.path().join(name);
+        std::fs::write(&path, bytes).unwrap();
+        path
+    }
+
+    /// A valid bundle of `HANDLER`, packed by the real CLI.
+    fn bundle(&self) -> Vec<u8> {
+        let wat = self.file("f.wat", HANDLER.as_bytes());
+        let out = self.dir.path().join("f.thaw");
+        let status = Command::new(THAW).args(["pack", wat.to_str().unwrap(), "-o", out.to_str().unwrap()]).output().unwrap();
+        assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
+        std::fs::read(out).unwrap()
+    }
+}
+
+fn refused(args: &[&str]) -> String {
+    let output = Command::new(THAW).args(args).output().expect("thaw must start");
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert_eq!(output.status.code(), Some(125), "args {args:?}: {stderr}");
+    assert_eq!(stderr.lines().count(), 1, "args {args:?}: expected one line, got {stderr:?}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(output.stdout.is_empty(), "{args:?}");
+    stderr
+}
+
+fn invoke(bundle: &Path) -> String {
+    refused(&["invoke", bundle.to_str().unwrap(), "--data", "x"])
+}
+
+#[test]
+fn invoke_refuses_truncated_bundles() {
+    let s = Scratch::new();
+    let good = s.bundle();
+    for len in [0, 10, 63, 64, 100, good.len() - 1] {
+        let line = invoke(&s.file("cut.thaw", &good[..len]));
+        assert!(line.contains("bundle"), "{len}: {line}");
+    }
+}
+
+#[test]
+fn invoke_refuses_a_wrong_magic_and_a_wrong_version() {
+    let s = Scratch::new();
+    let mut bytes = s.bundle();
+    bytes[0] = b'X';
+    assert!(invoke(&s.file("magic.thaw", &bytes)).contains("is not \"THAWFUNC\": not a thaw function bundle"));
+    let mut bytes = s.bundle();
+    bytes[8] = 7;
+    assert!(invoke(&s.file("version.thaw", &bytes)).contains("format version 7 is not supported"));
+}
+
+#[test]
+fn invoke_refuses_a_manifest_that_lies_about_its_lengths() {
+    let s = Scratch::new();
+    let good = s.bundle();
+    // The manifest length grows by 4 while the total stays: the header no longer adds up.
+    let mut bytes = good.clone();
+    let manifest_len = u32::from_le_bytes(bytes[16..20].try_into().unwrap());
+    bytes[16..20].copy_from_slice(&(manifest_len + 4).to_le_bytes());
+    assert!(invoke(&s.file("lie1.thaw", &bytes)).contains("total length"));
+    // The name's length prefix points past the manifest (and the checksum is fixed up, so only
+    // the lie remains).
+    let mut bytes = good.clone();
+    bytes[64..66].copy_from_slice(&60_000u16.to_le_bytes());
+    let crc = abi::bundle::crc32(&[&bytes[..40], &bytes[64..64 + manifest_len as usize]]);
+    bytes[40..44].copy_from_slice(&crc.to_le_bytes());
+    assert!(invoke(&s.file("lie2.thaw", &bytes)).contains("name runs past the end of the manifest"));
+    // A flipped manifest byte without a fixed-up checksum.
+    let mut bytes = good;
+    bytes[70] ^= 0x20;
+    assert!(invoke(&s.file("crc.thaw", &bytes)).contains("checksum"));
+}
+
+#[test]
+fn invoke_refuses_wasm_bytes_that_do_not_match_or_are_not_wasm() {
+    let s = Scratch::new();
+    let mut bytes = s.bundle();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    assert!(invoke(&s.file("sha.thaw", &bytes)).contains("does not match the manifest's"));
+}
+
+#[test]
+fn pack_refuses_what_is_not_a_thaw_function() {
+    let s = Scratch::new();
+    let out = s.dir.path().join("out.thaw");
+    let out = out.to_str().unwrap();
+    let pack = |input: &Path| refused(&["pack", input.to_str().unwrap(), "-o", out]);
+    assert!(pack(&s.file("junk.wasm", b"\0asm\x01\0\0\0garbage")).contains("not a valid WebAssembly module"));
+    assert!(pack(&s.file("text.wat", b"(module (func")).contains("not valid WAT"));
+    let no_entry = s.file("noentry.wat", b"(module (func (export \"other\")))");
+    assert!(pack(&no_entry).contains("exports neither handle nor _start"));
+    let env_import = s.file("env.wat", b"(module (import \"env\" \"f\" (func)) (func (export \"handle\")))");
+    assert!(pack(&env_import).contains("import env.f: only wasi_snapshot_preview1 functions can be imported"));
+    let bad_sig = s.file("sig.wat", b"(module (import \"wasi_snapshot_preview1\" \"fd_write\" (func)) (func (export \"handle\")))");
+    assert!(pack(&bad_sig).contains("does not match WASI's"));
+    let handler = s.file("ok.wat", HANDLER.as_bytes());
+    assert!(refused(&["pack", handler.to_str().unwrap(), "--env", "NOEQUALS", "-o", out]).contains("is not KEY=VALUE"));
+    assert!(refused(&["pack", handler.to_str().unwrap(), "--memory", "0", "-o", out]).contains("0 MiB"));
+    assert!(!Path::new(out).exists(), "a refused pack must not leave a bundle behind");
+}
