@@ -109,12 +109,8 @@ pub struct Clock {
 
 impl Clock {
     /// A clock based at the host's wall-clock time, counting from now.
-    pub fn new(params: Option<&HostParams>) -> Self {
-        Self {
-            base_ns: params.map_or(0, |p| p.wall_clock_ns),
-            base_tsc: rdtsc(),
-            tsc_khz: params.map_or(0, |p| p.tsc_khz),
-        }
+    pub fn new(params: &HostParams) -> Self {
+        Self { base_ns: params.wall_clock_ns, base_tsc: rdtsc(), tsc_khz: params.tsc_khz }
     }
 
     /// Nanoseconds since the clock was created (0 forever if the TSC rate is unknown).

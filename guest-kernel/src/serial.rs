@@ -1,4 +1,5 @@
-//! Transmit-only driver for the COM1 16550 UART, used where there are no hypercalls.
+//! Polling driver for the COM1 16550 UART, used where there are no hypercalls: it transmits the
+//! log and, when serving a function under QEMU, receives the request frames.
 
 use abi::qemu::COM1_PORT;
 
@@ -27,6 +28,22 @@ pub fn init() {
     outb(COM1_PORT + 3, 0x03); // DLAB off, 8N1
     outb(COM1_PORT + 2, 0xc7); // FIFOs on and cleared
     outb(COM1_PORT + 4, 0x03); // DTR, RTS
+}
+
+/// LSR bit: a received byte is waiting.
+const LSR_DATA_READY: u8 = 1 << 0;
+
+/// Reads one byte, waiting for it as long as it takes.
+pub fn read_byte() -> u8 {
+    while inb(COM1_PORT + 5) & LSR_DATA_READY == 0 {
+        core::hint::spin_loop();
+    }
+    inb(COM1_PORT)
+}
+
+/// Fills `buf` from the serial line.
+pub fn read_exact(buf: &mut [u8]) {
+    buf.iter_mut().for_each(|b| *b = read_byte());
 }
 
 /// Writes `bytes`, waiting for the transmitter before each one.

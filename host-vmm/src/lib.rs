@@ -30,4 +30,4 @@ pub use exit::{GuestError, Outcome};
 pub use function::{Function, FunctionError, FunctionKind};
 pub use kernel::{KernelError, KernelImage};
 pub use mailbox::{FunctionResponse, FunctionStatus};
-pub use vm::{BootTimings, RunReport, VmConfig, VmmError, run_kernel};
+pub use vm::{BootTimings, RunReport, VmConfig, VmmError, host_entropy, run_kernel};

@@ -109,7 +109,10 @@ impl Mailbox {
             invoke::STATUS_TRAPPED => FunctionStatus::Trapped(String::from_utf8_lossy(&message).into_owned()),
             invoke::STATUS_EXITED => FunctionStatus::Exited(response.exit_code),
             other => {
-                return Err(field_error("response", format!("status {other} is not ok (0), trapped (1) or exited (2)")));
+                return Err(field_error(
+                    "response",
+                    format!("status {other} is not ok (0), trapped (1) or exited (2)"),
+                ));
             }
         };
         self.responses.push(FunctionResponse { status, stdout, stderr, handle_time: handed_out.elapsed() });

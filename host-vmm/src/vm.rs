@@ -263,7 +263,7 @@ impl Vm {
         mem.write_slice(&info, GuestAddress(BOOT_INFO_GPA)).map_err(memory_error)?;
         // Fresh entropy and the time base for this VM (the TSC rate follows with the vCPU).
         let mut entropy = [0u8; 32];
-        getrandom(&mut entropy)?;
+        host_entropy(&mut entropy)?;
         let wall_clock_ns = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
@@ -333,8 +333,8 @@ impl Vm {
     }
 }
 
-/// Fills `buf` from the host's CSPRNG.
-fn getrandom(buf: &mut [u8]) -> Result<(), VmmError> {
+/// Fills `buf` from the host's CSPRNG (getrandom), for a guest's entropy.
+pub fn host_entropy(buf: &mut [u8]) -> Result<(), VmmError> {
     let mut filled = 0;
     while filled < buf.len() {
         let rest = &mut buf[filled..];

@@ -1,21 +1,12 @@
 //! Real functions (Rust compiled to wasm32-wasip1 by this build, and WAT fixtures) packed with
-//! `thaw pack` and invoked with `thaw invoke` under KVM.
+//! `thaw pack`, then served one request with `thaw invoke` under KVM and with `thaw qemu` under
+//! QEMU: both must print the same response, stderr and exit code.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 const THAW: &str = env!("CARGO_BIN_FILE_TOOLS_thaw");
-
-fn example(name: &str) -> &'static str {
-    match name {
-        "hello" => env!("CARGO_CDYLIB_FILE_EXAMPLE_HELLO_example_hello"),
-        "json-transform" => env!("CARGO_CDYLIB_FILE_EXAMPLE_JSON_TRANSFORM_example_json_transform"),
-        "random" => env!("CARGO_CDYLIB_FILE_EXAMPLE_RANDOM_example_random"),
-        "heavy-init" => env!("CARGO_CDYLIB_FILE_EXAMPLE_HEAVY_INIT_example_heavy_init"),
-        other => panic!("no example {other}"),
-    }
-}
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/fixtures").join(name)
@@ -29,7 +20,14 @@ struct Run {
 }
 
 fn thaw(args: &[&str]) -> Run {
-    assert!(Path::new("/dev/kvm").exists(), "thaw invoke boots a guest under KVM and needs /dev/kvm");
+    match args[0] {
+        "invoke" => assert!(Path::new("/dev/kvm").exists(), "thaw invoke boots a guest under KVM and needs /dev/kvm"),
+        "qemu" => assert!(
+            Command::new("qemu-system-x86_64").arg("--version").output().is_ok_and(|o| o.status.success()),
+            "thaw qemu needs qemu-system-x86_64 (apt-get install qemu-system-x86)"
+        ),
+        _ => {}
+    }
     let output = Command::new(THAW).args(args).output().expect("thaw must start");
     Run {
         code: output.status.code(),
@@ -38,15 +36,27 @@ fn thaw(args: &[&str]) -> Run {
     }
 }
 
-/// Packs `input` into a bundle in a fresh directory and returns (directory guard, bundle path).
-fn pack(input: &Path, extra: &[&str]) -> (tempfile::TempDir, String) {
+/// Packs `source` (a file, or `--example NAME`) into a bundle in a fresh directory and returns
+/// (directory guard, bundle path).
+fn pack_args(source: &[&str], extra: &[&str]) -> (tempfile::TempDir, String) {
     let dir = tempfile::tempdir().unwrap();
     let bundle = dir.path().join("function.thaw").to_str().unwrap().to_string();
-    let mut args = vec!["pack", input.to_str().unwrap(), "-o", &bundle];
+    let mut args = vec!["pack"];
+    args.extend_from_slice(source);
+    args.extend_from_slice(&["-o", &bundle]);
     args.extend_from_slice(extra);
     let run = thaw(&args);
     assert_eq!(run.code, Some(0), "pack failed: {run:#?}");
     (dir, bundle)
+}
+
+fn pack(input: &Path, extra: &[&str]) -> (tempfile::TempDir, String) {
+    pack_args(&[input.to_str().unwrap()], extra)
+}
+
+/// Packs one of the example functions built into thaw.
+fn example(name: &str, extra: &[&str]) -> (tempfile::TempDir, String) {
+    pack_args(&["--example", name], extra)
 }
 
 fn invoke(bundle: &str, data: &str, extra: &[&str]) -> Run {
@@ -55,10 +65,26 @@ fn invoke(bundle: &str, data: &str, extra: &[&str]) -> Run {
     thaw(&args)
 }
 
+fn qemu(bundle: &str, data: &str) -> Run {
+    thaw(&["qemu", bundle, "--data", data, "--timeout", "120"])
+}
+
+/// Serves `data` under KVM and QEMU at once; both must agree. Returns the KVM run.
+fn both(bundle: &str, data: &str) -> Run {
+    let (kvm, emulated) = std::thread::scope(|s| {
+        let emulated = s.spawn(|| qemu(bundle, data));
+        (invoke(bundle, data, &[]), emulated.join().expect("qemu run"))
+    });
+    assert_eq!(kvm.stdout, emulated.stdout, "response differs\nkvm: {kvm:#?}\nqemu: {emulated:#?}");
+    assert_eq!(kvm.stderr, emulated.stderr, "stderr differs\nkvm: {kvm:#?}\nqemu: {emulated:#?}");
+    assert_eq!(kvm.code, emulated.code, "exit code differs\nkvm: {kvm:#?}\nqemu: {emulated:#?}");
+    kvm
+}
+
 #[test]
 fn hello_greets_by_name() {
-    let (_dir, bundle) = pack(Path::new(example("hello")), &[]);
-    let run = invoke(&bundle, r#"{"name": "thaw"}"#, &[]);
+    let (_dir, bundle) = example("hello", &[]);
+    let run = both(&bundle, r#"{"name": "thaw"}"#);
     assert_eq!(run.code, Some(0), "{run:#?}");
     assert_eq!(run.stdout, "{\"greeting\":\"Hello, thaw!\"}\n");
     assert_eq!(run.stderr, "hello: greeted thaw\n");
@@ -66,28 +92,30 @@ fn hello_greets_by_name() {
 
 #[test]
 fn json_transform_parses_transforms_and_serializes() {
-    let (_dir, bundle) = pack(Path::new(example("json-transform")), &[]);
+    let (_dir, bundle) = example("json-transform", &[]);
     let order = r#"{"customer": "ada", "items": [
         {"sku": "pen", "price_cents": 150, "quantity": 4},
         {"sku": "book", "price_cents": 2500, "quantity": 1},
         {"sku": "ink", "price_cents": 300, "quantity": 2}]}"#;
-    let run = invoke(&bundle, order, &[]);
+    let run = both(&bundle, order);
     assert_eq!(run.code, Some(0), "{run:#?}");
     assert_eq!(
         run.stdout,
         "{\"customer\":\"ADA\",\"lines\":[{\"sku\":\"book\",\"total_cents\":2500},{\"sku\":\"ink\",\"total_cents\":600},{\"sku\":\"pen\",\"total_cents\":600}],\"item_count\":7,\"total_cents\":3700}\n"
     );
-    let bad = invoke(&bundle, "not json", &[]);
+    let bad = both(&bundle, "not json");
     assert_eq!(bad.code, Some(2), "{bad:#?}");
     assert!(bad.stderr.contains("json-transform: bad order"), "{bad:#?}");
 }
 
 #[test]
 fn random_gives_fresh_bytes_and_the_hosts_wall_clock() {
-    let (_dir, bundle) = pack(Path::new(example("random")), &[]);
+    let (_dir, bundle) = example("random", &[]);
     let mut seen = Vec::new();
-    for _ in 0..2 {
-        let run = invoke(&bundle, "", &[]);
+    let runs: [&dyn Fn() -> Run; 3] =
+        [&|| invoke(&bundle, "", &[]), &|| invoke(&bundle, "", &[]), &|| qemu(&bundle, "")];
+    for run in runs {
+        let run = run();
         assert_eq!(run.code, Some(0), "{run:#?}");
         let line = run.stdout.trim();
         let hex = line.split('"').nth(3).expect("random field");
@@ -99,11 +127,15 @@ fn random_gives_fresh_bytes_and_the_hosts_wall_clock() {
         seen.push(hex.to_string());
     }
     assert_ne!(seen[0], seen[1], "two VMs must not share random state");
+    assert_ne!(seen[1], seen[2], "two VMs must not share random state");
 }
 
 #[test]
 fn heavy_init_answers_from_the_index_built_in_init() {
-    let (_dir, bundle) = pack(Path::new(example("heavy-init")), &["--memory", "64"]);
+    let (_dir, bundle) = example("heavy-init", &["--memory", "64"]);
+    let run = both(&bundle, "10");
+    assert_eq!(run.code, Some(0), "{run:#?}");
+    assert_eq!(run.stdout, "{\"n\": 10, \"primes_below\": 4, \"nth_prime\": 29}\n");
     let run = invoke(&bundle, "10", &["--stats", "json"]);
     assert_eq!(run.code, Some(0), "{run:#?}");
     assert_eq!(run.stdout, "{\"n\": 10, \"primes_below\": 4, \"nth_prime\": 29}\n");
@@ -117,7 +149,7 @@ fn heavy_init_answers_from_the_index_built_in_init() {
 #[test]
 fn a_trap_is_reported_with_its_message() {
     let (_dir, bundle) = pack(&fixture("trap.wat"), &[]);
-    let run = invoke(&bundle, "", &[]);
+    let run = both(&bundle, "");
     assert_eq!(run.code, Some(abi::exit_code::FUNCTION_TRAPPED as i32), "{run:#?}");
     assert!(run.stderr.starts_with("thaw: function trapped: "), "{run:#?}");
     assert!(run.stderr.contains("unreachable"), "{run:#?}");
@@ -131,7 +163,7 @@ fn an_infinite_loop_ends_by_timeout_or_by_fuel() {
     assert!(run.stderr.contains("thaw: guest timed out after 3.0 s"), "{run:#?}");
 
     let (_dir, bundle) = pack(&fixture("loop.wat"), &["--fuel", "1000000"]);
-    let run = invoke(&bundle, "", &["--timeout", "30"]);
+    let run = both(&bundle, "");
     assert_eq!(run.code, Some(abi::exit_code::FUNCTION_TRAPPED as i32), "{run:#?}");
     assert!(run.stderr.contains("fuel"), "{run:#?}");
 }
@@ -139,7 +171,7 @@ fn an_infinite_loop_ends_by_timeout_or_by_fuel() {
 #[test]
 fn growing_memory_past_the_limit_traps_instead_of_crashing_the_guest() {
     let (_dir, bundle) = pack(&fixture("grow.wat"), &["--memory", "8"]);
-    let run = invoke(&bundle, "", &[]);
+    let run = both(&bundle, "");
     assert_eq!(run.code, Some(abi::exit_code::FUNCTION_TRAPPED as i32), "{run:#?}");
     assert!(run.stderr.starts_with("thaw: function trapped: "), "{run:#?}");
 }
@@ -147,7 +179,7 @@ fn growing_memory_past_the_limit_traps_instead_of_crashing_the_guest() {
 #[test]
 fn an_unsupported_wasi_call_returns_enosys_and_is_noted_once() {
     let (_dir, bundle) = pack(&fixture("unsupported.wat"), &[]);
-    let run = invoke(&bundle, "", &[]);
+    let run = both(&bundle, "");
     assert_eq!(run.code, Some(0), "{run:#?}");
     assert_eq!(run.stdout, "52");
     assert_eq!(run.stderr, "thaw: wasi: path_open is not supported; it returns ENOSYS\n");
@@ -156,7 +188,7 @@ fn an_unsupported_wasi_call_returns_enosys_and_is_noted_once() {
 #[test]
 fn proc_exit_code_becomes_the_exit_code() {
     let (_dir, bundle) = pack(&fixture("exit3.wat"), &[]);
-    let run = invoke(&bundle, "", &[]);
+    let run = both(&bundle, "");
     assert_eq!(run.code, Some(3), "{run:#?}");
     assert_eq!(run.stderr, "thaw: function exited with code 3\n");
 }

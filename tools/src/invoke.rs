@@ -45,13 +45,8 @@ const MAX_BUNDLE_FILE: u64 = 80 << 20;
 
 /// Runs `thaw invoke` and returns the process exit code.
 pub fn run(args: &InvokeArgs) -> Result<u8, String> {
-    let bytes = crate::pack::read_limited(&args.function, MAX_BUNDLE_FILE, "function bundle")?;
-    let function = Function::from_bundle(bytes).map_err(|e| format!("{}: {e}", args.function.display()))?;
-    let request = match (&args.data, &args.input) {
-        (Some(data), _) => data.as_bytes().to_vec(),
-        (None, Some(path)) => crate::pack::read_limited(path, abi::invoke::MAX_REQUEST_BYTES, "request")?,
-        (None, None) => return Err("give the request with --data or --input".into()),
-    };
+    let function = load_function(&args.function)?;
+    let request = request_body(args.data.as_ref(), args.input.as_ref())?;
     let timeout = Duration::try_from_secs_f64(args.timeout)
         .ok()
         .filter(|t| !t.is_zero())
@@ -73,15 +68,36 @@ pub fn run(args: &InvokeArgs) -> Result<u8, String> {
     if let Some(StatsFormat::Json) = args.stats {
         eprintln!("{}", stats_json(&report));
     }
-    let clean = matches!(report.outcome, Outcome::Exited(0));
-    if !clean && !args.verbose {
-        let _ = std::io::stderr().write_all(&kernel_log);
+    conclude(&report.outcome, report.responses.first(), &kernel_log)
+}
+
+/// Ends a one-request run, under either hypervisor: the response if the guest answered and
+/// exited cleanly, otherwise the kernel's log (empty if it was already shown) and why it ended.
+pub fn conclude(outcome: &Outcome, response: Option<&FunctionResponse>, kernel_log: &[u8]) -> Result<u8, String> {
+    let clean = matches!(outcome, Outcome::Exited(0));
+    if !clean {
+        let _ = std::io::stderr().write_all(kernel_log);
     }
-    match (clean, report.responses.first()) {
+    match (clean, response) {
         (true, Some(response)) => Ok(answer(response)),
         (true, None) => Err("the guest exited without answering the request".into()),
-        (false, _) => Ok(crate::finish(&report.outcome)),
+        (false, _) => Ok(crate::finish(outcome)),
     }
+}
+
+/// The request body `--data` or `--input` names.
+pub fn request_body(data: Option<&String>, input: Option<&PathBuf>) -> Result<Vec<u8>, String> {
+    match (data, input) {
+        (Some(data), _) => Ok(data.as_bytes().to_vec()),
+        (None, Some(path)) => crate::pack::read_limited(path, abi::invoke::MAX_REQUEST_BYTES, "request"),
+        (None, None) => Err("give the request with --data or --input".into()),
+    }
+}
+
+/// Reads and validates a function bundle.
+pub fn load_function(path: &std::path::Path) -> Result<Function, String> {
+    let bytes = crate::pack::read_limited(path, MAX_BUNDLE_FILE, "function bundle")?;
+    Function::from_bundle(bytes).map_err(|e| format!("{}: {e}", path.display()))
 }
 
 /// Prints a response and returns the exit code it implies.

@@ -30,7 +30,8 @@ struct Cli {
 enum Command {
     /// Boot a guest kernel under KVM with thaw's VMM and stream its output.
     Run(run::RunArgs),
-    /// Boot a guest kernel under QEMU (software emulation) from a BIOS disk image.
+    /// Boot a guest kernel under QEMU (software emulation) from a BIOS disk image, optionally
+    /// serving one request to a function bundle.
     Qemu(qemu::QemuArgs),
     /// Boot a guest kernel many times under KVM and print per-phase percentiles.
     Bench(bench::BenchArgs),

@@ -11,8 +11,11 @@ use host_vmm::function::{self, FunctionKind};
 #[derive(Args, Debug)]
 pub struct PackArgs {
     /// The function: a core wasm module for wasm32-wasip1 (.wasm) or its text form (.wat).
-    #[arg(value_name = "FUNCTION.wasm|FUNCTION.wat")]
-    input: PathBuf,
+    #[arg(value_name = "FUNCTION.wasm|FUNCTION.wat", required_unless_present = "example")]
+    input: Option<PathBuf>,
+    /// Pack one of the example functions built into thaw instead of a file.
+    #[arg(long, value_name = "NAME", conflicts_with = "input", value_parser = clap::builder::PossibleValuesParser::new(EXAMPLE_NAMES))]
+    example: Option<String>,
     /// The function's name [default: the input's file stem].
     #[arg(long)]
     name: Option<String>,
@@ -32,6 +35,15 @@ pub struct PackArgs {
     #[arg(short, long, value_name = "FUNCTION.thaw")]
     output: PathBuf,
 }
+
+/// The example functions (Rust, compiled to wasm32-wasip1 by the workspace build).
+const EXAMPLES: [(&str, &[u8]); 4] = [
+    ("hello", include_bytes!(env!("CARGO_CDYLIB_FILE_EXAMPLE_HELLO_example_hello"))),
+    ("json-transform", include_bytes!(env!("CARGO_CDYLIB_FILE_EXAMPLE_JSON_TRANSFORM_example_json_transform"))),
+    ("random", include_bytes!(env!("CARGO_CDYLIB_FILE_EXAMPLE_RANDOM_example_random"))),
+    ("heavy-init", include_bytes!(env!("CARGO_CDYLIB_FILE_EXAMPLE_HEAVY_INIT_example_heavy_init"))),
+];
+const EXAMPLE_NAMES: [&str; 4] = [EXAMPLES[0].0, EXAMPLES[1].0, EXAMPLES[2].0, EXAMPLES[3].0];
 
 /// Reads a file of at most `limit` bytes, naming it in every error.
 pub fn read_limited(path: &Path, limit: u64, what: &str) -> Result<Vec<u8>, String> {
@@ -67,9 +79,20 @@ fn one_line(error: &wat::Error) -> String {
 
 /// Runs `thaw pack` and returns the process exit code.
 pub fn run(args: &PackArgs) -> Result<u8, String> {
-    let source = read_limited(&args.input, bundle::MAX_WASM_BYTES as u64 * 4, "function")?;
-    let input = args.input.display();
-    let is_text = args.input.extension().is_some_and(|e| e == "wat") || !source.starts_with(b"\0asm");
+    let (source, input, stem) = match (&args.input, &args.example) {
+        (_, Some(name)) => {
+            let wasm = EXAMPLES.iter().find(|(n, _)| n == name).map(|(_, w)| w.to_vec()).unwrap_or_default();
+            (wasm, format!("example {name}"), name.clone())
+        }
+        (Some(path), None) => {
+            let source = read_limited(path, bundle::MAX_WASM_BYTES as u64 * 4, "function")?;
+            let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+            (source, path.display().to_string(), stem)
+        }
+        (None, None) => return Err("give a .wasm or .wat file, or --example NAME".into()),
+    };
+    let is_wat = args.input.as_ref().is_some_and(|p| p.extension().is_some_and(|e| e == "wat"));
+    let is_text = is_wat || !source.starts_with(b"\0asm");
     let wasm = if is_text {
         wat::parse_bytes(&source)
             .map_err(|e| format!("{input}: not a wasm module, and not valid WAT: {}", one_line(&e)))?
@@ -78,10 +101,7 @@ pub fn run(args: &PackArgs) -> Result<u8, String> {
         source
     };
     let kind = function::validate_wasm(&wasm).map_err(|e| format!("{input}: {e}"))?;
-    let name = match &args.name {
-        Some(name) => name.clone(),
-        None => args.input.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default(),
-    };
+    let name = args.name.clone().unwrap_or(stem);
     let manifest = Manifest {
         args: std::iter::once(name.clone()).chain(args.args.iter().cloned()).collect(),
         name,

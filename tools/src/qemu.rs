@@ -1,56 +1,138 @@
 //! `thaw qemu`: boot a kernel under QEMU (TCG) from a BIOS disk image made with the
-//! `bootloader` crate, and report its end exactly as `thaw run` would.
+//! `bootloader` crate, optionally serving one request to a function, and report the end exactly
+//! as `thaw run` or `thaw invoke` would.
 //!
 //! The guest has no hypercalls here: it prints on COM1 (QEMU's stdout), exits through
-//! `isa-debug-exit`, and reports a panic or fault as one marker line (`abi::qemu`). Marker lines
-//! are turned back into the outcome instead of being printed, so stdout and the reason line match
-//! `thaw run` for the same kernel.
+//! `isa-debug-exit`, and reports a panic, fault or function response as one marker line
+//! (`abi::qemu`). The host parameters and the request travel the other way as frames on COM1
+//! (QEMU's stdin). Marker lines are turned back into the outcome instead of being printed, so
+//! what the user sees matches the KVM commands.
 
 use std::io::{BufRead, BufReader, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use abi::fault::FaultReport;
-use abi::qemu::{FAULT_MARKER, PANIC_MARKER, guest_code_from_qemu_status};
+use abi::params::HostParams;
+use abi::qemu::{self, FAULT_MARKER, PANIC_MARKER, RESPONSE_MARKER, guest_code_from_qemu_status};
 use clap::Args;
-use host_vmm::{GuestError, Outcome};
+use host_vmm::{FunctionResponse, FunctionStatus, GuestError, Outcome};
 
 use crate::KernelArgs;
 
 /// Arguments of `thaw qemu`.
 #[derive(Args, Debug)]
 pub struct QemuArgs {
+    /// A function bundle to serve one request to [default: boot the kernel alone].
+    #[arg(value_name = "FUNCTION.thaw")]
+    function: Option<PathBuf>,
+    /// The request body (with FUNCTION.thaw).
+    #[arg(long, value_name = "STRING", requires = "function", conflicts_with = "input")]
+    data: Option<String>,
+    /// Read the request body from this file (with FUNCTION.thaw).
+    #[arg(long, value_name = "FILE", requires = "function")]
+    input: Option<PathBuf>,
+    /// Show the guest kernel's log on stderr when serving a function.
+    #[arg(long)]
+    verbose: bool,
     #[command(flatten)]
     kernel: KernelArgs,
-    /// Guest memory in MiB.
-    #[arg(long, value_name = "MIB", default_value_t = 128)]
-    memory: u64,
+    /// Guest memory in MiB [default: 128, or what the function needs].
+    #[arg(long, value_name = "MIB")]
+    memory: Option<u64>,
     /// The QEMU binary to run.
     #[arg(long, value_name = "PATH", default_value = "qemu-system-x86_64")]
     qemu: String,
 }
 
-/// What the guest reported on a marker line.
-fn marker_outcome(line: &str) -> Option<Outcome> {
-    if let Some(message) = line.strip_prefix(PANIC_MARKER) {
-        return Some(Outcome::Panicked(message.to_string()));
-    }
-    let text = line.strip_prefix(FAULT_MARKER)?;
-    Some(match FaultReport::parse_text(text) {
-        Some(report) => Outcome::Faulted(report),
-        None => Outcome::Failed {
-            error: GuestError::UnexpectedExit(format!("unreadable fault report {text:?}")),
-            rip: None,
-        },
+/// What a serial line meant.
+enum Line {
+    /// Ordinary guest output.
+    Output(String),
+    /// The guest's end.
+    Outcome(Outcome),
+    /// A function's response.
+    Response(FunctionResponse),
+    /// The guest is ready for the request frames.
+    AwaitFrames,
+}
+
+fn unreadable(what: &str, text: &str) -> Line {
+    Line::Outcome(Outcome::Failed {
+        error: GuestError::UnexpectedExit(format!("unreadable {what} {text:?}")),
+        rip: None,
     })
+}
+
+/// Classifies one serial line.
+fn classify(line: String) -> Line {
+    if let Some(message) = line.strip_prefix(PANIC_MARKER) {
+        return Line::Outcome(Outcome::Panicked(message.to_string()));
+    }
+    if let Some(text) = line.strip_prefix(FAULT_MARKER) {
+        return match FaultReport::parse_text(text) {
+            Some(report) => Line::Outcome(Outcome::Faulted(report)),
+            None => unreadable("fault report", text),
+        };
+    }
+    if line == qemu::AWAIT_FRAMES_MARKER {
+        return Line::AwaitFrames;
+    }
+    if let Some(text) = line.strip_prefix(RESPONSE_MARKER) {
+        return parse_response(text).map_or_else(|| unreadable("response", text), Line::Response);
+    }
+    Line::Output(line)
+}
+
+fn parse_response(text: &str) -> Option<FunctionResponse> {
+    let fields: Vec<&str> = text.split(' ').collect();
+    let [status, code, stdout, stderr, message] = fields.as_slice() else { return None };
+    let message = String::from_utf8_lossy(&qemu::parse_hex(message)?).into_owned();
+    let status = match (status.parse::<u32>().ok()?, code.parse::<u32>().ok()?) {
+        (abi::invoke::STATUS_OK, _) => FunctionStatus::Ok,
+        (abi::invoke::STATUS_TRAPPED, _) => FunctionStatus::Trapped(message),
+        (abi::invoke::STATUS_EXITED, code) => FunctionStatus::Exited(code),
+        _ => return None,
+    };
+    Some(FunctionResponse {
+        status,
+        stdout: qemu::parse_hex(stdout)?,
+        stderr: qemu::parse_hex(stderr)?,
+        handle_time: Duration::ZERO,
+    })
+}
+
+/// The frames a function's guest reads from COM1: host parameters, the request, the end.
+fn request_frames(request: &[u8]) -> Result<Vec<u8>, String> {
+    let mut entropy = [0u8; 32];
+    host_vmm::host_entropy(&mut entropy).map_err(|e| e.to_string())?;
+    let wall_clock_ns = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+    // QEMU's TSC rate is not known here, so the guest's clocks stay at this base under QEMU.
+    let params = HostParams { entropy, wall_clock_ns, tsc_khz: 0 };
+    let mut frames = Vec::with_capacity(request.len() + 100);
+    frames.extend_from_slice(&qemu::PARAMS_TAG);
+    frames.extend_from_slice(&params.encode());
+    frames.extend_from_slice(&qemu::REQUEST_TAG);
+    frames.extend_from_slice(&(request.len() as u64).to_le_bytes());
+    frames.extend_from_slice(request);
+    frames.extend_from_slice(&qemu::END_TAG);
+    Ok(frames)
 }
 
 /// Runs `thaw qemu` and returns the process exit code.
 pub fn run(args: &QemuArgs) -> Result<u8, String> {
     let kernel = crate::kernel::load(&args.kernel)?;
     let timeout = crate::kernel::timeout(&args.kernel)?;
+    let function = args.function.as_deref().map(crate::invoke::load_function).transpose()?;
+    let request = match &function {
+        Some(_) => Some(crate::invoke::request_body(args.data.as_ref(), args.input.as_ref())?),
+        None => None,
+    };
+    let memory = args.memory.unwrap_or(function.as_ref().map_or(128, |f| f.vm_memory_mib().max(128)));
     let dir = tempfile::tempdir().map_err(|e| format!("creating a temporary directory: {e}"))?;
     let kernel_path = match &kernel.path {
         Some(path) => path.clone(),
@@ -60,36 +142,85 @@ pub fn run(args: &QemuArgs) -> Result<u8, String> {
             path
         }
     };
+    let ramdisk = match (&function, &args.function) {
+        (Some(_), Some(path)) => Some(path.as_path()),
+        _ => None,
+    };
     let image = dir.path().join("disk.img");
-    build_disk_image(&kernel_path, &image)?;
-    let child = Command::new(&args.qemu)
-        .args(["-accel", "tcg", "-m", &format!("{}M", args.memory)])
+    build_disk_image(&kernel_path, ramdisk, &image)?;
+    let mut child = Command::new(&args.qemu)
+        .args(["-accel", "tcg", "-m", &format!("{memory}M")])
         .args(["-display", "none", "-monitor", "none", "-serial", "stdio", "-no-reboot"])
         .args(["-device", &format!("isa-debug-exit,iobase={:#x},iosize=0x04", abi::qemu::ISA_DEBUG_EXIT_PORT)])
         .arg("-drive")
         .arg(format!("format=raw,file={}", image.display()))
-        .stdin(Stdio::null())
+        .stdin(if request.is_some() { Stdio::piped() } else { Stdio::null() })
         .stdout(Stdio::piped())
         .spawn()
         .map_err(|e| format!("starting {}: {e} (install QEMU: apt-get install qemu-system-x86)", args.qemu))?;
-    let outcome = supervise(child, timeout)?;
-    Ok(crate::finish(&outcome))
+    let mut pending = request.zip(child.stdin.take());
+    let mut frame_error = None;
+    let serving = function.is_some();
+    let mut kernel_log = Vec::new();
+    let mut responses = Vec::new();
+    let mut out = std::io::stdout().lock();
+    let mut err = std::io::stderr().lock();
+    let outcome = supervise(child, timeout, |line, reported| match classify(line) {
+        Line::Output(text) if serving && !args.verbose => kernel_log.extend_from_slice(format!("{text}\n").as_bytes()),
+        Line::Output(text) if serving => {
+            let _ = writeln!(err, "{text}");
+        }
+        Line::Output(text) => {
+            let _ = writeln!(out, "{text}").and_then(|()| out.flush());
+        }
+        Line::Outcome(outcome) => *reported = reported.take().or(Some(outcome)),
+        Line::Response(response) => responses.push(response),
+        Line::AwaitFrames => {
+            // Built now, so the guest's clock starts from the time it is actually served.
+            match pending.take().map(|(request, stdin)| (request_frames(&request), stdin)) {
+                Some((Ok(frames), mut stdin)) => {
+                    // A thread, so a large request cannot block the loop draining QEMU's output.
+                    std::thread::spawn(move || {
+                        let _ = stdin.write_all(&frames);
+                    });
+                }
+                Some((Err(e), _)) => frame_error = Some(e),
+                None => {}
+            }
+        }
+    })?;
+    if let Some(e) = frame_error {
+        return Err(e);
+    }
+    drop((out, err));
+    if serving {
+        crate::invoke::conclude(&outcome, responses.first(), &kernel_log)
+    } else {
+        Ok(crate::finish(&outcome))
+    }
 }
 
-/// Builds a BIOS-bootable disk image of `kernel` at `image`, with the bootloader's own logging
-/// off so the serial line carries only what the kernel prints.
-fn build_disk_image(kernel: &Path, image: &Path) -> Result<(), String> {
+/// Builds a BIOS-bootable disk image of `kernel` (and `ramdisk`) at `image`, with the
+/// bootloader's own logging off so the serial line carries only what the kernel prints.
+fn build_disk_image(kernel: &Path, ramdisk: Option<&Path>, image: &Path) -> Result<(), String> {
     let mut config = bootloader::BootConfig::default();
     config.frame_buffer_logging = false;
     config.serial_logging = false;
-    bootloader::BiosBoot::new(kernel)
-        .set_boot_config(&config)
-        .create_disk_image(image)
-        .map_err(|e| format!("building the BIOS disk image: {e:#}"))
+    let mut boot = bootloader::BiosBoot::new(kernel);
+    boot.set_boot_config(&config);
+    if let Some(ramdisk) = ramdisk {
+        boot.set_ramdisk(ramdisk);
+    }
+    boot.create_disk_image(image).map_err(|e| format!("building the BIOS disk image: {e:#}"))
 }
 
-/// Streams QEMU's serial output, enforces the timeout, and decides the outcome.
-fn supervise(mut child: Child, timeout: Duration) -> Result<Outcome, String> {
+/// Streams QEMU's serial output line by line into `on_line`, enforces the timeout, and decides
+/// the outcome: a reported one, else the `isa-debug-exit` code.
+fn supervise(
+    mut child: Child,
+    timeout: Duration,
+    mut on_line: impl FnMut(String, &mut Option<Outcome>),
+) -> Result<Outcome, String> {
     let stdout = child.stdout.take().ok_or("QEMU's stdout was not captured")?;
     let (lines_tx, lines) = mpsc::channel();
     let reader = std::thread::spawn(move || {
@@ -102,18 +233,9 @@ fn supervise(mut child: Child, timeout: Duration) -> Result<Outcome, String> {
     });
     let deadline = Instant::now() + timeout;
     let mut reported = None;
-    let mut out = std::io::stdout().lock();
-    let mut forward = |line: String, reported: &mut Option<Outcome>| match marker_outcome(&line) {
-        Some(outcome) => *reported = reported.take().or(Some(outcome)),
-        None => {
-            let _ = writeln!(out, "{line}");
-            let _ = out.flush();
-        }
-    };
     let status = loop {
-        match lines.recv_timeout(Duration::from_millis(20)) {
-            Ok(line) => forward(line, &mut reported),
-            Err(mpsc::RecvTimeoutError::Disconnected) | Err(mpsc::RecvTimeoutError::Timeout) => {}
+        if let Ok(line) = lines.recv_timeout(Duration::from_millis(20)) {
+            on_line(line, &mut reported);
         }
         if let Some(status) = child.try_wait().map_err(|e| format!("waiting for QEMU: {e}"))? {
             break Some(status);
@@ -126,7 +248,7 @@ fn supervise(mut child: Child, timeout: Duration) -> Result<Outcome, String> {
     };
     let _ = reader.join();
     for line in lines.try_iter() {
-        forward(line, &mut reported);
+        on_line(line, &mut reported);
     }
     let Some(status) = status else {
         return Ok(Outcome::TimedOut(timeout));
@@ -143,15 +265,27 @@ mod tests {
     use super::*;
 
     #[test]
-    fn marker_lines_become_outcomes() {
+    fn marker_lines_become_outcomes_and_responses() {
+        let outcome = |line: &str| match classify(line.to_string()) {
+            Line::Outcome(o) => Some(o),
+            _ => None,
+        };
         assert!(
-            matches!(marker_outcome("thaw-guest: panic: boom at a.rs:1:1"), Some(Outcome::Panicked(m)) if m == "boom at a.rs:1:1")
+            matches!(outcome("thaw-guest: panic: boom at a.rs:1:1"), Some(Outcome::Panicked(m)) if m == "boom at a.rs:1:1")
         );
         let report = FaultReport { vector: 6, rip: 0x20_0000, cs: 0x23, ..Default::default() };
         let mut text = String::from(FAULT_MARKER);
         report.write_text(&mut text).unwrap();
-        assert!(matches!(marker_outcome(&text), Some(Outcome::Faulted(r)) if r == report));
-        assert!(matches!(marker_outcome("thaw-guest: fault: garbage"), Some(Outcome::Failed { .. })));
-        assert!(marker_outcome("thaw-guest: ready (cpl 3)").is_none());
+        assert!(matches!(outcome(&text), Some(Outcome::Faulted(r)) if r == report));
+        assert!(matches!(outcome("thaw-guest: fault: garbage"), Some(Outcome::Failed { .. })));
+        assert!(matches!(classify("thaw-guest: ready (cpl 3)".into()), Line::Output(_)));
+        let Line::Response(r) = classify("thaw-guest: response: 1 0 6869 - 626f6f6d".into()) else {
+            panic!("no response")
+        };
+        assert_eq!(
+            (r.stdout.as_slice(), r.stderr.as_slice(), r.status),
+            (&b"hi"[..], &b""[..], FunctionStatus::Trapped("boom".into()))
+        );
+        assert!(matches!(classify("thaw-guest: response: 0 0 zz - -".into()), Line::Outcome(Outcome::Failed { .. })));
     }
 }

@@ -27,7 +27,8 @@ impl Scratch {
     fn bundle(&self) -> Vec<u8> {
         let wat = self.file("f.wat", HANDLER.as_bytes());
         let out = self.dir.path().join("f.thaw");
-        let status = Command::new(THAW).args(["pack", wat.to_str().unwrap(), "-o", out.to_str().unwrap()]).output().unwrap();
+        let status =
+            Command::new(THAW).args(["pack", wat.to_str().unwrap(), "-o", out.to_str().unwrap()]).output().unwrap();
         assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
         std::fs::read(out).unwrap()
     }
@@ -111,7 +112,10 @@ fn pack_refuses_what_is_not_a_thaw_function() {
     assert!(pack(&no_entry).contains("exports neither handle nor _start"));
     let env_import = s.file("env.wat", b"(module (import \"env\" \"f\" (func)) (func (export \"handle\")))");
     assert!(pack(&env_import).contains("import env.f: only wasi_snapshot_preview1 functions can be imported"));
-    let bad_sig = s.file("sig.wat", b"(module (import \"wasi_snapshot_preview1\" \"fd_write\" (func)) (func (export \"handle\")))");
+    let bad_sig = s.file(
+        "sig.wat",
+        b"(module (import \"wasi_snapshot_preview1\" \"fd_write\" (func)) (func (export \"handle\")))",
+    );
     assert!(pack(&bad_sig).contains("does not match WASI's"));
     let handler = s.file("ok.wat", HANDLER.as_bytes());
     assert!(refused(&["pack", handler.to_str().unwrap(), "--env", "NOEQUALS", "-o", out]).contains("is not KEY=VALUE"));

@@ -4,6 +4,9 @@
 //! The function contract is in docs/FUNCTIONS.md: a reactor exports `handle` (and optionally
 //! `_initialize` and `init`, run once); a command exports `_start`, run in a fresh instance of
 //! the compiled module for every request.
+//!
+//! Requests arrive through a [`Transport`]: the invoke mailbox under thaw's VMM, or frames on
+//! the serial line under QEMU (`abi::qemu`). Everything else is the same on both.
 
 mod wasi;
 
@@ -15,7 +18,10 @@ use abi::hypercall::{Hypercall, Milestone};
 use abi::invoke::{self, NextReply, NextRequest, Range, Response};
 use wasmi::{CompilationMode, Config, Engine, Linker, Module, Store, StoreLimitsBuilder, TypedFunc};
 
-use crate::{hypercall, platform};
+use abi::params::HostParams;
+use abi::qemu;
+
+use crate::{hypercall, platform, serial};
 
 pub use wasi::WasiCtx;
 
@@ -27,22 +33,110 @@ enum Entry {
     Command,
 }
 
-/// Runs the function in `bundle` until the VMM has no more requests; returns the exit code.
+/// Where requests come from and where responses go.
+#[derive(Debug, Clone, Copy)]
+enum Transport {
+    /// The invoke mailbox hypercalls (thaw's VMM).
+    Mailbox,
+    /// Frames on COM1 (QEMU).
+    Serial,
+}
+
+impl Transport {
+    fn for_platform() -> Self {
+        match platform::current() {
+            platform::Platform::Thaw => Self::Mailbox,
+            platform::Platform::Other => Self::Serial,
+        }
+    }
+
+    /// The host's entropy and time base.
+    fn host_params(self) -> Result<HostParams, String> {
+        match self {
+            Self::Mailbox => platform::host_params().ok_or_else(|| "the VMM wrote no host parameters page".into()),
+            Self::Serial => {
+                serial::write(qemu::AWAIT_FRAMES_MARKER.as_bytes());
+                serial::write(b"\n");
+                expect_tag(qemu::PARAMS_TAG)?;
+                let mut bytes = [0u8; HostParams::LEN];
+                serial::read_exact(&mut bytes);
+                HostParams::decode(&bytes).ok_or_else(|| "the host parameters frame is malformed".into())
+            }
+        }
+    }
+
+    /// Fetches the next request into `buffer`; false when there are no more.
+    fn next_request(self, buffer: &mut Vec<u8>) -> Result<bool, String> {
+        match self {
+            Self::Mailbox => next_from_mailbox(buffer),
+            Self::Serial => {
+                let mut tag = [0u8; 8];
+                serial::read_exact(&mut tag);
+                if tag == qemu::END_TAG {
+                    return Ok(false);
+                }
+                if tag != qemu::REQUEST_TAG {
+                    return Err(alloc::format!("serial frame tag {tag:02x?} is not a request or end"));
+                }
+                let mut len = [0u8; 8];
+                serial::read_exact(&mut len);
+                let len = u64::from_le_bytes(len);
+                if len > invoke::MAX_REQUEST_BYTES {
+                    return Err(alloc::format!("serial request of {len} bytes exceeds {}", invoke::MAX_REQUEST_BYTES));
+                }
+                buffer.clear();
+                buffer.resize(len as usize, 0);
+                serial::read_exact(buffer);
+                Ok(true)
+            }
+        }
+    }
+
+    fn respond(self, status: u32, exit_code: u32, stdout: &[u8], stderr: &[u8], message: &[u8]) {
+        let message = &message[..message.len().min(invoke::MAX_MESSAGE_BYTES as usize)];
+        match self {
+            Self::Mailbox => {
+                let response = Response {
+                    status,
+                    exit_code,
+                    stdout: range(stdout),
+                    stderr: range(stderr),
+                    message: range(message),
+                };
+                hypercall::with_payload(&response.encode(), |len| Hypercall::InvokeRespond { len });
+            }
+            Self::Serial => {
+                let mut line = alloc::format!("{}{status} {exit_code} ", qemu::RESPONSE_MARKER);
+                for (i, bytes) in [stdout, stderr, message].into_iter().enumerate() {
+                    let _ = qemu::write_hex(&mut line, bytes);
+                    line.push(if i == 2 { '\n' } else { ' ' });
+                }
+                serial::write(line.as_bytes());
+            }
+        }
+    }
+}
+
+fn expect_tag(expected: [u8; 8]) -> Result<(), String> {
+    let mut tag = [0u8; 8];
+    serial::read_exact(&mut tag);
+    if tag == expected { Ok(()) } else { Err(alloc::format!("serial frame tag {tag:02x?}, expected {expected:02x?}")) }
+}
+
+/// Runs the function in `bundle` until the host has no more requests; returns the exit code.
 pub fn serve(bundle: &[u8]) -> u32 {
     let bundle = match abi::bundle::parse(bundle) {
         Ok(bundle) => bundle,
         Err(e) => panic!("function bundle: {e}"),
     };
-    if platform::current() != platform::Platform::Thaw {
-        panic!("serving a function needs thaw's VMM (the invoke mailbox); this hypervisor has none");
-    }
-    match run(&bundle) {
+    match run(&bundle, Transport::for_platform()) {
         Ok(()) => 0,
         Err(message) => panic!("function {}: {message}", bundle.manifest.name),
     }
 }
 
-fn run(bundle: &Bundle<'_>) -> Result<(), String> {
+fn run(bundle: &Bundle<'_>, transport: Transport) -> Result<(), String> {
+    let params = transport.host_params()?;
     let manifest = &bundle.manifest;
     let mut config = Config::default();
     config.compilation_mode(CompilationMode::Eager);
@@ -55,7 +149,7 @@ fn run(bundle: &Bundle<'_>) -> Result<(), String> {
     // instead of returning -1, so a function that outgrows its allowance says so.
     let limits =
         StoreLimitsBuilder::new().memory_size((manifest.memory_mib as usize) << 20).trap_on_grow_failure(true).build();
-    let mut store = Store::new(&engine, WasiCtx::new(manifest, limits));
+    let mut store = Store::new(&engine, WasiCtx::new(manifest, limits, &params));
     store.limiter(|ctx| &mut ctx.limits);
     let mut linker = Linker::new(&engine);
     wasi::define(&mut linker).map_err(|e| alloc::format!("defining WASI: {e}"))?;
@@ -87,7 +181,7 @@ fn run(bundle: &Bundle<'_>) -> Result<(), String> {
     platform::milestone(Milestone::Initialized);
 
     let mut request = Vec::new();
-    while next_request(&mut request)? {
+    while transport.next_request(&mut request)? {
         store.data_mut().begin(core::mem::take(&mut request));
         set_fuel(&mut store, manifest.fuel)?;
         let result = match &entry {
@@ -104,7 +198,7 @@ fn run(bundle: &Bundle<'_>) -> Result<(), String> {
             },
         };
         let ctx = store.data_mut();
-        respond(status, exit_code, &ctx.stdout, &ctx.stderr, message.as_bytes());
+        transport.respond(status, exit_code, &ctx.stdout, &ctx.stderr, message.as_bytes());
         request = ctx.end();
     }
     Ok(())
@@ -117,8 +211,8 @@ fn set_fuel<T>(store: &mut Store<T>, fuel: Option<u64>) -> Result<(), String> {
     }
 }
 
-/// Fetches the next request into `buffer`; false when there are no more.
-fn next_request(buffer: &mut Vec<u8>) -> Result<bool, String> {
+/// Fetches the next request from the invoke mailbox into `buffer`; false when there are no more.
+fn next_from_mailbox(buffer: &mut Vec<u8>) -> Result<bool, String> {
     loop {
         buffer.clear();
         let capacity = buffer.capacity().max(64 << 10);
@@ -148,11 +242,4 @@ fn next_request(buffer: &mut Vec<u8>) -> Result<bool, String> {
 
 fn range(bytes: &[u8]) -> Range {
     Range { gpa: platform::virt_to_phys(bytes.as_ptr()), len: bytes.len() as u64 }
-}
-
-fn respond(status: u32, exit_code: u32, stdout: &[u8], stderr: &[u8], message: &[u8]) {
-    let message = &message[..message.len().min(invoke::MAX_MESSAGE_BYTES as usize)];
-    let response =
-        Response { status, exit_code, stdout: range(stdout), stderr: range(stderr), message: range(message) };
-    hypercall::with_payload(&response.encode(), |len| Hypercall::InvokeRespond { len });
 }

@@ -13,6 +13,7 @@ use alloc::vec::Vec;
 
 use abi::bundle::Manifest;
 use abi::invoke::MAX_OUTPUT_BYTES;
+use abi::params::HostParams;
 use abi::wasi::{self, errno};
 use rand_chacha::ChaCha20Rng;
 use rand_chacha::rand_core::{RngCore, SeedableRng};
@@ -40,8 +41,7 @@ pub struct WasiCtx {
 
 impl WasiCtx {
     /// State for the function `manifest` describes.
-    pub fn new(manifest: &Manifest, limits: StoreLimits) -> Self {
-        let params = platform::host_params();
+    pub fn new(manifest: &Manifest, limits: StoreLimits, params: &HostParams) -> Self {
         Self {
             limits,
             stdin: Vec::new(),
@@ -50,8 +50,8 @@ impl WasiCtx {
             stderr: Vec::new(),
             args: manifest.args.clone(),
             env: manifest.env.clone(),
-            rng: ChaCha20Rng::from_seed(params.map_or([0; 32], |p| p.entropy)),
-            clock: platform::Clock::new(params.as_ref()),
+            rng: ChaCha20Rng::from_seed(params.entropy),
+            clock: platform::Clock::new(params),
             warned: BTreeSet::new(),
         }
     }
