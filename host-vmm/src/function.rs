@@ -91,7 +91,16 @@ pub fn validate_wasm(wasm: &[u8]) -> Result<FunctionKind, FunctionError> {
             bundle::MAX_WASM_BYTES
         )));
     }
-    let module = Module::new(&Engine::default(), wasm).map_err(|e| FunctionError::Invalid(e.to_string()))?;
+    if !wasm.starts_with(b"\0asm") {
+        let head: Vec<String> = wasm.iter().take(4).map(|b| format!("{b:02x}")).collect();
+        return Err(FunctionError::Invalid(format!(
+            "it starts with [{}], not the wasm magic [00 61 73 6d]",
+            head.join(" ")
+        )));
+    }
+    // wasmi's messages can span lines (they embed Debug output); keep the error to one line.
+    let one_line = |e: wasmi::Error| e.to_string().split_whitespace().collect::<Vec<_>>().join(" ");
+    let module = Module::new(&Engine::default(), wasm).map_err(|e| FunctionError::Invalid(one_line(e)))?;
     for import in module.imports() {
         let refuse = |reason: String| FunctionError::Import {
             module: import.module().to_string(),

@@ -1,25 +1,37 @@
-//! `thaw bench`: boot a kernel many times under KVM and report per-phase percentiles.
+//! `thaw bench`: boot many fresh VMs under KVM and report per-phase percentiles, for the kernel
+//! alone or serving one request to a function bundle each time (the cold path).
 //!
-//! A measurement, not a test: it fails only when a boot does not exit 0. The guest's output is
-//! discarded. Numbers go in docs/BENCHMARKS.md together with the command that produced them.
+//! A measurement, not a test: it fails only when a run does not end cleanly. Output from the
+//! guest is discarded. Numbers go in docs/BENCHMARKS.md together with the command that produced
+//! them.
 
 use std::io::Write;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Args;
-use host_vmm::{Outcome, VmConfig};
+use host_vmm::{FunctionStatus, Outcome, RunReport, VmConfig};
 
 use crate::KernelArgs;
 
 /// Arguments of `thaw bench`.
 #[derive(Args, Debug)]
 pub struct BenchArgs {
+    /// A function bundle to serve one request to in every VM [default: boot the kernel alone].
+    #[arg(value_name = "FUNCTION.thaw")]
+    function: Option<PathBuf>,
+    /// The request body (with FUNCTION.thaw).
+    #[arg(long, value_name = "STRING", requires = "function", conflicts_with = "input")]
+    data: Option<String>,
+    /// Read the request body from this file (with FUNCTION.thaw).
+    #[arg(long, value_name = "FILE", requires = "function")]
+    input: Option<PathBuf>,
     #[command(flatten)]
     kernel: KernelArgs,
-    /// Guest memory in MiB.
-    #[arg(long, value_name = "MIB", default_value_t = 64)]
-    memory: u64,
-    /// Number of boots to measure.
+    /// Guest memory in MiB [default: 64, or what the function needs].
+    #[arg(long, value_name = "MIB")]
+    memory: Option<u64>,
+    /// Number of VMs to measure.
     #[arg(long, value_name = "N", default_value_t = 200)]
     runs: usize,
 }
@@ -30,19 +42,52 @@ fn percentile(sorted: &[u128], p: usize) -> u128 {
     sorted[rank - 1]
 }
 
+fn us(d: Option<Duration>) -> Option<u128> {
+    d.map(|d| d.as_micros())
+}
+
+/// How to read one row from a run.
+type Reader = fn(&RunReport) -> Option<u128>;
+
+/// The rows measured, and how to read each from a run.
+fn rows(serving: bool) -> Vec<(&'static str, Reader)> {
+    let mut rows: Vec<(&'static str, Reader)> = vec![
+        ("vm create", |r| us(Some(r.timings.vm_create))),
+        ("load", |r| us(Some(r.timings.load))),
+        ("vcpu setup", |r| us(Some(r.timings.vcpu_setup))),
+        ("ring-0 early boot", |r| us(r.timings.ring0_boot)),
+        ("ring 3 to ready", |r| us(r.timings.ring3_to_ready)),
+    ];
+    if serving {
+        rows.extend([
+            ("compile", (|r| us(r.timings.compile)) as Reader),
+            ("instantiate", |r| us(r.timings.instantiate)),
+            ("init", |r| us(r.timings.init)),
+            ("handle", |r| us(r.responses.first().map(|x| x.handle_time))),
+        ]);
+    }
+    rows.extend([("total", (|r| us(Some(r.timings.total))) as Reader), ("vm exits", |r| Some(u128::from(r.exits)))]);
+    rows
+}
+
 /// Runs `thaw bench` and returns the process exit code.
 pub fn run(args: &BenchArgs) -> Result<u8, String> {
     if args.runs == 0 {
         return Err("--runs 0: need at least one run".into());
     }
     let kernel = crate::kernel::load(&args.kernel)?;
-    let config = VmConfig {
-        memory_mib: args.memory,
-        timeout: crate::kernel::timeout(&args.kernel)?,
-        ramdisk: None,
-        requests: Vec::new(),
+    let function = args.function.as_deref().map(crate::invoke::load_function).transpose()?;
+    let request = match &function {
+        Some(_) => Some(crate::invoke::request_body(args.data.as_ref(), args.input.as_ref())?),
+        None => None,
     };
-    let rows = ["vm create", "load", "vcpu setup", "ring-0 early boot", "ring 3 to ready", "total", "vm exits"];
+    let config = VmConfig {
+        memory_mib: args.memory.unwrap_or(function.as_ref().map_or(64, |f| f.vm_memory_mib())),
+        timeout: crate::kernel::timeout(&args.kernel)?,
+        ramdisk: function.as_ref().map(|f| f.bundle.clone()),
+        requests: request.into_iter().collect(),
+    };
+    let rows = rows(function.is_some());
     let mut samples: Vec<Vec<u128>> = vec![Vec::with_capacity(args.runs); rows.len()];
     let mut err = std::io::stderr().lock();
     for i in 0..args.runs {
@@ -50,28 +95,22 @@ pub fn run(args: &BenchArgs) -> Result<u8, String> {
         if !matches!(report.outcome, Outcome::Exited(0)) {
             return Err(format!("run {}: {}", i + 1, report.outcome));
         }
-        let t = &report.timings;
-        let us = |d: Option<Duration>| d.unwrap_or(Duration::ZERO).as_micros();
-        let values = [
-            us(Some(t.vm_create)),
-            us(Some(t.load)),
-            us(Some(t.vcpu_setup)),
-            us(t.ring0_boot),
-            us(t.ring3_to_ready),
-            us(Some(t.total)),
-            u128::from(report.exits),
-        ];
-        for (column, value) in samples.iter_mut().zip(values) {
-            column.push(value);
+        if function.is_some() && !matches!(report.responses.first().map(|r| &r.status), Some(FunctionStatus::Ok)) {
+            return Err(format!("run {}: the function did not answer cleanly", i + 1));
+        }
+        for ((name, read), column) in rows.iter().zip(samples.iter_mut()) {
+            column.push(read(&report).ok_or_else(|| format!("run {}: no {name} measurement", i + 1))?);
         }
         if (i + 1) % 50 == 0 || i + 1 == args.runs {
-            let _ = write!(err, "\rthaw: bench: {}/{} boots", i + 1, args.runs);
+            let _ = write!(err, "\rthaw: bench: {}/{} VMs", i + 1, args.runs);
         }
     }
     let _ = writeln!(err);
-    println!("{} boots, {} MiB guest memory; times in microseconds", args.runs, args.memory);
+    let what =
+        function.as_ref().map_or("kernel boots".to_string(), |f| format!("cold invocations of {}", f.manifest.name));
+    println!("{} {what}, {} MiB guest memory; times in microseconds", args.runs, config.memory_mib);
     println!("{:<20} {:>8} {:>8} {:>8} {:>8}", "phase", "p50", "p90", "p99", "max");
-    for (name, column) in rows.iter().zip(samples.iter_mut()) {
+    for ((name, _), column) in rows.iter().zip(samples.iter_mut()) {
         column.sort_unstable();
         let max = column.last().copied().unwrap_or(0);
         println!(

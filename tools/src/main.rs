@@ -33,7 +33,8 @@ enum Command {
     /// Boot a guest kernel under QEMU (software emulation) from a BIOS disk image, optionally
     /// serving one request to a function bundle.
     Qemu(qemu::QemuArgs),
-    /// Boot a guest kernel many times under KVM and print per-phase percentiles.
+    /// Boot many fresh VMs under KVM (optionally serving a function) and print per-phase
+    /// percentiles.
     Bench(bench::BenchArgs),
     /// Validate a WebAssembly function and package it as a bundle (.thaw).
     Pack(pack::PackArgs),

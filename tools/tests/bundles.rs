@@ -98,6 +98,18 @@ fn invoke_refuses_wasm_bytes_that_do_not_match_or_are_not_wasm() {
     let last = bytes.len() - 1;
     bytes[last] ^= 0xff;
     assert!(invoke(&s.file("sha.thaw", &bytes)).contains("does not match the manifest's"));
+    // Well framed and correctly hashed, but the payload is not WebAssembly.
+    let junk = b"#!/bin/sh\necho not wasm\n";
+    let manifest = abi::bundle::Manifest {
+        name: "junk".into(),
+        wasm_sha256: host_vmm::function::sha256(junk),
+        memory_mib: 1,
+        fuel: None,
+        args: vec![],
+        env: vec![],
+    };
+    let line = invoke(&s.file("junk.thaw", &abi::bundle::encode(&manifest, junk)));
+    assert!(line.contains("not a valid WebAssembly module"), "{line}");
 }
 
 #[test]

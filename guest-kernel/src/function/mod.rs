@@ -145,7 +145,7 @@ fn run(bundle: &Bundle<'_>, transport: Transport) -> Result<(), String> {
     let module = Module::new(&engine, bundle.wasm).map_err(|e| alloc::format!("compiling the module: {e}"))?;
     platform::milestone(Milestone::Compiled);
 
-    // Growing past the manifest's memory traps (with wasmi's "resource limiter denied" message)
+    // Growing past the manifest's memory traps (wasmi: "growth operation limited")
     // instead of returning -1, so a function that outgrows its allowance says so.
     let limits =
         StoreLimitsBuilder::new().memory_size((manifest.memory_mib as usize) << 20).trap_on_grow_failure(true).build();
