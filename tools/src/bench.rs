@@ -6,26 +6,19 @@
 //! them.
 
 use std::io::Write;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Args;
 use host_vmm::{FunctionStatus, Outcome, RunReport, VmConfig};
 
 use crate::KernelArgs;
+use crate::invoke::OptionalFunctionArgs;
 
 /// Arguments of `thaw bench`.
 #[derive(Args, Debug)]
 pub struct BenchArgs {
-    /// A function bundle to serve one request to in every VM [default: boot the kernel alone].
-    #[arg(value_name = "FUNCTION.thaw")]
-    function: Option<PathBuf>,
-    /// The request body (with FUNCTION.thaw).
-    #[arg(long, value_name = "STRING", requires = "function", conflicts_with = "input")]
-    data: Option<String>,
-    /// Read the request body from this file (with FUNCTION.thaw).
-    #[arg(long, value_name = "FILE", requires = "function")]
-    input: Option<PathBuf>,
+    #[command(flatten)]
+    function: OptionalFunctionArgs,
     #[command(flatten)]
     kernel: KernelArgs,
     /// Guest memory in MiB [default: 64, or what the function needs].
@@ -76,10 +69,9 @@ pub fn run(args: &BenchArgs) -> Result<u8, String> {
         return Err("--runs 0: need at least one run".into());
     }
     let kernel = crate::kernel::load(&args.kernel)?;
-    let function = args.function.as_deref().map(crate::invoke::load_function).transpose()?;
-    let request = match &function {
-        Some(_) => Some(crate::invoke::request_body(args.data.as_ref(), args.input.as_ref())?),
-        None => None,
+    let (function, request) = match args.function.load()? {
+        Some((function, _, request)) => (Some(function), Some(request)),
+        None => (None, None),
     };
     let config = VmConfig {
         memory_mib: args.memory.unwrap_or(function.as_ref().map_or(64, |f| f.vm_memory_mib())),

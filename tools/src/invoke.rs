@@ -40,6 +40,31 @@ pub struct InvokeArgs {
     verbose: bool,
 }
 
+/// An optional function and its request, for commands that boot a kernel alone or serve a
+/// function (`thaw qemu`, `thaw bench`).
+#[derive(Args, Debug)]
+pub struct OptionalFunctionArgs {
+    /// A function bundle to serve one request to [default: boot the kernel alone].
+    #[arg(value_name = "FUNCTION.thaw")]
+    function: Option<PathBuf>,
+    /// The request body (with FUNCTION.thaw).
+    #[arg(long, value_name = "STRING", requires = "function", conflicts_with = "input")]
+    data: Option<String>,
+    /// Read the request body from this file (with FUNCTION.thaw).
+    #[arg(long, value_name = "FILE", requires = "function")]
+    input: Option<PathBuf>,
+}
+
+impl OptionalFunctionArgs {
+    /// The validated function, its bundle's path and the request, if a function was given.
+    pub fn load(&self) -> Result<Option<(Function, &std::path::Path, Vec<u8>)>, String> {
+        let Some(path) = &self.function else { return Ok(None) };
+        let function = load_function(path)?;
+        let request = request_body(self.data.as_ref(), self.input.as_ref())?;
+        Ok(Some((function, path, request)))
+    }
+}
+
 /// Largest bundle file thaw reads.
 const MAX_BUNDLE_FILE: u64 = 80 << 20;
 

@@ -9,7 +9,7 @@
 //! what the user sees matches the KVM commands.
 
 use std::io::{BufRead, BufReader, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -21,19 +21,13 @@ use clap::Args;
 use host_vmm::{FunctionResponse, FunctionStatus, GuestError, Outcome};
 
 use crate::KernelArgs;
+use crate::invoke::OptionalFunctionArgs;
 
 /// Arguments of `thaw qemu`.
 #[derive(Args, Debug)]
 pub struct QemuArgs {
-    /// A function bundle to serve one request to [default: boot the kernel alone].
-    #[arg(value_name = "FUNCTION.thaw")]
-    function: Option<PathBuf>,
-    /// The request body (with FUNCTION.thaw).
-    #[arg(long, value_name = "STRING", requires = "function", conflicts_with = "input")]
-    data: Option<String>,
-    /// Read the request body from this file (with FUNCTION.thaw).
-    #[arg(long, value_name = "FILE", requires = "function")]
-    input: Option<PathBuf>,
+    #[command(flatten)]
+    function: OptionalFunctionArgs,
     /// Show the guest kernel's log on stderr when serving a function.
     #[arg(long)]
     verbose: bool,
@@ -127,10 +121,9 @@ fn request_frames(request: &[u8]) -> Result<Vec<u8>, String> {
 pub fn run(args: &QemuArgs) -> Result<u8, String> {
     let kernel = crate::kernel::load(&args.kernel)?;
     let timeout = crate::kernel::timeout(&args.kernel)?;
-    let function = args.function.as_deref().map(crate::invoke::load_function).transpose()?;
-    let request = match &function {
-        Some(_) => Some(crate::invoke::request_body(args.data.as_ref(), args.input.as_ref())?),
-        None => None,
+    let (function, ramdisk, request) = match args.function.load()? {
+        Some((function, path, request)) => (Some(function), Some(path), Some(request)),
+        None => (None, None, None),
     };
     let memory = args.memory.unwrap_or(function.as_ref().map_or(128, |f| f.vm_memory_mib().max(128)));
     let dir = tempfile::tempdir().map_err(|e| format!("creating a temporary directory: {e}"))?;
@@ -141,10 +134,6 @@ pub fn run(args: &QemuArgs) -> Result<u8, String> {
             std::fs::write(&path, &kernel.bytes).map_err(|e| format!("writing the built-in kernel: {e}"))?;
             path
         }
-    };
-    let ramdisk = match (&function, &args.function) {
-        (Some(_), Some(path)) => Some(path.as_path()),
-        _ => None,
     };
     let image = dir.path().join("disk.img");
     build_disk_image(&kernel_path, ramdisk, &image)?;
