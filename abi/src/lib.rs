@@ -21,6 +21,7 @@ pub mod bundle;
 pub mod cpuid;
 pub mod fault;
 pub mod hypercall;
+pub mod image;
 pub mod invoke;
 pub mod note;
 pub mod params;
