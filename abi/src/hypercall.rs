@@ -40,7 +40,10 @@ pub mod number {
     pub const FAULT_REPORT: u16 = 3;
     /// The guest reached a boot milestone (see [`Milestone`](super::Milestone)).
     pub const MILESTONE: u16 = 4;
-    /// Reserved for the checkpoint call.
+    /// Checkpoint, with fork-like semantics: the VMM may snapshot the VM here. When the `out`
+    /// returns, the hypercall page's first u32 says which side of the fork this is
+    /// ([`CHECKPOINT_ORIGINAL`](super::CHECKPOINT_ORIGINAL) or
+    /// [`CHECKPOINT_RESTORED`](super::CHECKPOINT_RESTORED)). The argument is 0.
     pub const CHECKPOINT: u16 = 8;
     /// Invoke mailbox: fetch the next request (see [`crate::invoke`]); the hypercall page holds
     /// a `NextRequest` of `len` bytes, and the VMM answers with a `NextReply` in its place.
@@ -48,6 +51,11 @@ pub mod number {
     /// Invoke mailbox: hand back a response; the hypercall page holds a `Response`.
     pub const INVOKE_RESPOND: u16 = 10;
 }
+
+/// Checkpoint result: this is the VM that called checkpoint.
+pub const CHECKPOINT_ORIGINAL: u32 = 0;
+/// Checkpoint result: this VM was restored from an image; the host parameters page is fresh.
+pub const CHECKPOINT_RESTORED: u32 = 1;
 
 /// Boot milestones the guest reports so the VMM can time each boot phase.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -115,6 +123,8 @@ pub enum Hypercall {
         /// Payload length in bytes.
         len: usize,
     },
+    /// Checkpoint here (see [`number::CHECKPOINT`]).
+    Checkpoint,
 }
 
 /// Why a port access in the hypercall range is not a valid hypercall.
@@ -192,6 +202,7 @@ impl Hypercall {
             number::MILESTONE => {
                 Milestone::from_u32(arg).map(Self::Milestone).ok_or(DecodeError::UnknownMilestone(arg))
             }
+            number::CHECKPOINT => Ok(Self::Checkpoint),
             number::INVOKE_NEXT => Ok(Self::InvokeNext { len: payload(arg)? }),
             number::INVOKE_RESPOND => Ok(Self::InvokeRespond { len: payload(arg)? }),
             other => Err(DecodeError::UnknownNumber(other)),
@@ -208,6 +219,7 @@ impl Hypercall {
             Self::Milestone(m) => (number::MILESTONE, m as u32),
             Self::InvokeNext { len } => (number::INVOKE_NEXT, len as u32),
             Self::InvokeRespond { len } => (number::INVOKE_RESPOND, len as u32),
+            Self::Checkpoint => (number::CHECKPOINT, 0),
         };
         (PORT_BASE + number, arg)
     }
@@ -236,7 +248,8 @@ mod tests {
     fn decode_rejects_malformed_calls() {
         let out = |n: u16, arg: u32| Hypercall::decode(PORT_BASE + n, &arg.to_le_bytes());
         assert_eq!(out(number::LOG_WRITE, 4097), Err(DecodeError::PayloadTooLong { number: 0, len: 4097 }));
-        assert_eq!(out(number::CHECKPOINT, 0), Err(DecodeError::UnknownNumber(8)));
+        assert_eq!(out(number::CHECKPOINT, 0), Ok(Hypercall::Checkpoint));
+        assert_eq!(out(7, 0), Err(DecodeError::UnknownNumber(7)));
         assert_eq!(out(31, 0), Err(DecodeError::UnknownNumber(31)));
         assert_eq!(out(number::MILESTONE, 9), Err(DecodeError::UnknownMilestone(9)));
         assert_eq!(Hypercall::decode(PORT_BASE, &[1]), Err(DecodeError::BadAccess { number: 0, width: 1 }));

@@ -34,7 +34,7 @@ pub mod wasi;
 /// hypercall meaning, a changed struct layout, a moved fixed address. It is independent of the
 /// crate version. A guest declares it in its [`note`]; the VMM refuses a kernel that declares any
 /// other value.
-pub const INTERFACE_VERSION: u32 = 2;
+pub const INTERFACE_VERSION: u32 = 3;
 
 /// Process exit status conventions shared by `thaw run` and `thaw qemu`.
 pub mod exit_code {

@@ -1,8 +1,9 @@
 //! The host parameters page: what the VMM tells the guest about the outside world before it runs.
 //!
-//! The VMM writes it at [`HOST_PARAMS_GPA`] before the first `KVM_RUN`; the checkpoint issue will
-//! write a fresh one before every restored VM runs. The guest seeds its CSPRNG from the entropy
-//! and bases its WASI clocks on the wall-clock time and TSC frequency.
+//! The VMM writes it at [`HOST_PARAMS_GPA`] before the first `KVM_RUN`, and writes a fresh one
+//! into every VM restored from an image before it runs (the restore parameters). The guest seeds
+//! its CSPRNG from the entropy and bases its WASI clocks on the wall-clock time and TSC
+//! frequency, again after every restore, so no two clones share random state or a stale clock.
 
 /// Guest-physical address of the page.
 pub const HOST_PARAMS_GPA: u64 = 0x2000;
@@ -12,6 +13,8 @@ pub const MAGIC: u32 = u32::from_le_bytes(*b"THPR");
 /// The page's contents.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HostParams {
+    /// Unique per VM on this host: 0 for a cold-booted VM, then one per restore.
+    pub instance_id: u64,
     /// 32 bytes from the host's getrandom, fresh for every VM.
     pub entropy: [u8; 32],
     /// Wall-clock time (nanoseconds since the Unix epoch) just before the guest was started.
@@ -22,15 +25,16 @@ pub struct HostParams {
 
 impl HostParams {
     /// Encoded size.
-    pub const LEN: usize = 56;
+    pub const LEN: usize = 64;
 
-    /// The encoding: magic, reserved u32, entropy, wall clock, TSC kHz.
+    /// The encoding: magic, reserved u32, entropy, wall clock, TSC kHz, instance id.
     pub fn encode(&self) -> [u8; Self::LEN] {
         let mut b = [0; Self::LEN];
         b[0..4].copy_from_slice(&MAGIC.to_le_bytes());
         b[8..40].copy_from_slice(&self.entropy);
         b[40..48].copy_from_slice(&self.wall_clock_ns.to_le_bytes());
         b[48..56].copy_from_slice(&self.tsc_khz.to_le_bytes());
+        b[56..64].copy_from_slice(&self.instance_id.to_le_bytes());
         b
     }
 
@@ -42,7 +46,7 @@ impl HostParams {
         let u64_at = |at: usize| u64::from_le_bytes(b[at..at + 8].try_into().unwrap_or([0; 8]));
         let mut entropy = [0; 32];
         entropy.copy_from_slice(&b[8..40]);
-        Some(Self { entropy, wall_clock_ns: u64_at(40), tsc_khz: u64_at(48) })
+        Some(Self { instance_id: u64_at(56), entropy, wall_clock_ns: u64_at(40), tsc_khz: u64_at(48) })
     }
 }
 
@@ -52,7 +56,12 @@ mod tests {
 
     #[test]
     fn round_trips_and_requires_the_magic() {
-        let p = HostParams { entropy: [9; 32], wall_clock_ns: 1_700_000_000_000_000_000, tsc_khz: 2_000_000 };
+        let p = HostParams {
+            instance_id: 7,
+            entropy: [9; 32],
+            wall_clock_ns: 1_700_000_000_000_000_000,
+            tsc_khz: 2_000_000,
+        };
         assert_eq!(HostParams::decode(&p.encode()), Some(p));
         assert_eq!(HostParams::decode(&[0; HostParams::LEN]), None);
     }

@@ -15,7 +15,7 @@ pub const FAULT_MARKER: &str = "thaw-guest: fault: ";
 
 /// Serving a function under QEMU, the invoke mailbox is carried by the serial line. When the
 /// guest is ready to read (its UART programmed, so nothing sent is lost to a FIFO reset) it
-/// prints [`AWAIT_FRAMES_MARKER`] on a line of its own. The host then writes: a [`PARAMS_TAG`] frame (the 56-byte
+/// prints [`AWAIT_FRAMES_MARKER`] on a line of its own. The host then writes: a [`PARAMS_TAG`] frame (the 64-byte
 /// [`HostParams`](crate::params::HostParams) encoding), one [`REQUEST_TAG`] frame per request
 /// (a little-endian u64 length, then the bytes), and an [`END_TAG`]. The guest answers each
 /// request with one [`RESPONSE_MARKER`] line: `status exit_code stdout stderr message`, the

@@ -27,6 +27,8 @@ pub enum Outcome {
     Faulted(FaultReport),
     /// The guest was still running when its wall-clock timeout passed.
     TimedOut(Duration),
+    /// The guest reached its checkpoint and the VMM stopped it there to take a snapshot.
+    Checkpointed,
     /// The guest did something the VMM does not allow.
     Failed {
         /// What it did.
@@ -42,6 +44,7 @@ impl Outcome {
     pub fn exit_code(&self) -> u8 {
         let code = match self {
             Self::Exited(code) => *code,
+            Self::Checkpointed => 0,
             Self::Panicked(_) => abi::exit_code::PANIC,
             Self::Faulted(_) => abi::exit_code::FAULT,
             Self::TimedOut(_) => abi::exit_code::TIMEOUT,
@@ -55,6 +58,7 @@ impl std::fmt::Display for Outcome {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::Exited(code) => write!(f, "guest exited with code {code}"),
+            Self::Checkpointed => write!(f, "guest stopped at its checkpoint"),
             Self::Panicked(message) => write!(f, "guest panicked: {message}"),
             Self::Faulted(report) => write!(f, "guest fault: {report}"),
             Self::TimedOut(t) => write!(f, "guest timed out after {:.1} s", t.as_secs_f64()),
@@ -123,6 +127,8 @@ pub enum ExitAction {
     Continue,
     /// The run is over.
     Stop(Outcome),
+    /// The guest reached its checkpoint; the run loop decides (it needs the vCPU).
+    Checkpoint,
 }
 
 /// Why an exit could not be handled.
@@ -239,6 +245,7 @@ impl<'a> ExitHandler<'a> {
                 }
                 Ok(ExitAction::Continue)
             }
+            Hypercall::Checkpoint => Ok(ExitAction::Checkpoint),
             Hypercall::InvokeNext { len } => {
                 let reply = self.mailbox.next(self.mem, &self.payload(len)?)?;
                 self.mem.write_slice(&reply.encode(), GuestAddress(HYPERCALL_PAGE_GPA)).map_err(ExitError::Memory)?;

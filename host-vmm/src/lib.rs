@@ -11,6 +11,10 @@
 //!    hypercalls and the COM1 transmitter and turns anything else into a [`GuestError`].
 //!    [`watchdog`] interrupts `KVM_RUN` when the wall-clock timeout passes.
 //!
+//! A function's VM can stop at its checkpoint instead ([`CheckpointMode::Capture`]) and be written
+//! to an image ([`snapshot`]); [`Vm::restore`] maps such an image copy-on-write and runs a fresh VM
+//! from it.
+//!
 //! The guest is hostile: nothing it does may panic the host. Its misbehaviour ends its own VM
 //! with an [`Outcome::Failed`] naming what it did; only host-side failures are [`VmmError`]s.
 
@@ -23,6 +27,7 @@ pub mod layout;
 pub mod mailbox;
 pub mod paging;
 pub mod serial;
+pub mod snapshot;
 pub mod vm;
 pub mod watchdog;
 
@@ -30,4 +35,8 @@ pub use exit::{GuestError, Outcome};
 pub use function::{Function, FunctionError, FunctionKind};
 pub use kernel::{KernelError, KernelImage};
 pub use mailbox::{FunctionResponse, FunctionStatus};
-pub use vm::{BootTimings, RunReport, VmConfig, VmmError, host_entropy, run_kernel};
+pub use snapshot::Image;
+pub use vm::{
+    BootTimings, CheckpointMode, RunReport, Vm, VmConfig, VmmError, host_entropy, next_instance_id, run_image,
+    run_kernel,
+};

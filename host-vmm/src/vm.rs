@@ -5,9 +5,12 @@
 //! timings. Errors here are host-side ([`VmmError`]); what the guest does is in the outcome.
 
 use std::io::Write;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use abi::hypercall::Milestone;
+use abi::hypercall::{CHECKPOINT_ORIGINAL, CHECKPOINT_RESTORED, HYPERCALL_PAGE_GPA};
+use abi::image::GuestMetadata;
 use abi::params::{HOST_PARAMS_GPA, HostParams};
 use bootloader_api::config::Mapping;
 use bootloader_api::info::{MemoryRegion, MemoryRegionKind};
@@ -22,6 +25,7 @@ use crate::kernel::KernelImage;
 use crate::layout::{self, BOOT_INFO_END, BOOT_INFO_GPA, PAGE_SIZE, STACK_AREA_START, STACK_TOP};
 use crate::mailbox::{FunctionResponse, Mailbox};
 use crate::paging::{PageTables, PagingError};
+use crate::snapshot::{self, Image, SnapshotError, WriteStats};
 use crate::watchdog::Watchdog;
 
 /// Where physical memory is mapped when the kernel asks for a dynamic address: PML4 slot 32.
@@ -69,6 +73,9 @@ pub enum VmmError {
     /// The vCPU could not be set up.
     #[error("vCPU setup: {0}")]
     Cpu(#[from] CpuError),
+    /// A snapshot could not be taken, written or opened.
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
     /// The watchdog thread could not start.
     #[error("starting the timeout watchdog: {0}")]
     Watchdog(std::io::Error),
@@ -212,6 +219,54 @@ pub struct Vm {
     vcpu: VcpuFd,
     _vm: VmFd,
     mem: GuestMemoryMmap,
+    mem_size: u64,
+}
+
+/// What the run loop does when the guest reaches its checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CheckpointMode {
+    /// Tell the guest it is the original and let it run on (a cold invocation).
+    Continue,
+    /// Stop there with [`Outcome::Checkpointed`], the `out` completed, so the VM can be
+    /// snapshotted with no instruction in flight.
+    Capture,
+}
+
+/// Opens KVM and creates a VM whose only memory slot is `mem`.
+fn create_vm(mem: &GuestMemoryMmap, mem_size: u64) -> Result<(Kvm, VmFd), VmmError> {
+    let kvm_fd = Kvm::new().map_err(kvm("opening /dev/kvm"))?;
+    let vm = kvm_fd.create_vm().map_err(kvm("KVM_CREATE_VM"))?;
+    let host_addr = mem.get_host_address(GuestAddress(0)).map_err(memory_error)?;
+    let region = kvm_userspace_memory_region {
+        slot: 0,
+        flags: 0,
+        guest_phys_addr: 0,
+        memory_size: mem_size,
+        userspace_addr: host_addr as u64,
+    };
+    // SAFETY: the region is one mapping of `mem_size` bytes owned by `mem`, which the `Vm` that
+    // receives this VM keeps alive and drops only after the VM fd.
+    unsafe { vm.set_user_memory_region(region) }.map_err(kvm("KVM_SET_USER_MEMORY_REGION"))?;
+    Ok((kvm_fd, vm))
+}
+
+/// Creates vCPU 0 with thaw's CPUID.
+fn create_vcpu(kvm_fd: &Kvm, vm: &VmFd) -> Result<VcpuFd, VmmError> {
+    let vcpu = vm.create_vcpu(0).map_err(kvm("KVM_CREATE_VCPU"))?;
+    cpu::set_cpuid(kvm_fd, &vcpu)?;
+    Ok(vcpu)
+}
+
+/// Writes a fresh host parameters page: new entropy, the wall clock, the TSC rate, `instance_id`.
+fn write_host_params(mem: &GuestMemoryMmap, vcpu: &VcpuFd, instance_id: u64) -> Result<(), VmmError> {
+    let mut entropy = [0u8; 32];
+    host_entropy(&mut entropy)?;
+    let wall_clock_ns = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+    let tsc_khz = vcpu.get_tsc_khz().map_or(0, u64::from);
+    let params = HostParams { instance_id, entropy, wall_clock_ns, tsc_khz };
+    mem.write_slice(&params.encode(), GuestAddress(HOST_PARAMS_GPA)).map_err(memory_error)
 }
 
 impl Vm {
@@ -219,21 +274,8 @@ impl Vm {
     pub fn boot(kernel: &KernelImage, config: &VmConfig, timings: &mut BootTimings) -> Result<Self, VmmError> {
         let plan = BootPlan::new(kernel, config)?;
         let started = Instant::now();
-
-        let kvm_fd = Kvm::new().map_err(kvm("opening /dev/kvm"))?;
-        let vm = kvm_fd.create_vm().map_err(kvm("KVM_CREATE_VM"))?;
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), plan.mem_size as usize)]).map_err(memory_error)?;
-        let host_addr = mem.get_host_address(GuestAddress(0)).map_err(memory_error)?;
-        let region = kvm_userspace_memory_region {
-            slot: 0,
-            flags: 0,
-            guest_phys_addr: 0,
-            memory_size: plan.mem_size,
-            userspace_addr: host_addr as u64,
-        };
-        // SAFETY: the region is one mapping of `plan.mem_size` bytes owned by `mem`, which the
-        // returned `Vm` keeps alive, and drops only after the VM fd.
-        unsafe { vm.set_user_memory_region(region) }.map_err(kvm("KVM_SET_USER_MEMORY_REGION"))?;
+        let (kvm_fd, vm) = create_vm(&mem, plan.mem_size)?;
         timings.vm_create = started.elapsed();
 
         let started = Instant::now();
@@ -261,26 +303,49 @@ impl Vm {
             return Err(VmmError::Config("boot info does not fit its area".into()));
         }
         mem.write_slice(&info, GuestAddress(BOOT_INFO_GPA)).map_err(memory_error)?;
-        // Fresh entropy and the time base for this VM (the TSC rate follows with the vCPU).
-        let mut entropy = [0u8; 32];
-        host_entropy(&mut entropy)?;
-        let wall_clock_ns = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
         // A zero return address above the entry frame, as if the entry point had been called.
         let stack_pointer = STACK_TOP - 8;
         mem.write_obj(0u64, GuestAddress(stack_pointer)).map_err(memory_error)?;
         timings.load = started.elapsed();
 
         let started = Instant::now();
-        let vcpu = vm.create_vcpu(0).map_err(kvm("KVM_CREATE_VCPU"))?;
-        cpu::set_cpuid(&kvm_fd, &vcpu)?;
+        let vcpu = create_vcpu(&kvm_fd, &vm)?;
         cpu::setup_long_mode(&vcpu, &mem, tables.root(), kernel.entry, stack_pointer, BOOT_INFO_GPA)?;
-        let tsc_khz = vcpu.get_tsc_khz().map_or(0, u64::from);
-        let params = HostParams { entropy, wall_clock_ns, tsc_khz };
-        mem.write_slice(&params.encode(), GuestAddress(HOST_PARAMS_GPA)).map_err(memory_error)?;
+        write_host_params(&mem, &vcpu, 0)?;
         timings.vcpu_setup = started.elapsed();
-        Ok(Self { vcpu, _vm: vm, mem })
+        Ok(Self { vcpu, _vm: vm, mem, mem_size: plan.mem_size })
+    }
+
+    /// Creates a VM from a snapshot image: its memory mapped copy-on-write from the file, its
+    /// vCPU state set from the image, fresh host parameters (`instance_id`, entropy, clock)
+    /// written, and the checkpoint call's result set to "restored".
+    pub fn restore(image: &Image, instance_id: u64, timings: &mut BootTimings) -> Result<Self, VmmError> {
+        let started = Instant::now();
+        let mem_size = image.info.guest_memory_size();
+        if mem_size < layout::MIN_MEMORY_MIB << 20 || mem_size > layout::MAX_MEMORY_MIB << 20 {
+            return Err(VmmError::Config(format!(
+                "image describes {mem_size} bytes of guest memory, outside what thaw runs"
+            )));
+        }
+        let mem = image.map_memory()?;
+        timings.load = started.elapsed();
+        let started = Instant::now();
+        let (kvm_fd, vm) = create_vm(&mem, mem_size)?;
+        timings.vm_create = started.elapsed();
+        let started = Instant::now();
+        let vcpu = create_vcpu(&kvm_fd, &vm)?;
+        snapshot::restore_vcpu(&vcpu, &image.info.vcpu)?;
+        write_host_params(&mem, &vcpu, instance_id)?;
+        mem.write_obj(CHECKPOINT_RESTORED, GuestAddress(HYPERCALL_PAGE_GPA)).map_err(memory_error)?;
+        timings.vcpu_setup = started.elapsed();
+        Ok(Self { vcpu, _vm: vm, mem, mem_size })
+    }
+
+    /// Writes an image of this VM, which must have stopped at its checkpoint
+    /// ([`Outcome::Checkpointed`]), to `path`.
+    pub fn snapshot(&self, path: &Path, guest: GuestMetadata) -> Result<WriteStats, VmmError> {
+        let vcpu = snapshot::capture_vcpu(&self.vcpu)?;
+        Ok(snapshot::write_image(path, &self.mem, self.mem_size, vcpu, guest)?)
     }
 
     /// Runs the vCPU until the guest ends or `timeout` passes, writing its output to `output`
@@ -290,6 +355,7 @@ impl Vm {
         output: &mut dyn Write,
         mailbox: Mailbox,
         timeout: Duration,
+        checkpoint: CheckpointMode,
         timings: &mut BootTimings,
     ) -> Result<(Outcome, u64, Mailbox), VmmError> {
         let watchdog = Watchdog::arm(timeout).map_err(VmmError::Watchdog)?;
@@ -306,6 +372,15 @@ impl Vm {
                     match handler.handle(exit) {
                         Ok(ExitAction::Continue) => {}
                         Ok(ExitAction::Stop(outcome)) => break outcome,
+                        Ok(ExitAction::Checkpoint) if checkpoint == CheckpointMode::Capture => {
+                            complete_pending_io(&mut self.vcpu)?;
+                            break Outcome::Checkpointed;
+                        }
+                        Ok(ExitAction::Checkpoint) => {
+                            self.mem
+                                .write_obj(CHECKPOINT_ORIGINAL, GuestAddress(HYPERCALL_PAGE_GPA))
+                                .map_err(memory_error)?;
+                        }
                         Err(ExitError::Guest(error)) => break Outcome::Failed { error, rip: None },
                         Err(e) => return Err(VmmError::Exit(e)),
                     }
@@ -333,6 +408,19 @@ impl Vm {
     }
 }
 
+/// Finishes the instruction behind the last exit without running any more guest code, so the
+/// vCPU's state is consistent (KVM completes port I/O only on the next `KVM_RUN`).
+fn complete_pending_io(vcpu: &mut VcpuFd) -> Result<(), VmmError> {
+    vcpu.set_kvm_immediate_exit(1);
+    let result = vcpu.run().map(|_| ());
+    vcpu.set_kvm_immediate_exit(0);
+    match result {
+        Err(e) if e.errno() == libc::EINTR => Ok(()),
+        Err(e) => Err(VmmError::Kvm { op: "KVM_RUN (completing the checkpoint call)", source: e }),
+        Ok(()) => Err(VmmError::Config("KVM_RUN ran guest code while completing the checkpoint call".into())),
+    }
+}
+
 /// Fills `buf` from the host's CSPRNG (getrandom), for a guest's entropy.
 pub fn host_entropy(buf: &mut [u8]) -> Result<(), VmmError> {
     let mut filled = 0;
@@ -352,13 +440,32 @@ pub fn host_entropy(buf: &mut [u8]) -> Result<(), VmmError> {
     Ok(())
 }
 
+/// A fresh instance id, unique on this host: the process id, then a per-process counter.
+pub fn next_instance_id() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    (u64::from(std::process::id()) << 32) | NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Restores a fresh VM from `image` and runs it to the end, serving `config.requests` and
+/// writing its log to `output`. `config.memory_mib` and `config.ramdisk` are ignored: both come
+/// from the image.
+pub fn run_image(image: &Image, config: &VmConfig, output: &mut dyn Write) -> Result<RunReport, VmmError> {
+    let started = Instant::now();
+    let mut timings = BootTimings::default();
+    let mut vm = Vm::restore(image, next_instance_id(), &mut timings)?;
+    let mailbox = Mailbox::new(config.requests.clone());
+    let (outcome, exits, mailbox) = vm.run(output, mailbox, config.timeout, CheckpointMode::Continue, &mut timings)?;
+    timings.total = started.elapsed();
+    Ok(RunReport { outcome, timings, exits, responses: mailbox.responses })
+}
+
 /// Boots `kernel` and runs it to the end, writing its output to `output`.
 pub fn run_kernel(kernel: &KernelImage, config: &VmConfig, output: &mut dyn Write) -> Result<RunReport, VmmError> {
     let started = Instant::now();
     let mut timings = BootTimings::default();
     let mut vm = Vm::boot(kernel, config, &mut timings)?;
     let mailbox = Mailbox::new(config.requests.clone());
-    let (outcome, exits, mailbox) = vm.run(output, mailbox, config.timeout, &mut timings)?;
+    let (outcome, exits, mailbox) = vm.run(output, mailbox, config.timeout, CheckpointMode::Continue, &mut timings)?;
     timings.total = started.elapsed();
     Ok(RunReport { outcome, timings, exits, responses: mailbox.responses })
 }

@@ -1,4 +1,5 @@
-//! `thaw invoke`: cold-boot a function under KVM, run its init, answer one request.
+//! `thaw invoke`: answer one request from a fresh VM: cold-booted from a bundle (boot, compile,
+//! init, handle), or restored from a snapshot image (handle only). The file's magic decides.
 //!
 //! The response goes to stdout and the function's stderr to stderr. The guest kernel's own log is
 //! shown only with `--verbose`, or when the guest itself fails.
@@ -20,8 +21,8 @@ pub enum StatsFormat {
 /// Arguments of `thaw invoke`.
 #[derive(Args, Debug)]
 pub struct InvokeArgs {
-    /// The function bundle, from `thaw pack`.
-    #[arg(value_name = "FUNCTION.thaw")]
+    /// The function: a bundle from `thaw pack`, or an image from `thaw snapshot`.
+    #[arg(value_name = "FUNCTION.thaw|FUNCTION.snap")]
     function: PathBuf,
     /// The request body.
     #[arg(long, value_name = "STRING", conflicts_with = "input", required_unless_present = "input")]
@@ -70,12 +71,12 @@ const MAX_BUNDLE_FILE: u64 = 80 << 20;
 
 /// Runs `thaw invoke` and returns the process exit code.
 pub fn run(args: &InvokeArgs) -> Result<u8, String> {
-    let function = load_function(&args.function)?;
     let request = request_body(args.data.as_ref(), args.input.as_ref())?;
-    let timeout = Duration::try_from_secs_f64(args.timeout)
-        .ok()
-        .filter(|t| !t.is_zero())
-        .ok_or_else(|| format!("--timeout {}: must be a positive number of seconds", args.timeout))?;
+    if is_image(&args.function)? {
+        return invoke_image(args, request);
+    }
+    let function = load_function(&args.function)?;
+    let timeout = timeout(args)?;
     let kernel = host_vmm::KernelImage::parse(crate::kernel::BUILT_IN).map_err(|e| format!("built-in kernel: {e}"))?;
     let config = VmConfig {
         memory_mib: function.vm_memory_mib(),
@@ -92,6 +93,48 @@ pub fn run(args: &InvokeArgs) -> Result<u8, String> {
     .map_err(|e| e.to_string())?;
     if let Some(StatsFormat::Json) = args.stats {
         eprintln!("{}", stats_json(&report));
+    }
+    conclude(&report.outcome, report.responses.first(), &kernel_log)
+}
+
+/// True when `path` starts with the snapshot image magic.
+fn is_image(path: &std::path::Path) -> Result<bool, String> {
+    use std::io::Read;
+    let mut magic = [0u8; 8];
+    let mut file = std::fs::File::open(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+    let n = file.read(&mut magic).map_err(|e| format!("reading {}: {e}", path.display()))?;
+    Ok(n == 8 && magic == abi::image::MAGIC)
+}
+
+fn timeout(args: &InvokeArgs) -> Result<Duration, String> {
+    Duration::try_from_secs_f64(args.timeout)
+        .ok()
+        .filter(|t| !t.is_zero())
+        .ok_or_else(|| format!("--timeout {}: must be a positive number of seconds", args.timeout))
+}
+
+/// Serves the request from a VM restored from the image at `args.function`.
+fn invoke_image(args: &InvokeArgs, request: Vec<u8>) -> Result<u8, String> {
+    let image = host_vmm::Image::open(&args.function).map_err(|e| e.to_string())?;
+    let config = VmConfig { timeout: timeout(args)?, requests: vec![request], ..VmConfig::default() };
+    let mut kernel_log = Vec::new();
+    let report = if args.verbose {
+        host_vmm::run_image(&image, &config, &mut std::io::stderr().lock())
+    } else {
+        host_vmm::run_image(&image, &config, &mut kernel_log)
+    }
+    .map_err(|e| e.to_string())?;
+    if let Some(StatsFormat::Json) = args.stats {
+        let t = &report.timings;
+        eprintln!(
+            "{{\"restore\": true, \"memory_map_us\": {}, \"vm_create_us\": {}, \"state_set_us\": {}, \"handle_us\": {}, \"total_us\": {}, \"vm_exits\": {}}}",
+            t.load.as_micros(),
+            t.vm_create.as_micros(),
+            t.vcpu_setup.as_micros(),
+            report.responses.first().map_or("null".into(), |r| r.handle_time.as_micros().to_string()),
+            t.total.as_micros(),
+            report.exits
+        );
     }
     conclude(&report.outcome, report.responses.first(), &kernel_log)
 }

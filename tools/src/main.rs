@@ -11,6 +11,7 @@ mod kernel;
 mod pack;
 mod qemu;
 mod run;
+mod snapshot;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -38,8 +39,10 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Validate a WebAssembly function and package it as a bundle (.thaw).
     Pack(pack::PackArgs),
-    /// Cold-boot a function bundle under KVM and answer one request.
+    /// Answer one request: cold-boot a bundle (.thaw), or restore a snapshot image (.snap).
     Invoke(invoke::InvokeArgs),
+    /// Cold-boot a function, run its init, and write the VM at its checkpoint to an image.
+    Snapshot(snapshot::SnapshotArgs),
 }
 
 /// Options shared by every command that boots a kernel.
@@ -62,6 +65,7 @@ fn main() -> ExitCode {
         Command::Bench(args) => bench::run(&args),
         Command::Pack(args) => pack::run(&args),
         Command::Invoke(args) => invoke::run(&args),
+        Command::Snapshot(args) => snapshot::run(&args),
     };
     match result {
         Ok(code) => ExitCode::from(code),

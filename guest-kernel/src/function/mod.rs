@@ -14,7 +14,7 @@ use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 
 use abi::bundle::Bundle;
-use abi::hypercall::{Hypercall, Milestone};
+use abi::hypercall::{CHECKPOINT_ORIGINAL, CHECKPOINT_RESTORED, Hypercall, Milestone};
 use abi::invoke::{self, NextReply, NextRequest, Range, Response};
 use wasmi::{CompilationMode, Config, Engine, Linker, Module, Store, StoreLimitsBuilder, TypedFunc};
 
@@ -88,6 +88,25 @@ impl Transport {
                 buffer.resize(len as usize, 0);
                 serial::read_exact(buffer);
                 Ok(true)
+            }
+        }
+    }
+
+    /// Offers the host a checkpoint (under thaw's VMM). Returns fresh host parameters when
+    /// this VM is a restored copy, so the caller reseeds; `None` in the original VM.
+    fn checkpoint(self) -> Result<Option<HostParams>, String> {
+        match self {
+            Self::Serial => Ok(None),
+            Self::Mailbox => {
+                hypercall::call(Hypercall::Checkpoint);
+                // SAFETY: the VMM wrote the result into the hypercall page before the `out`
+                // returned (the original VM) or before the restored VM first ran.
+                let page = unsafe { core::slice::from_raw_parts(platform::hypercall_page(), 4) };
+                match u32::from_le_bytes([page[0], page[1], page[2], page[3]]) {
+                    CHECKPOINT_ORIGINAL => Ok(None),
+                    CHECKPOINT_RESTORED => self.host_params().map(Some),
+                    other => Err(alloc::format!("checkpoint result {other} is neither original (0) nor restored (1)")),
+                }
             }
         }
     }
@@ -179,6 +198,11 @@ fn run(bundle: &Bundle<'_>, transport: Transport) -> Result<(), String> {
         return Err("the module exports neither handle nor _start".into());
     };
     platform::milestone(Milestone::Initialized);
+    // The init-less boot point: a snapshot taken here skips everything above on every request.
+    // A restored copy gets fresh entropy, clock and instance id, and must not reuse ours.
+    if let Some(fresh) = transport.checkpoint()? {
+        store.data_mut().reseed(&fresh);
+    }
 
     let mut request = Vec::new();
     while transport.next_request(&mut request)? {

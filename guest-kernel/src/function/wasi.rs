@@ -56,6 +56,12 @@ impl WasiCtx {
         }
     }
 
+    /// Takes fresh entropy and a fresh time base, as a VM restored from an image must.
+    pub fn reseed(&mut self, params: &HostParams) {
+        self.rng = ChaCha20Rng::from_seed(params.entropy);
+        self.clock = platform::Clock::new(params);
+    }
+
     /// Starts an invocation on `request`.
     pub fn begin(&mut self, request: Vec<u8>) {
         self.stdin = request;

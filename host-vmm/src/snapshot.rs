@@ -1,0 +1,240 @@
+//! Snapshot images on the host: capturing a checkpointed VM into an image file, and opening one
+//! for restore.
+//!
+//! The format is `abi::image` (docs/FORMAT.md). vCPU state is stored as KVM's own structures,
+//! converted to and from bytes with zerocopy (no `unsafe`, and a record of the wrong size is an
+//! error naming it). Memory is written sparsely: all-zero pages are never written, so they are
+//! holes in the file and cost neither disk nor page cache. The file is written to a temporary
+//! name, fsynced, made read-only and renamed into place: a reader never sees half an image.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::unix::fs::{FileExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use abi::image::{self, GuestMetadata, ImageInfo, ImageWriter, MemoryRange, VcpuRecord, record};
+use kvm_bindings::{Msrs, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave};
+use kvm_ioctls::VcpuFd;
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
+use zerocopy::{FromBytes, IntoBytes};
+
+/// The MSRs a snapshot keeps: the TSC, and what a 64-bit kernel may have programmed.
+const MSRS: [u32; 10] = [
+    0x10,        // IA32_TSC
+    0x174,       // IA32_SYSENTER_CS
+    0x175,       // IA32_SYSENTER_ESP
+    0x176,       // IA32_SYSENTER_EIP
+    0x277,       // IA32_PAT
+    0xc000_0081, // STAR
+    0xc000_0082, // LSTAR
+    0xc000_0083, // CSTAR
+    0xc000_0084, // SFMASK
+    0xc000_0102, // KERNEL_GS_BASE
+];
+
+/// Why a snapshot could not be taken, written or opened.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    /// A KVM ioctl failed.
+    #[error("{op}: {source}")]
+    Kvm {
+        /// The operation.
+        op: &'static str,
+        /// The error.
+        source: kvm_ioctls::Error,
+    },
+    /// The image file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The image is invalid.
+    #[error("{path}: {source}")]
+    Image {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        source: image::ImageError,
+    },
+    /// A vCPU record is missing or has the wrong size.
+    #[error("image vcpu-state section: {0}")]
+    Record(String),
+    /// Guest memory could not be read or mapped.
+    #[error("guest memory: {0}")]
+    Memory(String),
+}
+
+fn kvm(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> SnapshotError {
+    move |source| SnapshotError::Kvm { op, source }
+}
+
+/// Reads the vCPU's state into image records. The vCPU must be stopped with no instruction in
+/// flight (see `Vm::run`'s checkpoint handling).
+pub fn capture_vcpu(vcpu: &VcpuFd) -> Result<Vec<VcpuRecord>, SnapshotError> {
+    let regs = vcpu.get_regs().map_err(kvm("KVM_GET_REGS"))?;
+    let sregs = vcpu.get_sregs().map_err(kvm("KVM_GET_SREGS"))?;
+    let xsave = vcpu.get_xsave().map_err(kvm("KVM_GET_XSAVE"))?;
+    let xcrs = vcpu.get_xcrs().map_err(kvm("KVM_GET_XCRS"))?;
+    let events = vcpu.get_vcpu_events().map_err(kvm("KVM_GET_VCPU_EVENTS"))?;
+    let mp_state = vcpu.get_mp_state().map_err(kvm("KVM_GET_MP_STATE"))?;
+    let entries: Vec<kvm_msr_entry> = MSRS.iter().map(|&index| kvm_msr_entry { index, ..Default::default() }).collect();
+    let mut msrs = Msrs::from_entries(&entries).map_err(|e| SnapshotError::Record(format!("MSR list: {e:?}")))?;
+    let read = vcpu.get_msrs(&mut msrs).map_err(kvm("KVM_GET_MSRS"))?;
+    let msr_bytes: Vec<u8> = msrs.as_slice()[..read].iter().flat_map(|e| e.as_bytes().to_vec()).collect();
+    Ok(vec![
+        VcpuRecord { kind: record::REGS, bytes: regs.as_bytes().to_vec() },
+        VcpuRecord { kind: record::SREGS, bytes: sregs.as_bytes().to_vec() },
+        VcpuRecord { kind: record::XSAVE, bytes: xsave.region.as_bytes().to_vec() },
+        VcpuRecord { kind: record::XCRS, bytes: xcrs.as_bytes().to_vec() },
+        VcpuRecord { kind: record::MSRS, bytes: msr_bytes },
+        VcpuRecord { kind: record::EVENTS, bytes: events.as_bytes().to_vec() },
+        VcpuRecord { kind: record::MP_STATE, bytes: mp_state.as_bytes().to_vec() },
+    ])
+}
+
+fn find<'a>(records: &'a [VcpuRecord], kind: u32, name: &str) -> Result<&'a [u8], SnapshotError> {
+    records
+        .iter()
+        .find(|r| r.kind == kind)
+        .map(|r| r.bytes.as_slice())
+        .ok_or_else(|| SnapshotError::Record(format!("no {name} record")))
+}
+
+fn decode<T: FromBytes>(records: &[VcpuRecord], kind: u32, name: &str) -> Result<T, SnapshotError> {
+    let bytes = find(records, kind, name)?;
+    T::read_from_bytes(bytes).map_err(|_| {
+        SnapshotError::Record(format!("{name} record is {} bytes, expected {}", bytes.len(), std::mem::size_of::<T>()))
+    })
+}
+
+/// Sets the vCPU's state from image records, validating each record's size first.
+pub fn restore_vcpu(vcpu: &VcpuFd, records: &[VcpuRecord]) -> Result<(), SnapshotError> {
+    let regs: kvm_regs = decode(records, record::REGS, "regs")?;
+    let sregs: kvm_sregs = decode(records, record::SREGS, "sregs")?;
+    let region: [u32; 1024] = decode(records, record::XSAVE, "xsave")?;
+    let xcrs: kvm_xcrs = decode(records, record::XCRS, "xcrs")?;
+    let events: kvm_vcpu_events = decode(records, record::EVENTS, "events")?;
+    let mp_state: kvm_mp_state = decode(records, record::MP_STATE, "mp_state")?;
+    let msr_bytes = find(records, record::MSRS, "msrs")?;
+    let entries = <[kvm_msr_entry]>::ref_from_bytes(msr_bytes)
+        .map_err(|_| SnapshotError::Record(format!("msrs record of {} bytes is not whole entries", msr_bytes.len())))?;
+    if entries.len() > MSRS.len() {
+        return Err(SnapshotError::Record(format!("{} MSRs, more than the {} thaw saves", entries.len(), MSRS.len())));
+    }
+    vcpu.set_sregs(&sregs).map_err(kvm("KVM_SET_SREGS"))?;
+    let mut xsave = kvm_xsave::default();
+    xsave.region = region;
+    // SAFETY: `xsave` is a plain legacy-size kvm_xsave (no extra area); the kernel validates its
+    // contents against the vCPU's supported features.
+    unsafe { vcpu.set_xsave(&xsave) }.map_err(kvm("KVM_SET_XSAVE"))?;
+    vcpu.set_xcrs(&xcrs).map_err(kvm("KVM_SET_XCRS"))?;
+    let msrs = Msrs::from_entries(entries).map_err(|e| SnapshotError::Record(format!("MSR list: {e:?}")))?;
+    let written = vcpu.set_msrs(&msrs).map_err(kvm("KVM_SET_MSRS"))?;
+    if written != entries.len() {
+        let index = entries.get(written).map_or(0, |e| e.index);
+        return Err(SnapshotError::Record(format!("KVM refused MSR {index:#x} ({written} of {} set)", entries.len())));
+    }
+    vcpu.set_vcpu_events(&events).map_err(kvm("KVM_SET_VCPU_EVENTS"))?;
+    vcpu.set_mp_state(mp_state).map_err(kvm("KVM_SET_MP_STATE"))?;
+    vcpu.set_regs(&regs).map_err(kvm("KVM_SET_REGS"))
+}
+
+/// What writing an image produced.
+#[derive(Debug, Clone, Copy)]
+pub struct WriteStats {
+    /// Guest memory described, in bytes.
+    pub guest_memory: u64,
+    /// Pages written (the rest are holes).
+    pub pages_written: u64,
+    /// The file's length (its apparent size; holes take no disk).
+    pub file_len: u64,
+}
+
+/// Writes an image of `mem` and the captured vCPU state to `path`, atomically and read-only.
+pub fn write_image(
+    path: &Path,
+    mem: &GuestMemoryMmap,
+    mem_size: u64,
+    vcpu: Vec<VcpuRecord>,
+    guest: GuestMetadata,
+) -> Result<WriteStats, SnapshotError> {
+    let io = |source| SnapshotError::Io { path: path.to_path_buf(), source };
+    let writer = ImageWriter {
+        vcpu,
+        vm: Vec::new(),
+        guest,
+        memory: vec![MemoryRange { gpa: 0, len: mem_size, file_offset: 0 }],
+    };
+    let (metadata, data_start) = writer.encode(mem_size);
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let mut file = tempfile::NamedTempFile::new_in(dir).map_err(io)?;
+    file.write_all(&metadata).map_err(io)?;
+    let mut page = vec![0u8; image::PAGE_SIZE as usize];
+    let mut pages_written = 0;
+    for gpa in (0..mem_size).step_by(image::PAGE_SIZE as usize) {
+        mem.read_slice(&mut page, GuestAddress(gpa))
+            .map_err(|e| SnapshotError::Memory(format!("reading {gpa:#x}: {e}")))?;
+        if page.iter().any(|&b| b != 0) {
+            file.as_file().write_all_at(&page, data_start + gpa).map_err(io)?;
+            pages_written += 1;
+        }
+    }
+    let file_len = data_start + mem_size;
+    file.as_file().set_len(file_len).map_err(io)?;
+    file.as_file().set_permissions(std::fs::Permissions::from_mode(0o444)).map_err(io)?;
+    file.as_file().sync_all().map_err(io)?;
+    file.persist(path).map_err(|e| io(e.error))?;
+    Ok(WriteStats { guest_memory: mem_size, pages_written, file_len })
+}
+
+/// An opened, fully validated image.
+#[derive(Debug)]
+pub struct Image {
+    file: File,
+    path: PathBuf,
+    /// Its metadata.
+    pub info: ImageInfo,
+}
+
+impl Image {
+    /// Opens `path` read-only and validates everything but the memory bytes, checking the
+    /// file's length before anything is mapped.
+    pub fn open(path: &Path) -> Result<Self, SnapshotError> {
+        let io = |source| SnapshotError::Io { path: path.to_path_buf(), source };
+        let mut file = File::open(path).map_err(io)?;
+        let file_len = file.metadata().map_err(io)?.len();
+        let mut metadata = Vec::new();
+        (&mut file).take(file_len.min(image::MAX_METADATA_BYTES)).read_to_end(&mut metadata).map_err(io)?;
+        let info = image::parse(&metadata, file_len)
+            .map_err(|source| SnapshotError::Image { path: path.to_path_buf(), source })?;
+        if info.memory.len() != 1 || info.memory[0].gpa != 0 {
+            return Err(SnapshotError::Memory(format!(
+                "{}: this thaw restores images with one memory range starting at 0, not {} ranges",
+                path.display(),
+                info.memory.len()
+            )));
+        }
+        Ok(Self { file, path: path.to_path_buf(), info })
+    }
+
+    /// Maps the image's memory copy-on-write: pages come from the shared page cache, writes go
+    /// to private memory, and the file is never written.
+    pub fn map_memory(&self) -> Result<GuestMemoryMmap, SnapshotError> {
+        let range = self.info.memory[0];
+        let fail =
+            |e: String| SnapshotError::Memory(format!("{}: mapping {:#x} bytes: {e}", self.path.display(), range.len));
+        let file = self.file.try_clone().map_err(|e| fail(e.to_string()))?;
+        let region = MmapRegionBuilder::new(range.len as usize)
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+            .with_file_offset(FileOffset::new(file, range.file_offset))
+            .build()
+            .map_err(|e| fail(e.to_string()))?;
+        let region = GuestRegionMmap::new(region, GuestAddress(0)).ok_or_else(|| fail("address overflow".into()))?;
+        GuestMemoryMmap::from_regions(vec![region]).map_err(|e| fail(e.to_string()))
+    }
+}

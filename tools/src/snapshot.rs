@@ -1,0 +1,75 @@
+//! `thaw snapshot`: cold-boot a function, run its init, and write the VM at its checkpoint to an
+//! image that `thaw invoke` restores from.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use abi::image::GuestMetadata;
+use clap::Args;
+use host_vmm::mailbox::Mailbox;
+use host_vmm::{BootTimings, CheckpointMode, Outcome, Vm, VmConfig};
+
+/// Arguments of `thaw snapshot`.
+#[derive(Args, Debug)]
+pub struct SnapshotArgs {
+    /// The function bundle, from `thaw pack`.
+    #[arg(value_name = "FUNCTION.thaw")]
+    function: PathBuf,
+    /// Where to write the image.
+    #[arg(short, long, value_name = "FUNCTION.snap")]
+    output: PathBuf,
+    /// Wall-clock limit for booting and initializing, in seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 60.0)]
+    timeout: f64,
+}
+
+/// Runs `thaw snapshot` and returns the process exit code.
+pub fn run(args: &SnapshotArgs) -> Result<u8, String> {
+    let function = crate::invoke::load_function(&args.function)?;
+    let timeout = Duration::try_from_secs_f64(args.timeout)
+        .ok()
+        .filter(|t| !t.is_zero())
+        .ok_or_else(|| format!("--timeout {}: must be a positive number of seconds", args.timeout))?;
+    let kernel = host_vmm::KernelImage::parse(crate::kernel::BUILT_IN).map_err(|e| format!("built-in kernel: {e}"))?;
+    let config = VmConfig {
+        memory_mib: function.vm_memory_mib(),
+        timeout,
+        ramdisk: Some(function.bundle.clone()),
+        requests: Vec::new(),
+    };
+    let started = Instant::now();
+    let mut timings = BootTimings::default();
+    let mut vm = Vm::boot(&kernel, &config, &mut timings).map_err(|e| e.to_string())?;
+    let mut kernel_log = Vec::new();
+    let (outcome, _, _) = vm
+        .run(&mut kernel_log, Mailbox::default(), timeout, CheckpointMode::Capture, &mut timings)
+        .map_err(|e| e.to_string())?;
+    if !matches!(outcome, Outcome::Checkpointed) {
+        use std::io::Write;
+        let _ = std::io::stderr().write_all(&kernel_log);
+        let code = crate::finish(&outcome);
+        return Err(format!(
+            "{}: the function ended before reaching its checkpoint (exit {code})",
+            args.function.display()
+        ));
+    }
+    let boot_and_init = started.elapsed();
+    let guest = GuestMetadata {
+        function_name: function.manifest.name.clone(),
+        wasm_sha256: function.manifest.wasm_sha256,
+        io_table_gpa: 0,
+        io_table_len: 0,
+        runtime_version: concat!("thaw-guest ", env!("CARGO_PKG_VERSION")).into(),
+    };
+    let stats = vm.snapshot(&args.output, guest).map_err(|e| e.to_string())?;
+    eprintln!(
+        "thaw: snapshot of {} after {} ms of boot and init: {} MiB of guest memory, {} non-zero pages ({} KiB) in {}",
+        function.manifest.name,
+        boot_and_init.as_millis(),
+        stats.guest_memory >> 20,
+        stats.pages_written,
+        stats.pages_written * 4,
+        args.output.display()
+    );
+    Ok(0)
+}
