@@ -72,7 +72,7 @@ const MAX_BUNDLE_FILE: u64 = 80 << 20;
 /// Runs `thaw invoke` and returns the process exit code.
 pub fn run(args: &InvokeArgs) -> Result<u8, String> {
     let request = request_body(args.data.as_ref(), args.input.as_ref())?;
-    if is_image(&args.function)? {
+    if file_magic(&args.function)? == abi::image::MAGIC {
         return invoke_image(args, request);
     }
     let function = load_function(&args.function)?;
@@ -97,13 +97,21 @@ pub fn run(args: &InvokeArgs) -> Result<u8, String> {
     conclude(&report.outcome, report.responses.first(), &kernel_log)
 }
 
-/// True when `path` starts with the snapshot image magic.
-fn is_image(path: &std::path::Path) -> Result<bool, String> {
+/// The first 8 bytes of `path`, which must be a bundle's or an image's magic.
+fn file_magic(path: &std::path::Path) -> Result<[u8; 8], String> {
     use std::io::Read;
+    let fail = |e: std::io::Error| format!("reading {}: {e}", path.display());
     let mut magic = [0u8; 8];
-    let mut file = std::fs::File::open(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
-    let n = file.read(&mut magic).map_err(|e| format!("reading {}: {e}", path.display()))?;
-    Ok(n == 8 && magic == abi::image::MAGIC)
+    let mut file = std::fs::File::open(path).map_err(fail)?;
+    let n = file.read(&mut magic).map_err(fail)?;
+    if magic != abi::image::MAGIC && magic != abi::bundle::MAGIC {
+        return Err(format!(
+            "{}: starts with {:02x?}, which is neither a function bundle (THAWFUNC) nor a snapshot image (THAWSNAP)",
+            path.display(),
+            &magic[..n]
+        ));
+    }
+    Ok(magic)
 }
 
 fn timeout(args: &InvokeArgs) -> Result<Duration, String> {

@@ -63,7 +63,9 @@ fn invoke_refuses_a_wrong_magic_and_a_wrong_version() {
     let s = Scratch::new();
     let mut bytes = s.bundle();
     bytes[0] = b'X';
-    assert!(invoke(&s.file("magic.thaw", &bytes)).contains("is not \"THAWFUNC\": not a thaw function bundle"));
+    assert!(
+        invoke(&s.file("magic.thaw", &bytes)).contains("neither a function bundle (THAWFUNC) nor a snapshot image")
+    );
     let mut bytes = s.bundle();
     bytes[8] = 7;
     assert!(invoke(&s.file("version.thaw", &bytes)).contains("format version 7 is not supported"));

@@ -1,0 +1,126 @@
+//! Init-less boot: `thaw snapshot` checkpoints a function after its init, and `thaw invoke` on
+//! the image serves requests from fresh VMs restored copy-on-write from it, under KVM.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+const THAW: &str = env!("CARGO_BIN_FILE_TOOLS_thaw");
+
+#[derive(Debug)]
+struct Run {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+}
+
+fn thaw(args: &[&str]) -> Run {
+    assert!(Path::new("/dev/kvm").exists(), "snapshot and restore run guests under KVM and need /dev/kvm");
+    let output = Command::new(THAW).args(args).output().expect("thaw must start");
+    Run {
+        code: output.status.code(),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}
+
+/// Packs an example and snapshots it; returns (directory guard, bundle path, image path).
+fn snapshot(example: &str, pack_extra: &[&str]) -> (tempfile::TempDir, String, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = dir.path().join("f.thaw").to_str().unwrap().to_string();
+    let image = dir.path().join("f.snap").to_str().unwrap().to_string();
+    let mut pack = vec!["pack", "--example", example, "-o", &bundle];
+    pack.extend_from_slice(pack_extra);
+    let run = thaw(&pack);
+    assert_eq!(run.code, Some(0), "{run:#?}");
+    let run = thaw(&["snapshot", &bundle, "-o", &image]);
+    assert_eq!(run.code, Some(0), "{run:#?}");
+    assert!(run.stderr.starts_with(&format!("thaw: snapshot of {example} after ")), "{run:#?}");
+    (dir, bundle, image)
+}
+
+fn invoke(file: &str, data: &str) -> Run {
+    thaw(&["invoke", file, "--data", data])
+}
+
+#[test]
+fn restored_output_equals_cold_output_for_every_deterministic_example() {
+    let cases: [(&str, &[&str], &str); 3] = [
+        ("hello", &[], r#"{"name": "snapshot"}"#),
+        ("json-transform", &[], r#"{"customer": "bo", "items": [{"sku": "a", "price_cents": 5, "quantity": 3}]}"#),
+        ("heavy-init", &["--memory", "64"], "100"),
+    ];
+    for (example, extra, data) in cases {
+        let (_dir, bundle, image) = snapshot(example, extra);
+        let cold = invoke(&bundle, data);
+        let restored = invoke(&image, data);
+        assert_eq!(cold.code, Some(0), "{example} cold: {cold:#?}");
+        assert_eq!(
+            (&restored.code, &restored.stdout, &restored.stderr),
+            (&cold.code, &cold.stdout, &cold.stderr),
+            "{example}: restored differs from cold"
+        );
+        // Bad input takes the same error path in both.
+        let cold_bad = invoke(&bundle, "not valid input");
+        let restored_bad = invoke(&image, "not valid input");
+        assert_eq!((restored_bad.code, restored_bad.stderr), (cold_bad.code, cold_bad.stderr), "{example}");
+    }
+}
+
+#[test]
+fn clones_get_distinct_entropy_and_the_hosts_clock() {
+    let (_dir, _bundle, image) = snapshot("random", &[]);
+    // Wait long enough that a clock left at the snapshot's time would be caught.
+    std::thread::sleep(std::time::Duration::from_millis(2_500));
+    let mut seen = Vec::new();
+    for _ in 0..2 {
+        let run = invoke(&image, "");
+        let host_ms = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis();
+        assert_eq!(run.code, Some(0), "{run:#?}");
+        let line = run.stdout.trim();
+        let hex = line.split('"').nth(3).expect("random field").to_string();
+        let unix_ms: u128 = line.rsplit(": ").next().unwrap().trim_end_matches('}').parse().expect("unix_ms");
+        assert!(host_ms.abs_diff(unix_ms) < 1_000, "clone clock {unix_ms} is not within 1 s of the host's {host_ms}");
+        seen.push(hex);
+    }
+    assert_ne!(seen[0], seen[1], "two clones of one image returned the same random bytes");
+}
+
+#[test]
+fn the_image_is_unchanged_by_restores_that_write_memory() {
+    let (_dir, _bundle, image) = snapshot("json-transform", &[]);
+    let before = std::fs::read(&image).unwrap();
+    let mode = std::fs::metadata(&image).unwrap().permissions();
+    assert!(mode.readonly(), "images are written read-only");
+    for i in 0..20 {
+        let run = invoke(
+            &image,
+            &format!(r#"{{"customer": "c{i}", "items": [{{"sku": "s", "price_cents": {i}, "quantity": 2}}]}}"#),
+        );
+        assert_eq!(run.code, Some(0), "{run:#?}");
+    }
+    assert!(std::fs::read(&image).unwrap() == before, "restores changed the image file");
+}
+
+#[test]
+fn corrupted_images_are_refused_with_one_line_naming_the_problem() {
+    let (dir, _bundle, image) = snapshot("hello", &[]);
+    let good = std::fs::read(&image).unwrap();
+    let cases: [(&str, Box<dyn Fn(&mut Vec<u8>)>, &str); 4] = [
+        ("magic", Box::new(|b| b[4] = b'X'), "neither a function bundle (THAWFUNC) nor a snapshot image"),
+        ("version", Box::new(|b| b[8] = 9), "image format version 9 is not supported"),
+        ("checksum", Box::new(|b| b[200] ^= 1), "checksum"),
+        ("truncated", Box::new(|b| b.truncate(b.len() - 4096)), "but its header declares"),
+    ];
+    for (name, edit, expected) in cases {
+        let mut bytes = good.clone();
+        edit(&mut bytes);
+        let path = dir.path().join(format!("{name}.snap"));
+        std::fs::write(&path, &bytes).unwrap();
+        let run = invoke(path.to_str().unwrap(), "x");
+        assert_eq!(run.code, Some(125), "{name}: {run:#?}");
+        assert_eq!(run.stderr.lines().count(), 1, "{name}: {run:#?}");
+        assert!(run.stderr.contains(expected), "{name}: {run:#?}");
+        assert!(!run.stderr.contains("panicked"), "{name}: {run:#?}");
+    }
+}
