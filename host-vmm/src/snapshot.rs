@@ -126,8 +126,7 @@ pub fn restore_vcpu(vcpu: &VcpuFd, records: &[VcpuRecord]) -> Result<(), Snapsho
         return Err(SnapshotError::Record(format!("{} MSRs, more than the {} thaw saves", entries.len(), MSRS.len())));
     }
     vcpu.set_sregs(&sregs).map_err(kvm("KVM_SET_SREGS"))?;
-    let mut xsave = kvm_xsave::default();
-    xsave.region = region;
+    let xsave = kvm_xsave { region, ..Default::default() };
     // SAFETY: `xsave` is a plain legacy-size kvm_xsave (no extra area); the kernel validates its
     // contents against the vCPU's supported features.
     unsafe { vcpu.set_xsave(&xsave) }.map_err(kvm("KVM_SET_XSAVE"))?;

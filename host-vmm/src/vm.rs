@@ -322,7 +322,7 @@ impl Vm {
     pub fn restore(image: &Image, instance_id: u64, timings: &mut BootTimings) -> Result<Self, VmmError> {
         let started = Instant::now();
         let mem_size = image.info.guest_memory_size();
-        if mem_size < layout::MIN_MEMORY_MIB << 20 || mem_size > layout::MAX_MEMORY_MIB << 20 {
+        if !(layout::MIN_MEMORY_MIB << 20..=layout::MAX_MEMORY_MIB << 20).contains(&mem_size) {
             return Err(VmmError::Config(format!(
                 "image describes {mem_size} bytes of guest memory, outside what thaw runs"
             )));
