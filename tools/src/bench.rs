@@ -70,7 +70,7 @@ pub fn run(args: &BenchArgs) -> Result<u8, String> {
     }
     let kernel = crate::kernel::load(&args.kernel)?;
     let (function, request) = match args.function.load()? {
-        Some((function, _, request)) => (Some(function), Some(request)),
+        Some(f) => (Some(f.function), Some(f.request)),
         None => (None, None),
     };
     let config = VmConfig {

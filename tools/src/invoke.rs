@@ -56,13 +56,23 @@ pub struct OptionalFunctionArgs {
     input: Option<PathBuf>,
 }
 
+/// A validated function, where its bundle is, and the request to serve it.
+pub struct FunctionRequest<'a> {
+    /// The function.
+    pub function: Function,
+    /// Its bundle file.
+    pub path: &'a std::path::Path,
+    /// The request body.
+    pub request: Vec<u8>,
+}
+
 impl OptionalFunctionArgs {
-    /// The validated function, its bundle's path and the request, if a function was given.
-    pub fn load(&self) -> Result<Option<(Function, &std::path::Path, Vec<u8>)>, String> {
+    /// The function and its request, if a function was given.
+    pub fn load(&self) -> Result<Option<FunctionRequest<'_>>, String> {
         let Some(path) = &self.function else { return Ok(None) };
         let function = load_function(path)?;
         let request = request_body(self.data.as_ref(), self.input.as_ref())?;
-        Ok(Some((function, path, request)))
+        Ok(Some(FunctionRequest { function, path, request }))
     }
 }
 

@@ -122,7 +122,7 @@ pub fn run(args: &QemuArgs) -> Result<u8, String> {
     let kernel = crate::kernel::load(&args.kernel)?;
     let timeout = crate::kernel::timeout(&args.kernel)?;
     let (function, ramdisk, request) = match args.function.load()? {
-        Some((function, path, request)) => (Some(function), Some(path), Some(request)),
+        Some(f) => (Some(f.function), Some(f.path), Some(f.request)),
         None => (None, None, None),
     };
     let memory = args.memory.unwrap_or(function.as_ref().map_or(128, |f| f.vm_memory_mib().max(128)));
