@@ -106,11 +106,12 @@ fn the_image_is_unchanged_by_restores_that_write_memory() {
 fn corrupted_images_are_refused_with_one_line_naming_the_problem() {
     let (dir, _bundle, image) = snapshot("hello", &[]);
     let good = std::fs::read(&image).unwrap();
-    let cases: [(&str, Box<dyn Fn(&mut Vec<u8>)>, &str); 4] = [
-        ("magic", Box::new(|b| b[4] = b'X'), "neither a function bundle (THAWFUNC) nor a snapshot image"),
-        ("version", Box::new(|b| b[8] = 9), "image format version 9 is not supported"),
-        ("checksum", Box::new(|b| b[200] ^= 1), "checksum"),
-        ("truncated", Box::new(|b| b.truncate(b.len() - 4096)), "but its header declares"),
+    type Edit = fn(&mut Vec<u8>);
+    let cases: [(&str, Edit, &str); 4] = [
+        ("magic", |b| b[4] = b'X', "neither a function bundle (THAWFUNC) nor a snapshot image"),
+        ("version", |b| b[8] = 9, "image format version 9 is not supported"),
+        ("checksum", |b| b[200] ^= 1, "checksum"),
+        ("truncated", |b| b.truncate(b.len() - 4096), "but its header declares"),
     ];
     for (name, edit, expected) in cases {
         let mut bytes = good.clone();
