@@ -263,6 +263,10 @@ pub struct ImageInfo {
     pub memory: Vec<MemoryRange>,
     /// Bytes of metadata at the start of the file (memory data starts at or after this).
     pub metadata_len: u64,
+    /// The section table: (kind, file offset, length), in table order.
+    pub sections: Vec<(SectionKind, u64, u64)>,
+    /// The metadata CRC-32, verified.
+    pub checksum: u32,
 }
 
 impl ImageInfo {
@@ -523,7 +527,8 @@ pub fn parse(metadata: &[u8], file_len: u64) -> Result<ImageInfo, ImageError> {
     if !section(SectionKind::WorkingSet)?.is_empty() {
         return Err(ImageError::Content { section: "working-set", reason: "must be empty in version 1".into() });
     }
-    Ok(ImageInfo { vcpu, vm, guest, memory, metadata_len })
+    let sections = sections.iter().map(|&(kind, offset, len)| (kind, offset as u64, len as u64)).collect();
+    Ok(ImageInfo { vcpu, vm, guest, memory, metadata_len, sections, checksum: stored })
 }
 
 fn decode_memory_map(bytes: &[u8], metadata_len: u64, file_len: u64) -> Result<Vec<MemoryRange>, ImageError> {

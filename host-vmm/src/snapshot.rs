@@ -220,6 +220,36 @@ impl Image {
         Ok(Self { file, path: path.to_path_buf(), info })
     }
 
+    /// Bytes of memory data actually stored (not holes), found with `SEEK_DATA`/`SEEK_HOLE`
+    /// without reading the data.
+    pub fn stored_bytes(&self) -> Result<u64, SnapshotError> {
+        use std::os::fd::AsRawFd;
+        let fd = self.file.as_raw_fd();
+        let mut stored = 0;
+        for range in &self.info.memory {
+            let end = (range.file_offset + range.len) as i64;
+            let mut at = range.file_offset as i64;
+            while at < end {
+                // SAFETY: lseek on our own open descriptor; it only moves the file offset.
+                let data = unsafe { libc::lseek(fd, at, libc::SEEK_DATA) };
+                if data < 0 || data >= end {
+                    break; // ENXIO: no data after `at`
+                }
+                // SAFETY: as above.
+                let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
+                let hole = if hole < 0 { end } else { hole.min(end) };
+                stored += (hole - data) as u64;
+                at = hole;
+            }
+        }
+        Ok(stored)
+    }
+
+    /// The image's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     /// Maps the image's memory copy-on-write: pages come from the shared page cache, writes go
     /// to private memory, and the file is never written.
     pub fn map_memory(&self) -> Result<GuestMemoryMmap, SnapshotError> {

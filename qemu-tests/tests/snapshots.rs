@@ -125,3 +125,24 @@ fn corrupted_images_are_refused_with_one_line_naming_the_problem() {
         assert!(!run.stderr.contains("panicked"), "{name}: {run:#?}");
     }
 }
+
+#[test]
+fn inspect_shows_the_function_memory_and_sections() {
+    let (_dir, _bundle, image) = snapshot("hello", &[]);
+    let run = thaw(&["inspect", &image]);
+    assert_eq!(run.code, Some(0), "{run:#?}");
+    assert!(run.stdout.contains("checksum    0x"), "{run:#?}");
+    assert!(run.stdout.contains("function    hello (wasm sha256 "), "{run:#?}");
+    assert!(run.stdout.contains("io table    none"), "{run:#?}");
+    for section in ["vcpu-state", "vm-state", "guest-metadata", "memory-map", "working-set"] {
+        assert!(run.stdout.contains(section), "{section} missing: {run:#?}");
+    }
+    let json = thaw(&["inspect", &image, "--json"]);
+    assert_eq!(json.code, Some(0), "{json:#?}");
+    let nonzero: u64 =
+        json.stdout.split("\"nonzero_pages\": ").nth(1).and_then(|s| s.split(',').next()).unwrap().parse().unwrap();
+    let pages: u64 =
+        json.stdout.split("\"pages\": ").nth(1).and_then(|s| s.split(',').next()).unwrap().parse().unwrap();
+    assert!(nonzero > 0 && nonzero < pages, "a sparse image stores some but not all pages: {nonzero} of {pages}");
+    assert!(json.stdout.contains("\"name\": \"hello\""), "{json:#?}");
+}

@@ -6,6 +6,7 @@
 //! `abi::exit_code` (101 panic, 102 fault, 103 guest failure, 124 timeout, 125 thaw error).
 
 mod bench;
+mod inspect;
 mod invoke;
 mod kernel;
 mod pack;
@@ -43,6 +44,8 @@ enum Command {
     Invoke(invoke::InvokeArgs),
     /// Cold-boot a function, run its init, and write the VM at its checkpoint to an image.
     Snapshot(snapshot::SnapshotArgs),
+    /// Validate a snapshot image and show what it holds.
+    Inspect(inspect::InspectArgs),
 }
 
 /// Options shared by every command that boots a kernel.
@@ -66,6 +69,7 @@ fn main() -> ExitCode {
         Command::Pack(args) => pack::run(&args),
         Command::Invoke(args) => invoke::run(&args),
         Command::Snapshot(args) => snapshot::run(&args),
+        Command::Inspect(args) => inspect::run(&args),
     };
     match result {
         Ok(code) => ExitCode::from(code),

@@ -1,0 +1,128 @@
+//! `thaw inspect`: what a snapshot image holds, after validating all of it.
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+
+use abi::image::{ImageInfo, record};
+use clap::Args;
+use kvm_bindings::kvm_regs;
+use zerocopy::FromBytes;
+
+/// Arguments of `thaw inspect`.
+#[derive(Args, Debug)]
+pub struct InspectArgs {
+    /// The snapshot image, from `thaw snapshot`.
+    #[arg(value_name = "FUNCTION.snap")]
+    image: PathBuf,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+fn record_name(kind: u32) -> &'static str {
+    match kind {
+        record::REGS => "regs",
+        record::SREGS => "sregs",
+        record::XSAVE => "xsave",
+        record::XCRS => "xcrs",
+        record::MSRS => "msrs",
+        record::EVENTS => "events",
+        record::MP_STATE => "mp_state",
+        record::LAPIC => "lapic",
+        _ => "unknown",
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn json_string(s: &str) -> String {
+    let mut out = String::from("\"");
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 => {
+                let _ = write!(out, "\\u{:04x}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// Runs `thaw inspect` and returns the process exit code.
+pub fn run(args: &InspectArgs) -> Result<u8, String> {
+    let image = host_vmm::Image::open(&args.image).map_err(|e| e.to_string())?;
+    let stored = image.stored_bytes().map_err(|e| e.to_string())?;
+    let info: &ImageInfo = &image.info;
+    let file_len = std::fs::metadata(&args.image).map_err(|e| format!("{}: {e}", args.image.display()))?.len();
+    let guest = info.guest_memory_size();
+    let rip = info
+        .vcpu
+        .iter()
+        .find(|r| r.kind == record::REGS)
+        .and_then(|r| kvm_regs::read_from_bytes(&r.bytes).ok())
+        .map_or(0, |regs| regs.rip);
+    let page = abi::image::PAGE_SIZE;
+    if args.json {
+        let sections: Vec<String> = info
+            .sections
+            .iter()
+            .map(|(kind, offset, len)| {
+                format!("{{\"kind\": {}, \"offset\": {offset}, \"length\": {len}}}", json_string(kind.name()))
+            })
+            .collect();
+        let ranges: Vec<String> = info
+            .memory
+            .iter()
+            .map(|r| format!("{{\"gpa\": {}, \"length\": {}, \"file_offset\": {}}}", r.gpa, r.len, r.file_offset))
+            .collect();
+        let records: Vec<String> = info.vcpu.iter().map(|r| json_string(record_name(r.kind))).collect();
+        println!(
+            "{{\"path\": {}, \"format_version\": {}, \"architecture\": \"x86-64\", \"file_bytes\": {file_len}, \"checksum\": \"{:#010x}\", \"checksum_ok\": true, \"sections\": [{}], \"function\": {{\"name\": {}, \"wasm_sha256\": \"{}\", \"runtime_version\": {}}}, \"io_table\": {{\"gpa\": {}, \"length\": {}}}, \"memory\": {{\"guest_bytes\": {guest}, \"pages\": {}, \"nonzero_pages\": {}, \"ranges\": [{}]}}, \"vcpu\": {{\"rip\": {rip}, \"records\": [{}]}}}}",
+            json_string(&args.image.display().to_string()),
+            abi::image::FORMAT_VERSION,
+            info.checksum,
+            sections.join(", "),
+            json_string(&info.guest.function_name),
+            hex(&info.guest.wasm_sha256),
+            json_string(&info.guest.runtime_version),
+            info.guest.io_table_gpa,
+            info.guest.io_table_len,
+            guest / page,
+            stored / page,
+            ranges.join(", "),
+            records.join(", ")
+        );
+        return Ok(0);
+    }
+    println!("{}: thaw snapshot image, format version {}, x86-64", args.image.display(), abi::image::FORMAT_VERSION);
+    println!("  file        {file_len} bytes, {} KiB stored (the rest are holes)", (info.metadata_len + stored) / 1024);
+    println!("  checksum    {:#010x}, ok; every section and memory range validated", info.checksum);
+    println!("  function    {} (wasm sha256 {})", info.guest.function_name, hex(&info.guest.wasm_sha256));
+    println!("  runtime     {}", info.guest.runtime_version);
+    match info.guest.io_table_len {
+        0 => println!("  io table    none"),
+        len => println!("  io table    {len} bytes at guest address {:#x}", info.guest.io_table_gpa),
+    }
+    println!(
+        "  memory      {} MiB of guest memory: {} pages, {} non-zero ({} KiB)",
+        guest >> 20,
+        guest / page,
+        stored / page,
+        stored / 1024
+    );
+    for r in &info.memory {
+        println!("              guest {:#x}+{:#x} at file offset {:#x}", r.gpa, r.len, r.file_offset);
+    }
+    let names: Vec<&str> = info.vcpu.iter().map(|r| record_name(r.kind)).collect();
+    println!("  vcpu        rip {rip:#x}; records: {}", names.join(", "));
+    println!("  sections");
+    for (kind, offset, len) in &info.sections {
+        println!("    {:<16} offset {offset:>8}  length {len:>8}", kind.name());
+    }
+    Ok(0)
+}
