@@ -41,6 +41,8 @@ pub struct FunctionResponse {
 pub struct Mailbox {
     pending: VecDeque<Vec<u8>>,
     handed_out: Option<Instant>,
+    /// When the guest took its first request.
+    pub first_request_at: Option<Instant>,
     /// Responses, in request order.
     pub responses: Vec<FunctionResponse>,
 }
@@ -90,7 +92,9 @@ impl Mailbox {
         })?;
         let len = bytes.len() as u64;
         self.pending.pop_front();
-        self.handed_out = Some(Instant::now());
+        let now = Instant::now();
+        self.handed_out = Some(now);
+        self.first_request_at.get_or_insert(now);
         Ok(NextReply { status: invoke::NEXT_REQUEST, len })
     }
 

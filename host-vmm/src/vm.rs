@@ -111,6 +111,9 @@ pub struct BootTimings {
     pub instantiate: Option<Duration>,
     /// From instantiated to the function's init exports having run.
     pub init: Option<Duration>,
+    /// From the first `KVM_RUN` to the guest taking its first request: after a restore, the
+    /// guest resuming from its checkpoint (reseeding, and faulting in the pages it touches).
+    pub to_first_request: Option<Duration>,
     /// From the start to the end of the run.
     pub total: Duration,
 }
@@ -404,6 +407,7 @@ impl Vm {
         timings.compile = between(Milestone::Ready, Milestone::Compiled);
         timings.instantiate = between(Milestone::Compiled, Milestone::Instantiated);
         timings.init = between(Milestone::Instantiated, Milestone::Initialized);
+        timings.to_first_request = handler.mailbox.first_request_at.map(|t| t.saturating_duration_since(run_started));
         Ok((outcome, exits, handler.mailbox))
     }
 }

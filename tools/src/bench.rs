@@ -63,10 +63,36 @@ fn rows(serving: bool) -> Vec<(&'static str, Reader)> {
     rows
 }
 
+/// Rows of a restore: what replaces boot, compile and init.
+fn restore_rows() -> Vec<(&'static str, Reader)> {
+    vec![
+        ("memory map", |r| us(Some(r.timings.load))),
+        ("vm create", |r| us(Some(r.timings.vm_create))),
+        ("vcpu + state set", |r| us(Some(r.timings.vcpu_setup))),
+        ("resume to request", |r| us(r.timings.to_first_request)),
+        ("handle", |r| us(r.responses.first().map(|x| x.handle_time))),
+        ("total", |r| us(Some(r.timings.total))),
+        ("vm exits", |r| Some(u128::from(r.exits))),
+    ]
+}
+
 /// Runs `thaw bench` and returns the process exit code.
 pub fn run(args: &BenchArgs) -> Result<u8, String> {
     if args.runs == 0 {
         return Err("--runs 0: need at least one run".into());
+    }
+    if let Some(path) = &args.function.function
+        && crate::invoke::file_magic(path)? == abi::image::MAGIC
+    {
+        let image = host_vmm::Image::open(path).map_err(|e| e.to_string())?;
+        let request = crate::invoke::request_body(args.function.data.as_ref(), args.function.input.as_ref())?;
+        let config =
+            VmConfig { timeout: crate::kernel::timeout(&args.kernel)?, requests: vec![request], ..VmConfig::default() };
+        let what = format!("restores of {}", image.info.guest.function_name);
+        let memory_mib = image.info.guest_memory_size() >> 20;
+        return measure(args.runs, &what, memory_mib, &restore_rows(), || {
+            host_vmm::run_image(&image, &config, &mut std::io::sink())
+        });
     }
     let kernel = crate::kernel::load(&args.kernel)?;
     let (function, request) = match args.function.load()? {
@@ -79,28 +105,41 @@ pub fn run(args: &BenchArgs) -> Result<u8, String> {
         ramdisk: function.as_ref().map(|f| f.bundle.clone()),
         requests: request.into_iter().collect(),
     };
-    let rows = rows(function.is_some());
-    let mut samples: Vec<Vec<u128>> = vec![Vec::with_capacity(args.runs); rows.len()];
+    let what =
+        function.as_ref().map_or("kernel boots".to_string(), |f| format!("cold invocations of {}", f.manifest.name));
+    measure(args.runs, &what, config.memory_mib, &rows(function.is_some()), || {
+        host_vmm::run_kernel(&kernel.image, &config, &mut std::io::sink())
+    })
+}
+
+/// Runs `runs` VMs with `one`, requiring each to end cleanly with clean answers, and prints the
+/// percentiles of `rows`.
+fn measure(
+    runs: usize,
+    what: &str,
+    memory_mib: u64,
+    rows: &[(&'static str, Reader)],
+    mut one: impl FnMut() -> Result<RunReport, host_vmm::VmmError>,
+) -> Result<u8, String> {
+    let mut samples: Vec<Vec<u128>> = vec![Vec::with_capacity(runs); rows.len()];
     let mut err = std::io::stderr().lock();
-    for i in 0..args.runs {
-        let report = host_vmm::run_kernel(&kernel.image, &config, &mut std::io::sink()).map_err(|e| e.to_string())?;
+    for i in 0..runs {
+        let report = one().map_err(|e| e.to_string())?;
         if !matches!(report.outcome, Outcome::Exited(0)) {
             return Err(format!("run {}: {}", i + 1, report.outcome));
         }
-        if function.is_some() && !matches!(report.responses.first().map(|r| &r.status), Some(FunctionStatus::Ok)) {
+        if report.responses.iter().any(|r| r.status != FunctionStatus::Ok) {
             return Err(format!("run {}: the function did not answer cleanly", i + 1));
         }
         for ((name, read), column) in rows.iter().zip(samples.iter_mut()) {
             column.push(read(&report).ok_or_else(|| format!("run {}: no {name} measurement", i + 1))?);
         }
-        if (i + 1) % 50 == 0 || i + 1 == args.runs {
-            let _ = write!(err, "\rthaw: bench: {}/{} VMs", i + 1, args.runs);
+        if (i + 1) % 50 == 0 || i + 1 == runs {
+            let _ = write!(err, "\rthaw: bench: {}/{runs} VMs", i + 1);
         }
     }
     let _ = writeln!(err);
-    let what =
-        function.as_ref().map_or("kernel boots".to_string(), |f| format!("cold invocations of {}", f.manifest.name));
-    println!("{} {what}, {} MiB guest memory; times in microseconds", args.runs, config.memory_mib);
+    println!("{runs} {what}, {memory_mib} MiB guest memory; times in microseconds");
     println!("{:<20} {:>8} {:>8} {:>8} {:>8}", "phase", "p50", "p90", "p99", "max");
     for ((name, _), column) in rows.iter().zip(samples.iter_mut()) {
         column.sort_unstable();

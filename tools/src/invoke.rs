@@ -45,15 +45,16 @@ pub struct InvokeArgs {
 /// function (`thaw qemu`, `thaw bench`).
 #[derive(Args, Debug)]
 pub struct OptionalFunctionArgs {
-    /// A function bundle to serve one request to [default: boot the kernel alone].
-    #[arg(value_name = "FUNCTION.thaw")]
-    function: Option<PathBuf>,
-    /// The request body (with FUNCTION.thaw).
+    /// A function bundle (or, for `thaw bench`, a snapshot image) to serve one request to
+    /// [default: boot the kernel alone].
+    #[arg(value_name = "FUNCTION")]
+    pub function: Option<PathBuf>,
+    /// The request body (with FUNCTION).
     #[arg(long, value_name = "STRING", requires = "function", conflicts_with = "input")]
-    data: Option<String>,
-    /// Read the request body from this file (with FUNCTION.thaw).
+    pub data: Option<String>,
+    /// Read the request body from this file (with FUNCTION).
     #[arg(long, value_name = "FILE", requires = "function")]
-    input: Option<PathBuf>,
+    pub input: Option<PathBuf>,
 }
 
 /// A validated function, where its bundle is, and the request to serve it.
@@ -108,7 +109,7 @@ pub fn run(args: &InvokeArgs) -> Result<u8, String> {
 }
 
 /// The first 8 bytes of `path`, which must be a bundle's or an image's magic.
-fn file_magic(path: &std::path::Path) -> Result<[u8; 8], String> {
+pub fn file_magic(path: &std::path::Path) -> Result<[u8; 8], String> {
     use std::io::Read;
     let fail = |e: std::io::Error| format!("reading {}: {e}", path.display());
     let mut magic = [0u8; 8];
@@ -145,10 +146,11 @@ fn invoke_image(args: &InvokeArgs, request: Vec<u8>) -> Result<u8, String> {
     if let Some(StatsFormat::Json) = args.stats {
         let t = &report.timings;
         eprintln!(
-            "{{\"restore\": true, \"memory_map_us\": {}, \"vm_create_us\": {}, \"state_set_us\": {}, \"handle_us\": {}, \"total_us\": {}, \"vm_exits\": {}}}",
+            "{{\"restore\": true, \"memory_map_us\": {}, \"vm_create_us\": {}, \"state_set_us\": {}, \"resume_us\": {}, \"handle_us\": {}, \"total_us\": {}, \"vm_exits\": {}}}",
             t.load.as_micros(),
             t.vm_create.as_micros(),
             t.vcpu_setup.as_micros(),
+            t.to_first_request.map_or("null".into(), |d| d.as_micros().to_string()),
             report.responses.first().map_or("null".into(), |r| r.handle_time.as_micros().to_string()),
             t.total.as_micros(),
             report.exits

@@ -149,12 +149,12 @@ pub fn serve(bundle: &[u8]) -> u32 {
         Err(e) => panic!("function bundle: {e}"),
     };
     match run(&bundle, Transport::for_platform()) {
-        Ok(()) => 0,
+        Ok(never) => match never {},
         Err(message) => panic!("function {}: {message}", bundle.manifest.name),
     }
 }
 
-fn run(bundle: &Bundle<'_>, transport: Transport) -> Result<(), String> {
+fn run(bundle: &Bundle<'_>, transport: Transport) -> Result<core::convert::Infallible, String> {
     let params = transport.host_params()?;
     let manifest = &bundle.manifest;
     let mut config = Config::default();
@@ -225,7 +225,9 @@ fn run(bundle: &Bundle<'_>, transport: Transport) -> Result<(), String> {
         transport.respond(status, exit_code, &ctx.stdout, &ctx.stderr, message.as_bytes());
         request = ctx.end();
     }
-    Ok(())
+    // No more requests: the VM is about to be discarded, so exit here instead of returning and
+    // dropping the store, module and engine, which would only fault in pages for nothing.
+    platform::exit(0)
 }
 
 fn set_fuel<T>(store: &mut Store<T>, fuel: Option<u64>) -> Result<(), String> {
