@@ -43,6 +43,8 @@ pub struct Mailbox {
     handed_out: Option<Instant>,
     /// When the guest took its first request.
     pub first_request_at: Option<Instant>,
+    /// When the first response arrived.
+    pub first_response_at: Option<Instant>,
     /// Responses, in request order.
     pub responses: Vec<FunctionResponse>,
 }
@@ -119,6 +121,7 @@ impl Mailbox {
                 ));
             }
         };
+        self.first_response_at.get_or_insert_with(Instant::now);
         self.responses.push(FunctionResponse { status, stdout, stderr, handle_time: handed_out.elapsed() });
         Ok(())
     }

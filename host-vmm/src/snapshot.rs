@@ -220,12 +220,57 @@ impl Image {
         Ok(Self { file, path: path.to_path_buf(), info })
     }
 
-    /// Bytes of memory data actually stored (not holes), found with `SEEK_DATA`/`SEEK_HOLE`
-    /// without reading the data.
+    /// Bytes of memory data actually stored (not holes), found without reading the data.
     pub fn stored_bytes(&self) -> Result<u64, SnapshotError> {
+        Ok(self.data_extents()?.iter().map(|(start, end)| end - start).sum())
+    }
+
+    /// The image's path (`memfd:…` for a template).
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Loads this image into an in-memory template (Catalyzer's sfork): a sealed memfd holding
+    /// the same bytes, holes included. Children restore from it through the same path as from a
+    /// file ([`Vm::restore`](crate::Vm::restore)), with no disk and no filesystem in the way.
+    pub fn to_template(&self) -> Result<Image, SnapshotError> {
+        let path = PathBuf::from(format!("memfd:thaw-template:{}", self.info.guest.function_name));
+        let io = |source| SnapshotError::Io { path: path.clone(), source };
+        // SAFETY: memfd_create takes a NUL-terminated name and flags; it returns a new descriptor.
+        let fd = unsafe { libc::memfd_create(c"thaw-template".as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
+        if fd < 0 {
+            return Err(io(std::io::Error::last_os_error()));
+        }
+        // SAFETY: `fd` is a fresh descriptor that nothing else owns.
+        let memfd = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        let file_len = self.file.metadata().map_err(io)?.len();
+        memfd.set_len(file_len).map_err(io)?;
+        // Copy the metadata, then only the stored (non-hole) memory data.
+        let mut chunks = vec![(0, self.info.metadata_len)];
+        chunks.extend(self.data_extents()?);
+        let mut buf = vec![0u8; 1 << 20];
+        for (start, end) in chunks {
+            let mut at = start;
+            while at < end {
+                let n = ((end - at) as usize).min(buf.len());
+                self.file.read_exact_at(&mut buf[..n], at).map_err(io)?;
+                memfd.write_all_at(&buf[..n], at).map_err(io)?;
+                at += n as u64;
+            }
+        }
+        let seals = libc::F_SEAL_WRITE | libc::F_SEAL_GROW | libc::F_SEAL_SHRINK | libc::F_SEAL_SEAL;
+        // SAFETY: fcntl on our own descriptor; sealing only restricts later writes to it.
+        if unsafe { libc::fcntl(fd, libc::F_ADD_SEALS, seals) } < 0 {
+            return Err(io(std::io::Error::last_os_error()));
+        }
+        Ok(Image { file: memfd, path, info: self.info.clone() })
+    }
+
+    /// The (start, end) file ranges of memory data actually stored, via `SEEK_DATA`/`SEEK_HOLE`.
+    fn data_extents(&self) -> Result<Vec<(u64, u64)>, SnapshotError> {
         use std::os::fd::AsRawFd;
         let fd = self.file.as_raw_fd();
-        let mut stored = 0;
+        let mut extents = Vec::new();
         for range in &self.info.memory {
             let end = (range.file_offset + range.len) as i64;
             let mut at = range.file_offset as i64;
@@ -238,16 +283,11 @@ impl Image {
                 // SAFETY: as above.
                 let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
                 let hole = if hole < 0 { end } else { hole.min(end) };
-                stored += (hole - data) as u64;
+                extents.push((data as u64, hole as u64));
                 at = hole;
             }
         }
-        Ok(stored)
-    }
-
-    /// The image's path.
-    pub fn path(&self) -> &Path {
-        &self.path
+        Ok(extents)
     }
 
     /// Maps the image's memory copy-on-write: pages come from the shared page cache, writes go

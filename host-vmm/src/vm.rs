@@ -42,11 +42,19 @@ pub struct VmConfig {
     pub ramdisk: Option<Vec<u8>>,
     /// Requests to hand the guest through the invoke mailbox, in order.
     pub requests: Vec<Vec<u8>>,
+    /// Measure the VM's private memory before tearing it down (reads /proc/self/smaps).
+    pub measure_memory: bool,
 }
 
 impl Default for VmConfig {
     fn default() -> Self {
-        Self { memory_mib: 64, timeout: Duration::from_secs(10), ramdisk: None, requests: Vec::new() }
+        Self {
+            memory_mib: 64,
+            timeout: Duration::from_secs(10),
+            ramdisk: None,
+            requests: Vec::new(),
+            measure_memory: false,
+        }
     }
 }
 
@@ -114,6 +122,8 @@ pub struct BootTimings {
     /// From the first `KVM_RUN` to the guest taking its first request: after a restore, the
     /// guest resuming from its checkpoint (reseeding, and faulting in the pages it touches).
     pub to_first_request: Option<Duration>,
+    /// From the start (VM creation, or restore) to the first response.
+    pub to_response: Option<Duration>,
     /// From the start to the end of the run.
     pub total: Duration,
 }
@@ -129,6 +139,11 @@ pub struct RunReport {
     pub exits: u64,
     /// The function's responses, in request order.
     pub responses: Vec<FunctionResponse>,
+    /// Guest memory private to this VM when it ended (pages it wrote, copied on write or freshly
+    /// allocated), if [`VmConfig::measure_memory`] asked for it.
+    pub private_memory: Option<u64>,
+    /// Minor page faults the vCPU thread took during the run.
+    pub page_faults: u64,
 }
 
 /// Where direct boot puts the pieces a kernel's config decides.
@@ -344,6 +359,30 @@ impl Vm {
         Ok(Self { vcpu, _vm: vm, mem, mem_size })
     }
 
+    /// Guest memory private to this VM: the `Anonymous` pages of its guest-memory mapping
+    /// (written after a restore, or touched at all on a cold boot). Pages still shared with the
+    /// image's page cache are not counted. Reads /proc/self/smaps.
+    pub fn private_memory(&self) -> Result<u64, VmmError> {
+        let start = self.mem.get_host_address(GuestAddress(0)).map_err(memory_error)? as u64;
+        let smaps = std::fs::read_to_string("/proc/self/smaps")
+            .map_err(|e| VmmError::Memory(format!("/proc/self/smaps: {e}")))?;
+        let mut in_mapping = false;
+        for line in smaps.lines() {
+            if let Some((range, _)) = line.split_once(' ')
+                && let Some((from, _)) = range.split_once('-')
+                && let Ok(from) = u64::from_str_radix(from, 16)
+            {
+                in_mapping = from == start;
+                continue;
+            }
+            if in_mapping && let Some(kb) = line.strip_prefix("Anonymous:") {
+                let kb: u64 = kb.trim().trim_end_matches("kB").trim().parse().unwrap_or(0);
+                return Ok(kb * 1024);
+            }
+        }
+        Err(VmmError::Memory(format!("guest memory mapping at {start:#x} not found in /proc/self/smaps")))
+    }
+
     /// Writes an image of this VM, which must have stopped at its checkpoint
     /// ([`Outcome::Checkpointed`]), to `path`.
     pub fn snapshot(&self, path: &Path, guest: GuestMetadata) -> Result<WriteStats, VmmError> {
@@ -456,22 +495,43 @@ pub fn next_instance_id() -> u64 {
 pub fn run_image(image: &Image, config: &VmConfig, output: &mut dyn Write) -> Result<RunReport, VmmError> {
     let started = Instant::now();
     let mut timings = BootTimings::default();
-    let mut vm = Vm::restore(image, next_instance_id(), &mut timings)?;
+    let vm = Vm::restore(image, next_instance_id(), &mut timings)?;
+    finish_run(vm, config, output, started, timings)
+}
+
+/// Runs a created VM to its end and reports on it, memory included if asked, before it is torn
+/// down.
+fn finish_run(
+    mut vm: Vm,
+    config: &VmConfig,
+    output: &mut dyn Write,
+    started: Instant,
+    mut timings: BootTimings,
+) -> Result<RunReport, VmmError> {
+    let faults_before = thread_minor_faults();
     let mailbox = Mailbox::new(config.requests.clone());
     let (outcome, exits, mailbox) = vm.run(output, mailbox, config.timeout, CheckpointMode::Continue, &mut timings)?;
     timings.total = started.elapsed();
-    Ok(RunReport { outcome, timings, exits, responses: mailbox.responses })
+    timings.to_response = mailbox.first_response_at.map(|t| t.saturating_duration_since(started));
+    let page_faults = thread_minor_faults().saturating_sub(faults_before);
+    let private_memory = if config.measure_memory { Some(vm.private_memory()?) } else { None };
+    Ok(RunReport { outcome, timings, exits, responses: mailbox.responses, private_memory, page_faults })
+}
+
+/// Minor page faults the calling thread has taken so far.
+fn thread_minor_faults() -> u64 {
+    // SAFETY: a zeroed rusage is a valid out-parameter; getrusage only writes it.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: RUSAGE_THREAD with a valid pointer to our rusage.
+    if unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut usage) } == 0 { usage.ru_minflt as u64 } else { 0 }
 }
 
 /// Boots `kernel` and runs it to the end, writing its output to `output`.
 pub fn run_kernel(kernel: &KernelImage, config: &VmConfig, output: &mut dyn Write) -> Result<RunReport, VmmError> {
     let started = Instant::now();
     let mut timings = BootTimings::default();
-    let mut vm = Vm::boot(kernel, config, &mut timings)?;
-    let mailbox = Mailbox::new(config.requests.clone());
-    let (outcome, exits, mailbox) = vm.run(output, mailbox, config.timeout, CheckpointMode::Continue, &mut timings)?;
-    timings.total = started.elapsed();
-    Ok(RunReport { outcome, timings, exits, responses: mailbox.responses })
+    let vm = Vm::boot(kernel, config, &mut timings)?;
+    finish_run(vm, config, output, started, timings)
 }
 
 #[cfg(test)]

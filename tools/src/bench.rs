@@ -104,6 +104,7 @@ pub fn run(args: &BenchArgs) -> Result<u8, String> {
         timeout: crate::kernel::timeout(&args.kernel)?,
         ramdisk: function.as_ref().map(|f| f.bundle.clone()),
         requests: request.into_iter().collect(),
+        ..VmConfig::default()
     };
     let what =
         function.as_ref().map_or("kernel boots".to_string(), |f| format!("cold invocations of {}", f.manifest.name));

@@ -94,6 +94,7 @@ pub fn run(args: &InvokeArgs) -> Result<u8, String> {
         timeout,
         ramdisk: Some(function.bundle.clone()),
         requests: vec![request],
+        ..VmConfig::default()
     };
     let mut kernel_log = Vec::new();
     let report = if args.verbose {

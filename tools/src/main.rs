@@ -11,6 +11,7 @@ mod invoke;
 mod kernel;
 mod pack;
 mod qemu;
+mod restore;
 mod run;
 mod snapshot;
 
@@ -46,6 +47,9 @@ enum Command {
     Snapshot(snapshot::SnapshotArgs),
     /// Validate a snapshot image and show what it holds.
     Inspect(inspect::InspectArgs),
+    /// Serve N requests from fresh VMs restored from an image (or a template) and report
+    /// latency, phases and memory.
+    Restore(restore::RestoreArgs),
 }
 
 /// Options shared by every command that boots a kernel.
@@ -70,6 +74,7 @@ fn main() -> ExitCode {
         Command::Invoke(args) => invoke::run(&args),
         Command::Snapshot(args) => snapshot::run(&args),
         Command::Inspect(args) => inspect::run(&args),
+        Command::Restore(args) => restore::run(&args),
     };
     match result {
         Ok(code) => ExitCode::from(code),

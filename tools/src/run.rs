@@ -23,12 +23,8 @@ pub struct RunArgs {
 /// Runs `thaw run` and returns the process exit code.
 pub fn run(args: &RunArgs) -> Result<u8, String> {
     let kernel = crate::kernel::load(&args.kernel)?;
-    let config = VmConfig {
-        memory_mib: args.memory,
-        timeout: crate::kernel::timeout(&args.kernel)?,
-        ramdisk: None,
-        requests: Vec::new(),
-    };
+    let config =
+        VmConfig { memory_mib: args.memory, timeout: crate::kernel::timeout(&args.kernel)?, ..VmConfig::default() };
     let stdout = std::io::stdout();
     let report = host_vmm::run_kernel(&kernel.image, &config, &mut stdout.lock()).map_err(|e| e.to_string())?;
     if args.timings {

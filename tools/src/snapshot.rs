@@ -36,6 +36,7 @@ pub fn run(args: &SnapshotArgs) -> Result<u8, String> {
         timeout,
         ramdisk: Some(function.bundle.clone()),
         requests: Vec::new(),
+        ..VmConfig::default()
     };
     let started = Instant::now();
     let mut timings = BootTimings::default();
