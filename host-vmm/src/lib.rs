@@ -38,5 +38,5 @@ pub use mailbox::{FunctionResponse, FunctionStatus};
 pub use snapshot::Image;
 pub use vm::{
     BootTimings, CheckpointMode, RunReport, Vm, VmConfig, VmmError, host_entropy, next_instance_id, run_image,
-    run_kernel,
+    run_kernel, serve_from_image,
 };

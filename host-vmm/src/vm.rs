@@ -493,6 +493,12 @@ pub fn next_instance_id() -> u64 {
 /// writing its log to `output`. `config.memory_mib` and `config.ramdisk` are ignored: both come
 /// from the image.
 pub fn run_image(image: &Image, config: &VmConfig, output: &mut dyn Write) -> Result<RunReport, VmmError> {
+    serve_from_image(image, config, output).map(|(_, report)| report)
+}
+
+/// Like [`run_image`], but hands back the VM after its run instead of tearing it down, so a
+/// caller can keep many restored VMs (their memory, vCPU and KVM objects) alive at once.
+pub fn serve_from_image(image: &Image, config: &VmConfig, output: &mut dyn Write) -> Result<(Vm, RunReport), VmmError> {
     let started = Instant::now();
     let mut timings = BootTimings::default();
     let vm = Vm::restore(image, next_instance_id(), &mut timings)?;
@@ -507,7 +513,7 @@ fn finish_run(
     output: &mut dyn Write,
     started: Instant,
     mut timings: BootTimings,
-) -> Result<RunReport, VmmError> {
+) -> Result<(Vm, RunReport), VmmError> {
     let faults_before = thread_minor_faults();
     let mailbox = Mailbox::new(config.requests.clone());
     let (outcome, exits, mailbox) = vm.run(output, mailbox, config.timeout, CheckpointMode::Continue, &mut timings)?;
@@ -515,7 +521,7 @@ fn finish_run(
     timings.to_response = mailbox.first_response_at.map(|t| t.saturating_duration_since(started));
     let page_faults = thread_minor_faults().saturating_sub(faults_before);
     let private_memory = if config.measure_memory { Some(vm.private_memory()?) } else { None };
-    Ok(RunReport { outcome, timings, exits, responses: mailbox.responses, private_memory, page_faults })
+    Ok((vm, RunReport { outcome, timings, exits, responses: mailbox.responses, private_memory, page_faults }))
 }
 
 /// Minor page faults the calling thread has taken so far.
@@ -531,7 +537,7 @@ pub fn run_kernel(kernel: &KernelImage, config: &VmConfig, output: &mut dyn Writ
     let started = Instant::now();
     let mut timings = BootTimings::default();
     let vm = Vm::boot(kernel, config, &mut timings)?;
-    finish_run(vm, config, output, started, timings)
+    finish_run(vm, config, output, started, timings).map(|(_, report)| report)
 }
 
 #[cfg(test)]

@@ -164,3 +164,14 @@ fn inspect_shows_the_function_memory_and_sections() {
     assert!(nonzero > 0 && nonzero < pages, "a sparse image stores some but not all pages: {nonzero} of {pages}");
     assert!(json.stdout.contains("\"name\": \"hello\""), "{json:#?}");
 }
+
+#[test]
+fn two_hundred_vms_restored_from_one_image_are_alive_at_once() {
+    let (_dir, _bundle, image) = snapshot("hello", &[]);
+    let run = thaw(&["restore", &image, "--count", "200", "--concurrency", "2", "--hold", "--data", "{}"]);
+    assert_eq!(run.code, Some(0), "{run:#?}");
+    assert!(run.stdout.contains("200 VMs were alive at once"), "{run:#?}");
+    let private = run.stdout.lines().find(|l| l.starts_with("private memory (KiB)")).expect("private memory row");
+    let max: u64 = private.split_whitespace().last().unwrap().parse().unwrap();
+    assert!(max > 0 && max < 1024, "every instance's private memory is reported and small: {private}");
+}

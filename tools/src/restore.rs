@@ -26,6 +26,10 @@ pub struct RestoreArgs {
     /// Restore from an in-memory template (a sealed memfd) loaded from the image once.
     #[arg(long)]
     template: bool,
+    /// Keep every VM (its memory, vCPU and KVM objects) until all have answered, so all
+    /// --count VMs are alive at once; reports the peak.
+    #[arg(long)]
+    hold: bool,
     /// The request body, the same for every request.
     #[arg(long, value_name = "STRING", conflicts_with = "input", required_unless_present = "input")]
     data: Option<String>,
@@ -67,6 +71,7 @@ pub fn run(args: &RestoreArgs) -> Result<u8, String> {
         .ok_or_else(|| format!("--timeout {}: must be a positive number of seconds", args.timeout))?;
     let config = VmConfig { timeout, requests: vec![request], measure_memory: true, ..VmConfig::default() };
     let reports: Mutex<Vec<RunReport>> = Mutex::new(Vec::with_capacity(args.count));
+    let held: Mutex<Vec<host_vmm::Vm>> = Mutex::new(Vec::new());
     let failure: Mutex<Option<String>> = Mutex::new(None);
     let next = std::sync::atomic::AtomicUsize::new(0);
     let started = Instant::now();
@@ -74,7 +79,13 @@ pub fn run(args: &RestoreArgs) -> Result<u8, String> {
         for _ in 0..args.concurrency.min(args.count) {
             s.spawn(|| {
                 while next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < args.count {
-                    let result = host_vmm::run_image(&image, &config, &mut std::io::sink());
+                    let result =
+                        host_vmm::serve_from_image(&image, &config, &mut std::io::sink()).map(|(vm, report)| {
+                            if args.hold {
+                                held.lock().unwrap_or_else(|p| p.into_inner()).push(vm);
+                            }
+                            report
+                        });
                     let problem = match &result {
                         Err(e) => Some(e.to_string()),
                         Ok(r) if !matches!(r.outcome, Outcome::Exited(0)) => Some(r.outcome.to_string()),
@@ -98,6 +109,8 @@ pub fn run(args: &RestoreArgs) -> Result<u8, String> {
         }
     });
     let wall = started.elapsed();
+    let peak_alive = held.lock().unwrap_or_else(|p| p.into_inner()).len();
+    drop(held);
     if let Some(problem) = failure.into_inner().unwrap_or_else(|p| p.into_inner()) {
         return Err(format!("a restored VM failed: {problem}"));
     }
@@ -138,10 +151,11 @@ pub fn run(args: &RestoreArgs) -> Result<u8, String> {
             })
             .collect();
         println!(
-            "{{\"function\": \"{}\", \"source\": \"{source}\", \"count\": {}, \"concurrency\": {}, \"wall_ms\": {}, {}}}",
+            "{{\"function\": \"{}\", \"source\": \"{source}\", \"count\": {}, \"concurrency\": {}, \"alive_at_once\": {}, \"wall_ms\": {}, {}}}",
             image.info.guest.function_name,
             args.count,
             args.concurrency,
+            if args.hold { peak_alive } else { args.concurrency.min(args.count) },
             wall.as_millis(),
             fields.join(", ")
         );
@@ -154,6 +168,9 @@ pub fn run(args: &RestoreArgs) -> Result<u8, String> {
         args.concurrency,
         wall.as_millis()
     );
+    if args.hold {
+        println!("{peak_alive} VMs were alive at once (held until all had answered)");
+    }
     println!("{:<22} {:>8} {:>8} {:>8} {:>8}", "", "p50", "p90", "p99", "max");
     for r in &rows {
         let name = if r.unit.is_empty() { r.name.to_string() } else { format!("{} ({})", r.name, r.unit) };
