@@ -6,6 +6,7 @@
 //! `abi::exit_code` (101 panic, 102 fault, 103 guest failure, 124 timeout, 125 thaw error).
 
 mod bench;
+mod demo;
 mod inspect;
 mod invoke;
 mod kernel;
@@ -39,6 +40,8 @@ enum Command {
     /// Boot many fresh VMs under KVM (optionally serving a function) and print per-phase
     /// percentiles.
     Bench(bench::BenchArgs),
+    /// Show init-less boot end to end: cold boot vs restore vs template, and memory per instance.
+    Demo(demo::DemoArgs),
     /// Validate a WebAssembly function and package it as a bundle (.thaw).
     Pack(pack::PackArgs),
     /// Answer one request: cold-boot a bundle (.thaw), or restore a snapshot image (.snap).
@@ -70,6 +73,7 @@ fn main() -> ExitCode {
         Command::Run(args) => run::run(&args),
         Command::Qemu(args) => qemu::run(&args),
         Command::Bench(args) => bench::run(&args),
+        Command::Demo(args) => demo::run(&args),
         Command::Pack(args) => pack::run(&args),
         Command::Invoke(args) => invoke::run(&args),
         Command::Snapshot(args) => snapshot::run(&args),

@@ -45,6 +45,32 @@ const EXAMPLES: [(&str, &[u8]); 4] = [
 ];
 const EXAMPLE_NAMES: [&str; 4] = [EXAMPLES[0].0, EXAMPLES[1].0, EXAMPLES[2].0, EXAMPLES[3].0];
 
+/// A bundle of the built-in example `name` with default settings and `memory_mib` of memory.
+pub fn example_bundle(name: &str, memory_mib: u32) -> Result<Vec<u8>, String> {
+    let (_, wasm) = EXAMPLES.iter().find(|(n, _)| *n == name).ok_or_else(|| format!("no example {name}"))?;
+    function::validate_wasm(wasm).map_err(|e| format!("example {name}: {e}"))?;
+    let manifest = Manifest {
+        name: name.into(),
+        wasm_sha256: function::sha256(wasm),
+        memory_mib,
+        fuel: None,
+        args: vec![name.into()],
+        env: Vec::new(),
+    };
+    manifest.validate().map_err(|e| format!("example {name}: {e}"))?;
+    Ok(bundle::encode(&manifest, wasm))
+}
+
+/// The names of the built-in examples.
+pub fn example_names() -> [&'static str; 4] {
+    EXAMPLE_NAMES
+}
+
+/// Writes `bytes` to `path` atomically (see [`write_atomically`]).
+pub fn write_file(path: &Path, bytes: &[u8]) -> Result<(), String> {
+    write_atomically(path, bytes)
+}
+
 /// Reads a file of at most `limit` bytes, naming it in every error.
 pub fn read_limited(path: &Path, limit: u64, what: &str) -> Result<Vec<u8>, String> {
     let fail = |e: std::io::Error| format!("reading {what} {}: {e}", path.display());

@@ -30,6 +30,19 @@ pub fn run(args: &SnapshotArgs) -> Result<u8, String> {
         .ok()
         .filter(|t| !t.is_zero())
         .ok_or_else(|| format!("--timeout {}: must be a positive number of seconds", args.timeout))?;
+    let status =
+        snapshot_function(&function, &args.output, timeout).map_err(|e| format!("{}: {e}", args.function.display()))?;
+    eprintln!("thaw: {status}");
+    Ok(0)
+}
+
+/// Cold-boots `function`, stops it at its checkpoint, and writes the image to `output`.
+/// Returns a one-line summary.
+pub fn snapshot_function(
+    function: &host_vmm::Function,
+    output: &std::path::Path,
+    timeout: Duration,
+) -> Result<String, String> {
     let kernel = host_vmm::KernelImage::parse(crate::kernel::BUILT_IN).map_err(|e| format!("built-in kernel: {e}"))?;
     let config = VmConfig {
         memory_mib: function.vm_memory_mib(),
@@ -49,10 +62,7 @@ pub fn run(args: &SnapshotArgs) -> Result<u8, String> {
         use std::io::Write;
         let _ = std::io::stderr().write_all(&kernel_log);
         let code = crate::finish(&outcome);
-        return Err(format!(
-            "{}: the function ended before reaching its checkpoint (exit {code})",
-            args.function.display()
-        ));
+        return Err(format!("the function ended before reaching its checkpoint (exit {code})"));
     }
     let boot_and_init = started.elapsed();
     let guest = GuestMetadata {
@@ -62,15 +72,14 @@ pub fn run(args: &SnapshotArgs) -> Result<u8, String> {
         io_table_len: 0,
         runtime_version: concat!("thaw-guest ", env!("CARGO_PKG_VERSION")).into(),
     };
-    let stats = vm.snapshot(&args.output, guest).map_err(|e| e.to_string())?;
-    eprintln!(
-        "thaw: snapshot of {} after {} ms of boot and init: {} MiB of guest memory, {} non-zero pages ({} KiB) in {}",
+    let stats = vm.snapshot(output, guest).map_err(|e| e.to_string())?;
+    Ok(format!(
+        "snapshot of {} after {} ms of boot and init: {} MiB of guest memory, {} non-zero pages ({} KiB) in {}",
         function.manifest.name,
         boot_and_init.as_millis(),
         stats.guest_memory >> 20,
         stats.pages_written,
         stats.pages_written * 4,
-        args.output.display()
-    );
-    Ok(0)
+        output.display()
+    ))
 }

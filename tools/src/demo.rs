@@ -1,0 +1,123 @@
+//! `thaw demo`: the whole idea in one command. Packs the examples, then for hello and heavy-init
+//! compares a cold invocation (boot, compile, init, handle) with a restore from the snapshot
+//! image and from an in-memory template, and reports the memory each restored instance owns.
+
+use std::time::Duration;
+
+use clap::Args;
+use host_vmm::{Function, Image, Outcome, RunReport, VmConfig};
+
+/// Arguments of `thaw demo`.
+#[derive(Args, Debug)]
+pub struct DemoArgs {
+    /// Restores per source and function (cold invocations: a fifth of this, at least 3).
+    #[arg(long, value_name = "N", default_value_t = 50)]
+    runs: usize,
+    /// Keep the packed bundles and images in this directory [default: a temporary one].
+    #[arg(long, value_name = "DIR")]
+    keep: Option<std::path::PathBuf>,
+}
+
+/// The request each demo function gets.
+fn request(name: &str) -> &'static [u8] {
+    match name {
+        "heavy-init" => b"1000",
+        _ => br#"{"name": "demo"}"#,
+    }
+}
+
+fn p50(mut values: Vec<Duration>) -> Duration {
+    values.sort_unstable();
+    values.get(values.len().saturating_sub(1) / 2).copied().unwrap_or_default()
+}
+
+/// Runs `runs` VMs with `one` and returns the p50 restore-to-response time and the largest
+/// private memory seen.
+fn measure(runs: usize, mut one: impl FnMut() -> Result<RunReport, String>) -> Result<(Duration, u64), String> {
+    let mut times = Vec::with_capacity(runs);
+    let mut private = 0;
+    for _ in 0..runs {
+        let report = one()?;
+        if !matches!(report.outcome, Outcome::Exited(0)) || report.responses.is_empty() {
+            return Err(format!("a demo VM failed: {}", report.outcome));
+        }
+        times.push(report.timings.to_response.unwrap_or_default());
+        private = private.max(report.private_memory.unwrap_or(0));
+    }
+    Ok((p50(times), private))
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.2} ms", d.as_secs_f64() * 1000.0)
+}
+
+/// Runs `thaw demo` and returns the process exit code.
+pub fn run(args: &DemoArgs) -> Result<u8, String> {
+    let temp = tempfile::tempdir().map_err(|e| format!("creating a temporary directory: {e}"))?;
+    let dir = match &args.keep {
+        Some(dir) => {
+            std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+            dir.clone()
+        }
+        None => temp.path().to_path_buf(),
+    };
+    let kernel = host_vmm::KernelImage::parse(crate::kernel::BUILT_IN).map_err(|e| format!("built-in kernel: {e}"))?;
+    for name in crate::pack::example_names() {
+        let bundle = crate::pack::example_bundle(name, 16)?;
+        crate::pack::write_file(&dir.join(format!("{name}.thaw")), &bundle)?;
+        eprintln!("thaw demo: packed {name} ({} KiB)", bundle.len() / 1024);
+    }
+    let mut rows = Vec::new();
+    for name in ["hello", "heavy-init"] {
+        let bundle_path = dir.join(format!("{name}.thaw"));
+        let function = Function::from_bundle(std::fs::read(&bundle_path).map_err(|e| e.to_string())?)
+            .map_err(|e| format!("{name}: {e}"))?;
+        let config = VmConfig {
+            memory_mib: function.vm_memory_mib(),
+            timeout: Duration::from_secs(60),
+            ramdisk: Some(function.bundle.clone()),
+            requests: vec![request(name).to_vec()],
+            measure_memory: true,
+        };
+        let cold_runs = (args.runs / 5).max(3);
+        eprintln!("thaw demo: {name}: {cold_runs} cold invocations");
+        let (cold, _) = measure(cold_runs, || {
+            host_vmm::run_kernel(&kernel, &config, &mut std::io::sink()).map_err(|e| e.to_string())
+        })?;
+        let image_path = dir.join(format!("{name}.snap"));
+        let status = crate::snapshot::snapshot_function(&function, &image_path, Duration::from_secs(60))?;
+        eprintln!("thaw demo: {name}: {status}");
+        let image = Image::open(&image_path).map_err(|e| e.to_string())?;
+        eprintln!("thaw demo: {name}: {} restores from the image file", args.runs);
+        let (from_file, private) = measure(args.runs, || {
+            host_vmm::run_image(&image, &config, &mut std::io::sink()).map_err(|e| e.to_string())
+        })?;
+        let template = image.to_template().map_err(|e| e.to_string())?;
+        eprintln!("thaw demo: {name}: {} restores from a template", args.runs);
+        let (from_template, _) = measure(args.runs, || {
+            host_vmm::run_image(&template, &config, &mut std::io::sink()).map_err(|e| e.to_string())
+        })?;
+        rows.push((name, cold, from_file, from_template, private));
+    }
+    println!();
+    println!("request to response, p50 ({} restores each; cold: a fifth as many)", args.runs);
+    println!(
+        "{:<12} {:>12} {:>16} {:>16} {:>9} {:>22}",
+        "function", "cold boot", "restore (file)", "restore (memfd)", "speed-up", "private mem/instance"
+    );
+    for (name, cold, file, template, private) in rows {
+        let speedup = cold.as_secs_f64() / file.as_secs_f64().max(1e-9);
+        println!(
+            "{name:<12} {:>12} {:>16} {:>16} {:>8.0}x {:>18} KiB",
+            ms(cold),
+            ms(file),
+            ms(template),
+            speedup,
+            private / 1024
+        );
+    }
+    if args.keep.is_some() {
+        println!("\nbundles and images kept in {}", dir.display());
+    }
+    Ok(0)
+}
