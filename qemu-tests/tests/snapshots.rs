@@ -181,7 +181,11 @@ fn demo_compares_cold_restore_and_template_for_hello_and_heavy_init() {
     let run = thaw(&["demo", "--runs", "3"]);
     assert_eq!(run.code, Some(0), "{run:#?}");
     for name in ["hello", "heavy-init"] {
-        let row = run.stdout.lines().find(|l| l.starts_with(name) && l.contains(" ms")).unwrap_or_else(|| panic!("{name} row: {run:#?}"));
+        let row = run
+            .stdout
+            .lines()
+            .find(|l| l.starts_with(name) && l.contains(" ms"))
+            .unwrap_or_else(|| panic!("{name} row: {run:#?}"));
         assert_eq!(row.matches(" ms").count(), 3, "cold, file and template columns: {row}");
         assert!(row.trim_end().ends_with("KiB"), "private memory column: {row}");
     }
