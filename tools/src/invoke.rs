@@ -127,10 +127,7 @@ pub fn file_magic(path: &std::path::Path) -> Result<[u8; 8], String> {
 }
 
 fn timeout(args: &InvokeArgs) -> Result<Duration, String> {
-    Duration::try_from_secs_f64(args.timeout)
-        .ok()
-        .filter(|t| !t.is_zero())
-        .ok_or_else(|| format!("--timeout {}: must be a positive number of seconds", args.timeout))
+    crate::kernel::parse_timeout(args.timeout)
 }
 
 /// Serves the request from a VM restored from the image at `args.function`.

@@ -45,8 +45,13 @@ pub fn load(args: &KernelArgs) -> Result<Kernel, String> {
 
 /// The timeout `args` asks for.
 pub fn timeout(args: &KernelArgs) -> Result<Duration, String> {
-    Duration::try_from_secs_f64(args.timeout)
+    parse_timeout(args.timeout)
+}
+
+/// A `--timeout` value: a positive, finite number of seconds.
+pub fn parse_timeout(secs: f64) -> Result<Duration, String> {
+    Duration::try_from_secs_f64(secs)
         .ok()
         .filter(|t| !t.is_zero())
-        .ok_or_else(|| format!("--timeout {}: must be a positive number of seconds", args.timeout))
+        .ok_or_else(|| format!("--timeout {secs}: must be a positive number of seconds"))
 }

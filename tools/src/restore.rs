@@ -65,10 +65,7 @@ pub fn run(args: &RestoreArgs) -> Result<u8, String> {
     let request = crate::invoke::request_body(args.data.as_ref(), args.input.as_ref())?;
     let image = Image::open(&args.image).map_err(|e| e.to_string())?;
     let image = if args.template { image.to_template().map_err(|e| e.to_string())? } else { image };
-    let timeout = Duration::try_from_secs_f64(args.timeout)
-        .ok()
-        .filter(|t| !t.is_zero())
-        .ok_or_else(|| format!("--timeout {}: must be a positive number of seconds", args.timeout))?;
+    let timeout = crate::kernel::parse_timeout(args.timeout)?;
     let config = VmConfig { timeout, requests: vec![request], measure_memory: true, ..VmConfig::default() };
     let reports: Mutex<Vec<RunReport>> = Mutex::new(Vec::with_capacity(args.count));
     let held: Mutex<Vec<host_vmm::Vm>> = Mutex::new(Vec::new());

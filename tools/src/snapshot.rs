@@ -26,10 +26,7 @@ pub struct SnapshotArgs {
 /// Runs `thaw snapshot` and returns the process exit code.
 pub fn run(args: &SnapshotArgs) -> Result<u8, String> {
     let function = crate::invoke::load_function(&args.function)?;
-    let timeout = Duration::try_from_secs_f64(args.timeout)
-        .ok()
-        .filter(|t| !t.is_zero())
-        .ok_or_else(|| format!("--timeout {}: must be a positive number of seconds", args.timeout))?;
+    let timeout = crate::kernel::parse_timeout(args.timeout)?;
     let status =
         snapshot_function(&function, &args.output, timeout).map_err(|e| format!("{}: {e}", args.function.display()))?;
     eprintln!("thaw: {status}");
