@@ -73,6 +73,7 @@ fn clones_get_distinct_entropy_and_the_hosts_clock() {
     // Wait long enough that a clock left at the snapshot's time would be caught.
     std::thread::sleep(std::time::Duration::from_millis(2_500));
     let mut seen = Vec::new();
+    let mut instances = Vec::new();
     for _ in 0..2 {
         let run = invoke(&image, "");
         let host_ms = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis();
@@ -81,9 +82,13 @@ fn clones_get_distinct_entropy_and_the_hosts_clock() {
         let hex = line.split('"').nth(3).expect("random field").to_string();
         let unix_ms: u128 = line.rsplit(": ").next().unwrap().trim_end_matches('}').parse().expect("unix_ms");
         assert!(host_ms.abs_diff(unix_ms) < 1_000, "clone clock {unix_ms} is not within 1 s of the host's {host_ms}");
+        let instance = line.split('"').nth(7).expect("instance field").to_string();
+        assert!(!instance.is_empty() && instance != "0", "a restored VM has its own instance id: {line}");
         seen.push(hex);
+        instances.push(instance);
     }
     assert_ne!(seen[0], seen[1], "two clones of one image returned the same random bytes");
+    assert_ne!(instances[0], instances[1], "two clones of one image got the same instance id");
 }
 
 #[test]

@@ -1,6 +1,8 @@
-//! Example thaw function: answers with 16 random bytes (hex) and the wall-clock time.
+//! Example thaw function: answers with 16 random bytes (hex), the wall-clock time, and the VM's
+//! instance id.
 //!
-//! Randomness comes from WASI `random_get`, time from `clock_time_get` (through `std::time`).
+//! Randomness comes from WASI `random_get`, time from `clock_time_get` (through `std::time`), the
+//! instance id from the `THAW_INSTANCE_ID` environment variable.
 
 use std::io::Write;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -23,6 +25,9 @@ pub extern "C" fn handle() {
     }
     let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
     let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0);
+    let instance = std::env::var("THAW_INSTANCE_ID").unwrap_or_default();
     let mut out = std::io::stdout().lock();
-    writeln!(out, "{{\"random\": \"{hex}\", \"unix_ms\": {now}}}").and_then(|()| out.flush()).expect("stdout");
+    writeln!(out, "{{\"random\": \"{hex}\", \"instance\": \"{instance}\", \"unix_ms\": {now}}}")
+        .and_then(|()| out.flush())
+        .expect("stdout");
 }

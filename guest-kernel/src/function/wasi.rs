@@ -42,6 +42,8 @@ pub struct WasiCtx {
 impl WasiCtx {
     /// State for the function `manifest` describes.
     pub fn new(manifest: &Manifest, limits: StoreLimits, params: &HostParams) -> Self {
+        let mut env = manifest.env.clone();
+        env.push(instance_env(params));
         Self {
             limits,
             stdin: Vec::new(),
@@ -49,7 +51,7 @@ impl WasiCtx {
             stdout: Vec::new(),
             stderr: Vec::new(),
             args: manifest.args.clone(),
-            env: manifest.env.clone(),
+            env,
             rng: ChaCha20Rng::from_seed(params.entropy),
             clock: platform::Clock::new(params),
             warned: BTreeSet::new(),
@@ -60,6 +62,9 @@ impl WasiCtx {
     pub fn reseed(&mut self, params: &HostParams) {
         self.rng = ChaCha20Rng::from_seed(params.entropy);
         self.clock = platform::Clock::new(params);
+        if let Some(last) = self.env.last_mut() {
+            *last = instance_env(params);
+        }
     }
 
     /// Starts an invocation on `request`.
@@ -75,6 +80,11 @@ impl WasiCtx {
         self.stdin_pos = 0;
         core::mem::take(&mut self.stdin)
     }
+}
+
+/// The `THAW_INSTANCE_ID` entry, always the last of the environment.
+fn instance_env(params: &HostParams) -> String {
+    alloc::format!("THAW_INSTANCE_ID={}", params.instance_id)
 }
 
 type Ctx<'a> = Caller<'a, WasiCtx>;
