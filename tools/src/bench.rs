@@ -68,7 +68,8 @@ fn restore_rows() -> Vec<(&'static str, Reader)> {
     vec![
         ("memory map", |r| us(Some(r.timings.load))),
         ("vm create", |r| us(Some(r.timings.vm_create))),
-        ("vcpu + state set", |r| us(Some(r.timings.vcpu_setup))),
+        ("vcpu create", |r| us(Some(r.timings.vcpu_setup))),
+        ("state set", |r| us(r.timings.state_set)),
         ("resume to request", |r| us(r.timings.to_first_request)),
         ("handle", |r| us(r.responses.first().map(|x| x.handle_time))),
         ("total", |r| us(Some(r.timings.total))),

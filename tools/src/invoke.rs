@@ -144,10 +144,11 @@ fn invoke_image(args: &InvokeArgs, request: Vec<u8>) -> Result<u8, String> {
     if let Some(StatsFormat::Json) = args.stats {
         let t = &report.timings;
         eprintln!(
-            "{{\"restore\": true, \"memory_map_us\": {}, \"vm_create_us\": {}, \"state_set_us\": {}, \"resume_us\": {}, \"handle_us\": {}, \"total_us\": {}, \"vm_exits\": {}}}",
+            "{{\"restore\": true, \"memory_map_us\": {}, \"vm_create_us\": {}, \"vcpu_create_us\": {}, \"state_set_us\": {}, \"resume_us\": {}, \"handle_us\": {}, \"total_us\": {}, \"vm_exits\": {}}}",
             t.load.as_micros(),
             t.vm_create.as_micros(),
             t.vcpu_setup.as_micros(),
+            t.state_set.map_or(0, |d| d.as_micros()),
             t.to_first_request.map_or("null".into(), |d| d.as_micros().to_string()),
             report.responses.first().map_or("null".into(), |r| r.handle_time.as_micros().to_string()),
             t.total.as_micros(),
