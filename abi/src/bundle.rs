@@ -26,6 +26,8 @@ use alloc::string::String;
 use alloc::vec::Vec;
 use core::fmt;
 
+use crate::le::{put_string, u32_at, u64_at};
+
 /// The bundle magic.
 pub const MAGIC: [u8; 8] = *b"THAWFUNC";
 /// The only bundle format version this code reads and writes.
@@ -171,16 +173,6 @@ pub fn crc32(chunks: &[&[u8]]) -> u32 {
     !crc
 }
 
-fn u32_at(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
-}
-
-fn u64_at(b: &[u8], at: usize) -> u64 {
-    let mut x = [0; 8];
-    x.copy_from_slice(&b[at..at + 8]);
-    u64::from_le_bytes(x)
-}
-
 /// Reads manifest fields in order, never past the end.
 struct Reader<'a> {
     bytes: &'a [u8],
@@ -227,11 +219,6 @@ impl<'a> Reader<'a> {
         }
         (0..count).map(|_| self.string(field)).collect()
     }
-}
-
-fn put_string(out: &mut Vec<u8>, s: &str) {
-    out.extend_from_slice(&(s.len() as u16).to_le_bytes());
-    out.extend_from_slice(s.as_bytes());
 }
 
 impl Manifest {

@@ -35,6 +35,8 @@ use alloc::string::String;
 use alloc::vec::Vec;
 use core::fmt;
 
+use crate::le::{put_string, u32_at, u64_at};
+
 use crate::bundle::crc32;
 
 /// The image magic.
@@ -240,16 +242,6 @@ impl fmt::Display for ImageError {
 
 impl core::error::Error for ImageError {}
 
-fn u32_at(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
-}
-
-fn u64_at(b: &[u8], at: usize) -> u64 {
-    let mut x = [0; 8];
-    x.copy_from_slice(&b[at..at + 8]);
-    u64::from_le_bytes(x)
-}
-
 /// A validated image's metadata, borrowing nothing: what a restore needs besides the file.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ImageInfo {
@@ -307,11 +299,6 @@ fn decode_records(bytes: &[u8], section: &'static str) -> Result<Vec<VcpuRecord>
         at = end.next_multiple_of(8);
     }
     Ok(records)
-}
-
-fn put_string(out: &mut Vec<u8>, s: &str) {
-    out.extend_from_slice(&(s.len() as u16).to_le_bytes());
-    out.extend_from_slice(s.as_bytes());
 }
 
 impl GuestMetadata {

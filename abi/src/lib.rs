@@ -23,6 +23,7 @@ pub mod fault;
 pub mod hypercall;
 pub mod image;
 pub mod invoke;
+mod le;
 pub mod note;
 pub mod params;
 pub mod qemu;
