@@ -27,7 +27,7 @@
 //! Sections ([`SectionKind`]):
 //! - vCPU state: TLV records ([`VcpuRecord`]) holding KVM's register structures as bytes;
 //! - VM state: TLV records for VM-wide state (may be empty);
-//! - guest metadata ([`GuestMetadata`]);
+//! - guest metadata ([`GuestMetadata`]), including the interface version the guest speaks;
 //! - memory map: [`MemoryRange`] entries;
 //! - working set: reserved for REAP-style prefetch, empty in version 1.
 
@@ -111,6 +111,9 @@ pub struct MemoryRange {
 /// What the guest recorded about itself at checkpoint.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GuestMetadata {
+    /// The guest/VMM interface version the checkpointed guest speaks
+    /// ([`INTERFACE_VERSION`](crate::INTERFACE_VERSION) when it was taken).
+    pub interface_version: u32,
     /// The function's name.
     pub function_name: String,
     /// SHA-256 of the function's wasm.
@@ -304,6 +307,7 @@ fn decode_records(bytes: &[u8], section: &'static str) -> Result<Vec<VcpuRecord>
 impl GuestMetadata {
     fn encode(&self) -> Vec<u8> {
         let mut out = Vec::new();
+        out.extend_from_slice(&self.interface_version.to_le_bytes());
         put_string(&mut out, &self.function_name);
         out.extend_from_slice(&self.wasm_sha256);
         out.extend_from_slice(&self.io_table_gpa.to_le_bytes());
@@ -315,6 +319,7 @@ impl GuestMetadata {
     fn decode(bytes: &[u8]) -> Result<Self, ImageError> {
         let bad = |reason: String| ImageError::Content { section: "guest-metadata", reason };
         let mut cursor = Cursor { bytes, at: 0 };
+        let interface_version = u32_at(cursor.take(4, "interface version").map_err(bad)?, 0);
         let function_name = cursor.string("function name").map_err(bad)?;
         let mut wasm_sha256 = [0; 32];
         wasm_sha256.copy_from_slice(cursor.take(32, "wasm sha256").map_err(bad)?);
@@ -327,7 +332,7 @@ impl GuestMetadata {
         if io_table_gpa.checked_add(io_table_len).is_none_or(|end| end > MAX_GUEST_MEMORY) {
             return Err(bad("io table range overflows guest memory".into()));
         }
-        Ok(Self { function_name, wasm_sha256, io_table_gpa, io_table_len, runtime_version })
+        Ok(Self { interface_version, function_name, wasm_sha256, io_table_gpa, io_table_len, runtime_version })
     }
 }
 
@@ -594,6 +599,7 @@ mod tests {
             ],
             vm: vec![],
             guest: GuestMetadata {
+                interface_version: 3,
                 function_name: "hello".into(),
                 wasm_sha256: [5; 32],
                 io_table_gpa: 0x5000,

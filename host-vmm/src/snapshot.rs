@@ -63,6 +63,9 @@ pub enum SnapshotError {
     /// A vCPU record is missing or has the wrong size.
     #[error("image vcpu-state section: {0}")]
     Record(String),
+    /// The image is valid but this VMM cannot restore it.
+    #[error("{0}")]
+    Incompatible(String),
     /// Guest memory could not be read or mapped.
     #[error("guest memory: {0}")]
     Memory(String),
@@ -210,8 +213,16 @@ impl Image {
         (&mut file).take(file_len.min(image::MAX_METADATA_BYTES)).read_to_end(&mut metadata).map_err(io)?;
         let info = image::parse(&metadata, file_len)
             .map_err(|source| SnapshotError::Image { path: path.to_path_buf(), source })?;
+        if info.guest.interface_version != abi::INTERFACE_VERSION {
+            return Err(SnapshotError::Incompatible(format!(
+                "{}: the image's guest speaks thaw interface version {}, this VMM speaks version {}; take the snapshot again",
+                path.display(),
+                info.guest.interface_version,
+                abi::INTERFACE_VERSION
+            )));
+        }
         if info.memory.len() != 1 || info.memory[0].gpa != 0 {
-            return Err(SnapshotError::Memory(format!(
+            return Err(SnapshotError::Incompatible(format!(
                 "{}: this thaw restores images with one memory range starting at 0, not {} ranges",
                 path.display(),
                 info.memory.len()

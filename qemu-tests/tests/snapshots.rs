@@ -195,3 +195,25 @@ fn demo_compares_cold_restore_and_template_for_hello_and_heavy_init() {
         assert!(row.trim_end().ends_with("KiB"), "private memory column: {row}");
     }
 }
+
+#[test]
+fn an_image_from_another_interface_version_is_refused() {
+    let (dir, _bundle, image) = snapshot("hello", &[]);
+    let mut bytes = std::fs::read(&image).unwrap();
+    // The guest-metadata section starts with the interface version: find it through the table
+    // (section 2), bump it, and fix up the metadata CRC so only the version is wrong.
+    let entry = 128 + 2 * 32;
+    let offset = u64::from_le_bytes(bytes[entry + 8..entry + 16].try_into().unwrap()) as usize;
+    let version = u32::from_le_bytes(bytes[offset..offset + 4].try_into().unwrap());
+    assert_eq!(version, abi::INTERFACE_VERSION);
+    bytes[offset..offset + 4].copy_from_slice(&(version + 1).to_le_bytes());
+    let metadata_len = u64::from_le_bytes(bytes[40..48].try_into().unwrap()) as usize;
+    bytes[48..52].fill(0);
+    let crc = abi::bundle::crc32(&[&bytes[..metadata_len]]);
+    bytes[48..52].copy_from_slice(&crc.to_le_bytes());
+    let path = dir.path().join("future.snap");
+    std::fs::write(&path, &bytes).unwrap();
+    let run = invoke(path.to_str().unwrap(), "{}");
+    assert_eq!(run.code, Some(125), "{run:#?}");
+    assert!(run.stderr.contains(&format!("speaks thaw interface version {}", version + 1)), "{run:#?}");
+}

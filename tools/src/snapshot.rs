@@ -63,6 +63,7 @@ pub fn snapshot_function(
     }
     let boot_and_init = started.elapsed();
     let guest = GuestMetadata {
+        interface_version: abi::INTERFACE_VERSION,
         function_name: function.manifest.name.clone(),
         wasm_sha256: function.manifest.wasm_sha256,
         io_table_gpa: 0,
