@@ -62,9 +62,9 @@ pub fn run(args: &DemoArgs) -> Result<u8, String> {
         None => temp.path().to_path_buf(),
     };
     let kernel = host_vmm::KernelImage::parse(crate::kernel::BUILT_IN).map_err(|e| format!("built-in kernel: {e}"))?;
-    for name in crate::pack::example_names() {
+    for name in crate::pack::EXAMPLE_NAMES {
         let bundle = crate::pack::example_bundle(name, 16)?;
-        crate::pack::write_file(&dir.join(format!("{name}.thaw")), &bundle)?;
+        crate::pack::write_atomically(&dir.join(format!("{name}.thaw")), &bundle)?;
         eprintln!("thaw demo: packed {name} ({} KiB)", bundle.len() / 1024);
     }
     let mut rows = Vec::new();

@@ -43,7 +43,8 @@ const EXAMPLES: [(&str, &[u8]); 4] = [
     ("random", include_bytes!(env!("CARGO_CDYLIB_FILE_EXAMPLE_RANDOM_example_random"))),
     ("heavy-init", include_bytes!(env!("CARGO_CDYLIB_FILE_EXAMPLE_HEAVY_INIT_example_heavy_init"))),
 ];
-const EXAMPLE_NAMES: [&str; 4] = [EXAMPLES[0].0, EXAMPLES[1].0, EXAMPLES[2].0, EXAMPLES[3].0];
+/// The names of the built-in examples.
+pub const EXAMPLE_NAMES: [&str; 4] = [EXAMPLES[0].0, EXAMPLES[1].0, EXAMPLES[2].0, EXAMPLES[3].0];
 
 /// A bundle of the built-in example `name` with default settings and `memory_mib` of memory.
 pub fn example_bundle(name: &str, memory_mib: u32) -> Result<Vec<u8>, String> {
@@ -61,16 +62,6 @@ pub fn example_bundle(name: &str, memory_mib: u32) -> Result<Vec<u8>, String> {
     Ok(bundle::encode(&manifest, wasm))
 }
 
-/// The names of the built-in examples.
-pub fn example_names() -> [&'static str; 4] {
-    EXAMPLE_NAMES
-}
-
-/// Writes `bytes` to `path` atomically (see [`write_atomically`]).
-pub fn write_file(path: &Path, bytes: &[u8]) -> Result<(), String> {
-    write_atomically(path, bytes)
-}
-
 /// Reads a file of at most `limit` bytes, naming it in every error.
 pub fn read_limited(path: &Path, limit: u64, what: &str) -> Result<Vec<u8>, String> {
     let fail = |e: std::io::Error| format!("reading {what} {}: {e}", path.display());
@@ -82,7 +73,7 @@ pub fn read_limited(path: &Path, limit: u64, what: &str) -> Result<Vec<u8>, Stri
 }
 
 /// Writes `bytes` to `path` atomically: a temporary file in the same directory, fsync, rename.
-fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), String> {
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), String> {
     let fail = |e: std::io::Error| format!("writing {}: {e}", path.display());
     let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let mut file = tempfile::NamedTempFile::new_in(dir).map_err(fail)?;
