@@ -26,7 +26,7 @@
 //!
 //! Sections ([`SectionKind`]):
 //! - vCPU state: TLV records ([`VcpuRecord`]) holding KVM's register structures as bytes;
-//! - VM state: TLV records for VM-wide state (may be empty);
+//! - VM state: TLV records for VM-wide state ([`vm_record`]): the virtio devices' transport state;
 //! - guest metadata ([`GuestMetadata`]), including the interface version the guest speaks;
 //! - memory map: [`MemoryRange`] entries;
 //! - working set: reserved for REAP-style prefetch, empty in version 1.
@@ -145,6 +145,14 @@ pub mod record {
     pub const MP_STATE: u32 = 7;
     /// `struct kvm_lapic_state`, when the VM has a local APIC.
     pub const LAPIC: u32 = 8;
+}
+
+/// Record kinds of the VM-state section.
+pub mod vm_record {
+    /// Every virtio device's transport state:
+    /// [`DeviceState::encode_all`](crate::devices::DeviceState::encode_all). Absent when the VM
+    /// has no devices.
+    pub const DEVICES: u32 = 1;
 }
 
 /// One TLV record of a state section: kind u32, length u32, bytes padded to 8.

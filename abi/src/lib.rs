@@ -3,7 +3,7 @@
 //! Everything both sides must agree on lives here and nowhere else: the interface version, the
 //! hypercall ports and their arguments, the hypervisor CPUID signature, the ELF note a kernel uses
 //! to declare the interface it speaks, the fault report a guest sends when it dies, the host
-//! parameters page, the invoke mailbox, the function bundle format, the WASI surface functions
+//! parameters page and device table, the invoke mailbox, the function bundle format, the WASI surface functions
 //! may import, and the conventions used when the same kernel runs under QEMU instead.
 //!
 //! This crate holds plain data and its encoding, decoding and validation only. It must never
@@ -19,6 +19,7 @@ extern crate alloc;
 
 pub mod bundle;
 pub mod cpuid;
+pub mod devices;
 pub mod fault;
 pub mod hypercall;
 pub mod image;
@@ -35,7 +36,7 @@ pub mod wasi;
 /// hypercall meaning, a changed struct layout, a moved fixed address. It is independent of the
 /// crate version. A guest declares it in its [`note`]; the VMM refuses a kernel that declares any
 /// other value.
-pub const INTERFACE_VERSION: u32 = 3;
+pub const INTERFACE_VERSION: u32 = 4;
 
 /// Process exit status conventions shared by `thaw run` and `thaw qemu`.
 pub mod exit_code {

@@ -10,6 +10,10 @@ pub const HOST_PARAMS_GPA: u64 = 0x2000;
 /// `"THPR"`: marks a written page.
 pub const MAGIC: u32 = u32::from_le_bytes(*b"THPR");
 
+/// [`HostParams::flags`]: send the function's stderr and the guest log to the virtio console
+/// (when the VM has one) instead of the response and the log hypercall.
+pub const FLAG_CONSOLE_LOG: u32 = 1 << 0;
+
 /// The page's contents.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HostParams {
@@ -21,16 +25,19 @@ pub struct HostParams {
     pub wall_clock_ns: u64,
     /// The guest TSC frequency in kHz, or 0 if the VMM does not know it.
     pub tsc_khz: u64,
+    /// `FLAG_*` bits; unknown bits are ignored.
+    pub flags: u32,
 }
 
 impl HostParams {
     /// Encoded size.
     pub const LEN: usize = 64;
 
-    /// The encoding: magic, reserved u32, entropy, wall clock, TSC kHz, instance id.
+    /// The encoding: magic, flags u32, entropy, wall clock, TSC kHz, instance id.
     pub fn encode(&self) -> [u8; Self::LEN] {
         let mut b = [0; Self::LEN];
         b[0..4].copy_from_slice(&MAGIC.to_le_bytes());
+        b[4..8].copy_from_slice(&self.flags.to_le_bytes());
         b[8..40].copy_from_slice(&self.entropy);
         b[40..48].copy_from_slice(&self.wall_clock_ns.to_le_bytes());
         b[48..56].copy_from_slice(&self.tsc_khz.to_le_bytes());
@@ -46,7 +53,8 @@ impl HostParams {
         let u64_at = |at: usize| u64::from_le_bytes(b[at..at + 8].try_into().unwrap_or([0; 8]));
         let mut entropy = [0; 32];
         entropy.copy_from_slice(&b[8..40]);
-        Some(Self { instance_id: u64_at(56), entropy, wall_clock_ns: u64_at(40), tsc_khz: u64_at(48) })
+        let flags = u32::from_le_bytes(b[4..8].try_into().unwrap_or([0; 4]));
+        Some(Self { instance_id: u64_at(56), entropy, wall_clock_ns: u64_at(40), tsc_khz: u64_at(48), flags })
     }
 }
 
@@ -61,6 +69,7 @@ mod tests {
             entropy: [9; 32],
             wall_clock_ns: 1_700_000_000_000_000_000,
             tsc_khz: 2_000_000,
+            flags: FLAG_CONSOLE_LOG,
         };
         assert_eq!(HostParams::decode(&p.encode()), Some(p));
         assert_eq!(HostParams::decode(&[0; HostParams::LEN]), None);

@@ -1,8 +1,8 @@
 //! VM exits: the one function that decides what each exit means, and how a run ends.
 //!
 //! [`ExitHandler::handle`] maps a `VcpuExit` to an [`ExitAction`]. It serves hypercalls (decoded
-//! by `abi`, payloads read from the hypercall page through vm-memory's checked API) and the COM1
-//! transmitter; every other exit is guest misbehaviour and becomes a [`GuestError`] that ends
+//! by `abi`, payloads read from the hypercall page through vm-memory's checked API), the COM1
+//! transmitter and the virtio devices' register windows; every other exit is guest misbehaviour and becomes a [`GuestError`] that ends
 //! this VM only. It is unit-tested with made-up exits below.
 
 use std::io::{self, Write};
@@ -15,6 +15,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::mailbox::Mailbox;
 use crate::serial::Serial;
+use crate::virtio::{DeviceError, Devices};
 
 /// How a guest's run ended.
 #[derive(Debug)]
@@ -84,7 +85,7 @@ pub enum GuestError {
         /// Access width.
         size: usize,
     },
-    /// An access to guest-physical memory that is not RAM (no MMIO devices exist yet).
+    /// An access to guest-physical memory that is neither RAM nor a device.
     #[error("{} of {size} byte(s) at unmapped guest-physical address {addr:#x}", if *.write { "write" } else { "read" })]
     UnknownMmio {
         /// The guest-physical address.
@@ -93,6 +94,14 @@ pub enum GuestError {
         write: bool,
         /// Access width.
         size: usize,
+    },
+    /// A virtio device refused what the guest did.
+    #[error("virtio device register at {addr:#x}: {error}")]
+    Device {
+        /// The guest-physical address accessed.
+        addr: u64,
+        /// What was wrong.
+        error: DeviceError,
     },
     /// A port access in the hypercall range that is not a valid hypercall.
     #[error("malformed hypercall: {0}")]
@@ -140,15 +149,19 @@ pub enum ExitError {
     /// Writing guest output on the host failed.
     #[error("writing guest output: {0}")]
     Output(io::Error),
+    /// A device backend failed on the host side.
+    #[error("virtio device: {0}")]
+    Device(DeviceError),
     /// Reading the hypercall page failed (guest memory smaller than the layout needs).
     #[error("reading the hypercall page: {0}")]
     Memory(vm_memory::GuestMemoryError),
 }
 
-/// Per-run state the exit handler needs: guest memory, the output sink, COM1, milestones, and
-/// the invoke mailbox.
+/// Per-run state the exit handler needs: guest memory, the output sink, COM1, milestones, the
+/// virtio devices and the invoke mailbox.
 pub struct ExitHandler<'a> {
     mem: &'a GuestMemoryMmap,
+    devices: &'a mut Devices,
     output: &'a mut dyn Write,
     serial: Serial,
     serial_line: Vec<u8>,
@@ -158,9 +171,22 @@ pub struct ExitHandler<'a> {
 }
 
 impl<'a> ExitHandler<'a> {
-    /// A handler writing guest output to `output` and serving `mailbox`.
-    pub fn new(mem: &'a GuestMemoryMmap, output: &'a mut dyn Write, mailbox: Mailbox) -> Self {
-        Self { mem, output, serial: Serial::default(), serial_line: Vec::new(), milestones: Vec::new(), mailbox }
+    /// A handler writing guest output to `output` and serving `devices` and `mailbox`.
+    pub fn new(
+        mem: &'a GuestMemoryMmap,
+        devices: &'a mut Devices,
+        output: &'a mut dyn Write,
+        mailbox: Mailbox,
+    ) -> Self {
+        Self {
+            mem,
+            devices,
+            output,
+            serial: Serial::default(),
+            serial_line: Vec::new(),
+            milestones: Vec::new(),
+            mailbox,
+        }
     }
 
     /// When each milestone was reported.
@@ -210,11 +236,16 @@ impl<'a> ExitHandler<'a> {
             VcpuExit::IoOut(port, data) => Err(GuestError::UnknownPort { port, write: true, size: data.len() }.into()),
             VcpuExit::IoIn(port, data) => Err(GuestError::UnknownPort { port, write: false, size: data.len() }.into()),
             VcpuExit::MmioRead(addr, data) => {
-                Err(GuestError::UnknownMmio { addr, write: false, size: data.len() }.into())
+                let size = data.len();
+                match self.devices.read(addr, data) {
+                    Some(result) => device_result(addr, result),
+                    None => Err(GuestError::UnknownMmio { addr, write: false, size }.into()),
+                }
             }
-            VcpuExit::MmioWrite(addr, data) => {
-                Err(GuestError::UnknownMmio { addr, write: true, size: data.len() }.into())
-            }
+            VcpuExit::MmioWrite(addr, data) => match self.devices.write(addr, data, self.mem) {
+                Some(result) => device_result(addr, result),
+                None => Err(GuestError::UnknownMmio { addr, write: true, size: data.len() }.into()),
+            },
             VcpuExit::Shutdown => Err(GuestError::TripleFault.into()),
             VcpuExit::Hlt => Err(GuestError::Halted.into()),
             VcpuExit::InternalError => Err(GuestError::InternalError.into()),
@@ -260,6 +291,16 @@ impl<'a> ExitHandler<'a> {
     }
 }
 
+/// A device access's result as an exit result: the guest's errors fail its VM, backend errors
+/// are the host's.
+fn device_result(addr: u64, result: Result<(), DeviceError>) -> Result<ExitAction, ExitError> {
+    match result {
+        Ok(()) => Ok(ExitAction::Continue),
+        Err(error) if error.is_guest_error() => Err(GuestError::Device { addr, error }.into()),
+        Err(error) => Err(ExitError::Device(error)),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -275,7 +316,7 @@ mod tests {
     }
 
     fn handle(mem: &GuestMemoryMmap, out: &mut Vec<u8>, exit: VcpuExit) -> Result<ExitAction, ExitError> {
-        ExitHandler::new(mem, out, Mailbox::default()).handle(exit)
+        ExitHandler::new(mem, &mut Devices::default(), out, Mailbox::default()).handle(exit)
     }
 
     fn guest_error(result: Result<ExitAction, ExitError>) -> GuestError {
@@ -335,8 +376,9 @@ mod tests {
     fn serial_bytes_are_emitted_per_line() {
         let mem = memory();
         let mut out = Vec::new();
+        let mut devices = Devices::default();
         {
-            let mut h = ExitHandler::new(&mem, &mut out, Mailbox::default());
+            let mut h = ExitHandler::new(&mem, &mut devices, &mut out, Mailbox::default());
             for &b in b"hi\nyo" {
                 assert!(matches!(h.handle(VcpuExit::IoOut(COM1_PORT, &[b])).unwrap(), ExitAction::Continue));
             }
@@ -368,10 +410,34 @@ mod tests {
     }
 
     #[test]
+    fn device_registers_are_served_and_misuse_fails_the_guest() {
+        use abi::devices::DEVICE_WINDOW_GPA;
+        use abi::devices::DeviceKind;
+        let mem = memory();
+        let mut out = Vec::new();
+        let mut devices = Devices::new(&[DeviceKind::Entropy], &crate::virtio::Backends::default()).unwrap();
+        let mut h = ExitHandler::new(&mem, &mut devices, &mut out, Mailbox::default());
+        let mut data = [0u8; 4];
+        assert!(matches!(h.handle(VcpuExit::MmioRead(DEVICE_WINDOW_GPA, &mut data)).unwrap(), ExitAction::Continue));
+        assert_eq!(&data, b"virt");
+        let e = guest_error(h.handle(VcpuExit::MmioWrite(DEVICE_WINDOW_GPA + 0x4, &[1, 0, 0, 0])));
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "virtio device register at {:#x}: write of 4 byte(s) at register offset 0x4",
+                DEVICE_WINDOW_GPA + 4
+            )
+        );
+        let e = guest_error(h.handle(VcpuExit::MmioRead(DEVICE_WINDOW_GPA + 0x1000, &mut data)));
+        assert!(matches!(e, GuestError::UnknownMmio { .. }), "no device in the next window");
+    }
+
+    #[test]
     fn milestones_are_recorded_once() {
         let mem = memory();
         let mut out = Vec::new();
-        let mut h = ExitHandler::new(&mem, &mut out, Mailbox::default());
+        let mut devices = Devices::default();
+        let mut h = ExitHandler::new(&mem, &mut devices, &mut out, Mailbox::default());
         let (port, value) = Hypercall::Milestone(Milestone::Ring3Entered).encode();
         h.handle(VcpuExit::IoOut(port, &arg(value))).unwrap();
         let first = h.milestone(Milestone::Ring3Entered).unwrap();

@@ -28,6 +28,7 @@ pub mod mailbox;
 pub mod paging;
 pub mod serial;
 pub mod snapshot;
+pub mod virtio;
 pub mod vm;
 pub mod watchdog;
 

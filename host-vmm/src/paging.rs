@@ -13,6 +13,7 @@ const PRESENT: u64 = 1 << 0;
 const WRITABLE: u64 = 1 << 1;
 const USER: u64 = 1 << 2;
 const HUGE: u64 = 1 << 7;
+const CACHE_DISABLE: u64 = 1 << 4;
 const FLAGS: u64 = PRESENT | WRITABLE | USER;
 const ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
 
@@ -115,6 +116,14 @@ impl PageTables {
         Ok(())
     }
 
+    /// Identity-maps the device window (`abi::devices`), uncached, so the guest reaches every
+    /// register window the VMM may place there, now or after a restore.
+    pub fn map_device_window(&mut self) -> Result<(), PagingError> {
+        use abi::devices::{DEVICE_WINDOW_GPA, DEVICE_WINDOW_LEN};
+        const _: () = assert!(DEVICE_WINDOW_LEN == LARGE_PAGE_SIZE && DEVICE_WINDOW_GPA.is_multiple_of(LARGE_PAGE_SIZE));
+        self.map_large(DEVICE_WINDOW_GPA, DEVICE_WINDOW_GPA | CACHE_DISABLE)
+    }
+
     /// Checks that the kernel's physical-memory offset can hold a map of `mem_size` bytes.
     pub fn check_offset(offset: u64, mem_size: u64) -> Result<(), PagingError> {
         let bad = |reason| Err(PagingError::BadOffset { offset, reason });
@@ -186,6 +195,10 @@ mod tests {
             assert_eq!(pt.translate(OFFSET + addr), Some(addr));
         }
         assert_eq!(pt.translate(OFFSET), Some(0), "the physical map includes page 0");
+        pt.map_device_window().unwrap();
+        let window = abi::devices::DEVICE_WINDOW_GPA;
+        assert_eq!(pt.translate(window + 0x1234), Some(window + 0x1234));
+        assert_eq!(pt.translate(window + abi::devices::DEVICE_WINDOW_LEN), None);
     }
 
     #[test]

@@ -12,7 +12,8 @@ use std::io::{Read, Write};
 use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use abi::image::{self, GuestMetadata, ImageInfo, ImageWriter, MemoryRange, VcpuRecord, record};
+use abi::devices::DeviceState;
+use abi::image::{self, GuestMetadata, ImageInfo, ImageWriter, MemoryRange, VcpuRecord, record, vm_record};
 use kvm_bindings::{Msrs, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave};
 use kvm_ioctls::VcpuFd;
 use vm_memory::mmap::MmapRegionBuilder;
@@ -156,21 +157,26 @@ pub struct WriteStats {
     pub file_len: u64,
 }
 
-/// Writes an image of `mem` and the captured vCPU state to `path`, atomically and read-only.
+/// The VM-state records for `devices` (none when there are no devices).
+pub fn device_records(devices: &[DeviceState]) -> Vec<VcpuRecord> {
+    if devices.is_empty() {
+        return Vec::new();
+    }
+    vec![VcpuRecord { kind: vm_record::DEVICES, bytes: DeviceState::encode_all(devices) }]
+}
+
+/// Writes an image of `mem`, the captured vCPU state and the VM-state records to `path`,
+/// atomically and read-only.
 pub fn write_image(
     path: &Path,
     mem: &GuestMemoryMmap,
     mem_size: u64,
     vcpu: Vec<VcpuRecord>,
+    vm: Vec<VcpuRecord>,
     guest: GuestMetadata,
 ) -> Result<WriteStats, SnapshotError> {
     let io = |source| SnapshotError::Io { path: path.to_path_buf(), source };
-    let writer = ImageWriter {
-        vcpu,
-        vm: Vec::new(),
-        guest,
-        memory: vec![MemoryRange { gpa: 0, len: mem_size, file_offset: 0 }],
-    };
+    let writer = ImageWriter { vcpu, vm, guest, memory: vec![MemoryRange { gpa: 0, len: mem_size, file_offset: 0 }] };
     let (metadata, data_start) = writer.encode(mem_size);
     let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let mut file = tempfile::NamedTempFile::new_in(dir).map_err(io)?;
@@ -200,6 +206,8 @@ pub struct Image {
     path: PathBuf,
     /// Its metadata.
     pub info: ImageInfo,
+    /// The virtio devices' transport state, decoded from the VM-state section.
+    pub devices: Vec<DeviceState>,
 }
 
 impl Image {
@@ -228,7 +236,23 @@ impl Image {
                 info.memory.len()
             )));
         }
-        Ok(Self { file, path: path.to_path_buf(), info })
+        let mut devices = Vec::new();
+        for r in &info.vm {
+            match r.kind {
+                vm_record::DEVICES => {
+                    devices = DeviceState::decode_all(&r.bytes).map_err(|e| {
+                        SnapshotError::Incompatible(format!("{}: image vm-state section: {e}", path.display()))
+                    })?
+                }
+                other => {
+                    return Err(SnapshotError::Incompatible(format!(
+                        "{}: image vm-state record kind {other} is not one this thaw knows",
+                        path.display()
+                    )));
+                }
+            }
+        }
+        Ok(Self { file, path: path.to_path_buf(), info, devices })
     }
 
     /// Bytes of memory data actually stored (not holes), found without reading the data.
@@ -274,7 +298,7 @@ impl Image {
         if unsafe { libc::fcntl(fd, libc::F_ADD_SEALS, seals) } < 0 {
             return Err(io(std::io::Error::last_os_error()));
         }
-        Ok(Image { file: memfd, path, info: self.info.clone() })
+        Ok(Image { file: memfd, path, info: self.info.clone(), devices: self.devices.clone() })
     }
 
     /// The (start, end) file ranges of memory data actually stored, via `SEEK_DATA`/`SEEK_HOLE`.

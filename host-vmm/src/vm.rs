@@ -8,10 +8,11 @@ use std::io::Write;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use abi::devices::{DEVICE_TABLE_GPA, DeviceKind};
 use abi::hypercall::Milestone;
 use abi::hypercall::{CHECKPOINT_ORIGINAL, CHECKPOINT_RESTORED, HYPERCALL_PAGE_GPA};
 use abi::image::GuestMetadata;
-use abi::params::{HOST_PARAMS_GPA, HostParams};
+use abi::params::{FLAG_CONSOLE_LOG, HOST_PARAMS_GPA, HostParams};
 use bootloader_api::config::Mapping;
 use bootloader_api::info::{MemoryRegion, MemoryRegionKind};
 use kvm_bindings::kvm_userspace_memory_region;
@@ -26,6 +27,7 @@ use crate::layout::{self, BOOT_INFO_END, BOOT_INFO_GPA, PAGE_SIZE, STACK_AREA_ST
 use crate::mailbox::{FunctionResponse, Mailbox};
 use crate::paging::{PageTables, PagingError};
 use crate::snapshot::{self, Image, SnapshotError, WriteStats};
+use crate::virtio::{Backends, DeviceError, DeviceStats, Devices};
 use crate::watchdog::Watchdog;
 
 /// Where physical memory is mapped when the kernel asks for a dynamic address: PML4 slot 32.
@@ -44,6 +46,14 @@ pub struct VmConfig {
     pub requests: Vec<Vec<u8>>,
     /// Measure the VM's private memory before tearing it down (reads /proc/self/smaps).
     pub measure_memory: bool,
+    /// The virtio devices a booted VM gets (a restored VM gets the image's).
+    pub devices: Vec<DeviceKind>,
+    /// What the devices attach to, when they first need it.
+    pub backends: Backends,
+    /// Ask the guest to send the function's stderr and its log to the console device.
+    pub console_log: bool,
+    /// Attach every device backend before the guest runs, instead of on first use.
+    pub eager_devices: bool,
 }
 
 impl Default for VmConfig {
@@ -54,6 +64,10 @@ impl Default for VmConfig {
             ramdisk: None,
             requests: Vec::new(),
             measure_memory: false,
+            devices: Vec::new(),
+            backends: Backends::default(),
+            console_log: false,
+            eager_devices: false,
         }
     }
 }
@@ -90,6 +104,9 @@ pub enum VmmError {
     /// Handling an exit failed on the host side.
     #[error(transparent)]
     Exit(ExitError),
+    /// The devices could not be created, restored or attached.
+    #[error("virtio devices: {0}")]
+    Devices(#[from] DeviceError),
 }
 
 fn kvm(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmmError {
@@ -146,6 +163,8 @@ pub struct RunReport {
     pub private_memory: Option<u64>,
     /// Minor page faults the vCPU thread took during the run.
     pub page_faults: u64,
+    /// Per-device counters: backend attachment, exits, notifications.
+    pub devices: Vec<DeviceStats>,
 }
 
 /// Where direct boot puts the pieces a kernel's config decides.
@@ -240,6 +259,7 @@ pub struct Vm {
     _vm: VmFd,
     mem: GuestMemoryMmap,
     mem_size: u64,
+    devices: Devices,
 }
 
 /// What the run loop does when the guest reaches its checkpoint.
@@ -277,16 +297,25 @@ fn create_vcpu(kvm_fd: &Kvm, vm: &VmFd) -> Result<VcpuFd, VmmError> {
     Ok(vcpu)
 }
 
-/// Writes a fresh host parameters page: new entropy, the wall clock, the TSC rate, `instance_id`.
-fn write_host_params(mem: &GuestMemoryMmap, vcpu: &VcpuFd, instance_id: u64) -> Result<(), VmmError> {
+/// Writes a fresh host parameters page (new entropy, the wall clock, the TSC rate,
+/// `instance_id`, the flags `config` asks for) and the device table.
+fn write_host_params(
+    mem: &GuestMemoryMmap,
+    vcpu: &VcpuFd,
+    instance_id: u64,
+    config: &VmConfig,
+    devices: &Devices,
+) -> Result<(), VmmError> {
     let mut entropy = [0u8; 32];
     host_entropy(&mut entropy)?;
     let wall_clock_ns = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
     let tsc_khz = vcpu.get_tsc_khz().map_or(0, u64::from);
-    let params = HostParams { instance_id, entropy, wall_clock_ns, tsc_khz };
-    mem.write_slice(&params.encode(), GuestAddress(HOST_PARAMS_GPA)).map_err(memory_error)
+    let flags = if config.console_log { FLAG_CONSOLE_LOG } else { 0 };
+    let params = HostParams { instance_id, entropy, wall_clock_ns, tsc_khz, flags };
+    mem.write_slice(&params.encode(), GuestAddress(HOST_PARAMS_GPA)).map_err(memory_error)?;
+    mem.write_slice(&devices.table().encode(), GuestAddress(DEVICE_TABLE_GPA)).map_err(memory_error)
 }
 
 impl Vm {
@@ -310,7 +339,9 @@ impl Vm {
         if let Some(offset) = plan.physical_memory_offset {
             tables.map_linear(offset, plan.mem_size)?;
         }
+        tables.map_device_window()?;
         tables.write(&mem)?;
+        let devices = Devices::new(&config.devices, &config.backends)?;
         let params = BootParams {
             regions: plan.regions(),
             physical_memory_offset: plan.physical_memory_offset,
@@ -331,15 +362,21 @@ impl Vm {
         let started = Instant::now();
         let vcpu = create_vcpu(&kvm_fd, &vm)?;
         cpu::setup_long_mode(&vcpu, &mem, tables.root(), kernel.entry, stack_pointer, BOOT_INFO_GPA)?;
-        write_host_params(&mem, &vcpu, 0)?;
+        write_host_params(&mem, &vcpu, 0, config, &devices)?;
         timings.vcpu_setup = started.elapsed();
-        Ok(Self { vcpu, _vm: vm, mem, mem_size: plan.mem_size })
+        Ok(Self { vcpu, _vm: vm, mem, mem_size: plan.mem_size, devices })
     }
 
     /// Creates a VM from a snapshot image: its memory mapped copy-on-write from the file, its
-    /// vCPU state set from the image, fresh host parameters (`instance_id`, entropy, clock)
-    /// written, and the checkpoint call's result set to "restored".
-    pub fn restore(image: &Image, instance_id: u64, timings: &mut BootTimings) -> Result<Self, VmmError> {
+    /// vCPU state set from the image, its devices' transport state restored (backends detached,
+    /// unless `config.eager_devices`), fresh host parameters (`instance_id`, entropy, clock,
+    /// device table) written, and the checkpoint call's result set to "restored".
+    pub fn restore(
+        image: &Image,
+        instance_id: u64,
+        config: &VmConfig,
+        timings: &mut BootTimings,
+    ) -> Result<Self, VmmError> {
         let started = Instant::now();
         let mem_size = image.info.guest_memory_size();
         if !(layout::MIN_MEMORY_MIB << 20..=layout::MAX_MEMORY_MIB << 20).contains(&mem_size) {
@@ -357,10 +394,14 @@ impl Vm {
         timings.vcpu_setup = started.elapsed();
         let started = Instant::now();
         snapshot::restore_vcpu(&vcpu, &image.info.vcpu)?;
-        write_host_params(&mem, &vcpu, instance_id)?;
+        let mut devices = Devices::restore(&image.devices, &config.backends, &mem)?;
+        if config.eager_devices {
+            devices.attach_all()?;
+        }
+        write_host_params(&mem, &vcpu, instance_id, config, &devices)?;
         mem.write_obj(CHECKPOINT_RESTORED, GuestAddress(HYPERCALL_PAGE_GPA)).map_err(memory_error)?;
         timings.state_set = Some(started.elapsed());
-        Ok(Self { vcpu, _vm: vm, mem, mem_size })
+        Ok(Self { vcpu, _vm: vm, mem, mem_size, devices })
     }
 
     /// Guest memory private to this VM: the `Anonymous` pages of its guest-memory mapping
@@ -391,7 +432,8 @@ impl Vm {
     /// ([`Outcome::Checkpointed`]), to `path`.
     pub fn snapshot(&self, path: &Path, guest: GuestMetadata) -> Result<WriteStats, VmmError> {
         let vcpu = snapshot::capture_vcpu(&self.vcpu)?;
-        Ok(snapshot::write_image(path, &self.mem, self.mem_size, vcpu, guest)?)
+        let vm = snapshot::device_records(&self.devices.states());
+        Ok(snapshot::write_image(path, &self.mem, self.mem_size, vcpu, vm, guest)?)
     }
 
     /// Runs the vCPU until the guest ends or `timeout` passes, writing its output to `output`
@@ -405,7 +447,7 @@ impl Vm {
         timings: &mut BootTimings,
     ) -> Result<(Outcome, u64, Mailbox), VmmError> {
         let watchdog = Watchdog::arm(timeout).map_err(VmmError::Watchdog)?;
-        let mut handler = ExitHandler::new(&self.mem, output, mailbox);
+        let mut handler = ExitHandler::new(&self.mem, &mut self.devices, output, mailbox);
         let mut exits = 0u64;
         let run_started = Instant::now();
         let mut outcome = loop {
@@ -505,7 +547,7 @@ pub fn run_image(image: &Image, config: &VmConfig, output: &mut dyn Write) -> Re
 pub fn serve_from_image(image: &Image, config: &VmConfig, output: &mut dyn Write) -> Result<(Vm, RunReport), VmmError> {
     let started = Instant::now();
     let mut timings = BootTimings::default();
-    let vm = Vm::restore(image, next_instance_id(), &mut timings)?;
+    let vm = Vm::restore(image, next_instance_id(), config, &mut timings)?;
     finish_run(vm, config, output, started, timings)
 }
 
@@ -525,7 +567,8 @@ fn finish_run(
     timings.to_response = mailbox.first_response_at.map(|t| t.saturating_duration_since(started));
     let page_faults = thread_minor_faults().saturating_sub(faults_before);
     let private_memory = if config.measure_memory { Some(vm.private_memory()?) } else { None };
-    Ok((vm, RunReport { outcome, timings, exits, responses: mailbox.responses, private_memory, page_faults }))
+    let devices = vm.devices.stats();
+    Ok((vm, RunReport { outcome, timings, exits, responses: mailbox.responses, private_memory, page_faults, devices }))
 }
 
 /// Minor page faults the calling thread has taken so far.

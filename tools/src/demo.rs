@@ -78,6 +78,7 @@ pub fn run(args: &DemoArgs) -> Result<u8, String> {
             ramdisk: Some(function.bundle.clone()),
             requests: vec![request(name).to_vec()],
             measure_memory: true,
+            ..VmConfig::default()
         };
         let cold_runs = (args.runs / 5).max(3);
         eprintln!("thaw demo: {name}: {cold_runs} cold invocations");
@@ -85,7 +86,8 @@ pub fn run(args: &DemoArgs) -> Result<u8, String> {
             host_vmm::run_kernel(&kernel, &config, &mut std::io::sink()).map_err(|e| e.to_string())
         })?;
         let image_path = dir.join(format!("{name}.snap"));
-        let status = crate::snapshot::snapshot_function(&function, &image_path, Duration::from_secs(60))?;
+        let status =
+            crate::snapshot::snapshot_function(&function, &image_path, Duration::from_secs(60), VmConfig::default())?;
         eprintln!("thaw demo: {name}: {status}");
         let image = Image::open(&image_path).map_err(|e| e.to_string())?;
         eprintln!("thaw demo: {name}: {} restores from the image file", args.runs);

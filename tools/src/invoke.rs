@@ -39,6 +39,8 @@ pub struct InvokeArgs {
     /// Show the guest kernel's log on stderr.
     #[arg(long)]
     verbose: bool,
+    #[command(flatten)]
+    devices: crate::devices::DeviceArgs,
 }
 
 /// An optional function and its request, for commands that boot a kernel alone or serve a
@@ -89,13 +91,14 @@ pub fn run(args: &InvokeArgs) -> Result<u8, String> {
     let function = load_function(&args.function)?;
     let timeout = timeout(args)?;
     let kernel = host_vmm::KernelImage::parse(crate::kernel::BUILT_IN).map_err(|e| format!("built-in kernel: {e}"))?;
-    let config = VmConfig {
+    let mut config = VmConfig {
         memory_mib: function.vm_memory_mib(),
         timeout,
         ramdisk: Some(function.bundle.clone()),
         requests: vec![request],
         ..VmConfig::default()
     };
+    args.devices.apply_boot(&mut config);
     let mut kernel_log = Vec::new();
     let report = if args.verbose {
         host_vmm::run_kernel(&kernel, &config, &mut std::io::stderr().lock())
@@ -133,7 +136,8 @@ fn timeout(args: &InvokeArgs) -> Result<Duration, String> {
 /// Serves the request from a VM restored from the image at `args.function`.
 fn invoke_image(args: &InvokeArgs, request: Vec<u8>) -> Result<u8, String> {
     let image = host_vmm::Image::open(&args.function).map_err(|e| e.to_string())?;
-    let config = VmConfig { timeout: timeout(args)?, requests: vec![request], ..VmConfig::default() };
+    let mut config = VmConfig { timeout: timeout(args)?, requests: vec![request], ..VmConfig::default() };
+    args.devices.apply_restore(&mut config, &image.devices)?;
     let mut kernel_log = Vec::new();
     let report = if args.verbose {
         host_vmm::run_image(&image, &config, &mut std::io::stderr().lock())
@@ -144,7 +148,7 @@ fn invoke_image(args: &InvokeArgs, request: Vec<u8>) -> Result<u8, String> {
     if let Some(StatsFormat::Json) = args.stats {
         let t = &report.timings;
         eprintln!(
-            "{{\"restore\": true, \"memory_map_us\": {}, \"vm_create_us\": {}, \"vcpu_create_us\": {}, \"state_set_us\": {}, \"resume_us\": {}, \"handle_us\": {}, \"total_us\": {}, \"vm_exits\": {}}}",
+            "{{\"restore\": true, \"memory_map_us\": {}, \"vm_create_us\": {}, \"vcpu_create_us\": {}, \"state_set_us\": {}, \"resume_us\": {}, \"handle_us\": {}, \"total_us\": {}, \"vm_exits\": {}, \"devices\": {}}}",
             t.load.as_micros(),
             t.vm_create.as_micros(),
             t.vcpu_setup.as_micros(),
@@ -152,7 +156,8 @@ fn invoke_image(args: &InvokeArgs, request: Vec<u8>) -> Result<u8, String> {
             t.to_first_request.map_or("null".into(), |d| d.as_micros().to_string()),
             report.responses.first().map_or("null".into(), |r| r.handle_time.as_micros().to_string()),
             t.total.as_micros(),
-            report.exits
+            report.exits,
+            crate::devices::stats_json(&report.devices)
         );
     }
     conclude(&report.outcome, report.responses.first(), &kernel_log)
@@ -212,7 +217,7 @@ fn stats_json(report: &RunReport) -> String {
         .into_iter()
         .try_fold(Duration::ZERO, |sum, d| d.map(|d| sum + d));
     format!(
-        "{{\"vm_create_us\": {}, \"kernel_boot_us\": {}, \"compile_us\": {}, \"instantiate_us\": {}, \"init_us\": {}, \"handle_us\": {}, \"total_us\": {}, \"vm_exits\": {}}}",
+        "{{\"vm_create_us\": {}, \"kernel_boot_us\": {}, \"compile_us\": {}, \"instantiate_us\": {}, \"init_us\": {}, \"handle_us\": {}, \"total_us\": {}, \"vm_exits\": {}, \"devices\": {}}}",
         us(Some(t.vm_create)),
         us(boot),
         us(t.compile),
@@ -220,6 +225,7 @@ fn stats_json(report: &RunReport) -> String {
         us(t.init),
         us(report.responses.first().map(|r| r.handle_time)),
         us(Some(t.total)),
-        report.exits
+        report.exits,
+        crate::devices::stats_json(&report.devices)
     )
 }

@@ -7,6 +7,7 @@
 
 mod bench;
 mod demo;
+mod devices;
 mod inspect;
 mod invoke;
 mod kernel;

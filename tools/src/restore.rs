@@ -42,6 +42,8 @@ pub struct RestoreArgs {
     /// Wall-clock limit per request, in seconds.
     #[arg(long, value_name = "SECS", default_value_t = 30.0)]
     timeout: f64,
+    #[command(flatten)]
+    devices: crate::devices::DeviceArgs,
 }
 
 /// The `p`th percentile (0-100) of sorted `values`, nearest-rank.
@@ -66,7 +68,8 @@ pub fn run(args: &RestoreArgs) -> Result<u8, String> {
     let image = Image::open(&args.image).map_err(|e| e.to_string())?;
     let image = if args.template { image.to_template().map_err(|e| e.to_string())? } else { image };
     let timeout = crate::kernel::parse_timeout(args.timeout)?;
-    let config = VmConfig { timeout, requests: vec![request], measure_memory: true, ..VmConfig::default() };
+    let mut config = VmConfig { timeout, requests: vec![request], measure_memory: true, ..VmConfig::default() };
+    args.devices.apply_restore(&mut config, &image.devices)?;
     let reports: Mutex<Vec<RunReport>> = Mutex::new(Vec::with_capacity(args.count));
     let held: Mutex<Vec<host_vmm::Vm>> = Mutex::new(Vec::new());
     let failure: Mutex<Option<String>> = Mutex::new(None);
@@ -129,6 +132,10 @@ pub fn run(args: &RestoreArgs) -> Result<u8, String> {
         column("handle", "handle_us", "µs", &|r| us(r.responses.first().map(|x| x.handle_time))),
         column("page faults", "page_faults", "", &|r| r.page_faults),
         column("private memory", "private_memory_kib", "KiB", &|r| r.private_memory.unwrap_or(0) / 1024),
+        column("device exits", "device_exits", "", &|r| r.devices.iter().map(|d| d.exits).sum()),
+        column("backends attached", "backends_attached", "", &|r| {
+            r.devices.iter().filter(|d| d.attached_after.is_some()).count() as u64
+        }),
     ];
     for row in &mut rows {
         row.values.sort_unstable();

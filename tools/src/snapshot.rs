@@ -21,24 +21,30 @@ pub struct SnapshotArgs {
     /// Wall-clock limit for booting and initializing, in seconds.
     #[arg(long, value_name = "SECS", default_value_t = 60.0)]
     timeout: f64,
+    #[command(flatten)]
+    devices: crate::devices::DeviceArgs,
 }
 
 /// Runs `thaw snapshot` and returns the process exit code.
 pub fn run(args: &SnapshotArgs) -> Result<u8, String> {
     let function = crate::invoke::load_function(&args.function)?;
     let timeout = crate::kernel::parse_timeout(args.timeout)?;
-    let status =
-        snapshot_function(&function, &args.output, timeout).map_err(|e| format!("{}: {e}", args.function.display()))?;
+    let mut config = VmConfig::default();
+    args.devices.apply_boot(&mut config);
+    let status = snapshot_function(&function, &args.output, timeout, config)
+        .map_err(|e| format!("{}: {e}", args.function.display()))?;
     eprintln!("thaw: {status}");
     Ok(0)
 }
 
-/// Cold-boots `function`, stops it at its checkpoint, and writes the image to `output`.
+/// Cold-boots `function` with the devices in `devices` (a config whose memory, ramdisk and
+/// timeout are filled in here), stops it at its checkpoint, and writes the image to `output`.
 /// Returns a one-line summary.
 pub fn snapshot_function(
     function: &host_vmm::Function,
     output: &std::path::Path,
     timeout: Duration,
+    devices: VmConfig,
 ) -> Result<String, String> {
     let kernel = host_vmm::KernelImage::parse(crate::kernel::BUILT_IN).map_err(|e| format!("built-in kernel: {e}"))?;
     let config = VmConfig {
@@ -46,7 +52,7 @@ pub fn snapshot_function(
         timeout,
         ramdisk: Some(function.bundle.clone()),
         requests: Vec::new(),
-        ..VmConfig::default()
+        ..devices
     };
     let started = Instant::now();
     let mut timings = BootTimings::default();

@@ -1,0 +1,87 @@
+//! Device options shared by the commands that boot or restore a VM, and the per-device part of
+//! `--stats json`.
+
+use std::path::PathBuf;
+
+use abi::devices::{DeviceKind, DeviceState};
+use clap::Args;
+use host_vmm::VmConfig;
+use host_vmm::virtio::{ConsoleSink, DeviceStats};
+
+/// `--devices`, `--console` and `--eager-devices`.
+#[derive(Args, Debug, Default)]
+pub struct DeviceArgs {
+    /// Virtio devices for a cold-booted VM, comma-separated: console, entropy. A VM restored
+    /// from an image has the devices the image was taken with.
+    #[arg(long, value_name = "LIST", value_delimiter = ',', value_parser = parse_kind)]
+    devices: Vec<DeviceKind>,
+    /// Send the function's stderr and the guest's log to the virtio console, which writes them
+    /// to FILE ("-": thaw's stderr). Adds a console to a cold-booted VM.
+    #[arg(long, value_name = "FILE")]
+    console: Option<PathBuf>,
+    /// Attach every device's backend when the VM is restored instead of on its first use (to
+    /// measure what lazy attachment saves).
+    #[arg(long)]
+    eager_devices: bool,
+}
+
+fn parse_kind(name: &str) -> Result<DeviceKind, String> {
+    match DeviceKind::from_name(name) {
+        Some(kind @ (DeviceKind::Console | DeviceKind::Entropy)) => Ok(kind),
+        Some(kind) => Err(format!("the {kind} device is not built yet (console and entropy are)")),
+        None => Err(format!("unknown device {name:?}; known devices: console, entropy")),
+    }
+}
+
+impl DeviceArgs {
+    /// Sets up `config` for a cold boot.
+    pub fn apply_boot(&self, config: &mut VmConfig) {
+        config.devices = self.devices.clone();
+        if self.console.is_some() && !config.devices.contains(&DeviceKind::Console) {
+            config.devices.push(DeviceKind::Console);
+        }
+        self.apply_backends(config);
+    }
+
+    /// Sets up `config` for a restore from an image holding `devices`.
+    pub fn apply_restore(&self, config: &mut VmConfig, devices: &[DeviceState]) -> Result<(), String> {
+        if !self.devices.is_empty() {
+            return Err(
+                "--devices applies to cold boots; a restored VM has the devices its image was taken with".into()
+            );
+        }
+        if self.console.is_some() && !devices.iter().any(|d| d.kind == DeviceKind::Console as u16) {
+            return Err("--console: the image has no console device (take the snapshot with --devices console)".into());
+        }
+        self.apply_backends(config);
+        Ok(())
+    }
+
+    fn apply_backends(&self, config: &mut VmConfig) {
+        config.eager_devices = self.eager_devices;
+        if let Some(path) = &self.console {
+            config.console_log = true;
+            config.backends.console =
+                if path.as_os_str() == "-" { ConsoleSink::Stderr } else { ConsoleSink::File(path.clone()) };
+        }
+    }
+}
+
+/// The per-device statistics as a JSON array.
+pub fn stats_json(stats: &[DeviceStats]) -> String {
+    let rows: Vec<String> = stats
+        .iter()
+        .map(|d| {
+            format!(
+                "{{\"kind\": \"{}\", \"index\": {}, \"attached\": {}, \"attached_after_us\": {}, \"exits\": {}, \"notifications\": {}}}",
+                d.kind,
+                d.index,
+                d.attached_after.is_some(),
+                d.attached_after.map_or("null".into(), |t| t.as_micros().to_string()),
+                d.exits,
+                d.notifications
+            )
+        })
+        .collect();
+    format!("[{}]", rows.join(", "))
+}
