@@ -48,7 +48,7 @@ pub fn start(boot_info: &'static mut BootInfo, main: fn() -> u32) -> ! {
     unsafe { arch::enter_ring3(ring3_main, main as usize as u64) }
 }
 
-/// The first ring-3 code: heap, banner, main, exit.
+/// The first ring-3 code: heap, devices, banner, main, exit.
 extern "C" fn ring3_main(main: u64) -> ! {
     platform::milestone(abi::hypercall::Milestone::Ring3Entered);
     platform::init_console();
@@ -58,6 +58,7 @@ extern "C" fn ring3_main(main: u64) -> ! {
     if let Err(e) = heap::init(&boot_info.memory_regions, platform::physical_memory_offset()) {
         panic!("heap: {e}");
     }
+    crate::devices::init(platform::host_params().as_ref());
     println!("thaw-guest {} (abi {})", env!("CARGO_PKG_VERSION"), abi::INTERFACE_VERSION);
     // SAFETY: `start` passed a `fn() -> u32` as this argument.
     let main: fn() -> u32 = unsafe { core::mem::transmute(main as usize) };

@@ -21,6 +21,7 @@ extern crate alloc;
 pub mod arch;
 pub mod boot;
 pub mod console;
+pub mod devices;
 pub mod function;
 pub mod heap;
 pub mod hypercall;

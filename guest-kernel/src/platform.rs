@@ -140,8 +140,12 @@ pub fn init_console() {
     }
 }
 
-/// Writes log bytes.
+/// Writes log bytes: to the virtio console when the VMM asked for that, otherwise through the
+/// log hypercall (thaw) or COM1.
 pub fn write_log(bytes: &[u8]) {
+    if crate::devices::console_log() && crate::devices::console_write(bytes) {
+        return;
+    }
     match current() {
         Platform::Thaw => {
             for chunk in bytes.chunks(HYPERCALL_PAGE_SIZE) {

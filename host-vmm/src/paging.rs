@@ -120,7 +120,8 @@ impl PageTables {
     /// register window the VMM may place there, now or after a restore.
     pub fn map_device_window(&mut self) -> Result<(), PagingError> {
         use abi::devices::{DEVICE_WINDOW_GPA, DEVICE_WINDOW_LEN};
-        const _: () = assert!(DEVICE_WINDOW_LEN == LARGE_PAGE_SIZE && DEVICE_WINDOW_GPA.is_multiple_of(LARGE_PAGE_SIZE));
+        const _: () =
+            assert!(DEVICE_WINDOW_LEN == LARGE_PAGE_SIZE && DEVICE_WINDOW_GPA.is_multiple_of(LARGE_PAGE_SIZE));
         self.map_large(DEVICE_WINDOW_GPA, DEVICE_WINDOW_GPA | CACHE_DISABLE)
     }
 

@@ -201,6 +201,7 @@ fn run(bundle: &Bundle<'_>, transport: Transport) -> Result<core::convert::Infal
     // The init-less boot point: a snapshot taken here skips everything above on every request.
     // A restored copy gets fresh entropy, clock and instance id, and must not reuse ours.
     if let Some(fresh) = transport.checkpoint()? {
+        crate::devices::restored(&fresh);
         store.data_mut().reseed(&fresh);
     }
 

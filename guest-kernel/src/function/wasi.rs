@@ -2,9 +2,11 @@
 //! the rest of preview1. The first call of each unsupported function in a VM adds a note to the
 //! function's stderr, so the user sees it next to the function's own messages.
 //!
-//! fd 0 reads the request, fd 1 and fd 2 collect the response and the function's stderr. Args and
-//! env come from the manifest, clocks from the host parameters page plus the TSC, randomness from
-//! a ChaCha20 CSPRNG seeded with the host's entropy. All guest-memory accesses are bounds-checked
+//! fd 0 reads the request, fd 1 and fd 2 collect the response and the function's stderr (fd 2
+//! goes to the virtio console instead when the VMM asks for it). Args and env come from the
+//! manifest, clocks from the host parameters page plus the TSC, randomness from the virtio
+//! entropy device when the VM has one, else from a ChaCha20 CSPRNG seeded with the host's
+//! entropy. All guest-memory accesses are bounds-checked
 //! against the module's linear memory; a bad pointer gets `EFAULT`, never a trap of ours.
 
 use alloc::collections::BTreeSet;
@@ -135,6 +137,7 @@ fn fd_write(mut caller: Ctx<'_>, fd: i32, iovs: i32, count: i32, nwritten: i32) 
     let Some((mem, ctx)) = memory(&mut caller) else { return i32::from(errno::FAULT) };
     let out = match fd {
         1 => &mut ctx.stdout,
+        2 if crate::devices::console_log() => return console_write(mem, iovs, count, nwritten),
         2 => &mut ctx.stderr,
         _ => return i32::from(errno::BADF),
     };
@@ -146,6 +149,21 @@ fn fd_write(mut caller: Ctx<'_>, fd: i32, iovs: i32, count: i32, nwritten: i32) 
                 return Some(errno::IO);
             }
             out.extend_from_slice(bytes);
+            total = total.wrapping_add(len);
+        }
+        put_u32(mem, nwritten, total)?;
+        Some(errno::SUCCESS)
+    })())
+}
+
+/// `fd_write` to the virtio console (fd 2 when the VMM asked for it).
+fn console_write(mem: &mut [u8], iovs: i32, count: i32, nwritten: i32) -> i32 {
+    code((|| {
+        let mut total = 0u32;
+        for (ptr, len) in iovecs(mem, iovs, count)? {
+            if !crate::devices::console_write(slice(mem, ptr as i32, len)?) {
+                return Some(errno::IO);
+            }
             total = total.wrapping_add(len);
         }
         put_u32(mem, nwritten, total)?;
@@ -241,7 +259,10 @@ fn clock_time_get(mut caller: Ctx<'_>, id: i32, _precision: i64, time: i32) -> i
 fn random_get(mut caller: Ctx<'_>, buf: i32, len: i32) -> i32 {
     let Some((mem, ctx)) = memory(&mut caller) else { return i32::from(errno::FAULT) };
     code((|| {
-        ctx.rng.fill_bytes(slice_mut(mem, buf, len as u32)?);
+        let out = slice_mut(mem, buf, len as u32)?;
+        if !crate::devices::entropy(out) {
+            ctx.rng.fill_bytes(out);
+        }
         Some(errno::SUCCESS)
     })())
 }

@@ -1,0 +1,177 @@
+//! The guest's virtio devices: found by (kind, index) in the VMM's device table, driven by the
+//! `virtio-drivers` crate over the MMIO transport, polled (the VMM serves each notification
+//! before the notifying store returns), and set up once at boot so that a VM restored from a
+//! snapshot finds them ready.
+//!
+//! After a restore the VMM writes a fresh device table. A device it placed elsewhere is set up
+//! again, from scratch, on its first use; a device at the same address is used as it was.
+//!
+//! - console: the kernel log and the function's stderr, when the VMM sets
+//!   `abi::params::FLAG_CONSOLE_LOG` (otherwise they go to the log hypercall and the response);
+//! - entropy: `random_get`, when the VM has the device.
+
+mod hal;
+
+use alloc::vec::Vec;
+use core::sync::atomic::{AtomicBool, Ordering};
+
+use abi::devices::{DEVICE_TABLE_GPA, DeviceKind, DeviceTable, REGISTER_WINDOW_LEN};
+use abi::params::{FLAG_CONSOLE_LOG, HostParams};
+use spin::Mutex;
+use virtio_drivers::device::console::VirtIOConsole;
+use virtio_drivers::device::rng::VirtIORng;
+use virtio_drivers::transport::mmio::{MmioTransport, VirtIOHeader};
+
+use crate::platform::{self, Platform};
+
+pub use hal::ThawHal;
+
+type Transport = MmioTransport<'static>;
+
+/// Largest piece sent to the console at once (the VMM takes up to 64 KiB per buffer).
+const CONSOLE_CHUNK: usize = 4096;
+
+/// A driver and the register window it was set up at.
+struct Device<D> {
+    kind: DeviceKind,
+    gpa: u64,
+    driver: Option<D>,
+}
+
+// SAFETY: the drivers hold pointers to their register windows and DMA memory, which are valid
+// from any context; the guest has one CPU, and every access goes through the `Mutex` below.
+unsafe impl<D> Send for Device<D> {}
+
+impl<D> Device<D> {
+    const fn none(kind: DeviceKind) -> Self {
+        Self { kind, gpa: 0, driver: None }
+    }
+
+    /// Follows the device to where `table` says it is; `false` if the VM has none.
+    fn locate(&mut self, table: &DeviceTable) -> bool {
+        match table.find(self.kind, 0) {
+            Some(entry) if entry.gpa == self.gpa => true,
+            Some(entry) => {
+                // Moved (or new): set it up again on first use. Dropping the old driver would
+                // touch the old window, which may now be another device's: forget it instead.
+                core::mem::forget(self.driver.take());
+                self.gpa = entry.gpa;
+                true
+            }
+            None => {
+                core::mem::forget(self.driver.take());
+                self.gpa = 0;
+                false
+            }
+        }
+    }
+
+    /// The driver, set up now if it is not yet; `None` if the VM has no such device or its
+    /// setup failed.
+    fn driver(&mut self, setup: fn(Transport) -> Option<D>) -> Option<&mut D> {
+        if self.driver.is_none() && self.gpa != 0 {
+            // SAFETY: the VMM's device table (validated by `DeviceTable::decode`) says a device
+            // window of this size is at `gpa`, inside the identity-mapped device window.
+            let transport = unsafe {
+                let header = hal::mmio_window(self.gpa);
+                MmioTransport::new(header.cast::<VirtIOHeader>(), REGISTER_WINDOW_LEN as usize)
+            };
+            self.driver = transport.ok().and_then(setup);
+        }
+        self.driver.as_mut()
+    }
+}
+
+static CONSOLE: Mutex<Device<VirtIOConsole<ThawHal, Transport>>> = Mutex::new(Device::none(DeviceKind::Console));
+static ENTROPY: Mutex<Device<VirtIORng<ThawHal, Transport>>> = Mutex::new(Device::none(DeviceKind::Entropy));
+/// The VMM asked for the log and stderr on the console, and there is one.
+static CONSOLE_LOG: AtomicBool = AtomicBool::new(false);
+
+fn setup_console(t: Transport) -> Option<VirtIOConsole<ThawHal, Transport>> {
+    VirtIOConsole::new(t).ok()
+}
+
+fn setup_entropy(t: Transport) -> Option<VirtIORng<ThawHal, Transport>> {
+    VirtIORng::new(t).ok()
+}
+
+/// The VMM's current device table (empty outside thaw's VMM or when it wrote none).
+fn table() -> DeviceTable {
+    if platform::current() != Platform::Thaw {
+        return DeviceTable::default();
+    }
+    let at = (platform::physical_memory_offset() + DEVICE_TABLE_GPA) as *const u8;
+    // SAFETY: the device table lies in the host parameters page, guest RAM reserved for the
+    // VMM, mapped through the physical-memory offset; the VMM wrote it before the guest ran.
+    let bytes = unsafe { core::slice::from_raw_parts(at, DeviceTable::encoded_len(abi::devices::MAX_DEVICES)) };
+    DeviceTable::decode(bytes).unwrap_or_default()
+}
+
+/// Finds the devices and sets up their drivers. Runs once, after the heap, at boot.
+pub fn init(params: Option<&HostParams>) {
+    let table = table();
+    if CONSOLE.lock().locate(&table) {
+        let _ = CONSOLE.lock().driver(setup_console);
+    }
+    if ENTROPY.lock().locate(&table) {
+        let _ = ENTROPY.lock().driver(setup_entropy);
+    }
+    apply_flags(params);
+}
+
+/// Takes the restored VM's device table and flags: devices the VMM moved are set up again on
+/// first use.
+pub fn restored(params: &HostParams) {
+    let table = table();
+    CONSOLE.lock().locate(&table);
+    ENTROPY.lock().locate(&table);
+    apply_flags(Some(params));
+}
+
+fn apply_flags(params: Option<&HostParams>) {
+    let wanted = params.is_some_and(|p| p.flags & FLAG_CONSOLE_LOG != 0);
+    CONSOLE_LOG.store(wanted && CONSOLE.lock().gpa != 0, Ordering::Relaxed);
+}
+
+/// True when the log and the function's stderr go to the console.
+pub fn console_log() -> bool {
+    CONSOLE_LOG.load(Ordering::Relaxed)
+}
+
+/// Writes `bytes` to the console; false if there is none or it failed.
+pub fn console_write(bytes: &[u8]) -> bool {
+    // `try_lock`: a panic while the console is busy must still reach the log hypercall.
+    let Some(mut console) = CONSOLE.try_lock() else { return false };
+    let Some(driver) = console.driver(setup_console) else { return false };
+    // Through a heap buffer: the caller's bytes may be on a stack the physical-memory mapping
+    // does not cover.
+    let mut buffer = Vec::with_capacity(CONSOLE_CHUNK.min(bytes.len()));
+    for chunk in bytes.chunks(CONSOLE_CHUNK) {
+        buffer.clear();
+        buffer.extend_from_slice(chunk);
+        if driver.send_bytes(&buffer).is_err() {
+            return false;
+        }
+    }
+    true
+}
+
+/// Fills `out` from the entropy device; false if there is none or it failed.
+pub fn entropy(out: &mut [u8]) -> bool {
+    let mut entropy = ENTROPY.lock();
+    let Some(driver) = entropy.driver(setup_entropy) else { return false };
+    let mut buffer = alloc::vec![0u8; out.len().min(4096)];
+    let mut filled = 0;
+    while filled < out.len() {
+        let want = (out.len() - filled).min(buffer.len());
+        match driver.request_entropy(&mut buffer[..want]) {
+            Ok(n) if n > 0 => {
+                let n = n.min(want);
+                out[filled..filled + n].copy_from_slice(&buffer[..n]);
+                filled += n;
+            }
+            _ => return false,
+        }
+    }
+    true
+}
