@@ -15,6 +15,7 @@ fn kernel(name: &str) -> &'static str {
         "test-spin" => env!("CARGO_BIN_FILE_GUEST_KERNEL_test-spin"),
         "test-bad-hypercall" => env!("CARGO_BIN_FILE_GUEST_KERNEL_test-bad-hypercall"),
         "test-triple-fault" => env!("CARGO_BIN_FILE_GUEST_KERNEL_test-triple-fault"),
+        "test-bad-device" => env!("CARGO_BIN_FILE_GUEST_KERNEL_test-bad-device"),
         other => panic!("no test kernel {other}"),
     }
 }
@@ -126,4 +127,32 @@ fn triple_fault_fails_only_that_vm_under_kvm() {
     assert_eq!(run.code, Some(abi::exit_code::GUEST_FAILURE as i32), "{run:#?}");
     assert!(run.stderr.starts_with("thaw: guest failed: triple fault: "), "{run:#?}");
     assert!(run.stderr.contains("(rip 0x"), "{run:#?}");
+}
+
+#[test]
+fn a_guest_misusing_a_virtio_device_fails_only_its_vm_under_kvm() {
+    require_kvm();
+    let run = |devices: &[&str]| {
+        let mut args = vec!["run", "--kernel", kernel("test-bad-device"), "--timeout", "10"];
+        args.extend_from_slice(devices);
+        let output = Command::new(THAW).args(&args).output().expect("thaw must start");
+        Run {
+            code: output.status.code(),
+            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        }
+    };
+    let hostile = run(&["--devices", "entropy,console"]);
+    assert_eq!(hostile.code, Some(abi::exit_code::GUEST_FAILURE as i32), "{hostile:#?}");
+    assert!(
+        hostile.stderr.starts_with(&format!(
+            "thaw: guest failed: virtio device register at {:#x}: write of 4 byte(s) at register offset 0x0 (rip 0x",
+            abi::devices::DEVICE_WINDOW_GPA
+        )),
+        "{hostile:#?}"
+    );
+    assert!(hostile.stdout.ends_with("test-bad-device: writing the magic register of entropy 0\n"), "{hostile:#?}");
+    let without = run(&[]);
+    assert_eq!(without.code, Some(0), "{without:#?}");
+    assert!(without.stdout.ends_with("test-bad-device: no virtio devices\n"), "{without:#?}");
 }

@@ -18,13 +18,16 @@ pub struct RunArgs {
     /// Print how long each boot phase took, in microseconds, on stderr.
     #[arg(long)]
     timings: bool,
+    #[command(flatten)]
+    devices: crate::devices::DeviceArgs,
 }
 
 /// Runs `thaw run` and returns the process exit code.
 pub fn run(args: &RunArgs) -> Result<u8, String> {
     let kernel = crate::kernel::load(&args.kernel)?;
-    let config =
+    let mut config =
         VmConfig { memory_mib: args.memory, timeout: crate::kernel::timeout(&args.kernel)?, ..VmConfig::default() };
+    args.devices.apply_boot(&mut config);
     let stdout = std::io::stdout();
     let report = host_vmm::run_kernel(&kernel.image, &config, &mut stdout.lock()).map_err(|e| e.to_string())?;
     if args.timings {

@@ -96,7 +96,7 @@ fn setup_entropy(t: Transport) -> Option<VirtIORng<ThawHal, Transport>> {
 }
 
 /// The VMM's current device table (empty outside thaw's VMM or when it wrote none).
-fn table() -> DeviceTable {
+pub fn table() -> DeviceTable {
     if platform::current() != Platform::Thaw {
         return DeviceTable::default();
     }

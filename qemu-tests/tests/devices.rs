@@ -1,0 +1,156 @@
+//! Virtio devices under KVM, through the real `thaw` CLI: images taken with devices, restored
+//! with their backends detached, and each backend attached on the first use that needs it (or
+//! at restore with `--eager-devices`).
+
+use std::path::Path;
+use std::process::Command;
+
+const THAW: &str = env!("CARGO_BIN_FILE_TOOLS_thaw");
+
+#[derive(Debug)]
+struct Run {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+}
+
+fn thaw(args: &[&str]) -> Run {
+    assert!(Path::new("/dev/kvm").exists(), "device tests run guests under KVM and need /dev/kvm");
+    let output = Command::new(THAW).args(args).output().expect("thaw must start");
+    Run {
+        code: output.status.code(),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}
+
+fn fixture(name: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/fixtures").join(name).to_str().unwrap().to_string()
+}
+
+/// Packs `source` (an example name, or a fixture path) and snapshots it with `devices`.
+fn image_with_devices(source: &str, devices: &str) -> (tempfile::TempDir, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = dir.path().join("f.thaw").to_str().unwrap().to_string();
+    let image = dir.path().join("f.snap").to_str().unwrap().to_string();
+    let pack = if source.ends_with(".wat") {
+        thaw(&["pack", source, "-o", &bundle])
+    } else {
+        thaw(&["pack", "--example", source, "-o", &bundle])
+    };
+    assert_eq!(pack.code, Some(0), "{pack:#?}");
+    let snapshot = thaw(&["snapshot", &bundle, "-o", &image, "--devices", devices]);
+    assert_eq!(snapshot.code, Some(0), "{snapshot:#?}");
+    (dir, image)
+}
+
+/// The `--stats json` line (the last line of stderr that starts with `{`).
+fn stats(run: &Run) -> &str {
+    run.stderr.lines().rev().find(|l| l.starts_with('{')).unwrap_or_else(|| panic!("no stats line: {run:#?}"))
+}
+
+/// The stats object of device `kind` 0 in a stats line.
+fn device<'a>(stats: &'a str, kind: &str) -> &'a str {
+    let start =
+        stats.find(&format!("{{\"kind\": \"{kind}\", \"index\": 0")).unwrap_or_else(|| panic!("{kind} in {stats}"));
+    let end = stats[start..].find('}').unwrap() + start + 1;
+    &stats[start..end]
+}
+
+/// The integer field `key` of a device's stats object.
+fn field(device: &str, key: &str) -> String {
+    let at = device.find(&format!("\"{key}\": ")).unwrap_or_else(|| panic!("{key} in {device}")) + key.len() + 4;
+    device[at..].split([',', '}']).next().unwrap().to_string()
+}
+
+#[test]
+fn hello_restored_with_devices_attaches_no_backend_and_takes_no_device_exit() {
+    let (_dir, image) = image_with_devices("hello", "console,entropy");
+    let run = thaw(&["invoke", &image, "--data", r#"{"name": "lazy"}"#, "--stats", "json"]);
+    assert_eq!(run.code, Some(0), "{run:#?}");
+    assert_eq!(run.stdout, "{\"greeting\":\"Hello, lazy!\"}\n");
+    let stats = stats(&run);
+    for kind in ["console", "entropy"] {
+        let d = device(stats, kind);
+        assert_eq!(field(d, "attached"), "false", "{d}");
+        assert_eq!(field(d, "exits"), "0", "{d}");
+        assert_eq!(field(d, "notifications"), "0", "{d}");
+    }
+    // Many restores: none of them touches a device.
+    let run = thaw(&["restore", &image, "--count", "20", "--data", "{}", "--stats", "json"]);
+    assert_eq!(run.code, Some(0), "{run:#?}");
+    assert!(run.stdout.contains("\"device_exits\": {\"p50\": 0, \"p90\": 0, \"p99\": 0, \"max\": 0}"), "{run:#?}");
+    assert!(run.stdout.contains("\"backends_attached\": {\"p50\": 0, \"p90\": 0, \"p99\": 0, \"max\": 0}"), "{run:#?}");
+}
+
+#[test]
+fn eager_devices_attach_every_backend_at_restore() {
+    let (_dir, image) = image_with_devices("hello", "console,entropy");
+    let run = thaw(&["invoke", &image, "--data", "{}", "--stats", "json", "--eager-devices"]);
+    assert_eq!(run.code, Some(0), "{run:#?}");
+    let stats = stats(&run);
+    for kind in ["console", "entropy"] {
+        let d = device(stats, kind);
+        assert_eq!(field(d, "attached"), "true", "{d}");
+        assert_eq!(field(d, "exits"), "0", "{d}");
+    }
+}
+
+#[test]
+fn a_logging_function_attaches_the_console_once_and_its_lines_arrive_in_order() {
+    let (dir, image) = image_with_devices(&fixture("log-lines.wat"), "console,entropy");
+    let log = dir.path().join("console.log");
+    let log_arg = log.to_str().unwrap();
+    let expected = "line 1\nline 2\nline 3\nline 4\nline 5\n";
+    for round in 1..=2 {
+        let run = thaw(&["invoke", &image, "--data", "", "--stats", "json", "--console", log_arg]);
+        assert_eq!(run.code, Some(0), "{run:#?}");
+        assert_eq!(run.stdout, "ok\n", "the response still comes through the mailbox");
+        assert!(!run.stderr.contains("line 1"), "stderr went to the console, not the response: {run:#?}");
+        let console = device(stats(&run), "console");
+        assert_eq!(field(console, "attached"), "true", "{console}");
+        assert_eq!(field(console, "notifications"), "5", "one per fd_write: {console}");
+        assert_eq!(field(device(stats(&run), "entropy"), "attached"), "false");
+        // The sink is appended to: each restored VM's lines follow the previous VM's, in order.
+        assert_eq!(std::fs::read_to_string(&log).unwrap(), expected.repeat(round));
+    }
+    // Without --console, the lines stay in the response's stderr and the console is untouched.
+    let run = thaw(&["invoke", &image, "--data", "", "--stats", "json"]);
+    assert_eq!(run.code, Some(0), "{run:#?}");
+    assert!(run.stderr.ends_with(expected), "{run:#?}");
+    assert_eq!(field(device(stats(&run), "console"), "attached"), "false");
+}
+
+#[test]
+fn random_get_draws_from_the_entropy_device_after_restore() {
+    let (_dir, image) = image_with_devices("random", "entropy");
+    let mut seen = Vec::new();
+    for _ in 0..2 {
+        let run = thaw(&["invoke", &image, "--data", "", "--stats", "json"]);
+        assert_eq!(run.code, Some(0), "{run:#?}");
+        let entropy = device(stats(&run), "entropy");
+        assert_eq!(field(entropy, "attached"), "true", "{entropy}");
+        assert!(field(entropy, "notifications").parse::<u64>().unwrap() >= 1, "{entropy}");
+        let random = run.stdout.split("\"random\": \"").nth(1).unwrap().split('"').next().unwrap().to_string();
+        assert_eq!(random.len(), 32, "{run:#?}");
+        seen.push(random);
+    }
+    assert_ne!(seen[0], seen[1], "two restored VMs drew the same bytes");
+}
+
+#[test]
+fn device_options_that_cannot_work_are_refused_with_one_line() {
+    let (_dir, image) = image_with_devices("hello", "entropy");
+    let run = thaw(&["invoke", &image, "--data", "{}", "--console", "-"]);
+    assert_eq!(run.code, Some(125), "{run:#?}");
+    assert_eq!(
+        run.stderr,
+        "thaw: error: --console: the image has no console device (take the snapshot with --devices console)\n"
+    );
+    let run = thaw(&["invoke", &image, "--data", "{}", "--devices", "console"]);
+    assert_eq!(run.code, Some(125), "{run:#?}");
+    assert!(run.stderr.contains("a restored VM has the devices its image was taken with"), "{run:#?}");
+    let run = thaw(&["run", "--devices", "floppy"]);
+    assert_eq!(run.code, Some(2), "{run:#?}");
+    assert!(run.stderr.contains("unknown device \"floppy\""), "{run:#?}");
+}
