@@ -1,26 +1,30 @@
-//! The function bundle (`.thaw`): what `thaw pack` writes and the guest receives as its ramdisk.
+//! The function bundle (`.thaw`): what `thaw pack` writes. The guest receives it as its ramdisk,
+//! without the data volume, which it reads through the block device instead.
 //!
 //! ```text
 //!   offset  size  field
 //!   0       8     magic "THAWFUNC"
-//!   8       4     format version (FORMAT_VERSION; independent of the crate version)
+//!   8       4     format version: 1, or 2 when the bundle has a data volume
 //!   12      4     header length (64)
 //!   16      4     manifest length
 //!   20      4     reserved, zero
 //!   24      8     wasm length
-//!   32      8     total length = 64 + manifest length + wasm length
+//!   32      8     total length = 64 + manifest length + wasm length + volume length
 //!   40      4     CRC-32 (IEEE) of header bytes 0..40 followed by the manifest
-//!   44      20    reserved, zero
-//!   64      ...   manifest (below), then the wasm module
+//!   44      8     volume length (version 2; zero in version 1)
+//!   52      12    reserved, zero
+//!   64      ...   manifest (below), the wasm module, then the data volume (`crate::volume`)
 //! ```
 //!
 //! The manifest is a sequence of little-endian fields; a string is a u16 length and UTF-8 bytes:
 //! name (string), wasm SHA-256 (32 bytes), memory MiB (u32), fuel (u64, 0 = unlimited),
-//! args (u16 count, strings), env (u16 count, `KEY=VALUE` strings).
+//! args (u16 count, strings), env (u16 count, `KEY=VALUE` strings), and, exactly when the bundle
+//! has a volume, the volume's SHA-256 (32 bytes).
 //!
 //! Every length is checked against the bytes present and against the caps below before use, and
-//! every failure names the field and value. The CRC covers metadata only; the wasm bytes are
-//! covered by the SHA-256 in the manifest, which the host checks before it boots a bundle.
+//! every failure names the field and value. The CRC covers metadata only; the wasm and volume
+//! bytes are covered by the SHA-256s in the manifest, which the host checks before it boots a
+//! bundle. A bundle may be handed over without its volume (the bytes stop after the wasm).
 
 use alloc::string::String;
 use alloc::vec::Vec;
@@ -30,8 +34,10 @@ use crate::le::{put_string, u32_at, u64_at};
 
 /// The bundle magic.
 pub const MAGIC: [u8; 8] = *b"THAWFUNC";
-/// The only bundle format version this code reads and writes.
+/// The bundle format version this code writes for a bundle without a data volume.
 pub const FORMAT_VERSION: u32 = 1;
+/// The version it writes for a bundle with one (and the newest it reads).
+pub const FORMAT_VERSION_WITH_VOLUME: u32 = 2;
 /// Header size.
 pub const HEADER_LEN: usize = 64;
 /// Largest manifest.
@@ -62,6 +68,8 @@ pub struct Manifest {
     pub args: Vec<String>,
     /// `KEY=VALUE` entries the function sees through `environ_get`.
     pub env: Vec<String>,
+    /// SHA-256 of the data volume, when the bundle has one.
+    pub volume_sha256: Option<[u8; 32]>,
 }
 
 /// A parsed bundle borrowing its wasm bytes.
@@ -71,6 +79,17 @@ pub struct Bundle<'a> {
     pub manifest: Manifest,
     /// The wasm module.
     pub wasm: &'a [u8],
+    /// The data volume's length (0 without one).
+    pub volume_len: u64,
+    /// The data volume, unless the bundle was handed over without it.
+    pub volume: Option<&'a [u8]>,
+}
+
+impl Bundle<'_> {
+    /// Bytes of the bundle without its data volume: what the guest receives as its ramdisk.
+    pub fn without_volume_len(&self, encoded_len: usize) -> usize {
+        encoded_len - self.volume.map_or(0, <[u8]>::len)
+    }
 }
 
 /// What is wrong with a bundle.
@@ -126,7 +145,7 @@ impl fmt::Display for BundleError {
             }
             Self::BadMagic(m) => write!(f, "bundle magic {m:02x?} is not \"THAWFUNC\": not a thaw function bundle"),
             Self::UnsupportedVersion(v) => {
-                write!(f, "bundle format version {v} is not supported (this thaw reads version {FORMAT_VERSION})")
+                write!(f, "bundle format version {v} is not supported (this thaw reads versions 1 and 2)")
             }
             Self::BadHeader { field, value, expected } => {
                 write!(f, "bundle header: {field} is {value}, expected {expected}")
@@ -264,6 +283,9 @@ impl Manifest {
                 put_string(&mut out, entry);
             }
         }
+        if let Some(sha) = &self.volume_sha256 {
+            out.extend_from_slice(sha);
+        }
         out
     }
 
@@ -277,38 +299,45 @@ impl Manifest {
         let fuel = Some(r.u64("fuel")?).filter(|&f| f != 0);
         let args = r.list("args")?;
         let env = r.list("env")?;
-        if !r.bytes.is_empty() {
-            return Err(BundleError::TrailingManifestBytes(r.bytes.len()));
-        }
-        let manifest = Self { name, wasm_sha256, memory_mib, fuel, args, env };
+        let volume_sha256 = match r.bytes.len() {
+            0 => None,
+            32 => Some(r.take(32, "volume sha256")?.try_into().unwrap_or([0; 32])),
+            n => return Err(BundleError::TrailingManifestBytes(n)),
+        };
+        let manifest = Self { name, wasm_sha256, memory_mib, fuel, args, env, volume_sha256 };
         manifest.validate()?;
         Ok(manifest)
     }
 }
 
-/// Encodes a bundle. The manifest must [`validate`](Manifest::validate) and the wasm must fit
-/// [`MAX_WASM_BYTES`]; the caller checks both (and the SHA-256) first.
-pub fn encode(manifest: &Manifest, wasm: &[u8]) -> Vec<u8> {
+/// Encodes a bundle. The manifest must [`validate`](Manifest::validate), the wasm must fit
+/// [`MAX_WASM_BYTES`], and `volume` (empty for none) must be a valid volume whose SHA-256 the
+/// manifest holds; the caller checks all of that first.
+pub fn encode(manifest: &Manifest, wasm: &[u8], volume: &[u8]) -> Vec<u8> {
     let manifest_bytes = manifest.encode();
-    let total = (HEADER_LEN + manifest_bytes.len() + wasm.len()) as u64;
+    let total = (HEADER_LEN + manifest_bytes.len() + wasm.len() + volume.len()) as u64;
+    let version = if volume.is_empty() { FORMAT_VERSION } else { FORMAT_VERSION_WITH_VOLUME };
     let mut header = [0u8; HEADER_LEN];
     header[0..8].copy_from_slice(&MAGIC);
-    header[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+    header[8..12].copy_from_slice(&version.to_le_bytes());
     header[12..16].copy_from_slice(&(HEADER_LEN as u32).to_le_bytes());
     header[16..20].copy_from_slice(&(manifest_bytes.len() as u32).to_le_bytes());
     header[24..32].copy_from_slice(&(wasm.len() as u64).to_le_bytes());
     header[32..40].copy_from_slice(&total.to_le_bytes());
     let crc = crc32(&[&header[..40], &manifest_bytes]);
     header[40..44].copy_from_slice(&crc.to_le_bytes());
+    header[44..52].copy_from_slice(&(volume.len() as u64).to_le_bytes());
     let mut out = Vec::with_capacity(total as usize);
     out.extend_from_slice(&header);
     out.extend_from_slice(&manifest_bytes);
     out.extend_from_slice(wasm);
+    out.extend_from_slice(volume);
     out
 }
 
-/// Parses and validates a bundle's framing and manifest. The wasm bytes are returned as they
-/// are: checking their hash and their validity as a module is the caller's job.
+/// Parses and validates a bundle's framing and manifest, with or without its volume's bytes. The
+/// wasm and volume bytes are returned as they are: checking their hashes and contents is the
+/// caller's job.
 pub fn parse(bytes: &[u8]) -> Result<Bundle<'_>, BundleError> {
     if bytes.len() < HEADER_LEN {
         return Err(BundleError::TooShort(bytes.len()));
@@ -319,7 +348,7 @@ pub fn parse(bytes: &[u8]) -> Result<Bundle<'_>, BundleError> {
         return Err(BundleError::BadMagic(magic));
     }
     let version = u32_at(bytes, 8);
-    if version != FORMAT_VERSION {
+    if version != FORMAT_VERSION && version != FORMAT_VERSION_WITH_VOLUME {
         return Err(BundleError::UnsupportedVersion(version));
     }
     let header_len = u32_at(bytes, 12);
@@ -338,18 +367,31 @@ pub fn parse(bytes: &[u8]) -> Result<Bundle<'_>, BundleError> {
     if wasm_len > MAX_WASM_BYTES as u64 {
         return Err(BundleError::BadHeader { field: "wasm length", value: wasm_len, expected: "at most 67108864" });
     }
+    let volume_len = u64_at(bytes, 44);
+    if version == FORMAT_VERSION && volume_len != 0 {
+        return Err(BundleError::BadHeader { field: "volume length", value: volume_len, expected: "0 in version 1" });
+    }
+    if version == FORMAT_VERSION_WITH_VOLUME && !(1..=crate::volume::MAX_VOLUME_BYTES).contains(&volume_len) {
+        return Err(BundleError::BadHeader {
+            field: "volume length",
+            value: volume_len,
+            expected: "1 to 1073741824 in version 2",
+        });
+    }
     let declared = u64_at(bytes, 32);
-    if declared != (HEADER_LEN + manifest_len) as u64 + wasm_len {
+    let without_volume = (HEADER_LEN + manifest_len) as u64 + wasm_len;
+    if declared != without_volume + volume_len {
         return Err(BundleError::BadHeader {
             field: "total length",
             value: declared,
-            expected: "64 + manifest length + wasm length",
+            expected: "64 + manifest length + wasm length + volume length",
         });
     }
-    if bytes.len() as u64 != declared {
-        return Err(BundleError::LengthMismatch { actual: bytes.len() as u64, declared });
+    let present = bytes.len() as u64;
+    if present != declared && (volume_len == 0 || present != without_volume) {
+        return Err(BundleError::LengthMismatch { actual: present, declared });
     }
-    if bytes[20..24] != [0; 4] || bytes[44..HEADER_LEN] != [0; 20] {
+    if bytes[20..24] != [0; 4] || bytes[52..HEADER_LEN] != [0; 12] {
         return Err(BundleError::BadHeader { field: "reserved bytes", value: 1, expected: "zero" });
     }
     let manifest_bytes = &bytes[HEADER_LEN..HEADER_LEN + manifest_len];
@@ -359,7 +401,15 @@ pub fn parse(bytes: &[u8]) -> Result<Bundle<'_>, BundleError> {
         return Err(BundleError::Checksum { stored, computed });
     }
     let manifest = Manifest::decode(manifest_bytes)?;
-    Ok(Bundle { manifest, wasm: &bytes[HEADER_LEN + manifest_len..] })
+    if manifest.volume_sha256.is_some() != (volume_len > 0) {
+        return Err(BundleError::BadField {
+            field: "volume sha256",
+            reason: alloc::format!("present exactly when the volume is, but the volume length is {volume_len}"),
+        });
+    }
+    let wasm_end = HEADER_LEN + manifest_len + wasm_len as usize;
+    let volume = (present == declared && volume_len > 0).then(|| &bytes[wasm_end..]);
+    Ok(Bundle { manifest, wasm: &bytes[HEADER_LEN + manifest_len..wasm_end], volume_len, volume })
 }
 
 #[cfg(test)]
@@ -376,22 +426,46 @@ mod tests {
             fuel: Some(1000),
             args: vec!["hello".into(), "--x".into()],
             env: vec!["GREETING=hi".into()],
+            volume_sha256: None,
         }
     }
 
     #[test]
     fn round_trips_and_the_header_is_golden() {
         let wasm = b"\0asm\x01\0\0\0";
-        let bytes = encode(&manifest(), wasm);
+        let bytes = encode(&manifest(), wasm, &[]);
         assert_eq!(&bytes[..16], b"THAWFUNC\x01\0\0\0\x40\0\0\0");
         assert_eq!(crc32(&[b"123456789"]), 0xcbf4_3926, "the standard CRC-32 check value");
         let parsed = parse(&bytes).unwrap();
-        assert_eq!(parsed, Bundle { manifest: manifest(), wasm });
+        assert_eq!(parsed, Bundle { manifest: manifest(), wasm, volume_len: 0, volume: None });
+    }
+
+    #[test]
+    fn a_volume_makes_version_2_and_may_be_left_out() {
+        let wasm = b"\0asm\x01\0\0\0";
+        let volume = crate::volume::build(&[("f".into(), b"x".to_vec())], &[]).unwrap();
+        let m = Manifest { volume_sha256: Some([9; 32]), ..manifest() };
+        let bytes = encode(&m, wasm, &volume);
+        assert_eq!(&bytes[..12], b"THAWFUNC\x02\0\0\0");
+        let parsed = parse(&bytes).unwrap();
+        assert_eq!(
+            (parsed.wasm, parsed.volume, parsed.volume_len),
+            (&wasm[..], Some(&volume[..]), volume.len() as u64)
+        );
+        let stripped = &bytes[..parsed.without_volume_len(bytes.len())];
+        let parsed = parse(stripped).unwrap();
+        assert_eq!((parsed.wasm, parsed.volume, parsed.manifest), (&wasm[..], None, m.clone()));
+        assert!(parse(&bytes[..bytes.len() - 1]).is_err(), "a partial volume is not a stripped one");
+        // The manifest's volume hash and the header's volume length must agree.
+        assert!(parse(&encode(&manifest(), wasm, &volume)).unwrap_err().to_string().contains("volume sha256"));
+        let mut v1_with_volume = bytes.clone();
+        v1_with_volume[8] = 1;
+        assert!(parse(&v1_with_volume).unwrap_err().to_string().contains("volume length"));
     }
 
     #[test]
     fn rejects_truncation_at_every_length() {
-        let bytes = encode(&manifest(), b"\0asm\x01\0\0\0");
+        let bytes = encode(&manifest(), b"\0asm\x01\0\0\0", &[]);
         for len in 0..bytes.len() {
             assert!(parse(&bytes[..len]).is_err(), "accepted {len} bytes");
         }
@@ -399,7 +473,7 @@ mod tests {
 
     #[test]
     fn rejects_hostile_headers_with_named_fields() {
-        let good = encode(&manifest(), b"\0asm\x01\0\0\0");
+        let good = encode(&manifest(), b"\0asm\x01\0\0\0", &[]);
         let err = |edit: &dyn Fn(&mut Vec<u8>)| {
             let mut b = good.clone();
             edit(&mut b);
@@ -411,7 +485,8 @@ mod tests {
         assert!(err(&|b| b[24] = 0xff).contains("total length"));
         assert!(err(&|b| b.push(0)).contains("but its header declares"));
         assert!(err(&|b| b[70] ^= 1).contains("checksum"));
-        assert!(err(&|b| b[45] = 1).contains("reserved bytes"));
+        assert!(err(&|b| b[45] = 1).contains("volume length"));
+        assert!(err(&|b| b[53] = 1).contains("reserved bytes"));
     }
 
     #[test]

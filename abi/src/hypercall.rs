@@ -43,7 +43,8 @@ pub mod number {
     /// Checkpoint, with fork-like semantics: the VMM may snapshot the VM here. When the `out`
     /// returns, the hypercall page's first u32 says which side of the fork this is
     /// ([`CHECKPOINT_ORIGINAL`](super::CHECKPOINT_ORIGINAL) or
-    /// [`CHECKPOINT_RESTORED`](super::CHECKPOINT_RESTORED)). The argument is 0.
+    /// [`CHECKPOINT_RESTORED`](super::CHECKPOINT_RESTORED)). The hypercall page holds an
+    /// [`IoTableLocation`](crate::iotable::IoTableLocation) of `len` bytes (or `len` is 0).
     pub const CHECKPOINT: u16 = 8;
     /// Invoke mailbox: fetch the next request (see [`crate::invoke`]); the hypercall page holds
     /// a `NextRequest` of `len` bytes, and the VMM answers with a `NextReply` in its place.
@@ -124,7 +125,10 @@ pub enum Hypercall {
         len: usize,
     },
     /// Checkpoint here (see [`number::CHECKPOINT`]).
-    Checkpoint,
+    Checkpoint {
+        /// Payload length: 0, or the I/O table location's.
+        len: usize,
+    },
 }
 
 /// Why a port access in the hypercall range is not a valid hypercall.
@@ -202,7 +206,7 @@ impl Hypercall {
             number::MILESTONE => {
                 Milestone::from_u32(arg).map(Self::Milestone).ok_or(DecodeError::UnknownMilestone(arg))
             }
-            number::CHECKPOINT => Ok(Self::Checkpoint),
+            number::CHECKPOINT => Ok(Self::Checkpoint { len: payload(arg)? }),
             number::INVOKE_NEXT => Ok(Self::InvokeNext { len: payload(arg)? }),
             number::INVOKE_RESPOND => Ok(Self::InvokeRespond { len: payload(arg)? }),
             other => Err(DecodeError::UnknownNumber(other)),
@@ -219,7 +223,7 @@ impl Hypercall {
             Self::Milestone(m) => (number::MILESTONE, m as u32),
             Self::InvokeNext { len } => (number::INVOKE_NEXT, len as u32),
             Self::InvokeRespond { len } => (number::INVOKE_RESPOND, len as u32),
-            Self::Checkpoint => (number::CHECKPOINT, 0),
+            Self::Checkpoint { len } => (number::CHECKPOINT, len as u32),
         };
         (PORT_BASE + number, arg)
     }
@@ -248,7 +252,7 @@ mod tests {
     fn decode_rejects_malformed_calls() {
         let out = |n: u16, arg: u32| Hypercall::decode(PORT_BASE + n, &arg.to_le_bytes());
         assert_eq!(out(number::LOG_WRITE, 4097), Err(DecodeError::PayloadTooLong { number: 0, len: 4097 }));
-        assert_eq!(out(number::CHECKPOINT, 0), Ok(Hypercall::Checkpoint));
+        assert_eq!(out(number::CHECKPOINT, 0), Ok(Hypercall::Checkpoint { len: 0 }));
         assert_eq!(out(7, 0), Err(DecodeError::UnknownNumber(7)));
         assert_eq!(out(31, 0), Err(DecodeError::UnknownNumber(31)));
         assert_eq!(out(number::MILESTONE, 9), Err(DecodeError::UnknownMilestone(9)));

@@ -3,7 +3,7 @@
 //! Everything both sides must agree on lives here and nowhere else: the interface version, the
 //! hypercall ports and their arguments, the hypervisor CPUID signature, the ELF note a kernel uses
 //! to declare the interface it speaks, the fault report a guest sends when it dies, the host
-//! parameters page and device table, the invoke mailbox, the function bundle format, the WASI surface functions
+//! parameters page and device table, the I/O reconnection table, the invoke mailbox, the function bundle format, the WASI surface functions
 //! may import, and the conventions used when the same kernel runs under QEMU instead.
 //!
 //! This crate holds plain data and its encoding, decoding and validation only. It must never
@@ -24,10 +24,12 @@ pub mod fault;
 pub mod hypercall;
 pub mod image;
 pub mod invoke;
+pub mod iotable;
 mod le;
 pub mod note;
 pub mod params;
 pub mod qemu;
+pub mod volume;
 pub mod wasi;
 
 /// Version of the guest/VMM interface defined by this crate.

@@ -25,6 +25,7 @@ pub mod devices;
 pub mod function;
 pub mod heap;
 pub mod hypercall;
+pub mod iotable;
 mod panic;
 pub mod platform;
 pub mod serial;

@@ -10,8 +10,9 @@ use std::time::{Duration, Instant};
 
 use abi::fault::{FAULT_REPORT_LEN, FaultReport};
 use abi::hypercall::{DecodeError, HYPERCALL_PAGE_GPA, Hypercall, Milestone, is_hypercall_port};
+use abi::iotable::IoTableLocation;
 use kvm_ioctls::VcpuExit;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use crate::mailbox::Mailbox;
 use crate::serial::Serial;
@@ -106,6 +107,12 @@ pub enum GuestError {
     /// A port access in the hypercall range that is not a valid hypercall.
     #[error("malformed hypercall: {0}")]
     Hypercall(DecodeError),
+    /// A checkpoint whose I/O table location is malformed or outside guest memory.
+    #[error("checkpoint: the I/O table location ({len}-byte payload) is malformed or outside guest memory")]
+    IoTableLocation {
+        /// The payload length.
+        len: usize,
+    },
     /// A fault report with the wrong length.
     #[error("malformed fault report: {0} bytes, expected {FAULT_REPORT_LEN}")]
     FaultReportLength(usize),
@@ -136,8 +143,9 @@ pub enum ExitAction {
     Continue,
     /// The run is over.
     Stop(Outcome),
-    /// The guest reached its checkpoint; the run loop decides (it needs the vCPU).
-    Checkpoint,
+    /// The guest reached its checkpoint, with its I/O table here (if it keeps one); the run
+    /// loop decides (it needs the vCPU).
+    Checkpoint(Option<IoTableLocation>),
 }
 
 /// Why an exit could not be handled.
@@ -276,7 +284,13 @@ impl<'a> ExitHandler<'a> {
                 }
                 Ok(ExitAction::Continue)
             }
-            Hypercall::Checkpoint => Ok(ExitAction::Checkpoint),
+            Hypercall::Checkpoint { len: 0 } => Ok(ExitAction::Checkpoint(None)),
+            Hypercall::Checkpoint { len } => {
+                let location = IoTableLocation::decode(&self.payload(len)?)
+                    .filter(|l| self.mem.check_range(GuestAddress(l.gpa), l.len as usize))
+                    .ok_or(GuestError::IoTableLocation { len })?;
+                Ok(ExitAction::Checkpoint((location.len > 0).then_some(location)))
+            }
             Hypercall::InvokeNext { len } => {
                 let reply = self.mailbox.next(self.mem, &self.payload(len)?)?;
                 self.mem.write_slice(&reply.encode(), GuestAddress(HYPERCALL_PAGE_GPA)).map_err(ExitError::Memory)?;
@@ -430,6 +444,30 @@ mod tests {
         );
         let e = guest_error(h.handle(VcpuExit::MmioRead(DEVICE_WINDOW_GPA + 0x1000, &mut data)));
         assert!(matches!(e, GuestError::UnknownMmio { .. }), "no device in the next window");
+    }
+
+    #[test]
+    fn checkpoint_reports_a_checked_io_table_location() {
+        let mem = memory();
+        let mut out = Vec::new();
+        let call = |len: usize| Hypercall::Checkpoint { len }.encode();
+        let (port, arg) = call(0);
+        assert!(matches!(
+            handle(&mem, &mut out, VcpuExit::IoOut(port, &arg.to_le_bytes())),
+            Ok(ExitAction::Checkpoint(None))
+        ));
+        let inside = IoTableLocation { gpa: 0x2000, len: 0x800 };
+        mem.write_slice(&inside.encode(), GuestAddress(HYPERCALL_PAGE_GPA)).unwrap();
+        let (port, arg) = call(IoTableLocation::LEN);
+        let action = handle(&mem, &mut out, VcpuExit::IoOut(port, &arg.to_le_bytes())).unwrap();
+        assert!(matches!(action, ExitAction::Checkpoint(Some(l)) if l == inside));
+        let outside = IoTableLocation { gpa: 0x3f00, len: 0x800 };
+        mem.write_slice(&outside.encode(), GuestAddress(HYPERCALL_PAGE_GPA)).unwrap();
+        let e = guest_error(handle(&mem, &mut out, VcpuExit::IoOut(port, &arg.to_le_bytes())));
+        assert!(matches!(e, GuestError::IoTableLocation { len: 16 }));
+        let (port, arg) = call(3);
+        let e = guest_error(handle(&mem, &mut out, VcpuExit::IoOut(port, &arg.to_le_bytes())));
+        assert!(matches!(e, GuestError::IoTableLocation { len: 3 }));
     }
 
     #[test]

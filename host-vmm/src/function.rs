@@ -46,6 +46,20 @@ pub enum FunctionError {
     /// The module has no usable entry point.
     #[error("{0}")]
     Entry(String),
+    /// The data volume does not match the manifest's hash.
+    #[error("bundle: data volume SHA-256 {actual} does not match the manifest's {expected} (corrupted)")]
+    VolumeSha256 {
+        /// From the manifest.
+        expected: String,
+        /// Of the bytes present.
+        actual: String,
+    },
+    /// The data volume is malformed.
+    #[error("bundle: data volume: {0}")]
+    Volume(#[from] abi::volume::VolumeError),
+    /// The data volume's bytes are missing.
+    #[error("bundle: the data volume's {0} bytes are missing")]
+    VolumeMissing(u64),
 }
 
 /// How the guest enters a module.
@@ -60,12 +74,14 @@ pub enum FunctionKind {
 /// A validated bundle.
 #[derive(Debug, Clone)]
 pub struct Function {
-    /// The bundle's bytes, handed to the guest as its ramdisk.
+    /// The bundle's bytes.
     pub bundle: Vec<u8>,
     /// Its manifest.
     pub manifest: Manifest,
     /// How the guest enters it.
     pub kind: FunctionKind,
+    /// Where its data volume is in `bundle` (offset, length), if it has one.
+    pub volume: Option<(u64, u64)>,
 }
 
 /// Lower-case hex of `bytes`.
@@ -156,14 +172,33 @@ impl Function {
             return Err(FunctionError::Sha256 { expected: hex(&parsed.manifest.wasm_sha256), actual: hex(&actual) });
         }
         let kind = validate_wasm(parsed.wasm)?;
+        let volume = match (parsed.manifest.volume_sha256, parsed.volume) {
+            (None, _) => None,
+            (Some(_), None) => return Err(FunctionError::VolumeMissing(parsed.volume_len)),
+            (Some(expected), Some(volume)) => {
+                let actual = sha256(volume);
+                if actual != expected {
+                    return Err(FunctionError::VolumeSha256 { expected: hex(&expected), actual: hex(&actual) });
+                }
+                abi::volume::parse(volume)?;
+                Some(((bundle.len() - volume.len()) as u64, volume.len() as u64))
+            }
+        };
         let manifest = parsed.manifest;
-        Ok(Self { bundle, manifest, kind })
+        Ok(Self { bundle, manifest, kind, volume })
+    }
+
+    /// What the guest receives as its ramdisk: the bundle without its data volume, which the
+    /// guest reads through the block device instead.
+    pub fn ramdisk(&self) -> &[u8] {
+        let end = self.volume.map_or(self.bundle.len() as u64, |(offset, _)| offset);
+        &self.bundle[..end as usize]
     }
 
     /// Guest memory for a VM running this function: its linear-memory allowance, the runtime
     /// overhead, and room for wasmi's compiled code (a generous 8x the module).
     pub fn vm_memory_mib(&self) -> u64 {
-        let code_mib = (self.bundle.len() as u64 * 8).div_ceil(1 << 20);
+        let code_mib = (self.ramdisk().len() as u64 * 8).div_ceil(1 << 20);
         u64::from(self.manifest.memory_mib) + RUNTIME_OVERHEAD_MIB + code_mib
     }
 }
@@ -230,10 +265,11 @@ mod tests {
             fuel: None,
             args: vec![],
             env: vec![],
+            volume_sha256: None,
         };
-        let e = Function::from_bundle(bundle::encode(&manifest, &wasm)).unwrap_err().to_string();
+        let e = Function::from_bundle(bundle::encode(&manifest, &wasm, &[])).unwrap_err().to_string();
         assert!(e.contains("does not match the manifest's"), "{e}");
         let good = Manifest { wasm_sha256: sha256(&wasm), ..manifest };
-        assert_eq!(Function::from_bundle(bundle::encode(&good, &wasm)).unwrap().kind, FunctionKind::Reactor);
+        assert_eq!(Function::from_bundle(bundle::encode(&good, &wasm, &[])).unwrap().kind, FunctionKind::Reactor);
     }
 }

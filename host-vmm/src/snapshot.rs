@@ -255,6 +255,43 @@ impl Image {
         Ok(Self { file, path: path.to_path_buf(), info, devices })
     }
 
+    /// Reads `len` bytes of the image's guest memory at `gpa` (holes read as zeros), after
+    /// checking the range lies inside one memory range of the image.
+    pub fn read_guest(&self, gpa: u64, len: u64) -> Result<Vec<u8>, SnapshotError> {
+        let range = self
+            .info
+            .memory
+            .iter()
+            .find(|r| gpa >= r.gpa && gpa.checked_add(len).is_some_and(|end| end <= r.gpa + r.len))
+            .ok_or_else(|| {
+                SnapshotError::Memory(format!("{len} bytes at {gpa:#x} are outside the image's guest memory"))
+            })?;
+        let mut bytes = vec![0; len as usize];
+        self.file
+            .read_exact_at(&mut bytes, range.file_offset + (gpa - range.gpa))
+            .map_err(|source| SnapshotError::Io { path: self.path.clone(), source })?;
+        Ok(bytes)
+    }
+
+    /// The guest's I/O reconnection table as it was at the checkpoint (empty when the guest
+    /// kept none), validated.
+    pub fn io_table(&self) -> Result<Vec<abi::iotable::Handle>, SnapshotError> {
+        let guest = &self.info.guest;
+        if guest.io_table_len == 0 {
+            return Ok(Vec::new());
+        }
+        if guest.io_table_len > abi::iotable::TABLE_LEN as u64 {
+            return Err(SnapshotError::Incompatible(format!(
+                "{}: the I/O table is {} bytes, more than {}",
+                self.path.display(),
+                guest.io_table_len,
+                abi::iotable::TABLE_LEN
+            )));
+        }
+        let bytes = self.read_guest(guest.io_table_gpa, guest.io_table_len)?;
+        abi::iotable::decode(&bytes).map_err(|e| SnapshotError::Incompatible(format!("{}: {e}", self.path.display())))
+    }
+
     /// Bytes of memory data actually stored (not holes), found without reading the data.
     pub fn stored_bytes(&self) -> Result<u64, SnapshotError> {
         Ok(self.data_extents()?.iter().map(|(start, end)| end - start).sum())

@@ -12,6 +12,7 @@ use abi::devices::{DEVICE_TABLE_GPA, DeviceKind};
 use abi::hypercall::Milestone;
 use abi::hypercall::{CHECKPOINT_ORIGINAL, CHECKPOINT_RESTORED, HYPERCALL_PAGE_GPA};
 use abi::image::GuestMetadata;
+use abi::iotable::IoTableLocation;
 use abi::params::{FLAG_CONSOLE_LOG, HOST_PARAMS_GPA, HostParams};
 use bootloader_api::config::Mapping;
 use bootloader_api::info::{MemoryRegion, MemoryRegionKind};
@@ -54,6 +55,9 @@ pub struct VmConfig {
     pub console_log: bool,
     /// Attach every device backend before the guest runs, instead of on first use.
     pub eager_devices: bool,
+    /// Where a restored VM's devices start in the device window, in register windows (0 puts
+    /// them where a booted VM has them; anything else moves them, which the guest must follow).
+    pub device_slot: u64,
 }
 
 impl Default for VmConfig {
@@ -68,6 +72,7 @@ impl Default for VmConfig {
             backends: Backends::default(),
             console_log: false,
             eager_devices: false,
+            device_slot: 0,
         }
     }
 }
@@ -260,6 +265,8 @@ pub struct Vm {
     mem: GuestMemoryMmap,
     mem_size: u64,
     devices: Devices,
+    /// Where the guest keeps its I/O reconnection table, as it said at its checkpoint.
+    io_table: Option<IoTableLocation>,
 }
 
 /// What the run loop does when the guest reaches its checkpoint.
@@ -364,7 +371,7 @@ impl Vm {
         cpu::setup_long_mode(&vcpu, &mem, tables.root(), kernel.entry, stack_pointer, BOOT_INFO_GPA)?;
         write_host_params(&mem, &vcpu, 0, config, &devices)?;
         timings.vcpu_setup = started.elapsed();
-        Ok(Self { vcpu, _vm: vm, mem, mem_size: plan.mem_size, devices })
+        Ok(Self { vcpu, _vm: vm, mem, mem_size: plan.mem_size, devices, io_table: None })
     }
 
     /// Creates a VM from a snapshot image: its memory mapped copy-on-write from the file, its
@@ -394,14 +401,16 @@ impl Vm {
         timings.vcpu_setup = started.elapsed();
         let started = Instant::now();
         snapshot::restore_vcpu(&vcpu, &image.info.vcpu)?;
-        let mut devices = Devices::restore(&image.devices, &config.backends, &mem)?;
+        let mut devices = Devices::restore(&image.devices, &config.backends, &mem, config.device_slot)?;
         if config.eager_devices {
             devices.attach_all()?;
         }
         write_host_params(&mem, &vcpu, instance_id, config, &devices)?;
         mem.write_obj(CHECKPOINT_RESTORED, GuestAddress(HYPERCALL_PAGE_GPA)).map_err(memory_error)?;
         timings.state_set = Some(started.elapsed());
-        Ok(Self { vcpu, _vm: vm, mem, mem_size, devices })
+        let io_table = (image.info.guest.io_table_len > 0)
+            .then_some(IoTableLocation { gpa: image.info.guest.io_table_gpa, len: image.info.guest.io_table_len });
+        Ok(Self { vcpu, _vm: vm, mem, mem_size, devices, io_table })
     }
 
     /// Guest memory private to this VM: the `Anonymous` pages of its guest-memory mapping
@@ -429,8 +438,11 @@ impl Vm {
     }
 
     /// Writes an image of this VM, which must have stopped at its checkpoint
-    /// ([`Outcome::Checkpointed`]), to `path`.
-    pub fn snapshot(&self, path: &Path, guest: GuestMetadata) -> Result<WriteStats, VmmError> {
+    /// ([`Outcome::Checkpointed`]), to `path`. The I/O table location in `guest` is replaced by
+    /// the one the guest gave at its checkpoint.
+    pub fn snapshot(&self, path: &Path, mut guest: GuestMetadata) -> Result<WriteStats, VmmError> {
+        let io_table = self.io_table.unwrap_or_default();
+        (guest.io_table_gpa, guest.io_table_len) = (io_table.gpa, io_table.len);
         let vcpu = snapshot::capture_vcpu(&self.vcpu)?;
         let vm = snapshot::device_records(&self.devices.states());
         Ok(snapshot::write_image(path, &self.mem, self.mem_size, vcpu, vm, guest)?)
@@ -460,11 +472,12 @@ impl Vm {
                     match handler.handle(exit) {
                         Ok(ExitAction::Continue) => {}
                         Ok(ExitAction::Stop(outcome)) => break outcome,
-                        Ok(ExitAction::Checkpoint) if checkpoint == CheckpointMode::Capture => {
+                        Ok(ExitAction::Checkpoint(io_table)) if checkpoint == CheckpointMode::Capture => {
+                            self.io_table = io_table;
                             complete_pending_io(&mut self.vcpu)?;
                             break Outcome::Checkpointed;
                         }
-                        Ok(ExitAction::Checkpoint) => {
+                        Ok(ExitAction::Checkpoint(_)) => {
                             self.mem
                                 .write_obj(CHECKPOINT_ORIGINAL, GuestAddress(HYPERCALL_PAGE_GPA))
                                 .map_err(memory_error)?;

@@ -4,7 +4,9 @@
 use std::path::Path;
 use std::process::Command;
 
-const THAW: &str = env!("CARGO_BIN_FILE_TOOLS_thaw");
+mod common;
+
+use common::{Run, run_thaw};
 
 /// The test kernels, built for x86_64-unknown-none by this crate's artifact dependency.
 fn kernel(name: &str) -> &'static str {
@@ -18,13 +20,6 @@ fn kernel(name: &str) -> &'static str {
         "test-bad-device" => env!("CARGO_BIN_FILE_GUEST_KERNEL_test-bad-device"),
         other => panic!("no test kernel {other}"),
     }
-}
-
-#[derive(Debug)]
-struct Run {
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
 }
 
 fn require_kvm() {
@@ -44,15 +39,7 @@ fn thaw(hypervisor: &str, kernel_name: &str, timeout: &str) -> Run {
         "run" => require_kvm(),
         _ => require_qemu(),
     }
-    let output = Command::new(THAW)
-        .args([hypervisor, "--kernel", kernel(kernel_name), "--timeout", timeout])
-        .output()
-        .expect("thaw must start");
-    Run {
-        code: output.status.code(),
-        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-    }
+    run_thaw(&[hypervisor, "--kernel", kernel(kernel_name), "--timeout", timeout])
 }
 
 /// Boots `kernel_name` under both hypervisors at once, checks they agree, and returns the KVM run.
@@ -135,12 +122,7 @@ fn a_guest_misusing_a_virtio_device_fails_only_its_vm_under_kvm() {
     let run = |devices: &[&str]| {
         let mut args = vec!["run", "--kernel", kernel("test-bad-device"), "--timeout", "10"];
         args.extend_from_slice(devices);
-        let output = Command::new(THAW).args(&args).output().expect("thaw must start");
-        Run {
-            code: output.status.code(),
-            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-        }
+        run_thaw(&args)
     };
     let hostile = run(&["--devices", "entropy,console"]);
     assert_eq!(hostile.code, Some(abi::exit_code::GUEST_FAILURE as i32), "{hostile:#?}");

@@ -3,25 +3,14 @@
 //! at restore with `--eager-devices`).
 
 use std::path::Path;
-use std::process::Command;
 
-const THAW: &str = env!("CARGO_BIN_FILE_TOOLS_thaw");
+mod common;
 
-#[derive(Debug)]
-struct Run {
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
-}
+use common::{Run, run_thaw};
 
 fn thaw(args: &[&str]) -> Run {
     assert!(Path::new("/dev/kvm").exists(), "device tests run guests under KVM and need /dev/kvm");
-    let output = Command::new(THAW).args(args).output().expect("thaw must start");
-    Run {
-        code: output.status.code(),
-        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-    }
+    run_thaw(args)
 }
 
 fn fixture(name: &str) -> String {
@@ -30,6 +19,11 @@ fn fixture(name: &str) -> String {
 
 /// Packs `source` (an example name, or a fixture path) and snapshots it with `devices`.
 fn image_with_devices(source: &str, devices: &str) -> (tempfile::TempDir, String) {
+    image_with(source, &["--devices", devices])
+}
+
+/// Packs `source` and snapshots it with `snapshot_args`.
+fn image_with(source: &str, snapshot_args: &[&str]) -> (tempfile::TempDir, String) {
     let dir = tempfile::tempdir().unwrap();
     let bundle = dir.path().join("f.thaw").to_str().unwrap().to_string();
     let image = dir.path().join("f.snap").to_str().unwrap().to_string();
@@ -39,7 +33,9 @@ fn image_with_devices(source: &str, devices: &str) -> (tempfile::TempDir, String
         thaw(&["pack", "--example", source, "-o", &bundle])
     };
     assert_eq!(pack.code, Some(0), "{pack:#?}");
-    let snapshot = thaw(&["snapshot", &bundle, "-o", &image, "--devices", devices]);
+    let mut args = vec!["snapshot", &bundle, "-o", &image];
+    args.extend_from_slice(snapshot_args);
+    let snapshot = thaw(&args);
     assert_eq!(snapshot.code, Some(0), "{snapshot:#?}");
     (dir, image)
 }
@@ -153,4 +149,65 @@ fn device_options_that_cannot_work_are_refused_with_one_line() {
     let run = thaw(&["run", "--devices", "floppy"]);
     assert_eq!(run.code, Some(2), "{run:#?}");
     assert!(run.stderr.contains("unknown device \"floppy\""), "{run:#?}");
+}
+
+#[test]
+fn the_io_table_records_the_console_stream_and_it_reconnects_after_restore() {
+    let dir = tempfile::tempdir().unwrap();
+    let boot_log = dir.path().join("boot.log");
+    let (_image_dir, image) =
+        image_with(&fixture("log-lines.wat"), &["--devices", "console", "--console", boot_log.to_str().unwrap()]);
+    // The guest's own log went to the console during the snapshot's boot.
+    let boot = std::fs::read_to_string(&boot_log).unwrap();
+    assert!(boot.contains("thaw-guest: ready (cpl 3)"), "{boot}");
+    let inspect = thaw(&["inspect", &image]);
+    assert_eq!(inspect.code, Some(0), "{inspect:#?}");
+    assert!(inspect.stdout.contains("1 handle(s)\n              fd 2   console-stream  active"), "{inspect:#?}");
+    assert!(inspect.stdout.contains("devices     console 0: status 0xf"), "{inspect:#?}");
+    let json = thaw(&["inspect", &image, "--json"]);
+    assert!(
+        json.stdout.contains("\"handles\": [{\"fd\": 2, \"kind\": \"console-stream\", \"state\": \"active\""),
+        "{json:#?}"
+    );
+
+    // Restored: the stream is pending until the first write, which reconnects it.
+    let log = dir.path().join("console.log");
+    let run = thaw(&["invoke", &image, "--data", "", "--console", log.to_str().unwrap()]);
+    assert_eq!(run.code, Some(0), "{run:#?}");
+    assert_eq!(std::fs::read_to_string(&log).unwrap(), "line 1\nline 2\nline 3\nline 4\nline 5\n");
+    // Restored without --console: the stream is closed and stderr is back in the response.
+    let run = thaw(&["invoke", &image, "--data", ""]);
+    assert_eq!((run.code, run.stderr.as_str()), (Some(0), "line 1\nline 2\nline 3\nline 4\nline 5\n"));
+}
+
+#[test]
+fn devices_the_vmm_moved_are_found_again_by_name() {
+    let (dir, image) = image_with_devices(&fixture("log-lines.wat"), "console,entropy");
+    let log = dir.path().join("moved.log");
+    let run = thaw(&[
+        "invoke",
+        &image,
+        "--data",
+        "",
+        "--stats",
+        "json",
+        "--console",
+        log.to_str().unwrap(),
+        "--move-devices",
+        "9",
+    ]);
+    assert_eq!(run.code, Some(0), "{run:#?}");
+    assert_eq!(std::fs::read_to_string(&log).unwrap(), "line 1\nline 2\nline 3\nline 4\nline 5\n");
+    let console = device(stats(&run), "console");
+    let (exits, notifications): (u64, u64) =
+        (field(console, "exits").parse().unwrap(), field(console, "notifications").parse().unwrap());
+    assert!(exits > notifications, "the guest set the moved console up again: {console}");
+
+    let (_dir, image) = image_with_devices("random", "entropy");
+    let run = thaw(&["invoke", &image, "--data", "", "--stats", "json", "--move-devices", "3"]);
+    assert_eq!(run.code, Some(0), "{run:#?}");
+    assert_eq!(field(device(stats(&run), "entropy"), "attached"), "true", "{run:#?}");
+    let run = thaw(&["invoke", &image, "--data", "", "--move-devices", "600"]);
+    assert_eq!(run.code, Some(125), "{run:#?}");
+    assert!(run.stderr.starts_with("thaw: error: virtio devices: 1 devices from slot 600"), "{run:#?}");
 }

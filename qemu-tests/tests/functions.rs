@@ -6,17 +6,12 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-const THAW: &str = env!("CARGO_BIN_FILE_TOOLS_thaw");
+mod common;
+
+use common::{Run, run_thaw};
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/fixtures").join(name)
-}
-
-#[derive(Debug)]
-struct Run {
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
 }
 
 fn thaw(args: &[&str]) -> Run {
@@ -28,12 +23,7 @@ fn thaw(args: &[&str]) -> Run {
         ),
         _ => {}
     }
-    let output = Command::new(THAW).args(args).output().expect("thaw must start");
-    Run {
-        code: output.status.code(),
-        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-    }
+    run_thaw(args)
 }
 
 /// Packs `source` (a file, or `--example NAME`) into a bundle in a fresh directory and returns

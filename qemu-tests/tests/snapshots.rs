@@ -2,26 +2,15 @@
 //! the image serves requests from fresh VMs restored copy-on-write from it, under KVM.
 
 use std::path::Path;
-use std::process::Command;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-const THAW: &str = env!("CARGO_BIN_FILE_TOOLS_thaw");
+mod common;
 
-#[derive(Debug)]
-struct Run {
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
-}
+use common::{Run, run_thaw};
 
 fn thaw(args: &[&str]) -> Run {
     assert!(Path::new("/dev/kvm").exists(), "snapshot and restore run guests under KVM and need /dev/kvm");
-    let output = Command::new(THAW).args(args).output().expect("thaw must start");
-    Run {
-        code: output.status.code(),
-        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-    }
+    run_thaw(args)
 }
 
 /// Packs an example and snapshots it; returns (directory guard, bundle path, image path).
@@ -156,7 +145,9 @@ fn inspect_shows_the_function_memory_and_sections() {
     assert_eq!(run.code, Some(0), "{run:#?}");
     assert!(run.stdout.contains("checksum    0x"), "{run:#?}");
     assert!(run.stdout.contains("function    hello (wasm sha256 "), "{run:#?}");
-    assert!(run.stdout.contains("io table    none"), "{run:#?}");
+    let table = format!("io table    {} bytes at guest address 0x", abi::iotable::TABLE_LEN);
+    assert!(run.stdout.contains(&table) && run.stdout.contains(", 0 handle(s)"), "{run:#?}");
+    assert!(run.stdout.contains("devices     none"), "{run:#?}");
     for section in ["vcpu-state", "vm-state", "guest-metadata", "memory-map", "working-set"] {
         assert!(run.stdout.contains(section), "{section} missing: {run:#?}");
     }

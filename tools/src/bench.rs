@@ -103,7 +103,7 @@ pub fn run(args: &BenchArgs) -> Result<u8, String> {
     let config = VmConfig {
         memory_mib: args.memory.unwrap_or(function.as_ref().map_or(64, |f| f.vm_memory_mib())),
         timeout: crate::kernel::timeout(&args.kernel)?,
-        ramdisk: function.as_ref().map(|f| f.bundle.clone()),
+        ramdisk: function.as_ref().map(|f| f.ramdisk().to_vec()),
         requests: request.into_iter().collect(),
         ..VmConfig::default()
     };

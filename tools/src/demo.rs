@@ -75,7 +75,7 @@ pub fn run(args: &DemoArgs) -> Result<u8, String> {
         let config = VmConfig {
             memory_mib: function.vm_memory_mib(),
             timeout: Duration::from_secs(60),
-            ramdisk: Some(function.bundle.clone()),
+            ramdisk: Some(function.ramdisk().to_vec()),
             requests: vec![request(name).to_vec()],
             measure_memory: true,
             ..VmConfig::default()

@@ -23,6 +23,10 @@ pub struct DeviceArgs {
     /// measure what lazy attachment saves).
     #[arg(long)]
     eager_devices: bool,
+    /// Place a restored VM's devices this many register windows further into the device
+    /// window than the original VM had them (tests that guests follow moved devices).
+    #[arg(long, value_name = "SLOTS", default_value_t = 0, hide = true)]
+    move_devices: u64,
 }
 
 fn parse_kind(name: &str) -> Result<DeviceKind, String> {
@@ -35,12 +39,16 @@ fn parse_kind(name: &str) -> Result<DeviceKind, String> {
 
 impl DeviceArgs {
     /// Sets up `config` for a cold boot.
-    pub fn apply_boot(&self, config: &mut VmConfig) {
+    pub fn apply_boot(&self, config: &mut VmConfig) -> Result<(), String> {
+        if self.move_devices != 0 {
+            return Err("--move-devices applies to restores".into());
+        }
         config.devices = self.devices.clone();
         if self.console.is_some() && !config.devices.contains(&DeviceKind::Console) {
             config.devices.push(DeviceKind::Console);
         }
         self.apply_backends(config);
+        Ok(())
     }
 
     /// Sets up `config` for a restore from an image holding `devices`.
@@ -53,6 +61,7 @@ impl DeviceArgs {
         if self.console.is_some() && !devices.iter().any(|d| d.kind == DeviceKind::Console as u16) {
             return Err("--console: the image has no console device (take the snapshot with --devices console)".into());
         }
+        config.device_slot = self.move_devices;
         self.apply_backends(config);
         Ok(())
     }

@@ -67,7 +67,37 @@ pub fn run(args: &InspectArgs) -> Result<u8, String> {
         .and_then(|r| kvm_regs::read_from_bytes(&r.bytes).ok())
         .map_or(0, |regs| regs.rip);
     let page = abi::image::PAGE_SIZE;
+    let handles = image.io_table().map_err(|e| e.to_string())?;
+    let kind_name = |kind: u16| abi::devices::DeviceKind::from_id(kind).map_or("unknown", |k| k.name());
     if args.json {
+        let devices: Vec<String> = image
+            .devices
+            .iter()
+            .map(|d| {
+                format!(
+                    "{{\"kind\": \"{}\", \"index\": {}, \"status\": {}, \"driver_features\": {}, \"ready_queues\": {}}}",
+                    kind_name(d.kind),
+                    d.index,
+                    d.status,
+                    d.driver_features,
+                    d.queues.iter().filter(|q| q.ready).count()
+                )
+            })
+            .collect();
+        let handles_json: Vec<String> = handles
+            .iter()
+            .map(|h| {
+                format!(
+                    "{{\"fd\": {}, \"kind\": \"{}\", \"state\": \"{}\", \"offset\": {}, \"port\": {}, \"path\": {}}}",
+                    h.fd,
+                    h.kind.name(),
+                    h.state.name(),
+                    h.offset,
+                    h.port,
+                    json_string(&h.path)
+                )
+            })
+            .collect();
         let sections: Vec<String> = info
             .sections
             .iter()
@@ -82,7 +112,7 @@ pub fn run(args: &InspectArgs) -> Result<u8, String> {
             .collect();
         let records: Vec<String> = info.vcpu.iter().map(|r| json_string(record_name(r.kind))).collect();
         println!(
-            "{{\"path\": {}, \"format_version\": {}, \"architecture\": \"x86-64\", \"file_bytes\": {file_len}, \"checksum\": \"{:#010x}\", \"checksum_ok\": true, \"sections\": [{}], \"function\": {{\"name\": {}, \"wasm_sha256\": \"{}\", \"runtime_version\": {}}}, \"io_table\": {{\"gpa\": {}, \"length\": {}}}, \"memory\": {{\"guest_bytes\": {guest}, \"pages\": {}, \"nonzero_pages\": {}, \"ranges\": [{}]}}, \"vcpu\": {{\"rip\": {rip}, \"records\": [{}]}}}}",
+            "{{\"path\": {}, \"format_version\": {}, \"architecture\": \"x86-64\", \"file_bytes\": {file_len}, \"checksum\": \"{:#010x}\", \"checksum_ok\": true, \"sections\": [{}], \"function\": {{\"name\": {}, \"wasm_sha256\": \"{}\", \"runtime_version\": {}}}, \"io_table\": {{\"gpa\": {}, \"length\": {}, \"handles\": [{}]}}, \"devices\": [{}], \"memory\": {{\"guest_bytes\": {guest}, \"pages\": {}, \"nonzero_pages\": {}, \"ranges\": [{}]}}, \"vcpu\": {{\"rip\": {rip}, \"records\": [{}]}}}}",
             json_string(&args.image.display().to_string()),
             abi::image::FORMAT_VERSION,
             info.checksum,
@@ -92,6 +122,8 @@ pub fn run(args: &InspectArgs) -> Result<u8, String> {
             json_string(&info.guest.runtime_version),
             info.guest.io_table_gpa,
             info.guest.io_table_len,
+            handles_json.join(", "),
+            devices.join(", "),
             guest / page,
             stored / page,
             ranges.join(", "),
@@ -106,7 +138,34 @@ pub fn run(args: &InspectArgs) -> Result<u8, String> {
     println!("  runtime     {}", info.guest.runtime_version);
     match info.guest.io_table_len {
         0 => println!("  io table    none"),
-        len => println!("  io table    {len} bytes at guest address {:#x}", info.guest.io_table_gpa),
+        len => println!(
+            "  io table    {len} bytes at guest address {:#x}, {} handle(s)",
+            info.guest.io_table_gpa,
+            handles.len()
+        ),
+    }
+    for h in &handles {
+        let target = match h.kind {
+            abi::iotable::HandleKind::ConsoleStream => "the console".to_string(),
+            abi::iotable::HandleKind::DataFile => format!("/data/{} at offset {}", h.path, h.offset),
+            abi::iotable::HandleKind::VsockStream => format!("host port {}", h.port),
+        };
+        println!("              fd {:<3} {:<15} {:<18} {target}", h.fd, h.kind.name(), h.state.name());
+    }
+    if image.devices.is_empty() {
+        println!("  devices     none");
+    }
+    for (i, d) in image.devices.iter().enumerate() {
+        println!(
+            "  {:<11} {} {}: status {:#x}, features {:#x}, {} of {} queues ready",
+            if i == 0 { "devices" } else { "" },
+            kind_name(d.kind),
+            d.index,
+            d.status,
+            d.driver_features,
+            d.queues.iter().filter(|q| q.ready).count(),
+            d.queues.len()
+        );
     }
     println!(
         "  memory      {} MiB of guest memory: {} pages, {} non-zero ({} KiB)",

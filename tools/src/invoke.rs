@@ -80,7 +80,7 @@ impl OptionalFunctionArgs {
 }
 
 /// Largest bundle file thaw reads.
-const MAX_BUNDLE_FILE: u64 = 80 << 20;
+const MAX_BUNDLE_FILE: u64 = (80 << 20) + abi::volume::MAX_VOLUME_BYTES;
 
 /// Runs `thaw invoke` and returns the process exit code.
 pub fn run(args: &InvokeArgs) -> Result<u8, String> {
@@ -94,11 +94,11 @@ pub fn run(args: &InvokeArgs) -> Result<u8, String> {
     let mut config = VmConfig {
         memory_mib: function.vm_memory_mib(),
         timeout,
-        ramdisk: Some(function.bundle.clone()),
+        ramdisk: Some(function.ramdisk().to_vec()),
         requests: vec![request],
         ..VmConfig::default()
     };
-    args.devices.apply_boot(&mut config);
+    args.devices.apply_boot(&mut config)?;
     let mut kernel_log = Vec::new();
     let report = if args.verbose {
         host_vmm::run_kernel(&kernel, &config, &mut std::io::stderr().lock())

@@ -31,6 +31,10 @@ pub struct PackArgs {
     /// Instruction budget per invocation (wasmi fuel) [default: no limit].
     #[arg(long, value_name = "N")]
     fuel: Option<u64>,
+    /// A directory to ship with the function as a read-only data volume, which the function
+    /// sees as /data (regular files and directories only; at most 1 GiB).
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
     /// Where to write the bundle.
     #[arg(short, long, value_name = "FUNCTION.thaw")]
     output: PathBuf,
@@ -57,9 +61,47 @@ pub fn example_bundle(name: &str, memory_mib: u32) -> Result<Vec<u8>, String> {
         fuel: None,
         args: vec![name.into()],
         env: Vec::new(),
+        volume_sha256: None,
     };
     manifest.validate().map_err(|e| format!("example {name}: {e}"))?;
-    Ok(bundle::encode(&manifest, wasm))
+    Ok(bundle::encode(&manifest, wasm, &[]))
+}
+
+/// Builds a data volume from the tree at `dir`: regular files and directories, with UTF-8 names.
+pub fn volume_from_dir(dir: &Path) -> Result<Vec<u8>, String> {
+    let mut files = Vec::new();
+    let mut dirs = Vec::new();
+    let mut total = 0u64;
+    let mut pending = vec![(dir.to_path_buf(), String::new())];
+    while let Some((path, relative)) = pending.pop() {
+        let fail = |e: std::io::Error| format!("--data-dir {}: {e}", path.display());
+        for entry in std::fs::read_dir(&path).map_err(fail)? {
+            let entry = entry.map_err(fail)?;
+            let name = entry
+                .file_name()
+                .into_string()
+                .map_err(|n| format!("--data-dir: {} has a name that is not UTF-8: {n:?}", path.display()))?;
+            let inner = if relative.is_empty() { name } else { format!("{relative}/{name}") };
+            let kind = entry.file_type().map_err(fail)?;
+            if kind.is_dir() {
+                dirs.push(inner.clone());
+                pending.push((entry.path(), inner));
+            } else if kind.is_file() {
+                let bytes = read_limited(&entry.path(), abi::volume::MAX_VOLUME_BYTES, "data file")?;
+                total += bytes.len() as u64;
+                if total > abi::volume::MAX_VOLUME_BYTES {
+                    return Err(format!("--data-dir {}: more than 1 GiB of files", dir.display()));
+                }
+                files.push((inner, bytes));
+            } else {
+                return Err(format!(
+                    "--data-dir: {} is neither a regular file nor a directory (symlinks and devices are not packed)",
+                    entry.path().display()
+                ));
+            }
+        }
+    }
+    abi::volume::build(&files, &dirs).map_err(|e| format!("--data-dir {}: {e}", dir.display()))
 }
 
 /// Reads a file of at most `limit` bytes, naming it in every error.
@@ -126,16 +168,20 @@ pub fn run(args: &PackArgs) -> Result<u8, String> {
         memory_mib: args.memory,
         fuel: args.fuel,
         env: args.env.clone(),
+        volume_sha256: None,
     };
     manifest.validate().map_err(|e| format!("{input}: {e}"))?;
-    let bytes = bundle::encode(&manifest, &wasm);
+    let volume = args.data_dir.as_deref().map(volume_from_dir).transpose()?.unwrap_or_default();
+    let manifest = Manifest { volume_sha256: (!volume.is_empty()).then(|| function::sha256(&volume)), ..manifest };
+    let bytes = bundle::encode(&manifest, &wasm, &volume);
     write_atomically(&args.output, &bytes)?;
     let kind = match kind {
         FunctionKind::Reactor => "reactor",
         FunctionKind::Command => "command",
     };
+    let data = if volume.is_empty() { String::new() } else { format!(", a {}-byte data volume", volume.len()) };
     eprintln!(
-        "thaw: packed {} ({kind}, {} bytes of wasm, {} MiB memory) into {}",
+        "thaw: packed {} ({kind}, {} bytes of wasm, {} MiB memory{data}) into {}",
         manifest.name,
         wasm.len(),
         manifest.memory_mib,

@@ -27,7 +27,7 @@ pub fn run(args: &RunArgs) -> Result<u8, String> {
     let kernel = crate::kernel::load(&args.kernel)?;
     let mut config =
         VmConfig { memory_mib: args.memory, timeout: crate::kernel::timeout(&args.kernel)?, ..VmConfig::default() };
-    args.devices.apply_boot(&mut config);
+    args.devices.apply_boot(&mut config)?;
     let stdout = std::io::stdout();
     let report = host_vmm::run_kernel(&kernel.image, &config, &mut stdout.lock()).map_err(|e| e.to_string())?;
     if args.timings {

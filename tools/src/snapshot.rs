@@ -30,7 +30,7 @@ pub fn run(args: &SnapshotArgs) -> Result<u8, String> {
     let function = crate::invoke::load_function(&args.function)?;
     let timeout = crate::kernel::parse_timeout(args.timeout)?;
     let mut config = VmConfig::default();
-    args.devices.apply_boot(&mut config);
+    args.devices.apply_boot(&mut config)?;
     let status = snapshot_function(&function, &args.output, timeout, config)
         .map_err(|e| format!("{}: {e}", args.function.display()))?;
     eprintln!("thaw: {status}");
@@ -50,7 +50,7 @@ pub fn snapshot_function(
     let config = VmConfig {
         memory_mib: function.vm_memory_mib(),
         timeout,
-        ramdisk: Some(function.bundle.clone()),
+        ramdisk: Some(function.ramdisk().to_vec()),
         requests: Vec::new(),
         ..devices
     };

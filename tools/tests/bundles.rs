@@ -109,8 +109,9 @@ fn invoke_refuses_wasm_bytes_that_do_not_match_or_are_not_wasm() {
         fuel: None,
         args: vec![],
         env: vec![],
+        volume_sha256: None,
     };
-    let line = invoke(&s.file("junk.thaw", &abi::bundle::encode(&manifest, junk)));
+    let line = invoke(&s.file("junk.thaw", &abi::bundle::encode(&manifest, junk, &[])));
     assert!(line.contains("not a valid WebAssembly module"), "{line}");
 }
 

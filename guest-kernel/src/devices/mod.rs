@@ -16,6 +16,7 @@ use alloc::vec::Vec;
 use core::sync::atomic::{AtomicBool, Ordering};
 
 use abi::devices::{DEVICE_TABLE_GPA, DeviceKind, DeviceTable, REGISTER_WINDOW_LEN};
+use abi::iotable::HandleKind;
 use abi::params::{FLAG_CONSOLE_LOG, HostParams};
 use spin::Mutex;
 use virtio_drivers::device::console::VirtIOConsole;
@@ -120,22 +121,44 @@ pub fn init(params: Option<&HostParams>) {
 }
 
 /// Takes the restored VM's device table and flags: devices the VMM moved are set up again on
-/// first use.
+/// first use, and every open handle reconnects on its next use.
 pub fn restored(params: &HostParams) {
+    crate::iotable::restored();
     let table = table();
     CONSOLE.lock().locate(&table);
     ENTROPY.lock().locate(&table);
     apply_flags(Some(params));
 }
 
+/// The function's stderr, when it goes to the console.
+pub const STDERR_FD: u32 = 2;
+
 fn apply_flags(params: Option<&HostParams>) {
     let wanted = params.is_some_and(|p| p.flags & FLAG_CONSOLE_LOG != 0);
-    CONSOLE_LOG.store(wanted && CONSOLE.lock().gpa != 0, Ordering::Relaxed);
+    let on = wanted && CONSOLE.lock().gpa != 0;
+    CONSOLE_LOG.store(on, Ordering::Relaxed);
+    match (on, crate::iotable::state(STDERR_FD)) {
+        (true, None) => {
+            crate::iotable::open(STDERR_FD, HandleKind::ConsoleStream, 0, 0, "");
+        }
+        (false, Some(_)) => crate::iotable::close(STDERR_FD),
+        _ => {}
+    }
 }
 
 /// True when the log and the function's stderr go to the console.
 pub fn console_log() -> bool {
     CONSOLE_LOG.load(Ordering::Relaxed)
+}
+
+/// Writes the function's stderr to the console, reconnecting the stream first after a restore
+/// (setting the console up again if the VMM moved it); false if that or the write failed.
+pub fn stderr_write(bytes: &[u8]) -> bool {
+    let reconnected = crate::iotable::reconnect(STDERR_FD, |_| {
+        let mut console = CONSOLE.try_lock().ok_or(())?;
+        console.driver(setup_console).map(|_| ()).ok_or(())
+    });
+    reconnected.is_ok() && console_write(bytes)
 }
 
 /// Writes `bytes` to the console; false if there is none or it failed.

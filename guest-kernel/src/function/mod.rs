@@ -98,9 +98,10 @@ impl Transport {
         match self {
             Self::Serial => Ok(None),
             Self::Mailbox => {
-                hypercall::call(Hypercall::Checkpoint);
-                // SAFETY: the VMM wrote the result into the hypercall page before the `out`
-                // returned (the original VM) or before the restored VM first ran.
+                let io_table = crate::iotable::location().encode();
+                hypercall::with_payload(&io_table, |len| Hypercall::Checkpoint { len });
+                // SAFETY: the VMM wrote the result into the hypercall page (over the payload)
+                // before the `out` returned (the original VM) or before the restored VM first ran.
                 let page = unsafe { core::slice::from_raw_parts(platform::hypercall_page(), 4) };
                 match u32::from_le_bytes([page[0], page[1], page[2], page[3]]) {
                     CHECKPOINT_ORIGINAL => Ok(None),

@@ -161,7 +161,7 @@ fn console_write(mem: &mut [u8], iovs: i32, count: i32, nwritten: i32) -> i32 {
     code((|| {
         let mut total = 0u32;
         for (ptr, len) in iovecs(mem, iovs, count)? {
-            if !crate::devices::console_write(slice(mem, ptr as i32, len)?) {
+            if !crate::devices::stderr_write(slice(mem, ptr as i32, len)?) {
                 return Some(errno::IO);
             }
             total = total.wrapping_add(len);

@@ -11,6 +11,7 @@
 //! A snapshot keeps each device's transport state ([`abi::devices::DeviceState`]), never its
 //! backend; [`Devices::restore`] checks that state against the device and guest memory.
 
+pub mod block;
 pub mod console;
 pub mod entropy;
 pub mod mmio;
@@ -110,19 +111,42 @@ pub enum ConsoleSink {
     Buffer(Arc<Mutex<Vec<u8>>>),
 }
 
+/// The file a data volume is read from.
+#[derive(Debug, Clone)]
+pub enum VolumeFile {
+    /// A file opened on attach (a bundle).
+    Path(PathBuf),
+    /// A file already open (an image, or a template's memfd), duplicated on attach.
+    Open(Arc<std::fs::File>),
+}
+
+/// Where the data volume's bytes are: a region of a file.
+#[derive(Debug, Clone)]
+pub struct VolumeSource {
+    /// The file.
+    pub file: VolumeFile,
+    /// Where the volume starts in it.
+    pub offset: u64,
+    /// The volume's length (a multiple of 512).
+    pub len: u64,
+}
+
 /// The host resources devices attach to. Nothing here is opened until a device needs it.
 #[derive(Debug, Clone, Default)]
 pub struct Backends {
     /// The console's sink.
     pub console: ConsoleSink,
+    /// The block device's volume.
+    pub volume: Option<VolumeSource>,
 }
 
 fn model(kind: DeviceKind, backends: &Backends) -> Result<Box<dyn DeviceModel>, DeviceError> {
     match kind {
         DeviceKind::Console => Ok(Box::new(console::Console::new(backends.console.clone()))),
         DeviceKind::Entropy => Ok(Box::new(entropy::Entropy::default())),
-        DeviceKind::Block | DeviceKind::Vsock => {
-            Err(DeviceError::Config(format!("the {kind} device is not built yet (console and entropy are)")))
+        DeviceKind::Block => Ok(Box::new(block::Block::new(backends.volume.clone()))),
+        DeviceKind::Vsock => {
+            Err(DeviceError::Config(format!("the {kind} device is not built yet (console, entropy and block are)")))
         }
     }
 }
@@ -165,16 +189,22 @@ impl Devices {
             let index = named.iter().filter(|(k, _)| *k == kind).count() as u16;
             named.push((kind, index));
         }
-        Self::place(&named, backends)
+        Self::place(&named, backends, 0)
     }
 
-    fn place(named: &[(DeviceKind, u16)], backends: &Backends) -> Result<Self, DeviceError> {
-        if named.len() > MAX_DEVICES {
-            return Err(DeviceError::Config(format!("{} devices requested, at most {MAX_DEVICES}", named.len())));
+    /// Places the devices one register window apart, starting `first_slot` windows into the
+    /// device window.
+    fn place(named: &[(DeviceKind, u16)], backends: &Backends, first_slot: u64) -> Result<Self, DeviceError> {
+        let slots_in_window = DEVICE_WINDOW_LEN / REGISTER_WINDOW_LEN;
+        if named.len() > MAX_DEVICES || first_slot + named.len() as u64 > slots_in_window {
+            return Err(DeviceError::Config(format!(
+                "{} devices from slot {first_slot}: at most {MAX_DEVICES}, inside the {slots_in_window}-slot device window",
+                named.len()
+            )));
         }
         let mut slots = Vec::new();
         for (i, &(kind, index)) in named.iter().enumerate() {
-            let gpa = DEVICE_WINDOW_GPA + i as u64 * REGISTER_WINDOW_LEN;
+            let gpa = DEVICE_WINDOW_GPA + (first_slot + i as u64) * REGISTER_WINDOW_LEN;
             let stats = DeviceStats { kind, index, attached_after: None, exits: 0, notifications: 0 };
             slots.push(Slot { gpa, device: MmioDevice::new(model(kind, backends)?, index), stats });
         }
@@ -182,15 +212,22 @@ impl Devices {
     }
 
     /// Recreates the devices a snapshot saved, with `backends` (not attached), after checking
-    /// each saved state against its device and `mem`.
-    pub fn restore(states: &[DeviceState], backends: &Backends, mem: &GuestMemoryMmap) -> Result<Self, DeviceError> {
+    /// each saved state against its device and `mem`. They are placed one register window
+    /// apart from `first_slot` on (0: where the original VM had them); the guest finds them by
+    /// name wherever they are.
+    pub fn restore(
+        states: &[DeviceState],
+        backends: &Backends,
+        mem: &GuestMemoryMmap,
+        first_slot: u64,
+    ) -> Result<Self, DeviceError> {
         let mut named = Vec::new();
         for state in states {
             let kind =
                 DeviceKind::from_id(state.kind).ok_or(DeviceError::State("saved device kind", state.kind.into()))?;
             named.push((kind, state.index));
         }
-        let mut devices = Self::place(&named, backends)?;
+        let mut devices = Self::place(&named, backends, first_slot)?;
         for (slot, state) in devices.slots.iter_mut().zip(states) {
             slot.device.restore(state, mem)?;
         }
@@ -308,6 +345,11 @@ mod tests {
     fn restore_refuses_unknown_kinds() {
         let mem = memory();
         let state = DeviceState { kind: 99, ..DeviceState::default() };
-        assert!(Devices::restore(&[state], &Backends::default(), &mem).is_err());
+        assert!(Devices::restore(&[state], &Backends::default(), &mem, 0).is_err());
+        let entropy =
+            DeviceState { kind: DeviceKind::Entropy as u16, queues: vec![Default::default()], ..Default::default() };
+        let moved = Devices::restore(std::slice::from_ref(&entropy), &Backends::default(), &mem, 7).unwrap();
+        assert_eq!(moved.table().entries[0].gpa, DEVICE_WINDOW_GPA + 7 * REGISTER_WINDOW_LEN);
+        assert!(Devices::restore(&[entropy], &Backends::default(), &mem, 512).is_err());
     }
 }

@@ -139,14 +139,26 @@ impl Chain {
     }
 
     /// Writes `bytes` into the writable buffers in order; returns how many fit.
-    pub fn write_all(&self, mem: &GuestMemoryMmap, mut bytes: &[u8]) -> Result<u32, QueueError> {
+    pub fn write_all(&self, mem: &GuestMemoryMmap, bytes: &[u8]) -> Result<u32, QueueError> {
+        self.write_at(mem, 0, bytes)
+    }
+
+    /// Writes `bytes` into the writable buffers, starting `offset` bytes into them; returns how
+    /// many fit.
+    pub fn write_at(&self, mem: &GuestMemoryMmap, mut offset: u64, mut bytes: &[u8]) -> Result<u32, QueueError> {
         let mut written = 0u32;
         for d in self.descriptors.iter().filter(|d| d.writable) {
             if bytes.is_empty() {
                 break;
             }
-            let n = (d.len as usize).min(bytes.len());
-            mem.write_slice(&bytes[..n], GuestAddress(d.addr)).map_err(|_| QueueError::Memory(d.addr))?;
+            if offset >= u64::from(d.len) {
+                offset -= u64::from(d.len);
+                continue;
+            }
+            let n = (d.len as usize - offset as usize).min(bytes.len());
+            let at = d.addr + offset;
+            mem.write_slice(&bytes[..n], GuestAddress(at)).map_err(|_| QueueError::Memory(at))?;
+            offset = 0;
             bytes = &bytes[n..];
             written += n as u32;
         }
