@@ -1,5 +1,5 @@
-//! The snapshot image (`.snap`), format version 1: a checkpointed VM that any node can map and
-//! restore.
+//! The snapshot image (`.snap`), format version 2: a checkpointed VM that any node can map and
+//! restore, with the function's data volume if it has one.
 //!
 //! ```text
 //!   offset  size  field
@@ -17,6 +17,7 @@
 //!   128     32*n  section table: kind u32, reserved u32, offset u64, length u64, reserved u64
 //!   ...           sections, 8-byte aligned, in table order, none overlapping
 //!   ...           memory data, page-aligned, after all metadata; zero pages are holes
+//!   ...           the data volume, if any: page-aligned, after the memory data
 //! ```
 //!
 //! Nothing in an image is a host pointer: sections are located by file offsets and memory by
@@ -29,7 +30,9 @@
 //! - VM state: TLV records for VM-wide state ([`vm_record`]): the virtio devices' transport state;
 //! - guest metadata ([`GuestMetadata`]), including the interface version the guest speaks;
 //! - memory map: [`MemoryRange`] entries;
-//! - working set: reserved for REAP-style prefetch, empty in version 1.
+//! - working set: reserved for REAP-style prefetch, empty in version 2;
+//! - volume (optional): where the data volume (`crate::volume`) lies in the file, which the
+//!   restored VM's block device reads lazily.
 
 use alloc::string::String;
 use alloc::vec::Vec;
@@ -42,7 +45,7 @@ use crate::bundle::crc32;
 /// The image magic.
 pub const MAGIC: [u8; 8] = *b"THAWSNAP";
 /// The only image format version this code reads and writes.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 /// Architecture field for x86-64 (its ELF machine number).
 pub const ARCH_X86_64: u32 = 62;
 /// Header size.
@@ -72,14 +75,16 @@ pub enum SectionKind {
     GuestMetadata = 3,
     /// [`MemoryRange`] entries.
     MemoryMap = 4,
-    /// Reserved for the recorded working set (REAP); empty in version 1.
+    /// Reserved for the recorded working set (REAP); empty in version 2.
     WorkingSet = 5,
+    /// The data volume's place in the file: file offset u64, length u64 (optional).
+    Volume = 6,
 }
 
 impl SectionKind {
     /// Every kind, in the order a writer lays them out.
-    pub const ALL: [SectionKind; 5] =
-        [Self::VcpuState, Self::VmState, Self::GuestMetadata, Self::MemoryMap, Self::WorkingSet];
+    pub const ALL: [SectionKind; 6] =
+        [Self::VcpuState, Self::VmState, Self::GuestMetadata, Self::MemoryMap, Self::WorkingSet, Self::Volume];
 
     fn from_u32(value: u32) -> Option<Self> {
         Self::ALL.into_iter().find(|k| *k as u32 == value)
@@ -93,6 +98,7 @@ impl SectionKind {
             Self::GuestMetadata => "guest-metadata",
             Self::MemoryMap => "memory-map",
             Self::WorkingSet => "working-set",
+            Self::Volume => "volume",
         }
     }
 }
@@ -270,6 +276,8 @@ pub struct ImageInfo {
     pub sections: Vec<(SectionKind, u64, u64)>,
     /// The metadata CRC-32, verified.
     pub checksum: u32,
+    /// Where the data volume is in the file (offset, length), if the image has one.
+    pub volume: Option<(u64, u64)>,
 }
 
 impl ImageInfo {
@@ -376,20 +384,36 @@ pub struct ImageWriter {
     pub guest: GuestMetadata,
     /// Guest ranges to store, with `file_offset` relative to the start of the memory data.
     pub memory: Vec<MemoryRange>,
+    /// The data volume's length (0 for none); its bytes follow the memory data.
+    pub volume_len: u64,
+}
+
+/// Where [`ImageWriter::encode`] put things.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Layout {
+    /// Where memory data starts (page-aligned).
+    pub data_start: u64,
+    /// Where the data volume starts (page-aligned; the file's end when there is none).
+    pub volume_start: u64,
+    /// The file's total length.
+    pub file_len: u64,
 }
 
 impl ImageWriter {
-    /// Encodes the metadata. Returns the metadata bytes and the file offset where the memory
-    /// data must start (page-aligned); the memory map inside already points there. The total
-    /// file length is that offset plus `memory_data_len`.
-    pub fn encode(&self, memory_data_len: u64) -> (Vec<u8>, u64) {
-        let sections: [(SectionKind, Vec<u8>); 5] = [
+    /// Encodes the metadata. Returns the metadata bytes and the [`Layout`]: where the memory
+    /// data (`memory_data_len` bytes) and the volume must be written; the memory map and the
+    /// volume section inside already point there.
+    pub fn encode(&self, memory_data_len: u64) -> (Vec<u8>, Layout) {
+        let mut sections: Vec<(SectionKind, Vec<u8>)> = alloc::vec![
             (SectionKind::VcpuState, encode_records(&self.vcpu)),
             (SectionKind::VmState, encode_records(&self.vm)),
             (SectionKind::GuestMetadata, self.guest.encode()),
             (SectionKind::MemoryMap, Vec::new()), // filled below, once offsets are known
             (SectionKind::WorkingSet, Vec::new()),
         ];
+        if self.volume_len > 0 {
+            sections.push((SectionKind::Volume, alloc::vec![0; 16])); // filled below
+        }
         let table_end = HEADER_LEN + SECTION_ENTRY_LEN * sections.len();
         let map_len = self.memory.len() * MEMORY_RANGE_LEN;
         let mut offsets = Vec::new();
@@ -401,12 +425,14 @@ impl ImageWriter {
         }
         let metadata_len = at as u64;
         let data_start = metadata_len.next_multiple_of(PAGE_SIZE);
+        let volume_start = (data_start + memory_data_len).next_multiple_of(PAGE_SIZE);
+        let file_len = if self.volume_len > 0 { volume_start + self.volume_len } else { data_start + memory_data_len };
         let mut out = alloc::vec![0u8; at];
         out[0..8].copy_from_slice(&MAGIC);
         out[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
         out[12..16].copy_from_slice(&ARCH_X86_64.to_le_bytes());
         out[20..24].copy_from_slice(&(HEADER_LEN as u32).to_le_bytes());
-        out[24..32].copy_from_slice(&(data_start + memory_data_len).to_le_bytes());
+        out[24..32].copy_from_slice(&file_len.to_le_bytes());
         out[32..36].copy_from_slice(&(sections.len() as u32).to_le_bytes());
         out[40..48].copy_from_slice(&metadata_len.to_le_bytes());
         for (i, ((kind, bytes), (offset, len))) in sections.iter().zip(&offsets).enumerate() {
@@ -421,13 +447,16 @@ impl ImageWriter {
                     out[e + 8..e + 16].copy_from_slice(&r.len.to_le_bytes());
                     out[e + 16..e + 24].copy_from_slice(&(data_start + r.file_offset).to_le_bytes());
                 }
+            } else if *kind == SectionKind::Volume {
+                out[*offset..offset + 8].copy_from_slice(&volume_start.to_le_bytes());
+                out[offset + 8..offset + 16].copy_from_slice(&self.volume_len.to_le_bytes());
             } else {
                 out[*offset..offset + len].copy_from_slice(bytes);
             }
         }
         let crc = crc32(&[&out]);
         out[48..52].copy_from_slice(&crc.to_le_bytes());
-        (out, data_start)
+        (out, Layout { data_start, volume_start, file_len })
     }
 }
 
@@ -453,7 +482,7 @@ pub fn parse(metadata: &[u8], file_len: u64) -> Result<ImageInfo, ImageError> {
         return Err(ImageError::WrongArchitecture(arch));
     }
     if u32_at(b, 16) != 0 {
-        return header("flags", u32_at(b, 16).into(), "0 (no flags are defined in version 1)");
+        return header("flags", u32_at(b, 16).into(), "0 (no flags are defined in version 2)");
     }
     if u32_at(b, 20) as usize != HEADER_LEN {
         return header("header length", u32_at(b, 20).into(), "128");
@@ -525,10 +554,42 @@ pub fn parse(metadata: &[u8], file_len: u64) -> Result<ImageInfo, ImageError> {
     let guest = GuestMetadata::decode(section(SectionKind::GuestMetadata)?)?;
     let memory = decode_memory_map(section(SectionKind::MemoryMap)?, metadata_len, file_len)?;
     if !section(SectionKind::WorkingSet)?.is_empty() {
-        return Err(ImageError::Content { section: "working-set", reason: "must be empty in version 1".into() });
+        return Err(ImageError::Content { section: "working-set", reason: "must be empty in version 2".into() });
     }
+    let volume = match section(SectionKind::Volume) {
+        Err(_) => None,
+        Ok(bytes) => Some(decode_volume(bytes, metadata_len, file_len, &memory)?),
+    };
     let sections = sections.iter().map(|&(kind, offset, len)| (kind, offset as u64, len as u64)).collect();
-    Ok(ImageInfo { vcpu, vm, guest, memory, metadata_len, sections, checksum: stored })
+    Ok(ImageInfo { vcpu, vm, guest, memory, metadata_len, sections, checksum: stored, volume })
+}
+
+/// Checks the volume section: a page-aligned region after the metadata, inside the file,
+/// overlapping no memory data, of whole sectors and at most the largest volume.
+fn decode_volume(
+    bytes: &[u8],
+    metadata_len: u64,
+    file_len: u64,
+    memory: &[MemoryRange],
+) -> Result<(u64, u64), ImageError> {
+    let bad = |reason: String| Err(ImageError::Content { section: "volume", reason });
+    if bytes.len() != 16 {
+        return bad(alloc::format!("{} bytes, expected 16 (offset and length)", bytes.len()));
+    }
+    let (offset, len) = (u64_at(bytes, 0), u64_at(bytes, 8));
+    if !offset.is_multiple_of(PAGE_SIZE) || offset < metadata_len {
+        return bad(alloc::format!("offset {offset:#x} is not page-aligned after the metadata"));
+    }
+    if len == 0 || !len.is_multiple_of(crate::volume::SECTOR) || len > crate::volume::MAX_VOLUME_BYTES {
+        return bad(alloc::format!("length {len} is not 1 to 1073741824 bytes of whole 512-byte sectors"));
+    }
+    if offset.checked_add(len).is_none_or(|end| end > file_len) {
+        return bad(alloc::format!("bytes {offset:#x}+{len:#x} extend past the {file_len}-byte file"));
+    }
+    if let Some(r) = memory.iter().find(|r| offset < r.file_offset + r.len && r.file_offset < offset + len) {
+        return bad(alloc::format!("bytes {offset:#x}+{len:#x} overlap the memory data of guest {:#x}", r.gpa));
+    }
+    Ok((offset, len))
 }
 
 fn decode_memory_map(bytes: &[u8], metadata_len: u64, file_len: u64) -> Result<Vec<MemoryRange>, ImageError> {
@@ -618,14 +679,43 @@ mod tests {
                 MemoryRange { gpa: 0, len: 2 * PAGE_SIZE, file_offset: 0 },
                 MemoryRange { gpa: 0x10_0000, len: PAGE_SIZE, file_offset: 2 * PAGE_SIZE },
             ],
+            volume_len: 0,
         }
     }
 
     /// A whole image file: metadata, then three pages of memory data.
     fn image() -> Vec<u8> {
-        let (mut bytes, data_start) = writer().encode(3 * PAGE_SIZE);
-        bytes.resize((data_start + 3 * PAGE_SIZE) as usize, 0xab);
+        let (mut bytes, layout) = writer().encode(3 * PAGE_SIZE);
+        bytes.resize(layout.file_len as usize, 0xab);
         bytes
+    }
+
+    #[test]
+    fn a_volume_follows_the_memory_data_and_is_checked() {
+        let w = ImageWriter { volume_len: 1024, ..writer() };
+        let (mut bytes, layout) = w.encode(3 * PAGE_SIZE);
+        assert_eq!(layout.volume_start, layout.data_start + 3 * PAGE_SIZE);
+        assert_eq!(layout.file_len, layout.volume_start + 1024);
+        bytes.resize(layout.file_len as usize, 0xcd);
+        let info = parse_file(&bytes).unwrap();
+        assert_eq!(info.volume, Some((layout.volume_start, 1024)));
+        assert_eq!(parse_file(&image()).unwrap().volume, None);
+        let section = info.sections.iter().find(|s| s.0 == SectionKind::Volume).unwrap().1 as usize;
+        let cases: [(u64, u64, &str); 5] = [
+            (layout.volume_start + 1, 1024, "page-aligned"),
+            (layout.data_start, 1024, "overlap the memory data"),
+            (layout.volume_start, 1000, "whole 512-byte sectors"),
+            (layout.volume_start, 0, "whole 512-byte sectors"),
+            (layout.volume_start + PAGE_SIZE, 1024, "extend past"),
+        ];
+        for (offset, len, expected) in cases {
+            let mut bad = bytes.clone();
+            bad[section..section + 8].copy_from_slice(&offset.to_le_bytes());
+            bad[section + 8..section + 16].copy_from_slice(&len.to_le_bytes());
+            reseal(&mut bad);
+            let e = parse_file(&bad).unwrap_err().to_string();
+            assert!(e.contains(expected), "{offset:#x}+{len}: {e}");
+        }
     }
 
     fn parse_file(bytes: &[u8]) -> Result<ImageInfo, ImageError> {
@@ -635,7 +725,7 @@ mod tests {
     #[test]
     fn round_trips_and_the_header_is_golden() {
         let bytes = image();
-        assert_eq!(&bytes[..16], b"THAWSNAP\x01\0\0\0\x3e\0\0\0");
+        assert_eq!(&bytes[..16], b"THAWSNAP\x02\0\0\0\x3e\0\0\0");
         let info = parse_file(&bytes).unwrap();
         assert_eq!(info.vcpu, writer().vcpu);
         assert_eq!(info.guest, writer().guest);
@@ -669,7 +759,7 @@ mod tests {
         type Edit = fn(&mut Vec<u8>);
         let cases: &[(&str, Edit, &str)] = &[
             ("wrong magic", |b| b[0] = b'X', "is not \"THAWSNAP\""),
-            ("wrong version", |b| b[8] = 2, "format version 2 is not supported"),
+            ("wrong version", |b| b[8] = 1, "format version 1 is not supported"),
             ("wrong architecture", |b| b[12] = 183, "architecture 183 is not x86-64"),
             ("unknown flag", |b| b[16] = 1, "flags is 1"),
             ("flipped checksum byte", |b| b[49] ^= 0xff, "checksum"),

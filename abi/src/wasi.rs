@@ -93,8 +93,15 @@ pub const IMPLEMENTED: &[&str] = &[
     "clock_time_get",
     "fd_close",
     "fd_fdstat_get",
+    "fd_filestat_get",
     "fd_prestat_get",
+    "fd_prestat_dir_name",
     "fd_read",
+    "fd_readdir",
+    "fd_seek",
+    "fd_tell",
+    "path_filestat_get",
+    "path_open",
     "fd_write",
     "proc_exit",
     "random_get",
@@ -120,6 +127,24 @@ pub mod errno {
     pub const IO: u16 = 29;
     /// Function not supported.
     pub const NOSYS: u16 = 52;
+    /// Is a directory.
+    pub const ISDIR: u16 = 31;
+    /// Too many open files.
+    pub const MFILE: u16 = 33;
+    /// Filename too long.
+    pub const NAMETOOLONG: u16 = 37;
+    /// No such file or directory.
+    pub const NOENT: u16 = 44;
+    /// Not a directory.
+    pub const NOTDIR: u16 = 54;
+    /// Read-only file system.
+    pub const ROFS: u16 = 69;
+    /// Illegal seek.
+    pub const SPIPE: u16 = 70;
+    /// Capabilities insufficient.
+    pub const NOTCAPABLE: u16 = 76;
+    /// Connection refused.
+    pub const CONNREFUSED: u16 = 14;
 }
 
 #[cfg(test)]

@@ -57,6 +57,15 @@ pub fn close(fd: u32) {
     table.publish();
 }
 
+/// Records the read offset of `fd`'s handle.
+pub fn set_offset(fd: u32, offset: u64) {
+    let mut table = TABLE.lock();
+    if let Some(h) = table.entry(fd) {
+        h.offset = offset;
+    }
+    table.publish();
+}
+
 /// The state of `fd`'s open handle, if it has one.
 pub fn state(fd: u32) -> Option<HandleState> {
     TABLE.lock().entry(fd).map(|h| h.state)

@@ -11,6 +11,7 @@ use std::fs::File;
 use std::io::{Read, Write};
 use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use abi::devices::DeviceState;
 use abi::image::{self, GuestMetadata, ImageInfo, ImageWriter, MemoryRange, VcpuRecord, record, vm_record};
@@ -165,8 +166,8 @@ pub fn device_records(devices: &[DeviceState]) -> Vec<VcpuRecord> {
     vec![VcpuRecord { kind: vm_record::DEVICES, bytes: DeviceState::encode_all(devices) }]
 }
 
-/// Writes an image of `mem`, the captured vCPU state and the VM-state records to `path`,
-/// atomically and read-only.
+/// Writes an image of `mem`, the captured vCPU state, the VM-state records and the data volume
+/// (empty for none) to `path`, atomically and read-only.
 pub fn write_image(
     path: &Path,
     mem: &GuestMemoryMmap,
@@ -174,10 +175,18 @@ pub fn write_image(
     vcpu: Vec<VcpuRecord>,
     vm: Vec<VcpuRecord>,
     guest: GuestMetadata,
+    volume: &[u8],
 ) -> Result<WriteStats, SnapshotError> {
     let io = |source| SnapshotError::Io { path: path.to_path_buf(), source };
-    let writer = ImageWriter { vcpu, vm, guest, memory: vec![MemoryRange { gpa: 0, len: mem_size, file_offset: 0 }] };
-    let (metadata, data_start) = writer.encode(mem_size);
+    let writer = ImageWriter {
+        vcpu,
+        vm,
+        guest,
+        memory: vec![MemoryRange { gpa: 0, len: mem_size, file_offset: 0 }],
+        volume_len: volume.len() as u64,
+    };
+    let (metadata, layout) = writer.encode(mem_size);
+    let data_start = layout.data_start;
     let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let mut file = tempfile::NamedTempFile::new_in(dir).map_err(io)?;
     file.write_all(&metadata).map_err(io)?;
@@ -191,7 +200,10 @@ pub fn write_image(
             pages_written += 1;
         }
     }
-    let file_len = data_start + mem_size;
+    if !volume.is_empty() {
+        file.as_file().write_all_at(volume, layout.volume_start).map_err(io)?;
+    }
+    let file_len = layout.file_len;
     file.as_file().set_len(file_len).map_err(io)?;
     file.as_file().set_permissions(std::fs::Permissions::from_mode(0o444)).map_err(io)?;
     file.as_file().sync_all().map_err(io)?;
@@ -202,7 +214,7 @@ pub fn write_image(
 /// An opened, fully validated image.
 #[derive(Debug)]
 pub struct Image {
-    file: File,
+    file: Arc<File>,
     path: PathBuf,
     /// Its metadata.
     pub info: ImageInfo,
@@ -252,7 +264,7 @@ impl Image {
                 }
             }
         }
-        Ok(Self { file, path: path.to_path_buf(), info, devices })
+        Ok(Self { file: Arc::new(file), path: path.to_path_buf(), info, devices })
     }
 
     /// Reads `len` bytes of the image's guest memory at `gpa` (holes read as zeros), after
@@ -292,9 +304,19 @@ impl Image {
         abi::iotable::decode(&bytes).map_err(|e| SnapshotError::Incompatible(format!("{}: {e}", self.path.display())))
     }
 
+    /// Where a restored VM's block device reads the data volume from: this image's own file
+    /// (shared, duplicated when the device first reads).
+    pub fn volume_source(&self) -> Option<crate::virtio::VolumeSource> {
+        self.info.volume.map(|(offset, len)| crate::virtio::VolumeSource {
+            file: crate::virtio::VolumeFile::Open(self.file.clone()),
+            offset,
+            len,
+        })
+    }
+
     /// Bytes of memory data actually stored (not holes), found without reading the data.
     pub fn stored_bytes(&self) -> Result<u64, SnapshotError> {
-        Ok(self.data_extents()?.iter().map(|(start, end)| end - start).sum())
+        Ok(self.data_extents(false)?.iter().map(|(start, end)| end - start).sum())
     }
 
     /// The image's path (`memfd:…` for a template).
@@ -319,7 +341,7 @@ impl Image {
         memfd.set_len(file_len).map_err(io)?;
         // Copy the metadata, then only the stored (non-hole) memory data.
         let mut chunks = vec![(0, self.info.metadata_len)];
-        chunks.extend(self.data_extents()?);
+        chunks.extend(self.data_extents(true)?);
         let mut buf = vec![0u8; 1 << 20];
         for (start, end) in chunks {
             let mut at = start;
@@ -335,17 +357,20 @@ impl Image {
         if unsafe { libc::fcntl(fd, libc::F_ADD_SEALS, seals) } < 0 {
             return Err(io(std::io::Error::last_os_error()));
         }
-        Ok(Image { file: memfd, path, info: self.info.clone(), devices: self.devices.clone() })
+        Ok(Image { file: Arc::new(memfd), path, info: self.info.clone(), devices: self.devices.clone() })
     }
 
-    /// The (start, end) file ranges of memory data actually stored, via `SEEK_DATA`/`SEEK_HOLE`.
-    fn data_extents(&self) -> Result<Vec<(u64, u64)>, SnapshotError> {
+    /// The (start, end) file ranges of memory data (and, with `volume`, of the data volume)
+    /// actually stored, via `SEEK_DATA`/`SEEK_HOLE`.
+    fn data_extents(&self, volume: bool) -> Result<Vec<(u64, u64)>, SnapshotError> {
         use std::os::fd::AsRawFd;
         let fd = self.file.as_raw_fd();
         let mut extents = Vec::new();
-        for range in &self.info.memory {
-            let end = (range.file_offset + range.len) as i64;
-            let mut at = range.file_offset as i64;
+        let volume = self.info.volume.filter(|_| volume);
+        let regions = self.info.memory.iter().map(|r| (r.file_offset, r.len)).chain(volume);
+        for (start, len) in regions {
+            let end = (start + len) as i64;
+            let mut at = start as i64;
             while at < end {
                 // SAFETY: lseek on our own open descriptor; it only moves the file offset.
                 let data = unsafe { libc::lseek(fd, at, libc::SEEK_DATA) };

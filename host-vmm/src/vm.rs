@@ -438,14 +438,14 @@ impl Vm {
     }
 
     /// Writes an image of this VM, which must have stopped at its checkpoint
-    /// ([`Outcome::Checkpointed`]), to `path`. The I/O table location in `guest` is replaced by
-    /// the one the guest gave at its checkpoint.
-    pub fn snapshot(&self, path: &Path, mut guest: GuestMetadata) -> Result<WriteStats, VmmError> {
+    /// ([`Outcome::Checkpointed`]), to `path`, with its data `volume` (empty for none). The I/O
+    /// table location in `guest` is replaced by the one the guest gave at its checkpoint.
+    pub fn snapshot(&self, path: &Path, mut guest: GuestMetadata, volume: &[u8]) -> Result<WriteStats, VmmError> {
         let io_table = self.io_table.unwrap_or_default();
         (guest.io_table_gpa, guest.io_table_len) = (io_table.gpa, io_table.len);
         let vcpu = snapshot::capture_vcpu(&self.vcpu)?;
         let vm = snapshot::device_records(&self.devices.states());
-        Ok(snapshot::write_image(path, &self.mem, self.mem_size, vcpu, vm, guest)?)
+        Ok(snapshot::write_image(path, &self.mem, self.mem_size, vcpu, vm, guest, volume)?)
     }
 
     /// Runs the vCPU until the guest ends or `timeout` passes, writing its output to `output`

@@ -1,12 +1,12 @@
 //! Device options shared by the commands that boot or restore a VM, and the per-device part of
 //! `--stats json`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use abi::devices::{DeviceKind, DeviceState};
+use abi::devices::DeviceKind;
 use clap::Args;
-use host_vmm::VmConfig;
-use host_vmm::virtio::{ConsoleSink, DeviceStats};
+use host_vmm::virtio::{ConsoleSink, DeviceStats, VolumeFile, VolumeSource};
+use host_vmm::{Function, Image, VmConfig};
 
 /// `--devices`, `--console` and `--eager-devices`.
 #[derive(Args, Debug, Default)]
@@ -32,8 +32,20 @@ pub struct DeviceArgs {
 fn parse_kind(name: &str) -> Result<DeviceKind, String> {
     match DeviceKind::from_name(name) {
         Some(kind @ (DeviceKind::Console | DeviceKind::Entropy)) => Ok(kind),
-        Some(kind) => Err(format!("the {kind} device is not built yet (console and entropy are)")),
+        Some(DeviceKind::Block) => {
+            Err("a block device comes with a data volume: pack the function with --data-dir".into())
+        }
+        Some(kind) => Err(format!("the {kind} device is not built yet (console, entropy and block are)")),
         None => Err(format!("unknown device {name:?}; known devices: console, entropy")),
+    }
+}
+
+/// Gives a cold-booted VM for `function` (its bundle at `path`) a block device over the
+/// bundle's data volume, if it has one.
+pub fn add_volume(config: &mut VmConfig, function: &Function, path: &Path) {
+    if let Some((offset, len)) = function.volume {
+        config.devices.push(DeviceKind::Block);
+        config.backends.volume = Some(VolumeSource { file: VolumeFile::Path(path.to_path_buf()), offset, len });
     }
 }
 
@@ -51,8 +63,10 @@ impl DeviceArgs {
         Ok(())
     }
 
-    /// Sets up `config` for a restore from an image holding `devices`.
-    pub fn apply_restore(&self, config: &mut VmConfig, devices: &[DeviceState]) -> Result<(), String> {
+    /// Sets up `config` for a restore from `image`: its devices, and its data volume.
+    pub fn apply_restore(&self, config: &mut VmConfig, image: &Image) -> Result<(), String> {
+        let devices = &image.devices;
+        config.backends.volume = image.volume_source();
         if !self.devices.is_empty() {
             return Err(
                 "--devices applies to cold boots; a restored VM has the devices its image was taken with".into()

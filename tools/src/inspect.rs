@@ -152,6 +152,9 @@ pub fn run(args: &InspectArgs) -> Result<u8, String> {
         };
         println!("              fd {:<3} {:<15} {:<18} {target}", h.fd, h.kind.name(), h.state.name());
     }
+    if let Some((offset, len)) = info.volume {
+        println!("  volume      {len} bytes at file offset {offset:#x} (the data volume, read by the block device)");
+    }
     if image.devices.is_empty() {
         println!("  devices     none");
     }

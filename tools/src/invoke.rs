@@ -99,6 +99,7 @@ pub fn run(args: &InvokeArgs) -> Result<u8, String> {
         ..VmConfig::default()
     };
     args.devices.apply_boot(&mut config)?;
+    crate::devices::add_volume(&mut config, &function, &args.function);
     let mut kernel_log = Vec::new();
     let report = if args.verbose {
         host_vmm::run_kernel(&kernel, &config, &mut std::io::stderr().lock())
@@ -137,7 +138,7 @@ fn timeout(args: &InvokeArgs) -> Result<Duration, String> {
 fn invoke_image(args: &InvokeArgs, request: Vec<u8>) -> Result<u8, String> {
     let image = host_vmm::Image::open(&args.function).map_err(|e| e.to_string())?;
     let mut config = VmConfig { timeout: timeout(args)?, requests: vec![request], ..VmConfig::default() };
-    args.devices.apply_restore(&mut config, &image.devices)?;
+    args.devices.apply_restore(&mut config, &image)?;
     let mut kernel_log = Vec::new();
     let report = if args.verbose {
         host_vmm::run_image(&image, &config, &mut std::io::stderr().lock())

@@ -69,7 +69,7 @@ pub fn run(args: &RestoreArgs) -> Result<u8, String> {
     let image = if args.template { image.to_template().map_err(|e| e.to_string())? } else { image };
     let timeout = crate::kernel::parse_timeout(args.timeout)?;
     let mut config = VmConfig { timeout, requests: vec![request], measure_memory: true, ..VmConfig::default() };
-    args.devices.apply_restore(&mut config, &image.devices)?;
+    args.devices.apply_restore(&mut config, &image)?;
     let reports: Mutex<Vec<RunReport>> = Mutex::new(Vec::with_capacity(args.count));
     let held: Mutex<Vec<host_vmm::Vm>> = Mutex::new(Vec::new());
     let failure: Mutex<Option<String>> = Mutex::new(None);

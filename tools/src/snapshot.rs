@@ -31,6 +31,7 @@ pub fn run(args: &SnapshotArgs) -> Result<u8, String> {
     let timeout = crate::kernel::parse_timeout(args.timeout)?;
     let mut config = VmConfig::default();
     args.devices.apply_boot(&mut config)?;
+    crate::devices::add_volume(&mut config, &function, &args.function);
     let status = snapshot_function(&function, &args.output, timeout, config)
         .map_err(|e| format!("{}: {e}", args.function.display()))?;
     eprintln!("thaw: {status}");
@@ -76,7 +77,9 @@ pub fn snapshot_function(
         io_table_len: 0,
         runtime_version: concat!("thaw-guest ", env!("CARGO_PKG_VERSION")).into(),
     };
-    let stats = vm.snapshot(output, guest).map_err(|e| e.to_string())?;
+    let volume =
+        function.volume.map_or(&[][..], |(offset, len)| &function.bundle[offset as usize..(offset + len) as usize]);
+    let stats = vm.snapshot(output, guest, volume).map_err(|e| e.to_string())?;
     Ok(format!(
         "snapshot of {} after {} ms of boot and init: {} MiB of guest memory, {} non-zero pages ({} KiB) in {}",
         function.manifest.name,

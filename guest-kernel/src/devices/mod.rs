@@ -8,7 +8,9 @@
 //!
 //! - console: the kernel log and the function's stderr, when the VMM sets
 //!   `abi::params::FLAG_CONSOLE_LOG` (otherwise they go to the log hypercall and the response);
-//! - entropy: `random_get`, when the VM has the device.
+//! - entropy: `random_get`, when the VM has the device;
+//! - block: the function's data volume (`abi::volume`), whose directory is read at boot and
+//!   whose files are read on demand (`crate::function::fs` serves them as `/data`).
 
 mod hal;
 
@@ -18,7 +20,9 @@ use core::sync::atomic::{AtomicBool, Ordering};
 use abi::devices::{DEVICE_TABLE_GPA, DeviceKind, DeviceTable, REGISTER_WINDOW_LEN};
 use abi::iotable::HandleKind;
 use abi::params::{FLAG_CONSOLE_LOG, HostParams};
+use abi::volume::{self, Directory};
 use spin::Mutex;
+use virtio_drivers::device::blk::VirtIOBlk;
 use virtio_drivers::device::console::VirtIOConsole;
 use virtio_drivers::device::rng::VirtIORng;
 use virtio_drivers::transport::mmio::{MmioTransport, VirtIOHeader};
@@ -84,6 +88,9 @@ impl<D> Device<D> {
 }
 
 static CONSOLE: Mutex<Device<VirtIOConsole<ThawHal, Transport>>> = Mutex::new(Device::none(DeviceKind::Console));
+static BLOCK: Mutex<Device<VirtIOBlk<ThawHal, Transport>>> = Mutex::new(Device::none(DeviceKind::Block));
+/// The data volume's directory, read at boot.
+static VOLUME: Mutex<Option<Directory>> = Mutex::new(None);
 static ENTROPY: Mutex<Device<VirtIORng<ThawHal, Transport>>> = Mutex::new(Device::none(DeviceKind::Entropy));
 /// The VMM asked for the log and stderr on the console, and there is one.
 static CONSOLE_LOG: AtomicBool = AtomicBool::new(false);
@@ -94,6 +101,10 @@ fn setup_console(t: Transport) -> Option<VirtIOConsole<ThawHal, Transport>> {
 
 fn setup_entropy(t: Transport) -> Option<VirtIORng<ThawHal, Transport>> {
     VirtIORng::new(t).ok()
+}
+
+fn setup_block(t: Transport) -> Option<VirtIOBlk<ThawHal, Transport>> {
+    VirtIOBlk::new(t).ok()
 }
 
 /// The VMM's current device table (empty outside thaw's VMM or when it wrote none).
@@ -117,7 +128,62 @@ pub fn init(params: Option<&HostParams>) {
     if ENTROPY.lock().locate(&table) {
         let _ = ENTROPY.lock().driver(setup_entropy);
     }
+    if BLOCK.lock().locate(&table) {
+        match read_directory() {
+            Ok(directory) => *VOLUME.lock() = Some(directory),
+            Err(e) => crate::println!("thaw-guest: data volume: {e}"),
+        }
+    }
     apply_flags(params);
+}
+
+/// Reads and validates the data volume's header and directory.
+fn read_directory() -> Result<Directory, alloc::string::String> {
+    let mut header = [0u8; volume::HEADER_LEN];
+    if !volume_read(0, &mut header) {
+        return Err("the block device could not be read".into());
+    }
+    let parsed = volume::parse_header(&header).map_err(|e| alloc::format!("{e}"))?;
+    let mut dir = alloc::vec![0u8; parsed.directory_len as usize];
+    if !volume_read(volume::HEADER_LEN as u64, &mut dir) {
+        return Err("the block device could not be read".into());
+    }
+    volume::parse_directory(&parsed, &header, &dir).map_err(|e| alloc::format!("{e}"))
+}
+
+/// Runs `f` on the data volume's directory, if the VM has one.
+pub fn with_volume<R>(f: impl FnOnce(&Directory) -> R) -> Option<R> {
+    VOLUME.lock().as_ref().map(f)
+}
+
+/// Reads `out.len()` bytes of the data volume at byte `offset`; false if there is no block
+/// device or a read failed.
+pub fn volume_read(offset: u64, out: &mut [u8]) -> bool {
+    const CHUNK: u64 = 64 << 10;
+    let sector = volume::SECTOR;
+    let mut block = BLOCK.lock();
+    let Some(driver) = block.driver(setup_block) else { return false };
+    let end = offset + out.len() as u64;
+    let mut at = offset - offset % sector;
+    let mut buffer = alloc::vec![0u8; CHUNK.min((end - at).next_multiple_of(sector)) as usize];
+    while at < end {
+        let len = CHUNK.min((end - at).next_multiple_of(sector)) as usize;
+        if driver.read_blocks((at / sector) as usize, &mut buffer[..len]).is_err() {
+            return false;
+        }
+        // Copy the part of this chunk that lies in [offset, end).
+        let from = offset.max(at);
+        let to = end.min(at + len as u64);
+        out[(from - offset) as usize..(to - offset) as usize]
+            .copy_from_slice(&buffer[(from - at) as usize..(to - at) as usize]);
+        at += len as u64;
+    }
+    true
+}
+
+/// Makes sure the block device is usable (set up again if the VMM moved it); false if not.
+pub fn block_ready() -> bool {
+    BLOCK.lock().driver(setup_block).is_some()
 }
 
 /// Takes the restored VM's device table and flags: devices the VMM moved are set up again on
@@ -127,6 +193,7 @@ pub fn restored(params: &HostParams) {
     let table = table();
     CONSOLE.lock().locate(&table);
     ENTROPY.lock().locate(&table);
+    BLOCK.lock().locate(&table);
     apply_flags(Some(params));
 }
 

@@ -8,6 +8,7 @@
 //! Requests arrive through a [`Transport`]: the invoke mailbox under thaw's VMM, or frames on
 //! the serial line under QEMU (`abi::qemu`). Everything else is the same on both.
 
+mod fs;
 mod wasi;
 
 use alloc::string::{String, ToString};

@@ -21,6 +21,7 @@ use rand_chacha::ChaCha20Rng;
 use rand_chacha::rand_core::{RngCore, SeedableRng};
 use wasmi::{Caller, Error, Extern, FuncType, Linker, StoreLimits, Val, ValType};
 
+use super::fs::Files;
 use crate::platform;
 
 /// Per-store WASI state.
@@ -39,6 +40,8 @@ pub struct WasiCtx {
     rng: ChaCha20Rng,
     clock: platform::Clock,
     warned: BTreeSet<&'static str>,
+    /// The data volume's open files and directories (`/data`, fd 3, when there is one).
+    files: Files,
 }
 
 impl WasiCtx {
@@ -57,6 +60,7 @@ impl WasiCtx {
             rng: ChaCha20Rng::from_seed(params.entropy),
             clock: platform::Clock::new(params),
             warned: BTreeSet::new(),
+            files: Files::new(),
         }
     }
 
@@ -174,7 +178,21 @@ fn console_write(mem: &mut [u8], iovs: i32, count: i32, nwritten: i32) -> i32 {
 fn fd_read(mut caller: Ctx<'_>, fd: i32, iovs: i32, count: i32, nread: i32) -> i32 {
     let Some((mem, ctx)) = memory(&mut caller) else { return i32::from(errno::FAULT) };
     if fd != 0 {
-        return i32::from(errno::BADF);
+        return code((|| {
+            let mut total = 0u32;
+            for (ptr, len) in iovecs(mem, iovs, count)? {
+                let n = match ctx.files.read(fd as u32, slice_mut(mem, ptr as i32, len)?) {
+                    Ok(n) => n,
+                    Err(e) => return Some(e),
+                };
+                total += n as u32;
+                if n < len as usize {
+                    break;
+                }
+            }
+            put_u32(mem, nread, total)?;
+            Some(errno::SUCCESS)
+        })());
     }
     code((|| {
         let mut total = 0u32;
@@ -190,31 +208,150 @@ fn fd_read(mut caller: Ctx<'_>, fd: i32, iovs: i32, count: i32, nread: i32) -> i
     })())
 }
 
-fn fd_close(_: Ctx<'_>, fd: i32) -> i32 {
-    i32::from(if (0..=2).contains(&fd) { errno::SUCCESS } else { errno::BADF })
+fn fd_close(mut caller: Ctx<'_>, fd: i32) -> i32 {
+    if (0..=2).contains(&fd) {
+        return i32::from(errno::SUCCESS);
+    }
+    i32::from(caller.data_mut().files.close(fd as u32).err().unwrap_or(errno::SUCCESS))
 }
 
 fn fd_fdstat_get(mut caller: Ctx<'_>, fd: i32, buf: i32) -> i32 {
     const CHARACTER_DEVICE: u8 = 2;
     const RIGHT_FD_READ: u64 = 1 << 1;
     const RIGHT_FD_WRITE: u64 = 1 << 6;
-    let rights = match fd {
-        0 => RIGHT_FD_READ,
-        1 | 2 => RIGHT_FD_WRITE,
-        _ => return i32::from(errno::BADF),
+    let (filetype, rights, inheriting) = match fd {
+        0 => (CHARACTER_DEVICE, RIGHT_FD_READ, 0),
+        1 | 2 => (CHARACTER_DEVICE, RIGHT_FD_WRITE, 0),
+        _ => match caller.data().files.fdstat(fd as u32) {
+            Ok((filetype, rights)) => (filetype, rights, rights),
+            Err(e) => return i32::from(e),
+        },
     };
     let Some((mem, _)) = memory(&mut caller) else { return i32::from(errno::FAULT) };
     code((|| {
         let stat = slice_mut(mem, buf, 24)?;
         stat.fill(0);
-        stat[0] = CHARACTER_DEVICE;
+        stat[0] = filetype;
         stat[8..16].copy_from_slice(&rights.to_le_bytes());
+        stat[16..24].copy_from_slice(&inheriting.to_le_bytes());
         Some(errno::SUCCESS)
     })())
 }
 
-fn fd_prestat_get(_: Ctx<'_>, _fd: i32, _buf: i32) -> i32 {
-    i32::from(errno::BADF) // no preopened directories
+fn fd_prestat_get(mut caller: Ctx<'_>, fd: i32, buf: i32) -> i32 {
+    let Some((mem, ctx)) = memory(&mut caller) else { return i32::from(errno::FAULT) };
+    let len = match ctx.files.prestat(fd as u32) {
+        Ok(len) => len,
+        Err(e) => return i32::from(e),
+    };
+    code((|| {
+        let prestat = slice_mut(mem, buf, 8)?;
+        prestat.fill(0); // tag 0: a directory
+        prestat[4..8].copy_from_slice(&len.to_le_bytes());
+        Some(errno::SUCCESS)
+    })())
+}
+
+fn fd_prestat_dir_name(mut caller: Ctx<'_>, fd: i32, path: i32, len: i32) -> i32 {
+    let Some((mem, ctx)) = memory(&mut caller) else { return i32::from(errno::FAULT) };
+    if let Err(e) = ctx.files.prestat(fd as u32) {
+        return i32::from(e);
+    }
+    let name = super::fs::PREOPEN_NAME.as_bytes();
+    if (len as u32 as usize) < name.len() {
+        return i32::from(errno::NAMETOOLONG);
+    }
+    code(slice_mut(mem, path, name.len() as u32).map(|dest| {
+        dest.copy_from_slice(name);
+        errno::SUCCESS
+    }))
+}
+
+#[allow(clippy::too_many_arguments)] // the WASI signature
+fn path_open(
+    mut caller: Ctx<'_>,
+    dir: i32,
+    _dirflags: i32,
+    path: i32,
+    path_len: i32,
+    oflags: i32,
+    rights: i64,
+    _inheriting: i64,
+    _fdflags: i32,
+    fd_out: i32,
+) -> i32 {
+    let Some((mem, ctx)) = memory(&mut caller) else { return i32::from(errno::FAULT) };
+    code((|| {
+        let name = slice(mem, path, path_len as u32)?;
+        match ctx.files.open(dir as u32, name, oflags as u16, rights as u64) {
+            Ok(fd) => put_u32(mem, fd_out, fd).map(|()| errno::SUCCESS),
+            Err(e) => Some(e),
+        }
+    })())
+}
+
+fn fd_seek(mut caller: Ctx<'_>, fd: i32, delta: i64, whence: i32, new_offset: i32) -> i32 {
+    if (0..=2).contains(&fd) {
+        return i32::from(errno::SPIPE);
+    }
+    let Some((mem, ctx)) = memory(&mut caller) else { return i32::from(errno::FAULT) };
+    match u8::try_from(whence).map_err(|_| errno::INVAL).and_then(|w| ctx.files.seek(fd as u32, delta, w)) {
+        Ok(offset) => code(put_u64(mem, new_offset, offset).map(|()| errno::SUCCESS)),
+        Err(e) => i32::from(e),
+    }
+}
+
+fn fd_tell(mut caller: Ctx<'_>, fd: i32, offset: i32) -> i32 {
+    if (0..=2).contains(&fd) {
+        return i32::from(errno::SPIPE);
+    }
+    let Some((mem, ctx)) = memory(&mut caller) else { return i32::from(errno::FAULT) };
+    match ctx.files.tell(fd as u32) {
+        Ok(at) => code(put_u64(mem, offset, at).map(|()| errno::SUCCESS)),
+        Err(e) => i32::from(e),
+    }
+}
+
+fn put_stat(mem: &mut [u8], buf: i32, stat: Result<super::fs::Stat, u16>) -> i32 {
+    match stat {
+        Ok(stat) => code(slice_mut(mem, buf, 64).map(|dest| {
+            dest.copy_from_slice(&stat.encode());
+            errno::SUCCESS
+        })),
+        Err(e) => i32::from(e),
+    }
+}
+
+fn fd_filestat_get(mut caller: Ctx<'_>, fd: i32, buf: i32) -> i32 {
+    let Some((mem, ctx)) = memory(&mut caller) else { return i32::from(errno::FAULT) };
+    if (0..=2).contains(&fd) {
+        let mut stat = [0u8; 64];
+        stat[16] = 2; // a character device
+        return code(slice_mut(mem, buf, 64).map(|dest| {
+            dest.copy_from_slice(&stat);
+            errno::SUCCESS
+        }));
+    }
+    put_stat(mem, buf, ctx.files.stat_fd(fd as u32))
+}
+
+fn path_filestat_get(mut caller: Ctx<'_>, dir: i32, _flags: i32, path: i32, path_len: i32, buf: i32) -> i32 {
+    let Some((mem, ctx)) = memory(&mut caller) else { return i32::from(errno::FAULT) };
+    let Some(name) = slice(mem, path, path_len as u32) else { return i32::from(errno::FAULT) };
+    let stat = ctx.files.stat_path(dir as u32, name);
+    put_stat(mem, buf, stat)
+}
+
+fn fd_readdir(mut caller: Ctx<'_>, fd: i32, buf: i32, len: i32, cookie: i64, used: i32) -> i32 {
+    let Some((mem, ctx)) = memory(&mut caller) else { return i32::from(errno::FAULT) };
+    match ctx.files.readdir(fd as u32, cookie as u64, len as u32 as usize) {
+        Ok(bytes) => code((|| {
+            slice_mut(mem, buf, bytes.len() as u32)?.copy_from_slice(&bytes);
+            put_u32(mem, used, bytes.len() as u32)?;
+            Some(errno::SUCCESS)
+        })()),
+        Err(e) => i32::from(e),
+    }
 }
 
 /// Writes a NUL-terminated string table: pointers at `ptrs`, bytes at `buf`.
@@ -283,6 +420,13 @@ pub fn define(linker: &mut Linker<WasiCtx>) -> Result<(), wasmi::errors::LinkerE
     linker.func_wrap(m, "fd_close", fd_close)?;
     linker.func_wrap(m, "fd_fdstat_get", fd_fdstat_get)?;
     linker.func_wrap(m, "fd_prestat_get", fd_prestat_get)?;
+    linker.func_wrap(m, "fd_prestat_dir_name", fd_prestat_dir_name)?;
+    linker.func_wrap(m, "path_open", path_open)?;
+    linker.func_wrap(m, "fd_seek", fd_seek)?;
+    linker.func_wrap(m, "fd_tell", fd_tell)?;
+    linker.func_wrap(m, "fd_filestat_get", fd_filestat_get)?;
+    linker.func_wrap(m, "path_filestat_get", path_filestat_get)?;
+    linker.func_wrap(m, "fd_readdir", fd_readdir)?;
     linker.func_wrap(m, "args_get", |mut c: Ctx<'_>, p: i32, b: i32| put_strings(&mut c, |x| &x.args, p, b))?;
     linker.func_wrap(m, "args_sizes_get", |mut c: Ctx<'_>, n: i32, s: i32| put_sizes(&mut c, |x| &x.args, n, s))?;
     linker.func_wrap(m, "environ_get", |mut c: Ctx<'_>, p: i32, b: i32| put_strings(&mut c, |x| &x.env, p, b))?;
