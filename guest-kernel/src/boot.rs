@@ -31,6 +31,10 @@ pub fn start(boot_info: &'static mut BootInfo, main: fn() -> u32) -> ! {
         panic!("loader did not map physical memory");
     };
     platform::set_physical_memory_offset(phys_offset);
+    let cr3: u64;
+    // SAFETY: reading CR3 in ring 0 has no side effects.
+    unsafe { core::arch::asm!("mov {}, cr3", out(reg) cr3, options(nomem, nostack, preserves_flags)) };
+    platform::set_page_table_root(cr3);
     // Detect the hypervisor now: only ring-0 CPUID sees thaw's leaves under PVM.
     platform::current();
     BOOT_INFO.store(boot_info, Ordering::Release);
@@ -58,7 +62,7 @@ extern "C" fn ring3_main(main: u64) -> ! {
     if let Err(e) = heap::init(&boot_info.memory_regions, platform::physical_memory_offset()) {
         panic!("heap: {e}");
     }
-    crate::devices::init(platform::host_params().as_ref());
+    crate::devices::init();
     println!("thaw-guest {} (abi {})", env!("CARGO_PKG_VERSION"), abi::INTERFACE_VERSION);
     // SAFETY: `start` passed a `fn() -> u32` as this argument.
     let main: fn() -> u32 = unsafe { core::mem::transmute(main as usize) };

@@ -36,6 +36,7 @@ pub enum Platform {
 /// The detected platform, or 0 before detection.
 static PLATFORM: AtomicU8 = AtomicU8::new(0);
 static PHYS_OFFSET: AtomicU64 = AtomicU64::new(0);
+static PAGE_TABLE_ROOT: AtomicU64 = AtomicU64::new(0);
 
 /// Reads the hypervisor CPUID leaf and tells whether this is thaw's VMM.
 pub fn detect() -> Platform {
@@ -57,6 +58,11 @@ pub fn set_physical_memory_offset(phys_offset: u64) {
     PHYS_OFFSET.store(phys_offset, Ordering::Relaxed);
 }
 
+/// Records the page-table root (CR3, read in early boot: ring 3 cannot read it).
+pub fn set_page_table_root(cr3: u64) {
+    PAGE_TABLE_ROOT.store(cr3, Ordering::Relaxed);
+}
+
 /// The platform, detected on the first call, which must be in ring 0 (see the module docs).
 pub fn current() -> Platform {
     match PLATFORM.load(Ordering::Relaxed) {
@@ -75,11 +81,49 @@ pub fn physical_memory_offset() -> u64 {
     PHYS_OFFSET.load(Ordering::Relaxed)
 }
 
-/// The guest-physical address behind `ptr`: heap pointers lie in the physical-memory mapping,
-/// and under thaw everything below it is identity-mapped.
+/// How much of the address space above the physical-memory offset counts as the physical-memory
+/// mapping (PML4 slots 32 to 63: far more memory than any guest has, and clear of the
+/// loader's dynamic range).
+const PHYS_MAP_SPAN: u64 = 1 << 44;
+
+/// The guest-physical address behind `ptr`. Heap pointers lie in the physical-memory mapping;
+/// anything else (the kernel's statics and stack, which the BIOS loader places on frames of its
+/// choosing) is translated by walking the page tables, which are readable from ring 3 through
+/// that same mapping. An unmapped address is returned unchanged.
 pub fn virt_to_phys(ptr: *const u8) -> u64 {
     let (addr, offset) = (ptr as u64, physical_memory_offset());
-    if addr >= offset { addr - offset } else { addr }
+    if addr >= offset && addr - offset < PHYS_MAP_SPAN {
+        return addr - offset;
+    }
+    walk(addr).unwrap_or(addr)
+}
+
+/// Translates `virt` through the page tables rooted at the recorded CR3.
+fn walk(virt: u64) -> Option<u64> {
+    const PRESENT: u64 = 1;
+    const HUGE: u64 = 1 << 7;
+    const ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
+    let root = PAGE_TABLE_ROOT.load(Ordering::Relaxed);
+    if root == 0 {
+        return None;
+    }
+    let mut table = root & ADDR_MASK;
+    for level in (1..=4u32).rev() {
+        let shift = 12 + 9 * (level - 1);
+        let index = (virt >> shift) & 0x1ff;
+        // SAFETY: `table` is a page-table frame reached from CR3; all of physical memory is
+        // mapped at the offset, user-accessible, and the index is below 512.
+        let entry = unsafe { ((physical_memory_offset() + table) as *const u64).add(index as usize).read_volatile() };
+        if entry & PRESENT == 0 {
+            return None;
+        }
+        if level == 1 || (level <= 3 && entry & HUGE != 0) {
+            let page = 1u64 << shift;
+            return Some((entry & ADDR_MASK & !(page - 1)) | (virt & (page - 1)));
+        }
+        table = entry & ADDR_MASK;
+    }
+    None
 }
 
 /// The host parameters page, if the VMM wrote one (only thaw's VMM does).

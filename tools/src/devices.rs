@@ -15,8 +15,8 @@ pub struct DeviceArgs {
     /// from an image has the devices the image was taken with.
     #[arg(long, value_name = "LIST", value_delimiter = ',', value_parser = parse_kind)]
     devices: Vec<DeviceKind>,
-    /// Send the function's stderr and the guest's log to the virtio console, which writes them
-    /// to FILE ("-": thaw's stderr). Adds a console to a cold-booted VM.
+    /// Send the function's stderr, and the guest's log from the function's start, to the virtio
+    /// console, which writes them to FILE ("-": thaw's stderr). Adds a console to a cold-booted VM.
     #[arg(long, value_name = "FILE")]
     console: Option<PathBuf>,
     /// Attach every device's backend when the VM is restored instead of on its first use (to
@@ -29,7 +29,8 @@ pub struct DeviceArgs {
     move_devices: u64,
 }
 
-fn parse_kind(name: &str) -> Result<DeviceKind, String> {
+/// Parses a `--devices` entry.
+pub fn parse_kind(name: &str) -> Result<DeviceKind, String> {
     match DeviceKind::from_name(name) {
         Some(kind @ (DeviceKind::Console | DeviceKind::Entropy)) => Ok(kind),
         Some(DeviceKind::Block) => {

@@ -59,23 +59,21 @@ pub struct OptionalFunctionArgs {
     pub input: Option<PathBuf>,
 }
 
-/// A validated function, where its bundle is, and the request to serve it.
-pub struct FunctionRequest<'a> {
+/// A validated function and the request to serve it.
+pub struct FunctionRequest {
     /// The function.
     pub function: Function,
-    /// Its bundle file.
-    pub path: &'a std::path::Path,
     /// The request body.
     pub request: Vec<u8>,
 }
 
 impl OptionalFunctionArgs {
     /// The function and its request, if a function was given.
-    pub fn load(&self) -> Result<Option<FunctionRequest<'_>>, String> {
+    pub fn load(&self) -> Result<Option<FunctionRequest>, String> {
         let Some(path) = &self.function else { return Ok(None) };
         let function = load_function(path)?;
         let request = request_body(self.data.as_ref(), self.input.as_ref())?;
-        Ok(Some(FunctionRequest { function, path, request }))
+        Ok(Some(FunctionRequest { function, request }))
     }
 }
 

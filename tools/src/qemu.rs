@@ -9,13 +9,14 @@
 //! what the user sees matches the KVM commands.
 
 use std::io::{BufRead, BufReader, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use abi::devices::DeviceKind;
 use abi::fault::FaultReport;
-use abi::params::HostParams;
+use abi::params::{FLAG_CONSOLE_LOG, HostParams};
 use abi::qemu::{self, FAULT_MARKER, PANIC_MARKER, RESPONSE_MARKER, guest_code_from_qemu_status};
 use clap::Args;
 use host_vmm::{FunctionResponse, FunctionStatus, GuestError, Outcome};
@@ -39,6 +40,14 @@ pub struct QemuArgs {
     /// The QEMU binary to run.
     #[arg(long, value_name = "PATH", default_value = "qemu-system-x86_64")]
     qemu: String,
+    /// QEMU's own virtio devices for the guest (PCI), comma-separated: console, entropy. A
+    /// bundle with a data volume also gets a block device.
+    #[arg(long, value_name = "LIST", value_delimiter = ',', value_parser = crate::devices::parse_kind)]
+    devices: Vec<DeviceKind>,
+    /// Send the function's stderr, and the guest's log from the function's start, to the virtio
+    /// console, appended to FILE.
+    #[arg(long, value_name = "FILE")]
+    console: Option<PathBuf>,
 }
 
 /// What a serial line meant.
@@ -98,15 +107,16 @@ fn parse_response(text: &str) -> Option<FunctionResponse> {
     })
 }
 
-/// The frames a function's guest reads from COM1: host parameters, the request, the end.
-fn request_frames(request: &[u8]) -> Result<Vec<u8>, String> {
+/// The frames a function's guest reads from COM1: host parameters (with `flags`), the request,
+/// the end.
+fn request_frames(request: &[u8], flags: u32) -> Result<Vec<u8>, String> {
     let mut entropy = [0u8; 32];
     host_vmm::host_entropy(&mut entropy).map_err(|e| e.to_string())?;
     let wall_clock_ns = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
     // QEMU's TSC rate is not known here, so the guest's clocks stay at this base under QEMU.
-    let params = HostParams { instance_id: host_vmm::next_instance_id(), entropy, wall_clock_ns, tsc_khz: 0, flags: 0 };
+    let params = HostParams { instance_id: host_vmm::next_instance_id(), entropy, wall_clock_ns, tsc_khz: 0, flags };
     let mut frames = Vec::with_capacity(request.len() + 100);
     frames.extend_from_slice(&qemu::PARAMS_TAG);
     frames.extend_from_slice(&params.encode());
@@ -121,12 +131,39 @@ fn request_frames(request: &[u8]) -> Result<Vec<u8>, String> {
 pub fn run(args: &QemuArgs) -> Result<u8, String> {
     let kernel = crate::kernel::load(&args.kernel)?;
     let timeout = crate::kernel::timeout(&args.kernel)?;
-    let (function, ramdisk, request) = match args.function.load()? {
-        Some(f) => (Some(f.function), Some(f.path), Some(f.request)),
-        None => (None, None, None),
+    let (function, request) = match args.function.load()? {
+        Some(f) => (Some(f.function), Some(f.request)),
+        None => (None, None),
     };
     let memory = args.memory.unwrap_or(function.as_ref().map_or(128, |f| f.vm_memory_mib().max(128)));
     let dir = tempfile::tempdir().map_err(|e| format!("creating a temporary directory: {e}"))?;
+    let write = |name: &str, bytes: &[u8]| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, bytes).map(|()| path).map_err(|e| format!("writing the {name} for QEMU: {e}"))
+    };
+    // The guest's ramdisk is the bundle without its data volume, which QEMU serves as a disk.
+    let ramdisk = function.as_ref().map(|f| write("ramdisk", f.ramdisk())).transpose()?;
+    let mut devices: Vec<String> = Vec::new();
+    if let Some(f) = &function
+        && let Some((offset, len)) = f.volume
+    {
+        let volume = write("volume", &f.bundle[offset as usize..(offset + len) as usize])?;
+        devices.push("-drive".into());
+        devices.push(format!("file={},if=none,id=volume,format=raw,readonly=on", volume.display()));
+        devices.push("-device".into());
+        devices.push("virtio-blk-pci,drive=volume,disable-legacy=on".into());
+    }
+    if args.devices.contains(&DeviceKind::Entropy) {
+        devices.extend(["-device".into(), "virtio-rng-pci,disable-legacy=on".into()]);
+    }
+    if args.devices.contains(&DeviceKind::Console) || args.console.is_some() {
+        let sink = args.console.clone().unwrap_or_else(|| dir.path().join("console"));
+        devices.push("-chardev".into());
+        devices.push(format!("file,id=console,path={},append=on", sink.display()));
+        devices.extend(["-device".into(), "virtio-serial-pci,disable-legacy=on".into()]);
+        devices.extend(["-device".into(), "virtconsole,chardev=console".into()]);
+    }
+    let flags = if args.console.is_some() { FLAG_CONSOLE_LOG } else { 0 };
     let kernel_path = match &kernel.path {
         Some(path) => path.clone(),
         None => {
@@ -136,13 +173,14 @@ pub fn run(args: &QemuArgs) -> Result<u8, String> {
         }
     };
     let image = dir.path().join("disk.img");
-    build_disk_image(&kernel_path, ramdisk, &image)?;
+    build_disk_image(&kernel_path, ramdisk.as_deref(), &image)?;
     let mut child = Command::new(&args.qemu)
         .args(["-accel", "tcg", "-m", &format!("{memory}M")])
         .args(["-display", "none", "-monitor", "none", "-serial", "stdio", "-no-reboot"])
         .args(["-device", &format!("isa-debug-exit,iobase={:#x},iosize=0x04", abi::qemu::ISA_DEBUG_EXIT_PORT)])
         .arg("-drive")
         .arg(format!("format=raw,file={}", image.display()))
+        .args(&devices)
         .stdin(if request.is_some() { Stdio::piped() } else { Stdio::null() })
         .stdout(Stdio::piped())
         .spawn()
@@ -166,7 +204,7 @@ pub fn run(args: &QemuArgs) -> Result<u8, String> {
         Line::Response(response) => responses.push(response),
         Line::AwaitFrames => {
             // Built now, so the guest's clock starts from the time it is actually served.
-            match pending.take().map(|(request, stdin)| (request_frames(&request), stdin)) {
+            match pending.take().map(|(request, stdin)| (request_frames(&request, flags), stdin)) {
                 Some((Ok(frames), mut stdin)) => {
                     // A thread, so a large request cannot block the loop draining QEMU's output.
                     std::thread::spawn(move || {

@@ -2,7 +2,8 @@
 //!
 //! Ring-3 port I/O is checked against the TSS I/O permission bitmap even with IOPL=3 under PVM,
 //! so the bitmap opens exactly the ports the guest uses from ring 3: the hypercall range, COM1,
-//! and QEMU's `isa-debug-exit`. Every other port faults. The TSS also gives the ring-0 stack
+//! QEMU's `isa-debug-exit`, and the PCI configuration ports (QEMU only). Every other port
+//! faults. The TSS also gives the ring-0 stack
 //! exceptions from ring 3 arrive on (RSP0) and a separate stack for double faults (IST1).
 //!
 //! Everything is built at compile time except the three addresses only known at run time.
@@ -29,10 +30,12 @@ const TSS_SEL: u16 = 0x28;
 /// Ports ring 3 may use, as inclusive ranges. A 4-byte access checks the bits of all four ports
 /// it spans, so 4-byte ranges extend three ports past their last port (the VMM rejects those
 /// extra ports as unknown).
-const ALLOWED_PORTS: [(u16, u16); 3] = [
+const ALLOWED_PORTS: [(u16, u16); 4] = [
     (PORT_BASE, PORT_BASE + PORT_COUNT - 1 + 3),
     (COM1_PORT, COM1_PORT + 7),
     (ISA_DEBUG_EXIT_PORT, ISA_DEBUG_EXIT_PORT + 3),
+    // PCI configuration (address at 0xcf8, data at 0xcfc), used under QEMU only.
+    (0xcf8, 0xcff),
 ];
 /// Bitmap bytes needed to cover the highest allowed port; ports past the bitmap are denied.
 const IOMAP_BYTES: usize = max_allowed_port() as usize / 8 + 1;

@@ -1,7 +1,8 @@
-//! The guest's virtio devices: found by (kind, index) in the VMM's device table, driven by the
-//! `virtio-drivers` crate over the MMIO transport, polled (the VMM serves each notification
-//! before the notifying store returns), and set up once at boot so that a VM restored from a
-//! snapshot finds them ready.
+//! The guest's virtio devices: under thaw's VMM found by (kind, index) in its device table and
+//! driven by the `virtio-drivers` crate over the MMIO transport, polled (the VMM serves each
+//! notification before the notifying store returns), and set up once at boot so that a VM
+//! restored from a snapshot finds them ready. Under QEMU the same drivers run over the PCI
+//! transport against QEMU's own virtio devices (`pci.rs`), a reference for thaw's emulation.
 //!
 //! After a restore the VMM writes a fresh device table. A device it placed elsewhere is set up
 //! again, from scratch, on its first use; a device at the same address is used as it was.
@@ -13,6 +14,7 @@
 //!   whose files are read on demand (`crate::function::fs` serves them as `/data`).
 
 mod hal;
+mod pci;
 
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicBool, Ordering};
@@ -25,13 +27,17 @@ use spin::Mutex;
 use virtio_drivers::device::blk::VirtIOBlk;
 use virtio_drivers::device::console::VirtIOConsole;
 use virtio_drivers::device::rng::VirtIORng;
+use virtio_drivers::transport::SomeTransport;
 use virtio_drivers::transport::mmio::{MmioTransport, VirtIOHeader};
 
 use crate::platform::{self, Platform};
 
 pub use hal::ThawHal;
 
-type Transport = MmioTransport<'static>;
+type Transport = SomeTransport<'static>;
+
+/// `Device::gpa` of a device found on the PCI bus (QEMU), which is never relocated.
+const ON_PCI: u64 = u64::MAX;
 
 /// Largest piece sent to the console at once (the VMM takes up to 64 KiB per buffer).
 const CONSOLE_CHUNK: usize = 4096;
@@ -74,16 +80,22 @@ impl<D> Device<D> {
     /// The driver, set up now if it is not yet; `None` if the VM has no such device or its
     /// setup failed.
     fn driver(&mut self, setup: fn(Transport) -> Option<D>) -> Option<&mut D> {
-        if self.driver.is_none() && self.gpa != 0 {
+        if self.driver.is_none() && self.gpa != 0 && self.gpa != ON_PCI {
             // SAFETY: the VMM's device table (validated by `DeviceTable::decode`) says a device
             // window of this size is at `gpa`, inside the identity-mapped device window.
             let transport = unsafe {
                 let header = hal::mmio_window(self.gpa);
                 MmioTransport::new(header.cast::<VirtIOHeader>(), REGISTER_WINDOW_LEN as usize)
             };
-            self.driver = transport.ok().and_then(setup);
+            self.driver = transport.ok().and_then(|t| setup(t.into()));
         }
         self.driver.as_mut()
+    }
+
+    /// Takes a driver set up over PCI.
+    fn found_on_pci(&mut self, driver: Option<D>) {
+        self.gpa = ON_PCI;
+        self.driver = driver;
     }
 }
 
@@ -119,21 +131,49 @@ pub fn table() -> DeviceTable {
     DeviceTable::decode(bytes).unwrap_or_default()
 }
 
-/// Finds the devices and sets up their drivers. Runs once, after the heap, at boot.
-pub fn init(params: Option<&HostParams>) {
-    let table = table();
-    if CONSOLE.lock().locate(&table) {
-        let _ = CONSOLE.lock().driver(setup_console);
+/// Finds the devices and sets up their drivers. Runs once, after the heap, at boot. The host
+/// parameters' flags take effect when the function starts ([`set_params`]), under both
+/// hypervisors alike (QEMU guests receive them only then).
+pub fn init() {
+    if platform::current() == Platform::Thaw {
+        let table = table();
+        if CONSOLE.lock().locate(&table) {
+            let _ = CONSOLE.lock().driver(setup_console);
+        }
+        if ENTROPY.lock().locate(&table) {
+            let _ = ENTROPY.lock().driver(setup_entropy);
+        }
+        BLOCK.lock().locate(&table);
+    } else {
+        for (kind, transport) in pci::virtio_devices() {
+            match kind {
+                DeviceKind::Console => CONSOLE.lock().found_on_pci(setup_console(transport)),
+                DeviceKind::Entropy => ENTROPY.lock().found_on_pci(setup_entropy(transport)),
+                DeviceKind::Block => BLOCK.lock().found_on_pci(setup_block(transport)),
+                DeviceKind::Vsock => {}
+            }
+        }
     }
-    if ENTROPY.lock().locate(&table) {
-        let _ = ENTROPY.lock().driver(setup_entropy);
+    let transport = if platform::current() == Platform::Thaw { "mmio" } else { "pci" };
+    for (name, found) in [
+        ("console", CONSOLE.lock().driver.is_some()),
+        ("entropy", ENTROPY.lock().driver.is_some()),
+        ("block", BLOCK.lock().gpa != 0),
+    ] {
+        if found {
+            crate::println!("thaw-guest: virtio {name} ({transport})");
+        }
     }
-    if BLOCK.lock().locate(&table) {
+    if BLOCK.lock().gpa != 0 {
         match read_directory() {
             Ok(directory) => *VOLUME.lock() = Some(directory),
             Err(e) => crate::println!("thaw-guest: data volume: {e}"),
         }
     }
+}
+
+/// Takes the flags of the host parameters the function starts with.
+pub fn set_params(params: &HostParams) {
     apply_flags(params);
 }
 
@@ -194,14 +234,14 @@ pub fn restored(params: &HostParams) {
     CONSOLE.lock().locate(&table);
     ENTROPY.lock().locate(&table);
     BLOCK.lock().locate(&table);
-    apply_flags(Some(params));
+    apply_flags(params);
 }
 
 /// The function's stderr, when it goes to the console.
 pub const STDERR_FD: u32 = 2;
 
-fn apply_flags(params: Option<&HostParams>) {
-    let wanted = params.is_some_and(|p| p.flags & FLAG_CONSOLE_LOG != 0);
+fn apply_flags(params: &HostParams) {
+    let wanted = params.flags & FLAG_CONSOLE_LOG != 0;
     let on = wanted && CONSOLE.lock().gpa != 0;
     CONSOLE_LOG.store(on, Ordering::Relaxed);
     match (on, crate::iotable::state(STDERR_FD)) {

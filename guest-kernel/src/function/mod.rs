@@ -158,6 +158,7 @@ pub fn serve(bundle: &[u8]) -> u32 {
 
 fn run(bundle: &Bundle<'_>, transport: Transport) -> Result<core::convert::Infallible, String> {
     let params = transport.host_params()?;
+    crate::devices::set_params(&params);
     let manifest = &bundle.manifest;
     let mut config = Config::default();
     config.compilation_mode(CompilationMode::Eager);
