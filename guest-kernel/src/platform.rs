@@ -100,30 +100,15 @@ pub fn virt_to_phys(ptr: *const u8) -> u64 {
 
 /// Translates `virt` through the page tables rooted at the recorded CR3.
 fn walk(virt: u64) -> Option<u64> {
-    const PRESENT: u64 = 1;
-    const HUGE: u64 = 1 << 7;
-    const ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
     let root = PAGE_TABLE_ROOT.load(Ordering::Relaxed);
     if root == 0 {
         return None;
     }
-    let mut table = root & ADDR_MASK;
-    for level in (1..=4u32).rev() {
-        let shift = 12 + 9 * (level - 1);
-        let index = (virt >> shift) & 0x1ff;
-        // SAFETY: `table` is a page-table frame reached from CR3; all of physical memory is
-        // mapped at the offset, user-accessible, and the index is below 512.
-        let entry = unsafe { ((physical_memory_offset() + table) as *const u64).add(index as usize).read_volatile() };
-        if entry & PRESENT == 0 {
-            return None;
-        }
-        if level == 1 || (level <= 3 && entry & HUGE != 0) {
-            let page = 1u64 << shift;
-            return Some((entry & ADDR_MASK & !(page - 1)) | (virt & (page - 1)));
-        }
-        table = entry & ADDR_MASK;
-    }
-    None
+    crate::arch::translate::translate(root, virt, |entry| {
+        // SAFETY: `entry` is the address of an entry in a page-table frame reached from CR3;
+        // all of physical memory is mapped at the offset, user-accessible.
+        unsafe { ((physical_memory_offset() + entry) as *const u64).read_volatile() }
+    })
 }
 
 /// The host parameters page, if the VMM wrote one (only thaw's VMM does).

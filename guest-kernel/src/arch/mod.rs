@@ -1,8 +1,10 @@
-//! x86-64 specifics: descriptor tables, page-table fix-up, and the switch to ring 3.
+//! x86-64 specifics: descriptor tables, page-table fix-up and translation, and the switch to
+//! ring 3.
 
 pub mod gdt;
 pub mod idt;
 pub mod paging;
+pub mod translate;
 
 use core::arch::asm;
 

@@ -64,7 +64,8 @@ impl<D> Device<D> {
             Some(entry) if entry.gpa == self.gpa => true,
             Some(entry) => {
                 // Moved (or new): set it up again on first use. Dropping the old driver would
-                // touch the old window, which may now be another device's: forget it instead.
+                // touch the old window, which may now be another device's: forget it instead
+                // (its few pages of queue memory stay allocated).
                 core::mem::forget(self.driver.take());
                 self.gpa = entry.gpa;
                 true
@@ -100,10 +101,10 @@ impl<D> Device<D> {
 }
 
 static CONSOLE: Mutex<Device<VirtIOConsole<ThawHal, Transport>>> = Mutex::new(Device::none(DeviceKind::Console));
+static ENTROPY: Mutex<Device<VirtIORng<ThawHal, Transport>>> = Mutex::new(Device::none(DeviceKind::Entropy));
 static BLOCK: Mutex<Device<VirtIOBlk<ThawHal, Transport>>> = Mutex::new(Device::none(DeviceKind::Block));
 /// The data volume's directory, read at boot.
 static VOLUME: Mutex<Option<Directory>> = Mutex::new(None);
-static ENTROPY: Mutex<Device<VirtIORng<ThawHal, Transport>>> = Mutex::new(Device::none(DeviceKind::Entropy));
 /// The VMM asked for the log and stderr on the console, and there is one.
 static CONSOLE_LOG: AtomicBool = AtomicBool::new(false);
 
