@@ -172,7 +172,7 @@ fn an_unsupported_wasi_call_returns_enosys_and_is_noted_once() {
     let run = both(&bundle, "");
     assert_eq!(run.code, Some(0), "{run:#?}");
     assert_eq!(run.stdout, "52");
-    assert_eq!(run.stderr, "thaw: wasi: path_open is not supported; it returns ENOSYS\n");
+    assert_eq!(run.stderr, "thaw: wasi: path_create_directory is not supported; it returns ENOSYS\n");
 }
 
 #[test]
