@@ -49,7 +49,8 @@ pub struct VmConfig {
     pub measure_memory: bool,
     /// The virtio devices a booted VM gets (a restored VM gets the image's).
     pub devices: Vec<DeviceKind>,
-    /// What the devices attach to, when they first need it.
+    /// What the devices attach to, when they first need it. A restored VM's block device reads
+    /// the image's own data volume unless `backends.volume` names another.
     pub backends: Backends,
     /// Ask the guest to send the function's stderr and its log to the console device.
     pub console_log: bool,
@@ -401,7 +402,12 @@ impl Vm {
         timings.vcpu_setup = started.elapsed();
         let started = Instant::now();
         snapshot::restore_vcpu(&vcpu, &image.info.vcpu)?;
-        let mut devices = Devices::restore(&image.devices, &config.backends, &mem, config.device_slot)?;
+        // The image holds the data volume; a caller may point the block device elsewhere.
+        let backends = Backends {
+            volume: config.backends.volume.clone().or_else(|| image.volume_source()),
+            ..config.backends.clone()
+        };
+        let mut devices = Devices::restore(&image.devices, &backends, &mem, config.device_slot)?;
         if config.eager_devices {
             devices.attach_all()?;
         }

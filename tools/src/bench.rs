@@ -100,13 +100,16 @@ pub fn run(args: &BenchArgs) -> Result<u8, String> {
         Some(f) => (Some(f.function), Some(f.request)),
         None => (None, None),
     };
-    let config = VmConfig {
+    let mut config = VmConfig {
         memory_mib: args.memory.unwrap_or(function.as_ref().map_or(64, |f| f.vm_memory_mib())),
         timeout: crate::kernel::timeout(&args.kernel)?,
         ramdisk: function.as_ref().map(|f| f.ramdisk().to_vec()),
         requests: request.into_iter().collect(),
         ..VmConfig::default()
     };
+    if let (Some(function), Some(path)) = (&function, &args.function.function) {
+        crate::devices::add_volume(&mut config, function, path);
+    }
     let what =
         function.as_ref().map_or("kernel boots".to_string(), |f| format!("cold invocations of {}", f.manifest.name));
     measure(args.runs, &what, config.memory_mib, &rows(function.is_some()), || {

@@ -64,10 +64,10 @@ impl DeviceArgs {
         Ok(())
     }
 
-    /// Sets up `config` for a restore from `image`: its devices, and its data volume.
+    /// Sets up `config` for a restore from `image`, which decides the devices (and holds the
+    /// data volume, which the VMM finds there itself).
     pub fn apply_restore(&self, config: &mut VmConfig, image: &Image) -> Result<(), String> {
         let devices = &image.devices;
-        config.backends.volume = image.volume_source();
         if !self.devices.is_empty() {
             return Err(
                 "--devices applies to cold boots; a restored VM has the devices its image was taken with".into()
