@@ -85,13 +85,6 @@ pub struct Bundle<'a> {
     pub volume: Option<&'a [u8]>,
 }
 
-impl Bundle<'_> {
-    /// Bytes of the bundle without its data volume: what the guest receives as its ramdisk.
-    pub fn without_volume_len(&self, encoded_len: usize) -> usize {
-        encoded_len - self.volume.map_or(0, <[u8]>::len)
-    }
-}
-
 /// What is wrong with a bundle.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BundleError {
@@ -452,7 +445,7 @@ mod tests {
             (parsed.wasm, parsed.volume, parsed.volume_len),
             (&wasm[..], Some(&volume[..]), volume.len() as u64)
         );
-        let stripped = &bytes[..parsed.without_volume_len(bytes.len())];
+        let stripped = &bytes[..bytes.len() - volume.len()];
         let parsed = parse(stripped).unwrap();
         assert_eq!((parsed.wasm, parsed.volume, parsed.manifest), (&wasm[..], None, m.clone()));
         assert!(parse(&bytes[..bytes.len() - 1]).is_err(), "a partial volume is not a stripped one");

@@ -152,19 +152,27 @@ pub fn encode_into(table: &mut [u8; TABLE_LEN], handles: &[Handle]) {
     let count = handles.len().min(CAPACITY);
     table[12..16].copy_from_slice(&(count as u32).to_le_bytes());
     for (i, h) in handles.iter().take(count).enumerate() {
-        let e = &mut table[HEADER_LEN + i * ENTRY_LEN..HEADER_LEN + (i + 1) * ENTRY_LEN];
-        e[0..4].copy_from_slice(&h.fd.to_le_bytes());
-        e[4] = h.kind as u8;
-        e[5] = h.state as u8;
-        e[8..16].copy_from_slice(&h.offset.to_le_bytes());
-        e[16..20].copy_from_slice(&h.port.to_le_bytes());
-        let mut path_len = h.path.len().min(MAX_PATH);
-        while !h.path.is_char_boundary(path_len) {
-            path_len -= 1;
-        }
-        e[20..22].copy_from_slice(&(path_len as u16).to_le_bytes());
-        e[24..24 + path_len].copy_from_slice(&h.path.as_bytes()[..path_len]);
+        encode_entry(table, i, h);
     }
+}
+
+/// Rewrites entry `index` (below the table's count and [`CAPACITY`]) with `h`, leaving the rest.
+pub fn encode_entry(table: &mut [u8; TABLE_LEN], index: usize, h: &Handle) {
+    let Some(e) = table.get_mut(HEADER_LEN + index * ENTRY_LEN..HEADER_LEN + (index + 1) * ENTRY_LEN) else {
+        return;
+    };
+    e.fill(0);
+    e[0..4].copy_from_slice(&h.fd.to_le_bytes());
+    e[4] = h.kind as u8;
+    e[5] = h.state as u8;
+    e[8..16].copy_from_slice(&h.offset.to_le_bytes());
+    e[16..20].copy_from_slice(&h.port.to_le_bytes());
+    let mut path_len = h.path.len().min(MAX_PATH);
+    while !h.path.is_char_boundary(path_len) {
+        path_len -= 1;
+    }
+    e[20..22].copy_from_slice(&(path_len as u16).to_le_bytes());
+    e[24..24 + path_len].copy_from_slice(&h.path.as_bytes()[..path_len]);
 }
 
 /// Reads and validates a table (from guest memory: hostile).
@@ -278,6 +286,16 @@ mod tests {
         encode_into(&mut table, &handles());
         assert_eq!(decode(&table).unwrap(), handles());
         assert_eq!(decode(&empty()).unwrap(), vec![]);
+    }
+
+    #[test]
+    fn one_entry_can_be_rewritten_alone() {
+        let mut table = empty();
+        let mut h = handles();
+        encode_into(&mut table, &h);
+        h[1].offset = 8192;
+        encode_entry(&mut table, 1, &h[1]);
+        assert_eq!(decode(&table).unwrap(), h);
     }
 
     #[test]

@@ -143,8 +143,6 @@ pub mod errno {
     pub const SPIPE: u16 = 70;
     /// Capabilities insufficient.
     pub const NOTCAPABLE: u16 = 76;
-    /// Connection refused.
-    pub const CONNREFUSED: u16 = 14;
 }
 
 #[cfg(test)]

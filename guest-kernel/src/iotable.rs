@@ -57,13 +57,15 @@ pub fn close(fd: u32) {
     table.publish();
 }
 
-/// Records the read offset of `fd`'s handle.
+/// Records the read offset of `fd`'s handle (rewriting only its entry: this runs on every read).
 pub fn set_offset(fd: u32, offset: u64) {
     let mut table = TABLE.lock();
-    if let Some(h) = table.entry(fd) {
+    let Table { handles, bytes } = &mut *table;
+    let found = handles.iter_mut().enumerate().find(|(_, h)| h.fd == fd && h.state != HandleState::Closed);
+    if let Some((index, h)) = found {
         h.offset = offset;
+        iotable::encode_entry(bytes, index, h);
     }
-    table.publish();
 }
 
 /// The state of `fd`'s open handle, if it has one.

@@ -402,14 +402,15 @@ impl Vm {
         timings.vcpu_setup = started.elapsed();
         let started = Instant::now();
         snapshot::restore_vcpu(&vcpu, &image.info.vcpu)?;
-        // The image holds the data volume; a caller may point the block device elsewhere.
-        let backends = Backends {
-            volume: config.backends.volume.clone().or_else(|| image.volume_source()),
-            ..config.backends.clone()
-        };
-        let mut devices = Devices::restore(&image.devices, &backends, &mem, config.device_slot)?;
-        if config.eager_devices {
-            devices.attach_all()?;
+        let mut devices = Devices::default();
+        if !image.devices.is_empty() {
+            // The image holds the data volume; a caller may point the block device elsewhere.
+            let volume = config.backends.volume.clone().or_else(|| image.volume_source());
+            let backends = Backends { volume, ..config.backends.clone() };
+            devices = Devices::restore(&image.devices, &backends, &mem, config.device_slot)?;
+            if config.eager_devices {
+                devices.attach_all()?;
+            }
         }
         write_host_params(&mem, &vcpu, instance_id, config, &devices)?;
         mem.write_obj(CHECKPOINT_RESTORED, GuestAddress(HYPERCALL_PAGE_GPA)).map_err(memory_error)?;

@@ -239,9 +239,10 @@ impl Files {
 
     /// `fd_filestat_get`.
     pub fn stat_fd(&mut self, fd: u32) -> Result<Stat, Errno> {
-        let path = self.get(fd)?.path.clone();
-        if !self.get(fd)?.dir {
-            self.file(fd)?;
+        let open = self.get(fd)?;
+        let (path, dir) = (open.path.clone(), open.dir);
+        if !dir {
+            self.file(fd)?; // reconnects the file after a restore
         }
         Self::stat(&path)
     }

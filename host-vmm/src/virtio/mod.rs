@@ -234,11 +234,6 @@ impl Devices {
         Ok(devices)
     }
 
-    /// True when the VM has no devices.
-    pub fn is_empty(&self) -> bool {
-        self.slots.is_empty()
-    }
-
     /// The table the guest finds its devices in.
     pub fn table(&self) -> DeviceTable {
         let entries = self
@@ -269,11 +264,6 @@ impl Devices {
     /// The counters of every device.
     pub fn stats(&self) -> Vec<DeviceStats> {
         self.slots.iter().map(|s| s.stats.clone()).collect()
-    }
-
-    /// True when `addr` is inside the device window (whether or not a device is there).
-    pub fn in_window(addr: u64) -> bool {
-        (DEVICE_WINDOW_GPA..DEVICE_WINDOW_GPA + DEVICE_WINDOW_LEN).contains(&addr)
     }
 
     fn slot(&mut self, addr: u64) -> Option<(&mut Slot, u64)> {

@@ -175,15 +175,6 @@ pub struct Queue {
     pub max_size: u16,
 }
 
-fn ring_len(ring: &str, size: u16) -> (u64, u64) {
-    let size = u64::from(size);
-    match ring {
-        "descriptor table" => (16 * size, 16),
-        "available ring" => (6 + 2 * size, 2),
-        _ => (6 + 8 * size, 4),
-    }
-}
-
 impl Queue {
     /// A queue of at most `max_size` entries, not yet set up.
     pub fn new(max_size: u16) -> Self {
@@ -197,12 +188,13 @@ impl Queue {
         if size == 0 || !size.is_power_of_two() || size > self.max_size {
             return Err(QueueError::Size { size, max: self.max_size });
         }
-        for (ring, addr) in [
-            ("descriptor table", self.state.desc),
-            ("available ring", self.state.avail),
-            ("used ring", self.state.used),
+        let n = u64::from(size);
+        // (ring, address, length for this size, alignment), as the virtio spec lays them out.
+        for (ring, addr, len, align) in [
+            ("descriptor table", self.state.desc, 16 * n, 16),
+            ("available ring", self.state.avail, 6 + 2 * n, 2),
+            ("used ring", self.state.used, 6 + 8 * n, 4),
         ] {
-            let (len, align) = ring_len(ring, size);
             if !addr.is_multiple_of(align) || !mem.check_range(GuestAddress(addr), len as usize) {
                 return Err(QueueError::Ring { ring, addr, len });
             }
