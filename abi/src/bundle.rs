@@ -4,22 +4,24 @@
 //! ```text
 //!   offset  size  field
 //!   0       8     magic "THAWFUNC"
-//!   8       4     format version: 1, or 2 when the bundle has a data volume
+//!   8       4     format version: 1; 2 when the bundle has a data volume; 3 when it has
+//!                 service connections (with or without a volume)
 //!   12      4     header length (64)
 //!   16      4     manifest length
 //!   20      4     reserved, zero
 //!   24      8     wasm length
 //!   32      8     total length = 64 + manifest length + wasm length + volume length
 //!   40      4     CRC-32 (IEEE) of header bytes 0..40 followed by the manifest
-//!   44      8     volume length (version 2; zero in version 1)
+//!   44      8     volume length (versions 2 and 3; zero in version 1)
 //!   52      12    reserved, zero
 //!   64      ...   manifest (below), the wasm module, then the data volume (`crate::volume`)
 //! ```
 //!
 //! The manifest is a sequence of little-endian fields; a string is a u16 length and UTF-8 bytes:
 //! name (string), wasm SHA-256 (32 bytes), memory MiB (u32), fuel (u64, 0 = unlimited),
-//! args (u16 count, strings), env (u16 count, `KEY=VALUE` strings), and, exactly when the bundle
-//! has a volume, the volume's SHA-256 (32 bytes).
+//! args (u16 count, strings), env (u16 count, `KEY=VALUE` strings), in version 3 the service
+//! connections (u16 count, each a name string and a u32 vsock port), and, exactly when the
+//! bundle has a volume, the volume's SHA-256 (32 bytes).
 //!
 //! Every length is checked against the bytes present and against the caps below before use, and
 //! every failure names the field and value. The CRC covers metadata only; the wasm and volume
@@ -36,8 +38,10 @@ use crate::le::{put_string, u32_at, u64_at};
 pub const MAGIC: [u8; 8] = *b"THAWFUNC";
 /// The bundle format version this code writes for a bundle without a data volume.
 pub const FORMAT_VERSION: u32 = 1;
-/// The version it writes for a bundle with one (and the newest it reads).
+/// The version it writes for a bundle with one.
 pub const FORMAT_VERSION_WITH_VOLUME: u32 = 2;
+/// The version it writes for a bundle with service connections (and the newest it reads).
+pub const FORMAT_VERSION_WITH_CONNECTIONS: u32 = 3;
 /// Header size.
 pub const HEADER_LEN: usize = 64;
 /// Largest manifest.
@@ -52,6 +56,21 @@ pub const MAX_LIST_ENTRIES: usize = 256;
 pub const MAX_STRING_BYTES: usize = 4096;
 /// Largest linear memory a function may ask for.
 pub const MAX_MEMORY_MIB: u32 = 4096;
+/// Most service connections.
+pub const MAX_CONNECTIONS: usize = 16;
+/// Longest connection name.
+pub const MAX_CONNECTION_NAME_BYTES: usize = 32;
+
+/// A host service the function is given a socket to (`thaw pack --connect NAME=PORT`): the
+/// guest sees a preopened socket fd, named by the environment variable `THAW_CONNECT_<NAME>`,
+/// that connects to vsock port `port` of the host on first use.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Connection {
+    /// 1-32 of `[A-Za-z0-9_]`, unique in the manifest.
+    pub name: String,
+    /// The host's vsock port: 1 to 2^32 - 2 (2^32 - 1 means "any port" in vsock).
+    pub port: u32,
+}
 
 /// What a bundle says about its function.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -68,6 +87,8 @@ pub struct Manifest {
     pub args: Vec<String>,
     /// `KEY=VALUE` entries the function sees through `environ_get`.
     pub env: Vec<String>,
+    /// Host services the function connects to (bundle version 3).
+    pub connections: Vec<Connection>,
     /// SHA-256 of the data volume, when the bundle has one.
     pub volume_sha256: Option<[u8; 32]>,
 }
@@ -138,7 +159,7 @@ impl fmt::Display for BundleError {
             }
             Self::BadMagic(m) => write!(f, "bundle magic {m:02x?} is not \"THAWFUNC\": not a thaw function bundle"),
             Self::UnsupportedVersion(v) => {
-                write!(f, "bundle format version {v} is not supported (this thaw reads versions 1 and 2)")
+                write!(f, "bundle format version {v} is not supported (this thaw reads versions 1 to 3)")
             }
             Self::BadHeader { field, value, expected } => {
                 write!(f, "bundle header: {field} is {value}, expected {expected}")
@@ -260,7 +281,39 @@ impl Manifest {
         if let Some(entry) = self.env.iter().find(|e| e.split_once('=').is_none_or(|(k, _)| k.is_empty())) {
             return bad("env", alloc::format!("{entry:?} is not KEY=VALUE"));
         }
+        if self.connections.len() > MAX_CONNECTIONS {
+            return bad(
+                "connections",
+                alloc::format!("{} entries, more than {MAX_CONNECTIONS}", self.connections.len()),
+            );
+        }
+        for (i, c) in self.connections.iter().enumerate() {
+            let name_ok = |ch: char| ch.is_ascii_alphanumeric() || ch == '_';
+            if c.name.is_empty() || c.name.len() > MAX_CONNECTION_NAME_BYTES || !c.name.chars().all(name_ok) {
+                return bad(
+                    "connections",
+                    alloc::format!("name {:?} is not 1-{MAX_CONNECTION_NAME_BYTES} of [A-Za-z0-9_]", c.name),
+                );
+            }
+            if c.port == 0 || c.port == u32::MAX {
+                return bad("connections", alloc::format!("{}: port {} is outside 1..=4294967294", c.name, c.port));
+            }
+            if self.connections[..i].iter().any(|other| other.name == c.name) {
+                return bad("connections", alloc::format!("name {:?} is given twice", c.name));
+            }
+        }
         Ok(())
+    }
+
+    /// The format version a bundle with this manifest is written in.
+    pub fn format_version(&self) -> u32 {
+        if !self.connections.is_empty() {
+            FORMAT_VERSION_WITH_CONNECTIONS
+        } else if self.volume_sha256.is_some() {
+            FORMAT_VERSION_WITH_VOLUME
+        } else {
+            FORMAT_VERSION
+        }
     }
 
     /// The manifest's encoding.
@@ -276,14 +329,21 @@ impl Manifest {
                 put_string(&mut out, entry);
             }
         }
+        if self.format_version() == FORMAT_VERSION_WITH_CONNECTIONS {
+            out.extend_from_slice(&(self.connections.len() as u16).to_le_bytes());
+            for c in &self.connections {
+                put_string(&mut out, &c.name);
+                out.extend_from_slice(&c.port.to_le_bytes());
+            }
+        }
         if let Some(sha) = &self.volume_sha256 {
             out.extend_from_slice(sha);
         }
         out
     }
 
-    /// Decodes and validates a manifest.
-    pub fn decode(bytes: &[u8]) -> Result<Self, BundleError> {
+    /// Decodes and validates the manifest of a bundle of format `version`.
+    pub fn decode(bytes: &[u8], version: u32) -> Result<Self, BundleError> {
         let mut r = Reader { bytes };
         let name = r.string("name")?;
         let mut wasm_sha256 = [0; 32];
@@ -292,12 +352,27 @@ impl Manifest {
         let fuel = Some(r.u64("fuel")?).filter(|&f| f != 0);
         let args = r.list("args")?;
         let env = r.list("env")?;
+        let mut connections = Vec::new();
+        if version >= FORMAT_VERSION_WITH_CONNECTIONS {
+            let count = r.u16("connections")? as usize;
+            if count > MAX_CONNECTIONS {
+                return Err(BundleError::BadField {
+                    field: "connections",
+                    reason: alloc::format!("{count} entries, more than {MAX_CONNECTIONS}"),
+                });
+            }
+            for _ in 0..count {
+                let name = r.string("connections")?;
+                let port = r.u32("connections")?;
+                connections.push(Connection { name, port });
+            }
+        }
         let volume_sha256 = match r.bytes.len() {
             0 => None,
             32 => Some(r.take(32, "volume sha256")?.try_into().unwrap_or([0; 32])),
             n => return Err(BundleError::TrailingManifestBytes(n)),
         };
-        let manifest = Self { name, wasm_sha256, memory_mib, fuel, args, env, volume_sha256 };
+        let manifest = Self { name, wasm_sha256, memory_mib, fuel, args, env, connections, volume_sha256 };
         manifest.validate()?;
         Ok(manifest)
     }
@@ -309,7 +384,7 @@ impl Manifest {
 pub fn encode(manifest: &Manifest, wasm: &[u8], volume: &[u8]) -> Vec<u8> {
     let manifest_bytes = manifest.encode();
     let total = (HEADER_LEN + manifest_bytes.len() + wasm.len() + volume.len()) as u64;
-    let version = if volume.is_empty() { FORMAT_VERSION } else { FORMAT_VERSION_WITH_VOLUME };
+    let version = manifest.format_version();
     let mut header = [0u8; HEADER_LEN];
     header[0..8].copy_from_slice(&MAGIC);
     header[8..12].copy_from_slice(&version.to_le_bytes());
@@ -341,7 +416,7 @@ pub fn parse(bytes: &[u8]) -> Result<Bundle<'_>, BundleError> {
         return Err(BundleError::BadMagic(magic));
     }
     let version = u32_at(bytes, 8);
-    if version != FORMAT_VERSION && version != FORMAT_VERSION_WITH_VOLUME {
+    if !(FORMAT_VERSION..=FORMAT_VERSION_WITH_CONNECTIONS).contains(&version) {
         return Err(BundleError::UnsupportedVersion(version));
     }
     let header_len = u32_at(bytes, 12);
@@ -371,6 +446,13 @@ pub fn parse(bytes: &[u8]) -> Result<Bundle<'_>, BundleError> {
             expected: "1 to 1073741824 in version 2",
         });
     }
+    if version == FORMAT_VERSION_WITH_CONNECTIONS && volume_len > crate::volume::MAX_VOLUME_BYTES {
+        return Err(BundleError::BadHeader {
+            field: "volume length",
+            value: volume_len,
+            expected: "at most 1073741824 in version 3",
+        });
+    }
     let declared = u64_at(bytes, 32);
     let without_volume = (HEADER_LEN + manifest_len) as u64 + wasm_len;
     if declared != without_volume + volume_len {
@@ -393,7 +475,14 @@ pub fn parse(bytes: &[u8]) -> Result<Bundle<'_>, BundleError> {
     if stored != computed {
         return Err(BundleError::Checksum { stored, computed });
     }
-    let manifest = Manifest::decode(manifest_bytes)?;
+    let manifest = Manifest::decode(manifest_bytes, version)?;
+    if manifest.format_version() != version {
+        return Err(BundleError::BadHeader {
+            field: "format version",
+            value: version.into(),
+            expected: "1 without volume or connections, 2 with a volume only, 3 with connections",
+        });
+    }
     if manifest.volume_sha256.is_some() != (volume_len > 0) {
         return Err(BundleError::BadField {
             field: "volume sha256",
@@ -419,6 +508,7 @@ mod tests {
             fuel: Some(1000),
             args: vec!["hello".into(), "--x".into()],
             env: vec!["GREETING=hi".into()],
+            connections: Vec::new(),
             volume_sha256: None,
         }
     }
@@ -450,7 +540,7 @@ mod tests {
         assert_eq!((parsed.wasm, parsed.volume, parsed.manifest), (&wasm[..], None, m.clone()));
         assert!(parse(&bytes[..bytes.len() - 1]).is_err(), "a partial volume is not a stripped one");
         // The manifest's volume hash and the header's volume length must agree.
-        assert!(parse(&encode(&manifest(), wasm, &volume)).unwrap_err().to_string().contains("volume sha256"));
+        assert!(parse(&encode(&manifest(), wasm, &volume)).unwrap_err().to_string().contains("volume length"));
         let mut v1_with_volume = bytes.clone();
         v1_with_volume[8] = 1;
         assert!(parse(&v1_with_volume).unwrap_err().to_string().contains("volume length"));
@@ -496,6 +586,40 @@ mod tests {
         // A manifest whose string length points past its end.
         let mut bytes = manifest().encode();
         bytes[0] = 200;
-        assert_eq!(Manifest::decode(&bytes), Err(BundleError::ManifestTruncated("name")));
+        assert_eq!(Manifest::decode(&bytes, FORMAT_VERSION), Err(BundleError::ManifestTruncated("name")));
+        let connection = |name: &str, port| Connection { name: name.into(), port };
+        for (connections, message) in [
+            (vec![connection("db", 0)], "port 0"),
+            (vec![connection("db", u32::MAX)], "port 4294967295"),
+            (vec![connection("d-b", 1)], "\"d-b\""),
+            (vec![connection("db", 1), connection("db", 2)], "given twice"),
+            (vec![connection("db", 1); MAX_CONNECTIONS + 1], "more than 16"),
+        ] {
+            let m = Manifest { connections, ..manifest() };
+            assert!(m.validate().unwrap_err().to_string().contains(message), "{message}");
+        }
+    }
+
+    #[test]
+    fn connections_make_version_3_with_or_without_a_volume() {
+        let wasm = b"\0asm\x01\0\0\0";
+        let connections =
+            vec![Connection { name: "db".into(), port: 5000 }, Connection { name: "cache".into(), port: 7 }];
+        let m = Manifest { connections, ..manifest() };
+        let bytes = encode(&m, wasm, &[]);
+        assert_eq!(&bytes[..12], b"THAWFUNC\x03\0\0\0");
+        assert_eq!(parse(&bytes).unwrap().manifest, m);
+        let volume = crate::volume::build(&[("f".into(), b"x".to_vec())], &[]).unwrap();
+        let with_volume = Manifest { volume_sha256: Some([9; 32]), ..m.clone() };
+        let both = encode(&with_volume, wasm, &volume);
+        let parsed = parse(&both).unwrap();
+        assert_eq!((parsed.manifest, parsed.volume), (with_volume, Some(&volume[..])));
+        // A version that does not match the manifest's contents is refused.
+        let mut v2 = bytes.clone();
+        v2[8] = 2;
+        assert!(parse(&v2).is_err());
+        let mut v3 = encode(&manifest(), wasm, &[]);
+        v3[8] = 3;
+        assert!(parse(&v3).is_err());
     }
 }

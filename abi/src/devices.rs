@@ -43,6 +43,21 @@ pub const MAX_QUEUES: usize = 8;
 /// Largest queue size any device offers.
 pub const MAX_QUEUE_SIZE: u16 = 256;
 
+/// vsock addressing and thaw's one addition to the virtio-vsock protocol.
+pub mod vsock {
+    /// The host's CID: guest connections to it reach the host's services.
+    pub const HOST_CID: u64 = 2;
+    /// The CID every thaw guest has (each VM has its own device, so they need not differ).
+    pub const GUEST_CID: u64 = 3;
+    /// A notification of this queue (the event queue, which thaw never otherwise uses) means
+    /// "the driver is waiting for data": the VMM waits, a bounded time, for a host socket to
+    /// become readable before it answers. thaw raises no interrupts, so a polling guest needs
+    /// this to wait without spinning through exits.
+    pub const WAIT_QUEUE: u16 = 2;
+    /// How long the VMM waits on one [`WAIT_QUEUE`] notification, in milliseconds.
+    pub const WAIT_MS: u32 = 10;
+}
+
 /// What a device is. The discriminant is the virtio device ID.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 #[repr(u16)]

@@ -106,6 +106,9 @@ pub const IMPLEMENTED: &[&str] = &[
     "proc_exit",
     "random_get",
     "sched_yield",
+    "sock_recv",
+    "sock_send",
+    "sock_shutdown",
 ];
 
 /// The preview1 function named `name`.
@@ -117,8 +120,14 @@ pub fn lookup(name: &str) -> Option<&'static Function> {
 pub mod errno {
     /// Success.
     pub const SUCCESS: u16 = 0;
+    /// Resource unavailable, try again.
+    pub const AGAIN: u16 = 6;
     /// Bad file descriptor.
     pub const BADF: u16 = 8;
+    /// Connection refused.
+    pub const CONNREFUSED: u16 = 14;
+    /// Connection reset.
+    pub const CONNRESET: u16 = 15;
     /// Bad address.
     pub const FAULT: u16 = 21;
     /// Invalid argument.
@@ -135,8 +144,14 @@ pub mod errno {
     pub const NAMETOOLONG: u16 = 37;
     /// No such file or directory.
     pub const NOENT: u16 = 44;
+    /// The socket is not connected.
+    pub const NOTCONN: u16 = 53;
     /// Not a directory.
     pub const NOTDIR: u16 = 54;
+    /// Not a socket.
+    pub const NOTSOCK: u16 = 57;
+    /// Broken pipe.
+    pub const PIPE: u16 = 64;
     /// Read-only file system.
     pub const ROFS: u16 = 69;
     /// Illegal seek.

@@ -265,6 +265,7 @@ mod tests {
             fuel: None,
             args: vec![],
             env: vec![],
+            connections: Vec::new(),
             volume_sha256: None,
         };
         let e = Function::from_bundle(bundle::encode(&manifest, &wasm, &[])).unwrap_err().to_string();

@@ -108,7 +108,7 @@ pub fn run(args: &BenchArgs) -> Result<u8, String> {
         ..VmConfig::default()
     };
     if let (Some(function), Some(path)) = (&function, &args.function.function) {
-        crate::devices::add_volume(&mut config, function, path);
+        crate::devices::add_function_devices(&mut config, function, path);
     }
     let what =
         function.as_ref().map_or("kernel boots".to_string(), |f| format!("cold invocations of {}", f.manifest.name));

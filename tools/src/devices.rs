@@ -5,20 +5,28 @@ use std::path::{Path, PathBuf};
 
 use abi::devices::DeviceKind;
 use clap::Args;
+use host_vmm::virtio::vsock::Services;
 use host_vmm::virtio::{ConsoleSink, DeviceStats, VolumeFile, VolumeSource};
 use host_vmm::{Function, Image, VmConfig};
 
-/// `--devices`, `--console` and `--eager-devices`.
+/// `--devices`, `--console`, `--service`, `--vsock-uds` and `--eager-devices`.
 #[derive(Args, Debug, Default)]
 pub struct DeviceArgs {
-    /// Virtio devices for a cold-booted VM, comma-separated: console, entropy. A VM restored
-    /// from an image has the devices the image was taken with.
+    /// Virtio devices for a cold-booted VM, comma-separated: console, entropy, vsock (a bundle
+    /// with a data volume adds block, one with --connect adds vsock). A VM restored from an
+    /// image has the devices the image was taken with.
     #[arg(long, value_name = "LIST", value_delimiter = ',', value_parser = parse_kind)]
     devices: Vec<DeviceKind>,
     /// Send the function's stderr, and the guest's log from the function's start, to the virtio
     /// console, which writes them to FILE ("-": thaw's stderr). Adds a console to a cold-booted VM.
     #[arg(long, value_name = "FILE")]
     console: Option<PathBuf>,
+    /// The host Unix socket that the guest's vsock connections to PORT reach (repeatable).
+    #[arg(long = "service", value_name = "PORT=SOCKET", value_parser = parse_service)]
+    services: Vec<(u32, PathBuf)>,
+    /// Connections to any other port P reach the Unix socket PATH_P (Firecracker's convention).
+    #[arg(long, value_name = "PATH")]
+    vsock_uds: Option<PathBuf>,
     /// Attach every device's backend when the VM is restored instead of on its first use (to
     /// measure what lazy attachment saves).
     #[arg(long)]
@@ -32,21 +40,33 @@ pub struct DeviceArgs {
 /// Parses a `--devices` entry.
 pub fn parse_kind(name: &str) -> Result<DeviceKind, String> {
     match DeviceKind::from_name(name) {
-        Some(kind @ (DeviceKind::Console | DeviceKind::Entropy)) => Ok(kind),
+        Some(kind @ (DeviceKind::Console | DeviceKind::Entropy | DeviceKind::Vsock)) => Ok(kind),
         Some(DeviceKind::Block) => {
             Err("a block device comes with a data volume: pack the function with --data-dir".into())
         }
-        Some(kind) => Err(format!("the {kind} device is not built yet (console, entropy and block are)")),
-        None => Err(format!("unknown device {name:?}; known devices: console, entropy")),
+        None => Err(format!("unknown device {name:?}; known devices: console, entropy, vsock")),
     }
 }
 
-/// Gives a cold-booted VM for `function` (its bundle at `path`) a block device over the
-/// bundle's data volume, if it has one.
-pub fn add_volume(config: &mut VmConfig, function: &Function, path: &Path) {
+/// Parses a `--service PORT=SOCKET` entry.
+fn parse_service(text: &str) -> Result<(u32, PathBuf), String> {
+    let (port, path) = text.split_once('=').ok_or_else(|| format!("{text:?} is not PORT=SOCKET"))?;
+    let port = port.parse().map_err(|_| format!("{text:?}: port {port:?} is not a number"))?;
+    if path.is_empty() {
+        return Err(format!("{text:?}: the socket path is empty"));
+    }
+    Ok((port, path.into()))
+}
+
+/// Gives a cold-booted VM for `function` (its bundle at `path`) the devices its bundle needs:
+/// a block device over its data volume, and vsock for its service connections.
+pub fn add_function_devices(config: &mut VmConfig, function: &Function, path: &Path) {
     if let Some((offset, len)) = function.volume {
         config.devices.push(DeviceKind::Block);
         config.backends.volume = Some(VolumeSource { file: VolumeFile::Path(path.to_path_buf()), offset, len });
+    }
+    if !function.manifest.connections.is_empty() && !config.devices.contains(&DeviceKind::Vsock) {
+        config.devices.push(DeviceKind::Vsock);
     }
 }
 
@@ -83,6 +103,8 @@ impl DeviceArgs {
 
     fn apply_backends(&self, config: &mut VmConfig) {
         config.eager_devices = self.eager_devices;
+        config.backends.services =
+            Services { ports: self.services.iter().cloned().collect(), uds_path: self.vsock_uds.clone() };
         if let Some(path) = &self.console {
             config.console_log = true;
             config.backends.console =

@@ -97,7 +97,7 @@ pub fn run(args: &InvokeArgs) -> Result<u8, String> {
         ..VmConfig::default()
     };
     args.devices.apply_boot(&mut config)?;
-    crate::devices::add_volume(&mut config, &function, &args.function);
+    crate::devices::add_function_devices(&mut config, &function, &args.function);
     let mut kernel_log = Vec::new();
     let report = if args.verbose {
         host_vmm::run_kernel(&kernel, &config, &mut std::io::stderr().lock())

@@ -3,7 +3,7 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use abi::bundle::{self, Manifest};
+use abi::bundle::{self, Connection, Manifest};
 use clap::Args;
 use host_vmm::function::{self, FunctionKind};
 
@@ -35,6 +35,11 @@ pub struct PackArgs {
     /// sees as /data (regular files and directories only; at most 1 GiB).
     #[arg(long, value_name = "DIR")]
     data_dir: Option<PathBuf>,
+    /// A host service the function talks to (repeatable): the function gets a socket fd, named
+    /// by the environment variable THAW_CONNECT_<NAME>, that connects to vsock port PORT of the
+    /// host on first use (serve it with `thaw invoke|restore --service PORT=SOCKET`).
+    #[arg(long = "connect", value_name = "NAME=PORT", value_parser = parse_connection)]
+    connections: Vec<Connection>,
     /// Where to write the bundle.
     #[arg(short, long, value_name = "FUNCTION.thaw")]
     output: PathBuf,
@@ -62,10 +67,18 @@ pub fn example_bundle(name: &str, memory_mib: u32) -> Result<Vec<u8>, String> {
         fuel: None,
         args: vec![name.into()],
         env: Vec::new(),
+        connections: Vec::new(),
         volume_sha256: None,
     };
     manifest.validate().map_err(|e| format!("example {name}: {e}"))?;
     Ok(bundle::encode(&manifest, wasm, &[]))
+}
+
+/// Parses a `--connect NAME=PORT` entry (the manifest validates the name and port).
+fn parse_connection(text: &str) -> Result<Connection, String> {
+    let (name, port) = text.split_once('=').ok_or_else(|| format!("{text:?} is not NAME=PORT"))?;
+    let port = port.parse().map_err(|_| format!("{text:?}: port {port:?} is not a number from 1 to 4294967294"))?;
+    Ok(Connection { name: name.into(), port })
 }
 
 /// Builds a data volume from the tree at `dir`: regular files and directories, with UTF-8 names.
@@ -169,6 +182,7 @@ pub fn run(args: &PackArgs) -> Result<u8, String> {
         memory_mib: args.memory,
         fuel: args.fuel,
         env: args.env.clone(),
+        connections: args.connections.clone(),
         volume_sha256: None,
     };
     manifest.validate().map_err(|e| format!("{input}: {e}"))?;
@@ -180,7 +194,10 @@ pub fn run(args: &PackArgs) -> Result<u8, String> {
         FunctionKind::Reactor => "reactor",
         FunctionKind::Command => "command",
     };
-    let data = if volume.is_empty() { String::new() } else { format!(", a {}-byte data volume", volume.len()) };
+    let mut data = if volume.is_empty() { String::new() } else { format!(", a {}-byte data volume", volume.len()) };
+    for c in &manifest.connections {
+        data.push_str(&format!(", {} on vsock port {}", c.name, c.port));
+    }
     eprintln!(
         "thaw: packed {} ({kind}, {} bytes of wasm, {} MiB memory{data}) into {}",
         manifest.name,

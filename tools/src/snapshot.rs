@@ -31,7 +31,7 @@ pub fn run(args: &SnapshotArgs) -> Result<u8, String> {
     let timeout = crate::kernel::parse_timeout(args.timeout)?;
     let mut config = VmConfig::default();
     args.devices.apply_boot(&mut config)?;
-    crate::devices::add_volume(&mut config, &function, &args.function);
+    crate::devices::add_function_devices(&mut config, &function, &args.function);
     let status = snapshot_function(&function, &args.output, timeout, config)
         .map_err(|e| format!("{}: {e}", args.function.display()))?;
     eprintln!("thaw: {status}");

@@ -109,6 +109,7 @@ fn invoke_refuses_wasm_bytes_that_do_not_match_or_are_not_wasm() {
         fuel: None,
         args: vec![],
         env: vec![],
+        connections: Vec::new(),
         volume_sha256: None,
     };
     let line = invoke(&s.file("junk.thaw", &abi::bundle::encode(&manifest, junk, &[])));

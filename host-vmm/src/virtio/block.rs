@@ -104,7 +104,8 @@ impl DeviceModel for Block {
         &self.config
     }
 
-    fn notify(&mut self, _index: u32, queue: &mut Queue, mem: &GuestMemoryMmap) -> Result<(), DeviceError> {
+    fn notify(&mut self, index: u32, queues: &mut [Queue], mem: &GuestMemoryMmap) -> Result<(), DeviceError> {
+        let queue = super::queue(queues, index)?;
         while let Some(chain) = queue.pop(mem)? {
             let header = chain.read_all(mem, 16)?;
             if header.len() < 16 {
@@ -178,7 +179,7 @@ mod tests {
         descriptor(mem, 2, DATA + 0x100 + u64::from(data_len), 1, WRITE, 0);
         offer(mem, &[0]);
         let mut q = ready_queue(8);
-        block.notify(0, &mut q, mem).unwrap();
+        block.notify(0, std::slice::from_mut(&mut q), mem).unwrap();
         mem.read_obj::<u8>(GuestAddress(DATA + 0x100 + u64::from(data_len))).unwrap()
     }
 
@@ -214,10 +215,10 @@ mod tests {
         let (mut block, _file) = device();
         descriptor(&mem, 0, DATA, 8, 0, 0);
         offer(&mem, &[0]);
-        let e = block.notify(0, &mut ready_queue(8), &mem).unwrap_err();
+        let e = block.notify(0, &mut [ready_queue(8)], &mem).unwrap_err();
         assert!(e.is_guest_error() && e.to_string().contains("header length"), "{e}");
         descriptor(&mem, 0, DATA, 16, 0, 0);
-        let e = block.notify(0, &mut ready_queue(8), &mem).unwrap_err();
+        let e = block.notify(0, &mut [ready_queue(8)], &mem).unwrap_err();
         assert!(e.to_string().contains("status byte"), "{e}");
     }
 

@@ -53,10 +53,11 @@ impl DeviceModel for Console {
         &[64, 64]
     }
 
-    fn notify(&mut self, index: u32, queue: &mut Queue, mem: &GuestMemoryMmap) -> Result<(), DeviceError> {
+    fn notify(&mut self, index: u32, queues: &mut [Queue], mem: &GuestMemoryMmap) -> Result<(), DeviceError> {
         if index == RECEIVEQ {
             return Ok(());
         }
+        let queue = super::queue(queues, index)?;
         while let Some(chain) = queue.pop(mem)? {
             let bytes = chain.read_all(mem, MAX_CHAIN)?;
             self.attach()?;
@@ -103,17 +104,16 @@ mod tests {
         let mem = memory();
         let buffer = Arc::new(Mutex::new(Vec::new()));
         let mut console = Console::new(ConsoleSink::Buffer(buffer.clone()));
-        let mut rx = ready_queue(8);
+        let mut queues = [ready_queue(8), ready_queue(8)];
         offer(&mem, &[]);
-        console.notify(RECEIVEQ, &mut rx, &mem).unwrap();
+        console.notify(RECEIVEQ, &mut queues, &mem).unwrap();
         assert!(!console.attached(), "receive buffers need no backend");
 
-        let mut tx = ready_queue(8);
         vm_memory::Bytes::write_slice(&mem, b"one\ntwo\n", vm_memory::GuestAddress(DATA)).unwrap();
         descriptor(&mem, 0, DATA, 4, 0, 0);
         descriptor(&mem, 1, DATA + 4, 4, 0, 0);
         offer(&mem, &[0, 1]);
-        console.notify(1, &mut tx, &mem).unwrap();
+        console.notify(1, &mut queues, &mem).unwrap();
         assert!(console.attached());
         assert_eq!(buffer.lock().unwrap().as_slice(), b"one\ntwo\n");
     }

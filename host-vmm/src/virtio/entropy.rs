@@ -27,7 +27,8 @@ impl DeviceModel for Entropy {
         &[64]
     }
 
-    fn notify(&mut self, _index: u32, queue: &mut Queue, mem: &GuestMemoryMmap) -> Result<(), DeviceError> {
+    fn notify(&mut self, index: u32, queues: &mut [Queue], mem: &GuestMemoryMmap) -> Result<(), DeviceError> {
+        let queue = super::queue(queues, index)?;
         while let Some(chain) = queue.pop(mem)? {
             self.attach()?;
             let mut bytes = vec![0u8; chain.writable_len().min(MAX_REQUEST) as usize];

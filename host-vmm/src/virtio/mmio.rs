@@ -270,7 +270,7 @@ impl MmioDevice {
         if !q.state.ready {
             return Err(DeviceError::Queue(super::queue::QueueError::NotReady));
         }
-        self.model.notify(queue, q, mem)
+        self.model.notify(queue, &mut self.queues, mem)
     }
 
     /// The transport state a snapshot keeps.

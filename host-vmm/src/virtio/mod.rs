@@ -16,6 +16,7 @@ pub mod console;
 pub mod entropy;
 pub mod mmio;
 pub mod queue;
+pub mod vsock;
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -29,6 +30,11 @@ use vm_memory::GuestMemoryMmap;
 
 use self::mmio::MmioDevice;
 use self::queue::{Queue, QueueError};
+
+/// Queue `index` of `queues`.
+fn queue(queues: &mut [Queue], index: u32) -> Result<&mut Queue, DeviceError> {
+    queues.get_mut(index as usize).ok_or(DeviceError::NoSuchQueue(index))
+}
 
 /// What went wrong with a device. [`DeviceError::Backend`] is the host's problem; every other
 /// variant is the guest's, and fails its VM.
@@ -91,8 +97,9 @@ pub trait DeviceModel: Send {
     fn config(&self) -> &[u8] {
         &[]
     }
-    /// Serves a notification of queue `index`, attaching the backend first if it is needed.
-    fn notify(&mut self, index: u32, queue: &mut Queue, mem: &GuestMemoryMmap) -> Result<(), DeviceError>;
+    /// Serves a notification of queue `index` (one of `queues`, which the transport checked is
+    /// ready), attaching the backend first if it is needed.
+    fn notify(&mut self, index: u32, queues: &mut [Queue], mem: &GuestMemoryMmap) -> Result<(), DeviceError>;
     /// Attaches the backend now.
     fn attach(&mut self) -> Result<(), DeviceError>;
     /// Whether the backend is attached.
@@ -138,6 +145,8 @@ pub struct Backends {
     pub console: ConsoleSink,
     /// The block device's volume.
     pub volume: Option<VolumeSource>,
+    /// The host services vsock connections reach.
+    pub services: vsock::Services,
 }
 
 fn model(kind: DeviceKind, backends: &Backends) -> Result<Box<dyn DeviceModel>, DeviceError> {
@@ -145,9 +154,7 @@ fn model(kind: DeviceKind, backends: &Backends) -> Result<Box<dyn DeviceModel>, 
         DeviceKind::Console => Ok(Box::new(console::Console::new(backends.console.clone()))),
         DeviceKind::Entropy => Ok(Box::new(entropy::Entropy::default())),
         DeviceKind::Block => Ok(Box::new(block::Block::new(backends.volume.clone()))),
-        DeviceKind::Vsock => {
-            Err(DeviceError::Config(format!("the {kind} device is not built yet (console, entropy and block are)")))
-        }
+        DeviceKind::Vsock => Ok(Box::new(vsock::Vsock::new(backends.services.clone()))),
     }
 }
 
@@ -314,7 +321,6 @@ mod tests {
         let table = devices.table();
         table.validate().unwrap();
         assert_eq!(table.find(DeviceKind::Entropy, 1).unwrap().gpa, DEVICE_WINDOW_GPA + 2 * REGISTER_WINDOW_LEN);
-        assert!(Devices::new(&[DeviceKind::Vsock], &Backends::default()).is_err());
         assert!(Devices::new(&[DeviceKind::Entropy; MAX_DEVICES + 1], &Backends::default()).is_err());
     }
 
