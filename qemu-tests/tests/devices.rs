@@ -84,12 +84,12 @@ fn field(device: &str, key: &str) -> String {
 fn hello_restored_with_devices_attaches_no_backend_and_takes_no_device_exit() {
     let data = tempfile::tempdir().unwrap();
     let data = data_dir(data.path());
-    let (_dir, image) = image_with_pack("hello", &["--data-dir", &data], &["--devices", "console,entropy"]);
+    let (_dir, image) = image_with_pack("hello", &["--data-dir", &data], &["--devices", "console,entropy,vsock"]);
     let run = thaw(&["invoke", &image, "--data", r#"{"name": "lazy"}"#, "--stats", "json"]);
     assert_eq!(run.code, Some(0), "{run:#?}");
     assert_eq!(run.stdout, "{\"greeting\":\"Hello, lazy!\"}\n");
     let stats = stats(&run);
-    for kind in ["console", "entropy", "block"] {
+    for kind in ["console", "entropy", "block", "vsock"] {
         let d = device(stats, kind);
         assert_eq!(field(d, "attached"), "false", "{d}");
         assert_eq!(field(d, "exits"), "0", "{d}");
@@ -104,11 +104,11 @@ fn hello_restored_with_devices_attaches_no_backend_and_takes_no_device_exit() {
 
 #[test]
 fn eager_devices_attach_every_backend_at_restore() {
-    let (_dir, image) = image_with_devices("hello", "console,entropy");
+    let (_dir, image) = image_with_devices("hello", "console,entropy,vsock");
     let run = thaw(&["invoke", &image, "--data", "{}", "--stats", "json", "--eager-devices"]);
     assert_eq!(run.code, Some(0), "{run:#?}");
     let stats = stats(&run);
-    for kind in ["console", "entropy"] {
+    for kind in ["console", "entropy", "vsock"] {
         let d = device(stats, kind);
         assert_eq!(field(d, "attached"), "true", "{d}");
         assert_eq!(field(d, "exits"), "0", "{d}");

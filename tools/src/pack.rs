@@ -46,15 +46,17 @@ pub struct PackArgs {
 }
 
 /// The example functions (Rust, compiled to wasm32-wasip1 by the workspace build).
-const EXAMPLES: [(&str, &[u8]); 5] = [
+const EXAMPLES: [(&str, &[u8]); 6] = [
     ("hello", include_bytes!(env!("CARGO_CDYLIB_FILE_EXAMPLE_HELLO_example_hello"))),
     ("json-transform", include_bytes!(env!("CARGO_CDYLIB_FILE_EXAMPLE_JSON_TRANSFORM_example_json_transform"))),
     ("random", include_bytes!(env!("CARGO_CDYLIB_FILE_EXAMPLE_RANDOM_example_random"))),
     ("heavy-init", include_bytes!(env!("CARGO_CDYLIB_FILE_EXAMPLE_HEAVY_INIT_example_heavy_init"))),
     ("data-reader", include_bytes!(env!("CARGO_CDYLIB_FILE_EXAMPLE_DATA_READER_example_data_reader"))),
+    ("service-client", include_bytes!(env!("CARGO_CDYLIB_FILE_EXAMPLE_SERVICE_CLIENT_example_service_client"))),
 ];
 /// The names of the built-in examples.
-pub const EXAMPLE_NAMES: [&str; 5] = [EXAMPLES[0].0, EXAMPLES[1].0, EXAMPLES[2].0, EXAMPLES[3].0, EXAMPLES[4].0];
+pub const EXAMPLE_NAMES: [&str; 6] =
+    [EXAMPLES[0].0, EXAMPLES[1].0, EXAMPLES[2].0, EXAMPLES[3].0, EXAMPLES[4].0, EXAMPLES[5].0];
 
 /// A bundle of the built-in example `name` with default settings and `memory_mib` of memory.
 pub fn example_bundle(name: &str, memory_mib: u32) -> Result<Vec<u8>, String> {

@@ -11,10 +11,13 @@
 //!   `abi::params::FLAG_CONSOLE_LOG` (otherwise they go to the log hypercall and the response);
 //! - entropy: `random_get`, when the VM has the device;
 //! - block: the function's data volume (`abi::volume`), whose directory is read at boot and
-//!   whose files are read on demand (`crate::function::fs` serves them as `/data`).
+//!   whose files are read on demand (`crate::function::fs` serves them as `/data`);
+//! - vsock: streams to host services (`vsock.rs`; `crate::function::sockets` serves them as
+//!   preopened sockets). Under QEMU there is none: QEMU's vsock needs the host's vhost-vsock.
 
 mod hal;
 mod pci;
+pub mod vsock;
 
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicBool, Ordering};
@@ -38,6 +41,8 @@ type Transport = SomeTransport<'static>;
 
 /// `Device::gpa` of a device found on the PCI bus (QEMU), which is never relocated.
 const ON_PCI: u64 = u64::MAX;
+/// The virtio-mmio QueueNotify register's offset.
+const QUEUE_NOTIFY: usize = 0x50;
 
 /// Largest piece sent to the console at once (the VMM takes up to 64 KiB per buffer).
 const CONSOLE_CHUNK: usize = 4096;
@@ -100,6 +105,18 @@ impl<D> Device<D> {
     }
 }
 
+/// Notifies queue `queue` of the device at `gpa` directly, outside its driver (thaw's VMM only;
+/// nothing for a device on PCI or none).
+fn notify_queue(gpa: u64, queue: u16) {
+    if gpa == 0 || gpa == ON_PCI {
+        return;
+    }
+    // SAFETY: `gpa` is a register window from the VMM's validated device table, identity-mapped
+    // and uncached; QueueNotify is a 32-bit register at an aligned offset inside it, and a store
+    // there has no effect beyond the device's own queue processing.
+    unsafe { hal::mmio_window(gpa).add(QUEUE_NOTIFY).cast::<u32>().as_ptr().write_volatile(queue.into()) }
+}
+
 static CONSOLE: Mutex<Device<VirtIOConsole<ThawHal, Transport>>> = Mutex::new(Device::none(DeviceKind::Console));
 static ENTROPY: Mutex<Device<VirtIORng<ThawHal, Transport>>> = Mutex::new(Device::none(DeviceKind::Entropy));
 static BLOCK: Mutex<Device<VirtIOBlk<ThawHal, Transport>>> = Mutex::new(Device::none(DeviceKind::Block));
@@ -145,6 +162,9 @@ pub fn init() {
             let _ = ENTROPY.lock().driver(setup_entropy);
         }
         BLOCK.lock().locate(&table);
+        if vsock::VSOCK.lock().locate(&table) {
+            let _ = vsock::VSOCK.lock().driver(vsock::setup);
+        }
     } else {
         for (kind, transport) in pci::virtio_devices() {
             match kind {
@@ -160,6 +180,7 @@ pub fn init() {
         ("console", CONSOLE.lock().driver.is_some()),
         ("entropy", ENTROPY.lock().driver.is_some()),
         ("block", BLOCK.lock().gpa != 0),
+        ("vsock", vsock::VSOCK.lock().driver.is_some()),
     ] {
         if found {
             crate::println!("thaw-guest: virtio {name} ({transport})");
@@ -235,6 +256,7 @@ pub fn restored(params: &HostParams) {
     CONSOLE.lock().locate(&table);
     ENTROPY.lock().locate(&table);
     BLOCK.lock().locate(&table);
+    vsock::VSOCK.lock().locate(&table);
     apply_flags(params);
 }
 

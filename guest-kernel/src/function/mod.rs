@@ -9,6 +9,7 @@
 //! the serial line under QEMU (`abi::qemu`). Everything else is the same on both.
 
 mod fs;
+mod sockets;
 mod wasi;
 
 use alloc::string::{String, ToString};
@@ -99,6 +100,7 @@ impl Transport {
         match self {
             Self::Serial => Ok(None),
             Self::Mailbox => {
+                crate::devices::vsock::quiesce();
                 let io_table = crate::iotable::location().encode();
                 hypercall::with_payload(&io_table, |len| Hypercall::Checkpoint { len });
                 // SAFETY: the VMM wrote the result into the hypercall page (over the payload)

@@ -3,7 +3,8 @@
 //! function's stderr, so the user sees it next to the function's own messages.
 //!
 //! fd 0 reads the request, fd 1 and fd 2 collect the response and the function's stderr (fd 2
-//! goes to the virtio console instead when the VMM asks for it). Args and env come from the
+//! goes to the virtio console instead when the VMM asks for it), fd 3 is `/data` (`fs.rs`), and
+//! fds from 100 are the preopened sockets to host services (`sockets.rs`). Args and env come from the
 //! manifest, clocks from the host parameters page plus the TSC, randomness from the virtio
 //! entropy device when the VM has one, else from a ChaCha20 CSPRNG seeded with the host's
 //! entropy. All guest-memory accesses are bounds-checked
@@ -22,6 +23,7 @@ use rand_chacha::rand_core::{RngCore, SeedableRng};
 use wasmi::{Caller, Error, Extern, FuncType, Linker, StoreLimits, Val, ValType};
 
 use super::fs::Files;
+use super::sockets::Sockets;
 use crate::platform;
 
 /// Per-store WASI state.
@@ -42,12 +44,16 @@ pub struct WasiCtx {
     warned: BTreeSet<&'static str>,
     /// The data volume's open files and directories (`/data`, fd 3, when there is one).
     files: Files,
+    /// The sockets to host services.
+    sockets: Sockets,
 }
 
 impl WasiCtx {
     /// State for the function `manifest` describes.
     pub fn new(manifest: &Manifest, limits: StoreLimits, params: &HostParams) -> Self {
+        let sockets = Sockets::new(&manifest.connections);
         let mut env = manifest.env.clone();
+        env.extend(sockets.env());
         env.push(instance_env(params));
         Self {
             limits,
@@ -61,6 +67,7 @@ impl WasiCtx {
             clock: platform::Clock::new(params),
             warned: BTreeSet::new(),
             files: Files::new(),
+            sockets,
         }
     }
 
@@ -143,6 +150,7 @@ fn fd_write(mut caller: Ctx<'_>, fd: i32, iovs: i32, count: i32, nwritten: i32) 
         1 => &mut ctx.stdout,
         2 if crate::devices::console_log() => return console_write(mem, iovs, count, nwritten),
         2 => &mut ctx.stderr,
+        _ if ctx.sockets.has(fd as u32) => return socket_send(mem, ctx, fd, iovs, count, nwritten),
         _ => return i32::from(errno::BADF),
     };
     code((|| {
@@ -175,8 +183,52 @@ fn console_write(mem: &mut [u8], iovs: i32, count: i32, nwritten: i32) -> i32 {
     })())
 }
 
+/// `fd_write` and `sock_send` on a socket: sends every buffer.
+fn socket_send(mem: &mut [u8], ctx: &mut WasiCtx, fd: i32, iovs: i32, count: i32, nwritten: i32) -> i32 {
+    code((|| {
+        let mut total = 0u32;
+        for (ptr, len) in iovecs(mem, iovs, count)? {
+            if let Err(e) = ctx.sockets.send(fd as u32, slice(mem, ptr as i32, len)?) {
+                return Some(e);
+            }
+            total = total.wrapping_add(len);
+        }
+        put_u32(mem, nwritten, total)?;
+        Some(errno::SUCCESS)
+    })())
+}
+
+/// `fd_read` and `sock_recv` on a socket: waits for bytes and spreads them over the buffers.
+fn socket_recv(mem: &mut [u8], ctx: &mut WasiCtx, fd: i32, iovs: i32, count: i32, nread: i32) -> i32 {
+    const MAX_READ: u32 = 64 << 10;
+    code((|| {
+        let buffers = iovecs(mem, iovs, count)?;
+        let want = buffers.iter().fold(0u32, |sum, (_, len)| sum.saturating_add(*len)).min(MAX_READ);
+        let mut bytes = alloc::vec![0u8; want as usize];
+        let n = if want == 0 {
+            0
+        } else {
+            match ctx.sockets.recv(fd as u32, &mut bytes) {
+                Ok(n) => n,
+                Err(e) => return Some(e),
+            }
+        };
+        let mut rest = &bytes[..n];
+        for (ptr, len) in buffers {
+            let take = rest.len().min(len as usize);
+            slice_mut(mem, ptr as i32, take as u32)?.copy_from_slice(&rest[..take]);
+            rest = &rest[take..];
+        }
+        put_u32(mem, nread, n as u32)?;
+        Some(errno::SUCCESS)
+    })())
+}
+
 fn fd_read(mut caller: Ctx<'_>, fd: i32, iovs: i32, count: i32, nread: i32) -> i32 {
     let Some((mem, ctx)) = memory(&mut caller) else { return i32::from(errno::FAULT) };
+    if ctx.sockets.has(fd as u32) {
+        return socket_recv(mem, ctx, fd, iovs, count, nread);
+    }
     if fd != 0 {
         return code((|| {
             let mut total = 0u32;
@@ -212,7 +264,42 @@ fn fd_close(mut caller: Ctx<'_>, fd: i32) -> i32 {
     if (0..=2).contains(&fd) {
         return i32::from(errno::SUCCESS);
     }
-    i32::from(caller.data_mut().files.close(fd as u32).err().unwrap_or(errno::SUCCESS))
+    let ctx = caller.data_mut();
+    let result = if ctx.sockets.has(fd as u32) { ctx.sockets.close(fd as u32) } else { ctx.files.close(fd as u32) };
+    i32::from(result.err().unwrap_or(errno::SUCCESS))
+}
+
+fn sock_send(mut caller: Ctx<'_>, fd: i32, iovs: i32, count: i32, _flags: i32, nwritten: i32) -> i32 {
+    let Some((mem, ctx)) = memory(&mut caller) else { return i32::from(errno::FAULT) };
+    if !ctx.sockets.has(fd as u32) {
+        return i32::from(if (0..=3).contains(&fd) { errno::NOTSOCK } else { errno::BADF });
+    }
+    socket_send(mem, ctx, fd, iovs, count, nwritten)
+}
+
+#[allow(clippy::too_many_arguments)] // the WASI signature
+fn sock_recv(mut caller: Ctx<'_>, fd: i32, iovs: i32, count: i32, _flags: i32, nread: i32, flags_out: i32) -> i32 {
+    let Some((mem, ctx)) = memory(&mut caller) else { return i32::from(errno::FAULT) };
+    if !ctx.sockets.has(fd as u32) {
+        return i32::from(if (0..=3).contains(&fd) { errno::NOTSOCK } else { errno::BADF });
+    }
+    if slice_mut(mem, flags_out, 2).map(|f| f.fill(0)).is_none() {
+        return i32::from(errno::FAULT);
+    }
+    socket_recv(mem, ctx, fd, iovs, count, nread)
+}
+
+fn sock_shutdown(mut caller: Ctx<'_>, fd: i32, how: i32) -> i32 {
+    const BOTH: i32 = 3;
+    let sockets = &mut caller.data_mut().sockets;
+    if !sockets.has(fd as u32) {
+        return i32::from(errno::BADF);
+    }
+    if how != BOTH {
+        // The vsock driver closes both directions at once; half-closing is not offered.
+        return i32::from(errno::INVAL);
+    }
+    i32::from(sockets.close(fd as u32).err().unwrap_or(errno::SUCCESS))
 }
 
 fn fd_fdstat_get(mut caller: Ctx<'_>, fd: i32, buf: i32) -> i32 {
@@ -222,6 +309,10 @@ fn fd_fdstat_get(mut caller: Ctx<'_>, fd: i32, buf: i32) -> i32 {
     let (filetype, rights, inheriting) = match fd {
         0 => (CHARACTER_DEVICE, RIGHT_FD_READ, 0),
         1 | 2 => (CHARACTER_DEVICE, RIGHT_FD_WRITE, 0),
+        _ if caller.data().sockets.has(fd as u32) => match caller.data().sockets.fdstat(fd as u32) {
+            Ok((filetype, rights)) => (filetype, rights, 0),
+            Err(e) => return i32::from(e),
+        },
         _ => match caller.data().files.fdstat(fd as u32) {
             Ok((filetype, rights)) => (filetype, rights, rights),
             Err(e) => return i32::from(e),
@@ -291,7 +382,7 @@ fn path_open(
 }
 
 fn fd_seek(mut caller: Ctx<'_>, fd: i32, delta: i64, whence: i32, new_offset: i32) -> i32 {
-    if (0..=2).contains(&fd) {
+    if (0..=2).contains(&fd) || caller.data().sockets.has(fd as u32) {
         return i32::from(errno::SPIPE);
     }
     let Some((mem, ctx)) = memory(&mut caller) else { return i32::from(errno::FAULT) };
@@ -302,7 +393,7 @@ fn fd_seek(mut caller: Ctx<'_>, fd: i32, delta: i64, whence: i32, new_offset: i3
 }
 
 fn fd_tell(mut caller: Ctx<'_>, fd: i32, offset: i32) -> i32 {
-    if (0..=2).contains(&fd) {
+    if (0..=2).contains(&fd) || caller.data().sockets.has(fd as u32) {
         return i32::from(errno::SPIPE);
     }
     let Some((mem, ctx)) = memory(&mut caller) else { return i32::from(errno::FAULT) };
@@ -324,9 +415,10 @@ fn put_stat(mem: &mut [u8], buf: i32, stat: Result<super::fs::Stat, u16>) -> i32
 
 fn fd_filestat_get(mut caller: Ctx<'_>, fd: i32, buf: i32) -> i32 {
     let Some((mem, ctx)) = memory(&mut caller) else { return i32::from(errno::FAULT) };
-    if (0..=2).contains(&fd) {
+    let socket = ctx.sockets.has(fd as u32);
+    if (0..=2).contains(&fd) || socket {
         let mut stat = [0u8; 64];
-        stat[16] = 2; // a character device
+        stat[16] = if socket { 6 } else { 2 }; // a stream socket, or a character device
         return code(slice_mut(mem, buf, 64).map(|dest| {
             dest.copy_from_slice(&stat);
             errno::SUCCESS
@@ -435,6 +527,9 @@ pub fn define(linker: &mut Linker<WasiCtx>) -> Result<(), wasmi::errors::LinkerE
     linker.func_wrap(m, "random_get", random_get)?;
     linker.func_wrap(m, "proc_exit", proc_exit)?;
     linker.func_wrap(m, "sched_yield", sched_yield)?;
+    linker.func_wrap(m, "sock_send", sock_send)?;
+    linker.func_wrap(m, "sock_recv", sock_recv)?;
+    linker.func_wrap(m, "sock_shutdown", sock_shutdown)?;
     for function in wasi::FUNCTIONS.iter().filter(|f| !wasi::IMPLEMENTED.contains(&f.name)) {
         let params = function.params.iter().map(|t| match t {
             wasi::ValType::I32 => ValType::I32,
