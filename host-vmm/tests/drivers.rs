@@ -71,7 +71,7 @@ unsafe impl Hal for TestHal {
     fn dma_alloc(pages: usize, _direction: BufferDirection) -> (PhysAddr, NonNull<u8>) {
         let gpa = allocate(pages * PAGE_SIZE);
         let host = arena_memory().get_host_address(GuestAddress(gpa)).unwrap();
-        (gpa as PhysAddr, NonNull::new(host).unwrap())
+        (gpa, NonNull::new(host).unwrap())
     }
 
     unsafe fn dma_dealloc(_paddr: PhysAddr, _vaddr: NonNull<u8>, _pages: usize) -> i32 {
@@ -90,14 +90,14 @@ unsafe impl Hal for TestHal {
             let bytes = unsafe { std::slice::from_raw_parts(buffer.as_ptr().cast::<u8>(), len) };
             arena_memory().write_slice(bytes, GuestAddress(gpa)).unwrap();
         }
-        gpa as PhysAddr
+        gpa
     }
 
     unsafe fn unshare(paddr: PhysAddr, buffer: NonNull<[u8]>, direction: BufferDirection) {
         if direction != BufferDirection::DriverToDevice {
             // SAFETY: the driver passes back the buffer it shared, valid for writes.
             let bytes = unsafe { std::slice::from_raw_parts_mut(buffer.as_ptr().cast::<u8>(), buffer.len()) };
-            arena_memory().read_slice(bytes, GuestAddress(paddr as u64)).unwrap();
+            arena_memory().read_slice(bytes, GuestAddress(paddr)).unwrap();
         }
     }
 }
@@ -174,7 +174,7 @@ impl Transport for TestTransport {
         self.write(0x038, size);
         for (low, addr) in [(0x080, desc), (0x090, driver), (0x0a0, device)] {
             self.write(low, addr as u32);
-            self.write(low + 4, (addr as u64 >> 32) as u32);
+            self.write(low + 4, (addr >> 32) as u32);
         }
         self.write(0x044, 1);
     }
