@@ -169,6 +169,9 @@ fn device_options_that_cannot_work_are_refused_with_one_line() {
     let run = thaw(&["invoke", &image, "--data", "{}", "--devices", "console"]);
     assert_eq!(run.code, Some(125), "{run:#?}");
     assert!(run.stderr.contains("a restored VM has the devices its image was taken with"), "{run:#?}");
+    let run = thaw(&["invoke", &image, "--data", "{}", "--service", "5000=/tmp/nothing.sock"]);
+    assert_eq!(run.code, Some(125), "{run:#?}");
+    assert!(run.stderr.contains("the image has no vsock device"), "{run:#?}");
     let run = thaw(&["run", "--devices", "floppy"]);
     assert_eq!(run.code, Some(2), "{run:#?}");
     assert!(run.stderr.contains("unknown device \"floppy\""), "{run:#?}");

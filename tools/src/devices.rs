@@ -96,6 +96,13 @@ impl DeviceArgs {
         if self.console.is_some() && !devices.iter().any(|d| d.kind == DeviceKind::Console as u16) {
             return Err("--console: the image has no console device (take the snapshot with --devices console)".into());
         }
+        let has_vsock = devices.iter().any(|d| d.kind == DeviceKind::Vsock as u16);
+        if (!self.services.is_empty() || self.vsock_uds.is_some()) && !has_vsock {
+            return Err(
+                "--service/--vsock-uds: the image has no vsock device (pack with --connect, or take the snapshot with --devices vsock)"
+                    .into(),
+            );
+        }
         config.device_slot = self.move_devices;
         self.apply_backends(config);
         Ok(())

@@ -4,11 +4,11 @@
 //!
 //! fd 0 reads the request, fd 1 and fd 2 collect the response and the function's stderr (fd 2
 //! goes to the virtio console instead when the VMM asks for it), fd 3 is `/data` (`fs.rs`), and
-//! fds from 100 are the preopened sockets to host services (`sockets.rs`). Args and env come from the
-//! manifest, clocks from the host parameters page plus the TSC, randomness from the virtio
+//! fds from 100 are the preopened sockets to host services (`sockets.rs`). Args and env come from
+//! the manifest, clocks from the host parameters page plus the TSC, randomness from the virtio
 //! entropy device when the VM has one, else from a ChaCha20 CSPRNG seeded with the host's
-//! entropy. All guest-memory accesses are bounds-checked
-//! against the module's linear memory; a bad pointer gets `EFAULT`, never a trap of ours.
+//! entropy. All guest-memory accesses are bounds-checked against the module's linear memory; a
+//! bad pointer gets `EFAULT`, never a trap of ours.
 
 use alloc::collections::BTreeSet;
 use alloc::string::String;
@@ -269,10 +269,16 @@ fn fd_close(mut caller: Ctx<'_>, fd: i32) -> i32 {
     i32::from(result.err().unwrap_or(errno::SUCCESS))
 }
 
+/// The errno of a socket call on `fd`, which is not a socket: `ENOTSOCK` for another open fd.
+fn not_a_socket(ctx: &WasiCtx, fd: i32) -> i32 {
+    let open = (0..=2).contains(&fd) || ctx.files.fdstat(fd as u32).is_ok();
+    i32::from(if open { errno::NOTSOCK } else { errno::BADF })
+}
+
 fn sock_send(mut caller: Ctx<'_>, fd: i32, iovs: i32, count: i32, _flags: i32, nwritten: i32) -> i32 {
     let Some((mem, ctx)) = memory(&mut caller) else { return i32::from(errno::FAULT) };
     if !ctx.sockets.has(fd as u32) {
-        return i32::from(if (0..=3).contains(&fd) { errno::NOTSOCK } else { errno::BADF });
+        return not_a_socket(ctx, fd);
     }
     socket_send(mem, ctx, fd, iovs, count, nwritten)
 }
@@ -281,7 +287,7 @@ fn sock_send(mut caller: Ctx<'_>, fd: i32, iovs: i32, count: i32, _flags: i32, n
 fn sock_recv(mut caller: Ctx<'_>, fd: i32, iovs: i32, count: i32, _flags: i32, nread: i32, flags_out: i32) -> i32 {
     let Some((mem, ctx)) = memory(&mut caller) else { return i32::from(errno::FAULT) };
     if !ctx.sockets.has(fd as u32) {
-        return i32::from(if (0..=3).contains(&fd) { errno::NOTSOCK } else { errno::BADF });
+        return not_a_socket(ctx, fd);
     }
     if slice_mut(mem, flags_out, 2).map(|f| f.fill(0)).is_none() {
         return i32::from(errno::FAULT);
@@ -291,15 +297,15 @@ fn sock_recv(mut caller: Ctx<'_>, fd: i32, iovs: i32, count: i32, _flags: i32, n
 
 fn sock_shutdown(mut caller: Ctx<'_>, fd: i32, how: i32) -> i32 {
     const BOTH: i32 = 3;
-    let sockets = &mut caller.data_mut().sockets;
-    if !sockets.has(fd as u32) {
-        return i32::from(errno::BADF);
+    let ctx = caller.data_mut();
+    if !ctx.sockets.has(fd as u32) {
+        return not_a_socket(ctx, fd);
     }
     if how != BOTH {
         // The vsock driver closes both directions at once; half-closing is not offered.
         return i32::from(errno::INVAL);
     }
-    i32::from(sockets.close(fd as u32).err().unwrap_or(errno::SUCCESS))
+    i32::from(ctx.sockets.close(fd as u32).err().unwrap_or(errno::SUCCESS))
 }
 
 fn fd_fdstat_get(mut caller: Ctx<'_>, fd: i32, buf: i32) -> i32 {
@@ -309,10 +315,7 @@ fn fd_fdstat_get(mut caller: Ctx<'_>, fd: i32, buf: i32) -> i32 {
     let (filetype, rights, inheriting) = match fd {
         0 => (CHARACTER_DEVICE, RIGHT_FD_READ, 0),
         1 | 2 => (CHARACTER_DEVICE, RIGHT_FD_WRITE, 0),
-        _ if caller.data().sockets.has(fd as u32) => match caller.data().sockets.fdstat(fd as u32) {
-            Ok((filetype, rights)) => (filetype, rights, 0),
-            Err(e) => return i32::from(e),
-        },
+        _ if let Ok((filetype, rights)) = caller.data().sockets.fdstat(fd as u32) => (filetype, rights, 0),
         _ => match caller.data().files.fdstat(fd as u32) {
             Ok((filetype, rights)) => (filetype, rights, rights),
             Err(e) => return i32::from(e),
@@ -415,10 +418,10 @@ fn put_stat(mem: &mut [u8], buf: i32, stat: Result<super::fs::Stat, u16>) -> i32
 
 fn fd_filestat_get(mut caller: Ctx<'_>, fd: i32, buf: i32) -> i32 {
     let Some((mem, ctx)) = memory(&mut caller) else { return i32::from(errno::FAULT) };
-    let socket = ctx.sockets.has(fd as u32);
-    if (0..=2).contains(&fd) || socket {
+    let socket = ctx.sockets.fdstat(fd as u32).ok();
+    if (0..=2).contains(&fd) || socket.is_some() {
         let mut stat = [0u8; 64];
-        stat[16] = if socket { 6 } else { 2 }; // a stream socket, or a character device
+        stat[16] = socket.map_or(2, |(filetype, _)| filetype); // a socket, or a character device
         return code(slice_mut(mem, buf, 64).map(|dest| {
             dest.copy_from_slice(&stat);
             errno::SUCCESS

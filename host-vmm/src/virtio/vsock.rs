@@ -276,11 +276,11 @@ impl Vsock {
     fn connect(&mut self, key: Key, h: &Header) {
         self.attached = true;
         self.connections.remove(&key);
-        let stream = self.services.path(key.1).and_then(|path| UnixStream::connect(path).ok());
-        let Some(stream) = stream.filter(|s| s.set_nonblocking(true).is_ok()) else { return self.reset(key) };
         if self.connections.len() >= MAX_CONNECTIONS {
             return self.reset(key);
         }
+        let stream = self.services.path(key.1).and_then(|path| UnixStream::connect(path).ok());
+        let Some(stream) = stream.filter(|s| s.set_nonblocking(true).is_ok()) else { return self.reset(key) };
         let connection = Connection {
             stream,
             peer_buf_alloc: h.buf_alloc,
