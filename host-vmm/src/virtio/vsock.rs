@@ -20,9 +20,10 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::io::{ErrorKind, Read, Write};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use abi::devices::DeviceKind;
 use abi::devices::vsock::{GUEST_CID, HOST_CID, WAIT_MS, WAIT_QUEUE};
@@ -83,6 +84,35 @@ impl Services {
             })
         })
     }
+}
+
+/// Connects a non-blocking stream to the Unix socket at `path` without waiting: a service whose
+/// accept backlog is full refuses (`EAGAIN`) instead of stalling the vCPU thread.
+fn connect(path: &Path) -> std::io::Result<UnixStream> {
+    let bytes = path.as_os_str().as_bytes();
+    // SAFETY: an all-zero sockaddr_un is a valid (unnamed) address.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    if bytes.len() >= addr.sun_path.len() || bytes.contains(&0) {
+        return Err(ErrorKind::InvalidInput.into());
+    }
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (to, from) in addr.sun_path.iter_mut().zip(bytes) {
+        *to = *from as libc::c_char;
+    }
+    // SAFETY: plain socket creation; the result is checked before use.
+    let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a socket this function just created and nothing else owns.
+    let stream = unsafe { UnixStream::from_raw_fd(fd) };
+    let len = std::mem::offset_of!(libc::sockaddr_un, sun_path) + bytes.len() + 1;
+    // SAFETY: `addr` is a valid sockaddr_un, NUL-terminated within `len` bytes of its size.
+    let rc = unsafe { libc::connect(fd, (&raw const addr).cast::<libc::sockaddr>(), len as libc::socklen_t) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(stream)
 }
 
 /// A packet header (virtio-vsock `struct virtio_vsock_hdr`, little-endian).
@@ -279,8 +309,9 @@ impl Vsock {
         if self.connections.len() >= MAX_CONNECTIONS {
             return self.reset(key);
         }
-        let stream = self.services.path(key.1).and_then(|path| UnixStream::connect(path).ok());
-        let Some(stream) = stream.filter(|s| s.set_nonblocking(true).is_ok()) else { return self.reset(key) };
+        let Some(stream) = self.services.path(key.1).and_then(|path| connect(&path).ok()) else {
+            return self.reset(key);
+        };
         let connection = Connection {
             stream,
             peer_buf_alloc: h.buf_alloc,
@@ -699,6 +730,22 @@ mod tests {
         let mut small = Guest::with_rx_buffers(Services::default(), 8);
         let e = small.send(header(op::REQUEST, 1, 0), &[]).unwrap_err();
         assert!(e.to_string().contains("vsock receive buffer length"), "{e}");
+    }
+
+    #[test]
+    fn a_service_with_a_full_backlog_refuses_at_once() {
+        let (_dir, path, listener) = service();
+        // SAFETY: lowers the backlog of a socket the test owns and that already listens.
+        assert_eq!(unsafe { libc::listen(listener.as_raw_fd(), 0) }, 0);
+        let mut guest = Guest::new(Services { ports: [(5000, path)].into(), uds_path: None });
+        let mut ops = Vec::new();
+        for port in 0..4 {
+            let mut request = header(op::REQUEST, 5000, 0);
+            request.src_port = 2000 + port;
+            ops.extend(guest.send(request, &[]).unwrap().iter().map(|(h, _)| h.op));
+        }
+        assert_eq!(ops.first(), Some(&op::RESPONSE), "{ops:?}");
+        assert_eq!(ops.last(), Some(&op::RST), "never accepted, never waited for: {ops:?}");
     }
 
     #[test]
