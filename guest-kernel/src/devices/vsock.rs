@@ -72,6 +72,14 @@ struct Streams {
     next_port: u32,
 }
 
+impl Streams {
+    /// Forgets everything about the stream at `local`.
+    fn remove(&mut self, local: u32) {
+        self.state.remove(&local);
+        self.unreported.remove(&local);
+    }
+}
+
 static STREAMS: Mutex<Streams> =
     Mutex::new(Streams { state: BTreeMap::new(), unreported: BTreeMap::new(), next_port: FIRST_LOCAL_PORT });
 
@@ -89,12 +97,12 @@ fn drain(manager: &mut Manager, streams: &mut Streams) -> Result<(), StreamError
         };
         let local = event.destination.port;
         let Some(state) = streams.state.get_mut(&local) else { continue };
-        *state = match (event.event_type, *state) {
-            (VsockEventType::Connected, _) => State::Open,
-            (VsockEventType::Disconnected { reason: DisconnectReason::Shutdown }, _) => State::PeerClosed,
-            (VsockEventType::Disconnected { reason: DisconnectReason::Reset }, _) => State::Reset,
-            (_, current) => current,
-        };
+        match event.event_type {
+            VsockEventType::Connected => *state = State::Open,
+            VsockEventType::Disconnected { reason: DisconnectReason::Shutdown } => *state = State::PeerClosed,
+            VsockEventType::Disconnected { reason: DisconnectReason::Reset } => *state = State::Reset,
+            _ => {}
+        }
     }
 }
 
@@ -120,13 +128,13 @@ pub fn connect(port: u32) -> Result<u32, StreamError> {
                 Some(State::Open) => return Ok(local),
                 Some(State::Connecting) => wait(),
                 _ => {
-                    streams.state.remove(&local);
+                    streams.remove(local);
                     return Err(StreamError::Refused);
                 }
             }
         }
         let _ = manager.force_close(host(port), local);
-        streams.state.remove(&local);
+        streams.remove(local);
         Err(StreamError::Refused)
     })
 }
@@ -208,8 +216,7 @@ pub fn close(port: u32, local: u32) {
     let _ = with(|manager, streams, _| {
         let _ = drain(manager, streams);
         let _ = manager.shutdown(host(port), local);
-        streams.state.remove(&local);
-        streams.unreported.remove(&local);
+        streams.remove(local);
         Ok(())
     });
 }
@@ -218,8 +225,7 @@ pub fn close(port: u32, local: u32) {
 pub fn forget(port: u32, local: u32) {
     let _ = with(|manager, streams, _| {
         let _ = manager.force_close(host(port), local);
-        streams.state.remove(&local);
-        streams.unreported.remove(&local);
+        streams.remove(local);
         Ok(())
     });
 }
@@ -227,10 +233,6 @@ pub fn forget(port: u32, local: u32) {
 /// Takes the device's pending events, so nothing is in flight when the VM is checkpointed.
 pub fn quiesce() {
     if VSOCK.lock().driver.is_some() {
-        let _ = with(drain_all);
+        let _ = with(|manager, streams, _| drain(manager, streams));
     }
-}
-
-fn drain_all(manager: &mut Manager, streams: &mut Streams, _: &dyn Fn()) -> Result<(), StreamError> {
-    drain(manager, streams)
 }
