@@ -4,9 +4,10 @@
 //! 64-bit code segment from the boot GDT, CR3 at our page tables, RSP at the top of the kernel
 //! stack and RDI pointing to the BootInfo, the state the `bootloader` crate hands a kernel.
 
-use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES, kvm_cpuid_entry2, kvm_fpu, kvm_regs, kvm_segment, kvm_sregs};
-use kvm_ioctls::{Kvm, VcpuFd};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use crate::memory::GuestRam;
+use kvm_bindings::{kvm_cpuid_entry2, kvm_fpu, kvm_regs, kvm_segment, kvm_sregs};
+use kvm_ioctls::VcpuFd;
+use vm_memory::{Bytes, GuestAddress};
 
 use crate::layout::GDT_GPA;
 
@@ -43,9 +44,6 @@ pub enum CpuError {
         /// The error.
         source: kvm_ioctls::Error,
     },
-    /// The CPUID table could not be built.
-    #[error("building the CPUID table: {0}")]
-    CpuidTable(String),
     /// Writing the boot GDT failed.
     #[error("writing the boot GDT: {0}")]
     Gdt(#[from] vm_memory::GuestMemoryError),
@@ -78,14 +76,6 @@ pub fn thaw_cpuid(supported: &[kvm_cpuid_entry2]) -> Vec<kvm_cpuid_entry2> {
         ..Default::default()
     });
     entries
-}
-
-/// Installs thaw's CPUID on the vCPU.
-pub fn set_cpuid(kvm_fd: &Kvm, vcpu: &VcpuFd) -> Result<(), CpuError> {
-    let supported = kvm_fd.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm("KVM_GET_SUPPORTED_CPUID"))?;
-    let entries = thaw_cpuid(supported.as_slice());
-    let cpuid = CpuId::from_entries(&entries).map_err(|e| CpuError::CpuidTable(format!("{e:?}")))?;
-    vcpu.set_cpuid2(&cpuid).map_err(kvm("KVM_SET_CPUID2"))
 }
 
 fn segment(selector: u16, type_: u8, long: bool) -> kvm_segment {
@@ -126,7 +116,7 @@ pub fn long_mode_sregs(mut sregs: kvm_sregs, cr3: u64) -> kvm_sregs {
 /// Writes the boot GDT and sets every register the kernel starts with.
 pub fn setup_long_mode(
     vcpu: &VcpuFd,
-    mem: &GuestMemoryMmap,
+    mem: &GuestRam,
     cr3: u64,
     entry: u64,
     stack_pointer: u64,

@@ -12,8 +12,9 @@
 //!    [`watchdog`] interrupts `KVM_RUN` when the wall-clock timeout passes.
 //!
 //! A function's VM can stop at its checkpoint instead ([`CheckpointMode::Capture`]) and be written
-//! to an image ([`snapshot`]); [`Vm::restore`] maps such an image copy-on-write and runs a fresh VM
-//! from it.
+//! to an image ([`snapshot`]). [`instance`] owns the life of a VM restored from such an image
+//! (restore, park, serve, reset, destroy), and [`pool`] keeps VMs parked ahead of requests.
+//! [`host`] holds what is opened once per process: `/dev/kvm` and thaw's CPUID.
 //!
 //! The guest is hostile: nothing it does may panic the host. Its misbehaviour ends its own VM
 //! with an [`Outcome::Failed`] naming what it did; only host-side failures are [`VmmError`]s.
@@ -22,22 +23,26 @@ pub mod bootinfo;
 pub mod cpu;
 pub mod exit;
 pub mod function;
+pub mod host;
+pub mod instance;
 pub mod kernel;
 pub mod layout;
 pub mod mailbox;
+pub mod memory;
+pub mod outcome;
 pub mod paging;
+pub mod pool;
 pub mod serial;
 pub mod snapshot;
 pub mod virtio;
 pub mod vm;
 pub mod watchdog;
 
-pub use exit::{GuestError, Outcome};
 pub use function::{Function, FunctionError, FunctionKind};
+pub use instance::{Instance, Served, serve_fresh};
 pub use kernel::{KernelError, KernelImage};
 pub use mailbox::{FunctionResponse, FunctionStatus};
+pub use outcome::{GuestError, Outcome};
+pub use pool::{Pool, PoolStats};
 pub use snapshot::Image;
-pub use vm::{
-    BootTimings, CheckpointMode, RunReport, Vm, VmConfig, VmmError, host_entropy, next_instance_id, run_image,
-    run_kernel, serve_from_image,
-};
+pub use vm::{BootTimings, CheckpointMode, RunReport, Vm, VmConfig, VmmError, run_kernel};

@@ -7,10 +7,12 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
+use crate::memory::GuestRam;
+use abi::hypercall::HYPERCALL_PAGE_GPA;
 use abi::invoke::{self, NextReply, NextRequest, Range, Response};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
-use crate::exit::GuestError;
+use crate::outcome::GuestError;
 
 /// How one invocation ended, as the guest reported it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,10 +38,24 @@ pub struct FunctionResponse {
     pub handle_time: Duration,
 }
 
+/// What INVOKE_NEXT gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Next {
+    /// This reply, now.
+    Reply(NextReply),
+    /// Nothing yet: the guest waits (parks) in its call until [`Mailbox::deliver`] answers it.
+    Park,
+}
+
 /// Requests waiting for the guest, and the responses it gave.
 #[derive(Debug, Default)]
 pub struct Mailbox {
     pending: VecDeque<Vec<u8>>,
+    /// Serve one request per run: stop the run after each response, and park the guest when no
+    /// request is queued instead of telling it there are no more.
+    one_at_a_time: bool,
+    /// The buffer of a guest parked in INVOKE_NEXT.
+    parked: Option<NextRequest>,
     handed_out: Option<Instant>,
     /// When the guest took its first request.
     pub first_request_at: Option<Instant>,
@@ -53,7 +69,7 @@ fn field_error(what: &str, detail: String) -> GuestError {
     GuestError::Mailbox(format!("{what}: {detail}"))
 }
 
-fn read_range(mem: &GuestMemoryMmap, range: Range, cap: u64, what: &str) -> Result<Vec<u8>, GuestError> {
+fn read_range(mem: &GuestRam, range: Range, cap: u64, what: &str) -> Result<Vec<u8>, GuestError> {
     if range.len > cap {
         return Err(field_error(what, format!("length {} exceeds the {cap}-byte limit", range.len)));
     }
@@ -66,20 +82,63 @@ fn read_range(mem: &GuestMemoryMmap, range: Range, cap: u64, what: &str) -> Resu
     Ok(bytes)
 }
 
+/// Writes the reply to INVOKE_NEXT over its request in the hypercall page.
+pub fn write_reply(mem: &GuestRam, reply: NextReply) -> Result<(), GuestError> {
+    mem.write_slice(&reply.encode(), GuestAddress(HYPERCALL_PAGE_GPA))
+        .map_err(|e| field_error("next-request", format!("writing the reply: {e}")))
+}
+
 impl Mailbox {
-    /// A mailbox holding `requests`, served in order.
+    /// A mailbox holding `requests`, served in order; when they run out the guest is told
+    /// there are no more.
     pub fn new(requests: Vec<Vec<u8>>) -> Self {
         Self { pending: requests.into(), ..Self::default() }
     }
 
-    /// Serves INVOKE_NEXT: copies the next request into the guest's buffer.
-    pub fn next(&mut self, mem: &GuestMemoryMmap, request: &[u8]) -> Result<NextReply, GuestError> {
+    /// A mailbox for a VM that serves requests one at a time as they come: the run stops after
+    /// each response, and when no request is queued the guest parks in INVOKE_NEXT until
+    /// [`Mailbox::deliver`] hands it one.
+    pub fn parking() -> Self {
+        Self { one_at_a_time: true, ..Self::default() }
+    }
+
+    /// True when the run stops after each response.
+    pub fn stops_after_response(&self) -> bool {
+        self.one_at_a_time
+    }
+
+    /// True while the guest waits in INVOKE_NEXT.
+    pub fn is_parked(&self) -> bool {
+        self.parked.is_some()
+    }
+
+    /// Queues `request`. A parked guest gets it now: its buffer is filled and its reply
+    /// written, so the next `KVM_RUN` completes its call.
+    pub fn deliver(&mut self, mem: &GuestRam, request: Vec<u8>) -> Result<(), GuestError> {
+        self.pending.push_back(request);
+        if let Some(parked) = self.parked.take() {
+            let reply = self.answer(mem, parked)?;
+            write_reply(mem, reply)?;
+        }
+        Ok(())
+    }
+
+    /// Serves INVOKE_NEXT: copies the next request into the guest's buffer, or parks the guest.
+    pub fn next(&mut self, mem: &GuestRam, request: &[u8]) -> Result<Next, GuestError> {
         let request = NextRequest::decode(request).ok_or_else(|| {
             field_error("next-request", format!("{} bytes, expected {}", request.len(), NextRequest::LEN))
         })?;
         if self.handed_out.is_some() {
             return Err(field_error("next-request", "asked for a request before answering the previous one".into()));
         }
+        if self.pending.is_empty() && self.one_at_a_time {
+            self.parked = Some(request);
+            return Ok(Next::Park);
+        }
+        self.answer(mem, request).map(Next::Reply)
+    }
+
+    fn answer(&mut self, mem: &GuestRam, request: NextRequest) -> Result<NextReply, GuestError> {
         let Some(bytes) = self.pending.front() else {
             return Ok(NextReply { status: invoke::NEXT_NONE, len: 0 });
         };
@@ -101,7 +160,7 @@ impl Mailbox {
     }
 
     /// Serves INVOKE_RESPOND: copies the response out of guest memory.
-    pub fn respond(&mut self, mem: &GuestMemoryMmap, response: &[u8]) -> Result<(), GuestError> {
+    pub fn respond(&mut self, mem: &GuestRam, response: &[u8]) -> Result<(), GuestError> {
         let response = Response::decode(response)
             .ok_or_else(|| field_error("response", format!("{} bytes, expected {}", response.len(), Response::LEN)))?;
         let Some(handed_out) = self.handed_out.take() else {
@@ -131,8 +190,8 @@ impl Mailbox {
 mod tests {
     use super::*;
 
-    fn mem() -> GuestMemoryMmap {
-        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap()
+    fn mem() -> GuestRam {
+        GuestRam::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap()
     }
 
     fn next(buffer_gpa: u64, capacity: u64) -> [u8; 16] {
@@ -144,9 +203,9 @@ mod tests {
         let mem = mem();
         let mut mailbox = Mailbox::new(vec![b"{\"name\":\"x\"}".to_vec()]);
         let reply = mailbox.next(&mem, &next(0x8000, 4)).unwrap();
-        assert_eq!(reply, NextReply { status: invoke::NEXT_TOO_LARGE, len: 12 });
+        assert_eq!(reply, Next::Reply(NextReply { status: invoke::NEXT_TOO_LARGE, len: 12 }));
         let reply = mailbox.next(&mem, &next(0x8000, 64)).unwrap();
-        assert_eq!(reply, NextReply { status: invoke::NEXT_REQUEST, len: 12 });
+        assert_eq!(reply, Next::Reply(NextReply { status: invoke::NEXT_REQUEST, len: 12 }));
         let mut got = [0u8; 12];
         mem.read_slice(&mut got, GuestAddress(0x8000)).unwrap();
         assert_eq!(&got, b"{\"name\":\"x\"}");
@@ -161,7 +220,42 @@ mod tests {
         mailbox.respond(&mem, &response.encode()).unwrap();
         assert_eq!(mailbox.responses[0].stdout, b"out");
         assert_eq!(mailbox.responses[0].status, FunctionStatus::Ok);
-        assert_eq!(mailbox.next(&mem, &next(0x8000, 64)).unwrap().status, invoke::NEXT_NONE);
+        assert_eq!(
+            mailbox.next(&mem, &next(0x8000, 64)).unwrap(),
+            Next::Reply(NextReply { status: invoke::NEXT_NONE, len: 0 })
+        );
+    }
+
+    #[test]
+    fn a_parked_guest_gets_its_request_when_it_is_delivered() {
+        let mem = mem();
+        let mut mailbox = Mailbox::parking();
+        assert_eq!(mailbox.next(&mem, &next(0x8000, 64)).unwrap(), Next::Park);
+        assert!(mailbox.is_parked());
+        mailbox.deliver(&mem, b"late".to_vec()).unwrap();
+        assert!(!mailbox.is_parked());
+        let reply = NextReply::decode(&{
+            let mut page = [0u8; NextReply::LEN];
+            mem.read_slice(&mut page, GuestAddress(HYPERCALL_PAGE_GPA)).unwrap();
+            page
+        })
+        .unwrap();
+        assert_eq!(reply, NextReply { status: invoke::NEXT_REQUEST, len: 4 });
+        let mut got = [0u8; 4];
+        mem.read_slice(&mut got, GuestAddress(0x8000)).unwrap();
+        assert_eq!(&got, b"late");
+        // Asking again before answering is misuse, parked or not.
+        assert!(mailbox.next(&mem, &next(0x8000, 64)).unwrap_err().to_string().contains("before answering"));
+    }
+
+    #[test]
+    fn a_request_too_large_for_the_parked_buffer_is_offered_again() {
+        let mem = mem();
+        let mut mailbox = Mailbox::parking();
+        assert_eq!(mailbox.next(&mem, &next(0x8000, 2)).unwrap(), Next::Park);
+        mailbox.deliver(&mem, b"longer".to_vec()).unwrap();
+        let reply = mailbox.next(&mem, &next(0x8000, 64)).unwrap();
+        assert_eq!(reply, Next::Reply(NextReply { status: invoke::NEXT_REQUEST, len: 6 }));
     }
 
     #[test]

@@ -5,7 +5,8 @@
 //! page and the stack guard page unmapped; and the physical-memory map at the offset the kernel
 //! asked for, all 2 MiB pages.
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use crate::memory::GuestRam;
+use vm_memory::{Bytes, GuestAddress};
 
 use crate::layout::{LARGE_PAGE_SIZE, PAGE_SIZE, PAGE_TABLES_END, PAGE_TABLES_START, STACK_AREA_START};
 
@@ -146,7 +147,7 @@ impl PageTables {
     }
 
     /// Writes every table into guest memory.
-    pub fn write(&self, mem: &GuestMemoryMmap) -> Result<(), PagingError> {
+    pub fn write(&self, mem: &GuestRam) -> Result<(), PagingError> {
         for (i, table) in self.tables.iter().enumerate() {
             let mut bytes = [0u8; 4096];
             for (chunk, entry) in bytes.as_chunks_mut::<8>().0.iter_mut().zip(table) {

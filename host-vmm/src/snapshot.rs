@@ -9,16 +9,19 @@
 
 use std::fs::File;
 use std::io::{Read, Write};
+use std::num::NonZeroUsize;
 use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
+use crate::memory::GuestRam;
 use abi::devices::DeviceState;
 use abi::image::{self, GuestMetadata, ImageInfo, ImageWriter, MemoryRange, VcpuRecord, record, vm_record};
 use kvm_bindings::{Msrs, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave};
 use kvm_ioctls::VcpuFd;
-use vm_memory::mmap::MmapRegionBuilder;
-use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
+use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::mmap::{MmapRegion, MmapRegionBuilder};
+use vm_memory::{Bytes, FileOffset, GuestAddress, GuestRegionMmap};
 use zerocopy::{FromBytes, IntoBytes};
 
 /// The MSRs a snapshot keeps: the TSC, and what a 64-bit kernel may have programmed.
@@ -170,7 +173,7 @@ pub fn device_records(devices: &[DeviceState]) -> Vec<VcpuRecord> {
 /// (empty for none) to `path`, atomically and read-only.
 pub fn write_image(
     path: &Path,
-    mem: &GuestMemoryMmap,
+    mem: &GuestRam,
     mem_size: u64,
     vcpu: Vec<VcpuRecord>,
     vm: Vec<VcpuRecord>,
@@ -220,6 +223,9 @@ pub struct Image {
     pub info: ImageInfo,
     /// The virtio devices' transport state, decoded from the VM-state section.
     pub devices: Vec<DeviceState>,
+    /// The image's memory mapped read-only, made on first use: what a kept VM's dirty pages
+    /// are copied back from.
+    original: OnceLock<MmapRegion>,
 }
 
 impl Image {
@@ -264,7 +270,7 @@ impl Image {
                 }
             }
         }
-        Ok(Self { file: Arc::new(file), path: path.to_path_buf(), info, devices })
+        Ok(Self { file: Arc::new(file), path: path.to_path_buf(), info, devices, original: OnceLock::new() })
     }
 
     /// Reads `len` bytes of the image's guest memory at `gpa` (holes read as zeros), after
@@ -357,7 +363,13 @@ impl Image {
         if unsafe { libc::fcntl(fd, libc::F_ADD_SEALS, seals) } < 0 {
             return Err(io(std::io::Error::last_os_error()));
         }
-        Ok(Image { file: Arc::new(memfd), path, info: self.info.clone(), devices: self.devices.clone() })
+        Ok(Image {
+            file: Arc::new(memfd),
+            path,
+            info: self.info.clone(),
+            devices: self.devices.clone(),
+            original: OnceLock::new(),
+        })
     }
 
     /// The (start, end) file ranges of memory data (and, with `volume`, of the data volume)
@@ -389,18 +401,35 @@ impl Image {
 
     /// Maps the image's memory copy-on-write: pages come from the shared page cache, writes go
     /// to private memory, and the file is never written.
-    pub fn map_memory(&self) -> Result<GuestMemoryMmap, SnapshotError> {
+    pub fn map_memory(&self) -> Result<GuestRam, SnapshotError> {
+        let len = self.info.memory[0].len as usize;
+        let bitmap = AtomicBitmap::new(len, NonZeroUsize::new(image::PAGE_SIZE as usize).unwrap_or(NonZeroUsize::MIN));
+        let region = self.map(libc::PROT_READ | libc::PROT_WRITE, bitmap)?;
+        let fail = |e: String| SnapshotError::Memory(format!("{}: {e}", self.path.display()));
+        let region = GuestRegionMmap::new(region, GuestAddress(0)).ok_or_else(|| fail("address overflow".into()))?;
+        GuestRam::from_regions(vec![region]).map_err(|e| fail(e.to_string()))
+    }
+
+    /// The image's memory, mapped read-only once and shared by every VM restored from this
+    /// image: what a kept VM's changed pages are copied back from.
+    pub fn original_memory(&self) -> Result<&MmapRegion, SnapshotError> {
+        if let Some(region) = self.original.get() {
+            return Ok(region);
+        }
+        let region = self.map(libc::PROT_READ, ())?;
+        Ok(self.original.get_or_init(|| region))
+    }
+
+    fn map<B: vm_memory::bitmap::Bitmap>(&self, prot: i32, bitmap: B) -> Result<MmapRegion<B>, SnapshotError> {
         let range = self.info.memory[0];
         let fail =
             |e: String| SnapshotError::Memory(format!("{}: mapping {:#x} bytes: {e}", self.path.display(), range.len));
         let file = self.file.try_clone().map_err(|e| fail(e.to_string()))?;
-        let region = MmapRegionBuilder::new(range.len as usize)
-            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+        MmapRegionBuilder::new_with_bitmap(range.len as usize, bitmap)
+            .with_mmap_prot(prot)
             .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
             .with_file_offset(FileOffset::new(file, range.file_offset))
             .build()
-            .map_err(|e| fail(e.to_string()))?;
-        let region = GuestRegionMmap::new(region, GuestAddress(0)).ok_or_else(|| fail("address overflow".into()))?;
-        GuestMemoryMmap::from_regions(vec![region]).map_err(|e| fail(e.to_string()))
+            .map_err(|e| fail(e.to_string()))
     }
 }

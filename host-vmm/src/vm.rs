@@ -16,16 +16,19 @@ use abi::iotable::IoTableLocation;
 use abi::params::{FLAG_CONSOLE_LOG, HOST_PARAMS_GPA, HostParams};
 use bootloader_api::config::Mapping;
 use bootloader_api::info::{MemoryRegion, MemoryRegionKind};
-use kvm_bindings::kvm_userspace_memory_region;
-use kvm_ioctls::{Kvm, VcpuFd, VmFd};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use kvm_bindings::{KVM_MEM_LOG_DIRTY_PAGES, kvm_userspace_memory_region};
+use kvm_ioctls::{VcpuFd, VmFd};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use crate::bootinfo::{self, BootParams};
 use crate::cpu::{self, CpuError};
-use crate::exit::{ExitAction, ExitError, ExitHandler, Outcome};
+use crate::exit::{ExitAction, ExitError, ExitHandler};
+use crate::host::{self, HostError};
 use crate::kernel::KernelImage;
 use crate::layout::{self, BOOT_INFO_END, BOOT_INFO_GPA, PAGE_SIZE, STACK_AREA_START, STACK_TOP};
 use crate::mailbox::{FunctionResponse, Mailbox};
+use crate::memory::{self, DirtyPages, GuestRam, MemoryError};
+use crate::outcome::Outcome;
 use crate::paging::{PageTables, PagingError};
 use crate::snapshot::{self, Image, SnapshotError, WriteStats};
 use crate::virtio::{Backends, DeviceError, DeviceStats, Devices};
@@ -113,6 +116,12 @@ pub enum VmmError {
     /// The devices could not be created, restored or attached.
     #[error("virtio devices: {0}")]
     Devices(#[from] DeviceError),
+    /// The host could not open KVM or give the guest entropy.
+    #[error(transparent)]
+    Host(#[from] HostError),
+    /// A kept VM's changed pages could not be found or copied back.
+    #[error("resetting guest memory: {0}")]
+    Reset(#[from] MemoryError),
 }
 
 fn kvm(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmmError {
@@ -262,12 +271,14 @@ impl BootPlan {
 /// vCPU, then the VM, then the guest memory the VM's slot points into.
 pub struct Vm {
     vcpu: VcpuFd,
-    _vm: VmFd,
-    mem: GuestMemoryMmap,
+    vm: VmFd,
+    mem: GuestRam,
     mem_size: u64,
     devices: Devices,
     /// Where the guest keeps its I/O reconnection table, as it said at its checkpoint.
     io_table: Option<IoTableLocation>,
+    /// KVM logs the pages the guest writes (a VM kept to be reset).
+    log_dirty: bool,
 }
 
 /// What the run loop does when the guest reaches its checkpoint.
@@ -280,42 +291,51 @@ pub enum CheckpointMode {
     Capture,
 }
 
-/// Opens KVM and creates a VM whose only memory slot is `mem`.
-fn create_vm(mem: &GuestMemoryMmap, mem_size: u64) -> Result<(Kvm, VmFd), VmmError> {
-    let kvm_fd = Kvm::new().map_err(kvm("opening /dev/kvm"))?;
-    let vm = kvm_fd.create_vm().map_err(kvm("KVM_CREATE_VM"))?;
+/// Creates a VM whose only memory slot is `mem`, on the process's KVM handle. With
+/// `log_dirty`, KVM records every page the guest writes (`KVM_MEM_LOG_DIRTY_PAGES`), which a
+/// kept VM needs to be reset.
+fn create_vm(mem: &GuestRam, mem_size: u64, log_dirty: bool) -> Result<VmFd, VmmError> {
+    let vm = host::kvm()?.kvm.create_vm().map_err(kvm("KVM_CREATE_VM"))?;
     let host_addr = mem.get_host_address(GuestAddress(0)).map_err(memory_error)?;
     let region = kvm_userspace_memory_region {
         slot: 0,
-        flags: 0,
+        flags: if log_dirty { KVM_MEM_LOG_DIRTY_PAGES } else { 0 },
         guest_phys_addr: 0,
         memory_size: mem_size,
         userspace_addr: host_addr as u64,
     };
     // SAFETY: the region is one mapping of `mem_size` bytes owned by `mem`, which the `Vm` that
     // receives this VM keeps alive and drops only after the VM fd.
-    unsafe { vm.set_user_memory_region(region) }.map_err(kvm("KVM_SET_USER_MEMORY_REGION"))?;
-    Ok((kvm_fd, vm))
+    unsafe { vm.set_user_memory_region(region) }.map_err(|source| {
+        if log_dirty {
+            VmmError::Config(format!(
+                "reset mode needs KVM's dirty-page logging, which this host refused (KVM_SET_USER_MEMORY_REGION with KVM_MEM_LOG_DIRTY_PAGES: {source})"
+            ))
+        } else {
+            VmmError::Kvm { op: "KVM_SET_USER_MEMORY_REGION", source }
+        }
+    })?;
+    Ok(vm)
 }
 
-/// Creates vCPU 0 with thaw's CPUID.
-fn create_vcpu(kvm_fd: &Kvm, vm: &VmFd) -> Result<VcpuFd, VmmError> {
+/// Creates vCPU 0 with thaw's CPUID (built once per process).
+fn create_vcpu(vm: &VmFd) -> Result<VcpuFd, VmmError> {
     let vcpu = vm.create_vcpu(0).map_err(kvm("KVM_CREATE_VCPU"))?;
-    cpu::set_cpuid(kvm_fd, &vcpu)?;
+    vcpu.set_cpuid2(&host::kvm()?.cpuid).map_err(kvm("KVM_SET_CPUID2"))?;
     Ok(vcpu)
 }
 
 /// Writes a fresh host parameters page (new entropy, the wall clock, the TSC rate,
 /// `instance_id`, the flags `config` asks for) and the device table.
 fn write_host_params(
-    mem: &GuestMemoryMmap,
+    mem: &GuestRam,
     vcpu: &VcpuFd,
     instance_id: u64,
     config: &VmConfig,
     devices: &Devices,
 ) -> Result<(), VmmError> {
     let mut entropy = [0u8; 32];
-    host_entropy(&mut entropy)?;
+    host::entropy(&mut entropy)?;
     let wall_clock_ns = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
@@ -331,8 +351,8 @@ impl Vm {
     pub fn boot(kernel: &KernelImage, config: &VmConfig, timings: &mut BootTimings) -> Result<Self, VmmError> {
         let plan = BootPlan::new(kernel, config)?;
         let started = Instant::now();
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), plan.mem_size as usize)]).map_err(memory_error)?;
-        let (kvm_fd, vm) = create_vm(&mem, plan.mem_size)?;
+        let mem = GuestRam::from_ranges(&[(GuestAddress(0), plan.mem_size as usize)]).map_err(memory_error)?;
+        let vm = create_vm(&mem, plan.mem_size, false)?;
         timings.vm_create = started.elapsed();
 
         let started = Instant::now();
@@ -368,21 +388,20 @@ impl Vm {
         timings.load = started.elapsed();
 
         let started = Instant::now();
-        let vcpu = create_vcpu(&kvm_fd, &vm)?;
+        let vcpu = create_vcpu(&vm)?;
         cpu::setup_long_mode(&vcpu, &mem, tables.root(), kernel.entry, stack_pointer, BOOT_INFO_GPA)?;
         write_host_params(&mem, &vcpu, 0, config, &devices)?;
         timings.vcpu_setup = started.elapsed();
-        Ok(Self { vcpu, _vm: vm, mem, mem_size: plan.mem_size, devices, io_table: None })
+        Ok(Self { vcpu, vm, mem, mem_size: plan.mem_size, devices, io_table: None, log_dirty: false })
     }
 
-    /// Creates a VM from a snapshot image: its memory mapped copy-on-write from the file, its
-    /// vCPU state set from the image, its devices' transport state restored (backends detached,
-    /// unless `config.eager_devices`), fresh host parameters (`instance_id`, entropy, clock,
-    /// device table) written, and the checkpoint call's result set to "restored".
+    /// Creates a VM from a snapshot image: its memory mapped copy-on-write from the file, and
+    /// then the image's state loaded as [`Vm::load_state`] does. With `log_dirty` the VM can be
+    /// [`reset`](Vm::reset) to the image after it has run.
     pub fn restore(
         image: &Image,
-        instance_id: u64,
         config: &VmConfig,
+        log_dirty: bool,
         timings: &mut BootTimings,
     ) -> Result<Self, VmmError> {
         let started = Instant::now();
@@ -395,29 +414,83 @@ impl Vm {
         let mem = image.map_memory()?;
         timings.load = started.elapsed();
         let started = Instant::now();
-        let (kvm_fd, vm) = create_vm(&mem, mem_size)?;
+        let vm = create_vm(&mem, mem_size, log_dirty)?;
         timings.vm_create = started.elapsed();
         let started = Instant::now();
-        let vcpu = create_vcpu(&kvm_fd, &vm)?;
+        let vcpu = create_vcpu(&vm)?;
         timings.vcpu_setup = started.elapsed();
         let started = Instant::now();
-        snapshot::restore_vcpu(&vcpu, &image.info.vcpu)?;
-        let mut devices = Devices::default();
+        let mut restored = Self { vcpu, vm, mem, mem_size, devices: Devices::default(), io_table: None, log_dirty };
+        restored.load_state(image, config)?;
+        timings.state_set = Some(started.elapsed());
+        Ok(restored)
+    }
+
+    /// Loads everything of `image` but its memory: the vCPU state, the devices' transport
+    /// state (backends detached, unless `config.eager_devices`), fresh host parameters (a new
+    /// instance id, entropy, the clock, the device table), and "restored" as the checkpoint
+    /// call's result.
+    fn load_state(&mut self, image: &Image, config: &VmConfig) -> Result<(), VmmError> {
+        snapshot::restore_vcpu(&self.vcpu, &image.info.vcpu)?;
+        self.devices = Devices::default();
         if !image.devices.is_empty() {
             // The image holds the data volume; a caller may point the block device elsewhere.
             let volume = config.backends.volume.clone().or_else(|| image.volume_source());
             let backends = Backends { volume, ..config.backends.clone() };
-            devices = Devices::restore(&image.devices, &backends, &mem, config.device_slot)?;
+            self.devices = Devices::restore(&image.devices, &backends, &self.mem, config.device_slot)?;
             if config.eager_devices {
-                devices.attach_all()?;
+                self.devices.attach_all()?;
             }
         }
-        write_host_params(&mem, &vcpu, instance_id, config, &devices)?;
-        mem.write_obj(CHECKPOINT_RESTORED, GuestAddress(HYPERCALL_PAGE_GPA)).map_err(memory_error)?;
-        timings.state_set = Some(started.elapsed());
-        let io_table = (image.info.guest.io_table_len > 0)
+        write_host_params(&self.mem, &self.vcpu, host::next_instance_id(), config, &self.devices)?;
+        self.mem.write_obj(CHECKPOINT_RESTORED, GuestAddress(HYPERCALL_PAGE_GPA)).map_err(memory_error)?;
+        self.io_table = (image.info.guest.io_table_len > 0)
             .then_some(IoTableLocation { gpa: image.info.guest.io_table_gpa, len: image.info.guest.io_table_len });
-        Ok(Self { vcpu, _vm: vm, mem, mem_size, devices, io_table })
+        Ok(())
+    }
+
+    /// Puts a VM restored from `image` with `log_dirty` back in the state a fresh restore
+    /// would give it, without touching its mappings: every page the guest or the host wrote
+    /// since the last restore or reset is copied back from the image, the instruction behind
+    /// the last exit is completed, and the image's state is loaded again ([`Vm::load_state`]:
+    /// a new instance id and fresh entropy). Pages the guest only read stay mapped, which is
+    /// what makes a kept VM fast. Returns the pages copied back.
+    pub fn reset(&mut self, image: &Image, config: &VmConfig) -> Result<DirtyPages, VmmError> {
+        if !self.log_dirty {
+            return Err(VmmError::Config("this VM was not created to be reset (no dirty-page log)".into()));
+        }
+        complete_pending_io(&mut self.vcpu)?;
+        let log = self.vm.get_dirty_log(0, self.mem_size as usize).map_err(|source| {
+            VmmError::Config(format!(
+                "reset mode needs KVM's dirty-page log, which this host refused (KVM_GET_DIRTY_LOG: {source})"
+            ))
+        })?;
+        let dirty = DirtyPages::collect(&self.mem, &log)?;
+        memory::copy_back(&self.mem, image.original_memory()?, &dirty)?;
+        // Dropping the old devices closes whatever their backends had open.
+        self.load_state(image, config)?;
+        Ok(dirty)
+    }
+
+    /// Reads guest memory at `gpa` into `buf` (for tests and checks that compare a VM's
+    /// memory with its image).
+    pub fn read_memory(&self, gpa: u64, buf: &mut [u8]) -> Result<(), VmmError> {
+        self.mem.read_slice(buf, GuestAddress(gpa)).map_err(memory_error)
+    }
+
+    /// Guest memory, for the lifecycle's mailbox.
+    pub(crate) fn memory(&self) -> &GuestRam {
+        &self.mem
+    }
+
+    /// Guest memory size in bytes.
+    pub fn memory_size(&self) -> u64 {
+        self.mem_size
+    }
+
+    /// Counters of this VM's devices.
+    pub fn device_stats(&self) -> Vec<DeviceStats> {
+        self.devices.stats()
     }
 
     /// Guest memory private to this VM: the `Anonymous` pages of its guest-memory mapping
@@ -530,56 +603,13 @@ fn complete_pending_io(vcpu: &mut VcpuFd) -> Result<(), VmmError> {
     }
 }
 
-/// Fills `buf` from the host's CSPRNG (getrandom), for a guest's entropy.
-pub fn host_entropy(buf: &mut [u8]) -> Result<(), VmmError> {
-    let mut filled = 0;
-    while filled < buf.len() {
-        let rest = &mut buf[filled..];
-        // SAFETY: the pointer and length describe the writable remainder of `buf`.
-        let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() != std::io::ErrorKind::Interrupted {
-                return Err(VmmError::Memory(format!("getrandom for the guest's entropy: {e}")));
-            }
-        } else {
-            filled += n as usize;
-        }
-    }
-    Ok(())
-}
-
-/// A fresh instance id, unique on this host: the process id, then a per-process counter.
-pub fn next_instance_id() -> u64 {
-    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
-    (u64::from(std::process::id()) << 32) | NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-}
-
-/// Restores a fresh VM from `image` and runs it to the end, serving `config.requests` and
-/// writing its log to `output`. `config.memory_mib` and `config.ramdisk` are ignored: both come
-/// from the image.
-pub fn run_image(image: &Image, config: &VmConfig, output: &mut dyn Write) -> Result<RunReport, VmmError> {
-    serve_from_image(image, config, output).map(|(_, report)| report)
-}
-
-/// Like [`run_image`], but hands back the VM after its run instead of tearing it down, so a
-/// caller can keep many restored VMs (their memory, vCPU and KVM objects) alive at once.
-pub fn serve_from_image(image: &Image, config: &VmConfig, output: &mut dyn Write) -> Result<(Vm, RunReport), VmmError> {
+/// Boots `kernel` and runs it to the end, writing its output to `output`, serving
+/// `config.requests` and reporting on the run (memory included if asked) before the VM is torn
+/// down.
+pub fn run_kernel(kernel: &KernelImage, config: &VmConfig, output: &mut dyn Write) -> Result<RunReport, VmmError> {
     let started = Instant::now();
     let mut timings = BootTimings::default();
-    let vm = Vm::restore(image, next_instance_id(), config, &mut timings)?;
-    finish_run(vm, config, output, started, timings)
-}
-
-/// Runs a created VM to its end and reports on it, memory included if asked, before it is torn
-/// down.
-fn finish_run(
-    mut vm: Vm,
-    config: &VmConfig,
-    output: &mut dyn Write,
-    started: Instant,
-    mut timings: BootTimings,
-) -> Result<(Vm, RunReport), VmmError> {
+    let mut vm = Vm::boot(kernel, config, &mut timings)?;
     let faults_before = thread_minor_faults();
     let mailbox = Mailbox::new(config.requests.clone());
     let (outcome, exits, mailbox) = vm.run(output, mailbox, config.timeout, CheckpointMode::Continue, &mut timings)?;
@@ -588,23 +618,15 @@ fn finish_run(
     let page_faults = thread_minor_faults().saturating_sub(faults_before);
     let private_memory = if config.measure_memory { Some(vm.private_memory()?) } else { None };
     let devices = vm.devices.stats();
-    Ok((vm, RunReport { outcome, timings, exits, responses: mailbox.responses, private_memory, page_faults, devices }))
+    Ok(RunReport { outcome, timings, exits, responses: mailbox.responses, private_memory, page_faults, devices })
 }
 
 /// Minor page faults the calling thread has taken so far.
-fn thread_minor_faults() -> u64 {
+pub fn thread_minor_faults() -> u64 {
     // SAFETY: a zeroed rusage is a valid out-parameter; getrusage only writes it.
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
     // SAFETY: RUSAGE_THREAD with a valid pointer to our rusage.
     if unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut usage) } == 0 { usage.ru_minflt as u64 } else { 0 }
-}
-
-/// Boots `kernel` and runs it to the end, writing its output to `output`.
-pub fn run_kernel(kernel: &KernelImage, config: &VmConfig, output: &mut dyn Write) -> Result<RunReport, VmmError> {
-    let started = Instant::now();
-    let mut timings = BootTimings::default();
-    let vm = Vm::boot(kernel, config, &mut timings)?;
-    finish_run(vm, config, output, started, timings).map(|(_, report)| report)
 }
 
 #[cfg(test)]

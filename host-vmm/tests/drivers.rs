@@ -13,6 +13,7 @@ use std::rc::Rc;
 use std::sync::{Arc, Mutex};
 
 use abi::devices::DeviceKind;
+use host_vmm::memory::GuestRam;
 use host_vmm::virtio::vsock::Services;
 use host_vmm::virtio::{Backends, ConsoleSink, Devices, VolumeFile, VolumeSource};
 use virtio_drivers::device::blk::VirtIOBlk;
@@ -21,7 +22,7 @@ use virtio_drivers::device::rng::VirtIORng;
 use virtio_drivers::device::socket::{VirtIOSocket, VsockAddr, VsockConnectionManager, VsockEventType};
 use virtio_drivers::transport::{DeviceStatus, DeviceType, InterruptStatus, Transport};
 use virtio_drivers::{BufferDirection, Hal, PAGE_SIZE, PhysAddr};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use zerocopy::{FromBytes, Immutable, IntoBytes};
 
 /// Size of the fake guest memory.
@@ -29,7 +30,7 @@ const MEMORY: u64 = 16 << 20;
 
 /// The fake guest memory and its bump allocator, one per test thread (a HAL has no `self`).
 struct Arena {
-    mem: GuestMemoryMmap,
+    mem: GuestRam,
     next: u64,
 }
 
@@ -37,11 +38,11 @@ thread_local! {
     static ARENA: RefCell<Option<Arena>> = const { RefCell::new(None) };
 }
 
-fn arena_memory() -> GuestMemoryMmap {
+fn arena_memory() -> GuestRam {
     ARENA.with(|a| {
         let mut a = a.borrow_mut();
         let arena = a.get_or_insert_with(|| Arena {
-            mem: GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEMORY as usize)]).unwrap(),
+            mem: GuestRam::from_ranges(&[(GuestAddress(0), MEMORY as usize)]).unwrap(),
             next: PAGE_SIZE as u64,
         });
         arena.mem.clone()
@@ -105,7 +106,7 @@ unsafe impl Hal for TestHal {
 /// A register window served by `Devices`, as the VMM's exit handler serves it.
 struct TestTransport {
     devices: Rc<RefCell<Devices>>,
-    mem: GuestMemoryMmap,
+    mem: GuestRam,
     base: u64,
 }
 

@@ -5,14 +5,15 @@
 #[path = "../../guest-kernel/src/arch/translate.rs"]
 mod translate;
 
+use host_vmm::memory::GuestRam;
 use host_vmm::paging::PageTables;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 const MEM: u64 = 64 << 20;
 const OFFSET: u64 = 0x0000_1000_0000_0000;
 
-fn tables() -> (PageTables, GuestMemoryMmap) {
-    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM as usize)]).unwrap();
+fn tables() -> (PageTables, GuestRam) {
+    let mem = GuestRam::from_ranges(&[(GuestAddress(0), MEM as usize)]).unwrap();
     let mut tables = PageTables::new();
     tables.map_linear(0, MEM).unwrap();
     tables.map_linear(OFFSET, MEM).unwrap();
@@ -21,7 +22,7 @@ fn tables() -> (PageTables, GuestMemoryMmap) {
     (tables, mem)
 }
 
-fn guest_translate(tables: &PageTables, mem: &GuestMemoryMmap, virt: u64) -> Option<u64> {
+fn guest_translate(tables: &PageTables, mem: &GuestRam, virt: u64) -> Option<u64> {
     translate::translate(tables.root(), virt, |entry| mem.read_obj::<u64>(GuestAddress(entry)).unwrap())
 }
 
@@ -53,7 +54,7 @@ fn unmapped_addresses_translate_to_nothing() {
 #[test]
 fn one_gib_pages_are_walked_too() {
     // A hand-made table: PML4 -> PDPT whose entry 1 is a 1 GiB page at 3 GiB.
-    let mem: GuestMemoryMmap = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x4000)]).unwrap();
+    let mem: GuestRam = GuestRam::from_ranges(&[(GuestAddress(0), 0x4000)]).unwrap();
     mem.write_obj(0x1000u64 | 0x7, GuestAddress(0)).unwrap();
     mem.write_obj((3u64 << 30) | 0x87, GuestAddress(0x1000 + 8)).unwrap();
     let read = |entry| mem.read_obj::<u64>(GuestAddress(entry)).unwrap();

@@ -2,6 +2,7 @@
 //! compares a cold invocation (boot, compile, init, handle) with a restore from the snapshot
 //! image and from an in-memory template, and reports the memory each restored instance owns.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Args;
@@ -38,7 +39,7 @@ fn measure(runs: usize, mut one: impl FnMut() -> Result<RunReport, String>) -> R
     let mut private = 0;
     for _ in 0..runs {
         let report = one()?;
-        if !matches!(report.outcome, Outcome::Exited(0)) || report.responses.is_empty() {
+        if !matches!(report.outcome, Outcome::Exited(0) | Outcome::Answered) || report.responses.is_empty() {
             return Err(format!("a demo VM failed: {}", report.outcome));
         }
         times.push(report.timings.to_response.unwrap_or_default());
@@ -89,16 +90,17 @@ pub fn run(args: &DemoArgs) -> Result<u8, String> {
         let status =
             crate::snapshot::snapshot_function(&function, &image_path, Duration::from_secs(60), VmConfig::default())?;
         eprintln!("thaw demo: {name}: {status}");
-        let image = Image::open(&image_path).map_err(|e| e.to_string())?;
+        let image = Arc::new(Image::open(&image_path).map_err(|e| e.to_string())?);
+        let fresh = |image: &Arc<Image>| {
+            host_vmm::serve_fresh(image, &config, request(name).to_vec(), &mut std::io::sink())
+                .map(|(_, report)| report)
+                .map_err(|e| e.to_string())
+        };
         eprintln!("thaw demo: {name}: {} restores from the image file", args.runs);
-        let (from_file, private) = measure(args.runs, || {
-            host_vmm::run_image(&image, &config, &mut std::io::sink()).map_err(|e| e.to_string())
-        })?;
-        let template = image.to_template().map_err(|e| e.to_string())?;
+        let (from_file, private) = measure(args.runs, || fresh(&image))?;
+        let template = Arc::new(image.to_template().map_err(|e| e.to_string())?);
         eprintln!("thaw demo: {name}: {} restores from a template", args.runs);
-        let (from_template, _) = measure(args.runs, || {
-            host_vmm::run_image(&template, &config, &mut std::io::sink()).map_err(|e| e.to_string())
-        })?;
+        let (from_template, _) = measure(args.runs, || fresh(&template))?;
         rows.push((name, cold, from_file, from_template, private));
     }
     println!();

@@ -1,6 +1,5 @@
 //! `thaw inspect`: what a snapshot image holds, after validating all of it.
 
-use std::fmt::Write as _;
 use std::path::PathBuf;
 
 use abi::image::{ImageInfo, record};
@@ -35,22 +34,6 @@ fn record_name(kind: u32) -> &'static str {
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn json_string(s: &str) -> String {
-    let mut out = String::from("\"");
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if (c as u32) < 0x20 => {
-                let _ = write!(out, "\\u{:04x}", c as u32);
-            }
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
 }
 
 /// Runs `thaw inspect` and returns the process exit code.
@@ -94,7 +77,7 @@ pub fn run(args: &InspectArgs) -> Result<u8, String> {
                     h.state.name(),
                     h.offset,
                     h.port,
-                    json_string(&h.path)
+                    crate::json_string(&h.path)
                 )
             })
             .collect();
@@ -102,7 +85,7 @@ pub fn run(args: &InspectArgs) -> Result<u8, String> {
             .sections
             .iter()
             .map(|(kind, offset, len)| {
-                format!("{{\"kind\": {}, \"offset\": {offset}, \"length\": {len}}}", json_string(kind.name()))
+                format!("{{\"kind\": {}, \"offset\": {offset}, \"length\": {len}}}", crate::json_string(kind.name()))
             })
             .collect();
         let ranges: Vec<String> = info
@@ -110,16 +93,16 @@ pub fn run(args: &InspectArgs) -> Result<u8, String> {
             .iter()
             .map(|r| format!("{{\"gpa\": {}, \"length\": {}, \"file_offset\": {}}}", r.gpa, r.len, r.file_offset))
             .collect();
-        let records: Vec<String> = info.vcpu.iter().map(|r| json_string(record_name(r.kind))).collect();
+        let records: Vec<String> = info.vcpu.iter().map(|r| crate::json_string(record_name(r.kind))).collect();
         println!(
             "{{\"path\": {}, \"format_version\": {}, \"architecture\": \"x86-64\", \"file_bytes\": {file_len}, \"checksum\": \"{:#010x}\", \"checksum_ok\": true, \"sections\": [{}], \"function\": {{\"name\": {}, \"wasm_sha256\": \"{}\", \"runtime_version\": {}}}, \"io_table\": {{\"gpa\": {}, \"length\": {}, \"handles\": [{}]}}, \"devices\": [{}], \"memory\": {{\"guest_bytes\": {guest}, \"pages\": {}, \"nonzero_pages\": {}, \"ranges\": [{}]}}, \"vcpu\": {{\"rip\": {rip}, \"records\": [{}]}}}}",
-            json_string(&args.image.display().to_string()),
+            crate::json_string(&args.image.display().to_string()),
             abi::image::FORMAT_VERSION,
             info.checksum,
             sections.join(", "),
-            json_string(&info.guest.function_name),
+            crate::json_string(&info.guest.function_name),
             hex(&info.guest.wasm_sha256),
-            json_string(&info.guest.runtime_version),
+            crate::json_string(&info.guest.runtime_version),
             info.guest.io_table_gpa,
             info.guest.io_table_len,
             handles_json.join(", "),

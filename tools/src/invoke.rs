@@ -134,14 +134,14 @@ fn timeout(args: &InvokeArgs) -> Result<Duration, String> {
 
 /// Serves the request from a VM restored from the image at `args.function`.
 fn invoke_image(args: &InvokeArgs, request: Vec<u8>) -> Result<u8, String> {
-    let image = host_vmm::Image::open(&args.function).map_err(|e| e.to_string())?;
-    let mut config = VmConfig { timeout: timeout(args)?, requests: vec![request], ..VmConfig::default() };
+    let image = std::sync::Arc::new(host_vmm::Image::open(&args.function).map_err(|e| e.to_string())?);
+    let mut config = VmConfig { timeout: timeout(args)?, ..VmConfig::default() };
     args.devices.apply_restore(&mut config, &image)?;
     let mut kernel_log = Vec::new();
-    let report = if args.verbose {
-        host_vmm::run_image(&image, &config, &mut std::io::stderr().lock())
+    let (_, report) = if args.verbose {
+        host_vmm::serve_fresh(&image, &config, request, &mut std::io::stderr().lock())
     } else {
-        host_vmm::run_image(&image, &config, &mut kernel_log)
+        host_vmm::serve_fresh(&image, &config, request, &mut kernel_log)
     }
     .map_err(|e| e.to_string())?;
     if let Some(StatsFormat::Json) = args.stats {
@@ -165,7 +165,7 @@ fn invoke_image(args: &InvokeArgs, request: Vec<u8>) -> Result<u8, String> {
 /// Ends a one-request run, under either hypervisor: the response if the guest answered and
 /// exited cleanly, otherwise the kernel's log (empty if it was already shown) and why it ended.
 pub fn conclude(outcome: &Outcome, response: Option<&FunctionResponse>, kernel_log: &[u8]) -> Result<u8, String> {
-    let clean = matches!(outcome, Outcome::Exited(0));
+    let clean = matches!(outcome, Outcome::Exited(0) | Outcome::Answered);
     if !clean {
         let _ = std::io::stderr().write_all(kernel_log);
     }

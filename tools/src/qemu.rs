@@ -111,12 +111,13 @@ fn parse_response(text: &str) -> Option<FunctionResponse> {
 /// the end.
 fn request_frames(request: &[u8], flags: u32) -> Result<Vec<u8>, String> {
     let mut entropy = [0u8; 32];
-    host_vmm::host_entropy(&mut entropy).map_err(|e| e.to_string())?;
+    host_vmm::host::entropy(&mut entropy).map_err(|e| e.to_string())?;
     let wall_clock_ns = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
     // QEMU's TSC rate is not known here, so the guest's clocks stay at this base under QEMU.
-    let params = HostParams { instance_id: host_vmm::next_instance_id(), entropy, wall_clock_ns, tsc_khz: 0, flags };
+    let params =
+        HostParams { instance_id: host_vmm::host::next_instance_id(), entropy, wall_clock_ns, tsc_khz: 0, flags };
     let mut frames = Vec::with_capacity(request.len() + 100);
     frames.extend_from_slice(&qemu::PARAMS_TAG);
     frames.extend_from_slice(&params.encode());

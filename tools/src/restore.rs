@@ -1,15 +1,32 @@
-//! `thaw restore`: serve N requests, each from a fresh VM restored from one image (or from an
-//! in-memory template of it), and report latency percentiles, the per-phase breakdown, page
-//! faults and the private memory of each instance.
+//! `thaw restore`: serve N requests from VMs restored from one image (or from an in-memory
+//! template of it), in one of three modes (a fresh VM per request, a parked pool, or kept VMs
+//! reset after each request), and report latency percentiles, the per-phase breakdown, page
+//! faults, the private memory of each instance and the throughput. `--responses` writes every
+//! response, so a batch can be checked and not only timed.
 
+use std::io::Write;
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use clap::Args;
-use host_vmm::{FunctionStatus, Image, Outcome, RunReport, VmConfig};
+use clap::{Args, ValueEnum};
+use host_vmm::{BootTimings, FunctionStatus, Image, Instance, Outcome, Pool, PoolStats, Served, VmConfig};
 
 use crate::invoke::StatsFormat;
+
+/// How `thaw restore` gets a VM for each request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Mode {
+    /// A fresh VM restored on the request path, destroyed after its answer.
+    Fresh,
+    /// A VM restored and parked ahead by a background filler (--pool of them), destroyed off
+    /// the request path after its answer.
+    Pool,
+    /// One kept VM per worker, reset to the image (its changed pages copied back, fresh
+    /// entropy and instance id) and parked again after every request.
+    Reset,
+}
 
 /// Arguments of `thaw restore`.
 #[derive(Args, Debug)]
@@ -17,17 +34,23 @@ pub struct RestoreArgs {
     /// The snapshot image, from `thaw snapshot`.
     #[arg(value_name = "FUNCTION.snap")]
     image: PathBuf,
-    /// How many requests (and fresh VMs).
+    /// How many requests.
     #[arg(long, value_name = "N", default_value_t = 1)]
     count: usize,
-    /// How many VMs run at once.
+    /// How many requests are served at once (worker threads; in reset mode, kept VMs).
     #[arg(long, value_name = "C", default_value_t = 1)]
     concurrency: usize,
+    /// Where each request's VM comes from.
+    #[arg(long, value_enum, default_value_t = Mode::Fresh)]
+    mode: Mode,
+    /// With --mode pool: how many VMs wait parked.
+    #[arg(long, value_name = "N", default_value_t = 2)]
+    pool: usize,
     /// Restore from an in-memory template (a sealed memfd) loaded from the image once.
     #[arg(long)]
     template: bool,
-    /// Keep every VM (its memory, vCPU and KVM objects) until all have answered, so all
-    /// --count VMs are alive at once; reports the peak.
+    /// With --mode fresh: keep every VM (its memory, vCPU and KVM objects) until all have
+    /// answered, so all --count VMs are alive at once; reports the peak.
     #[arg(long)]
     hold: bool,
     /// The request body, the same for every request.
@@ -36,6 +59,10 @@ pub struct RestoreArgs {
     /// Read the request body from this file.
     #[arg(long, value_name = "FILE")]
     input: Option<PathBuf>,
+    /// Write every response to FILE, one JSON line per request in the order they finished
+    /// (request number, status, exit code, stdout, stderr).
+    #[arg(long, value_name = "FILE")]
+    responses: Option<PathBuf>,
     /// Print the summary as one JSON object on stdout instead of text.
     #[arg(long, value_name = "FORMAT")]
     stats: Option<StatsFormat>,
@@ -49,8 +76,33 @@ pub struct RestoreArgs {
 /// The `p`th percentile (0-100) of sorted `values`, nearest-rank.
 fn percentile(sorted: &[u64], p: usize) -> u64 {
     let rank = (p * sorted.len()).div_ceil(100).max(1);
-    sorted[rank - 1]
+    sorted.get(rank - 1).copied().unwrap_or(0)
 }
+
+/// What one request measured; `None` where the mode has no such phase.
+#[derive(Debug, Default, Clone)]
+struct Sample {
+    to_response: Duration,
+    handle: Option<Duration>,
+    memory_map: Option<Duration>,
+    vm_create: Option<Duration>,
+    vcpu_create: Option<Duration>,
+    state_set: Option<Duration>,
+    resume: Option<Duration>,
+    wait: Option<Duration>,
+    reset: Option<Duration>,
+    park: Option<Duration>,
+    dirty_pages: Option<u64>,
+    page_faults: Option<u64>,
+    private_memory: Option<u64>,
+    device_exits: u64,
+    backends_attached: u64,
+}
+
+/// Measure a kept or pooled VM's private memory (a read of /proc/self/smaps, about a
+/// millisecond) on every this-many-th request of a worker, so the measurement does not
+/// dominate the throughput it sits beside.
+const MEMORY_SAMPLE_EVERY: usize = 50;
 
 struct Summary {
     name: &'static str,
@@ -59,90 +111,317 @@ struct Summary {
     values: Vec<u64>,
 }
 
+/// Shared between the workers.
+struct Run<'a> {
+    args: &'a RestoreArgs,
+    image: &'a Arc<Image>,
+    config: &'a VmConfig,
+    request: &'a [u8],
+    next: AtomicUsize,
+    samples: Mutex<Vec<Sample>>,
+    held: Mutex<Vec<Instance>>,
+    failure: Mutex<Option<String>>,
+    responses: Option<Mutex<std::io::BufWriter<std::fs::File>>>,
+    replaced: AtomicUsize,
+}
+
+impl Run<'_> {
+    /// The next request number, or `None` when all are taken or a worker failed.
+    fn next_request(&self) -> Option<usize> {
+        if lock(&self.failure).is_some() {
+            return None;
+        }
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        (n < self.args.count).then_some(n)
+    }
+
+    fn fail(&self, problem: String) {
+        lock(&self.failure).get_or_insert(problem);
+    }
+
+    /// Records a served request; false (and the run fails) unless the function answered
+    /// cleanly.
+    fn record(&self, number: usize, served: &Served, sample: Sample) -> bool {
+        if let (Some(file), Some(response)) = (&self.responses, &served.response) {
+            let (status, code) = match &response.status {
+                FunctionStatus::Ok => ("ok", 0),
+                FunctionStatus::Trapped(_) => ("trapped", 0),
+                FunctionStatus::Exited(code) => ("exited", *code),
+            };
+            let line = format!(
+                "{{\"request\": {number}, \"status\": \"{status}\", \"exit_code\": {code}, \"stdout\": {}, \"stderr\": {}}}",
+                crate::json_string(&String::from_utf8_lossy(&response.stdout)),
+                crate::json_string(&String::from_utf8_lossy(&response.stderr)),
+            );
+            if let Err(e) = writeln!(lock(file), "{line}") {
+                self.fail(format!("writing --responses: {e}"));
+                return false;
+            }
+        }
+        if !served.is_ok() {
+            let problem = match (&served.outcome, &served.response) {
+                (Outcome::Answered, Some(r)) => {
+                    format!("request {number}: the function did not answer cleanly: {:?}", r.status)
+                }
+                (outcome, _) => format!("request {number}: {outcome}"),
+            };
+            self.fail(problem);
+            return false;
+        }
+        lock(&self.samples).push(sample);
+        true
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn served_sample(served: &Served) -> Sample {
+    Sample {
+        to_response: served.to_response,
+        handle: served.response.as_ref().map(|r| r.handle_time),
+        ..Sample::default()
+    }
+}
+
+/// A fresh VM per request, restored on the request path.
+fn fresh_worker(run: &Run<'_>) -> Result<(), String> {
+    while let Some(number) = run.next_request() {
+        let (instance, report) =
+            host_vmm::serve_fresh(run.image, run.config, run.request.to_vec(), &mut std::io::sink())
+                .map_err(|e| e.to_string())?;
+        let t = &report.timings;
+        let sample = Sample {
+            to_response: t.to_response.unwrap_or(t.total),
+            handle: report.responses.first().map(|r| r.handle_time),
+            memory_map: Some(t.load),
+            vm_create: Some(t.vm_create),
+            vcpu_create: Some(t.vcpu_setup),
+            state_set: t.state_set,
+            resume: t.to_first_request,
+            page_faults: Some(report.page_faults),
+            private_memory: report.private_memory,
+            device_exits: report.devices.iter().map(|d| d.exits).sum(),
+            backends_attached: report.devices.iter().filter(|d| d.attached_after.is_some()).count() as u64,
+            ..Sample::default()
+        };
+        let served = Served {
+            outcome: report.outcome,
+            response: report.responses.into_iter().next(),
+            exits: report.exits,
+            to_response: sample.to_response,
+            resume: sample.resume,
+        };
+        if !run.record(number, &served, sample) {
+            return Ok(());
+        }
+        if run.args.hold {
+            lock(&run.held).push(instance);
+        }
+    }
+    Ok(())
+}
+
+/// Parked VMs from the pool; each used VM goes to the reaper.
+fn pool_worker(run: &Run<'_>, pool: &Pool, worker_requests: &AtomicUsize) -> Result<(), String> {
+    while let Some(number) = run.next_request() {
+        let started = Instant::now();
+        let mut instance = pool.take(run.config.timeout).map_err(|e| e.to_string())?;
+        let wait = started.elapsed();
+        let faults_before = host_vmm::vm::thread_minor_faults();
+        let served = instance.serve(run.request.to_vec(), &mut std::io::sink()).map_err(|e| e.to_string())?;
+        let mut sample = served_sample(&served);
+        sample.to_response += wait;
+        sample.wait = Some(wait);
+        sample.page_faults = Some(host_vmm::vm::thread_minor_faults().saturating_sub(faults_before));
+        if worker_requests.fetch_add(1, Ordering::Relaxed).is_multiple_of(MEMORY_SAMPLE_EVERY) {
+            sample.private_memory = Some(instance.vm().private_memory().map_err(|e| e.to_string())?);
+        }
+        device_counts(&mut sample, &instance);
+        pool.discard(instance);
+        if !run.record(number, &served, sample) {
+            return Ok(());
+        }
+    }
+    Ok(())
+}
+
+/// One kept VM, reset and parked again after every request. A VM whose guest ended other
+/// than by answering or timing out is destroyed and replaced by a fresh restore.
+fn reset_worker(run: &Run<'_>) -> Result<(), String> {
+    let restore = || -> Result<Instance, String> {
+        let mut instance =
+            Instance::restore(run.image, run.config, true, &mut BootTimings::default()).map_err(|e| e.to_string())?;
+        park(&mut instance)?;
+        Ok(instance)
+    };
+    let mut instance = restore()?;
+    let mut served_here = 0usize;
+    while let Some(number) = run.next_request() {
+        let faults_before = host_vmm::vm::thread_minor_faults();
+        let served = instance.serve(run.request.to_vec(), &mut std::io::sink()).map_err(|e| e.to_string())?;
+        let mut sample = served_sample(&served);
+        sample.page_faults = Some(host_vmm::vm::thread_minor_faults().saturating_sub(faults_before));
+        if served_here.is_multiple_of(MEMORY_SAMPLE_EVERY) {
+            sample.private_memory = Some(instance.vm().private_memory().map_err(|e| e.to_string())?);
+        }
+        served_here += 1;
+        device_counts(&mut sample, &instance);
+        if served.reusable() {
+            let started = Instant::now();
+            let dirty = instance.reset().map_err(|e| e.to_string())?;
+            sample.reset = Some(started.elapsed());
+            sample.dirty_pages = Some(dirty.pages());
+            sample.park = Some(park(&mut instance)?);
+        } else {
+            run.replaced.fetch_add(1, Ordering::Relaxed);
+            instance = restore()?;
+        }
+        if !run.record(number, &served, sample) {
+            return Ok(());
+        }
+    }
+    Ok(())
+}
+
+/// Runs a restored or reset VM until it waits for its request.
+fn park(instance: &mut Instance) -> Result<Duration, String> {
+    match instance.park(&mut std::io::sink()).map_err(|e| e.to_string())? {
+        (Outcome::Parked, took) => Ok(took),
+        (outcome, _) => Err(format!("a VM ended before it waited for its request: {outcome}")),
+    }
+}
+
+fn device_counts(sample: &mut Sample, instance: &Instance) {
+    let devices = instance.vm().device_stats();
+    sample.device_exits = devices.iter().map(|d| d.exits).sum();
+    sample.backends_attached = devices.iter().filter(|d| d.attached_after.is_some()).count() as u64;
+}
+
 /// Runs `thaw restore` and returns the process exit code.
 pub fn run(args: &RestoreArgs) -> Result<u8, String> {
     if args.count == 0 || args.concurrency == 0 {
         return Err("--count and --concurrency must be at least 1".into());
     }
+    if args.mode == Mode::Pool && args.pool == 0 {
+        return Err("--pool 0: a pool needs at least one parked VM".into());
+    }
+    if args.hold && args.mode != Mode::Fresh {
+        return Err("--hold keeps the fresh VMs of --mode fresh; pool and reset modes keep their own".into());
+    }
     let request = crate::invoke::request_body(args.data.as_ref(), args.input.as_ref())?;
     let image = Image::open(&args.image).map_err(|e| e.to_string())?;
-    let image = if args.template { image.to_template().map_err(|e| e.to_string())? } else { image };
+    let image = Arc::new(if args.template { image.to_template().map_err(|e| e.to_string())? } else { image });
     let timeout = crate::kernel::parse_timeout(args.timeout)?;
-    let mut config = VmConfig { timeout, requests: vec![request], measure_memory: true, ..VmConfig::default() };
+    let mut config = VmConfig { timeout, measure_memory: true, ..VmConfig::default() };
     args.devices.apply_restore(&mut config, &image)?;
-    let reports: Mutex<Vec<RunReport>> = Mutex::new(Vec::with_capacity(args.count));
-    let held: Mutex<Vec<host_vmm::Vm>> = Mutex::new(Vec::new());
-    let failure: Mutex<Option<String>> = Mutex::new(None);
-    let next = std::sync::atomic::AtomicUsize::new(0);
+    let responses = match &args.responses {
+        None => None,
+        Some(path) => Some(Mutex::new(std::io::BufWriter::new(
+            std::fs::File::create(path).map_err(|e| format!("{}: {e}", path.display()))?,
+        ))),
+    };
+    let run = Run {
+        args,
+        image: &image,
+        config: &config,
+        request: &request,
+        next: AtomicUsize::new(0),
+        samples: Mutex::new(Vec::with_capacity(args.count)),
+        held: Mutex::new(Vec::new()),
+        failure: Mutex::new(None),
+        responses,
+        replaced: AtomicUsize::new(0),
+    };
+    let pool = match args.mode {
+        Mode::Pool => Some(Pool::start(Arc::clone(&image), config.clone(), args.pool).map_err(|e| e.to_string())?),
+        _ => None,
+    };
+    let pool_requests = AtomicUsize::new(0);
+    let workers = args.concurrency.min(args.count);
     let started = Instant::now();
     std::thread::scope(|s| {
-        for _ in 0..args.concurrency.min(args.count) {
+        for _ in 0..workers {
             s.spawn(|| {
-                while next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < args.count {
-                    let result =
-                        host_vmm::serve_from_image(&image, &config, &mut std::io::sink()).map(|(vm, report)| {
-                            if args.hold {
-                                held.lock().unwrap_or_else(|p| p.into_inner()).push(vm);
-                            }
-                            report
-                        });
-                    let problem = match &result {
-                        Err(e) => Some(e.to_string()),
-                        Ok(r) if !matches!(r.outcome, Outcome::Exited(0)) => Some(r.outcome.to_string()),
-                        Ok(r) if !matches!(r.responses.first().map(|x| &x.status), Some(FunctionStatus::Ok)) => {
-                            Some("the function did not answer cleanly".into())
-                        }
-                        Ok(_) => None,
-                    };
-                    match (problem, result) {
-                        (None, Ok(report)) => reports.lock().unwrap_or_else(|p| p.into_inner()).push(report),
-                        (problem, _) => {
-                            failure
-                                .lock()
-                                .unwrap_or_else(|p| p.into_inner())
-                                .get_or_insert(problem.unwrap_or_default());
-                            return;
-                        }
-                    }
+                let result = match (args.mode, &pool) {
+                    (Mode::Pool, Some(pool)) => pool_worker(&run, pool, &pool_requests),
+                    (Mode::Reset, _) => reset_worker(&run),
+                    _ => fresh_worker(&run),
+                };
+                if let Err(problem) = result {
+                    run.fail(problem);
                 }
             });
         }
     });
     let wall = started.elapsed();
-    let peak_alive = held.lock().unwrap_or_else(|p| p.into_inner()).len();
-    drop(held);
-    if let Some(problem) = failure.into_inner().unwrap_or_else(|p| p.into_inner()) {
+    let pool_stats = pool.as_ref().map(Pool::stats);
+    drop(pool);
+    let peak_alive = lock(&run.held).len();
+    drop(run.held);
+    if let Some(file) = &run.responses {
+        lock(file).flush().map_err(|e| format!("writing --responses: {e}"))?;
+    }
+    if let Some(problem) = run.failure.into_inner().unwrap_or_else(|p| p.into_inner()) {
         return Err(format!("a restored VM failed: {problem}"));
     }
-    let reports = reports.into_inner().unwrap_or_else(|p| p.into_inner());
-    let us = |d: Option<Duration>| d.map_or(0, |d| d.as_micros() as u64);
-    let column = |name, key, unit, f: &dyn Fn(&RunReport) -> u64| Summary {
+    let samples = run.samples.into_inner().unwrap_or_else(|p| p.into_inner());
+    let replaced = run.replaced.into_inner();
+    report(args, &image, &samples, wall, peak_alive, pool_stats, replaced);
+    Ok(0)
+}
+
+/// Prints the summary: percentiles of every phase the mode has, as text or one JSON object.
+fn report(
+    args: &RestoreArgs,
+    image: &Image,
+    samples: &[Sample],
+    wall: Duration,
+    peak_alive: usize,
+    pool: Option<PoolStats>,
+    replaced: usize,
+) {
+    let us = |d: Duration| d.as_micros() as u64;
+    // A row for every phase some sample measured; its values are the samples that have it.
+    let column = |name, key, unit, f: &dyn Fn(&Sample) -> Option<u64>| Summary {
         name,
         key,
         unit,
-        values: reports.iter().map(f).collect(),
+        values: samples.iter().filter_map(f).collect(),
     };
-    let mut rows = [
-        column("restore to response", "restore_to_response_us", "µs", &|r| us(r.timings.to_response)),
-        column("memory map", "memory_map_us", "µs", &|r| us(Some(r.timings.load))),
-        column("vm create", "vm_create_us", "µs", &|r| us(Some(r.timings.vm_create))),
-        column("vcpu create", "vcpu_create_us", "µs", &|r| us(Some(r.timings.vcpu_setup))),
-        column("state set", "state_set_us", "µs", &|r| us(r.timings.state_set)),
-        column("resume to request", "resume_us", "µs", &|r| us(r.timings.to_first_request)),
-        column("handle", "handle_us", "µs", &|r| us(r.responses.first().map(|x| x.handle_time))),
-        column("page faults", "page_faults", "", &|r| r.page_faults),
-        column("private memory", "private_memory_kib", "KiB", &|r| r.private_memory.unwrap_or(0) / 1024),
-        column("device exits", "device_exits", "", &|r| r.devices.iter().map(|d| d.exits).sum()),
-        column("backends attached", "backends_attached", "", &|r| {
-            r.devices.iter().filter(|d| d.attached_after.is_some()).count() as u64
-        }),
-    ];
+    let mut rows: Vec<Summary> = [
+        column("restore to response", "restore_to_response_us", "µs", &|x| Some(us(x.to_response))),
+        column("waited for the pool", "pool_wait_us", "µs", &|x| x.wait.map(us)),
+        column("memory map", "memory_map_us", "µs", &|x| x.memory_map.map(us)),
+        column("vm create", "vm_create_us", "µs", &|x| x.vm_create.map(us)),
+        column("vcpu create", "vcpu_create_us", "µs", &|x| x.vcpu_create.map(us)),
+        column("state set", "state_set_us", "µs", &|x| x.state_set.map(us)),
+        column("resume to request", "resume_us", "µs", &|x| x.resume.map(us)),
+        column("handle", "handle_us", "µs", &|x| x.handle.map(us)),
+        column("reset", "reset_us", "µs", &|x| x.reset.map(us)),
+        column("dirty pages", "dirty_pages", "", &|x| x.dirty_pages),
+        column("park (resume)", "park_us", "µs", &|x| x.park.map(us)),
+        column("page faults", "page_faults", "", &|x| x.page_faults),
+        column("private memory", "private_memory_kib", "KiB", &|x| x.private_memory.map(|b| b / 1024)),
+        column("device exits", "device_exits", "", &|x| Some(x.device_exits)),
+        column("backends attached", "backends_attached", "", &|x| Some(x.backends_attached)),
+    ]
+    .into_iter()
+    .filter(|r| !r.values.is_empty())
+    .collect();
     for row in &mut rows {
         row.values.sort_unstable();
     }
     let source = if args.template { "template" } else { "file" };
+    let mode = match args.mode {
+        Mode::Fresh => "fresh",
+        Mode::Pool => "pool",
+        Mode::Reset => "reset",
+    };
+    let rate = samples.len() as f64 / wall.as_secs_f64().max(1e-9);
     if let Some(StatsFormat::Json) = args.stats {
-        let fields: Vec<String> = rows
+        let mut fields: Vec<String> = rows
             .iter()
             .map(|r| {
                 format!(
@@ -155,8 +434,19 @@ pub fn run(args: &RestoreArgs) -> Result<u8, String> {
                 )
             })
             .collect();
+        if let Some(p) = &pool {
+            fields.push(format!(
+                "\"pool\": {{\"size\": {}, \"filled\": {}, \"fill_rate_per_s\": {:.0}, \"ready\": {}, \"waited\": {}, \"wait_ms\": {}}}",
+                args.pool,
+                p.filled,
+                p.fill_rate(),
+                p.ready,
+                p.waited,
+                p.wait_time.as_millis()
+            ));
+        }
         println!(
-            "{{\"function\": \"{}\", \"source\": \"{source}\", \"count\": {}, \"concurrency\": {}, \"alive_at_once\": {}, \"wall_ms\": {}, {}}}",
+            "{{\"function\": \"{}\", \"mode\": \"{mode}\", \"source\": \"{source}\", \"count\": {}, \"concurrency\": {}, \"alive_at_once\": {}, \"wall_ms\": {}, \"requests_per_s\": {rate:.0}, \"replaced\": {replaced}, {}}}",
             image.info.guest.function_name,
             args.count,
             args.concurrency,
@@ -164,10 +454,15 @@ pub fn run(args: &RestoreArgs) -> Result<u8, String> {
             wall.as_millis(),
             fields.join(", ")
         );
-        return Ok(0);
+        return;
     }
+    let how = match args.mode {
+        Mode::Fresh => "restores".to_string(),
+        Mode::Pool => format!("requests from a pool of {} parked VMs restored", args.pool),
+        Mode::Reset => format!("requests to {} kept VMs reset after each, restored", args.concurrency.min(args.count)),
+    };
     println!(
-        "{} restores of {} from a {source}, {} at a time, in {} ms",
+        "{} {how} of {} from a {source}, {} at a time, in {} ms ({rate:.0} requests/s)",
         args.count,
         image.info.guest.function_name,
         args.concurrency,
@@ -175,6 +470,19 @@ pub fn run(args: &RestoreArgs) -> Result<u8, String> {
     );
     if args.hold {
         println!("{peak_alive} VMs were alive at once (held until all had answered)");
+    }
+    if let Some(p) = &pool {
+        println!(
+            "pool: {} VMs parked by the filler at {:.0} per second of its work; {} requests found one ready, {} waited ({} ms in all)",
+            p.filled,
+            p.fill_rate(),
+            p.ready,
+            p.waited,
+            p.wait_time.as_millis()
+        );
+    }
+    if replaced > 0 {
+        println!("{replaced} kept VMs were destroyed and replaced (their guest ended other than by answering)");
     }
     println!("{:<22} {:>8} {:>8} {:>8} {:>8}", "", "p50", "p90", "p99", "max");
     for r in &rows {
@@ -187,5 +495,4 @@ pub fn run(args: &RestoreArgs) -> Result<u8, String> {
             r.values.last().copied().unwrap_or(0)
         );
     }
-    Ok(0)
 }

@@ -8,8 +8,8 @@
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 
+use crate::memory::GuestRam;
 use abi::devices::DeviceKind;
-use vm_memory::GuestMemoryMmap;
 
 use super::queue::Queue;
 use super::{DeviceError, DeviceModel, VolumeFile, VolumeSource};
@@ -104,7 +104,7 @@ impl DeviceModel for Block {
         &self.config
     }
 
-    fn notify(&mut self, index: u32, queues: &mut [Queue], mem: &GuestMemoryMmap) -> Result<(), DeviceError> {
+    fn notify(&mut self, index: u32, queues: &mut [Queue], mem: &GuestRam) -> Result<(), DeviceError> {
         let queue = super::queue(queues, index)?;
         while let Some(chain) = queue.pop(mem)? {
             let header = chain.read_all(mem, 16)?;
@@ -169,7 +169,7 @@ mod tests {
     }
 
     /// Offers one request: header, `data_len` writable bytes, status byte. Returns the status.
-    fn request(block: &mut Block, mem: &GuestMemoryMmap, kind: u32, sector: u64, data_len: u32) -> u8 {
+    fn request(block: &mut Block, mem: &GuestRam, kind: u32, sector: u64, data_len: u32) -> u8 {
         let mut header = [0u8; 16];
         header[0..4].copy_from_slice(&kind.to_le_bytes());
         header[8..16].copy_from_slice(&sector.to_le_bytes());

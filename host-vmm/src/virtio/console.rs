@@ -6,8 +6,8 @@
 
 use std::io::Write;
 
+use crate::memory::GuestRam;
 use abi::devices::DeviceKind;
-use vm_memory::GuestMemoryMmap;
 
 use super::queue::Queue;
 use super::{ConsoleSink, DeviceError, DeviceModel};
@@ -53,7 +53,7 @@ impl DeviceModel for Console {
         &[64, 64]
     }
 
-    fn notify(&mut self, index: u32, queues: &mut [Queue], mem: &GuestMemoryMmap) -> Result<(), DeviceError> {
+    fn notify(&mut self, index: u32, queues: &mut [Queue], mem: &GuestRam) -> Result<(), DeviceError> {
         if index == RECEIVEQ {
             return Ok(());
         }

@@ -3,8 +3,8 @@
 //! The backend is the kernel's CSPRNG, so attaching it opens nothing; it is still attached on
 //! the first request, like every other backend, so the statistics say whether the guest used it.
 
+use crate::memory::GuestRam;
 use abi::devices::DeviceKind;
-use vm_memory::GuestMemoryMmap;
 
 use super::queue::Queue;
 use super::{DeviceError, DeviceModel};
@@ -27,12 +27,12 @@ impl DeviceModel for Entropy {
         &[64]
     }
 
-    fn notify(&mut self, index: u32, queues: &mut [Queue], mem: &GuestMemoryMmap) -> Result<(), DeviceError> {
+    fn notify(&mut self, index: u32, queues: &mut [Queue], mem: &GuestRam) -> Result<(), DeviceError> {
         let queue = super::queue(queues, index)?;
         while let Some(chain) = queue.pop(mem)? {
             self.attach()?;
             let mut bytes = vec![0u8; chain.writable_len().min(MAX_REQUEST) as usize];
-            crate::vm::host_entropy(&mut bytes)
+            crate::host::entropy(&mut bytes)
                 .map_err(|e| DeviceError::Backend { kind: DeviceKind::Entropy, reason: e.to_string() })?;
             let written = chain.write_all(mem, &bytes)?;
             queue.add_used(mem, chain.head, written)?;

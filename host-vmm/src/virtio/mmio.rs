@@ -8,8 +8,8 @@
 //! them, so the used ring is up to date when the guest's store returns and the guest can poll
 //! it: no interrupt is ever raised.
 
+use crate::memory::GuestRam;
 use abi::devices::{DeviceKind, DeviceState, MAX_QUEUES};
-use vm_memory::GuestMemoryMmap;
 
 use super::queue::Queue;
 use super::{DeviceError, DeviceModel};
@@ -175,7 +175,7 @@ impl MmioDevice {
     }
 
     /// Serves a write at `offset`. Returns the queue to serve when the write was a notification.
-    pub fn write(&mut self, offset: u64, data: &[u8], mem: &GuestMemoryMmap) -> Result<Option<u32>, DeviceError> {
+    pub fn write(&mut self, offset: u64, data: &[u8], mem: &GuestRam) -> Result<Option<u32>, DeviceError> {
         if data.len() != 4 || !offset.is_multiple_of(4) || offset >= reg::CONFIG {
             // The config spaces of thaw's devices are read-only.
             return Err(DeviceError::Register { offset, size: data.len(), write: true });
@@ -262,7 +262,7 @@ impl MmioDevice {
     }
 
     /// Serves a notification of `queue` (returned by [`write`](Self::write)).
-    pub fn notify(&mut self, queue: u32, mem: &GuestMemoryMmap) -> Result<(), DeviceError> {
+    pub fn notify(&mut self, queue: u32, mem: &GuestRam) -> Result<(), DeviceError> {
         if self.status & status::DRIVER_OK == 0 {
             return Err(DeviceError::State("status at notification (DRIVER_OK is not set)", self.status.into()));
         }
@@ -288,7 +288,7 @@ impl MmioDevice {
     /// Takes over a snapshot's transport state after checking it as the registers would have:
     /// the device's queue count, features that were offered, and every ready queue against the
     /// device's maximum size and guest memory.
-    pub fn restore(&mut self, state: &DeviceState, mem: &GuestMemoryMmap) -> Result<(), DeviceError> {
+    pub fn restore(&mut self, state: &DeviceState, mem: &GuestRam) -> Result<(), DeviceError> {
         if state.queues.len() != self.queues.len() || state.queues.len() > MAX_QUEUES {
             return Err(DeviceError::State("saved queue count", state.queues.len() as u64));
         }
@@ -328,12 +328,12 @@ mod tests {
         u32::from_le_bytes(data)
     }
 
-    fn write(d: &mut MmioDevice, mem: &GuestMemoryMmap, offset: u64, value: u32) -> Result<Option<u32>, DeviceError> {
+    fn write(d: &mut MmioDevice, mem: &GuestRam, offset: u64, value: u32) -> Result<Option<u32>, DeviceError> {
         d.write(offset, &value.to_le_bytes(), mem)
     }
 
     /// Drives the device through a driver's initialization, with queue 0 of `size` entries.
-    fn initialize(d: &mut MmioDevice, mem: &GuestMemoryMmap, size: u32) {
+    fn initialize(d: &mut MmioDevice, mem: &GuestRam, size: u32) {
         write(d, mem, reg::STATUS, status::ACKNOWLEDGE | status::DRIVER).unwrap();
         write(d, mem, reg::DRIVER_FEATURES_SEL, 1).unwrap();
         write(d, mem, reg::DRIVER_FEATURES, 1).unwrap();
@@ -429,7 +429,7 @@ mod tests {
         assert_eq!(fresh.state(), saved);
         assert!(!fresh.model.attached(), "a restore reattaches nothing");
 
-        let small = vm_memory::GuestMemoryMmap::from_ranges(&[(vm_memory::GuestAddress(0), 0x2000)]).unwrap();
+        let small = crate::memory::GuestRam::from_ranges(&[(vm_memory::GuestAddress(0), 0x2000)]).unwrap();
         assert!(matches!(device().restore(&saved, &small), Err(DeviceError::Queue(_))));
         let mut too_big = saved.clone();
         too_big.queues[0].size = 512;

@@ -22,11 +22,11 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::memory::GuestRam;
 use abi::devices::{
     DEVICE_WINDOW_GPA, DEVICE_WINDOW_LEN, DeviceEntry, DeviceKind, DeviceState, DeviceTable, MAX_DEVICES,
     REGISTER_WINDOW_LEN,
 };
-use vm_memory::GuestMemoryMmap;
 
 use self::mmio::MmioDevice;
 use self::queue::{Queue, QueueError};
@@ -99,7 +99,7 @@ pub trait DeviceModel: Send {
     }
     /// Serves a notification of queue `index` (one of `queues`, which the transport checked is
     /// ready), attaching the backend first if it is needed.
-    fn notify(&mut self, index: u32, queues: &mut [Queue], mem: &GuestMemoryMmap) -> Result<(), DeviceError>;
+    fn notify(&mut self, index: u32, queues: &mut [Queue], mem: &GuestRam) -> Result<(), DeviceError>;
     /// Attaches the backend now.
     fn attach(&mut self) -> Result<(), DeviceError>;
     /// Whether the backend is attached.
@@ -225,7 +225,7 @@ impl Devices {
     pub fn restore(
         states: &[DeviceState],
         backends: &Backends,
-        mem: &GuestMemoryMmap,
+        mem: &GuestRam,
         first_slot: u64,
     ) -> Result<Self, DeviceError> {
         let mut named = Vec::new();
@@ -288,7 +288,7 @@ impl Devices {
     }
 
     /// Serves a guest store at `addr`. `None` when no device is there.
-    pub fn write(&mut self, addr: u64, data: &[u8], mem: &GuestMemoryMmap) -> Option<Result<(), DeviceError>> {
+    pub fn write(&mut self, addr: u64, data: &[u8], mem: &GuestRam) -> Option<Result<(), DeviceError>> {
         let epoch = self.epoch;
         let (slot, offset) = self.slot(addr)?;
         slot.stats.exits += 1;

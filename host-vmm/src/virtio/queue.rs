@@ -10,8 +10,9 @@
 //! thaw's devices offer neither indirect descriptors nor event-index notification, so neither
 //! appears here. The driver polls the used ring: no interrupt is ever raised.
 
+use crate::memory::GuestRam;
 use abi::devices::QueueState;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 /// Descriptor flag: the chain continues at `next`.
 const DESC_F_NEXT: u16 = 1;
@@ -119,7 +120,7 @@ pub struct Chain {
 
 impl Chain {
     /// Everything the device may read, concatenated, up to `limit` bytes.
-    pub fn read_all(&self, mem: &GuestMemoryMmap, limit: usize) -> Result<Vec<u8>, QueueError> {
+    pub fn read_all(&self, mem: &GuestRam, limit: usize) -> Result<Vec<u8>, QueueError> {
         let mut out = Vec::new();
         for d in self.descriptors.iter().filter(|d| !d.writable) {
             let take = (d.len as usize).min(limit - out.len());
@@ -139,13 +140,13 @@ impl Chain {
     }
 
     /// Writes `bytes` into the writable buffers in order; returns how many fit.
-    pub fn write_all(&self, mem: &GuestMemoryMmap, bytes: &[u8]) -> Result<u32, QueueError> {
+    pub fn write_all(&self, mem: &GuestRam, bytes: &[u8]) -> Result<u32, QueueError> {
         self.write_at(mem, 0, bytes)
     }
 
     /// Writes `bytes` into the writable buffers, starting `offset` bytes into them; returns how
     /// many fit.
-    pub fn write_at(&self, mem: &GuestMemoryMmap, mut offset: u64, mut bytes: &[u8]) -> Result<u32, QueueError> {
+    pub fn write_at(&self, mem: &GuestRam, mut offset: u64, mut bytes: &[u8]) -> Result<u32, QueueError> {
         let mut written = 0u32;
         for d in self.descriptors.iter().filter(|d| d.writable) {
             if bytes.is_empty() {
@@ -183,7 +184,7 @@ impl Queue {
 
     /// Checks what the driver set: size and rings. Called when the driver makes the queue ready
     /// and for every ready queue a snapshot restores.
-    pub fn validate(&self, mem: &GuestMemoryMmap) -> Result<(), QueueError> {
+    pub fn validate(&self, mem: &GuestRam) -> Result<(), QueueError> {
         let size = self.state.size;
         if size == 0 || !size.is_power_of_two() || size > self.max_size {
             return Err(QueueError::Size { size, max: self.max_size });
@@ -202,12 +203,12 @@ impl Queue {
         Ok(())
     }
 
-    fn read_u16(mem: &GuestMemoryMmap, addr: u64) -> Result<u16, QueueError> {
+    fn read_u16(mem: &GuestRam, addr: u64) -> Result<u16, QueueError> {
         mem.read_obj::<u16>(GuestAddress(addr)).map(u16::from_le).map_err(|_| QueueError::Memory(addr))
     }
 
     /// Takes the next available chain, or `None` when the driver has offered nothing new.
-    pub fn pop(&mut self, mem: &GuestMemoryMmap) -> Result<Option<Chain>, QueueError> {
+    pub fn pop(&mut self, mem: &GuestRam) -> Result<Option<Chain>, QueueError> {
         if !self.state.ready {
             return Err(QueueError::NotReady);
         }
@@ -227,7 +228,7 @@ impl Queue {
         Ok(Some(chain))
     }
 
-    fn chain(&self, mem: &GuestMemoryMmap, head: u16) -> Result<Chain, QueueError> {
+    fn chain(&self, mem: &GuestRam, head: u16) -> Result<Chain, QueueError> {
         let size = self.state.size;
         let mut descriptors = Vec::new();
         let mut index = head;
@@ -264,7 +265,7 @@ impl Queue {
     }
 
     /// Returns a chain to the driver with `len` bytes written, and publishes the new used index.
-    pub fn add_used(&mut self, mem: &GuestMemoryMmap, head: u16, len: u32) -> Result<(), QueueError> {
+    pub fn add_used(&mut self, mem: &GuestRam, head: u16, len: u32) -> Result<(), QueueError> {
         let slot = u64::from(self.state.next_used % self.state.size);
         let entry = self.state.used + 4 + 8 * slot;
         let mut bytes = [0u8; 8];
@@ -287,8 +288,8 @@ pub(crate) mod tests {
     pub const DATA: u64 = 0x8000;
 
     /// 64 KiB of fake guest memory.
-    pub fn memory() -> GuestMemoryMmap {
-        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x1_0000)]).unwrap()
+    pub fn memory() -> GuestRam {
+        GuestRam::from_ranges(&[(GuestAddress(0), 0x1_0000)]).unwrap()
     }
 
     pub fn ready_queue(size: u16) -> Queue {
@@ -298,7 +299,7 @@ pub(crate) mod tests {
     }
 
     /// Writes descriptor `index`.
-    pub fn descriptor(mem: &GuestMemoryMmap, index: u16, addr: u64, len: u32, flags: u16, next: u16) {
+    pub fn descriptor(mem: &GuestRam, index: u16, addr: u64, len: u32, flags: u16, next: u16) {
         let at = GuestAddress(DESC + 16 * u64::from(index));
         let mut raw = [0u8; 16];
         raw[0..8].copy_from_slice(&addr.to_le_bytes());
@@ -309,7 +310,7 @@ pub(crate) mod tests {
     }
 
     /// Offers `heads` in the available ring, starting at slot 0.
-    pub fn offer(mem: &GuestMemoryMmap, heads: &[u16]) {
+    pub fn offer(mem: &GuestRam, heads: &[u16]) {
         for (slot, head) in heads.iter().enumerate() {
             mem.write_obj(*head, GuestAddress(AVAIL + 4 + 2 * slot as u64)).unwrap();
         }
@@ -427,7 +428,7 @@ pub(crate) mod tests {
     fn a_used_ring_past_the_end_of_memory_fails_cleanly() {
         // A used ring that validated, then memory that cannot hold it (a restored queue checked
         // against a smaller VM): the write fails with an error instead of touching the host.
-        let small = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x3000)]).unwrap();
+        let small = GuestRam::from_ranges(&[(GuestAddress(0), 0x3000)]).unwrap();
         let mut q = ready_queue(4);
         assert!(matches!(q.validate(&small), Err(QueueError::Ring { ring: "used ring", .. })));
         assert_eq!(q.add_used(&small, 0, 1), Err(QueueError::Memory(USED + 4)));

@@ -25,9 +25,9 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 
+use crate::memory::GuestRam;
 use abi::devices::DeviceKind;
 use abi::devices::vsock::{GUEST_CID, HOST_CID, WAIT_MS, WAIT_QUEUE};
-use vm_memory::GuestMemoryMmap;
 
 use super::queue::Queue;
 use super::{DeviceError, DeviceModel};
@@ -330,7 +330,7 @@ impl Vsock {
     }
 
     /// Takes the guest's packets from the transmit queue.
-    fn transmit(&mut self, tx: &mut Queue, mem: &GuestMemoryMmap) -> Result<(), DeviceError> {
+    fn transmit(&mut self, tx: &mut Queue, mem: &GuestRam) -> Result<(), DeviceError> {
         while let Some(chain) = tx.pop(mem)? {
             let bytes = chain.read_all(mem, HEADER_LEN + MAX_PAYLOAD)?;
             let Some((header, payload)) = bytes.split_first_chunk::<HEADER_LEN>() else {
@@ -416,7 +416,7 @@ impl Vsock {
     }
 
     /// Fills the guest's receive buffers with what is pending.
-    fn deliver(&mut self, rx: &mut Queue, mem: &GuestMemoryMmap) -> Result<(), DeviceError> {
+    fn deliver(&mut self, rx: &mut Queue, mem: &GuestRam) -> Result<(), DeviceError> {
         if !rx.state.ready {
             return Ok(());
         }
@@ -481,7 +481,7 @@ impl DeviceModel for Vsock {
         &self.config
     }
 
-    fn notify(&mut self, index: u32, queues: &mut [Queue], mem: &GuestMemoryMmap) -> Result<(), DeviceError> {
+    fn notify(&mut self, index: u32, queues: &mut [Queue], mem: &GuestRam) -> Result<(), DeviceError> {
         if index == TX {
             self.transmit(super::queue(queues, TX)?, mem)?;
         }
@@ -533,7 +533,7 @@ mod tests {
         }
 
         /// Offers one buffer of `len` bytes holding `bytes` (device-writable if `bytes` is empty).
-        fn offer(&mut self, mem: &GuestMemoryMmap, bytes: &[u8], len: u32) {
+        fn offer(&mut self, mem: &GuestRam, bytes: &[u8], len: u32) {
             let index = self.offered % 8;
             let addr = self.base + 0x800 + u64::from(index) * 0x200;
             mem.write_slice(bytes, GuestAddress(addr)).unwrap();
@@ -548,7 +548,7 @@ mod tests {
         }
 
         /// The packets the device returned since the last call.
-        fn used(&mut self, mem: &GuestMemoryMmap) -> Vec<(Header, Vec<u8>)> {
+        fn used(&mut self, mem: &GuestRam) -> Vec<(Header, Vec<u8>)> {
             let idx: u16 = mem.read_obj(GuestAddress(self.base + 0x400 + 2)).unwrap();
             let mut out = Vec::new();
             while self.seen != idx {
@@ -566,7 +566,7 @@ mod tests {
     }
 
     struct Guest {
-        mem: GuestMemoryMmap,
+        mem: GuestRam,
         queues: Vec<Queue>,
         rx: Ring,
         tx: Ring,

@@ -1,0 +1,169 @@
+//! One VM's life from an image: restore it, run it until it waits for a request (parked),
+//! serve one request, reset it to the image, and destroy it (drop). Every way thaw serves from
+//! an image goes through here, so there is one restore path:
+//!
+//! ```text
+//!  fresh:  restore ─▶ serve ─▶ drop                        (all on the request path)
+//!  pool:   restore ─▶ park ···▶ serve ─▶ drop               (park ahead: pool.rs; drop off the path)
+//!  reset:  restore ─▶ park ···▶ serve ─▶ reset ─▶ park ···▶ serve ─▶ …   (one kept VM)
+//! ```
+//!
+//! A VM is reused only after an answer or a timeout. Anything else (the guest kernel panicked,
+//! faulted, exited or broke the protocol) may mean its own state is corrupt, so the caller must
+//! destroy it ([`Served::reusable`]). Even then a reset restores every byte the guest or the
+//! host changed, so nothing of one request reaches the next (docs/ARCHITECTURE.md, threat model).
+
+use std::io::Write;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::mailbox::{FunctionResponse, FunctionStatus, Mailbox};
+use crate::memory::DirtyPages;
+use crate::outcome::Outcome;
+use crate::snapshot::Image;
+use crate::vm::{BootTimings, CheckpointMode, RunReport, Vm, VmConfig, VmmError, thread_minor_faults};
+
+/// A VM restored from an image, and where it is in its life.
+pub struct Instance {
+    image: Arc<Image>,
+    config: VmConfig,
+    vm: Vm,
+    mailbox: Mailbox,
+    kept: bool,
+}
+
+/// How one request went.
+#[derive(Debug)]
+pub struct Served {
+    /// [`Outcome::Answered`] when the function answered (`response` says how), otherwise how the
+    /// guest ended.
+    pub outcome: Outcome,
+    /// The function's response.
+    pub response: Option<FunctionResponse>,
+    /// VM exits during the request (the guest's resume included when it was not parked).
+    pub exits: u64,
+    /// From the request's arrival at the VM to its response (or the guest's end), the guest's
+    /// resume from its checkpoint included when it was not parked yet.
+    pub to_response: Duration,
+    /// When the VM was not parked: from the first `KVM_RUN` to the guest taking the request.
+    pub resume: Option<Duration>,
+}
+
+impl Served {
+    /// True when the function answered cleanly.
+    pub fn is_ok(&self) -> bool {
+        matches!(self.outcome, Outcome::Answered)
+            && matches!(self.response.as_ref().map(|r| &r.status), Some(FunctionStatus::Ok))
+    }
+
+    /// True when the VM may be reset and serve again: the function answered (whatever its
+    /// status) or ran out of time. A guest kernel that panicked, faulted, exited or misused the
+    /// protocol is not trusted again.
+    pub fn reusable(&self) -> bool {
+        matches!(self.outcome, Outcome::Answered | Outcome::TimedOut(_))
+    }
+}
+
+impl Instance {
+    /// Restores a fresh VM from `image` (see [`Vm::restore`]). A `kept` VM logs the pages its
+    /// guest writes so that it can be [`reset`](Instance::reset).
+    pub fn restore(
+        image: &Arc<Image>,
+        config: &VmConfig,
+        kept: bool,
+        timings: &mut BootTimings,
+    ) -> Result<Self, VmmError> {
+        let vm = Vm::restore(image, config, kept, timings)?;
+        Ok(Self { image: Arc::clone(image), config: config.clone(), vm, mailbox: Mailbox::parking(), kept })
+    }
+
+    /// Runs the guest until it waits for its request: it resumes from its checkpoint, reseeds
+    /// and sets its clock from the fresh host parameters. Returns [`Outcome::Parked`], or how
+    /// the guest ended instead, and how long it took.
+    pub fn park(&mut self, output: &mut dyn Write) -> Result<(Outcome, Duration), VmmError> {
+        let started = Instant::now();
+        let mailbox = std::mem::take(&mut self.mailbox);
+        let (outcome, _, mailbox) =
+            self.vm.run(output, mailbox, self.config.timeout, CheckpointMode::Continue, &mut BootTimings::default())?;
+        self.mailbox = mailbox;
+        Ok((outcome, started.elapsed()))
+    }
+
+    /// True while the guest waits for its request.
+    pub fn is_parked(&self) -> bool {
+        self.mailbox.is_parked()
+    }
+
+    /// Hands `request` to the guest and runs it until it answers (or ends). A parked guest
+    /// takes it at once; one that has not run since its restore or reset resumes first.
+    pub fn serve(&mut self, request: Vec<u8>, output: &mut dyn Write) -> Result<Served, VmmError> {
+        let started = Instant::now();
+        let was_parked = self.mailbox.is_parked();
+        if let Err(error) = self.mailbox.deliver(self.vm.memory(), request) {
+            let outcome = Outcome::Failed { error, rip: None };
+            return Ok(Served { outcome, response: None, exits: 0, to_response: started.elapsed(), resume: None });
+        }
+        let mut timings = BootTimings::default();
+        let mailbox = std::mem::take(&mut self.mailbox);
+        let (outcome, exits, mut mailbox) =
+            self.vm.run(output, mailbox, self.config.timeout, CheckpointMode::Continue, &mut timings)?;
+        let to_response = started.elapsed();
+        let response = mailbox.responses.pop();
+        self.mailbox = mailbox;
+        let resume = if was_parked { None } else { timings.to_first_request };
+        Ok(Served { outcome, response, exits, to_response, resume })
+    }
+
+    /// Resets a kept VM to the image (see [`Vm::reset`]): fresh entropy, a new instance id and
+    /// the current clock, every changed page copied back, devices detached. Returns the pages
+    /// copied back.
+    pub fn reset(&mut self) -> Result<DirtyPages, VmmError> {
+        if !self.kept {
+            return Err(VmmError::Config("only a VM restored to be kept can be reset".into()));
+        }
+        let dirty = self.vm.reset(&self.image, &self.config)?;
+        self.mailbox = Mailbox::parking();
+        Ok(dirty)
+    }
+
+    /// The VM.
+    pub fn vm(&self) -> &Vm {
+        &self.vm
+    }
+
+    /// The image it was restored from.
+    pub fn image(&self) -> &Arc<Image> {
+        &self.image
+    }
+}
+
+/// Serves `request` from a fresh VM restored from `image`, all on the request path, and
+/// reports on it the way a cold run is reported. The VM is handed back so a caller can keep it
+/// alive (`thaw restore --hold`) or drop it.
+pub fn serve_fresh(
+    image: &Arc<Image>,
+    config: &VmConfig,
+    request: Vec<u8>,
+    output: &mut dyn Write,
+) -> Result<(Instance, RunReport), VmmError> {
+    let started = Instant::now();
+    let faults_before = thread_minor_faults();
+    let mut timings = BootTimings::default();
+    let mut instance = Instance::restore(image, config, false, &mut timings)?;
+    let served = instance.serve(request, output)?;
+    timings.total = started.elapsed();
+    timings.to_response = served.response.as_ref().map(|_| timings.total);
+    timings.to_first_request = served.resume;
+    let page_faults = thread_minor_faults().saturating_sub(faults_before);
+    let private_memory = if config.measure_memory { Some(instance.vm.private_memory()?) } else { None };
+    let report = RunReport {
+        outcome: served.outcome,
+        timings,
+        exits: served.exits,
+        responses: served.response.into_iter().collect(),
+        private_memory,
+        page_faults,
+        devices: instance.vm.device_stats(),
+    };
+    Ok((instance, report))
+}
