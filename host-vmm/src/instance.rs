@@ -126,6 +126,11 @@ impl Instance {
         Ok(dirty)
     }
 
+    /// The guest pages that differ from the image (see [`Vm::pages_differing_from`]).
+    pub fn pages_differing_from_image(&self) -> Result<Vec<u64>, VmmError> {
+        self.vm.pages_differing_from(&self.image)
+    }
+
     /// The VM.
     pub fn vm(&self) -> &Vm {
         &self.vm

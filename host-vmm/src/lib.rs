@@ -45,4 +45,4 @@ pub use mailbox::{FunctionResponse, FunctionStatus};
 pub use outcome::{GuestError, Outcome};
 pub use pool::{Pool, PoolStats};
 pub use snapshot::Image;
-pub use vm::{BootTimings, CheckpointMode, RunReport, Vm, VmConfig, VmmError, run_kernel};
+pub use vm::{BootTimings, CheckpointMode, REWRITTEN_PAGES, RunReport, Vm, VmConfig, VmmError, run_kernel};

@@ -18,7 +18,7 @@ use bootloader_api::config::Mapping;
 use bootloader_api::info::{MemoryRegion, MemoryRegionKind};
 use kvm_bindings::{KVM_MEM_LOG_DIRTY_PAGES, kvm_userspace_memory_region};
 use kvm_ioctls::{VcpuFd, VmFd};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, VolatileMemory};
 
 use crate::bootinfo::{self, BootParams};
 use crate::cpu::{self, CpuError};
@@ -33,6 +33,11 @@ use crate::paging::{PageTables, PagingError};
 use crate::snapshot::{self, Image, SnapshotError, WriteStats};
 use crate::virtio::{Backends, DeviceError, DeviceStats, Devices};
 use crate::watchdog::Watchdog;
+
+/// The guest pages a restore and a reset write fresh every time, so they never equal the
+/// image: the hypercall page (the checkpoint call's result), and the page holding the host
+/// parameters (instance id, entropy, clock) and the device table.
+pub const REWRITTEN_PAGES: [u64; 2] = [HYPERCALL_PAGE_GPA / PAGE_SIZE, HOST_PARAMS_GPA / PAGE_SIZE];
 
 /// Where physical memory is mapped when the kernel asks for a dynamic address: PML4 slot 32.
 pub const DEFAULT_PHYSICAL_MEMORY_OFFSET: u64 = 0x0000_1000_0000_0000;
@@ -472,10 +477,21 @@ impl Vm {
         Ok(dirty)
     }
 
-    /// Reads guest memory at `gpa` into `buf` (for tests and checks that compare a VM's
-    /// memory with its image).
-    pub fn read_memory(&self, gpa: u64, buf: &mut [u8]) -> Result<(), VmmError> {
-        self.mem.read_slice(buf, GuestAddress(gpa)).map_err(memory_error)
+    /// The guest pages whose bytes differ from `image`'s memory, in ascending order. Right
+    /// after a restore or reset these are at most [`REWRITTEN_PAGES`].
+    pub fn pages_differing_from(&self, image: &Image) -> Result<Vec<u64>, VmmError> {
+        let original = image.original_memory()?;
+        let (mut ours, mut theirs) = (vec![0u8; PAGE_SIZE as usize], vec![0u8; PAGE_SIZE as usize]);
+        let mut differing = Vec::new();
+        for page in 0..self.mem_size / PAGE_SIZE {
+            let gpa = page * PAGE_SIZE;
+            self.mem.read_slice(&mut ours, GuestAddress(gpa)).map_err(memory_error)?;
+            original.get_slice(gpa as usize, PAGE_SIZE as usize).map_err(memory_error)?.copy_to(&mut theirs[..]);
+            if ours != theirs {
+                differing.push(page);
+            }
+        }
+        Ok(differing)
     }
 
     /// Guest memory, for the lifecycle's mailbox.

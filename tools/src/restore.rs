@@ -11,7 +11,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use clap::{Args, ValueEnum};
-use host_vmm::{BootTimings, FunctionStatus, Image, Instance, Outcome, Pool, PoolStats, Served, VmConfig};
+use host_vmm::{
+    BootTimings, FunctionStatus, Image, Instance, Outcome, Pool, PoolStats, REWRITTEN_PAGES, Served, VmConfig,
+};
 
 use crate::invoke::StatsFormat;
 
@@ -54,15 +56,24 @@ pub struct RestoreArgs {
     #[arg(long)]
     hold: bool,
     /// The request body, the same for every request.
-    #[arg(long, value_name = "STRING", conflicts_with = "input", required_unless_present = "input")]
+    #[arg(long, value_name = "STRING", conflicts_with = "input", required_unless_present_any = ["input", "requests"])]
     data: Option<String>,
     /// Read the request body from this file.
     #[arg(long, value_name = "FILE")]
     input: Option<PathBuf>,
+    /// Read the request bodies from FILE, one per line, used in turn (instead of --data or
+    /// --input).
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["data", "input"])]
+    requests: Option<PathBuf>,
     /// Write every response to FILE, one JSON line per request in the order they finished
     /// (request number, status, exit code, stdout, stderr).
     #[arg(long, value_name = "FILE")]
     responses: Option<PathBuf>,
+    /// With --mode reset: after the last request, reset each kept VM once more and compare all
+    /// of its memory with the image; fail if any page differs other than those the host
+    /// rewrites for every request.
+    #[arg(long)]
+    verify: bool,
     /// Print the summary as one JSON object on stdout instead of text.
     #[arg(long, value_name = "FORMAT")]
     stats: Option<StatsFormat>,
@@ -116,13 +127,18 @@ struct Run<'a> {
     args: &'a RestoreArgs,
     image: &'a Arc<Image>,
     config: &'a VmConfig,
-    request: &'a [u8],
+    requests: Vec<Vec<u8>>,
     next: AtomicUsize,
     samples: Mutex<Vec<Sample>>,
     held: Mutex<Vec<Instance>>,
     failure: Mutex<Option<String>>,
+    /// Requests that did not answer cleanly.
+    unclean: Mutex<Vec<String>>,
     responses: Option<Mutex<std::io::BufWriter<std::fs::File>>>,
     replaced: AtomicUsize,
+    /// With --verify: each kept VM's requests, and the pages differing from the image after
+    /// its final reset.
+    verified: Mutex<Vec<(usize, Vec<u64>)>>,
 }
 
 impl Run<'_> {
@@ -139,36 +155,44 @@ impl Run<'_> {
         lock(&self.failure).get_or_insert(problem);
     }
 
-    /// Records a served request; false (and the run fails) unless the function answered
-    /// cleanly.
+    /// The body of request `number`: the same --data or --input for all, or the lines of
+    /// --requests in turn.
+    fn body(&self, number: usize) -> Vec<u8> {
+        self.requests.get(number % self.requests.len().max(1)).cloned().unwrap_or_default()
+    }
+
+    /// Records a served request (its line in --responses, and its sample when the function
+    /// answered cleanly). A request that did not answer cleanly is counted, and the batch goes
+    /// on; false when the record itself could not be written.
     fn record(&self, number: usize, served: &Served, sample: Sample) -> bool {
-        if let (Some(file), Some(response)) = (&self.responses, &served.response) {
-            let (status, code) = match &response.status {
-                FunctionStatus::Ok => ("ok", 0),
-                FunctionStatus::Trapped(_) => ("trapped", 0),
-                FunctionStatus::Exited(code) => ("exited", *code),
-            };
+        let (status, code) = match (&served.outcome, &served.response) {
+            (Outcome::Answered, Some(response)) => match &response.status {
+                FunctionStatus::Ok => ("ok".to_string(), 0),
+                FunctionStatus::Trapped(_) => ("trapped".to_string(), 0),
+                FunctionStatus::Exited(code) => ("exited".to_string(), *code),
+            },
+            (Outcome::TimedOut(_), _) => ("timed out".to_string(), 0),
+            (outcome, _) => (format!("failed: {outcome}"), 0),
+        };
+        if let Some(file) = &self.responses {
+            let (stdout, stderr) =
+                served.response.as_ref().map_or((&[][..], &[][..]), |r| (&r.stdout[..], &r.stderr[..]));
             let line = format!(
-                "{{\"request\": {number}, \"status\": \"{status}\", \"exit_code\": {code}, \"stdout\": {}, \"stderr\": {}}}",
-                crate::json_string(&String::from_utf8_lossy(&response.stdout)),
-                crate::json_string(&String::from_utf8_lossy(&response.stderr)),
+                "{{\"request\": {number}, \"status\": {}, \"exit_code\": {code}, \"stdout\": {}, \"stderr\": {}}}",
+                crate::json_string(&status),
+                crate::json_string(&String::from_utf8_lossy(stdout)),
+                crate::json_string(&String::from_utf8_lossy(stderr)),
             );
             if let Err(e) = writeln!(lock(file), "{line}") {
                 self.fail(format!("writing --responses: {e}"));
                 return false;
             }
         }
-        if !served.is_ok() {
-            let problem = match (&served.outcome, &served.response) {
-                (Outcome::Answered, Some(r)) => {
-                    format!("request {number}: the function did not answer cleanly: {:?}", r.status)
-                }
-                (outcome, _) => format!("request {number}: {outcome}"),
-            };
-            self.fail(problem);
-            return false;
+        if served.is_ok() {
+            lock(&self.samples).push(sample);
+        } else {
+            lock(&self.unclean).push(format!("request {number}: {status}"));
         }
-        lock(&self.samples).push(sample);
         true
     }
 }
@@ -188,9 +212,8 @@ fn served_sample(served: &Served) -> Sample {
 /// A fresh VM per request, restored on the request path.
 fn fresh_worker(run: &Run<'_>) -> Result<(), String> {
     while let Some(number) = run.next_request() {
-        let (instance, report) =
-            host_vmm::serve_fresh(run.image, run.config, run.request.to_vec(), &mut std::io::sink())
-                .map_err(|e| e.to_string())?;
+        let (instance, report) = host_vmm::serve_fresh(run.image, run.config, run.body(number), &mut std::io::sink())
+            .map_err(|e| e.to_string())?;
         let t = &report.timings;
         let sample = Sample {
             to_response: t.to_response.unwrap_or(t.total),
@@ -230,7 +253,7 @@ fn pool_worker(run: &Run<'_>, pool: &Pool, worker_requests: &AtomicUsize) -> Res
         let mut instance = pool.take(run.config.timeout).map_err(|e| e.to_string())?;
         let wait = started.elapsed();
         let faults_before = host_vmm::vm::thread_minor_faults();
-        let served = instance.serve(run.request.to_vec(), &mut std::io::sink()).map_err(|e| e.to_string())?;
+        let served = instance.serve(run.body(number), &mut std::io::sink()).map_err(|e| e.to_string())?;
         let mut sample = served_sample(&served);
         sample.to_response += wait;
         sample.wait = Some(wait);
@@ -260,7 +283,7 @@ fn reset_worker(run: &Run<'_>) -> Result<(), String> {
     let mut served_here = 0usize;
     while let Some(number) = run.next_request() {
         let faults_before = host_vmm::vm::thread_minor_faults();
-        let served = instance.serve(run.request.to_vec(), &mut std::io::sink()).map_err(|e| e.to_string())?;
+        let served = instance.serve(run.body(number), &mut std::io::sink()).map_err(|e| e.to_string())?;
         let mut sample = served_sample(&served);
         sample.page_faults = Some(host_vmm::vm::thread_minor_faults().saturating_sub(faults_before));
         if served_here.is_multiple_of(MEMORY_SAMPLE_EVERY) {
@@ -281,6 +304,11 @@ fn reset_worker(run: &Run<'_>) -> Result<(), String> {
         if !run.record(number, &served, sample) {
             return Ok(());
         }
+    }
+    if run.args.verify {
+        instance.reset().map_err(|e| e.to_string())?;
+        let differing = instance.pages_differing_from_image().map_err(|e| e.to_string())?;
+        lock(&run.verified).push((served_here, differing));
     }
     Ok(())
 }
@@ -307,10 +335,24 @@ pub fn run(args: &RestoreArgs) -> Result<u8, String> {
     if args.mode == Mode::Pool && args.pool == 0 {
         return Err("--pool 0: a pool needs at least one parked VM".into());
     }
+    if args.verify && args.mode != Mode::Reset {
+        return Err("--verify checks the kept VMs of --mode reset".into());
+    }
     if args.hold && args.mode != Mode::Fresh {
         return Err("--hold keeps the fresh VMs of --mode fresh; pool and reset modes keep their own".into());
     }
-    let request = crate::invoke::request_body(args.data.as_ref(), args.input.as_ref())?;
+    let requests = match &args.requests {
+        Some(path) => {
+            let text = crate::pack::read_limited(path, 64 << 20, "request list")?;
+            let lines: Vec<Vec<u8>> =
+                text.split(|&b| b == b'\n').filter(|l| !l.is_empty()).map(<[u8]>::to_vec).collect();
+            if lines.is_empty() {
+                return Err(format!("{}: no requests in it (one per line)", path.display()));
+            }
+            lines
+        }
+        None => vec![crate::invoke::request_body(args.data.as_ref(), args.input.as_ref())?],
+    };
     let image = Image::open(&args.image).map_err(|e| e.to_string())?;
     let image = Arc::new(if args.template { image.to_template().map_err(|e| e.to_string())? } else { image });
     let timeout = crate::kernel::parse_timeout(args.timeout)?;
@@ -326,13 +368,15 @@ pub fn run(args: &RestoreArgs) -> Result<u8, String> {
         args,
         image: &image,
         config: &config,
-        request: &request,
+        requests,
         next: AtomicUsize::new(0),
         samples: Mutex::new(Vec::with_capacity(args.count)),
         held: Mutex::new(Vec::new()),
         failure: Mutex::new(None),
+        unclean: Mutex::new(Vec::new()),
         responses,
         replaced: AtomicUsize::new(0),
+        verified: Mutex::new(Vec::new()),
     };
     let pool = match args.mode {
         Mode::Pool => Some(Pool::start(Arc::clone(&image), config.clone(), args.pool).map_err(|e| e.to_string())?),
@@ -366,10 +410,31 @@ pub fn run(args: &RestoreArgs) -> Result<u8, String> {
     if let Some(problem) = run.failure.into_inner().unwrap_or_else(|p| p.into_inner()) {
         return Err(format!("a restored VM failed: {problem}"));
     }
+    for (served, differing) in run.verified.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        let unexpected: Vec<u64> = differing.iter().copied().filter(|p| !REWRITTEN_PAGES.contains(p)).collect();
+        if !unexpected.is_empty() {
+            return Err(format!(
+                "verify: after {served} requests and a reset, guest pages {unexpected:?} still differ from the image"
+            ));
+        }
+        eprintln!(
+            "thaw: verify: after {served} requests and a reset, the kept VM's memory equals the image except pages {differing:?}, which the host rewrites for every request"
+        );
+    }
     let samples = run.samples.into_inner().unwrap_or_else(|p| p.into_inner());
     let replaced = run.replaced.into_inner();
-    report(args, &image, &samples, wall, peak_alive, pool_stats, replaced);
-    Ok(0)
+    let unclean = run.unclean.into_inner().unwrap_or_else(|p| p.into_inner());
+    if !samples.is_empty() {
+        report(args, &image, &samples, wall, peak_alive, pool_stats, replaced);
+    }
+    match unclean.first() {
+        None => Ok(0),
+        Some(first) => Err(format!(
+            "{} of {} requests did not answer cleanly (the first: {first}); the summary counts only the clean ones",
+            unclean.len(),
+            args.count
+        )),
+    }
 }
 
 /// Prints the summary: percentiles of every phase the mode has, as text or one JSON object.

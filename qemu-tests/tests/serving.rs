@@ -1,0 +1,184 @@
+//! The serving modes under KVM, through the real `thaw restore`: kept VMs reset by their dirty
+//! pages after every request, and VMs parked ahead in a pool. What one request leaves behind
+//! must never reach the next: not in guest memory, not in the function's globals, not in its
+//! entropy or instance id.
+
+use std::path::Path;
+
+mod common;
+
+use common::{Run, run_thaw};
+
+fn thaw(args: &[&str]) -> Run {
+    assert!(Path::new("/dev/kvm").exists(), "the serving modes run guests under KVM and need /dev/kvm");
+    run_thaw(args)
+}
+
+/// Packs `source` (an example name, or a fixture file) and snapshots it; returns (directory
+/// guard, image path).
+fn snapshot(source: &str, pack_extra: &[&str]) -> (tempfile::TempDir, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = dir.path().join("f.thaw").to_str().unwrap().to_string();
+    let image = dir.path().join("f.snap").to_str().unwrap().to_string();
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/fixtures").join(source);
+    let fixture = fixture.to_str().unwrap();
+    let mut pack = if source.ends_with(".wat") {
+        vec!["pack", fixture, "-o", &bundle]
+    } else {
+        vec!["pack", "--example", source, "-o", &bundle]
+    };
+    pack.extend_from_slice(pack_extra);
+    let run = thaw(&pack);
+    assert_eq!(run.code, Some(0), "{run:#?}");
+    let run = thaw(&["snapshot", &bundle, "-o", &image]);
+    assert_eq!(run.code, Some(0), "{run:#?}");
+    (dir, image)
+}
+
+/// The `--responses` lines of a run.
+fn responses(path: &Path) -> Vec<String> {
+    std::fs::read_to_string(path).unwrap().lines().map(str::to_string).collect()
+}
+
+#[test]
+fn after_1000_reset_requests_guest_memory_equals_the_image_but_the_rewritten_pages() {
+    let (dir, image) = snapshot("scribble.wat", &[]);
+    let out = dir.path().join("responses.jsonl");
+    let run = thaw(&[
+        "restore",
+        &image,
+        "--mode",
+        "reset",
+        "--count",
+        "1000",
+        "--concurrency",
+        "2",
+        "--data",
+        "body",
+        "--verify",
+        "--responses",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(run.code, Some(0), "{run:#?}");
+    // Both kept VMs were checked, and only the hypercall and host-parameter pages differ.
+    assert_eq!(run.stderr.matches("the kept VM's memory equals the image except pages [1, 2]").count(), 2, "{run:#?}");
+    let lines = responses(&out);
+    assert_eq!(lines.len(), 1000);
+    for line in &lines {
+        assert!(line.contains(r#""status": "ok""#) && line.contains(r#""stdout": "prev=""#), "{line}");
+    }
+}
+
+#[test]
+fn reset_mode_restores_volume_reads_heap_writes_and_entropy_too() {
+    let data = tempfile::tempdir().unwrap();
+    std::fs::write(data.path().join("readme.txt"), "hello volume\n").unwrap();
+    let data_dir = data.path().to_str().unwrap();
+    for (source, pack_extra, body) in [
+        ("data-reader", vec!["--data-dir", data_dir], r#"{"file": "readme.txt"}"#),
+        ("json-transform", vec![], r#"{"customer": "c", "items": [{"sku": "s", "price_cents": 7, "quantity": 2}]}"#),
+        ("random", vec![], "{}"),
+    ] {
+        let (_dir, image) = snapshot(source, &pack_extra);
+        let run = thaw(&["restore", &image, "--mode", "reset", "--count", "200", "--data", body, "--verify"]);
+        assert_eq!(run.code, Some(0), "{source}: {run:#?}");
+        assert!(run.stderr.contains("equals the image except pages [1, 2]"), "{source}: {run:#?}");
+    }
+}
+
+#[test]
+fn no_request_sees_the_previous_ones_body_in_reset_or_pool_mode() {
+    let (dir, image) = snapshot("scribble.wat", &[]);
+    let list = dir.path().join("requests");
+    std::fs::write(&list, (0..50).map(|i| format!("secret-{i}\n")).collect::<String>()).unwrap();
+    for mode in ["reset", "pool"] {
+        let out = dir.path().join(format!("{mode}.jsonl"));
+        let run = thaw(&[
+            "restore",
+            &image,
+            "--mode",
+            mode,
+            "--count",
+            "200",
+            "--requests",
+            list.to_str().unwrap(),
+            "--responses",
+            out.to_str().unwrap(),
+        ]);
+        assert_eq!(run.code, Some(0), "{mode}: {run:#?}");
+        let lines = responses(&out);
+        assert_eq!(lines.len(), 200);
+        assert!(lines.iter().all(|l| l.contains(r#""stdout": "prev=""#)), "{mode}: a request saw another's body");
+    }
+}
+
+#[test]
+fn a_trap_or_a_timeout_in_reset_mode_leaves_the_kept_vm_reset_and_serving() {
+    let (dir, image) = snapshot("scribble.wat", &[]);
+    let list = dir.path().join("requests");
+    std::fs::write(&list, "first\ntrap\nsecond\nloop\nfourth\n").unwrap();
+    let out = dir.path().join("responses.jsonl");
+    let run = thaw(&[
+        "restore",
+        &image,
+        "--mode",
+        "reset",
+        "--count",
+        "5",
+        "--requests",
+        list.to_str().unwrap(),
+        "--timeout",
+        "1",
+        "--verify",
+        "--responses",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(run.code, Some(125), "two requests did not answer cleanly: {run:#?}");
+    assert!(run.stderr.contains("2 of 5 requests did not answer cleanly"), "{run:#?}");
+    assert!(!run.stdout.contains("destroyed and replaced"), "the kept VM was reused: {run:#?}");
+    assert!(run.stderr.contains("after 5 requests and a reset, the kept VM's memory equals the image"), "{run:#?}");
+    let statuses: Vec<&str> = responses(&out)
+        .iter()
+        .map(|l| l.split(r#""status": ""#).nth(1).unwrap().split('"').next().unwrap())
+        .map(|s| match s {
+            "ok" => "ok",
+            "trapped" => "trapped",
+            "timed out" => "timed out",
+            other => panic!("unexpected status {other}"),
+        })
+        .collect();
+    assert_eq!(statuses, ["ok", "trapped", "ok", "timed out", "ok"]);
+}
+
+#[test]
+fn reset_and_pool_clones_never_share_entropy_or_instance_ids() {
+    let (dir, image) = snapshot("random", &[]);
+    for (mode, count) in [("reset", "10000"), ("pool", "2000")] {
+        let out = dir.path().join(format!("{mode}.jsonl"));
+        let run = thaw(&[
+            "restore",
+            &image,
+            "--mode",
+            mode,
+            "--count",
+            count,
+            "--concurrency",
+            "2",
+            "--data",
+            "{}",
+            "--responses",
+            out.to_str().unwrap(),
+        ]);
+        assert_eq!(run.code, Some(0), "{mode}: {run:#?}");
+        let lines = responses(&out);
+        assert_eq!(lines.len().to_string(), count);
+        for name in ["random", "instance"] {
+            let mut seen = std::collections::HashSet::new();
+            for line in &lines {
+                let field = line.split(&format!(r#"\"{name}\": \""#)).nth(1).unwrap().split(r#"\""#).next().unwrap();
+                assert!(!field.is_empty(), "{line}");
+                assert!(seen.insert(field.to_string()), "{mode}: two requests got the same {name}: {field}");
+            }
+        }
+    }
+}
