@@ -355,6 +355,34 @@ mod tests {
     }
 
     #[test]
+    fn a_serving_mailbox_parks_on_an_empty_queue_and_stops_after_each_response() {
+        use abi::invoke::{NextRequest, Range, Response};
+        let mem = GuestRam::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        let mut out = Vec::new();
+        let mut devices = Devices::default();
+        let mut h = ExitHandler::new(&mem, &mut devices, &mut out, Mailbox::parking());
+        let next = NextRequest { buffer_gpa: 0x8000, capacity: 64 }.encode();
+        mem.write_slice(&next, GuestAddress(HYPERCALL_PAGE_GPA)).unwrap();
+        let (port, len) = Hypercall::InvokeNext { len: next.len() }.encode();
+        let action = h.handle(VcpuExit::IoOut(port, &len.to_le_bytes())).unwrap();
+        assert!(matches!(action, ExitAction::Stop(Outcome::Parked)));
+        h.mailbox.deliver(&mem, b"req".to_vec()).unwrap();
+        let response = Response {
+            status: 0,
+            exit_code: 0,
+            stdout: Range::default(),
+            stderr: Range::default(),
+            message: Range::default(),
+        }
+        .encode();
+        mem.write_slice(&response, GuestAddress(HYPERCALL_PAGE_GPA)).unwrap();
+        let (port, len) = Hypercall::InvokeRespond { len: response.len() }.encode();
+        let action = h.handle(VcpuExit::IoOut(port, &len.to_le_bytes())).unwrap();
+        assert!(matches!(action, ExitAction::Stop(Outcome::Answered)));
+        assert_eq!(h.mailbox.responses.len(), 1);
+    }
+
+    #[test]
     fn milestones_are_recorded_once() {
         let mem = memory();
         let mut out = Vec::new();
