@@ -29,7 +29,6 @@ pub struct Instance {
     config: VmConfig,
     vm: Vm,
     mailbox: Mailbox,
-    kept: bool,
 }
 
 /// How one request went.
@@ -74,7 +73,7 @@ impl Instance {
         timings: &mut BootTimings,
     ) -> Result<Self, VmmError> {
         let vm = Vm::restore(image, config, kept, timings)?;
-        Ok(Self { image: Arc::clone(image), config: config.clone(), vm, mailbox: Mailbox::parking(), kept })
+        Ok(Self { image: Arc::clone(image), config: config.clone(), vm, mailbox: Mailbox::parking() })
     }
 
     /// Runs the guest until it waits for its request: it resumes from its checkpoint, reseeds
@@ -87,11 +86,6 @@ impl Instance {
             self.vm.run(output, mailbox, self.config.timeout, CheckpointMode::Continue, &mut BootTimings::default())?;
         self.mailbox = mailbox;
         Ok((outcome, started.elapsed()))
-    }
-
-    /// True while the guest waits for its request.
-    pub fn is_parked(&self) -> bool {
-        self.mailbox.is_parked()
     }
 
     /// Hands `request` to the guest and runs it until it answers (or ends). A parked guest
@@ -114,13 +108,10 @@ impl Instance {
         Ok(Served { outcome, response, exits, to_response, resume })
     }
 
-    /// Resets a kept VM to the image (see [`Vm::reset`]): fresh entropy, a new instance id and
-    /// the current clock, every changed page copied back, devices detached. Returns the pages
-    /// copied back.
+    /// Resets a kept VM to the image (see [`Vm::reset`], which refuses a VM not restored to be
+    /// kept): fresh entropy, a new instance id and the current clock, every changed page copied
+    /// back, devices detached. Returns the pages copied back.
     pub fn reset(&mut self) -> Result<DirtyPages, VmmError> {
-        if !self.kept {
-            return Err(VmmError::Config("only a VM restored to be kept can be reset".into()));
-        }
         let dirty = self.vm.reset(&self.image, &self.config)?;
         self.mailbox = Mailbox::parking();
         Ok(dirty)
@@ -134,11 +125,6 @@ impl Instance {
     /// The VM.
     pub fn vm(&self) -> &Vm {
         &self.vm
-    }
-
-    /// The image it was restored from.
-    pub fn image(&self) -> &Arc<Image> {
-        &self.image
     }
 }
 

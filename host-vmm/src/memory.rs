@@ -82,11 +82,6 @@ impl DirtyPages {
     pub fn pages(&self) -> u64 {
         self.runs.iter().map(|(_, n)| n).sum()
     }
-
-    /// Every page, one by one.
-    pub fn iter(&self) -> impl Iterator<Item = u64> + '_ {
-        self.runs.iter().flat_map(|&(first, count)| first..first + count)
-    }
 }
 
 fn host_bitmap(mem: &GuestRam) -> Option<&AtomicBitmap> {

@@ -499,11 +499,6 @@ impl Vm {
         &self.mem
     }
 
-    /// Guest memory size in bytes.
-    pub fn memory_size(&self) -> u64 {
-        self.mem_size
-    }
-
     /// Counters of this VM's devices.
     pub fn device_stats(&self) -> Vec<DeviceStats> {
         self.devices.stats()

@@ -35,34 +35,29 @@ fn snapshot(source: &str, pack_extra: &[&str]) -> (tempfile::TempDir, String) {
     (dir, image)
 }
 
-/// The `--responses` lines of a run.
-fn responses(path: &Path) -> Vec<String> {
-    std::fs::read_to_string(path).unwrap().lines().map(str::to_string).collect()
+/// Runs `thaw restore IMAGE ARGS --responses FILE` (FILE in `dir`); returns the run and the
+/// response lines it wrote.
+fn restore(dir: &Path, image: &str, args: &[&str]) -> (Run, Vec<String>) {
+    let out = dir.join("responses.jsonl");
+    let mut all = vec!["restore", image];
+    all.extend_from_slice(args);
+    all.extend_from_slice(&["--responses", out.to_str().unwrap()]);
+    let run = thaw(&all);
+    let lines = std::fs::read_to_string(&out).unwrap_or_default().lines().map(str::to_string).collect();
+    (run, lines)
 }
 
 #[test]
 fn after_1000_reset_requests_guest_memory_equals_the_image_but_the_rewritten_pages() {
     let (dir, image) = snapshot("scribble.wat", &[]);
-    let out = dir.path().join("responses.jsonl");
-    let run = thaw(&[
-        "restore",
+    let (run, lines) = restore(
+        dir.path(),
         &image,
-        "--mode",
-        "reset",
-        "--count",
-        "1000",
-        "--concurrency",
-        "2",
-        "--data",
-        "body",
-        "--verify",
-        "--responses",
-        out.to_str().unwrap(),
-    ]);
+        &["--mode", "reset", "--count", "1000", "--concurrency", "2", "--data", "body", "--verify"],
+    );
     assert_eq!(run.code, Some(0), "{run:#?}");
     // Both kept VMs were checked, and only the hypercall and host-parameter pages differ.
     assert_eq!(run.stderr.matches("the kept VM's memory equals the image except pages [1, 2]").count(), 2, "{run:#?}");
-    let lines = responses(&out);
     assert_eq!(lines.len(), 1000);
     for line in &lines {
         assert!(line.contains(r#""status": "ok""#) && line.contains(r#""stdout": "prev=""#), "{line}");
@@ -92,21 +87,9 @@ fn no_request_sees_the_previous_ones_body_in_reset_or_pool_mode() {
     let list = dir.path().join("requests");
     std::fs::write(&list, (0..50).map(|i| format!("secret-{i}\n")).collect::<String>()).unwrap();
     for mode in ["reset", "pool"] {
-        let out = dir.path().join(format!("{mode}.jsonl"));
-        let run = thaw(&[
-            "restore",
-            &image,
-            "--mode",
-            mode,
-            "--count",
-            "200",
-            "--requests",
-            list.to_str().unwrap(),
-            "--responses",
-            out.to_str().unwrap(),
-        ]);
+        let (run, lines) =
+            restore(dir.path(), &image, &["--mode", mode, "--count", "200", "--requests", list.to_str().unwrap()]);
         assert_eq!(run.code, Some(0), "{mode}: {run:#?}");
-        let lines = responses(&out);
         assert_eq!(lines.len(), 200);
         assert!(lines.iter().all(|l| l.contains(r#""stdout": "prev=""#)), "{mode}: a request saw another's body");
     }
@@ -117,36 +100,17 @@ fn a_trap_or_a_timeout_in_reset_mode_leaves_the_kept_vm_reset_and_serving() {
     let (dir, image) = snapshot("scribble.wat", &[]);
     let list = dir.path().join("requests");
     std::fs::write(&list, "first\ntrap\nsecond\nloop\nfourth\n").unwrap();
-    let out = dir.path().join("responses.jsonl");
-    let run = thaw(&[
-        "restore",
+    let (run, lines) = restore(
+        dir.path(),
         &image,
-        "--mode",
-        "reset",
-        "--count",
-        "5",
-        "--requests",
-        list.to_str().unwrap(),
-        "--timeout",
-        "1",
-        "--verify",
-        "--responses",
-        out.to_str().unwrap(),
-    ]);
+        &["--mode", "reset", "--count", "5", "--requests", list.to_str().unwrap(), "--timeout", "1", "--verify"],
+    );
     assert_eq!(run.code, Some(125), "two requests did not answer cleanly: {run:#?}");
     assert!(run.stderr.contains("2 of 5 requests did not answer cleanly"), "{run:#?}");
     assert!(!run.stdout.contains("destroyed and replaced"), "the kept VM was reused: {run:#?}");
     assert!(run.stderr.contains("after 5 requests and a reset, the kept VM's memory equals the image"), "{run:#?}");
-    let statuses: Vec<&str> = responses(&out)
-        .iter()
-        .map(|l| l.split(r#""status": ""#).nth(1).unwrap().split('"').next().unwrap())
-        .map(|s| match s {
-            "ok" => "ok",
-            "trapped" => "trapped",
-            "timed out" => "timed out",
-            other => panic!("unexpected status {other}"),
-        })
-        .collect();
+    let statuses: Vec<&str> =
+        lines.iter().map(|l| l.split(r#""status": ""#).nth(1).unwrap().split('"').next().unwrap()).collect();
     assert_eq!(statuses, ["ok", "trapped", "ok", "timed out", "ok"]);
 }
 
@@ -154,23 +118,9 @@ fn a_trap_or_a_timeout_in_reset_mode_leaves_the_kept_vm_reset_and_serving() {
 fn reset_and_pool_clones_never_share_entropy_or_instance_ids() {
     let (dir, image) = snapshot("random", &[]);
     for (mode, count) in [("reset", "10000"), ("pool", "2000")] {
-        let out = dir.path().join(format!("{mode}.jsonl"));
-        let run = thaw(&[
-            "restore",
-            &image,
-            "--mode",
-            mode,
-            "--count",
-            count,
-            "--concurrency",
-            "2",
-            "--data",
-            "{}",
-            "--responses",
-            out.to_str().unwrap(),
-        ]);
+        let (run, lines) =
+            restore(dir.path(), &image, &["--mode", mode, "--count", count, "--concurrency", "2", "--data", "{}"]);
         assert_eq!(run.code, Some(0), "{mode}: {run:#?}");
-        let lines = responses(&out);
         assert_eq!(lines.len().to_string(), count);
         for name in ["random", "instance"] {
             let mut seen = std::collections::HashSet::new();

@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use clap::{Args, ValueEnum};
+use host_vmm::virtio::DeviceStats;
 use host_vmm::{
     BootTimings, FunctionStatus, Image, Instance, Outcome, Pool, PoolStats, REWRITTEN_PAGES, Served, VmConfig,
 };
@@ -215,7 +216,7 @@ fn fresh_worker(run: &Run<'_>) -> Result<(), String> {
         let (instance, report) = host_vmm::serve_fresh(run.image, run.config, run.body(number), &mut std::io::sink())
             .map_err(|e| e.to_string())?;
         let t = &report.timings;
-        let sample = Sample {
+        let mut sample = Sample {
             to_response: t.to_response.unwrap_or(t.total),
             handle: report.responses.first().map(|r| r.handle_time),
             memory_map: Some(t.load),
@@ -225,10 +226,9 @@ fn fresh_worker(run: &Run<'_>) -> Result<(), String> {
             resume: t.to_first_request,
             page_faults: Some(report.page_faults),
             private_memory: report.private_memory,
-            device_exits: report.devices.iter().map(|d| d.exits).sum(),
-            backends_attached: report.devices.iter().filter(|d| d.attached_after.is_some()).count() as u64,
             ..Sample::default()
         };
+        device_counts(&mut sample, &report.devices);
         let served = Served {
             outcome: report.outcome,
             response: report.responses.into_iter().next(),
@@ -261,7 +261,7 @@ fn pool_worker(run: &Run<'_>, pool: &Pool, worker_requests: &AtomicUsize) -> Res
         if worker_requests.fetch_add(1, Ordering::Relaxed).is_multiple_of(MEMORY_SAMPLE_EVERY) {
             sample.private_memory = Some(instance.vm().private_memory().map_err(|e| e.to_string())?);
         }
-        device_counts(&mut sample, &instance);
+        device_counts(&mut sample, &instance.vm().device_stats());
         pool.discard(instance);
         if !run.record(number, &served, sample) {
             return Ok(());
@@ -290,7 +290,7 @@ fn reset_worker(run: &Run<'_>) -> Result<(), String> {
             sample.private_memory = Some(instance.vm().private_memory().map_err(|e| e.to_string())?);
         }
         served_here += 1;
-        device_counts(&mut sample, &instance);
+        device_counts(&mut sample, &instance.vm().device_stats());
         if served.reusable() {
             let started = Instant::now();
             let dirty = instance.reset().map_err(|e| e.to_string())?;
@@ -321,8 +321,7 @@ fn park(instance: &mut Instance) -> Result<Duration, String> {
     }
 }
 
-fn device_counts(sample: &mut Sample, instance: &Instance) {
-    let devices = instance.vm().device_stats();
+fn device_counts(sample: &mut Sample, devices: &[DeviceStats]) {
     sample.device_exits = devices.iter().map(|d| d.exits).sum();
     sample.backends_attached = devices.iter().filter(|d| d.attached_after.is_some()).count() as u64;
 }
