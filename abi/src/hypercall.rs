@@ -43,7 +43,9 @@ pub mod number {
     /// Checkpoint, with fork-like semantics: the VMM may snapshot the VM here. When the `out`
     /// returns, the hypercall page's first u32 says which side of the fork this is
     /// ([`CHECKPOINT_ORIGINAL`](super::CHECKPOINT_ORIGINAL) or
-    /// [`CHECKPOINT_RESTORED`](super::CHECKPOINT_RESTORED)). The hypercall page holds an
+    /// [`CHECKPOINT_RESTORED`](super::CHECKPOINT_RESTORED)); in a restored VM the second u32
+    /// is the number of working-set runs the guest should touch before it asks for a request
+    /// ([`WORKING_SET`]; 0 for none). The hypercall page holds an
     /// [`IoTableLocation`](crate::iotable::IoTableLocation) of `len` bytes (or `len` is 0).
     pub const CHECKPOINT: u16 = 8;
     /// Invoke mailbox: fetch the next request (see [`crate::invoke`]); the hypercall page holds
@@ -51,6 +53,9 @@ pub mod number {
     pub const INVOKE_NEXT: u16 = 9;
     /// Invoke mailbox: hand back a response; the hypercall page holds a `Response`.
     pub const INVOKE_RESPOND: u16 = 10;
+    /// Fetch the recorded working set (`crate::workingset`) from run number `arg` on; the VMM
+    /// answers with [`reply`](crate::workingset::reply)'s layout in the hypercall page.
+    pub const WORKING_SET: u16 = 11;
 }
 
 /// Checkpoint result: this is the VM that called checkpoint.
@@ -123,6 +128,11 @@ pub enum Hypercall {
     InvokeRespond {
         /// Payload length in bytes.
         len: usize,
+    },
+    /// Fetch working-set runs from number `first` on (see [`number::WORKING_SET`]).
+    WorkingSet {
+        /// Index of the first run wanted.
+        first: u32,
     },
     /// Checkpoint here (see [`number::CHECKPOINT`]).
     Checkpoint {
@@ -209,6 +219,7 @@ impl Hypercall {
             number::CHECKPOINT => Ok(Self::Checkpoint { len: payload(arg)? }),
             number::INVOKE_NEXT => Ok(Self::InvokeNext { len: payload(arg)? }),
             number::INVOKE_RESPOND => Ok(Self::InvokeRespond { len: payload(arg)? }),
+            number::WORKING_SET => Ok(Self::WorkingSet { first: arg }),
             other => Err(DecodeError::UnknownNumber(other)),
         }
     }
@@ -224,6 +235,7 @@ impl Hypercall {
             Self::InvokeNext { len } => (number::INVOKE_NEXT, len as u32),
             Self::InvokeRespond { len } => (number::INVOKE_RESPOND, len as u32),
             Self::Checkpoint { len } => (number::CHECKPOINT, len as u32),
+            Self::WorkingSet { first } => (number::WORKING_SET, first),
         };
         (PORT_BASE + number, arg)
     }
@@ -241,6 +253,7 @@ mod tests {
             Hypercall::Panic { len: HYPERCALL_PAGE_SIZE },
             Hypercall::FaultReport { len: 64 },
             Hypercall::Milestone(Milestone::Ready),
+            Hypercall::WorkingSet { first: 255 },
         ];
         for call in calls {
             let (port, arg) = call.encode();

@@ -1,5 +1,6 @@
-//! The snapshot image (`.snap`), format version 2: a checkpointed VM that any node can map and
-//! restore, with the function's data volume if it has one.
+//! The snapshot image (`.snap`), format version 3: a checkpointed VM that any node can map and
+//! restore, with the function's data volume if it has one, and the working set a sample request
+//! touched. Version 2 images (no working set) are still read.
 //!
 //! ```text
 //!   offset  size  field
@@ -30,7 +31,8 @@
 //! - VM state: TLV records for VM-wide state ([`vm_record`]): the virtio devices' transport state;
 //! - guest metadata ([`GuestMetadata`]), including the interface version the guest speaks;
 //! - memory map: [`MemoryRange`] entries;
-//! - working set: reserved for REAP-style prefetch, empty in version 2;
+//! - working set: the pages a sample request touched after a restore ([`crate::workingset`]
+//!   runs; empty when none was recorded, and always empty in version 2);
 //! - volume (optional): where the data volume (`crate::volume`) lies in the file, which the
 //!   restored VM's block device reads lazily.
 
@@ -39,13 +41,17 @@ use alloc::vec::Vec;
 use core::fmt;
 
 use crate::le::{put_string, u32_at, u64_at};
+use crate::workingset::{self, Run};
+use alloc::string::ToString;
 
 use crate::bundle::crc32;
 
 /// The image magic.
 pub const MAGIC: [u8; 8] = *b"THAWSNAP";
-/// The only image format version this code reads and writes.
-pub const FORMAT_VERSION: u32 = 2;
+/// The image format version this code writes.
+pub const FORMAT_VERSION: u32 = 3;
+/// The oldest format version this code reads: version 2 differs only in having no working set.
+pub const OLDEST_FORMAT_VERSION: u32 = 2;
 /// Architecture field for x86-64 (its ELF machine number).
 pub const ARCH_X86_64: u32 = 62;
 /// Header size.
@@ -75,7 +81,7 @@ pub enum SectionKind {
     GuestMetadata = 3,
     /// [`MemoryRange`] entries.
     MemoryMap = 4,
-    /// Reserved for the recorded working set (REAP); empty in version 2.
+    /// The recorded working set: [`crate::workingset`] runs (empty in version 2).
     WorkingSet = 5,
     /// The data volume's place in the file: file offset u64, length u64 (optional).
     Volume = 6,
@@ -230,7 +236,10 @@ impl fmt::Display for ImageError {
             }
             Self::BadMagic(m) => write!(f, "image magic {m:02x?} is not \"THAWSNAP\": not a thaw snapshot"),
             Self::UnsupportedVersion(v) => {
-                write!(f, "image format version {v} is not supported (this thaw reads version {FORMAT_VERSION})")
+                write!(
+                    f,
+                    "image format version {v} is not supported (this thaw reads versions {OLDEST_FORMAT_VERSION} to {FORMAT_VERSION})"
+                )
             }
             Self::WrongArchitecture(a) => {
                 write!(
@@ -262,6 +271,8 @@ impl core::error::Error for ImageError {}
 /// A validated image's metadata, borrowing nothing: what a restore needs besides the file.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ImageInfo {
+    /// The image's format version.
+    pub version: u32,
     /// vCPU 0's state records.
     pub vcpu: Vec<VcpuRecord>,
     /// VM-wide state records.
@@ -278,6 +289,8 @@ pub struct ImageInfo {
     pub checksum: u32,
     /// Where the data volume is in the file (offset, length), if the image has one.
     pub volume: Option<(u64, u64)>,
+    /// The pages a sample request touched after a restore (empty when none was recorded).
+    pub working_set: Vec<Run>,
 }
 
 impl ImageInfo {
@@ -386,6 +399,8 @@ pub struct ImageWriter {
     pub memory: Vec<MemoryRange>,
     /// The data volume's length (0 for none); its bytes follow the memory data.
     pub volume_len: u64,
+    /// The recorded working set (empty for none).
+    pub working_set: Vec<Run>,
 }
 
 /// Where [`ImageWriter::encode`] put things.
@@ -409,7 +424,7 @@ impl ImageWriter {
             (SectionKind::VmState, encode_records(&self.vm)),
             (SectionKind::GuestMetadata, self.guest.encode()),
             (SectionKind::MemoryMap, Vec::new()), // filled below, once offsets are known
-            (SectionKind::WorkingSet, Vec::new()),
+            (SectionKind::WorkingSet, workingset::encode(&self.working_set)),
         ];
         if self.volume_len > 0 {
             sections.push((SectionKind::Volume, alloc::vec![0; 16])); // filled below
@@ -474,7 +489,7 @@ pub fn parse(metadata: &[u8], file_len: u64) -> Result<ImageInfo, ImageError> {
     }
     let header = |field, value: u64, expected| Err(ImageError::Header { field, value, expected });
     let version = u32_at(b, 8);
-    if version != FORMAT_VERSION {
+    if !(OLDEST_FORMAT_VERSION..=FORMAT_VERSION).contains(&version) {
         return Err(ImageError::UnsupportedVersion(version));
     }
     let arch = u32_at(b, 12);
@@ -482,7 +497,7 @@ pub fn parse(metadata: &[u8], file_len: u64) -> Result<ImageInfo, ImageError> {
         return Err(ImageError::WrongArchitecture(arch));
     }
     if u32_at(b, 16) != 0 {
-        return header("flags", u32_at(b, 16).into(), "0 (no flags are defined in version 2)");
+        return header("flags", u32_at(b, 16).into(), "0 (no flags are defined)");
     }
     if u32_at(b, 20) as usize != HEADER_LEN {
         return header("header length", u32_at(b, 20).into(), "128");
@@ -553,15 +568,18 @@ pub fn parse(metadata: &[u8], file_len: u64) -> Result<ImageInfo, ImageError> {
     let vm = decode_records(section(SectionKind::VmState)?, "vm-state")?;
     let guest = GuestMetadata::decode(section(SectionKind::GuestMetadata)?)?;
     let memory = decode_memory_map(section(SectionKind::MemoryMap)?, metadata_len, file_len)?;
-    if !section(SectionKind::WorkingSet)?.is_empty() {
+    let working_set = section(SectionKind::WorkingSet)?;
+    if version < 3 && !working_set.is_empty() {
         return Err(ImageError::Content { section: "working-set", reason: "must be empty in version 2".into() });
     }
+    let working_set = workingset::decode(working_set)
+        .map_err(|e| ImageError::Content { section: "working-set", reason: e.to_string() })?;
     let volume = match section(SectionKind::Volume) {
         Err(_) => None,
         Ok(bytes) => Some(decode_volume(bytes, metadata_len, file_len, &memory)?),
     };
     let sections = sections.iter().map(|&(kind, offset, len)| (kind, offset as u64, len as u64)).collect();
-    Ok(ImageInfo { vcpu, vm, guest, memory, metadata_len, sections, checksum: stored, volume })
+    Ok(ImageInfo { version, vcpu, vm, guest, memory, metadata_len, sections, checksum: stored, volume, working_set })
 }
 
 /// Checks the volume section: a page-aligned region after the metadata, inside the file,
@@ -680,6 +698,10 @@ mod tests {
                 MemoryRange { gpa: 0x10_0000, len: PAGE_SIZE, file_offset: 2 * PAGE_SIZE },
             ],
             volume_len: 0,
+            working_set: vec![
+                Run { start: 0x20_1000, pages: 3, written: false },
+                Run { start: 0x1000_0040_0000, pages: 1, written: true },
+            ],
         }
     }
 
@@ -725,14 +747,47 @@ mod tests {
     #[test]
     fn round_trips_and_the_header_is_golden() {
         let bytes = image();
-        assert_eq!(&bytes[..16], b"THAWSNAP\x02\0\0\0\x3e\0\0\0");
+        assert_eq!(&bytes[..16], b"THAWSNAP\x03\0\0\0\x3e\0\0\0");
         let info = parse_file(&bytes).unwrap();
+        assert_eq!(info.version, 3);
+        assert_eq!(info.working_set, writer().working_set);
         assert_eq!(info.vcpu, writer().vcpu);
         assert_eq!(info.guest, writer().guest);
         assert_eq!(info.memory[0], MemoryRange { gpa: 0, len: 2 * PAGE_SIZE, file_offset: PAGE_SIZE });
         assert_eq!(info.memory[1].file_offset, 3 * PAGE_SIZE);
         assert_eq!(info.guest_memory_size(), 0x10_1000);
         assert!(info.memory.iter().all(|r| r.file_offset % PAGE_SIZE == 0), "memory data is page-aligned");
+    }
+
+    #[test]
+    fn version_2_images_are_read_and_have_no_working_set() {
+        let old = ImageWriter { working_set: vec![], ..writer() };
+        let (mut bytes, layout) = old.encode(3 * PAGE_SIZE);
+        bytes.resize(layout.file_len as usize, 0);
+        bytes[8] = 2;
+        reseal(&mut bytes);
+        let info = parse_file(&bytes).unwrap();
+        assert_eq!((info.version, info.working_set.len()), (2, 0));
+        let mut with_set = image();
+        with_set[8] = 2;
+        reseal(&mut with_set);
+        assert!(parse_file(&with_set).unwrap_err().to_string().contains("must be empty in version 2"));
+    }
+
+    #[test]
+    fn a_hostile_working_set_is_refused_with_its_value() {
+        let mut bytes = image();
+        let (offset, _) = section_of(&bytes, SectionKind::WorkingSet);
+        bytes[offset + 16..offset + 24].copy_from_slice(&0x20_2000u64.to_le_bytes()); // inside run 1
+        reseal(&mut bytes);
+        let message = parse_file(&bytes).unwrap_err().to_string();
+        assert!(message.contains("working-set section: the run at 0x202000 overlaps"), "{message}");
+    }
+
+    fn section_of(bytes: &[u8], kind: SectionKind) -> (usize, usize) {
+        let info = parse_file(bytes).unwrap();
+        let &(_, offset, len) = info.sections.iter().find(|s| s.0 == kind).unwrap();
+        (offset as usize, len as usize)
     }
 
     /// Rewrites the CRC after an edit, so that only the edit itself is judged.
@@ -760,6 +815,7 @@ mod tests {
         let cases: &[(&str, Edit, &str)] = &[
             ("wrong magic", |b| b[0] = b'X', "is not \"THAWSNAP\""),
             ("wrong version", |b| b[8] = 1, "format version 1 is not supported"),
+            ("future version", |b| b[8] = 4, "format version 4 is not supported (this thaw reads versions 2 to 3)"),
             ("wrong architecture", |b| b[12] = 183, "architecture 183 is not x86-64"),
             ("unknown flag", |b| b[16] = 1, "flags is 1"),
             ("flipped checksum byte", |b| b[49] ^= 0xff, "checksum"),

@@ -3,7 +3,7 @@
 //! Everything both sides must agree on lives here and nowhere else: the interface version, the
 //! hypercall ports and their arguments, the hypervisor CPUID signature, the ELF note a kernel uses
 //! to declare the interface it speaks, the fault report a guest sends when it dies, the host
-//! parameters page and device table, the I/O reconnection table, the invoke mailbox, the function bundle format, the WASI surface functions
+//! parameters page and device table, the I/O reconnection table, the invoke mailbox, the recorded working set, the function bundle format, the WASI surface functions
 //! may import, and the conventions used when the same kernel runs under QEMU instead.
 //!
 //! This crate holds plain data and its encoding, decoding and validation only. It must never
@@ -31,6 +31,7 @@ pub mod params;
 pub mod qemu;
 pub mod volume;
 pub mod wasi;
+pub mod workingset;
 
 /// Version of the guest/VMM interface defined by this crate.
 ///
@@ -38,7 +39,11 @@ pub mod wasi;
 /// hypercall meaning, a changed struct layout, a moved fixed address. It is independent of the
 /// crate version. A guest declares it in its [`note`]; the VMM refuses a kernel that declares any
 /// other value.
-pub const INTERFACE_VERSION: u32 = 4;
+pub const INTERFACE_VERSION: u32 = 5;
+
+/// The oldest interface version whose images this VMM still restores. Version 5 only added the
+/// working-set hypercall, which a version-4 guest never makes.
+pub const OLDEST_IMAGE_INTERFACE_VERSION: u32 = 4;
 
 /// Process exit status conventions shared by `thaw run` and `thaw qemu`.
 pub mod exit_code {

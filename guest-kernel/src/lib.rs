@@ -29,6 +29,7 @@ pub mod iotable;
 mod panic;
 pub mod platform;
 pub mod serial;
+pub mod workingset;
 
 #[doc(hidden)]
 pub use bootloader_api;

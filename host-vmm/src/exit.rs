@@ -12,6 +12,7 @@ use crate::memory::GuestRam;
 use abi::fault::FaultReport;
 use abi::hypercall::{HYPERCALL_PAGE_GPA, Hypercall, Milestone, is_hypercall_port};
 use abi::iotable::IoTableLocation;
+use abi::workingset::{self, Run};
 use kvm_ioctls::VcpuExit;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
@@ -50,10 +51,12 @@ pub enum ExitError {
 }
 
 /// Per-run state the exit handler needs: guest memory, the output sink, COM1, milestones, the
-/// virtio devices and the invoke mailbox.
+/// virtio devices, the invoke mailbox and the working set offered to the guest.
 pub struct ExitHandler<'a> {
     mem: &'a GuestRam,
     devices: &'a mut Devices,
+    working_set: &'a [Run],
+    warmed_pages: u64,
     output: &'a mut dyn Write,
     serial: Serial,
     serial_line: Vec<u8>,
@@ -63,11 +66,20 @@ pub struct ExitHandler<'a> {
 }
 
 impl<'a> ExitHandler<'a> {
-    /// A handler writing guest output to `output` and serving `devices` and `mailbox`.
-    pub fn new(mem: &'a GuestRam, devices: &'a mut Devices, output: &'a mut dyn Write, mailbox: Mailbox) -> Self {
+    /// A handler writing guest output to `output` and serving `devices`, `mailbox` and the
+    /// `working_set` runs the guest was told to touch (empty for none).
+    pub fn new(
+        mem: &'a GuestRam,
+        devices: &'a mut Devices,
+        working_set: &'a [Run],
+        output: &'a mut dyn Write,
+        mailbox: Mailbox,
+    ) -> Self {
         Self {
             mem,
             devices,
+            working_set,
+            warmed_pages: 0,
             output,
             serial: Serial::default(),
             serial_line: Vec::new(),
@@ -79,6 +91,11 @@ impl<'a> ExitHandler<'a> {
     /// When each milestone was reported.
     pub fn milestone(&self, which: Milestone) -> Option<Instant> {
         self.milestones.iter().find(|(m, _)| *m == which).map(|(_, t)| *t)
+    }
+
+    /// Working-set pages handed to the guest to touch during this run.
+    pub fn warmed_pages(&self) -> u64 {
+        self.warmed_pages
     }
 
     /// Flushes any partial serial line.
@@ -184,6 +201,13 @@ impl<'a> ExitHandler<'a> {
                 }
                 Ok(ExitAction::Continue)
             }
+            Hypercall::WorkingSet { first } => {
+                let reply = workingset::reply(self.working_set, first as usize);
+                self.mem.write_slice(&reply, GuestAddress(HYPERCALL_PAGE_GPA)).map_err(ExitError::Memory)?;
+                let batch = self.working_set.get(first as usize..).unwrap_or(&[]);
+                self.warmed_pages += workingset::page_count(&batch[..batch.len().min(workingset::RUNS_PER_CALL)]);
+                Ok(ExitAction::Continue)
+            }
             other => Err(GuestError::UnexpectedExit(format!("hypercall {other:?} is not served yet")).into()),
         }
     }
@@ -214,7 +238,7 @@ mod tests {
     }
 
     fn handle(mem: &GuestRam, out: &mut Vec<u8>, exit: VcpuExit) -> Result<ExitAction, ExitError> {
-        ExitHandler::new(mem, &mut Devices::default(), out, Mailbox::default()).handle(exit)
+        ExitHandler::new(mem, &mut Devices::default(), &[], out, Mailbox::default()).handle(exit)
     }
 
     fn guest_error(result: Result<ExitAction, ExitError>) -> GuestError {
@@ -276,7 +300,7 @@ mod tests {
         let mut out = Vec::new();
         let mut devices = Devices::default();
         {
-            let mut h = ExitHandler::new(&mem, &mut devices, &mut out, Mailbox::default());
+            let mut h = ExitHandler::new(&mem, &mut devices, &[], &mut out, Mailbox::default());
             for &b in b"hi\nyo" {
                 assert!(matches!(h.handle(VcpuExit::IoOut(COM1_PORT, &[b])).unwrap(), ExitAction::Continue));
             }
@@ -314,7 +338,7 @@ mod tests {
         let mem = memory();
         let mut out = Vec::new();
         let mut devices = Devices::new(&[DeviceKind::Entropy], &crate::virtio::Backends::default()).unwrap();
-        let mut h = ExitHandler::new(&mem, &mut devices, &mut out, Mailbox::default());
+        let mut h = ExitHandler::new(&mem, &mut devices, &[], &mut out, Mailbox::default());
         let mut data = [0u8; 4];
         assert!(matches!(h.handle(VcpuExit::MmioRead(DEVICE_WINDOW_GPA, &mut data)).unwrap(), ExitAction::Continue));
         assert_eq!(&data, b"virt");
@@ -355,12 +379,35 @@ mod tests {
     }
 
     #[test]
+    fn working_set_calls_page_through_the_offered_runs() {
+        use abi::workingset::{RUNS_PER_CALL, decode};
+        let mem = memory();
+        let mut out = Vec::new();
+        let runs: Vec<Run> =
+            (0..RUNS_PER_CALL as u64 + 1).map(|i| Run { start: i << 13, pages: 1, written: i % 2 == 0 }).collect();
+        let mut devices = Devices::default();
+        let mut h = ExitHandler::new(&mem, &mut devices, &runs, &mut out, Mailbox::default());
+        let mut fetch = |first: u32| {
+            let (port, arg) = Hypercall::WorkingSet { first }.encode();
+            assert!(matches!(h.handle(VcpuExit::IoOut(port, &arg.to_le_bytes())).unwrap(), ExitAction::Continue));
+            let mut count = [0u8; 4];
+            mem.read_slice(&mut count, GuestAddress(HYPERCALL_PAGE_GPA)).unwrap();
+            let mut page = vec![0u8; 8 + u32::from_le_bytes(count) as usize * abi::workingset::RUN_LEN];
+            mem.read_slice(&mut page, GuestAddress(HYPERCALL_PAGE_GPA)).unwrap();
+            decode(&page[8..]).unwrap()
+        };
+        assert_eq!(fetch(0), runs[..RUNS_PER_CALL]);
+        assert_eq!(fetch(RUNS_PER_CALL as u32), runs[RUNS_PER_CALL..]);
+        assert!(fetch(u32::MAX).is_empty(), "a first run past the end gets none, not an error");
+    }
+
+    #[test]
     fn a_serving_mailbox_parks_on_an_empty_queue_and_stops_after_each_response() {
         use abi::invoke::{NextRequest, Range, Response};
         let mem = GuestRam::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
         let mut out = Vec::new();
         let mut devices = Devices::default();
-        let mut h = ExitHandler::new(&mem, &mut devices, &mut out, Mailbox::parking());
+        let mut h = ExitHandler::new(&mem, &mut devices, &[], &mut out, Mailbox::parking());
         let next = NextRequest { buffer_gpa: 0x8000, capacity: 64 }.encode();
         mem.write_slice(&next, GuestAddress(HYPERCALL_PAGE_GPA)).unwrap();
         let (port, len) = Hypercall::InvokeNext { len: next.len() }.encode();
@@ -387,7 +434,7 @@ mod tests {
         let mem = memory();
         let mut out = Vec::new();
         let mut devices = Devices::default();
-        let mut h = ExitHandler::new(&mem, &mut devices, &mut out, Mailbox::default());
+        let mut h = ExitHandler::new(&mem, &mut devices, &[], &mut out, Mailbox::default());
         let (port, value) = Hypercall::Milestone(Milestone::Ring3Entered).encode();
         h.handle(VcpuExit::IoOut(port, &arg(value))).unwrap();
         let first = h.milestone(Milestone::Ring3Entered).unwrap();

@@ -195,6 +195,18 @@ impl Function {
         &self.bundle[..end as usize]
     }
 
+    /// `base` set up to cold-boot this function: its memory, and the bundle as the ramdisk,
+    /// with `timeout` and `requests`.
+    pub fn boot_config(&self, base: crate::VmConfig, timeout: std::time::Duration, requests: Vec<Vec<u8>>) -> crate::VmConfig {
+        crate::VmConfig {
+            memory_mib: self.vm_memory_mib(),
+            timeout,
+            ramdisk: Some(self.ramdisk().to_vec()),
+            requests,
+            ..base
+        }
+    }
+
     /// Guest memory for a VM running this function: its linear-memory allowance, the runtime
     /// overhead, and room for wasmi's compiled code (a generous 8x the module).
     pub fn vm_memory_mib(&self) -> u64 {

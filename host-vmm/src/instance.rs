@@ -21,7 +21,7 @@ use crate::mailbox::{FunctionResponse, FunctionStatus, Mailbox};
 use crate::memory::DirtyPages;
 use crate::outcome::Outcome;
 use crate::snapshot::Image;
-use crate::vm::{BootTimings, CheckpointMode, RunReport, Vm, VmConfig, VmmError, thread_minor_faults};
+use crate::vm::{BootTimings, CheckpointMode, Role, RunReport, Vm, VmConfig, VmmError, thread_minor_faults};
 
 /// A VM restored from an image, and where it is in its life.
 pub struct Instance {
@@ -64,15 +64,15 @@ impl Served {
 }
 
 impl Instance {
-    /// Restores a fresh VM from `image` (see [`Vm::restore`]). A `kept` VM logs the pages its
-    /// guest writes so that it can be [`reset`](Instance::reset).
+    /// Restores a fresh VM from `image` for `role` (see [`Vm::restore`]). Only a
+    /// [`Role::Kept`] VM can be [`reset`](Instance::reset).
     pub fn restore(
         image: &Arc<Image>,
         config: &VmConfig,
-        kept: bool,
+        role: Role,
         timings: &mut BootTimings,
     ) -> Result<Self, VmmError> {
-        let vm = Vm::restore(image, config, kept, timings)?;
+        let vm = Vm::restore(image, config, role, timings)?;
         Ok(Self { image: Arc::clone(image), config: config.clone(), vm, mailbox: Mailbox::parking() })
     }
 
@@ -126,6 +126,11 @@ impl Instance {
     pub fn vm(&self) -> &Vm {
         &self.vm
     }
+
+    /// The VM, to change it between runs (recording a working set).
+    pub(crate) fn vm_mut(&mut self) -> &mut Vm {
+        &mut self.vm
+    }
 }
 
 /// Serves `request` from a fresh VM restored from `image`, all on the request path, and
@@ -140,7 +145,7 @@ pub fn serve_fresh(
     let started = Instant::now();
     let faults_before = thread_minor_faults();
     let mut timings = BootTimings::default();
-    let mut instance = Instance::restore(image, config, false, &mut timings)?;
+    let mut instance = Instance::restore(image, config, Role::Fresh, &mut timings)?;
     let served = instance.serve(request, output)?;
     timings.total = started.elapsed();
     timings.to_response = served.response.as_ref().map(|_| timings.total);

@@ -12,7 +12,8 @@
 //!    [`watchdog`] interrupts `KVM_RUN` when the wall-clock timeout passes.
 //!
 //! A function's VM can stop at its checkpoint instead ([`CheckpointMode::Capture`]) and be written
-//! to an image ([`snapshot`]). [`instance`] owns the life of a VM restored from such an image
+//! to an image ([`snapshot`]); [`capture`] does that for a function and records the pages a
+//! sample request touches into the image ([`workingset`]). [`instance`] owns the life of a VM restored from such an image
 //! (restore, park, serve, reset, destroy), and [`pool`] keeps VMs parked ahead of requests.
 //! [`host`] holds what is opened once per process: `/dev/kvm` and thaw's CPUID.
 //!
@@ -20,6 +21,7 @@
 //! with an [`Outcome::Failed`] naming what it did; only host-side failures are [`VmmError`]s.
 
 pub mod bootinfo;
+pub mod capture;
 pub mod cpu;
 pub mod exit;
 pub mod function;
@@ -37,6 +39,7 @@ pub mod snapshot;
 pub mod virtio;
 pub mod vm;
 pub mod watchdog;
+pub mod workingset;
 
 pub use function::{Function, FunctionError, FunctionKind};
 pub use instance::{Instance, Served, serve_fresh};
@@ -45,4 +48,4 @@ pub use mailbox::{FunctionResponse, FunctionStatus};
 pub use outcome::{GuestError, Outcome};
 pub use pool::{Pool, PoolStats};
 pub use snapshot::Image;
-pub use vm::{BootTimings, CheckpointMode, REWRITTEN_PAGES, RunReport, Vm, VmConfig, VmmError, run_kernel};
+pub use vm::{BootTimings, CheckpointMode, REWRITTEN_PAGES, Role, RunReport, Vm, VmConfig, VmmError, run_kernel};

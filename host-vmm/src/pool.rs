@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use crate::instance::Instance;
 use crate::outcome::Outcome;
 use crate::snapshot::Image;
-use crate::vm::{BootTimings, VmConfig, VmmError};
+use crate::vm::{BootTimings, Role, VmConfig, VmmError};
 
 /// What the pool has done so far.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -34,6 +34,8 @@ pub struct PoolStats {
     pub wait_time: Duration,
     /// Used VMs the reaper destroyed.
     pub destroyed: u64,
+    /// Working-set pages the filled VMs' guests touched before parking, in all.
+    pub warmed_pages: u64,
 }
 
 impl PoolStats {
@@ -52,6 +54,7 @@ struct Counters {
     waited: AtomicU64,
     wait_nanos: AtomicU64,
     destroyed: AtomicU64,
+    warmed_pages: AtomicU64,
 }
 
 fn nanos(d: Duration) -> u64 {
@@ -154,6 +157,7 @@ impl Pool {
             waited: c.waited.load(Ordering::Relaxed),
             wait_time: Duration::from_nanos(c.wait_nanos.load(Ordering::Relaxed)),
             destroyed: c.destroyed.load(Ordering::Relaxed),
+            warmed_pages: c.warmed_pages.load(Ordering::Relaxed),
         }
     }
 }
@@ -170,7 +174,7 @@ fn fill(
     while !stop.load(Ordering::Relaxed) {
         let started = Instant::now();
         let parked =
-            Instance::restore(image, config, false, &mut BootTimings::default()).and_then(
+            Instance::restore(image, config, Role::Ahead, &mut BootTimings::default()).and_then(
                 |mut instance| match instance.park(&mut std::io::sink())? {
                     (Outcome::Parked, _) => Ok(instance),
                     (outcome, _) => Err(VmmError::Config(format!("a VM ended before parking: {outcome}"))),
@@ -180,6 +184,7 @@ fn fill(
             Ok(instance) => {
                 counters.filled.fetch_add(1, Ordering::Relaxed);
                 counters.fill_nanos.fetch_add(nanos(started.elapsed()), Ordering::Relaxed);
+                counters.warmed_pages.fetch_add(instance.vm().warmed_pages(), Ordering::Relaxed);
                 if to_pool.send(instance).is_err() {
                     return; // the pool is gone
                 }

@@ -169,24 +169,36 @@ pub fn device_records(devices: &[DeviceState]) -> Vec<VcpuRecord> {
     vec![VcpuRecord { kind: vm_record::DEVICES, bytes: DeviceState::encode_all(devices) }]
 }
 
-/// Writes an image of `mem`, the captured vCPU state, the VM-state records and the data volume
-/// (empty for none) to `path`, atomically and read-only.
+/// Everything an image holds besides memory and the data volume.
+#[derive(Debug)]
+pub struct State {
+    /// The captured vCPU state.
+    pub vcpu: Vec<VcpuRecord>,
+    /// The VM-state records.
+    pub vm: Vec<VcpuRecord>,
+    /// The guest's metadata.
+    pub guest: GuestMetadata,
+    /// The recorded working set (empty for none).
+    pub working_set: Vec<abi::workingset::Run>,
+}
+
+/// Writes an image of `mem`, `state` and the data volume (empty for none) to `path`,
+/// atomically and read-only.
 pub fn write_image(
     path: &Path,
     mem: &GuestRam,
     mem_size: u64,
-    vcpu: Vec<VcpuRecord>,
-    vm: Vec<VcpuRecord>,
-    guest: GuestMetadata,
+    state: State,
     volume: &[u8],
 ) -> Result<WriteStats, SnapshotError> {
     let io = |source| SnapshotError::Io { path: path.to_path_buf(), source };
     let writer = ImageWriter {
-        vcpu,
-        vm,
-        guest,
+        vcpu: state.vcpu,
+        vm: state.vm,
+        guest: state.guest,
         memory: vec![MemoryRange { gpa: 0, len: mem_size, file_offset: 0 }],
         volume_len: volume.len() as u64,
+        working_set: state.working_set,
     };
     let (metadata, layout) = writer.encode(mem_size);
     let data_start = layout.data_start;
@@ -239,11 +251,12 @@ impl Image {
         (&mut file).take(file_len.min(image::MAX_METADATA_BYTES)).read_to_end(&mut metadata).map_err(io)?;
         let info = image::parse(&metadata, file_len)
             .map_err(|source| SnapshotError::Image { path: path.to_path_buf(), source })?;
-        if info.guest.interface_version != abi::INTERFACE_VERSION {
+        if !(abi::OLDEST_IMAGE_INTERFACE_VERSION..=abi::INTERFACE_VERSION).contains(&info.guest.interface_version) {
             return Err(SnapshotError::Incompatible(format!(
-                "{}: the image's guest speaks thaw interface version {}, this VMM speaks version {}; take the snapshot again",
+                "{}: the image's guest speaks thaw interface version {}, this VMM restores versions {} to {}; take the snapshot again",
                 path.display(),
                 info.guest.interface_version,
+                abi::OLDEST_IMAGE_INTERFACE_VERSION,
                 abi::INTERFACE_VERSION
             )));
         }

@@ -18,7 +18,7 @@ use bootloader_api::config::Mapping;
 use bootloader_api::info::{MemoryRegion, MemoryRegionKind};
 use kvm_bindings::{KVM_MEM_LOG_DIRTY_PAGES, kvm_userspace_memory_region};
 use kvm_ioctls::{VcpuFd, VmFd};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, VolatileMemory};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, VolatileMemory};
 
 use crate::bootinfo::{self, BootParams};
 use crate::cpu::{self, CpuError};
@@ -33,6 +33,7 @@ use crate::paging::{PageTables, PagingError};
 use crate::snapshot::{self, Image, SnapshotError, WriteStats};
 use crate::virtio::{Backends, DeviceError, DeviceStats, Devices};
 use crate::watchdog::Watchdog;
+use abi::workingset::Run;
 
 /// The guest pages a restore and a reset write fresh every time, so they never equal the
 /// image: the hypercall page (the checkpoint call's result), and the page holding the host
@@ -127,6 +128,9 @@ pub enum VmmError {
     /// A kept VM's changed pages could not be found or copied back.
     #[error("resetting guest memory: {0}")]
     Reset(#[from] MemoryError),
+    /// The function ended before reaching its checkpoint, so there is nothing to snapshot.
+    #[error("the function ended before reaching its checkpoint: {0}")]
+    NoCheckpoint(Outcome),
 }
 
 fn kvm(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmmError {
@@ -272,13 +276,33 @@ impl BootPlan {
     }
 }
 
+/// What a restored VM is for, which decides what its restore prepares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Restored on the request path to serve one request.
+    Fresh,
+    /// Restored ahead of its request (a pool): its guest touches the image's working set
+    /// before it parks, so the request finds those pages mapped.
+    Ahead,
+    /// Restored ahead and reset after every request: it touches the working set once, and KVM
+    /// logs the pages its guest writes so that a reset can copy them back.
+    Kept,
+}
+
 /// A VM with one vCPU, booted to its entry point and ready to run. Fields drop in order: the
-/// vCPU, then the VM, then the guest memory the VM's slot points into.
+/// vCPU, then the VM, then the guest memory the VM's slots point into.
 pub struct Vm {
     vcpu: VcpuFd,
     vm: VmFd,
     mem: GuestRam,
+    /// A second memory slot, above RAM and the device window, holding page tables the host
+    /// built (only while a working set is recorded).
+    scratch: Option<GuestRam>,
     mem_size: u64,
+    /// The working-set runs the guest is told to touch when it resumes (empty for none).
+    warm: Vec<Run>,
+    /// Working-set pages handed to the guest so far.
+    warmed_pages: u64,
     devices: Devices,
     /// Where the guest keeps its I/O reconnection table, as it said at its checkpoint.
     io_table: Option<IoTableLocation>,
@@ -397,18 +421,27 @@ impl Vm {
         cpu::setup_long_mode(&vcpu, &mem, tables.root(), kernel.entry, stack_pointer, BOOT_INFO_GPA)?;
         write_host_params(&mem, &vcpu, 0, config, &devices)?;
         timings.vcpu_setup = started.elapsed();
-        Ok(Self { vcpu, vm, mem, mem_size: plan.mem_size, devices, io_table: None, log_dirty: false })
+        Ok(Self {
+            vcpu,
+            vm,
+            mem,
+            scratch: None,
+            mem_size: plan.mem_size,
+            warm: Vec::new(),
+            warmed_pages: 0,
+            devices,
+            io_table: None,
+            log_dirty: false,
+        })
     }
 
     /// Creates a VM from a snapshot image: its memory mapped copy-on-write from the file, and
-    /// then the image's state loaded as [`Vm::load_state`] does. With `log_dirty` the VM can be
-    /// [`reset`](Vm::reset) to the image after it has run.
-    pub fn restore(
-        image: &Image,
-        config: &VmConfig,
-        log_dirty: bool,
-        timings: &mut BootTimings,
-    ) -> Result<Self, VmmError> {
+    /// then the image's state loaded as [`Vm::load_state`] does. What else it prepares depends
+    /// on its [`Role`]: a [`Role::Kept`] VM can be [`reset`](Vm::reset) to the image after it
+    /// has run.
+    pub fn restore(image: &Image, config: &VmConfig, role: Role, timings: &mut BootTimings) -> Result<Self, VmmError> {
+        let log_dirty = role == Role::Kept;
+        let warm = if role == Role::Fresh { Vec::new() } else { image.info.working_set.clone() };
         let started = Instant::now();
         let mem_size = image.info.guest_memory_size();
         if !(layout::MIN_MEMORY_MIB << 20..=layout::MAX_MEMORY_MIB << 20).contains(&mem_size) {
@@ -425,7 +458,18 @@ impl Vm {
         let vcpu = create_vcpu(&vm)?;
         timings.vcpu_setup = started.elapsed();
         let started = Instant::now();
-        let mut restored = Self { vcpu, vm, mem, mem_size, devices: Devices::default(), io_table: None, log_dirty };
+        let mut restored = Self {
+            vcpu,
+            vm,
+            mem,
+            scratch: None,
+            mem_size,
+            warm,
+            warmed_pages: 0,
+            devices: Devices::default(),
+            io_table: None,
+            log_dirty,
+        };
         restored.load_state(image, config)?;
         timings.state_set = Some(started.elapsed());
         Ok(restored)
@@ -434,7 +478,7 @@ impl Vm {
     /// Loads everything of `image` but its memory: the vCPU state, the devices' transport
     /// state (backends detached, unless `config.eager_devices`), fresh host parameters (a new
     /// instance id, entropy, the clock, the device table), and "restored" as the checkpoint
-    /// call's result.
+    /// call's result, with the number of working-set runs the guest should touch.
     fn load_state(&mut self, image: &Image, config: &VmConfig) -> Result<(), VmmError> {
         snapshot::restore_vcpu(&self.vcpu, &image.info.vcpu)?;
         self.devices = Devices::default();
@@ -448,7 +492,8 @@ impl Vm {
             }
         }
         write_host_params(&self.mem, &self.vcpu, host::next_instance_id(), config, &self.devices)?;
-        self.mem.write_obj(CHECKPOINT_RESTORED, GuestAddress(HYPERCALL_PAGE_GPA)).map_err(memory_error)?;
+        let warm = u32::try_from(self.warm.len()).unwrap_or(u32::MAX);
+        self.mem.write_obj([CHECKPOINT_RESTORED, warm], GuestAddress(HYPERCALL_PAGE_GPA)).map_err(memory_error)?;
         self.io_table = (image.info.guest.io_table_len > 0)
             .then_some(IoTableLocation { gpa: image.info.guest.io_table_gpa, len: image.info.guest.io_table_len });
         Ok(())
@@ -472,6 +517,9 @@ impl Vm {
         })?;
         let dirty = DirtyPages::collect(&self.mem, &log)?;
         memory::copy_back(&self.mem, image.original_memory()?, &dirty)?;
+        // The working set was touched after the restore and stays mapped: touching it again
+        // would only dirty pages the next reset must copy back.
+        self.warm.clear();
         // Dropping the old devices closes whatever their backends had open.
         self.load_state(image, config)?;
         Ok(dirty)
@@ -497,6 +545,56 @@ impl Vm {
     /// Guest memory, for the lifecycle's mailbox.
     pub(crate) fn memory(&self) -> &GuestRam {
         &self.mem
+    }
+
+    /// Guest memory size in bytes.
+    pub(crate) fn memory_size(&self) -> u64 {
+        self.mem_size
+    }
+
+    /// The guest's CR3: where its page tables are.
+    pub(crate) fn cr3(&self) -> Result<u64, VmmError> {
+        Ok(self.vcpu.get_sregs().map_err(kvm("KVM_GET_SREGS"))?.cr3)
+    }
+
+    /// Points the guest's CR3 at other page tables.
+    pub(crate) fn set_cr3(&self, cr3: u64) -> Result<(), VmmError> {
+        let mut sregs = self.vcpu.get_sregs().map_err(kvm("KVM_GET_SREGS"))?;
+        sregs.cr3 = cr3;
+        self.vcpu.set_sregs(&sregs).map_err(kvm("KVM_SET_SREGS"))
+    }
+
+    /// Adds `scratch` (one region, above RAM and the device window) as memory slot 1. The VM
+    /// owns it from now on.
+    pub(crate) fn add_scratch_memory(&mut self, scratch: GuestRam) -> Result<(), VmmError> {
+        let region = scratch.iter().next().ok_or_else(|| VmmError::Memory("empty scratch memory".into()))?;
+        let (gpa, len) = (region.start_addr().raw_value(), region.len() as u64);
+        if gpa < self.mem_size.max(abi::devices::DEVICE_WINDOW_GPA + abi::devices::DEVICE_WINDOW_LEN) {
+            return Err(VmmError::Memory(format!("scratch memory at {gpa:#x} overlaps RAM or the device window")));
+        }
+        let host_addr = scratch.get_host_address(GuestAddress(gpa)).map_err(memory_error)?;
+        let slot = kvm_userspace_memory_region {
+            slot: 1,
+            flags: 0,
+            guest_phys_addr: gpa,
+            memory_size: len,
+            userspace_addr: host_addr as u64,
+        };
+        // SAFETY: the region is one mapping of `len` bytes owned by `scratch`, which this `Vm`
+        // keeps (field `scratch`) and drops only after the VM fd.
+        unsafe { self.vm.set_user_memory_region(slot) }.map_err(kvm("KVM_SET_USER_MEMORY_REGION (scratch)"))?;
+        self.scratch = Some(scratch);
+        Ok(())
+    }
+
+    /// The scratch memory slot, if one was added.
+    pub(crate) fn scratch_memory(&self) -> Option<&GuestRam> {
+        self.scratch.as_ref()
+    }
+
+    /// Working-set pages the guest was handed to touch since its restore.
+    pub fn warmed_pages(&self) -> u64 {
+        self.warmed_pages
     }
 
     /// Counters of this VM's devices.
@@ -531,12 +629,20 @@ impl Vm {
     /// Writes an image of this VM, which must have stopped at its checkpoint
     /// ([`Outcome::Checkpointed`]), to `path`, with its data `volume` (empty for none). The I/O
     /// table location in `guest` is replaced by the one the guest gave at its checkpoint.
-    pub fn snapshot(&self, path: &Path, mut guest: GuestMetadata, volume: &[u8]) -> Result<WriteStats, VmmError> {
+    /// `working_set` is the recorded working set (empty for none).
+    pub fn snapshot(
+        &self,
+        path: &Path,
+        mut guest: GuestMetadata,
+        volume: &[u8],
+        working_set: Vec<Run>,
+    ) -> Result<WriteStats, VmmError> {
         let io_table = self.io_table.unwrap_or_default();
         (guest.io_table_gpa, guest.io_table_len) = (io_table.gpa, io_table.len);
         let vcpu = snapshot::capture_vcpu(&self.vcpu)?;
         let vm = snapshot::device_records(&self.devices.states());
-        Ok(snapshot::write_image(path, &self.mem, self.mem_size, vcpu, vm, guest, volume)?)
+        let state = snapshot::State { vcpu, vm, guest, working_set };
+        Ok(snapshot::write_image(path, &self.mem, self.mem_size, state, volume)?)
     }
 
     /// Runs the vCPU until the guest ends or `timeout` passes, writing its output to `output`
@@ -550,7 +656,7 @@ impl Vm {
         timings: &mut BootTimings,
     ) -> Result<(Outcome, u64, Mailbox), VmmError> {
         let watchdog = Watchdog::arm(timeout).map_err(VmmError::Watchdog)?;
-        let mut handler = ExitHandler::new(&self.mem, &mut self.devices, output, mailbox);
+        let mut handler = ExitHandler::new(&self.mem, &mut self.devices, &self.warm, output, mailbox);
         let mut exits = 0u64;
         let run_started = Instant::now();
         let mut outcome = loop {
@@ -585,6 +691,7 @@ impl Vm {
         };
         drop(watchdog);
         handler.finish().map_err(VmmError::Exit)?;
+        self.warmed_pages += handler.warmed_pages();
         if let Outcome::Failed { rip, .. } = &mut outcome {
             *rip = self.vcpu.get_regs().ok().map(|r| r.rip);
         }

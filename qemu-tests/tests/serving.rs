@@ -132,3 +132,57 @@ fn reset_and_pool_clones_never_share_entropy_or_instance_ids() {
         }
     }
 }
+
+/// The `"name": N` number in `json`.
+fn json_number(json: &str, name: &str) -> u64 {
+    let key = format!("\"{name}\": ");
+    let at = json.find(&key).unwrap_or_else(|| panic!("no {name} in {json}")) + key.len();
+    json[at..].chars().take_while(char::is_ascii_digit).collect::<String>().parse().unwrap()
+}
+
+#[test]
+fn pooled_vms_touch_the_recorded_working_set_before_their_request() {
+    let (dir, image) = snapshot("hello", &[]);
+    let inspect = thaw(&["inspect", &image, "--json"]);
+    assert_eq!(inspect.code, Some(0), "{inspect:#?}");
+    let pages = json_number(&inspect.stdout, "pages");
+    let written = json_number(&inspect.stdout, "written_pages");
+    assert!(pages > 0 && written > 0 && written < pages, "{}", inspect.stdout);
+    let (run, lines) = restore(dir.path(), &image, &["--mode", "pool", "--count", "20", "--data", "w"]);
+    assert_eq!(run.code, Some(0), "{run:#?}");
+    assert!(run.stdout.contains(&format!("each after touching {pages} working-set pages")), "{run:#?}");
+    assert!(lines.iter().all(|l| l.contains(r#""status": "ok""#)), "{lines:?}");
+
+    // Without a working set the pool has nothing to touch, and serves the same.
+    let bare = dir.path().join("bare.snap");
+    let bare = bare.to_str().unwrap();
+    let bundle = dir.path().join("f.thaw");
+    let run = thaw(&["snapshot", bundle.to_str().unwrap(), "-o", bare, "--no-working-set"]);
+    assert!(run.code == Some(0) && run.stderr.contains("no working set"), "{run:#?}");
+    let inspect = thaw(&["inspect", bare]);
+    assert!(inspect.stdout.contains("working set none recorded"), "{inspect:#?}");
+    let (run, lines) = restore(dir.path(), bare, &["--mode", "pool", "--count", "5", "--data", "w"]);
+    assert!(run.code == Some(0) && run.stdout.contains("each after touching 0 working-set pages"), "{run:#?}");
+    assert_eq!(lines.len(), 5);
+}
+
+#[test]
+fn a_sample_request_that_never_answers_fails_the_snapshot_and_leaves_no_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = dir.path().join("loop.thaw");
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/fixtures/loop.wat");
+    let run = thaw(&["pack", fixture.to_str().unwrap(), "-o", bundle.to_str().unwrap()]);
+    assert_eq!(run.code, Some(0), "{run:#?}");
+    let image = dir.path().join("loop.snap");
+    let run = thaw(&["snapshot", bundle.to_str().unwrap(), "-o", image.to_str().unwrap(), "--timeout", "1"]);
+    assert_ne!(run.code, Some(0), "{run:#?}");
+    assert!(
+        run.stderr.contains("recording the working set: the sample request did not answer (guest timed out after 1.0 s)")
+            && run.stderr.contains("--no-working-set"),
+        "{run:#?}"
+    );
+    let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(left, vec![std::ffi::OsString::from("loop.thaw")], "no image and no draft are left behind");
+    let run = thaw(&["snapshot", bundle.to_str().unwrap(), "-o", image.to_str().unwrap(), "--no-working-set"]);
+    assert_eq!(run.code, Some(0), "{run:#?}");
+}

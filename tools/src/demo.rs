@@ -62,7 +62,7 @@ pub fn run(args: &DemoArgs) -> Result<u8, String> {
         }
         None => temp.path().to_path_buf(),
     };
-    let kernel = host_vmm::KernelImage::parse(crate::kernel::BUILT_IN).map_err(|e| format!("built-in kernel: {e}"))?;
+    let kernel = crate::kernel::built_in()?;
     for name in crate::pack::EXAMPLE_NAMES {
         let bundle = crate::pack::example_bundle(name, 16)?;
         crate::pack::write_atomically(&dir.join(format!("{name}.thaw")), &bundle)?;
@@ -73,22 +73,22 @@ pub fn run(args: &DemoArgs) -> Result<u8, String> {
         let bundle_path = dir.join(format!("{name}.thaw"));
         let function = Function::from_bundle(std::fs::read(&bundle_path).map_err(|e| e.to_string())?)
             .map_err(|e| format!("{name}: {e}"))?;
-        let config = VmConfig {
-            memory_mib: function.vm_memory_mib(),
-            timeout: Duration::from_secs(60),
-            ramdisk: Some(function.ramdisk().to_vec()),
-            requests: vec![request(name).to_vec()],
-            measure_memory: true,
-            ..VmConfig::default()
-        };
+        let base = VmConfig { measure_memory: true, ..VmConfig::default() };
+        let config = function.boot_config(base, Duration::from_secs(60), vec![request(name).to_vec()]);
         let cold_runs = (args.runs / 5).max(3);
         eprintln!("thaw demo: {name}: {cold_runs} cold invocations");
         let (cold, _) = measure(cold_runs, || {
-            host_vmm::run_kernel(&kernel, &config, &mut std::io::sink()).map_err(|e| e.to_string())
+            host_vmm::run_kernel(kernel, &config, &mut std::io::sink()).map_err(|e| e.to_string())
         })?;
         let image_path = dir.join(format!("{name}.snap"));
         let status =
-            crate::snapshot::snapshot_function(&function, &image_path, Duration::from_secs(60), VmConfig::default())?;
+            crate::snapshot::snapshot_function(
+            &function,
+            &image_path,
+            Duration::from_secs(60),
+            VmConfig::default(),
+            Some(request(name).to_vec()),
+        )?;
         eprintln!("thaw demo: {name}: {status}");
         let image = Arc::new(Image::open(&image_path).map_err(|e| e.to_string())?);
         let fresh = |image: &Arc<Image>| {

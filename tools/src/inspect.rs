@@ -94,10 +94,15 @@ pub fn run(args: &InspectArgs) -> Result<u8, String> {
             .map(|r| format!("{{\"gpa\": {}, \"length\": {}, \"file_offset\": {}}}", r.gpa, r.len, r.file_offset))
             .collect();
         let records: Vec<String> = info.vcpu.iter().map(|r| crate::json_string(record_name(r.kind))).collect();
+        let runs: Vec<String> = info
+            .working_set
+            .iter()
+            .map(|r| format!("{{\"start\": {}, \"pages\": {}, \"written\": {}}}", r.start, r.pages, r.written))
+            .collect();
         println!(
-            "{{\"path\": {}, \"format_version\": {}, \"architecture\": \"x86-64\", \"file_bytes\": {file_len}, \"checksum\": \"{:#010x}\", \"checksum_ok\": true, \"sections\": [{}], \"function\": {{\"name\": {}, \"wasm_sha256\": \"{}\", \"runtime_version\": {}}}, \"io_table\": {{\"gpa\": {}, \"length\": {}, \"handles\": [{}]}}, \"devices\": [{}], \"memory\": {{\"guest_bytes\": {guest}, \"pages\": {}, \"nonzero_pages\": {}, \"ranges\": [{}]}}, \"vcpu\": {{\"rip\": {rip}, \"records\": [{}]}}}}",
+            "{{\"path\": {}, \"format_version\": {}, \"architecture\": \"x86-64\", \"file_bytes\": {file_len}, \"checksum\": \"{:#010x}\", \"checksum_ok\": true, \"sections\": [{}], \"function\": {{\"name\": {}, \"wasm_sha256\": \"{}\", \"runtime_version\": {}}}, \"io_table\": {{\"gpa\": {}, \"length\": {}, \"handles\": [{}]}}, \"devices\": [{}], \"memory\": {{\"guest_bytes\": {guest}, \"pages\": {}, \"nonzero_pages\": {}, \"ranges\": [{}]}}, \"vcpu\": {{\"rip\": {rip}, \"records\": [{}]}}, \"working_set\": {{\"pages\": {}, \"written_pages\": {}, \"runs\": [{}]}}}}",
             crate::json_string(&args.image.display().to_string()),
-            abi::image::FORMAT_VERSION,
+            info.version,
             info.checksum,
             sections.join(", "),
             crate::json_string(&info.guest.function_name),
@@ -110,11 +115,14 @@ pub fn run(args: &InspectArgs) -> Result<u8, String> {
             guest / page,
             stored / page,
             ranges.join(", "),
-            records.join(", ")
+            records.join(", "),
+            abi::workingset::page_count(&info.working_set),
+            written_pages(&info.working_set),
+            runs.join(", ")
         );
         return Ok(0);
     }
-    println!("{}: thaw snapshot image, format version {}, x86-64", args.image.display(), abi::image::FORMAT_VERSION);
+    println!("{}: thaw snapshot image, format version {}, x86-64", args.image.display(), info.version);
     println!("  file        {file_len} bytes, {} KiB stored (the rest are holes)", (info.metadata_len + stored) / 1024);
     println!("  checksum    {:#010x}, ok; every section and memory range validated", info.checksum);
     println!("  function    {} (wasm sha256 {})", info.guest.function_name, hex(&info.guest.wasm_sha256));
@@ -163,6 +171,24 @@ pub fn run(args: &InspectArgs) -> Result<u8, String> {
     for r in &info.memory {
         println!("              guest {:#x}+{:#x} at file offset {:#x}", r.gpa, r.len, r.file_offset);
     }
+    match abi::workingset::page_count(&info.working_set) {
+        0 => println!("  working set none recorded (VMs restored ahead touch nothing before their request)"),
+        pages => {
+            println!(
+                "  working set {pages} pages ({} written) in {} runs, touched by VMs restored ahead before their request",
+                written_pages(&info.working_set),
+                info.working_set.len()
+            );
+            const SHOWN: usize = 8;
+            for r in info.working_set.iter().take(SHOWN) {
+                let how = if r.written { "written" } else { "read" };
+                println!("              {:#x}+{} pages, {how}", r.start, r.pages);
+            }
+            if info.working_set.len() > SHOWN {
+                println!("              … {} more runs (--json lists them all)", info.working_set.len() - SHOWN);
+            }
+        }
+    }
     let names: Vec<&str> = info.vcpu.iter().map(|r| record_name(r.kind)).collect();
     println!("  vcpu        rip {rip:#x}; records: {}", names.join(", "));
     println!("  sections");
@@ -170,4 +196,9 @@ pub fn run(args: &InspectArgs) -> Result<u8, String> {
         println!("    {:<16} offset {offset:>8}  length {len:>8}", kind.name());
     }
     Ok(0)
+}
+
+/// Pages of `runs` that the sample request wrote.
+fn written_pages(runs: &[abi::workingset::Run]) -> u64 {
+    runs.iter().filter(|r| r.written).map(|r| u64::from(r.pages)).sum()
 }

@@ -88,21 +88,15 @@ pub fn run(args: &InvokeArgs) -> Result<u8, String> {
     }
     let function = load_function(&args.function)?;
     let timeout = timeout(args)?;
-    let kernel = host_vmm::KernelImage::parse(crate::kernel::BUILT_IN).map_err(|e| format!("built-in kernel: {e}"))?;
-    let mut config = VmConfig {
-        memory_mib: function.vm_memory_mib(),
-        timeout,
-        ramdisk: Some(function.ramdisk().to_vec()),
-        requests: vec![request],
-        ..VmConfig::default()
-    };
+    let kernel = crate::kernel::built_in()?;
+    let mut config = function.boot_config(VmConfig::default(), timeout, vec![request]);
     args.devices.apply_boot(&mut config)?;
     crate::devices::add_function_devices(&mut config, &function, &args.function);
     let mut kernel_log = Vec::new();
     let report = if args.verbose {
-        host_vmm::run_kernel(&kernel, &config, &mut std::io::stderr().lock())
+        host_vmm::run_kernel(kernel, &config, &mut std::io::stderr().lock())
     } else {
-        host_vmm::run_kernel(&kernel, &config, &mut kernel_log)
+        host_vmm::run_kernel(kernel, &config, &mut kernel_log)
     }
     .map_err(|e| e.to_string())?;
     if let Some(StatsFormat::Json) = args.stats {

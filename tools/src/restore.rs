@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use clap::{Args, ValueEnum};
 use host_vmm::virtio::DeviceStats;
-use host_vmm::{
+use host_vmm::{Role, 
     BootTimings, FunctionStatus, Image, Instance, Outcome, Pool, PoolStats, REWRITTEN_PAGES, Served, VmConfig,
 };
 
@@ -81,6 +81,10 @@ pub struct RestoreArgs {
     /// Wall-clock limit per request, in seconds.
     #[arg(long, value_name = "SECS", default_value_t = 30.0)]
     timeout: f64,
+    /// Issue requests at this many per second (open loop: a request that finds every worker
+    /// busy counts its wait) instead of each as soon as a worker is free.
+    #[arg(long, value_name = "PER_SEC")]
+    rate: Option<f64>,
     #[command(flatten)]
     devices: crate::devices::DeviceArgs,
 }
@@ -140,6 +144,8 @@ struct Run<'a> {
     /// With --verify: each kept VM's requests, and the pages differing from the image after
     /// its final reset.
     verified: Mutex<Vec<(usize, Vec<u64>)>>,
+    /// When the batch started (the --rate schedule's origin).
+    started: Instant,
 }
 
 impl Run<'_> {
@@ -150,6 +156,19 @@ impl Run<'_> {
         }
         let n = self.next.fetch_add(1, Ordering::Relaxed);
         (n < self.args.count).then_some(n)
+    }
+
+    /// Waits until request `number` is due under --rate, and returns when it arrived: now when
+    /// it was waited for (or there is no --rate), its due time when the workers are behind.
+    fn arrive(&self, number: usize) -> Instant {
+        let Some(rate) = self.args.rate else { return Instant::now() };
+        let due = self.started + Duration::from_secs_f64(number as f64 / rate);
+        let now = Instant::now();
+        if due <= now {
+            return due;
+        }
+        std::thread::sleep(due - now);
+        Instant::now()
     }
 
     fn fail(&self, problem: String) {
@@ -213,11 +232,12 @@ fn served_sample(served: &Served) -> Sample {
 /// A fresh VM per request, restored on the request path.
 fn fresh_worker(run: &Run<'_>) -> Result<(), String> {
     while let Some(number) = run.next_request() {
+        let queued = run.arrive(number).elapsed();
         let (instance, report) = host_vmm::serve_fresh(run.image, run.config, run.body(number), &mut std::io::sink())
             .map_err(|e| e.to_string())?;
         let t = &report.timings;
         let mut sample = Sample {
-            to_response: t.to_response.unwrap_or(t.total),
+            to_response: t.to_response.unwrap_or(t.total) + queued,
             handle: report.responses.first().map(|r| r.handle_time),
             memory_map: Some(t.load),
             vm_create: Some(t.vm_create),
@@ -249,9 +269,9 @@ fn fresh_worker(run: &Run<'_>) -> Result<(), String> {
 /// Parked VMs from the pool; each used VM goes to the reaper.
 fn pool_worker(run: &Run<'_>, pool: &Pool, worker_requests: &AtomicUsize) -> Result<(), String> {
     while let Some(number) = run.next_request() {
-        let started = Instant::now();
+        let arrived = run.arrive(number);
         let mut instance = pool.take(run.config.timeout).map_err(|e| e.to_string())?;
-        let wait = started.elapsed();
+        let wait = arrived.elapsed();
         let faults_before = host_vmm::vm::thread_minor_faults();
         let served = instance.serve(run.body(number), &mut std::io::sink()).map_err(|e| e.to_string())?;
         let mut sample = served_sample(&served);
@@ -275,16 +295,18 @@ fn pool_worker(run: &Run<'_>, pool: &Pool, worker_requests: &AtomicUsize) -> Res
 fn reset_worker(run: &Run<'_>) -> Result<(), String> {
     let restore = || -> Result<Instance, String> {
         let mut instance =
-            Instance::restore(run.image, run.config, true, &mut BootTimings::default()).map_err(|e| e.to_string())?;
+            Instance::restore(run.image, run.config, Role::Kept, &mut BootTimings::default()).map_err(|e| e.to_string())?;
         park(&mut instance)?;
         Ok(instance)
     };
     let mut instance = restore()?;
     let mut served_here = 0usize;
     while let Some(number) = run.next_request() {
+        let queued = run.arrive(number).elapsed();
         let faults_before = host_vmm::vm::thread_minor_faults();
         let served = instance.serve(run.body(number), &mut std::io::sink()).map_err(|e| e.to_string())?;
         let mut sample = served_sample(&served);
+        sample.to_response += queued;
         sample.page_faults = Some(host_vmm::vm::thread_minor_faults().saturating_sub(faults_before));
         if served_here.is_multiple_of(MEMORY_SAMPLE_EVERY) {
             sample.private_memory = Some(instance.vm().private_memory().map_err(|e| e.to_string())?);
@@ -337,6 +359,9 @@ pub fn run(args: &RestoreArgs) -> Result<u8, String> {
     if args.verify && args.mode != Mode::Reset {
         return Err("--verify checks the kept VMs of --mode reset".into());
     }
+    if args.rate.is_some_and(|r| !(r.is_finite() && r > 0.0)) {
+        return Err(format!("--rate {}: must be a positive number of requests per second", args.rate.unwrap_or(0.0)));
+    }
     if args.hold && args.mode != Mode::Fresh {
         return Err("--hold keeps the fresh VMs of --mode fresh; pool and reset modes keep their own".into());
     }
@@ -363,6 +388,17 @@ pub fn run(args: &RestoreArgs) -> Result<u8, String> {
             std::fs::File::create(path).map_err(|e| format!("{}: {e}", path.display()))?,
         ))),
     };
+    let pool = match args.mode {
+        Mode::Pool => Some(Pool::start(Arc::clone(&image), config.clone(), args.pool).map_err(|e| e.to_string())?),
+        _ => None,
+    };
+    if let Some(pool) = &pool {
+        // Traffic starts once the pool is full, as it would on a node that has been up.
+        let filling = Instant::now();
+        while pool.stats().filled < args.pool as u64 && filling.elapsed() < timeout {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
     let run = Run {
         args,
         image: &image,
@@ -376,14 +412,11 @@ pub fn run(args: &RestoreArgs) -> Result<u8, String> {
         responses,
         replaced: AtomicUsize::new(0),
         verified: Mutex::new(Vec::new()),
-    };
-    let pool = match args.mode {
-        Mode::Pool => Some(Pool::start(Arc::clone(&image), config.clone(), args.pool).map_err(|e| e.to_string())?),
-        _ => None,
+        started: Instant::now(),
     };
     let pool_requests = AtomicUsize::new(0);
     let workers = args.concurrency.min(args.count);
-    let started = Instant::now();
+    let started = run.started;
     std::thread::scope(|s| {
         for _ in 0..workers {
             s.spawn(|| {
@@ -500,10 +533,11 @@ fn report(
             .collect();
         if let Some(p) = &pool {
             fields.push(format!(
-                "\"pool\": {{\"size\": {}, \"filled\": {}, \"fill_rate_per_s\": {:.0}, \"ready\": {}, \"waited\": {}, \"wait_ms\": {}}}",
+                "\"pool\": {{\"size\": {}, \"filled\": {}, \"fill_rate_per_s\": {:.0}, \"warmed_pages_per_vm\": {}, \"ready\": {}, \"waited\": {}, \"wait_ms\": {}}}",
                 args.pool,
                 p.filled,
                 p.fill_rate(),
+                p.warmed_pages / p.filled.max(1),
                 p.ready,
                 p.waited,
                 p.wait_time.as_millis()
@@ -537,9 +571,10 @@ fn report(
     }
     if let Some(p) = &pool {
         println!(
-            "pool: {} VMs parked by the filler at {:.0} per second of its work; {} requests found one ready, {} waited ({} ms in all)",
+            "pool: {} VMs parked by the filler at {:.0} per second of its work, each after touching {} working-set pages; {} requests found one ready, {} waited ({} ms in all)",
             p.filled,
             p.fill_rate(),
+            p.warmed_pages / p.filled.max(1),
             p.ready,
             p.waited,
             p.wait_time.as_millis()

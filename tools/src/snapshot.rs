@@ -1,13 +1,12 @@
-//! `thaw snapshot`: cold-boot a function, run its init, and write the VM at its checkpoint to an
-//! image that `thaw invoke` restores from.
+//! `thaw snapshot`: cold-boot a function, run its init, write the VM at its checkpoint to an
+//! image that `thaw invoke` restores from, and record the working set of a sample request into
+//! it (`host_vmm::capture`).
 
-use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
-use abi::image::GuestMetadata;
 use clap::Args;
-use host_vmm::mailbox::Mailbox;
-use host_vmm::{BootTimings, CheckpointMode, Outcome, Vm, VmConfig};
+use host_vmm::VmConfig;
 
 /// Arguments of `thaw snapshot`.
 #[derive(Args, Debug)]
@@ -21,6 +20,14 @@ pub struct SnapshotArgs {
     /// Wall-clock limit for booting and initializing, in seconds.
     #[arg(long, value_name = "SECS", default_value_t = 60.0)]
     timeout: f64,
+    /// The sample request whose touched pages become the image's working set, which VMs
+    /// restored ahead of their request (pool and reset modes) touch before it arrives
+    /// [default: the empty request].
+    #[arg(long, value_name = "STRING", conflicts_with = "no_working_set")]
+    sample_data: Option<String>,
+    /// Record no working set (the sample request is not run).
+    #[arg(long)]
+    no_working_set: bool,
     #[command(flatten)]
     devices: crate::devices::DeviceArgs,
 }
@@ -32,58 +39,40 @@ pub fn run(args: &SnapshotArgs) -> Result<u8, String> {
     let mut config = VmConfig::default();
     args.devices.apply_boot(&mut config)?;
     crate::devices::add_function_devices(&mut config, &function, &args.function);
-    let status = snapshot_function(&function, &args.output, timeout, config)
+    let sample = (!args.no_working_set).then(|| args.sample_data.clone().unwrap_or_default().into_bytes());
+    let status = snapshot_function(&function, &args.output, timeout, config, sample)
         .map_err(|e| format!("{}: {e}", args.function.display()))?;
     eprintln!("thaw: {status}");
     Ok(0)
 }
 
-/// Cold-boots `function` with the devices in `devices` (a config whose memory, ramdisk and
-/// timeout are filled in here), stops it at its checkpoint, and writes the image to `output`.
-/// Returns a one-line summary.
+/// Snapshots `function` on the built-in kernel into `output` (see
+/// [`host_vmm::capture::snapshot_function`]), recording the working set of `sample` unless it
+/// is `None`. Returns a one-line summary.
 pub fn snapshot_function(
     function: &host_vmm::Function,
-    output: &std::path::Path,
+    output: &Path,
     timeout: Duration,
     devices: VmConfig,
+    sample: Option<Vec<u8>>,
 ) -> Result<String, String> {
-    let kernel = host_vmm::KernelImage::parse(crate::kernel::BUILT_IN).map_err(|e| format!("built-in kernel: {e}"))?;
-    let config = VmConfig {
-        memory_mib: function.vm_memory_mib(),
-        timeout,
-        ramdisk: Some(function.ramdisk().to_vec()),
-        requests: Vec::new(),
-        ..devices
+    let kernel = crate::kernel::built_in()?;
+    let captured =
+        host_vmm::capture::snapshot_function(kernel, function, output, timeout, devices, sample, &mut std::io::stderr())
+            .map_err(|e| e.to_string())?;
+    let stats = captured.stats;
+    let working_set = match &captured.working_set {
+        None => "no working set".to_string(),
+        Some(r) => {
+            let pages = abi::workingset::page_count(&r.runs);
+            let written: u64 = r.runs.iter().filter(|run| run.written).map(|run| u64::from(run.pages)).sum();
+            format!("a working set of {pages} pages ({written} written) in {} runs", r.runs.len())
+        }
     };
-    let started = Instant::now();
-    let mut timings = BootTimings::default();
-    let mut vm = Vm::boot(&kernel, &config, &mut timings).map_err(|e| e.to_string())?;
-    let mut kernel_log = Vec::new();
-    let (outcome, _, _) = vm
-        .run(&mut kernel_log, Mailbox::default(), timeout, CheckpointMode::Capture, &mut timings)
-        .map_err(|e| e.to_string())?;
-    if !matches!(outcome, Outcome::Checkpointed) {
-        use std::io::Write;
-        let _ = std::io::stderr().write_all(&kernel_log);
-        let code = crate::finish(&outcome);
-        return Err(format!("the function ended before reaching its checkpoint (exit {code})"));
-    }
-    let boot_and_init = started.elapsed();
-    let guest = GuestMetadata {
-        interface_version: abi::INTERFACE_VERSION,
-        function_name: function.manifest.name.clone(),
-        wasm_sha256: function.manifest.wasm_sha256,
-        io_table_gpa: 0,
-        io_table_len: 0,
-        runtime_version: concat!("thaw-guest ", env!("CARGO_PKG_VERSION")).into(),
-    };
-    let volume =
-        function.volume.map_or(&[][..], |(offset, len)| &function.bundle[offset as usize..(offset + len) as usize]);
-    let stats = vm.snapshot(output, guest, volume).map_err(|e| e.to_string())?;
     Ok(format!(
-        "snapshot of {} after {} ms of boot and init: {} MiB of guest memory, {} non-zero pages ({} KiB) in {}",
+        "snapshot of {} after {} ms of boot and init: {} MiB of guest memory, {} non-zero pages ({} KiB), {working_set}, in {}",
         function.manifest.name,
-        boot_and_init.as_millis(),
+        captured.boot_and_init.as_millis(),
         stats.guest_memory >> 20,
         stats.pages_written,
         stats.pages_written * 4,

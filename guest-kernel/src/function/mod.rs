@@ -95,8 +95,9 @@ impl Transport {
     }
 
     /// Offers the host a checkpoint (under thaw's VMM). Returns fresh host parameters when
-    /// this VM is a restored copy, so the caller reseeds; `None` in the original VM.
-    fn checkpoint(self) -> Result<Option<HostParams>, String> {
+    /// this VM is a restored copy, so the caller reseeds, and how many working-set runs the VMM
+    /// wants touched before the first request; `None` in the original VM.
+    fn checkpoint(self) -> Result<Option<(HostParams, u32)>, String> {
         match self {
             Self::Serial => Ok(None),
             Self::Mailbox => {
@@ -105,10 +106,11 @@ impl Transport {
                 hypercall::with_payload(&io_table, |len| Hypercall::Checkpoint { len });
                 // SAFETY: the VMM wrote the result into the hypercall page (over the payload)
                 // before the `out` returned (the original VM) or before the restored VM first ran.
-                let page = unsafe { core::slice::from_raw_parts(platform::hypercall_page(), 4) };
+                let page = unsafe { core::slice::from_raw_parts(platform::hypercall_page(), 8) };
+                let warm = u32::from_le_bytes([page[4], page[5], page[6], page[7]]);
                 match u32::from_le_bytes([page[0], page[1], page[2], page[3]]) {
                     CHECKPOINT_ORIGINAL => Ok(None),
-                    CHECKPOINT_RESTORED => self.host_params().map(Some),
+                    CHECKPOINT_RESTORED => self.host_params().map(|params| Some((params, warm))),
                     other => Err(alloc::format!("checkpoint result {other} is neither original (0) nor restored (1)")),
                 }
             }
@@ -205,9 +207,11 @@ fn run(bundle: &Bundle<'_>, transport: Transport) -> Result<core::convert::Infal
     platform::milestone(Milestone::Initialized);
     // The init-less boot point: a snapshot taken here skips everything above on every request.
     // A restored copy gets fresh entropy, clock and instance id, and must not reuse ours.
-    if let Some(fresh) = transport.checkpoint()? {
+    if let Some((fresh, warm)) = transport.checkpoint()? {
         crate::devices::restored(&fresh);
         store.data_mut().reseed(&fresh);
+        // Restored ahead of its request: map what the request will touch before asking for it.
+        crate::workingset::touch(warm);
     }
 
     let mut request = Vec::new();
