@@ -19,6 +19,7 @@ use crate::kernel::KernelImage;
 use crate::mailbox::Mailbox;
 use crate::outcome::Outcome;
 use crate::snapshot::{Image, SnapshotError, WriteStats};
+use crate::virtio::{Backends, ConsoleSink};
 use crate::vm::{BootTimings, CheckpointMode, Vm, VmConfig, VmmError};
 use crate::workingset::{self, Recording};
 
@@ -80,7 +81,15 @@ pub fn snapshot_function(
         .into_temp_path();
     vm.snapshot(&draft, guest.clone(), volume, Vec::new())?;
     let image = Arc::new(Image::open(&draft)?);
-    let recording = workingset::record(&image, &config, sample, &mut std::io::sink())?;
+    // The sample must leave no trace outside its VM: its console output is kept in memory and
+    // dropped, and it reaches no host service (its data volume is the image's own).
+    let isolated = Backends {
+        console: ConsoleSink::Buffer(Default::default()),
+        volume: None,
+        services: Default::default(),
+    };
+    let sample_config = VmConfig { backends: isolated, ..config };
+    let recording = workingset::record(&image, &sample_config, sample, &mut std::io::sink())?;
     let runs: Vec<Run> = recording.runs.clone();
     let stats = vm.snapshot(output, guest, volume, runs)?;
     drop(image);

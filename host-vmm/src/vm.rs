@@ -323,7 +323,7 @@ pub enum CheckpointMode {
 /// Creates a VM whose only memory slot is `mem`, on the process's KVM handle. With
 /// `log_dirty`, KVM records every page the guest writes (`KVM_MEM_LOG_DIRTY_PAGES`), which a
 /// kept VM needs to be reset.
-fn create_vm(mem: &GuestRam, mem_size: u64, log_dirty: bool) -> Result<VmFd, VmmError> {
+pub(crate) fn create_vm(mem: &GuestRam, mem_size: u64, log_dirty: bool) -> Result<VmFd, VmmError> {
     let vm = host::kvm()?.kvm.create_vm().map_err(kvm("KVM_CREATE_VM"))?;
     let host_addr = mem.get_host_address(GuestAddress(0)).map_err(memory_error)?;
     let region = kvm_userspace_memory_region {
@@ -348,7 +348,7 @@ fn create_vm(mem: &GuestRam, mem_size: u64, log_dirty: bool) -> Result<VmFd, Vmm
 }
 
 /// Creates vCPU 0 with thaw's CPUID (built once per process).
-fn create_vcpu(vm: &VmFd) -> Result<VcpuFd, VmmError> {
+pub(crate) fn create_vcpu(vm: &VmFd) -> Result<VcpuFd, VmmError> {
     let vcpu = vm.create_vcpu(0).map_err(kvm("KVM_CREATE_VCPU"))?;
     vcpu.set_cpuid2(&host::kvm()?.cpuid).map_err(kvm("KVM_SET_CPUID2"))?;
     Ok(vcpu)
@@ -710,7 +710,7 @@ impl Vm {
 
 /// Finishes the instruction behind the last exit without running any more guest code, so the
 /// vCPU's state is consistent (KVM completes port I/O only on the next `KVM_RUN`).
-fn complete_pending_io(vcpu: &mut VcpuFd) -> Result<(), VmmError> {
+pub(crate) fn complete_pending_io(vcpu: &mut VcpuFd) -> Result<(), VmmError> {
     vcpu.set_kvm_immediate_exit(1);
     let result = vcpu.run().map(|_| ());
     vcpu.set_kvm_immediate_exit(0);

@@ -145,8 +145,9 @@ fn pooled_vms_touch_the_recorded_working_set_before_their_request() {
     let (dir, image) = snapshot("hello", &[]);
     let inspect = thaw(&["inspect", &image, "--json"]);
     assert_eq!(inspect.code, Some(0), "{inspect:#?}");
-    let pages = json_number(&inspect.stdout, "pages");
-    let written = json_number(&inspect.stdout, "written_pages");
+    let working_set = &inspect.stdout[inspect.stdout.find("\"working_set\"").expect("no working_set in --json")..];
+    let pages = json_number(working_set, "pages");
+    let written = json_number(working_set, "written_pages");
     assert!(pages > 0 && written > 0 && written < pages, "{}", inspect.stdout);
     let (run, lines) = restore(dir.path(), &image, &["--mode", "pool", "--count", "20", "--data", "w"]);
     assert_eq!(run.code, Some(0), "{run:#?}");

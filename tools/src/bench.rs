@@ -1,5 +1,7 @@
 //! `thaw bench`: boot many fresh VMs under KVM and report per-phase percentiles, for the kernel
-//! alone or serving one request to a function bundle each time (the cold path).
+//! alone or serving one request to a function bundle each time (the cold path), or serve from a
+//! snapshot image in one of `thaw restore`'s modes. `--floor` measures the floor in the same run
+//! (`host_vmm::floor`), and every result is then also given as a multiple of it.
 //!
 //! A measurement, not a test: it fails only when a run does not end cleanly. Output from the
 //! guest is discarded. Numbers go in docs/BENCHMARKS.md together with the command that produced
@@ -24,9 +26,68 @@ pub struct BenchArgs {
     /// Guest memory in MiB [default: 64, or what the function needs].
     #[arg(long, value_name = "MIB")]
     memory: Option<u64>,
-    /// Number of VMs to measure.
+    /// Number of VMs (or, with --mode, requests) to measure.
     #[arg(long, value_name = "N", default_value_t = 200)]
     runs: usize,
+    /// Serve a snapshot image in this mode, as `thaw restore --mode` does [default: fresh VMs,
+    /// reported phase by phase].
+    #[arg(long, value_enum, value_name = "MODE", requires = "function")]
+    mode: Option<crate::restore::Mode>,
+    /// With --mode pool: how many VMs wait parked.
+    #[arg(long, value_name = "N", default_value_t = 2)]
+    pool: usize,
+    /// Measure the floor first (thaw's minimal guest: a fresh VM restored to its first exit, and
+    /// a kept VM reset by its dirty log to its first exit) and give every result as a multiple
+    /// of it. Alone, measures only the floor.
+    #[arg(long)]
+    floor: bool,
+}
+
+/// The floor's percentiles, in microseconds.
+#[derive(Debug, Clone, Copy)]
+pub struct FloorSummary {
+    /// Fresh VM to first exit: p50, p99.
+    pub fresh: (u128, u128),
+    /// Kept VM reset to first exit: p50, p99.
+    pub kept: (u128, u128),
+}
+
+impl FloorSummary {
+    /// Prints `what`'s p50 and p99 as multiples of the fresh (`kept` false) or kept floor.
+    pub fn print_ratio(&self, what: &str, (p50, p99): (u128, u128), kept: bool) {
+        let (name, (f50, f99)) = if kept { ("kept-VM", self.kept) } else { ("fresh-VM", self.fresh) };
+        let ratio = |x: u128, f: u128| x as f64 / f.max(1) as f64;
+        println!(
+            "{what}: {:.2}x the {name} floor at p50 ({p50} against {f50} µs), {:.2}x at p99 ({p99} against {f99} µs)",
+            ratio(p50, f50),
+            ratio(p99, f99)
+        );
+    }
+}
+
+/// Measures the floor `runs` times and prints it.
+pub fn floor(runs: usize) -> Result<FloorSummary, String> {
+    eprintln!("thaw: bench: measuring the floor ({runs} fresh and {runs} kept runs)");
+    let floor = host_vmm::floor::measure(runs).map_err(|e| format!("measuring the floor: {e}"))?;
+    let mut summary = FloorSummary { fresh: (0, 0), kept: (0, 0) };
+    println!("floor: thaw's minimal guest (4 MiB, one ring-3 store), {runs} runs each; times in microseconds");
+    println!("{:<36} {:>8} {:>8} {:>8} {:>8}", "", "p50", "p90", "p99", "max");
+    for (name, times, slot) in [
+        ("fresh VM restored to its first exit", &floor.fresh, &mut summary.fresh),
+        ("kept VM reset by dirty log to exit", &floor.kept, &mut summary.kept),
+    ] {
+        let mut us: Vec<u128> = times.iter().map(Duration::as_micros).collect();
+        us.sort_unstable();
+        let max = us.last().copied().unwrap_or(0);
+        println!(
+            "{name:<36} {:>8} {:>8} {:>8} {max:>8}",
+            percentile(&us, 50),
+            percentile(&us, 90),
+            percentile(&us, 99)
+        );
+        *slot = (percentile(&us, 50), percentile(&us, 99));
+    }
+    Ok(summary)
 }
 
 /// The `p`th percentile (0-100) of sorted `values`, nearest-rank.
@@ -82,6 +143,25 @@ pub fn run(args: &BenchArgs) -> Result<u8, String> {
     if args.runs == 0 {
         return Err("--runs 0: need at least one run".into());
     }
+    let floor = if args.floor { Some(floor(args.runs)?) } else { None };
+    if floor.is_some() && args.function.function.is_none() {
+        return Ok(0);
+    }
+    if let (Some(mode), Some(path)) = (args.mode, &args.function.function) {
+        if crate::invoke::file_magic(path)? != abi::image::MAGIC {
+            return Err(format!("--mode serves a snapshot image; {} is not one", path.display()));
+        }
+        let restore = crate::restore::RestoreArgs::for_bench(
+            path.clone(),
+            args.function.data.clone(),
+            args.function.input.clone(),
+            mode,
+            args.pool,
+            args.runs,
+            args.kernel.timeout,
+        );
+        return crate::restore::serve_batch(&restore, floor);
+    }
     if let Some(path) = &args.function.function
         && crate::invoke::file_magic(path)? == abi::image::MAGIC
     {
@@ -90,9 +170,13 @@ pub fn run(args: &BenchArgs) -> Result<u8, String> {
         let config = VmConfig { timeout: crate::kernel::timeout(&args.kernel)?, ..VmConfig::default() };
         let what = format!("restores of {}", image.info.guest.function_name);
         let memory_mib = image.info.guest_memory_size() >> 20;
-        return measure(args.runs, &what, memory_mib, &restore_rows(), || {
+        let total = measure(args.runs, &what, memory_mib, &restore_rows(), || {
             host_vmm::serve_fresh(&image, &config, request.clone(), &mut std::io::sink()).map(|(_, report)| report)
-        });
+        })?;
+        if let Some(floor) = floor {
+            floor.print_ratio("restore to response", total, false);
+        }
+        return Ok(0);
     }
     let kernel = crate::kernel::load(&args.kernel)?;
     let (function, request) = match args.function.load()? {
@@ -111,20 +195,24 @@ pub fn run(args: &BenchArgs) -> Result<u8, String> {
     }
     let what =
         function.as_ref().map_or("kernel boots".to_string(), |f| format!("cold invocations of {}", f.manifest.name));
-    measure(args.runs, &what, config.memory_mib, &rows(function.is_some()), || {
+    let total = measure(args.runs, &what, config.memory_mib, &rows(function.is_some()), || {
         host_vmm::run_kernel(&kernel.image, &config, &mut std::io::sink())
-    })
+    })?;
+    if let Some(floor) = floor {
+        floor.print_ratio(if function.is_some() { "cold invocation" } else { "kernel boot" }, total, false);
+    }
+    Ok(0)
 }
 
 /// Runs `runs` VMs with `one`, requiring each to end cleanly with clean answers, and prints the
-/// percentiles of `rows`.
+/// percentiles of `rows`. Returns the p50 and p99 of the `total` row.
 fn measure(
     runs: usize,
     what: &str,
     memory_mib: u64,
     rows: &[(&'static str, Reader)],
     mut one: impl FnMut() -> Result<RunReport, host_vmm::VmmError>,
-) -> Result<u8, String> {
+) -> Result<(u128, u128), String> {
     let mut samples: Vec<Vec<u128>> = vec![Vec::with_capacity(runs); rows.len()];
     let mut err = std::io::stderr().lock();
     for i in 0..runs {
@@ -155,7 +243,8 @@ fn measure(
             percentile(column, 99)
         );
     }
-    Ok(0)
+    let total = rows.iter().zip(&samples).find(|((name, _), _)| *name == "total").map(|(_, c)| c);
+    Ok(total.map_or((0, 0), |c| (percentile(c, 50), percentile(c, 99))))
 }
 
 #[cfg(test)]

@@ -81,6 +81,10 @@ pub struct RestoreArgs {
     /// Wall-clock limit per request, in seconds.
     #[arg(long, value_name = "SECS", default_value_t = 30.0)]
     timeout: f64,
+    /// Measure the floor first (see `thaw bench --floor`) and give restore to response as a
+    /// multiple of it: the fresh-VM floor in fresh mode, the kept-VM floor in pool and reset.
+    #[arg(long)]
+    floor: bool,
     /// Issue requests at this many per second (open loop: a request that finds every worker
     /// busy counts its wait) instead of each as soon as a worker is free.
     #[arg(long, value_name = "PER_SEC")]
@@ -348,8 +352,47 @@ fn device_counts(sample: &mut Sample, devices: &[DeviceStats]) {
     sample.backends_attached = devices.iter().filter(|d| d.attached_after.is_some()).count() as u64;
 }
 
+impl RestoreArgs {
+    /// What `thaw bench IMAGE --mode MODE` serves: `runs` requests, one at a time.
+    pub fn for_bench(
+        image: PathBuf,
+        data: Option<String>,
+        input: Option<PathBuf>,
+        mode: Mode,
+        pool: usize,
+        runs: usize,
+        timeout: f64,
+    ) -> Self {
+        Self {
+            image,
+            count: runs,
+            concurrency: 1,
+            mode,
+            pool,
+            template: false,
+            hold: false,
+            data,
+            input,
+            requests: None,
+            responses: None,
+            verify: false,
+            stats: None,
+            timeout,
+            floor: false,
+            rate: None,
+            devices: crate::devices::DeviceArgs::default(),
+        }
+    }
+}
+
 /// Runs `thaw restore` and returns the process exit code.
 pub fn run(args: &RestoreArgs) -> Result<u8, String> {
+    let floor = if args.floor { Some(crate::bench::floor(args.count.min(500))?) } else { None };
+    serve_batch(args, floor)
+}
+
+/// Serves the batch `args` describes and reports on it, with the ratio to `floor` if given.
+pub fn serve_batch(args: &RestoreArgs, floor: Option<crate::bench::FloorSummary>) -> Result<u8, String> {
     if args.count == 0 || args.concurrency == 0 {
         return Err("--count and --concurrency must be at least 1".into());
     }
@@ -458,6 +501,12 @@ pub fn run(args: &RestoreArgs) -> Result<u8, String> {
     let unclean = run.unclean.into_inner().unwrap_or_else(|p| p.into_inner());
     if !samples.is_empty() {
         report(args, &image, &samples, wall, peak_alive, pool_stats, replaced);
+        if let Some(floor) = floor {
+            let mut to_response: Vec<u64> = samples.iter().map(|s| s.to_response.as_micros() as u64).collect();
+            to_response.sort_unstable();
+            let p = |q| u128::from(percentile(&to_response, q));
+            floor.print_ratio("restore to response", (p(50), p(99)), args.mode != Mode::Fresh);
+        }
     }
     match unclean.first() {
         None => Ok(0),
