@@ -83,11 +83,8 @@ pub fn snapshot_function(
     let image = Arc::new(Image::open(&draft)?);
     // The sample must leave no trace outside its VM: its console output is kept in memory and
     // dropped, and it reaches no host service (its data volume is the image's own).
-    let isolated = Backends {
-        console: ConsoleSink::Buffer(Default::default()),
-        volume: None,
-        services: Default::default(),
-    };
+    let isolated =
+        Backends { console: ConsoleSink::Buffer(Default::default()), volume: None, services: Default::default() };
     let sample_config = VmConfig { backends: isolated, ..config };
     let recording = workingset::record(&image, &sample_config, sample, &mut std::io::sink())?;
     let runs: Vec<Run> = recording.runs.clone();

@@ -61,7 +61,9 @@ pub fn measure(runs: usize) -> Result<Floor, VmmError> {
         floor.fresh.push(fresh(&guest)?);
         let started = Instant::now();
         complete_pending_io(&mut kept)?;
-        let log = vm.get_dirty_log(0, MEM_SIZE as usize).map_err(|source| VmmError::Kvm { op: "KVM_GET_DIRTY_LOG", source })?;
+        let log = vm
+            .get_dirty_log(0, MEM_SIZE as usize)
+            .map_err(|source| VmmError::Kvm { op: "KVM_GET_DIRTY_LOG", source })?;
         let dirty = DirtyPages::collect(&mem, &log)?;
         memory::copy_back(&mem, guest.image.original_memory()?, &dirty)?;
         run_to_exit(&mut kept, &guest)?;
@@ -96,7 +98,8 @@ fn run_to_exit(vcpu: &mut VcpuFd, guest: &Guest) -> Result<(), VmmError> {
 /// Writes the floor guest's image to a temporary file and opens it.
 fn build() -> Result<Guest, VmmError> {
     let memory_error = |e: vm_memory::GuestMemoryError| VmmError::Memory(e.to_string());
-    let mem = GuestRam::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).map_err(|e| VmmError::Memory(e.to_string()))?;
+    let mem =
+        GuestRam::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).map_err(|e| VmmError::Memory(e.to_string()))?;
     let mut tables = PageTables::new();
     tables.map_linear(0, MEM_SIZE)?;
     tables.map_device_window()?;
@@ -131,7 +134,8 @@ fn build() -> Result<Guest, VmmError> {
         io_table_len: 0,
         runtime_version: "thaw floor guest".into(),
     };
-    let state = snapshot::State { vcpu: snapshot::capture_vcpu(&vcpu)?, vm: Vec::new(), guest, working_set: Vec::new() };
+    let state =
+        snapshot::State { vcpu: snapshot::capture_vcpu(&vcpu)?, vm: Vec::new(), guest, working_set: Vec::new() };
     snapshot::write_image(&file, &mem, MEM_SIZE, state, &[])?;
     let image = Image::open(&file)?;
     Ok(Guest { image, regs, sregs, _file: file })

@@ -197,7 +197,12 @@ impl Function {
 
     /// `base` set up to cold-boot this function: its memory, and the bundle as the ramdisk,
     /// with `timeout` and `requests`.
-    pub fn boot_config(&self, base: crate::VmConfig, timeout: std::time::Duration, requests: Vec<Vec<u8>>) -> crate::VmConfig {
+    pub fn boot_config(
+        &self,
+        base: crate::VmConfig,
+        timeout: std::time::Duration,
+        requests: Vec<Vec<u8>>,
+    ) -> crate::VmConfig {
         crate::VmConfig {
             memory_mib: self.vm_memory_mib(),
             timeout,

@@ -174,12 +174,12 @@ fn fill(
     while !stop.load(Ordering::Relaxed) {
         let started = Instant::now();
         let parked =
-            Instance::restore(image, config, Role::Ahead, &mut BootTimings::default()).and_then(
-                |mut instance| match instance.park(&mut std::io::sink())? {
+            Instance::restore(image, config, Role::Ahead, &mut BootTimings::default()).and_then(|mut instance| {
+                match instance.park(&mut std::io::sink())? {
                     (Outcome::Parked, _) => Ok(instance),
                     (outcome, _) => Err(VmmError::Config(format!("a VM ended before parking: {outcome}"))),
-                },
-            );
+                }
+            });
         match parked {
             Ok(instance) => {
                 counters.filled.fetch_add(1, Ordering::Relaxed);

@@ -568,7 +568,7 @@ impl Vm {
     /// owns it from now on.
     pub(crate) fn add_scratch_memory(&mut self, scratch: GuestRam) -> Result<(), VmmError> {
         let region = scratch.iter().next().ok_or_else(|| VmmError::Memory("empty scratch memory".into()))?;
-        let (gpa, len) = (region.start_addr().raw_value(), region.len() as u64);
+        let (gpa, len) = (region.start_addr().raw_value(), region.len());
         if gpa < self.mem_size.max(abi::devices::DEVICE_WINDOW_GPA + abi::devices::DEVICE_WINDOW_LEN) {
             return Err(VmmError::Memory(format!("scratch memory at {gpa:#x} overlaps RAM or the device window")));
         }

@@ -178,7 +178,8 @@ fn a_sample_request_that_never_answers_fails_the_snapshot_and_leaves_no_file() {
     let run = thaw(&["snapshot", bundle.to_str().unwrap(), "-o", image.to_str().unwrap(), "--timeout", "1"]);
     assert_ne!(run.code, Some(0), "{run:#?}");
     assert!(
-        run.stderr.contains("recording the working set: the sample request did not answer (guest timed out after 1.0 s)")
+        run.stderr
+            .contains("recording the working set: the sample request did not answer (guest timed out after 1.0 s)")
             && run.stderr.contains("--no-working-set"),
         "{run:#?}"
     );

@@ -13,7 +13,10 @@ pub static BUILT_IN: &[u8] = include_bytes!(env!("CARGO_BIN_FILE_GUEST_KERNEL_th
 /// The built-in kernel, parsed and validated once per process.
 pub fn built_in() -> Result<&'static KernelImage, String> {
     static PARSED: std::sync::OnceLock<Result<KernelImage, String>> = std::sync::OnceLock::new();
-    PARSED.get_or_init(|| KernelImage::parse(BUILT_IN).map_err(|e| format!("built-in kernel: {e}"))).as_ref().map_err(Clone::clone)
+    PARSED
+        .get_or_init(|| KernelImage::parse(BUILT_IN).map_err(|e| format!("built-in kernel: {e}")))
+        .as_ref()
+        .map_err(Clone::clone)
 }
 
 /// Largest kernel file thaw reads.

@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use clap::{Args, ValueEnum};
 use host_vmm::virtio::DeviceStats;
-use host_vmm::{Role, 
-    BootTimings, FunctionStatus, Image, Instance, Outcome, Pool, PoolStats, REWRITTEN_PAGES, Served, VmConfig,
+use host_vmm::{
+    BootTimings, FunctionStatus, Image, Instance, Outcome, Pool, PoolStats, REWRITTEN_PAGES, Role, Served, VmConfig,
 };
 
 use crate::invoke::StatsFormat;
@@ -298,8 +298,8 @@ fn pool_worker(run: &Run<'_>, pool: &Pool, worker_requests: &AtomicUsize) -> Res
 /// than by answering or timing out is destroyed and replaced by a fresh restore.
 fn reset_worker(run: &Run<'_>) -> Result<(), String> {
     let restore = || -> Result<Instance, String> {
-        let mut instance =
-            Instance::restore(run.image, run.config, Role::Kept, &mut BootTimings::default()).map_err(|e| e.to_string())?;
+        let mut instance = Instance::restore(run.image, run.config, Role::Kept, &mut BootTimings::default())
+            .map_err(|e| e.to_string())?;
         park(&mut instance)?;
         Ok(instance)
     };

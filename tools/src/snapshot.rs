@@ -57,9 +57,16 @@ pub fn snapshot_function(
     sample: Option<Vec<u8>>,
 ) -> Result<String, String> {
     let kernel = crate::kernel::built_in()?;
-    let captured =
-        host_vmm::capture::snapshot_function(kernel, function, output, timeout, devices, sample, &mut std::io::stderr())
-            .map_err(|e| e.to_string())?;
+    let captured = host_vmm::capture::snapshot_function(
+        kernel,
+        function,
+        output,
+        timeout,
+        devices,
+        sample,
+        &mut std::io::stderr(),
+    )
+    .map_err(|e| e.to_string())?;
     let stats = captured.stats;
     let working_set = match &captured.working_set {
         None => "no working set".to_string(),
