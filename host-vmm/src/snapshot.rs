@@ -323,14 +323,10 @@ impl Image {
         abi::iotable::decode(&bytes).map_err(|e| SnapshotError::Incompatible(format!("{}: {e}", self.path.display())))
     }
 
-    /// Where a restored VM's block device reads the data volume from: this image's own file
-    /// (shared, duplicated when the device first reads).
-    pub fn volume_source(&self) -> Option<crate::virtio::VolumeSource> {
-        self.info.volume.map(|(offset, len)| crate::virtio::VolumeSource {
-            file: crate::virtio::VolumeFile::Open(self.file.clone()),
-            offset,
-            len,
-        })
+    /// The open image file (shared; a restored VM's block device reads the data volume from
+    /// it at `info.volume`).
+    pub fn file(&self) -> &Arc<File> {
+        &self.file
     }
 
     /// Bytes of memory data actually stored (not holes), found without reading the data.

@@ -364,3 +364,27 @@ fn the_same_drivers_work_against_qemus_console_entropy_and_block_devices() {
     assert!(qemu_entropy.stderr.contains("thaw-guest: virtio entropy (pci)"), "{qemu_entropy:#?}");
     assert!(qemu_entropy.stdout.starts_with("{\"random\": \""), "{qemu_entropy:#?}");
 }
+
+#[test]
+fn reset_mode_with_console_output_leaves_memory_equal_to_the_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let console = dir.path().join("console.log");
+    let (_image_dir, image) = image_with(&fixture("log-lines.wat"), &["--devices", "console"]);
+    let run = thaw(&[
+        "restore",
+        &image,
+        "--mode",
+        "reset",
+        "--count",
+        "200",
+        "--data",
+        "",
+        "--console",
+        console.to_str().unwrap(),
+        "--verify",
+    ]);
+    assert_eq!(run.code, Some(0), "{run:#?}");
+    assert!(run.stderr.contains("the kept VM's memory equals the image except pages [1, 2]"), "{run:#?}");
+    let written = std::fs::read_to_string(&console).unwrap();
+    assert_eq!(written.matches("line 5\n").count(), 200, "every request's lines reached the console");
+}

@@ -162,3 +162,35 @@ fn service_options_that_cannot_work_are_refused_with_one_line() {
     }
     assert!(!Path::new(&out).exists(), "nothing is written for a refused bundle");
 }
+
+#[test]
+fn reset_mode_with_a_vsock_exchange_per_request_leaves_memory_equal_to_the_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let (bundle, socket) = bundle(dir.path());
+    let service = Service::start(Path::new(&socket));
+    let image = dir.path().join("client.snap").to_str().unwrap().to_string();
+    let service_arg = format!("5000={socket}");
+    let snapshot = thaw(&["snapshot", &bundle, "-o", &image, "--service", &service_arg]);
+    assert_eq!(snapshot.code, Some(0), "{snapshot:#?}");
+    let responses = dir.path().join("responses.jsonl");
+    let run = thaw(&[
+        "restore",
+        &image,
+        "--mode",
+        "reset",
+        "--count",
+        "200",
+        "--data",
+        "ping",
+        "--service",
+        &service_arg,
+        "--responses",
+        responses.to_str().unwrap(),
+        "--verify",
+    ]);
+    assert_eq!(run.code, Some(0), "{run:#?}");
+    assert!(run.stderr.contains("the kept VM's memory equals the image except pages [1, 2]"), "{run:#?}");
+    let lines = std::fs::read_to_string(&responses).unwrap();
+    assert_eq!(lines.lines().filter(|l| l.contains("echo: ping")).count(), 200, "{lines}");
+    assert!(service.accepted() > 200, "each reset request reconnected: {}", service.accepted());
+}

@@ -173,7 +173,7 @@ fn two_hundred_vms_restored_from_one_image_are_alive_at_once() {
 }
 
 #[test]
-fn demo_compares_cold_restore_and_template_for_hello_and_heavy_init() {
+fn demo_shows_cold_fresh_pool_and_reset_for_hello_and_heavy_init() {
     let run = thaw(&["demo", "--runs", "3"]);
     assert_eq!(run.code, Some(0), "{run:#?}");
     for name in ["hello", "heavy-init"] {
@@ -182,7 +182,7 @@ fn demo_compares_cold_restore_and_template_for_hello_and_heavy_init() {
             .lines()
             .find(|l| l.starts_with(name) && l.contains(" ms"))
             .unwrap_or_else(|| panic!("{name} row: {run:#?}"));
-        assert_eq!(row.matches(" ms").count(), 3, "cold, file and template columns: {row}");
+        assert_eq!(row.matches(" ms").count(), 4, "cold, fresh, pool and reset columns: {row}");
         assert!(row.trim_end().ends_with("KiB"), "private memory column: {row}");
     }
 }

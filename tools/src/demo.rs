@@ -1,17 +1,18 @@
 //! `thaw demo`: the whole idea in one command. Packs the examples, then for hello and heavy-init
-//! compares a cold invocation (boot, compile, init, handle) with a restore from the snapshot
-//! image and from an in-memory template, and reports the memory each restored instance owns.
+//! shows side by side a cold invocation (boot, compile, init, handle), a fresh VM restored from
+//! the snapshot on the request path, a VM parked ahead in a pool, and a kept VM reset after each
+//! request, and reports the memory each restored instance owns.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Args;
-use host_vmm::{Function, Image, Outcome, RunReport, VmConfig};
+use host_vmm::{BootTimings, Function, Image, Instance, Outcome, Pool, Role, RunReport, VmConfig};
 
 /// Arguments of `thaw demo`.
 #[derive(Args, Debug)]
 pub struct DemoArgs {
-    /// Restores per source and function (cold invocations: a fifth of this, at least 3).
+    /// Requests per mode and function (cold invocations: a fifth of this, at least 3).
     #[arg(long, value_name = "N", default_value_t = 50)]
     runs: usize,
     /// Keep the packed bundles and images in this directory [default: a temporary one].
@@ -46,6 +47,25 @@ fn measure(runs: usize, mut one: impl FnMut() -> Result<RunReport, String>) -> R
         private = private.max(report.private_memory.unwrap_or(0));
     }
     Ok((p50(times), private))
+}
+
+/// Serves `runs` requests with `one` (which returns how long the request waited for its answer,
+/// or why it did not answer cleanly) and returns the p50.
+fn serve(runs: usize, mut one: impl FnMut() -> Result<Duration, String>) -> Result<Duration, String> {
+    (0..runs).map(|_| one()).collect::<Result<Vec<_>, _>>().map(p50)
+}
+
+/// The time `served` waited for its answer, if the function answered cleanly.
+fn answered(served: &host_vmm::Served) -> Result<Duration, String> {
+    if served.is_ok() { Ok(served.to_response) } else { Err(format!("a demo VM failed: {}", served.outcome)) }
+}
+
+/// Parks `instance` (after its restore or reset).
+fn park(instance: &mut Instance) -> Result<(), String> {
+    match instance.park(&mut std::io::sink()).map_err(|e| e.to_string())?.0 {
+        Outcome::Parked => Ok(()),
+        outcome => Err(format!("a demo VM ended before its request: {outcome}")),
+    }
 }
 
 fn ms(d: Duration) -> String {
@@ -95,30 +115,51 @@ pub fn run(args: &DemoArgs) -> Result<u8, String> {
                 .map(|(_, report)| report)
                 .map_err(|e| e.to_string())
         };
-        eprintln!("thaw demo: {name}: {} restores from the image file", args.runs);
-        let (from_file, private) = measure(args.runs, || fresh(&image))?;
-        let template = Arc::new(image.to_template().map_err(|e| e.to_string())?);
-        eprintln!("thaw demo: {name}: {} restores from a template", args.runs);
-        let (from_template, _) = measure(args.runs, || fresh(&template))?;
-        rows.push((name, cold, from_file, from_template, private));
+        eprintln!("thaw demo: {name}: {} fresh VMs restored on the request path", args.runs);
+        let (fresh_p50, private) = measure(args.runs, || fresh(&image))?;
+        eprintln!("thaw demo: {name}: {} requests to VMs parked in a pool of 2", args.runs);
+        let pool = Pool::start(Arc::clone(&image), config.clone(), 2).map_err(|e| e.to_string())?;
+        let pooled = serve(args.runs, || {
+            // Paced below the filler's rate, so each request finds a VM ready, as on a node
+            // whose traffic the pool is sized for.
+            std::thread::sleep(Duration::from_millis(4));
+            let mut instance = pool.take(config.timeout).map_err(|e| e.to_string())?;
+            let served = instance.serve(request(name).to_vec(), &mut std::io::sink()).map_err(|e| e.to_string())?;
+            pool.discard(instance);
+            answered(&served)
+        })?;
+        drop(pool);
+        eprintln!("thaw demo: {name}: {} requests to one kept VM, reset after each", args.runs);
+        let mut kept =
+            Instance::restore(&image, &config, Role::Kept, &mut BootTimings::default()).map_err(|e| e.to_string())?;
+        park(&mut kept)?;
+        let reset = serve(args.runs, || {
+            let served = kept.serve(request(name).to_vec(), &mut std::io::sink()).map_err(|e| e.to_string())?;
+            kept.reset().map_err(|e| e.to_string())?;
+            park(&mut kept)?;
+            answered(&served)
+        })?;
+        rows.push((name, cold, fresh_p50, pooled, reset, private));
     }
     println!();
-    println!("request to response, p50 ({} restores each; cold: a fifth as many)", args.runs);
+    println!("request to response, p50 ({} requests each; cold: a fifth as many)", args.runs);
     println!(
-        "{:<12} {:>12} {:>16} {:>16} {:>9} {:>22}",
-        "function", "cold boot", "restore (file)", "restore (memfd)", "speed-up", "private mem/instance"
+        "{:<12} {:>12} {:>12} {:>12} {:>12} {:>9} {:>22}",
+        "function", "cold boot", "fresh VM", "pool", "reset", "speed-up", "private mem/instance"
     );
-    for (name, cold, file, template, private) in rows {
-        let speedup = cold.as_secs_f64() / file.as_secs_f64().max(1e-9);
+    for (name, cold, fresh, pooled, reset, private) in rows {
+        let speedup = cold.as_secs_f64() / reset.as_secs_f64().max(1e-9);
         println!(
-            "{name:<12} {:>12} {:>16} {:>16} {:>8.0}x {:>18} KiB",
+            "{name:<12} {:>12} {:>12} {:>12} {:>12} {:>8.0}x {:>18} KiB",
             ms(cold),
-            ms(file),
-            ms(template),
+            ms(fresh),
+            ms(pooled),
+            ms(reset),
             speedup,
             private / 1024
         );
     }
+    println!("speed-up: cold boot against reset; pool and reset serve VMs restored before the request");
     if args.keep.is_some() {
         println!("\nbundles and images kept in {}", dir.display());
     }

@@ -1,0 +1,366 @@
+//! One VM: create it, restore it from an image or boot a kernel into it, run it to an
+//! [`Outcome`], and reset it.
+//!
+//! The parts, by concern:
+//! - [`config`]: how to run a VM ([`VmConfig`]);
+//! - [`boot`]: direct boot of a kernel ELF ([`Vm::boot`], [`BootPlan`], [`run_kernel`]);
+//! - this file: the VM itself, restoring it from an image ([`Vm::restore`]), resetting a kept
+//!   one ([`Vm::reset`]) and writing its image ([`Vm::snapshot`]);
+//! - [`run`]: the run loop ([`Vm::run`]) through [`ExitHandler::handle`](crate::exit::ExitHandler::handle) under a watchdog;
+//! - [`measure`]: per-phase timings, reports, private memory, page faults.
+//!
+//! Errors here are host-side ([`VmmError`]); what the guest does is in the outcome.
+
+mod boot;
+mod config;
+mod measure;
+mod run;
+
+pub use boot::{BootPlan, DEFAULT_PHYSICAL_MEMORY_OFFSET, run_kernel};
+pub use config::VmConfig;
+pub use measure::{BootTimings, REWRITTEN_PAGES, RunReport, thread_minor_faults};
+pub use run::CheckpointMode;
+pub(crate) use run::complete_pending_io;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+use abi::devices::DEVICE_TABLE_GPA;
+use abi::hypercall::{CHECKPOINT_RESTORED, HYPERCALL_PAGE_GPA};
+use abi::image::GuestMetadata;
+use abi::iotable::IoTableLocation;
+use abi::params::{FLAG_CONSOLE_LOG, HOST_PARAMS_GPA, HostParams};
+use abi::workingset::Run;
+use kvm_bindings::{KVM_MEM_LOG_DIRTY_PAGES, kvm_userspace_memory_region};
+use kvm_ioctls::{VcpuFd, VmFd};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+
+use crate::cpu::CpuError;
+use crate::exit::ExitError;
+use crate::host::{self, HostError};
+use crate::layout;
+use crate::memory::{self, DirtyPages, GuestRam, MemoryError};
+use crate::outcome::Outcome;
+use crate::paging::PagingError;
+use crate::snapshot::{self, Image, SnapshotError, WriteStats};
+use crate::virtio::{Backends, DeviceError, DeviceStats, Devices, VolumeFile, VolumeSource};
+
+/// Host-side failures: the VM could not be built or run.
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    /// A KVM ioctl failed.
+    #[error("{op}: {source}")]
+    Kvm {
+        /// The operation.
+        op: &'static str,
+        /// The error.
+        source: kvm_ioctls::Error,
+    },
+    /// The configuration cannot work.
+    #[error("{0}")]
+    Config(String),
+    /// Guest memory could not be created or written.
+    #[error("guest memory: {0}")]
+    Memory(String),
+    /// Page tables could not be built.
+    #[error(transparent)]
+    Paging(#[from] PagingError),
+    /// The vCPU could not be set up.
+    #[error("vCPU setup: {0}")]
+    Cpu(#[from] CpuError),
+    /// A snapshot could not be taken, written or opened.
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+    /// The watchdog thread could not start.
+    #[error("starting the timeout watchdog: {0}")]
+    Watchdog(std::io::Error),
+    /// Handling an exit failed on the host side.
+    #[error(transparent)]
+    Exit(ExitError),
+    /// The devices could not be created, restored or attached.
+    #[error("virtio devices: {0}")]
+    Devices(#[from] DeviceError),
+    /// The host could not open KVM or give the guest entropy.
+    #[error(transparent)]
+    Host(#[from] HostError),
+    /// A kept VM's changed pages could not be found or copied back.
+    #[error("resetting guest memory: {0}")]
+    Reset(#[from] MemoryError),
+    /// The function ended before reaching its checkpoint, so there is nothing to snapshot.
+    #[error("the function ended before reaching its checkpoint: {0}")]
+    NoCheckpoint(Outcome),
+}
+
+fn kvm(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmmError {
+    move |source| VmmError::Kvm { op, source }
+}
+
+fn memory_error(e: impl std::fmt::Display) -> VmmError {
+    VmmError::Memory(e.to_string())
+}
+
+/// What a restored VM is for, which decides what its restore prepares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Restored on the request path to serve one request.
+    Fresh,
+    /// Restored ahead of its request (a pool): its guest touches the image's working set
+    /// before it parks, so the request finds those pages mapped.
+    Ahead,
+    /// Restored ahead and reset after every request: it touches the working set once, and KVM
+    /// logs the pages its guest writes so that a reset can copy them back.
+    Kept,
+}
+
+/// A VM with one vCPU, booted to its entry point and ready to run. Fields drop in order: the
+/// vCPU, then the VM, then the guest memory the VM's slots point into.
+pub struct Vm {
+    vcpu: VcpuFd,
+    vm: VmFd,
+    mem: GuestRam,
+    /// A second memory slot, above RAM and the device window, holding page tables the host
+    /// built (only while a working set is recorded).
+    scratch: Option<GuestRam>,
+    mem_size: u64,
+    /// The working-set runs the guest is told to touch when it resumes (empty for none).
+    warm: Vec<Run>,
+    /// Working-set pages handed to the guest so far.
+    warmed_pages: u64,
+    devices: Devices,
+    /// Where the guest keeps its I/O reconnection table, as it said at its checkpoint.
+    io_table: Option<IoTableLocation>,
+    /// KVM logs the pages the guest writes (a VM kept to be reset).
+    log_dirty: bool,
+}
+
+/// Creates a VM whose only memory slot is `mem`, on the process's KVM handle. With
+/// `log_dirty`, KVM records every page the guest writes (`KVM_MEM_LOG_DIRTY_PAGES`), which a
+/// kept VM needs to be reset.
+pub(crate) fn create_vm(mem: &GuestRam, mem_size: u64, log_dirty: bool) -> Result<VmFd, VmmError> {
+    let vm = host::kvm()?.kvm.create_vm().map_err(kvm("KVM_CREATE_VM"))?;
+    let host_addr = mem.get_host_address(GuestAddress(0)).map_err(memory_error)?;
+    let region = kvm_userspace_memory_region {
+        slot: 0,
+        flags: if log_dirty { KVM_MEM_LOG_DIRTY_PAGES } else { 0 },
+        guest_phys_addr: 0,
+        memory_size: mem_size,
+        userspace_addr: host_addr as u64,
+    };
+    // SAFETY: the region is one mapping of `mem_size` bytes owned by `mem`, which the `Vm` that
+    // receives this VM keeps alive and drops only after the VM fd.
+    unsafe { vm.set_user_memory_region(region) }.map_err(|source| {
+        if log_dirty {
+            VmmError::Config(format!(
+                "reset mode needs KVM's dirty-page logging, which this host refused (KVM_SET_USER_MEMORY_REGION with KVM_MEM_LOG_DIRTY_PAGES: {source})"
+            ))
+        } else {
+            VmmError::Kvm { op: "KVM_SET_USER_MEMORY_REGION", source }
+        }
+    })?;
+    Ok(vm)
+}
+
+/// Creates vCPU 0 with thaw's CPUID (built once per process).
+pub(crate) fn create_vcpu(vm: &VmFd) -> Result<VcpuFd, VmmError> {
+    let vcpu = vm.create_vcpu(0).map_err(kvm("KVM_CREATE_VCPU"))?;
+    vcpu.set_cpuid2(&host::kvm()?.cpuid).map_err(kvm("KVM_SET_CPUID2"))?;
+    Ok(vcpu)
+}
+
+/// Writes a fresh host parameters page (new entropy, the wall clock, the TSC rate,
+/// `instance_id`, the flags `config` asks for) and the device table.
+fn write_host_params(
+    mem: &GuestRam,
+    vcpu: &VcpuFd,
+    instance_id: u64,
+    config: &VmConfig,
+    devices: &Devices,
+) -> Result<(), VmmError> {
+    let mut entropy = [0u8; 32];
+    host::entropy(&mut entropy)?;
+    let wall_clock_ns = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+    let tsc_khz = vcpu.get_tsc_khz().map_or(0, u64::from);
+    let flags = if config.console_log { FLAG_CONSOLE_LOG } else { 0 };
+    let params = HostParams { instance_id, entropy, wall_clock_ns, tsc_khz, flags };
+    mem.write_slice(&params.encode(), GuestAddress(HOST_PARAMS_GPA)).map_err(memory_error)?;
+    mem.write_slice(&devices.table().encode(), GuestAddress(DEVICE_TABLE_GPA)).map_err(memory_error)
+}
+
+impl Vm {
+    /// Creates a VM from a snapshot image: its memory mapped copy-on-write from the file, and
+    /// then the image's state loaded as [`Vm::load_state`] does. What else it prepares depends
+    /// on its [`Role`]: a [`Role::Kept`] VM can be [`reset`](Vm::reset) to the image after it
+    /// has run.
+    pub fn restore(image: &Image, config: &VmConfig, role: Role, timings: &mut BootTimings) -> Result<Self, VmmError> {
+        let log_dirty = role == Role::Kept;
+        let warm = if role == Role::Fresh { Vec::new() } else { image.info.working_set.clone() };
+        let started = Instant::now();
+        let mem_size = image.info.guest_memory_size();
+        if !(layout::MIN_MEMORY_MIB << 20..=layout::MAX_MEMORY_MIB << 20).contains(&mem_size) {
+            return Err(VmmError::Config(format!(
+                "image describes {mem_size} bytes of guest memory, outside what thaw runs"
+            )));
+        }
+        let mem = image.map_memory()?;
+        timings.load = started.elapsed();
+        let started = Instant::now();
+        let vm = create_vm(&mem, mem_size, log_dirty)?;
+        timings.vm_create = started.elapsed();
+        let started = Instant::now();
+        let vcpu = create_vcpu(&vm)?;
+        timings.vcpu_setup = started.elapsed();
+        let started = Instant::now();
+        let mut restored = Self {
+            vcpu,
+            vm,
+            mem,
+            scratch: None,
+            mem_size,
+            warm,
+            warmed_pages: 0,
+            devices: Devices::default(),
+            io_table: None,
+            log_dirty,
+        };
+        restored.load_state(image, config)?;
+        timings.state_set = Some(started.elapsed());
+        Ok(restored)
+    }
+
+    /// Loads everything of `image` but its memory: the vCPU state, the devices' transport
+    /// state (backends detached, unless `config.eager_devices`), fresh host parameters (a new
+    /// instance id, entropy, the clock, the device table), and "restored" as the checkpoint
+    /// call's result, with the number of working-set runs the guest should touch.
+    fn load_state(&mut self, image: &Image, config: &VmConfig) -> Result<(), VmmError> {
+        snapshot::restore_vcpu(&self.vcpu, &image.info.vcpu)?;
+        self.devices = Devices::default();
+        if !image.devices.is_empty() {
+            // The image holds the data volume; a caller may point the block device elsewhere.
+            let own = image.info.volume.map(|(offset, len)| VolumeSource {
+                file: VolumeFile::Open(Arc::clone(image.file())),
+                offset,
+                len,
+            });
+            let volume = config.backends.volume.clone().or(own);
+            let backends = Backends { volume, ..config.backends.clone() };
+            self.devices = Devices::restore(&image.devices, &backends, &self.mem, config.device_slot)?;
+            if config.eager_devices {
+                self.devices.attach_all()?;
+            }
+        }
+        write_host_params(&self.mem, &self.vcpu, host::next_instance_id(), config, &self.devices)?;
+        let warm = u32::try_from(self.warm.len()).unwrap_or(u32::MAX);
+        self.mem.write_obj([CHECKPOINT_RESTORED, warm], GuestAddress(HYPERCALL_PAGE_GPA)).map_err(memory_error)?;
+        self.io_table = (image.info.guest.io_table_len > 0)
+            .then_some(IoTableLocation { gpa: image.info.guest.io_table_gpa, len: image.info.guest.io_table_len });
+        Ok(())
+    }
+
+    /// Puts a VM restored from `image` with `log_dirty` back in the state a fresh restore
+    /// would give it, without touching its mappings: every page the guest or the host wrote
+    /// since the last restore or reset is copied back from the image, the instruction behind
+    /// the last exit is completed, and the image's state is loaded again ([`Vm::load_state`]:
+    /// a new instance id and fresh entropy). Pages the guest only read stay mapped, which is
+    /// what makes a kept VM fast. Returns the pages copied back.
+    pub fn reset(&mut self, image: &Image, config: &VmConfig) -> Result<DirtyPages, VmmError> {
+        if !self.log_dirty {
+            return Err(VmmError::Config("this VM was not created to be reset (no dirty-page log)".into()));
+        }
+        complete_pending_io(&mut self.vcpu)?;
+        let log = self.vm.get_dirty_log(0, self.mem_size as usize).map_err(|source| {
+            VmmError::Config(format!(
+                "reset mode needs KVM's dirty-page log, which this host refused (KVM_GET_DIRTY_LOG: {source})"
+            ))
+        })?;
+        let dirty = DirtyPages::collect(&self.mem, &log)?;
+        memory::copy_back(&self.mem, image.original_memory()?, &dirty)?;
+        // The working set was touched after the restore and stays mapped: touching it again
+        // would only dirty pages the next reset must copy back.
+        self.warm.clear();
+        // Dropping the old devices closes whatever their backends had open.
+        self.load_state(image, config)?;
+        Ok(dirty)
+    }
+
+    /// Guest memory, for the lifecycle's mailbox.
+    pub(crate) fn memory(&self) -> &GuestRam {
+        &self.mem
+    }
+
+    /// Guest memory size in bytes.
+    pub(crate) fn memory_size(&self) -> u64 {
+        self.mem_size
+    }
+
+    /// The guest's CR3: where its page tables are.
+    pub(crate) fn cr3(&self) -> Result<u64, VmmError> {
+        Ok(self.vcpu.get_sregs().map_err(kvm("KVM_GET_SREGS"))?.cr3)
+    }
+
+    /// Points the guest's CR3 at other page tables.
+    pub(crate) fn set_cr3(&self, cr3: u64) -> Result<(), VmmError> {
+        let mut sregs = self.vcpu.get_sregs().map_err(kvm("KVM_GET_SREGS"))?;
+        sregs.cr3 = cr3;
+        self.vcpu.set_sregs(&sregs).map_err(kvm("KVM_SET_SREGS"))
+    }
+
+    /// Adds `scratch` (one region, above RAM and the device window) as memory slot 1. The VM
+    /// owns it from now on.
+    pub(crate) fn add_scratch_memory(&mut self, scratch: GuestRam) -> Result<(), VmmError> {
+        let region = scratch.iter().next().ok_or_else(|| VmmError::Memory("empty scratch memory".into()))?;
+        let (gpa, len) = (region.start_addr().raw_value(), region.len());
+        if gpa < self.mem_size.max(abi::devices::DEVICE_WINDOW_GPA + abi::devices::DEVICE_WINDOW_LEN) {
+            return Err(VmmError::Memory(format!("scratch memory at {gpa:#x} overlaps RAM or the device window")));
+        }
+        let host_addr = scratch.get_host_address(GuestAddress(gpa)).map_err(memory_error)?;
+        let slot = kvm_userspace_memory_region {
+            slot: 1,
+            flags: 0,
+            guest_phys_addr: gpa,
+            memory_size: len,
+            userspace_addr: host_addr as u64,
+        };
+        // SAFETY: the region is one mapping of `len` bytes owned by `scratch`, which this `Vm`
+        // keeps (field `scratch`) and drops only after the VM fd.
+        unsafe { self.vm.set_user_memory_region(slot) }.map_err(kvm("KVM_SET_USER_MEMORY_REGION (scratch)"))?;
+        self.scratch = Some(scratch);
+        Ok(())
+    }
+
+    /// The scratch memory slot, if one was added.
+    pub(crate) fn scratch_memory(&self) -> Option<&GuestRam> {
+        self.scratch.as_ref()
+    }
+
+    /// Working-set pages the guest was handed to touch since its restore.
+    pub fn warmed_pages(&self) -> u64 {
+        self.warmed_pages
+    }
+
+    /// Counters of this VM's devices.
+    pub fn device_stats(&self) -> Vec<DeviceStats> {
+        self.devices.stats()
+    }
+
+    /// Writes an image of this VM, which must have stopped at its checkpoint
+    /// ([`Outcome::Checkpointed`]), to `path`, with its data `volume` (empty for none). The I/O
+    /// table location in `guest` is replaced by the one the guest gave at its checkpoint.
+    /// `working_set` is the recorded working set (empty for none).
+    pub fn snapshot(
+        &self,
+        path: &Path,
+        mut guest: GuestMetadata,
+        volume: &[u8],
+        working_set: Vec<Run>,
+    ) -> Result<WriteStats, VmmError> {
+        let io_table = self.io_table.unwrap_or_default();
+        (guest.io_table_gpa, guest.io_table_len) = (io_table.gpa, io_table.len);
+        let vcpu = snapshot::capture_vcpu(&self.vcpu)?;
+        let vm = snapshot::device_records(&self.devices.states());
+        let state = snapshot::State { vcpu, vm, guest, working_set };
+        Ok(snapshot::write_image(path, &self.mem, self.mem_size, state, volume)?)
+    }
+}
