@@ -115,6 +115,29 @@ fn a_trap_or_a_timeout_in_reset_mode_leaves_the_kept_vm_reset_and_serving() {
 }
 
 #[test]
+fn a_guest_kernel_that_fails_gets_its_kept_vm_destroyed_and_replaced() {
+    // The guest kernel takes requests of at most 16 MiB; one past that makes it give up (the
+    // kernel, not the function), so its state is not trusted again.
+    let (dir, image) = snapshot("scribble.wat", &[]);
+    let list = dir.path().join("requests");
+    let huge = "x".repeat((16 << 20) + 1);
+    std::fs::write(&list, format!("first\n{huge}\nsecond\nfourth\n")).unwrap();
+    let (run, lines) = restore(
+        dir.path(),
+        &image,
+        &["--mode", "reset", "--count", "4", "--requests", list.to_str().unwrap(), "--verify"],
+    );
+    assert_eq!(run.code, Some(125), "{run:#?}");
+    assert!(run.stderr.contains("1 of 4 requests did not answer cleanly"), "{run:#?}");
+    assert!(run.stdout.contains("1 kept VMs were destroyed and replaced"), "{run:#?}");
+    assert!(run.stderr.contains("after 4 requests and a reset, the kept VM's memory equals the image"), "{run:#?}");
+    assert!(lines[1].contains(r#""status": "failed"#), "{}", lines[1]);
+    for line in [&lines[0], &lines[2], &lines[3]] {
+        assert!(line.contains(r#""status": "ok""#) && line.contains(r#""stdout": "prev=", "#), "{line}");
+    }
+}
+
+#[test]
 fn reset_and_pool_clones_never_share_entropy_or_instance_ids() {
     let (dir, image) = snapshot("random", &[]);
     for (mode, count) in [("reset", "10000"), ("pool", "2000")] {
