@@ -5,23 +5,26 @@
 //!   offset  size  field
 //!   0       8     magic "THAWFUNC"
 //!   8       4     format version: 1; 2 when the bundle has a data volume; 3 when it has
-//!                 service connections (with or without a volume)
+//!                 service connections (with or without a volume); 4 when it carries a
+//!                 sample request
 //!   12      4     header length (64)
 //!   16      4     manifest length
 //!   20      4     reserved, zero
 //!   24      8     wasm length
 //!   32      8     total length = 64 + manifest length + wasm length + volume length
 //!   40      4     CRC-32 (IEEE) of header bytes 0..40 followed by the manifest
-//!   44      8     volume length (versions 2 and 3; zero in version 1)
+//!   44      8     volume length (versions 2 to 4; zero in version 1)
 //!   52      12    reserved, zero
 //!   64      ...   manifest (below), the wasm module, then the data volume (`crate::volume`)
 //! ```
 //!
 //! The manifest is a sequence of little-endian fields; a string is a u16 length and UTF-8 bytes:
 //! name (string), wasm SHA-256 (32 bytes), memory MiB (u32), fuel (u64, 0 = unlimited),
-//! args (u16 count, strings), env (u16 count, `KEY=VALUE` strings), in version 3 the service
-//! connections (u16 count, each a name string and a u32 vsock port), and, exactly when the
-//! bundle has a volume, the volume's SHA-256 (32 bytes).
+//! args (u16 count, strings), env (u16 count, `KEY=VALUE` strings), from version 3 the service
+//! connections (u16 count, each a name string and a u32 vsock port), in version 4 the sample
+//! request (u32 length, at most [`MAX_SAMPLE_BYTES`], and its bytes: what `thaw snapshot`
+//! records the working set with), and, exactly when the bundle has a volume, the volume's
+//! SHA-256 (32 bytes).
 //!
 //! Every length is checked against the bytes present and against the caps below before use, and
 //! every failure names the field and value. The CRC covers metadata only; the wasm and volume
@@ -40,8 +43,12 @@ pub const MAGIC: [u8; 8] = *b"THAWFUNC";
 pub const FORMAT_VERSION: u32 = 1;
 /// The version it writes for a bundle with one.
 pub const FORMAT_VERSION_WITH_VOLUME: u32 = 2;
-/// The version it writes for a bundle with service connections (and the newest it reads).
+/// The version it writes for a bundle with service connections.
 pub const FORMAT_VERSION_WITH_CONNECTIONS: u32 = 3;
+/// The version it writes for a bundle with a sample request (and the newest it reads).
+pub const FORMAT_VERSION_WITH_SAMPLE: u32 = 4;
+/// Longest sample request.
+pub const MAX_SAMPLE_BYTES: usize = 64 << 10;
 /// Header size.
 pub const HEADER_LEN: usize = 64;
 /// Largest manifest.
@@ -91,6 +98,9 @@ pub struct Manifest {
     pub connections: Vec<Connection>,
     /// SHA-256 of the data volume, when the bundle has one.
     pub volume_sha256: Option<[u8; 32]>,
+    /// A request the function answers, which `thaw snapshot` records the working set with by
+    /// default (bundle version 4).
+    pub sample_request: Option<Vec<u8>>,
 }
 
 /// A parsed bundle borrowing its wasm bytes.
@@ -159,7 +169,10 @@ impl fmt::Display for BundleError {
             }
             Self::BadMagic(m) => write!(f, "bundle magic {m:02x?} is not \"THAWFUNC\": not a thaw function bundle"),
             Self::UnsupportedVersion(v) => {
-                write!(f, "bundle format version {v} is not supported (this thaw reads versions 1 to 3)")
+                write!(
+                    f,
+                    "bundle format version {v} is not supported (this thaw reads versions 1 to {FORMAT_VERSION_WITH_SAMPLE})"
+                )
             }
             Self::BadHeader { field, value, expected } => {
                 write!(f, "bundle header: {field} is {value}, expected {expected}")
@@ -281,6 +294,9 @@ impl Manifest {
         if let Some(entry) = self.env.iter().find(|e| e.split_once('=').is_none_or(|(k, _)| k.is_empty())) {
             return bad("env", alloc::format!("{entry:?} is not KEY=VALUE"));
         }
+        if let Some(sample) = self.sample_request.as_ref().filter(|s| s.len() > MAX_SAMPLE_BYTES) {
+            return bad("sample request", alloc::format!("{} bytes, more than {MAX_SAMPLE_BYTES}", sample.len()));
+        }
         if self.connections.len() > MAX_CONNECTIONS {
             return bad(
                 "connections",
@@ -307,7 +323,9 @@ impl Manifest {
 
     /// The format version a bundle with this manifest is written in.
     pub fn format_version(&self) -> u32 {
-        if !self.connections.is_empty() {
+        if self.sample_request.is_some() {
+            FORMAT_VERSION_WITH_SAMPLE
+        } else if !self.connections.is_empty() {
             FORMAT_VERSION_WITH_CONNECTIONS
         } else if self.volume_sha256.is_some() {
             FORMAT_VERSION_WITH_VOLUME
@@ -329,12 +347,16 @@ impl Manifest {
                 put_string(&mut out, entry);
             }
         }
-        if self.format_version() == FORMAT_VERSION_WITH_CONNECTIONS {
+        if self.format_version() >= FORMAT_VERSION_WITH_CONNECTIONS {
             out.extend_from_slice(&(self.connections.len() as u16).to_le_bytes());
             for c in &self.connections {
                 put_string(&mut out, &c.name);
                 out.extend_from_slice(&c.port.to_le_bytes());
             }
+        }
+        if let Some(sample) = &self.sample_request {
+            out.extend_from_slice(&(sample.len() as u32).to_le_bytes());
+            out.extend_from_slice(sample);
         }
         if let Some(sha) = &self.volume_sha256 {
             out.extend_from_slice(sha);
@@ -367,12 +389,24 @@ impl Manifest {
                 connections.push(Connection { name, port });
             }
         }
+        let mut sample_request = None;
+        if version >= FORMAT_VERSION_WITH_SAMPLE {
+            let len = r.u32("sample request")? as usize;
+            if len > MAX_SAMPLE_BYTES {
+                return Err(BundleError::BadField {
+                    field: "sample request",
+                    reason: alloc::format!("{len} bytes, more than {MAX_SAMPLE_BYTES}"),
+                });
+            }
+            sample_request = Some(r.take(len, "sample request")?.to_vec());
+        }
         let volume_sha256 = match r.bytes.len() {
             0 => None,
             32 => Some(r.take(32, "volume sha256")?.try_into().unwrap_or([0; 32])),
             n => return Err(BundleError::TrailingManifestBytes(n)),
         };
-        let manifest = Self { name, wasm_sha256, memory_mib, fuel, args, env, connections, volume_sha256 };
+        let manifest =
+            Self { name, wasm_sha256, memory_mib, fuel, args, env, connections, volume_sha256, sample_request };
         manifest.validate()?;
         Ok(manifest)
     }
@@ -416,7 +450,7 @@ pub fn parse(bytes: &[u8]) -> Result<Bundle<'_>, BundleError> {
         return Err(BundleError::BadMagic(magic));
     }
     let version = u32_at(bytes, 8);
-    if !(FORMAT_VERSION..=FORMAT_VERSION_WITH_CONNECTIONS).contains(&version) {
+    if !(FORMAT_VERSION..=FORMAT_VERSION_WITH_SAMPLE).contains(&version) {
         return Err(BundleError::UnsupportedVersion(version));
     }
     let header_len = u32_at(bytes, 12);
@@ -446,11 +480,11 @@ pub fn parse(bytes: &[u8]) -> Result<Bundle<'_>, BundleError> {
             expected: "1 to 1073741824 in version 2",
         });
     }
-    if version == FORMAT_VERSION_WITH_CONNECTIONS && volume_len > crate::volume::MAX_VOLUME_BYTES {
+    if version >= FORMAT_VERSION_WITH_CONNECTIONS && volume_len > crate::volume::MAX_VOLUME_BYTES {
         return Err(BundleError::BadHeader {
             field: "volume length",
             value: volume_len,
-            expected: "at most 1073741824 in version 3",
+            expected: "at most 1073741824 in versions 3 and 4",
         });
     }
     let declared = u64_at(bytes, 32);
@@ -510,6 +544,7 @@ mod tests {
             env: vec!["GREETING=hi".into()],
             connections: Vec::new(),
             volume_sha256: None,
+            sample_request: None,
         }
     }
 
@@ -598,6 +633,33 @@ mod tests {
             let m = Manifest { connections, ..manifest() };
             assert!(m.validate().unwrap_err().to_string().contains(message), "{message}");
         }
+    }
+
+    #[test]
+    fn a_sample_request_makes_version_4_and_is_checked() {
+        let wasm = b"\0asm\x01\0\0\0";
+        let m = Manifest { sample_request: Some(b"{\"name\": \"ada\"}".to_vec()), ..manifest() };
+        let bytes = encode(&m, wasm, &[]);
+        assert_eq!(&bytes[..12], b"THAWFUNC\x04\0\0\0");
+        assert_eq!(parse(&bytes).unwrap().manifest, m);
+        let connected = Manifest { connections: vec![Connection { name: "db".into(), port: 5 }], ..m.clone() };
+        let volume = crate::volume::build(&[("f".into(), b"x".to_vec())], &[]).unwrap();
+        let all = Manifest { volume_sha256: Some([9; 32]), ..connected };
+        assert_eq!(parse(&encode(&all, wasm, &volume)).unwrap().manifest, all, "with connections and a volume");
+        let empty = Manifest { sample_request: Some(Vec::new()), ..manifest() };
+        assert_eq!(parse(&encode(&empty, wasm, &[])).unwrap().manifest, empty, "an empty sample is a sample");
+        let big = Manifest { sample_request: Some(vec![b'x'; MAX_SAMPLE_BYTES + 1]), ..manifest() };
+        assert!(big.validate().unwrap_err().to_string().contains("sample request: 65537 bytes"));
+        // A length past the manifest's end is refused by name.
+        let mut hostile = m.encode();
+        let at = hostile.len() - m.sample_request.as_ref().unwrap().len() - 4;
+        hostile[at..at + 4].copy_from_slice(&1000u32.to_le_bytes());
+        assert_eq!(
+            Manifest::decode(&hostile, FORMAT_VERSION_WITH_SAMPLE),
+            Err(BundleError::ManifestTruncated("sample request"))
+        );
+        hostile[at..at + 4].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(Manifest::decode(&hostile, FORMAT_VERSION_WITH_SAMPLE).unwrap_err().to_string().contains("4294967295"));
     }
 
     #[test]

@@ -284,6 +284,7 @@ mod tests {
             env: vec![],
             connections: Vec::new(),
             volume_sha256: None,
+            sample_request: None,
         };
         let e = Function::from_bundle(bundle::encode(&manifest, &wasm, &[])).unwrap_err().to_string();
         assert!(e.contains("does not match the manifest's"), "{e}");

@@ -211,3 +211,28 @@ fn a_sample_request_that_never_answers_fails_the_snapshot_and_leaves_no_file() {
     let run = thaw(&["snapshot", bundle.to_str().unwrap(), "-o", image.to_str().unwrap(), "--no-working-set"]);
     assert_eq!(run.code, Some(0), "{run:#?}");
 }
+
+#[test]
+fn the_working_set_is_recorded_with_the_bundles_sample_request_unless_one_is_given() {
+    let dir = tempfile::tempdir().unwrap();
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/fixtures/scribble.wat");
+    let bundle = dir.path().join("s.thaw");
+    let bundle = bundle.to_str().unwrap();
+    let image = dir.path().join("s.snap");
+    let image = image.to_str().unwrap();
+    // scribble spins until its timeout on a body starting with "l": a sample that never answers.
+    let run = thaw(&["pack", fixture.to_str().unwrap(), "-o", bundle, "--sample-data", "loop"]);
+    assert_eq!(run.code, Some(0), "{run:#?}");
+    let run = thaw(&["snapshot", bundle, "-o", image, "--timeout", "1"]);
+    assert!(run.code != Some(0) && run.stderr.contains("the sample request did not answer"), "{run:#?}");
+    let run = thaw(&["snapshot", bundle, "-o", image, "--timeout", "1", "--sample-data", "fine"]);
+    assert!(run.code == Some(0) && run.stderr.contains("(working set of --sample-data)"), "{run:#?}");
+    let run = thaw(&["pack", "--example", "hello", "-o", bundle]);
+    assert_eq!(run.code, Some(0), "{run:#?}");
+    let run = thaw(&["snapshot", bundle, "-o", image]);
+    assert!(run.stderr.contains("(working set of the bundle's sample request)"), "{run:#?}");
+    let run = thaw(&["pack", fixture.to_str().unwrap(), "-o", bundle]);
+    assert_eq!(run.code, Some(0), "{run:#?}");
+    let run = thaw(&["snapshot", bundle, "-o", image]);
+    assert!(run.stderr.contains("(working set of the empty request)"), "{run:#?}");
+}

@@ -40,19 +40,33 @@ pub struct PackArgs {
     /// host on first use (serve it with `thaw invoke|restore --service PORT=SOCKET`).
     #[arg(long = "connect", value_name = "NAME=PORT", value_parser = parse_connection)]
     connections: Vec<Connection>,
+    /// A request the function answers, carried in the bundle: `thaw snapshot` records the
+    /// working set with it unless told otherwise [default: for --example, the example's
+    /// documented request; otherwise none, and snapshot uses the empty request].
+    #[arg(long, value_name = "STRING")]
+    sample_data: Option<String>,
     /// Where to write the bundle.
     #[arg(short, long, value_name = "FUNCTION.thaw")]
     output: PathBuf,
 }
 
-/// The example functions (Rust, compiled to wasm32-wasip1 by the workspace build).
-const EXAMPLES: [(&str, &[u8]); 6] = [
-    ("hello", include_bytes!(env!("CARGO_CDYLIB_FILE_EXAMPLE_HELLO_example_hello"))),
-    ("json-transform", include_bytes!(env!("CARGO_CDYLIB_FILE_EXAMPLE_JSON_TRANSFORM_example_json_transform"))),
-    ("random", include_bytes!(env!("CARGO_CDYLIB_FILE_EXAMPLE_RANDOM_example_random"))),
-    ("heavy-init", include_bytes!(env!("CARGO_CDYLIB_FILE_EXAMPLE_HEAVY_INIT_example_heavy_init"))),
-    ("data-reader", include_bytes!(env!("CARGO_CDYLIB_FILE_EXAMPLE_DATA_READER_example_data_reader"))),
-    ("service-client", include_bytes!(env!("CARGO_CDYLIB_FILE_EXAMPLE_SERVICE_CLIENT_example_service_client"))),
+/// The example functions (Rust, compiled to wasm32-wasip1 by the workspace build), each with
+/// the request its documentation gives, which becomes the bundle's sample request.
+const EXAMPLES: [(&str, &[u8], &str); 6] = [
+    ("hello", include_bytes!(env!("CARGO_CDYLIB_FILE_EXAMPLE_HELLO_example_hello")), r#"{"name": "ada"}"#),
+    (
+        "json-transform",
+        include_bytes!(env!("CARGO_CDYLIB_FILE_EXAMPLE_JSON_TRANSFORM_example_json_transform")),
+        r#"{"customer": "ada", "items": [{"sku": "tea", "price_cents": 350, "quantity": 2}]}"#,
+    ),
+    ("random", include_bytes!(env!("CARGO_CDYLIB_FILE_EXAMPLE_RANDOM_example_random")), "{}"),
+    ("heavy-init", include_bytes!(env!("CARGO_CDYLIB_FILE_EXAMPLE_HEAVY_INIT_example_heavy_init")), "1000"),
+    (
+        "data-reader",
+        include_bytes!(env!("CARGO_CDYLIB_FILE_EXAMPLE_DATA_READER_example_data_reader")),
+        r#"{"file": "readme.txt"}"#,
+    ),
+    ("service-client", include_bytes!(env!("CARGO_CDYLIB_FILE_EXAMPLE_SERVICE_CLIENT_example_service_client")), "ping"),
 ];
 /// The names of the built-in examples.
 pub const EXAMPLE_NAMES: [&str; 6] =
@@ -60,7 +74,7 @@ pub const EXAMPLE_NAMES: [&str; 6] =
 
 /// A bundle of the built-in example `name` with default settings and `memory_mib` of memory.
 pub fn example_bundle(name: &str, memory_mib: u32) -> Result<Vec<u8>, String> {
-    let (_, wasm) = EXAMPLES.iter().find(|(n, _)| *n == name).ok_or_else(|| format!("no example {name}"))?;
+    let (_, wasm, sample) = EXAMPLES.iter().find(|(n, ..)| *n == name).ok_or_else(|| format!("no example {name}"))?;
     function::validate_wasm(wasm).map_err(|e| format!("example {name}: {e}"))?;
     let manifest = Manifest {
         name: name.into(),
@@ -71,6 +85,7 @@ pub fn example_bundle(name: &str, memory_mib: u32) -> Result<Vec<u8>, String> {
         env: Vec::new(),
         connections: Vec::new(),
         volume_sha256: None,
+        sample_request: Some(sample.as_bytes().to_vec()),
     };
     manifest.validate().map_err(|e| format!("example {name}: {e}"))?;
     Ok(bundle::encode(&manifest, wasm, &[]))
@@ -154,11 +169,9 @@ fn one_line(error: &wat::Error) -> String {
 
 /// Runs `thaw pack` and returns the process exit code.
 pub fn run(args: &PackArgs) -> Result<u8, String> {
-    let (source, input, stem) = match (&args.input, &args.example) {
-        (_, Some(name)) => {
-            let wasm = EXAMPLES.iter().find(|(n, _)| n == name).map(|(_, w)| w.to_vec()).unwrap_or_default();
-            (wasm, format!("example {name}"), name.clone())
-        }
+    let example = args.example.as_ref().and_then(|name| EXAMPLES.iter().find(|(n, ..)| n == name));
+    let (source, input, stem) = match (&args.input, example) {
+        (_, Some((name, wasm, _))) => (wasm.to_vec(), format!("example {name}"), name.to_string()),
         (Some(path), None) => {
             let source = read_limited(path, bundle::MAX_WASM_BYTES as u64 * 4, "function")?;
             let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
@@ -186,6 +199,11 @@ pub fn run(args: &PackArgs) -> Result<u8, String> {
         env: args.env.clone(),
         connections: args.connections.clone(),
         volume_sha256: None,
+        sample_request: args
+            .sample_data
+            .as_deref()
+            .or(example.map(|(_, _, sample)| *sample))
+            .map(|s| s.as_bytes().to_vec()),
     };
     manifest.validate().map_err(|e| format!("{input}: {e}"))?;
     let volume = args.data_dir.as_deref().map(volume_from_dir).transpose()?.unwrap_or_default();
@@ -199,6 +217,9 @@ pub fn run(args: &PackArgs) -> Result<u8, String> {
     let mut data = if volume.is_empty() { String::new() } else { format!(", a {}-byte data volume", volume.len()) };
     for c in &manifest.connections {
         data.push_str(&format!(", {} on vsock port {}", c.name, c.port));
+    }
+    if let Some(sample) = &manifest.sample_request {
+        data.push_str(&format!(", a {}-byte sample request", sample.len()));
     }
     eprintln!(
         "thaw: packed {} ({kind}, {} bytes of wasm, {} MiB memory{data}) into {}",

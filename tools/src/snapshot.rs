@@ -22,7 +22,7 @@ pub struct SnapshotArgs {
     timeout: f64,
     /// The sample request whose touched pages become the image's working set, which VMs
     /// restored ahead of their request (pool and reset modes) touch before it arrives
-    /// [default: the empty request].
+    /// [default: the bundle's sample request (`thaw pack --sample-data`), or the empty request].
     #[arg(long, value_name = "STRING", conflicts_with = "no_working_set")]
     sample_data: Option<String>,
     /// Record no working set (the sample request is not run).
@@ -39,10 +39,19 @@ pub fn run(args: &SnapshotArgs) -> Result<u8, String> {
     let mut config = VmConfig::default();
     args.devices.apply_boot(&mut config)?;
     crate::devices::add_function_devices(&mut config, &function, &args.function);
-    let sample = (!args.no_working_set).then(|| args.sample_data.clone().unwrap_or_default().into_bytes());
+    let (sample, source) = match (&args.sample_data, &function.manifest.sample_request) {
+        _ if args.no_working_set => (None, ""),
+        (Some(data), _) => (Some(data.clone().into_bytes()), "--sample-data"),
+        (None, Some(bundled)) => (Some(bundled.clone()), "the bundle's sample request"),
+        (None, None) => (Some(Vec::new()), "the empty request"),
+    };
     let status = snapshot_function(&function, &args.output, timeout, config, sample)
         .map_err(|e| format!("{}: {e}", args.function.display()))?;
-    eprintln!("thaw: {status}");
+    if source.is_empty() {
+        eprintln!("thaw: {status}");
+    } else {
+        eprintln!("thaw: {status} (working set of {source})");
+    }
     Ok(0)
 }
 

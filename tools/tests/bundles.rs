@@ -111,6 +111,7 @@ fn invoke_refuses_wasm_bytes_that_do_not_match_or_are_not_wasm() {
         env: vec![],
         connections: Vec::new(),
         volume_sha256: None,
+        sample_request: None,
     };
     let line = invoke(&s.file("junk.thaw", &abi::bundle::encode(&manifest, junk, &[])));
     assert!(line.contains("not a valid WebAssembly module"), "{line}");
@@ -137,4 +138,27 @@ fn pack_refuses_what_is_not_a_thaw_function() {
     assert!(refused(&["pack", handler.to_str().unwrap(), "--env", "NOEQUALS", "-o", out]).contains("is not KEY=VALUE"));
     assert!(refused(&["pack", handler.to_str().unwrap(), "--memory", "0", "-o", out]).contains("0 MiB"));
     assert!(!Path::new(out).exists(), "a refused pack must not leave a bundle behind");
+}
+
+#[test]
+fn a_sample_request_is_carried_in_a_version_4_bundle_and_capped() {
+    let s = Scratch::new();
+    let wat = s.file("f.wat", HANDLER.as_bytes());
+    let out = s.dir.path().join("s.thaw");
+    let pack = |sample: &str| {
+        Command::new(THAW)
+            .args(["pack", wat.to_str().unwrap(), "-o", out.to_str().unwrap(), "--sample-data", sample])
+            .output()
+            .unwrap()
+    };
+    let packed = pack(r#"{"n": 1}"#);
+    assert!(String::from_utf8_lossy(&packed.stderr).contains("a 8-byte sample request"), "{packed:?}");
+    let bytes = std::fs::read(&out).unwrap();
+    assert_eq!(&bytes[..12], b"THAWFUNC\x04\0\0\0");
+    let manifest = abi::bundle::parse(&bytes).unwrap().manifest;
+    assert_eq!(manifest.sample_request.as_deref(), Some(&br#"{"n": 1}"#[..]));
+    assert_eq!(&s.bundle()[..12], b"THAWFUNC\x01\0\0\0", "no sample, the lowest version");
+    let big = pack(&"x".repeat(abi::bundle::MAX_SAMPLE_BYTES + 1));
+    assert_eq!(big.status.code(), Some(125));
+    assert!(String::from_utf8_lossy(&big.stderr).contains("sample request: 65537 bytes, more than 65536"), "{big:?}");
 }
