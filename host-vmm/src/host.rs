@@ -38,6 +38,9 @@ pub struct KvmHost {
     pub kvm: Kvm,
     /// The CPUID every vCPU gets ([`thaw_cpuid`] of the supported table).
     pub cpuid: CpuId,
+    /// KVM can map guest memory ahead (`KVM_CAP_PRE_FAULT_MEMORY`: two-dimensional paging;
+    /// never under PVM's shadow paging).
+    pub pre_fault: bool,
 }
 
 /// The process's KVM handle and CPUID table. The first call opens `/dev/kvm`; a failure is
@@ -53,7 +56,8 @@ pub fn kvm() -> Result<&'static KvmHost, HostError> {
         .map_err(|source| HostError::Kvm { op: "KVM_GET_SUPPORTED_CPUID", source })?;
     let cpuid =
         CpuId::from_entries(&thaw_cpuid(supported.as_slice())).map_err(|e| HostError::Cpuid(format!("{e:?}")))?;
-    Ok(HOST.get_or_init(|| KvmHost { kvm, cpuid }))
+    let pre_fault = kvm.check_extension_raw(kvm_bindings::KVM_CAP_PRE_FAULT_MEMORY.into()) > 0;
+    Ok(HOST.get_or_init(|| KvmHost { kvm, cpuid, pre_fault }))
 }
 
 /// Fills `buf` from the host's CSPRNG (getrandom), for a guest's entropy.

@@ -226,6 +226,11 @@ impl Vm {
             log_dirty,
         };
         restored.load_state(image, config)?;
+        if !restored.warm.is_empty() && host::kvm()?.pre_fault {
+            let cr3 = restored.cr3()?;
+            let ranges = crate::workingset::physical_ranges(&restored.mem, cr3, &restored.warm)?;
+            crate::workingset::pre_fault(&restored.vcpu, &ranges)?;
+        }
         timings.state_set = Some(started.elapsed());
         Ok(restored)
     }
