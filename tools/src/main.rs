@@ -47,7 +47,8 @@ enum Command {
     Pack(pack::PackArgs),
     /// Answer one request: cold-boot a bundle (.thaw), or restore a snapshot image (.snap).
     Invoke(invoke::InvokeArgs),
-    /// Cold-boot a function, run its init, and write the VM at its checkpoint to an image.
+    /// Cold-boot a function, run its init, and write the VM at its checkpoint to an image, with
+    /// the pages a sample request touches (its working set).
     Snapshot(snapshot::SnapshotArgs),
     /// Validate a snapshot image and show what it holds.
     Inspect(inspect::InspectArgs),
