@@ -227,9 +227,12 @@ impl Vm {
         };
         restored.load_state(image, config)?;
         if !restored.warm.is_empty() && host::kvm()?.pre_fault {
+            // Best effort: the guest touches the same pages before it parks, so a mapping KVM
+            // could not make ahead costs time, never correctness.
             let cr3 = restored.cr3()?;
-            let ranges = crate::workingset::physical_ranges(&restored.mem, cr3, &restored.warm)?;
-            crate::workingset::pre_fault(&restored.vcpu, &ranges)?;
+            if let Ok(ranges) = crate::workingset::physical_ranges(&restored.mem, cr3, &restored.warm) {
+                let _ = crate::workingset::pre_fault(&restored.vcpu, &ranges);
+            }
         }
         timings.state_set = Some(started.elapsed());
         Ok(restored)
