@@ -36,6 +36,10 @@ pub struct BenchArgs {
     /// With --mode pool: how many VMs wait parked.
     #[arg(long, value_name = "N", default_value_t = 2)]
     pool: usize,
+    /// With --mode: issue requests at this many per second, as `thaw restore --rate` does (a
+    /// pool only helps below its fill rate) [default: each as soon as the last has answered].
+    #[arg(long, value_name = "PER_SEC", requires = "mode")]
+    rate: Option<f64>,
     /// Measure the floor first (thaw's minimal guest: a fresh VM restored to its first exit, and
     /// a kept VM reset by its dirty log to its first exit) and give every result as a multiple
     /// of it. Alone, measures only the floor.
@@ -153,12 +157,12 @@ pub fn run(args: &BenchArgs) -> Result<u8, String> {
         }
         let restore = crate::restore::RestoreArgs::for_bench(
             path.clone(),
-            args.function.data.clone(),
-            args.function.input.clone(),
+            (args.function.data.clone(), args.function.input.clone()),
             mode,
             args.pool,
             args.runs,
             args.kernel.timeout,
+            args.rate,
         );
         return crate::restore::serve_batch(&restore, floor);
     }

@@ -353,15 +353,16 @@ fn device_counts(sample: &mut Sample, devices: &[DeviceStats]) {
 }
 
 impl RestoreArgs {
-    /// What `thaw bench IMAGE --mode MODE` serves: `runs` requests, one at a time.
+    /// What `thaw bench IMAGE --mode MODE` serves: `runs` requests with the body `--data` or
+    /// `--input` gives, one at a time, at `rate` per second if given.
     pub fn for_bench(
         image: PathBuf,
-        data: Option<String>,
-        input: Option<PathBuf>,
+        (data, input): (Option<String>, Option<PathBuf>),
         mode: Mode,
         pool: usize,
         runs: usize,
         timeout: f64,
+        rate: Option<f64>,
     ) -> Self {
         Self {
             image,
@@ -379,7 +380,7 @@ impl RestoreArgs {
             stats: None,
             timeout,
             floor: false,
-            rate: None,
+            rate,
             devices: crate::devices::DeviceArgs::default(),
         }
     }
