@@ -176,11 +176,16 @@ pub fn from_pages(pages: impl IntoIterator<Item = (u64, bool)>) -> Vec<Run> {
     runs
 }
 
-/// The hypercall page's contents answering a `WORKING_SET` call for runs from `first`: a u32
-/// count, four zero bytes, then up to [`RUNS_PER_CALL`] runs. A count of 0 means no more.
-pub fn reply(runs: &[Run], first: usize) -> Vec<u8> {
-    let batch = runs.get(first..).unwrap_or(&[]);
-    let batch = &batch[..batch.len().min(RUNS_PER_CALL)];
+/// The runs one `WORKING_SET` call from run `first` on answers with: at most
+/// [`RUNS_PER_CALL`], none past the end.
+pub fn batch(runs: &[Run], first: usize) -> &[Run] {
+    let rest = runs.get(first..).unwrap_or(&[]);
+    &rest[..rest.len().min(RUNS_PER_CALL)]
+}
+
+/// The hypercall page's contents answering a `WORKING_SET` call with `batch` (see [`batch`]):
+/// a u32 count, four zero bytes, then the runs. A count of 0 means no more.
+pub fn reply(batch: &[Run]) -> Vec<u8> {
     let mut out = Vec::with_capacity(8 + batch.len() * RUN_LEN);
     out.extend_from_slice(&(batch.len() as u32).to_le_bytes());
     out.extend_from_slice(&[0; 4]);
@@ -245,13 +250,13 @@ mod tests {
     fn replies_page_through_the_runs() {
         let runs: Vec<Run> =
             (0..RUNS_PER_CALL as u64 + 3).map(|i| Run { start: i * 0x2000, pages: 1, written: false }).collect();
-        let first = reply(&runs, 0);
+        let first = reply(batch(&runs, 0));
         assert_eq!(first.len(), 8 + RUNS_PER_CALL * RUN_LEN);
         assert!(first.len() <= HYPERCALL_PAGE_SIZE);
         assert_eq!(u32_at(&first, 0) as usize, RUNS_PER_CALL);
-        let second = reply(&runs, RUNS_PER_CALL);
+        let second = reply(batch(&runs, RUNS_PER_CALL));
         assert_eq!(u32_at(&second, 0), 3);
         assert_eq!(decode(&second[8..]).unwrap(), runs[RUNS_PER_CALL..]);
-        assert_eq!(reply(&runs, usize::MAX), vec![0; 8], "past the end: no more");
+        assert_eq!(reply(batch(&runs, usize::MAX)), vec![0; 8], "past the end: no more");
     }
 }

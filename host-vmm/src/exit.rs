@@ -202,10 +202,10 @@ impl<'a> ExitHandler<'a> {
                 Ok(ExitAction::Continue)
             }
             Hypercall::WorkingSet { first } => {
-                let reply = workingset::reply(self.working_set, first as usize);
+                let batch = workingset::batch(self.working_set, first as usize);
+                let reply = workingset::reply(batch);
                 self.mem.write_slice(&reply, GuestAddress(HYPERCALL_PAGE_GPA)).map_err(ExitError::Memory)?;
-                let batch = self.working_set.get(first as usize..).unwrap_or(&[]);
-                self.warmed_pages += workingset::page_count(&batch[..batch.len().min(workingset::RUNS_PER_CALL)]);
+                self.warmed_pages += workingset::page_count(batch);
                 Ok(ExitAction::Continue)
             }
             other => Err(GuestError::UnexpectedExit(format!("hypercall {other:?} is not served yet")).into()),

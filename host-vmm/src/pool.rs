@@ -44,6 +44,11 @@ impl PoolStats {
     pub fn fill_rate(&self) -> f64 {
         self.filled as f64 / self.fill_time.as_secs_f64().max(1e-9)
     }
+
+    /// Working-set pages each filled VM's guest touched before parking, on average.
+    pub fn warmed_pages_per_vm(&self) -> u64 {
+        self.warmed_pages / self.filled.max(1)
+    }
 }
 
 #[derive(Default)]

@@ -74,6 +74,18 @@ fn bundle(dir: &Path) -> (String, String) {
     (bundle, dir.join("service.sock").to_str().unwrap().to_string())
 }
 
+/// A service on `dir`'s socket and an image of a service-client bundle snapshotted against it;
+/// returns the service, the image path and the `--service` argument that reaches it.
+fn snapshotted(dir: &Path) -> (Service, String, String) {
+    let (bundle, socket) = bundle(dir);
+    let service = Service::start(Path::new(&socket));
+    let image = dir.join("client.snap").to_str().unwrap().to_string();
+    let service_arg = format!("5000={socket}");
+    let snapshot = thaw(&["snapshot", &bundle, "-o", &image, "--service", &service_arg]);
+    assert_eq!(snapshot.code, Some(0), "{snapshot:#?}");
+    (service, image, service_arg)
+}
+
 /// The `--stats json` line.
 fn stats(run: &Run) -> &str {
     run.stderr.lines().rev().find(|l| l.starts_with('{')).unwrap_or_else(|| panic!("no stats line: {run:#?}"))
@@ -82,12 +94,7 @@ fn stats(run: &Run) -> &str {
 #[test]
 fn a_stream_opened_in_init_reconnects_after_restore_and_is_refused_once_the_service_is_gone() {
     let dir = tempfile::tempdir().unwrap();
-    let (bundle, socket) = bundle(dir.path());
-    let service = Service::start(Path::new(&socket));
-    let image = dir.path().join("client.snap").to_str().unwrap().to_string();
-    let service_arg = format!("5000={socket}");
-    let snapshot = thaw(&["snapshot", &bundle, "-o", &image, "--service", &service_arg]);
-    assert_eq!(snapshot.code, Some(0), "{snapshot:#?}");
+    let (service, image, service_arg) = snapshotted(dir.path());
     assert_eq!(service.accepted(), 1, "init connected once");
     let inspect = thaw(&["inspect", &image]);
     assert!(
@@ -113,6 +120,7 @@ fn a_stream_opened_in_init_reconnects_after_restore_and_is_refused_once_the_serv
     assert_eq!(run.code, Some(0), "{run:#?}");
     assert!(run.stdout.contains(&format!("\"reply\":\"{}\"", "x".repeat(300_000))), "{} bytes", run.stdout.len());
 
+    let socket = service.path.clone();
     drop(service);
     let run = thaw(&["invoke", &image, "--service", &service_arg, "--data", "three", "--timeout", "20"]);
     assert_eq!(run.code, Some(0), "the request finishes, with the error in its answer: {run:#?}");
@@ -122,7 +130,7 @@ fn a_stream_opened_in_init_reconnects_after_restore_and_is_refused_once_the_serv
     assert!(run.stdout.contains("\"errno\":14"), "{run:#?}");
 
     // The service back: the next restored VM reaches it again.
-    let service = Service::start(Path::new(&socket));
+    let service = Service::start(&socket);
     let run = thaw(&["invoke", &image, "--service", &service_arg, "--data", "five"]);
     assert!(run.stdout.contains("\"reply\":\"echo: five\""), "{run:#?}");
     assert_eq!(service.accepted(), 1);
@@ -166,12 +174,7 @@ fn service_options_that_cannot_work_are_refused_with_one_line() {
 #[test]
 fn reset_mode_with_a_vsock_exchange_per_request_leaves_memory_equal_to_the_image() {
     let dir = tempfile::tempdir().unwrap();
-    let (bundle, socket) = bundle(dir.path());
-    let service = Service::start(Path::new(&socket));
-    let image = dir.path().join("client.snap").to_str().unwrap().to_string();
-    let service_arg = format!("5000={socket}");
-    let snapshot = thaw(&["snapshot", &bundle, "-o", &image, "--service", &service_arg]);
-    assert_eq!(snapshot.code, Some(0), "{snapshot:#?}");
+    let (service, image, service_arg) = snapshotted(dir.path());
     let responses = dir.path().join("responses.jsonl");
     let run = thaw(&[
         "restore",

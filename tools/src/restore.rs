@@ -587,7 +587,7 @@ fn report(
                 args.pool,
                 p.filled,
                 p.fill_rate(),
-                p.warmed_pages / p.filled.max(1),
+                p.warmed_pages_per_vm(),
                 p.ready,
                 p.waited,
                 p.wait_time.as_millis()
@@ -624,7 +624,7 @@ fn report(
             "pool: {} VMs parked by the filler at {:.0} per second of its work, each after touching {} working-set pages; {} requests found one ready, {} waited ({} ms in all)",
             p.filled,
             p.fill_rate(),
-            p.warmed_pages / p.filled.max(1),
+            p.warmed_pages_per_vm(),
             p.ready,
             p.waited,
             p.wait_time.as_millis()
