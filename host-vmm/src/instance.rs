@@ -3,7 +3,8 @@
 //! an image goes through here, so there is one restore path:
 //!
 //! ```text
-//!  fresh:  restore ─▶ serve ─▶ drop                        (all on the request path)
+//!  fresh:  restore ─▶ serve ─▶ drop                        (all on the request path but the
+//!                                                           memory's reset for the next one)
 //!  pool:   restore ─▶ park ···▶ serve ─▶ drop               (park ahead: pool.rs; drop off the path)
 //!  reset:  restore ─▶ park ···▶ serve ─▶ reset ─▶ park ···▶ serve ─▶ …   (one kept VM)
 //! ```
@@ -14,6 +15,7 @@
 //! host changed, so nothing of one request reaches the next (docs/ARCHITECTURE.md, threat model).
 
 use std::io::Write;
+use std::mem::ManuallyDrop;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -23,12 +25,22 @@ use crate::outcome::Outcome;
 use crate::snapshot::Image;
 use crate::vm::{BootTimings, CheckpointMode, Role, RunReport, Vm, VmConfig, VmmError, thread_minor_faults};
 
-/// A VM restored from an image, and where it is in its life.
+/// A VM restored from an image, and where it is in its life. Dropping it destroys the VM
+/// ([`Vm::destroy`]).
 pub struct Instance {
     image: Arc<Image>,
     config: VmConfig,
-    vm: Vm,
+    /// Taken out only when the instance drops.
+    vm: ManuallyDrop<Vm>,
     mailbox: Mailbox,
+}
+
+impl Drop for Instance {
+    fn drop(&mut self) {
+        // SAFETY: `vm` is taken exactly once, here, and the instance is never used again.
+        let vm = unsafe { ManuallyDrop::take(&mut self.vm) };
+        vm.destroy(&self.image);
+    }
 }
 
 /// How one request went.
@@ -73,7 +85,12 @@ impl Instance {
         timings: &mut BootTimings,
     ) -> Result<Self, VmmError> {
         let vm = Vm::restore(image, config, role, timings)?;
-        Ok(Self { image: Arc::clone(image), config: config.clone(), vm, mailbox: Mailbox::parking() })
+        Ok(Self {
+            image: Arc::clone(image),
+            config: config.clone(),
+            vm: ManuallyDrop::new(vm),
+            mailbox: Mailbox::parking(),
+        })
     }
 
     /// Runs the guest until it waits for its request: it resumes from its checkpoint, reseeds

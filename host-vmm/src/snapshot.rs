@@ -12,9 +12,9 @@ use std::io::{Read, Write};
 use std::num::NonZeroUsize;
 use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
-use crate::memory::GuestRam;
+use crate::memory::{self, GuestRam};
 use abi::devices::DeviceState;
 use abi::image::{self, GuestMetadata, ImageInfo, ImageWriter, MemoryRange, VcpuRecord, record, vm_record};
 use kvm_bindings::{Msrs, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave};
@@ -117,6 +117,11 @@ fn decode<T: FromBytes>(records: &[VcpuRecord], kind: u32, name: &str) -> Result
     T::read_from_bytes(bytes).map_err(|_| {
         SnapshotError::Record(format!("{name} record is {} bytes, expected {}", bytes.len(), std::mem::size_of::<T>()))
     })
+}
+
+/// The CR3 the vCPU records hold: where the saved guest's page tables start.
+pub fn saved_cr3(records: &[VcpuRecord]) -> Result<u64, SnapshotError> {
+    Ok(decode::<kvm_sregs>(records, record::SREGS, "sregs")?.cr3)
 }
 
 /// Sets the vCPU's state from image records, validating each record's size first.
@@ -235,9 +240,24 @@ pub struct Image {
     pub info: ImageInfo,
     /// The virtio devices' transport state, decoded from the VM-state section.
     pub devices: Vec<DeviceState>,
-    /// The image's memory mapped read-only, made on first use: what a kept VM's dirty pages
-    /// are copied back from.
+    /// What restores from this image made once and share.
+    made: Made,
+}
+
+/// Most spare memory mappings an image keeps for fresh VMs ([`Image::take_spare`]): one per
+/// fresh VM that runs at once is enough, and each keeps its private pages.
+const MAX_SPARES: usize = 16;
+
+/// What the VMs restored from one image made once and share.
+#[derive(Debug, Default)]
+struct Made {
+    /// The image's memory mapped read-only: what changed pages are copied back from.
     original: OnceLock<MmapRegion>,
+    /// The working set's guest-physical ranges (start, length), empty when the image's tables
+    /// do not map it.
+    working_set_ranges: OnceLock<Vec<(u64, u64)>>,
+    /// Memory of fresh VMs that are gone, put back to the image's bytes.
+    spares: Mutex<Vec<GuestRam>>,
 }
 
 impl Image {
@@ -283,7 +303,7 @@ impl Image {
                 }
             }
         }
-        Ok(Self { file: Arc::new(file), path: path.to_path_buf(), info, devices, original: OnceLock::new() })
+        Ok(Self { file: Arc::new(file), path: path.to_path_buf(), info, devices, made: Made::default() })
     }
 
     /// Reads `len` bytes of the image's guest memory at `gpa` (holes read as zeros), after
@@ -377,7 +397,7 @@ impl Image {
             path,
             info: self.info.clone(),
             devices: self.devices.clone(),
-            original: OnceLock::new(),
+            made: Made::default(),
         })
     }
 
@@ -422,11 +442,44 @@ impl Image {
     /// The image's memory, mapped read-only once and shared by every VM restored from this
     /// image: what a kept VM's changed pages are copied back from.
     pub fn original_memory(&self) -> Result<&MmapRegion, SnapshotError> {
-        if let Some(region) = self.original.get() {
+        if let Some(region) = self.made.original.get() {
             return Ok(region);
         }
         let region = self.map(libc::PROT_READ, ())?;
-        Ok(self.original.get_or_init(|| region))
+        Ok(self.made.original.get_or_init(|| region))
+    }
+
+    /// The guest-physical ranges behind the working set, found by `find` the first time.
+    pub(crate) fn working_set_ranges(&self, find: impl FnOnce() -> Vec<(u64, u64)>) -> &[(u64, u64)] {
+        self.made.working_set_ranges.get_or_init(find)
+    }
+
+    /// A mapping of this image's memory that an earlier fresh VM used and
+    /// [`put_back`](Image::put_back) restored to the image's bytes, if one is spare.
+    pub(crate) fn take_spare(&self) -> Option<GuestRam> {
+        self.made.spares.lock().unwrap_or_else(|p| p.into_inner()).pop()
+    }
+
+    /// Takes back the memory of a VM restored from this image once the VM is gone: every page
+    /// no longer the file's is copied back from the image ([`memory::reset_to_image`]), and the
+    /// mapping is kept for the next fresh VM, its private pages still mapped. A mapping that
+    /// cannot be reset, or one past [`MAX_SPARES`], is unmapped instead.
+    pub(crate) fn put_back(&self, mem: GuestRam) {
+        if self.spares() >= MAX_SPARES {
+            return;
+        }
+        let Ok(original) = self.original_memory() else { return };
+        if memory::reset_to_image(&mem, original).is_ok() {
+            let mut spares = self.made.spares.lock().unwrap_or_else(|p| p.into_inner());
+            if spares.len() < MAX_SPARES {
+                spares.push(mem);
+            }
+        }
+    }
+
+    /// How many mappings are spare (see [`Image::take_spare`]).
+    pub fn spares(&self) -> usize {
+        self.made.spares.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 
     fn map<B: vm_memory::bitmap::Bitmap>(&self, prot: i32, bitmap: B) -> Result<MmapRegion<B>, SnapshotError> {

@@ -1,16 +1,19 @@
-//! Recording a function's working set (REAP): which guest-virtual pages one sample request
-//! touches in a VM restored from its image.
+//! Recording a function's working set (REAP): which guest-virtual pages a VM restored from its
+//! image touches from its resume through one sample request.
 //!
 //! Under PVM every page a restored guest touches for the first time costs a shadow-page fault,
 //! and nothing on the host can map it ahead (`KVM_PRE_FAULT_MEMORY` needs two-dimensional
-//! paging). So the image records what a request touches, and a VM restored ahead of its
-//! request has its guest touch those pages before it parks (`guest-kernel/src/workingset.rs`).
+//! paging). So the image records what a restore and a request touch, and:
+//! - a VM restored ahead of its request has its guest touch those pages before it parks
+//!   (`guest-kernel/src/workingset.rs`);
+//! - a fresh VM gets memory whose working-set pages the host has already copied
+//!   ([`crate::memory::populate`]), so each of its faults maps up to 8 of them.
 //!
 //! The guest maps RAM with 2 MiB pages, whose accessed and dirty bits say too little. So the
-//! recording VM, once parked, gets a copy of the guest's mappings split into 4 KiB pages with
-//! those bits clear, in a memory slot of its own above RAM, and CR3 pointing at it. After the
-//! sample request the bits say which 4 KiB pages were read and which were written. The guest's
-//! own tables and memory are never changed, and the recording VM is thrown away.
+//! recording VM, before it first runs, gets a copy of the guest's mappings split into 4 KiB
+//! pages with those bits clear, in a memory slot of its own above RAM, and CR3 pointing at it.
+//! After the sample request the bits say which 4 KiB pages were read and which were written.
+//! The guest's own tables and memory are never changed, and the recording VM is thrown away.
 //!
 //! Where KVM can map guest memory ahead (`KVM_PRE_FAULT_MEMORY`, two-dimensional paging only),
 //! a VM restored ahead also has the working set's guest-physical pages mapped before it runs
@@ -48,8 +51,8 @@ pub struct Recording {
     pub park: Duration,
 }
 
-/// Restores a VM from `image`, parks it, and serves it `request` under 4 KiB tables that record
-/// what it touches. The guest's output goes to `output`. Fails when the guest does not park or
+/// Restores a VM from `image` and, under 4 KiB tables that record what it touches, parks it and
+/// serves it `request`. The guest's output goes to `output`. Fails when the guest does not park or
 /// does not answer the sample (whatever the function's status).
 pub fn record(
     image: &Arc<Image>,
@@ -59,11 +62,11 @@ pub fn record(
 ) -> Result<Recording, VmmError> {
     let failed = |what: String| VmmError::Config(format!("recording the working set: {what}"));
     let mut instance = Instance::restore(image, config, Role::Fresh, &mut BootTimings::default())?;
+    let root = install_split_tables(&mut instance)?;
     let (outcome, park) = instance.park(output)?;
     if !matches!(outcome, Outcome::Parked) {
         return Err(failed(format!("the restored function ended before taking the sample request: {outcome}")));
     }
-    let root = install_split_tables(&mut instance)?;
     let sample = instance.serve(request, output)?;
     if !matches!(sample.outcome, Outcome::Answered) {
         return Err(failed(format!(
@@ -81,7 +84,7 @@ fn max_mapped(mem_size: u64) -> u64 {
     mem_size.saturating_mul(4).saturating_add(1 << 30)
 }
 
-/// Builds the 4 KiB copy of the parked guest's mappings in scratch memory and points CR3 at it.
+/// Builds the 4 KiB copy of the restored guest's mappings in scratch memory and points CR3 at it.
 /// Returns the copy's root.
 fn install_split_tables(instance: &mut Instance) -> Result<u64, VmmError> {
     let vm = instance.vm_mut();

@@ -1,5 +1,6 @@
 //! The serving modes under KVM, through the real `thaw restore`: kept VMs reset by their dirty
-//! pages after every request, and VMs parked ahead in a pool. What one request leaves behind
+//! pages after every request, VMs parked ahead in a pool, and fresh VMs that reuse the memory
+//! an earlier one left. What one request leaves behind
 //! must never reach the next: not in guest memory, not in the function's globals, not in its
 //! entropy or instance id.
 
@@ -82,11 +83,31 @@ fn reset_mode_restores_volume_reads_heap_writes_and_entropy_too() {
 }
 
 #[test]
-fn no_request_sees_the_previous_ones_body_in_reset_or_pool_mode() {
+fn fresh_vms_reuse_memory_only_once_it_equals_the_image_again() {
+    // scribble writes random heap pages, globals, the stack and its output; every fresh VM after
+    // the first runs in memory an earlier one left, reset from the image.
+    let (dir, image) = snapshot("scribble.wat", &[]);
+    let (run, lines) = restore(
+        dir.path(),
+        &image,
+        &["--mode", "fresh", "--count", "300", "--concurrency", "2", "--data", "body", "--verify"],
+    );
+    assert_eq!(run.code, Some(0), "{run:#?}");
+    assert!(
+        run.stderr
+            .contains("after 300 fresh VMs, the memory they left for the next equals the image except pages [1, 2]"),
+        "{run:#?}"
+    );
+    assert_eq!(lines.len(), 300);
+    assert!(lines.iter().all(|l| l.contains(r#""status": "ok""#) && l.contains(r#""stdout": "prev=""#)));
+}
+
+#[test]
+fn no_request_sees_the_previous_ones_body_in_any_mode() {
     let (dir, image) = snapshot("scribble.wat", &[]);
     let list = dir.path().join("requests");
     std::fs::write(&list, (0..50).map(|i| format!("secret-{i}\n")).collect::<String>()).unwrap();
-    for mode in ["reset", "pool"] {
+    for mode in ["reset", "pool", "fresh"] {
         let (run, lines) =
             restore(dir.path(), &image, &["--mode", mode, "--count", "200", "--requests", list.to_str().unwrap()]);
         assert_eq!(run.code, Some(0), "{mode}: {run:#?}");
@@ -138,9 +159,9 @@ fn a_guest_kernel_that_fails_gets_its_kept_vm_destroyed_and_replaced() {
 }
 
 #[test]
-fn reset_and_pool_clones_never_share_entropy_or_instance_ids() {
+fn clones_never_share_entropy_or_instance_ids_in_any_mode() {
     let (dir, image) = snapshot("random", &[]);
-    for (mode, count) in [("reset", "10000"), ("pool", "2000")] {
+    for (mode, count) in [("reset", "10000"), ("pool", "2000"), ("fresh", "1000")] {
         let (run, lines) =
             restore(dir.path(), &image, &["--mode", mode, "--count", count, "--concurrency", "2", "--data", "{}"]);
         assert_eq!(run.code, Some(0), "{mode}: {run:#?}");

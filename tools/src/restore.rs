@@ -70,9 +70,11 @@ pub struct RestoreArgs {
     /// (request number, status, exit code, stdout, stderr).
     #[arg(long, value_name = "FILE")]
     responses: Option<PathBuf>,
-    /// With --mode reset: after the last request, reset each kept VM once more and compare all
-    /// of its memory with the image; fail if any page differs other than those the host
-    /// rewrites for every request.
+    /// After the last request, compare all of guest memory with the image, and fail if any
+    /// page differs other than those the host rewrites for every request. With --mode reset:
+    /// each kept VM, reset once more. With --mode fresh: one more fresh VM, restored into the
+    /// memory an earlier one left (fresh VMs reuse it once every page they changed is copied
+    /// back).
     #[arg(long)]
     verify: bool,
     /// Print the summary as one JSON object on stdout instead of text.
@@ -339,6 +341,30 @@ fn reset_worker(run: &Run<'_>) -> Result<(), String> {
     Ok(())
 }
 
+/// Restores one more fresh VM, which must find the memory an earlier fresh VM left, and checks
+/// that memory against the image before the guest runs.
+fn verify_reused_memory(image: &Arc<Image>, config: &VmConfig, served: usize) -> Result<(), String> {
+    let spares = image.spares();
+    let instance =
+        Instance::restore(image, config, Role::Fresh, &mut BootTimings::default()).map_err(|e| e.to_string())?;
+    if image.spares() >= spares {
+        return Err(format!(
+            "verify: after {served} fresh VMs, no memory was left for reuse (the reset needs /proc/self/pagemap)"
+        ));
+    }
+    let differing = instance.pages_differing_from_image().map_err(|e| e.to_string())?;
+    let unexpected: Vec<u64> = differing.iter().copied().filter(|p| !REWRITTEN_PAGES.contains(p)).collect();
+    if !unexpected.is_empty() {
+        return Err(format!(
+            "verify: after {served} fresh VMs, guest pages {unexpected:?} of the memory they left differ from the image"
+        ));
+    }
+    eprintln!(
+        "thaw: verify: after {served} fresh VMs, the memory they left for the next equals the image except pages {differing:?}, which the host rewrites for every request"
+    );
+    Ok(())
+}
+
 /// Runs a restored or reset VM until it waits for its request.
 fn park(instance: &mut Instance) -> Result<Duration, String> {
     match instance.park(&mut std::io::sink()).map_err(|e| e.to_string())? {
@@ -400,8 +426,8 @@ pub fn serve_batch(args: &RestoreArgs, floor: Option<crate::bench::FloorSummary>
     if args.mode == Mode::Pool && args.pool == 0 {
         return Err("--pool 0: a pool needs at least one parked VM".into());
     }
-    if args.verify && args.mode != Mode::Reset {
-        return Err("--verify checks the kept VMs of --mode reset".into());
+    if args.verify && args.mode == Mode::Pool {
+        return Err("--verify checks the kept VMs of --mode reset or the reused memory of --mode fresh".into());
     }
     if args.rate.is_some_and(|r| !(r.is_finite() && r > 0.0)) {
         return Err(format!("--rate {}: must be a positive number of requests per second", args.rate.unwrap_or(0.0)));
@@ -485,6 +511,9 @@ pub fn serve_batch(args: &RestoreArgs, floor: Option<crate::bench::FloorSummary>
     }
     if let Some(problem) = run.failure.into_inner().unwrap_or_else(|p| p.into_inner()) {
         return Err(format!("a restored VM failed: {problem}"));
+    }
+    if args.verify && args.mode == Mode::Fresh {
+        verify_reused_memory(&image, &config, args.count)?;
     }
     for (served, differing) in run.verified.into_inner().unwrap_or_else(|p| p.into_inner()) {
         let unexpected: Vec<u64> = differing.iter().copied().filter(|p| !REWRITTEN_PAGES.contains(p)).collect();

@@ -166,6 +166,7 @@ impl Vm {
             devices,
             io_table: None,
             log_dirty: false,
+            spare_memory: false,
         })
     }
 }

@@ -132,6 +132,9 @@ pub struct Vm {
     io_table: Option<IoTableLocation>,
     /// KVM logs the pages the guest writes (a VM kept to be reset).
     log_dirty: bool,
+    /// Its memory goes back to its image for the next fresh VM when it is destroyed
+    /// ([`Vm::destroy`]): a VM restored to serve one request.
+    spare_memory: bool,
 }
 
 /// Creates a VM whose only memory slot is `mem`, on the process's KVM handle. With
@@ -189,6 +192,26 @@ fn write_host_params(
     mem.write_slice(&devices.table().encode(), GuestAddress(DEVICE_TABLE_GPA)).map_err(memory_error)
 }
 
+/// Memory for a VM that serves one request: a spare mapping an earlier one left, already
+/// back to the image's bytes with its working set mapped; or else a new copy-on-write mapping
+/// of the image whose working-set pages the host copies now ([`memory::populate`]). Either way
+/// KVM finds those pages mapped writable on the host, so each guest fault maps up to 8 of them
+/// at once; without that every page the request touches costs a fault of its own.
+fn fresh_memory(image: &Image) -> Result<GuestRam, VmmError> {
+    if let Some(spare) = image.take_spare() {
+        return Ok(spare);
+    }
+    let mem = image.map_memory()?;
+    let ranges = image.working_set_ranges(|| {
+        snapshot::saved_cr3(&image.info.vcpu)
+            .ok()
+            .and_then(|cr3| crate::workingset::physical_ranges(&mem, cr3, &image.info.working_set).ok())
+            .unwrap_or_default()
+    });
+    memory::populate(&mem, ranges);
+    Ok(mem)
+}
+
 impl Vm {
     /// Creates a VM from a snapshot image: its memory mapped copy-on-write from the file, and
     /// then the image's state loaded as [`Vm::load_state`] does. What else it prepares depends
@@ -204,7 +227,7 @@ impl Vm {
                 "image describes {mem_size} bytes of guest memory, outside what thaw runs"
             )));
         }
-        let mem = image.map_memory()?;
+        let mem = if role == Role::Fresh { fresh_memory(image)? } else { image.map_memory()? };
         timings.load = started.elapsed();
         let started = Instant::now();
         let vm = create_vm(&mem, mem_size, log_dirty)?;
@@ -224,6 +247,7 @@ impl Vm {
             devices: Devices::default(),
             io_table: None,
             log_dirty,
+            spare_memory: role == Role::Fresh,
         };
         restored.load_state(image, config)?;
         if !restored.warm.is_empty() && host::kvm()?.pre_fault {
@@ -291,6 +315,21 @@ impl Vm {
         // Dropping the old devices closes whatever their backends had open.
         self.load_state(image, config)?;
         Ok(dirty)
+    }
+
+    /// Destroys the VM: its vCPU and the VM first, then its devices (closing what their
+    /// backends had open). The memory of a VM restored to serve one request goes back to
+    /// `image`, the image it was restored from, for the next fresh VM ([`Image::put_back`]);
+    /// any other is unmapped.
+    pub(crate) fn destroy(self, image: &Image) {
+        let Self { vcpu, vm, mem, scratch, devices, spare_memory, .. } = self;
+        drop(vcpu);
+        drop(vm);
+        drop(devices);
+        drop(scratch);
+        if spare_memory {
+            image.put_back(mem);
+        }
     }
 
     /// Guest memory, for the lifecycle's mailbox.
