@@ -119,12 +119,14 @@ pub fn run(args: &DemoArgs) -> Result<u8, String> {
         let (fresh_p50, private) = measure(args.runs, || fresh(&image))?;
         eprintln!("thaw demo: {name}: {} requests to VMs parked in a pool of 2", args.runs);
         let pool = Pool::start(Arc::clone(&image), config.clone(), 2).map_err(|e| e.to_string())?;
+        let mut pooled_private = 0;
         let pooled = serve(args.runs, || {
             // Paced below the filler's rate, so each request finds a VM ready, as on a node
             // whose traffic the pool is sized for.
             std::thread::sleep(Duration::from_millis(4));
             let mut instance = pool.take(config.timeout).map_err(|e| e.to_string())?;
             let served = instance.serve(request(name).to_vec(), &mut std::io::sink()).map_err(|e| e.to_string())?;
+            pooled_private = pooled_private.max(instance.vm().private_memory().map_err(|e| e.to_string())?);
             pool.discard(instance);
             answered(&served)
         })?;
@@ -139,24 +141,24 @@ pub fn run(args: &DemoArgs) -> Result<u8, String> {
             park(&mut kept)?;
             answered(&served)
         })?;
-        rows.push((name, cold, fresh_p50, pooled, reset, private));
+        rows.push((name, cold, fresh_p50, pooled, reset, private, pooled_private));
     }
     println!();
     println!("request to response, p50 ({} requests each; cold: a fifth as many)", args.runs);
     println!(
-        "{:<12} {:>12} {:>12} {:>12} {:>12} {:>9} {:>22}",
-        "function", "cold boot", "fresh VM", "pool", "reset", "speed-up", "private mem/instance"
+        "{:<12} {:>12} {:>12} {:>12} {:>12} {:>9} {:>26}",
+        "function", "cold boot", "fresh VM", "pool", "reset", "speed-up", "private mem: fresh / pool"
     );
-    for (name, cold, fresh, pooled, reset, private) in rows {
+    for (name, cold, fresh, pooled, reset, private, pooled_private) in rows {
         let speedup = cold.as_secs_f64() / reset.as_secs_f64().max(1e-9);
         println!(
-            "{name:<12} {:>12} {:>12} {:>12} {:>12} {:>8.0}x {:>18} KiB",
+            "{name:<12} {:>12} {:>12} {:>12} {:>12} {:>8.0}x {:>22} KiB",
             ms(cold),
             ms(fresh),
             ms(pooled),
             ms(reset),
             speedup,
-            private / 1024
+            format!("{} / {}", private / 1024, pooled_private / 1024)
         );
     }
     println!("speed-up: cold boot against reset; pool and reset serve VMs restored before the request");
