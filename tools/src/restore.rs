@@ -353,14 +353,18 @@ fn verify_reused_memory(image: &Arc<Image>, config: &VmConfig, served: usize) ->
         ));
     }
     let differing = instance.pages_differing_from_image().map_err(|e| e.to_string())?;
+    check_memory(&format!("after {served} fresh VMs, the memory they left for the next"), &differing)
+}
+
+/// Fails unless `differing` (pages of `what` that differ from the image) holds only pages the
+/// host rewrites for every request, and says so.
+fn check_memory(what: &str, differing: &[u64]) -> Result<(), String> {
     let unexpected: Vec<u64> = differing.iter().copied().filter(|p| !REWRITTEN_PAGES.contains(p)).collect();
     if !unexpected.is_empty() {
-        return Err(format!(
-            "verify: after {served} fresh VMs, guest pages {unexpected:?} of the memory they left differ from the image"
-        ));
+        return Err(format!("verify: {what} differs from the image in guest pages {unexpected:?}"));
     }
     eprintln!(
-        "thaw: verify: after {served} fresh VMs, the memory they left for the next equals the image except pages {differing:?}, which the host rewrites for every request"
+        "thaw: verify: {what} equals the image except pages {differing:?}, which the host rewrites for every request"
     );
     Ok(())
 }
@@ -516,15 +520,7 @@ pub fn serve_batch(args: &RestoreArgs, floor: Option<crate::bench::FloorSummary>
         verify_reused_memory(&image, &config, args.count)?;
     }
     for (served, differing) in run.verified.into_inner().unwrap_or_else(|p| p.into_inner()) {
-        let unexpected: Vec<u64> = differing.iter().copied().filter(|p| !REWRITTEN_PAGES.contains(p)).collect();
-        if !unexpected.is_empty() {
-            return Err(format!(
-                "verify: after {served} requests and a reset, guest pages {unexpected:?} still differ from the image"
-            ));
-        }
-        eprintln!(
-            "thaw: verify: after {served} requests and a reset, the kept VM's memory equals the image except pages {differing:?}, which the host rewrites for every request"
-        );
+        check_memory(&format!("after {served} requests and a reset, the kept VM's memory"), &differing)?;
     }
     let samples = run.samples.into_inner().unwrap_or_else(|p| p.into_inner());
     let replaced = run.replaced.into_inner();
