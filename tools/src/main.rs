@@ -15,6 +15,7 @@ mod pack;
 mod qemu;
 mod restore;
 mod run;
+mod serve;
 mod snapshot;
 
 use std::path::PathBuf;
@@ -55,6 +56,9 @@ enum Command {
     /// Serve N requests from fresh VMs restored from an image (or a template) and report
     /// latency, phases and memory.
     Restore(restore::RestoreArgs),
+    /// Run the node agent: deploy functions over HTTP, keep them snapshotted in a durable
+    /// store, and serve their invocations (docs/API.md).
+    Serve(serve::ServeArgs),
 }
 
 /// Options shared by every command that boots a kernel.
@@ -77,6 +81,7 @@ fn main() -> ExitCode {
         Command::Bench(args) => bench::run(&args),
         Command::Demo(args) => demo::run(&args),
         Command::Pack(args) => pack::run(&args),
+        Command::Serve(args) => serve::run(&args),
         Command::Invoke(args) => invoke::run(&args),
         Command::Snapshot(args) => snapshot::run(&args),
         Command::Inspect(args) => inspect::run(&args),

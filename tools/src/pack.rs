@@ -75,20 +75,58 @@ pub const EXAMPLE_NAMES: [&str; 6] =
 /// A bundle of the built-in example `name` with default settings and `memory_mib` of memory.
 pub fn example_bundle(name: &str, memory_mib: u32) -> Result<Vec<u8>, String> {
     let (_, wasm, sample) = EXAMPLES.iter().find(|(n, ..)| *n == name).ok_or_else(|| format!("no example {name}"))?;
-    function::validate_wasm(wasm).map_err(|e| format!("example {name}: {e}"))?;
-    let manifest = Manifest {
+    let settings = BundleSettings {
         name: name.into(),
-        wasm_sha256: function::sha256(wasm),
         memory_mib,
         fuel: None,
-        args: vec![name.into()],
         env: Vec::new(),
+        args: Vec::new(),
         connections: Vec::new(),
-        volume_sha256: None,
         sample_request: Some(sample.as_bytes().to_vec()),
     };
-    manifest.validate().map_err(|e| format!("example {name}: {e}"))?;
-    Ok(bundle::encode(&manifest, wasm, &[]))
+    bundle_wasm(&settings, wasm, &[]).map(|(bundle, ..)| bundle).map_err(|e| format!("example {name}: {e}"))
+}
+
+/// What a bundle holds beside its wasm and data volume.
+#[derive(Debug, Clone)]
+pub struct BundleSettings {
+    /// The function's name, also its first argument.
+    pub name: String,
+    /// Most linear memory, in MiB.
+    pub memory_mib: u32,
+    /// Instruction budget per invocation.
+    pub fuel: Option<u64>,
+    /// `K=V` environment entries.
+    pub env: Vec<String>,
+    /// Arguments after the name.
+    pub args: Vec<String>,
+    /// Host services it connects to.
+    pub connections: Vec<Connection>,
+    /// The request its working set is recorded with.
+    pub sample_request: Option<Vec<u8>>,
+}
+
+/// Validates `wasm` as a function and encodes it with `settings` and `volume` (empty for
+/// none) as a bundle. Returns the bundle, its manifest and how the function is entered.
+pub fn bundle_wasm(
+    settings: &BundleSettings,
+    wasm: &[u8],
+    volume: &[u8],
+) -> Result<(Vec<u8>, Manifest, FunctionKind), String> {
+    let kind = function::validate_wasm(wasm).map_err(|e| e.to_string())?;
+    let manifest = Manifest {
+        name: settings.name.clone(),
+        wasm_sha256: function::sha256(wasm),
+        memory_mib: settings.memory_mib,
+        fuel: settings.fuel,
+        args: std::iter::once(settings.name.clone()).chain(settings.args.iter().cloned()).collect(),
+        env: settings.env.clone(),
+        connections: settings.connections.clone(),
+        volume_sha256: (!volume.is_empty()).then(|| function::sha256(volume)),
+        sample_request: settings.sample_request.clone(),
+    };
+    manifest.validate().map_err(|e| e.to_string())?;
+    Ok((bundle::encode(&manifest, wasm, volume), manifest, kind))
 }
 
 /// Parses a `--connect NAME=PORT` entry (the manifest validates the name and port).
@@ -188,27 +226,21 @@ pub fn run(args: &PackArgs) -> Result<u8, String> {
     } else {
         source
     };
-    let kind = function::validate_wasm(&wasm).map_err(|e| format!("{input}: {e}"))?;
-    let name = args.name.clone().unwrap_or(stem);
-    let manifest = Manifest {
-        args: std::iter::once(name.clone()).chain(args.args.iter().cloned()).collect(),
-        name,
-        wasm_sha256: function::sha256(&wasm),
+    let volume = args.data_dir.as_deref().map(volume_from_dir).transpose()?.unwrap_or_default();
+    let settings = BundleSettings {
+        name: args.name.clone().unwrap_or(stem),
         memory_mib: args.memory,
         fuel: args.fuel,
         env: args.env.clone(),
+        args: args.args.clone(),
         connections: args.connections.clone(),
-        volume_sha256: None,
         sample_request: args
             .sample_data
             .as_deref()
             .or(example.map(|(_, _, sample)| *sample))
             .map(|s| s.as_bytes().to_vec()),
     };
-    manifest.validate().map_err(|e| format!("{input}: {e}"))?;
-    let volume = args.data_dir.as_deref().map(volume_from_dir).transpose()?.unwrap_or_default();
-    let manifest = Manifest { volume_sha256: (!volume.is_empty()).then(|| function::sha256(&volume)), ..manifest };
-    let bytes = bundle::encode(&manifest, &wasm, &volume);
+    let (bytes, manifest, kind) = bundle_wasm(&settings, &wasm, &volume).map_err(|e| format!("{input}: {e}"))?;
     write_atomically(&args.output, &bytes)?;
     let kind = match kind {
         FunctionKind::Reactor => "reactor",

@@ -18,8 +18,9 @@ use host_vmm::{
 
 use crate::invoke::StatsFormat;
 
-/// How `thaw restore` gets a VM for each request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+/// How `thaw restore` (and `thaw serve`) gets a VM for each request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Mode {
     /// A fresh VM restored on the request path, destroyed after its answer.
     Fresh,

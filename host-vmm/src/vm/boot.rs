@@ -166,6 +166,7 @@ impl Vm {
             devices,
             io_table: None,
             log_dirty: false,
+            instance_id: 0,
             spare_memory: false,
         })
     }

@@ -132,6 +132,8 @@ pub struct Vm {
     io_table: Option<IoTableLocation>,
     /// KVM logs the pages the guest writes (a VM kept to be reset).
     log_dirty: bool,
+    /// The instance id its guest was given by its last restore or reset (0 for a cold boot).
+    instance_id: u64,
     /// Its memory goes back to its image for the next fresh VM when it is destroyed
     /// ([`Vm::destroy`]): a VM restored to serve one request.
     spare_memory: bool,
@@ -247,6 +249,7 @@ impl Vm {
             devices: Devices::default(),
             io_table: None,
             log_dirty,
+            instance_id: 0,
             spare_memory: role == Role::Fresh,
         };
         restored.load_state(image, config)?;
@@ -283,7 +286,8 @@ impl Vm {
                 self.devices.attach_all()?;
             }
         }
-        write_host_params(&self.mem, &self.vcpu, host::next_instance_id(), config, &self.devices)?;
+        self.instance_id = host::next_instance_id();
+        write_host_params(&self.mem, &self.vcpu, self.instance_id, config, &self.devices)?;
         let warm = u32::try_from(self.warm.len()).unwrap_or(u32::MAX);
         self.mem.write_obj([CHECKPOINT_RESTORED, warm], GuestAddress(HYPERCALL_PAGE_GPA)).map_err(memory_error)?;
         self.io_table = (image.info.guest.io_table_len > 0)
@@ -330,6 +334,11 @@ impl Vm {
         if spare_memory {
             image.put_back(mem);
         }
+    }
+
+    /// The instance id its guest was given by its last restore or reset (0 for a cold boot).
+    pub fn instance_id(&self) -> u64 {
+        self.instance_id
     }
 
     /// Guest memory, for the lifecycle's mailbox.

@@ -1,0 +1,370 @@
+//! `thaw serve` as operators and clients meet it: a real server process on a loopback port (or
+//! a Unix socket), real KVM VMs behind it, and a real HTTP client in front of it.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+mod common;
+
+use common::{THAW, run_thaw};
+
+/// A running `thaw serve` and what it has printed.
+struct Server {
+    child: Child,
+    url: String,
+    log: Arc<Mutex<String>>,
+}
+
+impl Server {
+    /// Starts `thaw serve` on a free loopback port with its store in `state`, and waits until
+    /// it listens.
+    fn start(state: &Path, extra: &[&str]) -> Self {
+        assert!(Path::new("/dev/kvm").exists(), "thaw serve runs functions under KVM and needs /dev/kvm");
+        let mut args = vec!["serve", "--listen", "127.0.0.1:0", "--state-dir", state.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        let (child, log, listening) = spawn(&args);
+        let url = listening.strip_prefix("http://").map(|a| format!("http://{a}")).expect("a TCP listener");
+        Self { child, url, log }
+    }
+
+    fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    fn functions(&self, name: &str) -> String {
+        format!("{}/v1/functions/{name}", self.url)
+    }
+
+    /// Ends the server as a crash would.
+    fn kill(mut self) -> String {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+        self.log()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Spawns `thaw ARGS`, keeps its stderr, and returns once it prints where it listens (what
+/// follows "listening on ").
+fn spawn(args: &[&str]) -> (Child, Arc<Mutex<String>>, String) {
+    let mut child = Command::new(THAW).args(args).stderr(Stdio::piped()).stdout(Stdio::null()).spawn().unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let log = Arc::new(Mutex::new(String::new()));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let kept = Arc::clone(&log);
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(at) = line.split("listening on ").nth(1) {
+                let _ = tx.send(at.to_string());
+            }
+            let mut log = kept.lock().unwrap();
+            log.push_str(&line);
+            log.push('\n');
+        }
+    });
+    let listening = rx
+        .recv_timeout(Duration::from_secs(60))
+        .unwrap_or_else(|_| panic!("thaw serve did not start listening: {}", log.lock().unwrap()));
+    (child, log, listening)
+}
+
+fn agent() -> ureq::Agent {
+    ureq::Agent::new_with_config(
+        ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(120)))
+            .build(),
+    )
+}
+
+/// A response's status, headers and body.
+struct Reply {
+    status: u16,
+    headers: ureq::http::HeaderMap,
+    body: String,
+}
+
+fn reply(response: Result<ureq::http::Response<ureq::Body>, ureq::Error>) -> Reply {
+    let mut response = response.expect("the server answers");
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let body = response.body_mut().with_config().limit(64 << 20).read_to_string().unwrap_or_default();
+    Reply { status, headers, body }
+}
+
+fn put(url: &str, body: &[u8]) -> Reply {
+    reply(agent().put(url).send(body))
+}
+
+fn post(url: &str, body: &[u8]) -> Reply {
+    reply(agent().post(url).send(body))
+}
+
+fn get(url: &str) -> Reply {
+    reply(agent().get(url).call())
+}
+
+fn delete(url: &str) -> Reply {
+    reply(agent().delete(url).call())
+}
+
+/// A bundle of the example `name`.
+fn example(name: &str) -> Vec<u8> {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("f.thaw");
+    let run = run_thaw(&["pack", "--example", name, "-o", path.to_str().unwrap()]);
+    assert_eq!(run.code, Some(0), "{}{}", run.stdout, run.stderr);
+    std::fs::read(path).unwrap()
+}
+
+/// A WAT fixture as a bare wasm module.
+fn fixture(name: &str) -> Vec<u8> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/fixtures").join(name);
+    wat::parse_file(path).unwrap()
+}
+
+/// The `"version": "…"` in a JSON body.
+fn version(json: &str) -> String {
+    json.split(r#""version":""#).nth(1).and_then(|s| s.split('"').next()).unwrap_or_default().to_string()
+}
+
+fn files(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> =
+        std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn deploy_invoke_redeploy_and_delete_over_http() {
+    let state = tempfile::tempdir().unwrap();
+    let server = Server::start(state.path(), &[]);
+    let hello = example("hello");
+
+    let deployed = put(&server.functions("hello"), &hello);
+    assert_eq!(deployed.status, 201, "{}", deployed.body);
+    assert!(deployed.body.contains(r#""deployment":"created""#) && deployed.body.contains(r#""mode":"reset""#));
+    let v1 = version(&deployed.body);
+    assert_eq!(v1.len(), 64, "{}", deployed.body);
+
+    let answer = post(&format!("{}/invoke", server.functions("hello")), br#"{"name": "http"}"#);
+    assert_eq!((answer.status, answer.body.as_str()), (200, "{\"greeting\":\"Hello, http!\"}\n"));
+    assert_eq!(answer.headers["x-thaw-version"], v1.as_str());
+    for header in ["x-thaw-instance", "x-thaw-queue-us", "x-thaw-serve-us", "x-thaw-handle-us"] {
+        let value = answer.headers[header].to_str().unwrap();
+        assert!(value.parse::<u64>().is_ok(), "{header}: {value}");
+    }
+
+    // The same content again changes nothing; new settings switch traffic without a snapshot.
+    let again = put(&server.functions("hello"), &hello);
+    assert_eq!(again.status, 200);
+    assert!(again.body.contains(r#""deployment":"unchanged""#), "{}", again.body);
+    let pooled = put(&format!("{}?mode=pool&pool=2&concurrency=1", server.functions("hello")), &hello);
+    assert!(pooled.body.contains(r#""deployment":"updated""#) && pooled.body.contains(r#""mode":"pool""#));
+    assert_eq!(version(&pooled.body), v1);
+    assert_eq!(server.log().matches("snapshot of hello").count(), 1, "{}", server.log());
+    let mut instances = std::collections::HashSet::new();
+    for i in 0..20 {
+        let answer =
+            post(&format!("{}/invoke", server.functions("hello")), format!(r#"{{"name": "p{i}"}}"#).as_bytes());
+        assert_eq!(answer.body, format!("{{\"greeting\":\"Hello, p{i}!\"}}\n"));
+        assert!(instances.insert(answer.headers["x-thaw-instance"].to_str().unwrap().to_string()));
+    }
+
+    // A bare wasm, packed by the server with the settings in the query.
+    let scribble = put(
+        &format!("{}?mode=fresh&env=GREETING%3Dhi&arg=one", server.functions("scribble")),
+        &fixture("scribble.wat"),
+    );
+    assert_eq!(scribble.status, 201, "{}", scribble.body);
+    let answer = post(&format!("{}/invoke", server.functions("scribble")), b"body");
+    assert_eq!((answer.status, answer.body.as_str()), (200, "prev="));
+
+    let list = get(&format!("{}/v1/functions", server.url));
+    assert!(list.body.find(r#""name":"hello""#) < list.body.find(r#""name":"scribble""#), "{}", list.body);
+    assert!(list.body.contains(r#""ok":20"#), "{}", list.body);
+    assert_eq!(get(&server.functions("hello")).status, 200);
+
+    assert_eq!(delete(&server.functions("scribble")).status, 200);
+    let gone = post(&format!("{}/invoke", server.functions("scribble")), b"body");
+    assert_eq!(gone.status, 404, "{}", gone.body);
+    assert_eq!(delete(&server.functions("scribble")).status, 404);
+    assert_eq!(get(&server.functions("scribble")).status, 404);
+    assert_eq!(files(&state.path().join("images")), [format!("{v1}.snap")], "only referenced images stay");
+    assert_eq!(get(&format!("{}/healthz", server.url)).body, "ok\n");
+}
+
+#[test]
+fn a_restart_serves_every_function_from_its_stored_image() {
+    let state = tempfile::tempdir().unwrap();
+    let server = Server::start(state.path(), &[]);
+    assert_eq!(put(&format!("{}?mode=pool", server.functions("hello")), &example("hello")).status, 201);
+    assert_eq!(put(&server.functions("random"), &example("random")).status, 201);
+    server.kill();
+
+    let server = Server::start(state.path(), &[]);
+    for (name, body, expect) in [("hello", &br#"{"name": "again"}"#[..], "Hello, again!"), ("random", b"{}", "random")]
+    {
+        let answer = post(&format!("{}/invoke", server.functions(name)), body);
+        assert_eq!(answer.status, 200, "{name}: {}", answer.body);
+        assert!(answer.body.contains(expect), "{name}: {}", answer.body);
+    }
+    let log = server.log();
+    assert!(!log.contains("snapshot of"), "a restart takes no snapshot: {log}");
+    assert_eq!(log.matches("from its stored image").count(), 2, "{log}");
+    assert!(get(&server.functions("hello")).body.contains(r#""mode":"pool""#));
+}
+
+#[test]
+fn a_crash_during_a_deploy_leaves_the_previous_version_serving() {
+    let state = tempfile::tempdir().unwrap();
+    let server = Server::start(state.path(), &[]);
+    let v1 = version(&put(&server.functions("f"), &example("hello")).body);
+    // An init that never returns keeps the new version's deploy in its cold boot.
+    let stuck = wat::parse_str(
+        r#"(module (func (export "init") (loop $l (br $l))) (func (export "handle")) (memory (export "memory") 1))"#,
+    )
+    .unwrap();
+    let url = server.functions("f");
+    // The server dies under this request; its error is not what is tested.
+    std::thread::spawn(move || agent().put(&url).send(&stuck[..]).map(|_| ()));
+    let started = Instant::now();
+    while !files(&state.path().join("tmp")).iter().any(|f| f.ends_with(".thaw")) {
+        assert!(started.elapsed() < Duration::from_secs(30), "the deploy never started: {}", server.log());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    server.kill();
+
+    let server = Server::start(state.path(), &[]);
+    let shown = get(&server.functions("f"));
+    assert_eq!(version(&shown.body), v1, "{}", shown.body);
+    let answer = post(&format!("{}/invoke", server.functions("f")), br#"{"name": "v1"}"#);
+    assert_eq!(answer.body, "{\"greeting\":\"Hello, v1!\"}\n");
+    assert!(files(&state.path().join("tmp")).is_empty(), "tmp/ is emptied at start");
+    assert_eq!(files(&state.path().join("images")), [format!("{v1}.snap")]);
+}
+
+#[test]
+fn hostile_uploads_names_and_requests_get_a_status_that_says_why() {
+    let state = tempfile::tempdir().unwrap();
+    let server = Server::start(state.path(), &["--max-request-mib", "1"]);
+    let hello = example("hello");
+    let error = |reply: &Reply| reply.body.split(r#""error":""#).nth(1).unwrap_or_default().to_string();
+
+    for name in ["..%2F..%2Fetc", &"x".repeat(65), "%C3%BC", "a%20b"] {
+        let refused = put(&server.functions(name), &hello);
+        assert_eq!(refused.status, 400, "{name}: {}", refused.body);
+        assert!(error(&refused).contains("is not a function name"), "{}", refused.body);
+    }
+    let mut corrupted = hello.clone();
+    let last = corrupted.len() - 1;
+    corrupted[last] ^= 0xff;
+    let refused = put(&server.functions("f"), &corrupted);
+    assert_eq!(refused.status, 400, "{}", refused.body);
+    assert!(!error(&refused).is_empty() && !refused.body.contains('\n'), "{}", refused.body);
+    assert_eq!(put(&server.functions("f"), b"MZ\x90\x00not a function").status, 400);
+    assert_eq!(put(&format!("{}?mode=warm", server.functions("f")), &hello).status, 400);
+    assert_eq!(put(&format!("{}?path=..%2Fx", server.functions("f")), &hello).status, 400);
+    let refused = put(&format!("{}?memory=64", server.functions("f")), &hello);
+    assert!(error(&refused).contains("set in the bundle itself"), "{}", refused.body);
+    let init_traps = wat::parse_str(
+        r#"(module (func (export "init") unreachable) (func (export "handle")) (memory (export "memory") 1))"#,
+    )
+    .unwrap();
+    let unusable = put(&server.functions("t"), &init_traps);
+    assert_eq!(unusable.status, 422, "{}", unusable.body);
+    assert_eq!(get(&server.functions("t")).status, 404, "a failed deploy deploys nothing");
+    assert_eq!(put(&server.functions("t"), &fixture("trap.wat")).status, 201);
+    let trapped = post(&format!("{}/invoke", server.functions("t")), b"x");
+    assert_eq!(trapped.status, 502, "{}", trapped.body);
+    assert!(error(&trapped).starts_with("the function trapped"), "{}", trapped.body);
+    assert_eq!(get(&format!("{}/v2/anything", server.url)).status, 404);
+    assert_eq!(post(&format!("{}/invoke", server.functions("missing")), b"x").status, 404);
+
+    // A function that spins on requests starting with "l", one request at a time, one queued.
+    let url = format!("{}?concurrency=1&queue=1&timeout_ms=1500", server.functions("s"));
+    assert_eq!(put(&url, &fixture("scribble.wat")).status, 201);
+    let invoke = format!("{}/invoke", server.functions("s"));
+    let too_big = post(&invoke, &vec![b'x'; 2 << 20]);
+    assert_eq!(too_big.status, 413, "{}", too_big.body);
+    let spawn_post = |body: &'static [u8]| {
+        let invoke = invoke.clone();
+        std::thread::spawn(move || post(&invoke, body))
+    };
+    let spinning = spawn_post(b"loop");
+    std::thread::sleep(Duration::from_millis(300));
+    let queued = spawn_post(b"queued");
+    std::thread::sleep(Duration::from_millis(300));
+    let busy = post(&invoke, b"meanwhile");
+    assert_eq!(busy.status, 429, "{}", busy.body);
+    assert_eq!(busy.headers["retry-after"], "1");
+    let timed_out = spinning.join().unwrap();
+    assert_eq!(timed_out.status, 504, "{}", timed_out.body);
+    let queued = queued.join().unwrap();
+    assert_eq!((queued.status, queued.body.as_str()), (200, "prev="), "served by the VM that replaced it");
+    let shown = get(&server.functions("s")).body;
+    for counter in [r#""timeouts":1"#, r#""rejected":1"#, r#""replaced":1"#, r#""ok":1"#] {
+        assert!(shown.contains(counter), "{counter}: {shown}");
+    }
+}
+
+#[test]
+fn admin_routes_need_a_token_off_loopback_and_a_unix_socket_is_private() {
+    let state = tempfile::tempdir().unwrap();
+    let hello = example("hello");
+    let (child, _log, listening) =
+        spawn(&["serve", "--listen", "0.0.0.0:0", "--state-dir", state.path().to_str().unwrap()]);
+    let port = listening.rsplit(':').next().unwrap().to_string();
+    let open = Server { child, url: format!("http://127.0.0.1:{port}"), log: Arc::default() };
+    let refused = put(&open.functions("hello"), &hello);
+    assert_eq!(refused.status, 403, "{}", refused.body);
+    drop(open);
+
+    let token = state.path().join("token");
+    std::fs::write(&token, "correct-horse-battery-staple\n").unwrap();
+    let guarded = Server::start(state.path(), &["--admin-token-file", token.to_str().unwrap()]);
+    assert_eq!(put(&guarded.functions("hello"), &hello).status, 401);
+    let with_token = reply(
+        agent()
+            .put(guarded.functions("hello"))
+            .header("Authorization", "Bearer correct-horse-battery-staple")
+            .send(&hello[..]),
+    );
+    assert_eq!(with_token.status, 201, "{}", with_token.body);
+    // Invocations need no token.
+    assert_eq!(post(&format!("{}/invoke", guarded.functions("hello")), b"{}").status, 200);
+    drop(guarded);
+
+    let socket: PathBuf = state.path().join("thaw.sock");
+    let address = format!("unix:{}", socket.display());
+    let (mut child, _log, _) = spawn(&["serve", "--listen", &address, "--state-dir", state.path().to_str().unwrap()]);
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777, 0o600);
+    let mut stream = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+    stream.write_all(b"POST /v1/functions/hello/invoke HTTP/1.1\r\nHost: thaw\r\nContent-Length: 16\r\nConnection: close\r\n\r\n{\"name\": \"unix\"}").unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200") && answer.ends_with("{\"greeting\":\"Hello, unix!\"}\n"), "{answer}");
+
+    // SIGTERM: the server stops taking connections, finishes, destroys its VMs and exits 0.
+    // SAFETY: kill(2) on our own child's pid.
+    assert_eq!(unsafe { libc_kill(child.id() as i32, 15) }, 0);
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(0));
+    assert!(!socket.exists(), "the socket is removed on exit");
+}
+
+unsafe extern "C" {
+    #[link_name = "kill"]
+    fn libc_kill(pid: i32, signal: i32) -> i32;
+}

@@ -1,0 +1,325 @@
+//! The HTTP API of `thaw serve` (docs/API.md): its routes, the admin policy, and how each way a
+//! request can end becomes a status code, headers and a body ([`answer_response`]). Errors are
+//! JSON objects with one `error` line.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Path, RawQuery, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use host_vmm::{FunctionStatus, Outcome};
+use serde_json::json;
+
+use super::deployed::{Answer, Rejected};
+use super::registry::{Deployment, Registry, RegistryError, is_name};
+
+/// Who may use the admin routes (deploy, delete).
+#[derive(Debug, Clone)]
+pub struct Admin {
+    /// With a token, every admin request must carry it as `Authorization: Bearer TOKEN`.
+    pub token: Option<String>,
+    /// Without one, admin requests are taken only on a loopback address or a Unix socket.
+    pub local_listener: bool,
+}
+
+impl Admin {
+    fn check(&self, headers: &HeaderMap) -> Result<(), Refusal> {
+        match &self.token {
+            Some(token) => {
+                let given = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).unwrap_or("");
+                let expected = format!("Bearer {token}");
+                // Compare every byte, so the time taken says nothing about the token.
+                let same = given.len() == expected.len()
+                    && given.bytes().zip(expected.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0;
+                if same {
+                    Ok(())
+                } else {
+                    Err(Refusal(
+                        StatusCode::UNAUTHORIZED,
+                        "this route needs Authorization: Bearer <the admin token>".into(),
+                    ))
+                }
+            }
+            None if self.local_listener => Ok(()),
+            None => Err(Refusal(
+                StatusCode::FORBIDDEN,
+                "admin routes are refused on a non-loopback listener unless thaw serve has --admin-token-file".into(),
+            )),
+        }
+    }
+}
+
+/// Size caps on request bodies.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// A deploy's upload, in bytes.
+    pub upload: usize,
+    /// An invocation's request, in bytes.
+    pub request: usize,
+}
+
+/// What the handlers share.
+pub struct Api {
+    /// The deployed functions.
+    pub registry: Registry,
+    /// Who may deploy and delete.
+    pub admin: Admin,
+    /// Body caps.
+    pub limits: Limits,
+}
+
+/// The routes.
+pub fn router(api: Arc<Api>) -> Router {
+    let limits = api.limits;
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/v1/functions", get(list))
+        .route("/v1/functions/{name}", get(show).put(deploy).delete(remove).layer(DefaultBodyLimit::max(limits.upload)))
+        .route("/v1/functions/{name}/invoke", post(invoke).layer(DefaultBodyLimit::max(limits.request)))
+        .fallback(|| async { error(StatusCode::NOT_FOUND, "no such route (see docs/API.md)") })
+        .with_state(api)
+}
+
+/// A JSON error with one line saying what was wrong.
+fn error(status: StatusCode, message: impl std::fmt::Display) -> Response {
+    (status, axum::Json(json!({ "error": message.to_string() }))).into_response()
+}
+
+/// A request refused before it reached a function: its status and why.
+#[derive(Debug)]
+struct Refusal(StatusCode, String);
+
+impl IntoResponse for Refusal {
+    fn into_response(self) -> Response {
+        error(self.0, self.1)
+    }
+}
+
+fn bad_name(name: &str) -> Response {
+    error(StatusCode::BAD_REQUEST, format!("{name:?} is not a function name: 1 to 64 of A-Z a-z 0-9 . _ -"))
+}
+
+/// The body, or the response that says why there is none (413 past the cap).
+fn body(body: Result<Bytes, BytesRejection>, what: &str, cap: usize) -> Result<Bytes, Refusal> {
+    body.map_err(|rejection| {
+        let status = rejection.status();
+        if status == StatusCode::PAYLOAD_TOO_LARGE {
+            Refusal(status, format!("the {what} is larger than the {cap}-byte limit"))
+        } else {
+            Refusal(status, format!("reading the {what}: {rejection}"))
+        }
+    })
+}
+
+async fn list(State(api): State<Arc<Api>>) -> Response {
+    axum::Json(json!({ "functions": api.registry.views() })).into_response()
+}
+
+async fn show(State(api): State<Arc<Api>>, Path(name): Path<String>) -> Response {
+    if !is_name(&name) {
+        return bad_name(&name);
+    }
+    match api.registry.view(&name) {
+        Some(view) => axum::Json(view).into_response(),
+        None => error(StatusCode::NOT_FOUND, format!("no function {name:?} is deployed")),
+    }
+}
+
+async fn deploy(
+    State(api): State<Arc<Api>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+    upload: Result<Bytes, BytesRejection>,
+) -> Response {
+    if let Err(refused) = api.admin.check(&headers) {
+        return refused.into_response();
+    }
+    if !is_name(&name) {
+        return bad_name(&name);
+    }
+    let upload = match body(upload, "upload", api.limits.upload) {
+        Ok(upload) => upload,
+        Err(refused) => return refused.into_response(),
+    };
+    match api.registry.deploy(&name, upload.to_vec(), query.as_deref().unwrap_or("")).await {
+        Ok((deployment, view)) => {
+            let status = if deployment == Deployment::Created { StatusCode::CREATED } else { StatusCode::OK };
+            (status, axum::Json(json!({ "deployment": deployment, "function": view }))).into_response()
+        }
+        Err(e) => registry_error(&e),
+    }
+}
+
+async fn remove(State(api): State<Arc<Api>>, Path(name): Path<String>, headers: HeaderMap) -> Response {
+    if let Err(refused) = api.admin.check(&headers) {
+        return refused.into_response();
+    }
+    if !is_name(&name) {
+        return bad_name(&name);
+    }
+    match api.registry.delete(&name).await {
+        Ok(()) => axum::Json(json!({ "deleted": name })).into_response(),
+        Err(e) => registry_error(&e),
+    }
+}
+
+fn registry_error(e: &RegistryError) -> Response {
+    let status = match e {
+        RegistryError::Invalid(_) => StatusCode::BAD_REQUEST,
+        RegistryError::Unusable(_) => StatusCode::UNPROCESSABLE_ENTITY,
+        RegistryError::NotFound(_) => StatusCode::NOT_FOUND,
+        RegistryError::Store(_) | RegistryError::Host(_) => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    error(status, e)
+}
+
+async fn invoke(
+    State(api): State<Arc<Api>>,
+    Path(name): Path<String>,
+    request: Result<Bytes, BytesRejection>,
+) -> Response {
+    if !is_name(&name) {
+        return bad_name(&name);
+    }
+    let request = match body(request, "request", api.limits.request) {
+        Ok(request) => request,
+        Err(refused) => return refused.into_response(),
+    };
+    let deployed = match api.registry.serving(&name) {
+        Ok(Some(deployed)) => deployed,
+        Ok(None) => return error(StatusCode::NOT_FOUND, format!("no function {name:?} is deployed")),
+        Err(why) => return error(StatusCode::SERVICE_UNAVAILABLE, format!("{name} cannot serve: {why}")),
+    };
+    let answer = match deployed.submit(request.to_vec()) {
+        Ok(answer) => answer,
+        Err(Rejected::Full) => {
+            let mut response = error(
+                StatusCode::TOO_MANY_REQUESTS,
+                format!("{name}: its queue of {} requests is full", deployed.serving.queue),
+            );
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            return response;
+        }
+        Err(Rejected::Closed) => return error(StatusCode::SERVICE_UNAVAILABLE, format!("{name} is shutting down")),
+    };
+    let answer = answer.await.unwrap_or_else(|_| Err("the vCPU thread serving it ended".into()));
+    let mut response = answer_response(&answer, deployed.serving.timeout_ms);
+    if let Ok(version) = HeaderValue::from_str(&deployed.version) {
+        response.headers_mut().insert("x-thaw-version", version);
+    }
+    response
+}
+
+/// The HTTP response for how a request ended: 200 with the function's stdout when it answered
+/// (or exited 0); 502 when it trapped, exited non-zero or its guest failed; 504 past its
+/// timeout (`timeout_ms`); 500 when the host could not run it. Headers carry the instance id
+/// and the timings.
+pub fn answer_response(answer: &Result<Answer, String>, timeout_ms: u64) -> Response {
+    let answer = match answer {
+        Ok(answer) => answer,
+        Err(why) => return error(StatusCode::INTERNAL_SERVER_ERROR, format!("the VM could not serve: {why}")),
+    };
+    let stderr = |a: &Answer| a.response.as_ref().map(|r| String::from_utf8_lossy(&r.stderr).into_owned());
+    let mut response = match (&answer.outcome, answer.response.as_ref()) {
+        (Outcome::Answered, Some(r)) if matches!(r.status, FunctionStatus::Ok | FunctionStatus::Exited(0)) => {
+            (StatusCode::OK, r.stdout.clone()).into_response()
+        }
+        (Outcome::Answered, Some(r)) => {
+            let message = match &r.status {
+                FunctionStatus::Trapped(message) => format!("the function trapped: {message}"),
+                FunctionStatus::Exited(code) => format!("the function exited with code {code}"),
+                FunctionStatus::Ok => unreachable!("answered cleanly above"),
+            };
+            (StatusCode::BAD_GATEWAY, axum::Json(json!({ "error": message, "stderr": stderr(answer) }))).into_response()
+        }
+        (Outcome::TimedOut(_), _) => error(
+            StatusCode::GATEWAY_TIMEOUT,
+            format!("no answer within {timeout_ms} ms; the VM was destroyed and is replaced"),
+        ),
+        (outcome, _) => error(StatusCode::BAD_GATEWAY, format!("the function's VM failed: {outcome}")),
+    };
+    let headers = response.headers_mut();
+    let mut set = |name: &'static str, value: u128| {
+        if let Ok(value) = HeaderValue::from_str(&value.to_string()) {
+            headers.insert(name, value);
+        }
+    };
+    set("x-thaw-instance", u128::from(answer.instance_id));
+    set("x-thaw-queue-us", answer.queued.as_micros());
+    set("x-thaw-serve-us", answer.served.as_micros());
+    if let Some(r) = &answer.response {
+        set("x-thaw-handle-us", r.handle_time.as_micros());
+    }
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use host_vmm::FunctionResponse;
+    use std::time::Duration;
+
+    fn answered(status: FunctionStatus) -> Result<Answer, String> {
+        let response = FunctionResponse {
+            status,
+            stdout: b"out".to_vec(),
+            stderr: b"err".to_vec(),
+            handle_time: Duration::from_micros(42),
+        };
+        Ok(Answer {
+            outcome: Outcome::Answered,
+            response: Some(response),
+            instance_id: 7,
+            queued: Duration::from_micros(3),
+            served: Duration::from_micros(90),
+        })
+    }
+
+    #[test]
+    fn each_way_a_request_ends_has_its_status_and_headers() {
+        let ok = answer_response(&answered(FunctionStatus::Ok), 1000);
+        assert_eq!(ok.status(), StatusCode::OK);
+        assert_eq!(ok.headers()["x-thaw-instance"], "7");
+        assert_eq!(ok.headers()["x-thaw-handle-us"], "42");
+        assert_eq!(ok.headers()["x-thaw-serve-us"], "90");
+        assert_eq!(answer_response(&answered(FunctionStatus::Exited(0)), 1000).status(), StatusCode::OK);
+        assert_eq!(answer_response(&answered(FunctionStatus::Exited(3)), 1000).status(), StatusCode::BAD_GATEWAY);
+        assert_eq!(
+            answer_response(&answered(FunctionStatus::Trapped("unreachable".into())), 1000).status(),
+            StatusCode::BAD_GATEWAY
+        );
+        let ended = |outcome| Answer {
+            outcome,
+            response: None,
+            instance_id: 8,
+            queued: Duration::ZERO,
+            served: Duration::from_secs(1),
+        };
+        let timed_out = answer_response(&Ok(ended(Outcome::TimedOut(Duration::from_secs(1)))), 1000);
+        assert_eq!(timed_out.status(), StatusCode::GATEWAY_TIMEOUT);
+        let panicked = answer_response(&Ok(ended(Outcome::Panicked("boom".into()))), 1000);
+        assert_eq!(panicked.status(), StatusCode::BAD_GATEWAY);
+        let host = answer_response(&Err("KVM_RUN: Bad address".into()), 1000);
+        assert_eq!(host.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    }
+
+    #[test]
+    fn admin_routes_need_the_token_or_a_local_listener() {
+        let mut headers = HeaderMap::new();
+        let local = Admin { token: None, local_listener: true };
+        assert!(local.check(&headers).is_ok());
+        let open = Admin { token: None, local_listener: false };
+        assert_eq!(open.check(&headers).unwrap_err().0, StatusCode::FORBIDDEN);
+        let guarded = Admin { token: Some("s3cret".into()), local_listener: true };
+        assert_eq!(guarded.check(&headers).unwrap_err().0, StatusCode::UNAUTHORIZED);
+        headers.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer s3cres"));
+        assert_eq!(guarded.check(&headers).unwrap_err().0, StatusCode::UNAUTHORIZED);
+        headers.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer s3cret"));
+        assert!(guarded.check(&headers).is_ok());
+    }
+}

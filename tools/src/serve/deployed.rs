@@ -1,0 +1,341 @@
+//! One deployed function version while it serves: its image, a bounded queue of requests, and
+//! `concurrency` vCPU threads that take requests from the queue. Each thread gets its VMs the
+//! way the function's mode says, through host-vmm's one lifecycle (`Instance`, `Pool`,
+//! `serve_fresh`). The async side only queues a request and awaits its answer: no VM ever runs
+//! on the runtime's threads.
+//!
+//! When the last handle to a `Deployed` goes (the registry replaced or removed it, and every
+//! request that took it has its answer), its queue closes; each thread serves what is still
+//! queued, destroys its VM and ends. The server joins the threads when it stops.
+
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use host_vmm::{BootTimings, FunctionResponse, FunctionStatus, Image, Instance, Outcome, Pool, Role, VmConfig};
+use serde::Serialize;
+use tokio::sync::oneshot;
+
+use super::settings::Serving;
+use crate::restore::Mode;
+
+/// vCPU threads of versions that were replaced or removed, for the server to join at its end.
+pub type Retired = Arc<Mutex<Vec<JoinHandle<()>>>>;
+
+/// How one request went, from the vCPU thread's side.
+#[derive(Debug)]
+pub struct Answer {
+    /// How the guest ended the run.
+    pub outcome: Outcome,
+    /// The function's response, when it answered.
+    pub response: Option<FunctionResponse>,
+    /// The instance id of the VM that served it.
+    pub instance_id: u64,
+    /// From arriving in the queue to a vCPU thread taking it.
+    pub queued: Duration,
+    /// From the thread taking it to the answer (a fresh VM's restore included).
+    pub served: Duration,
+}
+
+/// Why a request was not queued.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Rejected {
+    /// The queue is full.
+    Full,
+    /// The version is shutting down.
+    Closed,
+}
+
+/// What the version has done, as `GET /v1/functions/NAME` shows it.
+#[derive(Debug, Default, Serialize)]
+pub struct Counters {
+    /// Requests answered by the function without error.
+    pub ok: AtomicU64,
+    /// Requests where the function trapped or exited non-zero.
+    pub function_errors: AtomicU64,
+    /// Requests that ran out of time.
+    pub timeouts: AtomicU64,
+    /// Requests whose VM failed (the guest kernel or the host).
+    pub vm_failures: AtomicU64,
+    /// Requests refused with a full queue.
+    pub rejected: AtomicU64,
+    /// VMs destroyed and replaced after a failure or a timeout.
+    pub replaced: AtomicU64,
+    /// Requests queued or being served now.
+    pub in_flight: AtomicI64,
+    /// VMs the vCPU threads hold now (kept VMs, or fresh VMs while they serve).
+    pub live_vms: AtomicI64,
+}
+
+struct Job {
+    body: Vec<u8>,
+    arrived: Instant,
+    reply: oneshot::Sender<Result<Answer, String>>,
+}
+
+/// A function version that is serving.
+pub struct Deployed {
+    /// The version: its bundle's SHA-256.
+    pub version: String,
+    /// How it is served.
+    pub serving: Serving,
+    /// What it has done.
+    pub counters: Arc<Counters>,
+    pool: Option<Arc<Pool>>,
+    queue: Option<SyncSender<Job>>,
+    threads: Vec<JoinHandle<()>>,
+    retired: Retired,
+}
+
+impl Deployed {
+    /// Starts serving `image` at `version`: the pool's filler (pool mode) and the vCPU
+    /// threads, which in reset mode each restore and park a kept VM before the first request.
+    pub fn start(version: &str, serving: &Serving, image: Arc<Image>, retired: Retired) -> Result<Self, String> {
+        let config = VmConfig { timeout: Duration::from_millis(serving.timeout_ms), ..VmConfig::default() };
+        let pool = match serving.mode {
+            Mode::Pool => Some(Arc::new(
+                Pool::start(Arc::clone(&image), config.clone(), serving.pool).map_err(|e| e.to_string())?,
+            )),
+            _ => None,
+        };
+        let (queue, jobs) = mpsc::sync_channel(serving.queue);
+        let jobs = Arc::new(Mutex::new(jobs));
+        let counters = Arc::new(Counters::default());
+        let mut threads = Vec::with_capacity(serving.concurrency);
+        for index in 0..serving.concurrency {
+            let worker = Worker {
+                mode: serving.mode,
+                image: Arc::clone(&image),
+                config: config.clone(),
+                pool: pool.clone(),
+                counters: Arc::clone(&counters),
+                kept: None,
+            };
+            let jobs = Arc::clone(&jobs);
+            let thread = std::thread::Builder::new()
+                .name(format!("thaw-vcpu-{index}"))
+                .spawn(move || worker.run(&jobs))
+                .map_err(|e| format!("starting a vCPU thread: {e}"))?;
+            threads.push(thread);
+        }
+        Ok(Self {
+            version: version.to_string(),
+            serving: serving.clone(),
+            counters,
+            pool,
+            queue: Some(queue),
+            threads,
+            retired,
+        })
+    }
+
+    /// Queues `body`; the receiver gets the answer (or why the VM could not give one).
+    pub fn submit(&self, body: Vec<u8>) -> Result<oneshot::Receiver<Result<Answer, String>>, Rejected> {
+        let (reply, answer) = oneshot::channel();
+        let queue = self.queue.as_ref().ok_or(Rejected::Closed)?;
+        self.counters.in_flight.fetch_add(1, Ordering::Relaxed);
+        match queue.try_send(Job { body, arrived: Instant::now(), reply }) {
+            Ok(()) => Ok(answer),
+            Err(error) => {
+                self.counters.in_flight.fetch_sub(1, Ordering::Relaxed);
+                match error {
+                    TrySendError::Full(_) => {
+                        self.counters.rejected.fetch_add(1, Ordering::Relaxed);
+                        Err(Rejected::Full)
+                    }
+                    TrySendError::Disconnected(_) => Err(Rejected::Closed),
+                }
+            }
+        }
+    }
+
+    /// VMs alive for this version now: those its vCPU threads hold, and its pool's.
+    pub fn live_vms(&self) -> u64 {
+        let pooled = self.pool.as_ref().map_or(0, |pool| {
+            let stats = pool.stats();
+            stats.filled.saturating_sub(stats.destroyed)
+        });
+        u64::try_from(self.counters.live_vms.load(Ordering::Relaxed)).unwrap_or(0) + pooled
+    }
+}
+
+impl Drop for Deployed {
+    fn drop(&mut self) {
+        // Closing the queue ends each thread once it has served what is queued.
+        self.queue = None;
+        let mut retired = self.retired.lock().unwrap_or_else(|p| p.into_inner());
+        retired.append(&mut self.threads);
+    }
+}
+
+/// One vCPU thread's state.
+struct Worker {
+    mode: Mode,
+    image: Arc<Image>,
+    config: VmConfig,
+    pool: Option<Arc<Pool>>,
+    counters: Arc<Counters>,
+    /// Reset mode: the kept VM, parked.
+    kept: Option<Instance>,
+}
+
+/// What a served request leaves for after its answer is sent.
+enum After {
+    /// Nothing.
+    Nothing,
+    /// Reset and park the kept VM.
+    Reset,
+    /// Destroy the VM (a kept one is replaced before the next request).
+    Destroy(Instance),
+    /// Hand the VM to the pool's reaper.
+    Discard(Instance),
+}
+
+impl Worker {
+    fn run(mut self, jobs: &Mutex<Receiver<Job>>) {
+        loop {
+            if self.mode == Mode::Reset && self.kept.is_none() {
+                // Ahead of the request: a failure here is reported with the next request.
+                let _ = self.ensure_kept();
+            }
+            let job = jobs.lock().unwrap_or_else(|p| p.into_inner()).recv();
+            let Ok(job) = job else { break };
+            let queued = job.arrived.elapsed();
+            let started = Instant::now();
+            let (result, after) = match self.serve(job.body) {
+                Ok((outcome, response, instance_id, after)) => {
+                    let answer = Answer { outcome, response, instance_id, queued, served: started.elapsed() };
+                    (Ok(answer), after)
+                }
+                Err(error) => {
+                    self.counters.vm_failures.fetch_add(1, Ordering::Relaxed);
+                    (Err(error), After::Nothing)
+                }
+            };
+            if let Ok(answer) = &result {
+                self.count(answer);
+            }
+            self.counters.in_flight.fetch_sub(1, Ordering::Relaxed);
+            let _ = job.reply.send(result);
+            self.after(after);
+        }
+        if self.kept.take().is_some() {
+            self.counters.live_vms.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    fn count(&self, answer: &Answer) {
+        let c = &self.counters;
+        let counter = match (&answer.outcome, answer.response.as_ref().map(|r| &r.status)) {
+            (Outcome::Answered, Some(FunctionStatus::Ok | FunctionStatus::Exited(0))) => &c.ok,
+            (Outcome::Answered, _) => &c.function_errors,
+            (Outcome::TimedOut(_), _) => &c.timeouts,
+            _ => &c.vm_failures,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn ensure_kept(&mut self) -> Result<&mut Instance, String> {
+        if self.kept.is_none() {
+            let mut instance = Instance::restore(&self.image, &self.config, Role::Kept, &mut BootTimings::default())
+                .map_err(|e| e.to_string())?;
+            park(&mut instance)?;
+            self.counters.live_vms.fetch_add(1, Ordering::Relaxed);
+            self.kept = Some(instance);
+        }
+        self.kept.as_mut().ok_or_else(|| "no kept VM".to_string())
+    }
+
+    /// Serves `body` the mode's way; returns the outcome, the response, the instance id and
+    /// what to do once the answer is sent.
+    fn serve(&mut self, body: Vec<u8>) -> Result<(Outcome, Option<FunctionResponse>, u64, After), String> {
+        let sink = &mut std::io::sink();
+        match self.mode {
+            Mode::Reset => {
+                let instance = self.ensure_kept()?;
+                let instance_id = instance.vm().instance_id();
+                let served = instance.serve(body, sink).map_err(|e| e.to_string());
+                let served = match served {
+                    Ok(served) => served,
+                    Err(error) => {
+                        self.drop_kept();
+                        return Err(error);
+                    }
+                };
+                // A timeout is not reused either: the VM is destroyed and replaced.
+                let after = if matches!(served.outcome, Outcome::Answered) {
+                    After::Reset
+                } else {
+                    self.counters.replaced.fetch_add(1, Ordering::Relaxed);
+                    self.counters.live_vms.fetch_sub(1, Ordering::Relaxed);
+                    self.kept.take().map_or(After::Nothing, After::Destroy)
+                };
+                Ok((served.outcome, served.response, instance_id, after))
+            }
+            Mode::Pool => {
+                let pool = self.pool.as_ref().ok_or("pool mode without a pool")?;
+                let mut instance = pool.take(self.config.timeout).map_err(|e| e.to_string())?;
+                let instance_id = instance.vm().instance_id();
+                let served = instance.serve(body, sink).map_err(|e| e.to_string())?;
+                Ok((served.outcome, served.response, instance_id, After::Discard(instance)))
+            }
+            Mode::Fresh => {
+                self.counters.live_vms.fetch_add(1, Ordering::Relaxed);
+                let served = host_vmm::serve_fresh(&self.image, &self.config, body, sink).map_err(|e| e.to_string());
+                let (instance, report) = match served {
+                    Ok(served) => served,
+                    Err(error) => {
+                        self.counters.live_vms.fetch_sub(1, Ordering::Relaxed);
+                        return Err(error);
+                    }
+                };
+                let instance_id = instance.vm().instance_id();
+                let response = report.responses.into_iter().next();
+                Ok((report.outcome, response, instance_id, After::Destroy(instance)))
+            }
+        }
+    }
+
+    fn drop_kept(&mut self) {
+        if self.kept.take().is_some() {
+            self.counters.live_vms.fetch_sub(1, Ordering::Relaxed);
+            self.counters.replaced.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn after(&mut self, after: After) {
+        match after {
+            After::Nothing => {}
+            After::Reset => {
+                let reset = match self.kept.as_mut() {
+                    Some(instance) => instance.reset().map_err(|e| e.to_string()).and_then(|_| park(instance)),
+                    None => Ok(()),
+                };
+                if reset.is_err() {
+                    self.drop_kept();
+                }
+            }
+            After::Destroy(instance) => {
+                drop(instance);
+                if self.mode == Mode::Fresh {
+                    self.counters.live_vms.fetch_sub(1, Ordering::Relaxed);
+                }
+            }
+            After::Discard(instance) => {
+                if let Some(pool) = &self.pool {
+                    pool.discard(instance);
+                }
+            }
+        }
+    }
+}
+
+/// Runs a restored or reset VM until its guest waits for a request.
+fn park(instance: &mut Instance) -> Result<(), String> {
+    match instance.park(&mut std::io::sink()).map_err(|e| e.to_string())? {
+        (Outcome::Parked, _) => Ok(()),
+        (outcome, _) => Err(format!("the restored function did not wait for a request: {outcome}")),
+    }
+}

@@ -1,0 +1,240 @@
+//! `thaw serve`: the node agent. It keeps deployed functions snapshotted and serving from a
+//! durable store, and answers an HTTP API (docs/API.md) on tokio. Requests are queued per
+//! function and served by vCPU threads of their own (`deployed.rs`); the async runtime never
+//! runs a VM.
+//!
+//! ```text
+//!  HTTP ─▶ api.rs ─▶ registry.rs ─┬─ deploy: settings.rs, snapshot, store.rs (SQLite + images)
+//!                                 └─ invoke: deployed.rs queue ─▶ vCPU thread ─▶ host-vmm lifecycle
+//! ```
+
+mod api;
+mod deployed;
+mod registry;
+mod settings;
+mod store;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Args;
+
+use self::api::{Admin, Api, Limits};
+use self::registry::Registry;
+use self::settings::Serving;
+use self::store::Store;
+use crate::restore::Mode;
+
+/// Arguments of `thaw serve`.
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// Where to listen: ADDRESS:PORT (port 0 picks a free one), or unix:PATH for a Unix socket
+    /// (mode 0600).
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8400")]
+    listen: String,
+    /// Where the function store lives [default: $XDG_STATE_HOME/thaw, or /var/lib/thaw for
+    /// root, or ~/.local/state/thaw].
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+    /// Default serving mode of a deployed function (a deploy's ?mode= overrides it).
+    #[arg(long, value_enum, default_value_t = Mode::Reset)]
+    mode: Mode,
+    /// Default number of VMs parked ahead in pool mode (?pool=).
+    #[arg(long, value_name = "N", default_value_t = 2)]
+    pool: usize,
+    /// Default number of requests a function serves at once, each on a vCPU thread (?concurrency=).
+    #[arg(long, value_name = "N", default_value_t = 2)]
+    concurrency: usize,
+    /// Default number of requests a function queues beyond those; past it, 429 (?queue=).
+    #[arg(long, value_name = "N", default_value_t = 64)]
+    queue: usize,
+    /// Default wall-clock limit per request in milliseconds; past it, 504 (?timeout_ms=).
+    #[arg(long, value_name = "MS", default_value_t = 10_000)]
+    timeout_ms: u64,
+    /// Largest deploy upload, in MiB.
+    #[arg(long, value_name = "MIB", default_value_t = 256)]
+    max_upload_mib: usize,
+    /// Largest invocation request, in MiB (the guest takes at most 16).
+    #[arg(long, value_name = "MIB", default_value_t = 16)]
+    max_request_mib: usize,
+    /// A file holding the token that deploy and delete must carry (Authorization: Bearer).
+    /// Without it they are taken only on a loopback address or a Unix socket.
+    #[arg(long, value_name = "FILE")]
+    admin_token_file: Option<PathBuf>,
+    /// On SIGTERM or SIGINT, how long in-flight requests may take to finish, in seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 30)]
+    grace: u64,
+}
+
+/// Where the store lives by default.
+fn default_state_dir() -> Result<PathBuf, String> {
+    if let Some(dir) = std::env::var_os("XDG_STATE_HOME").filter(|d| !d.is_empty()) {
+        return Ok(PathBuf::from(dir).join("thaw"));
+    }
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } == 0 {
+        return Ok(PathBuf::from("/var/lib/thaw"));
+    }
+    let home = std::env::var_os("HOME").ok_or("no --state-dir, XDG_STATE_HOME or HOME to put the store in")?;
+    Ok(PathBuf::from(home).join(".local/state/thaw"))
+}
+
+/// Where `thaw serve` listens.
+enum Listen {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+fn parse_listen(text: &str) -> Result<Listen, String> {
+    match text.strip_prefix("unix:") {
+        Some("") => Err("--listen unix: needs a socket path".into()),
+        Some(path) => Ok(Listen::Unix(PathBuf::from(path))),
+        None => text
+            .parse()
+            .map(Listen::Tcp)
+            .map_err(|_| format!("--listen {text:?}: not ADDRESS:PORT (such as 127.0.0.1:8400) or unix:PATH")),
+    }
+}
+
+/// Runs the server until SIGTERM or SIGINT; returns the exit code.
+pub fn run(args: &ServeArgs) -> Result<u8, String> {
+    let listen = parse_listen(&args.listen)?;
+    let defaults = Serving {
+        mode: args.mode,
+        pool: args.pool,
+        concurrency: args.concurrency,
+        queue: args.queue,
+        timeout_ms: args.timeout_ms,
+    };
+    // The defaults pass the same checks a deploy's parameters do.
+    let query = format!(
+        "pool={}&concurrency={}&queue={}&timeout_ms={}",
+        args.pool, args.concurrency, args.queue, args.timeout_ms
+    );
+    settings::parse(&query, &defaults).map_err(|e| format!("thaw serve defaults: {e}"))?;
+    let token = match &args.admin_token_file {
+        None => None,
+        Some(path) => {
+            let text = crate::pack::read_limited(path, 4096, "admin token")?;
+            let token = String::from_utf8(text).map_err(|_| format!("{}: the token is not UTF-8", path.display()))?;
+            let token = token.trim().to_string();
+            if token.len() < 16 || token.contains(char::is_whitespace) {
+                return Err(format!("{}: the token must be at least 16 characters, with no spaces", path.display()));
+            }
+            Some(token)
+        }
+    };
+    let state_dir = match &args.state_dir {
+        Some(dir) => dir.clone(),
+        None => default_state_dir()?,
+    };
+    let store = Store::open(&state_dir).map_err(|e| e.to_string())?;
+    eprintln!("thaw serve: function store in {}", state_dir.display());
+    let registry = Registry::load(store, defaults).map_err(|e| e.to_string())?;
+    let retired = registry.retired();
+    let local_listener = match &listen {
+        Listen::Tcp(addr) => addr.ip().is_loopback(),
+        Listen::Unix(_) => true,
+    };
+    let api = Arc::new(Api {
+        registry,
+        admin: Admin { token, local_listener },
+        limits: Limits { upload: args.max_upload_mib << 20, request: args.max_request_mib << 20 },
+    });
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("thaw-http")
+        .enable_all()
+        .build()
+        .map_err(|e| format!("starting the async runtime: {e}"))?;
+    let grace = Duration::from_secs(args.grace);
+    runtime.block_on(serve(listen, Arc::clone(&api), grace))?;
+    // Every version stops taking requests; its threads serve what is queued and destroy their VMs.
+    api.registry.stop_all();
+    drop(api);
+    drop(runtime);
+    let deadline = Instant::now() + grace;
+    let threads = std::mem::take(&mut *retired.lock().unwrap_or_else(|p| p.into_inner()));
+    for thread in threads {
+        while !thread.is_finished() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        if thread.is_finished() {
+            let _ = thread.join();
+        }
+    }
+    eprintln!("thaw serve: stopped");
+    Ok(0)
+}
+
+/// Serves the API on `listen` until a signal, then lets in-flight requests finish for up to
+/// `grace`.
+async fn serve(listen: Listen, api: Arc<Api>, grace: Duration) -> Result<(), String> {
+    let router = api::router(api);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        let _ = stop_signal().await;
+        let _ = stop_tx.send(true);
+    });
+    let stopping = {
+        let mut stop_rx = stop_rx.clone();
+        async move {
+            let _ = stop_rx.wait_for(|stop| *stop).await;
+            eprintln!("thaw serve: stopping: no new connections, in-flight requests finish");
+        }
+    };
+    let deadline = {
+        let mut stop_rx = stop_rx;
+        async move {
+            let _ = stop_rx.wait_for(|stop| *stop).await;
+            tokio::time::sleep(grace).await;
+        }
+    };
+    let served = match listen {
+        Listen::Tcp(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| format!("--listen {addr}: {e}"))?;
+            let bound = listener.local_addr().map_err(|e| e.to_string())?;
+            eprintln!("thaw serve: listening on http://{bound}");
+            tokio::select! {
+                served = axum::serve(listener, router).with_graceful_shutdown(stopping) => served,
+                () = deadline => Ok(()),
+            }
+        }
+        Listen::Unix(path) => {
+            use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+            // A socket left by an earlier run is replaced; any other file is not.
+            if let Ok(meta) = std::fs::symlink_metadata(&path) {
+                if !meta.file_type().is_socket() {
+                    return Err(format!("--listen unix:{}: exists and is not a socket", path.display()));
+                }
+                std::fs::remove_file(&path).map_err(|e| format!("--listen unix:{}: {e}", path.display()))?;
+            }
+            let listener =
+                tokio::net::UnixListener::bind(&path).map_err(|e| format!("--listen unix:{}: {e}", path.display()))?;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+                .map_err(|e| format!("--listen unix:{}: {e}", path.display()))?;
+            eprintln!("thaw serve: listening on unix:{}", path.display());
+            let served = tokio::select! {
+                served = axum::serve(listener, router).with_graceful_shutdown(stopping) => served,
+                () = deadline => Ok(()),
+            };
+            let _ = std::fs::remove_file(&path);
+            served
+        }
+    };
+    served.map_err(|e| format!("serving HTTP: {e}"))
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn stop_signal() -> std::io::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    Ok(())
+}

@@ -1,0 +1,313 @@
+//! The functions `thaw serve` knows: each name's serving version (or why it cannot serve), and
+//! the operations that change them. A deploy validates the upload, snapshots it (cold boot,
+//! init, checkpoint, working set) unless the store already holds that version's image, starts
+//! the new version serving, commits it to the store, and only then switches traffic to it.
+//! Requests that already took the old version finish on it. Deploys and deletes run one at a
+//! time.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use host_vmm::function::{self, Function};
+use host_vmm::{Image, VmConfig};
+use serde::Serialize;
+
+use super::deployed::{Counters, Deployed, Retired};
+use super::settings::{self, Serving};
+use super::store::{Record, Store, StoreError};
+
+/// Wall-clock limit for a deploy's cold boot and init.
+const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Why a deploy or a delete failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    /// The upload or its settings are not acceptable (400).
+    #[error("{0}")]
+    Invalid(String),
+    /// The function could not be booted, initialized or snapshotted (422).
+    #[error("{0}")]
+    Unusable(String),
+    /// No such function (404).
+    #[error("no function {0:?} is deployed")]
+    NotFound(String),
+    /// The store failed (500).
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Something else on the host failed (500).
+    #[error("{0}")]
+    Host(String),
+}
+
+/// What a deploy did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Deployment {
+    /// The name is new.
+    Created,
+    /// The name serves a new version, or new settings.
+    Updated,
+    /// The same content with the same settings: nothing changed.
+    Unchanged,
+}
+
+/// A function as the API shows it.
+#[derive(Debug, Serialize)]
+pub struct View {
+    /// Its name.
+    pub name: String,
+    /// Its version: the SHA-256 of its bundle.
+    pub version: String,
+    /// "serving", or "failed: why" for one that could not be started.
+    pub state: String,
+    /// How it is served.
+    pub settings: Serving,
+    /// When this version was deployed, in seconds since the Unix epoch.
+    pub deployed_at: u64,
+    /// VMs alive for it now.
+    pub live_vms: u64,
+    /// What this version has done since it started serving.
+    pub counters: Option<Arc<Counters>>,
+}
+
+enum Slot {
+    Serving(Arc<Deployed>, Record),
+    Failed(Record, String),
+}
+
+/// The deployed functions.
+pub struct Registry {
+    store: Store,
+    slots: RwLock<HashMap<String, Slot>>,
+    changing: tokio::sync::Mutex<()>,
+    defaults: Serving,
+    retired: Retired,
+}
+
+/// True for a function name: 1 to 64 of `[A-Za-z0-9._-]`.
+pub fn is_name(name: &str) -> bool {
+    (1..=64).contains(&name.len()) && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+}
+
+impl Registry {
+    /// Starts every function the store holds, each from its stored image (no snapshot is
+    /// taken). One that cannot start is kept as failed, with why, until it is deployed again.
+    pub fn load(store: Store, defaults: Serving) -> Result<Self, RegistryError> {
+        let retired = Retired::default();
+        let mut slots = HashMap::new();
+        for record in store.records()? {
+            let started =
+                Image::open(&store.image_path(&record.version)).map_err(|e| e.to_string()).and_then(|image| {
+                    Deployed::start(&record.version, &record.serving, Arc::new(image), Arc::clone(&retired))
+                });
+            let slot = match started {
+                Ok(deployed) => {
+                    eprintln!(
+                        "thaw serve: {} serves version {} from its stored image",
+                        record.name,
+                        short(&record.version)
+                    );
+                    Slot::Serving(Arc::new(deployed), record)
+                }
+                Err(error) => {
+                    eprintln!("thaw serve: {} cannot serve: {error}", record.name);
+                    Slot::Failed(record, error)
+                }
+            };
+            slots.insert(slot_name(&slot).to_string(), slot);
+        }
+        let removed = store.collect_garbage()?;
+        if !removed.is_empty() {
+            eprintln!("thaw serve: removed {} unreferenced file(s) from the image store", removed.len());
+        }
+        Ok(Self { store, slots: RwLock::new(slots), changing: tokio::sync::Mutex::new(()), defaults, retired })
+    }
+
+    /// The vCPU threads of every version that stopped serving, to join.
+    pub fn retired(&self) -> Retired {
+        Arc::clone(&self.retired)
+    }
+
+    /// Stops every version (each finishes what is queued on its own threads).
+    pub fn stop_all(&self) {
+        self.slots.write().unwrap_or_else(|p| p.into_inner()).clear();
+    }
+
+    /// The serving version of `name`: `Ok(None)` if none is deployed, `Err` with why if it failed.
+    pub fn serving(&self, name: &str) -> Result<Option<Arc<Deployed>>, String> {
+        match self.slots.read().unwrap_or_else(|p| p.into_inner()).get(name) {
+            None => Ok(None),
+            Some(Slot::Serving(deployed, _)) => Ok(Some(Arc::clone(deployed))),
+            Some(Slot::Failed(_, why)) => Err(why.clone()),
+        }
+    }
+
+    /// `name` as the API shows it.
+    pub fn view(&self, name: &str) -> Option<View> {
+        self.slots.read().unwrap_or_else(|p| p.into_inner()).get(name).map(view)
+    }
+
+    /// Every function, by name.
+    pub fn views(&self) -> Vec<View> {
+        let slots = self.slots.read().unwrap_or_else(|p| p.into_inner());
+        let mut views: Vec<View> = slots.values().map(view).collect();
+        views.sort_by(|a, b| a.name.cmp(&b.name));
+        views
+    }
+
+    /// Deploys `upload` (a bundle or a bare wasm) as `name` with the settings in `query`.
+    pub async fn deploy(&self, name: &str, upload: Vec<u8>, query: &str) -> Result<(Deployment, View), RegistryError> {
+        let (serving, packing) =
+            settings::parse(query, &self.defaults).map_err(|e| RegistryError::Invalid(e.to_string()))?;
+        let bundle = if upload.starts_with(&abi::bundle::MAGIC) {
+            if let Some(given) = packing.first_given() {
+                return Err(RegistryError::Invalid(settings::SettingsError::InBundle(given.into()).to_string()));
+            }
+            upload
+        } else if upload.starts_with(b"\0asm") {
+            crate::pack::bundle_wasm(&packing.bundle_settings(name), &upload, &[])
+                .map_err(|e| RegistryError::Invalid(format!("the wasm module: {e}")))?
+                .0
+        } else {
+            let head: Vec<String> = upload.iter().take(8).map(|b| format!("{b:02x}")).collect();
+            return Err(RegistryError::Invalid(format!(
+                "the body is neither a thaw bundle (.thaw) nor a wasm module (.wasm): it starts with [{}]",
+                head.join(" ")
+            )));
+        };
+        let function = Function::from_bundle(bundle).map_err(|e| RegistryError::Invalid(e.to_string()))?;
+        let version = function::hex(&function::sha256(&function.bundle));
+
+        let _changing = self.changing.lock().await;
+        let existed = match self.slots.read().unwrap_or_else(|p| p.into_inner()).get(name) {
+            Some(slot @ Slot::Serving(deployed, _)) if deployed.version == version && deployed.serving == serving => {
+                return Ok((Deployment::Unchanged, view(slot)));
+            }
+            other => other.is_some(),
+        };
+        let image_path = self.store.image_path(&version);
+        if !image_path.exists() {
+            self.snapshot(function, &version).await?;
+        }
+        let (version_owned, serving_owned, retired) = (version.clone(), serving.clone(), Arc::clone(&self.retired));
+        let deployed = tokio::task::spawn_blocking(move || {
+            let image = Image::open(&image_path).map_err(|e| e.to_string())?;
+            Deployed::start(&version_owned, &serving_owned, Arc::new(image), retired)
+        })
+        .await
+        .map_err(|e| RegistryError::Host(e.to_string()))?
+        .map_err(RegistryError::Host)?;
+        self.store.activate(name, &version, &serving)?;
+        let record = self.record(name)?;
+        let slot = Slot::Serving(Arc::new(deployed), record);
+        let shown = view(&slot);
+        // The old version, if any, drains: requests that took it keep it until they finish.
+        let old = self.slots.write().unwrap_or_else(|p| p.into_inner()).insert(name.to_string(), slot);
+        drop(old);
+        self.collect_garbage();
+        eprintln!("thaw serve: {name} now serves version {} ({})", short(&version), serving_summary(&serving));
+        Ok((if existed { Deployment::Updated } else { Deployment::Created }, shown))
+    }
+
+    /// Cold-boots `function`, snapshots it after init with its working set, and keeps the image
+    /// as `version`'s.
+    async fn snapshot(&self, function: Function, version: &str) -> Result<(), RegistryError> {
+        let scratch = self.store.scratch();
+        let (bundle_path, image_path) =
+            (scratch.join(format!("{version}.thaw")), scratch.join(format!("{version}.snap")));
+        let made = image_path.clone();
+        let name = function.manifest.name.clone();
+        let status = tokio::task::spawn_blocking(move || {
+            // The bundle file backs the data volume's block device during the cold boot.
+            std::fs::write(&bundle_path, &function.bundle).map_err(|e| format!("{}: {e}", bundle_path.display()))?;
+            let mut config = VmConfig::default();
+            crate::devices::add_function_devices(&mut config, &function, &bundle_path);
+            let sample = function.manifest.sample_request.clone().unwrap_or_default();
+            let status = crate::snapshot::snapshot_function(&function, &made, SNAPSHOT_TIMEOUT, config, Some(sample));
+            let _ = std::fs::remove_file(&bundle_path);
+            status
+        })
+        .await
+        .map_err(|e| RegistryError::Host(e.to_string()))?
+        .map_err(|e| RegistryError::Unusable(format!("{name}: {e}")))?;
+        eprintln!("thaw serve: {status}");
+        self.store.keep_image(&image_path, version)?;
+        Ok(())
+    }
+
+    /// Removes `name`: it takes no new requests, and those it took finish first.
+    pub async fn delete(&self, name: &str) -> Result<(), RegistryError> {
+        let _changing = self.changing.lock().await;
+        if !self.store.remove(name)? {
+            return Err(RegistryError::NotFound(name.to_string()));
+        }
+        let old = self.slots.write().unwrap_or_else(|p| p.into_inner()).remove(name);
+        drop(old);
+        self.collect_garbage();
+        eprintln!("thaw serve: {name} deleted");
+        Ok(())
+    }
+
+    fn record(&self, name: &str) -> Result<Record, RegistryError> {
+        self.store.record(name)?.ok_or_else(|| RegistryError::NotFound(name.to_string()))
+    }
+
+    fn collect_garbage(&self) {
+        match self.store.collect_garbage() {
+            Ok(removed) if !removed.is_empty() => {
+                eprintln!("thaw serve: removed {} image(s) no version uses", removed.len());
+            }
+            Ok(_) => {}
+            Err(error) => eprintln!("thaw serve: collecting unused images: {error}"),
+        }
+    }
+}
+
+fn slot_name(slot: &Slot) -> &str {
+    match slot {
+        Slot::Serving(_, record) | Slot::Failed(record, _) => &record.name,
+    }
+}
+
+fn view(slot: &Slot) -> View {
+    let (record, state, deployed) = match slot {
+        Slot::Serving(deployed, record) => (record, "serving".to_string(), Some(deployed)),
+        Slot::Failed(record, why) => (record, format!("failed: {why}"), None),
+    };
+    View {
+        name: record.name.clone(),
+        version: record.version.clone(),
+        state,
+        settings: record.serving.clone(),
+        deployed_at: record.deployed_at,
+        live_vms: deployed.map_or(0, |d| d.live_vms()),
+        counters: deployed.map(|d| Arc::clone(&d.counters)),
+    }
+}
+
+fn short(version: &str) -> &str {
+    &version[..12.min(version.len())]
+}
+
+fn serving_summary(serving: &Serving) -> String {
+    let mode = match serving.mode {
+        crate::restore::Mode::Reset => "reset".to_string(),
+        crate::restore::Mode::Pool => format!("pool of {}", serving.pool),
+        crate::restore::Mode::Fresh => "fresh".to_string(),
+    };
+    format!("{mode}, {} at once, queue {}, timeout {} ms", serving.concurrency, serving.queue, serving.timeout_ms)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_1_to_64_of_a_small_alphabet() {
+        assert!(is_name("hello") && is_name("a.b_c-D9") && is_name(&"x".repeat(64)));
+        for bad in ["", "a/b", "../x", "a b", "ünï", "a%2Fb", &"x".repeat(65)] {
+            assert!(!is_name(bad), "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,178 @@
+//! A deployed function's settings, from a deploy's query parameters over the server's defaults:
+//! how it is served (mode, pool, concurrency, queue, timeout), and what a bare `.wasm` is packed
+//! with (memory, fuel, env, args). A bundle carries the latter itself.
+
+use serde::{Deserialize, Serialize};
+
+use crate::pack::BundleSettings;
+use crate::restore::Mode;
+
+/// Why a deploy's settings were refused.
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    /// A parameter's value is not allowed.
+    #[error("query parameter {key}={value:?}: {reason}")]
+    Invalid {
+        /// The parameter.
+        key: String,
+        /// Its value.
+        value: String,
+        /// What is allowed.
+        reason: String,
+    },
+    /// A parameter no deploy takes.
+    #[error(
+        "query parameter {0:?} is not a deploy setting (mode, pool, concurrency, queue, timeout_ms, memory, fuel, env, arg)"
+    )]
+    Unknown(String),
+    /// A packing parameter given with a bundle, which carries its own.
+    #[error("{0} is set in the bundle itself: repack the bundle, or deploy the bare .wasm with {0}")]
+    InBundle(String),
+    /// The query string is not `key=value&…`.
+    #[error("the query string is not key=value pairs: {0}")]
+    Query(String),
+}
+
+/// How a deployed function is served.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Serving {
+    /// Where each request's VM comes from.
+    pub mode: Mode,
+    /// VMs parked ahead (pool mode).
+    pub pool: usize,
+    /// Requests served at once, each on a vCPU thread of its own.
+    pub concurrency: usize,
+    /// Requests waiting beyond those; past it a request gets 429.
+    pub queue: usize,
+    /// Wall-clock limit per request, in milliseconds; past it the request gets 504.
+    pub timeout_ms: u64,
+}
+
+impl Default for Serving {
+    fn default() -> Self {
+        Self { mode: Mode::Reset, pool: 2, concurrency: 2, queue: 64, timeout_ms: 10_000 }
+    }
+}
+
+/// What a bare `.wasm` is packed with; unset values take `thaw pack`'s defaults.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Packing {
+    /// Most linear memory, in MiB.
+    pub memory_mib: Option<u32>,
+    /// Instruction budget per invocation.
+    pub fuel: Option<u64>,
+    /// `K=V` environment entries.
+    pub env: Vec<String>,
+    /// Arguments after the name.
+    pub args: Vec<String>,
+}
+
+impl Packing {
+    /// The first packing parameter given, if any (a bundle must have none).
+    pub fn first_given(&self) -> Option<&'static str> {
+        if self.memory_mib.is_some() {
+            Some("memory")
+        } else if self.fuel.is_some() {
+            Some("fuel")
+        } else if !self.env.is_empty() {
+            Some("env")
+        } else if !self.args.is_empty() {
+            Some("arg")
+        } else {
+            None
+        }
+    }
+
+    /// The bundle settings for a function deployed as `name`.
+    pub fn bundle_settings(&self, name: &str) -> BundleSettings {
+        BundleSettings {
+            name: name.to_string(),
+            memory_mib: self.memory_mib.unwrap_or(16),
+            fuel: self.fuel,
+            env: self.env.clone(),
+            args: self.args.clone(),
+            connections: Vec::new(),
+            sample_request: None,
+        }
+    }
+}
+
+/// Most VMs a function may keep parked or serving at once.
+const MAX_VMS: usize = 64;
+/// Most requests one function may queue.
+const MAX_QUEUE: usize = 65_536;
+/// Longest timeout a request may have: an hour.
+const MAX_TIMEOUT_MS: u64 = 3_600_000;
+
+/// Parses a deploy's query string (`mode=pool&concurrency=4&env=K=V&env=…`) over `defaults`.
+pub fn parse(query: &str, defaults: &Serving) -> Result<(Serving, Packing), SettingsError> {
+    let pairs: Vec<(String, String)> =
+        serde_urlencoded::from_str(query).map_err(|e| SettingsError::Query(e.to_string()))?;
+    let mut serving = defaults.clone();
+    let mut packing = Packing::default();
+    for (key, value) in pairs {
+        let invalid =
+            |reason: &str| SettingsError::Invalid { key: key.clone(), value: value.clone(), reason: reason.into() };
+        let count = |max: usize, min: usize| {
+            value
+                .parse::<usize>()
+                .ok()
+                .filter(|n| (min..=max).contains(n))
+                .ok_or_else(|| invalid(&format!("a whole number from {min} to {max}")))
+        };
+        match key.as_str() {
+            "mode" => {
+                serving.mode = match value.as_str() {
+                    "reset" => Mode::Reset,
+                    "pool" => Mode::Pool,
+                    "fresh" => Mode::Fresh,
+                    _ => return Err(invalid("one of reset, pool, fresh")),
+                }
+            }
+            "pool" => serving.pool = count(MAX_VMS, 1)?,
+            "concurrency" => serving.concurrency = count(MAX_VMS, 1)?,
+            "queue" => serving.queue = count(MAX_QUEUE, 0)?,
+            "timeout_ms" => {
+                serving.timeout_ms = count(MAX_TIMEOUT_MS as usize, 1)? as u64;
+            }
+            "memory" => {
+                packing.memory_mib =
+                    Some(value.parse().ok().filter(|m| *m >= 1).ok_or_else(|| invalid("a number of MiB"))?)
+            }
+            "fuel" => packing.fuel = Some(value.parse().map_err(|_| invalid("a whole number of instructions"))?),
+            "env" if value.contains('=') => packing.env.push(value),
+            "env" => return Err(invalid("K=V")),
+            "arg" => packing.args.push(value),
+            _ => return Err(SettingsError::Unknown(key)),
+        }
+    }
+    Ok((serving, packing))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parameters_override_the_defaults_and_repeat_where_they_are_lists() {
+        let (serving, packing) =
+            parse("mode=pool&pool=3&queue=0&timeout_ms=2500&env=A%3D1&env=B=2&arg=x&memory=32", &Serving::default())
+                .unwrap();
+        assert_eq!(serving, Serving { mode: Mode::Pool, pool: 3, concurrency: 2, queue: 0, timeout_ms: 2500 });
+        assert_eq!(packing.env, ["A=1", "B=2"]);
+        assert_eq!(packing.args, ["x"]);
+        assert_eq!(packing.memory_mib, Some(32));
+        assert_eq!(packing.first_given(), Some("memory"));
+        assert_eq!(parse("", &Serving::default()).unwrap(), (Serving::default(), Packing::default()));
+    }
+
+    #[test]
+    fn bad_parameters_get_one_line_naming_them() {
+        let error = |q: &str| parse(q, &Serving::default()).unwrap_err().to_string();
+        assert_eq!(error("mode=warm"), r#"query parameter mode="warm": one of reset, pool, fresh"#);
+        assert_eq!(error("concurrency=0"), r#"query parameter concurrency="0": a whole number from 1 to 64"#);
+        assert_eq!(error("timeout_ms=-1"), r#"query parameter timeout_ms="-1": a whole number from 1 to 3600000"#);
+        assert_eq!(error("env=NOEQUALS"), r#"query parameter env="NOEQUALS": K=V"#);
+        assert!(error("path=../../etc").starts_with(r#"query parameter "path" is not a deploy setting"#));
+    }
+}
