@@ -17,7 +17,7 @@ use serde_json::json;
 use super::deployed::{Answer, Rejected};
 use super::registry::{Deployment, Registry, RegistryError, is_name};
 
-/// Who may use the admin routes (deploy, delete).
+/// Who may use the admin routes (deploy, delete, logs).
 #[derive(Debug, Clone)]
 pub struct Admin {
     /// With a token, every admin request must carry it as `Authorization: Bearer TOKEN`.
@@ -77,9 +77,11 @@ pub fn router(api: Arc<Api>) -> Router {
     let limits = api.limits;
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
+        .route("/metrics", get(metrics))
         .route("/v1/functions", get(list))
         .route("/v1/functions/{name}", get(show).put(deploy).delete(remove).layer(DefaultBodyLimit::max(limits.upload)))
         .route("/v1/functions/{name}/invoke", post(invoke).layer(DefaultBodyLimit::max(limits.request)))
+        .route("/v1/functions/{name}/logs", get(logs))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such route (see docs/API.md)") })
         .with_state(api)
 }
@@ -113,6 +115,11 @@ fn body(body: Result<Bytes, BytesRejection>, what: &str, cap: usize) -> Result<B
             Refusal(status, format!("reading the {what}: {rejection}"))
         }
     })
+}
+
+async fn metrics(State(api): State<Arc<Api>>) -> Response {
+    let content_type = HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8");
+    ([(header::CONTENT_TYPE, content_type)], api.registry.metrics()).into_response()
 }
 
 async fn list(State(api): State<Arc<Api>>) -> Response {
@@ -155,6 +162,35 @@ async fn deploy(
     }
 }
 
+async fn logs(
+    State(api): State<Arc<Api>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+) -> Response {
+    if let Err(refused) = api.admin.check(&headers) {
+        return refused.into_response();
+    }
+    if !is_name(&name) {
+        return bad_name(&name);
+    }
+    let pairs: Vec<(String, String)> = serde_urlencoded::from_str(query.as_deref().unwrap_or("")).unwrap_or_default();
+    let mut count = 100;
+    for (key, value) in pairs {
+        match (key.as_str(), value.parse::<usize>()) {
+            ("lines", Ok(n)) if (1..=super::logs::MAX_LINES).contains(&n) => count = n,
+            _ => {
+                let why = format!("query parameter {key}={value:?}: logs take lines=1 to {}", super::logs::MAX_LINES);
+                return error(StatusCode::BAD_REQUEST, why);
+            }
+        }
+    }
+    match api.registry.logs(&name, count) {
+        Some(lines) => axum::Json(json!({ "lines": lines })).into_response(),
+        None => error(StatusCode::NOT_FOUND, format!("no function {name:?} is deployed")),
+    }
+}
+
 async fn remove(State(api): State<Arc<Api>>, Path(name): Path<String>, headers: HeaderMap) -> Response {
     if let Err(refused) = api.admin.check(&headers) {
         return refused.into_response();
@@ -183,6 +219,7 @@ async fn invoke(
     Path(name): Path<String>,
     request: Result<Bytes, BytesRejection>,
 ) -> Response {
+    let arrived = std::time::Instant::now();
     if !is_name(&name) {
         return bad_name(&name);
     }
@@ -208,6 +245,7 @@ async fn invoke(
         Err(Rejected::Closed) => return error(StatusCode::SERVICE_UNAVAILABLE, format!("{name} is shutting down")),
     };
     let answer = answer.await.unwrap_or_else(|_| Err("the vCPU thread serving it ended".into()));
+    deployed.counters.request.observe(arrived.elapsed());
     let mut response = answer_response(&answer, deployed.serving.timeout_ms);
     if let Ok(version) = HeaderValue::from_str(&deployed.version) {
         response.headers_mut().insert("x-thaw-version", version);

@@ -8,16 +8,19 @@
 //! request that took it has its answer), its queue closes; each thread serves what is still
 //! queued, destroys its VM and ends. The server joins the threads when it stops.
 
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use host_vmm::{BootTimings, FunctionResponse, FunctionStatus, Image, Instance, Outcome, Pool, Role, VmConfig};
-use serde::Serialize;
+use host_vmm::{
+    BootTimings, FunctionResponse, FunctionStatus, Image, Instance, Outcome, Pool, PoolStats, Role, VmConfig,
+};
 use tokio::sync::oneshot;
 
+use super::logs::Capture;
+use super::metrics::FunctionMetrics;
 use super::settings::Serving;
 use crate::restore::Mode;
 
@@ -48,27 +51,6 @@ pub enum Rejected {
     Closed,
 }
 
-/// What the version has done, as `GET /v1/functions/NAME` shows it.
-#[derive(Debug, Default, Serialize)]
-pub struct Counters {
-    /// Requests answered by the function without error.
-    pub ok: AtomicU64,
-    /// Requests where the function trapped or exited non-zero.
-    pub function_errors: AtomicU64,
-    /// Requests that ran out of time.
-    pub timeouts: AtomicU64,
-    /// Requests whose VM failed (the guest kernel or the host).
-    pub vm_failures: AtomicU64,
-    /// Requests refused with a full queue.
-    pub rejected: AtomicU64,
-    /// VMs destroyed and replaced after a failure or a timeout.
-    pub replaced: AtomicU64,
-    /// Requests queued or being served now.
-    pub in_flight: AtomicI64,
-    /// VMs the vCPU threads hold now (kept VMs, or fresh VMs while they serve).
-    pub live_vms: AtomicI64,
-}
-
 struct Job {
     body: Vec<u8>,
     arrived: Instant,
@@ -81,8 +63,8 @@ pub struct Deployed {
     pub version: String,
     /// How it is served.
     pub serving: Serving,
-    /// What it has done.
-    pub counters: Arc<Counters>,
+    /// What its function has done (shared by all its versions).
+    pub counters: Arc<FunctionMetrics>,
     pool: Option<Arc<Pool>>,
     queue: Option<SyncSender<Job>>,
     threads: Vec<JoinHandle<()>>,
@@ -90,9 +72,16 @@ pub struct Deployed {
 }
 
 impl Deployed {
-    /// Starts serving `image` at `version`: the pool's filler (pool mode) and the vCPU
-    /// threads, which in reset mode each restore and park a kept VM before the first request.
-    pub fn start(version: &str, serving: &Serving, image: Arc<Image>, retired: Retired) -> Result<Self, String> {
+    /// Starts serving `image` at `version`, counting into `counters`: the pool's filler (pool
+    /// mode) and the vCPU threads, which in reset mode each restore and park a kept VM before
+    /// the first request.
+    pub fn start(
+        version: &str,
+        serving: &Serving,
+        image: Arc<Image>,
+        counters: Arc<FunctionMetrics>,
+        retired: Retired,
+    ) -> Result<Self, String> {
         let config = VmConfig { timeout: Duration::from_millis(serving.timeout_ms), ..VmConfig::default() };
         let pool = match serving.mode {
             Mode::Pool => Some(Arc::new(
@@ -102,7 +91,6 @@ impl Deployed {
         };
         let (queue, jobs) = mpsc::sync_channel(serving.queue);
         let jobs = Arc::new(Mutex::new(jobs));
-        let counters = Arc::new(Counters::default());
         let mut threads = Vec::with_capacity(serving.concurrency);
         for index in 0..serving.concurrency {
             let worker = Worker {
@@ -136,10 +124,12 @@ impl Deployed {
         let (reply, answer) = oneshot::channel();
         let queue = self.queue.as_ref().ok_or(Rejected::Closed)?;
         self.counters.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.counters.queued.fetch_add(1, Ordering::Relaxed);
         match queue.try_send(Job { body, arrived: Instant::now(), reply }) {
             Ok(()) => Ok(answer),
             Err(error) => {
                 self.counters.in_flight.fetch_sub(1, Ordering::Relaxed);
+                self.counters.queued.fetch_sub(1, Ordering::Relaxed);
                 match error {
                     TrySendError::Full(_) => {
                         self.counters.rejected.fetch_add(1, Ordering::Relaxed);
@@ -151,13 +141,15 @@ impl Deployed {
         }
     }
 
-    /// VMs alive for this version now: those its vCPU threads hold, and its pool's.
+    /// VMs alive for its function now: those vCPU threads hold, and this version's pool's.
     pub fn live_vms(&self) -> u64 {
-        let pooled = self.pool.as_ref().map_or(0, |pool| {
-            let stats = pool.stats();
-            stats.filled.saturating_sub(stats.destroyed)
-        });
+        let pooled = self.pool_stats().map_or(0, |stats| stats.filled.saturating_sub(stats.destroyed));
         u64::try_from(self.counters.live_vms.load(Ordering::Relaxed)).unwrap_or(0) + pooled
+    }
+
+    /// What this version's pool has done (pool mode).
+    pub fn pool_stats(&self) -> Option<PoolStats> {
+        self.pool.as_ref().map(|pool| pool.stats())
     }
 }
 
@@ -176,7 +168,7 @@ struct Worker {
     image: Arc<Image>,
     config: VmConfig,
     pool: Option<Arc<Pool>>,
-    counters: Arc<Counters>,
+    counters: Arc<FunctionMetrics>,
     /// Reset mode: the kept VM, parked.
     kept: Option<Instance>,
 }
@@ -202,9 +194,11 @@ impl Worker {
             }
             let job = jobs.lock().unwrap_or_else(|p| p.into_inner()).recv();
             let Ok(job) = job else { break };
+            self.counters.queued.fetch_sub(1, Ordering::Relaxed);
             let queued = job.arrived.elapsed();
             let started = Instant::now();
-            let (result, after) = match self.serve(job.body) {
+            let mut output = Capture::default();
+            let (result, after) = match self.serve(job.body, &mut output) {
                 Ok((outcome, response, instance_id, after)) => {
                     let answer = Answer { outcome, response, instance_id, queued, served: started.elapsed() };
                     (Ok(answer), after)
@@ -216,6 +210,12 @@ impl Worker {
             };
             if let Ok(answer) = &result {
                 self.count(answer);
+                let logs = &self.counters.logs;
+                if let Some(response) = &answer.response {
+                    self.counters.handle.observe(response.handle_time);
+                    logs.add(answer.instance_id, "stderr", &response.stderr);
+                }
+                logs.add(answer.instance_id, "console", &output.finish());
             }
             self.counters.in_flight.fetch_sub(1, Ordering::Relaxed);
             let _ = job.reply.send(result);
@@ -239,9 +239,14 @@ impl Worker {
 
     fn ensure_kept(&mut self) -> Result<&mut Instance, String> {
         if self.kept.is_none() {
-            let mut instance = Instance::restore(&self.image, &self.config, Role::Kept, &mut BootTimings::default())
-                .map_err(|e| e.to_string())?;
-            park(&mut instance)?;
+            let started = Instant::now();
+            let restored = Instance::restore(&self.image, &self.config, Role::Kept, &mut BootTimings::default())
+                .map_err(|e| e.to_string())
+                .and_then(|mut instance| park(&mut instance).map(|()| instance));
+            let instance = restored.inspect_err(|_| {
+                self.counters.restore_failures.fetch_add(1, Ordering::Relaxed);
+            })?;
+            self.counters.restore.observe(started.elapsed());
             self.counters.live_vms.fetch_add(1, Ordering::Relaxed);
             self.kept = Some(instance);
         }
@@ -250,8 +255,11 @@ impl Worker {
 
     /// Serves `body` the mode's way; returns the outcome, the response, the instance id and
     /// what to do once the answer is sent.
-    fn serve(&mut self, body: Vec<u8>) -> Result<(Outcome, Option<FunctionResponse>, u64, After), String> {
-        let sink = &mut std::io::sink();
+    fn serve(
+        &mut self,
+        body: Vec<u8>,
+        sink: &mut Capture,
+    ) -> Result<(Outcome, Option<FunctionResponse>, u64, After), String> {
         match self.mode {
             Mode::Reset => {
                 let instance = self.ensure_kept()?;
@@ -288,9 +296,12 @@ impl Worker {
                     Ok(served) => served,
                     Err(error) => {
                         self.counters.live_vms.fetch_sub(1, Ordering::Relaxed);
+                        self.counters.restore_failures.fetch_add(1, Ordering::Relaxed);
                         return Err(error);
                     }
                 };
+                let t = &report.timings;
+                self.counters.restore.observe(t.load + t.vm_create + t.vcpu_setup + t.state_set.unwrap_or_default());
                 let instance_id = instance.vm().instance_id();
                 let response = report.responses.into_iter().next();
                 Ok((report.outcome, response, instance_id, After::Destroy(instance)))
@@ -309,11 +320,16 @@ impl Worker {
         match after {
             After::Nothing => {}
             After::Reset => {
+                let started = Instant::now();
                 let reset = match self.kept.as_mut() {
                     Some(instance) => instance.reset().map_err(|e| e.to_string()).and_then(|_| park(instance)),
                     None => Ok(()),
                 };
-                if reset.is_err() {
+                if reset.is_ok() {
+                    self.counters.resets.fetch_add(1, Ordering::Relaxed);
+                    self.counters.restore.observe(started.elapsed());
+                } else {
+                    self.counters.restore_failures.fetch_add(1, Ordering::Relaxed);
                     self.drop_kept();
                 }
             }

@@ -5,11 +5,14 @@
 //!
 //! ```text
 //!  HTTP ─▶ api.rs ─▶ registry.rs ─┬─ deploy: settings.rs, snapshot, store.rs (SQLite + images)
-//!                                 └─ invoke: deployed.rs queue ─▶ vCPU thread ─▶ host-vmm lifecycle
+//!                                 ├─ invoke: deployed.rs queue ─▶ vCPU thread ─▶ host-vmm lifecycle
+//!                                 └─ /metrics, logs: metrics.rs, logs.rs
 //! ```
 
 mod api;
 mod deployed;
+mod logs;
+mod metrics;
 mod registry;
 mod settings;
 mod store;

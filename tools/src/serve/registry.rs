@@ -13,7 +13,8 @@ use host_vmm::function::{self, Function};
 use host_vmm::{Image, VmConfig};
 use serde::Serialize;
 
-use super::deployed::{Counters, Deployed, Retired};
+use super::deployed::{Deployed, Retired};
+use super::metrics::{self, FunctionMetrics};
 use super::settings::{self, Serving};
 use super::store::{Record, Store, StoreError};
 
@@ -67,13 +68,16 @@ pub struct View {
     pub deployed_at: u64,
     /// VMs alive for it now.
     pub live_vms: u64,
-    /// What this version has done since it started serving.
-    pub counters: Option<Arc<Counters>>,
+    /// What the function has done since this server started (or it was first deployed).
+    pub counters: Arc<FunctionMetrics>,
 }
 
-enum Slot {
-    Serving(Arc<Deployed>, Record),
-    Failed(Record, String),
+/// A function: its record, its metrics (shared by its versions), and its serving version or
+/// why it has none.
+struct Slot {
+    record: Record,
+    metrics: Arc<FunctionMetrics>,
+    serving: Result<Arc<Deployed>, String>,
 }
 
 /// The deployed functions.
@@ -97,25 +101,27 @@ impl Registry {
         let retired = Retired::default();
         let mut slots = HashMap::new();
         for record in store.records()? {
-            let started =
+            let metrics = Arc::<FunctionMetrics>::default();
+            let serving =
                 Image::open(&store.image_path(&record.version)).map_err(|e| e.to_string()).and_then(|image| {
-                    Deployed::start(&record.version, &record.serving, Arc::new(image), Arc::clone(&retired))
+                    Deployed::start(
+                        &record.version,
+                        &record.serving,
+                        Arc::new(image),
+                        Arc::clone(&metrics),
+                        Arc::clone(&retired),
+                    )
                 });
-            let slot = match started {
-                Ok(deployed) => {
-                    eprintln!(
-                        "thaw serve: {} serves version {} from its stored image",
-                        record.name,
-                        short(&record.version)
-                    );
-                    Slot::Serving(Arc::new(deployed), record)
-                }
-                Err(error) => {
-                    eprintln!("thaw serve: {} cannot serve: {error}", record.name);
-                    Slot::Failed(record, error)
-                }
-            };
-            slots.insert(slot_name(&slot).to_string(), slot);
+            match &serving {
+                Ok(_) => eprintln!(
+                    "thaw serve: {} serves version {} from its stored image",
+                    record.name,
+                    short(&record.version)
+                ),
+                Err(error) => eprintln!("thaw serve: {} cannot serve: {error}", record.name),
+            }
+            let serving = serving.map(Arc::new);
+            slots.insert(record.name.clone(), Slot { record, metrics, serving });
         }
         let removed = store.collect_garbage()?;
         if !removed.is_empty() {
@@ -138,8 +144,7 @@ impl Registry {
     pub fn serving(&self, name: &str) -> Result<Option<Arc<Deployed>>, String> {
         match self.slots.read().unwrap_or_else(|p| p.into_inner()).get(name) {
             None => Ok(None),
-            Some(Slot::Serving(deployed, _)) => Ok(Some(Arc::clone(deployed))),
-            Some(Slot::Failed(_, why)) => Err(why.clone()),
+            Some(slot) => slot.serving.clone().map(Some),
         }
     }
 
@@ -154,6 +159,27 @@ impl Registry {
         let mut views: Vec<View> = slots.values().map(view).collect();
         views.sort_by(|a, b| a.name.cmp(&b.name));
         views
+    }
+
+    /// The last `count` lines `name` and its guest wrote, or `None` if it is not deployed.
+    pub fn logs(&self, name: &str, count: usize) -> Option<Vec<super::logs::Line>> {
+        self.slots.read().unwrap_or_else(|p| p.into_inner()).get(name).map(|slot| slot.metrics.logs.last(count))
+    }
+
+    /// Every function's metrics as Prometheus text.
+    pub fn metrics(&self) -> String {
+        let slots = self.slots.read().unwrap_or_else(|p| p.into_inner());
+        let mut names: Vec<&String> = slots.keys().collect();
+        names.sort();
+        let samples: Vec<metrics::Sample<'_>> = names
+            .into_iter()
+            .map(|name| {
+                let slot = &slots[name];
+                let pool = slot.serving.as_ref().ok().and_then(|d| d.pool_stats());
+                metrics::Sample { name, metrics: &slot.metrics, pool }
+            })
+            .collect();
+        metrics::render(&samples)
     }
 
     /// Deploys `upload` (a bundle or a bare wasm) as `name` with the settings in `query`.
@@ -180,27 +206,31 @@ impl Registry {
         let version = function::hex(&function::sha256(&function.bundle));
 
         let _changing = self.changing.lock().await;
-        let existed = match self.slots.read().unwrap_or_else(|p| p.into_inner()).get(name) {
-            Some(slot @ Slot::Serving(deployed, _)) if deployed.version == version && deployed.serving == serving => {
+        let metrics = match self.slots.read().unwrap_or_else(|p| p.into_inner()).get(name) {
+            Some(slot) if slot.serving.as_ref().is_ok_and(|d| d.version == version && d.serving == serving) => {
                 return Ok((Deployment::Unchanged, view(slot)));
             }
-            other => other.is_some(),
+            Some(slot) => Some(Arc::clone(&slot.metrics)),
+            None => None,
         };
+        let existed = metrics.is_some();
+        let metrics = metrics.unwrap_or_default();
         let image_path = self.store.image_path(&version);
         if !image_path.exists() {
             self.snapshot(function, &version).await?;
         }
-        let (version_owned, serving_owned, retired) = (version.clone(), serving.clone(), Arc::clone(&self.retired));
+        let (version_owned, serving_owned, counters, retired) =
+            (version.clone(), serving.clone(), Arc::clone(&metrics), Arc::clone(&self.retired));
         let deployed = tokio::task::spawn_blocking(move || {
             let image = Image::open(&image_path).map_err(|e| e.to_string())?;
-            Deployed::start(&version_owned, &serving_owned, Arc::new(image), retired)
+            Deployed::start(&version_owned, &serving_owned, Arc::new(image), counters, retired)
         })
         .await
         .map_err(|e| RegistryError::Host(e.to_string()))?
         .map_err(RegistryError::Host)?;
         self.store.activate(name, &version, &serving)?;
         let record = self.record(name)?;
-        let slot = Slot::Serving(Arc::new(deployed), record);
+        let slot = Slot { record, metrics, serving: Ok(Arc::new(deployed)) };
         let shown = view(&slot);
         // The old version, if any, drains: requests that took it keep it until they finish.
         let old = self.slots.write().unwrap_or_else(|p| p.into_inner()).insert(name.to_string(), slot);
@@ -264,25 +294,19 @@ impl Registry {
     }
 }
 
-fn slot_name(slot: &Slot) -> &str {
-    match slot {
-        Slot::Serving(_, record) | Slot::Failed(record, _) => &record.name,
-    }
-}
-
 fn view(slot: &Slot) -> View {
-    let (record, state, deployed) = match slot {
-        Slot::Serving(deployed, record) => (record, "serving".to_string(), Some(deployed)),
-        Slot::Failed(record, why) => (record, format!("failed: {why}"), None),
-    };
+    let record = &slot.record;
     View {
         name: record.name.clone(),
         version: record.version.clone(),
-        state,
+        state: match &slot.serving {
+            Ok(_) => "serving".to_string(),
+            Err(why) => format!("failed: {why}"),
+        },
         settings: record.serving.clone(),
         deployed_at: record.deployed_at,
-        live_vms: deployed.map_or(0, |d| d.live_vms()),
-        counters: deployed.map(|d| Arc::clone(&d.counters)),
+        live_vms: slot.serving.as_ref().map_or(0, |d| d.live_vms()),
+        counters: Arc::clone(&slot.metrics),
     }
 }
 
