@@ -445,3 +445,50 @@ unsafe extern "C" {
     #[link_name = "kill"]
     fn libc_kill(pid: i32, signal: i32) -> i32;
 }
+
+#[test]
+fn the_cli_client_deploys_calls_lists_and_reads_logs() {
+    let state = tempfile::tempdir().unwrap();
+    let server = Server::start(state.path(), &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let hello = dir.path().join("hello.thaw");
+    std::fs::write(&hello, example("hello")).unwrap();
+    let scribble = dir.path().join("scribble.wasm");
+    std::fs::write(&scribble, fixture("scribble.wat")).unwrap();
+    let thaw = |args: &[&str]| {
+        let mut all = args.to_vec();
+        all.extend_from_slice(&["--server", &server.url]);
+        run_thaw(&all)
+    };
+
+    let run = thaw(&["deploy", "hello", hello.to_str().unwrap(), "--set", "mode=pool"]);
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    assert!(
+        run.stdout.starts_with("hello created: version ") && run.stdout.ends_with(", pool mode\n"),
+        "{}",
+        run.stdout
+    );
+    let run = thaw(&["call", "hello", "--data", r#"{"name": "cli"}"#]);
+    assert_eq!((run.code, run.stdout.as_str()), (Some(0), "{\"greeting\":\"Hello, cli!\"}\n"), "{}", run.stderr);
+
+    assert_eq!(thaw(&["deploy", "scribble", scribble.to_str().unwrap(), "--set", "env=A=1"]).code, Some(0));
+    let run = thaw(&["call", "scribble", "--data", "trap"]);
+    assert_eq!(run.code, Some(104), "{}", run.stderr);
+    assert!(run.stderr.contains("the server answered 502: the function trapped"), "{}", run.stderr);
+    let run = thaw(&["logs", "scribble", "--lines", "1"]);
+    assert!(run.stdout.ends_with(" stderr  scribbled\n"), "{}", run.stdout);
+
+    let run = thaw(&["functions"]);
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    let rows: Vec<&str> = run.stdout.lines().collect();
+    assert_eq!(rows.len(), 3, "{}", run.stdout);
+    assert!(rows[1].starts_with("hello ") && rows[1].contains(" pool "), "{}", rows[1]);
+    assert!(rows[2].starts_with("scribble ") && rows[2].contains(" reset "), "{}", rows[2]);
+
+    let run = thaw(&["call", "missing", "--data", "x"]);
+    assert_eq!(run.code, Some(125));
+    assert!(run.stderr.contains(r#"the server answered 404: no function "missing" is deployed"#), "{}", run.stderr);
+    let run = thaw(&["deploy", "hello", hello.to_str().unwrap(), "--set", "bogus=1"]);
+    assert_eq!(run.code, Some(125));
+    assert!(run.stderr.contains(r#"the server answered 400: query parameter "bogus""#), "{}", run.stderr);
+}

@@ -6,6 +6,7 @@
 //! `abi::exit_code` (101 panic, 102 fault, 103 guest failure, 124 timeout, 125 thaw error).
 
 mod bench;
+mod client;
 mod demo;
 mod devices;
 mod inspect;
@@ -59,6 +60,14 @@ enum Command {
     /// Run the node agent: deploy functions over HTTP, keep them snapshotted in a durable
     /// store, and serve their invocations (docs/API.md).
     Serve(serve::ServeArgs),
+    /// Deploy a bundle or a wasm module to a `thaw serve` (it snapshots it and serves it).
+    Deploy(client::DeployArgs),
+    /// Invoke a function on a `thaw serve`: the response on stdout.
+    Call(client::CallArgs),
+    /// List the functions a `thaw serve` has, with their versions and counters.
+    Functions(client::FunctionsArgs),
+    /// Show the last lines a function on a `thaw serve` wrote.
+    Logs(client::LogsArgs),
 }
 
 /// Options shared by every command that boots a kernel.
@@ -82,6 +91,10 @@ fn main() -> ExitCode {
         Command::Demo(args) => demo::run(&args),
         Command::Pack(args) => pack::run(&args),
         Command::Serve(args) => serve::run(&args),
+        Command::Deploy(args) => client::deploy(&args),
+        Command::Call(args) => client::call(&args),
+        Command::Functions(args) => client::functions(&args),
+        Command::Logs(args) => client::logs(&args),
         Command::Invoke(args) => invoke::run(&args),
         Command::Snapshot(args) => snapshot::run(&args),
         Command::Inspect(args) => inspect::run(&args),

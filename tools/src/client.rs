@@ -1,0 +1,254 @@
+//! The `thaw serve` client: `thaw deploy`, `thaw call`, `thaw functions` and `thaw logs`. Each
+//! makes one request to a server's HTTP API (docs/API.md) and prints what came back for a human,
+//! or the server's JSON with `--json`.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use clap::Args;
+
+/// Where the server is, for every client command.
+#[derive(Args, Debug)]
+pub struct ServerArgs {
+    /// The server's base URL (plain HTTP).
+    #[arg(long, value_name = "URL", env = "THAW_SERVER", default_value = "http://127.0.0.1:8400")]
+    server: String,
+    /// A file holding the admin token, sent as `Authorization: Bearer` (deploy and logs need it
+    /// when the server has --admin-token-file).
+    #[arg(long, value_name = "FILE", env = "THAW_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+}
+
+/// Arguments of `thaw deploy`.
+#[derive(Args, Debug)]
+pub struct DeployArgs {
+    /// The function's name on the server.
+    name: String,
+    /// A bundle (.thaw, from `thaw pack`) or a bare wasm module (.wasm).
+    #[arg(value_name = "FILE")]
+    file: PathBuf,
+    /// Deploy settings, passed as query parameters (repeatable): mode=reset|pool|fresh, pool=N,
+    /// concurrency=N, queue=N, timeout_ms=MS, and for a bare wasm memory=MIB, fuel=N,
+    /// env=K=V, arg=A.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    settings: Vec<String>,
+    /// Print the server's JSON answer.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    server: ServerArgs,
+}
+
+/// Arguments of `thaw call`.
+#[derive(Args, Debug)]
+pub struct CallArgs {
+    /// The function's name on the server.
+    name: String,
+    /// The request body.
+    #[arg(long, value_name = "STRING", conflicts_with = "input")]
+    data: Option<String>,
+    /// Read the request body from this file.
+    #[arg(long, value_name = "FILE")]
+    input: Option<PathBuf>,
+    #[command(flatten)]
+    server: ServerArgs,
+}
+
+/// Arguments of `thaw functions`.
+#[derive(Args, Debug)]
+pub struct FunctionsArgs {
+    /// Print the server's JSON answer.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    server: ServerArgs,
+}
+
+/// Arguments of `thaw logs`.
+#[derive(Args, Debug)]
+pub struct LogsArgs {
+    /// The function's name on the server.
+    name: String,
+    /// How many of its last lines (1 to 1000).
+    #[arg(long, value_name = "N", default_value_t = 100)]
+    lines: usize,
+    /// Print the server's JSON answer.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    server: ServerArgs,
+}
+
+/// Largest answer the client reads: a function's response is at most 16 MiB.
+const MAX_ANSWER_BYTES: u64 = 32 << 20;
+
+/// A server's answer.
+struct Answer {
+    status: u16,
+    body: Vec<u8>,
+}
+
+impl Answer {
+    /// The answer's JSON, or the server's `error` line as an error (with the status).
+    fn json(&self) -> Result<serde_json::Value, String> {
+        let value: Result<serde_json::Value, _> = serde_json::from_slice(&self.body);
+        match (self.status, value) {
+            (200..=299, Ok(value)) => Ok(value),
+            (status, Ok(value)) => Err(format!(
+                "the server answered {status}: {}",
+                value["error"].as_str().unwrap_or("(no error message)")
+            )),
+            (status, Err(_)) => {
+                Err(format!("the server answered {status} with no JSON: {}", String::from_utf8_lossy(&self.body)))
+            }
+        }
+    }
+}
+
+impl ServerArgs {
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.server.trim_end_matches('/'))
+    }
+
+    fn token(&self) -> Result<Option<String>, String> {
+        let Some(path) = &self.token_file else { return Ok(None) };
+        let bytes = crate::pack::read_limited(path, 4096, "admin token")?;
+        let token = String::from_utf8(bytes).map_err(|_| format!("{}: the token is not UTF-8", path.display()))?;
+        Ok(Some(token.trim().to_string()))
+    }
+
+    /// Sends one request and reads the whole answer, whatever its status.
+    fn send(&self, method: &str, path: &str, body: Option<&[u8]>) -> Result<Answer, String> {
+        let url = self.url(path);
+        let agent = ureq::Agent::new_with_config(ureq::Agent::config_builder().http_status_as_error(false).build());
+        let mut request = ureq::http::Request::builder().method(method).uri(&url);
+        if let Some(token) = self.token()? {
+            request = request.header("Authorization", format!("Bearer {token}"));
+        }
+        let request = request.body(body.unwrap_or_default().to_vec()).map_err(|e| format!("{url}: {e}"))?;
+        let mut response = agent.run(request).map_err(|e| format!("{url}: {e}"))?;
+        let status = response.status().as_u16();
+        let body = response
+            .body_mut()
+            .with_config()
+            .limit(MAX_ANSWER_BYTES)
+            .read_to_vec()
+            .map_err(|e| format!("{url}: reading the answer: {e}"))?;
+        Ok(Answer { status, body })
+    }
+}
+
+/// Percent-encodes a query value.
+fn encode(value: &str) -> String {
+    value
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+fn print_json(value: &serde_json::Value) {
+    println!("{}", serde_json::to_string_pretty(value).unwrap_or_default());
+}
+
+/// `thaw deploy`.
+pub fn deploy(args: &DeployArgs) -> Result<u8, String> {
+    let upload = crate::pack::read_limited(&args.file, 1 << 30, "function")?;
+    let mut query = Vec::new();
+    for setting in &args.settings {
+        let (key, value) = setting.split_once('=').ok_or_else(|| format!("--set {setting:?} is not KEY=VALUE"))?;
+        query.push(format!("{}={}", encode(key), encode(value)));
+    }
+    let query = if query.is_empty() { String::new() } else { format!("?{}", query.join("&")) };
+    eprintln!(
+        "thaw: deploying {} to {} (a cold boot and a snapshot, unless the server has this version)",
+        args.name, args.server.server
+    );
+    let answer = args.server.send("PUT", &format!("/v1/functions/{}{query}", encode(&args.name)), Some(&upload))?;
+    let json = answer.json()?;
+    if args.json {
+        print_json(&json);
+    } else {
+        let function = &json["function"];
+        println!(
+            "{} {}: version {}, {} mode",
+            args.name,
+            json["deployment"].as_str().unwrap_or("deployed"),
+            function["version"].as_str().unwrap_or("?"),
+            function["settings"]["mode"].as_str().unwrap_or("?")
+        );
+    }
+    Ok(0)
+}
+
+/// `thaw call`: the function's response on stdout. A function that failed (502) exits 104 and
+/// one that ran out of time (504) exits 124, as `thaw invoke` does, with the server's error
+/// line on stderr; anything else the server refused is an error.
+pub fn call(args: &CallArgs) -> Result<u8, String> {
+    let body = crate::invoke::request_body(args.data.as_ref(), args.input.as_ref())?;
+    let answer = args.server.send("POST", &format!("/v1/functions/{}/invoke", encode(&args.name)), Some(&body))?;
+    if answer.status == 200 {
+        std::io::stdout()
+            .write_all(&answer.body)
+            .and_then(|()| std::io::stdout().flush())
+            .map_err(|e| e.to_string())?;
+        return Ok(0);
+    }
+    let error = answer.json().err().unwrap_or_default();
+    let code = match answer.status {
+        502 => abi::exit_code::FUNCTION_TRAPPED,
+        504 => abi::exit_code::TIMEOUT,
+        _ => return Err(error),
+    };
+    eprintln!("thaw: {error}");
+    Ok(code as u8)
+}
+
+/// `thaw functions`.
+pub fn functions(args: &FunctionsArgs) -> Result<u8, String> {
+    let json = args.server.send("GET", "/v1/functions", None)?.json()?;
+    if args.json {
+        print_json(&json);
+        return Ok(0);
+    }
+    println!("{:<24} {:<14} {:<6} {:>8} {:>10} {:>8}  state", "name", "version", "mode", "live VMs", "ok", "errors");
+    for f in json["functions"].as_array().into_iter().flatten() {
+        let counters = &f["counters"];
+        let errors = ["function_errors", "timeouts", "vm_failures", "rejected"]
+            .iter()
+            .map(|k| counters[k].as_u64().unwrap_or(0))
+            .sum::<u64>();
+        println!(
+            "{:<24} {:<14} {:<6} {:>8} {:>10} {:>8}  {}",
+            f["name"].as_str().unwrap_or("?"),
+            f["version"].as_str().unwrap_or("?").get(..12).unwrap_or("?"),
+            f["settings"]["mode"].as_str().unwrap_or("?"),
+            f["live_vms"].as_u64().unwrap_or(0),
+            counters["ok"].as_u64().unwrap_or(0),
+            errors,
+            f["state"].as_str().unwrap_or("?")
+        );
+    }
+    Ok(0)
+}
+
+/// `thaw logs`.
+pub fn logs(args: &LogsArgs) -> Result<u8, String> {
+    let path = format!("/v1/functions/{}/logs?lines={}", encode(&args.name), args.lines);
+    let json = args.server.send("GET", &path, None)?.json()?;
+    if args.json {
+        print_json(&json);
+        return Ok(0);
+    }
+    for line in json["lines"].as_array().into_iter().flatten() {
+        println!(
+            "{} {:<7} {}",
+            line["instance"].as_u64().unwrap_or(0),
+            line["stream"].as_str().unwrap_or("?"),
+            line["text"].as_str().unwrap_or("")
+        );
+    }
+    Ok(0)
+}
