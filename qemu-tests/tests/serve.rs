@@ -320,7 +320,7 @@ fn a_crash_during_a_deploy_leaves_the_previous_version_serving() {
 #[test]
 fn hostile_uploads_names_and_requests_get_a_status_that_says_why() {
     let state = tempfile::tempdir().unwrap();
-    let server = Server::start(state.path(), &["--max-request-mib", "1"]);
+    let server = Server::start(state.path(), &["--max-request-mib", "1", "--read-timeout", "1"]);
     let hello = example("hello");
     let error = |reply: &Reply| reply.body.split(r#""error":""#).nth(1).unwrap_or_default().to_string();
 
@@ -374,6 +374,29 @@ fn hostile_uploads_names_and_requests_get_a_status_that_says_why() {
     let answer = String::from_utf8_lossy(&answer[..n]);
     assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
     assert!(answer.contains("larger than the 1048576-byte limit"), "{answer}");
+    // Slow clients: a body that never finishes gets 408, and headers that never finish lose
+    // the connection; both within about the read timeout.
+    let mut slow = std::net::TcpStream::connect(&address).unwrap();
+    slow.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut buf = [0u8; 4096];
+    let started = Instant::now();
+    slow.write_all(
+        format!("POST /v1/functions/s/invoke HTTP/1.1\r\nHost: {address}\r\nContent-Length: 100\r\n\r\nonly ten..")
+            .as_bytes(),
+    )
+    .unwrap();
+    let n = slow.read(&mut buf).unwrap();
+    let slow_answer = String::from_utf8_lossy(&buf[..n]);
+    assert!(slow_answer.starts_with("HTTP/1.1 408"), "{slow_answer}");
+    assert!(slow_answer.contains("did not arrive within 1 s"), "{slow_answer}");
+    let mut slower = std::net::TcpStream::connect(&address).unwrap();
+    slower.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    slower.write_all(b"POST /v1/functions/s/invoke HTTP/1.1\r\nHost: x\r\n").unwrap();
+    let closed =
+        matches!(slower.read(&mut buf), Ok(0) | Err(_)) || String::from_utf8_lossy(&buf).starts_with("HTTP/1.1 408");
+    assert!(closed, "the connection stayed open");
+    assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
+
     let spawn_post = |body: &'static [u8]| {
         let invoke = invoke.clone();
         std::thread::spawn(move || post(&invoke, body))

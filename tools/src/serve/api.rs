@@ -5,9 +5,8 @@
 use std::sync::Arc;
 
 use axum::Router;
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, Path, RawQuery, State};
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -53,13 +52,15 @@ impl Admin {
     }
 }
 
-/// Size caps on request bodies.
+/// Caps on request bodies.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
     /// A deploy's upload, in bytes.
     pub upload: usize,
     /// An invocation's request, in bytes.
     pub request: usize,
+    /// How long a body may take to arrive.
+    pub read_timeout: std::time::Duration,
 }
 
 /// What the handlers share.
@@ -74,13 +75,12 @@ pub struct Api {
 
 /// The routes.
 pub fn router(api: Arc<Api>) -> Router {
-    let limits = api.limits;
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics))
         .route("/v1/functions", get(list))
-        .route("/v1/functions/{name}", get(show).put(deploy).delete(remove).layer(DefaultBodyLimit::max(limits.upload)))
-        .route("/v1/functions/{name}/invoke", post(invoke).layer(DefaultBodyLimit::max(limits.request)))
+        .route("/v1/functions/{name}", get(show).put(deploy).delete(remove))
+        .route("/v1/functions/{name}/invoke", post(invoke))
         .route("/v1/functions/{name}/logs", get(logs))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such route (see docs/API.md)") })
         .with_state(api)
@@ -101,20 +101,47 @@ impl IntoResponse for Refusal {
     }
 }
 
-fn bad_name(name: &str) -> Response {
-    error(StatusCode::BAD_REQUEST, format!("{name:?} is not a function name: 1 to 64 of A-Z a-z 0-9 . _ -"))
+fn bad_name(name: &str) -> Refusal {
+    Refusal(StatusCode::BAD_REQUEST, format!("{name:?} is not a function name: 1 to 64 of A-Z a-z 0-9 . _ -"))
 }
 
-/// The body, or the response that says why there is none (413 past the cap).
-fn body(body: Result<Bytes, BytesRejection>, what: &str, cap: usize) -> Result<Bytes, Refusal> {
-    body.map_err(|rejection| {
-        let status = rejection.status();
-        if status == StatusCode::PAYLOAD_TOO_LARGE {
-            Refusal(status, format!("the {what} is larger than the {cap}-byte limit"))
-        } else {
-            Refusal(status, format!("reading the {what}: {rejection}"))
-        }
-    })
+/// Most of a refused request's body the server still reads, so that a client that sends its
+/// whole body before reading the answer gets the answer rather than a reset connection.
+const DRAIN_BYTES: usize = 1 << 20;
+
+/// `refusal`, after reading what `body` sends within `timeout`, up to [`DRAIN_BYTES`].
+async fn refuse(refusal: Refusal, body: Body, timeout: std::time::Duration) -> Response {
+    let _ = tokio::time::timeout(timeout, axum::body::to_bytes(body, DRAIN_BYTES)).await;
+    refusal.into_response()
+}
+
+/// Reads `body` whole: 413 when it is (or says it is) larger than `cap`, 408 when it takes longer
+/// than `timeout` to arrive, 400 when the connection fails under it.
+async fn read_body(
+    headers: &HeaderMap,
+    body: Body,
+    what: &str,
+    cap: usize,
+    timeout: std::time::Duration,
+) -> Result<Bytes, Refusal> {
+    let too_large =
+        || Refusal(StatusCode::PAYLOAD_TOO_LARGE, format!("the {what} is larger than the {cap}-byte limit"));
+    let declared =
+        headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > cap as u64) {
+        return Err(too_large());
+    }
+    match tokio::time::timeout(timeout, axum::body::to_bytes(body, cap)).await {
+        Err(_) => Err(Refusal(
+            StatusCode::REQUEST_TIMEOUT,
+            format!("the {what} did not arrive within {} s", timeout.as_secs()),
+        )),
+        Ok(Err(error)) => match error.into_inner().downcast::<http_body_util::LengthLimitError>() {
+            Ok(_) => Err(too_large()),
+            Err(error) => Err(Refusal(StatusCode::BAD_REQUEST, format!("reading the {what}: {error}"))),
+        },
+        Ok(Ok(bytes)) => Ok(bytes),
+    }
 }
 
 async fn metrics(State(api): State<Arc<Api>>) -> Response {
@@ -128,7 +155,7 @@ async fn list(State(api): State<Arc<Api>>) -> Response {
 
 async fn show(State(api): State<Arc<Api>>, Path(name): Path<String>) -> Response {
     if !is_name(&name) {
-        return bad_name(&name);
+        return bad_name(&name).into_response();
     }
     match api.registry.view(&name) {
         Some(view) => axum::Json(view).into_response(),
@@ -141,15 +168,15 @@ async fn deploy(
     Path(name): Path<String>,
     headers: HeaderMap,
     RawQuery(query): RawQuery,
-    upload: Result<Bytes, BytesRejection>,
+    upload: Body,
 ) -> Response {
     if let Err(refused) = api.admin.check(&headers) {
-        return refused.into_response();
+        return refuse(refused, upload, api.limits.read_timeout).await;
     }
     if !is_name(&name) {
-        return bad_name(&name);
+        return refuse(bad_name(&name), upload, api.limits.read_timeout).await;
     }
-    let upload = match body(upload, "upload", api.limits.upload) {
+    let upload = match read_body(&headers, upload, "upload", api.limits.upload, api.limits.read_timeout).await {
         Ok(upload) => upload,
         Err(refused) => return refused.into_response(),
     };
@@ -172,7 +199,7 @@ async fn logs(
         return refused.into_response();
     }
     if !is_name(&name) {
-        return bad_name(&name);
+        return bad_name(&name).into_response();
     }
     let pairs: Vec<(String, String)> = serde_urlencoded::from_str(query.as_deref().unwrap_or("")).unwrap_or_default();
     let mut count = 100;
@@ -196,7 +223,7 @@ async fn remove(State(api): State<Arc<Api>>, Path(name): Path<String>, headers: 
         return refused.into_response();
     }
     if !is_name(&name) {
-        return bad_name(&name);
+        return bad_name(&name).into_response();
     }
     match api.registry.delete(&name).await {
         Ok(()) => axum::Json(json!({ "deleted": name })).into_response(),
@@ -214,16 +241,12 @@ fn registry_error(e: &RegistryError) -> Response {
     error(status, e)
 }
 
-async fn invoke(
-    State(api): State<Arc<Api>>,
-    Path(name): Path<String>,
-    request: Result<Bytes, BytesRejection>,
-) -> Response {
+async fn invoke(State(api): State<Arc<Api>>, Path(name): Path<String>, headers: HeaderMap, request: Body) -> Response {
     let arrived = std::time::Instant::now();
     if !is_name(&name) {
-        return bad_name(&name);
+        return refuse(bad_name(&name), request, api.limits.read_timeout).await;
     }
-    let request = match body(request, "request", api.limits.request) {
+    let request = match read_body(&headers, request, "request", api.limits.request, api.limits.read_timeout).await {
         Ok(request) => request,
         Err(refused) => return refused.into_response(),
     };

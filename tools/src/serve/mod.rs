@@ -66,6 +66,10 @@ pub struct ServeArgs {
     /// Without it they are taken only on a loopback address or a Unix socket.
     #[arg(long, value_name = "FILE")]
     admin_token_file: Option<PathBuf>,
+    /// How long a client may take to send a request's headers, and then its body, in seconds;
+    /// past it the connection is closed (headers) or the request gets 408 (body).
+    #[arg(long, value_name = "SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    read_timeout: u64,
     /// On SIGTERM or SIGINT, how long in-flight requests may take to finish, in seconds.
     #[arg(long, value_name = "SECS", default_value_t = 30)]
     grace: u64,
@@ -144,7 +148,11 @@ pub fn run(args: &ServeArgs) -> Result<u8, String> {
     let api = Arc::new(Api {
         registry,
         admin: Admin { token, local_listener },
-        limits: Limits { upload: args.max_upload_mib << 20, request: args.max_request_mib << 20 },
+        limits: Limits {
+            upload: args.max_upload_mib << 20,
+            request: args.max_request_mib << 20,
+            read_timeout: Duration::from_secs(args.read_timeout),
+        },
     });
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -153,7 +161,8 @@ pub fn run(args: &ServeArgs) -> Result<u8, String> {
         .build()
         .map_err(|e| format!("starting the async runtime: {e}"))?;
     let grace = Duration::from_secs(args.grace);
-    runtime.block_on(serve(listen, Arc::clone(&api), grace))?;
+    let read_timeout = Duration::from_secs(args.read_timeout);
+    runtime.block_on(serve(listen, Arc::clone(&api), grace, read_timeout))?;
     // Every version stops taking requests; its threads serve what is queued and destroy their VMs.
     api.registry.stop_all();
     drop(api);
@@ -173,37 +182,16 @@ pub fn run(args: &ServeArgs) -> Result<u8, String> {
 }
 
 /// Serves the API on `listen` until a signal, then lets in-flight requests finish for up to
-/// `grace`.
-async fn serve(listen: Listen, api: Arc<Api>, grace: Duration) -> Result<(), String> {
+/// `grace`. A client that takes longer than `read_timeout` to send its request's headers loses
+/// its connection.
+async fn serve(listen: Listen, api: Arc<Api>, grace: Duration, read_timeout: Duration) -> Result<(), String> {
     let router = api::router(api);
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    tokio::spawn(async move {
-        let _ = stop_signal().await;
-        let _ = stop_tx.send(true);
-    });
-    let stopping = {
-        let mut stop_rx = stop_rx.clone();
-        async move {
-            let _ = stop_rx.wait_for(|stop| *stop).await;
-            eprintln!("thaw serve: stopping: no new connections, in-flight requests finish");
-        }
-    };
-    let deadline = {
-        let mut stop_rx = stop_rx;
-        async move {
-            let _ = stop_rx.wait_for(|stop| *stop).await;
-            tokio::time::sleep(grace).await;
-        }
-    };
-    let served = match listen {
+    let listener = match listen {
         Listen::Tcp(addr) => {
             let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| format!("--listen {addr}: {e}"))?;
             let bound = listener.local_addr().map_err(|e| e.to_string())?;
             eprintln!("thaw serve: listening on http://{bound}");
-            tokio::select! {
-                served = axum::serve(listener, router).with_graceful_shutdown(stopping) => served,
-                () = deadline => Ok(()),
-            }
+            Listener::Tcp(listener)
         }
         Listen::Unix(path) => {
             use std::os::unix::fs::{FileTypeExt, PermissionsExt};
@@ -219,15 +207,88 @@ async fn serve(listen: Listen, api: Arc<Api>, grace: Duration) -> Result<(), Str
             std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
                 .map_err(|e| format!("--listen unix:{}: {e}", path.display()))?;
             eprintln!("thaw serve: listening on unix:{}", path.display());
-            let served = tokio::select! {
-                served = axum::serve(listener, router).with_graceful_shutdown(stopping) => served,
-                () = deadline => Ok(()),
-            };
-            let _ = std::fs::remove_file(&path);
-            served
+            Listener::Unix(listener, path)
         }
     };
-    served.map_err(|e| format!("serving HTTP: {e}"))
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut stop = std::pin::pin!(stop_signal());
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = &mut stop => break,
+        };
+        match accepted {
+            Ok(Stream::Tcp(stream)) => serve_connection(stream, &router, &graceful, read_timeout),
+            Ok(Stream::Unix(stream)) => serve_connection(stream, &router, &graceful, read_timeout),
+            // Running out of descriptors, or a connection reset before it was accepted: the
+            // listener itself is fine.
+            Err(error) => {
+                eprintln!("thaw serve: accepting a connection: {error}");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+    eprintln!("thaw serve: stopping: no new connections, in-flight requests finish");
+    drop(listener);
+    tokio::select! {
+        () = graceful.shutdown() => {}
+        () = tokio::time::sleep(grace) => eprintln!("thaw serve: the grace period ended with requests in flight"),
+    }
+    Ok(())
+}
+
+/// A bound listener; a Unix socket's file is removed when it drops.
+enum Listener {
+    Tcp(tokio::net::TcpListener),
+    Unix(tokio::net::UnixListener, PathBuf),
+}
+
+enum Stream {
+    Tcp(tokio::net::TcpStream),
+    Unix(tokio::net::UnixStream),
+}
+
+impl Listener {
+    async fn accept(&self) -> std::io::Result<Stream> {
+        match self {
+            Self::Tcp(listener) => {
+                let (stream, _) = listener.accept().await?;
+                // Answers are small and the client waits for each: send them at once.
+                let _ = stream.set_nodelay(true);
+                Ok(Stream::Tcp(stream))
+            }
+            Self::Unix(listener, _) => Ok(Stream::Unix(listener.accept().await?.0)),
+        }
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if let Self::Unix(_, path) = self {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// Serves one connection (HTTP/1.1, keep-alive) on its own task, watched for a graceful shutdown.
+fn serve_connection<S>(
+    stream: S,
+    router: &axum::Router,
+    graceful: &hyper_util::server::graceful::GracefulShutdown,
+    read_timeout: Duration,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = hyper_util::service::TowerToHyperService::new(router.clone());
+    let connection = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(read_timeout)
+        .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+    let connection = graceful.watch(connection);
+    tokio::spawn(async move {
+        // A client that hangs up or times out ends only its own connection.
+        let _ = connection.await;
+    });
 }
 
 /// Resolves on SIGTERM or SIGINT.
