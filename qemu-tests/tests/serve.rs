@@ -515,3 +515,109 @@ fn the_cli_client_deploys_calls_lists_and_reads_logs() {
     assert_eq!(run.code, Some(125));
     assert!(run.stderr.contains(r#"the server answered 400: query parameter "bogus""#), "{}", run.stderr);
 }
+
+#[test]
+fn a_thousand_concurrent_requests_across_three_modes_are_each_answered_or_refused_with_why() {
+    let state = tempfile::tempdir().unwrap();
+    let server = Server::start(state.path(), &[]);
+    let hello = example("hello");
+    for (name, mode) in [("r", "reset"), ("p", "pool"), ("f", "fresh")] {
+        assert_eq!(put(&format!("{}?mode={mode}", server.functions(name)), &hello).status, 201);
+    }
+    let start = Arc::new(std::sync::Barrier::new(1001));
+    let clients: Vec<_> = (0..1000)
+        .map(|i| {
+            let url = format!("{}/invoke", server.functions(["r", "p", "f"][i % 3]));
+            let start = Arc::clone(&start);
+            std::thread::spawn(move || {
+                start.wait();
+                (i, post(&url, format!("{{\"name\": \"n{i}\"}}").as_bytes()))
+            })
+        })
+        .collect();
+    start.wait();
+    let (mut answered, mut refused) = (0, 0);
+    for client in clients {
+        let (i, reply) = client.join().unwrap();
+        match reply.status {
+            200 => {
+                assert_eq!(
+                    reply.body,
+                    format!("{{\"greeting\":\"Hello, n{i}!\"}}\n"),
+                    "request {i} got another's answer"
+                );
+                answered += 1;
+            }
+            429 => {
+                assert!(reply.body.contains("queue of 64 requests is full"), "{}", reply.body);
+                assert_eq!(reply.headers["retry-after"], "1");
+                refused += 1;
+            }
+            status => panic!("request {i}: {status} {}", reply.body),
+        }
+    }
+    assert_eq!(answered + refused, 1000);
+    assert!(answered >= 3 * 64, "each function queues 64 and serves 2 at once: {answered} answered");
+
+    let text = get(&format!("{}/metrics", server.url)).body;
+    let total = |outcome: &str| -> f64 {
+        ["r", "p", "f"]
+            .iter()
+            .map(|f| metric(&text, &format!(r#"thaw_requests_total{{function="{f}",outcome="{outcome}"}}"#)))
+            .sum()
+    };
+    assert_eq!(total("ok"), f64::from(answered));
+    assert_eq!(total("rejected"), f64::from(refused));
+    assert_eq!(total("vm_failure") + total("timeout") + total("function_error"), 0.0);
+}
+
+#[test]
+fn under_traffic_a_redeploy_switches_versions_and_a_delete_ends_in_404() {
+    let state = tempfile::tempdir().unwrap();
+    let server = Server::start(state.path(), &[]);
+    let deployed = put(&format!("{}?mode=pool&queue=1000", server.functions("p")), &example("hello"));
+    let v1 = version(&deployed.body);
+    // The same function with another sample request is another version.
+    let dir = tempfile::tempdir().unwrap();
+    let other = dir.path().join("other.thaw");
+    let run = run_thaw(&["pack", "--example", "hello", "--sample-data", "{}", "-o", other.to_str().unwrap()]);
+    assert_eq!(run.code, Some(0), "{}{}", run.stdout, run.stderr);
+    let other = std::fs::read(other).unwrap();
+
+    let url = format!("{}/invoke", server.functions("p"));
+    let callers: Vec<_> = (0..8)
+        .map(|i| {
+            let url = url.clone();
+            std::thread::spawn(move || {
+                let mut served = Vec::new();
+                loop {
+                    let sent = Instant::now();
+                    let reply = post(&url, format!("{{\"name\": \"d{i}\"}}").as_bytes());
+                    match reply.status {
+                        200 => {
+                            assert_eq!(reply.body, format!("{{\"greeting\":\"Hello, d{i}!\"}}\n"));
+                            served.push((sent, reply.headers["x-thaw-version"].to_str().unwrap().to_string()));
+                        }
+                        404 => return served,
+                        status => panic!("{status}: {}", reply.body),
+                    }
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let redeployed = put(&format!("{}?mode=pool&queue=1000", server.functions("p")), &other);
+    assert_eq!(redeployed.status, 200, "{}", redeployed.body);
+    let switched = Instant::now();
+    let v2 = version(&redeployed.body);
+    assert_ne!(v1, v2);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(delete(&server.functions("p")).status, 200);
+
+    let served: Vec<(Instant, String)> = callers.into_iter().flat_map(|c| c.join().unwrap()).collect();
+    assert!(served.iter().any(|(_, v)| *v == v1) && served.iter().any(|(_, v)| *v == v2));
+    for (sent, version) in &served {
+        assert!(*sent < switched || *version == v2, "a request sent after the switch was served by the old version");
+    }
+    assert_eq!(get(&server.functions("p")).status, 404);
+}
