@@ -63,8 +63,9 @@ fn spawn(args: &[&str]) -> (Child, Arc<Mutex<String>>, String) {
     let kept = Arc::clone(&log);
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            // In text or JSON lines alike, the address runs to a quote or the end.
             if let Some(at) = line.split("listening on ").nth(1) {
-                let _ = tx.send(at.to_string());
+                let _ = tx.send(at.split('"').next().unwrap_or_default().trim().to_string());
             }
             let mut log = kept.lock().unwrap();
             log.push_str(&line);
@@ -274,7 +275,7 @@ fn a_restart_serves_every_function_from_its_stored_image() {
     assert_eq!(put(&server.functions("random"), &example("random")).status, 201);
     server.kill();
 
-    let server = Server::start(state.path(), &[]);
+    let server = Server::start(state.path(), &["--log-format", "json"]);
     for (name, body, expect) in [("hello", &br#"{"name": "again"}"#[..], "Hello, again!"), ("random", b"{}", "random")]
     {
         let answer = post(&format!("{}/invoke", server.functions(name)), body);
@@ -284,6 +285,9 @@ fn a_restart_serves_every_function_from_its_stored_image() {
     let log = server.log();
     assert!(!log.contains("snapshot of"), "a restart takes no snapshot: {log}");
     assert_eq!(log.matches("from its stored image").count(), 2, "{log}");
+    for line in log.lines() {
+        assert!(line.starts_with('{') && line.ends_with('}') && line.contains(r#""level":"INFO""#), "{line}");
+    }
     assert!(get(&server.functions("hello")).body.contains(r#""mode":"pool""#));
 }
 

@@ -22,7 +22,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use clap::Args;
+use clap::{Args, ValueEnum};
+use tracing::{info, warn};
 
 use self::api::{Admin, Api, Limits};
 use self::registry::Registry;
@@ -70,9 +71,31 @@ pub struct ServeArgs {
     /// past it the connection is closed (headers) or the request gets 408 (body).
     #[arg(long, value_name = "SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
     read_timeout: u64,
+    /// How the server's own log (on stderr) is written: text for people, or JSON lines.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     /// On SIGTERM or SIGINT, how long in-flight requests may take to finish, in seconds.
     #[arg(long, value_name = "SECS", default_value_t = 30)]
     grace: u64,
+}
+
+/// How the server's log is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum LogFormat {
+    /// One human-readable line per event.
+    Text,
+    /// One JSON object per event.
+    Json,
+}
+
+/// Sends the server's log (info and up) to stderr in `format`.
+fn init_log(format: LogFormat) {
+    let builder = tracing_subscriber::fmt().with_writer(std::io::stderr).with_max_level(tracing::Level::INFO);
+    // A second call (in tests of one process) keeps the first subscriber.
+    let _ = match format {
+        LogFormat::Text => builder.with_ansi(false).try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
 }
 
 /// Where the store lives by default.
@@ -107,6 +130,7 @@ fn parse_listen(text: &str) -> Result<Listen, String> {
 
 /// Runs the server until SIGTERM or SIGINT; returns the exit code.
 pub fn run(args: &ServeArgs) -> Result<u8, String> {
+    init_log(args.log_format);
     let listen = parse_listen(&args.listen)?;
     let defaults = Serving {
         mode: args.mode,
@@ -138,7 +162,7 @@ pub fn run(args: &ServeArgs) -> Result<u8, String> {
         None => default_state_dir()?,
     };
     let store = Store::open(&state_dir).map_err(|e| e.to_string())?;
-    eprintln!("thaw serve: function store in {}", state_dir.display());
+    info!(store = %state_dir.display(), "function store opened");
     let registry = Registry::load(store, defaults).map_err(|e| e.to_string())?;
     let retired = registry.retired();
     let local_listener = match &listen {
@@ -177,7 +201,7 @@ pub fn run(args: &ServeArgs) -> Result<u8, String> {
             let _ = thread.join();
         }
     }
-    eprintln!("thaw serve: stopped");
+    info!("stopped");
     Ok(0)
 }
 
@@ -190,7 +214,7 @@ async fn serve(listen: Listen, api: Arc<Api>, grace: Duration, read_timeout: Dur
         Listen::Tcp(addr) => {
             let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| format!("--listen {addr}: {e}"))?;
             let bound = listener.local_addr().map_err(|e| e.to_string())?;
-            eprintln!("thaw serve: listening on http://{bound}");
+            info!("listening on http://{bound}");
             Listener::Tcp(listener)
         }
         Listen::Unix(path) => {
@@ -206,7 +230,7 @@ async fn serve(listen: Listen, api: Arc<Api>, grace: Duration, read_timeout: Dur
                 tokio::net::UnixListener::bind(&path).map_err(|e| format!("--listen unix:{}: {e}", path.display()))?;
             std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
                 .map_err(|e| format!("--listen unix:{}: {e}", path.display()))?;
-            eprintln!("thaw serve: listening on unix:{}", path.display());
+            info!("listening on unix:{}", path.display());
             Listener::Unix(listener, path)
         }
     };
@@ -223,16 +247,16 @@ async fn serve(listen: Listen, api: Arc<Api>, grace: Duration, read_timeout: Dur
             // Running out of descriptors, or a connection reset before it was accepted: the
             // listener itself is fine.
             Err(error) => {
-                eprintln!("thaw serve: accepting a connection: {error}");
+                warn!(%error, "accepting a connection failed");
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
         }
     }
-    eprintln!("thaw serve: stopping: no new connections, in-flight requests finish");
+    info!("stopping: no new connections, in-flight requests finish");
     drop(listener);
     tokio::select! {
         () = graceful.shutdown() => {}
-        () = tokio::time::sleep(grace) => eprintln!("thaw serve: the grace period ended with requests in flight"),
+        () = tokio::time::sleep(grace) => warn!("the grace period ended with requests in flight"),
     }
     Ok(())
 }

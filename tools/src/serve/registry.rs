@@ -12,6 +12,7 @@ use std::time::Duration;
 use host_vmm::function::{self, Function};
 use host_vmm::{Image, VmConfig};
 use serde::Serialize;
+use tracing::{error, info, warn};
 
 use super::deployed::{Deployed, Retired};
 use super::metrics::{self, FunctionMetrics};
@@ -113,19 +114,17 @@ impl Registry {
                     )
                 });
             match &serving {
-                Ok(_) => eprintln!(
-                    "thaw serve: {} serves version {} from its stored image",
-                    record.name,
-                    short(&record.version)
-                ),
-                Err(error) => eprintln!("thaw serve: {} cannot serve: {error}", record.name),
+                Ok(_) => {
+                    info!(function = record.name, version = short(&record.version), "serving from its stored image")
+                }
+                Err(error) => error!(function = record.name, %error, "cannot serve"),
             }
             let serving = serving.map(Arc::new);
             slots.insert(record.name.clone(), Slot { record, metrics, serving });
         }
         let removed = store.collect_garbage()?;
         if !removed.is_empty() {
-            eprintln!("thaw serve: removed {} unreferenced file(s) from the image store", removed.len());
+            info!(files = removed.len(), "removed unreferenced files from the image store");
         }
         Ok(Self { store, slots: RwLock::new(slots), changing: tokio::sync::Mutex::new(()), defaults, retired })
     }
@@ -236,7 +235,7 @@ impl Registry {
         let old = self.slots.write().unwrap_or_else(|p| p.into_inner()).insert(name.to_string(), slot);
         drop(old);
         self.collect_garbage();
-        eprintln!("thaw serve: {name} now serves version {} ({})", short(&version), serving_summary(&serving));
+        info!(function = name, version = short(&version), settings = serving_summary(&serving), "deployed");
         Ok((if existed { Deployment::Updated } else { Deployment::Created }, shown))
     }
 
@@ -261,7 +260,7 @@ impl Registry {
         .await
         .map_err(|e| RegistryError::Host(e.to_string()))?
         .map_err(|e| RegistryError::Unusable(format!("{name}: {e}")))?;
-        eprintln!("thaw serve: {status}");
+        info!("{status}");
         self.store.keep_image(&image_path, version)?;
         Ok(())
     }
@@ -275,7 +274,7 @@ impl Registry {
         let old = self.slots.write().unwrap_or_else(|p| p.into_inner()).remove(name);
         drop(old);
         self.collect_garbage();
-        eprintln!("thaw serve: {name} deleted");
+        info!(function = name, "deleted");
         Ok(())
     }
 
@@ -286,10 +285,10 @@ impl Registry {
     fn collect_garbage(&self) {
         match self.store.collect_garbage() {
             Ok(removed) if !removed.is_empty() => {
-                eprintln!("thaw serve: removed {} image(s) no version uses", removed.len());
+                info!(images = removed.len(), "removed images no version uses");
             }
             Ok(_) => {}
-            Err(error) => eprintln!("thaw serve: collecting unused images: {error}"),
+            Err(error) => warn!(%error, "collecting unused images failed"),
         }
     }
 }
