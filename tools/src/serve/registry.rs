@@ -2,10 +2,11 @@
 //! the operations that change them. A deploy validates the upload, snapshots it (cold boot,
 //! init, checkpoint, working set) unless the store already holds that version's image, starts
 //! the new version serving, commits it to the store, and only then switches traffic to it.
-//! Requests that already took the old version finish on it. Deploys and deletes run one at a
-//! time.
+//! Requests that already took the old version finish on it. Snapshots run side by side; what
+//! follows them, and deletes, run one at a time.
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -204,19 +205,35 @@ impl Registry {
         let function = Function::from_bundle(bundle).map_err(|e| RegistryError::Invalid(e.to_string()))?;
         let version = function::hex(&function::sha256(&function.bundle));
 
+        let unchanged = |slots: &HashMap<String, Slot>| {
+            slots
+                .get(name)
+                .filter(|slot| slot.serving.as_ref().is_ok_and(|d| d.version == version && d.serving == serving))
+                .map(view)
+        };
+        if let Some(shown) = unchanged(&self.slots.read().unwrap_or_else(|p| p.into_inner())) {
+            return Ok((Deployment::Unchanged, shown));
+        }
+        let image_path = self.store.image_path(&version);
+        // The snapshot, the slow part, runs before the lock, so one function's long init does
+        // not hold up another's deploy; it works in a directory of its own in tmp/.
+        let made = if image_path.exists() { None } else { Some(self.snapshot(function, &version).await?) };
+
         let _changing = self.changing.lock().await;
-        let metrics = match self.slots.read().unwrap_or_else(|p| p.into_inner()).get(name) {
-            Some(slot) if slot.serving.as_ref().is_ok_and(|d| d.version == version && d.serving == serving) => {
-                return Ok((Deployment::Unchanged, view(slot)));
+        let metrics = {
+            let slots = self.slots.read().unwrap_or_else(|p| p.into_inner());
+            if let Some(shown) = unchanged(&slots) {
+                return Ok((Deployment::Unchanged, shown));
             }
-            Some(slot) => Some(Arc::clone(&slot.metrics)),
-            None => None,
+            slots.get(name).map(|slot| Arc::clone(&slot.metrics))
         };
         let existed = metrics.is_some();
         let metrics = metrics.unwrap_or_default();
-        let image_path = self.store.image_path(&version);
-        if !image_path.exists() {
-            self.snapshot(function, &version).await?;
+        if let Some((_scratch, made)) = &made {
+            // A deploy of the same version may have kept its image meanwhile; either will do.
+            if !image_path.exists() {
+                self.store.keep_image(made, &version)?;
+            }
         }
         let (version_owned, serving_owned, counters, retired) =
             (version.clone(), serving.clone(), Arc::clone(&metrics), Arc::clone(&self.retired));
@@ -239,12 +256,16 @@ impl Registry {
         Ok((if existed { Deployment::Updated } else { Deployment::Created }, shown))
     }
 
-    /// Cold-boots `function`, snapshots it after init with its working set, and keeps the image
-    /// as `version`'s.
-    async fn snapshot(&self, function: Function, version: &str) -> Result<(), RegistryError> {
+    /// Cold-boots `function` and snapshots it after init with its working set, in a new
+    /// directory in the store's scratch space. Returns the directory (removed when dropped) and
+    /// the image in it.
+    async fn snapshot(&self, function: Function, version: &str) -> Result<(tempfile::TempDir, PathBuf), RegistryError> {
         let scratch = self.store.scratch();
-        let (bundle_path, image_path) =
-            (scratch.join(format!("{version}.thaw")), scratch.join(format!("{version}.snap")));
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("{}-", short(version)))
+            .tempdir_in(&scratch)
+            .map_err(|e| RegistryError::Host(format!("{}: {e}", scratch.display())))?;
+        let (bundle_path, image_path) = (dir.path().join("function.thaw"), dir.path().join("image.snap"));
         let made = image_path.clone();
         let name = function.manifest.name.clone();
         let status = tokio::task::spawn_blocking(move || {
@@ -253,16 +274,13 @@ impl Registry {
             let mut config = VmConfig::default();
             crate::devices::add_function_devices(&mut config, &function, &bundle_path);
             let sample = function.manifest.sample_request.clone().unwrap_or_default();
-            let status = crate::snapshot::snapshot_function(&function, &made, SNAPSHOT_TIMEOUT, config, Some(sample));
-            let _ = std::fs::remove_file(&bundle_path);
-            status
+            crate::snapshot::snapshot_function(&function, &made, SNAPSHOT_TIMEOUT, config, Some(sample))
         })
         .await
         .map_err(|e| RegistryError::Host(e.to_string()))?
         .map_err(|e| RegistryError::Unusable(format!("{name}: {e}")))?;
         info!("{status}");
-        self.store.keep_image(&image_path, version)?;
-        Ok(())
+        Ok((dir, image_path))
     }
 
     /// Removes `name`: it takes no new requests, and those it took finish first.
