@@ -154,6 +154,8 @@ fn deploy_invoke_redeploy_and_delete_over_http() {
     let deployed = put(&server.functions("hello"), &hello);
     assert_eq!(deployed.status, 201, "{}", deployed.body);
     assert!(deployed.body.contains(r#""deployment":"created""#) && deployed.body.contains(r#""mode":"reset""#));
+    // Traffic switches only once the version is ready: both kept VMs restored and parked.
+    assert!(deployed.body.contains(r#""live_vms":2"#), "{}", deployed.body);
     let v1 = version(&deployed.body);
     assert_eq!(v1.len(), 64, "{}", deployed.body);
 

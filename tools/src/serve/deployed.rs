@@ -24,6 +24,9 @@ use super::metrics::FunctionMetrics;
 use super::settings::Serving;
 use crate::restore::Mode;
 
+/// How long a new version may take to ready its VMs.
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// vCPU threads of versions that were replaced or removed, for the server to join at its end.
 pub type Retired = Arc<Mutex<Vec<JoinHandle<()>>>>;
 
@@ -73,8 +76,9 @@ pub struct Deployed {
 
 impl Deployed {
     /// Starts serving `image` at `version`, counting into `counters`: the pool's filler (pool
-    /// mode) and the vCPU threads, which in reset mode each restore and park a kept VM before
-    /// the first request.
+    /// mode) and the vCPU threads. Returns once it is ready for traffic: in reset mode every
+    /// thread has restored and parked its kept VM, in pool mode the pool has parked a VM. A VM
+    /// that cannot be readied fails the start, with why.
     pub fn start(
         version: &str,
         serving: &Serving,
@@ -91,6 +95,7 @@ impl Deployed {
         };
         let (queue, jobs) = mpsc::sync_channel(serving.queue);
         let jobs = Arc::new(Mutex::new(jobs));
+        let (ready, readied) = mpsc::channel();
         let mut threads = Vec::with_capacity(serving.concurrency);
         for index in 0..serving.concurrency {
             let worker = Worker {
@@ -101,14 +106,16 @@ impl Deployed {
                 counters: Arc::clone(&counters),
                 kept: None,
             };
-            let jobs = Arc::clone(&jobs);
+            let (jobs, ready) = (Arc::clone(&jobs), ready.clone());
             let thread = std::thread::Builder::new()
                 .name(format!("thaw-vcpu-{index}"))
-                .spawn(move || worker.run(&jobs))
+                .spawn(move || worker.run(&jobs, &ready))
                 .map_err(|e| format!("starting a vCPU thread: {e}"))?;
             threads.push(thread);
         }
-        Ok(Self {
+        drop(ready);
+        // Built before the wait, so that a failed start closes the queue and ends the threads.
+        let deployed = Self {
             version: version.to_string(),
             serving: serving.clone(),
             counters,
@@ -116,7 +123,23 @@ impl Deployed {
             queue: Some(queue),
             threads,
             retired,
-        })
+        };
+        let deadline = Instant::now() + READY_TIMEOUT;
+        let late = || format!("the VMs were not ready within {} s", READY_TIMEOUT.as_secs());
+        for _ in 0..serving.concurrency {
+            match readied.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => return Err(format!("readying a VM: {error}")),
+                Err(_) => return Err(late()),
+            }
+        }
+        while deployed.pool_stats().is_some_and(|stats| stats.filled == 0) {
+            if Instant::now() > deadline {
+                return Err(late());
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        Ok(deployed)
     }
 
     /// Queues `body`; the receiver gets the answer (or why the VM could not give one).
@@ -186,7 +209,9 @@ enum After {
 }
 
 impl Worker {
-    fn run(mut self, jobs: &Mutex<Receiver<Job>>) {
+    fn run(mut self, jobs: &Mutex<Receiver<Job>>, ready: &mpsc::Sender<Result<(), String>>) {
+        let readied = if self.mode == Mode::Reset { self.ensure_kept().map(|_| ()) } else { Ok(()) };
+        let _ = ready.send(readied);
         loop {
             if self.mode == Mode::Reset && self.kept.is_none() {
                 // Ahead of the request: a failure here is reported with the next request.
