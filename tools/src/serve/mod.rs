@@ -71,6 +71,11 @@ pub struct ServeArgs {
     /// past it the connection is closed (headers) or the request gets 408 (body).
     #[arg(long, value_name = "SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
     read_timeout: u64,
+    /// Threads for the HTTP side (the async runtime). The vCPUs have threads of their own, and
+    /// on a small machine one HTTP thread contends least with them (measured in
+    /// docs/BENCHMARKS.md).
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+    http_threads: u16,
     /// How the server's own log (on stderr) is written: text for people, or JSON lines.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -179,7 +184,7 @@ pub fn run(args: &ServeArgs) -> Result<u8, String> {
         },
     });
     let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(usize::from(args.http_threads))
         .thread_name("thaw-http")
         .enable_all()
         .build()
