@@ -180,7 +180,7 @@ async fn deploy(
         Ok(upload) => upload,
         Err(refused) => return refused.into_response(),
     };
-    match api.registry.deploy(&name, upload.to_vec(), query.as_deref().unwrap_or("")).await {
+    match api.registry.deploy(&name, Vec::from(upload), query.as_deref().unwrap_or("")).await {
         Ok((deployment, view)) => {
             let status = if deployment == Deployment::Created { StatusCode::CREATED } else { StatusCode::OK };
             (status, axum::Json(json!({ "deployment": deployment, "function": view }))).into_response()
@@ -201,7 +201,10 @@ async fn logs(
     if !is_name(&name) {
         return bad_name(&name).into_response();
     }
-    let pairs: Vec<(String, String)> = serde_urlencoded::from_str(query.as_deref().unwrap_or("")).unwrap_or_default();
+    let pairs: Vec<(String, String)> = match serde_urlencoded::from_str(query.as_deref().unwrap_or("")) {
+        Ok(pairs) => pairs,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("the query string is not key=value pairs: {e}")),
+    };
     let mut count = 100;
     for (key, value) in pairs {
         match (key.as_str(), value.parse::<usize>()) {
@@ -255,7 +258,7 @@ async fn invoke(State(api): State<Arc<Api>>, Path(name): Path<String>, headers: 
         Ok(None) => return error(StatusCode::NOT_FOUND, format!("no function {name:?} is deployed")),
         Err(why) => return error(StatusCode::SERVICE_UNAVAILABLE, format!("{name} cannot serve: {why}")),
     };
-    let answer = match deployed.submit(request.to_vec()) {
+    let answer = match deployed.submit(Vec::from(request)) {
         Ok(answer) => answer,
         Err(Rejected::Full) => {
             let mut response = error(
@@ -268,7 +271,7 @@ async fn invoke(State(api): State<Arc<Api>>, Path(name): Path<String>, headers: 
         Err(Rejected::Closed) => return error(StatusCode::SERVICE_UNAVAILABLE, format!("{name} is shutting down")),
     };
     let answer = answer.await.unwrap_or_else(|_| Err("the vCPU thread serving it ended".into()));
-    deployed.counters.request.observe(arrived.elapsed());
+    deployed.metrics.request.observe(arrived.elapsed());
     let mut response = answer_response(&answer, deployed.serving.timeout_ms);
     if let Ok(version) = HeaderValue::from_str(&deployed.version) {
         response.headers_mut().insert("x-thaw-version", version);

@@ -67,7 +67,7 @@ pub struct Deployed {
     /// How it is served.
     pub serving: Serving,
     /// What its function has done (shared by all its versions).
-    pub counters: Arc<FunctionMetrics>,
+    pub metrics: Arc<FunctionMetrics>,
     pool: Option<Arc<Pool>>,
     queue: Option<SyncSender<Job>>,
     threads: Vec<JoinHandle<()>>,
@@ -75,7 +75,7 @@ pub struct Deployed {
 }
 
 impl Deployed {
-    /// Starts serving `image` at `version`, counting into `counters`: the pool's filler (pool
+    /// Starts serving `image` at `version`, counting into `metrics`: the pool's filler (pool
     /// mode) and the vCPU threads. Returns once it is ready for traffic: in reset mode every
     /// thread has restored and parked its kept VM, in pool mode the pool has parked a VM. A VM
     /// that cannot be readied fails the start, with why.
@@ -83,7 +83,7 @@ impl Deployed {
         version: &str,
         serving: &Serving,
         image: Arc<Image>,
-        counters: Arc<FunctionMetrics>,
+        metrics: Arc<FunctionMetrics>,
         retired: Retired,
     ) -> Result<Self, String> {
         let config = VmConfig { timeout: Duration::from_millis(serving.timeout_ms), ..VmConfig::default() };
@@ -103,7 +103,7 @@ impl Deployed {
                 image: Arc::clone(&image),
                 config: config.clone(),
                 pool: pool.clone(),
-                counters: Arc::clone(&counters),
+                metrics: Arc::clone(&metrics),
                 kept: None,
             };
             let (jobs, ready) = (Arc::clone(&jobs), ready.clone());
@@ -118,7 +118,7 @@ impl Deployed {
         let deployed = Self {
             version: version.to_string(),
             serving: serving.clone(),
-            counters,
+            metrics,
             pool,
             queue: Some(queue),
             threads,
@@ -146,16 +146,16 @@ impl Deployed {
     pub fn submit(&self, body: Vec<u8>) -> Result<oneshot::Receiver<Result<Answer, String>>, Rejected> {
         let (reply, answer) = oneshot::channel();
         let queue = self.queue.as_ref().ok_or(Rejected::Closed)?;
-        self.counters.in_flight.fetch_add(1, Ordering::Relaxed);
-        self.counters.queued.fetch_add(1, Ordering::Relaxed);
+        self.metrics.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.metrics.queued.fetch_add(1, Ordering::Relaxed);
         match queue.try_send(Job { body, arrived: Instant::now(), reply }) {
             Ok(()) => Ok(answer),
             Err(error) => {
-                self.counters.in_flight.fetch_sub(1, Ordering::Relaxed);
-                self.counters.queued.fetch_sub(1, Ordering::Relaxed);
+                self.metrics.in_flight.fetch_sub(1, Ordering::Relaxed);
+                self.metrics.queued.fetch_sub(1, Ordering::Relaxed);
                 match error {
                     TrySendError::Full(_) => {
-                        self.counters.rejected.fetch_add(1, Ordering::Relaxed);
+                        self.metrics.rejected.fetch_add(1, Ordering::Relaxed);
                         Err(Rejected::Full)
                     }
                     TrySendError::Disconnected(_) => Err(Rejected::Closed),
@@ -167,7 +167,7 @@ impl Deployed {
     /// VMs alive for its function now: those vCPU threads hold, and this version's pool's.
     pub fn live_vms(&self) -> u64 {
         let pooled = self.pool_stats().map_or(0, |stats| stats.filled.saturating_sub(stats.destroyed));
-        u64::try_from(self.counters.live_vms.load(Ordering::Relaxed)).unwrap_or(0) + pooled
+        u64::try_from(self.metrics.live_vms.load(Ordering::Relaxed)).unwrap_or(0) + pooled
     }
 
     /// What this version's pool has done (pool mode).
@@ -191,7 +191,7 @@ struct Worker {
     image: Arc<Image>,
     config: VmConfig,
     pool: Option<Arc<Pool>>,
-    counters: Arc<FunctionMetrics>,
+    metrics: Arc<FunctionMetrics>,
     /// Reset mode: the kept VM, parked.
     kept: Option<Instance>,
 }
@@ -219,7 +219,7 @@ impl Worker {
             }
             let job = jobs.lock().unwrap_or_else(|p| p.into_inner()).recv();
             let Ok(job) = job else { break };
-            self.counters.queued.fetch_sub(1, Ordering::Relaxed);
+            self.metrics.queued.fetch_sub(1, Ordering::Relaxed);
             let queued = job.arrived.elapsed();
             let started = Instant::now();
             let mut output = Capture::default();
@@ -229,30 +229,30 @@ impl Worker {
                     (Ok(answer), after)
                 }
                 Err(error) => {
-                    self.counters.vm_failures.fetch_add(1, Ordering::Relaxed);
+                    self.metrics.vm_failures.fetch_add(1, Ordering::Relaxed);
                     (Err(error), After::Nothing)
                 }
             };
             if let Ok(answer) = &result {
                 self.count(answer);
-                let logs = &self.counters.logs;
+                let logs = &self.metrics.logs;
                 if let Some(response) = &answer.response {
-                    self.counters.handle.observe(response.handle_time);
+                    self.metrics.handle.observe(response.handle_time);
                     logs.add(answer.instance_id, "stderr", &response.stderr);
                 }
                 logs.add(answer.instance_id, "console", &output.finish());
             }
-            self.counters.in_flight.fetch_sub(1, Ordering::Relaxed);
+            self.metrics.in_flight.fetch_sub(1, Ordering::Relaxed);
             let _ = job.reply.send(result);
             self.after(after);
         }
         if self.kept.take().is_some() {
-            self.counters.live_vms.fetch_sub(1, Ordering::Relaxed);
+            self.metrics.live_vms.fetch_sub(1, Ordering::Relaxed);
         }
     }
 
     fn count(&self, answer: &Answer) {
-        let c = &self.counters;
+        let c = &self.metrics;
         let counter = match (&answer.outcome, answer.response.as_ref().map(|r| &r.status)) {
             (Outcome::Answered, Some(FunctionStatus::Ok | FunctionStatus::Exited(0))) => &c.ok,
             (Outcome::Answered, _) => &c.function_errors,
@@ -269,10 +269,10 @@ impl Worker {
                 .map_err(|e| e.to_string())
                 .and_then(|mut instance| park(&mut instance).map(|()| instance));
             let instance = restored.inspect_err(|_| {
-                self.counters.restore_failures.fetch_add(1, Ordering::Relaxed);
+                self.metrics.restore_failures.fetch_add(1, Ordering::Relaxed);
             })?;
-            self.counters.restore.observe(started.elapsed());
-            self.counters.live_vms.fetch_add(1, Ordering::Relaxed);
+            self.metrics.restore.observe(started.elapsed());
+            self.metrics.live_vms.fetch_add(1, Ordering::Relaxed);
             self.kept = Some(instance);
         }
         self.kept.as_mut().ok_or_else(|| "no kept VM".to_string())
@@ -301,8 +301,8 @@ impl Worker {
                 let after = if matches!(served.outcome, Outcome::Answered) {
                     After::Reset
                 } else {
-                    self.counters.replaced.fetch_add(1, Ordering::Relaxed);
-                    self.counters.live_vms.fetch_sub(1, Ordering::Relaxed);
+                    self.metrics.replaced.fetch_add(1, Ordering::Relaxed);
+                    self.metrics.live_vms.fetch_sub(1, Ordering::Relaxed);
                     self.kept.take().map_or(After::Nothing, After::Destroy)
                 };
                 Ok((served.outcome, served.response, instance_id, after))
@@ -315,18 +315,18 @@ impl Worker {
                 Ok((served.outcome, served.response, instance_id, After::Discard(instance)))
             }
             Mode::Fresh => {
-                self.counters.live_vms.fetch_add(1, Ordering::Relaxed);
+                self.metrics.live_vms.fetch_add(1, Ordering::Relaxed);
                 let served = host_vmm::serve_fresh(&self.image, &self.config, body, sink).map_err(|e| e.to_string());
                 let (instance, report) = match served {
                     Ok(served) => served,
                     Err(error) => {
-                        self.counters.live_vms.fetch_sub(1, Ordering::Relaxed);
-                        self.counters.restore_failures.fetch_add(1, Ordering::Relaxed);
+                        self.metrics.live_vms.fetch_sub(1, Ordering::Relaxed);
+                        self.metrics.restore_failures.fetch_add(1, Ordering::Relaxed);
                         return Err(error);
                     }
                 };
                 let t = &report.timings;
-                self.counters.restore.observe(t.load + t.vm_create + t.vcpu_setup + t.state_set.unwrap_or_default());
+                self.metrics.restore.observe(t.load + t.vm_create + t.vcpu_setup + t.state_set.unwrap_or_default());
                 let instance_id = instance.vm().instance_id();
                 let response = report.responses.into_iter().next();
                 Ok((report.outcome, response, instance_id, After::Destroy(instance)))
@@ -336,8 +336,8 @@ impl Worker {
 
     fn drop_kept(&mut self) {
         if self.kept.take().is_some() {
-            self.counters.live_vms.fetch_sub(1, Ordering::Relaxed);
-            self.counters.replaced.fetch_add(1, Ordering::Relaxed);
+            self.metrics.live_vms.fetch_sub(1, Ordering::Relaxed);
+            self.metrics.replaced.fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -351,17 +351,17 @@ impl Worker {
                     None => Ok(()),
                 };
                 if reset.is_ok() {
-                    self.counters.resets.fetch_add(1, Ordering::Relaxed);
-                    self.counters.restore.observe(started.elapsed());
+                    self.metrics.resets.fetch_add(1, Ordering::Relaxed);
+                    self.metrics.restore.observe(started.elapsed());
                 } else {
-                    self.counters.restore_failures.fetch_add(1, Ordering::Relaxed);
+                    self.metrics.restore_failures.fetch_add(1, Ordering::Relaxed);
                     self.drop_kept();
                 }
             }
             After::Destroy(instance) => {
                 drop(instance);
                 if self.mode == Mode::Fresh {
-                    self.counters.live_vms.fetch_sub(1, Ordering::Relaxed);
+                    self.metrics.live_vms.fetch_sub(1, Ordering::Relaxed);
                 }
             }
             After::Discard(instance) => {
