@@ -7,6 +7,7 @@ use std::path::Path;
 mod common;
 
 use common::{Run, run_thaw};
+use serde_json::Value;
 
 fn thaw(args: &[&str]) -> Run {
     assert!(Path::new("/dev/kvm").exists(), "device tests run guests under KVM and need /dev/kvm");
@@ -61,23 +62,19 @@ fn image_with_pack(source: &str, pack_args: &[&str], snapshot_args: &[&str]) -> 
     (dir, image)
 }
 
-/// The `--stats json` line (the last line of stderr that starts with `{`).
-fn stats(run: &Run) -> &str {
-    run.stderr.lines().rev().find(|l| l.starts_with('{')).unwrap_or_else(|| panic!("no stats line: {run:#?}"))
+/// `thaw ARGS --json`: the run, and the JSON object it printed on stdout.
+fn json(args: &[&str]) -> (Run, Value) {
+    let mut all = args.to_vec();
+    all.push("--json");
+    let run = thaw(&all);
+    let stats = serde_json::from_str(&run.stdout).unwrap_or_else(|e| panic!("no JSON on stdout ({e}): {run:#?}"));
+    (run, stats)
 }
 
-/// The stats object of device `kind` 0 in a stats line.
-fn device<'a>(stats: &'a str, kind: &str) -> &'a str {
-    let start =
-        stats.find(&format!("{{\"kind\": \"{kind}\", \"index\": 0")).unwrap_or_else(|| panic!("{kind} in {stats}"));
-    let end = stats[start..].find('}').unwrap() + start + 1;
-    &stats[start..end]
-}
-
-/// The integer field `key` of a device's stats object.
-fn field(device: &str, key: &str) -> String {
-    let at = device.find(&format!("\"{key}\": ")).unwrap_or_else(|| panic!("{key} in {device}")) + key.len() + 4;
-    device[at..].split([',', '}']).next().unwrap().to_string()
+/// The stats of device `kind` 0 in a request's stats.
+fn device<'a>(stats: &'a Value, kind: &str) -> &'a Value {
+    let devices = stats["devices"].as_array().unwrap_or_else(|| panic!("no devices in {stats}"));
+    devices.iter().find(|d| d["kind"] == kind && d["index"] == 0).unwrap_or_else(|| panic!("{kind} in {stats}"))
 }
 
 #[test]
@@ -85,33 +82,35 @@ fn hello_restored_with_devices_attaches_no_backend_and_takes_no_device_exit() {
     let data = tempfile::tempdir().unwrap();
     let data = data_dir(data.path());
     let (_dir, image) = image_with_pack("hello", &["--data-dir", &data], &["--devices", "console,entropy,vsock"]);
-    let run = thaw(&["invoke", &image, "--data", r#"{"name": "lazy"}"#, "--stats", "json"]);
+    let (run, stats) = json(&["invoke", &image, "--data", r#"{"name": "lazy"}"#]);
     assert_eq!(run.code, Some(0), "{run:#?}");
-    assert_eq!(run.stdout, "{\"greeting\":\"Hello, lazy!\"}\n");
-    let stats = stats(&run);
+    assert_eq!(stats["status"], "ok", "{stats}");
+    assert_eq!(stats["stdout"], "{\"greeting\":\"Hello, lazy!\"}\n");
     for kind in ["console", "entropy", "block", "vsock"] {
-        let d = device(stats, kind);
-        assert_eq!(field(d, "attached"), "false", "{d}");
-        assert_eq!(field(d, "exits"), "0", "{d}");
-        assert_eq!(field(d, "notifications"), "0", "{d}");
+        let d = device(&stats, kind);
+        assert_eq!(
+            (&d["attached"], &d["exits"], &d["notifications"]),
+            (&Value::from(false), &0.into(), &0.into()),
+            "{d}"
+        );
     }
     // Many restores: none of them touches a device.
-    let run = thaw(&["restore", &image, "--count", "20", "--data", "{}", "--stats", "json"]);
+    let (run, stats) = json(&["restore", &image, "--count", "20", "--data", "{}"]);
     assert_eq!(run.code, Some(0), "{run:#?}");
-    assert!(run.stdout.contains("\"device_exits\": {\"p50\": 0, \"p90\": 0, \"p99\": 0, \"max\": 0}"), "{run:#?}");
-    assert!(run.stdout.contains("\"backends_attached\": {\"p50\": 0, \"p90\": 0, \"p99\": 0, \"max\": 0}"), "{run:#?}");
+    assert_eq!(stats["statuses"]["ok"], 20, "{stats}");
+    for key in ["devices", "backends_attached"] {
+        assert_eq!(stats["exits"][key]["max"], 0, "{key}: {stats}");
+    }
 }
 
 #[test]
 fn eager_devices_attach_every_backend_at_restore() {
     let (_dir, image) = image_with_devices("hello", "console,entropy,vsock");
-    let run = thaw(&["invoke", &image, "--data", "{}", "--stats", "json", "--eager-devices"]);
+    let (run, stats) = json(&["invoke", &image, "--data", "{}", "--eager-devices"]);
     assert_eq!(run.code, Some(0), "{run:#?}");
-    let stats = stats(&run);
     for kind in ["console", "entropy", "vsock"] {
-        let d = device(stats, kind);
-        assert_eq!(field(d, "attached"), "true", "{d}");
-        assert_eq!(field(d, "exits"), "0", "{d}");
+        let d = device(&stats, kind);
+        assert_eq!((&d["attached"], &d["exits"]), (&Value::from(true), &0.into()), "{d}");
     }
 }
 
@@ -122,22 +121,22 @@ fn a_logging_function_attaches_the_console_once_and_its_lines_arrive_in_order() 
     let log_arg = log.to_str().unwrap();
     let expected = "line 1\nline 2\nline 3\nline 4\nline 5\n";
     for round in 1..=2 {
-        let run = thaw(&["invoke", &image, "--data", "", "--stats", "json", "--console", log_arg]);
+        let (run, stats) = json(&["invoke", &image, "--data", "", "--console", log_arg]);
         assert_eq!(run.code, Some(0), "{run:#?}");
-        assert_eq!(run.stdout, "ok\n", "the response still comes through the mailbox");
-        assert!(!run.stderr.contains("line 1"), "stderr went to the console, not the response: {run:#?}");
-        let console = device(stats(&run), "console");
-        assert_eq!(field(console, "attached"), "true", "{console}");
-        assert_eq!(field(console, "notifications"), "5", "one per fd_write: {console}");
-        assert_eq!(field(device(stats(&run), "entropy"), "attached"), "false");
+        assert_eq!(stats["stdout"], "ok\n", "the response still comes through the mailbox");
+        assert_eq!(stats["stderr"], "", "stderr went to the console, not the response: {stats}");
+        let console = device(&stats, "console");
+        assert_eq!(console["attached"], true, "{console}");
+        assert_eq!(console["notifications"], 5, "one per fd_write: {console}");
+        assert_eq!(device(&stats, "entropy")["attached"], false);
         // The sink is appended to: each restored VM's lines follow the previous VM's, in order.
         assert_eq!(std::fs::read_to_string(&log).unwrap(), expected.repeat(round));
     }
     // Without --console, the lines stay in the response's stderr and the console is untouched.
-    let run = thaw(&["invoke", &image, "--data", "", "--stats", "json"]);
+    let (run, stats) = json(&["invoke", &image, "--data", ""]);
     assert_eq!(run.code, Some(0), "{run:#?}");
-    assert!(run.stderr.ends_with(expected), "{run:#?}");
-    assert_eq!(field(device(stats(&run), "console"), "attached"), "false");
+    assert_eq!(stats["stderr"], expected, "{stats}");
+    assert_eq!(device(&stats, "console")["attached"], false);
 }
 
 #[test]
@@ -145,13 +144,14 @@ fn random_get_draws_from_the_entropy_device_after_restore() {
     let (_dir, image) = image_with_devices("random", "entropy");
     let mut seen = Vec::new();
     for _ in 0..2 {
-        let run = thaw(&["invoke", &image, "--data", "", "--stats", "json"]);
+        let (run, stats) = json(&["invoke", &image, "--data", ""]);
         assert_eq!(run.code, Some(0), "{run:#?}");
-        let entropy = device(stats(&run), "entropy");
-        assert_eq!(field(entropy, "attached"), "true", "{entropy}");
-        assert!(field(entropy, "notifications").parse::<u64>().unwrap() >= 1, "{entropy}");
-        let random = run.stdout.split("\"random\": \"").nth(1).unwrap().split('"').next().unwrap().to_string();
-        assert_eq!(random.len(), 32, "{run:#?}");
+        let entropy = device(&stats, "entropy");
+        assert_eq!(entropy["attached"], true, "{entropy}");
+        assert!(entropy["notifications"].as_u64().unwrap() >= 1, "{entropy}");
+        let response: Value = serde_json::from_str(stats["stdout"].as_str().unwrap()).unwrap();
+        let random = response["random"].as_str().unwrap().to_string();
+        assert_eq!(random.len(), 32, "{stats}");
         seen.push(random);
     }
     assert_ne!(seen[0], seen[1], "two restored VMs drew the same bytes");
@@ -189,10 +189,11 @@ fn the_io_table_records_the_console_stream_and_it_reconnects_after_restore() {
     assert_eq!(inspect.code, Some(0), "{inspect:#?}");
     assert!(inspect.stdout.contains("1 handle(s)\n              fd 2   console-stream  active"), "{inspect:#?}");
     assert!(inspect.stdout.contains("devices     console 0: status 0xf"), "{inspect:#?}");
-    let json = thaw(&["inspect", &image, "--json"]);
-    assert!(
-        json.stdout.contains("\"handles\": [{\"fd\": 2, \"kind\": \"console-stream\", \"state\": \"active\""),
-        "{json:#?}"
+    let (_, shown) = json(&["inspect", &image]);
+    let handle = &shown["io_table"]["handles"][0];
+    assert_eq!(
+        (&handle["fd"], &handle["kind"], &handle["state"]),
+        (&2.into(), &"console-stream".into(), &"active".into())
     );
 
     // Restored: the stream is pending until the first write, which reconnects it.
@@ -209,29 +210,18 @@ fn the_io_table_records_the_console_stream_and_it_reconnects_after_restore() {
 fn devices_the_vmm_moved_are_found_again_by_name() {
     let (dir, image) = image_with_devices(&fixture("log-lines.wat"), "console,entropy");
     let log = dir.path().join("moved.log");
-    let run = thaw(&[
-        "invoke",
-        &image,
-        "--data",
-        "",
-        "--stats",
-        "json",
-        "--console",
-        log.to_str().unwrap(),
-        "--move-devices",
-        "9",
-    ]);
+    let (run, stats) =
+        json(&["invoke", &image, "--data", "", "--console", log.to_str().unwrap(), "--move-devices", "9"]);
     assert_eq!(run.code, Some(0), "{run:#?}");
     assert_eq!(std::fs::read_to_string(&log).unwrap(), "line 1\nline 2\nline 3\nline 4\nline 5\n");
-    let console = device(stats(&run), "console");
-    let (exits, notifications): (u64, u64) =
-        (field(console, "exits").parse().unwrap(), field(console, "notifications").parse().unwrap());
+    let console = device(&stats, "console");
+    let (exits, notifications) = (console["exits"].as_u64().unwrap(), console["notifications"].as_u64().unwrap());
     assert!(exits > notifications, "the guest set the moved console up again: {console}");
 
     let (_dir, image) = image_with_devices("random", "entropy");
-    let run = thaw(&["invoke", &image, "--data", "", "--stats", "json", "--move-devices", "3"]);
+    let (run, stats) = json(&["invoke", &image, "--data", "", "--move-devices", "3"]);
     assert_eq!(run.code, Some(0), "{run:#?}");
-    assert_eq!(field(device(stats(&run), "entropy"), "attached"), "true", "{run:#?}");
+    assert_eq!(device(&stats, "entropy")["attached"], true, "{stats}");
     let run = thaw(&["invoke", &image, "--data", "", "--move-devices", "600"]);
     assert_eq!(run.code, Some(125), "{run:#?}");
     assert!(run.stderr.starts_with("thaw: error: virtio devices: 1 devices from slot 600"), "{run:#?}");
@@ -259,10 +249,10 @@ fn a_function_reads_its_data_volume_and_a_file_opened_in_init_continues_after_re
     );
     for _ in 0..2 {
         // Every restored VM goes on from the saved offset: the next line is 2.
-        let run = thaw(&["invoke", &image, "--data", request, "--stats", "json"]);
+        let (run, stats) = json(&["invoke", &image, "--data", request]);
         assert_eq!(run.code, Some(0), "{run:#?}");
-        assert_eq!(run.stdout, expected);
-        assert_eq!(field(device(stats(&run), "block"), "attached"), "true");
+        assert_eq!(stats["stdout"], expected.as_str());
+        assert_eq!(device(&stats, "block")["attached"], true);
     }
     let bundle = dir.path().join("f.thaw");
     let cold = thaw(&["invoke", bundle.to_str().unwrap(), "--data", request]);

@@ -362,6 +362,10 @@ fn hostile_uploads_names_and_requests_get_a_status_that_says_why() {
     let trapped = post(&format!("{}/invoke", server.functions("t")), b"x");
     assert_eq!(trapped.status, 502, "{}", trapped.body);
     assert!(error(&trapped).starts_with("the function trapped"), "{}", trapped.body);
+    // The body is the request's stats, as `thaw invoke --json` gives them.
+    let stats: serde_json::Value = serde_json::from_str(&trapped.body).unwrap();
+    assert_eq!(stats["status"], "trapped", "{stats}");
+    assert!(stats["instance_id"].is_u64() && stats["phases"]["total_us"].is_u64(), "{stats}");
     assert_eq!(get(&format!("{}/v2/anything", server.url)).status, 404);
     assert_eq!(post(&format!("{}/invoke", server.functions("missing")), b"x").status, 404);
 

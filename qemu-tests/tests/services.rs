@@ -86,9 +86,9 @@ fn snapshotted(dir: &Path) -> (Service, String, String) {
     (service, image, service_arg)
 }
 
-/// The `--stats json` line.
-fn stats(run: &Run) -> &str {
-    run.stderr.lines().rev().find(|l| l.starts_with('{')).unwrap_or_else(|| panic!("no stats line: {run:#?}"))
+/// The JSON object `thaw invoke --json` printed.
+fn stats(run: &Run) -> serde_json::Value {
+    serde_json::from_str(&run.stdout).unwrap_or_else(|e| panic!("no JSON on stdout ({e}): {run:#?}"))
 }
 
 #[test]
@@ -103,11 +103,13 @@ fn a_stream_opened_in_init_reconnects_after_restore_and_is_refused_once_the_serv
     );
 
     for request in ["one", "two"] {
-        let run = thaw(&["invoke", &image, "--service", &service_arg, "--data", request, "--stats", "json"]);
+        let run = thaw(&["invoke", &image, "--service", &service_arg, "--data", request, "--json"]);
         assert_eq!(run.code, Some(0), "{run:#?}");
+        let stats = stats(&run);
         let expected = format!("{{\"greeting\":\"echo: hello from init\",\"reply\":\"echo: {request}\"}}\n");
-        assert_eq!(run.stdout, expected);
-        assert!(stats(&run).contains("{\"kind\": \"vsock\", \"index\": 0, \"attached\": true"), "{run:#?}");
+        assert_eq!(stats["stdout"], expected.as_str());
+        let vsock = &stats["devices"][0];
+        assert_eq!((&vsock["kind"], &vsock["attached"]), (&"vsock".into(), &true.into()), "{stats}");
     }
     assert_eq!(service.accepted(), 3, "each restored VM reconnected once");
     // A VMM that places the device elsewhere: the guest sets it up again, then reconnects.
@@ -142,9 +144,9 @@ fn a_cold_boot_follows_the_uds_convention() {
     let (bundle, _) = bundle(dir.path());
     let base = dir.path().join("v.sock").to_str().unwrap().to_string();
     let service = Service::start(Path::new(&format!("{base}_5000")));
-    let run = thaw(&["invoke", &bundle, "--vsock-uds", &base, "--data", "cold", "--stats", "json"]);
+    let run = thaw(&["invoke", &bundle, "--vsock-uds", &base, "--data", "cold", "--json"]);
     assert_eq!(run.code, Some(0), "{run:#?}");
-    assert_eq!(run.stdout, "{\"greeting\":\"echo: hello from init\",\"reply\":\"echo: cold\"}\n");
+    assert_eq!(stats(&run)["stdout"], "{\"greeting\":\"echo: hello from init\",\"reply\":\"echo: cold\"}\n");
     assert_eq!(service.accepted(), 1, "init and the request share one stream");
 }
 

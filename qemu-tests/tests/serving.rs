@@ -9,6 +9,7 @@ use std::path::Path;
 mod common;
 
 use common::{Run, run_thaw};
+use serde_json::Value;
 
 fn thaw(args: &[&str]) -> Run {
     assert!(Path::new("/dev/kvm").exists(), "the serving modes run guests under KVM and need /dev/kvm");
@@ -37,14 +38,15 @@ fn snapshot(source: &str, pack_extra: &[&str]) -> (tempfile::TempDir, String) {
 }
 
 /// Runs `thaw restore IMAGE ARGS --responses FILE` (FILE in `dir`); returns the run and the
-/// response lines it wrote.
-fn restore(dir: &Path, image: &str, args: &[&str]) -> (Run, Vec<String>) {
+/// response lines it wrote, parsed.
+fn restore(dir: &Path, image: &str, args: &[&str]) -> (Run, Vec<Value>) {
     let out = dir.join("responses.jsonl");
     let mut all = vec!["restore", image];
     all.extend_from_slice(args);
     all.extend_from_slice(&["--responses", out.to_str().unwrap()]);
     let run = thaw(&all);
-    let lines = std::fs::read_to_string(&out).unwrap_or_default().lines().map(str::to_string).collect();
+    let text = std::fs::read_to_string(&out).unwrap_or_default();
+    let lines = text.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"))).collect();
     (run, lines)
 }
 
@@ -61,7 +63,7 @@ fn after_1000_reset_requests_guest_memory_equals_the_image_but_the_rewritten_pag
     assert_eq!(run.stderr.matches("the kept VM's memory equals the image except pages [1, 2]").count(), 2, "{run:#?}");
     assert_eq!(lines.len(), 1000);
     for line in &lines {
-        assert!(line.contains(r#""status": "ok""#) && line.contains(r#""stdout": "prev=""#), "{line}");
+        assert!(line["status"] == "ok" && line["stdout"] == "prev=", "{line}");
     }
 }
 
@@ -99,7 +101,7 @@ fn fresh_vms_reuse_memory_only_once_it_equals_the_image_again() {
         "{run:#?}"
     );
     assert_eq!(lines.len(), 300);
-    assert!(lines.iter().all(|l| l.contains(r#""status": "ok""#) && l.contains(r#""stdout": "prev=""#)));
+    assert!(lines.iter().all(|l| l["status"] == "ok" && l["stdout"] == "prev="));
 }
 
 #[test]
@@ -112,7 +114,7 @@ fn no_request_sees_the_previous_ones_body_in_any_mode() {
             restore(dir.path(), &image, &["--mode", mode, "--count", "200", "--requests", list.to_str().unwrap()]);
         assert_eq!(run.code, Some(0), "{mode}: {run:#?}");
         assert_eq!(lines.len(), 200);
-        assert!(lines.iter().all(|l| l.contains(r#""stdout": "prev=""#)), "{mode}: a request saw another's body");
+        assert!(lines.iter().all(|l| l["stdout"] == "prev="), "{mode}: a request saw another's body");
     }
 }
 
@@ -130,9 +132,9 @@ fn a_trap_or_a_timeout_in_reset_mode_leaves_the_kept_vm_reset_and_serving() {
     assert!(run.stderr.contains("2 of 5 requests did not answer cleanly"), "{run:#?}");
     assert!(!run.stdout.contains("destroyed and replaced"), "the kept VM was reused: {run:#?}");
     assert!(run.stderr.contains("after 5 requests and a reset, the kept VM's memory equals the image"), "{run:#?}");
-    let statuses: Vec<&str> =
-        lines.iter().map(|l| l.split(r#""status": ""#).nth(1).unwrap().split('"').next().unwrap()).collect();
-    assert_eq!(statuses, ["ok", "trapped", "ok", "timed out", "ok"]);
+    let statuses: Vec<&str> = lines.iter().map(|l| l["status"].as_str().unwrap()).collect();
+    assert_eq!(statuses, ["ok", "trapped", "ok", "timed_out", "ok"]);
+    assert!(lines[1]["error"].as_str().unwrap().starts_with("the function trapped: "), "{}", lines[1]);
 }
 
 #[test]
@@ -152,9 +154,9 @@ fn a_guest_kernel_that_fails_gets_its_kept_vm_destroyed_and_replaced() {
     assert!(run.stderr.contains("1 of 4 requests did not answer cleanly"), "{run:#?}");
     assert!(run.stdout.contains("1 kept VMs were destroyed and replaced"), "{run:#?}");
     assert!(run.stderr.contains("after 4 requests and a reset, the kept VM's memory equals the image"), "{run:#?}");
-    assert!(lines[1].contains(r#""status": "failed"#), "{}", lines[1]);
+    assert_eq!(lines[1]["status"], "failed", "{}", lines[1]);
     for line in [&lines[0], &lines[2], &lines[3]] {
-        assert!(line.contains(r#""status": "ok""#) && line.contains(r#""stdout": "prev=", "#), "{line}");
+        assert!(line["status"] == "ok" && line["stdout"] == "prev=", "{line}");
     }
 }
 
@@ -169,7 +171,8 @@ fn clones_never_share_entropy_or_instance_ids_in_any_mode() {
         for name in ["random", "instance"] {
             let mut seen = std::collections::HashSet::new();
             for line in &lines {
-                let field = line.split(&format!(r#"\"{name}\": \""#)).nth(1).unwrap().split(r#"\""#).next().unwrap();
+                let response: Value = serde_json::from_str(line["stdout"].as_str().unwrap()).unwrap();
+                let field = response[name].as_str().unwrap_or_default();
                 assert!(!field.is_empty(), "{line}");
                 assert!(seen.insert(field.to_string()), "{mode}: two requests got the same {name}: {field}");
             }
@@ -177,26 +180,19 @@ fn clones_never_share_entropy_or_instance_ids_in_any_mode() {
     }
 }
 
-/// The `"name": N` number in `json`.
-fn json_number(json: &str, name: &str) -> u64 {
-    let key = format!("\"{name}\": ");
-    let at = json.find(&key).unwrap_or_else(|| panic!("no {name} in {json}")) + key.len();
-    json[at..].chars().take_while(char::is_ascii_digit).collect::<String>().parse().unwrap()
-}
-
 #[test]
 fn pooled_vms_touch_the_recorded_working_set_before_their_request() {
     let (dir, image) = snapshot("hello", &[]);
     let inspect = thaw(&["inspect", &image, "--json"]);
     assert_eq!(inspect.code, Some(0), "{inspect:#?}");
-    let working_set = &inspect.stdout[inspect.stdout.find("\"working_set\"").expect("no working_set in --json")..];
-    let pages = json_number(working_set, "pages");
-    let written = json_number(working_set, "written_pages");
+    let shown: Value = serde_json::from_str(&inspect.stdout).unwrap();
+    let pages = shown["working_set"]["pages"].as_u64().unwrap();
+    let written = shown["working_set"]["written_pages"].as_u64().unwrap();
     assert!(pages > 0 && written > 0 && written < pages, "{}", inspect.stdout);
     let (run, lines) = restore(dir.path(), &image, &["--mode", "pool", "--count", "20", "--data", "w"]);
     assert_eq!(run.code, Some(0), "{run:#?}");
     assert!(run.stdout.contains(&format!("each after touching {pages} working-set pages")), "{run:#?}");
-    assert!(lines.iter().all(|l| l.contains(r#""status": "ok""#)), "{lines:?}");
+    assert!(lines.iter().all(|l| l["status"] == "ok"), "{lines:?}");
 
     // Without a working set the pool has nothing to touch, and serves the same.
     let bare = dir.path().join("bare.snap");

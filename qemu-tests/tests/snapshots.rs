@@ -87,16 +87,11 @@ fn the_image_is_unchanged_by_100_restores_that_write_memory() {
     let mode = std::fs::metadata(&image).unwrap().permissions();
     assert!(mode.readonly(), "images are written read-only");
     let order = r#"{"customer": "writer", "items": [{"sku": "s", "price_cents": 7, "quantity": 2}]}"#;
-    let run = thaw(&["restore", &image, "--count", "100", "--concurrency", "2", "--data", order, "--stats", "json"]);
+    let run = thaw(&["restore", &image, "--count", "100", "--concurrency", "2", "--data", order, "--json"]);
     assert_eq!(run.code, Some(0), "{run:#?}");
-    let private_kib: u64 = run
-        .stdout
-        .split("\"private_memory_kib\": {\"p50\": ")
-        .nth(1)
-        .and_then(|s| s.split(',').next())
-        .unwrap()
-        .parse()
-        .unwrap();
+    let stats: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+    assert_eq!(stats["statuses"]["ok"], 100, "{stats}");
+    let private_kib = stats["memory"]["private_kib"]["p50"].as_u64().unwrap();
     assert!(private_kib > 0, "restored VMs wrote memory, so each has private pages: {run:#?}");
     assert!(std::fs::read(&image).unwrap() == before, "restores changed the image file");
 }
@@ -153,12 +148,11 @@ fn inspect_shows_the_function_memory_and_sections() {
     }
     let json = thaw(&["inspect", &image, "--json"]);
     assert_eq!(json.code, Some(0), "{json:#?}");
-    let nonzero: u64 =
-        json.stdout.split("\"nonzero_pages\": ").nth(1).and_then(|s| s.split(',').next()).unwrap().parse().unwrap();
-    let pages: u64 =
-        json.stdout.split("\"pages\": ").nth(1).and_then(|s| s.split(',').next()).unwrap().parse().unwrap();
+    let shown: serde_json::Value = serde_json::from_str(&json.stdout).unwrap();
+    let (nonzero, pages) = (&shown["memory"]["nonzero_pages"], &shown["memory"]["pages"]);
+    let (nonzero, pages) = (nonzero.as_u64().unwrap(), pages.as_u64().unwrap());
     assert!(nonzero > 0 && nonzero < pages, "a sparse image stores some but not all pages: {nonzero} of {pages}");
-    assert!(json.stdout.contains("\"name\": \"hello\""), "{json:#?}");
+    assert_eq!(shown["function"]["name"], "hello", "{json:#?}");
 }
 
 #[test]

@@ -8,13 +8,14 @@
 //! them.
 
 use std::io::Write;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use clap::Args;
 use host_vmm::{FunctionStatus, Outcome, RunReport, VmConfig};
 
 use crate::KernelArgs;
 use crate::invoke::OptionalFunctionArgs;
+use crate::stats::{BatchStats, FloorStats, Measured, Percentiles, Status};
 
 /// Arguments of `thaw bench`.
 #[derive(Args, Debug)]
@@ -45,101 +46,43 @@ pub struct BenchArgs {
     /// of it. Alone, measures only the floor.
     #[arg(long)]
     floor: bool,
+    /// Print the results as one JSON object on stdout instead of text (docs/API.md, "Stats").
+    #[arg(long)]
+    json: bool,
 }
 
-/// The floor's percentiles, in microseconds.
-#[derive(Debug, Clone, Copy)]
-pub struct FloorSummary {
-    /// Fresh VM to first exit: p50, p99.
-    pub fresh: (u128, u128),
-    /// Kept VM reset to first exit: p50, p99.
-    pub kept: (u128, u128),
+/// The floor, measured.
+#[derive(Debug, Clone)]
+pub struct Floor {
+    /// Its percentiles.
+    pub stats: FloorStats,
+    runs: usize,
 }
 
-impl FloorSummary {
-    /// Prints `what`'s p50 and p99 as multiples of the fresh (`kept` false) or kept floor.
-    pub fn print_ratio(&self, what: &str, (p50, p99): (u128, u128), kept: bool) {
-        let (name, (f50, f99)) = if kept { ("kept-VM", self.kept) } else { ("fresh-VM", self.fresh) };
-        let ratio = |x: u128, f: u128| x as f64 / f.max(1) as f64;
-        println!(
-            "{what}: {:.2}x the {name} floor at p50 ({p50} against {f50} µs), {:.2}x at p99 ({p99} against {f99} µs)",
-            ratio(p50, f50),
-            ratio(p99, f99)
+impl Floor {
+    /// The floor as a text table.
+    pub fn table(&self) -> String {
+        let heading = format!(
+            "floor: thaw's minimal guest (4 MiB, one ring-3 store), {} runs each; times in microseconds\n",
+            self.runs
         );
+        heading
+            + &crate::stats::table(&[
+                ("fresh VM restored to its first exit", self.stats.fresh),
+                ("kept VM reset by dirty log to exit", self.stats.kept),
+            ])
     }
 }
 
-/// Measures the floor `runs` times and prints it.
-pub fn floor(runs: usize) -> Result<FloorSummary, String> {
+/// Measures the floor `runs` times.
+pub fn floor(runs: usize) -> Result<Floor, String> {
     eprintln!("thaw: bench: measuring the floor ({runs} fresh and {runs} kept runs)");
     let floor = host_vmm::floor::measure(runs).map_err(|e| format!("measuring the floor: {e}"))?;
-    let mut summary = FloorSummary { fresh: (0, 0), kept: (0, 0) };
-    println!("floor: thaw's minimal guest (4 MiB, one ring-3 store), {runs} runs each; times in microseconds");
-    println!("{:<36} {:>8} {:>8} {:>8} {:>8}", "", "p50", "p90", "p99", "max");
-    for (name, times, slot) in [
-        ("fresh VM restored to its first exit", &floor.fresh, &mut summary.fresh),
-        ("kept VM reset by dirty log to exit", &floor.kept, &mut summary.kept),
-    ] {
-        let mut us: Vec<u128> = times.iter().map(Duration::as_micros).collect();
-        us.sort_unstable();
-        let max = us.last().copied().unwrap_or(0);
-        println!(
-            "{name:<36} {:>8} {:>8} {:>8} {max:>8}",
-            percentile(&us, 50),
-            percentile(&us, 90),
-            percentile(&us, 99)
-        );
-        *slot = (percentile(&us, 50), percentile(&us, 99));
+    let of = |times: &[Duration]| Percentiles::of(times.iter().map(|d| d.as_micros() as u64));
+    match (of(&floor.fresh), of(&floor.kept)) {
+        (Some(fresh), Some(kept)) => Ok(Floor { stats: FloorStats { fresh, kept, versus: None }, runs }),
+        _ => Err("measuring the floor: no runs".into()),
     }
-    Ok(summary)
-}
-
-/// The `p`th percentile (0-100) of sorted `values`, nearest-rank.
-fn percentile(sorted: &[u128], p: usize) -> u128 {
-    let rank = (p * sorted.len()).div_ceil(100).max(1);
-    sorted[rank - 1]
-}
-
-fn us(d: Option<Duration>) -> Option<u128> {
-    d.map(|d| d.as_micros())
-}
-
-/// How to read one row from a run.
-type Reader = fn(&RunReport) -> Option<u128>;
-
-/// The rows measured, and how to read each from a run.
-fn rows(serving: bool) -> Vec<(&'static str, Reader)> {
-    let mut rows: Vec<(&'static str, Reader)> = vec![
-        ("vm create", |r| us(Some(r.timings.vm_create))),
-        ("load", |r| us(Some(r.timings.load))),
-        ("vcpu setup", |r| us(Some(r.timings.vcpu_setup))),
-        ("ring-0 early boot", |r| us(r.timings.ring0_boot)),
-        ("ring 3 to ready", |r| us(r.timings.ring3_to_ready)),
-    ];
-    if serving {
-        rows.extend([
-            ("compile", (|r| us(r.timings.compile)) as Reader),
-            ("instantiate", |r| us(r.timings.instantiate)),
-            ("init", |r| us(r.timings.init)),
-            ("handle", |r| us(r.responses.first().map(|x| x.handle_time))),
-        ]);
-    }
-    rows.extend([("total", (|r| us(Some(r.timings.total))) as Reader), ("vm exits", |r| Some(u128::from(r.exits)))]);
-    rows
-}
-
-/// Rows of a restore: what replaces boot, compile and init.
-fn restore_rows() -> Vec<(&'static str, Reader)> {
-    vec![
-        ("memory map", |r| us(Some(r.timings.load))),
-        ("vm create", |r| us(Some(r.timings.vm_create))),
-        ("vcpu create", |r| us(Some(r.timings.vcpu_setup))),
-        ("state set", |r| us(r.timings.state_set)),
-        ("resume to request", |r| us(r.timings.to_first_request)),
-        ("handle", |r| us(r.responses.first().map(|x| x.handle_time))),
-        ("total", |r| us(Some(r.timings.total))),
-        ("vm exits", |r| Some(u128::from(r.exits))),
-    ]
 }
 
 /// Runs `thaw bench` and returns the process exit code.
@@ -148,42 +91,68 @@ pub fn run(args: &BenchArgs) -> Result<u8, String> {
         return Err("--runs 0: need at least one run".into());
     }
     let floor = if args.floor { Some(floor(args.runs)?) } else { None };
-    if floor.is_some() && args.function.function.is_none() {
-        return Ok(0);
-    }
-    if let (Some(mode), Some(path)) = (args.mode, &args.function.function) {
-        if crate::invoke::file_magic(path)? != abi::image::MAGIC {
+    let Some(path) = &args.function.function else {
+        return match floor {
+            Some(floor) => floor_only(args, &floor),
+            None => boot_batch(args, None, None),
+        };
+    };
+    let is_image = crate::invoke::file_magic(path)? == abi::image::MAGIC;
+    if let Some(mode) = args.mode {
+        if !is_image {
             return Err(format!("--mode serves a snapshot image; {} is not one", path.display()));
         }
         let restore = crate::restore::RestoreArgs::for_bench(
             path.clone(),
             (args.function.data.clone(), args.function.input.clone()),
-            mode,
-            args.pool,
+            (mode, args.pool),
             args.runs,
             args.kernel.timeout,
             args.rate,
+            args.json,
         );
         return crate::restore::serve_batch(&restore, floor);
     }
-    if let Some(path) = &args.function.function
-        && crate::invoke::file_magic(path)? == abi::image::MAGIC
-    {
-        let image = std::sync::Arc::new(host_vmm::Image::open(path).map_err(|e| e.to_string())?);
-        let request = crate::invoke::request_body(args.function.data.as_ref(), args.function.input.as_ref())?;
-        let config = VmConfig { timeout: crate::kernel::timeout(&args.kernel)?, ..VmConfig::default() };
-        let what = format!("restores of {}", image.info.guest.function_name);
-        let memory_mib = image.info.guest_memory_size() >> 20;
-        let total = measure(args.runs, &what, memory_mib, &restore_rows(), || {
-            host_vmm::serve_fresh(&image, &config, request.clone(), &mut std::io::sink()).map(|(_, report)| report)
-        })?;
-        if let Some(floor) = floor {
-            floor.print_ratio("restore to response", total, false);
-        }
-        return Ok(0);
+    if !is_image {
+        return boot_batch(args, args.function.load()?, floor);
     }
+    let image = std::sync::Arc::new(host_vmm::Image::open(path).map_err(|e| e.to_string())?);
+    let request = crate::invoke::request_body(args.function.data.as_ref(), args.function.input.as_ref())?;
+    let config = VmConfig { timeout: crate::kernel::timeout(&args.kernel)?, ..VmConfig::default() };
+    let mut stats = batch("fresh", Some(image.info.guest.function_name.clone()), args.runs);
+    let heading = format!(
+        "{} restores of {}, {} MiB guest memory; times in microseconds",
+        args.runs,
+        image.info.guest.function_name,
+        image.info.guest_memory_size() >> 20
+    );
+    measure(&mut stats, true, || {
+        host_vmm::serve_fresh(&image, &config, request.clone(), &mut std::io::sink()).map(|(_, report)| report)
+    })?;
+    stats.source = Some("file".into());
+    report(args, stats, floor, &heading, "restore to response")
+}
+
+/// With --floor alone: the floor.
+fn floor_only(args: &BenchArgs, floor: &Floor) -> Result<u8, String> {
+    if args.json {
+        let mut stats = batch("floor", None, args.runs);
+        stats.floor = Some(floor.stats.clone());
+        crate::stats::print_json(&stats)?;
+    } else {
+        print!("{}", floor.table());
+    }
+    Ok(0)
+}
+
+/// Cold boots: of the kernel alone, or serving one request to `function` each.
+fn boot_batch(
+    args: &BenchArgs,
+    function: Option<crate::invoke::FunctionRequest>,
+    floor: Option<Floor>,
+) -> Result<u8, String> {
     let kernel = crate::kernel::load(&args.kernel)?;
-    let (function, request) = match args.function.load()? {
+    let (function, request) = match function {
         Some(f) => (Some(f.function), Some(f.request)),
         None => (None, None),
     };
@@ -197,28 +166,75 @@ pub fn run(args: &BenchArgs) -> Result<u8, String> {
     if let (Some(function), Some(path)) = (&function, &args.function.function) {
         crate::devices::add_function_devices(&mut config, function, path);
     }
-    let what =
-        function.as_ref().map_or("kernel boots".to_string(), |f| format!("cold invocations of {}", f.manifest.name));
-    let total = measure(args.runs, &what, config.memory_mib, &rows(function.is_some()), || {
-        host_vmm::run_kernel(&kernel.image, &config, &mut std::io::sink())
-    })?;
-    if let Some(floor) = floor {
-        floor.print_ratio(if function.is_some() { "cold invocation" } else { "kernel boot" }, total, false);
+    let name = function.as_ref().map(|f| f.manifest.name.clone());
+    let (mode, what, vs) = match &name {
+        Some(name) => ("cold", format!("cold invocations of {name}"), "cold invocation"),
+        None => ("kernel", "kernel boots".to_string(), "kernel boot"),
+    };
+    let mut stats = batch(mode, name, args.runs);
+    measure(&mut stats, false, || host_vmm::run_kernel(&kernel.image, &config, &mut std::io::sink()))?;
+    let heading = format!("{} {what}, {} MiB guest memory; times in microseconds", args.runs, config.memory_mib);
+    report(args, stats, floor, &heading, vs)
+}
+
+/// An empty batch of `count` one at a time.
+fn batch(mode: &str, function: Option<String>, count: usize) -> BatchStats {
+    BatchStats {
+        mode: mode.into(),
+        function,
+        source: None,
+        count,
+        concurrency: 1,
+        alive_at_once: 1,
+        wall_ms: 0,
+        requests_per_s: 0,
+        statuses: Default::default(),
+        replaced: 0,
+        phases: Default::default(),
+        memory: Default::default(),
+        exits: Default::default(),
+        pool: None,
+        floor: None,
+    }
+}
+
+/// Prints `stats` (after `heading`, as text) with its total as a multiple of `floor`.
+fn report(
+    args: &BenchArgs,
+    mut stats: BatchStats,
+    floor: Option<Floor>,
+    heading: &str,
+    what: &str,
+) -> Result<u8, String> {
+    if let (Some(floor), Some(total)) = (&floor, stats.phases.total_us) {
+        stats.floor = Some(floor.stats.versus(total, false));
+    }
+    if args.json {
+        crate::stats::print_json(&stats)?;
+        return Ok(0);
+    }
+    if let Some(floor) = &floor {
+        print!("{}", floor.table());
+    }
+    println!("{heading}");
+    print!("{}", stats.table());
+    if let Some(line) = stats.floor.as_ref().and_then(|f| f.describe(what)) {
+        println!("{line}");
     }
     Ok(0)
 }
 
-/// Runs `runs` VMs with `one`, requiring each to end cleanly with clean answers, and prints the
-/// percentiles of `rows`. Returns the p50 and p99 of the `total` row.
+/// Runs `stats.count` VMs with `one`, requiring each to end cleanly with clean answers, and
+/// sets `stats` to what they measured (`restored`: restores rather than cold boots).
 fn measure(
-    runs: usize,
-    what: &str,
-    memory_mib: u64,
-    rows: &[(&'static str, Reader)],
+    stats: &mut BatchStats,
+    restored: bool,
     mut one: impl FnMut() -> Result<RunReport, host_vmm::VmmError>,
-) -> Result<(u128, u128), String> {
-    let mut samples: Vec<Vec<u128>> = vec![Vec::with_capacity(runs); rows.len()];
+) -> Result<(), String> {
+    let runs = stats.count;
+    let mut samples = Vec::with_capacity(runs);
     let mut err = std::io::stderr().lock();
+    let started = Instant::now();
     for i in 0..runs {
         let report = one().map_err(|e| e.to_string())?;
         if !matches!(report.outcome, Outcome::Exited(0) | Outcome::Answered) {
@@ -227,41 +243,20 @@ fn measure(
         if report.responses.iter().any(|r| r.status != FunctionStatus::Ok) {
             return Err(format!("run {}: the function did not answer cleanly", i + 1));
         }
-        for ((name, read), column) in rows.iter().zip(samples.iter_mut()) {
-            column.push(read(&report).ok_or_else(|| format!("run {}: no {name} measurement", i + 1))?);
+        let mut measured = Measured::of_run(&report, restored);
+        if restored {
+            measured.phases.to_response_us = None;
         }
+        samples.push(measured);
         if (i + 1) % 50 == 0 || i + 1 == runs {
             let _ = write!(err, "\rthaw: bench: {}/{runs} VMs", i + 1);
         }
     }
     let _ = writeln!(err);
-    println!("{runs} {what}, {memory_mib} MiB guest memory; times in microseconds");
-    println!("{:<20} {:>8} {:>8} {:>8} {:>8}", "phase", "p50", "p90", "p99", "max");
-    for ((name, _), column) in rows.iter().zip(samples.iter_mut()) {
-        column.sort_unstable();
-        let max = column.last().copied().unwrap_or(0);
-        println!(
-            "{name:<20} {:>8} {:>8} {:>8} {max:>8}",
-            percentile(column, 50),
-            percentile(column, 90),
-            percentile(column, 99)
-        );
-    }
-    let total = rows.iter().zip(&samples).find(|((name, _), _)| *name == "total").map(|(_, c)| c);
-    Ok(total.map_or((0, 0), |c| (percentile(c, 50), percentile(c, 99))))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::percentile;
-
-    #[test]
-    fn nearest_rank_percentiles() {
-        let v: Vec<u128> = (1..=100).collect();
-        assert_eq!(
-            (percentile(&v, 50), percentile(&v, 90), percentile(&v, 99), percentile(&v, 100)),
-            (50, 90, 99, 100)
-        );
-        assert_eq!(percentile(&[7], 50), 7);
-    }
+    let wall = started.elapsed();
+    stats.wall_ms = wall.as_millis() as u64;
+    stats.requests_per_s = (runs as f64 / wall.as_secs_f64().max(1e-9)).round() as u64;
+    stats.statuses.insert(Status::Ok, runs);
+    stats.summarize(&samples);
+    Ok(())
 }

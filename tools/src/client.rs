@@ -202,6 +202,10 @@ pub fn call(args: &CallArgs) -> Result<u8, String> {
         504 => abi::exit_code::TIMEOUT,
         _ => return Err(error),
     };
+    // The body is the request's stats: the function's stderr first, as `thaw invoke` shows it.
+    if let Ok(stats) = serde_json::from_slice::<crate::stats::RequestStats>(&answer.body) {
+        let _ = std::io::stderr().write_all(stats.stderr.unwrap_or_default().as_bytes());
+    }
     eprintln!("thaw: {error}");
     Ok(code as u8)
 }

@@ -1,12 +1,11 @@
-//! Device options shared by the commands that boot or restore a VM, and the per-device part of
-//! `--stats json`.
+//! Device options shared by the commands that boot or restore a VM.
 
 use std::path::{Path, PathBuf};
 
 use abi::devices::DeviceKind;
 use clap::Args;
 use host_vmm::virtio::vsock::Services;
-use host_vmm::virtio::{ConsoleSink, DeviceStats, VolumeFile, VolumeSource};
+use host_vmm::virtio::{ConsoleSink, VolumeFile, VolumeSource};
 use host_vmm::{Function, Image, VmConfig};
 
 /// `--devices`, `--console`, `--service`, `--vsock-uds` and `--eager-devices`.
@@ -118,23 +117,4 @@ impl DeviceArgs {
                 if path.as_os_str() == "-" { ConsoleSink::Stderr } else { ConsoleSink::File(path.clone()) };
         }
     }
-}
-
-/// The per-device statistics as a JSON array.
-pub fn stats_json(stats: &[DeviceStats]) -> String {
-    let rows: Vec<String> = stats
-        .iter()
-        .map(|d| {
-            format!(
-                "{{\"kind\": \"{}\", \"index\": {}, \"attached\": {}, \"attached_after_us\": {}, \"exits\": {}, \"notifications\": {}}}",
-                d.kind,
-                d.index,
-                d.attached_after.is_some(),
-                d.attached_after.map_or("null".into(), |t| t.as_micros().to_string()),
-                d.exits,
-                d.notifications
-            )
-        })
-        .collect();
-    format!("[{}]", rows.join(", "))
 }

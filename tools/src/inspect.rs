@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use abi::image::{ImageInfo, record};
 use clap::Args;
 use kvm_bindings::kvm_regs;
+use serde_json::json;
 use zerocopy::FromBytes;
 
 /// Arguments of `thaw inspect`.
@@ -53,73 +54,72 @@ pub fn run(args: &InspectArgs) -> Result<u8, String> {
     let handles = image.io_table().map_err(|e| e.to_string())?;
     let kind_name = |kind: u16| abi::devices::DeviceKind::from_id(kind).map_or("unknown", |k| k.name());
     if args.json {
-        let devices: Vec<String> = image
+        let devices: Vec<_> = image
             .devices
             .iter()
             .map(|d| {
-                format!(
-                    "{{\"kind\": \"{}\", \"index\": {}, \"status\": {}, \"driver_features\": {}, \"ready_queues\": {}}}",
-                    kind_name(d.kind),
-                    d.index,
-                    d.status,
-                    d.driver_features,
-                    d.queues.iter().filter(|q| q.ready).count()
-                )
+                json!({
+                    "kind": kind_name(d.kind),
+                    "index": d.index,
+                    "status": d.status,
+                    "driver_features": d.driver_features,
+                    "ready_queues": d.queues.iter().filter(|q| q.ready).count(),
+                })
             })
             .collect();
-        let handles_json: Vec<String> = handles
+        let handles: Vec<_> = handles
             .iter()
             .map(|h| {
-                format!(
-                    "{{\"fd\": {}, \"kind\": \"{}\", \"state\": \"{}\", \"offset\": {}, \"port\": {}, \"path\": {}}}",
-                    h.fd,
-                    h.kind.name(),
-                    h.state.name(),
-                    h.offset,
-                    h.port,
-                    crate::json_string(&h.path)
-                )
+                json!({
+                    "fd": h.fd,
+                    "kind": h.kind.name(),
+                    "state": h.state.name(),
+                    "offset": h.offset,
+                    "port": h.port,
+                    "path": h.path,
+                })
             })
             .collect();
-        let sections: Vec<String> = info
+        let sections: Vec<_> = info
             .sections
             .iter()
-            .map(|(kind, offset, len)| {
-                format!("{{\"kind\": {}, \"offset\": {offset}, \"length\": {len}}}", crate::json_string(kind.name()))
-            })
+            .map(|(kind, offset, len)| json!({ "kind": kind.name(), "offset": offset, "length": len }))
             .collect();
-        let ranges: Vec<String> = info
+        let ranges: Vec<_> = info
             .memory
             .iter()
-            .map(|r| format!("{{\"gpa\": {}, \"length\": {}, \"file_offset\": {}}}", r.gpa, r.len, r.file_offset))
+            .map(|r| json!({ "gpa": r.gpa, "length": r.len, "file_offset": r.file_offset }))
             .collect();
-        let records: Vec<String> = info.vcpu.iter().map(|r| crate::json_string(record_name(r.kind))).collect();
-        let runs: Vec<String> = info
+        let records: Vec<&str> = info.vcpu.iter().map(|r| record_name(r.kind)).collect();
+        let runs: Vec<_> = info
             .working_set
             .iter()
-            .map(|r| format!("{{\"start\": {}, \"pages\": {}, \"written\": {}}}", r.start, r.pages, r.written))
+            .map(|r| json!({ "start": r.start, "pages": r.pages, "written": r.written }))
             .collect();
-        println!(
-            "{{\"path\": {}, \"format_version\": {}, \"architecture\": \"x86-64\", \"file_bytes\": {file_len}, \"checksum\": \"{:#010x}\", \"checksum_ok\": true, \"sections\": [{}], \"function\": {{\"name\": {}, \"wasm_sha256\": \"{}\", \"runtime_version\": {}}}, \"io_table\": {{\"gpa\": {}, \"length\": {}, \"handles\": [{}]}}, \"devices\": [{}], \"memory\": {{\"guest_bytes\": {guest}, \"pages\": {}, \"nonzero_pages\": {}, \"ranges\": [{}]}}, \"vcpu\": {{\"rip\": {rip}, \"records\": [{}]}}, \"working_set\": {{\"pages\": {}, \"written_pages\": {}, \"runs\": [{}]}}}}",
-            crate::json_string(&args.image.display().to_string()),
-            info.version,
-            info.checksum,
-            sections.join(", "),
-            crate::json_string(&info.guest.function_name),
-            hex(&info.guest.wasm_sha256),
-            crate::json_string(&info.guest.runtime_version),
-            info.guest.io_table_gpa,
-            info.guest.io_table_len,
-            handles_json.join(", "),
-            devices.join(", "),
-            guest / page,
-            stored / page,
-            ranges.join(", "),
-            records.join(", "),
-            abi::workingset::page_count(&info.working_set),
-            written_pages(&info.working_set),
-            runs.join(", ")
-        );
+        let shown = json!({
+            "path": args.image.display().to_string(),
+            "format_version": info.version,
+            "architecture": "x86-64",
+            "file_bytes": file_len,
+            "checksum": format!("{:#010x}", info.checksum),
+            "checksum_ok": true,
+            "sections": sections,
+            "function": {
+                "name": info.guest.function_name,
+                "wasm_sha256": hex(&info.guest.wasm_sha256),
+                "runtime_version": info.guest.runtime_version,
+            },
+            "io_table": { "gpa": info.guest.io_table_gpa, "length": info.guest.io_table_len, "handles": handles },
+            "devices": devices,
+            "memory": { "guest_bytes": guest, "pages": guest / page, "nonzero_pages": stored / page, "ranges": ranges },
+            "vcpu": { "rip": rip, "records": records },
+            "working_set": {
+                "pages": abi::workingset::page_count(&info.working_set),
+                "written_pages": written_pages(&info.working_set),
+                "runs": runs,
+            },
+        });
+        crate::stats::print_json(&shown)?;
         return Ok(0);
     }
     println!("{}: thaw snapshot image, format version {}, x86-64", args.image.display(), info.version);

@@ -8,15 +8,10 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Args, ValueEnum};
+use clap::Args;
 use host_vmm::{Function, FunctionResponse, FunctionStatus, Outcome, RunReport, VmConfig};
 
-/// Formats for `--stats`.
-#[derive(Debug, Clone, Copy, ValueEnum)]
-pub enum StatsFormat {
-    /// One JSON object on stderr.
-    Json,
-}
+use crate::stats::{Device, Measured, RequestStats};
 
 /// Arguments of `thaw invoke`.
 #[derive(Args, Debug)]
@@ -30,9 +25,11 @@ pub struct InvokeArgs {
     /// Read the request body from this file.
     #[arg(long, value_name = "FILE")]
     input: Option<PathBuf>,
-    /// Print per-phase timings (microseconds) and the VM exit count on stderr.
-    #[arg(long, value_name = "FORMAT")]
-    stats: Option<StatsFormat>,
+    /// Print one JSON object on stdout instead of the response: how the request ended, the
+    /// response and the function's stderr, per-phase timings (µs), memory, VM exits and
+    /// per-device counters (docs/API.md, "Stats").
+    #[arg(long)]
+    json: bool,
     /// Wall-clock limit for the whole invocation, boot included, in seconds.
     #[arg(long, value_name = "SECS", default_value_t = 30.0)]
     timeout: f64,
@@ -99,10 +96,7 @@ pub fn run(args: &InvokeArgs) -> Result<u8, String> {
         host_vmm::run_kernel(kernel, &config, &mut kernel_log)
     }
     .map_err(|e| e.to_string())?;
-    if let Some(StatsFormat::Json) = args.stats {
-        eprintln!("{}", stats_json(&report));
-    }
-    conclude(&report.outcome, report.responses.first(), &kernel_log)
+    finish_invoke(args, &report, false, &kernel_log)
 }
 
 /// The first 8 bytes of `path`, which must be a bundle's or an image's magic.
@@ -138,22 +132,31 @@ fn invoke_image(args: &InvokeArgs, request: Vec<u8>) -> Result<u8, String> {
         host_vmm::serve_fresh(&image, &config, request, &mut kernel_log)
     }
     .map_err(|e| e.to_string())?;
-    if let Some(StatsFormat::Json) = args.stats {
-        let t = &report.timings;
-        eprintln!(
-            "{{\"restore\": true, \"memory_map_us\": {}, \"vm_create_us\": {}, \"vcpu_create_us\": {}, \"state_set_us\": {}, \"resume_us\": {}, \"handle_us\": {}, \"total_us\": {}, \"vm_exits\": {}, \"devices\": {}}}",
-            t.load.as_micros(),
-            t.vm_create.as_micros(),
-            t.vcpu_setup.as_micros(),
-            t.state_set.map_or(0, |d| d.as_micros()),
-            t.to_first_request.map_or("null".into(), |d| d.as_micros().to_string()),
-            report.responses.first().map_or("null".into(), |r| r.handle_time.as_micros().to_string()),
-            t.total.as_micros(),
-            report.exits,
-            crate::devices::stats_json(&report.devices)
-        );
+    finish_invoke(args, &report, true, &kernel_log)
+}
+
+/// Ends `thaw invoke`: with --json, the request's stats on stdout; otherwise the response.
+fn finish_invoke(args: &InvokeArgs, report: &RunReport, restored: bool, kernel_log: &[u8]) -> Result<u8, String> {
+    if !args.json {
+        return conclude(&report.outcome, report.responses.first(), kernel_log);
     }
-    conclude(&report.outcome, report.responses.first(), &kernel_log)
+    let response = report.responses.first();
+    let mut stats = RequestStats::new(&report.outcome, response);
+    stats.measured = Measured::of_run(report, restored);
+    stats.devices = report.devices.iter().map(Device::from).collect();
+    crate::stats::print_json(&stats)?;
+    let clean = matches!(report.outcome, Outcome::Exited(0) | Outcome::Answered);
+    if !clean {
+        let _ = std::io::stderr().write_all(kernel_log);
+    }
+    Ok(match (clean, response) {
+        (true, Some(response)) => exit_code(&response.status),
+        (true, None) => {
+            eprintln!("thaw: error: the guest exited without answering the request");
+            abi::exit_code::HOST_ERROR as u8
+        }
+        (false, _) => crate::finish(&report.outcome),
+    })
 }
 
 /// Ends a one-request run, under either hypervisor: the response if the guest answered and
@@ -189,36 +192,20 @@ pub fn load_function(path: &std::path::Path) -> Result<Function, String> {
 pub fn answer(response: &FunctionResponse) -> u8 {
     let _ = std::io::stdout().lock().write_all(&response.stdout).and_then(|()| std::io::stdout().flush());
     let _ = std::io::stderr().lock().write_all(&response.stderr);
-    match &response.status {
-        FunctionStatus::Ok => 0,
+    exit_code(&response.status)
+}
+
+/// The exit code a function's status implies, after a line on stderr saying why unless it is 0.
+fn exit_code(status: &FunctionStatus) -> u8 {
+    match status {
+        FunctionStatus::Ok | FunctionStatus::Exited(0) => 0,
         FunctionStatus::Trapped(message) => {
             eprintln!("thaw: function trapped: {message}");
             abi::exit_code::FUNCTION_TRAPPED as u8
         }
-        FunctionStatus::Exited(0) => 0,
         FunctionStatus::Exited(code) => {
             eprintln!("thaw: function exited with code {code}");
             *code as u8
         }
     }
-}
-
-fn stats_json(report: &RunReport) -> String {
-    let t = &report.timings;
-    let us = |d: Option<Duration>| d.map_or("null".to_string(), |d| d.as_micros().to_string());
-    let boot = [Some(t.load), Some(t.vcpu_setup), t.ring0_boot, t.ring3_to_ready]
-        .into_iter()
-        .try_fold(Duration::ZERO, |sum, d| d.map(|d| sum + d));
-    format!(
-        "{{\"vm_create_us\": {}, \"kernel_boot_us\": {}, \"compile_us\": {}, \"instantiate_us\": {}, \"init_us\": {}, \"handle_us\": {}, \"total_us\": {}, \"vm_exits\": {}, \"devices\": {}}}",
-        us(Some(t.vm_create)),
-        us(boot),
-        us(t.compile),
-        us(t.instantiate),
-        us(t.init),
-        us(report.responses.first().map(|r| r.handle_time)),
-        us(Some(t.total)),
-        report.exits,
-        crate::devices::stats_json(&report.devices)
-    )
 }

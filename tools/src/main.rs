@@ -18,6 +18,7 @@ mod restore;
 mod run;
 mod serve;
 mod snapshot;
+mod stats;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -115,23 +116,4 @@ pub fn finish(outcome: &host_vmm::Outcome) -> u8 {
         eprintln!("thaw: {outcome}");
     }
     outcome.exit_code()
-}
-
-/// `s` as a JSON string literal.
-pub fn json_string(s: &str) -> String {
-    use std::fmt::Write;
-
-    let mut out = String::from("\"");
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if (c as u32) < 0x20 => {
-                let _ = write!(out, "\\u{:04x}", c as u32);
-            }
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
 }

@@ -11,12 +11,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use clap::{Args, ValueEnum};
-use host_vmm::virtio::DeviceStats;
-use host_vmm::{
-    BootTimings, FunctionStatus, Image, Instance, Outcome, Pool, PoolStats, REWRITTEN_PAGES, Role, Served, VmConfig,
-};
+use host_vmm::{BootTimings, Image, Instance, Outcome, Pool, REWRITTEN_PAGES, Role, Served, VmConfig};
 
-use crate::invoke::StatsFormat;
+use crate::stats::{BatchStats, Exits, Measured, PoolSummary, RequestStats, Status};
 
 /// How `thaw restore` (and `thaw serve`) gets a VM for each request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize, serde::Deserialize)]
@@ -67,8 +64,8 @@ pub struct RestoreArgs {
     /// --input).
     #[arg(long, value_name = "FILE", conflicts_with_all = ["data", "input"])]
     requests: Option<PathBuf>,
-    /// Write every response to FILE, one JSON line per request in the order they finished
-    /// (request number, status, exit code, stdout, stderr).
+    /// Write every response to FILE, one JSON line per request in the order they finished:
+    /// its number, how it ended, its stdout and stderr, and what it cost (docs/API.md, "Stats").
     #[arg(long, value_name = "FILE")]
     responses: Option<PathBuf>,
     /// After the last request, compare all of guest memory with the image, and fail if any
@@ -78,9 +75,9 @@ pub struct RestoreArgs {
     /// back).
     #[arg(long)]
     verify: bool,
-    /// Print the summary as one JSON object on stdout instead of text.
-    #[arg(long, value_name = "FORMAT")]
-    stats: Option<StatsFormat>,
+    /// Print the summary as one JSON object on stdout instead of text (docs/API.md, "Stats").
+    #[arg(long)]
+    json: bool,
     /// Wall-clock limit per request, in seconds.
     #[arg(long, value_name = "SECS", default_value_t = 30.0)]
     timeout: f64,
@@ -96,43 +93,10 @@ pub struct RestoreArgs {
     devices: crate::devices::DeviceArgs,
 }
 
-/// The `p`th percentile (0-100) of sorted `values`, nearest-rank.
-fn percentile(sorted: &[u64], p: usize) -> u64 {
-    let rank = (p * sorted.len()).div_ceil(100).max(1);
-    sorted.get(rank - 1).copied().unwrap_or(0)
-}
-
-/// What one request measured; `None` where the mode has no such phase.
-#[derive(Debug, Default, Clone)]
-struct Sample {
-    to_response: Duration,
-    handle: Option<Duration>,
-    memory_map: Option<Duration>,
-    vm_create: Option<Duration>,
-    vcpu_create: Option<Duration>,
-    state_set: Option<Duration>,
-    resume: Option<Duration>,
-    wait: Option<Duration>,
-    reset: Option<Duration>,
-    park: Option<Duration>,
-    dirty_pages: Option<u64>,
-    page_faults: Option<u64>,
-    private_memory: Option<u64>,
-    device_exits: u64,
-    backends_attached: u64,
-}
-
 /// Measure a kept or pooled VM's private memory (a read of /proc/self/smaps, about a
 /// millisecond) on every this-many-th request of a worker, so the measurement does not
 /// dominate the throughput it sits beside.
 const MEMORY_SAMPLE_EVERY: usize = 50;
-
-struct Summary {
-    name: &'static str,
-    key: &'static str,
-    unit: &'static str,
-    values: Vec<u64>,
-}
 
 /// Shared between the workers.
 struct Run<'a> {
@@ -141,7 +105,9 @@ struct Run<'a> {
     config: &'a VmConfig,
     requests: Vec<Vec<u8>>,
     next: AtomicUsize,
-    samples: Mutex<Vec<Sample>>,
+    samples: Mutex<Vec<Measured>>,
+    /// How many requests ended each way.
+    statuses: Mutex<std::collections::BTreeMap<Status, usize>>,
     held: Mutex<Vec<Instance>>,
     failure: Mutex<Option<String>>,
     /// Requests that did not answer cleanly.
@@ -191,34 +157,22 @@ impl Run<'_> {
     /// Records a served request (its line in --responses, and its sample when the function
     /// answered cleanly). A request that did not answer cleanly is counted, and the batch goes
     /// on; false when the record itself could not be written.
-    fn record(&self, number: usize, served: &Served, sample: Sample) -> bool {
-        let (status, code) = match (&served.outcome, &served.response) {
-            (Outcome::Answered, Some(response)) => match &response.status {
-                FunctionStatus::Ok => ("ok".to_string(), 0),
-                FunctionStatus::Trapped(_) => ("trapped".to_string(), 0),
-                FunctionStatus::Exited(code) => ("exited".to_string(), *code),
-            },
-            (Outcome::TimedOut(_), _) => ("timed out".to_string(), 0),
-            (outcome, _) => (format!("failed: {outcome}"), 0),
-        };
+    fn record(&self, number: usize, served: &Served, measured: Measured) -> bool {
+        let mut stats = RequestStats::new(&served.outcome, served.response.as_ref());
+        stats.request = Some(number);
+        *lock(&self.statuses).entry(stats.status).or_default() += 1;
+        let error = stats.error.clone();
         if let Some(file) = &self.responses {
-            let (stdout, stderr) =
-                served.response.as_ref().map_or((&[][..], &[][..]), |r| (&r.stdout[..], &r.stderr[..]));
-            let line = format!(
-                "{{\"request\": {number}, \"status\": {}, \"exit_code\": {code}, \"stdout\": {}, \"stderr\": {}}}",
-                crate::json_string(&status),
-                crate::json_string(&String::from_utf8_lossy(stdout)),
-                crate::json_string(&String::from_utf8_lossy(stderr)),
-            );
-            if let Err(e) = writeln!(lock(file), "{line}") {
+            stats.measured = measured.clone();
+            if let Err(e) = writeln!(lock(file), "{}", stats.to_json()) {
                 self.fail(format!("writing --responses: {e}"));
                 return false;
             }
         }
         if served.is_ok() {
-            lock(&self.samples).push(sample);
+            lock(&self.samples).push(measured);
         } else {
-            lock(&self.unclean).push(format!("request {number}: {status}"));
+            lock(&self.unclean).push(format!("request {number}: {}", error.unwrap_or_default()));
         }
         true
     }
@@ -228,12 +182,16 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn served_sample(served: &Served) -> Sample {
-    Sample {
-        to_response: served.to_response,
-        handle: served.response.as_ref().map(|r| r.handle_time),
-        ..Sample::default()
-    }
+fn us(d: Duration) -> u64 {
+    d.as_micros() as u64
+}
+
+/// A served request's time to response and handle.
+fn served_sample(served: &Served) -> Measured {
+    let mut measured = Measured::default();
+    measured.phases.to_response_us = Some(us(served.to_response));
+    measured.phases.handle_us = served.response.as_ref().map(|r| us(r.handle_time));
+    measured
 }
 
 /// A fresh VM per request, restored on the request path.
@@ -243,25 +201,16 @@ fn fresh_worker(run: &Run<'_>) -> Result<(), String> {
         let (instance, report) = host_vmm::serve_fresh(run.image, run.config, run.body(number), &mut std::io::sink())
             .map_err(|e| e.to_string())?;
         let t = &report.timings;
-        let mut sample = Sample {
-            to_response: t.to_response.unwrap_or(t.total) + queued,
-            handle: report.responses.first().map(|r| r.handle_time),
-            memory_map: Some(t.load),
-            vm_create: Some(t.vm_create),
-            vcpu_create: Some(t.vcpu_setup),
-            state_set: t.state_set,
-            resume: t.to_first_request,
-            page_faults: Some(report.page_faults),
-            private_memory: report.private_memory,
-            ..Sample::default()
-        };
-        device_counts(&mut sample, &report.devices);
+        let to_response = t.to_response.unwrap_or(t.total) + queued;
+        let mut sample = Measured::of_run(&report, true);
+        sample.phases.to_response_us = Some(us(to_response));
+        sample.phases.total_us = None;
         let served = Served {
             outcome: report.outcome,
             response: report.responses.into_iter().next(),
             exits: report.exits,
-            to_response: sample.to_response,
-            resume: sample.resume,
+            to_response,
+            resume: t.to_first_request,
         };
         if !run.record(number, &served, sample) {
             return Ok(());
@@ -282,13 +231,13 @@ fn pool_worker(run: &Run<'_>, pool: &Pool, worker_requests: &AtomicUsize) -> Res
         let faults_before = host_vmm::vm::thread_minor_faults();
         let served = instance.serve(run.body(number), &mut std::io::sink()).map_err(|e| e.to_string())?;
         let mut sample = served_sample(&served);
-        sample.to_response += wait;
-        sample.wait = Some(wait);
-        sample.page_faults = Some(host_vmm::vm::thread_minor_faults().saturating_sub(faults_before));
+        sample.phases.to_response_us = Some(us(served.to_response + wait));
+        sample.phases.pool_wait_us = Some(us(wait));
+        sample.memory.page_faults = Some(host_vmm::vm::thread_minor_faults().saturating_sub(faults_before));
         if worker_requests.fetch_add(1, Ordering::Relaxed).is_multiple_of(MEMORY_SAMPLE_EVERY) {
-            sample.private_memory = Some(instance.vm().private_memory().map_err(|e| e.to_string())?);
+            sample.memory.private_kib = Some(instance.vm().private_memory().map_err(|e| e.to_string())? / 1024);
         }
-        device_counts(&mut sample, &instance.vm().device_stats());
+        sample.exits = Exits::of(served.exits, &instance.vm().device_stats());
         pool.discard(instance);
         if !run.record(number, &served, sample) {
             return Ok(());
@@ -313,19 +262,19 @@ fn reset_worker(run: &Run<'_>) -> Result<(), String> {
         let faults_before = host_vmm::vm::thread_minor_faults();
         let served = instance.serve(run.body(number), &mut std::io::sink()).map_err(|e| e.to_string())?;
         let mut sample = served_sample(&served);
-        sample.to_response += queued;
-        sample.page_faults = Some(host_vmm::vm::thread_minor_faults().saturating_sub(faults_before));
+        sample.phases.to_response_us = Some(us(served.to_response + queued));
+        sample.memory.page_faults = Some(host_vmm::vm::thread_minor_faults().saturating_sub(faults_before));
         if served_here.is_multiple_of(MEMORY_SAMPLE_EVERY) {
-            sample.private_memory = Some(instance.vm().private_memory().map_err(|e| e.to_string())?);
+            sample.memory.private_kib = Some(instance.vm().private_memory().map_err(|e| e.to_string())? / 1024);
         }
         served_here += 1;
-        device_counts(&mut sample, &instance.vm().device_stats());
+        sample.exits = Exits::of(served.exits, &instance.vm().device_stats());
         if served.reusable() {
             let started = Instant::now();
             let dirty = instance.reset().map_err(|e| e.to_string())?;
-            sample.reset = Some(started.elapsed());
-            sample.dirty_pages = Some(dirty.pages());
-            sample.park = Some(park(&mut instance)?);
+            sample.phases.reset_us = Some(us(started.elapsed()));
+            sample.memory.dirty_pages = Some(dirty.pages());
+            sample.phases.park_us = Some(us(park(&mut instance)?));
         } else {
             run.replaced.fetch_add(1, Ordering::Relaxed);
             instance = restore()?;
@@ -378,22 +327,17 @@ fn park(instance: &mut Instance) -> Result<Duration, String> {
     }
 }
 
-fn device_counts(sample: &mut Sample, devices: &[DeviceStats]) {
-    sample.device_exits = devices.iter().map(|d| d.exits).sum();
-    sample.backends_attached = devices.iter().filter(|d| d.attached_after.is_some()).count() as u64;
-}
-
 impl RestoreArgs {
     /// What `thaw bench IMAGE --mode MODE` serves: `runs` requests with the body `--data` or
-    /// `--input` gives, one at a time, at `rate` per second if given.
+    /// `--input` gives, one at a time, at `rate` per second if given, reported as JSON if `json`.
     pub fn for_bench(
         image: PathBuf,
         (data, input): (Option<String>, Option<PathBuf>),
-        mode: Mode,
-        pool: usize,
+        (mode, pool): (Mode, usize),
         runs: usize,
         timeout: f64,
         rate: Option<f64>,
+        json: bool,
     ) -> Self {
         Self {
             image,
@@ -408,7 +352,7 @@ impl RestoreArgs {
             requests: None,
             responses: None,
             verify: false,
-            stats: None,
+            json,
             timeout,
             floor: false,
             rate,
@@ -424,7 +368,7 @@ pub fn run(args: &RestoreArgs) -> Result<u8, String> {
 }
 
 /// Serves the batch `args` describes and reports on it, with the ratio to `floor` if given.
-pub fn serve_batch(args: &RestoreArgs, floor: Option<crate::bench::FloorSummary>) -> Result<u8, String> {
+pub fn serve_batch(args: &RestoreArgs, floor: Option<crate::bench::Floor>) -> Result<u8, String> {
     if args.count == 0 || args.concurrency == 0 {
         return Err("--count and --concurrency must be at least 1".into());
     }
@@ -481,6 +425,7 @@ pub fn serve_batch(args: &RestoreArgs, floor: Option<crate::bench::FloorSummary>
         requests,
         next: AtomicUsize::new(0),
         samples: Mutex::new(Vec::with_capacity(args.count)),
+        statuses: Mutex::default(),
         held: Mutex::new(Vec::new()),
         failure: Mutex::new(None),
         unclean: Mutex::new(Vec::new()),
@@ -524,16 +469,43 @@ pub fn serve_batch(args: &RestoreArgs, floor: Option<crate::bench::FloorSummary>
         check_memory(&format!("after {served} requests and a reset, the kept VM's memory"), &differing)?;
     }
     let samples = run.samples.into_inner().unwrap_or_else(|p| p.into_inner());
-    let replaced = run.replaced.into_inner();
     let unclean = run.unclean.into_inner().unwrap_or_else(|p| p.into_inner());
-    if !samples.is_empty() {
-        report(args, &image, &samples, wall, peak_alive, pool_stats, replaced);
-        if let Some(floor) = floor {
-            let mut to_response: Vec<u64> = samples.iter().map(|s| s.to_response.as_micros() as u64).collect();
-            to_response.sort_unstable();
-            let p = |q| u128::from(percentile(&to_response, q));
-            floor.print_ratio("restore to response", (p(50), p(99)), args.mode != Mode::Fresh);
+    let mut stats = BatchStats {
+        mode: format!("{:?}", args.mode).to_lowercase(),
+        function: Some(image.info.guest.function_name.clone()),
+        source: Some(if args.template { "template" } else { "file" }.into()),
+        count: args.count,
+        concurrency: args.concurrency,
+        alive_at_once: if args.hold { peak_alive } else { workers },
+        wall_ms: wall.as_millis() as u64,
+        requests_per_s: (samples.len() as f64 / wall.as_secs_f64().max(1e-9)).round() as u64,
+        statuses: run.statuses.into_inner().unwrap_or_else(|p| p.into_inner()),
+        replaced: run.replaced.into_inner(),
+        phases: Default::default(),
+        memory: Default::default(),
+        exits: Default::default(),
+        pool: pool_stats.map(|p| PoolSummary {
+            size: args.pool,
+            filled: p.filled,
+            fill_rate_per_s: p.fill_rate().round() as u64,
+            warmed_pages_per_vm: p.warmed_pages_per_vm(),
+            ready: p.ready,
+            waited: p.waited,
+            wait_ms: p.wait_time.as_millis() as u64,
+        }),
+        floor: None,
+    };
+    stats.summarize(&samples);
+    if let (Some(floor), Some(to_response)) = (&floor, stats.phases.to_response_us) {
+        stats.floor = Some(floor.stats.versus(to_response, args.mode != Mode::Fresh));
+    }
+    if args.json {
+        crate::stats::print_json(&stats)?;
+    } else if !samples.is_empty() {
+        if let Some(floor) = &floor {
+            print!("{}", floor.table());
         }
+        print!("{}", summary(args, &stats));
     }
     match unclean.first() {
         None => Ok(0),
@@ -545,129 +517,44 @@ pub fn serve_batch(args: &RestoreArgs, floor: Option<crate::bench::FloorSummary>
     }
 }
 
-/// Prints the summary: percentiles of every phase the mode has, as text or one JSON object.
-fn report(
-    args: &RestoreArgs,
-    image: &Image,
-    samples: &[Sample],
-    wall: Duration,
-    peak_alive: usize,
-    pool: Option<PoolStats>,
-    replaced: usize,
-) {
-    let us = |d: Duration| d.as_micros() as u64;
-    // A row for every phase some sample measured; its values are the samples that have it.
-    let column = |name, key, unit, f: &dyn Fn(&Sample) -> Option<u64>| Summary {
-        name,
-        key,
-        unit,
-        values: samples.iter().filter_map(f).collect(),
-    };
-    let mut rows: Vec<Summary> = [
-        column("restore to response", "restore_to_response_us", "µs", &|x| Some(us(x.to_response))),
-        column("waited for the pool", "pool_wait_us", "µs", &|x| x.wait.map(us)),
-        column("memory map", "memory_map_us", "µs", &|x| x.memory_map.map(us)),
-        column("vm create", "vm_create_us", "µs", &|x| x.vm_create.map(us)),
-        column("vcpu create", "vcpu_create_us", "µs", &|x| x.vcpu_create.map(us)),
-        column("state set", "state_set_us", "µs", &|x| x.state_set.map(us)),
-        column("resume to request", "resume_us", "µs", &|x| x.resume.map(us)),
-        column("handle", "handle_us", "µs", &|x| x.handle.map(us)),
-        column("reset", "reset_us", "µs", &|x| x.reset.map(us)),
-        column("dirty pages", "dirty_pages", "", &|x| x.dirty_pages),
-        column("park (resume)", "park_us", "µs", &|x| x.park.map(us)),
-        column("page faults", "page_faults", "", &|x| x.page_faults),
-        column("private memory", "private_memory_kib", "KiB", &|x| x.private_memory.map(|b| b / 1024)),
-        column("device exits", "device_exits", "", &|x| Some(x.device_exits)),
-        column("backends attached", "backends_attached", "", &|x| Some(x.backends_attached)),
-    ]
-    .into_iter()
-    .filter(|r| !r.values.is_empty())
-    .collect();
-    for row in &mut rows {
-        row.values.sort_unstable();
-    }
-    let source = if args.template { "template" } else { "file" };
-    let mode = match args.mode {
-        Mode::Fresh => "fresh",
-        Mode::Pool => "pool",
-        Mode::Reset => "reset",
-    };
-    let rate = samples.len() as f64 / wall.as_secs_f64().max(1e-9);
-    if let Some(StatsFormat::Json) = args.stats {
-        let mut fields: Vec<String> = rows
-            .iter()
-            .map(|r| {
-                format!(
-                    "\"{}\": {{\"p50\": {}, \"p90\": {}, \"p99\": {}, \"max\": {}}}",
-                    r.key,
-                    percentile(&r.values, 50),
-                    percentile(&r.values, 90),
-                    percentile(&r.values, 99),
-                    r.values.last().copied().unwrap_or(0)
-                )
-            })
-            .collect();
-        if let Some(p) = &pool {
-            fields.push(format!(
-                "\"pool\": {{\"size\": {}, \"filled\": {}, \"fill_rate_per_s\": {:.0}, \"warmed_pages_per_vm\": {}, \"ready\": {}, \"waited\": {}, \"wait_ms\": {}}}",
-                args.pool,
-                p.filled,
-                p.fill_rate(),
-                p.warmed_pages_per_vm(),
-                p.ready,
-                p.waited,
-                p.wait_time.as_millis()
-            ));
-        }
-        println!(
-            "{{\"function\": \"{}\", \"mode\": \"{mode}\", \"source\": \"{source}\", \"count\": {}, \"concurrency\": {}, \"alive_at_once\": {}, \"wall_ms\": {}, \"requests_per_s\": {rate:.0}, \"replaced\": {replaced}, {}}}",
-            image.info.guest.function_name,
-            args.count,
-            args.concurrency,
-            if args.hold { peak_alive } else { args.concurrency.min(args.count) },
-            wall.as_millis(),
-            fields.join(", ")
-        );
-        return;
-    }
+/// The batch's summary as text: what was served, the pool's work, and the percentiles of every
+/// measurement the mode has.
+fn summary(args: &RestoreArgs, stats: &BatchStats) -> String {
+    use std::fmt::Write;
     let how = match args.mode {
         Mode::Fresh => "restores".to_string(),
         Mode::Pool => format!("requests from a pool of {} parked VMs restored", args.pool),
-        Mode::Reset => format!("requests to {} kept VMs reset after each, restored", args.concurrency.min(args.count)),
+        Mode::Reset => format!("requests to {} kept VMs reset after each, restored", stats.alive_at_once),
     };
-    println!(
-        "{} {how} of {} from a {source}, {} at a time, in {} ms ({rate:.0} requests/s)",
-        args.count,
-        image.info.guest.function_name,
-        args.concurrency,
-        wall.as_millis()
+    let mut out = format!(
+        "{} {how} of {} from a {}, {} at a time, in {} ms ({} requests/s)\n",
+        stats.count,
+        stats.function.as_deref().unwrap_or_default(),
+        stats.source.as_deref().unwrap_or_default(),
+        stats.concurrency,
+        stats.wall_ms,
+        stats.requests_per_s
     );
     if args.hold {
-        println!("{peak_alive} VMs were alive at once (held until all had answered)");
+        let _ = writeln!(out, "{} VMs were alive at once (held until all had answered)", stats.alive_at_once);
     }
-    if let Some(p) = &pool {
-        println!(
-            "pool: {} VMs parked by the filler at {:.0} per second of its work, each after touching {} working-set pages; {} requests found one ready, {} waited ({} ms in all)",
-            p.filled,
-            p.fill_rate(),
-            p.warmed_pages_per_vm(),
-            p.ready,
-            p.waited,
-            p.wait_time.as_millis()
+    if let Some(p) = &stats.pool {
+        let _ = writeln!(
+            out,
+            "pool: {} VMs parked by the filler at {} per second of its work, each after touching {} working-set pages; {} requests found one ready, {} waited ({} ms in all)",
+            p.filled, p.fill_rate_per_s, p.warmed_pages_per_vm, p.ready, p.waited, p.wait_ms
         );
     }
-    if replaced > 0 {
-        println!("{replaced} kept VMs were destroyed and replaced (their guest ended other than by answering)");
-    }
-    println!("{:<22} {:>8} {:>8} {:>8} {:>8}", "", "p50", "p90", "p99", "max");
-    for r in &rows {
-        let name = if r.unit.is_empty() { r.name.to_string() } else { format!("{} ({})", r.name, r.unit) };
-        println!(
-            "{name:<22} {:>8} {:>8} {:>8} {:>8}",
-            percentile(&r.values, 50),
-            percentile(&r.values, 90),
-            percentile(&r.values, 99),
-            r.values.last().copied().unwrap_or(0)
+    if stats.replaced > 0 {
+        let _ = writeln!(
+            out,
+            "{} kept VMs were destroyed and replaced (their guest ended other than by answering)",
+            stats.replaced
         );
     }
+    out.push_str(&stats.table());
+    if let Some(line) = stats.floor.as_ref().and_then(|f| f.describe("restore to response")) {
+        let _ = writeln!(out, "{line}");
+    }
+    out
 }

@@ -158,7 +158,7 @@ fn model(kind: DeviceKind, backends: &Backends) -> Result<Box<dyn DeviceModel>, 
     }
 }
 
-/// Per-device counters for `--stats json`.
+/// Per-device counters (the `devices` of `thaw invoke --json`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeviceStats {
     /// What the device is.

@@ -3,6 +3,7 @@
 //! JSON objects with one `error` line.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
 use axum::body::{Body, Bytes};
@@ -10,11 +11,11 @@ use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use host_vmm::{FunctionStatus, Outcome};
 use serde_json::json;
 
 use super::deployed::{Answer, Rejected};
 use super::registry::{Deployment, Registry, RegistryError, is_name};
+use crate::stats::{RequestStats, Status};
 
 /// Who may use the admin routes (deploy, delete, logs).
 #[derive(Debug, Clone)]
@@ -60,7 +61,7 @@ pub struct Limits {
     /// An invocation's request, in bytes.
     pub request: usize,
     /// How long a body may take to arrive.
-    pub read_timeout: std::time::Duration,
+    pub read_timeout: Duration,
 }
 
 /// What the handlers share.
@@ -110,7 +111,7 @@ fn bad_name(name: &str) -> Refusal {
 const DRAIN_BYTES: usize = 1 << 20;
 
 /// `refusal`, after reading what `body` sends within `timeout`, up to [`DRAIN_BYTES`].
-async fn refuse(refusal: Refusal, body: Body, timeout: std::time::Duration) -> Response {
+async fn refuse(refusal: Refusal, body: Body, timeout: Duration) -> Response {
     let _ = tokio::time::timeout(timeout, axum::body::to_bytes(body, DRAIN_BYTES)).await;
     refusal.into_response()
 }
@@ -122,7 +123,7 @@ async fn read_body(
     body: Body,
     what: &str,
     cap: usize,
-    timeout: std::time::Duration,
+    timeout: Duration,
 ) -> Result<Bytes, Refusal> {
     let too_large =
         || Refusal(StatusCode::PAYLOAD_TOO_LARGE, format!("the {what} is larger than the {cap}-byte limit"));
@@ -281,31 +282,38 @@ async fn invoke(State(api): State<Arc<Api>>, Path(name): Path<String>, headers: 
 
 /// The HTTP response for how a request ended: 200 with the function's stdout when it answered
 /// (or exited 0); 502 when it trapped, exited non-zero or its guest failed; 504 past its
-/// timeout (`timeout_ms`); 500 when the host could not run it. Headers carry the instance id
-/// and the timings.
+/// timeout (`timeout_ms`); 500 when the host could not run it. The errors' bodies are the
+/// shared request stats (`crate::stats`), whose `error` says what went wrong in one line.
+/// Headers carry the instance id and the timings.
 pub fn answer_response(answer: &Result<Answer, String>, timeout_ms: u64) -> Response {
     let answer = match answer {
         Ok(answer) => answer,
-        Err(why) => return error(StatusCode::INTERNAL_SERVER_ERROR, format!("the VM could not serve: {why}")),
+        Err(why) => {
+            let stats = RequestStats::host_failure(&format!("the VM could not serve: {why}"));
+            return (StatusCode::INTERNAL_SERVER_ERROR, axum::Json(stats)).into_response();
+        }
     };
-    let stderr = |a: &Answer| a.response.as_ref().map(|r| String::from_utf8_lossy(&r.stderr).into_owned());
-    let mut response = match (&answer.outcome, answer.response.as_ref()) {
-        (Outcome::Answered, Some(r)) if matches!(r.status, FunctionStatus::Ok | FunctionStatus::Exited(0)) => {
-            (StatusCode::OK, r.stdout.clone()).into_response()
+    let mut stats = RequestStats::new(&answer.outcome, answer.response.as_ref());
+    let status = match stats.status {
+        Status::Ok => StatusCode::OK,
+        Status::Trapped | Status::Exited | Status::Failed => StatusCode::BAD_GATEWAY,
+        Status::TimedOut => {
+            stats.error = Some(format!("no answer within {timeout_ms} ms; the VM was destroyed and is replaced"));
+            StatusCode::GATEWAY_TIMEOUT
         }
-        (Outcome::Answered, Some(r)) => {
-            let message = match &r.status {
-                FunctionStatus::Trapped(message) => format!("the function trapped: {message}"),
-                FunctionStatus::Exited(code) => format!("the function exited with code {code}"),
-                FunctionStatus::Ok => unreachable!("answered cleanly above"),
-            };
-            (StatusCode::BAD_GATEWAY, axum::Json(json!({ "error": message, "stderr": stderr(answer) }))).into_response()
+    };
+    let handle = answer.response.as_ref().map(|r| r.handle_time);
+    let mut response = match (status, &answer.response) {
+        (StatusCode::OK, Some(r)) => (status, r.stdout.clone()).into_response(),
+        _ => {
+            let us = |d: Duration| d.as_micros() as u64;
+            stats.instance_id = Some(answer.instance_id);
+            stats.stdout = None;
+            stats.measured.phases.queue_us = Some(us(answer.queued));
+            stats.measured.phases.handle_us = handle.map(us);
+            stats.measured.phases.total_us = Some(us(answer.served));
+            (status, axum::Json(stats)).into_response()
         }
-        (Outcome::TimedOut(_), _) => error(
-            StatusCode::GATEWAY_TIMEOUT,
-            format!("no answer within {timeout_ms} ms; the VM was destroyed and is replaced"),
-        ),
-        (outcome, _) => error(StatusCode::BAD_GATEWAY, format!("the function's VM failed: {outcome}")),
     };
     let headers = response.headers_mut();
     let mut set = |name: &'static str, value: u128| {
@@ -316,8 +324,8 @@ pub fn answer_response(answer: &Result<Answer, String>, timeout_ms: u64) -> Resp
     set("x-thaw-instance", u128::from(answer.instance_id));
     set("x-thaw-queue-us", answer.queued.as_micros());
     set("x-thaw-serve-us", answer.served.as_micros());
-    if let Some(r) = &answer.response {
-        set("x-thaw-handle-us", r.handle_time.as_micros());
+    if let Some(handle) = handle {
+        set("x-thaw-handle-us", handle.as_micros());
     }
     response
 }
@@ -325,8 +333,7 @@ pub fn answer_response(answer: &Result<Answer, String>, timeout_ms: u64) -> Resp
 #[cfg(test)]
 mod tests {
     use super::*;
-    use host_vmm::FunctionResponse;
-    use std::time::Duration;
+    use host_vmm::{FunctionResponse, FunctionStatus, Outcome};
 
     fn answered(status: FunctionStatus) -> Result<Answer, String> {
         let response = FunctionResponse {
@@ -352,6 +359,17 @@ mod tests {
         assert_eq!(ok.headers()["x-thaw-handle-us"], "42");
         assert_eq!(ok.headers()["x-thaw-serve-us"], "90");
         assert_eq!(answer_response(&answered(FunctionStatus::Exited(0)), 1000).status(), StatusCode::OK);
+        let exited = answer_response(&answered(FunctionStatus::Exited(3)), 1000);
+        let body = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(axum::body::to_bytes(exited.into_body(), 1 << 16))
+            .unwrap();
+        let stats: RequestStats = serde_json::from_slice(&body).unwrap();
+        assert_eq!((stats.status, stats.exit_code, stats.instance_id), (Status::Exited, 3, Some(7)));
+        assert_eq!(stats.error.as_deref(), Some("the function exited with code 3"));
+        assert_eq!((stats.stderr.as_deref(), stats.stdout), (Some("err"), None));
+        assert_eq!(stats.measured.phases.handle_us, Some(42));
         assert_eq!(answer_response(&answered(FunctionStatus::Exited(3)), 1000).status(), StatusCode::BAD_GATEWAY);
         assert_eq!(
             answer_response(&answered(FunctionStatus::Trapped("unreachable".into())), 1000).status(),
