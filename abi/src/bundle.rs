@@ -79,6 +79,12 @@ pub struct Connection {
     pub port: u32,
 }
 
+/// True for a service connection's name: 1 to [`MAX_CONNECTION_NAME_BYTES`] of `[A-Za-z0-9_]`.
+pub fn is_connection_name(name: &str) -> bool {
+    (1..=MAX_CONNECTION_NAME_BYTES).contains(&name.len())
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+}
+
 /// What a bundle says about its function.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Manifest {
@@ -304,8 +310,7 @@ impl Manifest {
             );
         }
         for (i, c) in self.connections.iter().enumerate() {
-            let name_ok = |ch: char| ch.is_ascii_alphanumeric() || ch == '_';
-            if c.name.is_empty() || c.name.len() > MAX_CONNECTION_NAME_BYTES || !c.name.chars().all(name_ok) {
+            if !is_connection_name(&c.name) {
                 return bad(
                     "connections",
                     alloc::format!("name {:?} is not 1-{MAX_CONNECTION_NAME_BYTES} of [A-Za-z0-9_]", c.name),

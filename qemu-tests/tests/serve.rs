@@ -120,9 +120,16 @@ fn delete(url: &str) -> Reply {
 
 /// A bundle of the example `name`.
 fn example(name: &str) -> Vec<u8> {
+    example_with(name, &[])
+}
+
+/// A bundle of the example `name`, packed with `extra` options.
+fn example_with(name: &str, extra: &[&str]) -> Vec<u8> {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("f.thaw");
-    let run = run_thaw(&["pack", "--example", name, "-o", path.to_str().unwrap()]);
+    let mut args = vec!["pack", "--example", name, "-o", path.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    let run = run_thaw(&args);
     assert_eq!(run.code, Some(0), "{}{}", run.stdout, run.stderr);
     std::fs::read(path).unwrap()
 }
@@ -225,6 +232,76 @@ fn metric(text: &str, series: &str) -> f64 {
         .unwrap_or_else(|| panic!("no {series} in:\n{text}"))
         .parse()
         .unwrap()
+}
+
+/// A line service on a Unix socket at `path`: answers each line `L` with `echo: L`.
+fn echo_service(path: &Path) {
+    let listener = std::os::unix::net::UnixListener::bind(path).unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().map_while(Result::ok) {
+            std::thread::spawn(move || {
+                let mut writer = stream.try_clone().unwrap();
+                for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                    if writeln!(writer, "echo: {line}").is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+}
+
+#[test]
+fn functions_reach_the_host_services_the_operator_names_and_take_extra_devices() {
+    let state = tempfile::tempdir().unwrap();
+    let socket = state.path().join("echo.sock");
+    echo_service(&socket);
+    let service_arg = format!("service={}", socket.display());
+    let server = Server::start(state.path(), &["--service", &service_arg]);
+
+    // The bundle connects to "service" on port 5000, which the operator named: init greets it,
+    // and every request reaches it through the restored VM's vsock.
+    let client = example_with("service-client", &["--connect", "service=5000"]);
+    let deployed = put(&server.functions("client"), &client);
+    assert_eq!(deployed.status, 201, "{}", deployed.body);
+    assert!(deployed.body.contains(r#""services":{"5000":"service"}"#), "{}", deployed.body);
+    for request in ["one", "two"] {
+        let answer = post(&format!("{}/invoke", server.functions("client")), request.as_bytes());
+        let expected = format!("{{\"greeting\":\"echo: hello from init\",\"reply\":\"echo: {request}\"}}\n");
+        assert_eq!((answer.status, answer.body), (200, expected));
+    }
+    // A function connecting to a name the operator did not give is refused, saying which.
+    let stranger = example_with("service-client", &["--connect", "service=5000", "--connect", "other=6000"]);
+    let refused = put(&server.functions("stranger"), &stranger);
+    assert_eq!(refused.status, 400, "{}", refused.body);
+    assert!(
+        refused.body.contains(
+            r#"connects to service \"other\" (port 6000), which this server does not offer (it offers: service)"#
+        ),
+        "{}",
+        refused.body
+    );
+
+    // An entropy device is part of the version: the same bundle with one is another version.
+    let random = example("random");
+    let plain = put(&server.functions("random"), &random);
+    assert_eq!(plain.status, 201, "{}", plain.body);
+    let with_entropy = put(&format!("{}?devices=entropy", server.functions("random")), &random);
+    assert_eq!(with_entropy.status, 200, "{}", with_entropy.body);
+    assert_ne!(version(&plain.body), version(&with_entropy.body));
+    assert!(with_entropy.body.contains(r#""devices":["entropy"]"#), "{}", with_entropy.body);
+    let answer = post(&format!("{}/invoke", server.functions("random")), b"{}");
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    let refused = put(&format!("{}?devices=console", server.functions("random")), &random);
+    assert_eq!(refused.status, 400, "{}", refused.body);
+
+    // Restarted without the service, the function cannot serve, and says why.
+    drop(server);
+    let server = Server::start(state.path(), &[]);
+    let answer = post(&format!("{}/invoke", server.functions("client")), b"three");
+    assert_eq!(answer.status, 503, "{}", answer.body);
+    assert!(answer.body.contains("which this server does not offer (it offers: none)"), "{}", answer.body);
+    assert_eq!(post(&format!("{}/invoke", server.functions("random")), b"{}").status, 200);
 }
 
 #[test]

@@ -130,7 +130,7 @@ pub fn bundle_wasm(
 }
 
 /// Parses a `--connect NAME=PORT` entry (the manifest validates the name and port).
-fn parse_connection(text: &str) -> Result<Connection, String> {
+pub fn parse_connection(text: &str) -> Result<Connection, String> {
     let (name, port) = text.split_once('=').ok_or_else(|| format!("{text:?} is not NAME=PORT"))?;
     let port = port.parse().map_err(|_| format!("{text:?}: port {port:?} is not a number from 1 to 4294967294"))?;
     Ok(Connection { name: name.into(), port })

@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use host_vmm::virtio::vsock::Services;
 use host_vmm::{
     BootTimings, FunctionResponse, FunctionStatus, Image, Instance, Outcome, Pool, PoolStats, Role, VmConfig,
 };
@@ -75,7 +76,8 @@ pub struct Deployed {
 }
 
 impl Deployed {
-    /// Starts serving `image` at `version`, counting into `metrics`: the pool's filler (pool
+    /// Starts serving `image` at `version`, its vsock ports reaching `services`, counting into
+    /// `metrics`: the pool's filler (pool
     /// mode) and the vCPU threads. Returns once it is ready for traffic: in reset mode every
     /// thread has restored and parked its kept VM, in pool mode the pool has parked a VM. A VM
     /// that cannot be readied fails the start, with why.
@@ -83,10 +85,12 @@ impl Deployed {
         version: &str,
         serving: &Serving,
         image: Arc<Image>,
+        services: Services,
         metrics: Arc<FunctionMetrics>,
         retired: Retired,
     ) -> Result<Self, String> {
-        let config = VmConfig { timeout: Duration::from_millis(serving.timeout_ms), ..VmConfig::default() };
+        let mut config = VmConfig { timeout: Duration::from_millis(serving.timeout_ms), ..VmConfig::default() };
+        config.backends.services = services;
         let pool = match serving.mode {
             Mode::Pool => Some(Arc::new(
                 Pool::start(Arc::clone(&image), config.clone(), serving.pool).map_err(|e| e.to_string())?,

@@ -76,12 +76,29 @@ pub struct ServeArgs {
     /// docs/BENCHMARKS.md).
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
     http_threads: u16,
+    /// A host Unix socket that deployed functions may connect to, under the name their bundle's
+    /// connections use (`thaw pack --connect NAME=PORT`); repeatable. A deploy whose function
+    /// connects to a name not given here is refused.
+    #[arg(long = "service", value_name = "NAME=SOCKET", value_parser = parse_service)]
+    services: Vec<(String, PathBuf)>,
     /// How the server's own log (on stderr) is written: text for people, or JSON lines.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
     /// On SIGTERM or SIGINT, how long in-flight requests may take to finish, in seconds.
     #[arg(long, value_name = "SECS", default_value_t = 30)]
     grace: u64,
+}
+
+/// Parses a `--service NAME=SOCKET` entry.
+fn parse_service(text: &str) -> Result<(String, PathBuf), String> {
+    let (name, path) = text.split_once('=').ok_or_else(|| format!("{text:?} is not NAME=SOCKET"))?;
+    if !abi::bundle::is_connection_name(name) {
+        return Err(format!("{text:?}: the name {name:?} is not 1 to 32 of A-Z a-z 0-9 _ (as in thaw pack --connect)"));
+    }
+    if path.is_empty() {
+        return Err(format!("{text:?}: the socket path is empty"));
+    }
+    Ok((name.to_string(), PathBuf::from(path)))
 }
 
 /// How the server's log is written.
@@ -143,6 +160,7 @@ pub fn run(args: &ServeArgs) -> Result<u8, String> {
         concurrency: args.concurrency,
         queue: args.queue,
         timeout_ms: args.timeout_ms,
+        ..Serving::default()
     };
     // The defaults pass the same checks a deploy's parameters do.
     let query = format!(
@@ -168,7 +186,8 @@ pub fn run(args: &ServeArgs) -> Result<u8, String> {
     };
     let store = Store::open(&state_dir).map_err(|e| e.to_string())?;
     info!(store = %state_dir.display(), "function store opened");
-    let registry = Registry::load(store, defaults).map_err(|e| e.to_string())?;
+    let services = args.services.iter().cloned().collect();
+    let registry = Registry::load(store, defaults, services).map_err(|e| e.to_string())?;
     let retired = registry.retired();
     let local_listener = match &listen {
         Listen::Tcp(addr) => addr.ip().is_loopback(),

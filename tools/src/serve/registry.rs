@@ -5,12 +5,14 @@
 //! Requests that already took the old version finish on it. Snapshots run side by side; what
 //! follows them, and deletes, run one at a time.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use abi::devices::DeviceKind;
 use host_vmm::function::{self, Function};
+use host_vmm::virtio::vsock::Services;
 use host_vmm::{Image, VmConfig};
 use serde::Serialize;
 use tracing::{error, info, warn};
@@ -60,7 +62,7 @@ pub enum Deployment {
 pub struct View {
     /// Its name.
     pub name: String,
-    /// Its version: the SHA-256 of its bundle.
+    /// Its version: the SHA-256 of its bundle (and of its extra devices, if it has any).
     pub version: String,
     /// "serving", or "failed: why" for one that could not be started.
     pub state: String,
@@ -88,6 +90,8 @@ pub struct Registry {
     slots: RwLock<HashMap<String, Slot>>,
     changing: tokio::sync::Mutex<()>,
     defaults: Serving,
+    /// The host sockets functions may connect to, by name (`thaw serve --service`).
+    services: BTreeMap<String, PathBuf>,
     retired: Retired,
 }
 
@@ -99,17 +103,22 @@ pub fn is_name(name: &str) -> bool {
 impl Registry {
     /// Starts every function the store holds, each from its stored image (no snapshot is
     /// taken). One that cannot start is kept as failed, with why, until it is deployed again.
-    pub fn load(store: Store, defaults: Serving) -> Result<Self, RegistryError> {
+    pub fn load(store: Store, defaults: Serving, services: BTreeMap<String, PathBuf>) -> Result<Self, RegistryError> {
         let retired = Retired::default();
         let mut slots = HashMap::new();
         for record in store.records()? {
             let metrics = Arc::<FunctionMetrics>::default();
-            let serving =
-                Image::open(&store.image_path(&record.version)).map_err(|e| e.to_string()).and_then(|image| {
+            let serving = resolve(&services, &record.serving)
+                .and_then(|services| {
+                    let image = Image::open(&store.image_path(&record.version)).map_err(|e| e.to_string())?;
+                    Ok((image, services))
+                })
+                .and_then(|(image, services)| {
                     Deployed::start(
                         &record.version,
                         &record.serving,
                         Arc::new(image),
+                        services,
                         Arc::clone(&metrics),
                         Arc::clone(&retired),
                     )
@@ -127,7 +136,8 @@ impl Registry {
         if !removed.is_empty() {
             info!(files = removed.len(), "removed unreferenced files from the image store");
         }
-        Ok(Self { store, slots: RwLock::new(slots), changing: tokio::sync::Mutex::new(()), defaults, retired })
+        let changing = tokio::sync::Mutex::new(());
+        Ok(Self { store, slots: RwLock::new(slots), changing, defaults, services, retired })
     }
 
     /// The vCPU threads of every version that stopped serving, to join.
@@ -184,7 +194,7 @@ impl Registry {
 
     /// Deploys `upload` (a bundle or a bare wasm) as `name` with the settings in `query`.
     pub async fn deploy(&self, name: &str, upload: Vec<u8>, query: &str) -> Result<(Deployment, View), RegistryError> {
-        let (serving, packing) =
+        let (mut serving, packing) =
             settings::parse(query, &self.defaults).map_err(|e| RegistryError::Invalid(e.to_string()))?;
         let bundle = if upload.starts_with(&abi::bundle::MAGIC) {
             if let Some(given) = packing.first_given() {
@@ -203,7 +213,9 @@ impl Registry {
             )));
         };
         let function = Function::from_bundle(bundle).map_err(|e| RegistryError::Invalid(e.to_string()))?;
-        let version = function::hex(&function::sha256(&function.bundle));
+        serving.services = function.manifest.connections.iter().map(|c| (c.port, c.name.clone())).collect();
+        let services = resolve(&self.services, &serving).map_err(RegistryError::Invalid)?;
+        let version = version(&function.bundle, &serving.devices);
 
         let unchanged = |slots: &HashMap<String, Slot>| {
             slots
@@ -217,7 +229,10 @@ impl Registry {
         let image_path = self.store.image_path(&version);
         // The snapshot, the slow part, runs before the lock, so one function's long init does
         // not hold up another's deploy; it works in a directory of its own in tmp/.
-        let made = if image_path.exists() { None } else { Some(self.snapshot(function, &version).await?) };
+        let made = match image_path.exists() {
+            true => None,
+            false => Some(self.snapshot(function, &version, &serving.devices, services.clone()).await?),
+        };
 
         let _changing = self.changing.lock().await;
         let metrics = {
@@ -239,7 +254,7 @@ impl Registry {
             (version.clone(), serving.clone(), Arc::clone(&metrics), Arc::clone(&self.retired));
         let deployed = tokio::task::spawn_blocking(move || {
             let image = Image::open(&image_path).map_err(|e| e.to_string())?;
-            Deployed::start(&version_owned, &serving_owned, Arc::new(image), counters, retired)
+            Deployed::start(&version_owned, &serving_owned, Arc::new(image), services, counters, retired)
         })
         .await
         .map_err(|e| RegistryError::Host(e.to_string()))?
@@ -256,10 +271,16 @@ impl Registry {
         Ok((if existed { Deployment::Updated } else { Deployment::Created }, shown))
     }
 
-    /// Cold-boots `function` and snapshots it after init with its working set, in a new
-    /// directory in the store's scratch space. Returns the directory (removed when dropped) and
-    /// the image in it.
-    async fn snapshot(&self, function: Function, version: &str) -> Result<(tempfile::TempDir, PathBuf), RegistryError> {
+    /// Cold-boots `function` with the extra `devices` and its `services`, and snapshots it
+    /// after init with its working set, in a new directory in the store's scratch space.
+    /// Returns the directory (removed when dropped) and the image in it.
+    async fn snapshot(
+        &self,
+        function: Function,
+        version: &str,
+        devices: &[String],
+        services: Services,
+    ) -> Result<(tempfile::TempDir, PathBuf), RegistryError> {
         let scratch = self.store.scratch();
         let dir = tempfile::Builder::new()
             .prefix(&format!("{}-", short(version)))
@@ -268,10 +289,12 @@ impl Registry {
         let (bundle_path, image_path) = (dir.path().join("function.thaw"), dir.path().join("image.snap"));
         let made = image_path.clone();
         let name = function.manifest.name.clone();
+        let devices: Vec<DeviceKind> = devices.iter().filter_map(|d| DeviceKind::from_name(d)).collect();
         let status = tokio::task::spawn_blocking(move || {
             // The bundle file backs the data volume's block device during the cold boot.
             std::fs::write(&bundle_path, &function.bundle).map_err(|e| format!("{}: {e}", bundle_path.display()))?;
-            let mut config = VmConfig::default();
+            let mut config = VmConfig { devices, ..VmConfig::default() };
+            config.backends.services = services;
             crate::devices::add_function_devices(&mut config, &function, &bundle_path);
             let sample = function.manifest.sample_request.clone().unwrap_or_default();
             crate::snapshot::snapshot_function(&function, &made, SNAPSHOT_TIMEOUT, config, Some(sample))
@@ -327,6 +350,34 @@ fn view(slot: &Slot) -> View {
     }
 }
 
+/// A function's version: the SHA-256 of its bundle, or, when it has extra `devices` (which its
+/// snapshot takes in), of the bundle followed by their names.
+fn version(bundle: &[u8], devices: &[String]) -> String {
+    if devices.is_empty() {
+        return function::hex(&function::sha256(bundle));
+    }
+    let mut hashed = bundle.to_vec();
+    hashed.extend_from_slice(format!("\0thaw-devices:{}", devices.join(",")).as_bytes());
+    function::hex(&function::sha256(&hashed))
+}
+
+/// The host sockets that `serving`'s vsock ports reach, from the server's named `services`; an
+/// error naming the first service the server does not offer.
+fn resolve(services: &BTreeMap<String, PathBuf>, serving: &Serving) -> Result<Services, String> {
+    let mut ports = BTreeMap::new();
+    for (port, name) in &serving.services {
+        let Some(path) = services.get(name) else {
+            let offered: Vec<&str> = services.keys().map(String::as_str).collect();
+            let offered = if offered.is_empty() { "none".to_string() } else { offered.join(", ") };
+            return Err(format!(
+                "the function connects to service {name:?} (port {port}), which this server does not offer (it offers: {offered}); start thaw serve with --service {name}=SOCKET"
+            ));
+        };
+        ports.insert(*port, path.clone());
+    }
+    Ok(Services { ports, uds_path: None })
+}
+
 fn short(version: &str) -> &str {
     &version[..12.min(version.len())]
 }
@@ -337,7 +388,15 @@ fn serving_summary(serving: &Serving) -> String {
         crate::restore::Mode::Pool => format!("pool of {}", serving.pool),
         crate::restore::Mode::Fresh => "fresh".to_string(),
     };
-    format!("{mode}, {} at once, queue {}, timeout {} ms", serving.concurrency, serving.queue, serving.timeout_ms)
+    let mut summary =
+        format!("{mode}, {} at once, queue {}, timeout {} ms", serving.concurrency, serving.queue, serving.timeout_ms);
+    for device in &serving.devices {
+        summary.push_str(&format!(", {device} device"));
+    }
+    for (port, name) in &serving.services {
+        summary.push_str(&format!(", port {port} to {name}"));
+    }
+    summary
 }
 
 #[cfg(test)]

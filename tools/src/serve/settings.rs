@@ -1,7 +1,11 @@
 //! A deployed function's settings, from a deploy's query parameters over the server's defaults:
-//! how it is served (mode, pool, concurrency, queue, timeout), and what a bare `.wasm` is packed
-//! with (memory, fuel, env, args). A bundle carries the latter itself.
+//! how it is served (mode, pool, concurrency, queue, timeout, extra devices), and what a bare
+//! `.wasm` is packed with (memory, fuel, env, args, service connections). A bundle carries the
+//! latter itself.
 
+use std::collections::BTreeMap;
+
+use abi::bundle::Connection;
 use serde::{Deserialize, Serialize};
 
 use crate::pack::BundleSettings;
@@ -22,7 +26,7 @@ pub enum SettingsError {
     },
     /// A parameter no deploy takes.
     #[error(
-        "query parameter {0:?} is not a deploy setting (mode, pool, concurrency, queue, timeout_ms, memory, fuel, env, arg)"
+        "query parameter {0:?} is not a deploy setting (mode, pool, concurrency, queue, timeout_ms, devices, memory, fuel, env, arg, connect)"
     )]
     Unknown(String),
     /// A packing parameter given with a bundle, which carries its own.
@@ -46,11 +50,27 @@ pub struct Serving {
     pub queue: usize,
     /// Wall-clock limit per request, in milliseconds; past it the request gets 504.
     pub timeout_ms: u64,
+    /// Devices its VMs have beyond those its bundle implies (`entropy`). They are taken into
+    /// its snapshot, so they are part of its version.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub devices: Vec<String>,
+    /// The host service each vsock port it connects to reaches, by the name `thaw serve
+    /// --service NAME=SOCKET` gave it: the bundle's connections, not a deploy parameter.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub services: BTreeMap<u32, String>,
 }
 
 impl Default for Serving {
     fn default() -> Self {
-        Self { mode: Mode::Reset, pool: 2, concurrency: 2, queue: 64, timeout_ms: 10_000 }
+        Self {
+            mode: Mode::Reset,
+            pool: 2,
+            concurrency: 2,
+            queue: 64,
+            timeout_ms: 10_000,
+            devices: Vec::new(),
+            services: BTreeMap::new(),
+        }
     }
 }
 
@@ -65,6 +85,8 @@ pub struct Packing {
     pub env: Vec<String>,
     /// Arguments after the name.
     pub args: Vec<String>,
+    /// Host services it connects to (`NAME=PORT`, as `thaw pack --connect`).
+    pub connections: Vec<Connection>,
 }
 
 impl Packing {
@@ -78,6 +100,8 @@ impl Packing {
             Some("env")
         } else if !self.args.is_empty() {
             Some("arg")
+        } else if !self.connections.is_empty() {
+            Some("connect")
         } else {
             None
         }
@@ -91,7 +115,7 @@ impl Packing {
             fuel: self.fuel,
             env: self.env.clone(),
             args: self.args.clone(),
-            connections: Vec::new(),
+            connections: self.connections.clone(),
             sample_request: None,
         }
     }
@@ -143,6 +167,23 @@ pub fn parse(query: &str, defaults: &Serving) -> Result<(Serving, Packing), Sett
             "env" if value.contains('=') => packing.env.push(value),
             "env" => return Err(invalid("K=V")),
             "arg" => packing.args.push(value),
+            "connect" => packing.connections.push(crate::pack::parse_connection(&value).map_err(|e| invalid(&e))?),
+            "devices" => {
+                let mut devices = Vec::new();
+                for device in value.split(',') {
+                    match device {
+                        "entropy" => devices.push(device.to_string()),
+                        _ => {
+                            return Err(invalid(
+                                "a list of: entropy (a data volume brings a block device, and connections vsock)",
+                            ));
+                        }
+                    }
+                }
+                devices.sort();
+                devices.dedup();
+                serving.devices = devices;
+            }
             _ => return Err(SettingsError::Unknown(key)),
         }
     }
@@ -156,9 +197,12 @@ mod tests {
     #[test]
     fn parameters_override_the_defaults_and_repeat_where_they_are_lists() {
         let (serving, packing) =
-            parse("mode=pool&pool=3&queue=0&timeout_ms=2500&env=A%3D1&env=B=2&arg=x&memory=32", &Serving::default())
+            parse("mode=pool&pool=3&queue=0&timeout_ms=2500&env=A%3D1&env=B=2&arg=x&memory=32&connect=db=5000&devices=entropy,entropy", &Serving::default())
                 .unwrap();
-        assert_eq!(serving, Serving { mode: Mode::Pool, pool: 3, concurrency: 2, queue: 0, timeout_ms: 2500 });
+        let devices = vec!["entropy".to_string()];
+        let expected = Serving { mode: Mode::Pool, pool: 3, queue: 0, timeout_ms: 2500, devices, ..Serving::default() };
+        assert_eq!(serving, expected);
+        assert_eq!(packing.connections, [Connection { name: "db".into(), port: 5000 }]);
         assert_eq!(packing.env, ["A=1", "B=2"]);
         assert_eq!(packing.args, ["x"]);
         assert_eq!(packing.memory_mib, Some(32));
@@ -174,5 +218,7 @@ mod tests {
         assert_eq!(error("timeout_ms=-1"), r#"query parameter timeout_ms="-1": a whole number from 1 to 3600000"#);
         assert_eq!(error("env=NOEQUALS"), r#"query parameter env="NOEQUALS": K=V"#);
         assert!(error("path=../../etc").starts_with(r#"query parameter "path" is not a deploy setting"#));
+        assert!(error("devices=console").starts_with(r#"query parameter devices="console": a list of: entropy"#));
+        assert!(error("connect=db").contains(r#""db" is not NAME=PORT"#), "{}", error("connect=db"));
     }
 }
