@@ -350,3 +350,16 @@ async fn stop_signal() -> std::io::Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn services_are_named_as_bundles_name_their_connections() {
+        assert_eq!(parse_service("db=/run/db.sock").unwrap(), ("db".to_string(), PathBuf::from("/run/db.sock")));
+        assert!(parse_service("db").unwrap_err().contains("is not NAME=SOCKET"));
+        assert!(parse_service("../db=/x").unwrap_err().contains("is not 1 to 32 of A-Z a-z 0-9 _"));
+        assert!(parse_service("db=").unwrap_err().contains("the socket path is empty"));
+    }
+}
