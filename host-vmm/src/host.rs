@@ -60,6 +60,15 @@ pub fn kvm() -> Result<&'static KvmHost, HostError> {
     Ok(HOST.get_or_init(|| KvmHost { kvm, cpuid, pre_fault }))
 }
 
+/// The vCPUs' TSC frequency in kHz (0 if KVM does not say), asked of `vcpu` once per process:
+/// thaw never scales a guest's TSC, so every vCPU runs at the host's rate. Each vCPU ioctl
+/// costs a few microseconds of trapped MSR reads under nested virtualization
+/// (docs/BENCHMARKS.md), and a kept VM would otherwise ask at every reset.
+pub fn tsc_khz(vcpu: &kvm_ioctls::VcpuFd) -> u64 {
+    static TSC_KHZ: OnceLock<u64> = OnceLock::new();
+    *TSC_KHZ.get_or_init(|| vcpu.get_tsc_khz().map_or(0, u64::from))
+}
+
 /// Fills `buf` from the host's CSPRNG (getrandom), for a guest's entropy.
 pub fn entropy(buf: &mut [u8]) -> Result<(), HostError> {
     let mut filled = 0;

@@ -187,7 +187,7 @@ fn write_host_params(
     let wall_clock_ns = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
-    let tsc_khz = vcpu.get_tsc_khz().map_or(0, u64::from);
+    let tsc_khz = host::tsc_khz(vcpu);
     let flags = if config.console_log { FLAG_CONSOLE_LOG } else { 0 };
     let params = HostParams { instance_id, entropy, wall_clock_ns, tsc_khz, flags };
     mem.write_slice(&params.encode(), GuestAddress(HOST_PARAMS_GPA)).map_err(memory_error)?;

@@ -76,8 +76,8 @@ pub struct Deployed {
 }
 
 impl Deployed {
-    /// Starts serving `image` at `version`, its vsock ports reaching `services`, counting into
-    /// `metrics`: the pool's filler (pool
+    /// Starts serving `image` at `version`, its vsock ports reaching `services`, its vCPU
+    /// threads polling `poll` for the next request before they sleep, counting into `metrics`: the pool's filler (pool
     /// mode) and the vCPU threads. Returns once it is ready for traffic: in reset mode every
     /// thread has restored and parked its kept VM, in pool mode the pool has parked a VM. A VM
     /// that cannot be readied fails the start, with why.
@@ -86,6 +86,7 @@ impl Deployed {
         serving: &Serving,
         image: Arc<Image>,
         services: Services,
+        poll: Duration,
         metrics: Arc<FunctionMetrics>,
         retired: Retired,
     ) -> Result<Self, String> {
@@ -108,6 +109,7 @@ impl Deployed {
                 config: config.clone(),
                 pool: pool.clone(),
                 metrics: Arc::clone(&metrics),
+                poll,
                 kept: None,
             };
             let (jobs, ready) = (Arc::clone(&jobs), ready.clone());
@@ -196,6 +198,8 @@ struct Worker {
     config: VmConfig,
     pool: Option<Arc<Pool>>,
     metrics: Arc<FunctionMetrics>,
+    /// How long it polls for the next request before it sleeps.
+    poll: Duration,
     /// Reset mode: the kept VM, parked.
     kept: Option<Instance>,
 }
@@ -221,7 +225,7 @@ impl Worker {
                 // Ahead of the request: a failure here is reported with the next request.
                 let _ = self.ensure_kept();
             }
-            let job = jobs.lock().unwrap_or_else(|p| p.into_inner()).recv();
+            let job = next_job(&jobs.lock().unwrap_or_else(|p| p.into_inner()), self.poll);
             let Ok(job) = job else { break };
             self.metrics.queued.fetch_sub(1, Ordering::Relaxed);
             let queued = job.arrived.elapsed();
@@ -382,5 +386,22 @@ fn park(instance: &mut Instance) -> Result<(), String> {
     match instance.park(&mut std::io::sink()).map_err(|e| e.to_string())? {
         (Outcome::Parked, _) => Ok(()),
         (outcome, _) => Err(format!("the restored function did not wait for a request: {outcome}")),
+    }
+}
+
+/// The next job: polled for up to `window`, yielding the core to any other thread that is
+/// ready to run, then waited for. A sleeping thread takes about 25 µs to wake on a virtual
+/// machine whose idle cores halt (docs/BENCHMARKS.md), and the polling saves most of that for
+/// the next request of a busy function; the one thread holding the queue's lock polls, the
+/// others sleep.
+fn next_job(jobs: &Receiver<Job>, window: Duration) -> Result<Job, mpsc::RecvError> {
+    let started = Instant::now();
+    loop {
+        match jobs.try_recv() {
+            Ok(job) => return Ok(job),
+            Err(mpsc::TryRecvError::Disconnected) => return Err(mpsc::RecvError),
+            Err(mpsc::TryRecvError::Empty) if started.elapsed() < window => std::thread::yield_now(),
+            Err(mpsc::TryRecvError::Empty) => return jobs.recv(),
+        }
     }
 }

@@ -89,10 +89,19 @@ pub struct Registry {
     store: Store,
     slots: RwLock<HashMap<String, Slot>>,
     changing: tokio::sync::Mutex<()>,
-    defaults: Serving,
-    /// The host sockets functions may connect to, by name (`thaw serve --service`).
-    services: BTreeMap<String, PathBuf>,
+    operator: Operator,
     retired: Retired,
+}
+
+/// What the operator set for every function on this server.
+#[derive(Debug, Clone, Default)]
+pub struct Operator {
+    /// The serving settings a deploy does not give.
+    pub defaults: Serving,
+    /// The host sockets functions may connect to, by name (`thaw serve --service`).
+    pub services: BTreeMap<String, PathBuf>,
+    /// How long a vCPU thread polls for its next request before it sleeps (`--poll-us`).
+    pub poll: Duration,
 }
 
 /// True for a function name: 1 to 64 of `[A-Za-z0-9._-]`.
@@ -103,12 +112,12 @@ pub fn is_name(name: &str) -> bool {
 impl Registry {
     /// Starts every function the store holds, each from its stored image (no snapshot is
     /// taken). One that cannot start is kept as failed, with why, until it is deployed again.
-    pub fn load(store: Store, defaults: Serving, services: BTreeMap<String, PathBuf>) -> Result<Self, RegistryError> {
+    pub fn load(store: Store, operator: Operator) -> Result<Self, RegistryError> {
         let retired = Retired::default();
         let mut slots = HashMap::new();
         for record in store.records()? {
             let metrics = Arc::<FunctionMetrics>::default();
-            let serving = resolve(&services, &record.serving)
+            let serving = resolve(&operator.services, &record.serving)
                 .and_then(|services| {
                     let image = Image::open(&store.image_path(&record.version)).map_err(|e| e.to_string())?;
                     Ok((image, services))
@@ -119,6 +128,7 @@ impl Registry {
                         &record.serving,
                         Arc::new(image),
                         services,
+                        operator.poll,
                         Arc::clone(&metrics),
                         Arc::clone(&retired),
                     )
@@ -137,7 +147,7 @@ impl Registry {
             info!(files = removed.len(), "removed unreferenced files from the image store");
         }
         let changing = tokio::sync::Mutex::new(());
-        Ok(Self { store, slots: RwLock::new(slots), changing, defaults, services, retired })
+        Ok(Self { store, slots: RwLock::new(slots), changing, operator, retired })
     }
 
     /// The vCPU threads of every version that stopped serving, to join.
@@ -195,7 +205,7 @@ impl Registry {
     /// Deploys `upload` (a bundle or a bare wasm) as `name` with the settings in `query`.
     pub async fn deploy(&self, name: &str, upload: Vec<u8>, query: &str) -> Result<(Deployment, View), RegistryError> {
         let (mut serving, packing) =
-            settings::parse(query, &self.defaults).map_err(|e| RegistryError::Invalid(e.to_string()))?;
+            settings::parse(query, &self.operator.defaults).map_err(|e| RegistryError::Invalid(e.to_string()))?;
         let bundle = if upload.starts_with(&abi::bundle::MAGIC) {
             if let Some(given) = packing.first_given() {
                 return Err(RegistryError::Invalid(settings::SettingsError::InBundle(given.into()).to_string()));
@@ -214,7 +224,7 @@ impl Registry {
         };
         let function = Function::from_bundle(bundle).map_err(|e| RegistryError::Invalid(e.to_string()))?;
         serving.services = function.manifest.connections.iter().map(|c| (c.port, c.name.clone())).collect();
-        let services = resolve(&self.services, &serving).map_err(RegistryError::Invalid)?;
+        let services = resolve(&self.operator.services, &serving).map_err(RegistryError::Invalid)?;
         let version = version(&function.bundle, &serving.devices);
 
         let unchanged = |slots: &HashMap<String, Slot>| {
@@ -250,11 +260,11 @@ impl Registry {
                 self.store.keep_image(made, &version)?;
             }
         }
-        let (version_owned, serving_owned, counters, retired) =
-            (version.clone(), serving.clone(), Arc::clone(&metrics), Arc::clone(&self.retired));
+        let (version_owned, serving_owned, counters, retired, poll) =
+            (version.clone(), serving.clone(), Arc::clone(&metrics), Arc::clone(&self.retired), self.operator.poll);
         let deployed = tokio::task::spawn_blocking(move || {
             let image = Image::open(&image_path).map_err(|e| e.to_string())?;
-            Deployed::start(&version_owned, &serving_owned, Arc::new(image), services, counters, retired)
+            Deployed::start(&version_owned, &serving_owned, Arc::new(image), services, poll, counters, retired)
         })
         .await
         .map_err(|e| RegistryError::Host(e.to_string()))?
