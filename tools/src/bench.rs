@@ -119,7 +119,7 @@ pub fn run(args: &BenchArgs) -> Result<u8, String> {
     let image = std::sync::Arc::new(host_vmm::Image::open(path).map_err(|e| e.to_string())?);
     let request = crate::invoke::request_body(args.function.data.as_ref(), args.function.input.as_ref())?;
     let config = VmConfig { timeout: crate::kernel::timeout(&args.kernel)?, ..VmConfig::default() };
-    let mut stats = batch("fresh", Some(image.info.guest.function_name.clone()), args.runs);
+    let mut stats = BatchStats::new("fresh", Some(image.info.guest.function_name.clone()), args.runs);
     let heading = format!(
         "{} restores of {}, {} MiB guest memory; times in microseconds",
         args.runs,
@@ -136,7 +136,7 @@ pub fn run(args: &BenchArgs) -> Result<u8, String> {
 /// With --floor alone: the floor.
 fn floor_only(args: &BenchArgs, floor: &Floor) -> Result<u8, String> {
     if args.json {
-        let mut stats = batch("floor", None, args.runs);
+        let mut stats = BatchStats::new("floor", None, args.runs);
         stats.floor = Some(floor.stats.clone());
         crate::stats::print_json(&stats)?;
     } else {
@@ -171,31 +171,10 @@ fn boot_batch(
         Some(name) => ("cold", format!("cold invocations of {name}"), "cold invocation"),
         None => ("kernel", "kernel boots".to_string(), "kernel boot"),
     };
-    let mut stats = batch(mode, name, args.runs);
+    let mut stats = BatchStats::new(mode, name, args.runs);
     measure(&mut stats, false, || host_vmm::run_kernel(&kernel.image, &config, &mut std::io::sink()))?;
     let heading = format!("{} {what}, {} MiB guest memory; times in microseconds", args.runs, config.memory_mib);
     report(args, stats, floor, &heading, vs)
-}
-
-/// An empty batch of `count` one at a time.
-fn batch(mode: &str, function: Option<String>, count: usize) -> BatchStats {
-    BatchStats {
-        mode: mode.into(),
-        function,
-        source: None,
-        count,
-        concurrency: 1,
-        alive_at_once: 1,
-        wall_ms: 0,
-        requests_per_s: 0,
-        statuses: Default::default(),
-        replaced: 0,
-        phases: Default::default(),
-        memory: Default::default(),
-        exits: Default::default(),
-        pool: None,
-        floor: None,
-    }
 }
 
 /// Prints `stats` (after `heading`, as text) with its total as a multiple of `floor`.

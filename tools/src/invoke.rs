@@ -135,39 +135,39 @@ fn invoke_image(args: &InvokeArgs, request: Vec<u8>) -> Result<u8, String> {
     finish_invoke(args, &report, true, &kernel_log)
 }
 
-/// Ends `thaw invoke`: with --json, the request's stats on stdout; otherwise the response.
+/// Ends `thaw invoke`: with --json, the request's stats on stdout (its output among them);
+/// otherwise the response.
 fn finish_invoke(args: &InvokeArgs, report: &RunReport, restored: bool, kernel_log: &[u8]) -> Result<u8, String> {
-    if !args.json {
-        return conclude(&report.outcome, report.responses.first(), kernel_log);
-    }
     let response = report.responses.first();
+    if !args.json {
+        return conclude(&report.outcome, response, kernel_log);
+    }
     let mut stats = RequestStats::new(&report.outcome, response);
     stats.measured = Measured::of_run(report, restored);
     stats.devices = report.devices.iter().map(Device::from).collect();
     crate::stats::print_json(&stats)?;
-    let clean = matches!(report.outcome, Outcome::Exited(0) | Outcome::Answered);
-    if !clean {
-        let _ = std::io::stderr().write_all(kernel_log);
-    }
-    Ok(match (clean, response) {
-        (true, Some(response)) => exit_code(&response.status),
-        (true, None) => {
-            eprintln!("thaw: error: the guest exited without answering the request");
-            abi::exit_code::HOST_ERROR as u8
-        }
-        (false, _) => crate::finish(&report.outcome),
-    })
+    settle(&report.outcome, response, kernel_log, |response| exit_code(&response.status))
 }
 
 /// Ends a one-request run, under either hypervisor: the response if the guest answered and
 /// exited cleanly, otherwise the kernel's log (empty if it was already shown) and why it ended.
 pub fn conclude(outcome: &Outcome, response: Option<&FunctionResponse>, kernel_log: &[u8]) -> Result<u8, String> {
+    settle(outcome, response, kernel_log, answer)
+}
+
+/// [`conclude`], with `respond` giving a clean response's exit code.
+fn settle(
+    outcome: &Outcome,
+    response: Option<&FunctionResponse>,
+    kernel_log: &[u8],
+    respond: impl FnOnce(&FunctionResponse) -> u8,
+) -> Result<u8, String> {
     let clean = matches!(outcome, Outcome::Exited(0) | Outcome::Answered);
     if !clean {
         let _ = std::io::stderr().write_all(kernel_log);
     }
     match (clean, response) {
-        (true, Some(response)) => Ok(answer(response)),
+        (true, Some(response)) => Ok(respond(response)),
         (true, None) => Err("the guest exited without answering the request".into()),
         (false, _) => Ok(crate::finish(outcome)),
     }

@@ -470,31 +470,24 @@ pub fn serve_batch(args: &RestoreArgs, floor: Option<crate::bench::Floor>) -> Re
     }
     let samples = run.samples.into_inner().unwrap_or_else(|p| p.into_inner());
     let unclean = run.unclean.into_inner().unwrap_or_else(|p| p.into_inner());
-    let mut stats = BatchStats {
-        mode: format!("{:?}", args.mode).to_lowercase(),
-        function: Some(image.info.guest.function_name.clone()),
-        source: Some(if args.template { "template" } else { "file" }.into()),
-        count: args.count,
-        concurrency: args.concurrency,
-        alive_at_once: if args.hold { peak_alive } else { workers },
-        wall_ms: wall.as_millis() as u64,
-        requests_per_s: (samples.len() as f64 / wall.as_secs_f64().max(1e-9)).round() as u64,
-        statuses: run.statuses.into_inner().unwrap_or_else(|p| p.into_inner()),
-        replaced: run.replaced.into_inner(),
-        phases: Default::default(),
-        memory: Default::default(),
-        exits: Default::default(),
-        pool: pool_stats.map(|p| PoolSummary {
-            size: args.pool,
-            filled: p.filled,
-            fill_rate_per_s: p.fill_rate().round() as u64,
-            warmed_pages_per_vm: p.warmed_pages_per_vm(),
-            ready: p.ready,
-            waited: p.waited,
-            wait_ms: p.wait_time.as_millis() as u64,
-        }),
-        floor: None,
-    };
+    let mode = format!("{:?}", args.mode).to_lowercase();
+    let mut stats = BatchStats::new(&mode, Some(image.info.guest.function_name.clone()), args.count);
+    stats.source = Some(if args.template { "template" } else { "file" }.into());
+    stats.concurrency = args.concurrency;
+    stats.alive_at_once = if args.hold { peak_alive } else { workers };
+    stats.wall_ms = wall.as_millis() as u64;
+    stats.requests_per_s = (samples.len() as f64 / wall.as_secs_f64().max(1e-9)).round() as u64;
+    stats.statuses = run.statuses.into_inner().unwrap_or_else(|p| p.into_inner());
+    stats.replaced = run.replaced.into_inner();
+    stats.pool = pool_stats.map(|p| PoolSummary {
+        size: args.pool,
+        filled: p.filled,
+        fill_rate_per_s: p.fill_rate().round() as u64,
+        warmed_pages_per_vm: p.warmed_pages_per_vm(),
+        ready: p.ready,
+        waited: p.waited,
+        wait_ms: p.wait_time.as_millis() as u64,
+    });
     stats.summarize(&samples);
     if let (Some(floor), Some(to_response)) = (&floor, stats.phases.to_response_us) {
         stats.floor = Some(floor.stats.versus(to_response, args.mode != Mode::Fresh));

@@ -425,6 +425,28 @@ pub struct BatchStats {
 }
 
 impl BatchStats {
+    /// A batch of `count` requests to `function` (none for kernel boots), served one at a
+    /// time in `mode`, with nothing measured yet.
+    pub fn new(mode: &str, function: Option<String>, count: usize) -> Self {
+        Self {
+            mode: mode.into(),
+            function,
+            source: None,
+            count,
+            concurrency: 1,
+            alive_at_once: 1,
+            wall_ms: 0,
+            requests_per_s: 0,
+            statuses: std::collections::BTreeMap::new(),
+            replaced: 0,
+            phases: Phases::default(),
+            memory: Memory::default(),
+            exits: Exits::default(),
+            pool: None,
+            floor: None,
+        }
+    }
+
     /// Sets the phases, memory and exits to the percentiles of `samples`.
     pub fn summarize(&mut self, samples: &[Measured]) {
         self.phases = Phases::summarize(samples.iter().map(|s| &s.phases));
