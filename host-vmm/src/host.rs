@@ -41,6 +41,9 @@ pub struct KvmHost {
     /// KVM can map guest memory ahead (`KVM_CAP_PRE_FAULT_MEMORY`: two-dimensional paging;
     /// never under PVM's shadow paging).
     pub pre_fault: bool,
+    /// KVM takes registers in the vCPU's shared run structure, applied by the next `KVM_RUN`
+    /// (`KVM_CAP_SYNC_REGS`), which saves the ioctls that would set them.
+    pub sync_regs: bool,
 }
 
 /// The process's KVM handle and CPUID table. The first call opens `/dev/kvm`; a failure is
@@ -57,7 +60,8 @@ pub fn kvm() -> Result<&'static KvmHost, HostError> {
     let cpuid =
         CpuId::from_entries(&thaw_cpuid(supported.as_slice())).map_err(|e| HostError::Cpuid(format!("{e:?}")))?;
     let pre_fault = kvm.check_extension_raw(kvm_bindings::KVM_CAP_PRE_FAULT_MEMORY.into()) > 0;
-    Ok(HOST.get_or_init(|| KvmHost { kvm, cpuid, pre_fault }))
+    let sync_regs = kvm.check_extension(kvm_ioctls::Cap::SyncRegs);
+    Ok(HOST.get_or_init(|| KvmHost { kvm, cpuid, pre_fault, sync_regs }))
 }
 
 /// The vCPUs' TSC frequency in kHz (0 if KVM does not say), asked of `vcpu` once per process:

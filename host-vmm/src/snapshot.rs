@@ -18,7 +18,7 @@ use crate::memory::{self, GuestRam};
 use abi::devices::DeviceState;
 use abi::image::{self, GuestMetadata, ImageInfo, ImageWriter, MemoryRange, VcpuRecord, record, vm_record};
 use kvm_bindings::{Msrs, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave};
-use kvm_ioctls::VcpuFd;
+use kvm_ioctls::{SyncReg, VcpuFd};
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::mmap::{MmapRegion, MmapRegionBuilder};
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestRegionMmap};
@@ -124,8 +124,12 @@ pub fn saved_cr3(records: &[VcpuRecord]) -> Result<u64, SnapshotError> {
     Ok(decode::<kvm_sregs>(records, record::SREGS, "sregs")?.cr3)
 }
 
-/// Sets the vCPU's state from image records, validating each record's size first.
-pub fn restore_vcpu(vcpu: &VcpuFd, records: &[VcpuRecord]) -> Result<(), SnapshotError> {
+/// Sets the vCPU's state from image records, validating each record's size first. With
+/// `sync_regs`, the general registers and the pending events go in the vCPU's shared run
+/// structure, and the next `KVM_RUN` applies them: each vCPU ioctl costs several microseconds
+/// of trapped MSR reads under nested virtualization (docs/BENCHMARKS.md), and a kept VM does
+/// this at every reset. Nothing reads them back before that run.
+pub fn restore_vcpu(vcpu: &mut VcpuFd, records: &[VcpuRecord], sync_regs: bool) -> Result<(), SnapshotError> {
     let regs: kvm_regs = decode(records, record::REGS, "regs")?;
     let sregs: kvm_sregs = decode(records, record::SREGS, "sregs")?;
     let region: [u32; 1024] = decode(records, record::XSAVE, "xsave")?;
@@ -150,8 +154,16 @@ pub fn restore_vcpu(vcpu: &VcpuFd, records: &[VcpuRecord]) -> Result<(), Snapsho
         let index = entries.get(written).map_or(0, |e| e.index);
         return Err(SnapshotError::Record(format!("KVM refused MSR {index:#x} ({written} of {} set)", entries.len())));
     }
-    vcpu.set_vcpu_events(&events).map_err(kvm("KVM_SET_VCPU_EVENTS"))?;
     vcpu.set_mp_state(mp_state).map_err(kvm("KVM_SET_MP_STATE"))?;
+    if sync_regs {
+        let staged = vcpu.sync_regs_mut();
+        staged.regs = regs;
+        staged.events = events;
+        vcpu.set_sync_dirty_reg(SyncReg::Register);
+        vcpu.set_sync_dirty_reg(SyncReg::VcpuEvents);
+        return Ok(());
+    }
+    vcpu.set_vcpu_events(&events).map_err(kvm("KVM_SET_VCPU_EVENTS"))?;
     vcpu.set_regs(&regs).map_err(kvm("KVM_SET_REGS"))
 }
 

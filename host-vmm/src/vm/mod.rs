@@ -270,7 +270,7 @@ impl Vm {
     /// instance id, entropy, the clock, the device table), and "restored" as the checkpoint
     /// call's result, with the number of working-set runs the guest should touch.
     fn load_state(&mut self, image: &Image, config: &VmConfig) -> Result<(), VmmError> {
-        snapshot::restore_vcpu(&self.vcpu, &image.info.vcpu)?;
+        snapshot::restore_vcpu(&mut self.vcpu, &image.info.vcpu, host::kvm()?.sync_regs)?;
         self.devices = Devices::default();
         if !image.devices.is_empty() {
             // The image holds the data volume; a caller may point the block device elsewhere.
