@@ -238,13 +238,22 @@ impl Registry {
         }
         let image_path = self.store.image_path(&version);
         // The snapshot, the slow part, runs before the lock, so one function's long init does
-        // not hold up another's deploy; it works in a directory of its own in tmp/.
-        let made = match image_path.exists() {
-            true => None,
-            false => Some(self.snapshot(function, &version, &serving.devices, services.clone()).await?),
+        // not hold up another's deploy; it works in a directory of its own in tmp/. An image
+        // that was stored already may be collected before the lock is taken (its last function
+        // deleted meanwhile); then the function is snapshotted after all. Under the lock,
+        // nothing collects it.
+        let function = Arc::new(function);
+        let mut made = None;
+        let _changing = loop {
+            if made.is_none() && !image_path.exists() {
+                let snapshot = self.snapshot(Arc::clone(&function), &version, &serving.devices, services.clone());
+                made = Some(snapshot.await?);
+            }
+            let changing = self.changing.lock().await;
+            if made.is_some() || image_path.exists() {
+                break changing;
+            }
         };
-
-        let _changing = self.changing.lock().await;
         let metrics = {
             let slots = self.slots.read().unwrap_or_else(|p| p.into_inner());
             if let Some(shown) = unchanged(&slots) {
@@ -286,7 +295,7 @@ impl Registry {
     /// Returns the directory (removed when dropped) and the image in it.
     async fn snapshot(
         &self,
-        function: Function,
+        function: Arc<Function>,
         version: &str,
         devices: &[String],
         services: Services,
