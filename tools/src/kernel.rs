@@ -1,6 +1,6 @@
 //! Choosing and validating the kernel a command boots: `--kernel PATH` or the built-in one.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use host_vmm::KernelImage;
@@ -32,19 +32,10 @@ pub struct Kernel {
     pub image: KernelImage,
 }
 
-fn read(path: &Path) -> Result<Vec<u8>, String> {
-    let what = |e: std::io::Error| format!("reading kernel {}: {e}", path.display());
-    let len = std::fs::metadata(path).map_err(what)?.len();
-    if len > MAX_KERNEL_FILE {
-        return Err(format!("kernel {}: {len} bytes is larger than the {MAX_KERNEL_FILE}-byte limit", path.display()));
-    }
-    std::fs::read(path).map_err(what)
-}
-
 /// Reads and validates the kernel `args` names.
 pub fn load(args: &KernelArgs) -> Result<Kernel, String> {
     let bytes = match &args.kernel {
-        Some(path) => read(path)?,
+        Some(path) => crate::pack::read_limited(path, MAX_KERNEL_FILE, "kernel")?,
         None => BUILT_IN.to_vec(),
     };
     let name = args.kernel.as_ref().map_or("built-in kernel".into(), |p| p.display().to_string());

@@ -1,6 +1,6 @@
 //! `thaw pack`: validate a wasm (or WAT) function and write it as a bundle.
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 use abi::bundle::{self, Connection, Manifest};
@@ -176,11 +176,18 @@ pub fn volume_from_dir(dir: &Path) -> Result<Vec<u8>, String> {
 /// Reads a file of at most `limit` bytes, naming it in every error.
 pub fn read_limited(path: &Path, limit: u64, what: &str) -> Result<Vec<u8>, String> {
     let fail = |e: std::io::Error| format!("reading {what} {}: {e}", path.display());
-    let len = std::fs::metadata(path).map_err(fail)?.len();
+    let file = std::fs::File::open(path).map_err(fail)?;
+    // A regular file says its size; a pipe or a device says 0, so what is read is what counts.
+    let len = file.metadata().map_err(fail)?.len();
     if len > limit {
         return Err(format!("{what} {}: {len} bytes is more than the {limit}-byte limit", path.display()));
     }
-    std::fs::read(path).map_err(fail)
+    let mut bytes = Vec::with_capacity(usize::try_from(len).unwrap_or(0));
+    file.take(limit + 1).read_to_end(&mut bytes).map_err(fail)?;
+    if bytes.len() as u64 > limit {
+        return Err(format!("{what} {}: more than the {limit}-byte limit", path.display()));
+    }
+    Ok(bytes)
 }
 
 /// Writes `bytes` to `path` atomically: a temporary file in the same directory, fsync, rename.

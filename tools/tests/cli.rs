@@ -1,5 +1,6 @@
-//! The `thaw` CLI against files that are not thaw kernels: each must end with exit code 125 and
-//! exactly one line on stderr naming the problem, never a panic.
+//! The `thaw` CLI against files and inputs that are not what it needs (not thaw kernels, or
+//! endless): each must end with exit code 125 and exactly one line on stderr naming the
+//! problem, never a panic.
 
 use std::path::Path;
 use std::process::Command;
@@ -67,4 +68,34 @@ fn rejects_missing_files_and_bad_option_values() {
     assert!(rejected(&["run", "--timeout", "0"]).contains("--timeout 0: must be a positive"));
     assert!(rejected(&["run", "--timeout", "NaN"]).contains("--timeout NaN"));
     assert!(rejected(&["qemu", "--kernel", "/bin/ls"]).contains("is not ET_EXEC"));
+}
+
+/// Issue 14, defect 2: a device or a pipe says its size is 0, and was read to the end whatever
+/// its length. Each read is now capped by the bytes it reads, and fails at once with one line.
+#[test]
+fn endless_inputs_are_cut_at_their_cap() {
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = dir.path().join("hello.thaw");
+    let bundle = bundle.to_str().unwrap();
+    let packed = Command::new(THAW).args(["pack", "--example", "hello", "-o", bundle]).output().unwrap();
+    assert!(packed.status.success(), "{}", String::from_utf8_lossy(&packed.stderr));
+    for (args, cap) in [
+        (vec!["invoke", "/dev/null", "--input", "/dev/zero"], "16777216"),
+        (vec!["pack", "/dev/zero", "-o", "/nonexistent/f.thaw"], "268435456"),
+        (vec!["run", "--kernel", "/dev/zero"], "268435456"),
+        (vec!["qemu", "--input", "/dev/zero", bundle], "16777216"),
+    ] {
+        let line = rejected(&args);
+        assert!(line.contains(&format!("/dev/zero: more than the {cap}-byte limit")), "{args:?}: {line}");
+    }
+    // Through a pipe, one byte over the request cap is refused rather than sent to the guest.
+    let mut child = Command::new("sh")
+        .args(["-c", &format!("head -c {} /dev/zero | {THAW} invoke /dev/null --input /dev/stdin", (16 << 20) + 1)])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    assert_eq!(child.wait().unwrap().code(), Some(125), "{stderr}");
+    assert!(stderr.contains("more than the 16777216-byte limit"), "{stderr}");
 }
