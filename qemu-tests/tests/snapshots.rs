@@ -202,3 +202,29 @@ fn an_image_from_another_interface_version_is_refused() {
     assert_eq!(run.code, Some(125), "{run:#?}");
     assert!(run.stderr.contains(&format!("speaks thaw interface version {}", version + 1)), "{run:#?}");
 }
+
+/// Issue 14, defect 6: output that cannot be written (here to /dev/full) was a panic, or, for a
+/// response, lost with exit code 0. Now each is an error with one line, and exit code 125.
+#[test]
+fn output_that_cannot_be_written_is_an_error_not_a_panic_or_a_lost_response() {
+    let (_dir, bundle, image) = snapshot("hello", &[]);
+    for args in [
+        vec!["inspect", &image],
+        vec!["inspect", &image, "--json"],
+        vec!["restore", &image, "--count", "3", "--data", "{}"],
+        vec!["restore", &image, "--count", "3", "--data", "{}", "--json"],
+        vec!["invoke", &image, "--data", "{}"],
+        vec!["invoke", &bundle, "--data", "{}", "--json"],
+    ] {
+        let full = std::fs::OpenOptions::new().write(true).open("/dev/full").unwrap();
+        let output = std::process::Command::new(common::THAW).args(&args).stdout(full).output().unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(125), "{args:?}: {stderr}");
+        let last = stderr.lines().last().unwrap_or_default();
+        assert!(
+            last.starts_with("thaw: error: writing") && last.contains("No space left on device"),
+            "{args:?}: {stderr}"
+        );
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    }
+}

@@ -140,7 +140,7 @@ fn floor_only(args: &BenchArgs, floor: &Floor) -> Result<u8, String> {
         stats.floor = Some(floor.stats.clone());
         crate::stats::print_json(&stats)?;
     } else {
-        print!("{}", floor.table());
+        out!("{}", floor.table())?;
     }
     Ok(0)
 }
@@ -193,12 +193,12 @@ fn report(
         return Ok(0);
     }
     if let Some(floor) = &floor {
-        print!("{}", floor.table());
+        out!("{}", floor.table())?;
     }
-    println!("{heading}");
-    print!("{}", stats.table());
+    outln!("{heading}")?;
+    out!("{}", stats.table())?;
     if let Some(line) = stats.floor.as_ref().and_then(|f| f.describe(what)) {
-        println!("{line}");
+        outln!("{line}")?;
     }
     Ok(0)
 }

@@ -149,8 +149,8 @@ fn encode(value: &str) -> String {
         .collect()
 }
 
-fn print_json(value: &serde_json::Value) {
-    println!("{}", serde_json::to_string_pretty(value).unwrap_or_default());
+fn print_json(value: &serde_json::Value) -> Result<(), String> {
+    outln!("{}", serde_json::to_string_pretty(value).unwrap_or_default())
 }
 
 /// `thaw deploy`.
@@ -169,16 +169,16 @@ pub fn deploy(args: &DeployArgs) -> Result<u8, String> {
     let answer = args.server.send("PUT", &format!("/v1/functions/{}{query}", encode(&args.name)), Some(&upload))?;
     let json = answer.json()?;
     if args.json {
-        print_json(&json);
+        print_json(&json)?;
     } else {
         let function = &json["function"];
-        println!(
+        outln!(
             "{} {}: version {}, {} mode",
             args.name,
             json["deployment"].as_str().unwrap_or("deployed"),
             function["version"].as_str().unwrap_or("?"),
             function["settings"]["mode"].as_str().unwrap_or("?")
-        );
+        )?;
     }
     Ok(0)
 }
@@ -214,17 +214,17 @@ pub fn call(args: &CallArgs) -> Result<u8, String> {
 pub fn functions(args: &FunctionsArgs) -> Result<u8, String> {
     let json = args.server.send("GET", "/v1/functions", None)?.json()?;
     if args.json {
-        print_json(&json);
+        print_json(&json)?;
         return Ok(0);
     }
-    println!("{:<24} {:<14} {:<6} {:>8} {:>10} {:>8}  state", "name", "version", "mode", "live VMs", "ok", "errors");
+    outln!("{:<24} {:<14} {:<6} {:>8} {:>10} {:>8}  state", "name", "version", "mode", "live VMs", "ok", "errors")?;
     for f in json["functions"].as_array().into_iter().flatten() {
         let counters = &f["counters"];
         let errors = ["function_errors", "timeouts", "vm_failures", "rejected"]
             .iter()
             .map(|k| counters[k].as_u64().unwrap_or(0))
             .sum::<u64>();
-        println!(
+        outln!(
             "{:<24} {:<14} {:<6} {:>8} {:>10} {:>8}  {}",
             f["name"].as_str().unwrap_or("?"),
             f["version"].as_str().unwrap_or("?").get(..12).unwrap_or("?"),
@@ -233,7 +233,7 @@ pub fn functions(args: &FunctionsArgs) -> Result<u8, String> {
             counters["ok"].as_u64().unwrap_or(0),
             errors,
             f["state"].as_str().unwrap_or("?")
-        );
+        )?;
     }
     Ok(0)
 }
@@ -243,16 +243,16 @@ pub fn logs(args: &LogsArgs) -> Result<u8, String> {
     let path = format!("/v1/functions/{}/logs?lines={}", encode(&args.name), args.lines);
     let json = args.server.send("GET", &path, None)?.json()?;
     if args.json {
-        print_json(&json);
+        print_json(&json)?;
         return Ok(0);
     }
     for line in json["lines"].as_array().into_iter().flatten() {
-        println!(
+        outln!(
             "{} {:<7} {}",
             line["instance"].as_u64().unwrap_or(0),
             line["stream"].as_str().unwrap_or("?"),
             line["text"].as_str().unwrap_or("")
-        );
+        )?;
     }
     Ok(0)
 }

@@ -143,15 +143,21 @@ pub fn run(args: &DemoArgs) -> Result<u8, String> {
         })?;
         rows.push((name, cold, fresh_p50, pooled, reset, private, pooled_private));
     }
-    println!();
-    println!("request to response, p50 ({} requests each; cold: a fifth as many)", args.runs);
-    println!(
+    outln!()?;
+    outln!("request to response, p50 ({} requests each; cold: a fifth as many)", args.runs)?;
+    outln!(
         "{:<12} {:>12} {:>12} {:>12} {:>12} {:>9} {:>26}",
-        "function", "cold boot", "fresh VM", "pool", "reset", "speed-up", "private mem: fresh / pool"
-    );
+        "function",
+        "cold boot",
+        "fresh VM",
+        "pool",
+        "reset",
+        "speed-up",
+        "private mem: fresh / pool"
+    )?;
     for (name, cold, fresh, pooled, reset, private, pooled_private) in rows {
         let speedup = cold.as_secs_f64() / reset.as_secs_f64().max(1e-9);
-        println!(
+        outln!(
             "{name:<12} {:>12} {:>12} {:>12} {:>12} {:>8.0}x {:>22} KiB",
             ms(cold),
             ms(fresh),
@@ -159,11 +165,11 @@ pub fn run(args: &DemoArgs) -> Result<u8, String> {
             ms(reset),
             speedup,
             format!("{} / {}", private / 1024, pooled_private / 1024)
-        );
+        )?;
     }
-    println!("speed-up: cold boot against reset; pool and reset serve VMs restored before the request");
+    outln!("speed-up: cold boot against reset; pool and reset serve VMs restored before the request")?;
     if args.keep.is_some() {
-        println!("\nbundles and images kept in {}", dir.display());
+        outln!("\nbundles and images kept in {}", dir.display())?;
     }
     Ok(0)
 }

@@ -122,18 +122,18 @@ pub fn run(args: &InspectArgs) -> Result<u8, String> {
         crate::stats::print_json(&shown)?;
         return Ok(0);
     }
-    println!("{}: thaw snapshot image, format version {}, x86-64", args.image.display(), info.version);
-    println!("  file        {file_len} bytes, {} KiB stored (the rest are holes)", (info.metadata_len + stored) / 1024);
-    println!("  checksum    {:#010x}, ok; every section and memory range validated", info.checksum);
-    println!("  function    {} (wasm sha256 {})", info.guest.function_name, hex(&info.guest.wasm_sha256));
-    println!("  runtime     {}", info.guest.runtime_version);
+    outln!("{}: thaw snapshot image, format version {}, x86-64", args.image.display(), info.version)?;
+    outln!("  file        {file_len} bytes, {} KiB stored (the rest are holes)", (info.metadata_len + stored) / 1024)?;
+    outln!("  checksum    {:#010x}, ok; every section and memory range validated", info.checksum)?;
+    outln!("  function    {} (wasm sha256 {})", info.guest.function_name, hex(&info.guest.wasm_sha256))?;
+    outln!("  runtime     {}", info.guest.runtime_version)?;
     match info.guest.io_table_len {
-        0 => println!("  io table    none"),
-        len => println!(
+        0 => outln!("  io table    none")?,
+        len => outln!(
             "  io table    {len} bytes at guest address {:#x}, {} handle(s)",
             info.guest.io_table_gpa,
             handles.len()
-        ),
+        )?,
     }
     for h in &handles {
         let target = match h.kind {
@@ -141,16 +141,16 @@ pub fn run(args: &InspectArgs) -> Result<u8, String> {
             abi::iotable::HandleKind::DataFile => format!("/data/{} at offset {}", h.path, h.offset),
             abi::iotable::HandleKind::VsockStream => format!("host port {}", h.port),
         };
-        println!("              fd {:<3} {:<15} {:<18} {target}", h.fd, h.kind.name(), h.state.name());
+        outln!("              fd {:<3} {:<15} {:<18} {target}", h.fd, h.kind.name(), h.state.name())?;
     }
     if let Some((offset, len)) = info.volume {
-        println!("  volume      {len} bytes at file offset {offset:#x} (the data volume, read by the block device)");
+        outln!("  volume      {len} bytes at file offset {offset:#x} (the data volume, read by the block device)")?;
     }
     if image.devices.is_empty() {
-        println!("  devices     none");
+        outln!("  devices     none")?;
     }
     for (i, d) in image.devices.iter().enumerate() {
-        println!(
+        outln!(
             "  {:<11} {} {}: status {:#x}, features {:#x}, {} of {} queues ready",
             if i == 0 { "devices" } else { "" },
             kind_name(d.kind),
@@ -159,41 +159,41 @@ pub fn run(args: &InspectArgs) -> Result<u8, String> {
             d.driver_features,
             d.queues.iter().filter(|q| q.ready).count(),
             d.queues.len()
-        );
+        )?;
     }
-    println!(
+    outln!(
         "  memory      {} MiB of guest memory: {} pages, {} non-zero ({} KiB)",
         guest >> 20,
         guest / page,
         stored / page,
         stored / 1024
-    );
+    )?;
     for r in &info.memory {
-        println!("              guest {:#x}+{:#x} at file offset {:#x}", r.gpa, r.len, r.file_offset);
+        outln!("              guest {:#x}+{:#x} at file offset {:#x}", r.gpa, r.len, r.file_offset)?;
     }
     match abi::workingset::page_count(&info.working_set) {
-        0 => println!("  working set none recorded (VMs restored ahead touch nothing before their request)"),
+        0 => outln!("  working set none recorded (VMs restored ahead touch nothing before their request)")?,
         pages => {
-            println!(
+            outln!(
                 "  working set {pages} pages ({} written) in {} runs, touched by VMs restored ahead before their request",
                 written_pages(&info.working_set),
                 info.working_set.len()
-            );
+            )?;
             const SHOWN: usize = 8;
             for r in info.working_set.iter().take(SHOWN) {
                 let how = if r.written { "written" } else { "read" };
-                println!("              {:#x}+{} pages, {how}", r.start, r.pages);
+                outln!("              {:#x}+{} pages, {how}", r.start, r.pages)?;
             }
             if info.working_set.len() > SHOWN {
-                println!("              … {} more runs (--json lists them all)", info.working_set.len() - SHOWN);
+                outln!("              … {} more runs (--json lists them all)", info.working_set.len() - SHOWN)?;
             }
         }
     }
     let names: Vec<&str> = info.vcpu.iter().map(|r| record_name(r.kind)).collect();
-    println!("  vcpu        rip {rip:#x}; records: {}", names.join(", "));
-    println!("  sections");
+    outln!("  vcpu        rip {rip:#x}; records: {}", names.join(", "))?;
+    outln!("  sections")?;
     for (kind, offset, len) in &info.sections {
-        println!("    {:<16} offset {offset:>8}  length {len:>8}", kind.name());
+        outln!("    {:<16} offset {offset:>8}  length {len:>8}", kind.name())?;
     }
     Ok(0)
 }

@@ -146,7 +146,7 @@ fn finish_invoke(args: &InvokeArgs, report: &RunReport, restored: bool, kernel_l
     stats.measured = Measured::of_run(report, restored);
     stats.devices = report.devices.iter().map(Device::from).collect();
     crate::stats::print_json(&stats)?;
-    settle(&report.outcome, response, kernel_log, |response| exit_code(&response.status))
+    settle(&report.outcome, response, kernel_log, |response| Ok(exit_code(&response.status)))
 }
 
 /// Ends a one-request run, under either hypervisor: the response if the guest answered and
@@ -160,14 +160,14 @@ fn settle(
     outcome: &Outcome,
     response: Option<&FunctionResponse>,
     kernel_log: &[u8],
-    respond: impl FnOnce(&FunctionResponse) -> u8,
+    respond: impl FnOnce(&FunctionResponse) -> Result<u8, String>,
 ) -> Result<u8, String> {
     let clean = matches!(outcome, Outcome::Exited(0) | Outcome::Answered);
     if !clean {
         let _ = std::io::stderr().write_all(kernel_log);
     }
     match (clean, response) {
-        (true, Some(response)) => Ok(respond(response)),
+        (true, Some(response)) => respond(response),
         (true, None) => Err("the guest exited without answering the request".into()),
         (false, _) => Ok(crate::finish(outcome)),
     }
@@ -188,11 +188,16 @@ pub fn load_function(path: &std::path::Path) -> Result<Function, String> {
     Function::from_bundle(bytes).map_err(|e| format!("{}: {e}", path.display()))
 }
 
-/// Prints a response and returns the exit code it implies.
-pub fn answer(response: &FunctionResponse) -> u8 {
-    let _ = std::io::stdout().lock().write_all(&response.stdout).and_then(|()| std::io::stdout().flush());
+/// Prints a response and returns the exit code it implies; a response that cannot be written
+/// (a closed pipe, a full disk) is an error, so that it is never lost with an exit code of 0.
+pub fn answer(response: &FunctionResponse) -> Result<u8, String> {
+    let mut stdout = std::io::stdout().lock();
+    stdout
+        .write_all(&response.stdout)
+        .and_then(|()| stdout.flush())
+        .map_err(|e| format!("writing the response to stdout: {e}"))?;
     let _ = std::io::stderr().lock().write_all(&response.stderr);
-    exit_code(&response.status)
+    Ok(exit_code(&response.status))
 }
 
 /// The exit code a function's status implies, after a line on stderr saying why unless it is 0.

@@ -5,6 +5,29 @@
 //! guest ended unless it exited 0, and exit with the guest's exit code or one of the codes in
 //! `abi::exit_code` (101 panic, 102 fault, 103 guest failure, 124 timeout, 125 thaw error).
 
+/// `print!` for a command's output on stdout: a write that fails (a closed pipe, a full disk)
+/// is an error saying so, not a panic. Flushes, so the failure shows here.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let mut stdout = std::io::stdout().lock();
+        write!(stdout, $($arg)*)
+            .and_then(|()| stdout.flush())
+            .map_err(|e| format!("writing to stdout: {e}"))
+    }};
+}
+
+/// `println!` for a command's output, as [`out!`].
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let mut stdout = std::io::stdout().lock();
+        writeln!(stdout, $($arg)*)
+            .and_then(|()| stdout.flush())
+            .map_err(|e| format!("writing to stdout: {e}"))
+    }};
+}
+
 mod bench;
 mod client;
 mod demo;

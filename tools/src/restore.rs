@@ -496,9 +496,9 @@ pub fn serve_batch(args: &RestoreArgs, floor: Option<crate::bench::Floor>) -> Re
         crate::stats::print_json(&stats)?;
     } else if !samples.is_empty() {
         if let Some(floor) = &floor {
-            print!("{}", floor.table());
+            out!("{}", floor.table())?;
         }
-        print!("{}", summary(args, &stats));
+        out!("{}", summary(args, &stats))?;
     }
     match unclean.first() {
         None => Ok(0),
