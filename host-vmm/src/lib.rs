@@ -24,6 +24,7 @@ pub mod bootinfo;
 pub mod capture;
 pub mod cpu;
 pub mod exit;
+pub mod files;
 pub mod floor;
 pub mod function;
 pub mod host;

@@ -219,8 +219,8 @@ pub fn write_image(
     };
     let (metadata, layout) = writer.encode(mem_size);
     let data_start = layout.data_start;
-    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let mut file = tempfile::NamedTempFile::new_in(dir).map_err(io)?;
+    let destination = crate::files::destination(path).map_err(io)?;
+    let mut file = crate::files::draft(&destination).map_err(io)?;
     file.write_all(&metadata).map_err(io)?;
     let mut page = vec![0u8; image::PAGE_SIZE as usize];
     let mut pages_written = 0;
@@ -239,7 +239,7 @@ pub fn write_image(
     file.as_file().set_len(file_len).map_err(io)?;
     file.as_file().set_permissions(std::fs::Permissions::from_mode(0o444)).map_err(io)?;
     file.as_file().sync_all().map_err(io)?;
-    file.persist(path).map_err(|e| io(e.error))?;
+    file.persist(&destination).map_err(|e| io(e.error))?;
     Ok(WriteStats { guest_memory: mem_size, pages_written, file_len })
 }
 

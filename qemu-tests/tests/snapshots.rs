@@ -228,3 +228,29 @@ fn output_that_cannot_be_written_is_an_error_not_a_panic_or_a_lost_response() {
         assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
     }
 }
+
+/// Issue 14, defect 3, for images: `thaw snapshot -o` refuses a destination that is not a
+/// regular file (here a directory, and a FIFO, which it left as they were) and writes through a
+/// symbolic link.
+#[test]
+fn snapshot_writes_through_a_link_and_refuses_to_replace_what_is_not_a_regular_file() {
+    let (dir, bundle, _image) = snapshot("hello", &[]);
+    let fifo = dir.path().join("fifo");
+    let status = std::process::Command::new("mkfifo").arg(&fifo).status().unwrap();
+    assert!(status.success());
+    for (out, what) in [(fifo.to_str().unwrap(), "is a FIFO"), (dir.path().to_str().unwrap(), "is a directory")] {
+        let run = thaw(&["snapshot", &bundle, "-o", out]);
+        assert_eq!(run.code, Some(125), "{run:#?}");
+        assert!(run.stderr.contains(&format!("{what}, not a regular file")), "{run:#?}");
+    }
+    assert!(std::os::unix::fs::FileTypeExt::is_fifo(&std::fs::symlink_metadata(&fifo).unwrap().file_type()));
+    let link = dir.path().join("link.snap");
+    std::os::unix::fs::symlink("f.snap", &link).unwrap();
+    let run = thaw(&["snapshot", &bundle, "-o", link.to_str().unwrap()]);
+    assert_eq!(run.code, Some(0), "{run:#?}");
+    assert!(std::fs::symlink_metadata(&link).unwrap().file_type().is_symlink(), "the link stays a link");
+    assert_eq!(invoke(link.to_str().unwrap(), r#"{"name": "link"}"#).stdout, "{\"greeting\":\"Hello, link!\"}\n");
+    let left: Vec<String> =
+        std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    assert!(!left.iter().any(|name| name.starts_with(".tmp")), "no draft is left behind: {left:?}");
+}

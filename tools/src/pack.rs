@@ -1,6 +1,6 @@
 //! `thaw pack`: validate a wasm (or WAT) function and write it as a bundle.
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use abi::bundle::{self, Connection, Manifest};
@@ -190,15 +190,9 @@ pub fn read_limited(path: &Path, limit: u64, what: &str) -> Result<Vec<u8>, Stri
     Ok(bytes)
 }
 
-/// Writes `bytes` to `path` atomically: a temporary file in the same directory, fsync, rename.
+/// Writes `bytes` to `path` atomically, and only as a regular file (`host_vmm::files`).
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), String> {
-    let fail = |e: std::io::Error| format!("writing {}: {e}", path.display());
-    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let mut file = tempfile::NamedTempFile::new_in(dir).map_err(fail)?;
-    file.write_all(bytes).map_err(fail)?;
-    file.as_file().sync_all().map_err(fail)?;
-    file.persist(path).map_err(|e| fail(e.error))?;
-    Ok(())
+    host_vmm::files::write_atomically(path, bytes).map_err(|e| format!("writing {}: {e}", path.display()))
 }
 
 /// A WAT error on one line: the message and where, without the source excerpt.

@@ -162,3 +162,28 @@ fn a_sample_request_is_carried_in_a_version_4_bundle_and_capped() {
     assert_eq!(big.status.code(), Some(125));
     assert!(String::from_utf8_lossy(&big.stderr).contains("sample request: 65537 bytes, more than 65536"), "{big:?}");
 }
+
+/// Issue 14, defect 3: `-o` replaced whatever was there, a device node included, and replaced a
+/// symbolic link instead of writing where it points. Now it writes through a link, and refuses
+/// anything that is not a regular file, leaving it as it was.
+#[test]
+fn pack_writes_through_a_link_and_refuses_to_replace_what_is_not_a_regular_file() {
+    let scratch = Scratch::new();
+    let wat = scratch.file("f.wat", HANDLER.as_bytes());
+    let fifo = scratch.dir.path().join("fifo");
+    let name = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: `name` is a NUL-terminated path that outlives the call.
+    assert_eq!(unsafe { libc::mkfifo(name.as_ptr(), 0o600) }, 0);
+    let line = refused(&["pack", wat.to_str().unwrap(), "-o", fifo.to_str().unwrap()]);
+    assert!(line.contains("is a FIFO, not a regular file"), "{line}");
+    assert!(std::os::unix::fs::FileTypeExt::is_fifo(&std::fs::symlink_metadata(&fifo).unwrap().file_type()));
+
+    let target = scratch.file("target.thaw", b"old");
+    let link = scratch.dir.path().join("link.thaw");
+    std::os::unix::fs::symlink(&target, &link).unwrap();
+    let output =
+        Command::new(THAW).args(["pack", wat.to_str().unwrap(), "-o", link.to_str().unwrap()]).output().unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(std::fs::symlink_metadata(&link).unwrap().file_type().is_symlink(), "the link stays a link");
+    assert!(std::fs::read(&target).unwrap().starts_with(&abi::bundle::MAGIC), "the bundle went where it points");
+}
