@@ -19,13 +19,12 @@ macro_rules! out {
 
 /// `println!` for a command's output, as [`out!`].
 macro_rules! outln {
-    ($($arg:tt)*) => {{
-        use std::io::Write as _;
-        let mut stdout = std::io::stdout().lock();
-        writeln!(stdout, $($arg)*)
-            .and_then(|()| stdout.flush())
-            .map_err(|e| format!("writing to stdout: {e}"))
-    }};
+    () => {
+        out!("\n")
+    };
+    ($($arg:tt)*) => {
+        out!("{}\n", format_args!($($arg)*))
+    };
 }
 
 mod bench;
