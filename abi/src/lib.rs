@@ -56,9 +56,19 @@ pub mod exit_code {
     pub const GUEST_FAILURE: u32 = 103;
     /// The function trapped (`thaw invoke`); the trap message is on stderr.
     pub const FUNCTION_TRAPPED: u32 = 104;
+    /// The guest or its function exited with a code above 100, which would read as one of
+    /// thaw's own codes or, past 255, wrap around (256 would become 0); the code is on stderr.
+    pub const EXIT_OUT_OF_RANGE: u32 = 105;
     /// The guest ran past its wall-clock timeout (the same value `timeout(1)` uses).
     pub const TIMEOUT: u32 = 124;
     /// thaw itself failed before or around the guest: an invalid kernel, KVM or QEMU
     /// unavailable, a bad option value.
     pub const HOST_ERROR: u32 = 125;
+
+    /// The process exit code for a guest's or a function's own exit `code`: the code itself
+    /// from 0 to 100, [`EXIT_OUT_OF_RANGE`] above, so that a failure never reads as success or
+    /// as one of thaw's codes.
+    pub const fn of_exit(code: u32) -> u32 {
+        if code <= 100 { code } else { EXIT_OUT_OF_RANGE }
+    }
 }

@@ -40,7 +40,7 @@ impl Outcome {
     /// it exited, otherwise one of [`abi::exit_code`].
     pub fn exit_code(&self) -> u8 {
         let code = match self {
-            Self::Exited(code) => *code,
+            Self::Exited(code) => abi::exit_code::of_exit(*code),
             Self::Checkpointed | Self::Parked | Self::Answered => 0,
             Self::Panicked(_) => abi::exit_code::PANIC,
             Self::Faulted(_) => abi::exit_code::FAULT,
@@ -140,7 +140,10 @@ mod tests {
     #[test]
     fn exit_codes_follow_the_abi() {
         assert_eq!(Outcome::Exited(3).exit_code(), 3);
-        assert_eq!(Outcome::Exited(256 + 4).exit_code(), 4);
+        assert_eq!(Outcome::Exited(100).exit_code(), 100);
+        for out_of_range in [101, 104, 124, 125, 256, 256 + 4, u32::MAX] {
+            assert_eq!(Outcome::Exited(out_of_range).exit_code(), 105, "{out_of_range}");
+        }
         assert_eq!(Outcome::Panicked(String::new()).exit_code(), 101);
         assert_eq!(Outcome::TimedOut(Duration::from_secs(1)).exit_code(), 124);
     }

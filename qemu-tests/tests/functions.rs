@@ -188,6 +188,25 @@ fn an_unsupported_wasi_call_returns_enosys_and_is_noted_once() {
     assert_eq!(run.stderr, "thaw: wasi: path_create_directory is not supported; it returns ENOSYS\n");
 }
 
+/// Issue 14, defect 5: `proc_exit(256)` made `thaw invoke` exit 0, and 101-125 read as thaw's
+/// own codes. A code above 100 is now 105, under KVM and QEMU alike, with the code on stderr.
+#[test]
+fn an_exit_code_above_100_is_105_never_0_or_one_of_thaws() {
+    let dir = tempfile::tempdir().unwrap();
+    for code in [100u32, 101, 104, 124, 125, 256, 4_294_967_295] {
+        let wat = dir.path().join(format!("exit{code}.wat"));
+        let source = std::fs::read_to_string(fixture("exit3.wat"))
+            .unwrap()
+            .replace("(i32.const 3)", &format!("(i32.const {})", code as i32));
+        std::fs::write(&wat, source).unwrap();
+        let (_bundle_dir, bundle) = pack(&wat, &[]);
+        let run = if code == 256 { both(&bundle, "") } else { invoke(&bundle, "", &[]) };
+        let expected = if code <= 100 { code as i32 } else { 105 };
+        assert_eq!(run.code, Some(expected), "proc_exit({code}): {run:#?}");
+        assert_eq!(run.stderr, format!("thaw: function exited with code {code}\n"), "{run:#?}");
+    }
+}
+
 #[test]
 fn proc_exit_code_becomes_the_exit_code() {
     let (_dir, bundle) = pack(&fixture("exit3.wat"), &[]);

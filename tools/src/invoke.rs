@@ -210,7 +210,7 @@ fn exit_code(status: &FunctionStatus) -> u8 {
         }
         FunctionStatus::Exited(code) => {
             eprintln!("thaw: function exited with code {code}");
-            *code as u8
+            abi::exit_code::of_exit(*code) as u8
         }
     }
 }

@@ -2,8 +2,9 @@
 //! its boot (`thaw bench`).
 //!
 //! Both commands stream what the guest prints to stdout, print one line on stderr saying why the
-//! guest ended unless it exited 0, and exit with the guest's exit code or one of the codes in
-//! `abi::exit_code` (101 panic, 102 fault, 103 guest failure, 124 timeout, 125 thaw error).
+//! guest ended unless it exited 0, and exit with the guest's exit code (0-100) or one of the
+//! codes in `abi::exit_code` (101 panic, 102 fault, 103 guest failure, 104 trap, 105 an exit
+//! code above 100, 124 timeout, 125 thaw error).
 
 /// `print!` for a command's output on stdout: a write that fails (a closed pipe, a full disk)
 /// is an error saying so, not a panic. Flushes, so the failure shows here.
