@@ -46,6 +46,20 @@ pub enum FunctionError {
     /// The module has no usable entry point.
     #[error("{0}")]
     Entry(String),
+    /// The module's memory starts larger than the function may use.
+    #[error(
+        "memory {name:?} starts at {pages} pages ({mib} MiB), more than the {limit_mib} MiB the function may use (pack with --memory {mib} or more)"
+    )]
+    Memory {
+        /// The memory's export name.
+        name: String,
+        /// Its minimum, in 64 KiB pages.
+        pages: u64,
+        /// The same in MiB, rounded up.
+        mib: u64,
+        /// The function's limit (`thaw pack --memory`).
+        limit_mib: u32,
+    },
     /// The data volume does not match the manifest's hash.
     #[error("bundle: data volume SHA-256 {actual} does not match the manifest's {expected} (corrupted)")]
     VolumeSha256 {
@@ -98,8 +112,12 @@ fn unit_func(ty: &ExternType) -> bool {
     matches!(ty, ExternType::Func(f) if f.params().is_empty() && f.results().is_empty())
 }
 
-/// Validates `wasm` as a thaw function and tells how it is entered.
-pub fn validate_wasm(wasm: &[u8]) -> Result<FunctionKind, FunctionError> {
+/// Bytes in a WebAssembly memory page.
+const WASM_PAGE_BYTES: u64 = 64 << 10;
+
+/// Validates `wasm` as a thaw function that may use `memory_mib` MiB of linear memory, and
+/// tells how it is entered.
+pub fn validate_wasm(wasm: &[u8], memory_mib: u32) -> Result<FunctionKind, FunctionError> {
     if wasm.len() > bundle::MAX_WASM_BYTES {
         return Err(FunctionError::Invalid(format!(
             "{} bytes, more than the {}-byte limit",
@@ -149,6 +167,16 @@ pub fn validate_wasm(wasm: &[u8]) -> Result<FunctionKind, FunctionError> {
             )));
         }
     }
+    for export in module.exports() {
+        if let ExternType::Memory(memory) = export.ty() {
+            let pages = memory.minimum();
+            if pages.saturating_mul(WASM_PAGE_BYTES) > u64::from(memory_mib) << 20 {
+                let mib = pages.saturating_mul(WASM_PAGE_BYTES).div_ceil(1 << 20);
+                let name = export.name().to_string();
+                return Err(FunctionError::Memory { name, pages, mib, limit_mib: memory_mib });
+            }
+        }
+    }
     let export = |name: &str| module.get_export(name);
     match (export("handle"), export("_start")) {
         (Some(handle), _) if unit_func(&handle) => Ok(FunctionKind::Reactor),
@@ -171,7 +199,7 @@ impl Function {
         if actual != parsed.manifest.wasm_sha256 {
             return Err(FunctionError::Sha256 { expected: hex(&parsed.manifest.wasm_sha256), actual: hex(&actual) });
         }
-        let kind = validate_wasm(parsed.wasm)?;
+        let kind = validate_wasm(parsed.wasm, parsed.manifest.memory_mib)?;
         let volume = match (parsed.manifest.volume_sha256, parsed.volume) {
             (None, _) => None,
             (Some(_), None) => return Err(FunctionError::VolumeMissing(parsed.volume_len)),
@@ -256,19 +284,19 @@ mod tests {
 
     #[test]
     fn accepts_reactors_and_commands() {
-        assert_eq!(validate_wasm(&module(b"proc_exit", PROC_EXIT, b"handle")).unwrap(), FunctionKind::Reactor);
-        assert_eq!(validate_wasm(&module(b"proc_exit", PROC_EXIT, b"_start")).unwrap(), FunctionKind::Command);
+        assert_eq!(validate_wasm(&module(b"proc_exit", PROC_EXIT, b"handle"), 16).unwrap(), FunctionKind::Reactor);
+        assert_eq!(validate_wasm(&module(b"proc_exit", PROC_EXIT, b"_start"), 16).unwrap(), FunctionKind::Command);
     }
 
     #[test]
     fn rejects_bad_modules_with_named_problems() {
-        let e = validate_wasm(b"not wasm at all").unwrap_err().to_string();
+        let e = validate_wasm(b"not wasm at all", 16).unwrap_err().to_string();
         assert!(e.starts_with("not a valid WebAssembly module"), "{e}");
-        let e = validate_wasm(&module(b"proc_exit", PROC_EXIT, b"other")).unwrap_err().to_string();
+        let e = validate_wasm(&module(b"proc_exit", PROC_EXIT, b"other"), 16).unwrap_err().to_string();
         assert_eq!(e, "the module exports neither handle nor _start");
-        let e = validate_wasm(&module(b"no_such_call", PROC_EXIT, b"handle")).unwrap_err().to_string();
+        let e = validate_wasm(&module(b"no_such_call", PROC_EXIT, b"handle"), 16).unwrap_err().to_string();
         assert_eq!(e, "import wasi_snapshot_preview1.no_such_call: not a WASI preview1 function");
-        let e = validate_wasm(&module(b"proc_exit", &[0x60, 0, 0], b"handle")).unwrap_err().to_string();
+        let e = validate_wasm(&module(b"proc_exit", &[0x60, 0, 0], b"handle"), 16).unwrap_err().to_string();
         assert!(e.contains("does not match WASI's"), "{e}");
     }
 

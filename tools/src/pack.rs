@@ -113,7 +113,7 @@ pub fn bundle_wasm(
     wasm: &[u8],
     volume: &[u8],
 ) -> Result<(Vec<u8>, Manifest, FunctionKind), String> {
-    let kind = function::validate_wasm(wasm).map_err(|e| e.to_string())?;
+    let kind = function::validate_wasm(wasm, settings.memory_mib).map_err(|e| e.to_string())?;
     let manifest = Manifest {
         name: settings.name.clone(),
         wasm_sha256: function::sha256(wasm),

@@ -187,3 +187,24 @@ fn pack_writes_through_a_link_and_refuses_to_replace_what_is_not_a_regular_file(
     assert!(std::fs::symlink_metadata(&link).unwrap().file_type().is_symlink(), "the link stays a link");
     assert!(std::fs::read(&target).unwrap().starts_with(&abi::bundle::MAGIC), "the bundle went where it points");
 }
+
+/// Issue 14, defect 5: a module whose memory starts larger than `--memory` packed fine and then
+/// panicked the guest at instantiation. `thaw pack` refuses it, naming what to pack it with.
+#[test]
+fn pack_refuses_a_memory_that_starts_larger_than_the_limit() {
+    let scratch = Scratch::new();
+    let big = r#"(module (func (export "handle")) (memory (export "memory") 1024))"#;
+    let wat = scratch.file("big.wat", big.as_bytes());
+    let out = scratch.dir.path().join("big.thaw");
+    let line = refused(&["pack", wat.to_str().unwrap(), "--memory", "16", "-o", out.to_str().unwrap()]);
+    assert!(
+        line.contains(r#"memory "memory" starts at 1024 pages (64 MiB), more than the 16 MiB the function may use (pack with --memory 64 or more)"#),
+        "{line}"
+    );
+    assert!(!out.exists());
+    let output = Command::new(THAW)
+        .args(["pack", wat.to_str().unwrap(), "--memory", "64", "-o", out.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+}
