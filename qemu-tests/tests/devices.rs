@@ -224,7 +224,8 @@ fn devices_the_vmm_moved_are_found_again_by_name() {
     assert_eq!(device(&stats, "entropy")["attached"], true, "{stats}");
     let run = thaw(&["invoke", &image, "--data", "", "--move-devices", "600"]);
     assert_eq!(run.code, Some(125), "{run:#?}");
-    assert!(run.stderr.starts_with("thaw: error: virtio devices: 1 devices from slot 600"), "{run:#?}");
+    let expected = format!("thaw: error: {image}: loading its device state: virtio devices: 1 devices from slot 600");
+    assert!(run.stderr.starts_with(&expected), "{run:#?}");
 }
 
 #[test]

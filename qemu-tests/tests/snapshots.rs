@@ -254,3 +254,28 @@ fn snapshot_writes_through_a_link_and_refuses_to_replace_what_is_not_a_regular_f
         std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
     assert!(!left.iter().any(|name| name.starts_with(".tmp")), "no draft is left behind: {left:?}");
 }
+
+/// Issue 14, defect 8: state that KVM refuses on restore was reported without naming the image
+/// ("KVM refused MSR ..."). Here the image's MSR record names an MSR KVM does not know, with the
+/// checksum made right again, so that only KVM can refuse it.
+#[test]
+fn vcpu_state_kvm_refuses_is_reported_with_the_image_it_came_from() {
+    let (dir, _bundle, image) = snapshot("hello", &[]);
+    let mut bytes = std::fs::read(&image).unwrap();
+    let metadata_len = u64::from_le_bytes(bytes[40..48].try_into().unwrap()) as usize;
+    // STAR (0xc0000081) as the MSR record stores it: the index, then 4 reserved bytes.
+    let star = [0x81, 0x00, 0x00, 0xc0, 0, 0, 0, 0];
+    let at = bytes[..metadata_len].windows(8).position(|w| w == star).expect("the MSR record holds STAR");
+    bytes[at..at + 4].copy_from_slice(&0x4000_1234u32.to_le_bytes());
+    bytes[48..52].fill(0);
+    let checksum = abi::bundle::crc32(&[&bytes[..metadata_len]]);
+    bytes[48..52].copy_from_slice(&checksum.to_le_bytes());
+    let path = dir.path().join("msr.snap");
+    std::fs::write(&path, &bytes).unwrap();
+    let path = path.to_str().unwrap();
+    let run = invoke(path, "x");
+    assert_eq!(run.code, Some(125), "{run:#?}");
+    assert_eq!(run.stderr.lines().count(), 1, "{run:#?}");
+    assert!(run.stderr.starts_with(&format!("thaw: error: {path}: loading its vCPU state: ")), "{run:#?}");
+    assert!(run.stderr.contains("KVM refused MSR 0x40001234"), "{run:#?}");
+}

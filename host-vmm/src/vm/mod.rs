@@ -90,10 +90,25 @@ pub enum VmmError {
     /// The function ended before reaching its checkpoint, so there is nothing to snapshot.
     #[error("the function ended before reaching its checkpoint: {0}")]
     NoCheckpoint(Outcome),
+    /// An image's saved vCPU or device state could not be loaded into a VM.
+    #[error("{}: loading its {what}: {source}", path.display())]
+    ImageState {
+        /// The image.
+        path: std::path::PathBuf,
+        /// "vCPU state" or "device state".
+        what: &'static str,
+        /// Why.
+        source: Box<VmmError>,
+    },
 }
 
 fn kvm(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmmError {
     move |source| VmmError::Kvm { op, source }
+}
+
+/// An error loading `image`'s `what` ("vCPU state", "device state"), naming the image.
+fn in_image<'a, E: Into<VmmError>>(image: &'a Image, what: &'static str) -> impl FnOnce(E) -> VmmError + 'a {
+    move |e| VmmError::ImageState { path: image.path().to_path_buf(), what, source: Box::new(e.into()) }
 }
 
 fn memory_error(e: impl std::fmt::Display) -> VmmError {
@@ -270,7 +285,8 @@ impl Vm {
     /// instance id, entropy, the clock, the device table), and "restored" as the checkpoint
     /// call's result, with the number of working-set runs the guest should touch.
     fn load_state(&mut self, image: &Image, config: &VmConfig) -> Result<(), VmmError> {
-        snapshot::restore_vcpu(&mut self.vcpu, &image.info.vcpu, host::kvm()?.sync_regs)?;
+        let sync_regs = host::kvm()?.sync_regs;
+        snapshot::restore_vcpu(&mut self.vcpu, &image.info.vcpu, sync_regs).map_err(in_image(image, "vCPU state"))?;
         self.devices = Devices::default();
         if !image.devices.is_empty() {
             // The image holds the data volume; a caller may point the block device elsewhere.
@@ -281,7 +297,8 @@ impl Vm {
             });
             let volume = config.backends.volume.clone().or(own);
             let backends = Backends { volume, ..config.backends.clone() };
-            self.devices = Devices::restore(&image.devices, &backends, &self.mem, config.device_slot)?;
+            self.devices = Devices::restore(&image.devices, &backends, &self.mem, config.device_slot)
+                .map_err(in_image(image, "device state"))?;
             if config.eager_devices {
                 self.devices.attach_all()?;
             }
