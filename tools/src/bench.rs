@@ -15,7 +15,7 @@ use host_vmm::{FunctionStatus, Outcome, RunReport, VmConfig};
 
 use crate::KernelArgs;
 use crate::invoke::OptionalFunctionArgs;
-use crate::stats::{BatchStats, FloorStats, Measured, Percentiles, Status};
+use crate::stats::{BatchStats, FloorStats, Measured, Percentiles, RequestStats, Status};
 
 /// Arguments of `thaw bench`.
 #[derive(Args, Debug)]
@@ -219,8 +219,9 @@ fn measure(
         if !matches!(report.outcome, Outcome::Exited(0) | Outcome::Answered) {
             return Err(format!("run {}: {}", i + 1, report.outcome));
         }
-        if report.responses.iter().any(|r| r.status != FunctionStatus::Ok) {
-            return Err(format!("run {}: the function did not answer cleanly", i + 1));
+        if let Some(response) = report.responses.iter().find(|r| r.status != FunctionStatus::Ok) {
+            let why = RequestStats::new(&report.outcome, Some(response)).error.unwrap_or_default();
+            return Err(format!("run {}: {why}", i + 1));
         }
         let mut measured = Measured::of_run(&report, restored);
         if restored {
