@@ -158,11 +158,11 @@ impl Run<'_> {
     /// answered cleanly). A request that did not answer cleanly is counted, and the batch goes
     /// on; false when the record itself could not be written.
     fn record(&self, number: usize, served: &Served, measured: Measured) -> bool {
-        let mut stats = RequestStats::new(&served.outcome, served.response.as_ref());
-        stats.request = Some(number);
-        *lock(&self.statuses).entry(stats.status).or_default() += 1;
-        let error = stats.error.clone();
+        let (status, _, error) = crate::stats::ending(&served.outcome, served.response.as_ref());
+        *lock(&self.statuses).entry(status).or_default() += 1;
         if let Some(file) = &self.responses {
+            let mut stats = RequestStats::new(&served.outcome, served.response.as_ref());
+            stats.request = Some(number);
             stats.measured = measured.clone();
             if let Err(e) = writeln!(lock(file), "{}", stats.to_json()) {
                 self.fail(format!("writing --responses: {e}"));

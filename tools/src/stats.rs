@@ -266,25 +266,32 @@ pub struct RequestStats {
     pub devices: Vec<Device>,
 }
 
+/// How a request that ended as `outcome` with `response` ended: its status, the function's
+/// exit code, and why it did not answer cleanly. Allocates only for a request that failed, so
+/// the paths that serve requests can ask before deciding whether they need the whole stats.
+pub fn ending(outcome: &Outcome, response: Option<&FunctionResponse>) -> (Status, u32, Option<String>) {
+    match (outcome, response.map(|r| &r.status)) {
+        (Outcome::Answered | Outcome::Exited(0), Some(FunctionStatus::Ok | FunctionStatus::Exited(0))) => {
+            (Status::Ok, 0, None)
+        }
+        (_, Some(FunctionStatus::Trapped(message))) => {
+            (Status::Trapped, 0, Some(format!("the function trapped: {message}")))
+        }
+        (_, Some(FunctionStatus::Exited(code))) => {
+            (Status::Exited, *code, Some(format!("the function exited with code {code}")))
+        }
+        (Outcome::TimedOut(_), _) => (Status::TimedOut, 0, Some(outcome.to_string())),
+        (Outcome::Answered | Outcome::Exited(0), None) => {
+            (Status::Failed, 0, Some("the guest ended without answering the request".into()))
+        }
+        (outcome, _) => (Status::Failed, 0, Some(outcome.to_string())),
+    }
+}
+
 impl RequestStats {
     /// A request that ended as `outcome` with `response`, with its output.
     pub fn new(outcome: &Outcome, response: Option<&FunctionResponse>) -> Self {
-        let (status, exit_code, error) = match (outcome, response.map(|r| &r.status)) {
-            (Outcome::Answered | Outcome::Exited(0), Some(FunctionStatus::Ok | FunctionStatus::Exited(0))) => {
-                (Status::Ok, 0, None)
-            }
-            (_, Some(FunctionStatus::Trapped(message))) => {
-                (Status::Trapped, 0, Some(format!("the function trapped: {message}")))
-            }
-            (_, Some(FunctionStatus::Exited(code))) => {
-                (Status::Exited, *code, Some(format!("the function exited with code {code}")))
-            }
-            (Outcome::TimedOut(_), _) => (Status::TimedOut, 0, Some(outcome.to_string())),
-            (Outcome::Answered | Outcome::Exited(0), None) => {
-                (Status::Failed, 0, Some("the guest ended without answering the request".into()))
-            }
-            (outcome, _) => (Status::Failed, 0, Some(outcome.to_string())),
-        };
+        let (status, exit_code, error) = ending(outcome, response);
         let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();
         Self {
             request: None,
@@ -481,10 +488,8 @@ pub fn table(rows: &[(&str, Percentiles)]) -> String {
 
 /// Prints `value` as one JSON line on stdout.
 pub fn print_json(value: &impl Serialize) -> Result<(), String> {
-    use std::io::Write;
     let text = serde_json::to_string(value).map_err(|e| format!("serializing the stats: {e}"))?;
-    let mut out = std::io::stdout().lock();
-    writeln!(out, "{text}").and_then(|()| out.flush()).map_err(|e| format!("writing the stats to stdout: {e}"))
+    outln!("{text}")
 }
 
 #[cfg(test)]

@@ -293,19 +293,20 @@ pub fn answer_response(answer: &Result<Answer, String>, timeout_ms: u64) -> Resp
             return (StatusCode::INTERNAL_SERVER_ERROR, axum::Json(stats)).into_response();
         }
     };
-    let mut stats = RequestStats::new(&answer.outcome, answer.response.as_ref());
-    let status = match stats.status {
-        Status::Ok => StatusCode::OK,
-        Status::Trapped | Status::Exited | Status::Failed => StatusCode::BAD_GATEWAY,
-        Status::TimedOut => {
-            stats.error = Some(format!("no answer within {timeout_ms} ms; the VM was destroyed and is replaced"));
-            StatusCode::GATEWAY_TIMEOUT
-        }
-    };
     let handle = answer.response.as_ref().map(|r| r.handle_time);
-    let mut response = match (status, &answer.response) {
-        (StatusCode::OK, Some(r)) => (status, r.stdout.clone()).into_response(),
+    let (ended, _, _) = crate::stats::ending(&answer.outcome, answer.response.as_ref());
+    let mut response = match (ended, &answer.response) {
+        (Status::Ok, Some(r)) => (StatusCode::OK, r.stdout.clone()).into_response(),
         _ => {
+            let mut stats = RequestStats::new(&answer.outcome, answer.response.as_ref());
+            let status = match stats.status {
+                Status::TimedOut => {
+                    stats.error =
+                        Some(format!("no answer within {timeout_ms} ms; the VM was destroyed and is replaced"));
+                    StatusCode::GATEWAY_TIMEOUT
+                }
+                _ => StatusCode::BAD_GATEWAY,
+            };
             let us = |d: Duration| d.as_micros() as u64;
             stats.instance_id = Some(answer.instance_id);
             stats.stdout = None;
