@@ -52,7 +52,7 @@ struct Guest {
 pub fn measure(runs: usize) -> Result<Floor, VmmError> {
     let guest = build()?;
     let mut floor = Floor::default();
-    let mem = guest.image.map_memory()?;
+    let (_watch, mem) = guest.image.map_memory()?;
     let vm = create_vm(&mem, MEM_SIZE, true)?;
     let mut kept = create_vcpu(&vm)?;
     run_to_exit(&mut kept, &guest)?;
@@ -75,12 +75,12 @@ pub fn measure(runs: usize) -> Result<Floor, VmmError> {
 /// One fresh VM from the floor image to its first exit.
 fn fresh(guest: &Guest) -> Result<Duration, VmmError> {
     let started = Instant::now();
-    let mem = guest.image.map_memory()?;
+    let (watch, mem) = guest.image.map_memory()?;
     let vm = create_vm(&mem, MEM_SIZE, false)?;
     let mut vcpu = create_vcpu(&vm)?;
     run_to_exit(&mut vcpu, guest)?;
     let took = started.elapsed();
-    drop((vcpu, vm, mem));
+    drop((vcpu, vm, watch, mem));
     Ok(took)
 }
 

@@ -27,6 +27,7 @@ pub mod exit;
 pub mod files;
 pub mod floor;
 pub mod function;
+pub mod guard;
 pub mod host;
 pub mod instance;
 pub mod kernel;

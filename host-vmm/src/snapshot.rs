@@ -14,6 +14,7 @@ use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 
+use crate::guard::MappingGuard;
 use crate::memory::{self, GuestRam};
 use abi::devices::DeviceState;
 use abi::image::{self, GuestMetadata, ImageInfo, ImageWriter, MemoryRange, VcpuRecord, record, vm_record};
@@ -74,6 +75,20 @@ pub enum SnapshotError {
     /// Guest memory could not be read or mapped.
     #[error("guest memory: {0}")]
     Memory(String),
+    /// The image file shrank (or lost pages) while its memory was mapped: the VM that found a
+    /// page missing cannot go on, nor can later ones from the same file.
+    #[error(
+        "{}: the image file changed while VMs were restored from it ({now} bytes now, {needed} needed); replace it and restore again",
+        path.display()
+    )]
+    Changed {
+        /// The image.
+        path: PathBuf,
+        /// Its length now (0 when it cannot be read).
+        now: u64,
+        /// The length its memory needs.
+        needed: u64,
+    },
 }
 
 fn kvm(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> SnapshotError {
@@ -264,12 +279,41 @@ const MAX_SPARES: usize = 16;
 #[derive(Debug, Default)]
 struct Made {
     /// The image's memory mapped read-only: what changed pages are copied back from.
-    original: OnceLock<MmapRegion>,
+    original: OnceLock<(MemoryWatch, MmapRegion)>,
     /// The working set's guest-physical ranges (start, length), empty when the image's tables
     /// do not map it.
     working_set_ranges: OnceLock<Vec<(u64, u64)>>,
     /// Memory of fresh VMs that are gone, put back to the image's bytes.
-    spares: Mutex<Vec<GuestRam>>,
+    spares: Mutex<Vec<(MemoryWatch, GuestRam)>>,
+}
+
+/// Watches one mapping of an image's memory for pages that vanish from the file under it
+/// ([`crate::guard`]): a truncated image costs the VMs that use it one clear error each, not
+/// the process.
+#[derive(Debug)]
+pub(crate) struct MemoryWatch {
+    guard: MappingGuard,
+    file: Arc<File>,
+    path: PathBuf,
+    needed: u64,
+}
+
+impl MemoryWatch {
+    /// [`SnapshotError::Changed`] when a page of the mapping vanished from the file while the
+    /// host touched it, or, when the caller has a reason to suspect it (`KVM_RUN`'s `EFAULT`,
+    /// a guest that ended oddly), when the file is now shorter than the memory it maps. The
+    /// file's length is looked at only then: the request path pays one atomic load.
+    pub(crate) fn check(&self, suspect: bool) -> Result<(), SnapshotError> {
+        let damaged = self.guard.damaged();
+        if !damaged && !suspect {
+            return Ok(());
+        }
+        let now = self.file.metadata().map_or(0, |m| m.len());
+        if damaged || now < self.needed {
+            return Err(SnapshotError::Changed { path: self.path.clone(), now, needed: self.needed });
+        }
+        Ok(())
+    }
 }
 
 impl Image {
@@ -441,24 +485,31 @@ impl Image {
     }
 
     /// Maps the image's memory copy-on-write: pages come from the shared page cache, writes go
-    /// to private memory, and the file is never written.
-    pub fn map_memory(&self) -> Result<GuestRam, SnapshotError> {
+    /// to private memory, and the file is never written. Drop the watch before the mapping
+    /// (tuples and structs drop their fields in order).
+    pub(crate) fn map_memory(&self) -> Result<(MemoryWatch, GuestRam), SnapshotError> {
         let len = self.info.memory[0].len as usize;
         let bitmap = AtomicBitmap::new(len, NonZeroUsize::new(image::PAGE_SIZE as usize).unwrap_or(NonZeroUsize::MIN));
-        let region = self.map(libc::PROT_READ | libc::PROT_WRITE, bitmap)?;
+        let (watch, region) = self.map(libc::PROT_READ | libc::PROT_WRITE, bitmap)?;
         let fail = |e: String| SnapshotError::Memory(format!("{}: {e}", self.path.display()));
         let region = GuestRegionMmap::new(region, GuestAddress(0)).ok_or_else(|| fail("address overflow".into()))?;
-        GuestRam::from_regions(vec![region]).map_err(|e| fail(e.to_string()))
+        Ok((watch, GuestRam::from_regions(vec![region]).map_err(|e| fail(e.to_string()))?))
     }
 
     /// The image's memory, mapped read-only once and shared by every VM restored from this
     /// image: what a kept VM's changed pages are copied back from.
     pub fn original_memory(&self) -> Result<&MmapRegion, SnapshotError> {
-        if let Some(region) = self.made.original.get() {
+        if let Some((_, region)) = self.made.original.get() {
             return Ok(region);
         }
-        let region = self.map(libc::PROT_READ, ())?;
-        Ok(self.made.original.get_or_init(|| region))
+        let mapped = self.map(libc::PROT_READ, ())?;
+        Ok(&self.made.original.get_or_init(|| mapped).1)
+    }
+
+    /// [`SnapshotError::Changed`] when a page the original mapping ([`Image::original_memory`])
+    /// read had vanished from the file: what was copied from it is zeros, not the image.
+    pub(crate) fn check_original(&self) -> Result<(), SnapshotError> {
+        self.made.original.get().map_or(Ok(()), |(watch, _)| watch.check(false))
     }
 
     /// The guest-physical ranges behind the working set, found by `find` the first time.
@@ -468,23 +519,24 @@ impl Image {
 
     /// A mapping of this image's memory that an earlier fresh VM used and
     /// [`put_back`](Image::put_back) restored to the image's bytes, if one is spare.
-    pub(crate) fn take_spare(&self) -> Option<GuestRam> {
+    pub(crate) fn take_spare(&self) -> Option<(MemoryWatch, GuestRam)> {
         self.made.spares.lock().unwrap_or_else(|p| p.into_inner()).pop()
     }
 
     /// Takes back the memory of a VM restored from this image once the VM is gone: every page
     /// no longer the file's is copied back from the image ([`memory::reset_to_image`]), and the
     /// mapping is kept for the next fresh VM, its private pages still mapped. A mapping that
-    /// cannot be reset, or one past [`MAX_SPARES`], is unmapped instead.
-    pub(crate) fn put_back(&self, mem: GuestRam) {
-        if self.spares() >= MAX_SPARES {
+    /// cannot be reset, one past [`MAX_SPARES`], or one of a file that changed, is unmapped
+    /// instead.
+    pub(crate) fn put_back(&self, watch: MemoryWatch, mem: GuestRam) {
+        if self.spares() >= MAX_SPARES || watch.check(false).is_err() {
             return;
         }
         let Ok(original) = self.original_memory() else { return };
-        if memory::reset_to_image(&mem, original).is_ok() {
+        if memory::reset_to_image(&mem, original).is_ok() && self.check_original().is_ok() {
             let mut spares = self.made.spares.lock().unwrap_or_else(|p| p.into_inner());
             if spares.len() < MAX_SPARES {
-                spares.push(mem);
+                spares.push((watch, mem));
             }
         }
     }
@@ -494,16 +546,29 @@ impl Image {
         self.made.spares.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 
-    fn map<B: vm_memory::bitmap::Bitmap>(&self, prot: i32, bitmap: B) -> Result<MmapRegion<B>, SnapshotError> {
+    /// Maps the image's memory with `prot`, private, and guards the mapping ([`MemoryWatch`]).
+    fn map<B: vm_memory::bitmap::Bitmap>(
+        &self,
+        prot: i32,
+        bitmap: B,
+    ) -> Result<(MemoryWatch, MmapRegion<B>), SnapshotError> {
         let range = self.info.memory[0];
         let fail =
             |e: String| SnapshotError::Memory(format!("{}: mapping {:#x} bytes: {e}", self.path.display(), range.len));
         let file = self.file.try_clone().map_err(|e| fail(e.to_string()))?;
-        MmapRegionBuilder::new_with_bitmap(range.len as usize, bitmap)
+        let region = MmapRegionBuilder::new_with_bitmap(range.len as usize, bitmap)
             .with_mmap_prot(prot)
             .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
             .with_file_offset(FileOffset::new(file, range.file_offset))
             .build()
-            .map_err(|e| fail(e.to_string()))
+            .map_err(|e| fail(e.to_string()))?;
+        let guard = MappingGuard::watch(region.as_ptr(), region.size(), prot).map_err(|e| fail(e.to_string()))?;
+        let watch = MemoryWatch {
+            guard,
+            file: Arc::clone(&self.file),
+            path: self.path.clone(),
+            needed: range.file_offset + range.len,
+        };
+        Ok((watch, region))
     }
 }

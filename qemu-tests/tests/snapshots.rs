@@ -279,3 +279,53 @@ fn vcpu_state_kvm_refuses_is_reported_with_the_image_it_came_from() {
     assert!(run.stderr.starts_with(&format!("thaw: error: {path}: loading its vCPU state: ")), "{run:#?}");
     assert!(run.stderr.contains("KVM refused MSR 0x40001234"), "{run:#?}");
 }
+
+/// Issue 14, defect 1: an image file truncated under a running `thaw restore` killed the
+/// process by SIGBUS (the host's own write into the mapping), or ended the batch with
+/// "KVM_RUN: Bad address". Now, in every mode, the VM that finds its page gone ends the batch
+/// with one error naming the image and its new length, and the process exits normally.
+#[test]
+fn an_image_truncated_under_a_running_restore_is_one_clear_error_not_a_crash() {
+    use std::io::Read;
+    use std::time::{Duration, Instant};
+    let (dir, _bundle, image) = snapshot("hello", &[]);
+    for mode in ["fresh", "reset", "pool"] {
+        for size in [0u64, 4 << 20] {
+            let copy = dir.path().join(format!("{mode}-{size}.snap"));
+            std::fs::copy(&image, &copy).unwrap();
+            std::fs::set_permissions(&copy, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+            let responses = dir.path().join(format!("{mode}-{size}.jsonl"));
+            let copy_path = copy.to_str().unwrap();
+            let mut child = std::process::Command::new(common::THAW)
+                .args(["restore", copy_path, "--mode", mode, "--count", "1000000", "--data", "{}", "--responses"])
+                .arg(&responses)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            // Truncate once requests are being answered (the first buffered lines are out).
+            let started = Instant::now();
+            while std::fs::metadata(&responses).map_or(0, |m| m.len()) == 0 {
+                assert!(started.elapsed() < Duration::from_secs(60), "{mode}: no request was answered");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            std::fs::OpenOptions::new().write(true).open(&copy).unwrap().set_len(size).unwrap();
+            let status = loop {
+                if let Some(status) = child.try_wait().unwrap() {
+                    break status;
+                }
+                if started.elapsed() > Duration::from_secs(120) {
+                    child.kill().unwrap();
+                    panic!("{mode}, truncated to {size}: the batch went on");
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            };
+            let mut stderr = String::new();
+            child.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+            assert_eq!(status.code(), Some(125), "{mode}, truncated to {size}: {status:?}: {stderr}");
+            assert_eq!(stderr.lines().count(), 1, "{mode}, truncated to {size}: {stderr}");
+            let said = format!("{copy_path}: the image file changed while VMs were restored from it ({size} bytes now");
+            assert!(stderr.contains(&said), "{mode}, truncated to {size}: {stderr}");
+        }
+    }
+}

@@ -158,6 +158,7 @@ impl Vm {
         Ok(Self {
             vcpu,
             vm,
+            watch: None,
             mem,
             scratch: None,
             mem_size: plan.mem_size,

@@ -43,7 +43,7 @@ use crate::layout;
 use crate::memory::{self, DirtyPages, GuestRam, MemoryError};
 use crate::outcome::Outcome;
 use crate::paging::PagingError;
-use crate::snapshot::{self, Image, SnapshotError, WriteStats};
+use crate::snapshot::{self, Image, MemoryWatch, SnapshotError, WriteStats};
 use crate::virtio::{Backends, DeviceError, DeviceStats, Devices, VolumeFile, VolumeSource};
 
 /// Host-side failures: the VM could not be built or run.
@@ -133,6 +133,9 @@ pub enum Role {
 pub struct Vm {
     vcpu: VcpuFd,
     vm: VmFd,
+    /// Guards `mem` against its image file shrinking under it (restored VMs only); it goes
+    /// before `mem`, so it is dropped before the mapping is.
+    watch: Option<MemoryWatch>,
     mem: GuestRam,
     /// A second memory slot, above RAM and the device window, holding page tables the host
     /// built (only while a working set is recorded).
@@ -214,11 +217,11 @@ fn write_host_params(
 /// of the image whose working-set pages the host copies now ([`memory::populate`]). Either way
 /// KVM finds those pages mapped writable on the host, so each guest fault maps up to 8 of them
 /// at once; without that every page the request touches costs a fault of its own.
-fn fresh_memory(image: &Image) -> Result<GuestRam, VmmError> {
+fn fresh_memory(image: &Image) -> Result<(MemoryWatch, GuestRam), VmmError> {
     if let Some(spare) = image.take_spare() {
         return Ok(spare);
     }
-    let mem = image.map_memory()?;
+    let (watch, mem) = image.map_memory()?;
     let ranges = image.working_set_ranges(|| {
         snapshot::saved_cr3(&image.info.vcpu)
             .ok()
@@ -226,7 +229,7 @@ fn fresh_memory(image: &Image) -> Result<GuestRam, VmmError> {
             .unwrap_or_default()
     });
     memory::populate(&mem, ranges);
-    Ok(mem)
+    Ok((watch, mem))
 }
 
 impl Vm {
@@ -244,7 +247,7 @@ impl Vm {
                 "image describes {mem_size} bytes of guest memory, outside what thaw runs"
             )));
         }
-        let mem = if role == Role::Fresh { fresh_memory(image)? } else { image.map_memory()? };
+        let (watch, mem) = if role == Role::Fresh { fresh_memory(image)? } else { image.map_memory()? };
         timings.load = started.elapsed();
         let started = Instant::now();
         let vm = create_vm(&mem, mem_size, log_dirty)?;
@@ -256,6 +259,7 @@ impl Vm {
         let mut restored = Self {
             vcpu,
             vm,
+            watch: Some(watch),
             mem,
             scratch: None,
             mem_size,
@@ -309,7 +313,7 @@ impl Vm {
         self.mem.write_obj([CHECKPOINT_RESTORED, warm], GuestAddress(HYPERCALL_PAGE_GPA)).map_err(memory_error)?;
         self.io_table = (image.info.guest.io_table_len > 0)
             .then_some(IoTableLocation { gpa: image.info.guest.io_table_gpa, len: image.info.guest.io_table_len });
-        Ok(())
+        self.check_memory(false)
     }
 
     /// Puts a VM restored from `image` with `log_dirty` back in the state a fresh restore
@@ -330,6 +334,7 @@ impl Vm {
         })?;
         let dirty = DirtyPages::collect(&self.mem, &log)?;
         memory::copy_back(&self.mem, image.original_memory()?, &dirty)?;
+        image.check_original()?;
         // The working set was touched after the restore and stays mapped: touching it again
         // would only dirty pages the next reset must copy back.
         self.warm.clear();
@@ -343,14 +348,20 @@ impl Vm {
     /// `image`, the image it was restored from, for the next fresh VM ([`Image::put_back`]);
     /// any other is unmapped.
     pub(crate) fn destroy(self, image: &Image) {
-        let Self { vcpu, vm, mem, scratch, devices, spare_memory, .. } = self;
+        let Self { vcpu, vm, watch, mem, scratch, devices, spare_memory, .. } = self;
         drop(vcpu);
         drop(vm);
         drop(devices);
         drop(scratch);
-        if spare_memory {
-            image.put_back(mem);
+        if let (true, Some(watch)) = (spare_memory, watch) {
+            image.put_back(watch, mem);
         }
+    }
+
+    /// [`SnapshotError::Changed`] when the image file this VM's memory maps changed under it
+    /// (see [`MemoryWatch::check`]).
+    pub(crate) fn check_memory(&self, suspect: bool) -> Result<(), VmmError> {
+        self.watch.as_ref().map_or(Ok(()), |watch| Ok(watch.check(suspect)?))
     }
 
     /// The instance id its guest was given by its last restore or reset (0 for a cold boot).

@@ -66,10 +66,21 @@ impl Vm {
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                     self.vcpu.set_kvm_immediate_exit(0);
                 }
-                Err(e) => return Err(VmmError::Kvm { op: "KVM_RUN", source: e }),
+                Err(e) => {
+                    // EFAULT: guest memory the vCPU touched has no page behind it, which for
+                    // a restored VM means its image file shrank.
+                    self.watch.as_ref().map_or(Ok(()), |watch| watch.check(true))?;
+                    return Err(VmmError::Kvm { op: "KVM_RUN", source: e });
+                }
             }
         };
         drop(watchdog);
+        // A page that vanished from the image while the host touched it reads as zeros, and
+        // under PVM one the guest touched may end it in any way (ring 0 is emulated, and the
+        // emulator's failed read is not an EFAULT): what the VM did is not its function's. The
+        // file is looked at unless the guest answered or parked, the request path's endings.
+        let suspect = !matches!(outcome, Outcome::Answered | Outcome::Parked);
+        self.watch.as_ref().map_or(Ok(()), |watch| watch.check(suspect))?;
         handler.finish().map_err(VmmError::Exit)?;
         self.warmed_pages += handler.warmed_pages();
         if let Outcome::Failed { rip, .. } = &mut outcome {
