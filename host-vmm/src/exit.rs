@@ -18,6 +18,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use crate::mailbox::{Mailbox, Next, write_reply};
 use crate::outcome::{GuestError, Outcome};
+use crate::output::OutputCap;
 use crate::serial::Serial;
 use crate::virtio::{DeviceError, Devices};
 
@@ -50,14 +51,19 @@ pub enum ExitError {
     Memory(vm_memory::GuestMemoryError),
 }
 
-/// Per-run state the exit handler needs: guest memory, the output sink, COM1, milestones, the
-/// virtio devices, the invoke mailbox and the working set offered to the guest.
+/// Longest COM1 line held before it is written out without its newline.
+pub const MAX_SERIAL_LINE: usize = 4096;
+
+/// Per-run state the exit handler needs: guest memory, the output sink (the log hypercall's and
+/// COM1's bytes, capped by [`OutputCap`]), COM1, milestones, the virtio devices, the invoke
+/// mailbox and the working set offered to the guest.
 pub struct ExitHandler<'a> {
     mem: &'a GuestRam,
     devices: &'a mut Devices,
     working_set: &'a [Run],
     warmed_pages: u64,
     output: &'a mut dyn Write,
+    output_cap: OutputCap,
     serial: Serial,
     serial_line: Vec<u8>,
     milestones: Vec<(Milestone, Instant)>,
@@ -81,6 +87,7 @@ impl<'a> ExitHandler<'a> {
             working_set,
             warmed_pages: 0,
             output,
+            output_cap: OutputCap::default(),
             serial: Serial::default(),
             serial_line: Vec::new(),
             milestones: Vec::new(),
@@ -108,7 +115,7 @@ impl<'a> ExitHandler<'a> {
     }
 
     fn emit(&mut self, bytes: &[u8]) -> Result<(), ExitError> {
-        self.output.write_all(bytes).and_then(|()| self.output.flush()).map_err(ExitError::Output)
+        self.output_cap.write(self.output, bytes, "log").map_err(ExitError::Output)
     }
 
     fn payload(&self, len: usize) -> Result<Vec<u8>, ExitError> {
@@ -127,7 +134,7 @@ impl<'a> ExitHandler<'a> {
             VcpuExit::IoOut(port, data) if Serial::owns(port) && data.len() == 1 => {
                 if let Some(byte) = self.serial.write(port, data[0]) {
                     self.serial_line.push(byte);
-                    if byte == b'\n' {
+                    if byte == b'\n' || self.serial_line.len() >= MAX_SERIAL_LINE {
                         self.finish()?;
                     }
                 }
@@ -310,6 +317,34 @@ mod tests {
             h.finish().unwrap();
         }
         assert_eq!(out, b"hi\nyo");
+    }
+
+    /// Issue 14, defect 4: a guest that logs without end grew the host's buffer without end,
+    /// and COM1 without a newline grew the pending line the same way.
+    #[test]
+    fn a_runs_log_and_serial_lines_are_capped_and_the_drop_is_said() {
+        use crate::output::MAX_GUEST_OUTPUT;
+        let mem = memory();
+        mem.write_slice(&[b'x'; 4096], GuestAddress(HYPERCALL_PAGE_GPA)).unwrap();
+        let mut out = Vec::new();
+        let mut devices = Devices::default();
+        {
+            let mut h = ExitHandler::new(&mem, &mut devices, &[], &mut out, Mailbox::default());
+            for _ in 0..MAX_SERIAL_LINE + 10 {
+                h.handle(VcpuExit::IoOut(COM1_PORT, b"y")).unwrap();
+                assert!(h.serial_line.len() < MAX_SERIAL_LINE);
+            }
+            for _ in 0..2 * MAX_GUEST_OUTPUT / 4096 {
+                h.handle(VcpuExit::IoOut(PORT_BASE + number::LOG_WRITE, &arg(4096))).unwrap();
+            }
+            h.finish().unwrap();
+        }
+        let notice = format!("\n[thaw: the guest's log passed {MAX_GUEST_OUTPUT} bytes; the rest is dropped]\n");
+        assert_eq!(out.len(), MAX_GUEST_OUTPUT + notice.len());
+        // The long line went out at its cap; its last 10 bytes came after the log's ceiling.
+        assert!(out.starts_with(&[b'y'; MAX_SERIAL_LINE]));
+        assert_eq!(out[MAX_SERIAL_LINE], b'x');
+        assert!(out.ends_with(notice.as_bytes()));
     }
 
     #[test]

@@ -35,6 +35,7 @@ pub mod layout;
 pub mod mailbox;
 pub mod memory;
 pub mod outcome;
+pub mod output;
 pub mod paging;
 pub mod pool;
 pub mod serial;

@@ -18,6 +18,7 @@ fn kernel(name: &str) -> &'static str {
         "test-bad-hypercall" => env!("CARGO_BIN_FILE_GUEST_KERNEL_test-bad-hypercall"),
         "test-triple-fault" => env!("CARGO_BIN_FILE_GUEST_KERNEL_test-triple-fault"),
         "test-bad-device" => env!("CARGO_BIN_FILE_GUEST_KERNEL_test-bad-device"),
+        "test-log-flood" => env!("CARGO_BIN_FILE_GUEST_KERNEL_test-log-flood"),
         other => panic!("no test kernel {other}"),
     }
 }
@@ -95,6 +96,22 @@ fn spinning_guest_is_stopped_by_the_timeout_under_both_hypervisors() {
     assert_eq!(run.stdout, format!("{}test-spin: spinning forever\n", banner()));
     assert_eq!(run.code, Some(abi::exit_code::TIMEOUT as i32));
     assert_eq!(run.stderr, "thaw: guest timed out after 20.0 s\n");
+}
+
+/// Issue 14, defect 4: a guest that writes without end (its log, COM1 without a newline) grew
+/// the host's buffers without end. A run's log stops at its ceiling, with one line saying so.
+#[test]
+fn a_guest_flooding_its_log_is_cut_at_the_ceiling_under_kvm() {
+    let ceiling = 1 << 20; // 1 MiB per stream and run, as the README says
+    let run = thaw("run", "test-log-flood", "60");
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    let notice = format!("[thaw: the guest's log passed {ceiling} bytes; the rest is dropped]\n");
+    // COM1 lines go out at 4096 bytes without their newline.
+    let head = format!("{}test-log-flood: flooding\n{}xxx", banner(), "y".repeat(8192));
+    assert!(run.stdout.starts_with(&head), "{}", &run.stdout[..200]);
+    assert!(run.stdout.ends_with(&notice), "{}", &run.stdout[run.stdout.len() - 200..]);
+    // The ceiling, then the notice, on a line of its own.
+    assert!((0..=1).contains(&(run.stdout.len() - notice.len() - ceiling)), "{} bytes", run.stdout.len());
 }
 
 #[test]

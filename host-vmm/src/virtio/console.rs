@@ -7,6 +7,7 @@
 use std::io::Write;
 
 use crate::memory::GuestRam;
+use crate::output::OutputCap;
 use abi::devices::DeviceKind;
 
 use super::queue::Queue;
@@ -21,12 +22,14 @@ const MAX_CHAIN: usize = 64 << 10;
 pub struct Console {
     sink: ConsoleSink,
     attached: Option<Box<dyn Write + Send>>,
+    /// What this device has written so far, capped ([`OutputCap`]).
+    cap: OutputCap,
 }
 
 impl Console {
     /// A console that will write to `sink` once attached.
     pub fn new(sink: ConsoleSink) -> Self {
-        Self { sink, attached: None }
+        Self { sink, attached: None, cap: OutputCap::default() }
     }
 }
 
@@ -62,8 +65,8 @@ impl DeviceModel for Console {
             let bytes = chain.read_all(mem, MAX_CHAIN)?;
             self.attach()?;
             if let Some(sink) = self.attached.as_mut() {
-                sink.write_all(&bytes)
-                    .and_then(|()| sink.flush())
+                self.cap
+                    .write(sink, &bytes, "console")
                     .map_err(|e| DeviceError::Backend { kind: DeviceKind::Console, reason: e.to_string() })?;
             }
             queue.add_used(mem, chain.head, 0)?;
@@ -116,6 +119,30 @@ mod tests {
         console.notify(1, &mut queues, &mem).unwrap();
         assert!(console.attached());
         assert_eq!(buffer.lock().unwrap().as_slice(), b"one\ntwo\n");
+    }
+
+    /// Issue 14, defect 4: the console's capture grew without end.
+    #[test]
+    fn console_output_is_capped_per_device_and_the_drop_is_said() {
+        use crate::output::MAX_GUEST_OUTPUT;
+        let mem = memory();
+        let buffer = Arc::new(Mutex::new(Vec::new()));
+        let mut console = Console::new(ConsoleSink::Buffer(buffer.clone()));
+        let mut queues = [ready_queue(8), ready_queue(8)];
+        vm_memory::Bytes::write_slice(&mem, &[b'z'; 4096], vm_memory::GuestAddress(DATA)).unwrap();
+        descriptor(&mem, 0, DATA, 4096, 0, 0);
+        for round in 0..2 * MAX_GUEST_OUTPUT / 4096 {
+            // Offer descriptor 0 again in the next slot of the available ring.
+            let avail = crate::virtio::queue::tests::AVAIL;
+            vm_memory::Bytes::write_obj(&mem, 0u16, vm_memory::GuestAddress(avail + 4 + 2 * (round as u64 % 8)))
+                .unwrap();
+            vm_memory::Bytes::write_obj(&mem, (round + 1) as u16, vm_memory::GuestAddress(avail + 2)).unwrap();
+            console.notify(1, &mut queues, &mem).unwrap();
+        }
+        let notice = format!("\n[thaw: the guest's console passed {MAX_GUEST_OUTPUT} bytes; the rest is dropped]\n");
+        let kept = buffer.lock().unwrap();
+        assert_eq!(kept.len(), MAX_GUEST_OUTPUT + notice.len());
+        assert!(kept.ends_with(notice.as_bytes()));
     }
 
     #[test]

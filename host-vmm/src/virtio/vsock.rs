@@ -45,6 +45,10 @@ const MIN_RX_BUFFER: u64 = 64;
 const MAX_PAYLOAD: usize = 64 << 10;
 /// What the device buffers per connection for the guest (its `buf_alloc`).
 const BUF_ALLOC: u32 = 256 << 10;
+/// Most bytes read from a service and not yet given to the guest, per connection, whatever
+/// credit the guest claims (its `buf_alloc` may say 4 GiB): with [`MAX_CONNECTIONS`], a VM's
+/// device buffers at most 16 MiB of service data.
+const MAX_INBOUND: usize = 256 << 10;
 /// Most connections open at once.
 const MAX_CONNECTIONS: usize = 64;
 /// Most replies waiting for receive buffers; past it, further resets are dropped.
@@ -379,7 +383,7 @@ impl Vsock {
                     let _ = c.stream.shutdown(std::net::Shutdown::Write);
                 }
             }
-            let room = c.guest_credit().saturating_sub(c.inbound.len() as u32) as usize;
+            let room = (c.guest_credit() as usize).min(MAX_INBOUND).saturating_sub(c.inbound.len());
             if !c.eof && room > 0 {
                 let buffer = &mut read_buffer[..room.min(MAX_PAYLOAD)];
                 match c.stream.read(buffer) {
@@ -695,6 +699,35 @@ mod tests {
         update.fwd_cnt = 100;
         let more: usize = guest.send(update, &[]).unwrap().iter().map(|(_, p)| p.len()).sum();
         assert_eq!(more, 100);
+    }
+
+    /// Issue 14, defect 4: the device read as much of a service's data as the guest's credit
+    /// allowed, and a guest may claim 4 GiB of it without ever taking any.
+    #[test]
+    fn what_the_device_buffers_for_a_guest_is_capped_whatever_credit_it_claims() {
+        let (_dir, path, listener) = service();
+        let mut guest = Guest::new(Services { ports: [(5000, path)].into(), uds_path: None });
+        let mut request = header(op::REQUEST, 5000, 0);
+        request.buf_alloc = u32::MAX;
+        guest.send(request, &[]).unwrap();
+        let (mut peer, _) = listener.accept().unwrap();
+        let flood = std::thread::spawn(move || {
+            let chunk = vec![1u8; 64 << 10];
+            while peer.write_all(&chunk).is_ok() {}
+        });
+        // The guest never returns its receive buffers; the device keeps reading until its cap,
+        // and no further however often it is notified.
+        let buffered = |guest: &Guest| guest.device.connections.values().map(|c| c.inbound.len()).sum::<usize>();
+        let started = std::time::Instant::now();
+        while buffered(&guest) < MAX_INBOUND && started.elapsed() < std::time::Duration::from_secs(30) {
+            guest.device.notify(u32::from(WAIT_QUEUE), &mut guest.queues, &guest.mem).unwrap();
+        }
+        for _ in 0..50 {
+            guest.device.notify(u32::from(WAIT_QUEUE), &mut guest.queues, &guest.mem).unwrap();
+        }
+        assert_eq!(buffered(&guest), MAX_INBOUND);
+        drop(guest);
+        flood.join().unwrap();
     }
 
     #[test]
