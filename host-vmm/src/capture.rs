@@ -73,14 +73,10 @@ pub fn snapshot_function(
         return Ok(Captured { stats, boot_and_init, working_set: None });
     };
     let dir = output.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let draft = tempfile::Builder::new()
-        .prefix(".thaw-draft-")
-        .suffix(".snap")
-        .tempfile_in(dir)
-        .map_err(|source| SnapshotError::Io { path: dir.to_path_buf(), source })?
-        .into_temp_path();
-    vm.snapshot(&draft, guest.clone(), volume, Vec::new())?;
-    let image = Arc::new(Image::open(&draft)?);
+    let draft = crate::files::Draft::new_in(dir, ".thaw-draft-", ".snap")
+        .map_err(|source| SnapshotError::Io { path: dir.to_path_buf(), source })?;
+    vm.snapshot(draft.path(), guest.clone(), volume, Vec::new())?;
+    let image = Arc::new(Image::open(draft.path())?);
     // The sample must leave no trace outside its VM: its console output is kept in memory and
     // dropped, and it reaches no host service (its data volume is the image's own).
     let isolated =
@@ -89,7 +85,6 @@ pub fn snapshot_function(
     let recording = workingset::record(&image, &sample_config, sample, &mut std::io::sink())?;
     let runs: Vec<Run> = recording.runs.clone();
     let stats = vm.snapshot(output, guest, volume, runs)?;
-    drop(image);
-    let _ = draft.close();
+    drop((image, draft));
     Ok(Captured { stats, boot_and_init, working_set: Some(recording) })
 }

@@ -8,7 +8,7 @@
 //! name, fsynced, made read-only and renamed into place: a reader never sees half an image.
 
 use std::fs::File;
-use std::io::{Read, Write};
+use std::io::Read;
 use std::num::NonZeroUsize;
 use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -235,26 +235,27 @@ pub fn write_image(
     let (metadata, layout) = writer.encode(mem_size);
     let data_start = layout.data_start;
     let destination = crate::files::destination(path).map_err(io)?;
-    let mut file = crate::files::draft(&destination).map_err(io)?;
-    file.write_all(&metadata).map_err(io)?;
+    let draft = crate::files::Draft::beside(&destination).map_err(io)?;
+    let file = draft.file();
+    file.write_all_at(&metadata, 0).map_err(io)?;
     let mut page = vec![0u8; image::PAGE_SIZE as usize];
     let mut pages_written = 0;
     for gpa in (0..mem_size).step_by(image::PAGE_SIZE as usize) {
         mem.read_slice(&mut page, GuestAddress(gpa))
             .map_err(|e| SnapshotError::Memory(format!("reading {gpa:#x}: {e}")))?;
         if page.iter().any(|&b| b != 0) {
-            file.as_file().write_all_at(&page, data_start + gpa).map_err(io)?;
+            file.write_all_at(&page, data_start + gpa).map_err(io)?;
             pages_written += 1;
         }
     }
     if !volume.is_empty() {
-        file.as_file().write_all_at(volume, layout.volume_start).map_err(io)?;
+        file.write_all_at(volume, layout.volume_start).map_err(io)?;
     }
     let file_len = layout.file_len;
-    file.as_file().set_len(file_len).map_err(io)?;
-    file.as_file().set_permissions(std::fs::Permissions::from_mode(0o444)).map_err(io)?;
-    file.as_file().sync_all().map_err(io)?;
-    file.persist(&destination).map_err(|e| io(e.error))?;
+    file.set_len(file_len).map_err(io)?;
+    file.set_permissions(std::fs::Permissions::from_mode(0o444)).map_err(io)?;
+    file.sync_all().map_err(io)?;
+    draft.persist(&destination).map_err(io)?;
     Ok(WriteStats { guest_memory: mem_size, pages_written, file_len })
 }
 
@@ -317,11 +318,11 @@ impl MemoryWatch {
 }
 
 impl Image {
-    /// Opens `path` read-only and validates everything but the memory bytes, checking the
-    /// file's length before anything is mapped.
+    /// Opens `path` read-only (a regular file only: it is mapped) and validates everything but
+    /// the memory bytes, checking the file's length before anything is mapped.
     pub fn open(path: &Path) -> Result<Self, SnapshotError> {
         let io = |source| SnapshotError::Io { path: path.to_path_buf(), source };
-        let mut file = File::open(path).map_err(io)?;
+        let mut file = crate::files::open_regular(path).map_err(io)?;
         let file_len = file.metadata().map_err(io)?.len();
         let mut metadata = Vec::new();
         (&mut file).take(file_len.min(image::MAX_METADATA_BYTES)).read_to_end(&mut metadata).map_err(io)?;

@@ -139,6 +139,20 @@ fn a_logging_function_attaches_the_console_once_and_its_lines_arrive_in_order() 
     assert_eq!(device(&stats, "console")["attached"], false);
 }
 
+/// Issue 14, defect 6: `--console FIFO` blocked the vCPU thread in the open (no reader), past
+/// the timeout. A FIFO or a socket is refused with one line when the console attaches.
+#[test]
+fn a_console_that_is_a_fifo_is_refused_not_waited_for() {
+    let (dir, image) = image_with_devices(&fixture("log-lines.wat"), "console,entropy");
+    let fifo = dir.path().join("console.fifo");
+    assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    let fifo = fifo.to_str().unwrap();
+    let run = thaw(&["invoke", &image, "--data", "", "--console", fifo, "--timeout", "60"]);
+    assert_eq!(run.code, Some(125), "{run:#?}");
+    assert_eq!(run.stderr.lines().count(), 1, "{run:#?}");
+    assert!(run.stderr.contains(&format!("{fifo}: is a FIFO; give a regular file or a terminal")), "{run:#?}");
+}
+
 #[test]
 fn random_get_draws_from_the_entropy_device_after_restore() {
     let (_dir, image) = image_with_devices("random", "entropy");

@@ -229,6 +229,53 @@ fn output_that_cannot_be_written_is_an_error_not_a_panic_or_a_lost_response() {
     }
 }
 
+/// Issue 14, defect 6: a reader that went away (`| (exec 0<&-; true)`) made thaw panic
+/// ("failed printing to stdout"). A closed pipe now ends thaw quietly with 141 (128 + SIGPIPE),
+/// as it ends `cat`; nothing is said, since nobody is left to read it.
+#[test]
+fn a_closed_pipe_ends_thaw_quietly_with_the_conventional_status() {
+    let (_dir, bundle, image) = snapshot("hello", &[]);
+    for args in [
+        vec!["inspect", &image],
+        vec!["inspect", &image, "--json"],
+        vec!["restore", &image, "--count", "3", "--data", "{}"],
+        vec!["invoke", &image, "--data", "{}"],
+        vec!["invoke", &bundle, "--data", "{}", "--json"],
+        vec!["run"],
+    ] {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let output = std::process::Command::new(common::THAW).args(&args).stdout(writer).output().unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(141), "{args:?}: {stderr}");
+        assert_eq!(stderr, "", "{args:?}");
+    }
+}
+
+/// Issue 14, defect 6: a FIFO given as an image or a bundle, or as `--input`, hung past the
+/// timeout. An image or a bundle must be a regular file; a request is read within the timeout.
+#[test]
+fn fifos_are_refused_or_read_within_the_timeout_never_waited_for() {
+    use std::time::{Duration, Instant};
+    let (dir, bundle, image) = snapshot("hello", &[]);
+    let fifo = dir.path().join("fifo");
+    assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    let fifo = fifo.to_str().unwrap();
+    for args in [vec!["invoke", fifo, "--data", "{}"], vec!["inspect", fifo], vec!["restore", fifo, "--data", "{}"]] {
+        let run = thaw(&args);
+        assert_eq!(run.code, Some(125), "{args:?}: {run:#?}");
+        assert_eq!(run.stderr.lines().count(), 1, "{args:?}: {run:#?}");
+        assert!(run.stderr.contains(&format!("{fifo}: is a FIFO, not a regular file")), "{args:?}: {run:#?}");
+    }
+    for function in [&bundle, &image] {
+        let started = Instant::now();
+        let run = thaw(&["invoke", function, "--input", fifo, "--timeout", "2"]);
+        assert!(started.elapsed() < Duration::from_secs(30), "{run:#?}");
+        assert_eq!(run.code, Some(125), "{run:#?}");
+        assert_eq!(run.stderr, format!("thaw: error: request {fifo}: it did not end within 2.0 s\n"));
+    }
+}
+
 /// Issue 14, defect 3, for images: `thaw snapshot -o` refuses a destination that is not a
 /// regular file (here a directory, and a FIFO, which it left as they were) and writes through a
 /// symbolic link.
@@ -253,6 +300,39 @@ fn snapshot_writes_through_a_link_and_refuses_to_replace_what_is_not_a_regular_f
     let left: Vec<String> =
         std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
     assert!(!left.iter().any(|name| name.starts_with(".tmp")), "no draft is left behind: {left:?}");
+}
+
+/// Issue 14, defect 3: a SIGTERM during `thaw snapshot` left its drafts (`.thaw-draft-*`,
+/// `.tmp*`) behind. Here the sample request never returns, so the working-set draft is there
+/// until the signal comes; the signal ends thaw with 143 (128 + SIGTERM) and no draft is left.
+#[test]
+fn a_sigterm_during_snapshot_leaves_no_draft_behind() {
+    use std::time::{Duration, Instant};
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = dir.path().join("loop.thaw");
+    let source = format!("{}/../examples/fixtures/loop.wat", env!("CARGO_MANIFEST_DIR"));
+    let run = thaw(&["pack", &source, "-o", bundle.to_str().unwrap()]);
+    assert_eq!(run.code, Some(0), "{run:#?}");
+    let out = dir.path().join("images");
+    std::fs::create_dir(&out).unwrap();
+    let mut child = std::process::Command::new(common::THAW)
+        .args(["snapshot", bundle.to_str().unwrap(), "-o", out.join("loop.snap").to_str().unwrap(), "--timeout", "60"])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    let listing = || -> Vec<String> {
+        std::fs::read_dir(&out).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect()
+    };
+    while !listing().iter().any(|name| name.starts_with(".thaw-draft-")) {
+        assert!(started.elapsed() < Duration::from_secs(50), "no draft appeared: {:?}", listing());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let killed = std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(killed.success());
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(143), "{status:?}");
+    assert_eq!(listing(), Vec::<String>::new());
 }
 
 /// Issue 14, defect 8: state that KVM refuses on restore was reported without naming the image

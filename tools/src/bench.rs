@@ -114,10 +114,14 @@ pub fn run(args: &BenchArgs) -> Result<u8, String> {
         return crate::restore::serve_batch(&restore, floor);
     }
     if !is_image {
-        return boot_batch(args, args.function.load()?, floor);
+        return boot_batch(args, args.function.load(crate::kernel::timeout(&args.kernel)?)?, floor);
     }
     let image = std::sync::Arc::new(host_vmm::Image::open(path).map_err(|e| e.to_string())?);
-    let request = crate::invoke::request_body(args.function.data.as_ref(), args.function.input.as_ref())?;
+    let request = crate::invoke::request_body(
+        args.function.data.as_ref(),
+        args.function.input.as_ref(),
+        crate::kernel::timeout(&args.kernel)?,
+    )?;
     let config = VmConfig { timeout: crate::kernel::timeout(&args.kernel)?, ..VmConfig::default() };
     let mut stats = BatchStats::new("fresh", Some(image.info.guest.function_name.clone()), args.runs);
     let heading = format!(

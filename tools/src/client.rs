@@ -112,7 +112,7 @@ impl ServerArgs {
 
     fn token(&self) -> Result<Option<String>, String> {
         let Some(path) = &self.token_file else { return Ok(None) };
-        let bytes = crate::pack::read_limited(path, 4096, "admin token")?;
+        let bytes = crate::pack::read_limited(path, 4096, "admin token", crate::pack::READ_WITHIN)?;
         let token = String::from_utf8(bytes).map_err(|_| format!("{}: the token is not UTF-8", path.display()))?;
         Ok(Some(token.trim().to_string()))
     }
@@ -155,7 +155,7 @@ fn print_json(value: &serde_json::Value) -> Result<(), String> {
 
 /// `thaw deploy`.
 pub fn deploy(args: &DeployArgs) -> Result<u8, String> {
-    let upload = crate::pack::read_limited(&args.file, 1 << 30, "function")?;
+    let upload = crate::pack::read_limited(&args.file, 1 << 30, "function", crate::pack::READ_WITHIN)?;
     let mut query = Vec::new();
     for setting in &args.settings {
         let (key, value) = setting.split_once('=').ok_or_else(|| format!("--set {setting:?} is not KEY=VALUE"))?;
@@ -187,13 +187,13 @@ pub fn deploy(args: &DeployArgs) -> Result<u8, String> {
 /// one that ran out of time (504) exits 124, as `thaw invoke` does, with the server's error
 /// line on stderr; anything else the server refused is an error.
 pub fn call(args: &CallArgs) -> Result<u8, String> {
-    let body = crate::invoke::request_body(args.data.as_ref(), args.input.as_ref())?;
+    let body = crate::invoke::request_body(args.data.as_ref(), args.input.as_ref(), crate::pack::READ_WITHIN)?;
     let answer = args.server.send("POST", &format!("/v1/functions/{}/invoke", encode(&args.name)), Some(&body))?;
     if answer.status == 200 {
         std::io::stdout()
             .write_all(&answer.body)
             .and_then(|()| std::io::stdout().flush())
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| crate::write_failed("the response to stdout", e))?;
         return Ok(0);
     }
     let error = answer.json().err().unwrap_or_default();

@@ -66,10 +66,11 @@ pub struct FunctionRequest {
 
 impl OptionalFunctionArgs {
     /// The function and its request, if a function was given.
-    pub fn load(&self) -> Result<Option<FunctionRequest>, String> {
+    /// Its files are read within `within`.
+    pub fn load(&self, within: Duration) -> Result<Option<FunctionRequest>, String> {
         let Some(path) = &self.function else { return Ok(None) };
-        let function = load_function(path)?;
-        let request = request_body(self.data.as_ref(), self.input.as_ref())?;
+        let function = load_function(path, within)?;
+        let request = request_body(self.data.as_ref(), self.input.as_ref(), within)?;
         Ok(Some(FunctionRequest { function, request }))
     }
 }
@@ -79,11 +80,11 @@ const MAX_BUNDLE_FILE: u64 = (80 << 20) + abi::volume::MAX_VOLUME_BYTES;
 
 /// Runs `thaw invoke` and returns the process exit code.
 pub fn run(args: &InvokeArgs) -> Result<u8, String> {
-    let request = request_body(args.data.as_ref(), args.input.as_ref())?;
+    let request = request_body(args.data.as_ref(), args.input.as_ref(), timeout(args)?)?;
     if file_magic(&args.function)? == abi::image::MAGIC {
         return invoke_image(args, request);
     }
-    let function = load_function(&args.function)?;
+    let function = load_function(&args.function, timeout(args)?)?;
     let timeout = timeout(args)?;
     let kernel = crate::kernel::built_in()?;
     let mut config = function.boot_config(VmConfig::default(), timeout, vec![request]);
@@ -99,12 +100,13 @@ pub fn run(args: &InvokeArgs) -> Result<u8, String> {
     finish_invoke(args, &report, false, &kernel_log)
 }
 
-/// The first 8 bytes of `path`, which must be a bundle's or an image's magic.
+/// The first 8 bytes of `path`, which must be a bundle's or an image's magic. It must be a
+/// regular file: an image is mapped, and a FIFO would be read twice (or wait forever).
 pub fn file_magic(path: &std::path::Path) -> Result<[u8; 8], String> {
     use std::io::Read;
     let fail = |e: std::io::Error| format!("reading {}: {e}", path.display());
     let mut magic = [0u8; 8];
-    let mut file = std::fs::File::open(path).map_err(fail)?;
+    let mut file = host_vmm::files::open_regular(path).map_err(fail)?;
     let n = file.read(&mut magic).map_err(fail)?;
     if magic != abi::image::MAGIC && magic != abi::bundle::MAGIC {
         return Err(format!(
@@ -173,18 +175,18 @@ fn settle(
     }
 }
 
-/// The request body `--data` or `--input` names.
-pub fn request_body(data: Option<&String>, input: Option<&PathBuf>) -> Result<Vec<u8>, String> {
+/// The request body `--data` or `--input` names; a file is read within `within`.
+pub fn request_body(data: Option<&String>, input: Option<&PathBuf>, within: Duration) -> Result<Vec<u8>, String> {
     match (data, input) {
         (Some(data), _) => Ok(data.as_bytes().to_vec()),
-        (None, Some(path)) => crate::pack::read_limited(path, abi::invoke::MAX_REQUEST_BYTES, "request"),
+        (None, Some(path)) => crate::pack::read_limited(path, abi::invoke::MAX_REQUEST_BYTES, "request", within),
         (None, None) => Err("give the request with --data or --input".into()),
     }
 }
 
-/// Reads and validates a function bundle.
-pub fn load_function(path: &std::path::Path) -> Result<Function, String> {
-    let bytes = crate::pack::read_limited(path, MAX_BUNDLE_FILE, "function bundle")?;
+/// Reads and validates a function bundle, within `within`.
+pub fn load_function(path: &std::path::Path, within: Duration) -> Result<Function, String> {
+    let bytes = crate::pack::read_limited(path, MAX_BUNDLE_FILE, "function bundle", within)?;
     Function::from_bundle(bytes).map_err(|e| format!("{}: {e}", path.display()))
 }
 
@@ -195,7 +197,7 @@ pub fn answer(response: &FunctionResponse) -> Result<u8, String> {
     stdout
         .write_all(&response.stdout)
         .and_then(|()| stdout.flush())
-        .map_err(|e| format!("writing the response to stdout: {e}"))?;
+        .map_err(|e| crate::write_failed("the response to stdout", e))?;
     let _ = std::io::stderr().lock().write_all(&response.stderr);
     Ok(exit_code(&response.status))
 }

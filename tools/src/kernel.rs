@@ -35,7 +35,7 @@ pub struct Kernel {
 /// Reads and validates the kernel `args` names.
 pub fn load(args: &KernelArgs) -> Result<Kernel, String> {
     let bytes = match &args.kernel {
-        Some(path) => crate::pack::read_limited(path, MAX_KERNEL_FILE, "kernel")?,
+        Some(path) => crate::pack::read_limited(path, MAX_KERNEL_FILE, "kernel", timeout(args)?)?,
         None => BUILT_IN.to_vec(),
     };
     let name = args.kernel.as_ref().map_or("built-in kernel".into(), |p| p.display().to_string());

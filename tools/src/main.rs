@@ -6,15 +6,16 @@
 //! codes in `abi::exit_code` (101 panic, 102 fault, 103 guest failure, 104 trap, 105 an exit
 //! code above 100, 124 timeout, 125 thaw error).
 
-/// `print!` for a command's output on stdout: a write that fails (a closed pipe, a full disk)
-/// is an error saying so, not a panic. Flushes, so the failure shows here.
+/// `print!` for a command's output on stdout: a write that fails (a full disk) is an error
+/// saying so, not a panic, and a closed pipe ends thaw quietly ([`write_failed`]). Flushes, so
+/// the failure shows here.
 macro_rules! out {
     ($($arg:tt)*) => {{
         use std::io::Write as _;
         let mut stdout = std::io::stdout().lock();
         write!(stdout, $($arg)*)
             .and_then(|()| stdout.flush())
-            .map_err(|e| format!("writing to stdout: {e}"))
+            .map_err(|e| $crate::write_failed("to stdout", e))
     }};
 }
 
@@ -131,6 +132,21 @@ fn main() -> ExitCode {
             ExitCode::from(abi::exit_code::HOST_ERROR as u8)
         }
     }
+}
+
+/// The exit status of a process whose reader went away (128 + SIGPIPE), as a shell reports
+/// `yes | head -1`.
+const BROKEN_PIPE_STATUS: i32 = 128 + libc::SIGPIPE;
+
+/// The error for output that could not be written (`what`: "to stdout", "the response to
+/// stdout"). A closed pipe is not an error but the end: thaw exits at once, quietly, with
+/// [`BROKEN_PIPE_STATUS`], as `cat` and `grep` do (nobody is left to read a message). Anything
+/// else (a full disk) is an error line and exit code 125.
+pub fn write_failed(what: &str, e: std::io::Error) -> String {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        std::process::exit(BROKEN_PIPE_STATUS);
+    }
+    format!("writing {what}: {e}")
 }
 
 /// Prints why the guest ended (unless it exited 0) and returns the process exit code.

@@ -1,10 +1,11 @@
 //! `thaw pack`: validate a wasm (or WAT) function and write it as a bundle.
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use abi::bundle::{self, Connection, Manifest};
 use clap::Args;
+use host_vmm::files::FileError;
 use host_vmm::function::{self, FunctionKind};
 
 /// Arguments of `thaw pack`.
@@ -156,7 +157,7 @@ pub fn volume_from_dir(dir: &Path) -> Result<Vec<u8>, String> {
                 dirs.push(inner.clone());
                 pending.push((entry.path(), inner));
             } else if kind.is_file() {
-                let bytes = read_limited(&entry.path(), abi::volume::MAX_VOLUME_BYTES, "data file")?;
+                let bytes = read_limited(&entry.path(), abi::volume::MAX_VOLUME_BYTES, "data file", READ_WITHIN)?;
                 total += bytes.len() as u64;
                 if total > abi::volume::MAX_VOLUME_BYTES {
                     return Err(format!("--data-dir {}: more than 1 GiB of files", dir.display()));
@@ -173,22 +174,18 @@ pub fn volume_from_dir(dir: &Path) -> Result<Vec<u8>, String> {
     abi::volume::build(&files, &dirs).map_err(|e| format!("--data-dir {}: {e}", dir.display()))
 }
 
-/// Reads a file of at most `limit` bytes, naming it in every error.
-pub fn read_limited(path: &Path, limit: u64, what: &str) -> Result<Vec<u8>, String> {
-    let fail = |e: std::io::Error| format!("reading {what} {}: {e}", path.display());
-    let file = std::fs::File::open(path).map_err(fail)?;
-    // A regular file says its size; a pipe or a device says 0, so what is read is what counts.
-    let len = file.metadata().map_err(fail)?.len();
-    if len > limit {
-        return Err(format!("{what} {}: {len} bytes is more than the {limit}-byte limit", path.display()));
-    }
-    let mut bytes = Vec::with_capacity(usize::try_from(len).unwrap_or(0));
-    file.take(limit + 1).read_to_end(&mut bytes).map_err(fail)?;
-    if bytes.len() as u64 > limit {
-        return Err(format!("{what} {}: more than the {limit}-byte limit", path.display()));
-    }
-    Ok(bytes)
+/// Reads a file (or a pipe, a FIFO, a device) of at most `limit` bytes within `within`
+/// ([`host_vmm::files::read_capped`]), naming it in every error.
+pub fn read_limited(path: &Path, limit: u64, what: &str, within: Duration) -> Result<Vec<u8>, String> {
+    host_vmm::files::read_capped(path, limit, within).map_err(|e| match e {
+        FileError::Io(e) => format!("reading {what} {}: {e}", path.display()),
+        e => format!("{what} {}: {e}", path.display()),
+    })
 }
+
+/// How long a command without a `--timeout` of its own waits for a file it reads whole (a FIFO
+/// whose writer never comes).
+pub const READ_WITHIN: Duration = Duration::from_secs(30);
 
 /// Writes `bytes` to `path` atomically, and only as a regular file (`host_vmm::files`).
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), String> {
@@ -208,11 +205,12 @@ fn one_line(error: &wat::Error) -> String {
 
 /// Runs `thaw pack` and returns the process exit code.
 pub fn run(args: &PackArgs) -> Result<u8, String> {
+    host_vmm::files::remove_drafts_on_signal().map_err(|e| format!("watching for SIGTERM: {e}"))?;
     let example = args.example.as_ref().and_then(|name| EXAMPLES.iter().find(|(n, ..)| n == name));
     let (source, input, stem) = match (&args.input, example) {
         (_, Some((name, wasm, _))) => (wasm.to_vec(), format!("example {name}"), name.to_string()),
         (Some(path), None) => {
-            let source = read_limited(path, bundle::MAX_WASM_BYTES as u64 * 4, "function")?;
+            let source = read_limited(path, bundle::MAX_WASM_BYTES as u64 * 4, "function", READ_WITHIN)?;
             let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
             (source, path.display().to_string(), stem)
         }

@@ -132,7 +132,7 @@ fn request_frames(request: &[u8], flags: u32) -> Result<Vec<u8>, String> {
 pub fn run(args: &QemuArgs) -> Result<u8, String> {
     let kernel = crate::kernel::load(&args.kernel)?;
     let timeout = crate::kernel::timeout(&args.kernel)?;
-    let (function, request) = match args.function.load()? {
+    let (function, request) = match args.function.load(crate::kernel::timeout(&args.kernel)?)? {
         Some(f) => (Some(f.function), Some(f.request)),
         None => (None, None),
     };
@@ -189,17 +189,22 @@ pub fn run(args: &QemuArgs) -> Result<u8, String> {
     let mut pending = request.zip(child.stdin.take());
     let mut frame_error = None;
     let serving = function.is_some();
-    let mut kernel_log = Vec::new();
+    let (mut kernel_log, mut log_cap) = (Vec::new(), host_vmm::output::OutputCap::default());
+    let mut write_error = None;
     let mut responses = Vec::new();
     let mut out = std::io::stdout().lock();
     let mut err = std::io::stderr().lock();
     let outcome = supervise(child, timeout, |line, reported| match classify(line) {
-        Line::Output(text) if serving && !args.verbose => kernel_log.extend_from_slice(format!("{text}\n").as_bytes()),
+        Line::Output(text) if serving && !args.verbose => {
+            let _ = log_cap.write(&mut kernel_log, format!("{text}\n").as_bytes(), "log");
+        }
         Line::Output(text) if serving => {
             let _ = writeln!(err, "{text}");
         }
         Line::Output(text) => {
-            let _ = writeln!(out, "{text}").and_then(|()| out.flush());
+            if let Err(e) = writeln!(out, "{text}").and_then(|()| out.flush()) {
+                write_error.get_or_insert(e);
+            }
         }
         Line::Outcome(outcome) => *reported = reported.take().or(Some(outcome)),
         Line::Response(response) => responses.push(response),
@@ -219,6 +224,9 @@ pub fn run(args: &QemuArgs) -> Result<u8, String> {
     })?;
     if let Some(e) = frame_error {
         return Err(e);
+    }
+    if let Some(e) = write_error {
+        return Err(crate::write_failed("the guest's output to stdout", e));
     }
     drop((out, err));
     if serving {

@@ -386,7 +386,8 @@ pub fn serve_batch(args: &RestoreArgs, floor: Option<crate::bench::Floor>) -> Re
     }
     let requests = match &args.requests {
         Some(path) => {
-            let text = crate::pack::read_limited(path, 64 << 20, "request list")?;
+            let text =
+                crate::pack::read_limited(path, 64 << 20, "request list", crate::kernel::parse_timeout(args.timeout)?)?;
             let lines: Vec<Vec<u8>> =
                 text.split(|&b| b == b'\n').filter(|l| !l.is_empty()).map(<[u8]>::to_vec).collect();
             if lines.is_empty() {
@@ -394,7 +395,11 @@ pub fn serve_batch(args: &RestoreArgs, floor: Option<crate::bench::Floor>) -> Re
             }
             lines
         }
-        None => vec![crate::invoke::request_body(args.data.as_ref(), args.input.as_ref())?],
+        None => vec![crate::invoke::request_body(
+            args.data.as_ref(),
+            args.input.as_ref(),
+            crate::kernel::parse_timeout(args.timeout)?,
+        )?],
     };
     let image = Image::open(&args.image).map_err(|e| e.to_string())?;
     let image = Arc::new(if args.template { image.to_template().map_err(|e| e.to_string())? } else { image });

@@ -3,7 +3,8 @@
 use std::io::Write;
 
 use clap::Args;
-use host_vmm::{RunReport, VmConfig};
+use host_vmm::exit::ExitError;
+use host_vmm::{RunReport, VmConfig, VmmError};
 
 use crate::KernelArgs;
 
@@ -29,7 +30,10 @@ pub fn run(args: &RunArgs) -> Result<u8, String> {
         VmConfig { memory_mib: args.memory, timeout: crate::kernel::timeout(&args.kernel)?, ..VmConfig::default() };
     args.devices.apply_boot(&mut config)?;
     let stdout = std::io::stdout();
-    let report = host_vmm::run_kernel(&kernel.image, &config, &mut stdout.lock()).map_err(|e| e.to_string())?;
+    let report = host_vmm::run_kernel(&kernel.image, &config, &mut stdout.lock()).map_err(|e| match e {
+        VmmError::Exit(ExitError::Output(e)) => crate::write_failed("the guest's output to stdout", e),
+        e => e.to_string(),
+    })?;
     if args.timings {
         print_timings(&report);
     }

@@ -34,8 +34,9 @@ pub struct SnapshotArgs {
 
 /// Runs `thaw snapshot` and returns the process exit code.
 pub fn run(args: &SnapshotArgs) -> Result<u8, String> {
-    let function = crate::invoke::load_function(&args.function)?;
+    host_vmm::files::remove_drafts_on_signal().map_err(|e| format!("watching for SIGTERM: {e}"))?;
     let timeout = crate::kernel::parse_timeout(args.timeout)?;
+    let function = crate::invoke::load_function(&args.function, timeout)?;
     let mut config = VmConfig::default();
     args.devices.apply_boot(&mut config)?;
     crate::devices::add_function_devices(&mut config, &function, &args.function);

@@ -177,7 +177,7 @@ pub fn run(args: &ServeArgs) -> Result<u8, String> {
     let token = match &args.admin_token_file {
         None => None,
         Some(path) => {
-            let text = crate::pack::read_limited(path, 4096, "admin token")?;
+            let text = crate::pack::read_limited(path, 4096, "admin token", crate::pack::READ_WITHIN)?;
             let token = String::from_utf8(text).map_err(|_| format!("{}: the token is not UTF-8", path.display()))?;
             let token = token.trim().to_string();
             if token.len() < 16 || token.contains(char::is_whitespace) {
