@@ -56,6 +56,10 @@ pub mod number {
     /// Fetch the recorded working set (`crate::workingset`) from run number `arg` on; the VMM
     /// answers with [`reply`](crate::workingset::reply)'s layout in the hypercall page.
     pub const WORKING_SET: u16 = 11;
+    /// The function failed in its init (a trap, `proc_exit`, its fuel used up), before any
+    /// request: the hypercall page holds a `Response` (status trapped or exited) saying how,
+    /// with what the function wrote. The VM ends there.
+    pub const INIT_FAILED: u16 = 12;
 }
 
 /// Checkpoint result: this is the VM that called checkpoint.
@@ -139,6 +143,11 @@ pub enum Hypercall {
         /// Payload length: 0, or the I/O table location's.
         len: usize,
     },
+    /// The function's init failed; a `Response` of `len` bytes waits in the hypercall page.
+    InitFailed {
+        /// Payload length in bytes.
+        len: usize,
+    },
 }
 
 /// Why a port access in the hypercall range is not a valid hypercall.
@@ -220,6 +229,7 @@ impl Hypercall {
             number::INVOKE_NEXT => Ok(Self::InvokeNext { len: payload(arg)? }),
             number::INVOKE_RESPOND => Ok(Self::InvokeRespond { len: payload(arg)? }),
             number::WORKING_SET => Ok(Self::WorkingSet { first: arg }),
+            number::INIT_FAILED => Ok(Self::InitFailed { len: payload(arg)? }),
             other => Err(DecodeError::UnknownNumber(other)),
         }
     }
@@ -236,6 +246,7 @@ impl Hypercall {
             Self::InvokeRespond { len } => (number::INVOKE_RESPOND, len as u32),
             Self::Checkpoint { len } => (number::CHECKPOINT, len as u32),
             Self::WorkingSet { first } => (number::WORKING_SET, first),
+            Self::InitFailed { len } => (number::INIT_FAILED, len as u32),
         };
         (PORT_BASE + number, arg)
     }
@@ -254,6 +265,7 @@ mod tests {
             Hypercall::FaultReport { len: 64 },
             Hypercall::Milestone(Milestone::Ready),
             Hypercall::WorkingSet { first: 255 },
+            Hypercall::InitFailed { len: 56 },
         ];
         for call in calls {
             let (port, arg) = call.encode();

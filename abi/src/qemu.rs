@@ -29,6 +29,9 @@ pub const REQUEST_TAG: [u8; 8] = *b"THAWREQ1";
 pub const END_TAG: [u8; 8] = *b"THAWEND1";
 /// Serial line prefix of a response.
 pub const RESPONSE_MARKER: &str = "thaw-guest: response: ";
+/// Serial line prefix of a function whose init failed, with the fields of a response line
+/// (the hypercall [`INIT_FAILED`](crate::hypercall::number::INIT_FAILED) under thaw).
+pub const INIT_FAILED_MARKER: &str = "thaw-guest: init-failed: ";
 
 /// Writes `bytes` as lowercase hex, or `-` when empty.
 pub fn write_hex(w: &mut impl core::fmt::Write, bytes: &[u8]) -> core::fmt::Result {

@@ -201,6 +201,10 @@ impl<'a> ExitHandler<'a> {
                 }
                 Next::Park => Ok(ExitAction::Stop(Outcome::Parked)),
             },
+            Hypercall::InitFailed { len } => {
+                let status = self.mailbox.init_failed(self.mem, &self.payload(len)?)?;
+                Ok(ExitAction::Stop(Outcome::InitFailed(status)))
+            }
             Hypercall::InvokeRespond { len } => {
                 self.mailbox.respond(self.mem, &self.payload(len)?)?;
                 if self.mailbox.stops_after_response() {

@@ -161,29 +161,46 @@ impl Mailbox {
 
     /// Serves INVOKE_RESPOND: copies the response out of guest memory.
     pub fn respond(&mut self, mem: &GuestRam, response: &[u8]) -> Result<(), GuestError> {
-        let response = Response::decode(response)
-            .ok_or_else(|| field_error("response", format!("{} bytes, expected {}", response.len(), Response::LEN)))?;
         let Some(handed_out) = self.handed_out.take() else {
             return Err(field_error("response", "answered a request it was never given".into()));
         };
-        let stdout = read_range(mem, response.stdout, invoke::MAX_OUTPUT_BYTES, "response stdout")?;
-        let stderr = read_range(mem, response.stderr, invoke::MAX_OUTPUT_BYTES, "response stderr")?;
-        let message = read_range(mem, response.message, invoke::MAX_MESSAGE_BYTES, "response message")?;
-        let status = match response.status {
-            invoke::STATUS_OK => FunctionStatus::Ok,
-            invoke::STATUS_TRAPPED => FunctionStatus::Trapped(String::from_utf8_lossy(&message).into_owned()),
-            invoke::STATUS_EXITED => FunctionStatus::Exited(response.exit_code),
-            other => {
-                return Err(field_error(
-                    "response",
-                    format!("status {other} is not ok (0), trapped (1) or exited (2)"),
-                ));
-            }
-        };
+        let mut response = read_response(mem, response, "response")?;
+        response.handle_time = handed_out.elapsed();
         self.first_response_at.get_or_insert_with(Instant::now);
-        self.responses.push(FunctionResponse { status, stdout, stderr, handle_time: handed_out.elapsed() });
+        self.responses.push(response);
         Ok(())
     }
+
+    /// Serves INIT_FAILED: copies out how the function's init failed (trapped or exited, with
+    /// what it wrote), keeps it as the run's response, and returns its status.
+    pub fn init_failed(&mut self, mem: &GuestRam, response: &[u8]) -> Result<FunctionStatus, GuestError> {
+        let response = read_response(mem, response, "init failure")?;
+        if response.status == FunctionStatus::Ok {
+            return Err(field_error("init failure", "status 0 (ok) is not a failure".into()));
+        }
+        let status = response.status.clone();
+        self.responses.push(response);
+        Ok(status)
+    }
+}
+
+/// Decodes a `Response` of the guest's (`what` names it in errors) and copies its output out of
+/// guest memory.
+fn read_response(mem: &GuestRam, response: &[u8], what: &str) -> Result<FunctionResponse, GuestError> {
+    let response = Response::decode(response)
+        .ok_or_else(|| field_error(what, format!("{} bytes, expected {}", response.len(), Response::LEN)))?;
+    let stdout = read_range(mem, response.stdout, invoke::MAX_OUTPUT_BYTES, "response stdout")?;
+    let stderr = read_range(mem, response.stderr, invoke::MAX_OUTPUT_BYTES, "response stderr")?;
+    let message = read_range(mem, response.message, invoke::MAX_MESSAGE_BYTES, "response message")?;
+    let status = match response.status {
+        invoke::STATUS_OK => FunctionStatus::Ok,
+        invoke::STATUS_TRAPPED => FunctionStatus::Trapped(String::from_utf8_lossy(&message).into_owned()),
+        invoke::STATUS_EXITED => FunctionStatus::Exited(response.exit_code),
+        other => {
+            return Err(field_error(what, format!("status {other} is not ok (0), trapped (1) or exited (2)")));
+        }
+    };
+    Ok(FunctionResponse { status, stdout, stderr, handle_time: std::time::Duration::ZERO })
 }
 
 #[cfg(test)]
@@ -284,5 +301,25 @@ mod tests {
         mailbox.next(&mem, &next(0x8000, 64)).unwrap();
         let bad_status = Response { status: 9, ..stray };
         assert!(mailbox.respond(&mem, &bad_status.encode()).unwrap_err().to_string().contains("status 9"));
+    }
+
+    #[test]
+    fn an_init_failure_is_kept_as_the_runs_response_and_ok_is_no_failure() {
+        let mem = mem();
+        mem.write_slice(b"boom", GuestAddress(0x9000)).unwrap();
+        let mut mailbox = Mailbox::default();
+        let trapped = Response {
+            status: invoke::STATUS_TRAPPED,
+            exit_code: 0,
+            stdout: Range::default(),
+            stderr: Range { gpa: 0x9000, len: 4 },
+            message: Range { gpa: 0x9000, len: 4 },
+        };
+        assert_eq!(mailbox.init_failed(&mem, &trapped.encode()).unwrap(), FunctionStatus::Trapped("boom".into()));
+        assert_eq!(mailbox.responses[0].stderr, b"boom");
+        let ok = Response { status: invoke::STATUS_OK, ..trapped };
+        let e = mailbox.init_failed(&mem, &ok.encode()).unwrap_err();
+        assert_eq!(e.to_string(), "invoke mailbox: init failure: status 0 (ok) is not a failure");
+        assert!(mailbox.init_failed(&mem, &[0; 5]).unwrap_err().to_string().contains("5 bytes, expected 56"));
     }
 }

@@ -7,6 +7,7 @@ use std::time::Duration;
 use abi::fault::{FAULT_REPORT_LEN, FaultReport};
 use abi::hypercall::DecodeError;
 
+use crate::mailbox::FunctionStatus;
 use crate::virtio::DeviceError;
 
 /// How a guest's run ended.
@@ -26,6 +27,9 @@ pub enum Outcome {
     Parked,
     /// The guest answered its request, and the VMM stopped it there (one request per run).
     Answered,
+    /// The function failed in its init, before any request: it trapped (fuel counts) or
+    /// exited. What it wrote is the run's response, as for a request.
+    InitFailed(FunctionStatus),
     /// The guest did something the VMM does not allow.
     Failed {
         /// What it did.
@@ -46,6 +50,9 @@ impl Outcome {
             Self::Faulted(_) => abi::exit_code::FAULT,
             Self::TimedOut(_) => abi::exit_code::TIMEOUT,
             Self::Failed { .. } => abi::exit_code::GUEST_FAILURE,
+            Self::InitFailed(FunctionStatus::Trapped(_)) => abi::exit_code::FUNCTION_TRAPPED,
+            Self::InitFailed(FunctionStatus::Exited(code)) => abi::exit_code::of_exit(*code),
+            Self::InitFailed(FunctionStatus::Ok) => abi::exit_code::GUEST_FAILURE,
         };
         code as u8
     }
@@ -58,6 +65,12 @@ impl std::fmt::Display for Outcome {
             Self::Checkpointed => write!(f, "guest stopped at its checkpoint"),
             Self::Parked => write!(f, "guest waits for its request"),
             Self::Answered => write!(f, "guest answered its request"),
+            // The guest's message names the export: "in init: ...".
+            Self::InitFailed(FunctionStatus::Trapped(message)) => write!(f, "the function trapped {message}"),
+            Self::InitFailed(FunctionStatus::Exited(code)) => {
+                write!(f, "the function exited in its init with code {code}")
+            }
+            Self::InitFailed(FunctionStatus::Ok) => write!(f, "the function's init failed"),
             Self::Panicked(message) => write!(f, "guest panicked: {message}"),
             Self::Faulted(report) => write!(f, "guest fault: {report}"),
             Self::TimedOut(t) => write!(f, "guest timed out after {:.1} s", t.as_secs_f64()),
@@ -146,5 +159,8 @@ mod tests {
         }
         assert_eq!(Outcome::Panicked(String::new()).exit_code(), 101);
         assert_eq!(Outcome::TimedOut(Duration::from_secs(1)).exit_code(), 124);
+        assert_eq!(Outcome::InitFailed(FunctionStatus::Trapped(String::new())).exit_code(), 104);
+        assert_eq!(Outcome::InitFailed(FunctionStatus::Exited(7)).exit_code(), 7);
+        assert_eq!(Outcome::InitFailed(FunctionStatus::Exited(256)).exit_code(), 105);
     }
 }

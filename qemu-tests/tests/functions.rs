@@ -207,6 +207,41 @@ fn an_exit_code_above_100_is_105_never_0_or_one_of_thaws() {
     }
 }
 
+/// Issue 14, defect 5: a trap, `proc_exit` or fuel running out in `init` was reported as
+/// "guest panicked" (101) with a guest-kernel source path. It is the function's failure, under
+/// KVM and QEMU alike: a trap is 104 with its message, an exit is its code, with what the init
+/// wrote on stderr; `thaw snapshot` refuses it with one line saying so.
+#[test]
+fn a_failing_init_is_the_functions_failure_not_a_kernel_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = std::fs::read_to_string(fixture("init-fails.wat")).unwrap();
+    for (name, failure, pack_extra, code, line) in [
+        ("trap", "", &[][..], 104, "thaw: function trapped: in init: wasm `unreachable` instruction executed"),
+        ("exit", "(call $proc_exit (i32.const 3))", &[], 3, "thaw: function exited with code 3"),
+        (
+            "fuel",
+            "(loop $forever (br $forever))",
+            &["--fuel", "100000"],
+            104,
+            "thaw: function trapped: in init: all fuel consumed by WebAssembly",
+        ),
+    ] {
+        let wat = dir.path().join(format!("{name}.wat"));
+        std::fs::write(&wat, source.replace(";; FAIL", failure)).unwrap();
+        let (_bundle_dir, bundle) = pack(&wat, pack_extra);
+        let run = both(&bundle, "x");
+        assert_eq!(run.code, Some(code), "{name}: {run:#?}");
+        assert_eq!(run.stderr, format!("starting up\n{line}\n"), "{name}: {run:#?}");
+        let image = dir.path().join(format!("{name}.snap"));
+        let run = thaw(&["snapshot", &bundle, "-o", image.to_str().unwrap()]);
+        assert_eq!(run.code, Some(125), "{name}: {run:#?}");
+        let last = run.stderr.lines().last().unwrap_or_default();
+        assert!(last.contains("the function ended before reaching its checkpoint: the function "), "{name}: {last}");
+        assert!(!run.stderr.contains("guest-kernel/src") && !run.stderr.contains("panicked"), "{run:#?}");
+        assert!(!image.exists());
+    }
+}
+
 #[test]
 fn proc_exit_code_becomes_the_exit_code() {
     let (_dir, bundle) = pack(&fixture("exit3.wat"), &[]);

@@ -164,7 +164,8 @@ fn settle(
     kernel_log: &[u8],
     respond: impl FnOnce(&FunctionResponse) -> Result<u8, String>,
 ) -> Result<u8, String> {
-    let clean = matches!(outcome, Outcome::Exited(0) | Outcome::Answered);
+    // A failed init is the function's failure, reported like a request's: its response.
+    let clean = matches!(outcome, Outcome::Exited(0) | Outcome::Answered | Outcome::InitFailed(_));
     if !clean {
         let _ = std::io::stderr().write_all(kernel_log);
     }

@@ -60,6 +60,8 @@ enum Line {
     Response(FunctionResponse),
     /// The guest is ready for the request frames.
     AwaitFrames,
+    /// The function's init failed, as this response says.
+    InitFailed(FunctionResponse),
 }
 
 fn unreadable(what: &str, text: &str) -> Line {
@@ -85,6 +87,9 @@ fn classify(line: String) -> Line {
     }
     if let Some(text) = line.strip_prefix(RESPONSE_MARKER) {
         return parse_response(text).map_or_else(|| unreadable("response", text), Line::Response);
+    }
+    if let Some(text) = line.strip_prefix(qemu::INIT_FAILED_MARKER) {
+        return parse_response(text).map_or_else(|| unreadable("init failure", text), Line::InitFailed);
     }
     Line::Output(line)
 }
@@ -208,6 +213,10 @@ pub fn run(args: &QemuArgs) -> Result<u8, String> {
         }
         Line::Outcome(outcome) => *reported = reported.take().or(Some(outcome)),
         Line::Response(response) => responses.push(response),
+        Line::InitFailed(response) => {
+            *reported = reported.take().or(Some(Outcome::InitFailed(response.status.clone())));
+            responses.push(response);
+        }
         Line::AwaitFrames => {
             // Built now, so the guest's clock starts from the time it is actually served.
             match pending.take().map(|(request, stdin)| (request_frames(&request, flags), stdin)) {

@@ -117,7 +117,19 @@ impl Transport {
         }
     }
 
+    /// Hands back the answer to the current request.
     fn respond(self, status: u32, exit_code: u32, stdout: &[u8], stderr: &[u8], message: &[u8]) {
+        self.report(false, status, exit_code, stdout, stderr, message);
+    }
+
+    /// Tells the host the function failed in its init (trapped or exited), with what it wrote,
+    /// and ends the VM: the function's failure, not the kernel's.
+    fn init_failed(self, status: u32, exit_code: u32, stdout: &[u8], stderr: &[u8], message: &[u8]) -> ! {
+        self.report(true, status, exit_code, stdout, stderr, message);
+        platform::exit(0)
+    }
+
+    fn report(self, init_failed: bool, status: u32, exit_code: u32, stdout: &[u8], stderr: &[u8], message: &[u8]) {
         let message = &message[..message.len().min(invoke::MAX_MESSAGE_BYTES as usize)];
         match self {
             Self::Mailbox => {
@@ -128,10 +140,13 @@ impl Transport {
                     stderr: range(stderr),
                     message: range(message),
                 };
-                hypercall::with_payload(&response.encode(), |len| Hypercall::InvokeRespond { len });
+                hypercall::with_payload(&response.encode(), |len| {
+                    if init_failed { Hypercall::InitFailed { len } } else { Hypercall::InvokeRespond { len } }
+                });
             }
             Self::Serial => {
-                let mut line = alloc::format!("{}{status} {exit_code} ", qemu::RESPONSE_MARKER);
+                let marker = if init_failed { qemu::INIT_FAILED_MARKER } else { qemu::RESPONSE_MARKER };
+                let mut line = alloc::format!("{marker}{status} {exit_code} ");
                 for (i, bytes) in [stdout, stderr, message].into_iter().enumerate() {
                     let _ = qemu::write_hex(&mut line, bytes);
                     line.push(if i == 2 { '\n' } else { ' ' });
@@ -192,7 +207,12 @@ fn run(bundle: &Bundle<'_>, transport: Transport) -> Result<core::convert::Infal
                     .get_typed_func::<(), ()>(&store, init)
                     .map_err(|e| alloc::format!("export {init}: {e}"))?;
                 set_fuel(&mut store, manifest.fuel)?;
-                func.call(&mut store, ()).map_err(|e| alloc::format!("{init} failed: {e}"))?;
+                if let Err(error) = func.call(&mut store, ()) {
+                    let (status, exit_code, message) = ending(Err(error));
+                    let ctx = store.data();
+                    let message = alloc::format!("in {init}: {message}");
+                    transport.init_failed(status, exit_code, &ctx.stdout, &ctx.stderr, message.as_bytes());
+                }
             }
         }
         Entry::Reactor(
@@ -224,13 +244,7 @@ fn run(bundle: &Bundle<'_>, transport: Transport) -> Result<core::convert::Infal
                 .instantiate_and_start(&mut store, &module)
                 .and_then(|instance| instance.get_typed_func::<(), ()>(&store, "_start")?.call(&mut store, ())),
         };
-        let (status, exit_code, message) = match result {
-            Ok(()) => (invoke::STATUS_OK, 0, String::new()),
-            Err(e) => match e.i32_exit_status() {
-                Some(code) => (invoke::STATUS_EXITED, code as u32, String::new()),
-                None => (invoke::STATUS_TRAPPED, 0, e.to_string()),
-            },
-        };
+        let (status, exit_code, message) = ending(result);
         let ctx = store.data_mut();
         transport.respond(status, exit_code, &ctx.stdout, &ctx.stderr, message.as_bytes());
         request = ctx.end();
@@ -238,6 +252,17 @@ fn run(bundle: &Bundle<'_>, transport: Transport) -> Result<core::convert::Infal
     // No more requests: the VM is about to be discarded, so exit here instead of returning and
     // dropping the store, module and engine, which would only fault in pages for nothing.
     platform::exit(0)
+}
+
+/// How a call into the function ended: the response status, exit code and trap message.
+fn ending(result: Result<(), wasmi::Error>) -> (u32, u32, String) {
+    match result {
+        Ok(()) => (invoke::STATUS_OK, 0, String::new()),
+        Err(e) => match e.i32_exit_status() {
+            Some(code) => (invoke::STATUS_EXITED, code as u32, String::new()),
+            None => (invoke::STATUS_TRAPPED, 0, e.to_string()),
+        },
+    }
 }
 
 fn set_fuel<T>(store: &mut Store<T>, fuel: Option<u64>) -> Result<(), String> {

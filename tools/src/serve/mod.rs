@@ -243,6 +243,7 @@ pub fn run(args: &ServeArgs) -> Result<u8, String> {
 /// `grace`. A client that takes longer than `read_timeout` to send its request's headers loses
 /// its connection.
 async fn serve(listen: Listen, api: Arc<Api>, grace: Duration, read_timeout: Duration) -> Result<(), String> {
+    let stop = stop_signal().map_err(|e| format!("watching for SIGTERM: {e}"))?;
     let router = api::router(api);
     let listener = match listen {
         Listen::Tcp(addr) => {
@@ -269,7 +270,7 @@ async fn serve(listen: Listen, api: Arc<Api>, grace: Duration, read_timeout: Dur
         }
     };
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let mut stop = std::pin::pin!(stop_signal());
+    let mut stop = std::pin::pin!(stop);
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -349,16 +350,19 @@ fn serve_connection<S>(
     });
 }
 
-/// Resolves on SIGTERM or SIGINT.
-async fn stop_signal() -> std::io::Result<()> {
+/// A future that resolves on SIGTERM or SIGINT. The handlers are installed now, before the
+/// future is first polled: a signal that comes before the accept loop first waits must not
+/// find the default action (which ends the process at once).
+fn stop_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
-    Ok(())
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    })
 }
 
 #[cfg(test)]
