@@ -14,11 +14,23 @@ pub const MAGIC: u32 = u32::from_le_bytes(*b"THPR");
 /// (when the VM has one) instead of the response and the log hypercall.
 pub const FLAG_CONSOLE_LOG: u32 = 1 << 0;
 
+/// A VM's instance id: 128 random bits from the host's getrandom for every VM restored from an
+/// image, so that no two VMs share one, in one process, across processes or across hosts; 0 for
+/// a cold-booted VM (whose init runs before any snapshot). Shown as 32 lowercase hex digits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct InstanceId(pub u128);
+
+impl core::fmt::Display for InstanceId {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "{:032x}", self.0)
+    }
+}
+
 /// The page's contents.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HostParams {
-    /// Unique per VM on this host: 0 for a cold-booted VM, then one per restore.
-    pub instance_id: u64,
+    /// This VM's instance id.
+    pub instance_id: InstanceId,
     /// 32 bytes from the host's getrandom, fresh for every VM.
     pub entropy: [u8; 32],
     /// Wall-clock time (nanoseconds since the Unix epoch) just before the guest was started.
@@ -31,9 +43,11 @@ pub struct HostParams {
 
 impl HostParams {
     /// Encoded size.
-    pub const LEN: usize = 64;
+    pub const LEN: usize = 72;
 
-    /// The encoding: magic, flags u32, entropy, wall clock, TSC kHz, instance id.
+    /// The encoding: magic, flags u32, entropy, wall clock, TSC kHz, the instance id's low 64
+    /// bits, then its high 64 bits (appended in interface version 5: a guest that reads only
+    /// the first 64 bytes sees the low half).
     pub fn encode(&self) -> [u8; Self::LEN] {
         let mut b = [0; Self::LEN];
         b[0..4].copy_from_slice(&MAGIC.to_le_bytes());
@@ -41,7 +55,7 @@ impl HostParams {
         b[8..40].copy_from_slice(&self.entropy);
         b[40..48].copy_from_slice(&self.wall_clock_ns.to_le_bytes());
         b[48..56].copy_from_slice(&self.tsc_khz.to_le_bytes());
-        b[56..64].copy_from_slice(&self.instance_id.to_le_bytes());
+        b[56..72].copy_from_slice(&self.instance_id.0.to_le_bytes());
         b
     }
 
@@ -54,7 +68,8 @@ impl HostParams {
         let mut entropy = [0; 32];
         entropy.copy_from_slice(&b[8..40]);
         let flags = u32::from_le_bytes(b[4..8].try_into().unwrap_or([0; 4]));
-        Some(Self { instance_id: u64_at(56), entropy, wall_clock_ns: u64_at(40), tsc_khz: u64_at(48), flags })
+        let instance_id = InstanceId(u128::from_le_bytes(b[56..72].try_into().unwrap_or([0; 16])));
+        Some(Self { instance_id, entropy, wall_clock_ns: u64_at(40), tsc_khz: u64_at(48), flags })
     }
 }
 
@@ -65,7 +80,7 @@ mod tests {
     #[test]
     fn round_trips_and_requires_the_magic() {
         let p = HostParams {
-            instance_id: 7,
+            instance_id: InstanceId(7 << 70 | 5),
             entropy: [9; 32],
             wall_clock_ns: 1_700_000_000_000_000_000,
             tsc_khz: 2_000_000,
@@ -73,5 +88,10 @@ mod tests {
         };
         assert_eq!(HostParams::decode(&p.encode()), Some(p));
         assert_eq!(HostParams::decode(&[0; HostParams::LEN]), None);
+        assert_eq!(HostParams::decode(&p.encode()[..64]), None, "too short");
+        // A guest that reads the first 64 bytes (an image's guest from before the high half)
+        // finds the low half where it always was.
+        assert_eq!(p.encode()[56..64], 5u64.to_le_bytes());
+        assert_eq!(alloc::format!("{}", p.instance_id), "00000000000001c00000000000000005");
     }
 }

@@ -6,7 +6,8 @@
 //! project's machines, which is why no VM pays for them on the request path.
 
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicU64, Ordering};
+
+use abi::params::InstanceId;
 
 use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::Kvm;
@@ -92,10 +93,12 @@ pub fn entropy(buf: &mut [u8]) -> Result<(), HostError> {
     Ok(())
 }
 
-/// A fresh instance id, unique on this host: the process id, then a per-process counter.
-pub fn next_instance_id() -> u64 {
-    static NEXT: AtomicU64 = AtomicU64::new(1);
-    (u64::from(std::process::id()) << 32) | NEXT.fetch_add(1, Ordering::Relaxed)
+/// A fresh instance id: 128 bits from the host's CSPRNG, unique across processes and hosts
+/// (a process id and a counter repeat in another PID namespace and after PID reuse).
+pub fn new_instance_id() -> Result<InstanceId, HostError> {
+    let mut bytes = [0u8; 16];
+    entropy(&mut bytes)?;
+    Ok(InstanceId(u128::from_le_bytes(bytes)))
 }
 
 #[cfg(test)]
@@ -103,10 +106,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn instance_ids_never_repeat_and_carry_the_process_id() {
-        let ids: std::collections::BTreeSet<u64> = (0..1000).map(|_| next_instance_id()).collect();
+    fn instance_ids_never_repeat_and_use_all_their_bits() {
+        let ids: std::collections::BTreeSet<InstanceId> = (0..1000).map(|_| new_instance_id().unwrap()).collect();
         assert_eq!(ids.len(), 1000);
-        assert!(ids.iter().all(|id| id >> 32 == u64::from(std::process::id())));
+        assert!(ids.iter().any(|id| id.0 >> 96 != 0), "the high bits are random too");
     }
 
     #[test]

@@ -174,9 +174,32 @@ fn clones_never_share_entropy_or_instance_ids_in_any_mode() {
                 let response: Value = serde_json::from_str(line["stdout"].as_str().unwrap()).unwrap();
                 let field = response[name].as_str().unwrap_or_default();
                 assert!(!field.is_empty(), "{line}");
+                if name == "instance" {
+                    assert!(field.len() == 32 && u128::from_str_radix(field, 16).is_ok_and(|id| id != 0), "{line}");
+                }
                 assert!(seen.insert(field.to_string()), "{mode}: two requests got the same {name}: {field}");
             }
         }
+    }
+}
+
+/// Issue 14, defect 7: an instance id was the process id and a counter, so every
+/// `unshare --pid --fork thaw invoke` (always PID 1) gave the same first id, and ids repeated
+/// after PID reuse. Ids are now 128 random bits.
+#[test]
+fn instance_ids_differ_across_processes_even_in_a_new_pid_namespace() {
+    let (_dir, image) = snapshot("random", &[]);
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..3 {
+        let output = std::process::Command::new("unshare")
+            .args(["--pid", "--fork", common::THAW, "invoke", &image, "--data", "{}"])
+            .output()
+            .expect("unshare (util-linux) runs thaw as PID 1 of a new namespace");
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        let response: Value = serde_json::from_slice(&output.stdout).unwrap();
+        let instance = response["instance"].as_str().unwrap().to_string();
+        assert_eq!(instance.len(), 32, "{instance}");
+        assert!(seen.insert(instance.clone()), "the same instance id twice: {instance}");
     }
 }
 

@@ -121,8 +121,7 @@ fn request_frames(request: &[u8], flags: u32) -> Result<Vec<u8>, String> {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
     // QEMU's TSC rate is not known here, so the guest's clocks stay at this base under QEMU.
-    let params =
-        HostParams { instance_id: host_vmm::host::next_instance_id(), entropy, wall_clock_ns, tsc_khz: 0, flags };
+    let params = HostParams { instance_id: Default::default(), entropy, wall_clock_ns, tsc_khz: 0, flags };
     let mut frames = Vec::with_capacity(request.len() + 100);
     frames.extend_from_slice(&qemu::PARAMS_TAG);
     frames.extend_from_slice(&params.encode());

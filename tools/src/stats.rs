@@ -249,9 +249,9 @@ pub struct RequestStats {
     /// Why it did not answer cleanly, in one line.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
-    /// The id of the VM instance that served it.
+    /// The id of the VM instance that served it: 32 hex digits (`abi::params::InstanceId`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub instance_id: Option<u64>,
+    pub instance_id: Option<String>,
     /// The response (the function's stdout), as UTF-8 with invalid bytes replaced.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stdout: Option<String>,

@@ -30,7 +30,7 @@ use abi::devices::DEVICE_TABLE_GPA;
 use abi::hypercall::{CHECKPOINT_RESTORED, HYPERCALL_PAGE_GPA};
 use abi::image::GuestMetadata;
 use abi::iotable::IoTableLocation;
-use abi::params::{FLAG_CONSOLE_LOG, HOST_PARAMS_GPA, HostParams};
+use abi::params::{FLAG_CONSOLE_LOG, HOST_PARAMS_GPA, HostParams, InstanceId};
 use abi::workingset::Run;
 use kvm_bindings::{KVM_MEM_LOG_DIRTY_PAGES, kvm_userspace_memory_region};
 use kvm_ioctls::{VcpuFd, VmFd};
@@ -151,7 +151,7 @@ pub struct Vm {
     /// KVM logs the pages the guest writes (a VM kept to be reset).
     log_dirty: bool,
     /// The instance id its guest was given by its last restore or reset (0 for a cold boot).
-    instance_id: u64,
+    instance_id: InstanceId,
     /// Its memory goes back to its image for the next fresh VM when it is destroyed
     /// ([`Vm::destroy`]): a VM restored to serve one request.
     spare_memory: bool,
@@ -196,7 +196,7 @@ pub(crate) fn create_vcpu(vm: &VmFd) -> Result<VcpuFd, VmmError> {
 fn write_host_params(
     mem: &GuestRam,
     vcpu: &VcpuFd,
-    instance_id: u64,
+    instance_id: InstanceId,
     config: &VmConfig,
     devices: &Devices,
 ) -> Result<(), VmmError> {
@@ -268,7 +268,7 @@ impl Vm {
             devices: Devices::default(),
             io_table: None,
             log_dirty,
-            instance_id: 0,
+            instance_id: InstanceId::default(),
             spare_memory: role == Role::Fresh,
         };
         restored.load_state(image, config)?;
@@ -307,7 +307,7 @@ impl Vm {
                 self.devices.attach_all()?;
             }
         }
-        self.instance_id = host::next_instance_id();
+        self.instance_id = host::new_instance_id()?;
         write_host_params(&self.mem, &self.vcpu, self.instance_id, config, &self.devices)?;
         let warm = u32::try_from(self.warm.len()).unwrap_or(u32::MAX);
         self.mem.write_obj([CHECKPOINT_RESTORED, warm], GuestAddress(HYPERCALL_PAGE_GPA)).map_err(memory_error)?;
@@ -365,7 +365,7 @@ impl Vm {
     }
 
     /// The instance id its guest was given by its last restore or reset (0 for a cold boot).
-    pub fn instance_id(&self) -> u64 {
+    pub fn instance_id(&self) -> InstanceId {
         self.instance_id
     }
 

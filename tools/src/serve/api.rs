@@ -13,6 +13,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::json;
 
+#[cfg(test)]
+use abi::params::InstanceId;
+
 use super::deployed::{Answer, Rejected};
 use super::registry::{Deployment, Registry, RegistryError, is_name};
 use crate::stats::{RequestStats, Status};
@@ -308,7 +311,7 @@ pub fn answer_response(answer: &Result<Answer, String>, timeout_ms: u64) -> Resp
                 _ => StatusCode::BAD_GATEWAY,
             };
             let us = |d: Duration| d.as_micros() as u64;
-            stats.instance_id = Some(answer.instance_id);
+            stats.instance_id = Some(answer.instance_id.to_string());
             stats.stdout = None;
             stats.measured.phases.queue_us = Some(us(answer.queued));
             stats.measured.phases.handle_us = handle.map(us);
@@ -317,16 +320,16 @@ pub fn answer_response(answer: &Result<Answer, String>, timeout_ms: u64) -> Resp
         }
     };
     let headers = response.headers_mut();
-    let mut set = |name: &'static str, value: u128| {
+    let mut set = |name: &'static str, value: &dyn std::fmt::Display| {
         if let Ok(value) = HeaderValue::from_str(&value.to_string()) {
             headers.insert(name, value);
         }
     };
-    set("x-thaw-instance", u128::from(answer.instance_id));
-    set("x-thaw-queue-us", answer.queued.as_micros());
-    set("x-thaw-serve-us", answer.served.as_micros());
+    set("x-thaw-instance", &answer.instance_id);
+    set("x-thaw-queue-us", &answer.queued.as_micros());
+    set("x-thaw-serve-us", &answer.served.as_micros());
     if let Some(handle) = handle {
-        set("x-thaw-handle-us", handle.as_micros());
+        set("x-thaw-handle-us", &handle.as_micros());
     }
     response
 }
@@ -346,7 +349,7 @@ mod tests {
         Ok(Answer {
             outcome: Outcome::Answered,
             response: Some(response),
-            instance_id: 7,
+            instance_id: InstanceId(7),
             queued: Duration::from_micros(3),
             served: Duration::from_micros(90),
         })
@@ -356,7 +359,7 @@ mod tests {
     fn each_way_a_request_ends_has_its_status_and_headers() {
         let ok = answer_response(&answered(FunctionStatus::Ok), 1000);
         assert_eq!(ok.status(), StatusCode::OK);
-        assert_eq!(ok.headers()["x-thaw-instance"], "7");
+        assert_eq!(ok.headers()["x-thaw-instance"], "00000000000000000000000000000007");
         assert_eq!(ok.headers()["x-thaw-handle-us"], "42");
         assert_eq!(ok.headers()["x-thaw-serve-us"], "90");
         assert_eq!(answer_response(&answered(FunctionStatus::Exited(0)), 1000).status(), StatusCode::OK);
@@ -367,7 +370,10 @@ mod tests {
             .block_on(axum::body::to_bytes(exited.into_body(), 1 << 16))
             .unwrap();
         let stats: RequestStats = serde_json::from_slice(&body).unwrap();
-        assert_eq!((stats.status, stats.exit_code, stats.instance_id), (Status::Exited, 3, Some(7)));
+        assert_eq!(
+            (stats.status, stats.exit_code, stats.instance_id),
+            (Status::Exited, 3, Some("00000000000000000000000000000007".into()))
+        );
         assert_eq!(stats.error.as_deref(), Some("the function exited with code 3"));
         assert_eq!((stats.stderr.as_deref(), stats.stdout), (Some("err"), None));
         assert_eq!(stats.measured.phases.handle_us, Some(42));
@@ -379,7 +385,7 @@ mod tests {
         let ended = |outcome| Answer {
             outcome,
             response: None,
-            instance_id: 8,
+            instance_id: InstanceId(8),
             queued: Duration::ZERO,
             served: Duration::from_secs(1),
         };

@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use abi::params::InstanceId;
 use host_vmm::virtio::vsock::Services;
 use host_vmm::{
     BootTimings, FunctionResponse, FunctionStatus, Image, Instance, Outcome, Pool, PoolStats, Role, VmConfig,
@@ -39,7 +40,7 @@ pub struct Answer {
     /// The function's response, when it answered.
     pub response: Option<FunctionResponse>,
     /// The instance id of the VM that served it.
-    pub instance_id: u64,
+    pub instance_id: InstanceId,
     /// From arriving in the queue to a vCPU thread taking it.
     pub queued: Duration,
     /// From the thread taking it to the answer (a fresh VM's restore included).
@@ -292,7 +293,7 @@ impl Worker {
         &mut self,
         body: Vec<u8>,
         sink: &mut Capture,
-    ) -> Result<(Outcome, Option<FunctionResponse>, u64, After), String> {
+    ) -> Result<(Outcome, Option<FunctionResponse>, InstanceId, After), String> {
         match self.mode {
             Mode::Reset => {
                 let instance = self.ensure_kept()?;

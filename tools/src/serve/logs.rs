@@ -5,6 +5,7 @@ use std::collections::VecDeque;
 use std::io::Write;
 use std::sync::Mutex;
 
+use abi::params::InstanceId;
 use serde::Serialize;
 
 /// Lines a function keeps.
@@ -17,8 +18,8 @@ pub const MAX_CAPTURE_BYTES: usize = 64 << 10;
 /// One line.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct Line {
-    /// The instance id of the VM that wrote it.
-    pub instance: u64,
+    /// The instance id of the VM that wrote it (32 hex digits).
+    pub instance: String,
     /// `stderr` (the function's), or `console` (the guest's console and log output).
     pub stream: &'static str,
     /// The line, without its newline; invalid UTF-8 is replaced.
@@ -33,10 +34,11 @@ pub struct LogRing {
 
 impl LogRing {
     /// Adds what one invocation on `instance` wrote to `stream`.
-    pub fn add(&self, instance: u64, stream: &'static str, bytes: &[u8]) {
+    pub fn add(&self, instance: InstanceId, stream: &'static str, bytes: &[u8]) {
         if bytes.is_empty() {
             return;
         }
+        let instance = instance.to_string();
         let mut lines = self.lines.lock().unwrap_or_else(|p| p.into_inner());
         for line in bytes.strip_suffix(b"\n").unwrap_or(bytes).split(|&b| b == b'\n') {
             let mut text = String::from_utf8_lossy(&line[..line.len().min(MAX_LINE_BYTES)]).into_owned();
@@ -46,7 +48,7 @@ impl LogRing {
             if lines.len() == MAX_LINES {
                 lines.pop_front();
             }
-            lines.push_back(Line { instance, stream, text });
+            lines.push_back(Line { instance: instance.clone(), stream, text });
         }
     }
 
@@ -98,13 +100,13 @@ mod tests {
     #[test]
     fn the_ring_keeps_the_last_lines_cut_to_size() {
         let ring = LogRing::default();
-        ring.add(1, "stderr", b"one\ntwo\n");
-        ring.add(2, "console", &[b'x'; MAX_LINE_BYTES + 5]);
+        ring.add(InstanceId(1), "stderr", b"one\ntwo\n");
+        ring.add(InstanceId(2), "console", &[b'x'; MAX_LINE_BYTES + 5]);
         let last = ring.last(2);
-        assert_eq!(last[0], Line { instance: 1, stream: "stderr", text: "two".into() });
+        assert_eq!(last[0], Line { instance: InstanceId(1).to_string(), stream: "stderr", text: "two".into() });
         assert_eq!(last[1].text.len(), MAX_LINE_BYTES + " [cut]".len());
         for i in 0..MAX_LINES {
-            ring.add(3, "stderr", format!("{i}\n").as_bytes());
+            ring.add(InstanceId(3), "stderr", format!("{i}\n").as_bytes());
         }
         let all = ring.last(usize::MAX);
         assert_eq!(all.len(), MAX_LINES);
