@@ -38,6 +38,7 @@ pub mod outcome;
 pub mod output;
 pub mod paging;
 pub mod pool;
+pub mod seccomp;
 pub mod serial;
 pub mod snapshot;
 pub mod virtio;

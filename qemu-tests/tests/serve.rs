@@ -169,7 +169,9 @@ fn deploy_invoke_redeploy_and_delete_over_http() {
     let answer = post(&format!("{}/invoke", server.functions("hello")), br#"{"name": "http"}"#);
     assert_eq!((answer.status, answer.body.as_str()), (200, "{\"greeting\":\"Hello, http!\"}\n"));
     assert_eq!(answer.headers["x-thaw-version"], v1.as_str());
-    for header in ["x-thaw-instance", "x-thaw-queue-us", "x-thaw-serve-us", "x-thaw-handle-us"] {
+    let instance = answer.headers["x-thaw-instance"].to_str().unwrap();
+    assert!(instance.len() == 32 && u128::from_str_radix(instance, 16).is_ok(), "x-thaw-instance: {instance}");
+    for header in ["x-thaw-queue-us", "x-thaw-serve-us", "x-thaw-handle-us"] {
         let value = answer.headers[header].to_str().unwrap();
         assert!(value.parse::<u64>().is_ok(), "{header}: {value}");
     }

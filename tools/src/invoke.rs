@@ -38,6 +38,8 @@ pub struct InvokeArgs {
     verbose: bool,
     #[command(flatten)]
     devices: crate::devices::DeviceArgs,
+    #[command(flatten)]
+    seccomp: crate::SeccompArgs,
 }
 
 /// An optional function and its request, for commands that boot a kernel alone or serve a
@@ -90,6 +92,7 @@ pub fn run(args: &InvokeArgs) -> Result<u8, String> {
     let mut config = function.boot_config(VmConfig::default(), timeout, vec![request]);
     args.devices.apply_boot(&mut config)?;
     crate::devices::add_function_devices(&mut config, &function, &args.function);
+    crate::confine(&args.seccomp)?;
     let mut kernel_log = Vec::new();
     let report = if args.verbose {
         host_vmm::run_kernel(kernel, &config, &mut std::io::stderr().lock())
@@ -127,6 +130,7 @@ fn invoke_image(args: &InvokeArgs, request: Vec<u8>) -> Result<u8, String> {
     let image = std::sync::Arc::new(host_vmm::Image::open(&args.function).map_err(|e| e.to_string())?);
     let mut config = VmConfig { timeout: timeout(args)?, ..VmConfig::default() };
     args.devices.apply_restore(&mut config, &image)?;
+    crate::confine(&args.seccomp)?;
     let mut kernel_log = Vec::new();
     let (_, report) = if args.verbose {
         host_vmm::serve_fresh(&image, &config, request, &mut std::io::stderr().lock())

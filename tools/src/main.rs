@@ -134,6 +134,27 @@ fn main() -> ExitCode {
     }
 }
 
+/// The `--no-seccomp` switch of the commands that run VMs (`invoke`, `restore`, `serve`).
+#[derive(Args, Debug, Clone)]
+pub struct SeccompArgs {
+    /// Run VMs without the syscall allow-list that confines thaw (docs/SECURITY.md): only to
+    /// debug thaw itself, and it says so on stderr.
+    #[arg(long)]
+    pub no_seccomp: bool,
+}
+
+/// Confines the process to its syscall allow-list (`host_vmm::seccomp`) once its setup is done
+/// and before any guest runs, unless `--no-seccomp` says not to, which is said loudly.
+pub fn confine(args: &SeccompArgs) -> Result<(), String> {
+    if args.no_seccomp {
+        eprintln!(
+            "thaw: WARNING: --no-seccomp: VMs run without the syscall allow-list; a guest that escaped into thaw could use any system call. Use it only to debug thaw."
+        );
+        return Ok(());
+    }
+    host_vmm::seccomp::install().map_err(|e| e.to_string())
+}
+
 /// The exit status of a process whose reader went away (128 + SIGPIPE), as a shell reports
 /// `yes | head -1`.
 const BROKEN_PIPE_STATUS: i32 = 128 + libc::SIGPIPE;

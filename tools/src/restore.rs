@@ -91,6 +91,8 @@ pub struct RestoreArgs {
     rate: Option<f64>,
     #[command(flatten)]
     devices: crate::devices::DeviceArgs,
+    #[command(flatten)]
+    seccomp: crate::SeccompArgs,
 }
 
 /// Measure a kept or pooled VM's private memory (a read of /proc/self/smaps, about a
@@ -357,6 +359,7 @@ impl RestoreArgs {
             floor: false,
             rate,
             devices: crate::devices::DeviceArgs::default(),
+            seccomp: crate::SeccompArgs { no_seccomp: false },
         }
     }
 }
@@ -412,6 +415,7 @@ pub fn serve_batch(args: &RestoreArgs, floor: Option<crate::bench::Floor>) -> Re
             std::fs::File::create(path).map_err(|e| format!("{}: {e}", path.display()))?,
         ))),
     };
+    crate::confine(&args.seccomp)?;
     let pool = match args.mode {
         Mode::Pool => Some(Pool::start(Arc::clone(&image), config.clone(), args.pool).map_err(|e| e.to_string())?),
         _ => None,

@@ -93,6 +93,8 @@ pub struct ServeArgs {
     /// On SIGTERM or SIGINT, how long in-flight requests may take to finish, in seconds.
     #[arg(long, value_name = "SECS", default_value_t = 30)]
     grace: u64,
+    #[command(flatten)]
+    seccomp: crate::SeccompArgs,
 }
 
 /// Parses a `--service NAME=SOCKET` entry.
@@ -140,6 +142,7 @@ fn default_state_dir() -> Result<PathBuf, String> {
 }
 
 /// Where `thaw serve` listens.
+#[derive(Clone)]
 enum Listen {
     Tcp(SocketAddr),
     Unix(PathBuf),
@@ -190,6 +193,16 @@ pub fn run(args: &ServeArgs) -> Result<u8, String> {
         Some(dir) => dir.clone(),
         None => default_state_dir()?,
     };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(usize::from(args.http_threads))
+        .thread_name("thaw-http")
+        .enable_all()
+        .build()
+        .map_err(|e| format!("starting the async runtime: {e}"))?;
+    let listener = runtime.block_on(bind(&listen))?;
+    // Setup is done once the listener is bound: from here on, every thread runs under the
+    // syscall allow-list, before any guest runs (the store's functions start in the next step).
+    crate::confine(&args.seccomp)?;
     let store = Store::open(&state_dir).map_err(|e| e.to_string())?;
     info!(store = %state_dir.display(), "function store opened");
     let operator = Operator {
@@ -212,15 +225,9 @@ pub fn run(args: &ServeArgs) -> Result<u8, String> {
             read_timeout: Duration::from_secs(args.read_timeout),
         },
     });
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(usize::from(args.http_threads))
-        .thread_name("thaw-http")
-        .enable_all()
-        .build()
-        .map_err(|e| format!("starting the async runtime: {e}"))?;
     let grace = Duration::from_secs(args.grace);
     let read_timeout = Duration::from_secs(args.read_timeout);
-    runtime.block_on(serve(listen, Arc::clone(&api), grace, read_timeout))?;
+    runtime.block_on(serve(listener, Arc::clone(&api), grace, read_timeout))?;
     // Every version stops taking requests; its threads serve what is queued and destroy their VMs.
     api.registry.stop_all();
     drop(api);
@@ -239,13 +246,9 @@ pub fn run(args: &ServeArgs) -> Result<u8, String> {
     Ok(0)
 }
 
-/// Serves the API on `listen` until a signal, then lets in-flight requests finish for up to
-/// `grace`. A client that takes longer than `read_timeout` to send its request's headers loses
-/// its connection.
-async fn serve(listen: Listen, api: Arc<Api>, grace: Duration, read_timeout: Duration) -> Result<(), String> {
-    let stop = stop_signal().map_err(|e| format!("watching for SIGTERM: {e}"))?;
-    let router = api::router(api);
-    let listener = match listen {
+/// Binds `listen`: a TCP address, or a Unix socket made private (mode 0600).
+async fn bind(listen: &Listen) -> Result<Listener, String> {
+    Ok(match listen.clone() {
         Listen::Tcp(addr) => {
             let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| format!("--listen {addr}: {e}"))?;
             let bound = listener.local_addr().map_err(|e| e.to_string())?;
@@ -268,7 +271,15 @@ async fn serve(listen: Listen, api: Arc<Api>, grace: Duration, read_timeout: Dur
             info!("listening on unix:{}", path.display());
             Listener::Unix(listener, path)
         }
-    };
+    })
+}
+
+/// Serves the API on `listener` until a signal, then lets in-flight requests finish for up to
+/// `grace`. A client that takes longer than `read_timeout` to send its request's headers loses
+/// its connection.
+async fn serve(listener: Listener, api: Arc<Api>, grace: Duration, read_timeout: Duration) -> Result<(), String> {
+    let stop = stop_signal().map_err(|e| format!("watching for SIGTERM: {e}"))?;
+    let router = api::router(api);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut stop = std::pin::pin!(stop);
     loop {

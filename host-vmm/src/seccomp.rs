@@ -1,0 +1,212 @@
+//! The syscall allow-list of every thaw process that runs VMs (`thaw invoke`, `restore`,
+//! `serve`), built with rust-vmm's seccompiler.
+//!
+//! [`install`] runs once setup is done: arguments read, files opened, listeners bound. It
+//! applies the list to every thread at once (`SECCOMP_FILTER_FLAG_TSYNC`), and threads started
+//! later (vCPU threads, pool fillers, the watchdog) inherit it. A syscall that is not on the
+//! list kills the whole process with SIGSYS. A guest that escaped into a vCPU thread could then
+//! do no more than thaw itself does: KVM ioctls, memory, files it may open, Unix sockets, and
+//! threads. It could not execute a program, start a process, trace, mount, or load anything
+//! into the kernel.
+//!
+//! Four calls are narrowed by their arguments:
+//! - `ioctl`: KVM's (type `0xAE`), plus the few file and terminal requests std makes;
+//! - `clone`: threads only (`CLONE_THREAD`). `clone3` takes its flags in memory, which a filter
+//!   cannot read, so it fails with `ENOSYS`, and glibc then falls back to `clone`;
+//! - `socket`: Unix sockets only (vsock connections to host services);
+//! - `prctl`: thread names only.
+
+use std::collections::BTreeMap;
+
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter, SeccompRule, TargetArch,
+};
+
+/// Why the filter could not be installed.
+#[derive(Debug, thiserror::Error)]
+pub enum SeccompError {
+    /// The rules could not be compiled (a bug in this list).
+    #[error("building the seccomp filter: {0}")]
+    Build(String),
+    /// The kernel refused the filter.
+    #[error("installing the seccomp filter: {0}")]
+    Install(String),
+}
+
+/// Calls allowed with any arguments.
+const ALLOWED: &[i64] = &[
+    // Memory.
+    libc::SYS_brk,
+    libc::SYS_mmap,
+    libc::SYS_munmap,
+    libc::SYS_mprotect,
+    libc::SYS_mremap,
+    libc::SYS_madvise,
+    libc::SYS_memfd_create,
+    // Files and descriptors.
+    libc::SYS_read,
+    libc::SYS_write,
+    libc::SYS_readv,
+    libc::SYS_writev,
+    libc::SYS_pread64,
+    libc::SYS_pwrite64,
+    libc::SYS_openat,
+    libc::SYS_close,
+    libc::SYS_dup,
+    libc::SYS_dup3,
+    libc::SYS_fcntl,
+    libc::SYS_lseek,
+    libc::SYS_fstat,
+    libc::SYS_newfstatat,
+    libc::SYS_statx,
+    libc::SYS_statfs,
+    libc::SYS_fstatfs,
+    libc::SYS_access,
+    libc::SYS_faccessat,
+    libc::SYS_faccessat2,
+    libc::SYS_readlink,
+    libc::SYS_readlinkat,
+    libc::SYS_getcwd,
+    libc::SYS_getdents64,
+    libc::SYS_ftruncate,
+    libc::SYS_fsync,
+    libc::SYS_fdatasync,
+    libc::SYS_fchmod,
+    libc::SYS_fchmodat,
+    libc::SYS_fchown,
+    libc::SYS_mkdir,
+    libc::SYS_mkdirat,
+    libc::SYS_rename,
+    libc::SYS_renameat,
+    libc::SYS_renameat2,
+    libc::SYS_unlink,
+    libc::SYS_unlinkat,
+    libc::SYS_rmdir,
+    libc::SYS_pipe2,
+    libc::SYS_eventfd2,
+    // Sockets (created only as Unix sockets, below; thaw serve's listener exists already).
+    libc::SYS_connect,
+    libc::SYS_accept4,
+    libc::SYS_socketpair,
+    libc::SYS_getsockname,
+    libc::SYS_getpeername,
+    libc::SYS_getsockopt,
+    libc::SYS_setsockopt,
+    libc::SYS_sendto,
+    libc::SYS_recvfrom,
+    libc::SYS_sendmsg,
+    libc::SYS_recvmsg,
+    libc::SYS_shutdown,
+    // Waiting.
+    libc::SYS_poll,
+    libc::SYS_ppoll,
+    libc::SYS_epoll_create1,
+    libc::SYS_epoll_ctl,
+    libc::SYS_epoll_wait,
+    libc::SYS_epoll_pwait,
+    libc::SYS_futex,
+    libc::SYS_nanosleep,
+    libc::SYS_clock_nanosleep,
+    libc::SYS_sched_yield,
+    // Threads and signals (the watchdog kicks vCPU threads with a real-time signal).
+    libc::SYS_clone3,
+    libc::SYS_set_robust_list,
+    libc::SYS_rseq,
+    libc::SYS_gettid,
+    libc::SYS_getpid,
+    libc::SYS_tgkill,
+    libc::SYS_rt_sigaction,
+    libc::SYS_rt_sigprocmask,
+    libc::SYS_rt_sigreturn,
+    libc::SYS_sigaltstack,
+    libc::SYS_restart_syscall,
+    libc::SYS_sched_getaffinity,
+    libc::SYS_prlimit64,
+    libc::SYS_getrusage,
+    libc::SYS_exit,
+    libc::SYS_exit_group,
+    // Time, identity, randomness.
+    libc::SYS_clock_gettime,
+    libc::SYS_gettimeofday,
+    libc::SYS_getrandom,
+    libc::SYS_getuid,
+    libc::SYS_geteuid,
+    libc::SYS_getgid,
+    libc::SYS_getegid,
+];
+
+/// KVM's ioctl type (the `0xAE` of `_IO(KVMIO, n)`), in bits 8-15 of the request.
+const KVMIO: u64 = 0xAE;
+
+/// Requests std and the terminal make outside KVM's.
+const OTHER_IOCTLS: &[u64] = &[libc::FIONBIO, libc::FIOCLEX, libc::TCGETS, libc::TIOCGWINSZ];
+
+/// Installs the allow-list on every thread of the process, once: a second call does nothing
+/// (installing a filter takes calls the list itself forbids).
+pub fn install() -> Result<(), SeccompError> {
+    static INSTALLED: std::sync::Mutex<bool> = std::sync::Mutex::new(false);
+    let mut installed = INSTALLED.lock().unwrap_or_else(|p| p.into_inner());
+    if *installed {
+        return Ok(());
+    }
+    // The clone3 filter first: the allow-list forbids the prctl and seccomp calls that
+    // installing one more filter makes.
+    for program in [clone3_unavailable()?, allow_list()?] {
+        seccompiler::apply_filter_all_threads(&program).map_err(|e| SeccompError::Install(e.to_string()))?;
+    }
+    *installed = true;
+    Ok(())
+}
+
+fn build(
+    rules: BTreeMap<i64, Vec<SeccompRule>>,
+    mismatch: SeccompAction,
+    matched: SeccompAction,
+) -> Result<BpfProgram, SeccompError> {
+    let build = |e: seccompiler::BackendError| SeccompError::Build(e.to_string());
+    let filter = SeccompFilter::new(rules, mismatch, matched, TargetArch::x86_64).map_err(build)?;
+    BpfProgram::try_from(filter).map_err(build)
+}
+
+/// A rule matching when argument `index` compares to `value` by `op`.
+fn rule(index: u8, len: SeccompCmpArgLen, op: SeccompCmpOp, value: u64) -> Result<SeccompRule, SeccompError> {
+    let build = |e: seccompiler::BackendError| SeccompError::Build(e.to_string());
+    SeccompRule::new(vec![SeccompCondition::new(index, len, op, value).map_err(build)?]).map_err(build)
+}
+
+/// Everything thaw does, and nothing else: any other call kills the process.
+fn allow_list() -> Result<BpfProgram, SeccompError> {
+    use SeccompCmpArgLen::{Dword, Qword};
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = ALLOWED.iter().map(|&call| (call, Vec::new())).collect();
+    let mut ioctls = vec![rule(1, Dword, SeccompCmpOp::MaskedEq(0xff00), KVMIO << 8)?];
+    for &request in OTHER_IOCTLS {
+        ioctls.push(rule(1, Dword, SeccompCmpOp::Eq, request)?);
+    }
+    rules.insert(libc::SYS_ioctl, ioctls);
+    let thread = libc::CLONE_THREAD as u64;
+    rules.insert(libc::SYS_clone, vec![rule(0, Qword, SeccompCmpOp::MaskedEq(thread), thread)?]);
+    rules.insert(libc::SYS_socket, vec![rule(0, Dword, SeccompCmpOp::Eq, libc::AF_UNIX as u64)?]);
+    let names = [libc::PR_SET_NAME, libc::PR_GET_NAME];
+    rules.insert(
+        libc::SYS_prctl,
+        names.iter().map(|&n| rule(0, Dword, SeccompCmpOp::Eq, n as u64)).collect::<Result<_, _>>()?,
+    );
+    build(rules, SeccompAction::KillProcess, SeccompAction::Allow)
+}
+
+/// `clone3` fails with `ENOSYS` (its flags cannot be checked), so that glibc uses `clone`.
+fn clone3_unavailable() -> Result<BpfProgram, SeccompError> {
+    let rules = BTreeMap::from([(libc::SYS_clone3, Vec::new())]);
+    build(rules, SeccompAction::Allow, SeccompAction::Errno(libc::ENOSYS as u32))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_filters_compile() {
+        assert!(!allow_list().unwrap().is_empty());
+        assert!(!clone3_unavailable().unwrap().is_empty());
+    }
+}
