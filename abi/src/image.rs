@@ -475,8 +475,9 @@ impl ImageWriter {
     }
 }
 
-/// Validates an image's metadata. `metadata` must hold at least the first
-/// `min(file_len, MAX_METADATA_BYTES)` bytes of the file; `file_len` is the file's real length.
+/// Validates an image's metadata. `metadata` must hold at least the first bytes of the file, as
+/// many as the header's metadata length says (when that is at most `min(file_len,
+/// MAX_METADATA_BYTES)`); `file_len` is the file's real length.
 pub fn parse(metadata: &[u8], file_len: u64) -> Result<ImageInfo, ImageError> {
     if file_len < HEADER_LEN as u64 || metadata.len() < HEADER_LEN {
         return Err(ImageError::TooShort(file_len.min(metadata.len() as u64)));

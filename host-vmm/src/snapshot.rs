@@ -324,8 +324,14 @@ impl Image {
         let io = |source| SnapshotError::Io { path: path.to_path_buf(), source };
         let mut file = crate::files::open_regular(path).map_err(io)?;
         let file_len = file.metadata().map_err(io)?.len();
+        // The header says how long the metadata is: read that much, not the 16 MiB it may be
+        // at most (a few KiB for a real image), and let the parser judge the length.
         let mut metadata = Vec::new();
-        (&mut file).take(file_len.min(image::MAX_METADATA_BYTES)).read_to_end(&mut metadata).map_err(io)?;
+        let header = image::HEADER_LEN as u64;
+        (&mut file).take(header).read_to_end(&mut metadata).map_err(io)?;
+        let declared = metadata.get(40..48).map_or(0, |b| u64::from_le_bytes(b.try_into().unwrap_or([0; 8])));
+        let want = declared.clamp(header, file_len.min(image::MAX_METADATA_BYTES).max(header));
+        (&mut file).take(want - metadata.len() as u64).read_to_end(&mut metadata).map_err(io)?;
         let info = image::parse(&metadata, file_len)
             .map_err(|source| SnapshotError::Image { path: path.to_path_buf(), source })?;
         if !(abi::OLDEST_IMAGE_INTERFACE_VERSION..=abi::INTERFACE_VERSION).contains(&info.guest.interface_version) {
