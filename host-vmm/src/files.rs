@@ -112,10 +112,11 @@ pub fn open_regular(path: &Path) -> io::Result<File> {
     Ok(file)
 }
 
-/// Opens `path` to append output to, created if missing, without blocking on it: a FIFO or a
-/// socket, which could stall the writer (a vCPU thread) for ever, is refused; a regular file or
-/// a character device (a terminal, `/dev/null`) is taken, and written to blocking as usual.
-pub fn open_append(path: &Path) -> io::Result<File> {
+/// Opens `path` to write output to (appended, or replacing what it held), created if missing,
+/// without blocking on it: a FIFO or a socket, which could stall the writer (a vCPU thread, a
+/// batch's worker) for ever, is refused; a regular file or a character device (a terminal,
+/// `/dev/null`) is taken, and written to blocking as usual.
+pub fn open_output(path: &Path, append: bool) -> io::Result<File> {
     use std::os::unix::fs::FileTypeExt;
     let refuse = |kind: std::fs::FileType| -> io::Result<()> {
         if kind.is_fifo() || kind.is_socket() {
@@ -128,10 +129,17 @@ pub fn open_append(path: &Path) -> io::Result<File> {
     if let Ok(metadata) = std::fs::metadata(path) {
         refuse(metadata.file_type())?;
     }
-    let file = std::fs::OpenOptions::new().create(true).append(true).custom_flags(libc::O_NONBLOCK).open(path)?;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .append(append)
+        .truncate(!append)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
     refuse(file.metadata()?.file_type())?;
+    let flags = if append { libc::O_APPEND } else { 0 };
     // SAFETY: fcntl on our own descriptor; it only clears O_NONBLOCK again.
-    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETFL, libc::O_APPEND) } < 0 {
+    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETFL, flags) } < 0 {
         return Err(io::Error::last_os_error());
     }
     Ok(file)
@@ -320,9 +328,15 @@ mod tests {
         assert_eq!(read_capped(&file, 4, second).unwrap_err().to_string(), "more than the 4-byte limit");
 
         assert!(open_regular(&file).is_ok());
-        let e = open_append(&fifo).unwrap_err().to_string();
-        assert_eq!(e, "is a FIFO; give a regular file or a terminal");
-        assert!(open_append(Path::new("/dev/null")).is_ok());
+        for append in [true, false] {
+            let e = open_output(&fifo, append).unwrap_err().to_string();
+            assert_eq!(e, "is a FIFO; give a regular file or a terminal");
+            assert!(open_output(Path::new("/dev/null"), append).is_ok());
+        }
+        open_output(&file, true).unwrap().write_all(b"67").unwrap();
+        assert_eq!(std::fs::read(&file).unwrap(), b"1234567");
+        open_output(&file, false).unwrap().write_all(b"new").unwrap();
+        assert_eq!(std::fs::read(&file).unwrap(), b"new");
         let e = open_regular(&fifo).unwrap_err().to_string();
         assert_eq!(e, "is a FIFO, not a regular file");
         assert_eq!(open_regular(dir.path()).unwrap_err().to_string(), "is a directory, not a regular file");

@@ -253,7 +253,8 @@ fn a_closed_pipe_ends_thaw_quietly_with_the_conventional_status() {
 }
 
 /// Issue 14, defect 6: a FIFO given as an image or a bundle, or as `--input`, hung past the
-/// timeout. An image or a bundle must be a regular file; a request is read within the timeout.
+/// timeout. An image or a bundle must be a regular file, and so must `--responses` (or a
+/// terminal); a request is read within the timeout.
 #[test]
 fn fifos_are_refused_or_read_within_the_timeout_never_waited_for() {
     use std::time::{Duration, Instant};
@@ -267,6 +268,9 @@ fn fifos_are_refused_or_read_within_the_timeout_never_waited_for() {
         assert_eq!(run.stderr.lines().count(), 1, "{args:?}: {run:#?}");
         assert!(run.stderr.contains(&format!("{fifo}: is a FIFO, not a regular file")), "{args:?}: {run:#?}");
     }
+    let run = thaw(&["restore", &image, "--count", "2", "--data", "{}", "--responses", fifo]);
+    assert_eq!(run.code, Some(125), "{run:#?}");
+    assert_eq!(run.stderr, format!("thaw: error: --responses {fifo}: is a FIFO; give a regular file or a terminal\n"));
     for function in [&bundle, &image] {
         let started = Instant::now();
         let run = thaw(&["invoke", function, "--input", fifo, "--timeout", "2"]);

@@ -412,7 +412,7 @@ pub fn serve_batch(args: &RestoreArgs, floor: Option<crate::bench::Floor>) -> Re
     let responses = match &args.responses {
         None => None,
         Some(path) => Some(Mutex::new(std::io::BufWriter::new(
-            std::fs::File::create(path).map_err(|e| format!("{}: {e}", path.display()))?,
+            host_vmm::files::open_output(path, false).map_err(|e| format!("--responses {}: {e}", path.display()))?,
         ))),
     };
     crate::confine(&args.seccomp)?;

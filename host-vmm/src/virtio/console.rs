@@ -80,9 +80,8 @@ impl DeviceModel for Console {
         }
         let sink: Box<dyn Write + Send> = match &self.sink {
             ConsoleSink::Stderr => Box::new(std::io::stderr()),
-            ConsoleSink::File(path) => Box::new(crate::files::open_append(path).map_err(|e| DeviceError::Backend {
-                kind: DeviceKind::Console,
-                reason: format!("{}: {e}", path.display()),
+            ConsoleSink::File(path) => Box::new(crate::files::open_output(path, true).map_err(|e| {
+                DeviceError::Backend { kind: DeviceKind::Console, reason: format!("{}: {e}", path.display()) }
             })?),
             ConsoleSink::Buffer(buffer) => Box::new(BufferWriter(buffer.clone())),
         };
