@@ -717,3 +717,80 @@ fn under_traffic_a_redeploy_switches_versions_and_a_delete_ends_in_404() {
     }
     assert_eq!(get(&server.functions("p")).status, 404);
 }
+
+/// Sends one HTTP/1.1 request over the Unix socket at `socket` and returns the whole answer.
+fn unix_request(socket: &Path, method: &str, path: &str, body: &[u8]) -> String {
+    let mut stream = std::os::unix::net::UnixStream::connect(socket).unwrap();
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: thaw\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).unwrap();
+    stream.write_all(body).unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    answer
+}
+
+/// Issue 14, least privilege: `thaw serve` needs only `/dev/kvm`, its state directory and its
+/// socket. Here it runs in the sandbox the README's systemd unit asks for, built with
+/// bubblewrap and setpriv because this kind of machine has no systemd as PID 1:
+/// - a user of its own (nobody), with no capabilities and no way to gain any (no new privileges);
+/// - a read-only root (ProtectSystem=strict) and a private /tmp;
+/// - no device but `/dev/kvm` (a node of its own, owned by that user);
+/// - only the state directory writable;
+/// - private PID, IPC, UTS and network namespaces.
+/// Under all of that, and its own seccomp filter, it deploys, serves and stops cleanly.
+#[test]
+fn serve_runs_as_an_unprivileged_user_in_the_systemd_units_sandbox() {
+    let found = |tool: &str| Command::new(tool).arg("--version").output().is_ok_and(|o| o.status.success());
+    assert!(found("bwrap"), "this test needs bubblewrap (apt-get install bubblewrap)");
+    assert!(found("setpriv"), "this test needs setpriv (util-linux)");
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    std::fs::create_dir(&state).unwrap();
+    let kvm = dir.path().join("kvm");
+    let made = |program: &str, args: &[&str]| {
+        let status = Command::new(program).args(args).status().unwrap();
+        assert!(status.success(), "{program} {args:?}: {status:?}");
+    };
+    made("mknod", &["-m", "600", kvm.to_str().unwrap(), "c", "10", "232"]);
+    made("chown", &["-R", "65534:65534", state.to_str().unwrap(), kvm.to_str().unwrap()]);
+    let mut child = Command::new("bwrap")
+        .args(["--ro-bind", "/", "/", "--dev", "/dev", "--dev-bind", kvm.to_str().unwrap(), "/dev/kvm"])
+        .args(["--tmpfs", "/tmp", "--perms", "0755", "--dir", "/tmp/thaw"])
+        .args(["--bind", state.to_str().unwrap(), "/tmp/thaw/state", "--ro-bind", THAW, "/tmp/thaw/thaw"])
+        .args(["--proc", "/proc", "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-net"])
+        .args(["--die-with-parent", "--new-session", "--"])
+        .args(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--no-new-privs"])
+        .args(["--bounding-set=-all", "--inh-caps=-all", "/tmp/thaw/thaw", "serve"])
+        .args(["--listen", "unix:/tmp/thaw/state/thaw.sock", "--state-dir", "/tmp/thaw/state"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let socket = state.join("thaw.sock");
+    let started = Instant::now();
+    while !socket.exists() {
+        if let Some(status) = child.try_wait().unwrap() {
+            let mut log = String::new();
+            child.stderr.take().unwrap().read_to_string(&mut log).unwrap();
+            panic!("thaw serve ended in the sandbox: {status:?}: {log}");
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "no socket from the sandboxed server");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let deployed = unix_request(&socket, "PUT", "/v1/functions/hello", &example("hello"));
+    assert!(deployed.starts_with("HTTP/1.1 201"), "{deployed}");
+    let answer = unix_request(&socket, "POST", "/v1/functions/hello/invoke", br#"{"name": "sandbox"}"#);
+    assert!(answer.ends_with("{\"greeting\":\"Hello, sandbox!\"}\n"), "{answer}");
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(
+        std::fs::metadata(state.join("thaw.db")).unwrap().uid(),
+        65534,
+        "the store belongs to the service's user"
+    );
+    // SIGTERM to the server inside the sandbox (bwrap is the namespace's init, not the server).
+    made("pkill", &["-TERM", "-f", "^/tmp/thaw/thaw serve"]);
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "{status:?}");
+}
