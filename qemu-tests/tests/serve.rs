@@ -740,6 +740,7 @@ fn unix_request(socket: &Path, method: &str, path: &str, body: &[u8]) -> String 
 /// - no device but `/dev/kvm` (a node of its own, owned by that user);
 /// - only the state directory writable;
 /// - private PID, IPC, UTS and network namespaces.
+///
 /// Under all of that, and its own seccomp filter, it deploys, serves and stops cleanly.
 #[test]
 fn serve_runs_as_an_unprivileged_user_in_the_systemd_units_sandbox() {
