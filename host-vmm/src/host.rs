@@ -93,12 +93,16 @@ pub fn entropy(buf: &mut [u8]) -> Result<(), HostError> {
     Ok(())
 }
 
-/// A fresh instance id: 128 bits from the host's CSPRNG, unique across processes and hosts
-/// (a process id and a counter repeat in another PID namespace and after PID reuse).
-pub fn new_instance_id() -> Result<InstanceId, HostError> {
-    let mut bytes = [0u8; 16];
-    entropy(&mut bytes)?;
-    Ok(InstanceId(u128::from_le_bytes(bytes)))
+/// A restored VM's fresh randomness, drawn in one getrandom call: the guest's 32 bytes of
+/// entropy and its instance id, 128 bits unique across processes and hosts (a process id and a
+/// counter repeat in another PID namespace and after PID reuse).
+pub fn entropy_and_instance_id() -> Result<([u8; 32], InstanceId), HostError> {
+    let mut random = [0u8; 48];
+    entropy(&mut random)?;
+    let (mut seed, mut id) = ([0u8; 32], [0u8; 16]);
+    seed.copy_from_slice(&random[..32]);
+    id.copy_from_slice(&random[32..]);
+    Ok((seed, InstanceId(u128::from_le_bytes(id))))
 }
 
 #[cfg(test)]
@@ -107,7 +111,8 @@ mod tests {
 
     #[test]
     fn instance_ids_never_repeat_and_use_all_their_bits() {
-        let ids: std::collections::BTreeSet<InstanceId> = (0..1000).map(|_| new_instance_id().unwrap()).collect();
+        let ids: std::collections::BTreeSet<InstanceId> =
+            (0..1000).map(|_| entropy_and_instance_id().unwrap().1).collect();
         assert_eq!(ids.len(), 1000);
         assert!(ids.iter().any(|id| id.0 >> 96 != 0), "the high bits are random too");
     }

@@ -153,7 +153,7 @@ impl Vm {
         let started = Instant::now();
         let vcpu = create_vcpu(&vm)?;
         cpu::setup_long_mode(&vcpu, &mem, tables.root(), kernel.entry, stack_pointer, BOOT_INFO_GPA)?;
-        write_host_params(&mem, &vcpu, abi::params::InstanceId::default(), config, &devices)?;
+        let instance_id = write_host_params(&mem, &vcpu, false, config, &devices)?;
         timings.vcpu_setup = started.elapsed();
         Ok(Self {
             vcpu,
@@ -167,7 +167,7 @@ impl Vm {
             devices,
             io_table: None,
             log_dirty: false,
-            instance_id: abi::params::InstanceId::default(),
+            instance_id,
             spare_memory: false,
         })
     }

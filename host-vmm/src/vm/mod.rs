@@ -191,17 +191,18 @@ pub(crate) fn create_vcpu(vm: &VmFd) -> Result<VcpuFd, VmmError> {
     Ok(vcpu)
 }
 
-/// Writes a fresh host parameters page (new entropy, the wall clock, the TSC rate,
-/// `instance_id`, the flags `config` asks for) and the device table.
+/// Writes a fresh host parameters page (new entropy, the wall clock, the TSC rate, the flags
+/// `config` asks for) and the device table. A restored VM gets a new random instance id; a
+/// cold boot's is 0. Returns the id written.
 fn write_host_params(
     mem: &GuestRam,
     vcpu: &VcpuFd,
-    instance_id: InstanceId,
+    restored: bool,
     config: &VmConfig,
     devices: &Devices,
-) -> Result<(), VmmError> {
-    let mut entropy = [0u8; 32];
-    host::entropy(&mut entropy)?;
+) -> Result<InstanceId, VmmError> {
+    let (entropy, fresh_id) = host::entropy_and_instance_id()?;
+    let instance_id = if restored { fresh_id } else { InstanceId::default() };
     let wall_clock_ns = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
@@ -209,7 +210,8 @@ fn write_host_params(
     let flags = if config.console_log { FLAG_CONSOLE_LOG } else { 0 };
     let params = HostParams { instance_id, entropy, wall_clock_ns, tsc_khz, flags };
     mem.write_slice(&params.encode(), GuestAddress(HOST_PARAMS_GPA)).map_err(memory_error)?;
-    mem.write_slice(&devices.table().encode(), GuestAddress(DEVICE_TABLE_GPA)).map_err(memory_error)
+    mem.write_slice(&devices.table().encode(), GuestAddress(DEVICE_TABLE_GPA)).map_err(memory_error)?;
+    Ok(instance_id)
 }
 
 /// Memory for a VM that serves one request: a spare mapping an earlier one left, already
@@ -307,8 +309,7 @@ impl Vm {
                 self.devices.attach_all()?;
             }
         }
-        self.instance_id = host::new_instance_id()?;
-        write_host_params(&self.mem, &self.vcpu, self.instance_id, config, &self.devices)?;
+        self.instance_id = write_host_params(&self.mem, &self.vcpu, true, config, &self.devices)?;
         let warm = u32::try_from(self.warm.len()).unwrap_or(u32::MAX);
         self.mem.write_obj([CHECKPOINT_RESTORED, warm], GuestAddress(HYPERCALL_PAGE_GPA)).map_err(memory_error)?;
         self.io_table = (image.info.guest.io_table_len > 0)
