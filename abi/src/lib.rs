@@ -20,6 +20,7 @@ extern crate alloc;
 pub mod bundle;
 pub mod cpuid;
 pub mod devices;
+pub mod engine;
 pub mod fault;
 pub mod hypercall;
 pub mod image;

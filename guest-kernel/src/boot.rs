@@ -44,6 +44,7 @@ pub fn start(boot_info: &'static mut BootInfo, main: fn() -> u32) -> ! {
     // GDT or IDT while they change.
     unsafe {
         arch::paging::make_user_accessible(phys_offset, start as *const () as u64);
+        arch::enable_sse_for_ring3();
         arch::gdt::load();
         arch::idt::load();
     }

@@ -22,6 +22,7 @@ pub mod arch;
 pub mod boot;
 pub mod console;
 pub mod devices;
+pub mod engine;
 pub mod function;
 pub mod heap;
 pub mod hypercall;

@@ -22,6 +22,14 @@ pub fn built_in() -> Result<&'static KernelImage, String> {
 /// Largest kernel file thaw reads.
 const MAX_KERNEL_FILE: u64 = 256 << 20;
 
+/// The largest file `--ramdisk` loads.
+const MAX_RAMDISK_FILE: u64 = 64 << 20;
+
+/// Reads the file `--ramdisk` names, for a kernel booted on its own.
+pub fn load_ramdisk(path: &std::path::Path, args: &KernelArgs) -> Result<Vec<u8>, String> {
+    crate::pack::read_limited(path, MAX_RAMDISK_FILE, "ramdisk", timeout(args)?)
+}
+
 /// A kernel's bytes and where they came from.
 pub struct Kernel {
     /// The ELF bytes.

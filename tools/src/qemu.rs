@@ -48,6 +48,10 @@ pub struct QemuArgs {
     /// console, appended to FILE.
     #[arg(long, value_name = "FILE")]
     console: Option<PathBuf>,
+    /// Load FILE into guest memory as the kernel's ramdisk, for test kernels booted without a
+    /// FUNCTION (whose bundle is the ramdisk otherwise).
+    #[arg(long, value_name = "FILE", conflicts_with = "function")]
+    ramdisk: Option<PathBuf>,
 }
 
 /// What a serial line meant.
@@ -147,7 +151,11 @@ pub fn run(args: &QemuArgs) -> Result<u8, String> {
         std::fs::write(&path, bytes).map(|()| path).map_err(|e| format!("writing the {name} for QEMU: {e}"))
     };
     // The guest's ramdisk is the bundle without its data volume, which QEMU serves as a disk.
-    let ramdisk = function.as_ref().map(|f| write("ramdisk", f.ramdisk())).transpose()?;
+    let ramdisk = match (&function, &args.ramdisk) {
+        (Some(f), _) => Some(write("ramdisk", f.ramdisk())?),
+        (None, Some(path)) => Some(write("ramdisk", &crate::kernel::load_ramdisk(path, &args.kernel)?)?),
+        (None, None) => None,
+    };
     let mut devices: Vec<String> = Vec::new();
     if let Some(f) = &function
         && let Some((offset, len)) = f.volume
@@ -180,7 +188,9 @@ pub fn run(args: &QemuArgs) -> Result<u8, String> {
     let image = dir.path().join("disk.img");
     build_disk_image(&kernel_path, ramdisk.as_deref(), &image)?;
     let mut child = Command::new(&args.qemu)
-        .args(["-accel", "tcg", "-m", &format!("{memory}M")])
+        // `max`: every x86 feature TCG emulates, SSSE3 and SSE4 among them, which code compiled for
+        // the guest's Wasmtime needs (abi::engine::X86_FEATURES); QEMU's default CPU lacks them.
+        .args(["-accel", "tcg", "-cpu", "max", "-m", &format!("{memory}M")])
         .args(["-display", "none", "-monitor", "none", "-serial", "stdio", "-no-reboot"])
         .args(["-device", &format!("isa-debug-exit,iobase={:#x},iosize=0x04", abi::qemu::ISA_DEBUG_EXIT_PORT)])
         .arg("-drive")

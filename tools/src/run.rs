@@ -1,6 +1,7 @@
 //! `thaw run`: boot a kernel under KVM with thaw's VMM.
 
 use std::io::Write;
+use std::path::PathBuf;
 
 use clap::Args;
 use host_vmm::exit::ExitError;
@@ -16,6 +17,10 @@ pub struct RunArgs {
     /// Guest memory in MiB.
     #[arg(long, value_name = "MIB", default_value_t = 64)]
     memory: u64,
+    /// Load FILE into guest memory as the kernel's ramdisk, for test kernels (thaw's own kernel
+    /// finds a function bundle there, which `thaw invoke` places).
+    #[arg(long, value_name = "FILE")]
+    ramdisk: Option<PathBuf>,
     /// Print how long each boot phase took, in microseconds, on stderr.
     #[arg(long)]
     timings: bool,
@@ -26,8 +31,13 @@ pub struct RunArgs {
 /// Runs `thaw run` and returns the process exit code.
 pub fn run(args: &RunArgs) -> Result<u8, String> {
     let kernel = crate::kernel::load(&args.kernel)?;
-    let mut config =
-        VmConfig { memory_mib: args.memory, timeout: crate::kernel::timeout(&args.kernel)?, ..VmConfig::default() };
+    let ramdisk = args.ramdisk.as_deref().map(|path| crate::kernel::load_ramdisk(path, &args.kernel)).transpose()?;
+    let mut config = VmConfig {
+        memory_mib: args.memory,
+        timeout: crate::kernel::timeout(&args.kernel)?,
+        ramdisk,
+        ..VmConfig::default()
+    };
     args.devices.apply_boot(&mut config)?;
     let stdout = std::io::stdout();
     let report = host_vmm::run_kernel(&kernel.image, &config, &mut stdout.lock()).map_err(|e| match e {

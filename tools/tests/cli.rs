@@ -68,6 +68,8 @@ fn rejects_missing_files_and_bad_option_values() {
     assert!(rejected(&["run", "--timeout", "0"]).contains("--timeout 0: must be a positive"));
     assert!(rejected(&["run", "--timeout", "NaN"]).contains("--timeout NaN"));
     assert!(rejected(&["qemu", "--kernel", "/bin/ls"]).contains("is not ET_EXEC"));
+    assert!(rejected(&["run", "--ramdisk", "/nonexistent/r"]).contains("reading ramdisk /nonexistent/r"));
+    assert!(rejected(&["qemu", "--ramdisk", "/nonexistent/r"]).contains("reading ramdisk /nonexistent/r"));
 }
 
 /// Issue 14, defect 2: a device or a pipe says its size is 0, and was read to the end whatever
@@ -83,6 +85,8 @@ fn endless_inputs_are_cut_at_their_cap() {
         (vec!["invoke", "/dev/null", "--input", "/dev/zero"], "16777216"),
         (vec!["pack", "/dev/zero", "-o", "/nonexistent/f.thaw"], "268435456"),
         (vec!["run", "--kernel", "/dev/zero"], "268435456"),
+        (vec!["run", "--ramdisk", "/dev/zero"], "67108864"),
+        (vec!["qemu", "--ramdisk", "/dev/zero"], "67108864"),
         (vec!["qemu", "--input", "/dev/zero", bundle], "16777216"),
     ] {
         let line = rejected(&args);

@@ -28,6 +28,35 @@ pub fn current_privilege_level() -> u16 {
     cs & 3
 }
 
+const CR0_MP: u64 = 1 << 1;
+const CR0_EM: u64 = 1 << 2;
+const CR4_OSFXSR: u64 = 1 << 9;
+const CR4_OSXMMEXCPT: u64 = 1 << 10;
+
+/// Lets ring 3 execute SSE: the code Wasmtime compiles uses it (the kernel itself is built
+/// soft-float and never does). thaw's VMM sets these bits itself, so under PVM this is two
+/// control-register reads; only the BIOS bootloader leaves them clear.
+///
+/// # Safety
+/// Ring 0 only.
+pub unsafe fn enable_sse_for_ring3() {
+    let (cr0, cr4): (u64, u64);
+    // SAFETY: reading control registers in ring 0 has no side effects.
+    unsafe {
+        asm!("mov {}, cr0", out(reg) cr0, options(nomem, nostack, preserves_flags));
+        asm!("mov {}, cr4", out(reg) cr4, options(nomem, nostack, preserves_flags));
+    }
+    let (want_cr0, want_cr4) = ((cr0 & !CR0_EM) | CR0_MP, cr4 | CR4_OSFXSR | CR4_OSXMMEXCPT);
+    if (want_cr0, want_cr4) != (cr0, cr4) {
+        // SAFETY: these bits only enable SSE state and exceptions; no instruction that runs in
+        // ring 0 uses SSE, and ring 3 has not run yet.
+        unsafe {
+            asm!("mov cr0, {}", in(reg) want_cr0, options(nostack, preserves_flags));
+            asm!("mov cr4, {}", in(reg) want_cr4, options(nostack, preserves_flags));
+        }
+    }
+}
+
 /// Keeps `value` alive through the linker's section garbage collection, as `bootloader_api`
 /// does for its config, without emitting any memory access.
 pub fn force_use<T>(value: &T) {

@@ -11,6 +11,7 @@ use core::arch::asm;
 const PRESENT: u64 = 1 << 0;
 const USER: u64 = 1 << 2;
 const HUGE: u64 = 1 << 7;
+const NO_EXECUTE: u64 = 1 << 63;
 const ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
 const CR4_SMEP: u64 = 1 << 20;
 const CR4_SMAP: u64 = 1 << 21;
@@ -40,7 +41,10 @@ unsafe fn walk_is_user(phys_offset: u64, pml4: u64, virt: u64) -> bool {
     true
 }
 
-/// Sets U/S on every present entry of the table at `table_phys` and below.
+/// Sets U/S and clears NX on every present entry of the table at `table_phys` and below. NX
+/// goes because the heap (reached through the physical-memory mapping, which the BIOS loader
+/// maps no-execute) holds the code Wasmtime loads; under thaw's VMM, EFER.NXE is off and
+/// nothing is no-execute either.
 ///
 /// # Safety
 /// As for [`walk_is_user`]; ring 0 only.
@@ -54,8 +58,8 @@ unsafe fn set_user(phys_offset: u64, table_phys: u64, level: u32) {
             if entry & PRESENT == 0 {
                 continue;
             }
-            if entry & USER == 0 {
-                slot.write_volatile(entry | USER);
+            if entry & USER == 0 || entry & NO_EXECUTE != 0 {
+                slot.write_volatile((entry | USER) & !NO_EXECUTE);
             }
             if level > 1 && entry & HUGE == 0 {
                 set_user(phys_offset, entry, level - 1);
@@ -64,7 +68,7 @@ unsafe fn set_user(phys_offset: u64, table_phys: u64, level: u32) {
     }
 }
 
-/// Makes every mapping user-accessible unless `probe` (an address in the kernel's code) already
+/// Makes every mapping user-accessible and executable unless `probe` (an address in the kernel's code) already
 /// is, and turns off SMEP and SMAP so ring-0 handlers may touch those pages.
 ///
 /// # Safety
