@@ -249,3 +249,33 @@ fn proc_exit_code_becomes_the_exit_code() {
     assert_eq!(run.code, Some(3), "{run:#?}");
     assert_eq!(run.stderr, "thaw: function exited with code 3\n");
 }
+
+/// Issue 15: `thaw bench --peer wasmtime` runs the same function in process with Wasmtime, as
+/// many times, and sets thaw's phases against the peer's; it refuses to compare when the two
+/// answered differently (they would not have done the same work).
+#[test]
+fn bench_sets_thaw_against_wasmtime_running_the_same_function() {
+    let (_dir, bundle) = example("heavy-init", &[]);
+    let run = thaw(&["bench", &bundle, "--peer", "wasmtime", "--runs", "3", "--data", "42", "--json"]);
+    assert_eq!(run.code, Some(0), "{run:#?}");
+    let stats: serde_json::Value = serde_json::from_str(&run.stdout).expect("one JSON object");
+    assert_eq!(stats["mode"], "cold");
+    assert!(stats["peer"]["name"].as_str().unwrap().starts_with("Wasmtime "), "{stats}");
+    for phase in ["compile_us", "instantiate_us", "init_us", "handle_us"] {
+        let (ours, peer) = (&stats["phases"][phase]["p50"], &stats["peer"]["phases"][phase]["p50"]);
+        assert!(ours.as_u64().is_some() && peer.as_u64().is_some(), "{phase}: {stats}");
+    }
+    // heavy-init's init computes for a while on both; a peer that skipped it would show ~0.
+    assert!(stats["peer"]["phases"]["init_us"]["p50"].as_u64().unwrap() > 1000, "{stats}");
+
+    let text = thaw(&["bench", &bundle, "--peer", "wasmtime", "--runs", "1", "--data", "42"]);
+    assert_eq!(text.code, Some(0), "{text:#?}");
+    assert!(text.stdout.contains("against Wasmtime"), "{}", text.stdout);
+    assert!(text.stdout.lines().any(|l| l.starts_with("init (µs)") && l.ends_with('x')), "{}", text.stdout);
+
+    // random answers with fresh bytes each time, so thaw's answer and the peer's differ.
+    let (_dir, random) = example("random", &[]);
+    let differs = thaw(&["bench", &random, "--peer", "wasmtime", "--runs", "1", "--data", "{}"]);
+    assert_eq!(differs.code, Some(125), "{differs:#?}");
+    assert!(differs.stderr.contains("they must do the same work"), "{}", differs.stderr);
+}

@@ -46,9 +46,21 @@ pub struct BenchArgs {
     /// of it. Alone, measures only the floor.
     #[arg(long)]
     floor: bool,
+    /// Also run the function PEER's way, in this process, as many times, and set thaw's phases
+    /// against it (cold invocations of a bundle only). wasmtime: Wasmtime with Cranelift and
+    /// WASI preview 1, as its own users run a module.
+    #[arg(long, value_enum, value_name = "PEER", requires = "function", conflicts_with = "mode")]
+    peer: Option<Peer>,
     /// Print the results as one JSON object on stdout instead of text (docs/API.md, "Stats").
     #[arg(long)]
     json: bool,
+}
+
+/// A runtime `--peer` measures thaw against.
+#[derive(clap::ValueEnum, Debug, Clone, Copy)]
+enum Peer {
+    /// Wasmtime (Cranelift, WASI preview 1) in this process.
+    Wasmtime,
 }
 
 /// The floor, measured.
@@ -116,6 +128,9 @@ pub fn run(args: &BenchArgs) -> Result<u8, String> {
     if !is_image {
         return boot_batch(args, args.function.load(crate::kernel::timeout(&args.kernel)?)?, floor);
     }
+    if args.peer.is_some() {
+        return Err(format!("--peer measures cold invocations of a bundle; {} is a snapshot image", path.display()));
+    }
     let image = std::sync::Arc::new(host_vmm::Image::open(path).map_err(|e| e.to_string())?);
     let request = crate::invoke::request_body(
         args.function.data.as_ref(),
@@ -176,7 +191,13 @@ fn boot_batch(
         None => ("kernel", "kernel boots".to_string(), "kernel boot"),
     };
     let mut stats = BatchStats::new(mode, name, args.runs);
-    measure(&mut stats, false, || host_vmm::run_kernel(&kernel.image, &config, &mut std::io::sink()))?;
+    let answer = measure(&mut stats, false, || host_vmm::run_kernel(&kernel.image, &config, &mut std::io::sink()))?;
+    if let (Some(Peer::Wasmtime), Some(function)) = (args.peer, &function) {
+        eprintln!("thaw: bench: the same {} runs with {}", args.runs, crate::peer::NAME);
+        let request = config.requests.first().map_or(&[][..], |r| &r[..]);
+        let phases = crate::peer::measure(function, request, args.runs, &answer)?;
+        stats.peer = Some(crate::stats::PeerStats { name: crate::peer::NAME.into(), phases });
+    }
     let heading = format!("{} {what}, {} MiB guest memory; times in microseconds", args.runs, config.memory_mib);
     report(args, stats, floor, &heading, vs)
 }
@@ -204,16 +225,21 @@ fn report(
     if let Some(line) = stats.floor.as_ref().and_then(|f| f.describe(what)) {
         outln!("{line}")?;
     }
+    if let Some(peer) = &stats.peer {
+        out!("{}", peer.versus(&stats.phases))?;
+    }
     Ok(0)
 }
 
 /// Runs `stats.count` VMs with `one`, requiring each to end cleanly with clean answers, and
-/// sets `stats` to what they measured (`restored`: restores rather than cold boots).
+/// sets `stats` to what they measured (`restored`: restores rather than cold boots). Returns
+/// the first run's first response (empty without one).
 fn measure(
     stats: &mut BatchStats,
     restored: bool,
     mut one: impl FnMut() -> Result<RunReport, host_vmm::VmmError>,
-) -> Result<(), String> {
+) -> Result<Vec<u8>, String> {
+    let mut first = None;
     let runs = stats.count;
     let mut samples = Vec::with_capacity(runs);
     let mut err = std::io::stderr().lock();
@@ -226,6 +252,9 @@ fn measure(
         if let Some(response) = report.responses.iter().find(|r| r.status != FunctionStatus::Ok) {
             let why = RequestStats::new(&report.outcome, Some(response)).error.unwrap_or_default();
             return Err(format!("run {}: {why}", i + 1));
+        }
+        if first.is_none() {
+            first = Some(report.responses.first().map(|r| r.stdout.clone()).unwrap_or_default());
         }
         let mut measured = Measured::of_run(&report, restored);
         if restored {
@@ -242,5 +271,5 @@ fn measure(
     stats.requests_per_s = (runs as f64 / wall.as_secs_f64().max(1e-9)).round() as u64;
     stats.statuses.insert(Status::Ok, runs);
     stats.summarize(&samples);
-    Ok(())
+    Ok(first.unwrap_or_default())
 }

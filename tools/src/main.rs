@@ -37,6 +37,7 @@ mod inspect;
 mod invoke;
 mod kernel;
 mod pack;
+mod peer;
 mod qemu;
 mod restore;
 mod run;

@@ -338,6 +338,33 @@ pub struct PoolSummary {
     pub wait_ms: u64,
 }
 
+/// The peer measured in the same run (`thaw bench --peer`): the same function's phases run by
+/// another runtime.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PeerStats {
+    /// The peer, with its version.
+    pub name: String,
+    /// Percentiles of its phases (compile, instantiate, init, handle), in microseconds.
+    pub phases: Phases<Percentiles>,
+}
+
+impl PeerStats {
+    /// thaw's p50 in each phase both measured, against the peer's, as a text table.
+    pub fn versus(&self, thaw: &Phases<Percentiles>) -> String {
+        use std::fmt::Write;
+        let thaw = thaw.rows();
+        let mut out =
+            format!("against {} (p50, µs):\n{:<18} {:>9} {:>9} {:>11}\n", self.name, "", "thaw", "peer", "thaw/peer");
+        for (label, peer) in self.phases.rows() {
+            if let Some((_, ours)) = thaw.iter().find(|(l, _)| *l == label) {
+                let ratio = ours.p50 as f64 / peer.p50.max(1) as f64;
+                let _ = writeln!(out, "{label:<18} {:>9} {:>9} {:>10.2}x", ours.p50, peer.p50, ratio);
+            }
+        }
+        out
+    }
+}
+
 /// The floor measured in the same run (`--floor`), and the batch as a multiple of it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct FloorStats {
@@ -429,6 +456,9 @@ pub struct BatchStats {
     /// The floor, with --floor.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub floor: Option<FloorStats>,
+    /// The peer, with `thaw bench --peer`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer: Option<PeerStats>,
 }
 
 impl BatchStats {
@@ -451,6 +481,7 @@ impl BatchStats {
             exits: Exits::default(),
             pool: None,
             floor: None,
+            peer: None,
         }
     }
 

@@ -1,0 +1,131 @@
+//! The peer `thaw bench --peer wasmtime` measures thaw against: a bundle's function run in this
+//! process by Wasmtime (Cranelift, WASI preview 1 from `wasmtime-wasi`), phase by phase as
+//! thaw's guest runs it: compile, instantiate, init, handle. Each run instantiates the module
+//! anew, runs init and serves the request, as a cold invocation does; the module is compiled
+//! once, and that one compile is the compile phase.
+
+use std::time::Instant;
+
+use host_vmm::function::{Function, FunctionKind};
+use wasmtime::{Config, Engine, Instance, Linker, Module, Store, StoreLimits, StoreLimitsBuilder};
+use wasmtime_wasi::WasiCtxBuilder;
+use wasmtime_wasi::p1::WasiP1Ctx;
+use wasmtime_wasi::p2::pipe::{MemoryInputPipe, MemoryOutputPipe};
+
+use crate::stats::{Percentiles, Phases};
+
+/// The peer's name and version in reports.
+pub const NAME: &str = "Wasmtime 50.0.1, in process";
+
+/// The most output kept from one run, as thaw's guest keeps (16 MiB per stream).
+const MAX_OUTPUT: usize = 16 << 20;
+
+/// What a peer run holds: the function's WASI context and its memory limit.
+struct Peer {
+    wasi: WasiP1Ctx,
+    limits: StoreLimits,
+}
+
+/// Measures `function` serving `request` `runs` times with the peer, after checking that its
+/// first answer equals `expected` (thaw's), so both measured the same work.
+pub fn measure(
+    function: &Function,
+    request: &[u8],
+    runs: usize,
+    expected: &[u8],
+) -> Result<Phases<Percentiles>, String> {
+    if function.volume.is_some() || !function.manifest.connections.is_empty() {
+        return Err("--peer wasmtime: the peer runs functions without a data volume or service connections".into());
+    }
+    let parsed = abi::bundle::parse(&function.bundle).map_err(|e| e.to_string())?;
+    let mut config = Config::new();
+    config.consume_fuel(function.manifest.fuel.is_some());
+    let engine = Engine::new(&config).map_err(|e| format!("--peer wasmtime: {e}"))?;
+    let started = Instant::now();
+    let module = Module::new(&engine, parsed.wasm).map_err(|e| format!("--peer wasmtime: compiling: {e}"))?;
+    let compile_us = started.elapsed().as_micros() as u64;
+    let mut linker = Linker::<Peer>::new(&engine);
+    wasmtime_wasi::p1::add_to_linker_sync(&mut linker, |peer| &mut peer.wasi)
+        .map_err(|e| format!("--peer wasmtime: {e}"))?;
+    let mut samples = Vec::with_capacity(runs);
+    for run in 0..runs {
+        let (phases, stdout) = serve(function, &engine, &linker, &module, request)
+            .map_err(|e| format!("--peer wasmtime: run {}: {e}", run + 1))?;
+        if run == 0 && stdout != expected {
+            return Err(format!(
+                "--peer wasmtime: the peer answered {:?}, thaw answered {:?}; they must do the same work",
+                String::from_utf8_lossy(&stdout),
+                String::from_utf8_lossy(expected)
+            ));
+        }
+        samples.push(phases);
+    }
+    let mut phases = Phases::summarize(samples.iter());
+    phases.compile_us = Percentiles::of(std::iter::once(compile_us));
+    Ok(phases)
+}
+
+/// One cold invocation: a new instance, its init, the request. Returns the phases and stdout.
+fn serve(
+    function: &Function,
+    engine: &Engine,
+    linker: &Linker<Peer>,
+    module: &Module,
+    request: &[u8],
+) -> Result<(Phases<u64>, Vec<u8>), String> {
+    let manifest = &function.manifest;
+    let stdout = MemoryOutputPipe::new(MAX_OUTPUT);
+    let env: Vec<(&str, &str)> = manifest.env.iter().filter_map(|entry| entry.split_once('=')).collect();
+    let mut args = vec![manifest.name.as_str()];
+    args.extend(manifest.args.iter().map(String::as_str));
+    let wasi = WasiCtxBuilder::new()
+        .stdin(MemoryInputPipe::new(request.to_vec()))
+        .stdout(stdout.clone())
+        .stderr(MemoryOutputPipe::new(MAX_OUTPUT))
+        .args(&args)
+        .envs(&env)
+        .build_p1();
+    let limits = StoreLimitsBuilder::new().memory_size((manifest.memory_mib as usize) << 20).build();
+    let mut store = Store::new(engine, Peer { wasi, limits });
+    store.limiter(|peer| &mut peer.limits);
+    if let Some(fuel) = manifest.fuel {
+        store.set_fuel(fuel).map_err(|e| e.to_string())?;
+    }
+    let mut phases = Phases::default();
+    let started = Instant::now();
+    let instance = linker.instantiate(&mut store, module).map_err(|e| format!("instantiating: {e}"))?;
+    phases.instantiate_us = Some(started.elapsed().as_micros() as u64);
+    let started = Instant::now();
+    match function.kind {
+        FunctionKind::Reactor => {
+            for name in ["_initialize", "init"] {
+                call(&mut store, &instance, name)?;
+            }
+            phases.init_us = Some(started.elapsed().as_micros() as u64);
+            let started = Instant::now();
+            call(&mut store, &instance, "handle")?;
+            phases.handle_us = Some(started.elapsed().as_micros() as u64);
+        }
+        FunctionKind::Command => {
+            call(&mut store, &instance, "_start")?;
+            phases.handle_us = Some(started.elapsed().as_micros() as u64);
+        }
+    }
+    drop(store);
+    Ok((phases, stdout.contents().to_vec()))
+}
+
+/// Calls the export `name`, if the module has it; `proc_exit(0)` counts as returning.
+fn call(store: &mut Store<Peer>, instance: &Instance, name: &str) -> Result<(), String> {
+    let Some(func) = instance.get_func(&mut *store, name) else {
+        return Ok(());
+    };
+    let func = func.typed::<(), ()>(&*store).map_err(|e| format!("{name}: {e}"))?;
+    match func.call(&mut *store, ()) {
+        Ok(()) => Ok(()),
+        Err(e) => match e.downcast_ref::<wasmtime_wasi::I32Exit>() {
+            Some(wasmtime_wasi::I32Exit(0)) => Ok(()),
+            _ => Err(format!("{name}: {e}")),
+        },
+    }
+}
