@@ -98,6 +98,33 @@ fn json_transform_parses_transforms_and_serializes() {
     assert!(bad.stderr.contains("json-transform: bad order"), "{bad:#?}");
 }
 
+/// The compute-heavy example (issue 15): regexes and SHA-256, as a new user writes them. The
+/// counts follow from the text; the digest is computed here, independently of the guest.
+#[test]
+fn text_analysis_counts_words_emails_and_urls_and_digests_with_the_stretched_key() {
+    use sha2::{Digest, Sha256};
+    let text = "Ada wrote to ada@example.org: see https://example.org/notes, then wrote to bob@example.net again.";
+    let mut key: [u8; 32] = Sha256::digest(b"thaw text-analysis").into();
+    for _ in 0..20_000 {
+        key = Sha256::digest(key).into();
+    }
+    let digest: String =
+        Sha256::new().chain_update(key).chain_update(text).finalize().iter().map(|b| format!("{b:02x}")).collect();
+    let (_dir, bundle) = example("text-analysis", &[]);
+    let run = both(&bundle, text);
+    assert_eq!(run.code, Some(0), "{run:#?}");
+    let answer: serde_json::Value = serde_json::from_str(&run.stdout).expect("JSON");
+    let expected = serde_json::json!({
+        "words": 18,
+        "distinct_words": 12,
+        "top_words": [["example", 3], ["ada", 2], ["org", 2], ["to", 2], ["wrote", 2]],
+        "emails": ["ada@example.org", "bob@example.net"],
+        "urls": 1,
+        "digest": digest,
+    });
+    assert_eq!(answer, expected);
+}
+
 #[test]
 fn random_gives_fresh_bytes_and_the_hosts_wall_clock() {
     let (_dir, bundle) = example("random", &[]);

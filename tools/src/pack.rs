@@ -53,7 +53,7 @@ pub struct PackArgs {
 
 /// The example functions (Rust, compiled to wasm32-wasip1 by the workspace build), each with
 /// the request its documentation gives, which becomes the bundle's sample request.
-const EXAMPLES: [(&str, &[u8], &str); 6] = [
+const EXAMPLES: [(&str, &[u8], &str); 7] = [
     ("hello", include_bytes!(env!("CARGO_CDYLIB_FILE_EXAMPLE_HELLO_example_hello")), r#"{"name": "ada"}"#),
     (
         "json-transform",
@@ -63,6 +63,11 @@ const EXAMPLES: [(&str, &[u8], &str); 6] = [
     ("random", include_bytes!(env!("CARGO_CDYLIB_FILE_EXAMPLE_RANDOM_example_random")), "{}"),
     ("heavy-init", include_bytes!(env!("CARGO_CDYLIB_FILE_EXAMPLE_HEAVY_INIT_example_heavy_init")), "1000"),
     (
+        "text-analysis",
+        include_bytes!(env!("CARGO_CDYLIB_FILE_EXAMPLE_TEXT_ANALYSIS_example_text_analysis")),
+        "Ada wrote to ada@example.org: see https://example.org/notes, then wrote to bob@example.net again.",
+    ),
+    (
         "data-reader",
         include_bytes!(env!("CARGO_CDYLIB_FILE_EXAMPLE_DATA_READER_example_data_reader")),
         r#"{"file": "readme.txt"}"#,
@@ -70,8 +75,8 @@ const EXAMPLES: [(&str, &[u8], &str); 6] = [
     ("service-client", include_bytes!(env!("CARGO_CDYLIB_FILE_EXAMPLE_SERVICE_CLIENT_example_service_client")), "ping"),
 ];
 /// The names of the built-in examples.
-pub const EXAMPLE_NAMES: [&str; 6] =
-    [EXAMPLES[0].0, EXAMPLES[1].0, EXAMPLES[2].0, EXAMPLES[3].0, EXAMPLES[4].0, EXAMPLES[5].0];
+pub const EXAMPLE_NAMES: [&str; 7] =
+    [EXAMPLES[0].0, EXAMPLES[1].0, EXAMPLES[2].0, EXAMPLES[3].0, EXAMPLES[4].0, EXAMPLES[5].0, EXAMPLES[6].0];
 
 /// A bundle of the built-in example `name` with default settings and `memory_mib` of memory.
 pub fn example_bundle(name: &str, memory_mib: u32) -> Result<Vec<u8>, String> {
