@@ -26,3 +26,20 @@ pub const X86_FEATURES: [(&str, &str); 5] = [
 /// fits with room to spare in the guest's 1 MiB stack, on which the runtime and host calls run
 /// too.
 pub const MAX_WASM_STACK: usize = 256 * 1024;
+
+/// Sets on `config` every setting the compiled code depends on, as both the host's compiler and
+/// the guest's runtime must (the host must also turn off the wasm proposals the guest's build
+/// lacks, such as the component model, which Cargo may have enabled in its own): explicit bounds, divisor and stack checks instead of signals and
+/// guard pages (the guest has neither), linear memory as plain heap memory, fuel metering, and
+/// the stack limit.
+#[cfg(feature = "engine")]
+pub fn configure(config: &mut wasmtime::Config) -> &mut wasmtime::Config {
+    config
+        .signals_based_traps(false)
+        .memory_init_cow(false)
+        .memory_reservation(0)
+        .memory_guard_size(0)
+        .memory_reservation_for_growth(0)
+        .consume_fuel(true)
+        .max_wasm_stack(MAX_WASM_STACK)
+}

@@ -78,19 +78,11 @@ fn cpu_feature(feature: &str) -> Option<bool> {
     Some(ecx & (1 << bit) != 0)
 }
 
-/// The guest's engine configuration: the host's (`tools`' compiler) in every setting the
-/// compiled code depends on, plus what only the runtime needs.
+/// The guest's engine configuration: the settings shared with the host's compiler
+/// ([`abi::engine::configure`]), plus what only the runtime needs.
 pub fn config() -> Config {
     let mut config = Config::new();
-    config
-        .signals_based_traps(false)
-        .memory_init_cow(false)
-        .memory_reservation(0)
-        .memory_guard_size(0)
-        .memory_reservation_for_growth(0)
-        .consume_fuel(true)
-        .max_wasm_stack(abi::engine::MAX_WASM_STACK)
-        .with_custom_code_memory(Some(Arc::new(CodeMemory)));
+    abi::engine::configure(&mut config).with_custom_code_memory(Some(Arc::new(CodeMemory)));
     // SAFETY: floats never cross between compiled code and the soft-float runtime in registers:
     // the code is compiled with the features of `abi::engine::X86_FEATURES`, which inline the
     // float operations it would otherwise call the runtime for, and `cpu_feature` answers

@@ -16,18 +16,13 @@ const KERNEL: &str = env!("CARGO_BIN_FILE_GUEST_KERNEL_test-wasmtime");
 
 const PROBE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/fixtures/engine-probe.wat");
 
-/// The settings compiled code depends on, as the guest's engine sets them
-/// (guest-kernel/src/engine.rs), with fuel as given.
+/// The settings compiled code depends on, as the guest's engine sets them, with fuel as given.
+/// A compiled module also records the wasm proposals its engine enabled, and the guest's
+/// runtime is built without the component model, which this build may have (Cargo unifies
+/// `wasmtime-wasi`'s features into it): it must be off here too.
 fn config(fuel: bool) -> Config {
     let mut config = Config::new();
-    config
-        .signals_based_traps(false)
-        .memory_init_cow(false)
-        .memory_reservation(0)
-        .memory_guard_size(0)
-        .memory_reservation_for_growth(0)
-        .consume_fuel(fuel)
-        .max_wasm_stack(abi::engine::MAX_WASM_STACK);
+    abi::engine::configure(&mut config).consume_fuel(fuel).wasm_component_model(false);
     config
 }
 
