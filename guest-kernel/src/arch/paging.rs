@@ -68,8 +68,9 @@ unsafe fn set_user(phys_offset: u64, table_phys: u64, level: u32) {
     }
 }
 
-/// Makes every mapping user-accessible and executable unless `probe` (an address in the kernel's code) already
-/// is, and turns off SMEP and SMAP so ring-0 handlers may touch those pages.
+/// Makes every mapping user-accessible and executable unless `probe` (an address in the
+/// kernel's code) already is user-accessible, and turns off SMEP and SMAP so ring-0 handlers may
+/// touch those pages.
 ///
 /// # Safety
 /// Ring 0 only; physical memory must be mapped at `phys_offset`.
