@@ -4,18 +4,20 @@
 //! ```text
 //!   offset  size  field
 //!   0       8     magic "THAWFUNC"
-//!   8       4     format version: 1; 2 when the bundle has a data volume; 3 when it has
-//!                 service connections (with or without a volume); 4 when it carries a
-//!                 sample request
+//!   8       4     format version: 5, which carries compiled code. Older bundles are read
+//!                 (1: plain; 2: with a data volume; 3: with service connections; 4: with a
+//!                 sample request) so they can be inspected, but not run: repack them
 //!   12      4     header length (64)
 //!   16      4     manifest length
 //!   20      4     reserved, zero
 //!   24      8     wasm length
-//!   32      8     total length = 64 + manifest length + wasm length + volume length
+//!   32      8     total length = 64 + manifest + wasm + code + volume lengths
 //!   40      4     CRC-32 (IEEE) of header bytes 0..40 followed by the manifest
-//!   44      8     volume length (versions 2 to 4; zero in version 1)
-//!   52      12    reserved, zero
-//!   64      ...   manifest (below), the wasm module, then the data volume (`crate::volume`)
+//!   44      8     volume length (zero in version 1)
+//!   52      8     code length (version 5; zero before)
+//!   60      4     reserved, zero
+//!   64      ...   manifest (below), the wasm module, the compiled code (Wasmtime's artifact for
+//!                 the guest's engine, `crate::engine`), then the data volume (`crate::volume`)
 //! ```
 //!
 //! The manifest is a sequence of little-endian fields; a string is a u16 length and UTF-8 bytes:
@@ -23,13 +25,15 @@
 //! args (u16 count, strings), env (u16 count, `KEY=VALUE` strings), from version 3 the service
 //! connections (u16 count, each a name string and a u32 vsock port), in version 4 the sample
 //! request (u32 length, at most [`MAX_SAMPLE_BYTES`], and its bytes: what `thaw snapshot`
-//! records the working set with), and, exactly when the bundle has a volume, the volume's
-//! SHA-256 (32 bytes).
+//! records the working set with), in version 5 the sample request behind a presence byte (0, or
+//! 1 followed by the version 4 field) and then the code's SHA-256 (32 bytes), and, exactly when
+//! the bundle has a volume, the volume's SHA-256 (32 bytes).
 //!
 //! Every length is checked against the bytes present and against the caps below before use, and
-//! every failure names the field and value. The CRC covers metadata only; the wasm and volume
-//! bytes are covered by the SHA-256s in the manifest, which the host checks before it boots a
-//! bundle. A bundle may be handed over without its volume (the bytes stop after the wasm).
+//! every failure names the field and value. The CRC covers metadata only; the wasm, code and
+//! volume bytes are covered by the SHA-256s in the manifest, which the host checks before it
+//! boots a bundle. A bundle may be handed over without its volume (the bytes stop after the
+//! code).
 
 use alloc::string::String;
 use alloc::vec::Vec;
@@ -45,8 +49,13 @@ pub const FORMAT_VERSION: u32 = 1;
 pub const FORMAT_VERSION_WITH_VOLUME: u32 = 2;
 /// The version it writes for a bundle with service connections.
 pub const FORMAT_VERSION_WITH_CONNECTIONS: u32 = 3;
-/// The version it writes for a bundle with a sample request (and the newest it reads).
+/// The version it wrote for a bundle with a sample request.
 pub const FORMAT_VERSION_WITH_SAMPLE: u32 = 4;
+/// The version it writes for a bundle with compiled code: every bundle `thaw pack` writes now,
+/// and the newest it reads.
+pub const FORMAT_VERSION_WITH_CODE: u32 = 5;
+/// Largest compiled code.
+pub const MAX_CODE_BYTES: u64 = 256 << 20;
 /// Longest sample request.
 pub const MAX_SAMPLE_BYTES: usize = 64 << 10;
 /// Header size.
@@ -94,7 +103,8 @@ pub struct Manifest {
     pub wasm_sha256: [u8; 32],
     /// Most linear memory the module may use, in MiB (1..=[`MAX_MEMORY_MIB`]).
     pub memory_mib: u32,
-    /// Fuel per invocation (wasmi's instruction budget), or `None` for no limit.
+    /// Fuel per invocation (Wasmtime's budget: about one unit per wasm instruction), or `None`
+    /// for no limit.
     pub fuel: Option<u64>,
     /// Arguments the function sees through `args_get`.
     pub args: Vec<String>,
@@ -107,6 +117,8 @@ pub struct Manifest {
     /// A request the function answers, which `thaw snapshot` records the working set with by
     /// default (bundle version 4).
     pub sample_request: Option<Vec<u8>>,
+    /// SHA-256 of the compiled code (bundle version 5).
+    pub code_sha256: Option<[u8; 32]>,
 }
 
 /// A parsed bundle borrowing its wasm bytes.
@@ -116,6 +128,8 @@ pub struct Bundle<'a> {
     pub manifest: Manifest,
     /// The wasm module.
     pub wasm: &'a [u8],
+    /// The compiled code (empty before version 5).
+    pub code: &'a [u8],
     /// The data volume's length (0 without one).
     pub volume_len: u64,
     /// The data volume, unless the bundle was handed over without it.
@@ -177,7 +191,7 @@ impl fmt::Display for BundleError {
             Self::UnsupportedVersion(v) => {
                 write!(
                     f,
-                    "bundle format version {v} is not supported (this thaw reads versions 1 to {FORMAT_VERSION_WITH_SAMPLE})"
+                    "bundle format version {v} is not supported (this thaw reads versions 1 to {FORMAT_VERSION_WITH_CODE})"
                 )
             }
             Self::BadHeader { field, value, expected } => {
@@ -328,7 +342,9 @@ impl Manifest {
 
     /// The format version a bundle with this manifest is written in.
     pub fn format_version(&self) -> u32 {
-        if self.sample_request.is_some() {
+        if self.code_sha256.is_some() {
+            FORMAT_VERSION_WITH_CODE
+        } else if self.sample_request.is_some() {
             FORMAT_VERSION_WITH_SAMPLE
         } else if !self.connections.is_empty() {
             FORMAT_VERSION_WITH_CONNECTIONS
@@ -359,9 +375,16 @@ impl Manifest {
                 out.extend_from_slice(&c.port.to_le_bytes());
             }
         }
+        let version = self.format_version();
+        if version >= FORMAT_VERSION_WITH_CODE {
+            out.push(u8::from(self.sample_request.is_some()));
+        }
         if let Some(sample) = &self.sample_request {
             out.extend_from_slice(&(sample.len() as u32).to_le_bytes());
             out.extend_from_slice(sample);
+        }
+        if let Some(sha) = &self.code_sha256 {
+            out.extend_from_slice(sha);
         }
         if let Some(sha) = &self.volume_sha256 {
             out.extend_from_slice(sha);
@@ -395,7 +418,21 @@ impl Manifest {
             }
         }
         let mut sample_request = None;
-        if version >= FORMAT_VERSION_WITH_SAMPLE {
+        let has_sample = match version {
+            FORMAT_VERSION_WITH_SAMPLE => true,
+            FORMAT_VERSION_WITH_CODE => match r.take(1, "sample request")?[0] {
+                0 => false,
+                1 => true,
+                other => {
+                    return Err(BundleError::BadField {
+                        field: "sample request",
+                        reason: alloc::format!("presence byte {other} is neither 0 nor 1"),
+                    });
+                }
+            },
+            _ => false,
+        };
+        if has_sample {
             let len = r.u32("sample request")? as usize;
             if len > MAX_SAMPLE_BYTES {
                 return Err(BundleError::BadField {
@@ -405,24 +442,40 @@ impl Manifest {
             }
             sample_request = Some(r.take(len, "sample request")?.to_vec());
         }
+        let code_sha256 = if version >= FORMAT_VERSION_WITH_CODE {
+            Some(r.take(32, "code sha256")?.try_into().unwrap_or([0; 32]))
+        } else {
+            None
+        };
         let volume_sha256 = match r.bytes.len() {
             0 => None,
             32 => Some(r.take(32, "volume sha256")?.try_into().unwrap_or([0; 32])),
             n => return Err(BundleError::TrailingManifestBytes(n)),
         };
-        let manifest =
-            Self { name, wasm_sha256, memory_mib, fuel, args, env, connections, volume_sha256, sample_request };
+        let manifest = Self {
+            name,
+            wasm_sha256,
+            memory_mib,
+            fuel,
+            args,
+            env,
+            connections,
+            volume_sha256,
+            sample_request,
+            code_sha256,
+        };
         manifest.validate()?;
         Ok(manifest)
     }
 }
 
 /// Encodes a bundle. The manifest must [`validate`](Manifest::validate), the wasm must fit
-/// [`MAX_WASM_BYTES`], and `volume` (empty for none) must be a valid volume whose SHA-256 the
-/// manifest holds; the caller checks all of that first.
-pub fn encode(manifest: &Manifest, wasm: &[u8], volume: &[u8]) -> Vec<u8> {
+/// [`MAX_WASM_BYTES`], `code` (empty for none) must fit [`MAX_CODE_BYTES`] and be what the
+/// manifest's code SHA-256 covers, and `volume` (empty for none) must be a valid volume whose
+/// SHA-256 the manifest holds; the caller checks all of that first.
+pub fn encode(manifest: &Manifest, wasm: &[u8], code: &[u8], volume: &[u8]) -> Vec<u8> {
     let manifest_bytes = manifest.encode();
-    let total = (HEADER_LEN + manifest_bytes.len() + wasm.len() + volume.len()) as u64;
+    let total = (HEADER_LEN + manifest_bytes.len() + wasm.len() + code.len() + volume.len()) as u64;
     let version = manifest.format_version();
     let mut header = [0u8; HEADER_LEN];
     header[0..8].copy_from_slice(&MAGIC);
@@ -434,10 +487,12 @@ pub fn encode(manifest: &Manifest, wasm: &[u8], volume: &[u8]) -> Vec<u8> {
     let crc = crc32(&[&header[..40], &manifest_bytes]);
     header[40..44].copy_from_slice(&crc.to_le_bytes());
     header[44..52].copy_from_slice(&(volume.len() as u64).to_le_bytes());
+    header[52..60].copy_from_slice(&(code.len() as u64).to_le_bytes());
     let mut out = Vec::with_capacity(total as usize);
     out.extend_from_slice(&header);
     out.extend_from_slice(&manifest_bytes);
     out.extend_from_slice(wasm);
+    out.extend_from_slice(code);
     out.extend_from_slice(volume);
     out
 }
@@ -455,7 +510,7 @@ pub fn parse(bytes: &[u8]) -> Result<Bundle<'_>, BundleError> {
         return Err(BundleError::BadMagic(magic));
     }
     let version = u32_at(bytes, 8);
-    if !(FORMAT_VERSION..=FORMAT_VERSION_WITH_SAMPLE).contains(&version) {
+    if !(FORMAT_VERSION..=FORMAT_VERSION_WITH_CODE).contains(&version) {
         return Err(BundleError::UnsupportedVersion(version));
     }
     let header_len = u32_at(bytes, 12);
@@ -489,23 +544,34 @@ pub fn parse(bytes: &[u8]) -> Result<Bundle<'_>, BundleError> {
         return Err(BundleError::BadHeader {
             field: "volume length",
             value: volume_len,
-            expected: "at most 1073741824 in versions 3 and 4",
+            expected: "at most 1073741824 from version 3",
+        });
+    }
+    let code_len = u64_at(bytes, 52);
+    if version < FORMAT_VERSION_WITH_CODE && code_len != 0 {
+        return Err(BundleError::BadHeader { field: "code length", value: code_len, expected: "0 before version 5" });
+    }
+    if version == FORMAT_VERSION_WITH_CODE && !(1..=MAX_CODE_BYTES).contains(&code_len) {
+        return Err(BundleError::BadHeader {
+            field: "code length",
+            value: code_len,
+            expected: "1 to 268435456 in version 5",
         });
     }
     let declared = u64_at(bytes, 32);
-    let without_volume = (HEADER_LEN + manifest_len) as u64 + wasm_len;
+    let without_volume = (HEADER_LEN + manifest_len) as u64 + wasm_len + code_len;
     if declared != without_volume + volume_len {
         return Err(BundleError::BadHeader {
             field: "total length",
             value: declared,
-            expected: "64 + manifest length + wasm length + volume length",
+            expected: "64 + manifest length + wasm length + code length + volume length",
         });
     }
     let present = bytes.len() as u64;
     if present != declared && (volume_len == 0 || present != without_volume) {
         return Err(BundleError::LengthMismatch { actual: present, declared });
     }
-    if bytes[20..24] != [0; 4] || bytes[52..HEADER_LEN] != [0; 12] {
+    if bytes[20..24] != [0; 4] || bytes[60..HEADER_LEN] != [0; 4] {
         return Err(BundleError::BadHeader { field: "reserved bytes", value: 1, expected: "zero" });
     }
     let manifest_bytes = &bytes[HEADER_LEN..HEADER_LEN + manifest_len];
@@ -519,7 +585,7 @@ pub fn parse(bytes: &[u8]) -> Result<Bundle<'_>, BundleError> {
         return Err(BundleError::BadHeader {
             field: "format version",
             value: version.into(),
-            expected: "1 without volume or connections, 2 with a volume only, 3 with connections",
+            expected: "5 with code; before it 1 plain, 2 with a volume only, 3 with connections, 4 with a sample",
         });
     }
     if manifest.volume_sha256.is_some() != (volume_len > 0) {
@@ -529,8 +595,15 @@ pub fn parse(bytes: &[u8]) -> Result<Bundle<'_>, BundleError> {
         });
     }
     let wasm_end = HEADER_LEN + manifest_len + wasm_len as usize;
-    let volume = (present == declared && volume_len > 0).then(|| &bytes[wasm_end..]);
-    Ok(Bundle { manifest, wasm: &bytes[HEADER_LEN + manifest_len..wasm_end], volume_len, volume })
+    let code_end = wasm_end + code_len as usize;
+    let volume = (present == declared && volume_len > 0).then(|| &bytes[code_end..]);
+    Ok(Bundle {
+        manifest,
+        wasm: &bytes[HEADER_LEN + manifest_len..wasm_end],
+        code: &bytes[wasm_end..code_end],
+        volume_len,
+        volume,
+    })
 }
 
 #[cfg(test)]
@@ -550,17 +623,18 @@ mod tests {
             connections: Vec::new(),
             volume_sha256: None,
             sample_request: None,
+            code_sha256: None,
         }
     }
 
     #[test]
     fn round_trips_and_the_header_is_golden() {
         let wasm = b"\0asm\x01\0\0\0";
-        let bytes = encode(&manifest(), wasm, &[]);
+        let bytes = encode(&manifest(), wasm, &[], &[]);
         assert_eq!(&bytes[..16], b"THAWFUNC\x01\0\0\0\x40\0\0\0");
         assert_eq!(crc32(&[b"123456789"]), 0xcbf4_3926, "the standard CRC-32 check value");
         let parsed = parse(&bytes).unwrap();
-        assert_eq!(parsed, Bundle { manifest: manifest(), wasm, volume_len: 0, volume: None });
+        assert_eq!(parsed, Bundle { manifest: manifest(), wasm, code: &[], volume_len: 0, volume: None });
     }
 
     #[test]
@@ -568,7 +642,7 @@ mod tests {
         let wasm = b"\0asm\x01\0\0\0";
         let volume = crate::volume::build(&[("f".into(), b"x".to_vec())], &[]).unwrap();
         let m = Manifest { volume_sha256: Some([9; 32]), ..manifest() };
-        let bytes = encode(&m, wasm, &volume);
+        let bytes = encode(&m, wasm, &[], &volume);
         assert_eq!(&bytes[..12], b"THAWFUNC\x02\0\0\0");
         let parsed = parse(&bytes).unwrap();
         assert_eq!(
@@ -580,7 +654,7 @@ mod tests {
         assert_eq!((parsed.wasm, parsed.volume, parsed.manifest), (&wasm[..], None, m.clone()));
         assert!(parse(&bytes[..bytes.len() - 1]).is_err(), "a partial volume is not a stripped one");
         // The manifest's volume hash and the header's volume length must agree.
-        assert!(parse(&encode(&manifest(), wasm, &volume)).unwrap_err().to_string().contains("volume length"));
+        assert!(parse(&encode(&manifest(), wasm, &[], &volume)).unwrap_err().to_string().contains("volume length"));
         let mut v1_with_volume = bytes.clone();
         v1_with_volume[8] = 1;
         assert!(parse(&v1_with_volume).unwrap_err().to_string().contains("volume length"));
@@ -588,7 +662,7 @@ mod tests {
 
     #[test]
     fn rejects_truncation_at_every_length() {
-        let bytes = encode(&manifest(), b"\0asm\x01\0\0\0", &[]);
+        let bytes = encode(&manifest(), b"\0asm\x01\0\0\0", &[], &[]);
         for len in 0..bytes.len() {
             assert!(parse(&bytes[..len]).is_err(), "accepted {len} bytes");
         }
@@ -596,7 +670,7 @@ mod tests {
 
     #[test]
     fn rejects_hostile_headers_with_named_fields() {
-        let good = encode(&manifest(), b"\0asm\x01\0\0\0", &[]);
+        let good = encode(&manifest(), b"\0asm\x01\0\0\0", &[], &[]);
         let err = |edit: &dyn Fn(&mut Vec<u8>)| {
             let mut b = good.clone();
             edit(&mut b);
@@ -609,7 +683,8 @@ mod tests {
         assert!(err(&|b| b.push(0)).contains("but its header declares"));
         assert!(err(&|b| b[70] ^= 1).contains("checksum"));
         assert!(err(&|b| b[45] = 1).contains("volume length"));
-        assert!(err(&|b| b[53] = 1).contains("reserved bytes"));
+        assert!(err(&|b| b[53] = 1).contains("code length"));
+        assert!(err(&|b| b[61] = 1).contains("reserved bytes"));
     }
 
     #[test]
@@ -644,15 +719,15 @@ mod tests {
     fn a_sample_request_makes_version_4_and_is_checked() {
         let wasm = b"\0asm\x01\0\0\0";
         let m = Manifest { sample_request: Some(b"{\"name\": \"ada\"}".to_vec()), ..manifest() };
-        let bytes = encode(&m, wasm, &[]);
+        let bytes = encode(&m, wasm, &[], &[]);
         assert_eq!(&bytes[..12], b"THAWFUNC\x04\0\0\0");
         assert_eq!(parse(&bytes).unwrap().manifest, m);
         let connected = Manifest { connections: vec![Connection { name: "db".into(), port: 5 }], ..m.clone() };
         let volume = crate::volume::build(&[("f".into(), b"x".to_vec())], &[]).unwrap();
         let all = Manifest { volume_sha256: Some([9; 32]), ..connected };
-        assert_eq!(parse(&encode(&all, wasm, &volume)).unwrap().manifest, all, "with connections and a volume");
+        assert_eq!(parse(&encode(&all, wasm, &[], &volume)).unwrap().manifest, all, "with connections and a volume");
         let empty = Manifest { sample_request: Some(Vec::new()), ..manifest() };
-        assert_eq!(parse(&encode(&empty, wasm, &[])).unwrap().manifest, empty, "an empty sample is a sample");
+        assert_eq!(parse(&encode(&empty, wasm, &[], &[])).unwrap().manifest, empty, "an empty sample is a sample");
         let big = Manifest { sample_request: Some(vec![b'x'; MAX_SAMPLE_BYTES + 1]), ..manifest() };
         assert!(big.validate().unwrap_err().to_string().contains("sample request: 65537 bytes"));
         // A length past the manifest's end is refused by name.
@@ -673,20 +748,84 @@ mod tests {
         let connections =
             vec![Connection { name: "db".into(), port: 5000 }, Connection { name: "cache".into(), port: 7 }];
         let m = Manifest { connections, ..manifest() };
-        let bytes = encode(&m, wasm, &[]);
+        let bytes = encode(&m, wasm, &[], &[]);
         assert_eq!(&bytes[..12], b"THAWFUNC\x03\0\0\0");
         assert_eq!(parse(&bytes).unwrap().manifest, m);
         let volume = crate::volume::build(&[("f".into(), b"x".to_vec())], &[]).unwrap();
         let with_volume = Manifest { volume_sha256: Some([9; 32]), ..m.clone() };
-        let both = encode(&with_volume, wasm, &volume);
+        let both = encode(&with_volume, wasm, &[], &volume);
         let parsed = parse(&both).unwrap();
         assert_eq!((parsed.manifest, parsed.volume), (with_volume, Some(&volume[..])));
         // A version that does not match the manifest's contents is refused.
         let mut v2 = bytes.clone();
         v2[8] = 2;
         assert!(parse(&v2).is_err());
-        let mut v3 = encode(&manifest(), wasm, &[]);
+        let mut v3 = encode(&manifest(), wasm, &[], &[]);
         v3[8] = 3;
         assert!(parse(&v3).is_err());
+    }
+
+    #[test]
+    fn code_makes_version_5_and_its_header_is_golden() {
+        let (wasm, code) = (b"\0asm\x01\0\0\0", b"\x7fELF compiled");
+        let m = Manifest { code_sha256: Some([5; 32]), ..manifest() };
+        let bytes = encode(&m, wasm, code, &[]);
+        let manifest_len = m.encode().len();
+        let mut golden = b"THAWFUNC\x05\0\0\0\x40\0\0\0".to_vec();
+        golden.extend_from_slice(&(manifest_len as u32).to_le_bytes());
+        golden.extend_from_slice(&[0; 4]);
+        golden.extend_from_slice(&(wasm.len() as u64).to_le_bytes());
+        golden.extend_from_slice(&((HEADER_LEN + manifest_len + wasm.len() + code.len()) as u64).to_le_bytes());
+        golden.extend_from_slice(&crc32(&[&bytes[..40], &bytes[HEADER_LEN..HEADER_LEN + manifest_len]]).to_le_bytes());
+        golden.extend_from_slice(&0u64.to_le_bytes());
+        golden.extend_from_slice(&(code.len() as u64).to_le_bytes());
+        golden.extend_from_slice(&[0; 4]);
+        assert_eq!(&bytes[..HEADER_LEN], &golden[..]);
+        // The manifest ends with the sample's presence byte (none) and the code's hash.
+        assert_eq!(&m.encode()[manifest_len - 33..], &[&[0u8][..], &[5; 32]].concat()[..]);
+        let parsed = parse(&bytes).unwrap();
+        assert_eq!((parsed.manifest, parsed.wasm, parsed.code), (m.clone(), &wasm[..], &code[..]));
+
+        // With a sample and a volume; the volume may be left out, the code may not.
+        let volume = crate::volume::build(&[("f".into(), b"x".to_vec())], &[]).unwrap();
+        let all = Manifest { sample_request: Some(b"hi".to_vec()), volume_sha256: Some([9; 32]), ..m.clone() };
+        let bytes = encode(&all, wasm, code, &volume);
+        let parsed = parse(&bytes).unwrap();
+        assert_eq!((&parsed.manifest, parsed.code, parsed.volume), (&all, &code[..], Some(&volume[..])));
+        let stripped = &bytes[..bytes.len() - volume.len()];
+        assert_eq!(parse(stripped).unwrap().code, &code[..]);
+        assert!(parse(&stripped[..stripped.len() - 1]).is_err(), "a bundle cut inside its code");
+    }
+
+    #[test]
+    fn rejects_hostile_code_fields() {
+        let (wasm, code) = (b"\0asm\x01\0\0\0", b"\x7fELF");
+        let m = Manifest { code_sha256: Some([5; 32]), ..manifest() };
+        let good = encode(&m, wasm, code, &[]);
+        let err = |edit: &dyn Fn(&mut Vec<u8>)| {
+            let mut b = good.clone();
+            edit(&mut b);
+            parse(&b).unwrap_err().to_string()
+        };
+        // A code length that disagrees with the total, or is out of range, is named.
+        assert!(err(&|b| b[52] = 9).contains("total length"));
+        let huge = (MAX_CODE_BYTES + 1).to_le_bytes();
+        assert!(err(&|b| b[52..60].copy_from_slice(&huge)).contains("code length is 268435457"));
+        assert!(err(&|b| b[60] = 1).contains("reserved bytes"));
+        // Version 5 without code, and code before version 5.
+        let codeless = encode(&m, wasm, &[], &[]);
+        assert!(parse(&codeless).unwrap_err().to_string().contains("code length is 0"));
+        let mut v4 = encode(&manifest(), wasm, code, &[]);
+        v4[8] = 4;
+        assert!(parse(&v4).unwrap_err().to_string().contains("0 before version 5"));
+        // A presence byte other than 0 or 1.
+        let mut manifest_bytes = m.encode();
+        let at = manifest_bytes.len() - 33;
+        manifest_bytes[at] = 7;
+        let e = Manifest::decode(&manifest_bytes, FORMAT_VERSION_WITH_CODE).unwrap_err().to_string();
+        assert!(e.contains("presence byte 7"), "{e}");
+        for len in 0..good.len() {
+            assert!(parse(&good[..len]).is_err(), "accepted {len} bytes");
+        }
     }
 }

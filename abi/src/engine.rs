@@ -28,18 +28,43 @@ pub const X86_FEATURES: [(&str, &str); 5] = [
 pub const MAX_WASM_STACK: usize = 256 * 1024;
 
 /// Sets on `config` every setting the compiled code depends on, as both the host's compiler and
-/// the guest's runtime must (the host must also turn off the wasm proposals the guest's build
-/// lacks, such as the component model, which Cargo may have enabled in its own): explicit bounds, divisor and stack checks instead of signals and
-/// guard pages (the guest has neither), linear memory as plain heap memory, fuel metering, and
-/// the stack limit.
+/// the guest's runtime must: explicit bounds, divisor and stack checks instead of signals and
+/// guard pages (the guest has neither), linear memory as plain heap memory that never moves (so
+/// compiled code may keep its base in a register), the stack limit, and fuel metering exactly
+/// when the function has a fuel budget (metering costs time in every loop, and a function
+/// without a budget is bounded by its timeout instead).
 #[cfg(feature = "engine")]
-pub fn configure(config: &mut wasmtime::Config) -> &mut wasmtime::Config {
+pub fn configure(config: &mut wasmtime::Config, fuel: bool) -> &mut wasmtime::Config {
     config
         .signals_based_traps(false)
         .memory_init_cow(false)
         .memory_reservation(0)
         .memory_guard_size(0)
-        .memory_reservation_for_growth(0)
-        .consume_fuel(true)
+        .memory_may_move(false)
+        .consume_fuel(fuel)
         .max_wasm_stack(MAX_WASM_STACK)
+}
+
+/// The host's engine that compiles for the guest, with fuel metering or without: [`configure`],
+/// the guest's target and x86 features, and the component model off. A compiled module records
+/// the wasm proposals its engine enabled, and the guest's runtime is built without the component
+/// model, which the host's build may have (Cargo unifies `wasmtime-wasi`'s features into it).
+#[cfg(feature = "compile")]
+#[allow(unsafe_code)] // Cranelift's flags can only be set unsafely: the one block says why it holds.
+pub fn compiler(fuel: bool) -> wasmtime::Result<wasmtime::Engine> {
+    let mut config = wasmtime::Config::new();
+    configure(&mut config, fuel).wasm_component_model(false).target(TARGET)?;
+    for (flag, _) in X86_FEATURES {
+        // SAFETY: the code runs only where the guest's engine has checked these features
+        // (`detect_host_feature` in guest-kernel's engine).
+        unsafe { config.cranelift_flag_enable(flag) };
+    }
+    wasmtime::Engine::new(&config)
+}
+
+/// `wasm` compiled ahead of time by `engine` (from [`compiler`]): what a bundle carries as its
+/// code. Compiling also validates the module.
+#[cfg(feature = "compile")]
+pub fn compile(engine: &wasmtime::Engine, wasm: &[u8]) -> wasmtime::Result<alloc::vec::Vec<u8>> {
+    engine.precompile_module(wasm)
 }

@@ -75,7 +75,7 @@ pub enum Milestone {
     Ring3Entered = 1,
     /// The kernel is initialized and about to run its main function's work.
     Ready = 2,
-    /// The function's wasm module is compiled.
+    /// The function's code (compiled by the host ahead of time) is loaded into the engine.
     Compiled = 3,
     /// The module is instantiated.
     Instantiated = 4,

@@ -1,6 +1,6 @@
 //! Fuzz target: a function bundle as `thaw invoke`, `thaw snapshot` and `thaw serve` load it
 //! (`host_vmm::Function::from_bundle`): the header, the manifest, the wasm module's digest and
-//! validation, the data volume's digest and directory. Any input is refused with an error or
+//! validation, the compiled code's digest, the data volume's digest and directory. Any input is refused with an error or
 //! accepted; none may panic.
 //!
 //! Mutated bytes rarely keep a CRC or a SHA-256 right, which would stop every input at the
@@ -18,22 +18,30 @@ fn u64_at(b: &[u8], at: usize) -> Option<usize> {
     usize::try_from(u64::from_le_bytes(b.get(at..at + 8)?.try_into().ok()?)).ok()
 }
 
-/// Rewrites the wasm and volume SHA-256 in the manifest and the header's CRC to match the
+/// Rewrites the wasm, code and volume SHA-256 in the manifest and the header's CRC to match the
 /// bytes, where the header's lengths point inside the input.
 fn fix_digests(b: &mut [u8]) -> Option<()> {
     let manifest_len = u32_at(b, 16)?;
     let wasm_len = u64_at(b, 24)?;
     let manifest_end = 64usize.checked_add(manifest_len)?;
     let wasm_end = manifest_end.checked_add(wasm_len)?;
+    let code_len = u64_at(b, 52)?;
+    let code_end = wasm_end.checked_add(code_len)?;
     let wasm = host_vmm::function::sha256(b.get(manifest_end..wasm_end)?);
-    let volume = host_vmm::function::sha256(b.get(wasm_end..)?);
+    let code = host_vmm::function::sha256(b.get(wasm_end..code_end)?);
+    let volume = host_vmm::function::sha256(b.get(code_end..)?);
     let name_len = usize::from(u16::from_le_bytes(b.get(64..66)?.try_into().ok()?));
     let wasm_digest = 66 + name_len;
     if wasm_digest + 32 <= manifest_end {
         b[wasm_digest..wasm_digest + 32].copy_from_slice(&wasm);
     }
-    if u64_at(b, 44).is_some_and(|len| len > 0) && manifest_end >= wasm_digest + 64 {
-        b[manifest_end - 32..manifest_end].copy_from_slice(&volume);
+    // The manifest ends with the code's digest, then the volume's, each when present.
+    let mut end = manifest_end;
+    for (len, digest) in [(u64_at(b, 44)?, volume), (code_len, code)] {
+        if len > 0 && end >= wasm_digest + 64 {
+            b[end - 32..end].copy_from_slice(&digest);
+            end -= 32;
+        }
     }
     let crc = abi::bundle::crc32(&[&b[..40], b.get(64..manifest_end)?]);
     b[40..44].copy_from_slice(&crc.to_le_bytes());

@@ -78,11 +78,18 @@ fn cpu_feature(feature: &str) -> Option<bool> {
     Some(ecx & (1 << bit) != 0)
 }
 
-/// The guest's engine configuration: the settings shared with the host's compiler
-/// ([`abi::engine::configure`]), plus what only the runtime needs.
-pub fn config() -> Config {
+/// The guest's engine configuration, with fuel metering or without as the code was compiled:
+/// the settings shared with the host's compiler ([`abi::engine::configure`]), plus what only
+/// the runtime needs. A linear memory is allocated with room to grow to `memory_limit` bytes
+/// (the function's allowance), so growing it never moves it: a move copies every byte and
+/// touches every page of the new block, each a first touch that costs microseconds under PVM.
+pub fn config(fuel: bool, memory_limit: usize) -> Config {
     let mut config = Config::new();
-    abi::engine::configure(&mut config).with_custom_code_memory(Some(Arc::new(CodeMemory)));
+    abi::engine::configure(&mut config, fuel)
+        .memory_reservation_for_growth(memory_limit as u64)
+        // A trap's message is one line: what happened, not where (the guest has no symbols).
+        .wasm_backtrace_max_frames(None)
+        .with_custom_code_memory(Some(Arc::new(CodeMemory)));
     // SAFETY: floats never cross between compiled code and the soft-float runtime in registers:
     // the code is compiled with the features of `abi::engine::X86_FEATURES`, which inline the
     // float operations it would otherwise call the runtime for, and `cpu_feature` answers

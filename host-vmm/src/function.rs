@@ -2,18 +2,19 @@
 //! VM needs to run it.
 //!
 //! A bundle is untrusted: `thaw pack` and the VMM both run [`Function::from_bundle`], which
-//! checks the framing and manifest (`abi::bundle`), the wasm's SHA-256, and the module itself
-//! with the same wasmi version the guest runs: it must validate, import only WASI preview1
-//! functions with their exact signatures, and export `handle` (a reactor) or `_start` (a
-//! command), each taking and returning nothing.
+//! checks the framing and manifest (`abi::bundle`), the SHA-256s of the wasm and of its compiled
+//! code, and the module itself (with wasmparser, the validator Wasmtime uses): it must validate,
+//! import only WASI preview1 functions with their exact signatures, and export `handle` (a
+//! reactor) or `_start` (a command), each taking and returning nothing. Whether the code fits
+//! the guest's engine is checked by the guest, which refuses it in one line.
 
 use abi::bundle::{self, BundleError, Manifest};
 use sha2::{Digest, Sha256};
-use wasmi::{Engine, ExternType, Module, ValType};
+use wasmparser::types::{EntityType, TypesRef};
+use wasmparser::{CompositeInnerType, FuncType, ValType, Validator};
 
-/// Guest memory a function's VM gets on top of the linear memory its manifest allows: the
-/// kernel, its heap and wasmi's compiled code, which grows with the module (see
-/// [`Function::vm_memory_mib`]).
+/// Guest memory a function's VM gets on top of the linear memory its manifest allows and its
+/// code (see [`Function::vm_memory_mib`]): the kernel, its heap and the runtime's own state.
 pub const RUNTIME_OVERHEAD_MIB: u64 = 48;
 
 /// What is wrong with a function.
@@ -22,6 +23,19 @@ pub enum FunctionError {
     /// The bundle's framing or manifest is invalid.
     #[error("{0}")]
     Bundle(#[from] BundleError),
+    /// The bundle predates compiled code (format version 5).
+    #[error(
+        "bundle format version {0} carries no compiled code, which this thaw runs; repack it with this thaw (`thaw pack`)"
+    )]
+    NoCode(u32),
+    /// The compiled code does not match the manifest's hash.
+    #[error("bundle: code SHA-256 {actual} does not match the manifest's {expected} (corrupted)")]
+    CodeSha256 {
+        /// From the manifest.
+        expected: String,
+        /// Of the bytes present.
+        actual: String,
+    },
     /// The wasm bytes do not match the manifest's hash.
     #[error("bundle: wasm SHA-256 {actual} does not match the manifest's {expected} (corrupted)")]
     Sha256 {
@@ -108,8 +122,17 @@ pub fn sha256(bytes: &[u8]) -> [u8; 32] {
     Sha256::digest(bytes).into()
 }
 
-fn unit_func(ty: &ExternType) -> bool {
-    matches!(ty, ExternType::Func(f) if f.params().is_empty() && f.results().is_empty())
+/// The function type of `entity`, if it is a function.
+fn func_type<'a>(types: &'a TypesRef<'_>, entity: &EntityType) -> Option<&'a FuncType> {
+    let (EntityType::Func(id) | EntityType::FuncExact(id)) = entity else { return None };
+    match &types[*id].composite_type.inner {
+        CompositeInnerType::Func(ty) => Some(ty),
+        _ => None,
+    }
+}
+
+fn unit_func(types: &TypesRef<'_>, entity: &EntityType) -> bool {
+    func_type(types, entity).is_some_and(|f| f.params().is_empty() && f.results().is_empty())
 }
 
 /// Bytes in a WebAssembly memory page.
@@ -132,22 +155,20 @@ pub fn validate_wasm(wasm: &[u8], memory_mib: u32) -> Result<FunctionKind, Funct
             head.join(" ")
         )));
     }
-    // wasmi's messages can span lines (they embed Debug output); keep the error to one line.
-    let one_line = |e: wasmi::Error| e.to_string().split_whitespace().collect::<Vec<_>>().join(" ");
-    let module = Module::new(&Engine::default(), wasm).map_err(|e| FunctionError::Invalid(one_line(e)))?;
-    for import in module.imports() {
-        let refuse = |reason: String| FunctionError::Import {
-            module: import.module().to_string(),
-            name: import.name().to_string(),
-            reason,
-        };
-        if import.module() != abi::wasi::MODULE {
+    let types = Validator::new().validate_all(wasm).map_err(|e| FunctionError::Invalid(e.to_string()))?;
+    let types = types.as_ref();
+    let (Some(imports), Some(exports)) = (types.core_imports(), types.core_exports()) else {
+        return Err(FunctionError::Invalid("a component, not a core module".into()));
+    };
+    for (module, name, entity) in imports {
+        let refuse = |reason: String| FunctionError::Import { module: module.into(), name: name.into(), reason };
+        if module != abi::wasi::MODULE {
             return Err(refuse(format!("only {} functions can be imported", abi::wasi::MODULE)));
         }
-        let Some(expected) = abi::wasi::lookup(import.name()) else {
+        let Some(expected) = abi::wasi::lookup(name) else {
             return Err(refuse("not a WASI preview1 function".into()));
         };
-        let ExternType::Func(ty) = import.ty() else {
+        let Some(ty) = func_type(&types, &entity) else {
             return Err(refuse("imported as something other than a function".into()));
         };
         let params: Vec<ValType> = expected
@@ -167,24 +188,28 @@ pub fn validate_wasm(wasm: &[u8], memory_mib: u32) -> Result<FunctionKind, Funct
             )));
         }
     }
-    for export in module.exports() {
-        if let ExternType::Memory(memory) = export.ty() {
-            let pages = memory.minimum();
-            if pages.saturating_mul(WASM_PAGE_BYTES) > u64::from(memory_mib) << 20 {
+    let mut entry = (None, None);
+    for (name, entity) in exports {
+        match (name, &entity) {
+            (_, EntityType::Memory(memory))
+                if memory.initial.saturating_mul(WASM_PAGE_BYTES) > u64::from(memory_mib) << 20 =>
+            {
+                let pages = memory.initial;
                 let mib = pages.saturating_mul(WASM_PAGE_BYTES).div_ceil(1 << 20);
-                let name = export.name().to_string();
-                return Err(FunctionError::Memory { name, pages, mib, limit_mib: memory_mib });
+                return Err(FunctionError::Memory { name: name.into(), pages, mib, limit_mib: memory_mib });
             }
+            ("handle", _) => entry.0 = Some(unit_func(&types, &entity)),
+            ("_start", _) => entry.1 = Some(unit_func(&types, &entity)),
+            _ => {}
         }
     }
-    let export = |name: &str| module.get_export(name);
-    match (export("handle"), export("_start")) {
-        (Some(handle), _) if unit_func(&handle) => Ok(FunctionKind::Reactor),
-        (Some(_), _) => {
+    match entry {
+        (Some(true), _) => Ok(FunctionKind::Reactor),
+        (Some(false), _) => {
             Err(FunctionError::Entry("export handle must be a function taking and returning nothing".into()))
         }
-        (None, Some(start)) if unit_func(&start) => Ok(FunctionKind::Command),
-        (None, Some(_)) => {
+        (None, Some(true)) => Ok(FunctionKind::Command),
+        (None, Some(false)) => {
             Err(FunctionError::Entry("export _start must be a function taking and returning nothing".into()))
         }
         (None, None) => Err(FunctionError::Entry("the module exports neither handle nor _start".into())),
@@ -200,6 +225,13 @@ impl Function {
             return Err(FunctionError::Sha256 { expected: hex(&parsed.manifest.wasm_sha256), actual: hex(&actual) });
         }
         let kind = validate_wasm(parsed.wasm, parsed.manifest.memory_mib)?;
+        let Some(code_sha256) = parsed.manifest.code_sha256 else {
+            return Err(FunctionError::NoCode(parsed.manifest.format_version()));
+        };
+        let actual = sha256(parsed.code);
+        if actual != code_sha256 {
+            return Err(FunctionError::CodeSha256 { expected: hex(&code_sha256), actual: hex(&actual) });
+        }
         let volume = match (parsed.manifest.volume_sha256, parsed.volume) {
             (None, _) => None,
             (Some(_), None) => return Err(FunctionError::VolumeMissing(parsed.volume_len)),
@@ -241,9 +273,10 @@ impl Function {
     }
 
     /// Guest memory for a VM running this function: its linear-memory allowance, the runtime
-    /// overhead, and room for wasmi's compiled code (a generous 8x the module).
+    /// overhead, and twice the ramdisk: the bundle as loaded, and the compiled code copied out of
+    /// it into the engine's own allocation.
     pub fn vm_memory_mib(&self) -> u64 {
-        let code_mib = (self.ramdisk().len() as u64 * 8).div_ceil(1 << 20);
+        let code_mib = (self.ramdisk().len() as u64 * 2).div_ceil(1 << 20);
         u64::from(self.manifest.memory_mib) + RUNTIME_OVERHEAD_MIB + code_mib
     }
 }
@@ -301,8 +334,9 @@ mod tests {
     }
 
     #[test]
-    fn rejects_a_bundle_whose_wasm_does_not_match_its_hash() {
+    fn rejects_a_bundle_whose_wasm_or_code_does_not_match_its_hash_or_that_has_no_code() {
         let wasm = module(b"proc_exit", PROC_EXIT, b"handle");
+        let code = b"compiled".as_slice();
         let manifest = Manifest {
             name: "t".into(),
             wasm_sha256: sha256(b"something else"),
@@ -313,10 +347,26 @@ mod tests {
             connections: Vec::new(),
             volume_sha256: None,
             sample_request: None,
+            code_sha256: Some(sha256(code)),
         };
-        let e = Function::from_bundle(bundle::encode(&manifest, &wasm, &[])).unwrap_err().to_string();
-        assert!(e.contains("does not match the manifest's"), "{e}");
+        let e = Function::from_bundle(bundle::encode(&manifest, &wasm, code, &[])).unwrap_err().to_string();
+        assert!(e.contains("wasm SHA-256") && e.contains("does not match the manifest's"), "{e}");
         let good = Manifest { wasm_sha256: sha256(&wasm), ..manifest };
-        assert_eq!(Function::from_bundle(bundle::encode(&good, &wasm, &[])).unwrap().kind, FunctionKind::Reactor);
+        assert_eq!(Function::from_bundle(bundle::encode(&good, &wasm, code, &[])).unwrap().kind, FunctionKind::Reactor);
+        let e = Function::from_bundle(bundle::encode(&good, &wasm, b"compiLed", &[])).unwrap_err().to_string();
+        assert!(e.starts_with("bundle: code SHA-256"), "{e}");
+        let old = Manifest { code_sha256: None, ..good };
+        let e = Function::from_bundle(bundle::encode(&old, &wasm, &[], &[])).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "bundle format version 1 carries no compiled code, which this thaw runs; repack it with this thaw (`thaw pack`)"
+        );
+    }
+
+    #[test]
+    fn refuses_a_component() {
+        // A component's preamble: the wasm magic, then version 0x0d and layer 1.
+        let e = validate_wasm(b"\0asm\x0d\0\x01\0", 16).unwrap_err().to_string();
+        assert!(e.starts_with("not a valid WebAssembly module"), "{e}");
     }
 }

@@ -16,26 +16,19 @@ const KERNEL: &str = env!("CARGO_BIN_FILE_GUEST_KERNEL_test-wasmtime");
 
 const PROBE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/fixtures/engine-probe.wat");
 
-/// The settings compiled code depends on, as the guest's engine sets them, with fuel as given.
-/// A compiled module also records the wasm proposals its engine enabled, and the guest's
-/// runtime is built without the component model, which this build may have (Cargo unifies
-/// `wasmtime-wasi`'s features into it): it must be off here too.
+/// The settings compiled code depends on, as the guest's engine sets them, with fuel as given,
+/// for running the probe on the host (natively, so without the guest's target). The component
+/// model is off, as in the guest's build (`abi::engine::compiler`).
 fn config(fuel: bool) -> Config {
     let mut config = Config::new();
-    abi::engine::configure(&mut config).consume_fuel(fuel).wasm_component_model(false);
+    abi::engine::configure(&mut config, fuel).wasm_component_model(false);
     config
 }
 
-/// The probe compiled ahead of time for the guest, with fuel as given.
+/// The probe compiled ahead of time for the guest, as `thaw pack` compiles, with fuel as given.
 fn compile_for_guest(fuel: bool) -> Vec<u8> {
-    let mut config = config(fuel);
-    config.target(abi::engine::TARGET).expect("a target Cranelift knows");
-    for (flag, _) in abi::engine::X86_FEATURES {
-        // SAFETY: the code runs only where the guest's engine has checked these features.
-        unsafe { config.cranelift_flag_enable(flag) };
-    }
-    let engine = Engine::new(&config).expect("engine");
-    engine.precompile_module(&std::fs::read(PROBE).expect("the probe")).expect("the probe compiles")
+    let engine = abi::engine::compiler(fuel).expect("the compiler");
+    abi::engine::compile(&engine, &wat::parse_file(PROBE).expect("the probe")).expect("the probe compiles")
 }
 
 fn outcome<R: Debug>(result: wasmtime::Result<R>) -> String {

@@ -419,12 +419,21 @@ fn hostile_uploads_names_and_requests_get_a_status_that_says_why() {
         assert_eq!(refused.status, 400, "{name}: {}", refused.body);
         assert!(error(&refused).contains("is not a function name"), "{}", refused.body);
     }
+    // A byte of the wasm changed: its hash no longer matches.
+    let wasm_at = 64 + u32::from_le_bytes(hello[16..20].try_into().unwrap()) as usize;
     let mut corrupted = hello.clone();
-    let last = corrupted.len() - 1;
-    corrupted[last] ^= 0xff;
+    corrupted[wasm_at + 20] ^= 0xff;
     let refused = put(&server.functions("f"), &corrupted);
     assert_eq!(refused.status, 400, "{}", refused.body);
-    assert!(!error(&refused).is_empty() && !refused.body.contains('\n'), "{}", refused.body);
+    assert!(error(&refused).contains("wasm SHA-256") && !refused.body.contains('\n'), "{}", refused.body);
+    // A byte of the compiled code changed: the server compiles the wasm itself and never runs
+    // code it was sent, so the function deploys and answers as packed.
+    let mut tampered = hello.clone();
+    let last = tampered.len() - 1;
+    tampered[last] ^= 0xff;
+    assert_eq!(put(&server.functions("g"), &tampered).status, 201);
+    let answer = post(&format!("{}/invoke", server.functions("g")), br#"{"name": "ada"}"#);
+    assert_eq!((answer.status, answer.body.as_str()), (200, "{\"greeting\":\"Hello, ada!\"}\n"));
     assert_eq!(put(&server.functions("f"), b"MZ\x90\x00not a function").status, 400);
     assert_eq!(put(&format!("{}?mode=warm", server.functions("f")), &hello).status, 400);
     assert_eq!(put(&format!("{}?path=..%2Fx", server.functions("f")), &hello).status, 400);

@@ -71,7 +71,8 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Show init-less boot end to end: cold boot vs restore vs template, and memory per instance.
     Demo(demo::DemoArgs),
-    /// Validate a WebAssembly function and package it as a bundle (.thaw).
+    /// Validate a WebAssembly function, compile it ahead of time for the guest, and package both
+    /// as a bundle (.thaw).
     Pack(pack::PackArgs),
     /// Answer one request: cold-boot a bundle (.thaw), or restore a snapshot image (.snap).
     Invoke(invoke::InvokeArgs),

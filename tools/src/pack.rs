@@ -1,4 +1,5 @@
-//! `thaw pack`: validate a wasm (or WAT) function and write it as a bundle.
+//! `thaw pack`: validate a wasm (or WAT) function, compile it ahead of time for the guest's
+//! engine (`abi::engine`), and write both as a bundle.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -29,7 +30,8 @@ pub struct PackArgs {
     /// Most linear memory the function may use, in MiB.
     #[arg(long, value_name = "MIB", default_value_t = 16)]
     memory: u32,
-    /// Instruction budget per invocation (wasmi fuel) [default: no limit].
+    /// Instruction budget per invocation (Wasmtime fuel: about one unit per wasm instruction)
+    /// [default: no limit].
     #[arg(long, value_name = "N")]
     fuel: Option<u64>,
     /// A directory to ship with the function as a read-only data volume, which the function
@@ -112,14 +114,45 @@ pub struct BundleSettings {
     pub sample_request: Option<Vec<u8>>,
 }
 
-/// Validates `wasm` as a function and encodes it with `settings` and `volume` (empty for
-/// none) as a bundle. Returns the bundle, its manifest and how the function is entered.
+/// `wasm` compiled for the guest's engine, metering `fuel` or not: the code a bundle carries.
+/// Compiling takes from tens of milliseconds to about a second for a large module.
+pub fn compile(wasm: &[u8], fuel: bool) -> Result<Vec<u8>, String> {
+    let failed = |e: wasmtime::Error| {
+        format!("compiling the module: {}", e.chain().map(ToString::to_string).collect::<Vec<_>>().join(": "))
+    };
+    let engine = abi::engine::compiler(fuel).map_err(failed)?;
+    abi::engine::compile(&engine, wasm).map_err(failed)
+}
+
+/// `bundle` with its code compiled afresh from its wasm, for a bundle from someone else: its
+/// shipped code, if any, is not trusted. Older bundles without code come out as version 5.
+pub fn recompile(bundle: &[u8]) -> Result<Vec<u8>, String> {
+    let parsed = bundle::parse(bundle).map_err(|e| e.to_string())?;
+    let actual = function::sha256(parsed.wasm);
+    if actual != parsed.manifest.wasm_sha256 {
+        return Err(format!(
+            "bundle: wasm SHA-256 {} does not match the manifest's {} (corrupted)",
+            function::hex(&actual),
+            function::hex(&parsed.manifest.wasm_sha256)
+        ));
+    }
+    function::validate_wasm(parsed.wasm, parsed.manifest.memory_mib).map_err(|e| e.to_string())?;
+    let code = compile(parsed.wasm, parsed.manifest.fuel.is_some())?;
+    let manifest = Manifest { code_sha256: Some(function::sha256(&code)), ..parsed.manifest };
+    let volume = parsed.volume.unwrap_or_default();
+    Ok(bundle::encode(&manifest, parsed.wasm, &code, volume))
+}
+
+/// Validates `wasm` as a function, compiles it, and encodes both with `settings` and `volume`
+/// (empty for none) as a bundle. Returns the bundle, its manifest and how the function is
+/// entered.
 pub fn bundle_wasm(
     settings: &BundleSettings,
     wasm: &[u8],
     volume: &[u8],
 ) -> Result<(Vec<u8>, Manifest, FunctionKind), String> {
     let kind = function::validate_wasm(wasm, settings.memory_mib).map_err(|e| e.to_string())?;
+    let code = compile(wasm, settings.fuel.is_some())?;
     let manifest = Manifest {
         name: settings.name.clone(),
         wasm_sha256: function::sha256(wasm),
@@ -130,9 +163,10 @@ pub fn bundle_wasm(
         connections: settings.connections.clone(),
         volume_sha256: (!volume.is_empty()).then(|| function::sha256(volume)),
         sample_request: settings.sample_request.clone(),
+        code_sha256: Some(function::sha256(&code)),
     };
     manifest.validate().map_err(|e| e.to_string())?;
-    Ok((bundle::encode(&manifest, wasm, volume), manifest, kind))
+    Ok((bundle::encode(&manifest, wasm, &code, volume), manifest, kind))
 }
 
 /// Parses a `--connect NAME=PORT` entry (the manifest validates the name and port).
@@ -244,8 +278,11 @@ pub fn run(args: &PackArgs) -> Result<u8, String> {
             .or(example.map(|(_, _, sample)| *sample))
             .map(|s| s.as_bytes().to_vec()),
     };
+    let started = std::time::Instant::now();
     let (bytes, manifest, kind) = bundle_wasm(&settings, &wasm, &volume).map_err(|e| format!("{input}: {e}"))?;
+    let compile_ms = started.elapsed().as_millis();
     write_atomically(&args.output, &bytes)?;
+    let code_len = bundle::parse(&bytes).map_or(0, |b| b.code.len());
     let kind = match kind {
         FunctionKind::Reactor => "reactor",
         FunctionKind::Command => "command",
@@ -258,7 +295,7 @@ pub fn run(args: &PackArgs) -> Result<u8, String> {
         data.push_str(&format!(", a {}-byte sample request", sample.len()));
     }
     eprintln!(
-        "thaw: packed {} ({kind}, {} bytes of wasm, {} MiB memory{data}) into {}",
+        "thaw: packed {} ({kind}, {} bytes of wasm compiled to {code_len} bytes of code in {compile_ms} ms, {} MiB memory{data}) into {}",
         manifest.name,
         wasm.len(),
         manifest.memory_mib,

@@ -99,9 +99,11 @@ fn invoke_refuses_wasm_bytes_that_do_not_match_or_are_not_wasm() {
     let mut bytes = s.bundle();
     let last = bytes.len() - 1;
     bytes[last] ^= 0xff;
-    assert!(invoke(&s.file("sha.thaw", &bytes)).contains("does not match the manifest's"));
+    let line = invoke(&s.file("sha.thaw", &bytes));
+    assert!(line.contains("code SHA-256") && line.contains("does not match the manifest's"), "{line}");
     // Well framed and correctly hashed, but the payload is not WebAssembly.
     let junk = b"#!/bin/sh\necho not wasm\n";
+    let code = b"compiled";
     let manifest = abi::bundle::Manifest {
         name: "junk".into(),
         wasm_sha256: host_vmm::function::sha256(junk),
@@ -112,8 +114,9 @@ fn invoke_refuses_wasm_bytes_that_do_not_match_or_are_not_wasm() {
         connections: Vec::new(),
         volume_sha256: None,
         sample_request: None,
+        code_sha256: Some(host_vmm::function::sha256(code)),
     };
-    let line = invoke(&s.file("junk.thaw", &abi::bundle::encode(&manifest, junk, &[])));
+    let line = invoke(&s.file("junk.thaw", &abi::bundle::encode(&manifest, junk, code, &[])));
     assert!(line.contains("not a valid WebAssembly module"), "{line}");
 }
 
@@ -141,7 +144,7 @@ fn pack_refuses_what_is_not_a_thaw_function() {
 }
 
 #[test]
-fn a_sample_request_is_carried_in_a_version_4_bundle_and_capped() {
+fn a_sample_request_is_carried_in_the_bundle_and_capped() {
     let s = Scratch::new();
     let wat = s.file("f.wat", HANDLER.as_bytes());
     let out = s.dir.path().join("s.thaw");
@@ -154,10 +157,12 @@ fn a_sample_request_is_carried_in_a_version_4_bundle_and_capped() {
     let packed = pack(r#"{"n": 1}"#);
     assert!(String::from_utf8_lossy(&packed.stderr).contains("a 8-byte sample request"), "{packed:?}");
     let bytes = std::fs::read(&out).unwrap();
-    assert_eq!(&bytes[..12], b"THAWFUNC\x04\0\0\0");
+    assert_eq!(&bytes[..12], b"THAWFUNC\x05\0\0\0");
     let manifest = abi::bundle::parse(&bytes).unwrap().manifest;
     assert_eq!(manifest.sample_request.as_deref(), Some(&br#"{"n": 1}"#[..]));
-    assert_eq!(&s.bundle()[..12], b"THAWFUNC\x01\0\0\0", "no sample, the lowest version");
+    let plain = s.bundle();
+    assert_eq!(&plain[..12], b"THAWFUNC\x05\0\0\0", "every bundle carries code: version 5");
+    assert_eq!(abi::bundle::parse(&plain).unwrap().manifest.sample_request, None);
     let big = pack(&"x".repeat(abi::bundle::MAX_SAMPLE_BYTES + 1));
     assert_eq!(big.status.code(), Some(125));
     assert!(String::from_utf8_lossy(&big.stderr).contains("sample request: 65537 bytes, more than 65536"), "{big:?}");
@@ -207,4 +212,19 @@ fn pack_refuses_a_memory_that_starts_larger_than_the_limit() {
         .output()
         .unwrap();
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+}
+
+#[test]
+fn invoke_refuses_a_bundle_from_before_compiled_code_and_says_to_repack() {
+    let s = Scratch::new();
+    let bundle = s.bundle();
+    let parsed = abi::bundle::parse(&bundle).unwrap();
+    // The same function as a format 4 bundle: no code, a sample request.
+    let manifest =
+        abi::bundle::Manifest { code_sha256: None, sample_request: Some(b"x".to_vec()), ..parsed.manifest.clone() };
+    let old = abi::bundle::encode(&manifest, parsed.wasm, &[], &[]);
+    assert_eq!(old[8], 4);
+    let line = invoke(&s.file("old.thaw", &old));
+    assert!(line.contains("bundle format version 4 carries no compiled code"), "{line}");
+    assert!(line.contains("repack it with this thaw"), "{line}");
 }

@@ -42,7 +42,7 @@ fn main() -> u32 {
         println!("test-wasmtime: no compiled module in the ramdisk");
         return 2;
     };
-    let engine = match Engine::new(&guest_kernel::engine::config()) {
+    let engine = match Engine::new(&guest_kernel::engine::config(true, 1 << 20)) {
         Ok(engine) => engine,
         Err(e) => {
             println!("test-wasmtime: engine: {e}");

@@ -1,5 +1,6 @@
-//! Serving a WebAssembly function: compile it, instantiate it against WASI, run its init
-//! exports, then answer requests from the invoke mailbox until the VMM has no more.
+//! Serving a WebAssembly function: load the code the host compiled for it (`abi::engine`),
+//! instantiate it against WASI, run its init exports, then answer requests from the invoke
+//! mailbox until the VMM has no more.
 //!
 //! The function contract is in docs/FUNCTIONS.md: a reactor exports `handle` (and optionally
 //! `_initialize` and `init`, run once); a command exports `_start`, run in a fresh instance of
@@ -18,7 +19,7 @@ use alloc::vec::Vec;
 use abi::bundle::Bundle;
 use abi::hypercall::{CHECKPOINT_ORIGINAL, CHECKPOINT_RESTORED, Hypercall, Milestone};
 use abi::invoke::{self, NextReply, NextRequest, Range, Response};
-use wasmi::{CompilationMode, Config, Engine, Linker, Module, Store, StoreLimitsBuilder, TypedFunc};
+use wasmtime::{Engine, InstancePre, Linker, Module, Store, Trap, TypedFunc};
 
 use abi::params::HostParams;
 use abi::qemu;
@@ -31,8 +32,9 @@ pub use wasi::WasiCtx;
 enum Entry {
     /// A reactor: `handle` on the instance created at boot.
     Reactor(TypedFunc<(), ()>),
-    /// A command: `_start` on a new instance per request.
-    Command,
+    /// A command: `_start` on a new instance per request, in a new store (a store frees its
+    /// instances only when it is dropped), which takes over the WASI state.
+    Command(InstancePre<WasiCtx>),
 }
 
 /// Where requests come from and where responses go.
@@ -179,32 +181,25 @@ fn run(bundle: &Bundle<'_>, transport: Transport) -> Result<core::convert::Infal
     let params = transport.host_params()?;
     crate::devices::set_params(&params);
     let manifest = &bundle.manifest;
-    let mut config = Config::default();
-    config.compilation_mode(CompilationMode::Eager);
-    config.consume_fuel(manifest.fuel.is_some());
-    let engine = Engine::new(&config);
-    let module = Module::new(&engine, bundle.wasm).map_err(|e| alloc::format!("compiling the module: {e}"))?;
+    let engine = Engine::new(&crate::engine::config(manifest.fuel.is_some(), (manifest.memory_mib as usize) << 20))
+        .map_err(|e| alloc::format!("the engine: {e}"))?;
+    let module = load(&engine, bundle)?;
     platform::milestone(Milestone::Compiled);
 
-    // Growing past the manifest's memory traps (wasmi: "growth operation limited")
-    // instead of returning -1, so a function that outgrows its allowance says so.
-    let limits =
-        StoreLimitsBuilder::new().memory_size((manifest.memory_mib as usize) << 20).trap_on_grow_failure(true).build();
-    let mut store = Store::new(&engine, WasiCtx::new(manifest, limits, &params));
-    store.limiter(|ctx| &mut ctx.limits);
+    let mut store = new_store(&engine, WasiCtx::new(manifest, &params));
     let mut linker = Linker::new(&engine);
-    wasi::define(&mut linker).map_err(|e| alloc::format!("defining WASI: {e}"))?;
+    wasi::define(&engine, &mut linker).map_err(|e| alloc::format!("defining WASI: {e}"))?;
 
     let has = |name: &str| module.get_export(name).is_some();
     let entry = if has("handle") {
-        let instance = linker
-            .instantiate_and_start(&mut store, &module)
-            .map_err(|e| alloc::format!("instantiating the module: {e}"))?;
+        set_fuel(&mut store, manifest.fuel)?;
+        let instance =
+            linker.instantiate(&mut store, &module).map_err(|e| alloc::format!("instantiating the module: {e}"))?;
         platform::milestone(Milestone::Instantiated);
         for init in ["_initialize", "init"] {
             if has(init) {
                 let func = instance
-                    .get_typed_func::<(), ()>(&store, init)
+                    .get_typed_func::<(), ()>(&mut store, init)
                     .map_err(|e| alloc::format!("export {init}: {e}"))?;
                 set_fuel(&mut store, manifest.fuel)?;
                 if let Err(error) = func.call(&mut store, ()) {
@@ -216,11 +211,14 @@ fn run(bundle: &Bundle<'_>, transport: Transport) -> Result<core::convert::Infal
             }
         }
         Entry::Reactor(
-            instance.get_typed_func::<(), ()>(&store, "handle").map_err(|e| alloc::format!("export handle: {e}"))?,
+            instance
+                .get_typed_func::<(), ()>(&mut store, "handle")
+                .map_err(|e| alloc::format!("export handle: {e}"))?,
         )
     } else if has("_start") {
+        let pre = linker.instantiate_pre(&module).map_err(|e| alloc::format!("linking the module: {e}"))?;
         platform::milestone(Milestone::Instantiated);
-        Entry::Command
+        Entry::Command(pre)
     } else {
         return Err("the module exports neither handle nor _start".into());
     };
@@ -240,9 +238,12 @@ fn run(bundle: &Bundle<'_>, transport: Transport) -> Result<core::convert::Infal
         set_fuel(&mut store, manifest.fuel)?;
         let result = match &entry {
             Entry::Reactor(handle) => handle.call(&mut store, ()),
-            Entry::Command => linker
-                .instantiate_and_start(&mut store, &module)
-                .and_then(|instance| instance.get_typed_func::<(), ()>(&store, "_start")?.call(&mut store, ())),
+            Entry::Command(pre) => {
+                store = new_store(&engine, store.into_data());
+                set_fuel(&mut store, manifest.fuel)?;
+                pre.instantiate(&mut store)
+                    .and_then(|instance| instance.get_typed_func::<(), ()>(&mut store, "_start")?.call(&mut store, ()))
+            }
         };
         let (status, exit_code, message) = ending(result);
         let ctx = store.data_mut();
@@ -254,17 +255,49 @@ fn run(bundle: &Bundle<'_>, transport: Transport) -> Result<core::convert::Infal
     platform::exit(0)
 }
 
+/// A store for the function's instances, limited as [`WasiCtx`] says.
+fn new_store(engine: &Engine, ctx: WasiCtx) -> Store<WasiCtx> {
+    let mut store = Store::new(engine, ctx);
+    store.limiter(|ctx| ctx);
+    store
+}
+
+/// The function's code, compiled by the host for this engine. An artifact from another thaw
+/// (another Wasmtime, other settings) is refused in one line.
+fn load(engine: &Engine, bundle: &Bundle<'_>) -> Result<Module, String> {
+    if bundle.code.is_empty() {
+        return Err("the bundle carries no compiled code; repack it with this thaw".into());
+    }
+    // SAFETY: the code is what `thaw pack` (or `thaw serve`, from the wasm) compiled for this
+    // engine's settings, and the host checked its SHA-256 against the manifest before booting.
+    // Wasmtime checks the settings and version it records; the code itself runs in ring 3 of
+    // this VM, which is the isolation boundary.
+    unsafe { Module::deserialize(engine, bundle.code) }.map_err(|e| {
+        alloc::format!(
+            "the compiled code does not fit this thaw's engine ({}); repack it with this thaw",
+            e.root_cause()
+        )
+    })
+}
+
 /// How a call into the function ended: the response status, exit code and trap message.
-fn ending(result: Result<(), wasmi::Error>) -> (u32, u32, String) {
+fn ending(result: wasmtime::Result<()>) -> (u32, u32, String) {
     match result {
         Ok(()) => (invoke::STATUS_OK, 0, String::new()),
-        Err(e) => match e.i32_exit_status() {
-            Some(code) => (invoke::STATUS_EXITED, code as u32, String::new()),
-            None => (invoke::STATUS_TRAPPED, 0, e.to_string()),
+        Err(e) => match (e.downcast_ref::<wasi::Exit>(), e.downcast_ref::<Trap>()) {
+            (Some(exit), _) => (invoke::STATUS_EXITED, exit.0 as u32, String::new()),
+            (None, Some(trap)) => {
+                // Wasmtime says "wasm trap: " before what happened; the function's users see what
+                // happened.
+                let text = trap.to_string();
+                (invoke::STATUS_TRAPPED, 0, text.strip_prefix("wasm trap: ").unwrap_or(&text).into())
+            }
+            (None, None) => (invoke::STATUS_TRAPPED, 0, e.to_string()),
         },
     }
 }
 
+/// Gives the store the manifest's fuel for one call (without a budget the code does not meter).
 fn set_fuel<T>(store: &mut Store<T>, fuel: Option<u64>) -> Result<(), String> {
     match fuel {
         Some(fuel) => store.set_fuel(fuel).map_err(|e| alloc::format!("setting fuel: {e}")),

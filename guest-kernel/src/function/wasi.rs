@@ -20,7 +20,7 @@ use abi::params::HostParams;
 use abi::wasi::{self, errno};
 use rand_chacha::ChaCha20Rng;
 use rand_chacha::rand_core::{RngCore, SeedableRng};
-use wasmi::{Caller, Error, Extern, FuncType, Linker, StoreLimits, Val, ValType};
+use wasmtime::{Caller, Engine, Extern, FuncType, Linker, ResourceLimiter, Val, ValType};
 
 use super::fs::Files;
 use super::sockets::Sockets;
@@ -28,8 +28,8 @@ use crate::platform;
 
 /// Per-store WASI state.
 pub struct WasiCtx {
-    /// Memory limits for the store's limiter.
-    pub limits: StoreLimits,
+    /// The most bytes a linear memory may grow to (the manifest's memory).
+    memory_limit: usize,
     /// The current request, read through fd 0.
     stdin: Vec<u8>,
     stdin_pos: usize,
@@ -50,13 +50,13 @@ pub struct WasiCtx {
 
 impl WasiCtx {
     /// State for the function `manifest` describes.
-    pub fn new(manifest: &Manifest, limits: StoreLimits, params: &HostParams) -> Self {
+    pub fn new(manifest: &Manifest, params: &HostParams) -> Self {
         let sockets = Sockets::new(&manifest.connections);
         let mut env = manifest.env.clone();
         env.extend(sockets.env());
         env.push(instance_env(params));
         Self {
-            limits,
+            memory_limit: (manifest.memory_mib as usize) << 20,
             stdin: Vec::new(),
             stdin_pos: 0,
             stdout: Vec::new(),
@@ -94,6 +94,48 @@ impl WasiCtx {
         core::mem::take(&mut self.stdin)
     }
 }
+
+/// The store's limits: linear memory grows up to the manifest's allowance, and growing past it
+/// traps ("growth operation limited") instead of returning -1, so a function that outgrows its
+/// allowance says so. Instances, tables and memories are not counted: a command instantiates
+/// once per request, and the allowance bounds what they use.
+impl ResourceLimiter for WasiCtx {
+    fn memory_growing(&mut self, _current: usize, desired: usize, maximum: Option<usize>) -> wasmtime::Result<bool> {
+        if desired > self.memory_limit {
+            return Err(wasmtime::Error::msg("growth operation limited"));
+        }
+        Ok(maximum.is_none_or(|maximum| desired <= maximum))
+    }
+
+    fn table_growing(&mut self, _current: usize, desired: usize, maximum: Option<usize>) -> wasmtime::Result<bool> {
+        Ok(maximum.is_none_or(|maximum| desired <= maximum))
+    }
+
+    fn instances(&self) -> usize {
+        usize::MAX
+    }
+
+    fn tables(&self) -> usize {
+        usize::MAX
+    }
+
+    fn memories(&self) -> usize {
+        usize::MAX
+    }
+}
+
+/// How `proc_exit` ends a call: an error carrying the exit code, which unwinds out of the
+/// function like a trap and is told apart from one by its type.
+#[derive(Debug)]
+pub struct Exit(pub i32);
+
+impl core::fmt::Display for Exit {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "exited with code {}", self.0)
+    }
+}
+
+impl core::error::Error for Exit {}
 
 /// The `THAW_INSTANCE_ID` entry, always the last of the environment.
 fn instance_env(params: &HostParams) -> String {
@@ -499,8 +541,8 @@ fn random_get(mut caller: Ctx<'_>, buf: i32, len: i32) -> i32 {
     })())
 }
 
-fn proc_exit(_: Ctx<'_>, code: i32) -> Result<(), Error> {
-    Err(Error::i32_exit(code))
+fn proc_exit(_: Ctx<'_>, code: i32) -> wasmtime::Result<()> {
+    Err(wasmtime::Error::new(Exit(code)))
 }
 
 fn sched_yield(_: Ctx<'_>) -> i32 {
@@ -508,7 +550,7 @@ fn sched_yield(_: Ctx<'_>) -> i32 {
 }
 
 /// Defines every preview1 function in `linker`.
-pub fn define(linker: &mut Linker<WasiCtx>) -> Result<(), wasmi::errors::LinkerError> {
+pub fn define(engine: &Engine, linker: &mut Linker<WasiCtx>) -> wasmtime::Result<()> {
     let m = wasi::MODULE;
     linker.func_wrap(m, "fd_write", fd_write)?;
     linker.func_wrap(m, "fd_read", fd_read)?;
@@ -540,7 +582,8 @@ pub fn define(linker: &mut Linker<WasiCtx>) -> Result<(), wasmi::errors::LinkerE
         });
         let results: &[ValType] = if function.returns_errno { &[ValType::I32] } else { &[] };
         let name = function.name;
-        linker.func_new(m, name, FuncType::new(params, results.iter().copied()), move |mut caller, _, results| {
+        let ty = FuncType::new(engine, params, results.iter().cloned());
+        linker.func_new(m, name, ty, move |mut caller, _, results| {
             let ctx = caller.data_mut();
             if ctx.warned.insert(name) {
                 let note = alloc::format!("thaw: wasi: {name} is not supported; it returns ENOSYS\n");

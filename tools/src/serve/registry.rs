@@ -206,13 +206,17 @@ impl Registry {
     pub async fn deploy(&self, name: &str, upload: Vec<u8>, query: &str) -> Result<(Deployment, View), RegistryError> {
         let (mut serving, packing) =
             settings::parse(query, &self.operator.defaults).map_err(|e| RegistryError::Invalid(e.to_string()))?;
+        // The code is compiled here from the wasm, never taken from the upload, off the async
+        // workers: it is the slow part of a deploy after the snapshot.
         let bundle = if upload.starts_with(&abi::bundle::MAGIC) {
             if let Some(given) = packing.first_given() {
                 return Err(RegistryError::Invalid(settings::SettingsError::InBundle(given.into()).to_string()));
             }
-            upload
+            blocking(move || crate::pack::recompile(&upload)).await?.map_err(RegistryError::Invalid)?
         } else if upload.starts_with(b"\0asm") {
-            crate::pack::bundle_wasm(&packing.bundle_settings(name), &upload, &[])
+            let settings = packing.bundle_settings(name);
+            blocking(move || crate::pack::bundle_wasm(&settings, &upload, &[]))
+                .await?
                 .map_err(|e| RegistryError::Invalid(format!("the wasm module: {e}")))?
                 .0
         } else {
@@ -271,12 +275,11 @@ impl Registry {
         }
         let (version_owned, serving_owned, counters, retired, poll) =
             (version.clone(), serving.clone(), Arc::clone(&metrics), Arc::clone(&self.retired), self.operator.poll);
-        let deployed = tokio::task::spawn_blocking(move || {
+        let deployed = blocking(move || {
             let image = Image::open(&image_path).map_err(|e| e.to_string())?;
             Deployed::start(&version_owned, &serving_owned, Arc::new(image), services, poll, counters, retired)
         })
-        .await
-        .map_err(|e| RegistryError::Host(e.to_string()))?
+        .await?
         .map_err(RegistryError::Host)?;
         self.store.activate(name, &version, &serving)?;
         let record = self.record(name)?;
@@ -309,7 +312,7 @@ impl Registry {
         let made = image_path.clone();
         let name = function.manifest.name.clone();
         let devices: Vec<DeviceKind> = devices.iter().filter_map(|d| DeviceKind::from_name(d)).collect();
-        let status = tokio::task::spawn_blocking(move || {
+        let status = blocking(move || {
             // The bundle file backs the data volume's block device during the cold boot.
             std::fs::write(&bundle_path, &function.bundle).map_err(|e| format!("{}: {e}", bundle_path.display()))?;
             let mut config = VmConfig { devices, ..VmConfig::default() };
@@ -318,8 +321,7 @@ impl Registry {
             let sample = function.manifest.sample_request.clone().unwrap_or_default();
             crate::snapshot::snapshot_function(&function, &made, SNAPSHOT_TIMEOUT, config, Some(sample))
         })
-        .await
-        .map_err(|e| RegistryError::Host(e.to_string()))?
+        .await?
         .map_err(|e| RegistryError::Unusable(format!("{name}: {e}")))?;
         info!("{status}");
         Ok((dir, image_path))
@@ -367,6 +369,11 @@ fn view(slot: &Slot) -> View {
         live_vms: slot.serving.as_ref().map_or(0, |d| d.live_vms()),
         counters: Arc::clone(&slot.metrics),
     }
+}
+
+/// Runs `work` on tokio's blocking pool.
+async fn blocking<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> Result<T, RegistryError> {
+    tokio::task::spawn_blocking(work).await.map_err(|e| RegistryError::Host(e.to_string()))
 }
 
 /// A function's version: the SHA-256 of its bundle, or, when it has extra `devices` (which its
