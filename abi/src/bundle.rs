@@ -11,14 +11,18 @@
 //!   16      4     manifest length
 //!   20      4     reserved, zero
 //!   24      8     wasm length
-//!   32      8     total length = 64 + manifest + wasm + code + volume lengths
+//!   32      8     total length = the code's offset (below) + code + volume lengths
 //!   40      4     CRC-32 (IEEE) of header bytes 0..40 followed by the manifest
 //!   44      8     volume length (zero in version 1)
 //!   52      8     code length (version 5; zero before)
 //!   60      4     reserved, zero
-//!   64      ...   manifest (below), the wasm module, the compiled code (Wasmtime's artifact for
-//!                 the guest's engine, `crate::engine`), then the data volume (`crate::volume`)
+//!   64      ...   manifest (below), the wasm module, zero padding up to the next multiple of
+//!                 [`CODE_ALIGN`] (version 5), the compiled code (Wasmtime's artifact for the
+//!                 guest's engine, `crate::engine`), then the data volume (`crate::volume`)
 //! ```
+//!
+//! The code starts page-aligned so that the guest, which receives the bundle page-aligned,
+//! runs it where it lies instead of copying it.
 //!
 //! The manifest is a sequence of little-endian fields; a string is a u16 length and UTF-8 bytes:
 //! name (string), wasm SHA-256 (32 bytes), memory MiB (u32), fuel (u64, 0 = unlimited),
@@ -56,6 +60,15 @@ pub const FORMAT_VERSION_WITH_SAMPLE: u32 = 4;
 pub const FORMAT_VERSION_WITH_CODE: u32 = 5;
 /// Largest compiled code.
 pub const MAX_CODE_BYTES: u64 = 256 << 20;
+/// Where in a bundle the code may start: its offset is a multiple of this.
+pub const CODE_ALIGN: u64 = 4096;
+
+/// The offset of the code in a bundle whose manifest and wasm have these lengths: right after
+/// the wasm when there is no code, else at the next multiple of [`CODE_ALIGN`].
+fn code_offset(manifest_len: u64, wasm_len: u64, code_len: u64) -> u64 {
+    let wasm_end = HEADER_LEN as u64 + manifest_len + wasm_len;
+    if code_len == 0 { wasm_end } else { wasm_end.next_multiple_of(CODE_ALIGN) }
+}
 /// Longest sample request.
 pub const MAX_SAMPLE_BYTES: usize = 64 << 10;
 /// Header size.
@@ -475,7 +488,8 @@ impl Manifest {
 /// SHA-256 the manifest holds; the caller checks all of that first.
 pub fn encode(manifest: &Manifest, wasm: &[u8], code: &[u8], volume: &[u8]) -> Vec<u8> {
     let manifest_bytes = manifest.encode();
-    let total = (HEADER_LEN + manifest_bytes.len() + wasm.len() + code.len() + volume.len()) as u64;
+    let code_at = code_offset(manifest_bytes.len() as u64, wasm.len() as u64, code.len() as u64);
+    let total = code_at + (code.len() + volume.len()) as u64;
     let version = manifest.format_version();
     let mut header = [0u8; HEADER_LEN];
     header[0..8].copy_from_slice(&MAGIC);
@@ -492,6 +506,7 @@ pub fn encode(manifest: &Manifest, wasm: &[u8], code: &[u8], volume: &[u8]) -> V
     out.extend_from_slice(&header);
     out.extend_from_slice(&manifest_bytes);
     out.extend_from_slice(wasm);
+    out.resize(code_at as usize, 0);
     out.extend_from_slice(code);
     out.extend_from_slice(volume);
     out
@@ -559,12 +574,13 @@ pub fn parse(bytes: &[u8]) -> Result<Bundle<'_>, BundleError> {
         });
     }
     let declared = u64_at(bytes, 32);
-    let without_volume = (HEADER_LEN + manifest_len) as u64 + wasm_len + code_len;
+    let code_at = code_offset(manifest_len as u64, wasm_len, code_len);
+    let without_volume = code_at + code_len;
     if declared != without_volume + volume_len {
         return Err(BundleError::BadHeader {
             field: "total length",
             value: declared,
-            expected: "64 + manifest length + wasm length + code length + volume length",
+            expected: "the code's offset + code length + volume length",
         });
     }
     let present = bytes.len() as u64;
@@ -595,12 +611,15 @@ pub fn parse(bytes: &[u8]) -> Result<Bundle<'_>, BundleError> {
         });
     }
     let wasm_end = HEADER_LEN + manifest_len + wasm_len as usize;
-    let code_end = wasm_end + code_len as usize;
+    let (code_at, code_end) = (code_at as usize, (code_at + code_len) as usize);
+    if bytes[wasm_end..code_at].iter().any(|&b| b != 0) {
+        return Err(BundleError::BadHeader { field: "padding before the code", value: 1, expected: "zero" });
+    }
     let volume = (present == declared && volume_len > 0).then(|| &bytes[code_end..]);
     Ok(Bundle {
         manifest,
         wasm: &bytes[HEADER_LEN + manifest_len..wasm_end],
-        code: &bytes[wasm_end..code_end],
+        code: &bytes[code_at..code_end],
         volume_len,
         volume,
     })
@@ -775,7 +794,7 @@ mod tests {
         golden.extend_from_slice(&(manifest_len as u32).to_le_bytes());
         golden.extend_from_slice(&[0; 4]);
         golden.extend_from_slice(&(wasm.len() as u64).to_le_bytes());
-        golden.extend_from_slice(&((HEADER_LEN + manifest_len + wasm.len() + code.len()) as u64).to_le_bytes());
+        golden.extend_from_slice(&(4096 + code.len() as u64).to_le_bytes());
         golden.extend_from_slice(&crc32(&[&bytes[..40], &bytes[HEADER_LEN..HEADER_LEN + manifest_len]]).to_le_bytes());
         golden.extend_from_slice(&0u64.to_le_bytes());
         golden.extend_from_slice(&(code.len() as u64).to_le_bytes());
@@ -783,6 +802,10 @@ mod tests {
         assert_eq!(&bytes[..HEADER_LEN], &golden[..]);
         // The manifest ends with the sample's presence byte (none) and the code's hash.
         assert_eq!(&m.encode()[manifest_len - 33..], &[&[0u8][..], &[5; 32]].concat()[..]);
+        // The code starts at the first page boundary after the wasm, after zeros.
+        assert_eq!(bytes.len(), 4096 + code.len());
+        assert_eq!(&bytes[4096..], code);
+        assert!(bytes[HEADER_LEN + manifest_len + wasm.len()..4096].iter().all(|&b| b == 0));
         let parsed = parse(&bytes).unwrap();
         assert_eq!((parsed.manifest, parsed.wasm, parsed.code), (m.clone(), &wasm[..], &code[..]));
 
@@ -812,6 +835,7 @@ mod tests {
         let huge = (MAX_CODE_BYTES + 1).to_le_bytes();
         assert!(err(&|b| b[52..60].copy_from_slice(&huge)).contains("code length is 268435457"));
         assert!(err(&|b| b[60] = 1).contains("reserved bytes"));
+        assert!(err(&|b| b[4000] = 1).contains("padding before the code"));
         // Version 5 without code, and code before version 5.
         let codeless = encode(&m, wasm, &[], &[]);
         assert!(parse(&codeless).unwrap_err().to_string().contains("code length is 0"));

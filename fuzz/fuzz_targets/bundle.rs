@@ -26,9 +26,10 @@ fn fix_digests(b: &mut [u8]) -> Option<()> {
     let manifest_end = 64usize.checked_add(manifest_len)?;
     let wasm_end = manifest_end.checked_add(wasm_len)?;
     let code_len = u64_at(b, 52)?;
-    let code_end = wasm_end.checked_add(code_len)?;
+    let code_at = if code_len == 0 { wasm_end } else { wasm_end.checked_next_multiple_of(4096)? };
+    let code_end = code_at.checked_add(code_len)?;
     let wasm = host_vmm::function::sha256(b.get(manifest_end..wasm_end)?);
-    let code = host_vmm::function::sha256(b.get(wasm_end..code_end)?);
+    let code = host_vmm::function::sha256(b.get(code_at..code_end)?);
     let volume = host_vmm::function::sha256(b.get(code_end..)?);
     let name_len = usize::from(u16::from_le_bytes(b.get(64..66)?.try_into().ok()?));
     let wasm_digest = 66 + name_len;

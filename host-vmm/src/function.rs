@@ -272,12 +272,13 @@ impl Function {
         }
     }
 
-    /// Guest memory for a VM running this function: its linear-memory allowance, the runtime
-    /// overhead, and twice the ramdisk: the bundle as loaded, and the compiled code copied out of
-    /// it into the engine's own allocation.
+    /// Guest memory for a VM running this function: twice its linear-memory allowance (the
+    /// guest allocates a memory's initial size plus room to grow by the whole allowance, so that
+    /// it never moves, and the initial size is at most the allowance), the runtime overhead, and
+    /// the ramdisk, whose code runs where it lies. Pages the guest never touches cost nothing.
     pub fn vm_memory_mib(&self) -> u64 {
-        let code_mib = (self.ramdisk().len() as u64 * 2).div_ceil(1 << 20);
-        u64::from(self.manifest.memory_mib) + RUNTIME_OVERHEAD_MIB + code_mib
+        let ramdisk_mib = (self.ramdisk().len() as u64).div_ceil(1 << 20);
+        2 * u64::from(self.manifest.memory_mib) + RUNTIME_OVERHEAD_MIB + ramdisk_mib
     }
 }
 

@@ -185,6 +185,24 @@ fn a_trap_is_reported_with_its_message() {
     assert!(run.stderr.contains("unreachable"), "{run:#?}");
 }
 
+/// Code compiled with other engine settings (here with fuel metering, which the manifest no
+/// longer asks for) passes the host's checks, its hash being right, and the guest's Wasmtime
+/// refuses it in one line that says to repack (the guest's failure: its log comes first).
+#[test]
+fn code_compiled_for_other_engine_settings_is_refused_by_the_guest_with_a_line_to_repack() {
+    let (dir, bundle) = pack(&fixture("trap.wat"), &["--fuel", "1000"]);
+    let bytes = std::fs::read(&bundle).unwrap();
+    let parsed = abi::bundle::parse(&bytes).unwrap();
+    let manifest = abi::bundle::Manifest { fuel: None, ..parsed.manifest.clone() };
+    let foreign = dir.path().join("foreign.thaw");
+    std::fs::write(&foreign, abi::bundle::encode(&manifest, parsed.wasm, parsed.code, &[])).unwrap();
+    let run = both(foreign.to_str().unwrap(), "");
+    assert_ne!(run.code, Some(0), "{run:#?}");
+    let line = run.stderr.lines().last().unwrap_or_default();
+    assert!(line.contains("the compiled code does not fit this thaw's engine"), "{run:#?}");
+    assert!(line.contains("fuel") && line.contains("repack it with this thaw"), "{run:#?}");
+}
+
 #[test]
 fn an_infinite_loop_ends_by_timeout_or_by_fuel() {
     let (_dir, bundle) = pack(&fixture("loop.wat"), &[]);

@@ -75,10 +75,10 @@ fn invoke_refuses_a_wrong_magic_and_a_wrong_version() {
 fn invoke_refuses_a_manifest_that_lies_about_its_lengths() {
     let s = Scratch::new();
     let good = s.bundle();
-    // The manifest length grows by 4 while the total stays: the header no longer adds up.
+    // The manifest length grows by a page while the total stays: the header no longer adds up.
     let mut bytes = good.clone();
     let manifest_len = u32::from_le_bytes(bytes[16..20].try_into().unwrap());
-    bytes[16..20].copy_from_slice(&(manifest_len + 4).to_le_bytes());
+    bytes[16..20].copy_from_slice(&(manifest_len + 4096).to_le_bytes());
     assert!(invoke(&s.file("lie1.thaw", &bytes)).contains("total length"));
     // The name's length prefix points past the manifest (and the checksum is fixed up, so only
     // the lie remains).

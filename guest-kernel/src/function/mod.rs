@@ -165,8 +165,9 @@ fn expect_tag(expected: [u8; 8]) -> Result<(), String> {
     if tag == expected { Ok(()) } else { Err(alloc::format!("serial frame tag {tag:02x?}, expected {expected:02x?}")) }
 }
 
-/// Runs the function in `bundle` until the host has no more requests; returns the exit code.
-pub fn serve(bundle: &[u8]) -> u32 {
+/// Runs the function in `bundle` (the ramdisk: reserved memory that nothing writes) until the
+/// host has no more requests; returns the exit code.
+pub fn serve(bundle: &'static [u8]) -> u32 {
     let bundle = match abi::bundle::parse(bundle) {
         Ok(bundle) => bundle,
         Err(e) => panic!("function bundle: {e}"),
@@ -177,7 +178,7 @@ pub fn serve(bundle: &[u8]) -> u32 {
     }
 }
 
-fn run(bundle: &Bundle<'_>, transport: Transport) -> Result<core::convert::Infallible, String> {
+fn run(bundle: &Bundle<'static>, transport: Transport) -> Result<core::convert::Infallible, String> {
     let params = transport.host_params()?;
     crate::devices::set_params(&params);
     let manifest = &bundle.manifest;
@@ -262,17 +263,25 @@ fn new_store(engine: &Engine, ctx: WasiCtx) -> Store<WasiCtx> {
     store
 }
 
-/// The function's code, compiled by the host for this engine. An artifact from another thaw
-/// (another Wasmtime, other settings) is refused in one line.
-fn load(engine: &Engine, bundle: &Bundle<'_>) -> Result<Module, String> {
-    if bundle.code.is_empty() {
+/// The function's code, compiled by the host for this engine, used where it lies in the ramdisk
+/// when it is page-aligned there (`abi::bundle::CODE_ALIGN`), else copied. An artifact from
+/// another thaw (another Wasmtime, other settings) is refused in one line.
+fn load(engine: &Engine, bundle: &Bundle<'static>) -> Result<Module, String> {
+    let code = bundle.code;
+    if code.is_empty() {
         return Err("the bundle carries no compiled code; repack it with this thaw".into());
     }
+    let aligned = (code.as_ptr() as u64).is_multiple_of(abi::bundle::CODE_ALIGN);
     // SAFETY: the code is what `thaw pack` (or `thaw serve`, from the wasm) compiled for this
     // engine's settings, and the host checked its SHA-256 against the manifest before booting.
     // Wasmtime checks the settings and version it records; the code itself runs in ring 3 of
-    // this VM, which is the isolation boundary.
-    unsafe { Module::deserialize(engine, bundle.code) }.map_err(|e| {
+    // this VM, which is the isolation boundary. In place, the bytes outlive the module and are
+    // never written: they are the ramdisk, which lives as long as the kernel and which nothing
+    // writes.
+    let module = unsafe {
+        if aligned { Module::deserialize_raw(engine, code.into()) } else { Module::deserialize(engine, code) }
+    };
+    module.map_err(|e| {
         alloc::format!(
             "the compiled code does not fit this thaw's engine ({}); repack it with this thaw",
             e.root_cause()
