@@ -236,15 +236,15 @@ fn run(bundle: &Bundle<'static>, transport: Transport) -> Result<core::convert::
     let mut request = Vec::new();
     while transport.next_request(&mut request)? {
         store.data_mut().begin(core::mem::take(&mut request));
+        if let Entry::Command(_) = entry {
+            store = new_store(&engine, store.into_data());
+        }
         set_fuel(&mut store, manifest.fuel)?;
         let result = match &entry {
             Entry::Reactor(handle) => handle.call(&mut store, ()),
-            Entry::Command(pre) => {
-                store = new_store(&engine, store.into_data());
-                set_fuel(&mut store, manifest.fuel)?;
-                pre.instantiate(&mut store)
-                    .and_then(|instance| instance.get_typed_func::<(), ()>(&mut store, "_start")?.call(&mut store, ()))
-            }
+            Entry::Command(pre) => pre
+                .instantiate(&mut store)
+                .and_then(|instance| instance.get_typed_func::<(), ()>(&mut store, "_start")?.call(&mut store, ())),
         };
         let (status, exit_code, message) = ending(result);
         let ctx = store.data_mut();
