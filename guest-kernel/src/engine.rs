@@ -10,15 +10,22 @@
 //!   is a no-op.
 //! - CPU features ([`cpu_feature`]): the engine checks that the features the code was compiled
 //!   for are present, from CPUID in ring 3.
+//! - Linear memories ([`LinearMemories`]): thaw allocates each at the function's
+//!   allowance from the heap, so it never moves when it grows. A move would copy every byte and
+//!   touch every page of the new block, each a first touch that costs microseconds under PVM.
 //!
 //! Without `signals_based_traps`, compiled code checks its own bounds, divisors and stack depth
 //! and traps by calling into the runtime, which unwinds to the host call's entry. No trap ever
 //! reaches the ring-0 exception handlers.
 
+use alloc::alloc::Layout;
+use alloc::boxed::Box;
+use alloc::string::String;
 use alloc::sync::Arc;
+use core::ptr::NonNull;
 use core::sync::atomic::{AtomicPtr, Ordering};
 
-use wasmtime::{Config, CustomCodeMemory};
+use wasmtime::{Config, CustomCodeMemory, LinearMemory, MemoryCreator, MemoryType};
 
 static TLS: [AtomicPtr<u8>; 2] = [AtomicPtr::new(core::ptr::null_mut()), AtomicPtr::new(core::ptr::null_mut())];
 
@@ -63,6 +70,88 @@ impl CustomCodeMemory for CodeMemory {
     }
 }
 
+/// Makes linear memories of a fixed capacity: the function's allowance.
+struct LinearMemories {
+    /// The allowance, in bytes.
+    limit: usize,
+}
+
+/// One linear memory: `capacity` bytes of the heap, the first `len` of them accessible and
+/// zeroed when they became so.
+struct FixedMemory {
+    base: NonNull<u8>,
+    len: usize,
+    layout: Layout,
+}
+
+// SAFETY: the memory is plain heap memory owned by this value; Wasmtime serializes access to it
+// through its store, and the guest runs one thread.
+unsafe impl Send for FixedMemory {}
+// SAFETY: as for `Send`.
+unsafe impl Sync for FixedMemory {}
+
+// SAFETY: each memory is its own heap allocation, zeroed as it becomes accessible, never moved,
+// and freed only when Wasmtime drops it.
+unsafe impl MemoryCreator for LinearMemories {
+    fn new_memory(
+        &self,
+        _ty: MemoryType,
+        minimum: usize,
+        _maximum: Option<usize>,
+        _reserved_size_in_bytes: Option<usize>,
+        guard_size_in_bytes: usize,
+    ) -> Result<Box<dyn LinearMemory>, String> {
+        if guard_size_in_bytes != 0 {
+            return Err(alloc::format!("{guard_size_in_bytes} bytes of guard pages asked for; thaw has none"));
+        }
+        // The limiter refuses growth past the allowance; a minimum past it is refused when the
+        // host validates the module.
+        let capacity = self.limit.max(minimum).max(1);
+        let layout = Layout::from_size_align(capacity, 4096).map_err(|e| alloc::format!("{capacity} bytes: {e}"))?;
+        // SAFETY: the layout's size is at least 1.
+        let base = NonNull::new(unsafe { alloc::alloc::alloc(layout) })
+            .ok_or_else(|| alloc::format!("no {capacity} bytes of heap for a linear memory"))?;
+        let mut memory = FixedMemory { base, len: 0, layout };
+        memory.grow_to(minimum).map_err(|e| alloc::format!("{e}"))?;
+        Ok(Box::new(memory))
+    }
+}
+
+// SAFETY: the memory is page-aligned, grows in place up to its capacity, and what becomes
+// accessible is zeroed first.
+unsafe impl LinearMemory for FixedMemory {
+    fn byte_size(&self) -> usize {
+        self.len
+    }
+
+    fn byte_capacity(&self) -> usize {
+        self.layout.size()
+    }
+
+    fn grow_to(&mut self, new_size: usize) -> wasmtime::Result<()> {
+        if new_size > self.layout.size() {
+            return Err(wasmtime::Error::msg("growth operation limited"));
+        }
+        if new_size > self.len {
+            // SAFETY: `len..new_size` lies inside the allocation.
+            unsafe { self.base.as_ptr().add(self.len).write_bytes(0, new_size - self.len) };
+        }
+        self.len = new_size;
+        Ok(())
+    }
+
+    fn as_ptr(&self) -> *mut u8 {
+        self.base.as_ptr()
+    }
+}
+
+impl Drop for FixedMemory {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `new_memory` with this layout, and freed once.
+        unsafe { alloc::alloc::dealloc(self.base.as_ptr(), self.layout) };
+    }
+}
+
 /// Whether the CPU has `feature` (one of the names in `abi::engine::X86_FEATURES`), from
 /// CPUID leaf 1; `None` for a name this check does not know.
 fn cpu_feature(feature: &str) -> Option<bool> {
@@ -80,13 +169,12 @@ fn cpu_feature(feature: &str) -> Option<bool> {
 
 /// The guest's engine configuration, with fuel metering or without as the code was compiled:
 /// the settings shared with the host's compiler ([`abi::engine::configure`]), plus what only
-/// the runtime needs. A linear memory is allocated with room to grow to `memory_limit` bytes
-/// (the function's allowance), so growing it never moves it: a move copies every byte and
-/// touches every page of the new block, each a first touch that costs microseconds under PVM.
+/// the runtime needs: linear memories are [`LinearMemories`] of `memory_limit` bytes (the
+/// function's allowance).
 pub fn config(fuel: bool, memory_limit: usize) -> Config {
     let mut config = Config::new();
+    config.with_host_memory(Arc::new(LinearMemories { limit: memory_limit }));
     abi::engine::configure(&mut config, fuel)
-        .memory_reservation_for_growth(memory_limit as u64)
         // A trap's message is one line: what happened, not where (the guest has no symbols).
         .wasm_backtrace_max_frames(None)
         .with_custom_code_memory(Some(Arc::new(CodeMemory)));

@@ -272,13 +272,12 @@ impl Function {
         }
     }
 
-    /// Guest memory for a VM running this function: twice its linear-memory allowance (the
-    /// guest allocates a memory's initial size plus room to grow by the whole allowance, so that
-    /// it never moves, and the initial size is at most the allowance), the runtime overhead, and
+    /// Guest memory for a VM running this function: its linear-memory allowance (the guest
+    /// allocates a memory at the whole allowance, so it never moves), the runtime overhead, and
     /// the ramdisk, whose code runs where it lies. Pages the guest never touches cost nothing.
     pub fn vm_memory_mib(&self) -> u64 {
         let ramdisk_mib = (self.ramdisk().len() as u64).div_ceil(1 << 20);
-        2 * u64::from(self.manifest.memory_mib) + RUNTIME_OVERHEAD_MIB + ramdisk_mib
+        u64::from(self.manifest.memory_mib) + RUNTIME_OVERHEAD_MIB + ramdisk_mib
     }
 }
 
