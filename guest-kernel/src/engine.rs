@@ -76,8 +76,8 @@ struct LinearMemories {
     limit: usize,
 }
 
-/// One linear memory: `capacity` bytes of the heap, the first `len` of them accessible and
-/// zeroed when they became so.
+/// One linear memory: a block of the heap (`layout`), whose first `len` bytes are accessible,
+/// each zeroed when it became so.
 struct FixedMemory {
     base: NonNull<u8>,
     len: usize,

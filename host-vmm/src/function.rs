@@ -216,15 +216,21 @@ pub fn validate_wasm(wasm: &[u8], memory_mib: u32) -> Result<FunctionKind, Funct
     }
 }
 
+/// Checks a parsed bundle's wasm against the manifest's SHA-256 and validates it for the
+/// manifest's memory; tells how the function is entered.
+pub fn check_wasm(parsed: &bundle::Bundle<'_>) -> Result<FunctionKind, FunctionError> {
+    let actual = sha256(parsed.wasm);
+    if actual != parsed.manifest.wasm_sha256 {
+        return Err(FunctionError::Sha256 { expected: hex(&parsed.manifest.wasm_sha256), actual: hex(&actual) });
+    }
+    validate_wasm(parsed.wasm, parsed.manifest.memory_mib)
+}
+
 impl Function {
     /// Validates `bundle` completely.
     pub fn from_bundle(bundle: Vec<u8>) -> Result<Self, FunctionError> {
         let parsed = bundle::parse(&bundle)?;
-        let actual = sha256(parsed.wasm);
-        if actual != parsed.manifest.wasm_sha256 {
-            return Err(FunctionError::Sha256 { expected: hex(&parsed.manifest.wasm_sha256), actual: hex(&actual) });
-        }
-        let kind = validate_wasm(parsed.wasm, parsed.manifest.memory_mib)?;
+        let kind = check_wasm(&parsed)?;
         let Some(code_sha256) = parsed.manifest.code_sha256 else {
             return Err(FunctionError::NoCode(parsed.manifest.format_version()));
         };

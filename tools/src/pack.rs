@@ -128,15 +128,7 @@ pub fn compile(wasm: &[u8], fuel: bool) -> Result<Vec<u8>, String> {
 /// shipped code, if any, is not trusted. Older bundles without code come out as version 5.
 pub fn recompile(bundle: &[u8]) -> Result<Vec<u8>, String> {
     let parsed = bundle::parse(bundle).map_err(|e| e.to_string())?;
-    let actual = function::sha256(parsed.wasm);
-    if actual != parsed.manifest.wasm_sha256 {
-        return Err(format!(
-            "bundle: wasm SHA-256 {} does not match the manifest's {} (corrupted)",
-            function::hex(&actual),
-            function::hex(&parsed.manifest.wasm_sha256)
-        ));
-    }
-    function::validate_wasm(parsed.wasm, parsed.manifest.memory_mib).map_err(|e| e.to_string())?;
+    function::check_wasm(&parsed).map_err(|e| e.to_string())?;
     let code = compile(parsed.wasm, parsed.manifest.fuel.is_some())?;
     let manifest = Manifest { code_sha256: Some(function::sha256(&code)), ..parsed.manifest };
     let volume = parsed.volume.unwrap_or_default();
