@@ -45,7 +45,8 @@ pub fn configure(config: &mut wasmtime::Config, fuel: bool) -> &mut wasmtime::Co
         .max_wasm_stack(MAX_WASM_STACK)
 }
 
-/// The host's engine that compiles for the guest, with fuel metering or without: [`configure`],
+/// The host's engine that compiles for the guest (`precompile_module` gives what a bundle
+/// carries as its code), with fuel metering or without: [`configure`],
 /// the guest's target and x86 features, and the component model off. A compiled module records
 /// the wasm proposals its engine enabled, and the guest's runtime is built without the component
 /// model, which the host's build may have (Cargo unifies `wasmtime-wasi`'s features into it).
@@ -60,11 +61,4 @@ pub fn compiler(fuel: bool) -> wasmtime::Result<wasmtime::Engine> {
         unsafe { config.cranelift_flag_enable(flag) };
     }
     wasmtime::Engine::new(&config)
-}
-
-/// `wasm` compiled ahead of time by `engine` (from [`compiler`]): what a bundle carries as its
-/// code. Compiling also validates the module.
-#[cfg(feature = "compile")]
-pub fn compile(engine: &wasmtime::Engine, wasm: &[u8]) -> wasmtime::Result<alloc::vec::Vec<u8>> {
-    engine.precompile_module(wasm)
 }

@@ -28,7 +28,7 @@ fn config(fuel: bool) -> Config {
 /// The probe compiled ahead of time for the guest, as `thaw pack` compiles, with fuel as given.
 fn compile_for_guest(fuel: bool) -> Vec<u8> {
     let engine = abi::engine::compiler(fuel).expect("the compiler");
-    abi::engine::compile(&engine, &wat::parse_file(PROBE).expect("the probe")).expect("the probe compiles")
+    engine.precompile_module(&wat::parse_file(PROBE).expect("the probe")).expect("the probe compiles")
 }
 
 fn outcome<R: Debug>(result: wasmtime::Result<R>) -> String {

@@ -121,7 +121,7 @@ pub fn compile(wasm: &[u8], fuel: bool) -> Result<Vec<u8>, String> {
         format!("compiling the module: {}", e.chain().map(ToString::to_string).collect::<Vec<_>>().join(": "))
     };
     let engine = abi::engine::compiler(fuel).map_err(failed)?;
-    abi::engine::compile(&engine, wasm).map_err(failed)
+    engine.precompile_module(wasm).map_err(failed)
 }
 
 /// `bundle` with its code compiled afresh from its wasm, for a bundle from someone else: its
