@@ -4,9 +4,11 @@
 //! ```text
 //!   offset  size  field
 //!   0       8     magic "THAWFUNC"
-//!   8       4     format version: 5, which carries compiled code. Older bundles are read
-//!                 (1: plain; 2: with a data volume; 3: with service connections; 4: with a
-//!                 sample request) so they can be inspected, but not run: repack them
+//!   8       4     format version: 6, which carries compiled code and the function's
+//!                 filesystem settings. Version 5 (compiled code, no filesystem settings) is
+//!                 read and run with the default settings. Older bundles are read (1: plain;
+//!                 2: with a data volume; 3: with service connections; 4: with a sample
+//!                 request) so they can be inspected, but not run: repack them
 //!   12      4     header length (64)
 //!   16      4     manifest length
 //!   20      4     reserved, zero
@@ -14,10 +16,10 @@
 //!   32      8     total length = the code's offset (below) + code + volume lengths
 //!   40      4     CRC-32 (IEEE) of header bytes 0..40 followed by the manifest
 //!   44      8     volume length (zero in version 1)
-//!   52      8     code length (version 5; zero before)
+//!   52      8     code length (from version 5; zero before)
 //!   60      4     reserved, zero
 //!   64      ...   manifest (below), the wasm module, zero padding up to the next multiple of
-//!                 [`CODE_ALIGN`] (version 5), the compiled code (Wasmtime's artifact for the
+//!                 [`CODE_ALIGN`] (from version 5), the compiled code (Wasmtime's artifact for the
 //!                 guest's engine, `crate::engine`), then the data volume (`crate::volume`)
 //! ```
 //!
@@ -29,9 +31,17 @@
 //! args (u16 count, strings), env (u16 count, `KEY=VALUE` strings), from version 3 the service
 //! connections (u16 count, each a name string and a u32 vsock port), in version 4 the sample
 //! request (u32 length, at most [`MAX_SAMPLE_BYTES`], and its bytes: what `thaw snapshot`
-//! records the working set with), in version 5 the sample request behind a presence byte (0, or
-//! 1 followed by the version 4 field) and then the code's SHA-256 (32 bytes), and, exactly when
-//! the bundle has a volume, the volume's SHA-256 (32 bytes).
+//! records the working set with), from version 5 the sample request behind a presence byte (0,
+//! or 1 followed by the version 4 field) and then the code's SHA-256 (32 bytes), in version 6
+//! the filesystem settings: scratch MiB (u32), scratch directories (u16 count, at most
+//! [`MAX_SCRATCH_DIRS`], strings) and the data mount (string), and, exactly when the bundle has a
+//! volume, the volume's SHA-256 (32 bytes). A manifest from before version 6 reads with the
+//! defaults: [`DEFAULT_SCRATCH_MIB`], [`DEFAULT_SCRATCH_DIRS`] and [`DEFAULT_DATA_MOUNT`].
+//!
+//! The filesystem settings say what the guest's WASI layer preopens, in fd order from 3
+//! ([`Manifest::preopens`]): the in-memory (scratch) directories, then the data volume at its
+//! mount unless a scratch directory is already there. The scratch filesystem holds at most the
+//! scratch MiB of files, directories and names, on the guest heap; the host sizes the VM for it.
 //!
 //! Every length is checked against the bytes present and against the caps below before use, and
 //! every failure names the field and value. The CRC covers metadata only; the wasm, code and
@@ -55,9 +65,12 @@ pub const FORMAT_VERSION_WITH_VOLUME: u32 = 2;
 pub const FORMAT_VERSION_WITH_CONNECTIONS: u32 = 3;
 /// The version it wrote for a bundle with a sample request.
 pub const FORMAT_VERSION_WITH_SAMPLE: u32 = 4;
-/// The version it writes for a bundle with compiled code: every bundle `thaw pack` writes now,
-/// and the newest it reads.
+/// The version it wrote for a bundle with compiled code, before the filesystem settings: still
+/// read and run, with the default settings.
 pub const FORMAT_VERSION_WITH_CODE: u32 = 5;
+/// The version it writes for a bundle with compiled code and the function's filesystem
+/// settings: every bundle `thaw pack` writes now, and the newest it reads.
+pub const FORMAT_VERSION_WITH_FILESYSTEM: u32 = 6;
 /// Largest compiled code.
 pub const MAX_CODE_BYTES: u64 = 256 << 20;
 /// Where in a bundle the code may start: its offset is a multiple of this.
@@ -89,6 +102,21 @@ pub const MAX_MEMORY_MIB: u32 = 4096;
 pub const MAX_CONNECTIONS: usize = 16;
 /// Longest connection name.
 pub const MAX_CONNECTION_NAME_BYTES: usize = 32;
+/// The scratch filesystem's cap, in MiB, for a bundle that names none (before version 6, and
+/// `thaw pack`'s default).
+pub const DEFAULT_SCRATCH_MIB: u32 = 16;
+/// Largest scratch filesystem cap, in MiB.
+pub const MAX_SCRATCH_MIB: u32 = 1024;
+/// Where the data volume appears for a bundle that names no place.
+pub const DEFAULT_DATA_MOUNT: &str = "/data";
+/// The in-memory directories preopened for a bundle that names none.
+pub const DEFAULT_SCRATCH_DIRS: &[&str] = &["/", "/tmp"];
+/// Most preopened in-memory directories.
+pub const MAX_SCRATCH_DIRS: usize = 8;
+/// Longest guest path ([`check_guest_path`]).
+pub const MAX_GUEST_PATH_BYTES: usize = 1024;
+/// Longest component of a guest path.
+const MAX_GUEST_NAME_BYTES: usize = 255;
 
 /// A host service the function is given a socket to (`thaw pack --connect NAME=PORT`): the
 /// guest sees a preopened socket fd, named by the environment variable `THAW_CONNECT_<NAME>`,
@@ -105,6 +133,43 @@ pub struct Connection {
 pub fn is_connection_name(name: &str) -> bool {
     (1..=MAX_CONNECTION_NAME_BYTES).contains(&name.len())
         && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+}
+
+/// Checks a path in the guest's filesystem, as a scratch directory or the data mount: absolute,
+/// `/` itself or components of 1 to 255 bytes separated by single slashes, none `.` or `..`, no
+/// NUL, at most [`MAX_GUEST_PATH_BYTES`] in all. The error says what is wrong and quotes the path.
+pub fn check_guest_path(path: &str) -> Result<(), String> {
+    let Some(rest) = path.strip_prefix('/') else {
+        return Err(alloc::format!("path {path:?} is not absolute: it must start with '/'"));
+    };
+    if path.len() > MAX_GUEST_PATH_BYTES {
+        return Err(alloc::format!("path {path:?} is {} bytes, more than {MAX_GUEST_PATH_BYTES}", path.len()));
+    }
+    if path.contains('\0') {
+        return Err(alloc::format!("path {path:?} holds a NUL"));
+    }
+    if rest.is_empty() {
+        return Ok(());
+    }
+    for component in rest.split('/') {
+        match component {
+            "" => return Err(alloc::format!("path {path:?} has an empty component (\"//\" or a trailing '/')")),
+            "." | ".." => return Err(alloc::format!("path {path:?} has a {component:?} component")),
+            c if c.len() > MAX_GUEST_NAME_BYTES => {
+                return Err(alloc::format!(
+                    "path {path:?} has a component of {} bytes, more than {MAX_GUEST_NAME_BYTES}",
+                    c.len()
+                ));
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// The default scratch directories, owned.
+fn default_scratch_dirs() -> Vec<String> {
+    DEFAULT_SCRATCH_DIRS.iter().map(|&d| String::from(d)).collect()
 }
 
 /// What a bundle says about its function.
@@ -132,6 +197,16 @@ pub struct Manifest {
     pub sample_request: Option<Vec<u8>>,
     /// SHA-256 of the compiled code (bundle version 5).
     pub code_sha256: Option<[u8; 32]>,
+    /// Most bytes of files, directories and names the in-memory (scratch) filesystem may hold,
+    /// in MiB (1..=[`MAX_SCRATCH_MIB`]; bundle version 6, else [`DEFAULT_SCRATCH_MIB`]).
+    pub scratch_mib: u32,
+    /// In-memory directories preopened for the function, in order (bundle version 6, else
+    /// [`DEFAULT_SCRATCH_DIRS`]): at most [`MAX_SCRATCH_DIRS`], each a valid guest path
+    /// ([`check_guest_path`]), none twice.
+    pub scratch_dirs: Vec<String>,
+    /// Where the data volume appears in the guest: a valid guest path, `/` allowed (bundle
+    /// version 6, where it is present even without a volume; else [`DEFAULT_DATA_MOUNT`]).
+    pub data_mount: String,
 }
 
 /// A parsed bundle borrowing its wasm bytes.
@@ -204,7 +279,7 @@ impl fmt::Display for BundleError {
             Self::UnsupportedVersion(v) => {
                 write!(
                     f,
-                    "bundle format version {v} is not supported (this thaw reads versions 1 to {FORMAT_VERSION_WITH_CODE})"
+                    "bundle format version {v} is not supported (this thaw reads versions 1 to {FORMAT_VERSION_WITH_FILESYSTEM})"
                 )
             }
             Self::BadHeader { field, value, expected } => {
@@ -288,13 +363,11 @@ impl<'a> Reader<'a> {
             .map_err(|_| BundleError::BadField { field, reason: "not UTF-8".into() })
     }
 
-    fn list(&mut self, field: &'static str) -> Result<Vec<String>, BundleError> {
+    /// A u16 count of at most `max` strings, then the strings.
+    fn list(&mut self, field: &'static str, max: usize) -> Result<Vec<String>, BundleError> {
         let count = self.u16(field)? as usize;
-        if count > MAX_LIST_ENTRIES {
-            return Err(BundleError::BadField {
-                field,
-                reason: alloc::format!("{count} entries, more than {MAX_LIST_ENTRIES}"),
-            });
+        if count > max {
+            return Err(BundleError::BadField { field, reason: alloc::format!("{count} entries, more than {max}") });
         }
         (0..count).map(|_| self.string(field)).collect()
     }
@@ -350,13 +423,61 @@ impl Manifest {
                 return bad("connections", alloc::format!("name {:?} is given twice", c.name));
             }
         }
+        self.validate_filesystem()
+    }
+
+    /// Checks the filesystem settings: the scratch cap, the scratch directories and the data
+    /// mount; and that a manifest without code, whose format cannot carry them, has the defaults.
+    fn validate_filesystem(&self) -> Result<(), BundleError> {
+        let bad = |field, reason: String| Err(BundleError::BadField { field, reason });
+        if !(1..=MAX_SCRATCH_MIB).contains(&self.scratch_mib) {
+            return bad("scratch MiB", alloc::format!("{} MiB is outside 1..={MAX_SCRATCH_MIB}", self.scratch_mib));
+        }
+        if self.scratch_dirs.len() > MAX_SCRATCH_DIRS {
+            return bad(
+                "scratch dirs",
+                alloc::format!("{} entries, more than {MAX_SCRATCH_DIRS}", self.scratch_dirs.len()),
+            );
+        }
+        for (i, dir) in self.scratch_dirs.iter().enumerate() {
+            check_guest_path(dir).or_else(|reason| bad("scratch dirs", reason))?;
+            if self.scratch_dirs[..i].contains(dir) {
+                return bad("scratch dirs", alloc::format!("{dir:?} is given twice"));
+            }
+        }
+        check_guest_path(&self.data_mount).or_else(|reason| bad("data mount", reason))?;
+        let defaults = self.scratch_mib == DEFAULT_SCRATCH_MIB
+            && self.scratch_dirs.iter().map(String::as_str).eq(DEFAULT_SCRATCH_DIRS.iter().copied())
+            && self.data_mount == DEFAULT_DATA_MOUNT;
+        if self.code_sha256.is_none() && !defaults {
+            return bad(
+                "filesystem settings",
+                alloc::format!(
+                    "{} MiB, {:?}, {:?}: a manifest without compiled code is written in a version before 6, which holds only the defaults",
+                    self.scratch_mib,
+                    self.scratch_dirs,
+                    self.data_mount
+                ),
+            );
+        }
         Ok(())
+    }
+
+    /// The directories the guest preopens for the function, in fd order from fd 3: the scratch
+    /// directories in order, then the data mount when the bundle has a volume and no scratch
+    /// directory is already there.
+    pub fn preopens(&self) -> Vec<&str> {
+        let mut dirs: Vec<&str> = self.scratch_dirs.iter().map(String::as_str).collect();
+        if self.volume_sha256.is_some() && !dirs.contains(&self.data_mount.as_str()) {
+            dirs.push(&self.data_mount);
+        }
+        dirs
     }
 
     /// The format version a bundle with this manifest is written in.
     pub fn format_version(&self) -> u32 {
         if self.code_sha256.is_some() {
-            FORMAT_VERSION_WITH_CODE
+            FORMAT_VERSION_WITH_FILESYSTEM
         } else if self.sample_request.is_some() {
             FORMAT_VERSION_WITH_SAMPLE
         } else if !self.connections.is_empty() {
@@ -399,6 +520,14 @@ impl Manifest {
         if let Some(sha) = &self.code_sha256 {
             out.extend_from_slice(sha);
         }
+        if version >= FORMAT_VERSION_WITH_FILESYSTEM {
+            out.extend_from_slice(&self.scratch_mib.to_le_bytes());
+            out.extend_from_slice(&(self.scratch_dirs.len() as u16).to_le_bytes());
+            for dir in &self.scratch_dirs {
+                put_string(&mut out, dir);
+            }
+            put_string(&mut out, &self.data_mount);
+        }
         if let Some(sha) = &self.volume_sha256 {
             out.extend_from_slice(sha);
         }
@@ -413,8 +542,8 @@ impl Manifest {
         wasm_sha256.copy_from_slice(r.take(32, "wasm sha256")?);
         let memory_mib = r.u32("memory")?;
         let fuel = Some(r.u64("fuel")?).filter(|&f| f != 0);
-        let args = r.list("args")?;
-        let env = r.list("env")?;
+        let args = r.list("args", MAX_LIST_ENTRIES)?;
+        let env = r.list("env", MAX_LIST_ENTRIES)?;
         let mut connections = Vec::new();
         if version >= FORMAT_VERSION_WITH_CONNECTIONS {
             let count = r.u16("connections")? as usize;
@@ -433,7 +562,7 @@ impl Manifest {
         let mut sample_request = None;
         let has_sample = match version {
             FORMAT_VERSION_WITH_SAMPLE => true,
-            FORMAT_VERSION_WITH_CODE => match r.take(1, "sample request")?[0] {
+            v if v >= FORMAT_VERSION_WITH_CODE => match r.take(1, "sample request")?[0] {
                 0 => false,
                 1 => true,
                 other => {
@@ -460,6 +589,13 @@ impl Manifest {
         } else {
             None
         };
+        let (scratch_mib, scratch_dirs, data_mount) = if version >= FORMAT_VERSION_WITH_FILESYSTEM {
+            let scratch_mib = r.u32("scratch MiB")?;
+            let scratch_dirs = r.list("scratch dirs", MAX_SCRATCH_DIRS)?;
+            (scratch_mib, scratch_dirs, r.string("data mount")?)
+        } else {
+            (DEFAULT_SCRATCH_MIB, default_scratch_dirs(), DEFAULT_DATA_MOUNT.into())
+        };
         let volume_sha256 = match r.bytes.len() {
             0 => None,
             32 => Some(r.take(32, "volume sha256")?.try_into().unwrap_or([0; 32])),
@@ -476,6 +612,9 @@ impl Manifest {
             volume_sha256,
             sample_request,
             code_sha256,
+            scratch_mib,
+            scratch_dirs,
+            data_mount,
         };
         manifest.validate()?;
         Ok(manifest)
@@ -525,7 +664,7 @@ pub fn parse(bytes: &[u8]) -> Result<Bundle<'_>, BundleError> {
         return Err(BundleError::BadMagic(magic));
     }
     let version = u32_at(bytes, 8);
-    if !(FORMAT_VERSION..=FORMAT_VERSION_WITH_CODE).contains(&version) {
+    if !(FORMAT_VERSION..=FORMAT_VERSION_WITH_FILESYSTEM).contains(&version) {
         return Err(BundleError::UnsupportedVersion(version));
     }
     let header_len = u32_at(bytes, 12);
@@ -566,11 +705,11 @@ pub fn parse(bytes: &[u8]) -> Result<Bundle<'_>, BundleError> {
     if version < FORMAT_VERSION_WITH_CODE && code_len != 0 {
         return Err(BundleError::BadHeader { field: "code length", value: code_len, expected: "0 before version 5" });
     }
-    if version == FORMAT_VERSION_WITH_CODE && !(1..=MAX_CODE_BYTES).contains(&code_len) {
+    if version >= FORMAT_VERSION_WITH_CODE && !(1..=MAX_CODE_BYTES).contains(&code_len) {
         return Err(BundleError::BadHeader {
             field: "code length",
             value: code_len,
-            expected: "1 to 268435456 in version 5",
+            expected: "1 to 268435456 from version 5",
         });
     }
     let declared = u64_at(bytes, 32);
@@ -597,11 +736,13 @@ pub fn parse(bytes: &[u8]) -> Result<Bundle<'_>, BundleError> {
         return Err(BundleError::Checksum { stored, computed });
     }
     let manifest = Manifest::decode(manifest_bytes, version)?;
-    if manifest.format_version() != version {
+    // A version 5 manifest reads as version 6 with the default filesystem settings.
+    let reads_as = if version == FORMAT_VERSION_WITH_CODE { FORMAT_VERSION_WITH_FILESYSTEM } else { version };
+    if manifest.format_version() != reads_as {
         return Err(BundleError::BadHeader {
             field: "format version",
             value: version.into(),
-            expected: "5 with code; before it 1 plain, 2 with a volume only, 3 with connections, 4 with a sample",
+            expected: "6 (or 5) with code; before it 1 plain, 2 with a volume only, 3 with connections, 4 with a sample",
         });
     }
     if manifest.volume_sha256.is_some() != (volume_len > 0) {
@@ -643,8 +784,32 @@ mod tests {
             volume_sha256: None,
             sample_request: None,
             code_sha256: None,
+            scratch_mib: DEFAULT_SCRATCH_MIB,
+            scratch_dirs: default_scratch_dirs(),
+            data_mount: DEFAULT_DATA_MOUNT.into(),
         }
     }
+
+    /// [`manifest`] with code and filesystem settings other than the defaults.
+    fn manifest_v6() -> Manifest {
+        Manifest {
+            code_sha256: Some([5; 32]),
+            scratch_mib: 32,
+            scratch_dirs: vec!["/tmp".into(), "/work".into()],
+            data_mount: "/srv".into(),
+            ..manifest()
+        }
+    }
+
+    /// [`manifest`]'s fields up to and including the connections count, as version 5 and 6
+    /// encode them.
+    const MANIFEST_HEAD: &[u8] = b"\x05\0hello\
+        \x07\x07\x07\x07\x07\x07\x07\x07\x07\x07\x07\x07\x07\x07\x07\x07\
+        \x07\x07\x07\x07\x07\x07\x07\x07\x07\x07\x07\x07\x07\x07\x07\x07\
+        \x10\0\0\0\xe8\x03\0\0\0\0\0\0\
+        \x02\0\x05\0hello\x03\0--x\
+        \x01\0\x0b\0GREETING=hi\
+        \0\0";
 
     #[test]
     fn round_trips_and_the_header_is_golden() {
@@ -784,40 +949,195 @@ mod tests {
         assert!(parse(&v3).is_err());
     }
 
+    /// The header of a bundle holding the 8-byte wasm of the tests and `code`, with a manifest
+    /// of `manifest_len` bytes and this CRC, in `version`.
+    fn golden_header(version: u8, manifest_len: u8, crc: [u8; 4], code: &[u8]) -> Vec<u8> {
+        let mut header = b"THAWFUNC".to_vec();
+        header.extend_from_slice(&[version, 0, 0, 0, 0x40, 0, 0, 0, manifest_len, 0, 0, 0, 0, 0, 0, 0]);
+        header.extend_from_slice(&8u64.to_le_bytes());
+        header.extend_from_slice(&(4096 + code.len() as u64).to_le_bytes());
+        header.extend_from_slice(&crc);
+        header.extend_from_slice(&0u64.to_le_bytes());
+        header.extend_from_slice(&(code.len() as u64).to_le_bytes());
+        header.extend_from_slice(&[0; 4]);
+        header
+    }
+
     #[test]
-    fn code_makes_version_5_and_its_header_is_golden() {
+    fn code_makes_version_6_and_its_bytes_are_golden() {
         let (wasm, code) = (b"\0asm\x01\0\0\0", b"\x7fELF compiled");
-        let m = Manifest { code_sha256: Some([5; 32]), ..manifest() };
+        let m = manifest_v6();
         let bytes = encode(&m, wasm, code, &[]);
-        let manifest_len = m.encode().len();
-        let mut golden = b"THAWFUNC\x05\0\0\0\x40\0\0\0".to_vec();
-        golden.extend_from_slice(&(manifest_len as u32).to_le_bytes());
-        golden.extend_from_slice(&[0; 4]);
-        golden.extend_from_slice(&(wasm.len() as u64).to_le_bytes());
-        golden.extend_from_slice(&(4096 + code.len() as u64).to_le_bytes());
-        golden.extend_from_slice(&crc32(&[&bytes[..40], &bytes[HEADER_LEN..HEADER_LEN + manifest_len]]).to_le_bytes());
-        golden.extend_from_slice(&0u64.to_le_bytes());
-        golden.extend_from_slice(&(code.len() as u64).to_le_bytes());
-        golden.extend_from_slice(&[0; 4]);
-        assert_eq!(&bytes[..HEADER_LEN], &golden[..]);
-        // The manifest ends with the sample's presence byte (none) and the code's hash.
-        assert_eq!(&m.encode()[manifest_len - 33..], &[&[0u8][..], &[5; 32]].concat()[..]);
+        // The manifest: the fields of version 5 (no sample: presence byte 0; the code's hash),
+        // then the scratch MiB, the scratch dirs and the data mount.
+        let manifest_bytes =
+            [MANIFEST_HEAD, b"\0", &[5; 32], b"\x20\0\0\0", b"\x02\0\x04\0/tmp\x05\0/work", b"\x04\0/srv"].concat();
+        assert_eq!(m.encode(), manifest_bytes);
+        let header = golden_header(6, 0x8c, [0x50, 0xd4, 0xb5, 0x82], code);
+        assert_eq!(&bytes[..HEADER_LEN], &header[..]);
+        assert_eq!(&bytes[HEADER_LEN..HEADER_LEN + manifest_bytes.len()], &manifest_bytes[..]);
         // The code starts at the first page boundary after the wasm, after zeros.
-        assert_eq!(bytes.len(), 4096 + code.len());
-        assert_eq!(&bytes[4096..], code);
-        assert!(bytes[HEADER_LEN + manifest_len + wasm.len()..4096].iter().all(|&b| b == 0));
+        let wasm_at = HEADER_LEN + manifest_bytes.len();
+        assert_eq!(&bytes[wasm_at..wasm_at + wasm.len()], wasm);
+        assert!(bytes[wasm_at + wasm.len()..4096].iter().all(|&b| b == 0));
+        assert_eq!((bytes.len(), &bytes[4096..]), (4096 + code.len(), &code[..]));
         let parsed = parse(&bytes).unwrap();
         assert_eq!((parsed.manifest, parsed.wasm, parsed.code), (m.clone(), &wasm[..], &code[..]));
 
-        // With a sample and a volume; the volume may be left out, the code may not.
+        // With a sample and a volume; the volume may be left out, the code may not. The volume's
+        // hash stays last.
         let volume = crate::volume::build(&[("f".into(), b"x".to_vec())], &[]).unwrap();
         let all = Manifest { sample_request: Some(b"hi".to_vec()), volume_sha256: Some([9; 32]), ..m.clone() };
+        assert!(all.encode().ends_with(&[&b"\x04\0/srv"[..], &[9; 32]].concat()));
         let bytes = encode(&all, wasm, code, &volume);
         let parsed = parse(&bytes).unwrap();
         assert_eq!((&parsed.manifest, parsed.code, parsed.volume), (&all, &code[..], Some(&volume[..])));
         let stripped = &bytes[..bytes.len() - volume.len()];
         assert_eq!(parse(stripped).unwrap().code, &code[..]);
         assert!(parse(&stripped[..stripped.len() - 1]).is_err(), "a bundle cut inside its code");
+        // No scratch directory at all, and the data volume at the root.
+        let bare = Manifest { scratch_dirs: Vec::new(), data_mount: "/".into(), ..all };
+        assert_eq!(parse(&encode(&bare, wasm, code, &volume)).unwrap().manifest, bare);
+    }
+
+    /// A version 5 bundle as the thaw before version 6 wrote it, byte for byte: [`manifest`]
+    /// with code, and `code`.
+    fn v5_golden(code: &[u8]) -> Vec<u8> {
+        let manifest_bytes = [MANIFEST_HEAD, b"\0", &[5; 32]].concat();
+        let mut bytes = golden_header(5, 0x73, [0x9d, 0x5e, 0x07, 0x89], code);
+        bytes.extend_from_slice(&manifest_bytes);
+        bytes.extend_from_slice(b"\0asm\x01\0\0\0");
+        bytes.resize(4096, 0);
+        bytes.extend_from_slice(code);
+        bytes
+    }
+
+    #[test]
+    fn version_5_bytes_decode_with_the_default_filesystem_settings() {
+        let code = b"\x7fELF compiled";
+        let bytes = v5_golden(code);
+        let parsed = parse(&bytes).unwrap();
+        let m = Manifest { code_sha256: Some([5; 32]), ..manifest() };
+        assert_eq!((&parsed.manifest, parsed.code), (&m, &code[..]));
+        assert_eq!((parsed.manifest.scratch_mib, parsed.manifest.data_mount.as_str()), (16, "/data"));
+        assert_eq!(parsed.manifest.scratch_dirs, ["/", "/tmp"]);
+        // Written again, it is version 6.
+        assert_eq!(encode(&m, b"\0asm\x01\0\0\0", code, &[])[8], 6);
+        // The version 6 fields are not read from a version 5 manifest.
+        let mut v6_as_v5 = encode(&manifest_v6(), b"\0asm\x01\0\0\0", code, &[]);
+        v6_as_v5[8] = 5;
+        let crc = crc32(&[&v6_as_v5[..40], &v6_as_v5[HEADER_LEN..HEADER_LEN + manifest_v6().encode().len()]]);
+        v6_as_v5[40..44].copy_from_slice(&crc.to_le_bytes());
+        assert!(parse(&v6_as_v5).unwrap_err().to_string().contains("unexpected bytes after the last field"));
+    }
+
+    #[test]
+    fn guest_paths_are_checked_and_each_bad_form_is_named() {
+        for good in ["/", "/tmp", "/a/b.c/d", "/.hidden", "/..x", &alloc::format!("/{}", "n".repeat(255))] {
+            assert_eq!(check_guest_path(good), Ok(()), "{good}");
+        }
+        let long = alloc::format!("/{}", ["d"; 513].join("/"));
+        for (bad, message) in [
+            ("", r#"path "" is not absolute"#),
+            ("tmp", r#"path "tmp" is not absolute"#),
+            ("//", r#"path "//" has an empty component"#),
+            ("/a//b", r#"path "/a//b" has an empty component"#),
+            ("/tmp/", r#"path "/tmp/" has an empty component"#),
+            ("/a/./b", r#"path "/a/./b" has a "." component"#),
+            ("/..", r#"path "/.." has a ".." component"#),
+            ("/a\0b", r#"path "/a\0b" holds a NUL"#),
+            (&alloc::format!("/{}", "n".repeat(256)), "has a component of 256 bytes, more than 255"),
+            (&long, "is 1026 bytes, more than 1024"),
+        ] {
+            let e = check_guest_path(bad).unwrap_err();
+            assert!(e.contains(message), "{bad:?}: {e}");
+        }
+        assert_eq!(check_guest_path(&long[..MAX_GUEST_PATH_BYTES]), Ok(()));
+    }
+
+    #[test]
+    fn rejects_invalid_filesystem_settings_naming_the_field_and_value() {
+        let dirs = |dirs: &[&str]| dirs.iter().map(|&d| String::from(d)).collect::<Vec<_>>();
+        let nine = dirs(&["/1", "/2", "/3", "/4", "/5", "/6", "/7", "/8", "/9"]);
+        for (m, message) in [
+            (Manifest { scratch_mib: 0, ..manifest_v6() }, "scratch MiB: 0 MiB is outside 1..=1024"),
+            (Manifest { scratch_mib: MAX_SCRATCH_MIB + 1, ..manifest_v6() }, "scratch MiB: 1025 MiB is outside"),
+            (Manifest { scratch_dirs: nine.clone(), ..manifest_v6() }, "scratch dirs: 9 entries, more than 8"),
+            (Manifest { scratch_dirs: dirs(&["/tmp", "/a", "/tmp"]), ..manifest_v6() }, r#""/tmp" is given twice"#),
+            (Manifest { scratch_dirs: dirs(&["/a/../b"]), ..manifest_v6() }, r#"scratch dirs: path "/a/../b""#),
+            (Manifest { scratch_dirs: dirs(&["tmp"]), ..manifest_v6() }, r#"scratch dirs: path "tmp" is not"#),
+            (Manifest { data_mount: "/data/".into(), ..manifest_v6() }, r#"data mount: path "/data/" has an"#),
+            (Manifest { data_mount: String::new(), ..manifest_v6() }, r#"data mount: path "" is not absolute"#),
+            (Manifest { scratch_mib: 8, ..manifest() }, "filesystem settings: 8 MiB"),
+            (Manifest { data_mount: "/d".into(), ..manifest() }, "version before 6"),
+        ] {
+            let e = m.validate().unwrap_err().to_string();
+            assert!(e.contains(message), "{message}: {e}");
+        }
+        let limits = Manifest { scratch_mib: MAX_SCRATCH_MIB, scratch_dirs: nine[..8].to_vec(), ..manifest_v6() };
+        assert_eq!(limits.validate(), Ok(()));
+        assert_eq!(Manifest { scratch_mib: 1, scratch_dirs: Vec::new(), ..manifest_v6() }.validate(), Ok(()));
+    }
+
+    #[test]
+    fn rejects_hostile_filesystem_fields_in_version_6_bytes() {
+        let m = manifest_v6();
+        let good = m.encode();
+        let decode = |bytes: &[u8]| Manifest::decode(bytes, FORMAT_VERSION_WITH_FILESYSTEM);
+        assert_eq!(decode(&good), Ok(m.clone()));
+        // Every cut inside the new fields is named by the field it cuts.
+        let fields_at = good.len() - (4 + 2 + 6 + 7 + 6);
+        for (len, field) in [
+            (fields_at, "scratch MiB"),
+            (fields_at + 3, "scratch MiB"),
+            (fields_at + 5, "scratch dirs"),
+            (fields_at + 7, "scratch dirs"),
+            (fields_at + 18, "scratch dirs"),
+            (fields_at + 19, "data mount"),
+            (good.len() - 1, "data mount"),
+        ] {
+            assert_eq!(decode(&good[..len]), Err(BundleError::ManifestTruncated(field)), "{len}");
+        }
+        // A scratch cap out of range, as the bytes say it.
+        let with_mib = |mib: u32| {
+            let mut b = good.clone();
+            b[fields_at..fields_at + 4].copy_from_slice(&mib.to_le_bytes());
+            decode(&b).unwrap_err().to_string()
+        };
+        assert!(with_mib(0).contains("scratch MiB: 0 MiB is outside 1..=1024"));
+        assert!(with_mib(MAX_SCRATCH_MIB + 1).contains("scratch MiB: 1025 MiB is outside 1..=1024"));
+        // A directory count past the cap is refused before anything is read for it.
+        for count in [9u16, u16::MAX] {
+            let mut b = good[..fields_at + 4].to_vec();
+            b.extend_from_slice(&count.to_le_bytes());
+            let e = decode(&b).unwrap_err().to_string();
+            assert!(e.contains(&alloc::format!("scratch dirs: {count} entries, more than 8")), "{e}");
+        }
+        // A duplicate directory, and a relative data mount, written as bytes.
+        let mut b = good[..fields_at + 4].to_vec();
+        b.extend_from_slice(b"\x02\0\x04\0/tmp\x04\0/tmp\x04\0/srv");
+        assert!(decode(&b).unwrap_err().to_string().contains(r#"scratch dirs: "/tmp" is given twice"#));
+        let mut b = good[..good.len() - 4].to_vec();
+        b.extend_from_slice(b"srv/");
+        assert!(decode(&b).unwrap_err().to_string().contains(r#"data mount: path "srv/" is not absolute"#));
+        // Bytes after the data mount that are not a volume hash.
+        let mut b = good.clone();
+        b.push(0);
+        assert_eq!(decode(&b), Err(BundleError::TrailingManifestBytes(1)));
+    }
+
+    #[test]
+    fn preopens_are_the_scratch_dirs_then_the_data_mount_when_there_is_a_volume() {
+        let m = manifest_v6();
+        assert_eq!(m.preopens(), ["/tmp", "/work"]);
+        let with_volume = Manifest { volume_sha256: Some([9; 32]), ..m.clone() };
+        assert_eq!(with_volume.preopens(), ["/tmp", "/work", "/srv"]);
+        let defaults = Manifest { volume_sha256: Some([9; 32]), ..manifest() };
+        assert_eq!(defaults.preopens(), ["/", "/tmp", "/data"]);
+        let shared = Manifest { data_mount: "/work".into(), ..with_volume.clone() };
+        assert_eq!(shared.preopens(), ["/tmp", "/work"], "a scratch dir already there is not opened twice");
+        let only_data = Manifest { scratch_dirs: Vec::new(), ..with_volume };
+        assert_eq!(only_data.preopens(), ["/srv"]);
     }
 
     #[test]
@@ -836,17 +1156,23 @@ mod tests {
         assert!(err(&|b| b[52..60].copy_from_slice(&huge)).contains("code length is 268435457"));
         assert!(err(&|b| b[60] = 1).contains("reserved bytes"));
         assert!(err(&|b| b[4000] = 1).contains("padding before the code"));
-        // Version 5 without code, and code before version 5.
+        // Version 6 or 5 without code, and code before version 5.
         let codeless = encode(&m, wasm, &[], &[]);
-        assert!(parse(&codeless).unwrap_err().to_string().contains("code length is 0"));
+        assert!(parse(&codeless).unwrap_err().to_string().contains("code length is 0, expected 1 to 268435456"));
+        let mut codeless_v5 = codeless.clone();
+        codeless_v5[8] = 5;
+        assert!(parse(&codeless_v5).unwrap_err().to_string().contains("code length is 0, expected 1 to 268435456"));
         let mut v4 = encode(&manifest(), wasm, code, &[]);
         v4[8] = 4;
         assert!(parse(&v4).unwrap_err().to_string().contains("0 before version 5"));
-        // A presence byte other than 0 or 1.
+        // A presence byte other than 0 or 1, in version 5 and in version 6.
         let mut manifest_bytes = m.encode();
-        let at = manifest_bytes.len() - 33;
+        let filesystem_len = 4 + 2 + (2 + 1) + (2 + 4) + (2 + 5);
+        let at = manifest_bytes.len() - filesystem_len - 33;
         manifest_bytes[at] = 7;
-        let e = Manifest::decode(&manifest_bytes, FORMAT_VERSION_WITH_CODE).unwrap_err().to_string();
+        let e = Manifest::decode(&manifest_bytes, FORMAT_VERSION_WITH_FILESYSTEM).unwrap_err().to_string();
+        assert!(e.contains("presence byte 7"), "{e}");
+        let e = Manifest::decode(&manifest_bytes[..at + 33], FORMAT_VERSION_WITH_CODE).unwrap_err().to_string();
         assert!(e.contains("presence byte 7"), "{e}");
         for len in 0..good.len() {
             assert!(parse(&good[..len]).is_err(), "accepted {len} bytes");

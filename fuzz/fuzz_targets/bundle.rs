@@ -36,17 +36,32 @@ fn fix_digests(b: &mut [u8]) -> Option<()> {
     if wasm_digest + 32 <= manifest_end {
         b[wasm_digest..wasm_digest + 32].copy_from_slice(&wasm);
     }
-    // The manifest ends with the code's digest, then the volume's, each when present.
+    // The manifest ends with the code's digest, then (version 6) the filesystem settings, then
+    // the volume's digest, each when present.
     let mut end = manifest_end;
-    for (len, digest) in [(u64_at(b, 44)?, volume), (code_len, code)] {
-        if len > 0 && end >= wasm_digest + 64 {
-            b[end - 32..end].copy_from_slice(&digest);
-            end -= 32;
-        }
+    let volume_len = u64_at(b, 44)?;
+    if volume_len > 0 && end >= wasm_digest + 64 {
+        b[end - 32..end].copy_from_slice(&volume);
+        end -= 32;
+    }
+    if u32_at(b, 8)? >= abi::bundle::FORMAT_VERSION_WITH_FILESYSTEM as usize {
+        let settings = b.get(64..end).and_then(filesystem_len);
+        end = settings.and_then(|len| end.checked_sub(len)).unwrap_or(0);
+    }
+    if code_len > 0 && end >= wasm_digest + 64 {
+        b[end - 32..end].copy_from_slice(&code);
     }
     let crc = abi::bundle::crc32(&[&b[..40], b.get(64..manifest_end)?]);
     b[40..44].copy_from_slice(&crc.to_le_bytes());
     Some(())
+}
+
+/// The length of the filesystem settings that end a version 6 manifest without its volume
+/// digest, as the manifest's own decoder reads them (the digests do not affect decoding).
+fn filesystem_len(manifest: &[u8]) -> Option<usize> {
+    let m = abi::bundle::Manifest::decode(manifest, abi::bundle::FORMAT_VERSION_WITH_FILESYSTEM).ok()?;
+    let strings: usize = m.scratch_dirs.iter().chain([&m.data_mount]).map(|s| 2 + s.len()).sum();
+    Some(4 + 2 + strings)
 }
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {

@@ -35,7 +35,7 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
             let _ = abi::volume::parse(input);
         }
         4 => {
-            for version in 1..=5 {
+            for version in 1..=abi::bundle::FORMAT_VERSION_WITH_FILESYSTEM {
                 let _ = abi::bundle::Manifest::decode(input, version);
             }
         }

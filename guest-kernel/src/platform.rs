@@ -151,6 +151,11 @@ impl Clock {
         (ticks * 1_000_000 / u128::from(self.tsc_khz)) as u64
     }
 
+    /// False when the TSC rate is unknown (under QEMU), so the clocks stand still.
+    pub fn runs(&self) -> bool {
+        self.tsc_khz != 0
+    }
+
     /// Nanoseconds since the Unix epoch.
     pub fn realtime_ns(&self) -> u64 {
         self.base_ns.saturating_add(self.monotonic_ns())

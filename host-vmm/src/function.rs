@@ -13,8 +13,9 @@ use sha2::{Digest, Sha256};
 use wasmparser::types::{EntityType, TypesRef};
 use wasmparser::{CompositeInnerType, FuncType, ValType, Validator};
 
-/// Guest memory a function's VM gets on top of the linear memory its manifest allows and its
-/// code (see [`Function::vm_memory_mib`]): the kernel, its heap and the runtime's own state.
+/// Guest memory a function's VM gets on top of the linear memory and the scratch filesystem its
+/// manifest allows and its code (see [`Function::vm_memory_mib`]): the kernel, its heap and the
+/// runtime's own state.
 pub const RUNTIME_OVERHEAD_MIB: u64 = 48;
 
 /// What is wrong with a function.
@@ -279,11 +280,12 @@ impl Function {
     }
 
     /// Guest memory for a VM running this function: its linear-memory allowance (the guest
-    /// allocates a memory at the whole allowance, so it never moves), the runtime overhead, and
-    /// the ramdisk, whose code runs where it lies. Pages the guest never touches cost nothing.
+    /// allocates a memory at the whole allowance, so it never moves), its scratch filesystem's
+    /// cap (the in-memory files live on the guest heap), the runtime overhead, and the ramdisk,
+    /// whose code runs where it lies. Pages the guest never touches cost nothing.
     pub fn vm_memory_mib(&self) -> u64 {
         let ramdisk_mib = (self.ramdisk().len() as u64).div_ceil(1 << 20);
-        u64::from(self.manifest.memory_mib) + RUNTIME_OVERHEAD_MIB + ramdisk_mib
+        u64::from(self.manifest.memory_mib) + u64::from(self.manifest.scratch_mib) + RUNTIME_OVERHEAD_MIB + ramdisk_mib
     }
 }
 
@@ -354,11 +356,17 @@ mod tests {
             volume_sha256: None,
             sample_request: None,
             code_sha256: Some(sha256(code)),
+            scratch_mib: bundle::DEFAULT_SCRATCH_MIB,
+            scratch_dirs: bundle::DEFAULT_SCRATCH_DIRS.iter().map(|d| d.to_string()).collect(),
+            data_mount: bundle::DEFAULT_DATA_MOUNT.into(),
         };
         let e = Function::from_bundle(bundle::encode(&manifest, &wasm, code, &[])).unwrap_err().to_string();
         assert!(e.contains("wasm SHA-256") && e.contains("does not match the manifest's"), "{e}");
         let good = Manifest { wasm_sha256: sha256(&wasm), ..manifest };
-        assert_eq!(Function::from_bundle(bundle::encode(&good, &wasm, code, &[])).unwrap().kind, FunctionKind::Reactor);
+        let function = Function::from_bundle(bundle::encode(&good, &wasm, code, &[])).unwrap();
+        assert_eq!(function.kind, FunctionKind::Reactor);
+        // 1 MiB of linear memory, 16 of scratch files, the overhead, and the 1-MiB ramdisk.
+        assert_eq!(function.vm_memory_mib(), 1 + 16 + RUNTIME_OVERHEAD_MIB + 1);
         let e = Function::from_bundle(bundle::encode(&good, &wasm, b"compiLed", &[])).unwrap_err().to_string();
         assert!(e.starts_with("bundle: code SHA-256"), "{e}");
         let old = Manifest { code_sha256: None, ..good };

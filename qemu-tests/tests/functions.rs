@@ -224,15 +224,6 @@ fn growing_memory_past_the_limit_traps_instead_of_crashing_the_guest() {
     assert_eq!(run.stderr, "thaw: function trapped: growth operation limited\n");
 }
 
-#[test]
-fn an_unsupported_wasi_call_returns_enosys_and_is_noted_once() {
-    let (_dir, bundle) = pack(&fixture("unsupported.wat"), &[]);
-    let run = both(&bundle, "");
-    assert_eq!(run.code, Some(0), "{run:#?}");
-    assert_eq!(run.stdout, "52");
-    assert_eq!(run.stderr, "thaw: wasi: path_create_directory is not supported; it returns ENOSYS\n");
-}
-
 /// Issue 14, defect 5: `proc_exit(256)` made `thaw invoke` exit 0, and 101-125 read as thaw's
 /// own codes. A code above 100 is now 105, under KVM and QEMU alike, with the code on stderr.
 #[test]

@@ -78,7 +78,7 @@ impl OptionalFunctionArgs {
 }
 
 /// Largest bundle file thaw reads.
-const MAX_BUNDLE_FILE: u64 = (80 << 20) + abi::volume::MAX_VOLUME_BYTES;
+pub const MAX_BUNDLE_FILE: u64 = (80 << 20) + abi::volume::MAX_VOLUME_BYTES;
 
 /// Runs `thaw invoke` and returns the process exit code.
 pub fn run(args: &InvokeArgs) -> Result<u8, String> {

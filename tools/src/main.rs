@@ -79,7 +79,8 @@ enum Command {
     /// Cold-boot a function, run its init, and write the VM at its checkpoint to an image, with
     /// the pages a sample request touches (its working set).
     Snapshot(snapshot::SnapshotArgs),
-    /// Validate a snapshot image and show what it holds.
+    /// Validate a snapshot image, or a function bundle's framing and manifest, and show what it
+    /// holds.
     Inspect(inspect::InspectArgs),
     /// Serve N requests from fresh VMs restored from an image (or a template) and report
     /// latency, phases and memory.

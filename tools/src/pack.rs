@@ -1,6 +1,7 @@
 //! `thaw pack`: validate a wasm (or WAT) function, compile it ahead of time for the guest's
 //! engine (`abi::engine`), and write both as a bundle.
 
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -34,10 +35,25 @@ pub struct PackArgs {
     /// [default: no limit].
     #[arg(long, value_name = "N")]
     fuel: Option<u64>,
-    /// A directory to ship with the function as a read-only data volume, which the function
-    /// sees as /data (regular files and directories only; at most 1 GiB).
-    #[arg(long, value_name = "DIR")]
+    /// A directory to ship with the function as a data volume (regular files and directories
+    /// only; at most 1 GiB), which the function sees at GUEST_PATH [default: /data]. The volume
+    /// is read-only on the host side, but the function may write over its files: the changes
+    /// live in the VM's memory and vanish with it. DIR:GUEST_PATH is split at the last ':' only
+    /// when what follows it starts with '/', so a directory name with colons still works.
+    #[arg(long, value_name = "DIR[:GUEST_PATH]")]
     data_dir: Option<PathBuf>,
+    /// An in-memory directory preopened for the function, which may create, write and delete
+    /// files under it; they live in the VM's memory and vanish with it (repeatable; given at
+    /// least once, it replaces the default set) [default: / and /tmp].
+    #[arg(long = "scratch-dir", value_name = "PATH")]
+    scratch_dirs: Vec<String>,
+    /// Preopen no in-memory directory.
+    #[arg(long, conflicts_with = "scratch_dirs")]
+    no_scratch_dirs: bool,
+    /// Most memory the in-memory files, directories and names may take, in MiB (it is added to
+    /// the VM's memory).
+    #[arg(long, value_name = "MIB", default_value_t = bundle::DEFAULT_SCRATCH_MIB)]
+    scratch_mib: u32,
     /// A host service the function talks to (repeatable): the function gets a socket fd, named
     /// by the environment variable THAW_CONNECT_<NAME>, that connects to vsock port PORT of the
     /// host on first use (serve it with `thaw invoke|restore --service PORT=SOCKET`).
@@ -91,6 +107,9 @@ pub fn example_bundle(name: &str, memory_mib: u32) -> Result<Vec<u8>, String> {
         args: Vec::new(),
         connections: Vec::new(),
         sample_request: Some(sample.as_bytes().to_vec()),
+        scratch_mib: bundle::DEFAULT_SCRATCH_MIB,
+        scratch_dirs: default_scratch_dirs(),
+        data_mount: bundle::DEFAULT_DATA_MOUNT.into(),
     };
     bundle_wasm(&settings, wasm, &[]).map(|(bundle, ..)| bundle).map_err(|e| format!("example {name}: {e}"))
 }
@@ -112,6 +131,18 @@ pub struct BundleSettings {
     pub connections: Vec<Connection>,
     /// The request its working set is recorded with.
     pub sample_request: Option<Vec<u8>>,
+    /// Most memory its in-memory files may take, in MiB.
+    pub scratch_mib: u32,
+    /// The in-memory directories preopened for it.
+    pub scratch_dirs: Vec<String>,
+    /// Where its data volume appears.
+    pub data_mount: String,
+}
+
+/// The in-memory directories a function gets unless told otherwise
+/// ([`bundle::DEFAULT_SCRATCH_DIRS`]).
+pub fn default_scratch_dirs() -> Vec<String> {
+    bundle::DEFAULT_SCRATCH_DIRS.iter().map(|d| d.to_string()).collect()
 }
 
 /// `wasm` compiled for the guest's engine, metering `fuel` or not: the code a bundle carries.
@@ -125,7 +156,8 @@ pub fn compile(wasm: &[u8], fuel: bool) -> Result<Vec<u8>, String> {
 }
 
 /// `bundle` with its code compiled afresh from its wasm, for a bundle from someone else: its
-/// shipped code, if any, is not trusted. Older bundles without code come out as version 5.
+/// shipped code, if any, is not trusted. Older bundles come out as version 6, with the
+/// filesystem settings they had (the defaults before version 6).
 pub fn recompile(bundle: &[u8]) -> Result<Vec<u8>, String> {
     let parsed = bundle::parse(bundle).map_err(|e| e.to_string())?;
     function::check_wasm(&parsed).map_err(|e| e.to_string())?;
@@ -156,6 +188,9 @@ pub fn bundle_wasm(
         volume_sha256: (!volume.is_empty()).then(|| function::sha256(volume)),
         sample_request: settings.sample_request.clone(),
         code_sha256: Some(function::sha256(&code)),
+        scratch_mib: settings.scratch_mib,
+        scratch_dirs: settings.scratch_dirs.clone(),
+        data_mount: settings.data_mount.clone(),
     };
     manifest.validate().map_err(|e| e.to_string())?;
     Ok((bundle::encode(&manifest, wasm, &code, volume), manifest, kind))
@@ -166,6 +201,47 @@ pub fn parse_connection(text: &str) -> Result<Connection, String> {
     let (name, port) = text.split_once('=').ok_or_else(|| format!("{text:?} is not NAME=PORT"))?;
     let port = port.parse().map_err(|_| format!("{text:?}: port {port:?} is not a number from 1 to 4294967294"))?;
     Ok(Connection { name: name.into(), port })
+}
+
+/// Splits `--data-dir DIR[:GUEST_PATH]` into the directory and where the function sees it: at
+/// the last ':' when what follows starts with '/', so that a directory name with colons still
+/// works; without a guest path, [`bundle::DEFAULT_DATA_MOUNT`].
+pub fn split_data_dir(spec: &OsStr) -> Result<(PathBuf, String), String> {
+    use std::os::unix::ffi::OsStrExt;
+    let bytes = spec.as_bytes();
+    let Some(colon) = bytes.iter().rposition(|&b| b == b':').filter(|&at| bytes.get(at + 1) == Some(&b'/')) else {
+        return Ok((PathBuf::from(spec), bundle::DEFAULT_DATA_MOUNT.into()));
+    };
+    let (dir, mount) = (OsStr::from_bytes(&bytes[..colon]), OsStr::from_bytes(&bytes[colon + 1..]));
+    let fail = |why: String| format!("--data-dir {}: {why}", spec.display());
+    let mount = mount.to_str().ok_or_else(|| fail(format!("the guest path {} is not UTF-8", mount.display())))?;
+    bundle::check_guest_path(mount).map_err(fail)?;
+    Ok((PathBuf::from(dir), mount.into()))
+}
+
+/// The in-memory directories `thaw pack`'s flags ask for, each checked, with an error naming the
+/// flag and the value.
+fn scratch_dirs(args: &PackArgs) -> Result<Vec<String>, String> {
+    if args.no_scratch_dirs {
+        return Ok(Vec::new());
+    }
+    if args.scratch_dirs.is_empty() {
+        return Ok(default_scratch_dirs());
+    }
+    if args.scratch_dirs.len() > bundle::MAX_SCRATCH_DIRS {
+        return Err(format!(
+            "--scratch-dir: given {} times, more than the {} in-memory directories a function may have",
+            args.scratch_dirs.len(),
+            bundle::MAX_SCRATCH_DIRS
+        ));
+    }
+    for (i, dir) in args.scratch_dirs.iter().enumerate() {
+        bundle::check_guest_path(dir).map_err(|e| format!("--scratch-dir {dir}: {e}"))?;
+        if args.scratch_dirs[..i].contains(dir) {
+            return Err(format!("--scratch-dir {dir}: given twice"));
+        }
+    }
+    Ok(args.scratch_dirs.clone())
 }
 
 /// Builds a data volume from the tree at `dir`: regular files and directories, with UTF-8 names.
@@ -256,7 +332,15 @@ pub fn run(args: &PackArgs) -> Result<u8, String> {
     } else {
         source
     };
-    let volume = args.data_dir.as_deref().map(volume_from_dir).transpose()?.unwrap_or_default();
+    if !(1..=bundle::MAX_SCRATCH_MIB).contains(&args.scratch_mib) {
+        return Err(format!("--scratch-mib {}: outside 1..={} MiB", args.scratch_mib, bundle::MAX_SCRATCH_MIB));
+    }
+    let scratch_dirs = scratch_dirs(args)?;
+    let (data_dir, data_mount) = match &args.data_dir {
+        Some(spec) => split_data_dir(spec.as_os_str()).map(|(dir, mount)| (Some(dir), mount))?,
+        None => (None, bundle::DEFAULT_DATA_MOUNT.into()),
+    };
+    let volume = data_dir.as_deref().map(volume_from_dir).transpose()?.unwrap_or_default();
     let settings = BundleSettings {
         name: args.name.clone().unwrap_or(stem),
         memory_mib: args.memory,
@@ -269,6 +353,9 @@ pub fn run(args: &PackArgs) -> Result<u8, String> {
             .as_deref()
             .or(example.map(|(_, _, sample)| *sample))
             .map(|s| s.as_bytes().to_vec()),
+        scratch_mib: args.scratch_mib,
+        scratch_dirs,
+        data_mount,
     };
     let started = std::time::Instant::now();
     let (bytes, manifest, kind) = bundle_wasm(&settings, &wasm, &volume).map_err(|e| format!("{input}: {e}"))?;
@@ -279,7 +366,13 @@ pub fn run(args: &PackArgs) -> Result<u8, String> {
         FunctionKind::Reactor => "reactor",
         FunctionKind::Command => "command",
     };
-    let mut data = if volume.is_empty() { String::new() } else { format!(", a {}-byte data volume", volume.len()) };
+    let mut data = match manifest.scratch_dirs.as_slice() {
+        [] => ", no in-memory directories".to_string(),
+        dirs => format!(", in-memory files up to {} MiB at {}", manifest.scratch_mib, dirs.join(", ")),
+    };
+    if !volume.is_empty() {
+        data.push_str(&format!(", a {}-byte data volume at {}", volume.len(), manifest.data_mount));
+    }
     for c in &manifest.connections {
         data.push_str(&format!(", {} on vsock port {}", c.name, c.port));
     }

@@ -115,6 +115,9 @@ fn invoke_refuses_wasm_bytes_that_do_not_match_or_are_not_wasm() {
         volume_sha256: None,
         sample_request: None,
         code_sha256: Some(host_vmm::function::sha256(code)),
+        scratch_mib: abi::bundle::DEFAULT_SCRATCH_MIB,
+        scratch_dirs: vec!["/".into(), "/tmp".into()],
+        data_mount: abi::bundle::DEFAULT_DATA_MOUNT.into(),
     };
     let line = invoke(&s.file("junk.thaw", &abi::bundle::encode(&manifest, junk, code, &[])));
     assert!(line.contains("not a valid WebAssembly module"), "{line}");
@@ -157,11 +160,11 @@ fn a_sample_request_is_carried_in_the_bundle_and_capped() {
     let packed = pack(r#"{"n": 1}"#);
     assert!(String::from_utf8_lossy(&packed.stderr).contains("a 8-byte sample request"), "{packed:?}");
     let bytes = std::fs::read(&out).unwrap();
-    assert_eq!(&bytes[..12], b"THAWFUNC\x05\0\0\0");
+    assert_eq!(&bytes[..12], b"THAWFUNC\x06\0\0\0");
     let manifest = abi::bundle::parse(&bytes).unwrap().manifest;
     assert_eq!(manifest.sample_request.as_deref(), Some(&br#"{"n": 1}"#[..]));
     let plain = s.bundle();
-    assert_eq!(&plain[..12], b"THAWFUNC\x05\0\0\0", "every bundle carries code: version 5");
+    assert_eq!(&plain[..12], b"THAWFUNC\x06\0\0\0", "every bundle carries code: version 6");
     assert_eq!(abi::bundle::parse(&plain).unwrap().manifest.sample_request, None);
     let big = pack(&"x".repeat(abi::bundle::MAX_SAMPLE_BYTES + 1));
     assert_eq!(big.status.code(), Some(125));
@@ -227,4 +230,57 @@ fn invoke_refuses_a_bundle_from_before_compiled_code_and_says_to_repack() {
     let line = invoke(&s.file("old.thaw", &old));
     assert!(line.contains("bundle format version 4 carries no compiled code"), "{line}");
     assert!(line.contains("repack it with this thaw"), "{line}");
+}
+
+#[test]
+fn pack_records_the_filesystem_settings_and_refuses_bad_ones_naming_the_flag() {
+    let s = Scratch::new();
+    let wat = s.file("f.wat", HANDLER.as_bytes());
+    let data = s.dir.path().join("my:data");
+    std::fs::create_dir(&data).unwrap();
+    std::fs::write(data.join("a.txt"), b"x").unwrap();
+    let (wat, data) = (wat.to_str().unwrap(), data.to_str().unwrap());
+    let out = s.dir.path().join("fs.thaw");
+    let out = out.to_str().unwrap();
+    let pack = |extra: &[&str]| {
+        let output = Command::new(THAW).args(["pack", wat, "-o", out]).args(extra).output().unwrap();
+        assert!(output.status.success(), "{extra:?}: {}", String::from_utf8_lossy(&output.stderr));
+        abi::bundle::parse(&std::fs::read(out).unwrap()).unwrap().manifest
+    };
+    let defaults = pack(&[]);
+    assert_eq!(
+        (defaults.scratch_mib, defaults.scratch_dirs, defaults.data_mount),
+        (16, vec!["/".into(), "/tmp".into()], "/data".into())
+    );
+    let mount = format!("{data}:/srv/files");
+    let set = pack(&["--scratch-dir", "/work", "--scratch-dir", "/tmp/x", "--scratch-mib", "64", "--data-dir", &mount]);
+    assert_eq!((set.scratch_mib, set.data_mount.as_str()), (64, "/srv/files"));
+    assert_eq!(set.preopens(), ["/work", "/tmp/x", "/srv/files"]);
+    // A directory whose name holds a colon, with no guest path after it, mounts at /data.
+    let bare = pack(&["--data-dir", data, "--no-scratch-dirs"]);
+    assert_eq!((bare.scratch_dirs.len(), bare.preopens()), (0, vec!["/data"]));
+    let shown = Command::new(THAW).args(["inspect", out]).output().unwrap();
+    let shown = String::from_utf8_lossy(&shown.stdout);
+    assert!(shown.contains("thaw function bundle, format version 6"), "{shown}");
+    assert!(shown.contains("scratch     none preopened; in-memory files up to 16 MiB\n"), "{shown}");
+    assert!(shown.contains("data mount  /data: a ") && shown.contains("preopens    fd 3 /data\n"), "{shown}");
+
+    let nine: Vec<String> = (1..=9).flat_map(|i| ["--scratch-dir".to_string(), format!("/d{i}")]).collect();
+    let nine: Vec<&str> = nine.iter().map(String::as_str).collect();
+    let relative = format!("{data}:/a/../b");
+    for (extra, message) in [
+        (&["--scratch-dir", "tmp"][..], r#"--scratch-dir tmp: path "tmp" is not absolute"#),
+        (&["--scratch-dir", "/a//b"], r#"--scratch-dir /a//b: path "/a//b" has an empty component"#),
+        (&["--scratch-dir", "/a", "--scratch-dir", "/a"], "--scratch-dir /a: given twice"),
+        (&nine, "--scratch-dir: given 9 times, more than the 8"),
+        (&["--scratch-mib", "0"], "--scratch-mib 0: outside 1..=1024 MiB"),
+        (&["--scratch-mib", "1025"], "--scratch-mib 1025: outside 1..=1024 MiB"),
+        (&["--data-dir", &relative], r#":/a/../b: path "/a/../b" has a ".." component"#),
+    ] {
+        let line = refused(&[&["pack", wat, "-o", out][..], extra].concat());
+        assert!(line.starts_with("thaw: error: --") && line.contains(message), "{extra:?}: {line}");
+    }
+    let both = ["pack", wat, "-o", out, "--scratch-dir", "/a", "--no-scratch-dirs"];
+    let code = Command::new(THAW).args(both).output().unwrap().status.code();
+    assert_eq!(code, Some(2), "--scratch-dir and --no-scratch-dirs conflict");
 }

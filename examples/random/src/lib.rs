@@ -2,7 +2,7 @@
 //! instance id.
 //!
 //! Randomness comes from WASI `random_get`, time from `clock_time_get` (through `std::time`), the
-//! instance id from the `THAW_INSTANCE_ID` environment variable.
+//! instance id from the file `/run/thaw/instance-id`.
 
 use std::io::Write;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -25,7 +25,7 @@ pub extern "C" fn handle() {
     }
     let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
     let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0);
-    let instance = std::env::var("THAW_INSTANCE_ID").unwrap_or_default();
+    let instance = std::fs::read_to_string("/run/thaw/instance-id").unwrap_or_default();
     let mut out = std::io::stdout().lock();
     writeln!(out, "{{\"random\": \"{hex}\", \"instance\": \"{instance}\", \"unix_ms\": {now}}}")
         .and_then(|()| out.flush())

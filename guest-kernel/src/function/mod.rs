@@ -189,7 +189,7 @@ fn run(bundle: &Bundle<'static>, transport: Transport) -> Result<core::convert::
 
     let mut store = new_store(&engine, WasiCtx::new(manifest, &params));
     let mut linker = Linker::new(&engine);
-    wasi::define(&engine, &mut linker).map_err(|e| alloc::format!("defining WASI: {e}"))?;
+    wasi::define(&mut linker).map_err(|e| alloc::format!("defining WASI: {e}"))?;
 
     let has = |name: &str| module.get_export(name).is_some();
     let entry = if has("handle") {

@@ -117,6 +117,9 @@ impl Packing {
             args: self.args.clone(),
             connections: self.connections.clone(),
             sample_request: None,
+            scratch_mib: abi::bundle::DEFAULT_SCRATCH_MIB,
+            scratch_dirs: crate::pack::default_scratch_dirs(),
+            data_mount: abi::bundle::DEFAULT_DATA_MOUNT.into(),
         }
     }
 }
