@@ -275,6 +275,10 @@ impl fmt::Display for BundleError {
             Self::TooShort(n) => {
                 write!(f, "bundle is {n} bytes, shorter than its {HEADER_LEN}-byte header (truncated?)")
             }
+            Self::BadMagic(m) if *m == crate::image::MAGIC => write!(
+                f,
+                "this is a snapshot image (from `thaw snapshot`), not a function bundle: give the bundle it was taken from (`thaw pack` writes bundles)"
+            ),
             Self::BadMagic(m) => write!(f, "bundle magic {m:02x?} is not \"THAWFUNC\": not a thaw function bundle"),
             Self::UnsupportedVersion(v) => {
                 write!(
@@ -810,6 +814,14 @@ mod tests {
         \x02\0\x05\0hello\x03\0--x\
         \x01\0\x0b\0GREETING=hi\
         \0\0";
+
+    #[test]
+    fn an_image_given_as_a_bundle_is_named_for_what_it_is() {
+        let mut bytes = alloc::vec![0u8; HEADER_LEN];
+        bytes[..8].copy_from_slice(&crate::image::MAGIC);
+        let e = parse(&bytes).unwrap_err().to_string();
+        assert!(e.starts_with("this is a snapshot image (from `thaw snapshot`), not a function bundle"), "{e}");
+    }
 
     #[test]
     fn round_trips_and_the_header_is_golden() {

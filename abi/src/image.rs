@@ -234,6 +234,10 @@ impl fmt::Display for ImageError {
             Self::TooShort(n) => {
                 write!(f, "image is {n} bytes, shorter than its {HEADER_LEN}-byte header (truncated?)")
             }
+            Self::BadMagic(m) if *m == crate::bundle::MAGIC => write!(
+                f,
+                "this is a function bundle (from `thaw pack`), not a snapshot image: make one with `thaw snapshot BUNDLE -o IMAGE.snap`"
+            ),
             Self::BadMagic(m) => write!(f, "image magic {m:02x?} is not \"THAWSNAP\": not a thaw snapshot"),
             Self::UnsupportedVersion(v) => {
                 write!(
@@ -711,6 +715,12 @@ mod tests {
         let (mut bytes, layout) = writer().encode(3 * PAGE_SIZE);
         bytes.resize(layout.file_len as usize, 0xab);
         bytes
+    }
+
+    #[test]
+    fn a_bundle_given_as_an_image_is_named_for_what_it_is() {
+        let e = ImageError::BadMagic(crate::bundle::MAGIC).to_string();
+        assert!(e.starts_with("this is a function bundle (from `thaw pack`), not a snapshot image"), "{e}");
     }
 
     #[test]

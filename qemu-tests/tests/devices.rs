@@ -187,7 +187,7 @@ fn device_options_that_cannot_work_are_refused_with_one_line() {
     assert_eq!(run.code, Some(125), "{run:#?}");
     assert!(run.stderr.contains("the image has no vsock device"), "{run:#?}");
     let run = thaw(&["run", "--devices", "floppy"]);
-    assert_eq!(run.code, Some(2), "{run:#?}");
+    assert_eq!(run.code, Some(125), "{run:#?}");
     assert!(run.stderr.contains("unknown device \"floppy\""), "{run:#?}");
 }
 

@@ -47,7 +47,7 @@ pub struct CallArgs {
     /// The request body.
     #[arg(long, value_name = "STRING", conflicts_with = "input")]
     data: Option<String>,
-    /// Read the request body from this file.
+    /// Read the request body from this file ("-": standard input).
     #[arg(long, value_name = "FILE")]
     input: Option<PathBuf>,
     #[command(flatten)]

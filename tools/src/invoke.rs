@@ -22,7 +22,7 @@ pub struct InvokeArgs {
     /// The request body.
     #[arg(long, value_name = "STRING", conflicts_with = "input", required_unless_present = "input")]
     data: Option<String>,
-    /// Read the request body from this file.
+    /// Read the request body from this file ("-": standard input).
     #[arg(long, value_name = "FILE")]
     input: Option<PathBuf>,
     /// Print one JSON object on stdout instead of the response: how the request ended, the
@@ -53,7 +53,7 @@ pub struct OptionalFunctionArgs {
     /// The request body (with FUNCTION).
     #[arg(long, value_name = "STRING", requires = "function", conflicts_with = "input")]
     pub data: Option<String>,
-    /// Read the request body from this file (with FUNCTION).
+    /// Read the request body from this file ("-": standard input) (with FUNCTION).
     #[arg(long, value_name = "FILE", requires = "function")]
     pub input: Option<PathBuf>,
 }
@@ -180,10 +180,25 @@ fn settle(
     }
 }
 
-/// The request body `--data` or `--input` names; a file is read within `within`.
+/// The request body `--data` or `--input` names; a file is read within `within`, and `-` is
+/// standard input, read to its end.
 pub fn request_body(data: Option<&String>, input: Option<&PathBuf>, within: Duration) -> Result<Vec<u8>, String> {
     match (data, input) {
         (Some(data), _) => Ok(data.as_bytes().to_vec()),
+        (None, Some(path)) if path.as_os_str() == "-" => {
+            use std::io::Read as _;
+            let limit = abi::invoke::MAX_REQUEST_BYTES;
+            let mut body = Vec::new();
+            std::io::stdin()
+                .lock()
+                .take(limit + 1)
+                .read_to_end(&mut body)
+                .map_err(|e| format!("--input -: reading standard input: {e}"))?;
+            if body.len() as u64 > limit {
+                return Err(format!("--input -: the request is larger than {limit} bytes"));
+            }
+            Ok(body)
+        }
         (None, Some(path)) => crate::pack::read_limited(path, abi::invoke::MAX_REQUEST_BYTES, "request", within),
         (None, None) => Err("give the request with --data or --input".into()),
     }

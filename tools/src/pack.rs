@@ -64,9 +64,10 @@ pub struct PackArgs {
     /// documented request; otherwise none, and snapshot uses the empty request].
     #[arg(long, value_name = "STRING")]
     sample_data: Option<String>,
-    /// Where to write the bundle.
+    /// Where to write the bundle [default: NAME.thaw in the current directory, NAME being the
+    /// function's name].
     #[arg(short, long, value_name = "FUNCTION.thaw")]
-    output: PathBuf,
+    output: Option<PathBuf>,
 }
 
 /// The example functions (Rust, compiled to wasm32-wasip1 by the workspace build), each with
@@ -360,7 +361,8 @@ pub fn run(args: &PackArgs) -> Result<u8, String> {
     let started = std::time::Instant::now();
     let (bytes, manifest, kind) = bundle_wasm(&settings, &wasm, &volume).map_err(|e| format!("{input}: {e}"))?;
     let compile_ms = started.elapsed().as_millis();
-    write_atomically(&args.output, &bytes)?;
+    let output = args.output.clone().unwrap_or_else(|| PathBuf::from(format!("{}.thaw", manifest.name)));
+    write_atomically(&output, &bytes)?;
     let code_len = bundle::parse(&bytes).map_or(0, |b| b.code.len());
     let kind = match kind {
         FunctionKind::Reactor => "reactor",
@@ -384,7 +386,7 @@ pub fn run(args: &PackArgs) -> Result<u8, String> {
         manifest.name,
         wasm.len(),
         manifest.memory_mib,
-        args.output.display()
+        output.display()
     );
     Ok(0)
 }

@@ -57,7 +57,7 @@ pub struct RestoreArgs {
     /// The request body, the same for every request.
     #[arg(long, value_name = "STRING", conflicts_with = "input", required_unless_present_any = ["input", "requests"])]
     data: Option<String>,
-    /// Read the request body from this file.
+    /// Read the request body from this file ("-": standard input).
     #[arg(long, value_name = "FILE")]
     input: Option<PathBuf>,
     /// Read the request bodies from FILE, one per line, used in turn (instead of --data or

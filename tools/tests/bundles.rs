@@ -282,5 +282,5 @@ fn pack_records_the_filesystem_settings_and_refuses_bad_ones_naming_the_flag() {
     }
     let both = ["pack", wat, "-o", out, "--scratch-dir", "/a", "--no-scratch-dirs"];
     let code = Command::new(THAW).args(both).output().unwrap().status.code();
-    assert_eq!(code, Some(2), "--scratch-dir and --no-scratch-dirs conflict");
+    assert_eq!(code, Some(125), "--scratch-dir and --no-scratch-dirs conflict: a usage error");
 }

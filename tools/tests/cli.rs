@@ -103,3 +103,44 @@ fn endless_inputs_are_cut_at_their_cap() {
     assert_eq!(child.wait().unwrap().code(), Some(125), "{stderr}");
     assert!(stderr.contains("more than the 16777216-byte limit"), "{stderr}");
 }
+
+/// Usage errors are thaw's own failure: exit 125 and one line, as for any other bad input.
+#[test]
+fn usage_errors_exit_125_with_one_line() {
+    assert!(rejected(&["pack", "--bogus"]).contains("unexpected argument '--bogus'"));
+    assert!(rejected(&["invoke"]).contains("required"));
+    assert!(rejected(&["frobnicate"]).contains("unrecognized subcommand 'frobnicate'"));
+    let help = Command::new(THAW).args(["pack", "--help"]).output().unwrap();
+    assert_eq!(help.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&help.stdout).contains("--scratch-mib"));
+}
+
+#[test]
+fn a_wasm_component_is_refused_with_what_to_build_instead() {
+    let component = scratch("component", b"\0asm\x0d\0\x01\0");
+    let line = rejected(&["pack", component.to_str().unwrap(), "-o", "/nonexistent/c.thaw"]);
+    assert!(line.contains("components are not supported yet; build for wasm32-wasip1"), "{line}");
+}
+
+#[test]
+fn a_request_on_standard_input_is_capped_too() {
+    let mut child = Command::new("sh")
+        .args(["-c", &format!("head -c {} /dev/zero | {THAW} invoke /dev/null --input -", (16 << 20) + 1)])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    assert_eq!(child.wait().unwrap().code(), Some(125), "{stderr}");
+    assert_eq!(stderr, "thaw: error: --input -: the request is larger than 16777216 bytes\n");
+}
+
+#[test]
+fn completions_are_printed_for_each_shell() {
+    for (shell, marker) in [("bash", "complete -F"), ("zsh", "#compdef thaw"), ("fish", "complete -c thaw")] {
+        let out = Command::new(THAW).args(["completions", shell]).output().unwrap();
+        assert_eq!(out.status.code(), Some(0), "{shell}");
+        let script = String::from_utf8_lossy(&out.stdout);
+        assert!(script.contains(marker) && script.contains("scratch-mib"), "{shell}: {script}");
+    }
+}

@@ -18,8 +18,14 @@ pub struct Run {
 }
 
 /// Runs `thaw` with `args` to the end.
+#[allow(dead_code)] // each test file compiles this module, and not every one runs thaw this way
 pub fn run_thaw(args: &[&str]) -> Run {
-    let output = Command::new(THAW).args(args).output().expect("thaw must start");
+    run(Command::new(THAW).args(args))
+}
+
+/// Runs `command` to the end.
+pub fn run(command: &mut Command) -> Run {
+    let output = command.output().unwrap_or_else(|e| panic!("{command:?} must start: {e}"));
     Run {
         code: output.status.code(),
         stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
