@@ -91,6 +91,12 @@ fn the_rust_reactor_skeleton_builds_packs_and_answers_as_documented() {
     let expected = "{\"saved_bytes\":10,\"words\":2}\n";
     assert!(docs().contains("prints {\"saved_bytes\":10,\"words\":2}"), "the docs say what it prints");
     assert_answers(&dir, "hello thaw", expected);
+    // What init wrote to stderr shows when the function boots cold, and not again in every VM
+    // restored from the snapshot.
+    let cold = thaw_in(&dir, &["invoke", "my-fn.thaw", "--data", "x"]);
+    assert_eq!(cold.stderr, "init: ready\n", "{cold:#?}");
+    let restored = thaw_in(&dir, &["invoke", "my-fn.snap", "--data", "x"]);
+    assert_eq!(restored.stderr, "", "{restored:#?}");
 }
 
 #[test]

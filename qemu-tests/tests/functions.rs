@@ -278,6 +278,21 @@ fn a_failing_init_is_the_functions_failure_not_a_kernel_panic() {
     }
 }
 
+/// A start function (a wasm module's own constructor) that traps fails the function the same
+/// way, under KVM and QEMU.
+#[test]
+fn a_trapping_start_function_is_the_functions_failure_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let wat = dir.path().join("start.wat");
+    let module =
+        r#"(module (memory (export "memory") 1) (func $start unreachable) (start $start) (func (export "handle")))"#;
+    std::fs::write(&wat, module).unwrap();
+    let (_bundle_dir, bundle) = pack(&wat, &[]);
+    let run = both(&bundle, "x");
+    assert_eq!(run.code, Some(104), "{run:#?}");
+    assert_eq!(run.stderr, "thaw: function trapped: in its start function: wasm `unreachable` instruction executed\n");
+}
+
 #[test]
 fn proc_exit_code_becomes_the_exit_code() {
     let (_dir, bundle) = pack(&fixture("exit3.wat"), &[]);

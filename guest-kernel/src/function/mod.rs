@@ -194,8 +194,17 @@ fn run(bundle: &Bundle<'static>, transport: Transport) -> Result<core::convert::
     let has = |name: &str| module.get_export(name).is_some();
     let entry = if has("handle") {
         set_fuel(&mut store, manifest.fuel)?;
-        let instance =
-            linker.instantiate(&mut store, &module).map_err(|e| alloc::format!("instantiating the module: {e}"))?;
+        let instance = match linker.instantiate(&mut store, &module) {
+            Ok(instance) => instance,
+            // A start function that traps or exits is the function's failure, as in init.
+            Err(error) if error.is::<Trap>() || error.is::<wasi::Exit>() => {
+                let (status, exit_code, message) = ending(Err(error));
+                let ctx = store.data();
+                let message = alloc::format!("in its start function: {message}");
+                transport.init_failed(status, exit_code, &ctx.stdout, &ctx.stderr, message.as_bytes());
+            }
+            Err(e) => return Err(alloc::format!("instantiating the module: {e}")),
+        };
         platform::milestone(Milestone::Instantiated);
         for init in ["_initialize", "init"] {
             if has(init) {
