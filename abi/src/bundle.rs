@@ -305,30 +305,13 @@ impl fmt::Display for BundleError {
 
 impl core::error::Error for BundleError {}
 
-/// CRC-32 (IEEE 802.3, reflected, as zlib computes it).
+/// CRC-32 (IEEE 802.3, reflected, as zlib computes it) of `chunks` one after another.
 pub fn crc32(chunks: &[&[u8]]) -> u32 {
-    const TABLE: [u32; 256] = {
-        let mut table = [0u32; 256];
-        let mut i = 0;
-        while i < 256 {
-            let mut c = i as u32;
-            let mut k = 0;
-            while k < 8 {
-                c = if c & 1 != 0 { 0xedb8_8320 ^ (c >> 1) } else { c >> 1 };
-                k += 1;
-            }
-            table[i] = c;
-            i += 1;
-        }
-        table
-    };
-    let mut crc = !0u32;
+    let mut hasher = crc32fast::Hasher::new();
     for chunk in chunks {
-        for &b in *chunk {
-            crc = TABLE[((crc ^ u32::from(b)) & 0xff) as usize] ^ (crc >> 8);
-        }
+        hasher.update(chunk);
     }
-    !crc
+    hasher.finalize()
 }
 
 /// Reads manifest fields in order, never past the end.

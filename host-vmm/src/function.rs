@@ -116,11 +116,6 @@ pub struct Function {
     pub volume: Option<(u64, u64)>,
 }
 
-/// Lower-case hex of `bytes`.
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 /// The SHA-256 of `bytes`.
 pub fn sha256(bytes: &[u8]) -> [u8; 32] {
     Sha256::digest(bytes).into()
@@ -229,7 +224,10 @@ pub fn validate_wasm(wasm: &[u8], memory_mib: u32) -> Result<FunctionKind, Funct
 pub fn check_wasm(parsed: &bundle::Bundle<'_>) -> Result<FunctionKind, FunctionError> {
     let actual = sha256(parsed.wasm);
     if actual != parsed.manifest.wasm_sha256 {
-        return Err(FunctionError::Sha256 { expected: hex(&parsed.manifest.wasm_sha256), actual: hex(&actual) });
+        return Err(FunctionError::Sha256 {
+            expected: hex::encode(parsed.manifest.wasm_sha256),
+            actual: hex::encode(actual),
+        });
     }
     validate_wasm(parsed.wasm, parsed.manifest.memory_mib)
 }
@@ -244,7 +242,7 @@ impl Function {
         };
         let actual = sha256(parsed.code);
         if actual != code_sha256 {
-            return Err(FunctionError::CodeSha256 { expected: hex(&code_sha256), actual: hex(&actual) });
+            return Err(FunctionError::CodeSha256 { expected: hex::encode(code_sha256), actual: hex::encode(actual) });
         }
         let volume = match (parsed.manifest.volume_sha256, parsed.volume) {
             (None, _) => None,
@@ -252,7 +250,10 @@ impl Function {
             (Some(expected), Some(volume)) => {
                 let actual = sha256(volume);
                 if actual != expected {
-                    return Err(FunctionError::VolumeSha256 { expected: hex(&expected), actual: hex(&actual) });
+                    return Err(FunctionError::VolumeSha256 {
+                        expected: hex::encode(expected),
+                        actual: hex::encode(actual),
+                    });
                 }
                 abi::volume::parse(volume)?;
                 Some(((bundle.len() - volume.len()) as u64, volume.len() as u64))

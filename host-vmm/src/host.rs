@@ -76,21 +76,7 @@ pub fn tsc_khz(vcpu: &kvm_ioctls::VcpuFd) -> u64 {
 
 /// Fills `buf` from the host's CSPRNG (getrandom), for a guest's entropy.
 pub fn entropy(buf: &mut [u8]) -> Result<(), HostError> {
-    let mut filled = 0;
-    while filled < buf.len() {
-        let rest = &mut buf[filled..];
-        // SAFETY: the pointer and length describe the writable remainder of `buf`.
-        let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() != std::io::ErrorKind::Interrupted {
-                return Err(HostError::Entropy(e));
-            }
-        } else {
-            filled += n as usize;
-        }
-    }
-    Ok(())
+    getrandom::fill(buf).map_err(|e| HostError::Entropy(e.into()))
 }
 
 /// A restored VM's fresh randomness, drawn in one getrandom call: the guest's 32 bytes of

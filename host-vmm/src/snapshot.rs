@@ -428,15 +428,13 @@ impl Image {
     pub fn to_template(&self) -> Result<Image, SnapshotError> {
         let path = PathBuf::from(format!("memfd:thaw-template:{}", self.info.guest.function_name));
         let io = |source| SnapshotError::Io { path: path.clone(), source };
-        // SAFETY: memfd_create takes a NUL-terminated name and flags; it returns a new descriptor.
-        let fd = unsafe { libc::memfd_create(c"thaw-template".as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
-        if fd < 0 {
-            return Err(io(std::io::Error::last_os_error()));
-        }
-        // SAFETY: `fd` is a fresh descriptor that nothing else owns.
-        let memfd = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        let memfd = memfd::MemfdOptions::default()
+            .close_on_exec(true)
+            .allow_sealing(true)
+            .create("thaw-template")
+            .map_err(|e| io(std::io::Error::other(e)))?;
         let file_len = self.file.metadata().map_err(io)?.len();
-        memfd.set_len(file_len).map_err(io)?;
+        memfd.as_file().set_len(file_len).map_err(io)?;
         // Copy the metadata, then only the stored (non-hole) memory data.
         let mut chunks = vec![(0, self.info.metadata_len)];
         chunks.extend(self.data_extents(true)?);
@@ -446,17 +444,14 @@ impl Image {
             while at < end {
                 let n = ((end - at) as usize).min(buf.len());
                 self.file.read_exact_at(&mut buf[..n], at).map_err(io)?;
-                memfd.write_all_at(&buf[..n], at).map_err(io)?;
+                memfd.as_file().write_all_at(&buf[..n], at).map_err(io)?;
                 at += n as u64;
             }
         }
-        let seals = libc::F_SEAL_WRITE | libc::F_SEAL_GROW | libc::F_SEAL_SHRINK | libc::F_SEAL_SEAL;
-        // SAFETY: fcntl on our own descriptor; sealing only restricts later writes to it.
-        if unsafe { libc::fcntl(fd, libc::F_ADD_SEALS, seals) } < 0 {
-            return Err(io(std::io::Error::last_os_error()));
-        }
+        use memfd::FileSeal::{SealGrow, SealSeal, SealShrink, SealWrite};
+        memfd.add_seals(&[SealWrite, SealGrow, SealShrink, SealSeal]).map_err(|e| io(std::io::Error::other(e)))?;
         Ok(Image {
-            file: Arc::new(memfd),
+            file: Arc::new(memfd.into_file()),
             path,
             info: self.info.clone(),
             devices: self.devices.clone(),

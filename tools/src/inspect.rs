@@ -34,10 +34,6 @@ fn record_name(kind: u32) -> &'static str {
     }
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 /// Runs `thaw inspect` and returns the process exit code.
 pub fn run(args: &InspectArgs) -> Result<u8, String> {
     if crate::invoke::file_magic(&args.image)? == abi::bundle::MAGIC {
@@ -110,7 +106,7 @@ pub fn run(args: &InspectArgs) -> Result<u8, String> {
             "sections": sections,
             "function": {
                 "name": info.guest.function_name,
-                "wasm_sha256": hex(&info.guest.wasm_sha256),
+                "wasm_sha256": hex::encode(info.guest.wasm_sha256),
                 "runtime_version": info.guest.runtime_version,
             },
             "io_table": { "gpa": info.guest.io_table_gpa, "length": info.guest.io_table_len, "handles": handles },
@@ -129,7 +125,7 @@ pub fn run(args: &InspectArgs) -> Result<u8, String> {
     outln!("{}: thaw snapshot image, format version {}, x86-64", args.image.display(), info.version)?;
     outln!("  file        {file_len} bytes, {} KiB stored (the rest are holes)", (info.metadata_len + stored) / 1024)?;
     outln!("  checksum    {:#010x}, ok; every section and memory range validated", info.checksum)?;
-    outln!("  function    {} (wasm sha256 {})", info.guest.function_name, hex(&info.guest.wasm_sha256))?;
+    outln!("  function    {} (wasm sha256 {})", info.guest.function_name, hex::encode(info.guest.wasm_sha256))?;
     outln!("  runtime     {}", info.guest.runtime_version)?;
     match info.guest.io_table_len {
         0 => outln!("  io table    none")?,
@@ -225,8 +221,8 @@ fn inspect_bundle(args: &InspectArgs) -> Result<u8, String> {
             "path": path.display().to_string(),
             "format_version": version,
             "file_bytes": bytes.len(),
-            "function": { "name": m.name, "wasm_bytes": parsed.wasm.len(), "wasm_sha256": hex(&m.wasm_sha256) },
-            "code": { "bytes": parsed.code.len(), "sha256": m.code_sha256.as_ref().map(|h| hex(h)) },
+            "function": { "name": m.name, "wasm_bytes": parsed.wasm.len(), "wasm_sha256": hex::encode(m.wasm_sha256) },
+            "code": { "bytes": parsed.code.len(), "sha256": m.code_sha256.as_ref().map(hex::encode) },
             "memory_mib": m.memory_mib,
             "fuel": m.fuel,
             "args": m.args,
@@ -236,7 +232,7 @@ fn inspect_bundle(args: &InspectArgs) -> Result<u8, String> {
             "volume": {
                 "bytes": parsed.volume_len,
                 "present": parsed.volume.is_some(),
-                "sha256": m.volume_sha256.as_ref().map(|h| hex(h)),
+                "sha256": m.volume_sha256.as_ref().map(hex::encode),
             },
             "scratch_mib": m.scratch_mib,
             "scratch_dirs": m.scratch_dirs,
@@ -253,9 +249,9 @@ fn inspect_bundle(args: &InspectArgs) -> Result<u8, String> {
     };
     outln!("{}: thaw function bundle, format version {version}", path.display())?;
     outln!("  file        {} bytes; framing, checksum and manifest validated", bytes.len())?;
-    outln!("  function    {} ({} bytes of wasm, sha256 {})", m.name, parsed.wasm.len(), hex(&m.wasm_sha256))?;
+    outln!("  function    {} ({} bytes of wasm, sha256 {})", m.name, parsed.wasm.len(), hex::encode(m.wasm_sha256))?;
     match &m.code_sha256 {
-        Some(sha) => outln!("  code        {} bytes (sha256 {})", parsed.code.len(), hex(sha))?,
+        Some(sha) => outln!("  code        {} bytes (sha256 {})", parsed.code.len(), hex::encode(sha))?,
         None => outln!("  code        none: this format version cannot run; repack it with `thaw pack`")?,
     }
     let fuel = m.fuel.map_or("no limit".to_string(), |f| format!("{f} per invocation"));
@@ -280,7 +276,7 @@ fn inspect_bundle(args: &InspectArgs) -> Result<u8, String> {
             m.data_mount,
             parsed.volume_len,
             if volume.is_some() { "" } else { ", left out of this file" },
-            hex(sha)
+            hex::encode(sha)
         )?,
     }
     match preopens.as_slice() {

@@ -380,11 +380,11 @@ async fn blocking<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) 
 /// snapshot takes in), of the bundle followed by their names.
 fn version(bundle: &[u8], devices: &[String]) -> String {
     if devices.is_empty() {
-        return function::hex(&function::sha256(bundle));
+        return hex::encode(function::sha256(bundle));
     }
     let mut hashed = bundle.to_vec();
     hashed.extend_from_slice(format!("\0thaw-devices:{}", devices.join(",")).as_bytes());
-    function::hex(&function::sha256(&hashed))
+    hex::encode(function::sha256(&hashed))
 }
 
 /// The host sockets that `serving`'s vsock ports reach, from the server's named `services`; an
