@@ -276,3 +276,18 @@ fn the_working_set_is_recorded_with_the_bundles_sample_request_unless_one_is_giv
     let run = thaw(&["snapshot", bundle, "-o", image]);
     assert!(run.stderr.contains("(working set of the empty request)"), "{run:#?}");
 }
+
+/// On a terminal, `thaw restore --count` counts the requests answered on one redrawn stderr
+/// line; into a pipe or a file it prints no such line.
+#[test]
+fn a_long_batch_shows_its_progress_on_a_terminal_only() {
+    let (dir, image) = snapshot("hello", &[]);
+    let command = format!("{} restore {image} --mode fresh --count 400 --data x", common::THAW);
+    // `script` runs the command on a pseudo-terminal, as an interactive shell would.
+    let on_terminal = common::run(std::process::Command::new("script").args(["-qec", &command, "/dev/null"]));
+    assert_eq!(on_terminal.code, Some(0), "{on_terminal:#?}");
+    assert!(on_terminal.stdout.contains("requests answered"), "{on_terminal:#?}");
+    let (piped, _) = restore(dir.path(), &image, &["--mode", "fresh", "--count", "400", "--data", "x"]);
+    assert_eq!(piped.code, Some(0), "{piped:#?}");
+    assert!(!piped.stderr.contains("requests answered"), "{piped:#?}");
+}

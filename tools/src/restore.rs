@@ -4,9 +4,10 @@
 //! faults, the private memory of each instance and the throughput. `--responses` writes every
 //! response, so a batch can be checked and not only timed.
 
+use std::io::IsTerminal as _;
 use std::io::Write;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -99,6 +100,18 @@ pub struct RestoreArgs {
 /// millisecond) on every this-many-th request of a worker, so the measurement does not
 /// dominate the throughput it sits beside.
 const MEMORY_SAMPLE_EVERY: usize = 50;
+
+/// On a terminal, one line on stderr counting the requests answered, redrawn five times a
+/// second until the batch ends, then erased.
+fn progress(run: &Run<'_>, finished: &AtomicBool) {
+    let total = run.args.count;
+    while !finished.load(Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(200));
+        let answered = lock(&run.samples).len();
+        eprint!("\rthaw: {answered}/{total} requests answered");
+    }
+    eprint!("\r\x1b[K");
+}
 
 /// Shared between the workers.
 struct Run<'a> {
@@ -446,18 +459,29 @@ pub fn serve_batch(args: &RestoreArgs, floor: Option<crate::bench::Floor>) -> Re
     let pool_requests = AtomicUsize::new(0);
     let workers = args.concurrency.min(args.count);
     let started = run.started;
+    let finished = AtomicBool::new(false);
     std::thread::scope(|s| {
-        for _ in 0..workers {
-            s.spawn(|| {
-                let result = match (args.mode, &pool) {
-                    (Mode::Pool, Some(pool)) => pool_worker(&run, pool, &pool_requests),
-                    (Mode::Reset, _) => reset_worker(&run),
-                    _ => fresh_worker(&run),
-                };
-                if let Err(problem) = result {
-                    run.fail(problem);
-                }
-            });
+        let handles: Vec<_> = (0..workers)
+            .map(|_| {
+                s.spawn(|| {
+                    let result = match (args.mode, &pool) {
+                        (Mode::Pool, Some(pool)) => pool_worker(&run, pool, &pool_requests),
+                        (Mode::Reset, _) => reset_worker(&run),
+                        _ => fresh_worker(&run),
+                    };
+                    if let Err(problem) = result {
+                        run.fail(problem);
+                    }
+                })
+            })
+            .collect();
+        if args.count > 1 && std::io::stderr().is_terminal() {
+            s.spawn(|| progress(&run, &finished));
+        }
+        let joined: Vec<_> = handles.into_iter().map(|h| h.join()).collect();
+        finished.store(true, Ordering::Relaxed);
+        if let Some(panicked) = joined.into_iter().find_map(Result::err) {
+            std::panic::resume_unwind(panicked);
         }
     });
     let wall = started.elapsed();
