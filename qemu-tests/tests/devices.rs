@@ -173,7 +173,7 @@ fn random_get_draws_from_the_entropy_device_after_restore() {
 
 #[test]
 fn device_options_that_cannot_work_are_refused_with_one_line() {
-    let (_dir, image) = image_with_devices("hello", "entropy");
+    let (dir, image) = image_with_devices("hello", "entropy");
     let run = thaw(&["invoke", &image, "--data", "{}", "--console", "-"]);
     assert_eq!(run.code, Some(125), "{run:#?}");
     assert_eq!(
@@ -189,6 +189,17 @@ fn device_options_that_cannot_work_are_refused_with_one_line() {
     let run = thaw(&["run", "--devices", "floppy"]);
     assert_eq!(run.code, Some(125), "{run:#?}");
     assert!(run.stderr.contains("unknown device \"floppy\""), "{run:#?}");
+    // A service for a VM without vsock would do nothing: refused, not ignored.
+    let bundle = dir.path().join("f.thaw");
+    for args in [
+        &["run", "--service", "5000=/tmp/nothing.sock"][..],
+        &["invoke", bundle.to_str().unwrap(), "--data", "{}", "--vsock-uds", "/tmp/v"],
+    ] {
+        let run = thaw(args);
+        assert_eq!(run.code, Some(125), "{args:?}: {run:#?}");
+        assert_eq!(run.stderr.lines().count(), 1, "{run:#?}");
+        assert!(run.stderr.contains("the VM has no vsock device"), "{run:#?}");
+    }
 }
 
 #[test]

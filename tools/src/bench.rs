@@ -183,7 +183,7 @@ fn boot_batch(
         ..VmConfig::default()
     };
     if let (Some(function), Some(path)) = (&function, &args.function.function) {
-        crate::devices::add_function_devices(&mut config, function, path);
+        crate::devices::add_function_devices(&mut config, function, path)?;
     }
     let name = function.as_ref().map(|f| f.manifest.name.clone());
     let (mode, what, vs) = match &name {

@@ -59,7 +59,7 @@ fn parse_service(text: &str) -> Result<(u32, PathBuf), String> {
 
 /// Gives a cold-booted VM for `function` (its bundle at `path`) the devices its bundle needs:
 /// a block device over its data volume, and vsock for its service connections.
-pub fn add_function_devices(config: &mut VmConfig, function: &Function, path: &Path) {
+pub fn add_function_devices(config: &mut VmConfig, function: &Function, path: &Path) -> Result<(), String> {
     if let Some((offset, len)) = function.volume {
         config.devices.push(DeviceKind::Block);
         config.backends.volume = Some(VolumeSource { file: VolumeFile::Path(path.to_path_buf()), offset, len });
@@ -67,6 +67,20 @@ pub fn add_function_devices(config: &mut VmConfig, function: &Function, path: &P
     if !function.manifest.connections.is_empty() && !config.devices.contains(&DeviceKind::Vsock) {
         config.devices.push(DeviceKind::Vsock);
     }
+    check_services(config)
+}
+
+/// `--service` and `--vsock-uds` reach the guest through its vsock device: without one they
+/// would do nothing, so they are refused.
+pub fn check_services(config: &VmConfig) -> Result<(), String> {
+    let services = &config.backends.services;
+    if (!services.ports.is_empty() || services.uds_path.is_some()) && !config.devices.contains(&DeviceKind::Vsock) {
+        return Err(
+            "--service/--vsock-uds: the VM has no vsock device (add --devices vsock, or pack the function with --connect)"
+                .into(),
+        );
+    }
+    Ok(())
 }
 
 impl DeviceArgs {

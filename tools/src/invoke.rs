@@ -91,7 +91,7 @@ pub fn run(args: &InvokeArgs) -> Result<u8, String> {
     let kernel = crate::kernel::built_in()?;
     let mut config = function.boot_config(VmConfig::default(), timeout, vec![request]);
     args.devices.apply_boot(&mut config)?;
-    crate::devices::add_function_devices(&mut config, &function, &args.function);
+    crate::devices::add_function_devices(&mut config, &function, &args.function)?;
     crate::confine(&args.seccomp)?;
     let mut kernel_log = Vec::new();
     let report = if args.verbose {

@@ -39,6 +39,7 @@ pub fn run(args: &RunArgs) -> Result<u8, String> {
         ..VmConfig::default()
     };
     args.devices.apply_boot(&mut config)?;
+    crate::devices::check_services(&config)?;
     let stdout = std::io::stdout();
     let report = host_vmm::run_kernel(&kernel.image, &config, &mut stdout.lock()).map_err(|e| match e {
         VmmError::Exit(ExitError::Output(e)) => crate::write_failed("the guest's output to stdout", e),

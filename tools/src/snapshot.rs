@@ -39,7 +39,7 @@ pub fn run(args: &SnapshotArgs) -> Result<u8, String> {
     let function = crate::invoke::load_function(&args.function, timeout)?;
     let mut config = VmConfig::default();
     args.devices.apply_boot(&mut config)?;
-    crate::devices::add_function_devices(&mut config, &function, &args.function);
+    crate::devices::add_function_devices(&mut config, &function, &args.function)?;
     let (sample, source) = match (&args.sample_data, &function.manifest.sample_request) {
         _ if args.no_working_set => (None, ""),
         (Some(data), _) => (Some(data.clone().into_bytes()), "--sample-data"),

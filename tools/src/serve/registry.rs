@@ -317,7 +317,7 @@ impl Registry {
             std::fs::write(&bundle_path, &function.bundle).map_err(|e| format!("{}: {e}", bundle_path.display()))?;
             let mut config = VmConfig { devices, ..VmConfig::default() };
             config.backends.services = services;
-            crate::devices::add_function_devices(&mut config, &function, &bundle_path);
+            crate::devices::add_function_devices(&mut config, &function, &bundle_path)?;
             let sample = function.manifest.sample_request.clone().unwrap_or_default();
             crate::snapshot::snapshot_function(&function, &made, SNAPSHOT_TIMEOUT, config, Some(sample))
         })
