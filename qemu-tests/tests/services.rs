@@ -155,12 +155,12 @@ fn service_options_that_cannot_work_are_refused_with_one_line() {
     let dir = tempfile::tempdir().unwrap();
     let (bundle, _) = bundle(dir.path());
     let out = dir.path().join("x.thaw").to_str().unwrap().to_string();
-    // (arguments, exit code: 2 for a malformed option, 125 for a value the manifest refuses)
+    // (arguments, exit code: 125 for a malformed option and for a value the manifest refuses)
     for (args, code, message) in [
-        (vec!["invoke", &bundle, "--service", "5000"], 2, "is not PORT=SOCKET"),
-        (vec!["invoke", &bundle, "--service", "port=/x"], 2, "is not a number"),
-        (vec!["invoke", &bundle, "--service", "5000="], 2, "the socket path is empty"),
-        (vec!["pack", "--example", "hello", "-o", &out, "--connect", "db"], 2, "is not NAME=PORT"),
+        (vec!["invoke", &bundle, "--service", "5000"], 125, "is not PORT=SOCKET"),
+        (vec!["invoke", &bundle, "--service", "port=/x"], 125, "is not a number"),
+        (vec!["invoke", &bundle, "--service", "5000="], 125, "the socket path is empty"),
+        (vec!["pack", "--example", "hello", "-o", &out, "--connect", "db"], 125, "is not NAME=PORT"),
         (vec!["pack", "--example", "hello", "-o", &out, "--connect", "db=0"], 125, "port 0"),
         (vec!["pack", "--example", "hello", "-o", &out, "--connect", "d-b=1"], 125, "\"d-b\""),
     ] {

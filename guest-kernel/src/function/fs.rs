@@ -715,6 +715,7 @@ impl Files {
             self.charge(size - old)?;
         }
         let now = self.now();
+        let headroom = self.cap.saturating_sub(self.used) as usize;
         let bytes = match self.bytes_mut(ino) {
             Ok(bytes) => bytes,
             Err(e) => {
@@ -722,7 +723,15 @@ impl Files {
                 return Err(e);
             }
         };
-        bytes.resize(size as usize, 0);
+        // Grow the buffer by doubling, so appends stay cheap, but never past what the allowance
+        // has left: the heap holds the allowance, not twice it.
+        let size = size as usize;
+        if size > bytes.capacity() {
+            let target = size.max(bytes.capacity().saturating_mul(2)).min(size.saturating_add(headroom));
+            bytes.reserve_exact(target - bytes.len());
+        }
+        bytes.resize(size, 0);
+        let size = size as u64;
         if size < old {
             self.refund(old - size);
         }
