@@ -60,6 +60,10 @@ pub mod number {
     /// request: the hypercall page holds a `Response` (status trapped or exited) saying how,
     /// with what the function wrote. The VM ends there.
     pub const INIT_FAILED: u16 = 12;
+    /// The function's init succeeded and wrote to stderr: the hypercall page holds a `Response`
+    /// (status ok) whose stderr range is that output, for the host to show. Sent once, before
+    /// the checkpoint, so VMs restored from the image never send it.
+    pub const INIT_OUTPUT: u16 = 13;
 }
 
 /// Checkpoint result: this is the VM that called checkpoint.
@@ -148,6 +152,12 @@ pub enum Hypercall {
         /// Payload length in bytes.
         len: usize,
     },
+    /// What the function's init wrote to stderr; a `Response` of `len` bytes waits in the
+    /// hypercall page.
+    InitOutput {
+        /// Payload length in bytes.
+        len: usize,
+    },
 }
 
 /// Why a port access in the hypercall range is not a valid hypercall.
@@ -230,6 +240,7 @@ impl Hypercall {
             number::INVOKE_RESPOND => Ok(Self::InvokeRespond { len: payload(arg)? }),
             number::WORKING_SET => Ok(Self::WorkingSet { first: arg }),
             number::INIT_FAILED => Ok(Self::InitFailed { len: payload(arg)? }),
+            number::INIT_OUTPUT => Ok(Self::InitOutput { len: payload(arg)? }),
             other => Err(DecodeError::UnknownNumber(other)),
         }
     }
@@ -247,6 +258,7 @@ impl Hypercall {
             Self::Checkpoint { len } => (number::CHECKPOINT, len as u32),
             Self::WorkingSet { first } => (number::WORKING_SET, first),
             Self::InitFailed { len } => (number::INIT_FAILED, len as u32),
+            Self::InitOutput { len } => (number::INIT_OUTPUT, len as u32),
         };
         (PORT_BASE + number, arg)
     }
@@ -266,6 +278,7 @@ mod tests {
             Hypercall::Milestone(Milestone::Ready),
             Hypercall::WorkingSet { first: 255 },
             Hypercall::InitFailed { len: 56 },
+            Hypercall::InitOutput { len: 56 },
         ];
         for call in calls {
             let (port, arg) = call.encode();

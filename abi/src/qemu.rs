@@ -32,6 +32,9 @@ pub const RESPONSE_MARKER: &str = "thaw-guest: response: ";
 /// Serial line prefix of a function whose init failed, with the fields of a response line
 /// (the hypercall [`INIT_FAILED`](crate::hypercall::number::INIT_FAILED) under thaw).
 pub const INIT_FAILED_MARKER: &str = "thaw-guest: init-failed: ";
+/// Serial line prefix of what a successful init wrote to stderr, with the fields of a response
+/// line (the hypercall [`INIT_OUTPUT`](crate::hypercall::number::INIT_OUTPUT) under thaw).
+pub const INIT_OUTPUT_MARKER: &str = "thaw-guest: init-output: ";
 
 /// Writes `bytes` as lowercase hex, or `-` when empty.
 pub fn write_hex(w: &mut impl core::fmt::Write, bytes: &[u8]) -> core::fmt::Result {

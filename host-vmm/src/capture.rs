@@ -32,6 +32,8 @@ pub struct Captured {
     pub boot_and_init: Duration,
     /// The recorded working set, unless it was skipped.
     pub working_set: Option<Recording>,
+    /// What the function's init wrote to stderr.
+    pub init_stderr: Vec<u8>,
 }
 
 /// Cold-boots `function` on `kernel` with the devices (and device settings) of `devices`, runs
@@ -52,7 +54,9 @@ pub fn snapshot_function(
     let mut timings = BootTimings::default();
     let mut vm = Vm::boot(kernel, &config, &mut timings)?;
     let mut guest_log = Vec::new();
-    let (outcome, _, _) = vm.run(&mut guest_log, Mailbox::default(), timeout, CheckpointMode::Capture, &mut timings)?;
+    let (outcome, _, mailbox) =
+        vm.run(&mut guest_log, Mailbox::default(), timeout, CheckpointMode::Capture, &mut timings)?;
+    let init_stderr = mailbox.init_stderr;
     if !matches!(outcome, Outcome::Checkpointed) {
         let _ = log.write_all(&guest_log);
         return Err(VmmError::NoCheckpoint(outcome));
@@ -70,7 +74,7 @@ pub fn snapshot_function(
         function.volume.map_or(&[][..], |(offset, len)| &function.bundle[offset as usize..(offset + len) as usize]);
     let Some(sample) = sample else {
         let stats = vm.snapshot(output, guest, volume, Vec::new())?;
-        return Ok(Captured { stats, boot_and_init, working_set: None });
+        return Ok(Captured { stats, boot_and_init, working_set: None, init_stderr });
     };
     let dir = output.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let draft = crate::files::Draft::new_in(dir, ".thaw-draft-", ".snap")
@@ -86,5 +90,5 @@ pub fn snapshot_function(
     let runs: Vec<Run> = recording.runs.clone();
     let stats = vm.snapshot(output, guest, volume, runs)?;
     drop((image, draft));
-    Ok(Captured { stats, boot_and_init, working_set: Some(recording) })
+    Ok(Captured { stats, boot_and_init, working_set: Some(recording), init_stderr })
 }

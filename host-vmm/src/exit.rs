@@ -201,6 +201,10 @@ impl<'a> ExitHandler<'a> {
                 }
                 Next::Park => Ok(ExitAction::Stop(Outcome::Parked)),
             },
+            Hypercall::InitOutput { len } => {
+                self.mailbox.init_output(self.mem, &self.payload(len)?)?;
+                Ok(ExitAction::Continue)
+            }
             Hypercall::InitFailed { len } => {
                 let status = self.mailbox.init_failed(self.mem, &self.payload(len)?)?;
                 Ok(ExitAction::Stop(Outcome::InitFailed(status)))

@@ -174,6 +174,7 @@ pub fn serve_fresh(
         timings,
         exits: served.exits,
         responses: served.response.into_iter().collect(),
+        init_stderr: Vec::new(),
         private_memory,
         page_faults,
         devices: instance.vm.device_stats(),

@@ -63,6 +63,8 @@ pub struct Mailbox {
     pub first_response_at: Option<Instant>,
     /// Responses, in request order.
     pub responses: Vec<FunctionResponse>,
+    /// What the function's init wrote to stderr (INIT_OUTPUT), in a VM that booted cold.
+    pub init_stderr: Vec<u8>,
 }
 
 fn field_error(what: &str, detail: String) -> GuestError {
@@ -168,6 +170,16 @@ impl Mailbox {
         response.handle_time = handed_out.elapsed();
         self.first_response_at.get_or_insert_with(Instant::now);
         self.responses.push(response);
+        Ok(())
+    }
+
+    /// Serves INIT_OUTPUT: copies out what a successful init wrote to stderr.
+    pub fn init_output(&mut self, mem: &GuestRam, response: &[u8]) -> Result<(), GuestError> {
+        let response = read_response(mem, response, "init output")?;
+        if response.status != FunctionStatus::Ok {
+            return Err(field_error("init output", "only an init that succeeded sends its output".into()));
+        }
+        self.init_stderr = response.stderr;
         Ok(())
     }
 
@@ -301,6 +313,28 @@ mod tests {
         mailbox.next(&mem, &next(0x8000, 64)).unwrap();
         let bad_status = Response { status: 9, ..stray };
         assert!(mailbox.respond(&mem, &bad_status.encode()).unwrap_err().to_string().contains("status 9"));
+    }
+
+    #[test]
+    fn an_inits_output_is_kept_apart_from_the_responses_and_must_say_ok() {
+        let mem = mem();
+        mem.write_slice(b"ready\n", GuestAddress(0x9000)).unwrap();
+        let mut mailbox = Mailbox::default();
+        let ok = Response {
+            status: invoke::STATUS_OK,
+            exit_code: 0,
+            stdout: Range::default(),
+            stderr: Range { gpa: 0x9000, len: 6 },
+            message: Range::default(),
+        };
+        mailbox.init_output(&mem, &ok.encode()).unwrap();
+        assert_eq!(mailbox.init_stderr, b"ready\n");
+        assert!(mailbox.responses.is_empty());
+        let trapped = Response { status: invoke::STATUS_TRAPPED, ..ok };
+        let e = mailbox.init_output(&mem, &trapped.encode()).unwrap_err();
+        assert_eq!(e.to_string(), "invoke mailbox: init output: only an init that succeeded sends its output");
+        let beyond = Response { stderr: Range { gpa: u64::MAX - 2, len: 6 }, ..ok };
+        assert!(mailbox.init_output(&mem, &beyond.encode()).is_err());
     }
 
     #[test]

@@ -91,12 +91,16 @@ fn the_rust_reactor_skeleton_builds_packs_and_answers_as_documented() {
     let expected = "{\"saved_bytes\":10,\"words\":2}\n";
     assert!(docs().contains("prints {\"saved_bytes\":10,\"words\":2}"), "the docs say what it prints");
     assert_answers(&dir, "hello thaw", expected);
-    // What init wrote to stderr shows when the function boots cold, and not again in every VM
-    // restored from the snapshot.
+    // What init wrote to stderr shows where init runs (a cold invoke, a snapshot, QEMU), and
+    // not again in every VM restored from the snapshot.
     let cold = thaw_in(&dir, &["invoke", "my-fn.thaw", "--data", "x"]);
     assert_eq!(cold.stderr, "init: ready\n", "{cold:#?}");
-    let restored = thaw_in(&dir, &["invoke", "my-fn.snap", "--data", "x"]);
+    let snap = thaw_in(&dir, &["snapshot", "my-fn.thaw", "-o", "again.snap"]);
+    assert!(snap.stderr.starts_with("init: ready\nthaw: snapshot of my-fn"), "{snap:#?}");
+    let restored = thaw_in(&dir, &["invoke", "again.snap", "--data", "x"]);
     assert_eq!(restored.stderr, "", "{restored:#?}");
+    let qemu = thaw_in(&dir, &["qemu", "my-fn.thaw", "--data", "x", "--timeout", "120"]);
+    assert_eq!(qemu.stderr, "init: ready\n", "{qemu:#?}");
 }
 
 #[test]

@@ -101,7 +101,7 @@ pub fn run(args: &DemoArgs) -> Result<u8, String> {
             host_vmm::run_kernel(kernel, &config, &mut std::io::sink()).map_err(|e| e.to_string())
         })?;
         let image_path = dir.join(format!("{name}.snap"));
-        let status = crate::snapshot::snapshot_function(
+        let (status, _) = crate::snapshot::snapshot_function(
             &function,
             &image_path,
             Duration::from_secs(60),

@@ -144,6 +144,8 @@ fn invoke_image(args: &InvokeArgs, request: Vec<u8>) -> Result<u8, String> {
 /// Ends `thaw invoke`: with --json, the request's stats on stdout (its output among them);
 /// otherwise the response.
 fn finish_invoke(args: &InvokeArgs, report: &RunReport, restored: bool, kernel_log: &[u8]) -> Result<u8, String> {
+    // A cold boot's init ran here: what it wrote to stderr comes first.
+    let _ = std::io::stderr().write_all(&report.init_stderr);
     let response = report.responses.first();
     if !args.json {
         return conclude(&report.outcome, response, kernel_log);

@@ -66,6 +66,8 @@ enum Line {
     AwaitFrames,
     /// The function's init failed, as this response says.
     InitFailed(FunctionResponse),
+    /// What the function's init wrote to stderr.
+    InitOutput(Vec<u8>),
 }
 
 fn unreadable(what: &str, text: &str) -> Line {
@@ -91,6 +93,9 @@ fn classify(line: String) -> Line {
     }
     if let Some(text) = line.strip_prefix(RESPONSE_MARKER) {
         return parse_response(text).map_or_else(|| unreadable("response", text), Line::Response);
+    }
+    if let Some(text) = line.strip_prefix(qemu::INIT_OUTPUT_MARKER) {
+        return parse_response(text).map_or_else(|| unreadable("init output", text), |r| Line::InitOutput(r.stderr));
     }
     if let Some(text) = line.strip_prefix(qemu::INIT_FAILED_MARKER) {
         return parse_response(text).map_or_else(|| unreadable("init failure", text), Line::InitFailed);
@@ -222,6 +227,9 @@ pub fn run(args: &QemuArgs) -> Result<u8, String> {
         }
         Line::Outcome(outcome) => *reported = reported.take().or(Some(outcome)),
         Line::Response(response) => responses.push(response),
+        Line::InitOutput(stderr) => {
+            let _ = err.write_all(&stderr);
+        }
         Line::InitFailed(response) => {
             *reported = reported.take().or(Some(Outcome::InitFailed(response.status.clone())));
             responses.push(response);

@@ -46,8 +46,10 @@ pub fn run(args: &SnapshotArgs) -> Result<u8, String> {
         (None, Some(bundled)) => (Some(bundled.clone()), "the bundle's sample request"),
         (None, None) => (Some(Vec::new()), "the empty request"),
     };
-    let status = snapshot_function(&function, &args.output, timeout, config, sample)
+    let (status, init_stderr) = snapshot_function(&function, &args.output, timeout, config, sample)
         .map_err(|e| format!("{}: {e}", args.function.display()))?;
+    // What init wrote to stderr: the one run of init the author sees.
+    let _ = std::io::Write::write_all(&mut std::io::stderr(), &init_stderr);
     if source.is_empty() {
         eprintln!("thaw: {status}");
     } else {
@@ -58,14 +60,14 @@ pub fn run(args: &SnapshotArgs) -> Result<u8, String> {
 
 /// Snapshots `function` on the built-in kernel into `output` (see
 /// [`host_vmm::capture::snapshot_function`]), recording the working set of `sample` unless it
-/// is `None`. Returns a one-line summary.
+/// is `None`. Returns a one-line summary, and what the function's init wrote to stderr.
 pub fn snapshot_function(
     function: &host_vmm::Function,
     output: &Path,
     timeout: Duration,
     devices: VmConfig,
     sample: Option<Vec<u8>>,
-) -> Result<String, String> {
+) -> Result<(String, Vec<u8>), String> {
     let kernel = crate::kernel::built_in()?;
     let captured = host_vmm::capture::snapshot_function(
         kernel,
@@ -86,7 +88,7 @@ pub fn snapshot_function(
             format!("a working set of {pages} pages ({written} written) in {} runs", r.runs.len())
         }
     };
-    Ok(format!(
+    let summary = format!(
         "snapshot of {} after {} ms of boot and init: {} MiB of guest memory, {} non-zero pages ({} KiB), {working_set}, in {}",
         function.manifest.name,
         captured.boot_and_init.as_millis(),
@@ -94,5 +96,6 @@ pub fn snapshot_function(
         stats.pages_written,
         stats.pages_written * 4,
         output.display()
-    ))
+    );
+    Ok((summary, captured.init_stderr))
 }

@@ -37,6 +37,17 @@ enum Entry {
     Command(InstancePre<WasiCtx>),
 }
 
+/// What a [`Transport::report`] hands the host.
+#[derive(Debug, Clone, Copy)]
+enum Report {
+    /// The answer to a request.
+    Response,
+    /// How the function's init failed.
+    InitFailed,
+    /// What a successful init wrote to stderr.
+    InitOutput,
+}
+
 /// Where requests come from and where responses go.
 #[derive(Debug, Clone, Copy)]
 enum Transport {
@@ -121,17 +132,23 @@ impl Transport {
 
     /// Hands back the answer to the current request.
     fn respond(self, status: u32, exit_code: u32, stdout: &[u8], stderr: &[u8], message: &[u8]) {
-        self.report(false, status, exit_code, stdout, stderr, message);
+        self.report(Report::Response, status, exit_code, stdout, stderr, message);
     }
 
     /// Tells the host the function failed in its init (trapped or exited), with what it wrote,
     /// and ends the VM: the function's failure, not the kernel's.
     fn init_failed(self, status: u32, exit_code: u32, stdout: &[u8], stderr: &[u8], message: &[u8]) -> ! {
-        self.report(true, status, exit_code, stdout, stderr, message);
+        self.report(Report::InitFailed, status, exit_code, stdout, stderr, message);
         platform::exit(0)
     }
 
-    fn report(self, init_failed: bool, status: u32, exit_code: u32, stdout: &[u8], stderr: &[u8], message: &[u8]) {
+    /// Hands the host what a successful init wrote to stderr, before the checkpoint: shown by
+    /// `thaw snapshot` and a cold `thaw invoke`, never by the VMs restored from the image.
+    fn init_output(self, stderr: &[u8]) {
+        self.report(Report::InitOutput, invoke::STATUS_OK, 0, &[], stderr, &[]);
+    }
+
+    fn report(self, kind: Report, status: u32, exit_code: u32, stdout: &[u8], stderr: &[u8], message: &[u8]) {
         let message = &message[..message.len().min(invoke::MAX_MESSAGE_BYTES as usize)];
         match self {
             Self::Mailbox => {
@@ -142,12 +159,18 @@ impl Transport {
                     stderr: range(stderr),
                     message: range(message),
                 };
-                hypercall::with_payload(&response.encode(), |len| {
-                    if init_failed { Hypercall::InitFailed { len } } else { Hypercall::InvokeRespond { len } }
+                hypercall::with_payload(&response.encode(), |len| match kind {
+                    Report::Response => Hypercall::InvokeRespond { len },
+                    Report::InitFailed => Hypercall::InitFailed { len },
+                    Report::InitOutput => Hypercall::InitOutput { len },
                 });
             }
             Self::Serial => {
-                let marker = if init_failed { qemu::INIT_FAILED_MARKER } else { qemu::RESPONSE_MARKER };
+                let marker = match kind {
+                    Report::Response => qemu::RESPONSE_MARKER,
+                    Report::InitFailed => qemu::INIT_FAILED_MARKER,
+                    Report::InitOutput => qemu::INIT_OUTPUT_MARKER,
+                };
                 let mut line = alloc::format!("{marker}{status} {exit_code} ");
                 for (i, bytes) in [stdout, stderr, message].into_iter().enumerate() {
                     let _ = qemu::write_hex(&mut line, bytes);
@@ -232,6 +255,11 @@ fn run(bundle: &Bundle<'static>, transport: Transport) -> Result<core::convert::
     } else {
         return Err("the module exports neither handle nor _start".into());
     };
+    let ctx = store.data_mut();
+    if !ctx.stderr.is_empty() {
+        transport.init_output(&ctx.stderr);
+        ctx.stderr.clear();
+    }
     platform::milestone(Milestone::Initialized);
     // The init-less boot point: a snapshot taken here skips everything above on every request.
     // A restored copy gets fresh entropy, clock and instance id, and must not reuse ours.

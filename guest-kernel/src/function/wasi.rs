@@ -87,29 +87,25 @@ impl WasiCtx {
     }
 
     /// Takes fresh entropy, a fresh time base and instance id, as a VM restored from an image
-    /// must, and forgets what init wrote: that was shown when the function booted cold.
+    /// must.
     pub fn reseed(&mut self, params: &HostParams) {
-        self.stdout.clear();
-        self.stderr.clear();
         self.rng = ChaCha20Rng::from_seed(params.entropy);
         self.clock = platform::Clock::new(params);
         self.files.reseed(&params.instance_id.to_string(), self.clock);
     }
 
-    /// Starts an invocation on `request`. What init wrote to stdout is not part of the
-    /// response; what it wrote to stderr leads the first request's stderr in a VM that booted
-    /// cold, so the author sees it.
+    /// Starts an invocation on `request`, with empty output (what init wrote to stdout is no
+    /// part of any response).
     pub fn begin(&mut self, request: Vec<u8>) {
         self.stdin = request;
         self.stdin_pos = 0;
         self.stdout.clear();
+        self.stderr.clear();
     }
 
-    /// Ends an invocation, once its response is handed over, handing back the request buffer
-    /// for reuse.
+    /// Ends an invocation, handing back the request buffer for reuse.
     pub fn end(&mut self) -> Vec<u8> {
         self.stdin_pos = 0;
-        self.stderr.clear();
         core::mem::take(&mut self.stdin)
     }
 

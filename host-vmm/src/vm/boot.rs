@@ -188,7 +188,16 @@ pub fn run_kernel(kernel: &KernelImage, config: &VmConfig, output: &mut dyn Writ
     let page_faults = thread_minor_faults().saturating_sub(faults_before);
     let private_memory = if config.measure_memory { Some(vm.private_memory()?) } else { None };
     let devices = vm.devices.stats();
-    Ok(RunReport { outcome, timings, exits, responses: mailbox.responses, private_memory, page_faults, devices })
+    Ok(RunReport {
+        outcome,
+        timings,
+        exits,
+        responses: mailbox.responses,
+        init_stderr: mailbox.init_stderr,
+        private_memory,
+        page_faults,
+        devices,
+    })
 }
 
 #[cfg(test)]

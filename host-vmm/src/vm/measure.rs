@@ -60,6 +60,8 @@ pub struct RunReport {
     pub exits: u64,
     /// The function's responses, in request order.
     pub responses: Vec<FunctionResponse>,
+    /// What the function's init wrote to stderr, when it booted cold in this run.
+    pub init_stderr: Vec<u8>,
     /// Guest memory private to this VM when it ended (pages it wrote, copied on write or freshly
     /// allocated), if [`VmConfig::measure_memory`] asked for it.
     pub private_memory: Option<u64>,

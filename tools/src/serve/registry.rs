@@ -323,7 +323,11 @@ impl Registry {
         })
         .await?
         .map_err(|e| RegistryError::Unusable(format!("{name}: {e}")))?;
+        let (status, init_stderr) = status;
         info!("{status}");
+        if !init_stderr.is_empty() {
+            info!("{name}: its init wrote to stderr: {}", String::from_utf8_lossy(&init_stderr).trim_end());
+        }
         Ok((dir, image_path))
     }
 
