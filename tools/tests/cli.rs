@@ -93,14 +93,7 @@ fn endless_inputs_are_cut_at_their_cap() {
         assert!(line.contains(&format!("/dev/zero: more than the {cap}-byte limit")), "{args:?}: {line}");
     }
     // Through a pipe, one byte over the request cap is refused rather than sent to the guest.
-    let mut child = Command::new("sh")
-        .args(["-c", &format!("head -c {} /dev/zero | {THAW} invoke /dev/null --input /dev/stdin", (16 << 20) + 1)])
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stderr = String::new();
-    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
-    assert_eq!(child.wait().unwrap().code(), Some(125), "{stderr}");
+    let stderr = oversized_request_through_a_pipe("/dev/stdin");
     assert!(stderr.contains("more than the 16777216-byte limit"), "{stderr}");
 }
 
@@ -122,16 +115,23 @@ fn a_wasm_component_is_refused_with_what_to_build_instead() {
     assert!(line.contains("components are not supported yet; build for wasm32-wasip1"), "{line}");
 }
 
-#[test]
-fn a_request_on_standard_input_is_capped_too() {
+/// `thaw invoke --input INPUT` with one byte more than the request cap piped in: its stderr,
+/// once it has exited 125.
+fn oversized_request_through_a_pipe(input: &str) -> String {
     let mut child = Command::new("sh")
-        .args(["-c", &format!("head -c {} /dev/zero | {THAW} invoke /dev/null --input -", (16 << 20) + 1)])
+        .args(["-c", &format!("head -c {} /dev/zero | {THAW} invoke /dev/null --input {input}", (16 << 20) + 1)])
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
     let mut stderr = String::new();
     std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
     assert_eq!(child.wait().unwrap().code(), Some(125), "{stderr}");
+    stderr
+}
+
+#[test]
+fn a_request_on_standard_input_is_capped_too() {
+    let stderr = oversized_request_through_a_pipe("-");
     assert_eq!(stderr, "thaw: error: --input -: the request is larger than 16777216 bytes\n");
 }
 
