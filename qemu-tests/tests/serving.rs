@@ -277,16 +277,30 @@ fn the_working_set_is_recorded_with_the_bundles_sample_request_unless_one_is_giv
     assert!(run.stderr.contains("(working set of the empty request)"), "{run:#?}");
 }
 
-/// On a terminal, `thaw restore --count` counts the requests answered on one redrawn stderr
-/// line; into a pipe or a file it prints no such line.
+/// `script` runs `command` on a pseudo-terminal, as an interactive shell would: what it printed.
+fn on_a_terminal(command: &str) -> Run {
+    common::run(std::process::Command::new("script").args(["-qec", command, "/dev/null"]))
+}
+
+/// On a terminal, long work shows a status line on stderr: `thaw restore --count` counts the
+/// requests answered, `thaw pack` says it compiles, `thaw snapshot` what it is doing; into a pipe
+/// or a file none of that is printed.
 #[test]
-fn a_long_batch_shows_its_progress_on_a_terminal_only() {
+fn long_work_shows_its_progress_on_a_terminal_only() {
     let (dir, image) = snapshot("hello", &[]);
-    let command = format!("{} restore {image} --mode fresh --count 400 --data x", common::THAW);
-    // `script` runs the command on a pseudo-terminal, as an interactive shell would.
-    let on_terminal = common::run(std::process::Command::new("script").args(["-qec", &command, "/dev/null"]));
+    let on_terminal = on_a_terminal(&format!("{} restore {image} --mode fresh --count 400 --data x", common::THAW));
     assert_eq!(on_terminal.code, Some(0), "{on_terminal:#?}");
     assert!(on_terminal.stdout.contains("requests answered"), "{on_terminal:#?}");
+    let bundle = dir.path().join("f.thaw");
+    let again = dir.path().join("again.snap");
+    let snapshotting = on_a_terminal(&format!("{} snapshot {} -o {}", common::THAW, bundle.display(), again.display()));
+    assert!(
+        snapshotting.stdout.contains("thaw: snapshotting hello: booting it, running its init"),
+        "{snapshotting:#?}"
+    );
+    let piped_snapshot =
+        thaw(&["snapshot", bundle.to_str().unwrap(), "-o", dir.path().join("piped.snap").to_str().unwrap()]);
+    assert!(!piped_snapshot.stderr.contains("snapshotting"), "{piped_snapshot:#?}");
     let (piped, _) = restore(dir.path(), &image, &["--mode", "fresh", "--count", "400", "--data", "x"]);
     assert_eq!(piped.code, Some(0), "{piped:#?}");
     assert!(!piped.stderr.contains("requests answered"), "{piped:#?}");

@@ -39,6 +39,7 @@ mod kernel;
 mod new;
 mod pack;
 mod peer;
+mod progress;
 mod qemu;
 mod restore;
 mod run;

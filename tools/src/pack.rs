@@ -359,7 +359,10 @@ pub fn run(args: &PackArgs) -> Result<u8, String> {
         data_mount,
     };
     let started = std::time::Instant::now();
-    let (bytes, manifest, kind) = bundle_wasm(&settings, &wasm, &volume).map_err(|e| format!("{input}: {e}"))?;
+    let compiling = crate::progress::Status::show(&format!("thaw: compiling {}...", settings.name));
+    let bundled = bundle_wasm(&settings, &wasm, &volume);
+    drop(compiling);
+    let (bytes, manifest, kind) = bundled.map_err(|e| format!("{input}: {e}"))?;
     let compile_ms = started.elapsed().as_millis();
     let output = args.output.clone().unwrap_or_else(|| PathBuf::from(format!("{}.thaw", manifest.name)));
     write_atomically(&output, &bytes)?;

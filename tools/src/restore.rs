@@ -4,7 +4,6 @@
 //! faults, the private memory of each instance and the throughput. `--responses` writes every
 //! response, so a batch can be checked and not only timed.
 
-use std::io::IsTerminal as _;
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -105,12 +104,11 @@ const MEMORY_SAMPLE_EVERY: usize = 50;
 /// second until the batch ends, then erased.
 fn progress(run: &Run<'_>, finished: &AtomicBool) {
     let total = run.args.count;
+    let status = crate::progress::Status::show(&format!("thaw: 0/{total} requests answered"));
     while !finished.load(Ordering::Relaxed) {
         std::thread::sleep(Duration::from_millis(200));
-        let answered = lock(&run.samples).len();
-        eprint!("\rthaw: {answered}/{total} requests answered");
+        status.update(&format!("thaw: {}/{total} requests answered", lock(&run.samples).len()));
     }
-    eprint!("\r\x1b[K");
 }
 
 /// Shared between the workers.
@@ -475,7 +473,8 @@ pub fn serve_batch(args: &RestoreArgs, floor: Option<crate::bench::Floor>) -> Re
                 })
             })
             .collect();
-        if args.count > 1 && std::io::stderr().is_terminal() {
+        // Only a terminal shows it, so a batch measured into a pipe has no extra thread.
+        if args.count > 1 && std::io::IsTerminal::is_terminal(&std::io::stderr()) {
             s.spawn(|| progress(&run, &finished));
         }
         let joined: Vec<_> = handles.into_iter().map(|h| h.join()).collect();

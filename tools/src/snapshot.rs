@@ -46,8 +46,14 @@ pub fn run(args: &SnapshotArgs) -> Result<u8, String> {
         (None, Some(bundled)) => (Some(bundled.clone()), "the bundle's sample request"),
         (None, None) => (Some(Vec::new()), "the empty request"),
     };
-    let (status, init_stderr) = snapshot_function(&function, &args.output, timeout, config, sample)
-        .map_err(|e| format!("{}: {e}", args.function.display()))?;
+    let working = crate::progress::Status::show(&format!(
+        "thaw: snapshotting {}: booting it, running its init{}...",
+        function.manifest.name,
+        if sample.is_some() { " and recording its working set" } else { "" }
+    ));
+    let snapshotted = snapshot_function(&function, &args.output, timeout, config, sample);
+    drop(working);
+    let (status, init_stderr) = snapshotted.map_err(|e| format!("{}: {e}", args.function.display()))?;
     // What init wrote to stderr: the one run of init the author sees.
     let _ = std::io::Write::write_all(&mut std::io::stderr(), &init_stderr);
     if source.is_empty() {
