@@ -240,6 +240,8 @@ pub struct Files {
     /// fds the standard streams were moved to.
     held: BTreeSet<u32>,
     clock: platform::Clock,
+    /// The node of `/run/thaw/instance-id`, which a restore rewrites.
+    instance_ino: u64,
 }
 
 const ROOT: u64 = 1;
@@ -265,6 +267,7 @@ impl Files {
             reserved,
             held: BTreeSet::new(),
             clock,
+            instance_ino: 0,
         };
         devices::with_volume(|dir| {
             let mount = files.mkdir_all(&manifest.data_mount);
@@ -287,8 +290,8 @@ impl Files {
             }
         });
         let run = files.mkdir_all(INSTANCE_DIR);
-        let id = files.add(Kind::File(Content::Memory(instance_id.as_bytes().to_vec())));
-        files.link(run, INSTANCE_FILE, id);
+        files.instance_ino = files.add(Kind::File(Content::Memory(instance_id.as_bytes().to_vec())));
+        files.link(run, INSTANCE_FILE, files.instance_ino);
         for (fd, dir) in (FIRST_PREOPEN..).zip(manifest.preopens()) {
             let ino = files.mkdir_all(dir);
             let open = Open { ino, read: true, write: false, flags: 0, offset: 0, preopen: Some(dir.to_string()) };
@@ -303,10 +306,8 @@ impl Files {
     /// A restored VM's fresh instance id and time base.
     pub fn reseed(&mut self, instance_id: &str, clock: platform::Clock) {
         self.clock = clock;
-        let run = self.lookup_abs(INSTANCE_DIR);
-        if let Some(ino) = run.and_then(|run| self.dir_entries(run)?.get(INSTANCE_FILE).copied())
-            && let Some(Node { kind: Kind::File(content), .. }) = self.nodes.get_mut(&ino)
-        {
+        // Nothing to rewrite if init removed it.
+        if let Some(Node { kind: Kind::File(content), .. }) = self.nodes.get_mut(&self.instance_ino) {
             *content = Content::Memory(instance_id.as_bytes().to_vec());
         }
     }
@@ -359,10 +360,6 @@ impl Files {
             };
         }
         dir
-    }
-
-    fn lookup_abs(&self, path: &str) -> Option<u64> {
-        path.split('/').filter(|c| !c.is_empty()).try_fold(ROOT, |dir, name| self.dir_entries(dir)?.get(name).copied())
     }
 
     /// Charges `bytes` more to the scratch allowance.
@@ -725,13 +722,12 @@ impl Files {
         };
         // Grow the buffer by doubling, so appends stay cheap, but never past what the allowance
         // has left: the heap holds the allowance, not twice it.
-        let size = size as usize;
-        if size > bytes.capacity() {
-            let target = size.max(bytes.capacity().saturating_mul(2)).min(size.saturating_add(headroom));
+        let len = size as usize;
+        if len > bytes.capacity() {
+            let target = len.max(bytes.capacity().saturating_mul(2)).min(len.saturating_add(headroom));
             bytes.reserve_exact(target - bytes.len());
         }
-        bytes.resize(size, 0);
-        let size = size as u64;
+        bytes.resize(len, 0);
         if size < old {
             self.refund(old - size);
         }

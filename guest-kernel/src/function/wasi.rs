@@ -166,7 +166,12 @@ fn call(caller: &mut Ctx<'_>, f: impl FnOnce(&mut [u8], &mut WasiCtx) -> Result<
         return i32::from(errno::FAULT);
     };
     let (mem, ctx) = memory.data_and_store_mut(caller);
-    i32::from(f(mem, ctx).err().unwrap_or(errno::SUCCESS))
+    result(f(mem, ctx))
+}
+
+/// The errno a call returns for `outcome`.
+fn result(outcome: Result<(), Errno>) -> i32 {
+    i32::from(outcome.err().unwrap_or(errno::SUCCESS))
 }
 
 fn slice(mem: &[u8], ptr: i32, len: u32) -> Result<&[u8], Errno> {
@@ -340,7 +345,7 @@ fn fd_pread(mut caller: Ctx<'_>, fd: i32, iovs: i32, count: i32, offset: i64, nr
 fn fd_close(mut caller: Ctx<'_>, fd: i32) -> i32 {
     let fd = fd as u32;
     let ctx = caller.data_mut();
-    let result = if ctx.stdio.remove(&fd).is_some() {
+    let outcome = if ctx.stdio.remove(&fd).is_some() {
         ctx.files.release(fd);
         Ok(())
     } else if ctx.sockets.has(fd) {
@@ -348,7 +353,7 @@ fn fd_close(mut caller: Ctx<'_>, fd: i32) -> i32 {
     } else {
         ctx.files.close(fd)
     };
-    i32::from(result.err().unwrap_or(errno::SUCCESS))
+    result(outcome)
 }
 
 /// The errno of a socket call on `fd`, which is not a socket: `ENOTSOCK` for another open fd.
@@ -379,7 +384,7 @@ fn sock_recv(mut caller: Ctx<'_>, fd: i32, iovs: i32, count: i32, _flags: i32, n
 fn sock_shutdown(mut caller: Ctx<'_>, fd: i32, how: i32) -> i32 {
     const BOTH: i32 = 3;
     let ctx = caller.data_mut();
-    let result = if !ctx.sockets.has(fd as u32) {
+    let outcome = if !ctx.sockets.has(fd as u32) {
         Err(not_a_socket(ctx, fd as u32))
     } else if how != BOTH {
         // The vsock driver closes both directions at once; half-closing is not offered.
@@ -387,7 +392,7 @@ fn sock_shutdown(mut caller: Ctx<'_>, fd: i32, how: i32) -> i32 {
     } else {
         ctx.sockets.close(fd as u32)
     };
-    i32::from(result.err().unwrap_or(errno::SUCCESS))
+    result(outcome)
 }
 
 /// `sock_accept`: the function's sockets are connections it opened, which accept nothing.
@@ -418,7 +423,7 @@ fn fd_fdstat_get(mut caller: Ctx<'_>, fd: i32, buf: i32) -> i32 {
 
 fn fd_fdstat_set_flags(mut caller: Ctx<'_>, fd: i32, flags: i32) -> i32 {
     let ctx = caller.data_mut();
-    i32::from(ctx.files.set_flags(fd as u32, flags as u16).err().unwrap_or(errno::SUCCESS))
+    result(ctx.files.set_flags(fd as u32, flags as u16))
 }
 
 /// Rights are not kept per fd (as in Wasmtime): changing them is `ENOTSUP`.
@@ -500,22 +505,22 @@ fn fd_filestat_get(mut caller: Ctx<'_>, fd: i32, buf: i32) -> i32 {
 
 fn fd_filestat_set_size(mut caller: Ctx<'_>, fd: i32, size: i64) -> i32 {
     let ctx = caller.data_mut();
-    i32::from(ctx.files.set_size(fd as u32, size as u64).err().unwrap_or(errno::SUCCESS))
+    result(ctx.files.set_size(fd as u32, size as u64))
 }
 
 fn fd_filestat_set_times(mut caller: Ctx<'_>, fd: i32, atim: i64, mtim: i64, flags: i32) -> i32 {
     let ctx = caller.data_mut();
-    let result = ctx.files.set_times_fd(fd as u32, atim as u64, mtim as u64, flags as u16);
-    i32::from(result.err().unwrap_or(errno::SUCCESS))
+    let outcome = ctx.files.set_times_fd(fd as u32, atim as u64, mtim as u64, flags as u16);
+    result(outcome)
 }
 
 fn fd_advise(mut caller: Ctx<'_>, fd: i32, _offset: i64, _len: i64, advice: i32) -> i32 {
     let ctx = caller.data_mut();
-    let result = ctx
+    let outcome = ctx
         .files
         .check_file(fd as u32)
         .and_then(|()| if (0..=5).contains(&advice) { Ok(()) } else { Err(errno::INVAL) });
-    i32::from(result.err().unwrap_or(errno::SUCCESS))
+    result(outcome)
 }
 
 /// `fd_allocate` is `ENOTSUP` on a file, as in Wasmtime: a write or `fd_filestat_set_size`
@@ -533,7 +538,7 @@ fn fd_sync(mut caller: Ctx<'_>, fd: i32) -> i32 {
 fn fd_renumber(mut caller: Ctx<'_>, from: i32, to: i32) -> i32 {
     let ctx = caller.data_mut();
     let (from, to) = (from as u32, to as u32);
-    let result = (|| {
+    let outcome = (|| {
         if !ctx.is_open(from) || !ctx.is_open(to) || ctx.sockets.has(from) || ctx.sockets.has(to) {
             return Err(errno::BADF);
         }
@@ -555,7 +560,7 @@ fn fd_renumber(mut caller: Ctx<'_>, from: i32, to: i32) -> i32 {
             None => ctx.files.renumber(from, to),
         }
     })();
-    i32::from(result.err().unwrap_or(errno::SUCCESS))
+    result(outcome)
 }
 
 fn fd_readdir(mut caller: Ctx<'_>, fd: i32, buf: i32, len: i32, cookie: i64, used: i32) -> i32 {
