@@ -79,14 +79,19 @@ pub fn snapshot_function(
     let dir = output.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let draft = crate::files::Draft::new_in(dir, ".thaw-draft-", ".snap")
         .map_err(|source| SnapshotError::Io { path: dir.to_path_buf(), source })?;
-    vm.snapshot(draft.path(), guest.clone(), volume, Vec::new())?;
-    let image = Arc::new(Image::open(draft.path())?);
+    // What goes wrong with the draft is reported under the output's name.
+    let renamed = |e: VmmError| match e {
+        VmmError::Snapshot(e) => VmmError::Snapshot(e.renamed(draft.path(), output)),
+        e => e,
+    };
+    vm.snapshot(draft.path(), guest.clone(), volume, Vec::new()).map_err(renamed)?;
+    let image = Arc::new(Image::open(draft.path()).map_err(|e| renamed(e.into()))?);
     // The sample must leave no trace outside its VM: its console output is kept in memory and
     // dropped, and it reaches no host service (its data volume is the image's own).
     let isolated =
         Backends { console: ConsoleSink::Buffer(Default::default()), volume: None, services: Default::default() };
     let sample_config = VmConfig { backends: isolated, ..config };
-    let recording = workingset::record(&image, &sample_config, sample, &mut std::io::sink())?;
+    let recording = workingset::record(&image, &sample_config, sample, &mut std::io::sink()).map_err(renamed)?;
     let runs: Vec<Run> = recording.runs.clone();
     let stats = vm.snapshot(output, guest, volume, runs)?;
     drop((image, draft));

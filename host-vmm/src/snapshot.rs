@@ -91,6 +91,20 @@ pub enum SnapshotError {
     },
 }
 
+impl SnapshotError {
+    /// This error with the file `draft` (a temporary name) called `destination`, the name the
+    /// user gave: error messages never show temporary names.
+    pub fn renamed(self, draft: &Path, destination: &Path) -> Self {
+        let rename = |path: PathBuf| if path == draft { destination.to_path_buf() } else { path };
+        match self {
+            Self::Io { path, source } => Self::Io { path: rename(path), source },
+            Self::Image { path, source } => Self::Image { path: rename(path), source },
+            Self::Changed { path, now, needed } => Self::Changed { path: rename(path), now, needed },
+            e => e,
+        }
+    }
+}
+
 fn kvm(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> SnapshotError {
     move |source| SnapshotError::Kvm { op, source }
 }

@@ -200,6 +200,22 @@ fn device_options_that_cannot_work_are_refused_with_one_line() {
         assert_eq!(run.stderr.lines().count(), 1, "{run:#?}");
         assert!(run.stderr.contains("the VM has no vsock device"), "{run:#?}");
     }
+    // Each command takes only the device options it honours (issue 16): a cold boot has no
+    // restore options, a restore no device list, and `thaw bench` keeps an image's memory.
+    let on_restore = "--eager-devices applies to restores";
+    let on_image = "--kernel and --memory apply to cold boots";
+    for (args, says) in [
+        (&["run", "--eager-devices"][..], "unexpected argument '--eager-devices'"),
+        (&["snapshot", bundle.to_str().unwrap(), "--eager-devices"], "unexpected argument '--eager-devices'"),
+        (&["restore", &image, "--devices", "entropy"], "unexpected argument '--devices'"),
+        (&["invoke", bundle.to_str().unwrap(), "--data", "{}", "--eager-devices"], on_restore),
+        (&["bench", &image, "--data", "{}", "--memory", "64"], on_image),
+    ] {
+        let run = thaw(args);
+        assert_eq!(run.code, Some(125), "{args:?}: {run:#?}");
+        assert_eq!(run.stderr.lines().count(), 1, "{run:#?}");
+        assert!(run.stderr.contains(says), "{args:?}: {run:#?}");
+    }
 }
 
 #[test]

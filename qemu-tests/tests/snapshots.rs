@@ -413,3 +413,37 @@ fn an_image_truncated_under_a_running_restore_is_one_clear_error_not_a_crash() {
         }
     }
 }
+
+/// Issue 16: error paths never show temporary file names. Here the output's directory is a
+/// 1 MiB tmpfs (mounted in a mount namespace of thaw's own), too small for hello's image: the
+/// error names the output, not the draft it was writing, and nothing is left behind.
+#[test]
+fn a_snapshot_that_does_not_fit_names_its_output_not_a_temporary_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = dir.path().join("hello.thaw");
+    let run = thaw(&["pack", "--example", "hello", "-o", bundle.to_str().unwrap()]);
+    assert_eq!(run.code, Some(0), "{run:#?}");
+    let small = dir.path().join("small");
+    std::fs::create_dir(&small).unwrap();
+    let output = small.join("hello.snap");
+    // The listing of the directory after thaw ends goes to stdout.
+    let script = r#"mount -t tmpfs -o size=1m tmpfs "$1" || exit 99; dir=$1; shift; "$@"; status=$?; ls -A "$dir"; exit $status"#;
+    let run = common::run(std::process::Command::new("unshare").args(["--user", "--map-root-user", "--mount"]).args([
+        "sh",
+        "-c",
+        script,
+        "sh",
+        small.to_str().unwrap(),
+        common::THAW,
+        "snapshot",
+        bundle.to_str().unwrap(),
+        "-o",
+        output.to_str().unwrap(),
+    ]));
+    assert_eq!(run.code, Some(125), "{run:#?}");
+    let line = run.stderr.lines().last().unwrap_or_default();
+    assert!(line.contains(&format!("{}: No space left on device", output.display())), "{run:#?}");
+    let temporary = format!("{}/.", small.display());
+    assert!(!run.stderr.contains(&temporary) && !run.stderr.contains("draft"), "{run:#?}");
+    assert_eq!(run.stdout, "", "the directory must be left empty");
+}

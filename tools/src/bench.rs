@@ -110,6 +110,12 @@ pub fn run(args: &BenchArgs) -> Result<u8, String> {
         };
     };
     let is_image = crate::invoke::file_magic(path)? == abi::image::MAGIC;
+    if is_image && (args.kernel.kernel.is_some() || args.memory.is_some()) {
+        return Err(format!(
+            "--kernel and --memory apply to cold boots; {} is a snapshot image, which keeps the kernel and memory it was taken with",
+            path.display()
+        ));
+    }
     if let Some(mode) = args.mode {
         if !is_image {
             return Err(format!("--mode serves a snapshot image; {} is not one", path.display()));

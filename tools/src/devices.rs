@@ -1,4 +1,6 @@
-//! Device options shared by the commands that boot or restore a VM.
+//! Device options of the commands that boot or restore a VM. Each command takes only the groups
+//! it honours: `thaw run` and `thaw snapshot` boot ([`BootDevices`]), `thaw restore` restores
+//! ([`RestoreDevices`]), and `thaw invoke` does either, so it takes both.
 
 use std::path::{Path, PathBuf};
 
@@ -8,16 +10,11 @@ use host_vmm::virtio::vsock::Services;
 use host_vmm::virtio::{ConsoleSink, VolumeFile, VolumeSource};
 use host_vmm::{Function, Image, VmConfig};
 
-/// `--devices`, `--console`, `--service`, `--vsock-uds` and `--eager-devices`.
+/// `--console`, `--service` and `--vsock-uds`: what the VM's devices reach on the host.
 #[derive(Args, Debug, Default)]
-pub struct DeviceArgs {
-    /// Virtio devices for a cold-booted VM, comma-separated: console, entropy, vsock (a bundle
-    /// with a data volume adds block, one with --connect adds vsock). A VM restored from an
-    /// image has the devices the image was taken with.
-    #[arg(long, value_name = "LIST", value_delimiter = ',', value_parser = parse_kind)]
-    devices: Vec<DeviceKind>,
-    /// Send the function's stderr, and the guest's log from the function's start, to the virtio
-    /// console, which writes them to FILE ("-": thaw's stderr). Adds a console to a cold-booted VM.
+pub struct Backends {
+    /// Write what the guest sends to its virtio console to FILE ("-": thaw's stderr): the
+    /// guest's log and, for a function, its stderr. A cold boot gains a console for it.
     #[arg(long, value_name = "FILE")]
     console: Option<PathBuf>,
     /// The host Unix socket that the guest's vsock connections to PORT reach (repeatable).
@@ -26,6 +23,20 @@ pub struct DeviceArgs {
     /// Connections to any other port P reach the Unix socket PATH_P (Firecracker's convention).
     #[arg(long, value_name = "PATH")]
     vsock_uds: Option<PathBuf>,
+}
+
+/// `--devices`: the devices a cold-booted VM starts with.
+#[derive(Args, Debug, Default)]
+pub struct BootDevices {
+    /// Virtio devices to boot with, comma-separated: console, entropy, vsock. A function's
+    /// bundle adds what it needs: block for its data volume, vsock for its --connect ports.
+    #[arg(long, value_name = "LIST", value_delimiter = ',', value_parser = parse_kind)]
+    devices: Vec<DeviceKind>,
+}
+
+/// `--eager-devices` (and the hidden `--move-devices`): how a restored VM's devices come back.
+#[derive(Args, Debug, Default)]
+pub struct RestoreDevices {
     /// Attach every device's backend when the VM is restored instead of on its first use (to
     /// measure what lazy attachment saves).
     #[arg(long)]
@@ -83,46 +94,60 @@ pub fn check_services(config: &VmConfig) -> Result<(), String> {
     Ok(())
 }
 
-impl DeviceArgs {
-    /// Sets up `config` for a cold boot.
-    pub fn apply_boot(&self, config: &mut VmConfig) -> Result<(), String> {
-        if self.move_devices != 0 {
-            return Err("--move-devices applies to restores".into());
-        }
+impl BootDevices {
+    /// Sets up `config` for a cold boot: these devices, and a console if `backends` writes one.
+    pub fn apply(&self, backends: &Backends, config: &mut VmConfig) {
         config.devices = self.devices.clone();
-        if self.console.is_some() && !config.devices.contains(&DeviceKind::Console) {
+        if backends.console.is_some() && !config.devices.contains(&DeviceKind::Console) {
             config.devices.push(DeviceKind::Console);
         }
-        self.apply_backends(config);
-        Ok(())
+        backends.apply(config);
     }
 
+    /// Refuses `--devices` for a restore: a restored VM has the devices its image was taken with.
+    pub fn refuse_on_restore(&self) -> Result<(), String> {
+        if self.devices.is_empty() {
+            return Ok(());
+        }
+        Err("--devices applies to cold boots; a restored VM has the devices its image was taken with".into())
+    }
+}
+
+impl RestoreDevices {
     /// Sets up `config` for a restore from `image`, which decides the devices (and holds the
     /// data volume, which the VMM finds there itself).
-    pub fn apply_restore(&self, config: &mut VmConfig, image: &Image) -> Result<(), String> {
+    pub fn apply(&self, backends: &Backends, config: &mut VmConfig, image: &Image) -> Result<(), String> {
         let devices = &image.devices;
-        if !self.devices.is_empty() {
-            return Err(
-                "--devices applies to cold boots; a restored VM has the devices its image was taken with".into()
-            );
-        }
-        if self.console.is_some() && !devices.iter().any(|d| d.kind == DeviceKind::Console as u16) {
+        if backends.console.is_some() && !devices.iter().any(|d| d.kind == DeviceKind::Console as u16) {
             return Err("--console: the image has no console device (take the snapshot with --devices console)".into());
         }
         let has_vsock = devices.iter().any(|d| d.kind == DeviceKind::Vsock as u16);
-        if (!self.services.is_empty() || self.vsock_uds.is_some()) && !has_vsock {
+        if (!backends.services.is_empty() || backends.vsock_uds.is_some()) && !has_vsock {
             return Err(
                 "--service/--vsock-uds: the image has no vsock device (pack with --connect, or take the snapshot with --devices vsock)"
                     .into(),
             );
         }
         config.device_slot = self.move_devices;
-        self.apply_backends(config);
+        config.eager_devices = self.eager_devices;
+        backends.apply(config);
         Ok(())
     }
 
-    fn apply_backends(&self, config: &mut VmConfig) {
-        config.eager_devices = self.eager_devices;
+    /// Refuses these options for a cold boot, whose devices start attached where they are.
+    pub fn refuse_on_boot(&self) -> Result<(), String> {
+        match (self.eager_devices, self.move_devices) {
+            (true, _) => {
+                Err("--eager-devices applies to restores; a cold-booted VM attaches its devices as it boots".into())
+            }
+            (_, 1..) => Err("--move-devices applies to restores".into()),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl Backends {
+    fn apply(&self, config: &mut VmConfig) {
         config.backends.services =
             Services { ports: self.services.iter().cloned().collect(), uds_path: self.vsock_uds.clone() };
         if let Some(path) = &self.console {

@@ -2,7 +2,7 @@
 //! init, handle), or restored from a snapshot image (handle only). The file's magic decides.
 //!
 //! The response goes to stdout and the function's stderr to stderr. The guest kernel's own log is
-//! shown only with `--verbose`, or when the guest itself fails.
+//! shown only with `--verbose`, or when the guest itself fails (then without its banner).
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -37,7 +37,11 @@ pub struct InvokeArgs {
     #[arg(long)]
     verbose: bool,
     #[command(flatten)]
-    devices: crate::devices::DeviceArgs,
+    boot_devices: crate::devices::BootDevices,
+    #[command(flatten)]
+    restore_devices: crate::devices::RestoreDevices,
+    #[command(flatten)]
+    backends: crate::devices::Backends,
     #[command(flatten)]
     seccomp: crate::SeccompArgs,
 }
@@ -90,7 +94,8 @@ pub fn run(args: &InvokeArgs) -> Result<u8, String> {
     let timeout = timeout(args)?;
     let kernel = crate::kernel::built_in()?;
     let mut config = function.boot_config(VmConfig::default(), timeout, vec![request]);
-    args.devices.apply_boot(&mut config)?;
+    args.restore_devices.refuse_on_boot()?;
+    args.boot_devices.apply(&args.backends, &mut config);
     crate::devices::add_function_devices(&mut config, &function, &args.function)?;
     crate::confine(&args.seccomp)?;
     let mut kernel_log = Vec::new();
@@ -129,7 +134,8 @@ fn timeout(args: &InvokeArgs) -> Result<Duration, String> {
 fn invoke_image(args: &InvokeArgs, request: Vec<u8>) -> Result<u8, String> {
     let image = std::sync::Arc::new(host_vmm::Image::open(&args.function).map_err(|e| e.to_string())?);
     let mut config = VmConfig { timeout: timeout(args)?, ..VmConfig::default() };
-    args.devices.apply_restore(&mut config, &image)?;
+    args.boot_devices.refuse_on_restore()?;
+    args.restore_devices.apply(&args.backends, &mut config, &image)?;
     crate::confine(&args.seccomp)?;
     let mut kernel_log = Vec::new();
     let (_, report) = if args.verbose {
@@ -173,13 +179,24 @@ fn settle(
     // A failed init is the function's failure, reported like a request's: its response.
     let clean = matches!(outcome, Outcome::Exited(0) | Outcome::Answered | Outcome::InitFailed(_));
     if !clean {
-        let _ = std::io::stderr().write_all(kernel_log);
+        let _ = std::io::stderr().write_all(&without_banner(kernel_log));
     }
     match (clean, response) {
         (true, Some(response)) => respond(response),
         (true, None) => Err("the guest exited without answering the request".into()),
         (false, _) => Ok(crate::finish(outcome)),
     }
+}
+
+/// The kernel's log without the lines every boot prints (its version, its devices, that it is
+/// ready), which say nothing about a failure; `--verbose` shows them.
+fn without_banner(log: &[u8]) -> Vec<u8> {
+    let banner = |line: &[u8]| {
+        line.starts_with(b"thaw-guest ")
+            || line.starts_with(b"thaw-guest: ready ")
+            || line.starts_with(b"thaw-guest: virtio ")
+    };
+    log.split_inclusive(|&b| b == b'\n').filter(|line| !banner(line)).flatten().copied().collect()
 }
 
 /// The request body `--data` or `--input` names; a file is read within `within`, and `-` is
@@ -236,5 +253,18 @@ fn exit_code(status: &FunctionStatus) -> u8 {
             eprintln!("thaw: function exited with code {code}");
             abi::exit_code::of_exit(*code) as u8
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_failed_guest_s_log_loses_its_banner_and_keeps_the_rest() {
+        let log = b"thaw-guest 0.1.0 (abi 9)\nthaw-guest: virtio block (mmio)\nthaw-guest: ready (cpl 3)\n\
+            thaw-guest: data volume: bad magic\npanicked at the disco\nunfinished";
+        assert_eq!(
+            super::without_banner(log),
+            b"thaw-guest: data volume: bad magic\npanicked at the disco\nunfinished"
+        );
     }
 }

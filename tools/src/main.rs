@@ -117,8 +117,8 @@ pub struct KernelArgs {
     /// Guest kernel ELF to boot [default: the kernel built into this binary].
     #[arg(long, value_name = "PATH")]
     pub kernel: Option<PathBuf>,
-    /// Wall-clock limit for the guest, in seconds (under QEMU counted from its start, firmware
-    /// included).
+    /// Wall-clock limit for the guest, in seconds (under `thaw qemu`, counted from QEMU's start,
+    /// firmware included).
     #[arg(long, value_name = "SECS", default_value_t = 10.0)]
     pub timeout: f64,
 }

@@ -90,7 +90,9 @@ pub struct RestoreArgs {
     #[arg(long, value_name = "PER_SEC")]
     rate: Option<f64>,
     #[command(flatten)]
-    devices: crate::devices::DeviceArgs,
+    devices: crate::devices::RestoreDevices,
+    #[command(flatten)]
+    backends: crate::devices::Backends,
     #[command(flatten)]
     seccomp: crate::SeccompArgs,
 }
@@ -369,7 +371,8 @@ impl RestoreArgs {
             timeout,
             floor: false,
             rate,
-            devices: crate::devices::DeviceArgs::default(),
+            devices: crate::devices::RestoreDevices::default(),
+            backends: crate::devices::Backends::default(),
             seccomp: crate::SeccompArgs { no_seccomp: false },
         }
     }
@@ -419,7 +422,7 @@ pub fn serve_batch(args: &RestoreArgs, floor: Option<crate::bench::Floor>) -> Re
     let image = Arc::new(if args.template { image.to_template().map_err(|e| e.to_string())? } else { image });
     let timeout = crate::kernel::parse_timeout(args.timeout)?;
     let mut config = VmConfig { timeout, measure_memory: true, ..VmConfig::default() };
-    args.devices.apply_restore(&mut config, &image)?;
+    args.devices.apply(&args.backends, &mut config, &image)?;
     let responses = match &args.responses {
         None => None,
         Some(path) => Some(Mutex::new(std::io::BufWriter::new(

@@ -9,8 +9,14 @@ use host_vmm::{RunReport, VmConfig, VmmError};
 
 use crate::KernelArgs;
 
-/// Arguments of `thaw run`.
+/// Arguments of `thaw run`. The device options speak of the kernel, not of a function.
 #[derive(Args, Debug)]
+#[command(
+    mut_arg("devices", |a| a.help("Virtio devices to boot the kernel with, comma-separated: console, entropy, vsock")),
+    mut_arg("console", |a| a.help(
+        "Write what the kernel sends to its virtio console to FILE (\"-\": thaw's stderr), adding a console if --devices has none"
+    )),
+)]
 pub struct RunArgs {
     #[command(flatten)]
     kernel: KernelArgs,
@@ -25,7 +31,9 @@ pub struct RunArgs {
     #[arg(long)]
     timings: bool,
     #[command(flatten)]
-    devices: crate::devices::DeviceArgs,
+    devices: crate::devices::BootDevices,
+    #[command(flatten)]
+    backends: crate::devices::Backends,
 }
 
 /// Runs `thaw run` and returns the process exit code.
@@ -38,7 +46,7 @@ pub fn run(args: &RunArgs) -> Result<u8, String> {
         ramdisk,
         ..VmConfig::default()
     };
-    args.devices.apply_boot(&mut config)?;
+    args.devices.apply(&args.backends, &mut config);
     crate::devices::check_services(&config)?;
     let stdout = std::io::stdout();
     let report = host_vmm::run_kernel(&kernel.image, &config, &mut stdout.lock()).map_err(|e| match e {

@@ -29,7 +29,9 @@ pub struct SnapshotArgs {
     #[arg(long)]
     no_working_set: bool,
     #[command(flatten)]
-    devices: crate::devices::DeviceArgs,
+    devices: crate::devices::BootDevices,
+    #[command(flatten)]
+    backends: crate::devices::Backends,
 }
 
 /// Runs `thaw snapshot` and returns the process exit code.
@@ -38,7 +40,7 @@ pub fn run(args: &SnapshotArgs) -> Result<u8, String> {
     let timeout = crate::kernel::parse_timeout(args.timeout)?;
     let function = crate::invoke::load_function(&args.function, timeout)?;
     let mut config = VmConfig::default();
-    args.devices.apply_boot(&mut config)?;
+    args.devices.apply(&args.backends, &mut config);
     crate::devices::add_function_devices(&mut config, &function, &args.function)?;
     let (sample, source) = match (&args.sample_data, &function.manifest.sample_request) {
         _ if args.no_working_set => (None, ""),
