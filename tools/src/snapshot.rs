@@ -58,17 +58,19 @@ pub fn run(args: &SnapshotArgs) -> Result<u8, String> {
     let (status, init_stderr) = snapshotted.map_err(|e| format!("{}: {e}", args.function.display()))?;
     // What init wrote to stderr: the one run of init the author sees.
     let _ = std::io::Write::write_all(&mut std::io::stderr(), &init_stderr);
+    let output = args.output.display();
     if source.is_empty() {
-        eprintln!("thaw: {status}");
+        eprintln!("thaw: {status}, in {output}");
     } else {
-        eprintln!("thaw: {status} (working set of {source})");
+        eprintln!("thaw: {status}, in {output} (working set of {source})");
     }
     Ok(0)
 }
 
 /// Snapshots `function` on the built-in kernel into `output` (see
 /// [`host_vmm::capture::snapshot_function`]), recording the working set of `sample` unless it
-/// is `None`. Returns a one-line summary, and what the function's init wrote to stderr.
+/// is `None`. Returns a one-line summary (which does not name `output`, perhaps a temporary
+/// file), and what the function's init wrote to stderr.
 pub fn snapshot_function(
     function: &host_vmm::Function,
     output: &Path,
@@ -97,13 +99,12 @@ pub fn snapshot_function(
         }
     };
     let summary = format!(
-        "snapshot of {} after {} ms of boot and init: {} MiB of guest memory, {} non-zero pages ({} KiB), {working_set}, in {}",
+        "snapshot of {} after {} ms of boot and init: {} MiB of guest memory, {} non-zero pages ({} KiB), {working_set}",
         function.manifest.name,
         captured.boot_and_init.as_millis(),
         stats.guest_memory >> 20,
         stats.pages_written,
         stats.pages_written * 4,
-        output.display()
     );
     Ok((summary, captured.init_stderr))
 }

@@ -322,6 +322,8 @@ impl Registry {
             crate::snapshot::snapshot_function(&function, &made, SNAPSHOT_TIMEOUT, config, Some(sample))
         })
         .await?
+        // The scratch directory's name is the store's business, not the client's.
+        .map_err(|e| e.replace(&format!("{}/", dir.path().display()), ""))
         .map_err(|e| RegistryError::Unusable(format!("{name}: {e}")))?;
         let (status, init_stderr) = status;
         info!("{status}");
