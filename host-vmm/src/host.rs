@@ -45,6 +45,9 @@ pub struct KvmHost {
     /// KVM takes registers in the vCPU's shared run structure, applied by the next `KVM_RUN`
     /// (`KVM_CAP_SYNC_REGS`), which saves the ioctls that would set them.
     pub sync_regs: bool,
+    /// KVM leaves a page's dirty bit set, and the page writable, until told otherwise
+    /// (`KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`): a kept VM's pages, once written, stop faulting.
+    pub manual_dirty_log: bool,
 }
 
 /// The process's KVM handle and CPUID table. The first call opens `/dev/kvm`; a failure is
@@ -62,7 +65,10 @@ pub fn kvm() -> Result<&'static KvmHost, HostError> {
         CpuId::from_entries(&thaw_cpuid(supported.as_slice())).map_err(|e| HostError::Cpuid(format!("{e:?}")))?;
     let pre_fault = kvm.check_extension_raw(kvm_bindings::KVM_CAP_PRE_FAULT_MEMORY.into()) > 0;
     let sync_regs = kvm.check_extension(kvm_ioctls::Cap::SyncRegs);
-    Ok(HOST.get_or_init(|| KvmHost { kvm, cpuid, pre_fault, sync_regs }))
+    let manual_dirty_log = kvm.check_extension_raw(kvm_bindings::KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2.into())
+        & i32::try_from(kvm_bindings::KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE).unwrap_or(0)
+        != 0;
+    Ok(HOST.get_or_init(|| KvmHost { kvm, cpuid, pre_fault, sync_regs, manual_dirty_log }))
 }
 
 /// The vCPUs' TSC frequency in kHz (0 if KVM does not say), asked of `vcpu` once per process:

@@ -67,6 +67,31 @@ fn after_1000_reset_requests_guest_memory_equals_the_image_but_the_rewritten_pag
     }
 }
 
+/// A kept VM's written pages stay writable across resets, so they stop faulting, and each
+/// reset copies them all back. A request that writes more than 4 MiB (the "w" body, 1024 pages
+/// and the usual few) makes the reset protect them again: later resets copy back only what the
+/// later requests wrote.
+#[test]
+fn a_reset_after_a_wide_write_protects_the_pages_again_and_memory_still_equals_the_image() {
+    let (dir, image) = snapshot("scribble.wat", &[]);
+    let list = dir.path().join("requests");
+    std::fs::write(&list, "wide\nsmall\n").unwrap();
+    let (run, lines) = restore(
+        dir.path(),
+        &image,
+        &["--mode", "reset", "--count", "20", "--requests", list.to_str().unwrap(), "--verify", "--json"],
+    );
+    assert_eq!(run.code, Some(0), "{run:#?}");
+    assert!(run.stderr.contains("after 20 requests and a reset, the kept VM's memory equals the image"), "{run:#?}");
+    assert!(lines.iter().all(|l| l["status"] == "ok"), "{lines:?}");
+    let stats: Value = serde_json::from_str(&run.stdout).unwrap();
+    let dirty = &stats["memory"]["dirty_pages"];
+    // Every reset after a wide request copies back more than 1024 pages...
+    assert!(dirty["max"].as_u64().unwrap() > 1024, "{dirty}");
+    // ...and every one after a small request far fewer: the wide pages were protected again.
+    assert!(dirty["p50"].as_u64().unwrap() < 100, "{dirty}");
+}
+
 #[test]
 fn reset_mode_restores_volume_reads_heap_writes_and_entropy_too() {
     let data = tempfile::tempdir().unwrap();

@@ -157,11 +157,26 @@ pub struct Vm {
     spare_memory: bool,
 }
 
+/// A kept VM with manual dirty-log protection copies back, at every reset, each page it has
+/// written since its restore (or since this limit was last passed): 4 MiB at most, about as long
+/// to copy as 60 write faults take under PVM. Past it, the log is cleared and the pages are
+/// protected again, so that a function that once wrote much does not copy it all back forever.
+const WRITABLE_PAGES_KEPT: u64 = 1024;
+
 /// Creates a VM whose only memory slot is `mem`, on the process's KVM handle. With
 /// `log_dirty`, KVM records every page the guest writes (`KVM_MEM_LOG_DIRTY_PAGES`), which a
-/// kept VM needs to be reset.
+/// kept VM needs to be reset. Where KVM offers it, the log is also left to thaw to clear
+/// (`KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`, [`host::KvmHost::manual_dirty_log`]): KVM otherwise write-protects every
+/// logged page again when the log is read, and the guest's next write to each faults into KVM,
+/// about 3-7 µs a page under PVM's shadow paging, on the request path (docs/BENCHMARKS.md).
 pub(crate) fn create_vm(mem: &GuestRam, mem_size: u64, log_dirty: bool) -> Result<VmFd, VmmError> {
     let vm = host::kvm()?.kvm.create_vm().map_err(kvm("KVM_CREATE_VM"))?;
+    if log_dirty && host::kvm()?.manual_dirty_log {
+        let mut cap =
+            kvm_bindings::kvm_enable_cap { cap: kvm_bindings::KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, ..Default::default() };
+        cap.args[0] = u64::from(kvm_bindings::KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE);
+        vm.enable_cap(&cap).map_err(kvm("KVM_ENABLE_CAP(MANUAL_DIRTY_LOG_PROTECT2)"))?;
+    }
     let host_addr = mem.get_host_address(GuestAddress(0)).map_err(memory_error)?;
     let region = kvm_userspace_memory_region {
         slot: 0,
@@ -182,6 +197,27 @@ pub(crate) fn create_vm(mem: &GuestRam, mem_size: u64, log_dirty: bool) -> Resul
         }
     })?;
     Ok(vm)
+}
+
+/// Clears the pages of `log` (slot 0's, from `KVM_GET_DIRTY_LOG`) from KVM's dirty log and
+/// write-protects them again (`KVM_CLEAR_DIRTY_LOG`), for a VM with manual dirty-log protection.
+fn clear_dirty_log(vm: &VmFd, log: &[u64]) -> Result<(), VmmError> {
+    /// `_IOWR(KVMIO, 0xc0, struct kvm_clear_dirty_log)`, which kvm-ioctls does not wrap.
+    const KVM_CLEAR_DIRTY_LOG: u64 =
+        (3 << 30) | ((std::mem::size_of::<kvm_bindings::kvm_clear_dirty_log>() as u64) << 16) | (0xae << 8) | 0xc0;
+    let mut bitmap = log.to_vec();
+    let num_pages = u32::try_from(bitmap.len() * 64)
+        .map_err(|_| VmmError::Config(format!("a dirty log of {} words is too long to clear", bitmap.len())))?;
+    let mut clear = kvm_bindings::kvm_clear_dirty_log { slot: 0, num_pages, first_page: 0, ..Default::default() };
+    clear.__bindgen_anon_1.dirty_bitmap = bitmap.as_mut_ptr().cast();
+    // SAFETY: `clear` names slot 0 from its first page, and its bitmap holds `num_pages` bits in
+    // `bitmap`, which outlives the call; KVM reads the bitmap (and may clear bits in it) and
+    // changes only its own state.
+    let result = unsafe { libc::ioctl(std::os::fd::AsRawFd::as_raw_fd(vm), KVM_CLEAR_DIRTY_LOG as _, &mut clear) };
+    if result < 0 {
+        return Err(VmmError::Kvm { op: "KVM_CLEAR_DIRTY_LOG", source: kvm_ioctls::Error::last() });
+    }
+    Ok(())
 }
 
 /// Creates vCPU 0 with thaw's CPUID (built once per process).
@@ -336,6 +372,9 @@ impl Vm {
         let dirty = DirtyPages::collect(&self.mem, &log)?;
         memory::copy_back(&self.mem, image.original_memory()?, &dirty)?;
         image.check_original()?;
+        if dirty.pages() > WRITABLE_PAGES_KEPT && host::kvm()?.manual_dirty_log {
+            clear_dirty_log(&self.vm, &log)?;
+        }
         // The working set was touched after the restore and stays mapped: touching it again
         // would only dirty pages the next reset must copy back.
         self.warm.clear();
