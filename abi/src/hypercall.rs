@@ -45,7 +45,9 @@ pub mod number {
     /// ([`CHECKPOINT_ORIGINAL`](super::CHECKPOINT_ORIGINAL) or
     /// [`CHECKPOINT_RESTORED`](super::CHECKPOINT_RESTORED)); in a restored VM the second u32
     /// is the number of working-set runs the guest should touch before it asks for a request
-    /// ([`WORKING_SET`]; 0 for none). The hypercall page holds an
+    /// ([`WORKING_SET`]; 0 for none), and the third the length of a first request handed in
+    /// with the result ([`CHECKPOINT_REQUEST_OFFSET`](super::CHECKPOINT_REQUEST_OFFSET)). The
+    /// hypercall page holds an
     /// [`IoTableLocation`](crate::iotable::IoTableLocation) of `len` bytes (or `len` is 0).
     pub const CHECKPOINT: u16 = 8;
     /// Invoke mailbox: fetch the next request (see [`crate::invoke`]); the hypercall page holds
@@ -70,6 +72,18 @@ pub mod number {
 pub const CHECKPOINT_ORIGINAL: u32 = 0;
 /// Checkpoint result: this VM was restored from an image; the host parameters page is fresh.
 pub const CHECKPOINT_RESTORED: u32 = 1;
+
+/// In a restored VM's checkpoint result (interface 6 on), the third u32: the length of the
+/// first request, whose bytes the VMM put in the hypercall page from
+/// [`CHECKPOINT_REQUEST_OFFSET`], or [`CHECKPOINT_NO_REQUEST`]. The guest takes such a request
+/// instead of asking for it with INVOKE_NEXT, so a VM restored or reset with its request in hand
+/// answers after one VM exit instead of two. The fourth u32 is zero.
+pub const CHECKPOINT_REQUEST_OFFSET: usize = 16;
+/// The longest request the checkpoint's result carries; a longer one is fetched with
+/// INVOKE_NEXT.
+pub const CHECKPOINT_REQUEST_MAX: usize = HYPERCALL_PAGE_SIZE - CHECKPOINT_REQUEST_OFFSET;
+/// The checkpoint result's third u32 when it carries no request.
+pub const CHECKPOINT_NO_REQUEST: u32 = u32::MAX;
 
 /// Boot milestones the guest reports so the VMM can time each boot phase.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -40,11 +40,16 @@ pub mod workingset;
 /// hypercall meaning, a changed struct layout, a moved fixed address. It is independent of the
 /// crate version. A guest declares it in its [`note`]; the VMM refuses a kernel that declares any
 /// other value.
-pub const INTERFACE_VERSION: u32 = 5;
+pub const INTERFACE_VERSION: u32 = 6;
 
 /// The oldest interface version whose images this VMM still restores. Version 5 only added the
-/// working-set hypercall, which a version-4 guest never makes.
+/// working-set hypercall, which a version-4 guest never makes; version 6 only added the first
+/// request handed in with the checkpoint's result, which the VMM gives only to a version-6 guest.
 pub const OLDEST_IMAGE_INTERFACE_VERSION: u32 = 4;
+
+/// The first interface version whose guests take their first request from the checkpoint's
+/// result ([`hypercall::CHECKPOINT_REQUEST_OFFSET`]).
+pub const FIRST_REQUEST_IN_RESULT_SINCE: u32 = 6;
 
 /// Process exit status conventions shared by `thaw run` and `thaw qemu`.
 pub mod exit_code {

@@ -125,6 +125,14 @@ impl Mailbox {
         Ok(())
     }
 
+    /// Records that the guest was handed its request with its checkpoint's result
+    /// ([`crate::vm::Vm::hand_in_first_request`]): it answers without asking for it.
+    pub fn handed_in(&mut self) {
+        let now = Instant::now();
+        self.handed_out = Some(now);
+        self.first_request_at.get_or_insert(now);
+    }
+
     /// Serves INVOKE_NEXT: copies the next request into the guest's buffer, or parks the guest.
     pub fn next(&mut self, mem: &GuestRam, request: &[u8]) -> Result<Next, GuestError> {
         let request = NextRequest::decode(request).ok_or_else(|| {

@@ -92,6 +92,28 @@ fn a_reset_after_a_wide_write_protects_the_pages_again_and_memory_still_equals_t
     assert!(dirty["p50"].as_u64().unwrap() < 100, "{dirty}");
 }
 
+/// A request of up to 4080 bytes comes in with the checkpoint's result, so a VM still at its
+/// checkpoint (fresh, or kept and reset) answers after one VM exit. A longer one is asked for,
+/// one exit more, and answered just the same.
+#[test]
+fn a_short_request_comes_in_with_the_resume_and_a_long_one_is_asked_for() {
+    let (dir, image) = snapshot("hello", &[]);
+    for mode in ["fresh", "reset"] {
+        for (name_len, exits) in [(10, 1), (5000, 2)] {
+            let name = "x".repeat(name_len);
+            let body = format!(r#"{{"name": "{name}"}}"#);
+            let (run, lines) =
+                restore(dir.path(), &image, &["--mode", mode, "--count", "5", "--data", &body, "--json", "--verify"]);
+            assert_eq!(run.code, Some(0), "{mode}, {name_len}: {run:#?}");
+            let greeting = format!("{{\"greeting\":\"Hello, {name}!\"}}\n");
+            assert!(lines.iter().all(|l| l["stdout"] == greeting.as_str()), "{mode}, {name_len}: {lines:?}");
+            let stats: Value = serde_json::from_str(&run.stdout).unwrap();
+            // In reset mode the first request goes to the VM parked after its restore.
+            assert_eq!(stats["exits"]["vm"]["p50"], exits, "{mode}, {name_len}: {}", stats["exits"]);
+        }
+    }
+}
+
 #[test]
 fn reset_mode_restores_volume_reads_heap_writes_and_entropy_too() {
     let data = tempfile::tempdir().unwrap();

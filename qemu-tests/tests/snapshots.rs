@@ -181,26 +181,50 @@ fn demo_shows_cold_fresh_pool_and_reset_for_hello_and_heavy_init() {
     }
 }
 
-#[test]
-fn an_image_from_another_interface_version_is_refused() {
-    let (dir, _bundle, image) = snapshot("hello", &[]);
-    let mut bytes = std::fs::read(&image).unwrap();
+/// A copy of `image` at `path` whose guest metadata says interface `version`, its CRC made
+/// right again so that only the version differs.
+fn with_interface_version(image: &str, version: u32, path: &Path) {
+    let mut bytes = std::fs::read(image).unwrap();
     // The guest-metadata section starts with the interface version: find it through the table
-    // (section 2), bump it, and fix up the metadata CRC so only the version is wrong.
+    // (section 2).
     let entry = 128 + 2 * 32;
     let offset = u64::from_le_bytes(bytes[entry + 8..entry + 16].try_into().unwrap()) as usize;
-    let version = u32::from_le_bytes(bytes[offset..offset + 4].try_into().unwrap());
-    assert_eq!(version, abi::INTERFACE_VERSION);
-    bytes[offset..offset + 4].copy_from_slice(&(version + 1).to_le_bytes());
+    let current = u32::from_le_bytes(bytes[offset..offset + 4].try_into().unwrap());
+    assert_eq!(current, abi::INTERFACE_VERSION);
+    bytes[offset..offset + 4].copy_from_slice(&version.to_le_bytes());
     let metadata_len = u64::from_le_bytes(bytes[40..48].try_into().unwrap()) as usize;
     bytes[48..52].fill(0);
     let crc = abi::bundle::crc32(&[&bytes[..metadata_len]]);
     bytes[48..52].copy_from_slice(&crc.to_le_bytes());
+    std::fs::write(path, &bytes).unwrap();
+}
+
+#[test]
+fn an_image_from_another_interface_version_is_refused() {
+    let (dir, _bundle, image) = snapshot("hello", &[]);
+    let future = abi::INTERFACE_VERSION + 1;
     let path = dir.path().join("future.snap");
-    std::fs::write(&path, &bytes).unwrap();
+    with_interface_version(&image, future, &path);
     let run = invoke(path.to_str().unwrap(), "{}");
     assert_eq!(run.code, Some(125), "{run:#?}");
-    assert!(run.stderr.contains(&format!("speaks thaw interface version {}", version + 1)), "{run:#?}");
+    assert!(run.stderr.contains(&format!("speaks thaw interface version {future}")), "{run:#?}");
+}
+
+/// An image of interface 5 still restores, and its guest, which knows nothing of a request in
+/// the checkpoint's result, is given none: it asks for it, one VM exit more than a guest of
+/// interface 6 takes.
+#[test]
+fn an_image_of_interface_5_restores_and_its_guest_asks_for_its_request() {
+    let (dir, _bundle, image) = snapshot("hello", &[]);
+    let older = dir.path().join("older.snap");
+    with_interface_version(&image, abi::FIRST_REQUEST_IN_RESULT_SINCE - 1, &older);
+    for (path, exits) in [(image.as_str(), 1), (older.to_str().unwrap(), 2)] {
+        let run = thaw(&["invoke", path, "--data", r#"{"name": "ada"}"#, "--json"]);
+        assert_eq!(run.code, Some(0), "{run:#?}");
+        let stats: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+        assert_eq!(stats["stdout"], "{\"greeting\":\"Hello, ada!\"}\n", "{stats}");
+        assert_eq!(stats["exits"]["vm"], exits, "{path}: {stats}");
+    }
 }
 
 /// Issue 14, defect 6: output that cannot be written (here to /dev/full) was a panic, or, for a

@@ -138,7 +138,6 @@ pub fn run(args: &DemoArgs) -> Result<u8, String> {
         let reset = serve(args.runs, || {
             let served = kept.serve(request(name).to_vec(), &mut std::io::sink()).map_err(|e| e.to_string())?;
             kept.reset().map_err(|e| e.to_string())?;
-            park(&mut kept)?;
             answered(&served)
         })?;
         rows.push((name, cold, fresh_p50, pooled, reset, private, pooled_private));

@@ -24,8 +24,8 @@ pub enum Mode {
     /// A VM restored and parked ahead by a background filler (--pool of them), destroyed off
     /// the request path after its answer.
     Pool,
-    /// One kept VM per worker, reset to the image (its changed pages copied back, fresh
-    /// entropy and instance id) and parked again after every request.
+    /// One kept VM per worker, reset to the image after every request (its changed pages
+    /// copied back, fresh entropy and instance id); the next request comes in with its resume.
     Reset,
 }
 
@@ -261,7 +261,8 @@ fn pool_worker(run: &Run<'_>, pool: &Pool, worker_requests: &AtomicUsize) -> Res
     Ok(())
 }
 
-/// One kept VM, reset and parked again after every request. A VM whose guest ended other
+/// One kept VM, parked once after its restore (touching its working set), then reset after
+/// every request; the next request comes in with the guest's resume. A VM whose guest ended other
 /// than by answering or timing out is destroyed and replaced by a fresh restore.
 fn reset_worker(run: &Run<'_>) -> Result<(), String> {
     let restore = || -> Result<Instance, String> {
@@ -289,7 +290,6 @@ fn reset_worker(run: &Run<'_>) -> Result<(), String> {
             let dirty = instance.reset().map_err(|e| e.to_string())?;
             sample.phases.reset_us = Some(us(started.elapsed()));
             sample.memory.dirty_pages = Some(dirty.pages());
-            sample.phases.park_us = Some(us(park(&mut instance)?));
         } else {
             run.replaced.fetch_add(1, Ordering::Relaxed);
             instance = restore()?;

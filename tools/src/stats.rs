@@ -122,10 +122,9 @@ measurements! {
         resume_us: "resume to request (µs)",
         /// The function's `handle`.
         handle_us: "handle (µs)",
-        /// Reset mode, after the answer: copying the changed pages back.
+        /// Reset mode, after the answer: copying the changed pages back and loading the
+        /// image's state again.
         reset_us: "reset (µs)",
-        /// Reset mode, after the answer: resuming the VM until it waits again.
-        park_us: "park (µs)",
         /// The whole run, or the whole request in `thaw serve`.
         total_us: "total (µs)",
     }

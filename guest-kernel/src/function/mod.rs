@@ -17,7 +17,10 @@ use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 
 use abi::bundle::Bundle;
-use abi::hypercall::{CHECKPOINT_ORIGINAL, CHECKPOINT_RESTORED, Hypercall, Milestone};
+use abi::hypercall::{
+    CHECKPOINT_NO_REQUEST, CHECKPOINT_ORIGINAL, CHECKPOINT_REQUEST_MAX, CHECKPOINT_REQUEST_OFFSET, CHECKPOINT_RESTORED,
+    HYPERCALL_PAGE_SIZE, Hypercall, Milestone,
+};
 use abi::invoke::{self, NextReply, NextRequest, Range, Response};
 use wasmtime::{Engine, InstancePre, Linker, Module, Store, Trap, TypedFunc};
 
@@ -55,6 +58,16 @@ enum Transport {
     Mailbox,
     /// Frames on COM1 (QEMU).
     Serial,
+}
+
+/// What a restored VM learns when its checkpoint returns.
+struct Restored {
+    /// Fresh host parameters: entropy, clock and instance id.
+    params: HostParams,
+    /// How many working-set runs to touch before the first request.
+    warm: u32,
+    /// The first request, when the VMM handed it in with the result.
+    first_request: Option<Vec<u8>>,
 }
 
 impl Transport {
@@ -107,10 +120,9 @@ impl Transport {
         }
     }
 
-    /// Offers the host a checkpoint (under thaw's VMM). Returns fresh host parameters when
-    /// this VM is a restored copy, so the caller reseeds, and how many working-set runs the VMM
-    /// wants touched before the first request; `None` in the original VM.
-    fn checkpoint(self) -> Result<Option<(HostParams, u32)>, String> {
+    /// Offers the host a checkpoint (under thaw's VMM). Returns what a restored copy learns
+    /// (`None` in the original VM).
+    fn checkpoint(self) -> Result<Option<Restored>, String> {
         match self {
             Self::Serial => Ok(None),
             Self::Mailbox => {
@@ -118,12 +130,25 @@ impl Transport {
                 let io_table = crate::iotable::location().encode();
                 hypercall::with_payload(&io_table, |len| Hypercall::Checkpoint { len });
                 // SAFETY: the VMM wrote the result into the hypercall page (over the payload)
-                // before the `out` returned (the original VM) or before the restored VM first ran.
-                let page = unsafe { core::slice::from_raw_parts(platform::hypercall_page(), 8) };
-                let warm = u32::from_le_bytes([page[4], page[5], page[6], page[7]]);
-                match u32::from_le_bytes([page[0], page[1], page[2], page[3]]) {
+                // before the `out` returned (the original VM) or before the restored VM first
+                // ran. It is copied out here, before any other hypercall reuses the page.
+                let page = unsafe { core::slice::from_raw_parts(platform::hypercall_page(), HYPERCALL_PAGE_SIZE) };
+                let word =
+                    |i: usize| u32::from_le_bytes([page[4 * i], page[4 * i + 1], page[4 * i + 2], page[4 * i + 3]]);
+                match word(0) {
                     CHECKPOINT_ORIGINAL => Ok(None),
-                    CHECKPOINT_RESTORED => self.host_params().map(|params| Some((params, warm))),
+                    CHECKPOINT_RESTORED => {
+                        let first_request = match word(2) {
+                            CHECKPOINT_NO_REQUEST => None,
+                            len if len as usize <= CHECKPOINT_REQUEST_MAX => {
+                                let start = CHECKPOINT_REQUEST_OFFSET;
+                                Some(page[start..start + len as usize].to_vec())
+                            }
+                            len => return Err(alloc::format!("checkpoint result: a first request of {len} bytes")),
+                        };
+                        let params = self.host_params()?;
+                        Ok(Some(Restored { params, warm: word(1), first_request }))
+                    }
                     other => Err(alloc::format!("checkpoint result {other} is neither original (0) nor restored (1)")),
                 }
             }
@@ -263,15 +288,22 @@ fn run(bundle: &Bundle<'static>, transport: Transport) -> Result<core::convert::
     platform::milestone(Milestone::Initialized);
     // The init-less boot point: a snapshot taken here skips everything above on every request.
     // A restored copy gets fresh entropy, clock and instance id, and must not reuse ours.
-    if let Some((fresh, warm)) = transport.checkpoint()? {
-        crate::devices::restored(&fresh);
-        store.data_mut().reseed(&fresh);
+    let mut first_request = None;
+    if let Some(restored) = transport.checkpoint()? {
+        crate::devices::restored(&restored.params);
+        store.data_mut().reseed(&restored.params);
         // Restored ahead of its request: map what the request will touch before asking for it.
-        crate::workingset::touch(warm);
+        crate::workingset::touch(restored.warm);
+        first_request = restored.first_request;
     }
 
     let mut request = Vec::new();
-    while transport.next_request(&mut request)? {
+    loop {
+        match first_request.take() {
+            Some(first) => request = first,
+            None if transport.next_request(&mut request)? => {}
+            None => break,
+        }
         store.data_mut().begin(core::mem::take(&mut request));
         if let Entry::Command(_) = entry {
             store = new_store(&engine, store.into_data());

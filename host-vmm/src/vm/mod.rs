@@ -27,7 +27,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use abi::devices::DEVICE_TABLE_GPA;
-use abi::hypercall::{CHECKPOINT_RESTORED, HYPERCALL_PAGE_GPA};
+use abi::hypercall::{
+    CHECKPOINT_NO_REQUEST, CHECKPOINT_REQUEST_MAX, CHECKPOINT_REQUEST_OFFSET, CHECKPOINT_RESTORED, HYPERCALL_PAGE_GPA,
+};
 use abi::image::GuestMetadata;
 use abi::iotable::IoTableLocation;
 use abi::params::{FLAG_CONSOLE_LOG, HOST_PARAMS_GPA, HostParams, InstanceId};
@@ -347,10 +349,24 @@ impl Vm {
         }
         self.instance_id = write_host_params(&self.mem, &self.vcpu, true, config, &self.devices)?;
         let warm = u32::try_from(self.warm.len()).unwrap_or(u32::MAX);
-        self.mem.write_obj([CHECKPOINT_RESTORED, warm], GuestAddress(HYPERCALL_PAGE_GPA)).map_err(memory_error)?;
+        let result = [CHECKPOINT_RESTORED, warm, CHECKPOINT_NO_REQUEST, 0];
+        self.mem.write_obj(result, GuestAddress(HYPERCALL_PAGE_GPA)).map_err(memory_error)?;
         self.io_table = (image.info.guest.io_table_len > 0)
             .then_some(IoTableLocation { gpa: image.info.guest.io_table_gpa, len: image.info.guest.io_table_len });
         self.check_memory(false)
+    }
+
+    /// Puts `request` in the checkpoint's result of a VM restored or reset and not run since,
+    /// whose guest (interface 6 on) takes it from there instead of asking with INVOKE_NEXT.
+    pub(crate) fn hand_in_first_request(&self, request: &[u8]) -> Result<(), VmmError> {
+        let len = u32::try_from(request.len())
+            .ok()
+            .filter(|&len| len as usize <= CHECKPOINT_REQUEST_MAX)
+            .ok_or_else(|| VmmError::Config(format!("a first request of {} bytes does not fit", request.len())))?;
+        let result = GuestAddress(HYPERCALL_PAGE_GPA);
+        self.mem.write_slice(request, result.unchecked_add(CHECKPOINT_REQUEST_OFFSET as u64)).map_err(memory_error)?;
+        // The result's third u32.
+        self.mem.write_obj(len, result.unchecked_add(8)).map_err(memory_error)
     }
 
     /// Puts a VM restored from `image` with `log_dirty` back in the state a fresh restore

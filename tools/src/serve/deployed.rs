@@ -201,7 +201,7 @@ struct Worker {
     metrics: Arc<FunctionMetrics>,
     /// How long it polls for the next request before it sleeps.
     poll: Duration,
-    /// Reset mode: the kept VM, parked.
+    /// Reset mode: the kept VM, parked after its restore or reset since.
     kept: Option<Instance>,
 }
 
@@ -209,7 +209,7 @@ struct Worker {
 enum After {
     /// Nothing.
     Nothing,
-    /// Reset and park the kept VM.
+    /// Reset the kept VM (its next request comes in with its resume).
     Reset,
     /// Destroy the VM (a kept one is replaced before the next request).
     Destroy(Instance),
@@ -356,7 +356,7 @@ impl Worker {
             After::Reset => {
                 let started = Instant::now();
                 let reset = match self.kept.as_mut() {
-                    Some(instance) => instance.reset().map_err(|e| e.to_string()).and_then(|_| park(instance)),
+                    Some(instance) => instance.reset().map(drop).map_err(|e| e.to_string()),
                     None => Ok(()),
                 };
                 if reset.is_ok() {

@@ -64,7 +64,7 @@ pub struct FunctionMetrics {
     pub replaced: AtomicU64,
     /// Kept VMs reset to the image after a request.
     pub resets: AtomicU64,
-    /// VMs that could not be restored (or reset and parked).
+    /// VMs that could not be restored (or reset).
     pub restore_failures: AtomicU64,
     /// Requests queued or being served now.
     pub in_flight: AtomicI64,
@@ -78,7 +78,7 @@ pub struct FunctionMetrics {
     /// The function's own handling of a request.
     #[serde(skip)]
     pub handle: Histogram,
-    /// Readying a VM: a fresh VM's restore, or a kept VM's reset and park.
+    /// Readying a VM: a fresh VM's restore, or a kept VM's reset.
     #[serde(skip)]
     pub restore: Histogram,
     /// The last lines the function and its guest wrote (kept beside the metrics, as they too
@@ -153,9 +153,7 @@ pub fn render(functions: &[Sample<'_>]) -> String {
     let histograms: [Row<Histogram>; 3] = [
         ("thaw_request_duration_seconds", "From a request's arrival to its answer.", |m| &m.request),
         ("thaw_handle_duration_seconds", "The function's own handling of a request.", |m| &m.handle),
-        ("thaw_restore_duration_seconds", "Readying a VM: a fresh restore, or a kept VM's reset and park.", |m| {
-            &m.restore
-        }),
+        ("thaw_restore_duration_seconds", "Readying a VM: a fresh restore, or a kept VM's reset.", |m| &m.restore),
     ];
     for (name, help, field) in histograms {
         describe(&mut out, name, "histogram", help);
