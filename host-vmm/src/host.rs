@@ -65,9 +65,9 @@ pub fn kvm() -> Result<&'static KvmHost, HostError> {
         CpuId::from_entries(&thaw_cpuid(supported.as_slice())).map_err(|e| HostError::Cpuid(format!("{e:?}")))?;
     let pre_fault = kvm.check_extension_raw(kvm_bindings::KVM_CAP_PRE_FAULT_MEMORY.into()) > 0;
     let sync_regs = kvm.check_extension(kvm_ioctls::Cap::SyncRegs);
-    let manual_dirty_log = kvm.check_extension_raw(kvm_bindings::KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2.into())
-        & i32::try_from(kvm_bindings::KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE).unwrap_or(0)
-        != 0;
+    // The capability answers with the flags it supports.
+    let manual_flags = kvm.check_extension_raw(kvm_bindings::KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2.into());
+    let manual_dirty_log = (manual_flags & kvm_bindings::KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE as i32) != 0;
     Ok(HOST.get_or_init(|| KvmHost { kvm, cpuid, pre_fault, sync_regs, manual_dirty_log }))
 }
 

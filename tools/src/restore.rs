@@ -262,8 +262,8 @@ fn pool_worker(run: &Run<'_>, pool: &Pool, worker_requests: &AtomicUsize) -> Res
 }
 
 /// One kept VM, parked once after its restore (touching its working set), then reset after
-/// every request; the next request comes in with the guest's resume. A VM whose guest ended other
-/// than by answering or timing out is destroyed and replaced by a fresh restore.
+/// every request; the next request comes in with the guest's resume. A VM whose guest ended
+/// other than by answering or timing out is destroyed and replaced by a fresh restore.
 fn reset_worker(run: &Run<'_>) -> Result<(), String> {
     let restore = || -> Result<Instance, String> {
         let mut instance = Instance::restore(run.image, run.config, Role::Kept, &mut BootTimings::default())

@@ -168,9 +168,10 @@ const WRITABLE_PAGES_KEPT: u64 = 1024;
 /// Creates a VM whose only memory slot is `mem`, on the process's KVM handle. With
 /// `log_dirty`, KVM records every page the guest writes (`KVM_MEM_LOG_DIRTY_PAGES`), which a
 /// kept VM needs to be reset. Where KVM offers it, the log is also left to thaw to clear
-/// (`KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`, [`host::KvmHost::manual_dirty_log`]): KVM otherwise write-protects every
-/// logged page again when the log is read, and the guest's next write to each faults into KVM,
-/// about 3-7 µs a page under PVM's shadow paging, on the request path (docs/BENCHMARKS.md).
+/// (`KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`, [`host::KvmHost::manual_dirty_log`]): KVM otherwise
+/// write-protects every logged page again when the log is read, and the guest's next write to
+/// each faults into KVM, about 3-7 µs a page under PVM's shadow paging, on the request path
+/// (docs/BENCHMARKS.md).
 pub(crate) fn create_vm(mem: &GuestRam, mem_size: u64, log_dirty: bool) -> Result<VmFd, VmmError> {
     let vm = host::kvm()?.kvm.create_vm().map_err(kvm("KVM_CREATE_VM"))?;
     if log_dirty && host::kvm()?.manual_dirty_log {

@@ -201,7 +201,7 @@ struct Worker {
     metrics: Arc<FunctionMetrics>,
     /// How long it polls for the next request before it sleeps.
     poll: Duration,
-    /// Reset mode: the kept VM, parked after its restore or reset since.
+    /// Reset mode: the kept VM (parked after its restore, at its checkpoint after a reset).
     kept: Option<Instance>,
 }
 
