@@ -22,8 +22,6 @@ use std::mem::ManuallyDrop;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use abi::hypercall::CHECKPOINT_REQUEST_MAX;
-
 use crate::mailbox::{FunctionResponse, FunctionStatus, Mailbox};
 use crate::memory::DirtyPages;
 use crate::outcome::Outcome;
@@ -124,9 +122,8 @@ impl Instance {
         let was_parked = self.mailbox.is_parked();
         let handed_in = std::mem::take(&mut self.at_checkpoint)
             && self.image.info.guest.interface_version >= abi::FIRST_REQUEST_IN_RESULT_SINCE
-            && request.len() <= CHECKPOINT_REQUEST_MAX;
+            && self.vm.hand_in_first_request(&request)?;
         if handed_in {
-            self.vm.hand_in_first_request(&request)?;
             self.mailbox.handed_in();
         } else if let Err(error) = self.mailbox.deliver(self.vm.memory(), request) {
             let outcome = Outcome::Failed { error, rip: None };

@@ -359,15 +359,16 @@ impl Vm {
 
     /// Puts `request` in the checkpoint's result of a VM restored or reset and not run since,
     /// whose guest (interface 6 on) takes it from there instead of asking with INVOKE_NEXT.
-    pub(crate) fn hand_in_first_request(&self, request: &[u8]) -> Result<(), VmmError> {
-        let len = u32::try_from(request.len())
-            .ok()
-            .filter(|&len| len as usize <= CHECKPOINT_REQUEST_MAX)
-            .ok_or_else(|| VmmError::Config(format!("a first request of {} bytes does not fit", request.len())))?;
+    /// Returns false, having written nothing, for a request longer than the result holds.
+    pub(crate) fn hand_in_first_request(&self, request: &[u8]) -> Result<bool, VmmError> {
+        let Some(len) = u32::try_from(request.len()).ok().filter(|&len| len as usize <= CHECKPOINT_REQUEST_MAX) else {
+            return Ok(false);
+        };
         let result = GuestAddress(HYPERCALL_PAGE_GPA);
         self.mem.write_slice(request, result.unchecked_add(CHECKPOINT_REQUEST_OFFSET as u64)).map_err(memory_error)?;
         // The result's third u32.
-        self.mem.write_obj(len, result.unchecked_add(8)).map_err(memory_error)
+        self.mem.write_obj(len, result.unchecked_add(8)).map_err(memory_error)?;
+        Ok(true)
     }
 
     /// Puts a VM restored from `image` with `log_dirty` back in the state a fresh restore
