@@ -53,10 +53,10 @@ use alloc::string::String;
 use alloc::vec::Vec;
 use core::fmt;
 
-use crate::le::{put_string, u32_at, u64_at};
+use crate::codec::{crc32, magic, put_string, u32_at, u64_at};
 
 /// The bundle magic.
-pub const MAGIC: [u8; 8] = *b"THAWFUNC";
+pub const MAGIC: [u8; 8] = magic::BUNDLE;
 /// The bundle format version this code writes for a bundle without a data volume.
 pub const FORMAT_VERSION: u32 = 1;
 /// The version it writes for a bundle with one.
@@ -225,15 +225,21 @@ pub struct Bundle<'a> {
 }
 
 /// What is wrong with a bundle.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum BundleError {
     /// Fewer bytes than a header.
+    #[error("bundle is {0} bytes, shorter than its {HEADER_LEN}-byte header (truncated?)")]
     TooShort(usize),
     /// Not a bundle.
+    #[error(fmt = fmt_bad_magic)]
     BadMagic([u8; 8]),
     /// A format version this code does not read.
+    #[error(
+        "bundle format version {0} is not supported (this thaw reads versions 1 to {FORMAT_VERSION_WITH_FILESYSTEM})"
+    )]
     UnsupportedVersion(u32),
     /// A header field with an impossible value.
+    #[error("bundle header: {field} is {value}, expected {expected}")]
     BadHeader {
         /// The field.
         field: &'static str,
@@ -243,6 +249,7 @@ pub enum BundleError {
         expected: &'static str,
     },
     /// The bytes present do not match the header's total length.
+    #[error("bundle is {actual} bytes but its header declares {declared} (truncated, or lengths that lie)")]
     LengthMismatch {
         /// Bytes present.
         actual: u64,
@@ -250,6 +257,7 @@ pub enum BundleError {
         declared: u64,
     },
     /// The CRC does not match.
+    #[error("bundle checksum {stored:#010x} does not match the computed {computed:#010x} (corrupted)")]
     Checksum {
         /// Stored.
         stored: u32,
@@ -257,8 +265,10 @@ pub enum BundleError {
         computed: u32,
     },
     /// A manifest field runs past the manifest's end.
+    #[error("bundle manifest: {0} runs past the end of the manifest")]
     ManifestTruncated(&'static str),
     /// A manifest field is invalid.
+    #[error("bundle manifest: {field}: {reason}")]
     BadField {
         /// The field.
         field: &'static str,
@@ -266,52 +276,19 @@ pub enum BundleError {
         reason: String,
     },
     /// Bytes left over after the manifest's last field.
+    #[error("bundle manifest: {0} unexpected bytes after the last field")]
     TrailingManifestBytes(usize),
 }
 
-impl fmt::Display for BundleError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::TooShort(n) => {
-                write!(f, "bundle is {n} bytes, shorter than its {HEADER_LEN}-byte header (truncated?)")
-            }
-            Self::BadMagic(m) if *m == crate::image::MAGIC => write!(
-                f,
-                "this is a snapshot image (from `thaw snapshot`), not a function bundle: give the bundle it was taken from (`thaw pack` writes bundles)"
-            ),
-            Self::BadMagic(m) => write!(f, "bundle magic {m:02x?} is not \"THAWFUNC\": not a thaw function bundle"),
-            Self::UnsupportedVersion(v) => {
-                write!(
-                    f,
-                    "bundle format version {v} is not supported (this thaw reads versions 1 to {FORMAT_VERSION_WITH_FILESYSTEM})"
-                )
-            }
-            Self::BadHeader { field, value, expected } => {
-                write!(f, "bundle header: {field} is {value}, expected {expected}")
-            }
-            Self::LengthMismatch { actual, declared } => write!(
-                f,
-                "bundle is {actual} bytes but its header declares {declared} (truncated, or lengths that lie)"
-            ),
-            Self::Checksum { stored, computed } => {
-                write!(f, "bundle checksum {stored:#010x} does not match the computed {computed:#010x} (corrupted)")
-            }
-            Self::ManifestTruncated(field) => write!(f, "bundle manifest: {field} runs past the end of the manifest"),
-            Self::BadField { field, reason } => write!(f, "bundle manifest: {field}: {reason}"),
-            Self::TrailingManifestBytes(n) => write!(f, "bundle manifest: {n} unexpected bytes after the last field"),
-        }
+/// [`BundleError::BadMagic`]'s message, which names a snapshot image given in a bundle's place.
+fn fmt_bad_magic(m: &[u8; 8], f: &mut fmt::Formatter<'_>) -> fmt::Result {
+    if *m == magic::IMAGE {
+        f.write_str(
+            "this is a snapshot image (from `thaw snapshot`), not a function bundle: give the bundle it was taken from (`thaw pack` writes bundles)",
+        )
+    } else {
+        write!(f, "bundle magic {m:02x?} is not \"THAWFUNC\": not a thaw function bundle")
     }
-}
-
-impl core::error::Error for BundleError {}
-
-/// CRC-32 (IEEE 802.3, reflected, as zlib computes it) of `chunks` one after another.
-pub fn crc32(chunks: &[&[u8]]) -> u32 {
-    let mut hasher = crc32fast::Hasher::new();
-    for chunk in chunks {
-        hasher.update(chunk);
-    }
-    hasher.finalize()
 }
 
 /// Reads manifest fields in order, never past the end.
@@ -801,7 +778,7 @@ mod tests {
     #[test]
     fn an_image_given_as_a_bundle_is_named_for_what_it_is() {
         let mut bytes = alloc::vec![0u8; HEADER_LEN];
-        bytes[..8].copy_from_slice(&crate::image::MAGIC);
+        bytes[..8].copy_from_slice(&magic::IMAGE);
         let e = parse(&bytes).unwrap_err().to_string();
         assert!(e.starts_with("this is a snapshot image (from `thaw snapshot`), not a function bundle"), "{e}");
     }
@@ -1171,6 +1148,47 @@ mod tests {
         assert!(e.contains("presence byte 7"), "{e}");
         for len in 0..good.len() {
             assert!(parse(&good[..len]).is_err(), "accepted {len} bytes");
+        }
+    }
+
+    #[test]
+    fn every_bundle_error_message_is_pinned() {
+        let elf = *b"\x7fELF\x02\x01\x01\0";
+        let cases: [(BundleError, &str); 10] = [
+            (BundleError::TooShort(10), "bundle is 10 bytes, shorter than its 64-byte header (truncated?)"),
+            (
+                BundleError::BadMagic(magic::IMAGE),
+                "this is a snapshot image (from `thaw snapshot`), not a function bundle: give the bundle it was taken from (`thaw pack` writes bundles)",
+            ),
+            (
+                BundleError::BadMagic(elf),
+                r#"bundle magic [7f, 45, 4c, 46, 02, 01, 01, 00] is not "THAWFUNC": not a thaw function bundle"#,
+            ),
+            (
+                BundleError::UnsupportedVersion(9),
+                "bundle format version 9 is not supported (this thaw reads versions 1 to 6)",
+            ),
+            (
+                BundleError::BadHeader { field: "wasm length", value: 0, expected: "1 to 268435456" },
+                "bundle header: wasm length is 0, expected 1 to 268435456",
+            ),
+            (
+                BundleError::LengthMismatch { actual: 100, declared: 200 },
+                "bundle is 100 bytes but its header declares 200 (truncated, or lengths that lie)",
+            ),
+            (
+                BundleError::Checksum { stored: 0x1234, computed: 0xdead_beef },
+                "bundle checksum 0x00001234 does not match the computed 0xdeadbeef (corrupted)",
+            ),
+            (BundleError::ManifestTruncated("env"), "bundle manifest: env runs past the end of the manifest"),
+            (
+                BundleError::BadField { field: "memory", reason: "0 MiB is outside 1..=4096".to_string() },
+                "bundle manifest: memory: 0 MiB is outside 1..=4096",
+            ),
+            (BundleError::TrailingManifestBytes(3), "bundle manifest: 3 unexpected bytes after the last field"),
+        ];
+        for (error, message) in cases {
+            assert_eq!(error.to_string(), message, "{error:?}");
         }
     }
 }

@@ -24,7 +24,7 @@
 use alloc::vec::Vec;
 use core::fmt;
 
-use crate::le::{u32_at, u64_at};
+use crate::codec::{u16_at, u32_at, u64_at};
 
 /// Guest-physical start of the device window.
 pub const DEVICE_WINDOW_GPA: u64 = 0x10_0000_0000;
@@ -127,40 +127,30 @@ pub struct DeviceTable {
 }
 
 /// What is wrong with a device table or a device's saved state.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DeviceError {
     /// The table's magic is missing.
+    #[error("device table magic {0:#010x} is not \"THDV\"")]
     BadMagic(u32),
     /// More entries than [`MAX_DEVICES`], or more than fit the bytes given.
+    #[error("device table claims {0} entries, more than {MAX_DEVICES} or than it holds")]
     Count(u32),
     /// An entry's kind is not a device thaw knows.
+    #[error("device kind {0} is not one thaw knows")]
     UnknownKind(u16),
     /// Two entries share a (kind, index).
+    #[error("device {0} {1} appears twice")]
     Duplicate(DeviceKind, u16),
     /// A register window outside the device window or not page-aligned.
+    #[error(
+        "device {0} {1} at {2:#x}: not a page-aligned window inside {DEVICE_WINDOW_GPA:#x}..{end:#x}",
+        end = DEVICE_WINDOW_GPA + DEVICE_WINDOW_LEN
+    )]
     Address(DeviceKind, u16, u64),
     /// Saved device state that is malformed.
+    #[error("saved device state: {0} is {1:#x}")]
     State(&'static str, u64),
 }
-
-impl fmt::Display for DeviceError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::BadMagic(m) => write!(f, "device table magic {m:#010x} is not \"THDV\""),
-            Self::Count(n) => write!(f, "device table claims {n} entries, more than {MAX_DEVICES} or than it holds"),
-            Self::UnknownKind(k) => write!(f, "device kind {k} is not one thaw knows"),
-            Self::Duplicate(kind, index) => write!(f, "device {kind} {index} appears twice"),
-            Self::Address(kind, index, gpa) => write!(
-                f,
-                "device {kind} {index} at {gpa:#x}: not a page-aligned window inside {DEVICE_WINDOW_GPA:#x}..{:#x}",
-                DEVICE_WINDOW_GPA + DEVICE_WINDOW_LEN
-            ),
-            Self::State(field, value) => write!(f, "saved device state: {field} is {value:#x}"),
-        }
-    }
-}
-
-impl core::error::Error for DeviceError {}
 
 impl DeviceTable {
     /// Bytes the encoding of `n` entries takes.
@@ -346,17 +336,16 @@ impl DeviceState {
                 return Err(short(b.len()));
             }
             for _ in 0..queue_count {
-                let u16_at = |o: usize| u16::from_le_bytes([b[at + o], b[at + o + 1]]);
-                let ready = match u16_at(2) {
+                let ready = match u16_at(b, at + 2) {
                     0 => false,
                     1 => true,
                     other => return Err(DeviceError::State("queue ready flag", other.into())),
                 };
                 state.queues.push(QueueState {
-                    size: u16_at(0),
+                    size: u16_at(b, at),
                     ready,
-                    next_avail: u16_at(4),
-                    next_used: u16_at(6),
+                    next_avail: u16_at(b, at + 4),
+                    next_used: u16_at(b, at + 6),
                     desc: u64_at(b, at + 8),
                     avail: u64_at(b, at + 16),
                     used: u64_at(b, at + 24),
@@ -375,6 +364,7 @@ impl DeviceState {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use alloc::string::ToString;
     use alloc::vec;
 
     fn table() -> DeviceTable {
@@ -471,5 +461,23 @@ mod tests {
         let mut kind = good;
         kind[8..10].copy_from_slice(&5u16.to_le_bytes());
         assert_eq!(DeviceState::decode_all(&kind), Err(DeviceError::UnknownKind(5)));
+    }
+
+    #[test]
+    fn every_device_error_message_is_pinned() {
+        let cases: [(DeviceError, &str); 6] = [
+            (DeviceError::BadMagic(0x1234_5678), r#"device table magic 0x12345678 is not "THDV""#),
+            (DeviceError::Count(17), "device table claims 17 entries, more than 16 or than it holds"),
+            (DeviceError::UnknownKind(5), "device kind 5 is not one thaw knows"),
+            (DeviceError::Duplicate(DeviceKind::Block, 0), "device block 0 appears twice"),
+            (
+                DeviceError::Address(DeviceKind::Vsock, 1, 0x1234),
+                "device vsock 1 at 0x1234: not a page-aligned window inside 0x1000000000..0x1000200000",
+            ),
+            (DeviceError::State("queue size", 0x1_0000), "saved device state: queue size is 0x10000"),
+        ];
+        for (error, message) in cases {
+            assert_eq!(error.to_string(), message, "{error:?}");
+        }
     }
 }

@@ -49,12 +49,14 @@ pub fn configure(config: &mut wasmtime::Config, fuel: bool) -> &mut wasmtime::Co
 /// carries as its code), with fuel metering or without: [`configure`],
 /// the guest's target and x86 features, and the component model off. A compiled module records
 /// the wasm proposals its engine enabled, and the guest's runtime is built without the component
-/// model, which the host's build may have (Cargo unifies `wasmtime-wasi`'s features into it).
+/// model, which the host's build may have (Cargo unifies the features of every crate that uses
+/// Wasmtime, the peer's `wasmtime-wasi` among them). It is turned off through the feature set,
+/// which exists whether or not Wasmtime was built with the component model.
 #[cfg(feature = "compile")]
 #[allow(unsafe_code)] // Cranelift's flags can only be set unsafely: the one block says why it holds.
 pub fn compiler(fuel: bool) -> wasmtime::Result<wasmtime::Engine> {
     let mut config = wasmtime::Config::new();
-    configure(&mut config, fuel).wasm_component_model(false).target(TARGET)?;
+    configure(&mut config, fuel).wasm_features(wasmtime::WasmFeatures::COMPONENT_MODEL, false).target(TARGET)?;
     for (flag, _) in X86_FEATURES {
         // SAFETY: the code runs only where the guest's engine has checked these features
         // (`detect_host_feature` in guest-kernel's engine).

@@ -15,8 +15,6 @@
 //!   out  PORT_BASE + LOG_WRITE, len  ───▶  KVM_EXIT_IO: decode(port, len), read len bytes
 //! ```
 
-use core::fmt;
-
 /// First port of the hypercall range.
 pub const PORT_BASE: u16 = 0x0700;
 /// Number of ports in the range; numbers up to `PORT_COUNT - 1` are reserved for thaw.
@@ -41,14 +39,10 @@ pub mod number {
     /// The guest reached a boot milestone (see [`Milestone`](super::Milestone)).
     pub const MILESTONE: u16 = 4;
     /// Checkpoint, with fork-like semantics: the VMM may snapshot the VM here. When the `out`
-    /// returns, the hypercall page's first u32 says which side of the fork this is
-    /// ([`CHECKPOINT_ORIGINAL`](super::CHECKPOINT_ORIGINAL) or
-    /// [`CHECKPOINT_RESTORED`](super::CHECKPOINT_RESTORED)); in a restored VM the second u32
-    /// is the number of working-set runs the guest should touch before it asks for a request
-    /// ([`WORKING_SET`]; 0 for none), and the third the length of a first request handed in
-    /// with the result ([`CHECKPOINT_REQUEST_OFFSET`](super::CHECKPOINT_REQUEST_OFFSET)). The
-    /// hypercall page holds an
-    /// [`IoTableLocation`](crate::iotable::IoTableLocation) of `len` bytes (or `len` is 0).
+    /// returns, the hypercall page holds a [`CheckpointResult`](super::CheckpointResult) saying
+    /// which side of the fork this is, and in a restored VM what to do first. The call's
+    /// payload is an [`IoTableLocation`](crate::iotable::IoTableLocation) of `len` bytes (or
+    /// `len` is 0).
     pub const CHECKPOINT: u16 = 8;
     /// Invoke mailbox: fetch the next request (see [`crate::invoke`]); the hypercall page holds
     /// a `NextRequest` of `len` bytes, and the VMM answers with a `NextReply` in its place.
@@ -73,17 +67,104 @@ pub const CHECKPOINT_ORIGINAL: u32 = 0;
 /// Checkpoint result: this VM was restored from an image; the host parameters page is fresh.
 pub const CHECKPOINT_RESTORED: u32 = 1;
 
-/// In a restored VM's checkpoint result (interface 6 on), the third u32: the length of the
-/// first request, whose bytes the VMM put in the hypercall page from
-/// [`CHECKPOINT_REQUEST_OFFSET`], or [`CHECKPOINT_NO_REQUEST`]. The guest takes such a request
-/// instead of asking for it with INVOKE_NEXT, so a VM restored or reset with its request in hand
-/// answers after one VM exit instead of two. The fourth u32 is zero.
-pub const CHECKPOINT_REQUEST_OFFSET: usize = 16;
+/// Where a first request handed in with the checkpoint's result starts in the hypercall page.
+pub const CHECKPOINT_REQUEST_OFFSET: usize = CheckpointResult::LEN;
 /// The longest request the checkpoint's result carries; a longer one is fetched with
 /// INVOKE_NEXT.
 pub const CHECKPOINT_REQUEST_MAX: usize = HYPERCALL_PAGE_SIZE - CHECKPOINT_REQUEST_OFFSET;
-/// The checkpoint result's third u32 when it carries no request.
+/// The checkpoint result's request length when it carries no request.
 pub const CHECKPOINT_NO_REQUEST: u32 = u32::MAX;
+
+/// What the checkpoint call returns: the VMM writes it at the start of the hypercall page
+/// before the `out` returns (the original VM) or before a restored VM first runs.
+///
+/// ```text
+///   offset  size  field
+///        0     4  side: CHECKPOINT_ORIGINAL (0) or CHECKPOINT_RESTORED (1)
+///        4     4  working-set runs to touch before asking for a request (0 for none)
+///        8     4  length of a first request handed in, or CHECKPOINT_NO_REQUEST   (interface 6 on)
+///       12     4  zero
+///       16   len  the first request's bytes
+/// ```
+///
+/// A guest that finds a first request takes it instead of asking with INVOKE_NEXT, so a VM
+/// restored or reset with its request in hand answers after one VM exit instead of two.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CheckpointResult {
+    /// This is the VM that called checkpoint.
+    Original,
+    /// This VM was restored from an image (or reset to it).
+    Restored {
+        /// Working-set runs to touch before asking for a request (see [`number::WORKING_SET`]).
+        warm_runs: u32,
+        /// The length of the first request, whose bytes follow from
+        /// [`CHECKPOINT_REQUEST_OFFSET`], when one was handed in (at most
+        /// [`CHECKPOINT_REQUEST_MAX`]).
+        first_request: Option<u32>,
+    },
+}
+
+/// Why a checkpoint result is not one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum CheckpointResultError {
+    /// Shorter than [`CheckpointResult::LEN`].
+    #[error("checkpoint result: {0} bytes, fewer than its {len}", len = CheckpointResult::LEN)]
+    Truncated(usize),
+    /// The side is neither original nor restored.
+    #[error("checkpoint result {0} is neither original (0) nor restored (1)")]
+    UnknownSide(u32),
+    /// A first request longer than the result can carry.
+    #[error("checkpoint result: a first request of {0} bytes, more than the {CHECKPOINT_REQUEST_MAX} it carries")]
+    RequestTooLong(u32),
+}
+
+impl CheckpointResult {
+    /// Encoded length, without a first request's bytes.
+    pub const LEN: usize = 16;
+
+    /// The fixed part of the result.
+    pub fn encode(&self) -> [u8; Self::LEN] {
+        let (side, warm, request) = match *self {
+            Self::Original => (CHECKPOINT_ORIGINAL, 0, CHECKPOINT_NO_REQUEST),
+            Self::Restored { warm_runs, first_request } => {
+                (CHECKPOINT_RESTORED, warm_runs, first_request.unwrap_or(CHECKPOINT_NO_REQUEST))
+            }
+        };
+        let mut out = [0; Self::LEN];
+        out[0..4].copy_from_slice(&side.to_le_bytes());
+        out[4..8].copy_from_slice(&warm.to_le_bytes());
+        out[8..12].copy_from_slice(&request.to_le_bytes());
+        out
+    }
+
+    /// Decodes the start of the hypercall page.
+    pub fn decode(page: &[u8]) -> Result<Self, CheckpointResultError> {
+        let fixed = page.get(..Self::LEN).ok_or(CheckpointResultError::Truncated(page.len()))?;
+        let word = |i: usize| crate::codec::u32_at(fixed, 4 * i);
+        match word(0) {
+            CHECKPOINT_ORIGINAL => Ok(Self::Original),
+            CHECKPOINT_RESTORED => {
+                let first_request = match word(2) {
+                    CHECKPOINT_NO_REQUEST => None,
+                    len if len as usize <= CHECKPOINT_REQUEST_MAX => Some(len),
+                    len => return Err(CheckpointResultError::RequestTooLong(len)),
+                };
+                Ok(Self::Restored { warm_runs: word(1), first_request })
+            }
+            side => Err(CheckpointResultError::UnknownSide(side)),
+        }
+    }
+
+    /// The first request's bytes in `page` (the whole hypercall page), when one was handed in.
+    pub fn first_request<'a>(&self, page: &'a [u8]) -> Option<&'a [u8]> {
+        match *self {
+            Self::Restored { first_request: Some(len), .. } => {
+                page.get(CHECKPOINT_REQUEST_OFFSET..CHECKPOINT_REQUEST_OFFSET + len as usize)
+            }
+            _ => None,
+        }
+    }
+}
 
 /// Boot milestones the guest reports so the VMM can time each boot phase.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -175,13 +256,16 @@ pub enum Hypercall {
 }
 
 /// Why a port access in the hypercall range is not a valid hypercall.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum DecodeError {
     /// The port is outside the hypercall range.
+    #[error("port {0:#x} is not a hypercall port")]
     NotHypercallPort(u16),
     /// The number is reserved but has no meaning in this interface version.
+    #[error("unknown hypercall number {0}")]
     UnknownNumber(u16),
     /// A payload length larger than the hypercall page.
+    #[error("hypercall {number} passed payload length {len}, more than the {HYPERCALL_PAGE_SIZE}-byte hypercall page")]
     PayloadTooLong {
         /// The hypercall number.
         number: u16,
@@ -189,8 +273,10 @@ pub enum DecodeError {
         len: u32,
     },
     /// A milestone value this interface does not define.
+    #[error("unknown boot milestone {0}")]
     UnknownMilestone(u32),
     /// The access was not a 4-byte `out`.
+    #[error("hypercall {number} was a {width}-byte access; hypercalls are 4-byte `out`")]
     BadAccess {
         /// The hypercall number.
         number: u16,
@@ -198,25 +284,6 @@ pub enum DecodeError {
         width: usize,
     },
 }
-
-impl fmt::Display for DecodeError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match *self {
-            Self::NotHypercallPort(port) => write!(f, "port {port:#x} is not a hypercall port"),
-            Self::UnknownNumber(n) => write!(f, "unknown hypercall number {n}"),
-            Self::PayloadTooLong { number, len } => write!(
-                f,
-                "hypercall {number} passed payload length {len}, more than the {HYPERCALL_PAGE_SIZE}-byte hypercall page"
-            ),
-            Self::UnknownMilestone(v) => write!(f, "unknown boot milestone {v}"),
-            Self::BadAccess { number, width } => {
-                write!(f, "hypercall {number} was a {width}-byte access; hypercalls are 4-byte `out`")
-            }
-        }
-    }
-}
-
-impl core::error::Error for DecodeError {}
 
 /// True when `port` is in the hypercall range.
 pub fn is_hypercall_port(port: u16) -> bool {
@@ -281,6 +348,7 @@ impl Hypercall {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use alloc::string::ToString;
 
     #[test]
     fn every_call_round_trips_through_its_port() {
@@ -301,6 +369,47 @@ mod tests {
     }
 
     #[test]
+    fn checkpoint_results_round_trip() {
+        let results = [
+            CheckpointResult::Original,
+            CheckpointResult::Restored { warm_runs: 0, first_request: None },
+            CheckpointResult::Restored { warm_runs: 7, first_request: Some(0) },
+            CheckpointResult::Restored { warm_runs: u32::MAX, first_request: Some(CHECKPOINT_REQUEST_MAX as u32) },
+        ];
+        for result in results {
+            assert_eq!(CheckpointResult::decode(&result.encode()), Ok(result));
+        }
+    }
+
+    #[test]
+    fn checkpoint_result_layout_is_pinned() {
+        let result = CheckpointResult::Restored { warm_runs: 3, first_request: Some(5) };
+        assert_eq!(result.encode(), [1, 0, 0, 0, 3, 0, 0, 0, 5, 0, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(CheckpointResult::Original.encode(), [0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, 0, 0, 0, 0]);
+        let mut page = [0u8; HYPERCALL_PAGE_SIZE];
+        page[..16].copy_from_slice(&result.encode());
+        page[16..21].copy_from_slice(b"hello");
+        assert_eq!(result.first_request(&page), Some(&b"hello"[..]));
+        assert_eq!(CheckpointResult::Original.first_request(&page), None);
+    }
+
+    #[test]
+    fn hostile_checkpoint_results_are_refused() {
+        let mut page = CheckpointResult::Restored { warm_runs: 1, first_request: None }.encode();
+        page[8..12].copy_from_slice(&(CHECKPOINT_REQUEST_MAX as u32 + 1).to_le_bytes());
+        assert_eq!(
+            CheckpointResult::decode(&page),
+            Err(CheckpointResultError::RequestTooLong(CHECKPOINT_REQUEST_MAX as u32 + 1))
+        );
+        page[0] = 2;
+        assert_eq!(CheckpointResult::decode(&page), Err(CheckpointResultError::UnknownSide(2)));
+        assert_eq!(CheckpointResult::decode(&page[..15]), Err(CheckpointResultError::Truncated(15)));
+        // A length that fits the result but not a short buffer gives no request, not a panic.
+        let result = CheckpointResult::Restored { warm_runs: 0, first_request: Some(4000) };
+        assert_eq!(result.first_request(&[0u8; 100]), None);
+    }
+
+    #[test]
     fn decode_rejects_malformed_calls() {
         let out = |n: u16, arg: u32| Hypercall::decode(PORT_BASE + n, &arg.to_le_bytes());
         assert_eq!(out(number::LOG_WRITE, 4097), Err(DecodeError::PayloadTooLong { number: 0, len: 4097 }));
@@ -310,5 +419,40 @@ mod tests {
         assert_eq!(out(number::MILESTONE, 9), Err(DecodeError::UnknownMilestone(9)));
         assert_eq!(Hypercall::decode(PORT_BASE, &[1]), Err(DecodeError::BadAccess { number: 0, width: 1 }));
         assert_eq!(Hypercall::decode(PORT_BASE + PORT_COUNT, &[0; 4]), Err(DecodeError::NotHypercallPort(0x720)));
+    }
+
+    #[test]
+    fn every_checkpoint_result_error_message_is_pinned() {
+        let cases = [
+            (CheckpointResultError::Truncated(15), "checkpoint result: 15 bytes, fewer than its 16"),
+            (CheckpointResultError::UnknownSide(2), "checkpoint result 2 is neither original (0) nor restored (1)"),
+            (
+                CheckpointResultError::RequestTooLong(4081),
+                "checkpoint result: a first request of 4081 bytes, more than the 4080 it carries",
+            ),
+        ];
+        for (error, message) in cases {
+            assert_eq!(error.to_string(), message, "{error:?}");
+        }
+    }
+
+    #[test]
+    fn every_decode_error_message_is_pinned() {
+        let cases = [
+            (DecodeError::NotHypercallPort(0x720), "port 0x720 is not a hypercall port"),
+            (DecodeError::UnknownNumber(7), "unknown hypercall number 7"),
+            (
+                DecodeError::PayloadTooLong { number: 0, len: 4097 },
+                "hypercall 0 passed payload length 4097, more than the 4096-byte hypercall page",
+            ),
+            (DecodeError::UnknownMilestone(9), "unknown boot milestone 9"),
+            (
+                DecodeError::BadAccess { number: 0, width: 1 },
+                "hypercall 0 was a 1-byte access; hypercalls are 4-byte `out`",
+            ),
+        ];
+        for (error, message) in cases {
+            assert_eq!(error.to_string(), message, "{error:?}");
+        }
     }
 }

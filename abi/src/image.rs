@@ -40,14 +40,12 @@ use alloc::string::String;
 use alloc::vec::Vec;
 use core::fmt;
 
-use crate::le::{put_string, u32_at, u64_at};
+use crate::codec::{crc32, magic, put_string, u32_at, u64_at};
 use crate::workingset::{self, Run};
 use alloc::string::ToString;
 
-use crate::bundle::crc32;
-
 /// The image magic.
-pub const MAGIC: [u8; 8] = *b"THAWSNAP";
+pub const MAGIC: [u8; 8] = magic::IMAGE;
 /// The image format version this code writes.
 pub const FORMAT_VERSION: u32 = 3;
 /// The oldest format version this code reads: version 2 differs only in having no working set.
@@ -177,17 +175,24 @@ pub struct VcpuRecord {
 }
 
 /// What is wrong with an image. Every variant names the field and the value.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ImageError {
     /// The file is shorter than a header.
+    #[error("image is {0} bytes, shorter than its {HEADER_LEN}-byte header (truncated?)")]
     TooShort(u64),
     /// Not a snapshot image.
+    #[error(fmt = fmt_bad_magic)]
     BadMagic([u8; 8]),
     /// A format version this code does not read.
+    #[error(
+        "image format version {0} is not supported (this thaw reads versions {OLDEST_FORMAT_VERSION} to {FORMAT_VERSION})"
+    )]
     UnsupportedVersion(u32),
     /// An image for another architecture.
+    #[error("image architecture {0} is not x86-64 ({ARCH_X86_64}): it was taken on another kind of machine")]
     WrongArchitecture(u32),
     /// A header field with an impossible value.
+    #[error("image header: {field} is {value}, expected {expected}")]
     Header {
         /// The field.
         field: &'static str,
@@ -197,6 +202,7 @@ pub enum ImageError {
         expected: &'static str,
     },
     /// The file's length differs from the header's.
+    #[error("image file is {actual} bytes but its header declares {declared} (truncated or padded)")]
     LengthMismatch {
         /// Bytes present.
         actual: u64,
@@ -204,6 +210,7 @@ pub enum ImageError {
         declared: u64,
     },
     /// The metadata checksum does not match.
+    #[error("image metadata checksum {stored:#010x} does not match the computed {computed:#010x} (corrupted)")]
     Checksum {
         /// Stored.
         stored: u32,
@@ -211,6 +218,7 @@ pub enum ImageError {
         computed: u32,
     },
     /// A section-table entry is unusable.
+    #[error("image section {index}: {reason}")]
     Section {
         /// Index in the table.
         index: usize,
@@ -218,8 +226,10 @@ pub enum ImageError {
         reason: String,
     },
     /// A required section is missing.
+    #[error("image has no {0} section")]
     MissingSection(&'static str),
     /// A section's contents are malformed.
+    #[error("image {section} section: {reason}")]
     Content {
         /// The section.
         section: &'static str,
@@ -228,49 +238,16 @@ pub enum ImageError {
     },
 }
 
-impl fmt::Display for ImageError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::TooShort(n) => {
-                write!(f, "image is {n} bytes, shorter than its {HEADER_LEN}-byte header (truncated?)")
-            }
-            Self::BadMagic(m) if *m == crate::bundle::MAGIC => write!(
-                f,
-                "this is a function bundle (from `thaw pack`), not a snapshot image: make one with `thaw snapshot BUNDLE -o IMAGE.snap`"
-            ),
-            Self::BadMagic(m) => write!(f, "image magic {m:02x?} is not \"THAWSNAP\": not a thaw snapshot"),
-            Self::UnsupportedVersion(v) => {
-                write!(
-                    f,
-                    "image format version {v} is not supported (this thaw reads versions {OLDEST_FORMAT_VERSION} to {FORMAT_VERSION})"
-                )
-            }
-            Self::WrongArchitecture(a) => {
-                write!(
-                    f,
-                    "image architecture {a} is not x86-64 ({ARCH_X86_64}): it was taken on another kind of machine"
-                )
-            }
-            Self::Header { field, value, expected } => {
-                write!(f, "image header: {field} is {value}, expected {expected}")
-            }
-            Self::LengthMismatch { actual, declared } => {
-                write!(f, "image file is {actual} bytes but its header declares {declared} (truncated or padded)")
-            }
-            Self::Checksum { stored, computed } => {
-                write!(
-                    f,
-                    "image metadata checksum {stored:#010x} does not match the computed {computed:#010x} (corrupted)"
-                )
-            }
-            Self::Section { index, reason } => write!(f, "image section {index}: {reason}"),
-            Self::MissingSection(name) => write!(f, "image has no {name} section"),
-            Self::Content { section, reason } => write!(f, "image {section} section: {reason}"),
-        }
+/// [`ImageError::BadMagic`]'s message, which names a function bundle given in an image's place.
+fn fmt_bad_magic(m: &[u8; 8], f: &mut fmt::Formatter<'_>) -> fmt::Result {
+    if *m == magic::BUNDLE {
+        f.write_str(
+            "this is a function bundle (from `thaw pack`), not a snapshot image: make one with `thaw snapshot BUNDLE -o IMAGE.snap`",
+        )
+    } else {
+        write!(f, "image magic {m:02x?} is not \"THAWSNAP\": not a thaw snapshot")
     }
 }
-
-impl core::error::Error for ImageError {}
 
 /// A validated image's metadata, borrowing nothing: what a restore needs besides the file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -719,7 +696,7 @@ mod tests {
 
     #[test]
     fn a_bundle_given_as_an_image_is_named_for_what_it_is() {
-        let e = ImageError::BadMagic(crate::bundle::MAGIC).to_string();
+        let e = ImageError::BadMagic(magic::BUNDLE).to_string();
         assert!(e.starts_with("this is a function bundle (from `thaw pack`), not a snapshot image"), "{e}");
     }
 
@@ -968,6 +945,51 @@ mod tests {
             bad[i] ^= 0x5a;
             reseal(&mut bad);
             let _ = parse_file(&bad); // must not panic
+        }
+    }
+
+    #[test]
+    fn every_image_error_message_is_pinned() {
+        let elf = *b"\x7fELF\x02\x01\x01\0";
+        let cases: [(ImageError, &str); 11] = [
+            (ImageError::TooShort(100), "image is 100 bytes, shorter than its 128-byte header (truncated?)"),
+            (
+                ImageError::BadMagic(magic::BUNDLE),
+                "this is a function bundle (from `thaw pack`), not a snapshot image: make one with `thaw snapshot BUNDLE -o IMAGE.snap`",
+            ),
+            (
+                ImageError::BadMagic(elf),
+                r#"image magic [7f, 45, 4c, 46, 02, 01, 01, 00] is not "THAWSNAP": not a thaw snapshot"#,
+            ),
+            (
+                ImageError::UnsupportedVersion(4),
+                "image format version 4 is not supported (this thaw reads versions 2 to 3)",
+            ),
+            (
+                ImageError::WrongArchitecture(183),
+                "image architecture 183 is not x86-64 (62): it was taken on another kind of machine",
+            ),
+            (ImageError::Header { field: "flags", value: 1, expected: "0" }, "image header: flags is 1, expected 0"),
+            (
+                ImageError::LengthMismatch { actual: 4096, declared: 8192 },
+                "image file is 4096 bytes but its header declares 8192 (truncated or padded)",
+            ),
+            (
+                ImageError::Checksum { stored: 0, computed: 0xcafe_f00d },
+                "image metadata checksum 0x00000000 does not match the computed 0xcafef00d (corrupted)",
+            ),
+            (
+                ImageError::Section { index: 2, reason: "kind 99 is unknown".to_string() },
+                "image section 2: kind 99 is unknown",
+            ),
+            (ImageError::MissingSection("memory"), "image has no memory section"),
+            (
+                ImageError::Content { section: "working-set", reason: "15 bytes".to_string() },
+                "image working-set section: 15 bytes",
+            ),
+        ];
+        for (error, message) in cases {
+            assert_eq!(error.to_string(), message, "{error:?}");
         }
     }
 }

@@ -19,9 +19,8 @@
 
 use alloc::string::String;
 use alloc::vec::Vec;
-use core::fmt;
 
-use crate::le::{u32_at, u64_at};
+use crate::codec::{u32_at, u64_at};
 
 /// `"THIO"`.
 pub const MAGIC: u32 = u32::from_le_bytes(*b"THIO");
@@ -110,11 +109,13 @@ pub struct Handle {
 }
 
 /// What is wrong with a table read from guest memory.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum IoTableError {
     /// A header field with an impossible value.
+    #[error("I/O table header: {0} is {1:#x}")]
     Header(&'static str, u64),
     /// An entry field with an impossible value.
+    #[error("I/O table entry {index}: {field} is {value:#x}")]
     Entry {
         /// The entry's index.
         index: usize,
@@ -124,17 +125,6 @@ pub enum IoTableError {
         value: u64,
     },
 }
-
-impl fmt::Display for IoTableError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Header(field, value) => write!(f, "I/O table header: {field} is {value:#x}"),
-            Self::Entry { index, field, value } => write!(f, "I/O table entry {index}: {field} is {value:#x}"),
-        }
-    }
-}
-
-impl core::error::Error for IoTableError {}
 
 /// An empty table's bytes.
 pub fn empty() -> [u8; TABLE_LEN] {
@@ -257,6 +247,7 @@ impl IoTableLocation {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use alloc::string::ToString;
     use alloc::vec;
 
     fn handles() -> Vec<Handle> {
@@ -343,5 +334,16 @@ mod tests {
         assert_eq!(IoTableLocation::decode(&IoTableLocation { gpa: 0, len: 1 << 20 }.encode()), None);
         assert_eq!(IoTableLocation::decode(&IoTableLocation { gpa: u64::MAX, len: 2 }.encode()), None);
         assert_eq!(IoTableLocation::decode(&[0; 8]), None);
+    }
+
+    #[test]
+    fn every_io_table_error_message_is_pinned() {
+        let cases = [
+            (IoTableError::Header("magic", 0x1234), "I/O table header: magic is 0x1234"),
+            (IoTableError::Entry { index: 3, field: "kind", value: 9 }, "I/O table entry 3: kind is 0x9"),
+        ];
+        for (error, message) in cases {
+            assert_eq!(error.to_string(), message, "{error:?}");
+        }
     }
 }

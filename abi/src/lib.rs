@@ -6,11 +6,15 @@
 //! parameters page and device table, the I/O reconnection table, the invoke mailbox, the recorded working set, the function bundle format, the WASI surface functions
 //! may import, and the conventions used when the same kernel runs under QEMU instead.
 //!
-//! This crate holds plain data and its encoding, decoding and validation only. It must never
-//! depend on anything host- or guest-specific: it is `no_std` and builds for both sides. Its
-//! errors implement `core::error::Error`, so the host needs no `std` feature to use them; there
-//! is deliberately none, because Cargo unifies features across the host build and the guest
-//! kernel's artifact build, and anything `std` would break the guest.
+//! This crate holds plain data and its encoding, decoding and validation only ([`codec`] is its
+//! ground floor: the checksum, the magics and the little-endian readers). Its core is `no_std`
+//! and builds for both sides. Its errors implement `core::error::Error` (derived by thiserror,
+//! without its `std` feature), so the host needs no `std` feature to use them. Two features
+//! reach beyond plain data, each for the crates that need it: `engine` (the Wasmtime settings
+//! host and guest share, no_std, which the guest's runtime enables) and `compile` (Cranelift
+//! compiling for the guest, with Wasmtime's `std`, which only the host tools enable). Cargo
+//! resolves the guest kernel's artifact build apart from the host's, so `compile` never reaches
+//! the guest.
 
 #![no_std]
 #![deny(unsafe_code)]
@@ -18,6 +22,7 @@
 extern crate alloc;
 
 pub mod bundle;
+pub mod codec;
 pub mod cpuid;
 pub mod devices;
 pub mod engine;
@@ -26,7 +31,6 @@ pub mod hypercall;
 pub mod image;
 pub mod invoke;
 pub mod iotable;
-mod le;
 pub mod note;
 pub mod params;
 pub mod qemu;

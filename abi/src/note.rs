@@ -12,8 +12,6 @@
 //!   20      4     desc   = interface version (little-endian u32)
 //! ```
 
-use core::fmt;
-
 /// Name of the ELF section holding the note.
 pub const SECTION_NAME: &str = ".note.thaw";
 /// The note's owner name, NUL-terminated.
@@ -76,13 +74,16 @@ impl AbiNote {
 }
 
 /// Why a section does not hold a valid interface-version note.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum NoteError {
     /// The section is shorter than a note.
+    #[error("note is {0} bytes, shorter than the {NOTE_LEN} a thaw note needs")]
     Truncated(usize),
     /// The note's owner is not "Thaw".
+    #[error("note owner is not \"Thaw\"")]
     WrongOwner,
     /// The note is not an interface-version note.
+    #[error("note type {note_type} with {descsz}-byte descriptor is not an interface-version note")]
     WrongType {
         /// The type found.
         note_type: u32,
@@ -91,23 +92,10 @@ pub enum NoteError {
     },
 }
 
-impl fmt::Display for NoteError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match *self {
-            Self::Truncated(len) => write!(f, "note is {len} bytes, shorter than the {NOTE_LEN} a thaw note needs"),
-            Self::WrongOwner => write!(f, "note owner is not \"Thaw\""),
-            Self::WrongType { note_type, descsz } => {
-                write!(f, "note type {note_type} with {descsz}-byte descriptor is not an interface-version note")
-            }
-        }
-    }
-}
-
-impl core::error::Error for NoteError {}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use alloc::string::ToString;
 
     /// The on-disk layout is part of the interface: pin it byte for byte.
     #[test]
@@ -126,5 +114,20 @@ mod tests {
         bytes[8] = 3;
         assert_eq!(AbiNote::parse(&bytes), Err(NoteError::WrongType { note_type: 3, descsz: 4 }));
         assert_eq!(AbiNote::parse(&bytes[..10]), Err(NoteError::Truncated(10)));
+    }
+
+    #[test]
+    fn every_note_error_message_is_pinned() {
+        let cases = [
+            (NoteError::Truncated(10), "note is 10 bytes, shorter than the 24 a thaw note needs"),
+            (NoteError::WrongOwner, r#"note owner is not "Thaw""#),
+            (
+                NoteError::WrongType { note_type: 3, descsz: 4 },
+                "note type 3 with 4-byte descriptor is not an interface-version note",
+            ),
+        ];
+        for (error, message) in cases {
+            assert_eq!(error.to_string(), message, "{error:?}");
+        }
     }
 }

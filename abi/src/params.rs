@@ -5,6 +5,8 @@
 //! its CSPRNG from the entropy and bases its WASI clocks on the wall-clock time and TSC
 //! frequency, again after every restore, so no two clones share random state or a stale clock.
 
+use crate::codec::{u32_at, u64_at, u128_at};
+
 /// Guest-physical address of the page.
 pub const HOST_PARAMS_GPA: u64 = 0x2000;
 /// `"THPR"`: marks a written page.
@@ -64,12 +66,10 @@ impl HostParams {
         if b.len() < Self::LEN || b[0..4] != MAGIC.to_le_bytes() {
             return None;
         }
-        let u64_at = |at: usize| u64::from_le_bytes(b[at..at + 8].try_into().unwrap_or([0; 8]));
         let mut entropy = [0; 32];
         entropy.copy_from_slice(&b[8..40]);
-        let flags = u32::from_le_bytes(b[4..8].try_into().unwrap_or([0; 4]));
-        let instance_id = InstanceId(u128::from_le_bytes(b[56..72].try_into().unwrap_or([0; 16])));
-        Some(Self { instance_id, entropy, wall_clock_ns: u64_at(40), tsc_khz: u64_at(48), flags })
+        let instance_id = InstanceId(u128_at(b, 56));
+        Some(Self { instance_id, entropy, wall_clock_ns: u64_at(b, 40), tsc_khz: u64_at(b, 48), flags: u32_at(b, 4) })
     }
 }
 

@@ -23,13 +23,11 @@
 
 use alloc::string::String;
 use alloc::vec::Vec;
-use core::fmt;
 
-use crate::bundle::crc32;
-use crate::le::{u32_at, u64_at};
+use crate::codec::{crc32, magic, u32_at, u64_at};
 
 /// The volume magic.
-pub const MAGIC: [u8; 8] = *b"THAWVOL\0";
+pub const MAGIC: [u8; 8] = magic::VOLUME;
 /// The only format version this code reads and writes.
 pub const FORMAT_VERSION: u32 = 1;
 /// Header size.
@@ -91,17 +89,22 @@ pub struct Header {
 }
 
 /// What is wrong with a volume, or with files given to [`build`].
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum VolumeError {
     /// Fewer bytes than a header.
+    #[error("volume is {0} bytes, shorter than its {HEADER_LEN}-byte header")]
     TooShort(usize),
     /// Not a volume.
+    #[error("volume magic {0:02x?} is not \"THAWVOL\\0\"")]
     BadMagic([u8; 8]),
     /// A version this code does not read.
+    #[error("volume format version {0} is not supported (this thaw reads version {FORMAT_VERSION})")]
     UnsupportedVersion(u32),
     /// A header field with an impossible value.
+    #[error("volume header: {0} is {1}")]
     Header(&'static str, u64),
     /// The CRC does not match.
+    #[error("volume checksum {stored:#010x} does not match the computed {computed:#010x} (corrupted)")]
     Checksum {
         /// Stored.
         stored: u32,
@@ -109,6 +112,7 @@ pub enum VolumeError {
         computed: u32,
     },
     /// A directory entry that breaks a rule.
+    #[error("volume entry {index}: {reason}")]
     Entry {
         /// The entry's index.
         index: usize,
@@ -116,28 +120,9 @@ pub enum VolumeError {
         reason: String,
     },
     /// A path given to [`build`] that a volume cannot hold.
+    #[error("{0:?}: {1}")]
     Path(String, &'static str),
 }
-
-impl fmt::Display for VolumeError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::TooShort(n) => write!(f, "volume is {n} bytes, shorter than its {HEADER_LEN}-byte header"),
-            Self::BadMagic(m) => write!(f, "volume magic {m:02x?} is not \"THAWVOL\\0\""),
-            Self::UnsupportedVersion(v) => {
-                write!(f, "volume format version {v} is not supported (this thaw reads version {FORMAT_VERSION})")
-            }
-            Self::Header(field, value) => write!(f, "volume header: {field} is {value}"),
-            Self::Checksum { stored, computed } => {
-                write!(f, "volume checksum {stored:#010x} does not match the computed {computed:#010x} (corrupted)")
-            }
-            Self::Entry { index, reason } => write!(f, "volume entry {index}: {reason}"),
-            Self::Path(path, reason) => write!(f, "{path:?}: {reason}"),
-        }
-    }
-}
-
-impl core::error::Error for VolumeError {}
 
 /// Why `path` cannot be a volume path, if it cannot.
 pub fn check_path(path: &str) -> Result<(), &'static str> {
@@ -466,5 +451,36 @@ mod tests {
             d[24] = b'c';
         });
         assert!(matches!(parse(&orphan), Err(VolumeError::Entry { index: 1, .. })));
+    }
+
+    #[test]
+    fn every_volume_error_message_is_pinned() {
+        let cases: [(VolumeError, &str); 7] = [
+            (VolumeError::TooShort(10), "volume is 10 bytes, shorter than its 64-byte header"),
+            (
+                VolumeError::BadMagic(*b"THAWVOL\x01"),
+                r#"volume magic [54, 48, 41, 57, 56, 4f, 4c, 01] is not "THAWVOL\0""#,
+            ),
+            (
+                VolumeError::UnsupportedVersion(2),
+                "volume format version 2 is not supported (this thaw reads version 1)",
+            ),
+            (VolumeError::Header("directory length", 7), "volume header: directory length is 7"),
+            (
+                VolumeError::Checksum { stored: 1, computed: 2 },
+                "volume checksum 0x00000001 does not match the computed 0x00000002 (corrupted)",
+            ),
+            (
+                VolumeError::Entry { index: 0, reason: "kind 3 is neither a file (1) nor a directory (2)".to_string() },
+                "volume entry 0: kind 3 is neither a file (1) nor a directory (2)",
+            ),
+            (
+                VolumeError::Path("a/../b".to_string(), "a volume path may not contain NUL"),
+                r#""a/../b": a volume path may not contain NUL"#,
+            ),
+        ];
+        for (error, message) in cases {
+            assert_eq!(error.to_string(), message, "{error:?}");
+        }
     }
 }

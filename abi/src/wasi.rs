@@ -1,5 +1,6 @@
-//! The WASI preview1 surface thaw accepts: every function's name and signature, and errno
-//! values.
+//! The WASI preview1 surface thaw accepts: every function's name and signature, the errno
+//! values, and the flag and type values the calls take and return (file types, rights, open,
+//! fd and set-times flags).
 //!
 //! A function may import any preview1 function listed here, with exactly this signature;
 //! `thaw pack` and the VMM reject any other import. The guest implements every one
@@ -247,6 +248,167 @@ pub mod errno {
     pub const NOTCAPABLE: u16 = 76;
 }
 
+/// Preview 1 file types (`filetype`).
+pub mod filetype {
+    /// The type is unknown or none of the others.
+    pub const UNKNOWN: u8 = 0;
+    /// A block device.
+    pub const BLOCK_DEVICE: u8 = 1;
+    /// A character device (the standard streams).
+    pub const CHARACTER_DEVICE: u8 = 2;
+    /// A directory.
+    pub const DIRECTORY: u8 = 3;
+    /// A regular file.
+    pub const REGULAR_FILE: u8 = 4;
+    /// A datagram socket.
+    pub const SOCKET_DGRAM: u8 = 5;
+    /// A stream socket.
+    pub const SOCKET_STREAM: u8 = 6;
+    /// A symbolic link.
+    pub const SYMBOLIC_LINK: u8 = 7;
+}
+
+/// Preview 1 rights (`rights`), one bit each, numbered as the specification numbers them.
+pub mod rights {
+    /// `fd_datasync`.
+    pub const FD_DATASYNC: u64 = 1 << 0;
+    /// `fd_read` (and `sock_recv`).
+    pub const FD_READ: u64 = 1 << 1;
+    /// `fd_seek` (which implies `FD_TELL`).
+    pub const FD_SEEK: u64 = 1 << 2;
+    /// `fd_fdstat_set_flags`.
+    pub const FD_FDSTAT_SET_FLAGS: u64 = 1 << 3;
+    /// `fd_sync`.
+    pub const FD_SYNC: u64 = 1 << 4;
+    /// `fd_tell`.
+    pub const FD_TELL: u64 = 1 << 5;
+    /// `fd_write` (and `sock_send`).
+    pub const FD_WRITE: u64 = 1 << 6;
+    /// `fd_advise`.
+    pub const FD_ADVISE: u64 = 1 << 7;
+    /// `fd_allocate`.
+    pub const FD_ALLOCATE: u64 = 1 << 8;
+    /// `path_create_directory`.
+    pub const PATH_CREATE_DIRECTORY: u64 = 1 << 9;
+    /// `path_open` with `oflags::CREAT`.
+    pub const PATH_CREATE_FILE: u64 = 1 << 10;
+    /// `path_link`, on the source directory.
+    pub const PATH_LINK_SOURCE: u64 = 1 << 11;
+    /// `path_link`, on the target directory.
+    pub const PATH_LINK_TARGET: u64 = 1 << 12;
+    /// `path_open`.
+    pub const PATH_OPEN: u64 = 1 << 13;
+    /// `fd_readdir`.
+    pub const FD_READDIR: u64 = 1 << 14;
+    /// `path_readlink`.
+    pub const PATH_READLINK: u64 = 1 << 15;
+    /// `path_rename`, on the source directory.
+    pub const PATH_RENAME_SOURCE: u64 = 1 << 16;
+    /// `path_rename`, on the target directory.
+    pub const PATH_RENAME_TARGET: u64 = 1 << 17;
+    /// `path_filestat_get`.
+    pub const PATH_FILESTAT_GET: u64 = 1 << 18;
+    /// Changing a file's size through a path (`path_open` with `oflags::TRUNC`).
+    pub const PATH_FILESTAT_SET_SIZE: u64 = 1 << 19;
+    /// `path_filestat_set_times`.
+    pub const PATH_FILESTAT_SET_TIMES: u64 = 1 << 20;
+    /// `fd_filestat_get`.
+    pub const FD_FILESTAT_GET: u64 = 1 << 21;
+    /// `fd_filestat_set_size`.
+    pub const FD_FILESTAT_SET_SIZE: u64 = 1 << 22;
+    /// `fd_filestat_set_times`.
+    pub const FD_FILESTAT_SET_TIMES: u64 = 1 << 23;
+    /// `path_symlink`.
+    pub const PATH_SYMLINK: u64 = 1 << 24;
+    /// `path_remove_directory`.
+    pub const PATH_REMOVE_DIRECTORY: u64 = 1 << 25;
+    /// `path_unlink_file`.
+    pub const PATH_UNLINK_FILE: u64 = 1 << 26;
+    /// `poll_oneoff` on the fd's read and write readiness.
+    pub const POLL_FD_READWRITE: u64 = 1 << 27;
+    /// `sock_shutdown`.
+    pub const SOCK_SHUTDOWN: u64 = 1 << 28;
+    /// `sock_accept`.
+    pub const SOCK_ACCEPT: u64 = 1 << 29;
+    /// Every right preview 1 defines.
+    pub const ALL: u64 = (1 << 30) - 1;
+    /// What a preopened directory has: Wasmtime's set, which userlands expect.
+    pub const PREOPEN: u64 = PATH_CREATE_DIRECTORY
+        | PATH_CREATE_FILE
+        | PATH_LINK_SOURCE
+        | PATH_LINK_TARGET
+        | PATH_OPEN
+        | FD_READDIR
+        | PATH_READLINK
+        | PATH_RENAME_SOURCE
+        | PATH_RENAME_TARGET
+        | PATH_FILESTAT_GET
+        | PATH_FILESTAT_SET_TIMES
+        | FD_FILESTAT_GET
+        | FD_FILESTAT_SET_TIMES
+        | PATH_SYMLINK
+        | PATH_REMOVE_DIRECTORY
+        | PATH_UNLINK_FILE;
+    /// What files and directories opened in a preopened directory may have (Wasmtime's
+    /// inheriting set).
+    pub const PREOPEN_INHERITING: u64 = PREOPEN
+        | FD_DATASYNC
+        | FD_READ
+        | FD_SEEK
+        | FD_FDSTAT_SET_FLAGS
+        | FD_SYNC
+        | FD_TELL
+        | FD_WRITE
+        | FD_ADVISE
+        | FD_ALLOCATE
+        | FD_FILESTAT_SET_SIZE
+        | POLL_FD_READWRITE;
+}
+
+/// `path_open`'s open flags (`oflags`).
+pub mod oflags {
+    /// Create the file if it does not exist.
+    pub const CREAT: u16 = 1 << 0;
+    /// Fail unless the path names a directory.
+    pub const DIRECTORY: u16 = 1 << 1;
+    /// With `CREAT`: fail if the file exists.
+    pub const EXCL: u16 = 1 << 2;
+    /// Truncate the file to size 0.
+    pub const TRUNC: u16 = 1 << 3;
+}
+
+/// File descriptor flags (`fdflags`).
+pub mod fdflags {
+    /// Writes go to the end of the file.
+    pub const APPEND: u16 = 1 << 0;
+    /// Data integrity on every write.
+    pub const DSYNC: u16 = 1 << 1;
+    /// Non-blocking.
+    pub const NONBLOCK: u16 = 1 << 2;
+    /// Read integrity, as far as `DSYNC` or `SYNC` asks.
+    pub const RSYNC: u16 = 1 << 3;
+    /// File integrity on every write.
+    pub const SYNC: u16 = 1 << 4;
+}
+
+/// Which times the set-times calls change (`fstflags`).
+pub mod fstflags {
+    /// Set the access time to the value given.
+    pub const ATIM: u16 = 1 << 0;
+    /// Set the access time to now.
+    pub const ATIM_NOW: u16 = 1 << 1;
+    /// Set the modification time to the value given.
+    pub const MTIM: u16 = 1 << 2;
+    /// Set the modification time to now.
+    pub const MTIM_NOW: u16 = 1 << 3;
+}
+
+/// How the path calls resolve their path (`lookupflags`).
+pub mod lookupflags {
+    /// Follow a symlink that the path ends in.
+    pub const SYMLINK_FOLLOW: u32 = 1 << 0;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -258,5 +420,24 @@ mod tests {
         assert!(lookup("nope").is_none());
         assert_eq!(errno::NOSPC, 51);
         assert_eq!(errno::NOTCAPABLE, 76);
+    }
+
+    #[test]
+    fn flag_bits_are_the_specifications() {
+        assert_eq!((filetype::DIRECTORY, filetype::REGULAR_FILE, filetype::SYMBOLIC_LINK), (3, 4, 7));
+        assert_eq!((rights::FD_READ, rights::FD_WRITE, rights::FD_READDIR), (1 << 1, 1 << 6, 1 << 14));
+        assert_eq!((rights::PATH_FILESTAT_SET_SIZE, rights::FD_FILESTAT_SET_SIZE), (1 << 19, 1 << 22));
+        assert_eq!(rights::SOCK_ACCEPT << 1, rights::ALL + 1, "rights end at bit 29");
+        assert_eq!((oflags::CREAT, oflags::DIRECTORY, oflags::EXCL, oflags::TRUNC), (1, 2, 4, 8));
+        assert_eq!((fdflags::APPEND, fdflags::NONBLOCK, fdflags::SYNC), (1, 4, 16));
+        assert_eq!((fstflags::ATIM, fstflags::ATIM_NOW, fstflags::MTIM, fstflags::MTIM_NOW), (1, 2, 4, 8));
+    }
+
+    #[test]
+    fn preopen_rights_are_wasmtimes_sets() {
+        let preopen = (9..=18).chain([20, 21, 23, 24, 25, 26]).fold(0u64, |set, bit| set | 1 << bit);
+        assert_eq!(rights::PREOPEN, preopen);
+        let inheriting = (0..=8).chain([22, 27]).fold(preopen, |set, bit| set | 1 << bit);
+        assert_eq!(rights::PREOPEN_INHERITING, inheriting);
     }
 }

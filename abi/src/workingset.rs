@@ -19,8 +19,8 @@
 
 use alloc::vec::Vec;
 
+use crate::codec::{u32_at, u64_at};
 use crate::hypercall::HYPERCALL_PAGE_SIZE;
-use crate::le::{u32_at, u64_at};
 
 /// Bytes of one encoded run.
 pub const RUN_LEN: usize = 16;
@@ -76,16 +76,19 @@ impl Run {
 }
 
 /// What is wrong with an encoded working set.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum WorkingSetError {
     /// The bytes are not whole runs.
+    #[error("{0} bytes is not a whole number of {RUN_LEN}-byte runs")]
     Length(usize),
     /// A run sets reserved bits.
+    #[error("the run at {start:#x} sets reserved bits")]
     Reserved {
         /// Its start address.
         start: u64,
     },
     /// A run is empty or reaches past the canonical lower half.
+    #[error("the run of {pages} pages at {start:#x} is empty or leaves the lower half")]
     OutOfRange {
         /// Its start address.
         start: u64,
@@ -93,11 +96,13 @@ pub enum WorkingSetError {
         pages: u32,
     },
     /// A run starts before the previous one ends.
+    #[error("the run at {start:#x} overlaps or precedes the one before it")]
     Unordered {
         /// Its start address.
         start: u64,
     },
     /// More runs or pages than a working set may hold.
+    #[error("{runs} runs of {pages} pages in all, more than the {MAX_RUNS} runs or {MAX_PAGES} pages allowed")]
     TooLarge {
         /// Runs.
         runs: usize,
@@ -105,25 +110,6 @@ pub enum WorkingSetError {
         pages: u64,
     },
 }
-
-impl core::fmt::Display for WorkingSetError {
-    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        match *self {
-            Self::Length(n) => write!(f, "{n} bytes is not a whole number of {RUN_LEN}-byte runs"),
-            Self::Reserved { start } => write!(f, "the run at {start:#x} sets reserved bits"),
-            Self::OutOfRange { start, pages } => {
-                write!(f, "the run of {pages} pages at {start:#x} is empty or leaves the lower half")
-            }
-            Self::Unordered { start } => write!(f, "the run at {start:#x} overlaps or precedes the one before it"),
-            Self::TooLarge { runs, pages } => write!(
-                f,
-                "{runs} runs of {pages} pages in all, more than the {MAX_RUNS} runs or {MAX_PAGES} pages allowed"
-            ),
-        }
-    }
-}
-
-impl core::error::Error for WorkingSetError {}
 
 /// Encodes `runs` (which must already be valid, as [`from_pages`] makes them).
 pub fn encode(runs: &[Run]) -> Vec<u8> {
@@ -258,5 +244,25 @@ mod tests {
         assert_eq!(u32_at(&second, 0), 3);
         assert_eq!(decode(&second[8..]).unwrap(), runs[RUNS_PER_CALL..]);
         assert_eq!(reply(batch(&runs, usize::MAX)), vec![0; 8], "past the end: no more");
+    }
+
+    #[test]
+    fn every_working_set_error_message_is_pinned() {
+        let cases = [
+            (WorkingSetError::Length(15), "15 bytes is not a whole number of 16-byte runs"),
+            (WorkingSetError::Reserved { start: 0x1000 }, "the run at 0x1000 sets reserved bits"),
+            (
+                WorkingSetError::OutOfRange { start: 0x1000, pages: 0 },
+                "the run of 0 pages at 0x1000 is empty or leaves the lower half",
+            ),
+            (WorkingSetError::Unordered { start: 0x6000 }, "the run at 0x6000 overlaps or precedes the one before it"),
+            (
+                WorkingSetError::TooLarge { runs: 1, pages: 1_048_577 },
+                "1 runs of 1048577 pages in all, more than the 65536 runs or 1048576 pages allowed",
+            ),
+        ];
+        for (error, message) in cases {
+            assert_eq!(error.to_string(), message, "{error:?}");
+        }
     }
 }

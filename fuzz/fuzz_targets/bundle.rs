@@ -51,7 +51,7 @@ fn fix_digests(b: &mut [u8]) -> Option<()> {
     if code_len > 0 && end >= wasm_digest + 64 {
         b[end - 32..end].copy_from_slice(&code);
     }
-    let crc = abi::bundle::crc32(&[&b[..40], b.get(64..manifest_end)?]);
+    let crc = abi::codec::crc32(&[&b[..40], b.get(64..manifest_end)?]);
     b[40..44].copy_from_slice(&crc.to_le_bytes());
     Some(())
 }

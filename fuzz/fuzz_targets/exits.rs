@@ -71,8 +71,8 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
         Devices::new(&KINDS, &backends()).unwrap()
     };
     let mut output = Vec::new();
-    let mailbox = Mailbox::new(vec![b"{\"name\": \"fuzz\"}".to_vec()]);
-    let mut handler = ExitHandler::new(&mem, &mut devices, &[], &mut output, mailbox);
+    let mut mailbox = Mailbox::new(vec![b"{\"name\": \"fuzz\"}".to_vec()]);
+    let mut handler = ExitHandler::new(&mem, &mut devices, &[], &mut output, &mut mailbox);
     for op in ops.chunks_exact(8) {
         let (kind, target, offset) = (op[0], op[1], u16_at(op, 2) as u64);
         let value = [op[4], op[5], op[6], op[7]];

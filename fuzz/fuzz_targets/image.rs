@@ -22,7 +22,7 @@ fn fix_checksum(b: &mut [u8]) -> Option<()> {
         return None;
     }
     b[48..52].fill(0);
-    let crc = abi::bundle::crc32(&[&b[..len]]);
+    let crc = abi::codec::crc32(&[&b[..len]]);
     b[48..52].copy_from_slice(&crc.to_le_bytes());
     Some(())
 }

@@ -8,7 +8,7 @@ use core::sync::atomic::{AtomicPtr, Ordering};
 
 use bootloader_api::BootInfo;
 
-use crate::{arch, heap, platform, println};
+use crate::{arch, console, heap, phys, platform, println};
 
 /// The boot info, handed from ring 0 to ring 3.
 static BOOT_INFO: AtomicPtr<BootInfo> = AtomicPtr::new(core::ptr::null_mut());
@@ -30,11 +30,11 @@ pub fn start(boot_info: &'static mut BootInfo, main: fn() -> u32) -> ! {
     let Some(phys_offset) = boot_info.physical_memory_offset.into_option() else {
         panic!("loader did not map physical memory");
     };
-    platform::set_physical_memory_offset(phys_offset);
+    phys::set_physical_memory_offset(phys_offset);
     let cr3: u64;
     // SAFETY: reading CR3 in ring 0 has no side effects.
     unsafe { core::arch::asm!("mov {}, cr3", out(reg) cr3, options(nomem, nostack, preserves_flags)) };
-    platform::set_page_table_root(cr3);
+    phys::set_page_table_root(cr3);
     // Detect the hypervisor now: only ring-0 CPUID sees thaw's leaves under PVM.
     platform::current();
     BOOT_INFO.store(boot_info, Ordering::Release);
@@ -56,11 +56,11 @@ pub fn start(boot_info: &'static mut BootInfo, main: fn() -> u32) -> ! {
 /// The first ring-3 code: heap, devices, banner, main, exit.
 extern "C" fn ring3_main(main: u64) -> ! {
     platform::milestone(abi::hypercall::Milestone::Ring3Entered);
-    platform::init_console();
+    console::init_console();
     // SAFETY: `start` stored a pointer to the `'static` boot info before dropping here, and
     // nothing mutates it any more.
     let boot_info = unsafe { &*BOOT_INFO.load(Ordering::Acquire) };
-    if let Err(e) = heap::init(&boot_info.memory_regions, platform::physical_memory_offset()) {
+    if let Err(e) = heap::init(&boot_info.memory_regions, phys::physical_memory_offset()) {
         panic!("heap: {e}");
     }
     crate::devices::init();

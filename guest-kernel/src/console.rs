@@ -1,4 +1,6 @@
-//! `print!`/`println!`: formatted log output, one platform write per line.
+//! The kernel log: where its bytes go ([`write_log`]: the virtio console when the VMM asked for
+//! it, otherwise the log hypercall under thaw or COM1 elsewhere), and `print!`/`println!`, one
+//! write per line.
 //!
 //! Formatting happens into a line buffer, so a `println!` under thaw costs one hypercall however
 //! many pieces it is formatted from.
@@ -7,7 +9,33 @@ use core::fmt::{self, Write};
 
 use spin::Mutex;
 
-use crate::platform;
+use abi::hypercall::{HYPERCALL_PAGE_SIZE, Hypercall};
+
+use crate::platform::{self, Platform};
+use crate::{devices, hypercall, serial};
+
+/// Prepares log output: programs COM1 where there are no hypercalls.
+pub fn init_console() {
+    if platform::current() != Platform::Thaw {
+        serial::init();
+    }
+}
+
+/// Writes log bytes: to the virtio console when the VMM asked for that, otherwise through the
+/// log hypercall (thaw) or COM1.
+pub fn write_log(bytes: &[u8]) {
+    if devices::console_log() && devices::console_write(bytes) {
+        return;
+    }
+    match platform::current() {
+        Platform::Thaw => {
+            for chunk in bytes.chunks(HYPERCALL_PAGE_SIZE) {
+                hypercall::with_payload(chunk, |len| Hypercall::LogWrite { len });
+            }
+        }
+        _ => serial::write(bytes),
+    }
+}
 
 struct LineBuffer {
     bytes: [u8; 1024],
@@ -16,7 +44,7 @@ struct LineBuffer {
 
 impl LineBuffer {
     fn flush(&mut self) {
-        platform::write_log(&self.bytes[..self.len]);
+        write_log(&self.bytes[..self.len]);
         self.len = 0;
     }
 }

@@ -3,7 +3,7 @@
 
 use abi::hypercall::{HYPERCALL_PAGE_SIZE, Hypercall};
 
-use crate::platform;
+use crate::phys;
 
 /// Issues `call`.
 pub fn call(call: Hypercall) {
@@ -20,6 +20,6 @@ pub fn with_payload(payload: &[u8], make: impl FnOnce(usize) -> Hypercall) {
     // SAFETY: the hypercall page is a page of guest RAM reserved for this use, mapped through the
     // physical-memory offset; `len` fits it. One vCPU, no interrupts: nothing else writes it
     // concurrently.
-    unsafe { core::ptr::copy_nonoverlapping(payload.as_ptr(), platform::hypercall_page(), len) };
+    unsafe { core::ptr::copy_nonoverlapping(payload.as_ptr(), phys::hypercall_page(), len) };
     call(make(len));
 }

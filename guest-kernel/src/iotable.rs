@@ -12,7 +12,7 @@ use alloc::vec::Vec;
 use abi::iotable::{self, Handle, HandleKind, HandleState, IoTableLocation, TABLE_LEN};
 use spin::Mutex;
 
-use crate::platform;
+use crate::phys;
 
 struct Table {
     handles: Vec<Handle>,
@@ -103,5 +103,5 @@ pub fn reconnect<E>(fd: u32, step: impl FnOnce(&Handle) -> Result<(), E>) -> Res
 pub fn location() -> IoTableLocation {
     let mut table = TABLE.lock();
     table.publish();
-    IoTableLocation { gpa: platform::virt_to_phys(table.bytes.as_ptr()), len: TABLE_LEN as u64 }
+    IoTableLocation { gpa: phys::virt_to_phys(table.bytes.as_ptr()), len: TABLE_LEN as u64 }
 }

@@ -28,6 +28,7 @@ pub mod heap;
 pub mod hypercall;
 pub mod iotable;
 mod panic;
+pub mod phys;
 pub mod platform;
 pub mod serial;
 pub mod workingset;

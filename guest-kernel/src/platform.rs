@@ -2,7 +2,7 @@
 //!
 //! | operation | under thaw | elsewhere (QEMU) |
 //! |---|---|---|
-//! | log output | log hypercall | COM1 |
+//! | log output (`console.rs`) | log hypercall | COM1 |
 //! | exit | exit hypercall | `isa-debug-exit` |
 //! | panic, fault | panic / fault-report hypercall | marker line on COM1, then `isa-debug-exit` |
 //! | boot milestones | milestone hypercall | nothing |
@@ -13,14 +13,15 @@
 //! (measured; ring-0 CPUID is emulated and sees thaw's).
 
 use core::fmt::Write;
-use core::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicU8, Ordering};
 
 use abi::exit_code;
 use abi::fault::FaultReport;
-use abi::hypercall::{HYPERCALL_PAGE_GPA, HYPERCALL_PAGE_SIZE, Hypercall, Milestone};
+use abi::hypercall::{Hypercall, Milestone};
 use abi::params::{HOST_PARAMS_GPA, HostParams};
 use abi::qemu::{FAULT_MARKER, ISA_DEBUG_EXIT_PORT, PANIC_MARKER};
 
+use crate::phys::physical_memory_offset;
 use crate::{hypercall, serial};
 
 /// The hypervisor the kernel runs under.
@@ -35,8 +36,6 @@ pub enum Platform {
 
 /// The detected platform, or 0 before detection.
 static PLATFORM: AtomicU8 = AtomicU8::new(0);
-static PHYS_OFFSET: AtomicU64 = AtomicU64::new(0);
-static PAGE_TABLE_ROOT: AtomicU64 = AtomicU64::new(0);
 
 /// Reads the hypervisor CPUID leaf and tells whether this is thaw's VMM.
 pub fn detect() -> Platform {
@@ -53,16 +52,6 @@ pub fn detect() -> Platform {
     }
 }
 
-/// Records where physical memory is mapped (early boot, ring 0).
-pub fn set_physical_memory_offset(phys_offset: u64) {
-    PHYS_OFFSET.store(phys_offset, Ordering::Relaxed);
-}
-
-/// Records the page-table root (CR3, read in early boot: ring 3 cannot read it).
-pub fn set_page_table_root(cr3: u64) {
-    PAGE_TABLE_ROOT.store(cr3, Ordering::Relaxed);
-}
-
 /// The platform, detected on the first call, which must be in ring 0 (see the module docs).
 pub fn current() -> Platform {
     match PLATFORM.load(Ordering::Relaxed) {
@@ -74,41 +63,6 @@ pub fn current() -> Platform {
             platform
         }
     }
-}
-
-/// The virtual address at which physical memory is mapped.
-pub fn physical_memory_offset() -> u64 {
-    PHYS_OFFSET.load(Ordering::Relaxed)
-}
-
-/// How much of the address space above the physical-memory offset counts as the physical-memory
-/// mapping (PML4 slots 32 to 63: far more memory than any guest has, and clear of the
-/// loader's dynamic range).
-const PHYS_MAP_SPAN: u64 = 1 << 44;
-
-/// The guest-physical address behind `ptr`. Heap pointers lie in the physical-memory mapping;
-/// anything else (the kernel's statics and stack, which the BIOS loader places on frames of its
-/// choosing) is translated by walking the page tables, which are readable from ring 3 through
-/// that same mapping. An unmapped address is returned unchanged.
-pub fn virt_to_phys(ptr: *const u8) -> u64 {
-    let (addr, offset) = (ptr as u64, physical_memory_offset());
-    if addr >= offset && addr - offset < PHYS_MAP_SPAN {
-        return addr - offset;
-    }
-    walk(addr).unwrap_or(addr)
-}
-
-/// Translates `virt` through the page tables rooted at the recorded CR3.
-fn walk(virt: u64) -> Option<u64> {
-    let root = PAGE_TABLE_ROOT.load(Ordering::Relaxed);
-    if root == 0 {
-        return None;
-    }
-    crate::arch::translate::translate(root, virt, |entry| {
-        // SAFETY: `entry` is the address of an entry in a page-table frame reached from CR3;
-        // all of physical memory is mapped at the offset, user-accessible.
-        unsafe { ((physical_memory_offset() + entry) as *const u64).read_volatile() }
-    })
 }
 
 /// The host parameters page, if the VMM wrote one (only thaw's VMM does).
@@ -159,34 +113,6 @@ impl Clock {
     /// Nanoseconds since the Unix epoch.
     pub fn realtime_ns(&self) -> u64 {
         self.base_ns.saturating_add(self.monotonic_ns())
-    }
-}
-
-/// The hypercall page, seen through the physical-memory mapping.
-pub fn hypercall_page() -> *mut u8 {
-    (physical_memory_offset() + HYPERCALL_PAGE_GPA) as *mut u8
-}
-
-/// Prepares log output: programs COM1 where there are no hypercalls.
-pub fn init_console() {
-    if current() != Platform::Thaw {
-        serial::init();
-    }
-}
-
-/// Writes log bytes: to the virtio console when the VMM asked for that, otherwise through the
-/// log hypercall (thaw) or COM1.
-pub fn write_log(bytes: &[u8]) {
-    if crate::devices::console_log() && crate::devices::console_write(bytes) {
-        return;
-    }
-    match current() {
-        Platform::Thaw => {
-            for chunk in bytes.chunks(HYPERCALL_PAGE_SIZE) {
-                hypercall::with_payload(chunk, |len| Hypercall::LogWrite { len });
-            }
-        }
-        _ => serial::write(bytes),
     }
 }
 

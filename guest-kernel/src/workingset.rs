@@ -9,7 +9,7 @@
 use abi::hypercall::Hypercall;
 use abi::workingset::{PAGE_SIZE, RUN_LEN, Run};
 
-use crate::{hypercall, platform};
+use crate::{hypercall, phys};
 
 /// Fetches and touches `runs` runs of the working set, a hypercall page of runs at a time.
 /// Returns the pages touched.
@@ -20,8 +20,7 @@ pub fn touch(runs: u32) -> u64 {
         hypercall::call(Hypercall::WorkingSet { first });
         // SAFETY: the VMM wrote its reply into the hypercall page before the `out` returned; it
         // is read as plain bytes, and nothing else writes the page until the next hypercall.
-        let page =
-            unsafe { core::slice::from_raw_parts(platform::hypercall_page(), abi::hypercall::HYPERCALL_PAGE_SIZE) };
+        let page = unsafe { core::slice::from_raw_parts(phys::hypercall_page(), abi::hypercall::HYPERCALL_PAGE_SIZE) };
         let count = u32::from_le_bytes([page[0], page[1], page[2], page[3]]);
         let batch = page[8..].as_chunks::<RUN_LEN>().0;
         if count == 0 || count as usize > batch.len() {

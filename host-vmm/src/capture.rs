@@ -1,7 +1,7 @@
 //! Taking a function's snapshot: cold-boot it, run its init, stop it at its checkpoint, write
 //! the image, and record its working set into it.
 //!
-//! The working set ([`crate::workingset`]) needs a VM restored from the image, so the image is
+//! The working set ([`crate::recording`]) needs a VM restored from the image, so the image is
 //! written twice: once without it to a temporary file beside the output (restored from, then
 //! removed), and once with it to the output. Both writes are atomic renames, so a reader never
 //! sees half an image, and a failed recording leaves no image behind.
@@ -18,10 +18,10 @@ use crate::function::Function;
 use crate::kernel::KernelImage;
 use crate::mailbox::Mailbox;
 use crate::outcome::Outcome;
+use crate::recording::{self, Recording};
 use crate::snapshot::{Image, SnapshotError, WriteStats};
 use crate::virtio::{Backends, ConsoleSink};
 use crate::vm::{BootTimings, CheckpointMode, Vm, VmConfig, VmmError};
-use crate::workingset::{self, Recording};
 
 /// How a snapshot went.
 #[derive(Debug)]
@@ -54,8 +54,8 @@ pub fn snapshot_function(
     let mut timings = BootTimings::default();
     let mut vm = Vm::boot(kernel, &config, &mut timings)?;
     let mut guest_log = Vec::new();
-    let (outcome, _, mailbox) =
-        vm.run(&mut guest_log, Mailbox::default(), timeout, CheckpointMode::Capture, &mut timings)?;
+    let mut mailbox = Mailbox::default();
+    let (outcome, _) = vm.run(&mut guest_log, &mut mailbox, timeout, CheckpointMode::Capture, &mut timings)?;
     let init_stderr = mailbox.init_stderr;
     if !matches!(outcome, Outcome::Checkpointed) {
         let _ = log.write_all(&guest_log);
@@ -91,7 +91,7 @@ pub fn snapshot_function(
     let isolated =
         Backends { console: ConsoleSink::Buffer(Default::default()), volume: None, services: Default::default() };
     let sample_config = VmConfig { backends: isolated, ..config };
-    let recording = workingset::record(&image, &sample_config, sample, &mut std::io::sink()).map_err(renamed)?;
+    let recording = recording::record(&image, &sample_config, sample, &mut std::io::sink()).map_err(renamed)?;
     let runs: Vec<Run> = recording.runs.clone();
     let stats = vm.snapshot(output, guest, volume, runs)?;
     drop((image, draft));

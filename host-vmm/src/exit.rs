@@ -68,7 +68,7 @@ pub struct ExitHandler<'a> {
     serial_line: Vec<u8>,
     milestones: Vec<(Milestone, Instant)>,
     /// Requests for the guest and its responses.
-    pub mailbox: Mailbox,
+    pub mailbox: &'a mut Mailbox,
 }
 
 impl<'a> ExitHandler<'a> {
@@ -79,7 +79,7 @@ impl<'a> ExitHandler<'a> {
         devices: &'a mut Devices,
         working_set: &'a [Run],
         output: &'a mut dyn Write,
-        mailbox: Mailbox,
+        mailbox: &'a mut Mailbox,
     ) -> Self {
         Self {
             mem,
@@ -253,7 +253,7 @@ mod tests {
     }
 
     fn handle(mem: &GuestRam, out: &mut Vec<u8>, exit: VcpuExit) -> Result<ExitAction, ExitError> {
-        ExitHandler::new(mem, &mut Devices::default(), &[], out, Mailbox::default()).handle(exit)
+        ExitHandler::new(mem, &mut Devices::default(), &[], out, &mut Mailbox::default()).handle(exit)
     }
 
     fn guest_error(result: Result<ExitAction, ExitError>) -> GuestError {
@@ -315,7 +315,8 @@ mod tests {
         let mut out = Vec::new();
         let mut devices = Devices::default();
         {
-            let mut h = ExitHandler::new(&mem, &mut devices, &[], &mut out, Mailbox::default());
+            let mut mailbox = Mailbox::default();
+            let mut h = ExitHandler::new(&mem, &mut devices, &[], &mut out, &mut mailbox);
             for &b in b"hi\nyo" {
                 assert!(matches!(h.handle(VcpuExit::IoOut(COM1_PORT, &[b])).unwrap(), ExitAction::Continue));
             }
@@ -337,7 +338,8 @@ mod tests {
         let mut out = Vec::new();
         let mut devices = Devices::default();
         {
-            let mut h = ExitHandler::new(&mem, &mut devices, &[], &mut out, Mailbox::default());
+            let mut mailbox = Mailbox::default();
+            let mut h = ExitHandler::new(&mem, &mut devices, &[], &mut out, &mut mailbox);
             for _ in 0..MAX_SERIAL_LINE + 10 {
                 h.handle(VcpuExit::IoOut(COM1_PORT, b"y")).unwrap();
                 assert!(h.serial_line.len() < MAX_SERIAL_LINE);
@@ -381,7 +383,8 @@ mod tests {
         let mem = memory();
         let mut out = Vec::new();
         let mut devices = Devices::new(&[DeviceKind::Entropy], &crate::virtio::Backends::default()).unwrap();
-        let mut h = ExitHandler::new(&mem, &mut devices, &[], &mut out, Mailbox::default());
+        let mut mailbox = Mailbox::default();
+        let mut h = ExitHandler::new(&mem, &mut devices, &[], &mut out, &mut mailbox);
         let mut data = [0u8; 4];
         assert!(matches!(h.handle(VcpuExit::MmioRead(DEVICE_WINDOW_GPA, &mut data)).unwrap(), ExitAction::Continue));
         assert_eq!(&data, b"virt");
@@ -429,7 +432,8 @@ mod tests {
         let runs: Vec<Run> =
             (0..RUNS_PER_CALL as u64 + 1).map(|i| Run { start: i << 13, pages: 1, written: i % 2 == 0 }).collect();
         let mut devices = Devices::default();
-        let mut h = ExitHandler::new(&mem, &mut devices, &runs, &mut out, Mailbox::default());
+        let mut mailbox = Mailbox::default();
+        let mut h = ExitHandler::new(&mem, &mut devices, &runs, &mut out, &mut mailbox);
         let mut fetch = |first: u32| {
             let (port, arg) = Hypercall::WorkingSet { first }.encode();
             assert!(matches!(h.handle(VcpuExit::IoOut(port, &arg.to_le_bytes())).unwrap(), ExitAction::Continue));
@@ -450,7 +454,8 @@ mod tests {
         let mem = GuestRam::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
         let mut out = Vec::new();
         let mut devices = Devices::default();
-        let mut h = ExitHandler::new(&mem, &mut devices, &[], &mut out, Mailbox::parking());
+        let mut mailbox = Mailbox::parking();
+        let mut h = ExitHandler::new(&mem, &mut devices, &[], &mut out, &mut mailbox);
         let next = NextRequest { buffer_gpa: 0x8000, capacity: 64 }.encode();
         mem.write_slice(&next, GuestAddress(HYPERCALL_PAGE_GPA)).unwrap();
         let (port, len) = Hypercall::InvokeNext { len: next.len() }.encode();
@@ -477,7 +482,8 @@ mod tests {
         let mem = memory();
         let mut out = Vec::new();
         let mut devices = Devices::default();
-        let mut h = ExitHandler::new(&mem, &mut devices, &[], &mut out, Mailbox::default());
+        let mut mailbox = Mailbox::default();
+        let mut h = ExitHandler::new(&mem, &mut devices, &[], &mut out, &mut mailbox);
         let (port, value) = Hypercall::Milestone(Milestone::Ring3Entered).encode();
         h.handle(VcpuExit::IoOut(port, &arg(value))).unwrap();
         let first = h.milestone(Milestone::Ring3Entered).unwrap();

@@ -91,7 +91,7 @@ fn run_to_exit(vcpu: &mut VcpuFd, guest: &Guest) -> Result<(), VmmError> {
     vcpu.set_regs(&guest.regs).map_err(kvm("KVM_SET_REGS"))?;
     match vcpu.run().map_err(kvm("KVM_RUN"))? {
         VcpuExit::MmioWrite(DEVICE_WINDOW_GPA, _) => Ok(()),
-        other => Err(VmmError::Config(format!("the floor guest exited with {other:?}, not its store"))),
+        other => Err(VmmError::FloorExit(format!("{other:?}"))),
     }
 }
 

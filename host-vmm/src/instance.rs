@@ -1,6 +1,7 @@
 //! One VM's life from an image: restore it, run it until it waits for a request (parked),
 //! serve one request, reset it to the image, and destroy it (drop). Every way thaw serves from
-//! an image goes through here, so there is one restore path:
+//! an image goes through here, so there is one restore path; which steps each mode takes, and
+//! when, is decided in one place, the lane (`lane.rs`):
 //!
 //! ```text
 //!  fresh:  restore ─▶ serve ─▶ drop                        (all on the request path but the
@@ -13,8 +14,8 @@
 //! the request in with the checkpoint's result, so the guest resumes and answers in one run.
 //!
 //! A VM is reused only after an answer or a timeout. Anything else (the guest kernel panicked,
-//! faulted, exited or broke the protocol) may mean its own state is corrupt, so the caller must
-//! destroy it ([`Served::reusable`]). Even then a reset restores every byte the guest or the
+//! faulted, exited or broke the protocol) may mean its own state is corrupt, so the lane
+//! destroys it ([`Served::reusable`]). Even then a reset restores every byte the guest or the
 //! host changed, so nothing of one request reaches the next (docs/ARCHITECTURE.md, threat model).
 
 use std::io::Write;
@@ -22,11 +23,14 @@ use std::mem::ManuallyDrop;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::mailbox::{FunctionResponse, FunctionStatus, Mailbox};
+use abi::params::InstanceId;
+
+use crate::mailbox::Mailbox;
 use crate::memory::DirtyPages;
-use crate::outcome::Outcome;
+use crate::outcome::{FunctionResponse, FunctionStatus, Outcome};
 use crate::snapshot::Image;
-use crate::vm::{BootTimings, CheckpointMode, Role, RunReport, Vm, VmConfig, VmmError, thread_minor_faults};
+use crate::virtio::DeviceStats;
+use crate::vm::{BootTimings, CheckpointMode, Role, Vm, VmConfig, VmmError, thread_minor_faults};
 
 /// A VM restored from an image, and where it is in its life. Dropping it destroys the VM
 /// ([`Vm::destroy`]).
@@ -38,6 +42,8 @@ pub struct Instance {
     mailbox: Mailbox,
     /// Restored or reset, and not run since: its guest is still at its checkpoint.
     at_checkpoint: bool,
+    /// Its last request ended so that it may serve again ([`Served::reusable`]).
+    reusable: bool,
 }
 
 impl Drop for Instance {
@@ -48,9 +54,11 @@ impl Drop for Instance {
     }
 }
 
-/// How one request went.
+/// How one request went: the one result every way of serving gives ([`crate::lane::Lane::serve`]).
 #[derive(Debug)]
 pub struct Served {
+    /// The instance id of the VM that served it.
+    pub instance_id: InstanceId,
     /// [`Outcome::Answered`] when the function answered (`response` says how), otherwise how the
     /// guest ended.
     pub outcome: Outcome,
@@ -58,9 +66,25 @@ pub struct Served {
     pub response: Option<FunctionResponse>,
     /// VM exits during the request (the guest's resume included when it was not parked).
     pub exits: u64,
-    /// From the request's arrival at the VM to its response (or the guest's end), the guest's
-    /// resume from its checkpoint included when it was not parked yet.
+    /// Minor page faults the serving thread took for it.
+    pub page_faults: u64,
+    /// Counters of the serving VM's devices.
+    pub devices: Vec<DeviceStats>,
+    /// Where its time went.
+    pub timings: ServeTimings,
+}
+
+/// Where a served request's time went.
+#[derive(Debug, Clone, Default)]
+pub struct ServeTimings {
+    /// From the request reaching its lane (or the VM) to its response, or the guest's end:
+    /// getting a VM included, and the guest's resume from its checkpoint when it was not parked.
     pub to_response: Duration,
+    /// The phases of a restore made on the request's path (fresh mode, or a pool with none
+    /// parked).
+    pub restored: Option<BootTimings>,
+    /// Pool mode: getting a VM, a parked one or, when none was, one restored here.
+    pub waited: Option<Duration>,
     /// When the VM was not parked and asked for its request: from the first `KVM_RUN` to the
     /// guest taking it (`None` when the request came with the checkpoint's result).
     pub resume: Option<Duration>,
@@ -97,20 +121,30 @@ impl Instance {
             vm: ManuallyDrop::new(vm),
             mailbox: Mailbox::parking(),
             at_checkpoint: true,
+            reusable: true,
         })
     }
 
     /// Runs the guest until it waits for its request: it resumes from its checkpoint, reseeds
-    /// and sets its clock from the fresh host parameters. Returns [`Outcome::Parked`], or how
-    /// the guest ended instead, and how long it took.
-    pub fn park(&mut self, output: &mut dyn Write) -> Result<(Outcome, Duration), VmmError> {
+    /// and sets its clock from the fresh host parameters. Returns how long it took, or
+    /// [`VmmError::NotParked`] with how the guest ended instead.
+    pub fn park(&mut self, output: &mut dyn Write) -> Result<Duration, VmmError> {
         let started = Instant::now();
         self.at_checkpoint = false;
-        let mailbox = std::mem::take(&mut self.mailbox);
-        let (outcome, _, mailbox) =
-            self.vm.run(output, mailbox, self.config.timeout, CheckpointMode::Continue, &mut BootTimings::default())?;
-        self.mailbox = mailbox;
-        Ok((outcome, started.elapsed()))
+        let (outcome, _) = self.vm.run(
+            output,
+            &mut self.mailbox,
+            self.config.timeout,
+            CheckpointMode::Continue,
+            &mut BootTimings::default(),
+        )?;
+        match outcome {
+            Outcome::Parked => Ok(started.elapsed()),
+            outcome => {
+                self.reusable = false;
+                Err(VmmError::NotParked(outcome))
+            }
+        }
     }
 
     /// Hands `request` to the guest and runs it until it answers (or ends). A parked guest
@@ -119,6 +153,7 @@ impl Instance {
     /// on), which saves the VM exit that would ask for it.
     pub fn serve(&mut self, request: Vec<u8>, output: &mut dyn Write) -> Result<Served, VmmError> {
         let started = Instant::now();
+        let faults_before = thread_minor_faults();
         let was_parked = self.mailbox.is_parked();
         let handed_in = std::mem::take(&mut self.at_checkpoint)
             && self.image.info.guest.interface_version >= abi::FIRST_REQUEST_IN_RESULT_SINCE
@@ -126,18 +161,39 @@ impl Instance {
         if handed_in {
             self.mailbox.handed_in();
         } else if let Err(error) = self.mailbox.deliver(self.vm.memory(), request) {
-            let outcome = Outcome::Failed { error, rip: None };
-            return Ok(Served { outcome, response: None, exits: 0, to_response: started.elapsed(), resume: None });
+            self.reusable = false;
+            return Ok(Served {
+                instance_id: self.vm.instance_id(),
+                outcome: Outcome::Failed { error, rip: None },
+                response: None,
+                exits: 0,
+                page_faults: 0,
+                devices: self.vm.device_stats(),
+                timings: ServeTimings { to_response: started.elapsed(), ..ServeTimings::default() },
+            });
         }
         let mut timings = BootTimings::default();
-        let mailbox = std::mem::take(&mut self.mailbox);
-        let (outcome, exits, mut mailbox) =
-            self.vm.run(output, mailbox, self.config.timeout, CheckpointMode::Continue, &mut timings)?;
+        let (outcome, exits) =
+            self.vm.run(output, &mut self.mailbox, self.config.timeout, CheckpointMode::Continue, &mut timings)?;
         let to_response = started.elapsed();
-        let response = mailbox.responses.pop();
-        self.mailbox = mailbox;
+        let response = self.mailbox.responses.pop();
         let resume = if was_parked || handed_in { None } else { timings.to_first_request };
-        Ok(Served { outcome, response, exits, to_response, resume })
+        let served = Served {
+            instance_id: self.vm.instance_id(),
+            outcome,
+            response,
+            exits,
+            page_faults: thread_minor_faults().saturating_sub(faults_before),
+            devices: self.vm.device_stats(),
+            timings: ServeTimings { to_response, resume, ..ServeTimings::default() },
+        };
+        self.reusable = served.reusable();
+        Ok(served)
+    }
+
+    /// Whether its last request ended so that it may serve again ([`Served::reusable`]).
+    pub fn reusable(&self) -> bool {
+        self.reusable
     }
 
     /// Resets a kept VM to the image (see [`Vm::reset`], which refuses a VM not restored to be
@@ -147,6 +203,7 @@ impl Instance {
         let dirty = self.vm.reset(&self.image, &self.config)?;
         self.mailbox = Mailbox::parking();
         self.at_checkpoint = true;
+        self.reusable = true;
         Ok(dirty)
     }
 
@@ -164,36 +221,4 @@ impl Instance {
     pub(crate) fn vm_mut(&mut self) -> &mut Vm {
         &mut self.vm
     }
-}
-
-/// Serves `request` from a fresh VM restored from `image`, all on the request path, and
-/// reports on it the way a cold run is reported. The VM is handed back so a caller can keep it
-/// alive (`thaw restore --hold`) or drop it.
-pub fn serve_fresh(
-    image: &Arc<Image>,
-    config: &VmConfig,
-    request: Vec<u8>,
-    output: &mut dyn Write,
-) -> Result<(Instance, RunReport), VmmError> {
-    let started = Instant::now();
-    let faults_before = thread_minor_faults();
-    let mut timings = BootTimings::default();
-    let mut instance = Instance::restore(image, config, Role::Fresh, &mut timings)?;
-    let served = instance.serve(request, output)?;
-    timings.total = started.elapsed();
-    timings.to_response = served.response.as_ref().map(|_| timings.total);
-    timings.to_first_request = served.resume;
-    let page_faults = thread_minor_faults().saturating_sub(faults_before);
-    let private_memory = if config.measure_memory { Some(instance.vm.private_memory()?) } else { None };
-    let report = RunReport {
-        outcome: served.outcome,
-        timings,
-        exits: served.exits,
-        responses: served.response.into_iter().collect(),
-        init_stderr: Vec::new(),
-        private_memory,
-        page_faults,
-        devices: instance.vm.device_stats(),
-    };
-    Ok((instance, report))
 }

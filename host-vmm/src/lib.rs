@@ -13,8 +13,10 @@
 //!
 //! A function's VM can stop at its checkpoint instead ([`CheckpointMode::Capture`]) and be written
 //! to an image ([`snapshot`]); [`capture`] does that for a function and records the pages a
-//! sample request touches into the image ([`workingset`]). [`instance`] owns the life of a VM restored from such an image
-//! (restore, park, serve, reset, destroy), and [`pool`] keeps VMs parked ahead of requests.
+//! sample request touches into the image ([`recording`], [`workingset`]). [`instance`] owns the life of a VM
+//! restored from such an image (restore, park, serve, reset, destroy), [`pool`] keeps VMs parked
+//! ahead of requests, and [`lane`] is the serving lifecycle every command loops over: make a VM
+//! ready, serve one request, put the VM back, in each [`Mode`].
 //! [`host`] holds what is opened once per process: `/dev/kvm` and thaw's CPUID.
 //!
 //! The guest is hostile: nothing it does may panic the host. Its misbehaviour ends its own VM
@@ -31,6 +33,7 @@ pub mod guard;
 pub mod host;
 pub mod instance;
 pub mod kernel;
+pub mod lane;
 pub mod layout;
 pub mod mailbox;
 pub mod memory;
@@ -38,6 +41,7 @@ pub mod outcome;
 pub mod output;
 pub mod paging;
 pub mod pool;
+pub mod recording;
 pub mod seccomp;
 pub mod serial;
 pub mod snapshot;
@@ -47,10 +51,10 @@ pub mod watchdog;
 pub mod workingset;
 
 pub use function::{Function, FunctionError, FunctionKind};
-pub use instance::{Instance, Served, serve_fresh};
+pub use instance::{Instance, ServeTimings, Served};
 pub use kernel::{KernelError, KernelImage};
-pub use mailbox::{FunctionResponse, FunctionStatus};
-pub use outcome::{GuestError, Outcome};
+pub use lane::{Lane, Lanes, Mode, PutBack};
+pub use outcome::{FunctionResponse, FunctionStatus, GuestError, Outcome};
 pub use pool::{Pool, PoolStats};
 pub use snapshot::Image;
 pub use vm::{BootTimings, CheckpointMode, REWRITTEN_PAGES, Role, RunReport, Vm, VmConfig, VmmError, run_kernel};

@@ -5,38 +5,14 @@
 //! with a [`GuestError`] naming the field and value.
 
 use std::collections::VecDeque;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use crate::memory::GuestRam;
 use abi::hypercall::HYPERCALL_PAGE_GPA;
 use abi::invoke::{self, NextReply, NextRequest, Range, Response};
 use vm_memory::{Bytes, GuestAddress};
 
-use crate::outcome::GuestError;
-
-/// How one invocation ended, as the guest reported it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum FunctionStatus {
-    /// `handle` (or `_start`) returned.
-    Ok,
-    /// The function trapped with this message.
-    Trapped(String),
-    /// The function called `proc_exit` with this code.
-    Exited(u32),
-}
-
-/// One invocation's result.
-#[derive(Debug, Clone)]
-pub struct FunctionResponse {
-    /// How it ended.
-    pub status: FunctionStatus,
-    /// What it wrote to stdout: the response.
-    pub stdout: Vec<u8>,
-    /// What it wrote to stderr.
-    pub stderr: Vec<u8>,
-    /// From handing over the request to receiving the response.
-    pub handle_time: Duration,
-}
+use crate::outcome::{FunctionResponse, FunctionStatus, GuestError};
 
 /// What INVOKE_NEXT gets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

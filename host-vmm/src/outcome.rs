@@ -1,14 +1,37 @@
-//! How a guest's run ended ([`Outcome`]), and the guest behaviour that ends its VM
-//! ([`GuestError`]). The exit handler, the mailbox and the devices decide these; the callers of a
-//! run read them.
+//! How a guest's run ended ([`Outcome`]), how the function answered ([`FunctionResponse`]), and
+//! the guest behaviour that ends its VM ([`GuestError`]). The exit handler, the mailbox and the
+//! devices decide these; the callers of a run read them.
 
 use std::time::Duration;
 
 use abi::fault::{FAULT_REPORT_LEN, FaultReport};
 use abi::hypercall::DecodeError;
 
-use crate::mailbox::FunctionStatus;
 use crate::virtio::DeviceError;
+
+/// How one invocation ended, as the guest reported it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FunctionStatus {
+    /// `handle` (or `_start`) returned.
+    Ok,
+    /// The function trapped with this message.
+    Trapped(String),
+    /// The function called `proc_exit` with this code.
+    Exited(u32),
+}
+
+/// One invocation's result.
+#[derive(Debug, Clone)]
+pub struct FunctionResponse {
+    /// How it ended.
+    pub status: FunctionStatus,
+    /// What it wrote to stdout: the response.
+    pub stdout: Vec<u8>,
+    /// What it wrote to stderr.
+    pub stderr: Vec<u8>,
+    /// From handing over the request to receiving the response.
+    pub handle_time: Duration,
+}
 
 /// How a guest's run ended.
 #[derive(Debug)]

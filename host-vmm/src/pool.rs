@@ -4,18 +4,18 @@
 //! The filler restores and parks one VM at a time and hands it over a bounded channel: at most
 //! `size` VMs wait parked, plus the one being prepared. Keep `size` small: on PVM every live VM
 //! mapping the same image makes first touches slower for all of them (DESIGN.md). A request
-//! [`take`](Pool::take)s a parked VM, or waits for the next one when requests outrun the filler
-//! (counted in [`PoolStats`]). Used VMs go to a reaper thread that drops them, so destroying a VM
+//! [`try_take`](Pool::try_take)s a parked VM; when requests outrun the filler it finds none and
+//! its lane restores one on its own thread (`lane.rs`), counted in [`PoolStats`], rather than
+//! queueing behind the filler. Used VMs go to a reaper thread that drops them, so destroying a VM
 //! (closing its vCPU and VM, unmapping its memory) happens off the request path.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, SyncSender, TryRecvError};
+use std::sync::mpsc::{self, Receiver, Sender, SyncSender, TryRecvError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::instance::Instance;
-use crate::outcome::Outcome;
 use crate::snapshot::Image;
 use crate::vm::{BootTimings, Role, VmConfig, VmmError};
 
@@ -28,10 +28,10 @@ pub struct PoolStats {
     pub fill_time: Duration,
     /// Requests that found a parked VM waiting.
     pub ready: u64,
-    /// Requests that had to wait for the filler.
-    pub waited: u64,
-    /// Total time those requests waited.
-    pub wait_time: Duration,
+    /// Requests that found none parked, and were served by a VM restored on their own thread.
+    pub restored_here: u64,
+    /// Total time those requests took to get their VM.
+    pub restored_here_time: Duration,
     /// Used VMs the reaper destroyed.
     pub destroyed: u64,
     /// Working-set pages the filled VMs' guests touched before parking, in all.
@@ -56,8 +56,8 @@ struct Counters {
     filled: AtomicU64,
     fill_nanos: AtomicU64,
     ready: AtomicU64,
-    waited: AtomicU64,
-    wait_nanos: AtomicU64,
+    restored_here: AtomicU64,
+    restored_here_nanos: AtomicU64,
     destroyed: AtomicU64,
     warmed_pages: AtomicU64,
 }
@@ -86,7 +86,7 @@ impl Pool {
         let stop = Arc::new(AtomicBool::new(false));
         let failure = Arc::new(Mutex::new(None));
         let counters = Arc::new(Counters::default());
-        let spawn_error = |e: std::io::Error| VmmError::Config(format!("starting the pool's threads: {e}"));
+        let spawn_error = VmmError::Threads;
         let filler = {
             let (stop, failure, counters) = (Arc::clone(&stop), Arc::clone(&failure), Arc::clone(&counters));
             std::thread::Builder::new()
@@ -116,32 +116,34 @@ impl Pool {
         })
     }
 
-    /// A parked VM: one waiting now, or the next the filler parks within `timeout`.
-    pub fn take(&self, timeout: Duration) -> Result<Instance, VmmError> {
-        let failed = || {
-            let failure = self.failure.lock().unwrap_or_else(|p| p.into_inner()).clone();
-            VmmError::Config(format!("the pool's filler stopped: {}", failure.unwrap_or_else(|| "it exited".into())))
-        };
-        let Some(parked) = &self.parked else { return Err(failed()) };
-        let parked = parked.lock().unwrap_or_else(|p| p.into_inner());
-        match parked.try_recv() {
+    /// A parked VM, if one waits now. Fails when the filler has stopped.
+    pub fn try_take(&self) -> Result<Option<Instance>, VmmError> {
+        let Some(parked) = &self.parked else { return Err(self.stopped()) };
+        match parked.lock().unwrap_or_else(|p| p.into_inner()).try_recv() {
             Ok(instance) => {
                 self.counters.ready.fetch_add(1, Ordering::Relaxed);
-                return Ok(instance);
+                Ok(Some(instance))
             }
-            Err(TryRecvError::Disconnected) => return Err(failed()),
-            Err(TryRecvError::Empty) => {}
+            Err(TryRecvError::Empty) => Ok(None),
+            Err(TryRecvError::Disconnected) => Err(self.stopped()),
         }
-        let started = Instant::now();
-        let instance = parked.recv_timeout(timeout).map_err(|e| match e {
-            RecvTimeoutError::Timeout => {
-                VmmError::Config(format!("no parked VM within {:.1} s", timeout.as_secs_f64()))
-            }
-            RecvTimeoutError::Disconnected => failed(),
-        })?;
-        self.counters.waited.fetch_add(1, Ordering::Relaxed);
-        self.counters.wait_nanos.fetch_add(nanos(started.elapsed()), Ordering::Relaxed);
-        Ok(instance)
+    }
+
+    /// Fails when the filler has stopped.
+    pub fn check(&self) -> Result<(), VmmError> {
+        if self.threads.first().is_some_and(|filler| filler.is_finished()) { Err(self.stopped()) } else { Ok(()) }
+    }
+
+    fn stopped(&self) -> VmmError {
+        let failure = self.failure.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        VmmError::PoolStopped(failure.unwrap_or_else(|| "it exited".into()))
+    }
+
+    /// Counts a request that found none parked and got a VM restored on its own thread, in
+    /// `took`.
+    pub(crate) fn count_restored_here(&self, took: Duration) {
+        self.counters.restored_here.fetch_add(1, Ordering::Relaxed);
+        self.counters.restored_here_nanos.fetch_add(nanos(took), Ordering::Relaxed);
     }
 
     /// Hands a used VM to the reaper, which destroys it off the request path.
@@ -159,8 +161,8 @@ impl Pool {
             filled: c.filled.load(Ordering::Relaxed),
             fill_time: Duration::from_nanos(c.fill_nanos.load(Ordering::Relaxed)),
             ready: c.ready.load(Ordering::Relaxed),
-            waited: c.waited.load(Ordering::Relaxed),
-            wait_time: Duration::from_nanos(c.wait_nanos.load(Ordering::Relaxed)),
+            restored_here: c.restored_here.load(Ordering::Relaxed),
+            restored_here_time: Duration::from_nanos(c.restored_here_nanos.load(Ordering::Relaxed)),
             destroyed: c.destroyed.load(Ordering::Relaxed),
             warmed_pages: c.warmed_pages.load(Ordering::Relaxed),
         }
@@ -178,13 +180,8 @@ fn fill(
 ) {
     while !stop.load(Ordering::Relaxed) {
         let started = Instant::now();
-        let parked =
-            Instance::restore(image, config, Role::Ahead, &mut BootTimings::default()).and_then(|mut instance| {
-                match instance.park(&mut std::io::sink())? {
-                    (Outcome::Parked, _) => Ok(instance),
-                    (outcome, _) => Err(VmmError::Config(format!("a VM ended before parking: {outcome}"))),
-                }
-            });
+        let parked = Instance::restore(image, config, Role::Ahead, &mut BootTimings::default())
+            .and_then(|mut instance| instance.park(&mut std::io::sink()).map(|_| instance));
         match parked {
             Ok(instance) => {
                 counters.filled.fetch_add(1, Ordering::Relaxed);

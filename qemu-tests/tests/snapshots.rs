@@ -194,7 +194,7 @@ fn with_interface_version(image: &str, version: u32, path: &Path) {
     bytes[offset..offset + 4].copy_from_slice(&version.to_le_bytes());
     let metadata_len = u64::from_le_bytes(bytes[40..48].try_into().unwrap()) as usize;
     bytes[48..52].fill(0);
-    let crc = abi::bundle::crc32(&[&bytes[..metadata_len]]);
+    let crc = abi::codec::crc32(&[&bytes[..metadata_len]]);
     bytes[48..52].copy_from_slice(&crc.to_le_bytes());
     std::fs::write(path, &bytes).unwrap();
 }
@@ -376,7 +376,7 @@ fn vcpu_state_kvm_refuses_is_reported_with_the_image_it_came_from() {
     let at = bytes[..metadata_len].windows(8).position(|w| w == star).expect("the MSR record holds STAR");
     bytes[at..at + 4].copy_from_slice(&0x4000_1234u32.to_le_bytes());
     bytes[48..52].fill(0);
-    let checksum = abi::bundle::crc32(&[&bytes[..metadata_len]]);
+    let checksum = abi::codec::crc32(&[&bytes[..metadata_len]]);
     bytes[48..52].copy_from_slice(&checksum.to_le_bytes());
     let path = dir.path().join("msr.snap");
     std::fs::write(&path, &bytes).unwrap();

@@ -8,14 +8,14 @@
 //! them.
 
 use std::io::Write;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use clap::Args;
-use host_vmm::{FunctionStatus, Outcome, RunReport, VmConfig};
+use host_vmm::{FunctionStatus, Mode, Outcome, RunReport, VmConfig};
 
 use crate::KernelArgs;
 use crate::invoke::OptionalFunctionArgs;
-use crate::stats::{BatchStats, FloorStats, Measured, Percentiles, RequestStats, Status};
+use crate::stats::{BatchStats, Floor, Measured, RequestStats, Status};
 
 /// Arguments of `thaw bench`.
 #[derive(Args, Debug)]
@@ -30,15 +30,14 @@ pub struct BenchArgs {
     /// Number of VMs (or, with --mode, requests) to measure.
     #[arg(long, value_name = "N", default_value_t = 200)]
     runs: usize,
-    /// Serve a snapshot image in this mode, as `thaw restore --mode` does [default: fresh VMs,
-    /// reported phase by phase].
-    #[arg(long, value_enum, value_name = "MODE", requires = "function")]
-    mode: Option<crate::restore::Mode>,
+    /// Serve a snapshot image in this mode, as `thaw restore --mode` does [default: fresh].
+    #[arg(long, value_parser = crate::restore::mode_parser(), value_name = "MODE", requires = "function")]
+    mode: Option<Mode>,
     /// With --mode pool: how many VMs wait parked.
     #[arg(long, value_name = "N", default_value_t = 2)]
     pool: usize,
-    /// With --mode: issue requests at this many per second, as `thaw restore --rate` does (a
-    /// pool only helps below its fill rate) [default: each as soon as the last has answered].
+    /// With --mode: issue requests at this many per second, as `thaw restore --rate` does
+    /// [default: each as soon as the last has answered].
     #[arg(long, value_name = "PER_SEC", requires = "mode")]
     rate: Option<f64>,
     /// Measure the floor first (thaw's minimal guest: a fresh VM restored to its first exit, and
@@ -48,7 +47,7 @@ pub struct BenchArgs {
     floor: bool,
     /// Also run the function PEER's way, in this process, as many times, and set thaw's phases
     /// against it (cold invocations of a bundle only). wasmtime: Wasmtime with Cranelift and
-    /// WASI preview 1, as its own users run a module.
+    /// WASI preview 1, as its own users run a module (in a thaw built with `--features peer`).
     #[arg(long, value_enum, value_name = "PEER", requires = "function", conflicts_with = "mode")]
     peer: Option<Peer>,
     /// Print the results as one JSON object on stdout instead of text (docs/API.md, "Stats").
@@ -63,46 +62,15 @@ enum Peer {
     Wasmtime,
 }
 
-/// The floor, measured.
-#[derive(Debug, Clone)]
-pub struct Floor {
-    /// Its percentiles.
-    pub stats: FloorStats,
-    runs: usize,
-}
-
-impl Floor {
-    /// The floor as a text table.
-    pub fn table(&self) -> String {
-        let heading = format!(
-            "floor: thaw's minimal guest (4 MiB, one ring-3 store), {} runs each; times in microseconds\n",
-            self.runs
-        );
-        heading
-            + &crate::stats::table(&[
-                ("fresh VM restored to its first exit", self.stats.fresh),
-                ("kept VM reset by dirty log to exit", self.stats.kept),
-            ])
-    }
-}
-
-/// Measures the floor `runs` times.
-pub fn floor(runs: usize) -> Result<Floor, String> {
-    eprintln!("thaw: bench: measuring the floor ({runs} fresh and {runs} kept runs)");
-    let floor = host_vmm::floor::measure(runs).map_err(|e| format!("measuring the floor: {e}"))?;
-    let of = |times: &[Duration]| Percentiles::of(times.iter().map(|d| d.as_micros() as u64));
-    match (of(&floor.fresh), of(&floor.kept)) {
-        (Some(fresh), Some(kept)) => Ok(Floor { stats: FloorStats { fresh, kept, versus: None }, runs }),
-        _ => Err("measuring the floor: no runs".into()),
-    }
-}
-
 /// Runs `thaw bench` and returns the process exit code.
 pub fn run(args: &BenchArgs) -> Result<u8, String> {
     if args.runs == 0 {
         return Err("--runs 0: need at least one run".into());
     }
-    let floor = if args.floor { Some(floor(args.runs)?) } else { None };
+    if args.peer.is_some() && !cfg!(feature = "peer") {
+        return Err(NO_PEER.into());
+    }
+    let floor = if args.floor { Some(Floor::measure(args.runs)?) } else { None };
     let Some(path) = &args.function.function else {
         return match floor {
             Some(floor) => floor_only(args, &floor),
@@ -116,46 +84,25 @@ pub fn run(args: &BenchArgs) -> Result<u8, String> {
             path.display()
         ));
     }
-    if let Some(mode) = args.mode {
-        if !is_image {
+    if !is_image {
+        if args.mode.is_some() {
             return Err(format!("--mode serves a snapshot image; {} is not one", path.display()));
         }
-        let restore = crate::restore::RestoreArgs::for_bench(
-            path.clone(),
-            (args.function.data.clone(), args.function.input.clone()),
-            (mode, args.pool),
-            args.runs,
-            args.kernel.timeout,
-            args.rate,
-            args.json,
-        );
-        return crate::restore::serve_batch(&restore, floor);
-    }
-    if !is_image {
         return boot_batch(args, args.function.load(crate::kernel::timeout(&args.kernel)?)?, floor);
     }
     if args.peer.is_some() {
         return Err(format!("--peer measures cold invocations of a bundle; {} is a snapshot image", path.display()));
     }
-    let image = std::sync::Arc::new(host_vmm::Image::open(path).map_err(|e| e.to_string())?);
-    let request = crate::invoke::request_body(
-        args.function.data.as_ref(),
-        args.function.input.as_ref(),
-        crate::kernel::timeout(&args.kernel)?,
-    )?;
-    let config = VmConfig { timeout: crate::kernel::timeout(&args.kernel)?, ..VmConfig::default() };
-    let mut stats = BatchStats::new("fresh", Some(image.info.guest.function_name.clone()), args.runs);
-    let heading = format!(
-        "{} restores of {}, {} MiB guest memory; times in microseconds",
+    let restore = crate::restore::RestoreArgs::for_bench(
+        path.clone(),
+        (args.function.data.clone(), args.function.input.clone()),
+        (args.mode.unwrap_or(Mode::Fresh), args.pool),
         args.runs,
-        image.info.guest.function_name,
-        image.info.guest_memory_size() >> 20
+        args.kernel.timeout,
+        args.rate,
+        args.json,
     );
-    measure(&mut stats, true, || {
-        host_vmm::serve_fresh(&image, &config, request.clone(), &mut std::io::sink()).map(|(_, report)| report)
-    })?;
-    stats.source = Some("file".into());
-    report(args, stats, floor, &heading, "restore to response")
+    crate::restore::serve_batch(&restore, floor)
 }
 
 /// With --floor alone: the floor.
@@ -197,16 +144,36 @@ fn boot_batch(
         None => ("kernel", "kernel boots".to_string(), "kernel boot"),
     };
     let mut stats = BatchStats::new(mode, name, args.runs);
-    let answer = measure(&mut stats, false, || host_vmm::run_kernel(&kernel.image, &config, &mut std::io::sink()))?;
+    let answer = measure(&mut stats, || host_vmm::run_kernel(&kernel.image, &config, &mut std::io::sink()))?;
     if let (Some(Peer::Wasmtime), Some(function)) = (args.peer, &function) {
-        eprintln!("thaw: bench: the same {} runs with {}", args.runs, crate::peer::NAME);
         let request = config.requests.first().map_or(&[][..], |r| &r[..]);
-        let phases = crate::peer::measure(function, request, args.runs, &answer)?;
-        stats.peer = Some(crate::stats::PeerStats { name: crate::peer::NAME.into(), phases });
+        stats.peer = Some(peer(function, request, args.runs, &answer)?);
     }
     let heading = format!("{} {what}, {} MiB guest memory; times in microseconds", args.runs, config.memory_mib);
     report(args, stats, floor, &heading, vs)
 }
+
+/// Runs `function` with the peer as many times, checking it answers `answer` as thaw did.
+#[cfg(feature = "peer")]
+fn peer(
+    function: &host_vmm::Function,
+    request: &[u8],
+    runs: usize,
+    answer: &[u8],
+) -> Result<crate::stats::PeerStats, String> {
+    eprintln!("thaw: bench: the same {runs} runs with {}", crate::peer::NAME);
+    let phases = crate::peer::measure(function, request, runs, answer)?;
+    Ok(crate::stats::PeerStats { name: crate::peer::NAME.into(), phases })
+}
+
+/// Without the `peer` feature there is no peer to run (`run` refuses `--peer` up front).
+#[cfg(not(feature = "peer"))]
+fn peer(_: &host_vmm::Function, _: &[u8], _: usize, _: &[u8]) -> Result<crate::stats::PeerStats, String> {
+    Err(NO_PEER.into())
+}
+
+/// Why `--peer` cannot run in a thaw built without the `peer` feature.
+const NO_PEER: &str = "--peer: this thaw was built without the peer; build it with `--features peer` (for example `cargo install --locked --path tools --features peer`)";
 
 /// Prints `stats` (after `heading`, as text) with its total as a multiple of `floor`.
 fn report(
@@ -237,12 +204,11 @@ fn report(
     Ok(0)
 }
 
-/// Runs `stats.count` VMs with `one`, requiring each to end cleanly with clean answers, and
-/// sets `stats` to what they measured (`restored`: restores rather than cold boots). Returns
-/// the first run's first response (empty without one).
+/// Boots `stats.count` VMs with `one`, requiring each to end cleanly with clean answers, and
+/// sets `stats` to what they measured. Returns the first run's first response (empty without
+/// one).
 fn measure(
     stats: &mut BatchStats,
-    restored: bool,
     mut one: impl FnMut() -> Result<RunReport, host_vmm::VmmError>,
 ) -> Result<Vec<u8>, String> {
     let mut first = None;
@@ -262,11 +228,7 @@ fn measure(
         if first.is_none() {
             first = Some(report.responses.first().map(|r| r.stdout.clone()).unwrap_or_default());
         }
-        let mut measured = Measured::of_run(&report, restored);
-        if restored {
-            measured.phases.to_response_us = None;
-        }
-        samples.push(measured);
+        samples.push(Measured::of_run(&report));
         if (i + 1) % 50 == 0 || i + 1 == runs {
             let _ = write!(err, "\rthaw: bench: {}/{runs} VMs", i + 1);
         }

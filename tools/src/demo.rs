@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Args;
-use host_vmm::{BootTimings, Function, Image, Instance, Outcome, Pool, Role, RunReport, VmConfig};
+use host_vmm::{Function, Image, Lanes, Mode, Outcome, RunReport, VmConfig};
 
 /// Arguments of `thaw demo`.
 #[derive(Args, Debug)]
@@ -33,39 +33,54 @@ fn p50(mut values: Vec<Duration>) -> Duration {
     values.get(values.len().saturating_sub(1) / 2).copied().unwrap_or_default()
 }
 
-/// Runs `runs` VMs with `one` and returns the p50 restore-to-response time and the largest
-/// private memory seen.
-fn measure(runs: usize, mut one: impl FnMut() -> Result<RunReport, String>) -> Result<(Duration, u64), String> {
+/// Boots `runs` cold VMs with `one` and returns the p50 time to response.
+fn cold(runs: usize, mut one: impl FnMut() -> Result<RunReport, String>) -> Result<Duration, String> {
     let mut times = Vec::with_capacity(runs);
-    let mut private = 0;
     for _ in 0..runs {
         let report = one()?;
         if !matches!(report.outcome, Outcome::Exited(0) | Outcome::Answered) || report.responses.is_empty() {
             return Err(format!("a demo VM failed: {}", report.outcome));
         }
         times.push(report.timings.to_response.unwrap_or_default());
-        private = private.max(report.private_memory.unwrap_or(0));
+    }
+    Ok(p50(times))
+}
+
+/// Serves `runs` requests of `name` from `image` in `mode`, and returns the p50 time to
+/// response and the largest private memory of a VM that served (not measured in reset mode,
+/// whose one VM is reused).
+fn restored(
+    image: &Arc<Image>,
+    config: &VmConfig,
+    mode: Mode,
+    name: &str,
+    runs: usize,
+) -> Result<(Duration, u64), String> {
+    const POOL: usize = 2;
+    let lanes = Lanes::start(Arc::clone(image), config.clone(), mode, POOL).map_err(|e| e.to_string())?;
+    lanes.fill(POOL, config.timeout).map_err(|e| e.to_string())?;
+    let mut lane = lanes.lane();
+    lane.ready().map_err(|e| e.to_string())?;
+    let (mut times, mut private) = (Vec::with_capacity(runs), 0);
+    for _ in 0..runs {
+        if mode == Mode::Pool {
+            // Paced below the filler's rate, so each request finds a VM ready, as on a node
+            // whose traffic the pool is sized for.
+            std::thread::sleep(Duration::from_millis(4));
+        }
+        let served = lane.serve(request(name).to_vec(), &mut std::io::sink()).map_err(|e| e.to_string())?;
+        if !served.is_ok() {
+            return Err(format!("a demo VM failed: {}", served.outcome));
+        }
+        times.push(served.timings.to_response);
+        if mode != Mode::Reset
+            && let Some(used) = lane.used()
+        {
+            private = private.max(used.vm().private_memory().map_err(|e| e.to_string())?);
+        }
+        lane.put_back().map_err(|e| e.to_string())?;
     }
     Ok((p50(times), private))
-}
-
-/// Serves `runs` requests with `one` (which returns how long the request waited for its answer,
-/// or why it did not answer cleanly) and returns the p50.
-fn serve(runs: usize, mut one: impl FnMut() -> Result<Duration, String>) -> Result<Duration, String> {
-    (0..runs).map(|_| one()).collect::<Result<Vec<_>, _>>().map(p50)
-}
-
-/// The time `served` waited for its answer, if the function answered cleanly.
-fn answered(served: &host_vmm::Served) -> Result<Duration, String> {
-    if served.is_ok() { Ok(served.to_response) } else { Err(format!("a demo VM failed: {}", served.outcome)) }
-}
-
-/// Parks `instance` (after its restore or reset).
-fn park(instance: &mut Instance) -> Result<(), String> {
-    match instance.park(&mut std::io::sink()).map_err(|e| e.to_string())?.0 {
-        Outcome::Parked => Ok(()),
-        outcome => Err(format!("a demo VM ended before its request: {outcome}")),
-    }
 }
 
 fn ms(d: Duration) -> String {
@@ -97,9 +112,8 @@ pub fn run(args: &DemoArgs) -> Result<u8, String> {
         let config = function.boot_config(base, Duration::from_secs(60), vec![request(name).to_vec()]);
         let cold_runs = (args.runs / 5).max(3);
         eprintln!("thaw demo: {name}: {cold_runs} cold invocations");
-        let (cold, _) = measure(cold_runs, || {
-            host_vmm::run_kernel(kernel, &config, &mut std::io::sink()).map_err(|e| e.to_string())
-        })?;
+        let cold =
+            cold(cold_runs, || host_vmm::run_kernel(kernel, &config, &mut std::io::sink()).map_err(|e| e.to_string()))?;
         let image_path = dir.join(format!("{name}.snap"));
         let (status, _) = crate::snapshot::snapshot_function(
             &function,
@@ -110,36 +124,12 @@ pub fn run(args: &DemoArgs) -> Result<u8, String> {
         )?;
         eprintln!("thaw demo: {name}: {status}");
         let image = Arc::new(Image::open(&image_path).map_err(|e| e.to_string())?);
-        let fresh = |image: &Arc<Image>| {
-            host_vmm::serve_fresh(image, &config, request(name).to_vec(), &mut std::io::sink())
-                .map(|(_, report)| report)
-                .map_err(|e| e.to_string())
-        };
         eprintln!("thaw demo: {name}: {} fresh VMs restored on the request path", args.runs);
-        let (fresh_p50, private) = measure(args.runs, || fresh(&image))?;
+        let (fresh_p50, private) = restored(&image, &config, Mode::Fresh, name, args.runs)?;
         eprintln!("thaw demo: {name}: {} requests to VMs parked in a pool of 2", args.runs);
-        let pool = Pool::start(Arc::clone(&image), config.clone(), 2).map_err(|e| e.to_string())?;
-        let mut pooled_private = 0;
-        let pooled = serve(args.runs, || {
-            // Paced below the filler's rate, so each request finds a VM ready, as on a node
-            // whose traffic the pool is sized for.
-            std::thread::sleep(Duration::from_millis(4));
-            let mut instance = pool.take(config.timeout).map_err(|e| e.to_string())?;
-            let served = instance.serve(request(name).to_vec(), &mut std::io::sink()).map_err(|e| e.to_string())?;
-            pooled_private = pooled_private.max(instance.vm().private_memory().map_err(|e| e.to_string())?);
-            pool.discard(instance);
-            answered(&served)
-        })?;
-        drop(pool);
+        let (pooled, pooled_private) = restored(&image, &config, Mode::Pool, name, args.runs)?;
         eprintln!("thaw demo: {name}: {} requests to one kept VM, reset after each", args.runs);
-        let mut kept =
-            Instance::restore(&image, &config, Role::Kept, &mut BootTimings::default()).map_err(|e| e.to_string())?;
-        park(&mut kept)?;
-        let reset = serve(args.runs, || {
-            let served = kept.serve(request(name).to_vec(), &mut std::io::sink()).map_err(|e| e.to_string())?;
-            kept.reset().map_err(|e| e.to_string())?;
-            answered(&served)
-        })?;
+        let (reset, _) = restored(&image, &config, Mode::Reset, name, args.runs)?;
         rows.push((name, cold, fresh_p50, pooled, reset, private, pooled_private));
     }
     outln!()?;

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Args;
-use host_vmm::{Function, FunctionResponse, FunctionStatus, Outcome, RunReport, VmConfig};
+use host_vmm::{Function, FunctionResponse, FunctionStatus, Lanes, Mode, Outcome, VmConfig};
 
 use crate::stats::{Device, Measured, RequestStats};
 
@@ -105,7 +105,10 @@ pub fn run(args: &InvokeArgs) -> Result<u8, String> {
         host_vmm::run_kernel(kernel, &config, &mut kernel_log)
     }
     .map_err(|e| e.to_string())?;
-    finish_invoke(args, &report, false, &kernel_log)
+    // A cold boot's init ran here: what it wrote to stderr comes first.
+    let _ = std::io::stderr().write_all(&report.init_stderr);
+    let outcome = (&report.outcome, report.responses.first());
+    finish_invoke(args, outcome, || Ok(Measured::of_run(&report)), &report.devices, &kernel_log)
 }
 
 /// The first 8 bytes of `path`, which must be a bundle's or an image's magic. It must be a
@@ -130,37 +133,48 @@ fn timeout(args: &InvokeArgs) -> Result<Duration, String> {
     crate::kernel::parse_timeout(args.timeout)
 }
 
-/// Serves the request from a VM restored from the image at `args.function`.
+/// Serves the request from a fresh VM restored from the image at `args.function`.
 fn invoke_image(args: &InvokeArgs, request: Vec<u8>) -> Result<u8, String> {
     let image = std::sync::Arc::new(host_vmm::Image::open(&args.function).map_err(|e| e.to_string())?);
     let mut config = VmConfig { timeout: timeout(args)?, ..VmConfig::default() };
     args.boot_devices.refuse_on_restore()?;
     args.restore_devices.apply(&args.backends, &mut config, &image)?;
     crate::confine(&args.seccomp)?;
+    let mut lane = Lanes::start(image, config, Mode::Fresh, 0).map_err(|e| e.to_string())?.lane();
     let mut kernel_log = Vec::new();
-    let (_, report) = if args.verbose {
-        host_vmm::serve_fresh(&image, &config, request, &mut std::io::stderr().lock())
+    let served = if args.verbose {
+        lane.serve(request, &mut std::io::stderr().lock())
     } else {
-        host_vmm::serve_fresh(&image, &config, request, &mut kernel_log)
+        lane.serve(request, &mut kernel_log)
     }
     .map_err(|e| e.to_string())?;
-    finish_invoke(args, &report, true, &kernel_log)
+    let measured = || {
+        let mut measured = Measured::of_served(&served);
+        let private = lane.used().map(|vm| vm.vm().private_memory()).transpose().map_err(|e| e.to_string())?;
+        measured.memory.private_kib = private.map(|bytes| bytes / 1024);
+        Ok(measured)
+    };
+    finish_invoke(args, (&served.outcome, served.response.as_ref()), measured, &served.devices, &kernel_log)
 }
 
-/// Ends `thaw invoke`: with --json, the request's stats on stdout (its output among them);
+/// Ends `thaw invoke` after a run that ended with `outcome` and `response`: with --json, the
+/// request's stats on stdout (its output among them, what `measured` gives, the `devices`);
 /// otherwise the response.
-fn finish_invoke(args: &InvokeArgs, report: &RunReport, restored: bool, kernel_log: &[u8]) -> Result<u8, String> {
-    // A cold boot's init ran here: what it wrote to stderr comes first.
-    let _ = std::io::stderr().write_all(&report.init_stderr);
-    let response = report.responses.first();
+fn finish_invoke(
+    args: &InvokeArgs,
+    (outcome, response): (&Outcome, Option<&FunctionResponse>),
+    measured: impl FnOnce() -> Result<Measured, String>,
+    devices: &[host_vmm::virtio::DeviceStats],
+    kernel_log: &[u8],
+) -> Result<u8, String> {
     if !args.json {
-        return conclude(&report.outcome, response, kernel_log);
+        return conclude(outcome, response, kernel_log);
     }
-    let mut stats = RequestStats::new(&report.outcome, response);
-    stats.measured = Measured::of_run(report, restored);
-    stats.devices = report.devices.iter().map(Device::from).collect();
+    let mut stats = RequestStats::new(outcome, response);
+    stats.measured = measured()?;
+    stats.devices = devices.iter().map(Device::from).collect();
     crate::stats::print_json(&stats)?;
-    settle(&report.outcome, response, kernel_log, |response| Ok(exit_code(&response.status)))
+    settle(outcome, response, kernel_log, |response| Ok(exit_code(&response.status)))
 }
 
 /// Ends a one-request run, under either hypervisor: the response if the guest answered and

@@ -38,6 +38,7 @@ mod invoke;
 mod kernel;
 mod new;
 mod pack;
+#[cfg(feature = "peer")]
 mod peer;
 mod progress;
 mod qemu;

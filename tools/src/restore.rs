@@ -10,23 +10,16 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use clap::{Args, ValueEnum};
-use host_vmm::{BootTimings, Image, Instance, Outcome, Pool, REWRITTEN_PAGES, Role, Served, VmConfig};
+use clap::Args;
+use host_vmm::{Image, Instance, Lanes, Mode, REWRITTEN_PAGES, Served, VmConfig};
 
-use crate::stats::{BatchStats, Exits, Measured, PoolSummary, RequestStats, Status};
+use crate::stats::{BatchStats, Floor, Measured, PoolSummary, RequestStats, Status, us};
 
-/// How `thaw restore` (and `thaw serve`) gets a VM for each request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Mode {
-    /// A fresh VM restored on the request path, destroyed after its answer.
-    Fresh,
-    /// A VM restored and parked ahead by a background filler (--pool of them), destroyed off
-    /// the request path after its answer.
-    Pool,
-    /// One kept VM per worker, reset to the image after every request (its changed pages
-    /// copied back, fresh entropy and instance id); the next request comes in with its resume.
-    Reset,
+/// `--mode`: its values and what each does, for `--help` and completions.
+pub fn mode_parser() -> impl clap::builder::TypedValueParser<Value = Mode> {
+    use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
+    PossibleValuesParser::new(Mode::ALL.map(|mode| PossibleValue::new(mode.name()).help(mode.about())))
+        .try_map(|name| name.parse::<Mode>())
 }
 
 /// Arguments of `thaw restore`.
@@ -42,7 +35,7 @@ pub struct RestoreArgs {
     #[arg(long, value_name = "C", default_value_t = 1)]
     concurrency: usize,
     /// Where each request's VM comes from.
-    #[arg(long, value_enum, default_value_t = Mode::Fresh)]
+    #[arg(long, value_parser = mode_parser(), default_value_t = Mode::Fresh)]
     mode: Mode,
     /// With --mode pool: how many VMs wait parked.
     #[arg(long, value_name = "N", default_value_t = 2)]
@@ -116,8 +109,6 @@ fn progress(run: &Run<'_>, finished: &AtomicBool) {
 /// Shared between the workers.
 struct Run<'a> {
     args: &'a RestoreArgs,
-    image: &'a Arc<Image>,
-    config: &'a VmConfig,
     requests: Vec<Vec<u8>>,
     next: AtomicUsize,
     samples: Mutex<Vec<Measured>>,
@@ -197,110 +188,41 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn us(d: Duration) -> u64 {
-    d.as_micros() as u64
-}
-
-/// A served request's time to response and handle.
-fn served_sample(served: &Served) -> Measured {
-    let mut measured = Measured::default();
-    measured.phases.to_response_us = Some(us(served.to_response));
-    measured.phases.handle_us = served.response.as_ref().map(|r| us(r.handle_time));
-    measured
-}
-
-/// A fresh VM per request, restored on the request path.
-fn fresh_worker(run: &Run<'_>) -> Result<(), String> {
-    while let Some(number) = run.next_request() {
-        let queued = run.arrive(number).elapsed();
-        let (instance, report) = host_vmm::serve_fresh(run.image, run.config, run.body(number), &mut std::io::sink())
-            .map_err(|e| e.to_string())?;
-        let t = &report.timings;
-        let to_response = t.to_response.unwrap_or(t.total) + queued;
-        let mut sample = Measured::of_run(&report, true);
-        sample.phases.to_response_us = Some(us(to_response));
-        sample.phases.total_us = None;
-        let served = Served {
-            outcome: report.outcome,
-            response: report.responses.into_iter().next(),
-            exits: report.exits,
-            to_response,
-            resume: t.to_first_request,
-        };
-        if !run.record(number, &served, sample) {
-            return Ok(());
-        }
-        if run.args.hold {
-            lock(&run.held).push(instance);
-        }
-    }
-    Ok(())
-}
-
-/// Parked VMs from the pool; each used VM goes to the reaper.
-fn pool_worker(run: &Run<'_>, pool: &Pool, worker_requests: &AtomicUsize) -> Result<(), String> {
-    while let Some(number) = run.next_request() {
-        let arrived = run.arrive(number);
-        let mut instance = pool.take(run.config.timeout).map_err(|e| e.to_string())?;
-        let wait = arrived.elapsed();
-        let faults_before = host_vmm::vm::thread_minor_faults();
-        let served = instance.serve(run.body(number), &mut std::io::sink()).map_err(|e| e.to_string())?;
-        let mut sample = served_sample(&served);
-        sample.phases.to_response_us = Some(us(served.to_response + wait));
-        sample.phases.pool_wait_us = Some(us(wait));
-        sample.memory.page_faults = Some(host_vmm::vm::thread_minor_faults().saturating_sub(faults_before));
-        if worker_requests.fetch_add(1, Ordering::Relaxed).is_multiple_of(MEMORY_SAMPLE_EVERY) {
-            sample.memory.private_kib = Some(instance.vm().private_memory().map_err(|e| e.to_string())? / 1024);
-        }
-        sample.exits = Exits::of(served.exits, &instance.vm().device_stats());
-        pool.discard(instance);
-        if !run.record(number, &served, sample) {
-            return Ok(());
-        }
-    }
-    Ok(())
-}
-
-/// One kept VM, parked once after its restore (touching its working set), then reset after
-/// every request; the next request comes in with the guest's resume. A VM whose guest ended
-/// other than by answering or timing out is destroyed and replaced by a fresh restore.
-fn reset_worker(run: &Run<'_>) -> Result<(), String> {
-    let restore = || -> Result<Instance, String> {
-        let mut instance = Instance::restore(run.image, run.config, Role::Kept, &mut BootTimings::default())
-            .map_err(|e| e.to_string())?;
-        park(&mut instance)?;
-        Ok(instance)
-    };
-    let mut instance = restore()?;
+/// One worker: a lane of its own, readied once (in reset mode, its kept VM restored and parked,
+/// touching its working set), serving requests until none are left, each VM put back after its
+/// answer is recorded.
+fn worker(run: &Run<'_>, lanes: &Arc<Lanes>) -> Result<(), String> {
+    let mut lane = lanes.lane();
+    lane.ready().map_err(|e| e.to_string())?;
     let mut served_here = 0usize;
     while let Some(number) = run.next_request() {
         let queued = run.arrive(number).elapsed();
-        let faults_before = host_vmm::vm::thread_minor_faults();
-        let served = instance.serve(run.body(number), &mut std::io::sink()).map_err(|e| e.to_string())?;
-        let mut sample = served_sample(&served);
-        sample.phases.to_response_us = Some(us(served.to_response + queued));
-        sample.memory.page_faults = Some(host_vmm::vm::thread_minor_faults().saturating_sub(faults_before));
-        if served_here.is_multiple_of(MEMORY_SAMPLE_EVERY) {
-            sample.memory.private_kib = Some(instance.vm().private_memory().map_err(|e| e.to_string())? / 1024);
+        let served = lane.serve(run.body(number), &mut std::io::sink()).map_err(|e| e.to_string())?;
+        let mut sample = Measured::of_served(&served);
+        sample.phases.to_response_us = Some(us(served.timings.to_response + queued));
+        if lanes.mode() == Mode::Fresh || served_here.is_multiple_of(MEMORY_SAMPLE_EVERY) {
+            let used = lane.used().map(|vm| vm.vm().private_memory()).transpose().map_err(|e| e.to_string())?;
+            sample.memory.private_kib = used.map(|bytes| bytes / 1024);
         }
         served_here += 1;
-        sample.exits = Exits::of(served.exits, &instance.vm().device_stats());
-        if served.reusable() {
-            let started = Instant::now();
-            let dirty = instance.reset().map_err(|e| e.to_string())?;
-            sample.phases.reset_us = Some(us(started.elapsed()));
-            sample.memory.dirty_pages = Some(dirty.pages());
+        if run.args.hold {
+            lock(&run.held).extend(lane.hold());
         } else {
-            run.replaced.fetch_add(1, Ordering::Relaxed);
-            instance = restore()?;
+            let put_back = lane.put_back().map_err(|e| e.to_string())?;
+            if let Some((took, dirty)) = put_back.reset {
+                sample.phases.reset_us = Some(us(took));
+                sample.memory.dirty_pages = Some(dirty.pages());
+            }
+            if put_back.replaced {
+                run.replaced.fetch_add(1, Ordering::Relaxed);
+            }
         }
         if !run.record(number, &served, sample) {
             return Ok(());
         }
     }
-    if run.args.verify {
-        instance.reset().map_err(|e| e.to_string())?;
-        let differing = instance.pages_differing_from_image().map_err(|e| e.to_string())?;
+    if run.args.verify && lanes.mode() == Mode::Reset {
+        let differing = lane.pages_differing_from_image().map_err(|e| e.to_string())?;
         lock(&run.verified).push((served_here, differing));
     }
     Ok(())
@@ -308,16 +230,9 @@ fn reset_worker(run: &Run<'_>) -> Result<(), String> {
 
 /// Restores one more fresh VM, which must find the memory an earlier fresh VM left, and checks
 /// that memory against the image before the guest runs.
-fn verify_reused_memory(image: &Arc<Image>, config: &VmConfig, served: usize) -> Result<(), String> {
-    let spares = image.spares();
-    let instance =
-        Instance::restore(image, config, Role::Fresh, &mut BootTimings::default()).map_err(|e| e.to_string())?;
-    if image.spares() >= spares {
-        return Err(format!(
-            "verify: after {served} fresh VMs, no memory was left for reuse (the reset needs /proc/self/pagemap)"
-        ));
-    }
-    let differing = instance.pages_differing_from_image().map_err(|e| e.to_string())?;
+fn verify_reused_memory(lanes: &Arc<Lanes>, served: usize) -> Result<(), String> {
+    let differing =
+        lanes.lane().pages_differing_from_image().map_err(|e| format!("verify: after {served} fresh VMs, {e}"))?;
     check_memory(&format!("after {served} fresh VMs, the memory they left for the next"), &differing)
 }
 
@@ -332,14 +247,6 @@ fn check_memory(what: &str, differing: &[u64]) -> Result<(), String> {
         "thaw: verify: {what} equals the image except pages {differing:?}, which the host rewrites for every request"
     );
     Ok(())
-}
-
-/// Runs a restored or reset VM until it waits for its request.
-fn park(instance: &mut Instance) -> Result<Duration, String> {
-    match instance.park(&mut std::io::sink()).map_err(|e| e.to_string())? {
-        (Outcome::Parked, took) => Ok(took),
-        (outcome, _) => Err(format!("a VM ended before it waited for its request: {outcome}")),
-    }
 }
 
 impl RestoreArgs {
@@ -380,12 +287,12 @@ impl RestoreArgs {
 
 /// Runs `thaw restore` and returns the process exit code.
 pub fn run(args: &RestoreArgs) -> Result<u8, String> {
-    let floor = if args.floor { Some(crate::bench::floor(args.count.min(500))?) } else { None };
+    let floor = if args.floor { Some(Floor::measure(args.count.min(500))?) } else { None };
     serve_batch(args, floor)
 }
 
 /// Serves the batch `args` describes and reports on it, with the ratio to `floor` if given.
-pub fn serve_batch(args: &RestoreArgs, floor: Option<crate::bench::Floor>) -> Result<u8, String> {
+pub fn serve_batch(args: &RestoreArgs, floor: Option<Floor>) -> Result<u8, String> {
     if args.count == 0 || args.concurrency == 0 {
         return Err("--count and --concurrency must be at least 1".into());
     }
@@ -421,7 +328,7 @@ pub fn serve_batch(args: &RestoreArgs, floor: Option<crate::bench::Floor>) -> Re
     let image = Image::open(&args.image).map_err(|e| e.to_string())?;
     let image = Arc::new(if args.template { image.to_template().map_err(|e| e.to_string())? } else { image });
     let timeout = crate::kernel::parse_timeout(args.timeout)?;
-    let mut config = VmConfig { timeout, measure_memory: true, ..VmConfig::default() };
+    let mut config = VmConfig { timeout, ..VmConfig::default() };
     args.devices.apply(&args.backends, &mut config, &image)?;
     let responses = match &args.responses {
         None => None,
@@ -430,21 +337,11 @@ pub fn serve_batch(args: &RestoreArgs, floor: Option<crate::bench::Floor>) -> Re
         ))),
     };
     crate::confine(&args.seccomp)?;
-    let pool = match args.mode {
-        Mode::Pool => Some(Pool::start(Arc::clone(&image), config.clone(), args.pool).map_err(|e| e.to_string())?),
-        _ => None,
-    };
-    if let Some(pool) = &pool {
-        // Traffic starts once the pool is full, as it would on a node that has been up.
-        let filling = Instant::now();
-        while pool.stats().filled < args.pool as u64 && filling.elapsed() < timeout {
-            std::thread::sleep(Duration::from_millis(1));
-        }
-    }
+    let lanes = Lanes::start(Arc::clone(&image), config, args.mode, args.pool).map_err(|e| e.to_string())?;
+    // Traffic starts once the pool is full, as it would on a node that has been up.
+    lanes.fill(args.pool, timeout).map_err(|e| e.to_string())?;
     let run = Run {
         args,
-        image: &image,
-        config: &config,
         requests,
         next: AtomicUsize::new(0),
         samples: Mutex::new(Vec::with_capacity(args.count)),
@@ -457,7 +354,6 @@ pub fn serve_batch(args: &RestoreArgs, floor: Option<crate::bench::Floor>) -> Re
         verified: Mutex::new(Vec::new()),
         started: Instant::now(),
     };
-    let pool_requests = AtomicUsize::new(0);
     let workers = args.concurrency.min(args.count);
     let started = run.started;
     let finished = AtomicBool::new(false);
@@ -465,12 +361,7 @@ pub fn serve_batch(args: &RestoreArgs, floor: Option<crate::bench::Floor>) -> Re
         let handles: Vec<_> = (0..workers)
             .map(|_| {
                 s.spawn(|| {
-                    let result = match (args.mode, &pool) {
-                        (Mode::Pool, Some(pool)) => pool_worker(&run, pool, &pool_requests),
-                        (Mode::Reset, _) => reset_worker(&run),
-                        _ => fresh_worker(&run),
-                    };
-                    if let Err(problem) = result {
+                    if let Err(problem) = worker(&run, &lanes) {
                         run.fail(problem);
                     }
                 })
@@ -487,8 +378,7 @@ pub fn serve_batch(args: &RestoreArgs, floor: Option<crate::bench::Floor>) -> Re
         }
     });
     let wall = started.elapsed();
-    let pool_stats = pool.as_ref().map(Pool::stats);
-    drop(pool);
+    let pool_stats = lanes.pool_stats();
     let peak_alive = lock(&run.held).len();
     drop(run.held);
     if let Some(file) = &run.responses {
@@ -498,15 +388,14 @@ pub fn serve_batch(args: &RestoreArgs, floor: Option<crate::bench::Floor>) -> Re
         return Err(format!("a restored VM failed: {problem}"));
     }
     if args.verify && args.mode == Mode::Fresh {
-        verify_reused_memory(&image, &config, args.count)?;
+        verify_reused_memory(&lanes, args.count)?;
     }
     for (served, differing) in run.verified.into_inner().unwrap_or_else(|p| p.into_inner()) {
         check_memory(&format!("after {served} requests and a reset, the kept VM's memory"), &differing)?;
     }
     let samples = run.samples.into_inner().unwrap_or_else(|p| p.into_inner());
     let unclean = run.unclean.into_inner().unwrap_or_else(|p| p.into_inner());
-    let mode = format!("{:?}", args.mode).to_lowercase();
-    let mut stats = BatchStats::new(&mode, Some(image.info.guest.function_name.clone()), args.count);
+    let mut stats = BatchStats::new(args.mode.name(), Some(image.info.guest.function_name.clone()), args.count);
     stats.source = Some(if args.template { "template" } else { "file" }.into());
     stats.concurrency = args.concurrency;
     stats.alive_at_once = if args.hold { peak_alive } else { workers };
@@ -520,8 +409,8 @@ pub fn serve_batch(args: &RestoreArgs, floor: Option<crate::bench::Floor>) -> Re
         fill_rate_per_s: p.fill_rate().round() as u64,
         warmed_pages_per_vm: p.warmed_pages_per_vm(),
         ready: p.ready,
-        waited: p.waited,
-        wait_ms: p.wait_time.as_millis() as u64,
+        restored_here: p.restored_here,
+        restored_here_ms: p.restored_here_time.as_millis() as u64,
     });
     stats.summarize(&samples);
     if let (Some(floor), Some(to_response)) = (&floor, stats.phases.to_response_us) {
@@ -569,8 +458,8 @@ fn summary(args: &RestoreArgs, stats: &BatchStats) -> String {
     if let Some(p) = &stats.pool {
         let _ = writeln!(
             out,
-            "pool: {} VMs parked by the filler at {} per second of its work, each after touching {} working-set pages; {} requests found one ready, {} waited ({} ms in all)",
-            p.filled, p.fill_rate_per_s, p.warmed_pages_per_vm, p.ready, p.waited, p.wait_ms
+            "pool: {} VMs parked by the filler at {} per second of its work, each after touching {} working-set pages; {} requests found one ready, {} found none and restored their own ({} ms in all)",
+            p.filled, p.fill_rate_per_s, p.warmed_pages_per_vm, p.ready, p.restored_here, p.restored_here_ms
         );
     }
     if stats.replaced > 0 {

@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use host_vmm::virtio::DeviceStats;
-use host_vmm::{FunctionResponse, FunctionStatus, Outcome, RunReport};
+use host_vmm::{FunctionResponse, FunctionStatus, Outcome, RunReport, Served};
 use serde::{Deserialize, Serialize};
 
 /// How a request ended.
@@ -166,37 +166,50 @@ pub struct Measured {
 }
 
 impl Measured {
-    /// A cold boot's (`restored` false) or a fresh restore's measurements.
-    pub fn of_run(report: &RunReport, restored: bool) -> Self {
+    /// A cold boot's measurements.
+    pub fn of_run(report: &RunReport) -> Self {
         let t = &report.timings;
-        let us = |d: Duration| d.as_micros() as u64;
         let opt = |d: Option<Duration>| d.map(us);
-        let mut phases = Phases {
+        let phases = Phases {
+            kernel_load_us: Some(us(t.load)),
             vm_create_us: Some(us(t.vm_create)),
             vcpu_create_us: Some(us(t.vcpu_setup)),
+            ring0_boot_us: opt(t.ring0_boot),
+            ring3_to_ready_us: opt(t.ring3_to_ready),
+            compile_us: opt(t.compile),
+            instantiate_us: opt(t.instantiate),
+            init_us: opt(t.init),
             handle_us: opt(report.responses.first().map(|r| r.handle_time)),
             total_us: Some(us(t.total)),
             ..Phases::default()
         };
-        if restored {
-            phases.to_response_us = opt(t.to_response);
-            phases.memory_map_us = Some(us(t.load));
-            phases.state_set_us = opt(t.state_set);
-            phases.resume_us = opt(t.to_first_request);
-        } else {
-            phases.kernel_load_us = Some(us(t.load));
-            phases.ring0_boot_us = opt(t.ring0_boot);
-            phases.ring3_to_ready_us = opt(t.ring3_to_ready);
-            phases.compile_us = opt(t.compile);
-            phases.instantiate_us = opt(t.instantiate);
-            phases.init_us = opt(t.init);
-        }
         let memory = Memory {
             private_kib: report.private_memory.map(|b| b / 1024),
             page_faults: Some(report.page_faults),
             dirty_pages: None,
         };
         Self { phases, memory, exits: Exits::of(report.exits, &report.devices) }
+    }
+
+    /// A request served from an image: to its response, the phases of a restore on its path,
+    /// its wait for a pool, its resume and its handle. Private memory is left to the caller,
+    /// which measures it only where it is worth a read of /proc/self/smaps.
+    pub fn of_served(served: &Served) -> Self {
+        let t = &served.timings;
+        let restored = t.restored.as_ref();
+        let phases = Phases {
+            to_response_us: Some(us(t.to_response)),
+            pool_wait_us: t.waited.map(us),
+            memory_map_us: restored.map(|r| us(r.load)),
+            vm_create_us: restored.map(|r| us(r.vm_create)),
+            vcpu_create_us: restored.map(|r| us(r.vcpu_setup)),
+            state_set_us: restored.and_then(|r| r.state_set).map(us),
+            resume_us: t.resume.map(us),
+            handle_us: served.response.as_ref().map(|r| us(r.handle_time)),
+            ..Phases::default()
+        };
+        let memory = Memory { page_faults: Some(served.page_faults), ..Memory::default() };
+        Self { phases, memory, exits: Exits::of(served.exits, &served.devices) }
     }
 }
 
@@ -337,10 +350,10 @@ pub struct PoolSummary {
     pub warmed_pages_per_vm: u64,
     /// Requests that found a VM ready.
     pub ready: u64,
-    /// Requests that waited for one.
-    pub waited: u64,
-    /// Their wait, in all.
-    pub wait_ms: u64,
+    /// Requests that found none parked, and were served by a VM restored on their own thread.
+    pub restored_here: u64,
+    /// The time those requests took to get their VM, in all.
+    pub restored_here_ms: u64,
 }
 
 /// The peer measured in the same run (`thaw bench --peer`): the same function's phases run by
@@ -420,6 +433,40 @@ impl FloorStats {
             "{what}: {:.2}x the {}-VM floor at p50 ({} against {} µs), {:.2}x at p99 ({} against {} µs)",
             v.p50_ratio, v.against, v.p50, floor.p50, v.p99_ratio, v.p99, floor.p99
         ))
+    }
+}
+
+/// The floor, measured (`--floor` of `thaw bench` and `thaw restore`).
+#[derive(Debug, Clone)]
+pub struct Floor {
+    /// Its percentiles.
+    pub stats: FloorStats,
+    runs: usize,
+}
+
+impl Floor {
+    /// Measures the floor `runs` times ([`host_vmm::floor::measure`]).
+    pub fn measure(runs: usize) -> Result<Self, String> {
+        eprintln!("thaw: bench: measuring the floor ({runs} fresh and {runs} kept runs)");
+        let floor = host_vmm::floor::measure(runs).map_err(|e| format!("measuring the floor: {e}"))?;
+        let of = |times: &[Duration]| Percentiles::of(times.iter().map(|&d| us(d)));
+        match (of(&floor.fresh), of(&floor.kept)) {
+            (Some(fresh), Some(kept)) => Ok(Self { stats: FloorStats { fresh, kept, versus: None }, runs }),
+            _ => Err("measuring the floor: no runs".into()),
+        }
+    }
+
+    /// The floor as a text table.
+    pub fn table(&self) -> String {
+        let heading = format!(
+            "floor: thaw's minimal guest (4 MiB, one ring-3 store), {} runs each; times in microseconds\n",
+            self.runs
+        );
+        heading
+            + &table(&[
+                ("fresh VM restored to its first exit", self.stats.fresh),
+                ("kept VM reset by dirty log to exit", self.stats.kept),
+            ])
     }
 }
 
@@ -520,6 +567,11 @@ pub fn table(rows: &[(&str, Percentiles)]) -> String {
         let _ = writeln!(out, "{label:<width$} {:>8} {:>8} {:>8} {:>8}", p.p50, p.p90, p.p99, p.max);
     }
     out
+}
+
+/// `d` in whole microseconds.
+pub fn us(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }
 
 /// Prints `value` as one JSON line on stdout.

@@ -84,7 +84,7 @@ fn invoke_refuses_a_manifest_that_lies_about_its_lengths() {
     // the lie remains).
     let mut bytes = good.clone();
     bytes[64..66].copy_from_slice(&60_000u16.to_le_bytes());
-    let crc = abi::bundle::crc32(&[&bytes[..40], &bytes[64..64 + manifest_len as usize]]);
+    let crc = abi::codec::crc32(&[&bytes[..40], &bytes[64..64 + manifest_len as usize]]);
     bytes[40..44].copy_from_slice(&crc.to_le_bytes());
     assert!(invoke(&s.file("lie2.thaw", &bytes)).contains("name runs past the end of the manifest"));
     // A flipped manifest byte without a fixed-up checksum.

@@ -1,6 +1,6 @@
 //! Virtual-to-physical translation by walking 4-level x86-64 page tables, over any way of
 //! reading a table entry: the guest reads its live tables through the physical-memory mapping
-//! (`platform::virt_to_phys`), and the host's tests read tables that thaw's VMM built
+//! (`phys::virt_to_phys`), and the host's tests read tables that thaw's VMM built
 //! (`host-vmm/tests/guest_translate.rs`, which compiles this file for the host).
 
 const PRESENT: u64 = 1;

@@ -12,7 +12,7 @@ fn main() -> u32 {
     let mut line = [b'x'; 1024];
     line[1023] = b'\n';
     for _ in 0..8192 {
-        guest_kernel::platform::write_log(&line);
+        guest_kernel::console::write_log(&line);
     }
     0
 }

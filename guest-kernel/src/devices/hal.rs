@@ -13,7 +13,7 @@ use core::ptr::NonNull;
 use abi::devices::{DEVICE_WINDOW_GPA, DEVICE_WINDOW_LEN};
 use virtio_drivers::{BufferDirection, Hal, PAGE_SIZE, PhysAddr};
 
-use crate::platform;
+use crate::phys;
 
 /// The HAL.
 pub struct ThawHal;
@@ -36,7 +36,7 @@ unsafe impl Hal for ThawHal {
         // SAFETY: the layout has a non-zero size.
         let ptr = unsafe { alloc::alloc::alloc_zeroed(dma_layout(pages)) };
         let Some(ptr) = NonNull::new(ptr) else { panic!("virtio: out of memory for {pages} DMA pages") };
-        (platform::virt_to_phys(ptr.as_ptr()), ptr)
+        (phys::virt_to_phys(ptr.as_ptr()), ptr)
     }
 
     unsafe fn dma_dealloc(_paddr: PhysAddr, vaddr: NonNull<u8>, pages: usize) -> i32 {
@@ -49,7 +49,7 @@ unsafe impl Hal for ThawHal {
         let virt = if (DEVICE_WINDOW_GPA..DEVICE_WINDOW_GPA + DEVICE_WINDOW_LEN).contains(&paddr) {
             paddr
         } else {
-            platform::physical_memory_offset() + paddr
+            phys::physical_memory_offset() + paddr
         };
         match NonNull::new(virt as *mut u8) {
             Some(ptr) => ptr,
@@ -58,7 +58,7 @@ unsafe impl Hal for ThawHal {
     }
 
     unsafe fn share(buffer: NonNull<[u8]>, _direction: BufferDirection) -> PhysAddr {
-        platform::virt_to_phys(buffer.as_ptr().cast::<u8>())
+        phys::virt_to_phys(buffer.as_ptr().cast::<u8>())
     }
 
     unsafe fn unshare(_paddr: PhysAddr, _buffer: NonNull<[u8]>, _direction: BufferDirection) {}

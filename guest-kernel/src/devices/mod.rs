@@ -33,6 +33,7 @@ use virtio_drivers::device::rng::VirtIORng;
 use virtio_drivers::transport::SomeTransport;
 use virtio_drivers::transport::mmio::{MmioTransport, VirtIOHeader};
 
+use crate::phys;
 use crate::platform::{self, Platform};
 
 pub use hal::ThawHal;
@@ -142,7 +143,7 @@ pub fn table() -> DeviceTable {
     if platform::current() != Platform::Thaw {
         return DeviceTable::default();
     }
-    let at = (platform::physical_memory_offset() + DEVICE_TABLE_GPA) as *const u8;
+    let at = (phys::physical_memory_offset() + DEVICE_TABLE_GPA) as *const u8;
     // SAFETY: the device table lies in the host parameters page, guest RAM reserved for the
     // VMM, mapped through the physical-memory offset; the VMM wrote it before the guest ran.
     let bytes = unsafe { core::slice::from_raw_parts(at, DeviceTable::encoded_len(abi::devices::MAX_DEVICES)) };

@@ -4,10 +4,10 @@
 //! `/data`). `/run/thaw/instance-id` holds the VM's instance id.
 //!
 //! The data volume is grafted into the tree at boot, from its directory: its files are read
-//! through the block device on demand (`crate::devices::volume_read`) until the function first
-//! changes one, which copies it into memory. Each open volume file has an entry in the I/O
-//! reconnection table; after a restore, its first read checks that the block device and the file
-//! are there again (`EIO` if not).
+//! through the [`Volume`] on demand until the function first changes one, which copies it into
+//! memory. Each fd open on a file still read from the volume has an entry in the I/O
+//! reconnection table ([`Handles`]); after a restore, its first read checks that the volume and
+//! the file are there again (`EIO` if not).
 //!
 //! Everything written lives in the VM's memory and goes with it: a restored or reset VM starts
 //! from the tree as it was at the checkpoint. What the function adds (file bytes, nodes, names)
@@ -17,16 +17,20 @@
 //! symlink out of it is `EPERM`, as in Wasmtime. Errnos follow Wasmtime's preview 1 on Linux.
 //! Rights are not enforced per fd (`fd_fdstat_set_rights` is `ENOTSUP`, as in Wasmtime): a file
 //! opened without the write right is read-only, and the rights reported follow the open mode.
+//!
+//! What the tree needs from outside it comes through three small traits, [`Volume`], [`Handles`]
+//! and [`Clock`]: the guest implements them over its block device, its I/O table and its TSC
+//! clock (`backing.rs`), and the host's tests over fakes (`host-vmm/tests/guest_fs.rs`, which
+//! compiles this file for the host). So this file must never name anything of the kernel's
+//! (`crate::`): only `alloc`, `core` and `abi`.
 
 use alloc::collections::{BTreeMap, BTreeSet, VecDeque};
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 
-use abi::iotable::HandleKind;
-use abi::volume::EntryKind;
-use abi::wasi::errno;
-
-use crate::{devices, iotable, platform};
+use abi::iotable::{Handle, HandleKind};
+use abi::volume::{Directory, EntryKind};
+use abi::wasi::{errno, fdflags, filetype, lookupflags, rights};
 
 /// The first preopened directory's fd.
 pub const FIRST_PREOPEN: u32 = 3;
@@ -42,94 +46,43 @@ const NODE_COST: u64 = 128;
 /// Longest file or symlink name.
 const MAX_NAME: usize = 255;
 
-type Errno = u16;
+/// A WASI errno (`abi::wasi::errno`).
+pub type Errno = u16;
 
-/// Preview 1 file types.
-pub mod filetype {
-    /// A character device (stdio).
-    pub const CHARACTER_DEVICE: u8 = 2;
-    /// A directory.
-    pub const DIRECTORY: u8 = 3;
-    /// A regular file.
-    pub const REGULAR_FILE: u8 = 4;
-    /// A symbolic link.
-    pub const SYMBOLIC_LINK: u8 = 7;
+/// The data volume, which files not yet changed are read from.
+pub trait Volume {
+    /// Runs `f` on the volume's directory; `None` when the VM has no volume.
+    fn with_directory<R>(&self, f: impl FnOnce(&Directory) -> R) -> Option<R>;
+
+    /// Reads `out.len()` bytes of the volume at byte `offset`; false if it cannot.
+    fn read(&self, offset: u64, out: &mut [u8]) -> bool;
+
+    /// Makes sure the volume can be read (after a restore, its device may have to be set up
+    /// again); false if it cannot.
+    fn ready(&self) -> bool;
 }
 
-/// Preview 1 rights, by bit.
-mod rights {
-    pub const FD_DATASYNC: u64 = 1 << 0;
-    pub const FD_READ: u64 = 1 << 1;
-    pub const FD_SEEK: u64 = 1 << 2;
-    pub const FD_SYNC: u64 = 1 << 4;
-    pub const FD_TELL: u64 = 1 << 5;
-    pub const FD_WRITE: u64 = 1 << 6;
-    pub const FD_ALLOCATE: u64 = 1 << 8;
-    pub const FD_READDIR: u64 = 1 << 14;
-    pub const PATH_FILESTAT_SET_SIZE: u64 = 1 << 19;
-    pub const FD_FILESTAT_SET_SIZE: u64 = 1 << 22;
-    /// Every right preview 1 defines.
-    pub const ALL: u64 = (1 << 30) - 1;
-    /// What a preopened directory has (Wasmtime's set, which userlands expect).
-    pub const PREOPEN: u64 = (1 << 9)
-        | (1 << 10)
-        | (1 << 11)
-        | (1 << 12)
-        | (1 << 13)
-        | FD_READDIR
-        | (1 << 15)
-        | (1 << 16)
-        | (1 << 17)
-        | (1 << 24)
-        | (1 << 25)
-        | (1 << 26)
-        | (1 << 18)
-        | (1 << 20)
-        | (1 << 21)
-        | (1 << 23);
-    /// What files opened in a preopened directory may have.
-    pub const PREOPEN_INHERITING: u64 = PREOPEN
-        | FD_DATASYNC
-        | FD_READ
-        | FD_SEEK
-        | (1 << 3)
-        | FD_SYNC
-        | FD_TELL
-        | FD_WRITE
-        | (1 << 7)
-        | FD_ALLOCATE
-        | FD_FILESTAT_SET_SIZE
-        | (1 << 27);
+/// The I/O reconnection table (`abi::iotable`): one handle per fd open on a volume file.
+pub trait Handles {
+    /// Records an `Active` handle for `fd`; false when the table is full.
+    fn open(&mut self, fd: u32, kind: HandleKind, offset: u64, port: u32, path: &str) -> bool;
+
+    /// Marks `fd`'s handle closed.
+    fn close(&mut self, fd: u32);
+
+    /// Records the read offset of `fd`'s handle.
+    fn set_offset(&mut self, fd: u32, offset: u64);
+
+    /// Before using `fd`: when its handle waits to reconnect after a restore, runs `step` and,
+    /// if it succeeds, makes the handle `Active` again. Returns `step`'s error, or `Ok` when
+    /// nothing was needed.
+    fn reconnect(&mut self, fd: u32, step: impl FnOnce(&Handle) -> Result<(), Errno>) -> Result<(), Errno>;
 }
 
-/// `path_open`'s `oflags`.
-mod oflags {
-    pub const CREAT: u16 = 1;
-    pub const DIRECTORY: u16 = 2;
-    pub const EXCL: u16 = 4;
-    pub const TRUNC: u16 = 8;
-}
-
-/// `fdflags`.
-pub mod fdflags {
-    /// Writes go to the end.
-    pub const APPEND: u16 = 1;
-    /// Data integrity on every write.
-    pub const DSYNC: u16 = 2;
-    /// Non-blocking.
-    pub const NONBLOCK: u16 = 4;
-    /// Read integrity.
-    pub const RSYNC: u16 = 8;
-    /// File integrity on every write.
-    pub const SYNC: u16 = 16;
-}
-
-/// `fstflags` of the set-times calls.
-mod fstflags {
-    pub const ATIM: u16 = 1;
-    pub const ATIM_NOW: u16 = 2;
-    pub const MTIM: u16 = 4;
-    pub const MTIM_NOW: u16 = 8;
+/// The wall clock that stamps the times files carry.
+pub trait Clock {
+    /// Nanoseconds since the Unix epoch.
+    fn realtime_ns(&self) -> u64;
 }
 
 /// A file's bytes: still on the data volume, or in memory.
@@ -226,9 +179,10 @@ struct Found {
     slash: bool,
 }
 
-/// The tree and the open files of one function.
+/// The tree and the open files of one function, over the data volume `V`, the I/O table `H`
+/// and the clock `C`.
 #[derive(Debug)]
-pub struct Files {
+pub struct Files<V, H, C> {
     nodes: BTreeMap<u64, Node>,
     next_ino: u64,
     /// Bytes the function has added, and the most it may.
@@ -239,22 +193,27 @@ pub struct Files {
     reserved: core::ops::Range<u32>,
     /// fds the standard streams were moved to.
     held: BTreeSet<u32>,
-    clock: platform::Clock,
+    /// The data volume, the I/O reconnection table and the wall clock.
+    volume: V,
+    handles: H,
+    clock: C,
     /// The node of `/run/thaw/instance-id`, which a restore rewrites.
     instance_ino: u64,
 }
 
 const ROOT: u64 = 1;
 
-impl Files {
-    /// The tree the manifest describes: its scratch directories and the data volume (when the
-    /// VM has one) at its mount point, each preopened, and `/run/thaw/instance-id`. `reserved` are the socket
-    /// fds, which files never take.
+impl<V: Volume, H: Handles, C: Clock> Files<V, H, C> {
+    /// The tree the manifest describes: its scratch directories and the data volume (when
+    /// `volume` has a directory) at its mount point, each preopened, and `/run/thaw/instance-id`.
+    /// `reserved` are the socket fds, which files never take.
     pub fn new(
         manifest: &abi::bundle::Manifest,
         instance_id: &str,
         reserved: core::ops::Range<u32>,
-        clock: platform::Clock,
+        clock: C,
+        volume: V,
+        handles: H,
     ) -> Self {
         let root =
             Node { kind: Kind::Dir { entries: BTreeMap::new(), parent: ROOT }, nlink: 2, atim: 0, mtim: 0, ctim: 0 };
@@ -266,12 +225,14 @@ impl Files {
             open: BTreeMap::new(),
             reserved,
             held: BTreeSet::new(),
+            volume,
+            handles,
             clock,
             instance_ino: 0,
         };
-        devices::with_volume(|dir| {
+        if let Some(entries) = files.volume.with_directory(|dir| dir.entries.clone()) {
             let mount = files.mkdir_all(&manifest.data_mount);
-            for e in &dir.entries {
+            for e in &entries {
                 let (parent, name) = match e.path.rsplit_once('/') {
                     Some((parent, name)) => (files.mkdir_all_under(mount, parent), name),
                     None => (mount, e.path.as_str()),
@@ -288,7 +249,7 @@ impl Files {
                 let ino = files.add(kind);
                 files.link(parent, name, ino);
             }
-        });
+        }
         let run = files.mkdir_all(INSTANCE_DIR);
         files.instance_ino = files.add(Kind::File(Content::Memory(instance_id.as_bytes().to_vec())));
         files.link(run, INSTANCE_FILE, files.instance_ino);
@@ -304,7 +265,7 @@ impl Files {
     }
 
     /// A restored VM's fresh instance id and time base.
-    pub fn reseed(&mut self, instance_id: &str, clock: platform::Clock) {
+    pub fn reseed(&mut self, instance_id: &str, clock: C) {
         self.clock = clock;
         // Nothing to rewrite if init removed it.
         if let Some(Node { kind: Kind::File(content), .. }) = self.nodes.get_mut(&self.instance_ino) {
@@ -386,6 +347,15 @@ impl Files {
 
     fn is_dir(&self, ino: u64) -> bool {
         self.dir_entries(ino).is_some()
+    }
+
+    /// Fails with `ENOENT`, as Linux does, when directory `dir` was removed while an fd held
+    /// it: such a directory takes no new entries (nothing could ever reach or free them).
+    fn check_live(&self, dir: u64) -> Result<(), Errno> {
+        match self.node(dir)? {
+            Node { kind: Kind::Dir { .. }, nlink: 0, .. } => Err(errno::NOENT),
+            _ => Ok(()),
+        }
     }
 
     /// True for an fd this filesystem has open.
@@ -529,23 +499,26 @@ impl Files {
         base: u64,
         flags: u16,
     ) -> Result<u32, Errno> {
-        use self::oflags::{CREAT, DIRECTORY, EXCL, TRUNC};
+        use abi::wasi::oflags::{CREAT, DIRECTORY, EXCL, TRUNC};
         if flags & (fdflags::DSYNC | fdflags::RSYNC | fdflags::SYNC) != 0 {
             return Err(errno::NOTSUP);
         }
         if oflags & DIRECTORY != 0 && oflags & (CREAT | EXCL | TRUNC) != 0 {
             return Err(errno::INVAL);
         }
-        let found = self.walk(dir, path, lookup & 1 != 0)?;
+        // With `CREAT` and `EXCL`, a final symlink is never followed: it exists (POSIX, Linux).
+        let exclusive = oflags & CREAT != 0 && oflags & EXCL != 0;
+        let found = self.walk(dir, path, lookup & lookupflags::SYMLINK_FOLLOW != 0 && !exclusive)?;
         let write = base & rights::FD_WRITE != 0 || oflags & (CREAT | TRUNC) != 0;
         let read = base & rights::FD_READ != 0 || base & rights::FD_WRITE == 0;
         let ino = match found.ino {
-            Some(_) if oflags & CREAT != 0 && oflags & EXCL != 0 => return Err(errno::EXIST),
+            Some(_) if exclusive => return Err(errno::EXIST),
             Some(ino) => ino,
             None if oflags & CREAT != 0 => {
                 if found.slash {
                     return Err(errno::ISDIR);
                 }
+                self.check_live(found.parent)?;
                 self.charge(NODE_COST + found.name.len() as u64)?;
                 let ino = self.add(Kind::File(Content::Memory(Vec::new())));
                 self.link(found.parent, &found.name, ino);
@@ -561,13 +534,14 @@ impl Files {
             _ => {}
         }
         let fd = self.new_fd()?;
-        if let Kind::File(Content::Volume { path, .. }) = &node.kind
-            && !iotable::open(fd, HandleKind::DataFile, 0, 0, path)
-        {
-            return Err(errno::MFILE);
-        }
         if oflags & TRUNC != 0 {
             self.resize(ino, 0)?;
+        }
+        // A file still on the volume (not truncated just now) reads it through a handle.
+        if let Some(Node { kind: Kind::File(Content::Volume { path, .. }), .. }) = self.nodes.get(&ino)
+            && !self.handles.open(fd, HandleKind::DataFile, 0, 0, path)
+        {
+            return Err(errno::MFILE);
         }
         let flags = flags & (fdflags::APPEND | fdflags::NONBLOCK);
         self.open.insert(fd, Open { ino, read, write, flags, offset: 0, preopen: None });
@@ -578,7 +552,7 @@ impl Files {
     pub fn close(&mut self, fd: u32) -> Result<(), Errno> {
         let open = self.open.remove(&fd).ok_or(errno::BADF)?;
         if matches!(self.nodes.get(&open.ino), Some(Node { kind: Kind::File(Content::Volume { .. }), .. })) {
-            iotable::close(fd);
+            self.handles.close(fd);
         }
         self.collect(open.ino);
         Ok(())
@@ -598,8 +572,8 @@ impl Files {
     pub fn renumber(&mut self, from: u32, to: u32) -> Result<(), Errno> {
         let open = self.open.remove(&from).ok_or(errno::BADF)?;
         if let Some(Node { kind: Kind::File(Content::Volume { path, .. }), .. }) = self.nodes.get(&open.ino) {
-            iotable::close(from);
-            iotable::open(to, HandleKind::DataFile, open.offset, 0, path);
+            self.handles.close(from);
+            self.handles.open(to, HandleKind::DataFile, open.offset, 0, path);
         }
         self.open.insert(to, open);
         Ok(())
@@ -641,13 +615,13 @@ impl Files {
             }
             Kind::File(Content::Volume { start, size, path }) => {
                 let (start, size) = (*start, *size);
-                let path = path.clone();
-                iotable::reconnect(fd, |_| {
-                    let there = devices::with_volume(|v| v.entries.iter().any(|e| e.path == path)).unwrap_or(false);
-                    if devices::block_ready() && there { Ok(()) } else { Err(errno::IO) }
+                let volume = &self.volume;
+                self.handles.reconnect(fd, |_| {
+                    let there = volume.with_directory(|v| v.entries.iter().any(|e| e.path == *path)).unwrap_or(false);
+                    if volume.ready() && there { Ok(()) } else { Err(errno::IO) }
                 })?;
                 let n = size.saturating_sub(offset).min(out.len() as u64) as usize;
-                if n > 0 && !devices::volume_read(start + offset, &mut out[..n]) {
+                if n > 0 && !self.volume.read(start + offset, &mut out[..n]) {
                     return Err(errno::IO);
                 }
                 Ok(n)
@@ -668,7 +642,7 @@ impl Files {
             let open = self.open.get_mut(&fd).ok_or(errno::BADF)?;
             open.offset = offset + n as u64;
             if matches!(self.nodes.get(&ino), Some(Node { kind: Kind::File(Content::Volume { .. }), .. })) {
-                iotable::set_offset(fd, offset + n as u64);
+                self.handles.set_offset(fd, offset + n as u64);
             }
         }
         Ok(n)
@@ -684,13 +658,11 @@ impl Files {
         if let Some((start, size)) = volume {
             self.charge(size)?;
             let mut bytes = alloc::vec![0u8; size as usize];
-            if size > 0 && !devices::volume_read(start, &mut bytes) {
+            if size > 0 && !self.volume.read(start, &mut bytes) {
                 self.refund(size);
                 return Err(errno::IO);
             }
-            if let Some(Node { kind: Kind::File(content), .. }) = self.nodes.get_mut(&ino) {
-                *content = Content::Memory(bytes);
-            }
+            self.keep_in_memory(ino, bytes);
         }
         match self.nodes.get_mut(&ino) {
             Some(Node { kind: Kind::File(Content::Memory(bytes)), .. }) => Ok(bytes),
@@ -698,14 +670,25 @@ impl Files {
         }
     }
 
+    /// Makes `bytes` the content of the file `ino`, in memory from now on. A volume file is no
+    /// longer read from the volume, so the fds open on it give up their handles.
+    fn keep_in_memory(&mut self, ino: u64, bytes: Vec<u8>) {
+        let Some(Node { kind: Kind::File(content), .. }) = self.nodes.get_mut(&ino) else { return };
+        let was_volume = matches!(content, Content::Volume { .. });
+        *content = Content::Memory(bytes);
+        if was_volume {
+            for (&fd, _) in self.open.iter().filter(|(_, open)| open.ino == ino) {
+                self.handles.close(fd);
+            }
+        }
+    }
+
     /// Sets the file `ino`'s size, zero-filling growth.
     fn resize(&mut self, ino: u64, size: u64) -> Result<(), Errno> {
         let mut old = self.node(ino)?.size();
-        if size == 0
-            && let Some(Node { kind: Kind::File(content @ Content::Volume { .. }), .. }) = self.nodes.get_mut(&ino)
-        {
+        if size == 0 && matches!(self.node(ino)?.kind, Kind::File(Content::Volume { .. })) {
             // Truncating a volume file needs none of its bytes.
-            *content = Content::Memory(Vec::new());
+            self.keep_in_memory(ino, Vec::new());
             old = 0;
         }
         if size > old {
@@ -751,16 +734,18 @@ impl Files {
             None => open.offset,
         };
         let end = offset.checked_add(data.len() as u64).ok_or(errno::FBIG)?;
-        if end > self.node(ino)?.size() {
-            self.resize(ino, end)?;
-        } else {
-            self.bytes_mut(ino)?;
-        }
-        let bytes = self.bytes_mut(ino)?;
-        bytes[offset as usize..end as usize].copy_from_slice(data);
-        let now = self.now();
-        if let Some(node) = self.nodes.get_mut(&ino) {
-            (node.mtim, node.ctim) = (now, now);
+        // Writing nothing changes nothing (write(2) on Linux): no growth to `offset`, no copy
+        // of a volume file, no new times. Only the offset moves, to the end under `APPEND`.
+        if !data.is_empty() {
+            if end > self.node(ino)?.size() {
+                self.resize(ino, end)?;
+            }
+            let bytes = self.bytes_mut(ino)?;
+            bytes[offset as usize..end as usize].copy_from_slice(data);
+            let now = self.now();
+            if let Some(node) = self.nodes.get_mut(&ino) {
+                (node.mtim, node.ctim) = (now, now);
+            }
         }
         if at.is_none() {
             let open = self.open.get_mut(&fd).ok_or(errno::BADF)?;
@@ -782,7 +767,7 @@ impl Files {
         let volume = matches!(self.node(ino)?.kind, Kind::File(Content::Volume { .. }));
         self.open.get_mut(&fd).ok_or(errno::BADF)?.offset = target;
         if volume {
-            iotable::set_offset(fd, target);
+            self.handles.set_offset(fd, target);
         }
         Ok(target)
     }
@@ -826,7 +811,7 @@ impl Files {
 
     /// `path_filestat_get`.
     pub fn stat_path(&self, dir: u32, lookup: u32, path: &[u8]) -> Result<Stat, Errno> {
-        let found = self.walk(dir, path, lookup & 1 != 0)?;
+        let found = self.walk(dir, path, lookup & lookupflags::SYMLINK_FOLLOW != 0)?;
         let ino = found.ino.ok_or(errno::NOENT)?;
         if found.slash && !self.is_dir(ino) {
             return Err(errno::NOTDIR);
@@ -835,7 +820,7 @@ impl Files {
     }
 
     fn set_times(&mut self, ino: u64, atim: u64, mtim: u64, flags: u16) -> Result<(), Errno> {
-        use fstflags::{ATIM, ATIM_NOW, MTIM, MTIM_NOW};
+        use abi::wasi::fstflags::{ATIM, ATIM_NOW, MTIM, MTIM_NOW};
         if flags & (ATIM | ATIM_NOW) == ATIM | ATIM_NOW || flags & (MTIM | MTIM_NOW) == MTIM | MTIM_NOW {
             return Err(errno::INVAL);
         }
@@ -873,7 +858,7 @@ impl Files {
         times: (u64, u64),
         flags: u16,
     ) -> Result<(), Errno> {
-        let ino = self.walk(dir, path, lookup & 1 != 0)?.ino.ok_or(errno::NOENT)?;
+        let ino = self.walk(dir, path, lookup & lookupflags::SYMLINK_FOLLOW != 0)?.ino.ok_or(errno::NOENT)?;
         self.set_times(ino, times.0, times.1, flags)
     }
 
@@ -883,6 +868,7 @@ impl Files {
         if found.ino.is_some() {
             return Err(errno::EXIST);
         }
+        self.check_live(found.parent)?;
         self.charge(NODE_COST + found.name.len() as u64)?;
         let ino = self.add(Kind::Dir { entries: BTreeMap::new(), parent: found.parent });
         self.link(found.parent, &found.name, ino);
@@ -956,6 +942,7 @@ impl Files {
         if target.starts_with('/') {
             return Err(errno::PERM);
         }
+        self.check_live(found.parent)?;
         self.charge(NODE_COST + (found.name.len() + target.len()) as u64)?;
         let ino = self.add(Kind::Symlink(target.into()));
         self.link(found.parent, &found.name, ino);
@@ -973,7 +960,7 @@ impl Files {
 
     /// `path_link`: a hard link named `new` in `new_dir` to the file at `old` in `old_dir`.
     pub fn hard_link(&mut self, old_dir: u32, lookup: u32, old: &[u8], new_dir: u32, new: &[u8]) -> Result<(), Errno> {
-        let from = self.walk(old_dir, old, lookup & 1 != 0)?;
+        let from = self.walk(old_dir, old, lookup & lookupflags::SYMLINK_FOLLOW != 0)?;
         let ino = from.ino.ok_or(errno::NOENT)?;
         if self.is_dir(ino) {
             return Err(errno::PERM);
@@ -988,6 +975,7 @@ impl Files {
         if to.slash {
             return Err(errno::NOENT);
         }
+        self.check_live(to.parent)?;
         self.charge(to.name.len() as u64)?;
         self.link(to.parent, &to.name, ino);
         Ok(())
@@ -1024,6 +1012,7 @@ impl Files {
         if is_dir && self.contains(ino, to.parent) {
             return Err(errno::INVAL);
         }
+        self.check_live(to.parent)?;
         if let Some(target) = to.ino {
             if target == ino {
                 return Ok(());

@@ -9,6 +9,7 @@
 //! Requests arrive through a [`Transport`]: the invoke mailbox under thaw's VMM, or frames on
 //! the serial line under QEMU (`abi::qemu`). Everything else is the same on both.
 
+mod backing;
 mod fs;
 mod sockets;
 mod wasi;
@@ -17,17 +18,14 @@ use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 
 use abi::bundle::Bundle;
-use abi::hypercall::{
-    CHECKPOINT_NO_REQUEST, CHECKPOINT_ORIGINAL, CHECKPOINT_REQUEST_MAX, CHECKPOINT_REQUEST_OFFSET, CHECKPOINT_RESTORED,
-    HYPERCALL_PAGE_SIZE, Hypercall, Milestone,
-};
+use abi::hypercall::{CheckpointResult, HYPERCALL_PAGE_SIZE, Hypercall, Milestone};
 use abi::invoke::{self, NextReply, NextRequest, Range, Response};
 use wasmtime::{Engine, InstancePre, Linker, Module, Store, Trap, TypedFunc};
 
 use abi::params::HostParams;
 use abi::qemu;
 
-use crate::{hypercall, platform, serial};
+use crate::{hypercall, phys, platform, serial};
 
 pub use wasi::WasiCtx;
 
@@ -132,24 +130,15 @@ impl Transport {
                 // SAFETY: the VMM wrote the result into the hypercall page (over the payload)
                 // before the `out` returned (the original VM) or before the restored VM first
                 // ran. It is copied out here, before any other hypercall reuses the page.
-                let page = unsafe { core::slice::from_raw_parts(platform::hypercall_page(), HYPERCALL_PAGE_SIZE) };
-                let word =
-                    |i: usize| u32::from_le_bytes([page[4 * i], page[4 * i + 1], page[4 * i + 2], page[4 * i + 3]]);
-                match word(0) {
-                    CHECKPOINT_ORIGINAL => Ok(None),
-                    CHECKPOINT_RESTORED => {
-                        let first_request = match word(2) {
-                            CHECKPOINT_NO_REQUEST => None,
-                            len if len as usize <= CHECKPOINT_REQUEST_MAX => {
-                                let start = CHECKPOINT_REQUEST_OFFSET;
-                                Some(page[start..start + len as usize].to_vec())
-                            }
-                            len => return Err(alloc::format!("checkpoint result: a first request of {len} bytes")),
-                        };
+                let page = unsafe { core::slice::from_raw_parts(phys::hypercall_page(), HYPERCALL_PAGE_SIZE) };
+                let result = CheckpointResult::decode(page).map_err(|e| e.to_string())?;
+                match result {
+                    CheckpointResult::Original => Ok(None),
+                    CheckpointResult::Restored { warm_runs, .. } => {
+                        let first_request = result.first_request(page).map(<[u8]>::to_vec);
                         let params = self.host_params()?;
-                        Ok(Some(Restored { params, warm: word(1), first_request }))
+                        Ok(Some(Restored { params, warm: warm_runs, first_request }))
                     }
-                    other => Err(alloc::format!("checkpoint result {other} is neither original (0) nor restored (1)")),
                 }
             }
         }
@@ -389,12 +378,11 @@ fn next_from_mailbox(buffer: &mut Vec<u8>) -> Result<bool, String> {
         buffer.clear();
         let capacity = buffer.capacity().max(64 << 10);
         buffer.reserve_exact(capacity);
-        let next =
-            NextRequest { buffer_gpa: platform::virt_to_phys(buffer.as_ptr()), capacity: buffer.capacity() as u64 };
+        let next = NextRequest { buffer_gpa: phys::virt_to_phys(buffer.as_ptr()), capacity: buffer.capacity() as u64 };
         hypercall::with_payload(&next.encode(), |len| Hypercall::InvokeNext { len });
         // SAFETY: the VMM wrote its reply over the request in the hypercall page before the
         // `out` returned; we copy it out before anything else uses the page.
-        let reply = unsafe { core::slice::from_raw_parts(platform::hypercall_page(), NextReply::LEN) };
+        let reply = unsafe { core::slice::from_raw_parts(phys::hypercall_page(), NextReply::LEN) };
         let Some(reply) = NextReply::decode(reply) else { return Err("unreadable mailbox reply".into()) };
         match reply.status {
             invoke::NEXT_REQUEST if reply.len <= next.capacity => {
@@ -413,5 +401,5 @@ fn next_from_mailbox(buffer: &mut Vec<u8>) -> Result<bool, String> {
 }
 
 fn range(bytes: &[u8]) -> Range {
-    Range { gpa: platform::virt_to_phys(bytes.as_ptr()), len: bytes.len() as u64 }
+    Range { gpa: phys::virt_to_phys(bytes.as_ptr()), len: bytes.len() as u64 }
 }

@@ -16,12 +16,13 @@ use alloc::vec::Vec;
 use abi::bundle::{MAX_CONNECTIONS, Manifest};
 use abi::invoke::MAX_OUTPUT_BYTES;
 use abi::params::HostParams;
-use abi::wasi::{self, errno};
+use abi::wasi::{self, errno, filetype, rights};
 use rand_chacha::ChaCha20Rng;
 use rand_chacha::rand_core::{RngCore, SeedableRng};
 use wasmtime::{Caller, Extern, Linker, ResourceLimiter};
 
-use super::fs::{Files, Stat, filetype};
+use super::backing::{BlockVolume, GuestFiles, IoTable};
+use super::fs::Stat;
 use super::sockets::{self, Sockets};
 use crate::platform;
 
@@ -57,7 +58,7 @@ pub struct WasiCtx {
     /// Where the standard streams are.
     stdio: BTreeMap<u32, Stdio>,
     /// The filesystem and its open files and directories.
-    files: Files,
+    files: GuestFiles,
     /// The sockets to host services.
     sockets: Sockets,
 }
@@ -81,7 +82,7 @@ impl WasiCtx {
             rng: ChaCha20Rng::from_seed(params.entropy),
             clock,
             stdio: BTreeMap::from([(0, Stdio::In), (1, Stdio::Out), (2, Stdio::Err)]),
-            files: Files::new(manifest, &params.instance_id.to_string(), socket_fds, clock),
+            files: GuestFiles::new(manifest, &params.instance_id.to_string(), socket_fds, clock, BlockVolume, IoTable),
             sockets,
         }
     }
@@ -402,13 +403,11 @@ fn sock_accept(mut caller: Ctx<'_>, fd: i32, _flags: i32, _fd_out: i32) -> i32 {
 }
 
 fn fd_fdstat_get(mut caller: Ctx<'_>, fd: i32, buf: i32) -> i32 {
-    const RIGHT_FD_READ: u64 = 1 << 1;
-    const RIGHT_FD_WRITE: u64 = 1 << 6;
     call(&mut caller, |mem, ctx| {
         let fd = fd as u32;
         let (filetype, flags, base, inheriting) = match ctx.stdio.get(&fd) {
-            Some(Stdio::In) => (filetype::CHARACTER_DEVICE, 0, RIGHT_FD_READ, RIGHT_FD_READ),
-            Some(_) => (filetype::CHARACTER_DEVICE, 0, RIGHT_FD_WRITE, RIGHT_FD_WRITE),
+            Some(Stdio::In) => (filetype::CHARACTER_DEVICE, 0, rights::FD_READ, rights::FD_READ),
+            Some(_) => (filetype::CHARACTER_DEVICE, 0, rights::FD_WRITE, rights::FD_WRITE),
             None if let Ok((filetype, rights)) = ctx.sockets.fdstat(fd) => (filetype, 0, rights, 0),
             None => ctx.files.fdstat(fd)?,
         };

@@ -62,9 +62,17 @@ pub enum DeviceError {
     /// A queue misused.
     #[error(transparent)]
     Queue(#[from] QueueError),
-    /// A device configuration that cannot be built.
-    #[error("{0}")]
-    Config(String),
+    /// More devices than the device window holds from their first slot.
+    #[error(
+        "{count} devices from slot {first_slot}: at most {MAX_DEVICES}, inside the {}-slot device window",
+        DEVICE_WINDOW_LEN / REGISTER_WINDOW_LEN
+    )]
+    TooMany {
+        /// How many were asked for.
+        count: usize,
+        /// The first slot.
+        first_slot: u64,
+    },
     /// The backend could not be attached or used (host side).
     #[error("{kind} backend: {reason}")]
     Backend {
@@ -78,7 +86,7 @@ pub enum DeviceError {
 impl DeviceError {
     /// True when the guest caused it (its VM fails); false for host-side failures.
     pub fn is_guest_error(&self) -> bool {
-        !matches!(self, Self::Backend { .. } | Self::Config(_))
+        !matches!(self, Self::Backend { .. } | Self::TooMany { .. })
     }
 }
 
@@ -204,10 +212,7 @@ impl Devices {
     fn place(named: &[(DeviceKind, u16)], backends: &Backends, first_slot: u64) -> Result<Self, DeviceError> {
         let slots_in_window = DEVICE_WINDOW_LEN / REGISTER_WINDOW_LEN;
         if named.len() > MAX_DEVICES || first_slot + named.len() as u64 > slots_in_window {
-            return Err(DeviceError::Config(format!(
-                "{} devices from slot {first_slot}: at most {MAX_DEVICES}, inside the {slots_in_window}-slot device window",
-                named.len()
-            )));
+            return Err(DeviceError::TooMany { count: named.len(), first_slot });
         }
         let mut slots = Vec::new();
         for (i, &(kind, index)) in named.iter().enumerate() {

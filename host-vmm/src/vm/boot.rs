@@ -21,6 +21,31 @@ use crate::memory::GuestRam;
 use crate::paging::PageTables;
 use crate::virtio::Devices;
 
+/// Why a kernel cannot be booted directly with a configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum BootError {
+    /// The memory size is outside what thaw runs.
+    #[error("memory size {0} MiB is outside the supported {min}..={max} MiB", min = layout::MIN_MEMORY_MIB, max = layout::MAX_MEMORY_MIB)]
+    MemorySize(u64),
+    /// The kernel's bootloader config asks for something direct boot does not do.
+    #[error("kernel's bootloader config: {0} is not supported by thaw's direct boot")]
+    Unsupported(String),
+    /// The kernel asks for a larger stack than direct boot places.
+    #[error("kernel asks for a {} KiB stack; direct boot supports at most {} KiB", .0 / 1024, (STACK_TOP - STACK_AREA_START) / 1024)]
+    Stack(u64),
+    /// The kernel and ramdisk leave no memory over.
+    #[error("the kernel and ramdisk end at {end:#x}, beyond the {mib} MiB of guest memory; give the VM more memory")]
+    TooLarge {
+        /// Where they end.
+        end: u64,
+        /// The guest memory, in MiB.
+        mib: u64,
+    },
+    /// The boot info is larger than its area.
+    #[error("boot info does not fit its area")]
+    BootInfo,
+}
+
 /// Where physical memory is mapped when the kernel asks for a dynamic address: PML4 slot 32.
 pub const DEFAULT_PHYSICAL_MEMORY_OFFSET: u64 = 0x0000_1000_0000_0000;
 
@@ -44,16 +69,10 @@ impl BootPlan {
     pub fn new(kernel: &KernelImage, config: &VmConfig) -> Result<Self, VmmError> {
         let mib = config.memory_mib;
         if !(layout::MIN_MEMORY_MIB..=layout::MAX_MEMORY_MIB).contains(&mib) {
-            return Err(VmmError::Config(format!(
-                "memory size {mib} MiB is outside the supported {}..={} MiB",
-                layout::MIN_MEMORY_MIB,
-                layout::MAX_MEMORY_MIB
-            )));
+            return Err(BootError::MemorySize(mib).into());
         }
         let mem_size = mib << 20;
-        let unsupported = |what: &str| {
-            VmmError::Config(format!("kernel's bootloader config: {what} is not supported by thaw's direct boot"))
-        };
+        let unsupported = |what: &str| VmmError::from(BootError::Unsupported(what.to_string()));
         let mappings = &kernel.config.mappings;
         if mappings.page_table_recursive.is_some() {
             return Err(unsupported("a recursive page-table mapping"));
@@ -77,19 +96,13 @@ impl BootPlan {
         }
         let stack_size = layout::align_up(kernel.config.kernel_stack_size, PAGE_SIZE).unwrap_or(u64::MAX);
         if stack_size > STACK_TOP - STACK_AREA_START {
-            return Err(VmmError::Config(format!(
-                "kernel asks for a {} KiB stack; direct boot supports at most {} KiB",
-                kernel.config.kernel_stack_size / 1024,
-                (STACK_TOP - STACK_AREA_START) / 1024
-            )));
+            return Err(BootError::Stack(kernel.config.kernel_stack_size).into());
         }
         let kernel_end = layout::align_up(kernel.end(), PAGE_SIZE).unwrap_or(u64::MAX);
         let ramdisk_len = config.ramdisk.as_ref().map_or(0, |r| r.len() as u64);
         let usable_start = layout::align_up(kernel_end.saturating_add(ramdisk_len), PAGE_SIZE).unwrap_or(u64::MAX);
         if usable_start >= mem_size {
-            return Err(VmmError::Config(format!(
-                "the kernel and ramdisk end at {usable_start:#x}, beyond the {mib} MiB of guest memory; give the VM more memory"
-            )));
+            return Err(BootError::TooLarge { end: usable_start, mib }.into());
         }
         Ok(Self {
             mem_size,
@@ -142,7 +155,7 @@ impl Vm {
         };
         let info = bootinfo::encode(&params, BOOT_INFO_GPA);
         if BOOT_INFO_GPA + info.len() as u64 > BOOT_INFO_END {
-            return Err(VmmError::Config("boot info does not fit its area".into()));
+            return Err(BootError::BootInfo.into());
         }
         mem.write_slice(&info, GuestAddress(BOOT_INFO_GPA)).map_err(memory_error)?;
         // A zero return address above the entry frame, as if the entry point had been called.
@@ -181,8 +194,8 @@ pub fn run_kernel(kernel: &KernelImage, config: &VmConfig, output: &mut dyn Writ
     let mut timings = BootTimings::default();
     let mut vm = Vm::boot(kernel, config, &mut timings)?;
     let faults_before = thread_minor_faults();
-    let mailbox = Mailbox::new(config.requests.clone());
-    let (outcome, exits, mailbox) = vm.run(output, mailbox, config.timeout, CheckpointMode::Continue, &mut timings)?;
+    let mut mailbox = Mailbox::new(config.requests.clone());
+    let (outcome, exits) = vm.run(output, &mut mailbox, config.timeout, CheckpointMode::Continue, &mut timings)?;
     timings.total = started.elapsed();
     timings.to_response = mailbox.first_response_at.map(|t| t.saturating_duration_since(started));
     let page_faults = thread_minor_faults().saturating_sub(faults_before);

@@ -9,8 +9,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, VolatileMemory};
 
 use super::{Vm, VmmError, memory_error};
 use crate::layout::PAGE_SIZE;
-use crate::mailbox::FunctionResponse;
-use crate::outcome::Outcome;
+use crate::outcome::{FunctionResponse, Outcome};
 use crate::snapshot::Image;
 use crate::virtio::DeviceStats;
 

@@ -16,7 +16,7 @@ mod config;
 mod measure;
 mod run;
 
-pub use boot::{BootPlan, DEFAULT_PHYSICAL_MEMORY_OFFSET, run_kernel};
+pub use boot::{BootError, BootPlan, DEFAULT_PHYSICAL_MEMORY_OFFSET, run_kernel};
 pub use config::VmConfig;
 pub use measure::{BootTimings, REWRITTEN_PAGES, RunReport, thread_minor_faults};
 pub use run::CheckpointMode;
@@ -27,9 +27,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use abi::devices::DEVICE_TABLE_GPA;
-use abi::hypercall::{
-    CHECKPOINT_NO_REQUEST, CHECKPOINT_REQUEST_MAX, CHECKPOINT_REQUEST_OFFSET, CHECKPOINT_RESTORED, HYPERCALL_PAGE_GPA,
-};
+use abi::hypercall::{CHECKPOINT_REQUEST_MAX, CHECKPOINT_REQUEST_OFFSET, CheckpointResult, HYPERCALL_PAGE_GPA};
 use abi::image::GuestMetadata;
 use abi::iotable::IoTableLocation;
 use abi::params::{FLAG_CONSOLE_LOG, HOST_PARAMS_GPA, HostParams, InstanceId};
@@ -59,9 +57,29 @@ pub enum VmmError {
         /// The error.
         source: kvm_ioctls::Error,
     },
-    /// The configuration cannot work.
-    #[error("{0}")]
-    Config(String),
+    /// A kernel cannot be booted directly with the configuration.
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    /// The host refused the dirty-page logging a VM kept to be reset needs.
+    #[error("reset mode needs KVM's dirty-page logging, which this host refused ({op}: {source})")]
+    DirtyLogRefused {
+        /// The operation.
+        op: &'static str,
+        /// The error.
+        source: kvm_ioctls::Error,
+    },
+    /// A VM not restored to be kept was asked to reset.
+    #[error("this VM was not created to be reset (no dirty-page log)")]
+    NotKept,
+    /// An image describes guest memory of a size thaw does not run.
+    #[error("image describes {0} bytes of guest memory, outside what thaw runs")]
+    ImageMemorySize(u64),
+    /// Completing the last exit ran guest code, which it must never do.
+    #[error("KVM_RUN ran guest code while completing the checkpoint call")]
+    RanWhileCompleting,
+    /// The floor guest ended other than with its one store.
+    #[error("the floor guest exited with {0}, not its store")]
+    FloorExit(String),
     /// Guest memory could not be created or written.
     #[error("guest memory: {0}")]
     Memory(String),
@@ -92,6 +110,30 @@ pub enum VmmError {
     /// The function ended before reaching its checkpoint, so there is nothing to snapshot.
     #[error("the function ended before reaching its checkpoint: {0}")]
     NoCheckpoint(Outcome),
+    /// A restored VM's guest ended before it waited for its request.
+    #[error("a restored VM ended before it waited for its request: {0}")]
+    NotParked(Outcome),
+    /// A working set's sample request did not answer.
+    #[error(
+        "recording the working set: the sample request did not answer ({0}); give one the function answers (--sample-data), or skip it (--no-working-set)"
+    )]
+    SampleUnanswered(Outcome),
+    /// A pool's filler stopped, with why.
+    #[error("the pool's filler stopped: {0}")]
+    PoolStopped(String),
+    /// A pool did not park its VMs in time.
+    #[error("the pool parked no VM within {:.1} s", .0.as_secs_f64())]
+    PoolSlow(std::time::Duration),
+    /// A fresh VM found no memory an earlier one left (`--verify`).
+    #[error("no memory an earlier fresh VM left was there to reuse (the reset needs /proc/self/pagemap)")]
+    NoSpareMemory,
+    /// Pool mode's VMs have run before they are taken, so none can be compared with the image
+    /// before it runs (`--verify`).
+    #[error("pool mode has no VM to compare with the image before it runs")]
+    NothingToVerify,
+    /// A thread of thaw's own could not start.
+    #[error("starting a thread: {0}")]
+    Threads(std::io::Error),
     /// An image's saved vCPU or device state could not be loaded into a VM.
     #[error("{}: loading its {what}: {source}", path.display())]
     ImageState {
@@ -192,9 +234,7 @@ pub(crate) fn create_vm(mem: &GuestRam, mem_size: u64, log_dirty: bool) -> Resul
     // receives this VM keeps alive and drops only after the VM fd.
     unsafe { vm.set_user_memory_region(region) }.map_err(|source| {
         if log_dirty {
-            VmmError::Config(format!(
-                "reset mode needs KVM's dirty-page logging, which this host refused (KVM_SET_USER_MEMORY_REGION with KVM_MEM_LOG_DIRTY_PAGES: {source})"
-            ))
+            VmmError::DirtyLogRefused { op: "KVM_SET_USER_MEMORY_REGION with KVM_MEM_LOG_DIRTY_PAGES", source }
         } else {
             VmmError::Kvm { op: "KVM_SET_USER_MEMORY_REGION", source }
         }
@@ -209,8 +249,8 @@ fn clear_dirty_log(vm: &VmFd, log: &[u64]) -> Result<(), VmmError> {
     const KVM_CLEAR_DIRTY_LOG: u64 =
         (3 << 30) | ((std::mem::size_of::<kvm_bindings::kvm_clear_dirty_log>() as u64) << 16) | (0xae << 8) | 0xc0;
     let mut bitmap = log.to_vec();
-    let num_pages = u32::try_from(bitmap.len() * 64)
-        .map_err(|_| VmmError::Config(format!("a dirty log of {} words is too long to clear", bitmap.len())))?;
+    // A slot of at most MAX_MEMORY_MIB has far fewer than u32::MAX pages.
+    let num_pages = u32::try_from(bitmap.len() * 64).unwrap_or(u32::MAX);
     let mut clear = kvm_bindings::kvm_clear_dirty_log { slot: 0, num_pages, first_page: 0, ..Default::default() };
     clear.__bindgen_anon_1.dirty_bitmap = bitmap.as_mut_ptr().cast();
     // SAFETY: `clear` names slot 0 from its first page, and its bitmap holds `num_pages` bits in
@@ -284,9 +324,7 @@ impl Vm {
         let started = Instant::now();
         let mem_size = image.info.guest_memory_size();
         if !(layout::MIN_MEMORY_MIB << 20..=layout::MAX_MEMORY_MIB << 20).contains(&mem_size) {
-            return Err(VmmError::Config(format!(
-                "image describes {mem_size} bytes of guest memory, outside what thaw runs"
-            )));
+            return Err(VmmError::ImageMemorySize(mem_size));
         }
         let (watch, mem) = if role == Role::Fresh { fresh_memory(image)? } else { image.map_memory()? };
         timings.load = started.elapsed();
@@ -349,9 +387,7 @@ impl Vm {
             }
         }
         self.instance_id = write_host_params(&self.mem, &self.vcpu, true, config, &self.devices)?;
-        let warm = u32::try_from(self.warm.len()).unwrap_or(u32::MAX);
-        let result = [CHECKPOINT_RESTORED, warm, CHECKPOINT_NO_REQUEST, 0];
-        self.mem.write_obj(result, GuestAddress(HYPERCALL_PAGE_GPA)).map_err(memory_error)?;
+        self.write_checkpoint_result(None)?;
         self.io_table = (image.info.guest.io_table_len > 0)
             .then_some(IoTableLocation { gpa: image.info.guest.io_table_gpa, len: image.info.guest.io_table_len });
         self.check_memory(false)
@@ -364,11 +400,18 @@ impl Vm {
         let Some(len) = u32::try_from(request.len()).ok().filter(|&len| len as usize <= CHECKPOINT_REQUEST_MAX) else {
             return Ok(false);
         };
-        let result = GuestAddress(HYPERCALL_PAGE_GPA);
-        self.mem.write_slice(request, result.unchecked_add(CHECKPOINT_REQUEST_OFFSET as u64)).map_err(memory_error)?;
-        // The result's third u32.
-        self.mem.write_obj(len, result.unchecked_add(8)).map_err(memory_error)?;
+        let at = GuestAddress(HYPERCALL_PAGE_GPA).unchecked_add(CHECKPOINT_REQUEST_OFFSET as u64);
+        self.mem.write_slice(request, at).map_err(memory_error)?;
+        self.write_checkpoint_result(Some(len))?;
         Ok(true)
+    }
+
+    /// Writes a restored VM's checkpoint result: the working-set runs its guest touches, and
+    /// the length of a `first_request` handed in.
+    fn write_checkpoint_result(&self, first_request: Option<u32>) -> Result<(), VmmError> {
+        let warm_runs = u32::try_from(self.warm.len()).unwrap_or(u32::MAX);
+        let result = CheckpointResult::Restored { warm_runs, first_request };
+        self.mem.write_slice(&result.encode(), GuestAddress(HYPERCALL_PAGE_GPA)).map_err(memory_error)
     }
 
     /// Puts a VM restored from `image` with `log_dirty` back in the state a fresh restore
@@ -379,14 +422,13 @@ impl Vm {
     /// what makes a kept VM fast. Returns the pages copied back.
     pub fn reset(&mut self, image: &Image, config: &VmConfig) -> Result<DirtyPages, VmmError> {
         if !self.log_dirty {
-            return Err(VmmError::Config("this VM was not created to be reset (no dirty-page log)".into()));
+            return Err(VmmError::NotKept);
         }
         complete_pending_io(&mut self.vcpu)?;
-        let log = self.vm.get_dirty_log(0, self.mem_size as usize).map_err(|source| {
-            VmmError::Config(format!(
-                "reset mode needs KVM's dirty-page log, which this host refused (KVM_GET_DIRTY_LOG: {source})"
-            ))
-        })?;
+        let log = self
+            .vm
+            .get_dirty_log(0, self.mem_size as usize)
+            .map_err(|source| VmmError::DirtyLogRefused { op: "KVM_GET_DIRTY_LOG", source })?;
         let dirty = DirtyPages::collect(&self.mem, &log)?;
         memory::copy_back(&self.mem, image.original_memory()?, &dirty)?;
         image.check_original()?;

@@ -4,7 +4,7 @@
 use std::io::Write;
 use std::time::{Duration, Instant};
 
-use abi::hypercall::{CHECKPOINT_ORIGINAL, HYPERCALL_PAGE_GPA, Milestone};
+use abi::hypercall::{CheckpointResult, HYPERCALL_PAGE_GPA, Milestone};
 use kvm_ioctls::VcpuFd;
 use vm_memory::{Bytes, GuestAddress};
 
@@ -30,11 +30,11 @@ impl Vm {
     pub fn run(
         &mut self,
         output: &mut dyn Write,
-        mailbox: Mailbox,
+        mailbox: &mut Mailbox,
         timeout: Duration,
         checkpoint: CheckpointMode,
         timings: &mut BootTimings,
-    ) -> Result<(Outcome, u64, Mailbox), VmmError> {
+    ) -> Result<(Outcome, u64), VmmError> {
         let watchdog = Watchdog::arm(timeout).map_err(VmmError::Watchdog)?;
         let mut handler = ExitHandler::new(&self.mem, &mut self.devices, &self.warm, output, mailbox);
         let mut exits = 0u64;
@@ -55,9 +55,8 @@ impl Vm {
                             break Outcome::Checkpointed;
                         }
                         Ok(ExitAction::Checkpoint(_)) => {
-                            self.mem
-                                .write_obj(CHECKPOINT_ORIGINAL, GuestAddress(HYPERCALL_PAGE_GPA))
-                                .map_err(memory_error)?;
+                            let result = CheckpointResult::Original.encode();
+                            self.mem.write_slice(&result, GuestAddress(HYPERCALL_PAGE_GPA)).map_err(memory_error)?;
                         }
                         Err(ExitError::Guest(error)) => break Outcome::Failed { error, rip: None },
                         Err(e) => return Err(VmmError::Exit(e)),
@@ -95,7 +94,7 @@ impl Vm {
         timings.instantiate = between(Milestone::Compiled, Milestone::Instantiated);
         timings.init = between(Milestone::Instantiated, Milestone::Initialized);
         timings.to_first_request = handler.mailbox.first_request_at.map(|t| t.saturating_duration_since(run_started));
-        Ok((outcome, exits, handler.mailbox))
+        Ok((outcome, exits))
     }
 }
 
@@ -108,6 +107,6 @@ pub(crate) fn complete_pending_io(vcpu: &mut VcpuFd) -> Result<(), VmmError> {
     match result {
         Err(e) if e.errno() == libc::EINTR => Ok(()),
         Err(e) => Err(VmmError::Kvm { op: "KVM_RUN (completing the checkpoint call)", source: e }),
-        Ok(()) => Err(VmmError::Config("KVM_RUN ran guest code while completing the checkpoint call".into())),
+        Ok(()) => Err(VmmError::RanWhileCompleting),
     }
 }

@@ -296,26 +296,28 @@ pub fn answer_response(answer: &Result<Answer, String>, timeout_ms: u64) -> Resp
             return (StatusCode::INTERNAL_SERVER_ERROR, axum::Json(stats)).into_response();
         }
     };
-    let handle = answer.response.as_ref().map(|r| r.handle_time);
-    let (ended, _, _) = crate::stats::ending(&answer.outcome, answer.response.as_ref());
-    let mut response = match (ended, &answer.response) {
+    let served = &answer.served;
+    let handle = served.response.as_ref().map(|r| r.handle_time);
+    let (ended, _, _) = crate::stats::ending(&served.outcome, served.response.as_ref());
+    let mut response = match (ended, &served.response) {
         (Status::Ok, Some(r)) => (StatusCode::OK, r.stdout.clone()).into_response(),
         _ => {
-            let mut stats = RequestStats::new(&answer.outcome, answer.response.as_ref());
+            let mut stats = RequestStats::new(&served.outcome, served.response.as_ref());
             let status = match stats.status {
                 Status::TimedOut => {
-                    stats.error =
-                        Some(format!("no answer within {timeout_ms} ms; the VM was destroyed and is replaced"));
+                    stats.error = Some(format!(
+                        "no answer within {timeout_ms} ms; the VM was stopped, and is reset to serve again"
+                    ));
                     StatusCode::GATEWAY_TIMEOUT
                 }
                 _ => StatusCode::BAD_GATEWAY,
             };
             let us = |d: Duration| d.as_micros() as u64;
-            stats.instance_id = Some(answer.instance_id.to_string());
+            stats.instance_id = Some(served.instance_id.to_string());
             stats.stdout = None;
             stats.measured.phases.queue_us = Some(us(answer.queued));
             stats.measured.phases.handle_us = handle.map(us);
-            stats.measured.phases.total_us = Some(us(answer.served));
+            stats.measured.phases.total_us = Some(us(answer.took));
             (status, axum::Json(stats)).into_response()
         }
     };
@@ -325,9 +327,9 @@ pub fn answer_response(answer: &Result<Answer, String>, timeout_ms: u64) -> Resp
             headers.insert(name, value);
         }
     };
-    set("x-thaw-instance", &answer.instance_id);
+    set("x-thaw-instance", &served.instance_id);
     set("x-thaw-queue-us", &answer.queued.as_micros());
-    set("x-thaw-serve-us", &answer.served.as_micros());
+    set("x-thaw-serve-us", &answer.took.as_micros());
     if let Some(handle) = handle {
         set("x-thaw-handle-us", &handle.as_micros());
     }
@@ -337,7 +339,20 @@ pub fn answer_response(answer: &Result<Answer, String>, timeout_ms: u64) -> Resp
 #[cfg(test)]
 mod tests {
     use super::*;
-    use host_vmm::{FunctionResponse, FunctionStatus, Outcome};
+    use host_vmm::{FunctionResponse, FunctionStatus, Outcome, Served};
+
+    fn ended(outcome: Outcome, response: Option<FunctionResponse>, instance_id: u128, took: Duration) -> Answer {
+        let served = Served {
+            instance_id: InstanceId(instance_id),
+            outcome,
+            response,
+            exits: 0,
+            page_faults: 0,
+            devices: Vec::new(),
+            timings: host_vmm::ServeTimings::default(),
+        };
+        Answer { served, queued: Duration::from_micros(3), took }
+    }
 
     fn answered(status: FunctionStatus) -> Result<Answer, String> {
         let response = FunctionResponse {
@@ -346,13 +361,7 @@ mod tests {
             stderr: b"err".to_vec(),
             handle_time: Duration::from_micros(42),
         };
-        Ok(Answer {
-            outcome: Outcome::Answered,
-            response: Some(response),
-            instance_id: InstanceId(7),
-            queued: Duration::from_micros(3),
-            served: Duration::from_micros(90),
-        })
+        Ok(ended(Outcome::Answered, Some(response), 7, Duration::from_micros(90)))
     }
 
     #[test]
@@ -382,13 +391,7 @@ mod tests {
             answer_response(&answered(FunctionStatus::Trapped("unreachable".into())), 1000).status(),
             StatusCode::BAD_GATEWAY
         );
-        let ended = |outcome| Answer {
-            outcome,
-            response: None,
-            instance_id: InstanceId(8),
-            queued: Duration::ZERO,
-            served: Duration::from_secs(1),
-        };
+        let ended = |outcome| ended(outcome, None, 8, Duration::from_secs(1));
         let timed_out = answer_response(&Ok(ended(Outcome::TimedOut(Duration::from_secs(1)))), 1000);
         assert_eq!(timed_out.status(), StatusCode::GATEWAY_TIMEOUT);
         let panicked = answer_response(&Ok(ended(Outcome::Panicked("boom".into()))), 1000);

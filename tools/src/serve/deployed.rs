@@ -1,8 +1,8 @@
 //! One deployed function version while it serves: its image, a bounded queue of requests, and
-//! `concurrency` vCPU threads that take requests from the queue. Each thread gets its VMs the
-//! way the function's mode says, through host-vmm's one lifecycle (`Instance`, `Pool`,
-//! `serve_fresh`). The async side only queues a request and awaits its answer: no VM ever runs
-//! on the runtime's threads.
+//! `concurrency` vCPU threads that take requests from the queue. Each thread is a lane of
+//! host-vmm's one serving lifecycle (`host_vmm::lane`), which gets its VMs the way the
+//! function's mode says. The async side only queues a request and awaits its answer: no VM ever
+//! runs on the runtime's threads.
 //!
 //! When the last handle to a `Deployed` goes (the registry replaced or removed it, and every
 //! request that took it has its answer), its queue closes; each thread serves what is still
@@ -14,17 +14,13 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use abi::params::InstanceId;
 use host_vmm::virtio::vsock::Services;
-use host_vmm::{
-    BootTimings, FunctionResponse, FunctionStatus, Image, Instance, Outcome, Pool, PoolStats, Role, VmConfig,
-};
+use host_vmm::{FunctionStatus, Image, Lane, Lanes, Mode, Outcome, PoolStats, Served, VmConfig, VmmError};
 use tokio::sync::oneshot;
 
 use super::logs::Capture;
 use super::metrics::FunctionMetrics;
 use super::settings::Serving;
-use crate::restore::Mode;
 
 /// How long a new version may take to ready its VMs.
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
@@ -35,16 +31,12 @@ pub type Retired = Arc<Mutex<Vec<JoinHandle<()>>>>;
 /// How one request went, from the vCPU thread's side.
 #[derive(Debug)]
 pub struct Answer {
-    /// How the guest ended the run.
-    pub outcome: Outcome,
-    /// The function's response, when it answered.
-    pub response: Option<FunctionResponse>,
-    /// The instance id of the VM that served it.
-    pub instance_id: InstanceId,
+    /// What the lane reported: the VM's instance id, how the guest ended, the response.
+    pub served: Served,
     /// From arriving in the queue to a vCPU thread taking it.
     pub queued: Duration,
     /// From the thread taking it to the answer (a fresh VM's restore included).
-    pub served: Duration,
+    pub took: Duration,
 }
 
 /// Why a request was not queued.
@@ -70,7 +62,7 @@ pub struct Deployed {
     pub serving: Serving,
     /// What its function has done (shared by all its versions).
     pub metrics: Arc<FunctionMetrics>,
-    pool: Option<Arc<Pool>>,
+    lanes: Arc<Lanes>,
     queue: Option<SyncSender<Job>>,
     threads: Vec<JoinHandle<()>>,
     retired: Retired,
@@ -78,10 +70,10 @@ pub struct Deployed {
 
 impl Deployed {
     /// Starts serving `image` at `version`, its vsock ports reaching `services`, its vCPU
-    /// threads polling `poll` for the next request before they sleep, counting into `metrics`: the pool's filler (pool
-    /// mode) and the vCPU threads. Returns once it is ready for traffic: in reset mode every
-    /// thread has restored and parked its kept VM, in pool mode the pool has parked a VM. A VM
-    /// that cannot be readied fails the start, with why.
+    /// threads polling `poll` for the next request before they sleep, counting into `metrics`.
+    /// Returns once it is ready for traffic: in reset mode every thread has restored and
+    /// parked its kept VM, in pool mode the pool has parked a VM. A VM that cannot be readied
+    /// fails the start, with why.
     pub fn start(
         version: &str,
         serving: &Serving,
@@ -93,26 +85,13 @@ impl Deployed {
     ) -> Result<Self, String> {
         let mut config = VmConfig { timeout: Duration::from_millis(serving.timeout_ms), ..VmConfig::default() };
         config.backends.services = services;
-        let pool = match serving.mode {
-            Mode::Pool => Some(Arc::new(
-                Pool::start(Arc::clone(&image), config.clone(), serving.pool).map_err(|e| e.to_string())?,
-            )),
-            _ => None,
-        };
+        let lanes = Lanes::start(image, config, serving.mode, serving.pool).map_err(|e| e.to_string())?;
         let (queue, jobs) = mpsc::sync_channel(serving.queue);
         let jobs = Arc::new(Mutex::new(jobs));
         let (ready, readied) = mpsc::channel();
         let mut threads = Vec::with_capacity(serving.concurrency);
         for index in 0..serving.concurrency {
-            let worker = Worker {
-                mode: serving.mode,
-                image: Arc::clone(&image),
-                config: config.clone(),
-                pool: pool.clone(),
-                metrics: Arc::clone(&metrics),
-                poll,
-                kept: None,
-            };
+            let worker = Worker { lane: lanes.lane(), metrics: Arc::clone(&metrics), poll, live: false };
             let (jobs, ready) = (Arc::clone(&jobs), ready.clone());
             let thread = std::thread::Builder::new()
                 .name(format!("thaw-vcpu-{index}"))
@@ -126,7 +105,7 @@ impl Deployed {
             version: version.to_string(),
             serving: serving.clone(),
             metrics,
-            pool,
+            lanes: Arc::clone(&lanes),
             queue: Some(queue),
             threads,
             retired,
@@ -140,12 +119,10 @@ impl Deployed {
                 Err(_) => return Err(late()),
             }
         }
-        while deployed.pool_stats().is_some_and(|stats| stats.filled == 0) {
-            if Instant::now() > deadline {
-                return Err(late());
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        lanes.fill(1, deadline.saturating_duration_since(Instant::now())).map_err(|e| match e {
+            VmmError::PoolSlow(_) => late(),
+            e => format!("readying a VM: {e}"),
+        })?;
         Ok(deployed)
     }
 
@@ -173,13 +150,14 @@ impl Deployed {
 
     /// VMs alive for its function now: those vCPU threads hold, and this version's pool's.
     pub fn live_vms(&self) -> u64 {
-        let pooled = self.pool_stats().map_or(0, |stats| stats.filled.saturating_sub(stats.destroyed));
+        let pooled =
+            self.pool_stats().map_or(0, |stats| (stats.filled + stats.restored_here).saturating_sub(stats.destroyed));
         u64::try_from(self.metrics.live_vms.load(Ordering::Relaxed)).unwrap_or(0) + pooled
     }
 
     /// What this version's pool has done (pool mode).
     pub fn pool_stats(&self) -> Option<PoolStats> {
-        self.pool.as_ref().map(|pool| pool.stats())
+        self.lanes.pool_stats()
     }
 }
 
@@ -194,199 +172,121 @@ impl Drop for Deployed {
 
 /// One vCPU thread's state.
 struct Worker {
-    mode: Mode,
-    image: Arc<Image>,
-    config: VmConfig,
-    pool: Option<Arc<Pool>>,
+    lane: Lane,
     metrics: Arc<FunctionMetrics>,
     /// How long it polls for the next request before it sleeps.
     poll: Duration,
-    /// Reset mode: the kept VM (parked after its restore, at its checkpoint after a reset).
-    kept: Option<Instance>,
-}
-
-/// What a served request leaves for after its answer is sent.
-enum After {
-    /// Nothing.
-    Nothing,
-    /// Reset the kept VM (its next request comes in with its resume).
-    Reset,
-    /// Destroy the VM (a kept one is replaced before the next request).
-    Destroy(Instance),
-    /// Hand the VM to the pool's reaper.
-    Discard(Instance),
+    /// Its lane holds a VM, counted in `metrics.live_vms`: a kept VM (reset mode), or the VM
+    /// that served last, until it is put back. A pool's VMs are counted by the pool.
+    live: bool,
 }
 
 impl Worker {
     fn run(mut self, jobs: &Mutex<Receiver<Job>>, ready: &mpsc::Sender<Result<(), String>>) {
-        let readied = if self.mode == Mode::Reset { self.ensure_kept().map(|_| ()) } else { Ok(()) };
-        let _ = ready.send(readied);
+        let _ = ready.send(self.ready());
         loop {
-            if self.mode == Mode::Reset && self.kept.is_none() {
-                // Ahead of the request: a failure here is reported with the next request.
-                let _ = self.ensure_kept();
-            }
+            // Ahead of the request: a failure here is met again by the request, which reports it.
+            let _ = self.ready();
             let job = next_job(&jobs.lock().unwrap_or_else(|p| p.into_inner()), self.poll);
             let Ok(job) = job else { break };
             self.metrics.queued.fetch_sub(1, Ordering::Relaxed);
             let queued = job.arrived.elapsed();
             let started = Instant::now();
             let mut output = Capture::default();
-            let (result, after) = match self.serve(job.body, &mut output) {
-                Ok((outcome, response, instance_id, after)) => {
-                    let answer = Answer { outcome, response, instance_id, queued, served: started.elapsed() };
-                    (Ok(answer), after)
-                }
+            let result = match self.lane.serve(job.body, &mut output) {
+                Ok(served) => Ok(Answer { served, queued, took: started.elapsed() }),
                 Err(error) => {
                     self.metrics.vm_failures.fetch_add(1, Ordering::Relaxed);
-                    (Err(error), After::Nothing)
+                    self.metrics.restore_failures.fetch_add(1, Ordering::Relaxed);
+                    Err(error.to_string())
                 }
             };
             if let Ok(answer) = &result {
                 self.count(answer);
-                let logs = &self.metrics.logs;
-                if let Some(response) = &answer.response {
+                let (logs, id) = (&self.metrics.logs, answer.served.instance_id);
+                if let Some(response) = &answer.served.response {
                     self.metrics.handle.observe(response.handle_time);
-                    logs.add(answer.instance_id, "stderr", &response.stderr);
+                    logs.add(id, "stderr", &response.stderr);
                 }
-                logs.add(answer.instance_id, "console", &output.finish());
+                logs.add(id, "console", &output.finish());
+                if let Some(restored) = &answer.served.timings.restored {
+                    let t = restored;
+                    self.metrics.restore.observe(t.load + t.vm_create + t.vcpu_setup + t.state_set.unwrap_or_default());
+                }
             }
+            self.count_live();
             self.metrics.in_flight.fetch_sub(1, Ordering::Relaxed);
             let _ = job.reply.send(result);
-            self.after(after);
+            self.put_back();
         }
-        if self.kept.take().is_some() {
+        // The thread ends, and its lane's VMs with it.
+        if self.live {
             self.metrics.live_vms.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Readies its lane (reset mode: a kept VM restored and parked, when it has none).
+    fn ready(&mut self) -> Result<(), String> {
+        match self.lane.ready() {
+            Ok(Some(took)) => {
+                self.metrics.restore.observe(took);
+                self.count_live();
+                Ok(())
+            }
+            Ok(None) => Ok(()),
+            Err(error) => {
+                self.metrics.restore_failures.fetch_add(1, Ordering::Relaxed);
+                Err(error.to_string())
+            }
+        }
+    }
+
+    /// Puts back the VM that served, after its answer went out.
+    fn put_back(&mut self) {
+        match self.lane.put_back() {
+            Ok(put_back) => {
+                if let Some((took, _)) = put_back.reset {
+                    self.metrics.resets.fetch_add(1, Ordering::Relaxed);
+                    self.metrics.restore.observe(took);
+                }
+                if put_back.replaced {
+                    self.metrics.replaced.fetch_add(1, Ordering::Relaxed);
+                }
+                if let Some(took) = put_back.readied {
+                    self.metrics.restore.observe(took);
+                }
+            }
+            Err(_) => {
+                self.metrics.restore_failures.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.count_live();
+    }
+
+    /// Counts whether its lane holds a VM now in `metrics.live_vms`.
+    fn count_live(&mut self) {
+        let live = self.lane.lanes().mode() != Mode::Pool && self.lane.holds_vm();
+        if live != self.live {
+            let counter = &self.metrics.live_vms;
+            if live {
+                counter.fetch_add(1, Ordering::Relaxed)
+            } else {
+                counter.fetch_sub(1, Ordering::Relaxed)
+            };
+            self.live = live;
         }
     }
 
     fn count(&self, answer: &Answer) {
         let c = &self.metrics;
-        let counter = match (&answer.outcome, answer.response.as_ref().map(|r| &r.status)) {
+        let served = &answer.served;
+        let counter = match (&served.outcome, served.response.as_ref().map(|r| &r.status)) {
             (Outcome::Answered, Some(FunctionStatus::Ok | FunctionStatus::Exited(0))) => &c.ok,
             (Outcome::Answered, _) => &c.function_errors,
             (Outcome::TimedOut(_), _) => &c.timeouts,
             _ => &c.vm_failures,
         };
         counter.fetch_add(1, Ordering::Relaxed);
-    }
-
-    fn ensure_kept(&mut self) -> Result<&mut Instance, String> {
-        if self.kept.is_none() {
-            let started = Instant::now();
-            let restored = Instance::restore(&self.image, &self.config, Role::Kept, &mut BootTimings::default())
-                .map_err(|e| e.to_string())
-                .and_then(|mut instance| park(&mut instance).map(|()| instance));
-            let instance = restored.inspect_err(|_| {
-                self.metrics.restore_failures.fetch_add(1, Ordering::Relaxed);
-            })?;
-            self.metrics.restore.observe(started.elapsed());
-            self.metrics.live_vms.fetch_add(1, Ordering::Relaxed);
-            self.kept = Some(instance);
-        }
-        self.kept.as_mut().ok_or_else(|| "no kept VM".to_string())
-    }
-
-    /// Serves `body` the mode's way; returns the outcome, the response, the instance id and
-    /// what to do once the answer is sent.
-    fn serve(
-        &mut self,
-        body: Vec<u8>,
-        sink: &mut Capture,
-    ) -> Result<(Outcome, Option<FunctionResponse>, InstanceId, After), String> {
-        match self.mode {
-            Mode::Reset => {
-                let instance = self.ensure_kept()?;
-                let instance_id = instance.vm().instance_id();
-                let served = instance.serve(body, sink).map_err(|e| e.to_string());
-                let served = match served {
-                    Ok(served) => served,
-                    Err(error) => {
-                        self.drop_kept();
-                        return Err(error);
-                    }
-                };
-                // A timeout is not reused either: the VM is destroyed and replaced.
-                let after = if matches!(served.outcome, Outcome::Answered) {
-                    After::Reset
-                } else {
-                    self.metrics.replaced.fetch_add(1, Ordering::Relaxed);
-                    self.metrics.live_vms.fetch_sub(1, Ordering::Relaxed);
-                    self.kept.take().map_or(After::Nothing, After::Destroy)
-                };
-                Ok((served.outcome, served.response, instance_id, after))
-            }
-            Mode::Pool => {
-                let pool = self.pool.as_ref().ok_or("pool mode without a pool")?;
-                let mut instance = pool.take(self.config.timeout).map_err(|e| e.to_string())?;
-                let instance_id = instance.vm().instance_id();
-                let served = instance.serve(body, sink).map_err(|e| e.to_string())?;
-                Ok((served.outcome, served.response, instance_id, After::Discard(instance)))
-            }
-            Mode::Fresh => {
-                self.metrics.live_vms.fetch_add(1, Ordering::Relaxed);
-                let served = host_vmm::serve_fresh(&self.image, &self.config, body, sink).map_err(|e| e.to_string());
-                let (instance, report) = match served {
-                    Ok(served) => served,
-                    Err(error) => {
-                        self.metrics.live_vms.fetch_sub(1, Ordering::Relaxed);
-                        self.metrics.restore_failures.fetch_add(1, Ordering::Relaxed);
-                        return Err(error);
-                    }
-                };
-                let t = &report.timings;
-                self.metrics.restore.observe(t.load + t.vm_create + t.vcpu_setup + t.state_set.unwrap_or_default());
-                let instance_id = instance.vm().instance_id();
-                let response = report.responses.into_iter().next();
-                Ok((report.outcome, response, instance_id, After::Destroy(instance)))
-            }
-        }
-    }
-
-    fn drop_kept(&mut self) {
-        if self.kept.take().is_some() {
-            self.metrics.live_vms.fetch_sub(1, Ordering::Relaxed);
-            self.metrics.replaced.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-
-    fn after(&mut self, after: After) {
-        match after {
-            After::Nothing => {}
-            After::Reset => {
-                let started = Instant::now();
-                let reset = match self.kept.as_mut() {
-                    Some(instance) => instance.reset().map(drop).map_err(|e| e.to_string()),
-                    None => Ok(()),
-                };
-                if reset.is_ok() {
-                    self.metrics.resets.fetch_add(1, Ordering::Relaxed);
-                    self.metrics.restore.observe(started.elapsed());
-                } else {
-                    self.metrics.restore_failures.fetch_add(1, Ordering::Relaxed);
-                    self.drop_kept();
-                }
-            }
-            After::Destroy(instance) => {
-                drop(instance);
-                if self.mode == Mode::Fresh {
-                    self.metrics.live_vms.fetch_sub(1, Ordering::Relaxed);
-                }
-            }
-            After::Discard(instance) => {
-                if let Some(pool) = &self.pool {
-                    pool.discard(instance);
-                }
-            }
-        }
-    }
-}
-
-/// Runs a restored or reset VM until its guest waits for a request.
-fn park(instance: &mut Instance) -> Result<(), String> {
-    match instance.park(&mut std::io::sink()).map_err(|e| e.to_string())? {
-        (Outcome::Parked, _) => Ok(()),
-        (outcome, _) => Err(format!("the restored function did not wait for a request: {outcome}")),
     }
 }
 

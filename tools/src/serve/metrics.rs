@@ -60,7 +60,7 @@ pub struct FunctionMetrics {
     pub vm_failures: AtomicU64,
     /// Requests refused with a full queue.
     pub rejected: AtomicU64,
-    /// VMs destroyed and replaced after a failure or a timeout.
+    /// Kept VMs destroyed and replaced because their guest kernel failed.
     pub replaced: AtomicU64,
     /// Kept VMs reset to the image after a request.
     pub resets: AtomicU64,
@@ -129,7 +129,9 @@ pub fn render(functions: &[Sample<'_>]) -> String {
         }
     }
     let counters: [Row<AtomicU64>; 3] = [
-        ("thaw_vms_replaced_total", "VMs destroyed and replaced after a failure or a timeout.", |m| &m.replaced),
+        ("thaw_vms_replaced_total", "Kept VMs destroyed and replaced because their guest kernel failed.", |m| {
+            &m.replaced
+        }),
         ("thaw_resets_total", "Kept VMs reset to the image after a request.", |m| &m.resets),
         ("thaw_restore_failures_total", "VMs that could not be restored, reset or parked.", |m| &m.restore_failures),
     ];
@@ -165,15 +167,18 @@ pub fn render(functions: &[Sample<'_>]) -> String {
         functions.iter().filter_map(|f| f.pool.as_ref().map(|p| (f.name, p))).collect();
     let pool_metrics: [PoolRow; 4] = [
         ("thaw_pool_parked", "gauge", "VMs parked and waiting for a request.", |p| {
-            p.filled.saturating_sub(p.ready + p.waited) as f64
+            p.filled.saturating_sub(p.ready) as f64
         }),
         ("thaw_pool_filled_total", "counter", "VMs the pool's filler restored and parked.", |p| p.filled as f64),
         ("thaw_pool_fill_seconds_total", "counter", "Time the filler spent; filled / this is its fill rate.", |p| {
             p.fill_time.as_secs_f64()
         }),
-        ("thaw_pool_waited_total", "counter", "Requests that found no parked VM and waited for one.", |p| {
-            p.waited as f64
-        }),
+        (
+            "thaw_pool_restored_here_total",
+            "counter",
+            "Requests that found no parked VM, and were served by one restored on their own thread.",
+            |p| p.restored_here as f64,
+        ),
     ];
     for (name, kind, help, value) in pool_metrics {
         describe(&mut out, name, kind, help);
@@ -195,7 +200,7 @@ mod tests {
         metrics.request.observe(Duration::from_micros(80));
         metrics.request.observe(Duration::from_micros(900));
         metrics.request.observe(Duration::from_secs(60));
-        let pool = PoolStats { filled: 5, ready: 2, waited: 1, ..PoolStats::default() };
+        let pool = PoolStats { filled: 5, ready: 3, restored_here: 1, ..PoolStats::default() };
         let text = render(&[Sample { name: "hello", metrics: &metrics, pool: Some(pool) }]);
         assert!(text.contains("thaw_requests_total{function=\"hello\",outcome=\"ok\"} 3\n"), "{text}");
         assert!(text.contains("thaw_request_duration_seconds_bucket{function=\"hello\",le=\"0.0001\"} 1\n"));

@@ -29,7 +29,7 @@ use self::api::{Admin, Api, Limits};
 use self::registry::{Operator, Registry};
 use self::settings::Serving;
 use self::store::Store;
-use crate::restore::Mode;
+use host_vmm::Mode;
 
 /// Arguments of `thaw serve`.
 #[derive(Args, Debug)]
@@ -43,7 +43,7 @@ pub struct ServeArgs {
     #[arg(long, value_name = "DIR")]
     state_dir: Option<PathBuf>,
     /// Default serving mode of a deployed function (a deploy's ?mode= overrides it).
-    #[arg(long, value_enum, default_value_t = Mode::Reset)]
+    #[arg(long, value_parser = crate::restore::mode_parser(), default_value_t = Mode::Reset)]
     mode: Mode,
     /// Default number of VMs parked ahead in pool mode (?pool=).
     #[arg(long, value_name = "N", default_value_t = 2)]

@@ -416,9 +416,9 @@ fn short(version: &str) -> &str {
 
 fn serving_summary(serving: &Serving) -> String {
     let mode = match serving.mode {
-        crate::restore::Mode::Reset => "reset".to_string(),
-        crate::restore::Mode::Pool => format!("pool of {}", serving.pool),
-        crate::restore::Mode::Fresh => "fresh".to_string(),
+        host_vmm::Mode::Reset => "reset".to_string(),
+        host_vmm::Mode::Pool => format!("pool of {}", serving.pool),
+        host_vmm::Mode::Fresh => "fresh".to_string(),
     };
     let mut summary =
         format!("{mode}, {} at once, queue {}, timeout {} ms", serving.concurrency, serving.queue, serving.timeout_ms);

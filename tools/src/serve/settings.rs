@@ -9,7 +9,7 @@ use abi::bundle::Connection;
 use serde::{Deserialize, Serialize};
 
 use crate::pack::BundleSettings;
-use crate::restore::Mode;
+use host_vmm::Mode;
 
 /// Why a deploy's settings were refused.
 #[derive(Debug, thiserror::Error)]
@@ -148,14 +148,7 @@ pub fn parse(query: &str, defaults: &Serving) -> Result<(Serving, Packing), Sett
                 .ok_or_else(|| invalid(&format!("a whole number from {min} to {max}")))
         };
         match key.as_str() {
-            "mode" => {
-                serving.mode = match value.as_str() {
-                    "reset" => Mode::Reset,
-                    "pool" => Mode::Pool,
-                    "fresh" => Mode::Fresh,
-                    _ => return Err(invalid("one of reset, pool, fresh")),
-                }
-            }
+            "mode" => serving.mode = value.parse::<Mode>().map_err(|_| invalid("one of reset, pool, fresh"))?,
             "pool" => serving.pool = count(MAX_VMS, 1)?,
             "concurrency" => serving.concurrency = count(MAX_VMS, 1)?,
             "queue" => serving.queue = count(MAX_QUEUE, 0)?,

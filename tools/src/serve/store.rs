@@ -244,7 +244,7 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::restore::Mode;
+    use host_vmm::Mode;
 
     const V1: &str = "1111111111111111111111111111111111111111111111111111111111111111";
     const V2: &str = "2222222222222222222222222222222222222222222222222222222222222222";
