@@ -14,6 +14,8 @@
 //! Both sides enforce the size caps below: the VMM refuses a request the guest's buffer cannot
 //! hold (status [`NEXT_TOO_LARGE`]) and a response range above its cap (the VM fails).
 
+use crate::codec::{u32_at, u64_at};
+
 /// Largest request, on both sides.
 pub const MAX_REQUEST_BYTES: u64 = 16 << 20;
 /// Largest stdout or stderr a response may carry.
@@ -34,14 +36,6 @@ pub const STATUS_OK: u32 = 0;
 pub const STATUS_TRAPPED: u32 = 1;
 /// [`Response::status`]: the function called `proc_exit`; `exit_code` holds its code.
 pub const STATUS_EXITED: u32 = 2;
-
-fn u32_at(b: &[u8], at: usize) -> Option<u32> {
-    Some(u32::from_le_bytes(b.get(at..at + 4)?.try_into().ok()?))
-}
-
-fn u64_at(b: &[u8], at: usize) -> Option<u64> {
-    Some(u64::from_le_bytes(b.get(at..at + 8)?.try_into().ok()?))
-}
 
 /// Guest → VMM: where to put the next request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,7 +61,7 @@ impl NextRequest {
     /// Decodes exactly [`Self::LEN`] bytes.
     pub fn decode(b: &[u8]) -> Option<Self> {
         (b.len() == Self::LEN).then_some(())?;
-        Some(Self { buffer_gpa: u64_at(b, 0)?, capacity: u64_at(b, 8)? })
+        Some(Self { buffer_gpa: u64_at(b, 0), capacity: u64_at(b, 8) })
     }
 }
 
@@ -95,7 +89,7 @@ impl NextReply {
     /// Decodes exactly [`Self::LEN`] bytes.
     pub fn decode(b: &[u8]) -> Option<Self> {
         (b.len() == Self::LEN).then_some(())?;
-        Some(Self { status: u32_at(b, 0)?, len: u64_at(b, 8)? })
+        Some(Self { status: u32_at(b, 0), len: u64_at(b, 8) })
     }
 }
 
@@ -142,13 +136,13 @@ impl Response {
     /// Decodes exactly [`Self::LEN`] bytes.
     pub fn decode(b: &[u8]) -> Option<Self> {
         (b.len() == Self::LEN).then_some(())?;
-        let range = |i: usize| Some(Range { gpa: u64_at(b, 8 + i * 16)?, len: u64_at(b, 16 + i * 16)? });
+        let range = |i: usize| Range { gpa: u64_at(b, 8 + i * 16), len: u64_at(b, 16 + i * 16) };
         Some(Self {
-            status: u32_at(b, 0)?,
-            exit_code: u32_at(b, 4)?,
-            stdout: range(0)?,
-            stderr: range(1)?,
-            message: range(2)?,
+            status: u32_at(b, 0),
+            exit_code: u32_at(b, 4),
+            stdout: range(0),
+            stderr: range(1),
+            message: range(2),
         })
     }
 }
@@ -172,5 +166,27 @@ mod tests {
         };
         assert_eq!(Response::decode(&resp.encode()), Some(resp));
         assert_eq!(Response::decode(&resp.encode()[..55]), None);
+        assert_eq!(NextRequest::decode(&[0; 17]), None);
+        assert_eq!(NextReply::decode(&[0; 15]), None);
+    }
+
+    #[test]
+    fn mailbox_layouts_are_golden() {
+        let next = NextRequest { buffer_gpa: 0x0102_0304_0506_0708, capacity: 0x10 };
+        assert_eq!(next.encode(), [8, 7, 6, 5, 4, 3, 2, 1, 0x10, 0, 0, 0, 0, 0, 0, 0]);
+        let reply = NextReply { status: NEXT_TOO_LARGE, len: 0x0a0b };
+        assert_eq!(reply.encode(), [2, 0, 0, 0, 0, 0, 0, 0, 0x0b, 0x0a, 0, 0, 0, 0, 0, 0]);
+        let resp = Response {
+            status: STATUS_TRAPPED,
+            exit_code: 7,
+            stdout: Range { gpa: 0x11, len: 0x12 },
+            stderr: Range { gpa: 0x21, len: 0x22 },
+            message: Range { gpa: 0x31, len: 0x32 },
+        };
+        let mut golden = [0u8; Response::LEN];
+        for (at, byte) in [(0, 1), (4, 7), (8, 0x11), (16, 0x12), (24, 0x21), (32, 0x22), (40, 0x31), (48, 0x32)] {
+            golden[at] = byte;
+        }
+        assert_eq!(resp.encode(), golden);
     }
 }

@@ -94,4 +94,24 @@ mod tests {
         assert_eq!(p.encode()[56..64], 5u64.to_le_bytes());
         assert_eq!(alloc::format!("{}", p.instance_id), "00000000000001c00000000000000005");
     }
+
+    #[test]
+    fn the_page_layout_is_golden() {
+        let p = HostParams {
+            instance_id: InstanceId(0x0f << 64 | 0x0e),
+            entropy: [0xee; 32],
+            wall_clock_ns: 0x0a0b,
+            tsc_khz: 0x0c0d,
+            flags: FLAG_CONSOLE_LOG,
+        };
+        let mut golden = [0u8; HostParams::LEN];
+        golden[0..4].copy_from_slice(b"THPR");
+        golden[4] = 1;
+        golden[8..40].fill(0xee);
+        golden[40..42].copy_from_slice(&[0x0b, 0x0a]);
+        golden[48..50].copy_from_slice(&[0x0d, 0x0c]);
+        golden[56] = 0x0e;
+        golden[64] = 0x0f;
+        assert_eq!(p.encode(), golden);
+    }
 }

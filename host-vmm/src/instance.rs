@@ -30,7 +30,7 @@ use crate::memory::DirtyPages;
 use crate::outcome::{FunctionResponse, FunctionStatus, Outcome};
 use crate::snapshot::Image;
 use crate::virtio::DeviceStats;
-use crate::vm::{BootTimings, CheckpointMode, Role, Vm, VmConfig, VmmError, thread_minor_faults};
+use crate::vm::{BootTimings, CheckpointMode, Role, Vm, VmConfig, VmmError};
 
 /// A VM restored from an image, and where it is in its life. Dropping it destroys the VM
 /// ([`Vm::destroy`]).
@@ -66,7 +66,8 @@ pub struct Served {
     pub response: Option<FunctionResponse>,
     /// VM exits during the request (the guest's resume included when it was not parked).
     pub exits: u64,
-    /// Minor page faults the serving thread took for it.
+    /// Minor page faults the serving thread took for it, from its lane's start (0 when the
+    /// instance was served without a lane).
     pub page_faults: u64,
     /// Counters of the serving VM's devices.
     pub devices: Vec<DeviceStats>,
@@ -153,7 +154,6 @@ impl Instance {
     /// on), which saves the VM exit that would ask for it.
     pub fn serve(&mut self, request: Vec<u8>, output: &mut dyn Write) -> Result<Served, VmmError> {
         let started = Instant::now();
-        let faults_before = thread_minor_faults();
         let was_parked = self.mailbox.is_parked();
         let handed_in = std::mem::take(&mut self.at_checkpoint)
             && self.image.info.guest.interface_version >= abi::FIRST_REQUEST_IN_RESULT_SINCE
@@ -183,7 +183,7 @@ impl Instance {
             outcome,
             response,
             exits,
-            page_faults: thread_minor_faults().saturating_sub(faults_before),
+            page_faults: 0,
             devices: self.vm.device_stats(),
             timings: ServeTimings { to_response, resume, ..ServeTimings::default() },
         };
