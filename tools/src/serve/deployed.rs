@@ -209,8 +209,7 @@ impl Worker {
                     logs.add(id, "stderr", &response.stderr);
                 }
                 logs.add(id, "console", &output.finish());
-                if let Some(restored) = &answer.served.timings.restored {
-                    let t = restored;
+                if let Some(t) = &answer.served.timings.restored {
                     self.metrics.restore.observe(t.load + t.vm_create + t.vcpu_setup + t.state_set.unwrap_or_default());
                 }
             }
