@@ -65,15 +65,6 @@ impl Mode {
             }
         }
     }
-
-    /// What a VM this mode restores ahead of its request is for.
-    fn ahead(self) -> Role {
-        match self {
-            Self::Fresh => Role::Fresh,
-            Self::Pool => Role::Ahead,
-            Self::Reset => Role::Kept,
-        }
-    }
 }
 
 impl std::fmt::Display for Mode {
@@ -118,16 +109,6 @@ impl Lanes {
     /// The mode.
     pub fn mode(&self) -> Mode {
         self.mode
-    }
-
-    /// The image.
-    pub fn image(&self) -> &Arc<Image> {
-        &self.image
-    }
-
-    /// How the VMs run.
-    pub fn config(&self) -> &VmConfig {
-        &self.config
     }
 
     /// In pool mode: waits until the filler has parked `count` VMs (traffic then finds the pool
@@ -184,12 +165,11 @@ impl Lane {
         Ok(Some(started.elapsed()))
     }
 
-    /// A VM restored for this lane's mode and parked: it has resumed from its checkpoint and
-    /// waits for its request.
+    /// A kept VM, restored and parked: it has resumed from its checkpoint (touching the
+    /// working set) and waits for its request.
     fn restore_parked(&self) -> Result<Instance, VmmError> {
         let lanes = &self.lanes;
-        let mut instance =
-            Instance::restore(&lanes.image, &lanes.config, lanes.mode.ahead(), &mut BootTimings::default())?;
+        let mut instance = Instance::restore(&lanes.image, &lanes.config, Role::Kept, &mut BootTimings::default())?;
         instance.park(&mut std::io::sink())?;
         Ok(instance)
     }
@@ -202,9 +182,8 @@ impl Lane {
             self.put_back()?;
         }
         let started = Instant::now();
-        let lanes = Arc::clone(&self.lanes);
         let faults_before = thread_minor_faults();
-        let (mut instance, restored, waited) = match (lanes.mode, &lanes.pool) {
+        let (mut instance, restored, waited) = match (self.lanes.mode, &self.lanes.pool) {
             (Mode::Reset, _) => match self.ready.take() {
                 Some(kept) => (kept, None, None),
                 None => (self.restore_parked()?, None, None),
@@ -212,13 +191,13 @@ impl Lane {
             (Mode::Pool, Some(pool)) => match pool.try_take()? {
                 Some(parked) => (parked, None, Some(started.elapsed())),
                 None => {
-                    let (instance, timings) = restore_fresh(&lanes)?;
+                    let (instance, timings) = restore_fresh(&self.lanes)?;
                     pool.count_restored_here(started.elapsed());
                     (instance, Some(timings), Some(started.elapsed()))
                 }
             },
             (Mode::Fresh | Mode::Pool, _) => {
-                let (instance, timings) = restore_fresh(&lanes)?;
+                let (instance, timings) = restore_fresh(&self.lanes)?;
                 (instance, Some(timings), None)
             }
         };
