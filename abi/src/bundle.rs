@@ -49,7 +49,7 @@
 //! boots a bundle. A bundle may be handed over without its volume (the bytes stop after the
 //! code).
 
-use alloc::string::String;
+use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 use core::fmt;
 
@@ -135,31 +135,63 @@ pub fn is_connection_name(name: &str) -> bool {
         && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
 }
 
+/// What is wrong with a path in the guest's filesystem ([`check_guest_path`]); each quotes the
+/// path.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GuestPathError {
+    /// It does not start with '/'.
+    #[error("path {0:?} is not absolute: it must start with '/'")]
+    NotAbsolute(String),
+    /// It is longer than [`MAX_GUEST_PATH_BYTES`].
+    #[error("path {0:?} is {len} bytes, more than {MAX_GUEST_PATH_BYTES}", len = .0.len())]
+    TooLong(String),
+    /// It holds a NUL byte.
+    #[error("path {0:?} holds a NUL")]
+    Nul(String),
+    /// It has "//" or a trailing '/'.
+    #[error("path {0:?} has an empty component (\"//\" or a trailing '/')")]
+    EmptyComponent(String),
+    /// It has a "." or ".." component.
+    #[error("path {path:?} has a {component:?} component")]
+    Dots {
+        /// The path.
+        path: String,
+        /// "." or "..".
+        component: &'static str,
+    },
+    /// A component is longer than 255 bytes.
+    #[error("path {path:?} has a component of {len} bytes, more than {MAX_GUEST_NAME_BYTES}")]
+    LongComponent {
+        /// The path.
+        path: String,
+        /// The component's length.
+        len: usize,
+    },
+}
+
 /// Checks a path in the guest's filesystem, as a scratch directory or the data mount: absolute,
 /// `/` itself or components of 1 to 255 bytes separated by single slashes, none `.` or `..`, no
-/// NUL, at most [`MAX_GUEST_PATH_BYTES`] in all. The error says what is wrong and quotes the path.
-pub fn check_guest_path(path: &str) -> Result<(), String> {
+/// NUL, at most [`MAX_GUEST_PATH_BYTES`] in all.
+pub fn check_guest_path(path: &str) -> Result<(), GuestPathError> {
     let Some(rest) = path.strip_prefix('/') else {
-        return Err(alloc::format!("path {path:?} is not absolute: it must start with '/'"));
+        return Err(GuestPathError::NotAbsolute(path.into()));
     };
     if path.len() > MAX_GUEST_PATH_BYTES {
-        return Err(alloc::format!("path {path:?} is {} bytes, more than {MAX_GUEST_PATH_BYTES}", path.len()));
+        return Err(GuestPathError::TooLong(path.into()));
     }
     if path.contains('\0') {
-        return Err(alloc::format!("path {path:?} holds a NUL"));
+        return Err(GuestPathError::Nul(path.into()));
     }
     if rest.is_empty() {
         return Ok(());
     }
     for component in rest.split('/') {
         match component {
-            "" => return Err(alloc::format!("path {path:?} has an empty component (\"//\" or a trailing '/')")),
-            "." | ".." => return Err(alloc::format!("path {path:?} has a {component:?} component")),
+            "" => return Err(GuestPathError::EmptyComponent(path.into())),
+            "." => return Err(GuestPathError::Dots { path: path.into(), component: "." }),
+            ".." => return Err(GuestPathError::Dots { path: path.into(), component: ".." }),
             c if c.len() > MAX_GUEST_NAME_BYTES => {
-                return Err(alloc::format!(
-                    "path {path:?} has a component of {} bytes, more than {MAX_GUEST_NAME_BYTES}",
-                    c.len()
-                ));
+                return Err(GuestPathError::LongComponent { path: path.into(), len: c.len() });
             }
             _ => {}
         }
@@ -404,12 +436,12 @@ impl Manifest {
             );
         }
         for (i, dir) in self.scratch_dirs.iter().enumerate() {
-            check_guest_path(dir).or_else(|reason| bad("scratch dirs", reason))?;
+            check_guest_path(dir).or_else(|e| bad("scratch dirs", e.to_string()))?;
             if self.scratch_dirs[..i].contains(dir) {
                 return bad("scratch dirs", alloc::format!("{dir:?} is given twice"));
             }
         }
-        check_guest_path(&self.data_mount).or_else(|reason| bad("data mount", reason))?;
+        check_guest_path(&self.data_mount).or_else(|e| bad("data mount", e.to_string()))?;
         let defaults = self.scratch_mib == DEFAULT_SCRATCH_MIB
             && self.scratch_dirs.iter().map(String::as_str).eq(DEFAULT_SCRATCH_DIRS.iter().copied())
             && self.data_mount == DEFAULT_DATA_MOUNT;
@@ -733,7 +765,6 @@ pub fn parse(bytes: &[u8]) -> Result<Bundle<'_>, BundleError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use alloc::string::ToString;
     use alloc::vec;
 
     fn manifest() -> Manifest {
@@ -1021,7 +1052,7 @@ mod tests {
             (&alloc::format!("/{}", "n".repeat(256)), "has a component of 256 bytes, more than 255"),
             (&long, "is 1026 bytes, more than 1024"),
         ] {
-            let e = check_guest_path(bad).unwrap_err();
+            let e = check_guest_path(bad).unwrap_err().to_string();
             assert!(e.contains(message), "{bad:?}: {e}");
         }
         assert_eq!(check_guest_path(&long[..MAX_GUEST_PATH_BYTES]), Ok(()));

@@ -327,43 +327,50 @@ impl GuestMetadata {
     }
 
     fn decode(bytes: &[u8]) -> Result<Self, ImageError> {
-        let bad = |reason: String| ImageError::Content { section: "guest-metadata", reason };
         let mut cursor = Cursor { bytes, at: 0 };
-        let interface_version = u32_at(cursor.take(4, "interface version").map_err(bad)?, 0);
-        let function_name = cursor.string("function name").map_err(bad)?;
+        let interface_version = u32_at(cursor.take(4, "interface version")?, 0);
+        let function_name = cursor.string("function name")?;
         let mut wasm_sha256 = [0; 32];
-        wasm_sha256.copy_from_slice(cursor.take(32, "wasm sha256").map_err(bad)?);
-        let io_table_gpa = u64_at(cursor.take(8, "io table address").map_err(bad)?, 0);
-        let io_table_len = u64_at(cursor.take(8, "io table length").map_err(bad)?, 0);
-        let runtime_version = cursor.string("runtime version").map_err(bad)?;
+        wasm_sha256.copy_from_slice(cursor.take(32, "wasm sha256")?);
+        let io_table_gpa = u64_at(cursor.take(8, "io table address")?, 0);
+        let io_table_len = u64_at(cursor.take(8, "io table length")?, 0);
+        let runtime_version = cursor.string("runtime version")?;
         if cursor.at != bytes.len() {
-            return Err(bad("unexpected bytes after the last field".into()));
+            return Err(bad_metadata("unexpected bytes after the last field".into()));
         }
         if io_table_gpa.checked_add(io_table_len).is_none_or(|end| end > MAX_GUEST_MEMORY) {
-            return Err(bad("io table range overflows guest memory".into()));
+            return Err(bad_metadata("io table range overflows guest memory".into()));
         }
         Ok(Self { interface_version, function_name, wasm_sha256, io_table_gpa, io_table_len, runtime_version })
     }
 }
 
-/// Reads fields in order, never past the end.
+/// The error for guest metadata that is wrong in the way `reason` says.
+fn bad_metadata(reason: String) -> ImageError {
+    ImageError::Content { section: "guest-metadata", reason }
+}
+
+/// Reads the guest metadata's fields in order, never past the end.
 struct Cursor<'a> {
     bytes: &'a [u8],
     at: usize,
 }
 
 impl<'a> Cursor<'a> {
-    fn take(&mut self, n: usize, what: &str) -> Result<&'a [u8], String> {
-        let slice = self.bytes.get(self.at..self.at + n).ok_or_else(|| alloc::format!("{what} runs past the end"))?;
+    fn take(&mut self, n: usize, what: &str) -> Result<&'a [u8], ImageError> {
+        let slice = self
+            .bytes
+            .get(self.at..self.at + n)
+            .ok_or_else(|| bad_metadata(alloc::format!("{what} runs past the end")))?;
         self.at += n;
         Ok(slice)
     }
 
-    fn string(&mut self, what: &str) -> Result<String, String> {
+    fn string(&mut self, what: &str) -> Result<String, ImageError> {
         let len = self.take(2, what)?;
         let len = u16::from_le_bytes([len[0], len[1]]) as usize;
         let bytes = self.take(len, what)?;
-        core::str::from_utf8(bytes).map(String::from).map_err(|_| alloc::format!("{what} is not UTF-8"))
+        core::str::from_utf8(bytes).map(String::from).map_err(|_| bad_metadata(alloc::format!("{what} is not UTF-8")))
     }
 }
 

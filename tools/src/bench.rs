@@ -8,6 +8,7 @@
 //! them.
 
 use std::io::Write;
+use std::path::PathBuf;
 use std::time::Instant;
 
 use clap::Args;
@@ -16,6 +17,61 @@ use host_vmm::{FunctionStatus, Mode, Outcome, RunReport, VmConfig};
 use crate::KernelArgs;
 use crate::invoke::OptionalFunctionArgs;
 use crate::stats::{BatchStats, Floor, Measured, RequestStats, Status};
+
+/// Why a benchmark could not run, or a run did not end cleanly.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    /// `--runs 0`.
+    #[error("--runs 0: need at least one run")]
+    NoRuns,
+    /// `--peer` in a thaw built without the `peer` feature.
+    #[error(
+        "--peer: this thaw was built without the peer; build it with `--features peer` (for example `cargo install --locked --path tools --features peer`)"
+    )]
+    NoPeer,
+    /// `--kernel` or `--memory` with an image.
+    #[error("--kernel and --memory apply to cold boots; {} is a snapshot image, which keeps the kernel and memory it was taken with", .0.display())]
+    BootOptionsOnImage(PathBuf),
+    /// `--mode` with a bundle.
+    #[error("--mode serves a snapshot image; {} is not one", .0.display())]
+    ModeOnBundle(PathBuf),
+    /// `--peer` with an image.
+    #[error("--peer measures cold invocations of a bundle; {} is a snapshot image", .0.display())]
+    PeerOnImage(PathBuf),
+    /// A run did not end cleanly.
+    #[error("run {run}: {why}")]
+    Unclean {
+        /// Which run, from 1.
+        run: usize,
+        /// How it ended.
+        why: String,
+    },
+    /// The kernel or the timeout.
+    #[error(transparent)]
+    Kernel(#[from] crate::kernel::KernelArgsError),
+    /// A device option.
+    #[error(transparent)]
+    Devices(#[from] crate::devices::DevicesError),
+    /// The function or its request.
+    #[error(transparent)]
+    Invoke(#[from] crate::invoke::InvokeError),
+    /// Serving from an image.
+    #[error(transparent)]
+    Restore(#[from] crate::restore::RestoreError),
+    /// The VMM.
+    #[error(transparent)]
+    Vmm(#[from] host_vmm::VmmError),
+    /// The peer.
+    #[cfg(feature = "peer")]
+    #[error(transparent)]
+    Peer(#[from] crate::peer::PeerError),
+    /// The stats.
+    #[error(transparent)]
+    Stats(#[from] crate::stats::StatsError),
+    /// The report could not be written.
+    #[error(transparent)]
+    Output(#[from] crate::OutputError),
+}
 
 /// Arguments of `thaw bench`.
 #[derive(Args, Debug)]
@@ -63,12 +119,12 @@ enum Peer {
 }
 
 /// Runs `thaw bench` and returns the process exit code.
-pub fn run(args: &BenchArgs) -> Result<u8, String> {
+pub fn run(args: &BenchArgs) -> Result<u8, BenchError> {
     if args.runs == 0 {
-        return Err("--runs 0: need at least one run".into());
+        return Err(BenchError::NoRuns);
     }
     if args.peer.is_some() && !cfg!(feature = "peer") {
-        return Err(NO_PEER.into());
+        return Err(BenchError::NoPeer);
     }
     let floor = if args.floor { Some(Floor::measure(args.runs)?) } else { None };
     let Some(path) = &args.function.function else {
@@ -79,19 +135,16 @@ pub fn run(args: &BenchArgs) -> Result<u8, String> {
     };
     let is_image = crate::invoke::file_magic(path)? == abi::image::MAGIC;
     if is_image && (args.kernel.kernel.is_some() || args.memory.is_some()) {
-        return Err(format!(
-            "--kernel and --memory apply to cold boots; {} is a snapshot image, which keeps the kernel and memory it was taken with",
-            path.display()
-        ));
+        return Err(BenchError::BootOptionsOnImage(path.clone()));
     }
     if !is_image {
         if args.mode.is_some() {
-            return Err(format!("--mode serves a snapshot image; {} is not one", path.display()));
+            return Err(BenchError::ModeOnBundle(path.clone()));
         }
         return boot_batch(args, args.function.load(crate::kernel::timeout(&args.kernel)?)?, floor);
     }
     if args.peer.is_some() {
-        return Err(format!("--peer measures cold invocations of a bundle; {} is a snapshot image", path.display()));
+        return Err(BenchError::PeerOnImage(path.clone()));
     }
     let restore = crate::restore::RestoreArgs::for_bench(
         path.clone(),
@@ -102,11 +155,11 @@ pub fn run(args: &BenchArgs) -> Result<u8, String> {
         args.rate,
         args.json,
     );
-    crate::restore::serve_batch(&restore, floor)
+    Ok(crate::restore::serve_batch(&restore, floor)?)
 }
 
 /// With --floor alone: the floor.
-fn floor_only(args: &BenchArgs, floor: &Floor) -> Result<u8, String> {
+fn floor_only(args: &BenchArgs, floor: &Floor) -> Result<u8, BenchError> {
     if args.json {
         let mut stats = BatchStats::new("floor", None, args.runs);
         stats.floor = Some(floor.stats.clone());
@@ -122,7 +175,7 @@ fn boot_batch(
     args: &BenchArgs,
     function: Option<crate::invoke::FunctionRequest>,
     floor: Option<Floor>,
-) -> Result<u8, String> {
+) -> Result<u8, BenchError> {
     let kernel = crate::kernel::load(&args.kernel)?;
     let (function, request) = match function {
         Some(f) => (Some(f.function), Some(f.request)),
@@ -160,7 +213,7 @@ fn peer(
     request: &[u8],
     runs: usize,
     answer: &[u8],
-) -> Result<crate::stats::PeerStats, String> {
+) -> Result<crate::stats::PeerStats, BenchError> {
     eprintln!("thaw: bench: the same {runs} runs with {}", crate::peer::NAME);
     let phases = crate::peer::measure(function, request, runs, answer)?;
     Ok(crate::stats::PeerStats { name: crate::peer::NAME.into(), phases })
@@ -168,12 +221,9 @@ fn peer(
 
 /// Without the `peer` feature there is no peer to run (`run` refuses `--peer` up front).
 #[cfg(not(feature = "peer"))]
-fn peer(_: &host_vmm::Function, _: &[u8], _: usize, _: &[u8]) -> Result<crate::stats::PeerStats, String> {
-    Err(NO_PEER.into())
+fn peer(_: &host_vmm::Function, _: &[u8], _: usize, _: &[u8]) -> Result<crate::stats::PeerStats, BenchError> {
+    Err(BenchError::NoPeer)
 }
-
-/// Why `--peer` cannot run in a thaw built without the `peer` feature.
-const NO_PEER: &str = "--peer: this thaw was built without the peer; build it with `--features peer` (for example `cargo install --locked --path tools --features peer`)";
 
 /// Prints `stats` (after `heading`, as text) with its total as a multiple of `floor`.
 fn report(
@@ -182,7 +232,7 @@ fn report(
     floor: Option<Floor>,
     heading: &str,
     what: &str,
-) -> Result<u8, String> {
+) -> Result<u8, BenchError> {
     if let (Some(floor), Some(total)) = (&floor, stats.phases.total_us) {
         stats.floor = Some(floor.stats.versus(total, false));
     }
@@ -210,20 +260,20 @@ fn report(
 fn measure(
     stats: &mut BatchStats,
     mut one: impl FnMut() -> Result<RunReport, host_vmm::VmmError>,
-) -> Result<Vec<u8>, String> {
+) -> Result<Vec<u8>, BenchError> {
     let mut first = None;
     let runs = stats.count;
     let mut samples = Vec::with_capacity(runs);
     let mut err = std::io::stderr().lock();
     let started = Instant::now();
     for i in 0..runs {
-        let report = one().map_err(|e| e.to_string())?;
+        let report = one()?;
         if !matches!(report.outcome, Outcome::Exited(0) | Outcome::Answered) {
-            return Err(format!("run {}: {}", i + 1, report.outcome));
+            return Err(BenchError::Unclean { run: i + 1, why: report.outcome.to_string() });
         }
         if let Some(response) = report.responses.iter().find(|r| r.status != FunctionStatus::Ok) {
             let why = RequestStats::new(&report.outcome, Some(response)).error.unwrap_or_default();
-            return Err(format!("run {}: {why}", i + 1));
+            return Err(BenchError::Unclean { run: i + 1, why });
         }
         if first.is_none() {
             first = Some(report.responses.first().map(|r| r.stdout.clone()).unwrap_or_default());

@@ -79,6 +79,66 @@ pub struct LogsArgs {
     server: ServerArgs,
 }
 
+/// Why a request to a `thaw serve` failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The server refused, saying why.
+    #[error("the server answered {status}: {message}")]
+    Refused {
+        /// The HTTP status.
+        status: u16,
+        /// The answer's `error` line.
+        message: String,
+    },
+    /// The server answered something that is not JSON.
+    #[error("the server answered {status} with no JSON: {body}")]
+    NotJson {
+        /// The HTTP status.
+        status: u16,
+        /// The answer, lossily.
+        body: String,
+    },
+    /// The token file is not UTF-8.
+    #[error("{}: the token is not UTF-8", .0.display())]
+    TokenUtf8(PathBuf),
+    /// `--set` is not `KEY=VALUE`.
+    #[error("--set {0:?} is not KEY=VALUE")]
+    Setting(String),
+    /// The request could not be built (a URL or token HTTP does not take).
+    #[error("{url}: {source}")]
+    Request {
+        /// The URL.
+        url: String,
+        /// Why.
+        source: ureq::http::Error,
+    },
+    /// The server could not be reached, or broke the connection.
+    #[error("{url}: {source}")]
+    Connection {
+        /// The URL.
+        url: String,
+        /// Why.
+        source: ureq::Error,
+    },
+    /// The answer could not be read.
+    #[error("{url}: reading the answer: {source}")]
+    Answer {
+        /// The URL.
+        url: String,
+        /// Why.
+        source: ureq::Error,
+    },
+    /// A file.
+    #[error(transparent)]
+    File(#[from] crate::files::FilesError),
+    /// The request body.
+    #[error(transparent)]
+    Invoke(#[from] crate::invoke::InvokeError),
+    /// The answer could not be printed.
+    #[error(transparent)]
+    Output(#[from] crate::OutputError),
+}
+
 /// Largest answer the client reads: a function's response is at most 16 MiB.
 const MAX_ANSWER_BYTES: u64 = 32 << 20;
 
@@ -90,16 +150,16 @@ struct Answer {
 
 impl Answer {
     /// The answer's JSON, or the server's `error` line as an error (with the status).
-    fn json(&self) -> Result<serde_json::Value, String> {
+    fn json(&self) -> Result<serde_json::Value, ClientError> {
         let value: Result<serde_json::Value, _> = serde_json::from_slice(&self.body);
         match (self.status, value) {
             (200..=299, Ok(value)) => Ok(value),
-            (status, Ok(value)) => Err(format!(
-                "the server answered {status}: {}",
-                value["error"].as_str().unwrap_or("(no error message)")
-            )),
+            (status, Ok(value)) => Err(ClientError::Refused {
+                status,
+                message: value["error"].as_str().unwrap_or("(no error message)").into(),
+            }),
             (status, Err(_)) => {
-                Err(format!("the server answered {status} with no JSON: {}", String::from_utf8_lossy(&self.body)))
+                Err(ClientError::NotJson { status, body: String::from_utf8_lossy(&self.body).into_owned() })
             }
         }
     }
@@ -110,30 +170,32 @@ impl ServerArgs {
         format!("{}{path}", self.server.trim_end_matches('/'))
     }
 
-    fn token(&self) -> Result<Option<String>, String> {
+    fn token(&self) -> Result<Option<String>, ClientError> {
         let Some(path) = &self.token_file else { return Ok(None) };
-        let bytes = crate::pack::read_limited(path, 4096, "admin token", crate::pack::READ_WITHIN)?;
-        let token = String::from_utf8(bytes).map_err(|_| format!("{}: the token is not UTF-8", path.display()))?;
+        let bytes = crate::files::read_limited(path, 4096, "admin token", crate::files::READ_WITHIN)?;
+        let token = String::from_utf8(bytes).map_err(|_| ClientError::TokenUtf8(path.clone()))?;
         Ok(Some(token.trim().to_string()))
     }
 
     /// Sends one request and reads the whole answer, whatever its status.
-    fn send(&self, method: &str, path: &str, body: Option<&[u8]>) -> Result<Answer, String> {
+    fn send(&self, method: &str, path: &str, body: Option<&[u8]>) -> Result<Answer, ClientError> {
         let url = self.url(path);
         let agent = ureq::Agent::new_with_config(ureq::Agent::config_builder().http_status_as_error(false).build());
         let mut request = ureq::http::Request::builder().method(method).uri(&url);
         if let Some(token) = self.token()? {
             request = request.header("Authorization", format!("Bearer {token}"));
         }
-        let request = request.body(body.unwrap_or_default().to_vec()).map_err(|e| format!("{url}: {e}"))?;
-        let mut response = agent.run(request).map_err(|e| format!("{url}: {e}"))?;
+        let request = request
+            .body(body.unwrap_or_default().to_vec())
+            .map_err(|source| ClientError::Request { url: url.clone(), source })?;
+        let mut response = agent.run(request).map_err(|source| ClientError::Connection { url: url.clone(), source })?;
         let status = response.status().as_u16();
         let body = response
             .body_mut()
             .with_config()
             .limit(MAX_ANSWER_BYTES)
             .read_to_vec()
-            .map_err(|e| format!("{url}: reading the answer: {e}"))?;
+            .map_err(|source| ClientError::Answer { url, source })?;
         Ok(Answer { status, body })
     }
 }
@@ -149,16 +211,16 @@ fn encode(value: &str) -> String {
         .collect()
 }
 
-fn print_json(value: &serde_json::Value) -> Result<(), String> {
-    outln!("{}", serde_json::to_string_pretty(value).unwrap_or_default())
+fn print_json(value: &serde_json::Value) -> Result<(), ClientError> {
+    Ok(outln!("{}", serde_json::to_string_pretty(value).unwrap_or_default())?)
 }
 
 /// `thaw deploy`.
-pub fn deploy(args: &DeployArgs) -> Result<u8, String> {
-    let upload = crate::pack::read_limited(&args.file, 1 << 30, "function", crate::pack::READ_WITHIN)?;
+pub fn deploy(args: &DeployArgs) -> Result<u8, ClientError> {
+    let upload = crate::files::read_limited(&args.file, 1 << 30, "function", crate::files::READ_WITHIN)?;
     let mut query = Vec::new();
     for setting in &args.settings {
-        let (key, value) = setting.split_once('=').ok_or_else(|| format!("--set {setting:?} is not KEY=VALUE"))?;
+        let (key, value) = setting.split_once('=').ok_or_else(|| ClientError::Setting(setting.clone()))?;
         query.push(format!("{}={}", encode(key), encode(value)));
     }
     let query = if query.is_empty() { String::new() } else { format!("?{}", query.join("&")) };
@@ -186,8 +248,8 @@ pub fn deploy(args: &DeployArgs) -> Result<u8, String> {
 /// `thaw call`: the function's response on stdout. A function that failed (502) exits 104 and
 /// one that ran out of time (504) exits 124, as `thaw invoke` does, with the server's error
 /// line on stderr; anything else the server refused is an error.
-pub fn call(args: &CallArgs) -> Result<u8, String> {
-    let body = crate::invoke::request_body(args.data.as_ref(), args.input.as_ref(), crate::pack::READ_WITHIN)?;
+pub fn call(args: &CallArgs) -> Result<u8, ClientError> {
+    let body = crate::invoke::request_body(args.data.as_ref(), args.input.as_ref(), crate::files::READ_WITHIN)?;
     let answer = args.server.send("POST", &format!("/v1/functions/{}/invoke", encode(&args.name)), Some(&body))?;
     if answer.status == 200 {
         std::io::stdout()
@@ -196,7 +258,11 @@ pub fn call(args: &CallArgs) -> Result<u8, String> {
             .map_err(|e| crate::write_failed("the response to stdout", e))?;
         return Ok(0);
     }
-    let error = answer.json().err().unwrap_or_default();
+    // Any status but 200 is an error, so `json` gives one.
+    let error = match answer.json() {
+        Ok(_) => ClientError::Refused { status: answer.status, message: "(no error message)".into() },
+        Err(e) => e,
+    };
     let code = match answer.status {
         502 => abi::exit_code::FUNCTION_TRAPPED,
         504 => abi::exit_code::TIMEOUT,
@@ -211,7 +277,7 @@ pub fn call(args: &CallArgs) -> Result<u8, String> {
 }
 
 /// `thaw functions`.
-pub fn functions(args: &FunctionsArgs) -> Result<u8, String> {
+pub fn functions(args: &FunctionsArgs) -> Result<u8, ClientError> {
     let json = args.server.send("GET", "/v1/functions", None)?.json()?;
     if args.json {
         print_json(&json)?;
@@ -239,7 +305,7 @@ pub fn functions(args: &FunctionsArgs) -> Result<u8, String> {
 }
 
 /// `thaw logs`.
-pub fn logs(args: &LogsArgs) -> Result<u8, String> {
+pub fn logs(args: &LogsArgs) -> Result<u8, ClientError> {
     let path = format!("/v1/functions/{}/logs?lines={}", encode(&args.name), args.lines);
     let json = args.server.send("GET", &path, None)?.json()?;
     if args.json {

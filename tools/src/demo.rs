@@ -7,7 +7,50 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Args;
-use host_vmm::{Function, Image, Lanes, Mode, Outcome, RunReport, VmConfig};
+use host_vmm::{Image, Lanes, Mode, Outcome, RunReport, VmConfig, VmmError};
+
+/// Why the demo could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    /// No temporary directory.
+    #[error("creating a temporary directory: {0}")]
+    TempDir(std::io::Error),
+    /// `--keep`'s directory could not be made.
+    #[error("{}: {source}", dir.display())]
+    Keep {
+        /// The directory.
+        dir: std::path::PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A VM did not answer cleanly.
+    #[error("a demo VM failed: {0}")]
+    Failed(Outcome),
+    /// The built-in kernel.
+    #[error(transparent)]
+    Kernel(#[from] crate::kernel::KernelArgsError),
+    /// Packing an example.
+    #[error(transparent)]
+    Pack(#[from] crate::pack::PackError),
+    /// A file.
+    #[error(transparent)]
+    File(#[from] crate::files::FilesError),
+    /// Reading a bundle back.
+    #[error(transparent)]
+    Invoke(#[from] crate::invoke::InvokeError),
+    /// Snapshotting.
+    #[error(transparent)]
+    Snapshot(#[from] crate::snapshot::SnapshotError),
+    /// Opening an image.
+    #[error(transparent)]
+    Image(#[from] host_vmm::snapshot::SnapshotError),
+    /// The VMM.
+    #[error(transparent)]
+    Vmm(#[from] VmmError),
+    /// The table could not be written.
+    #[error(transparent)]
+    Output(#[from] crate::OutputError),
+}
 
 /// Arguments of `thaw demo`.
 #[derive(Args, Debug)]
@@ -34,12 +77,12 @@ fn p50(mut values: Vec<Duration>) -> Duration {
 }
 
 /// Boots `runs` cold VMs with `one` and returns the p50 time to response.
-fn cold(runs: usize, mut one: impl FnMut() -> Result<RunReport, String>) -> Result<Duration, String> {
+fn cold(runs: usize, mut one: impl FnMut() -> Result<RunReport, VmmError>) -> Result<Duration, DemoError> {
     let mut times = Vec::with_capacity(runs);
     for _ in 0..runs {
         let report = one()?;
         if !matches!(report.outcome, Outcome::Exited(0) | Outcome::Answered) || report.responses.is_empty() {
-            return Err(format!("a demo VM failed: {}", report.outcome));
+            return Err(DemoError::Failed(report.outcome));
         }
         times.push(report.timings.to_response.unwrap_or_default());
     }
@@ -55,12 +98,12 @@ fn restored(
     mode: Mode,
     name: &str,
     runs: usize,
-) -> Result<(Duration, u64), String> {
+) -> Result<(Duration, u64), DemoError> {
     const POOL: usize = 2;
-    let lanes = Lanes::start(Arc::clone(image), config.clone(), mode, POOL).map_err(|e| e.to_string())?;
-    lanes.fill(POOL, config.timeout).map_err(|e| e.to_string())?;
+    let lanes = Lanes::start(Arc::clone(image), config.clone(), mode, POOL)?;
+    lanes.fill(POOL, config.timeout)?;
     let mut lane = lanes.lane();
-    lane.ready().map_err(|e| e.to_string())?;
+    lane.ready()?;
     let (mut times, mut private) = (Vec::with_capacity(runs), 0);
     for _ in 0..runs {
         if mode == Mode::Pool {
@@ -68,17 +111,17 @@ fn restored(
             // whose traffic the pool is sized for.
             std::thread::sleep(Duration::from_millis(4));
         }
-        let served = lane.serve(request(name).to_vec(), &mut std::io::sink()).map_err(|e| e.to_string())?;
+        let served = lane.serve(request(name).to_vec(), &mut std::io::sink())?;
         if !served.is_ok() {
-            return Err(format!("a demo VM failed: {}", served.outcome));
+            return Err(DemoError::Failed(served.outcome));
         }
         times.push(served.timings.to_response);
         if mode != Mode::Reset
             && let Some(used) = lane.used()
         {
-            private = private.max(used.vm().private_memory().map_err(|e| e.to_string())?);
+            private = private.max(used.vm().private_memory()?);
         }
-        lane.put_back().map_err(|e| e.to_string())?;
+        lane.put_back()?;
     }
     Ok((p50(times), private))
 }
@@ -88,11 +131,11 @@ fn ms(d: Duration) -> String {
 }
 
 /// Runs `thaw demo` and returns the process exit code.
-pub fn run(args: &DemoArgs) -> Result<u8, String> {
-    let temp = tempfile::tempdir().map_err(|e| format!("creating a temporary directory: {e}"))?;
+pub fn run(args: &DemoArgs) -> Result<u8, DemoError> {
+    let temp = tempfile::tempdir().map_err(DemoError::TempDir)?;
     let dir = match &args.keep {
         Some(dir) => {
-            std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+            std::fs::create_dir_all(dir).map_err(|source| DemoError::Keep { dir: dir.clone(), source })?;
             dir.clone()
         }
         None => temp.path().to_path_buf(),
@@ -100,20 +143,18 @@ pub fn run(args: &DemoArgs) -> Result<u8, String> {
     let kernel = crate::kernel::built_in()?;
     for name in crate::pack::EXAMPLE_NAMES {
         let bundle = crate::pack::example_bundle(name, 16)?;
-        crate::pack::write_atomically(&dir.join(format!("{name}.thaw")), &bundle)?;
+        crate::files::write_atomically(&dir.join(format!("{name}.thaw")), &bundle)?;
         eprintln!("thaw demo: packed {name} ({} KiB)", bundle.len() / 1024);
     }
     let mut rows = Vec::new();
     for name in ["hello", "heavy-init"] {
         let bundle_path = dir.join(format!("{name}.thaw"));
-        let function = Function::from_bundle(std::fs::read(&bundle_path).map_err(|e| e.to_string())?)
-            .map_err(|e| format!("{name}: {e}"))?;
+        let function = crate::invoke::load_function(&bundle_path, crate::files::READ_WITHIN)?;
         let base = VmConfig { measure_memory: true, ..VmConfig::default() };
         let config = function.boot_config(base, Duration::from_secs(60), vec![request(name).to_vec()]);
         let cold_runs = (args.runs / 5).max(3);
         eprintln!("thaw demo: {name}: {cold_runs} cold invocations");
-        let cold =
-            cold(cold_runs, || host_vmm::run_kernel(kernel, &config, &mut std::io::sink()).map_err(|e| e.to_string()))?;
+        let cold = cold(cold_runs, || host_vmm::run_kernel(kernel, &config, &mut std::io::sink()))?;
         let image_path = dir.join(format!("{name}.snap"));
         let (status, _) = crate::snapshot::snapshot_function(
             &function,
@@ -123,7 +164,7 @@ pub fn run(args: &DemoArgs) -> Result<u8, String> {
             Some(request(name).to_vec()),
         )?;
         eprintln!("thaw demo: {name}: {status}");
-        let image = Arc::new(Image::open(&image_path).map_err(|e| e.to_string())?);
+        let image = Arc::new(Image::open(&image_path)?);
         eprintln!("thaw demo: {name}: {} fresh VMs restored on the request path", args.runs);
         let (fresh_p50, private) = restored(&image, &config, Mode::Fresh, name, args.runs)?;
         eprintln!("thaw demo: {name}: {} requests to VMs parked in a pool of 2", args.runs);

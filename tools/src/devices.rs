@@ -10,6 +10,53 @@ use host_vmm::virtio::vsock::Services;
 use host_vmm::virtio::{ConsoleSink, VolumeFile, VolumeSource};
 use host_vmm::{Function, Image, VmConfig};
 
+/// A device option that cannot be honoured.
+#[derive(Debug, thiserror::Error)]
+pub enum DevicesError {
+    /// `--devices block`: the block device comes with a bundle's data volume.
+    #[error("a block device comes with a data volume: pack the function with --data-dir")]
+    BlockByHand,
+    /// `--devices` names no device thaw has.
+    #[error("unknown device {0:?}; known devices: console, entropy, vsock")]
+    Unknown(String),
+    /// `--service` is not `PORT=SOCKET`.
+    #[error("{0:?} is not PORT=SOCKET")]
+    NotService(String),
+    /// `--service`'s port is not a number.
+    #[error("{text:?}: port {port:?} is not a number")]
+    ServicePort {
+        /// The whole option.
+        text: String,
+        /// The port as given.
+        port: String,
+    },
+    /// `--service`'s socket path is empty.
+    #[error("{0:?}: the socket path is empty")]
+    ServicePath(String),
+    /// `--service`/`--vsock-uds` for a cold-booted VM without vsock.
+    #[error(
+        "--service/--vsock-uds: the VM has no vsock device (add --devices vsock, or pack the function with --connect)"
+    )]
+    NoVsock,
+    /// `--service`/`--vsock-uds` for an image taken without vsock.
+    #[error(
+        "--service/--vsock-uds: the image has no vsock device (pack with --connect, or take the snapshot with --devices vsock)"
+    )]
+    ImageNoVsock,
+    /// `--console` for an image taken without a console.
+    #[error("--console: the image has no console device (take the snapshot with --devices console)")]
+    ImageNoConsole,
+    /// `--devices` for a restore.
+    #[error("--devices applies to cold boots; a restored VM has the devices its image was taken with")]
+    DevicesOnRestore,
+    /// `--eager-devices` for a cold boot.
+    #[error("--eager-devices applies to restores; a cold-booted VM attaches its devices as it boots")]
+    EagerOnBoot,
+    /// `--move-devices` for a cold boot.
+    #[error("--move-devices applies to restores")]
+    MoveOnBoot,
+}
+
 /// `--console`, `--service` and `--vsock-uds`: what the VM's devices reach on the host.
 #[derive(Args, Debug, Default)]
 pub struct Backends {
@@ -48,29 +95,27 @@ pub struct RestoreDevices {
 }
 
 /// Parses a `--devices` entry.
-pub fn parse_kind(name: &str) -> Result<DeviceKind, String> {
+pub fn parse_kind(name: &str) -> Result<DeviceKind, DevicesError> {
     match DeviceKind::from_name(name) {
         Some(kind @ (DeviceKind::Console | DeviceKind::Entropy | DeviceKind::Vsock)) => Ok(kind),
-        Some(DeviceKind::Block) => {
-            Err("a block device comes with a data volume: pack the function with --data-dir".into())
-        }
-        None => Err(format!("unknown device {name:?}; known devices: console, entropy, vsock")),
+        Some(DeviceKind::Block) => Err(DevicesError::BlockByHand),
+        None => Err(DevicesError::Unknown(name.into())),
     }
 }
 
 /// Parses a `--service PORT=SOCKET` entry.
-fn parse_service(text: &str) -> Result<(u32, PathBuf), String> {
-    let (port, path) = text.split_once('=').ok_or_else(|| format!("{text:?} is not PORT=SOCKET"))?;
-    let port = port.parse().map_err(|_| format!("{text:?}: port {port:?} is not a number"))?;
+fn parse_service(text: &str) -> Result<(u32, PathBuf), DevicesError> {
+    let (port, path) = text.split_once('=').ok_or_else(|| DevicesError::NotService(text.into()))?;
+    let port = port.parse().map_err(|_| DevicesError::ServicePort { text: text.into(), port: port.into() })?;
     if path.is_empty() {
-        return Err(format!("{text:?}: the socket path is empty"));
+        return Err(DevicesError::ServicePath(text.into()));
     }
     Ok((port, path.into()))
 }
 
 /// Gives a cold-booted VM for `function` (its bundle at `path`) the devices its bundle needs:
 /// a block device over its data volume, and vsock for its service connections.
-pub fn add_function_devices(config: &mut VmConfig, function: &Function, path: &Path) -> Result<(), String> {
+pub fn add_function_devices(config: &mut VmConfig, function: &Function, path: &Path) -> Result<(), DevicesError> {
     if let Some((offset, len)) = function.volume {
         config.devices.push(DeviceKind::Block);
         config.backends.volume = Some(VolumeSource { file: VolumeFile::Path(path.to_path_buf()), offset, len });
@@ -83,13 +128,10 @@ pub fn add_function_devices(config: &mut VmConfig, function: &Function, path: &P
 
 /// `--service` and `--vsock-uds` reach the guest through its vsock device: without one they
 /// would do nothing, so they are refused.
-pub fn check_services(config: &VmConfig) -> Result<(), String> {
+pub fn check_services(config: &VmConfig) -> Result<(), DevicesError> {
     let services = &config.backends.services;
     if (!services.ports.is_empty() || services.uds_path.is_some()) && !config.devices.contains(&DeviceKind::Vsock) {
-        return Err(
-            "--service/--vsock-uds: the VM has no vsock device (add --devices vsock, or pack the function with --connect)"
-                .into(),
-        );
+        return Err(DevicesError::NoVsock);
     }
     Ok(())
 }
@@ -105,28 +147,25 @@ impl BootDevices {
     }
 
     /// Refuses `--devices` for a restore: a restored VM has the devices its image was taken with.
-    pub fn refuse_on_restore(&self) -> Result<(), String> {
+    pub fn refuse_on_restore(&self) -> Result<(), DevicesError> {
         if self.devices.is_empty() {
             return Ok(());
         }
-        Err("--devices applies to cold boots; a restored VM has the devices its image was taken with".into())
+        Err(DevicesError::DevicesOnRestore)
     }
 }
 
 impl RestoreDevices {
     /// Sets up `config` for a restore from `image`, which decides the devices (and holds the
     /// data volume, which the VMM finds there itself).
-    pub fn apply(&self, backends: &Backends, config: &mut VmConfig, image: &Image) -> Result<(), String> {
+    pub fn apply(&self, backends: &Backends, config: &mut VmConfig, image: &Image) -> Result<(), DevicesError> {
         let devices = &image.devices;
         if backends.console.is_some() && !devices.iter().any(|d| d.kind == DeviceKind::Console as u16) {
-            return Err("--console: the image has no console device (take the snapshot with --devices console)".into());
+            return Err(DevicesError::ImageNoConsole);
         }
         let has_vsock = devices.iter().any(|d| d.kind == DeviceKind::Vsock as u16);
         if (!backends.services.is_empty() || backends.vsock_uds.is_some()) && !has_vsock {
-            return Err(
-                "--service/--vsock-uds: the image has no vsock device (pack with --connect, or take the snapshot with --devices vsock)"
-                    .into(),
-            );
+            return Err(DevicesError::ImageNoVsock);
         }
         config.device_slot = self.move_devices;
         config.eager_devices = self.eager_devices;
@@ -135,12 +174,10 @@ impl RestoreDevices {
     }
 
     /// Refuses these options for a cold boot, whose devices start attached where they are.
-    pub fn refuse_on_boot(&self) -> Result<(), String> {
+    pub fn refuse_on_boot(&self) -> Result<(), DevicesError> {
         match (self.eager_devices, self.move_devices) {
-            (true, _) => {
-                Err("--eager-devices applies to restores; a cold-booted VM attaches its devices as it boots".into())
-            }
-            (_, 1..) => Err("--move-devices applies to restores".into()),
+            (true, _) => Err(DevicesError::EagerOnBoot),
+            (_, 1..) => Err(DevicesError::MoveOnBoot),
             _ => Ok(()),
         }
     }

@@ -34,15 +34,53 @@ fn record_name(kind: u32) -> &'static str {
     }
 }
 
+/// Why a file could not be inspected.
+#[derive(Debug, thiserror::Error)]
+pub enum InspectError {
+    /// Its size could not be read.
+    #[error("{}: {source}", path.display())]
+    Metadata {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The bundle is not valid.
+    #[error("{}: {source}", path.display())]
+    Bundle {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What is wrong.
+        source: abi::bundle::BundleError,
+    },
+    /// The file is neither kind.
+    #[error(transparent)]
+    Invoke(#[from] crate::invoke::InvokeError),
+    /// The image is not valid.
+    #[error(transparent)]
+    Image(#[from] host_vmm::snapshot::SnapshotError),
+    /// A file.
+    #[error(transparent)]
+    File(#[from] crate::files::FilesError),
+    /// The JSON.
+    #[error(transparent)]
+    Stats(#[from] crate::stats::StatsError),
+    /// The report could not be written.
+    #[error(transparent)]
+    Output(#[from] crate::OutputError),
+}
+
 /// Runs `thaw inspect` and returns the process exit code.
-pub fn run(args: &InspectArgs) -> Result<u8, String> {
+pub fn run(args: &InspectArgs) -> Result<u8, InspectError> {
     if crate::invoke::file_magic(&args.image)? == abi::bundle::MAGIC {
         return inspect_bundle(args);
     }
-    let image = host_vmm::Image::open(&args.image).map_err(|e| e.to_string())?;
-    let stored = image.stored_bytes().map_err(|e| e.to_string())?;
+    let image = host_vmm::Image::open(&args.image)?;
+    let stored = image.stored_bytes()?;
     let info: &ImageInfo = &image.info;
-    let file_len = std::fs::metadata(&args.image).map_err(|e| format!("{}: {e}", args.image.display()))?.len();
+    let file_len = std::fs::metadata(&args.image)
+        .map_err(|source| InspectError::Metadata { path: args.image.clone(), source })?
+        .len();
     let guest = info.guest_memory_size();
     let rip = info
         .vcpu
@@ -51,7 +89,7 @@ pub fn run(args: &InspectArgs) -> Result<u8, String> {
         .and_then(|r| kvm_regs::read_from_bytes(&r.bytes).ok())
         .map_or(0, |regs| regs.rip);
     let page = abi::image::PAGE_SIZE;
-    let handles = image.io_table().map_err(|e| e.to_string())?;
+    let handles = image.io_table()?;
     let kind_name = |kind: u16| abi::devices::DeviceKind::from_id(kind).map_or("unknown", |k| k.name());
     if args.json {
         let devices: Vec<_> = image
@@ -206,11 +244,11 @@ fn written_pages(runs: &[abi::workingset::Run]) -> u64 {
 /// Shows what a function bundle's manifest says, with its filesystem settings and the
 /// directories the guest preopens. The framing, CRC and manifest are validated; the SHA-256s
 /// and the module are checked when the bundle is run.
-fn inspect_bundle(args: &InspectArgs) -> Result<u8, String> {
+fn inspect_bundle(args: &InspectArgs) -> Result<u8, InspectError> {
     let path = &args.image;
     let bytes =
-        crate::pack::read_limited(path, crate::invoke::MAX_BUNDLE_FILE, "function bundle", crate::pack::READ_WITHIN)?;
-    let parsed = abi::bundle::parse(&bytes).map_err(|e| format!("{}: {e}", path.display()))?;
+        crate::files::read_limited(path, crate::invoke::MAX_BUNDLE_FILE, "function bundle", crate::files::READ_WITHIN)?;
+    let parsed = abi::bundle::parse(&bytes).map_err(|source| InspectError::Bundle { path: path.clone(), source })?;
     let version = bytes.get(8..12).and_then(|b| b.try_into().ok()).map_or(0, u32::from_le_bytes);
     let m = &parsed.manifest;
     let preopens: Vec<_> = m.preopens().into_iter().zip(3..).map(|(dir, fd)| (fd, dir)).collect();

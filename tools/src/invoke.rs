@@ -13,6 +13,71 @@ use host_vmm::{Function, FunctionResponse, FunctionStatus, Lanes, Mode, Outcome,
 
 use crate::stats::{Device, Measured, RequestStats};
 
+/// Why a request could not be read, served or answered.
+#[derive(Debug, thiserror::Error)]
+pub enum InvokeError {
+    /// The file could not be opened or read.
+    #[error("reading {}: {source}", path.display())]
+    Unreadable {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is neither a bundle nor an image.
+    #[error("{}: starts with {start:02x?}, which is neither a function bundle (THAWFUNC) nor a snapshot image (THAWSNAP)", path.display())]
+    NotFunction {
+        /// The file.
+        path: PathBuf,
+        /// Its first bytes.
+        start: Vec<u8>,
+    },
+    /// The bundle is not a valid function.
+    #[error("{}: {source}", path.display())]
+    Bundle {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        source: host_vmm::function::FunctionError,
+    },
+    /// Neither `--data` nor `--input`.
+    #[error("give the request with --data or --input")]
+    NoRequest,
+    /// `--input -` could not be read.
+    #[error("--input -: reading standard input: {0}")]
+    Stdin(std::io::Error),
+    /// `--input -` is larger than a request may be.
+    #[error("--input -: the request is larger than {0} bytes")]
+    StdinTooLarge(u64),
+    /// The guest ended cleanly but never answered.
+    #[error("the guest exited without answering the request")]
+    NoAnswer,
+    /// The kernel or the timeout.
+    #[error(transparent)]
+    Kernel(#[from] crate::kernel::KernelArgsError),
+    /// A device option.
+    #[error(transparent)]
+    Devices(#[from] crate::devices::DevicesError),
+    /// A file to read.
+    #[error(transparent)]
+    File(#[from] crate::files::FilesError),
+    /// The image.
+    #[error(transparent)]
+    Image(#[from] host_vmm::snapshot::SnapshotError),
+    /// The VMM.
+    #[error(transparent)]
+    Vmm(#[from] host_vmm::VmmError),
+    /// The syscall allow-list.
+    #[error(transparent)]
+    Seccomp(#[from] host_vmm::seccomp::SeccompError),
+    /// The stats.
+    #[error(transparent)]
+    Stats(#[from] crate::stats::StatsError),
+    /// The response could not be written.
+    #[error(transparent)]
+    Output(#[from] crate::OutputError),
+}
+
 /// Arguments of `thaw invoke`.
 #[derive(Args, Debug)]
 pub struct InvokeArgs {
@@ -73,7 +138,7 @@ pub struct FunctionRequest {
 impl OptionalFunctionArgs {
     /// The function and its request, if a function was given.
     /// Its files are read within `within`.
-    pub fn load(&self, within: Duration) -> Result<Option<FunctionRequest>, String> {
+    pub fn load(&self, within: Duration) -> Result<Option<FunctionRequest>, InvokeError> {
         let Some(path) = &self.function else { return Ok(None) };
         let function = load_function(path, within)?;
         let request = request_body(self.data.as_ref(), self.input.as_ref(), within)?;
@@ -85,7 +150,7 @@ impl OptionalFunctionArgs {
 pub const MAX_BUNDLE_FILE: u64 = (80 << 20) + abi::volume::MAX_VOLUME_BYTES;
 
 /// Runs `thaw invoke` and returns the process exit code.
-pub fn run(args: &InvokeArgs) -> Result<u8, String> {
+pub fn run(args: &InvokeArgs) -> Result<u8, InvokeError> {
     let request = request_body(args.data.as_ref(), args.input.as_ref(), timeout(args)?)?;
     if file_magic(&args.function)? == abi::image::MAGIC {
         return invoke_image(args, request);
@@ -103,8 +168,7 @@ pub fn run(args: &InvokeArgs) -> Result<u8, String> {
         host_vmm::run_kernel(kernel, &config, &mut std::io::stderr().lock())
     } else {
         host_vmm::run_kernel(kernel, &config, &mut kernel_log)
-    }
-    .map_err(|e| e.to_string())?;
+    }?;
     // A cold boot's init ran here: what it wrote to stderr comes first.
     let _ = std::io::stderr().write_all(&report.init_stderr);
     let outcome = (&report.outcome, report.responses.first());
@@ -113,44 +177,39 @@ pub fn run(args: &InvokeArgs) -> Result<u8, String> {
 
 /// The first 8 bytes of `path`, which must be a bundle's or an image's magic. It must be a
 /// regular file: an image is mapped, and a FIFO would be read twice (or wait forever).
-pub fn file_magic(path: &std::path::Path) -> Result<[u8; 8], String> {
+pub fn file_magic(path: &std::path::Path) -> Result<[u8; 8], InvokeError> {
     use std::io::Read;
-    let fail = |e: std::io::Error| format!("reading {}: {e}", path.display());
+    let fail = |source| InvokeError::Unreadable { path: path.to_path_buf(), source };
     let mut magic = [0u8; 8];
     let mut file = host_vmm::files::open_regular(path).map_err(fail)?;
     let n = file.read(&mut magic).map_err(fail)?;
     if magic != abi::image::MAGIC && magic != abi::bundle::MAGIC {
-        return Err(format!(
-            "{}: starts with {:02x?}, which is neither a function bundle (THAWFUNC) nor a snapshot image (THAWSNAP)",
-            path.display(),
-            &magic[..n]
-        ));
+        return Err(InvokeError::NotFunction { path: path.to_path_buf(), start: magic[..n].to_vec() });
     }
     Ok(magic)
 }
 
-fn timeout(args: &InvokeArgs) -> Result<Duration, String> {
-    crate::kernel::parse_timeout(args.timeout)
+fn timeout(args: &InvokeArgs) -> Result<Duration, InvokeError> {
+    Ok(crate::kernel::parse_timeout(args.timeout)?)
 }
 
 /// Serves the request from a fresh VM restored from the image at `args.function`.
-fn invoke_image(args: &InvokeArgs, request: Vec<u8>) -> Result<u8, String> {
-    let image = std::sync::Arc::new(host_vmm::Image::open(&args.function).map_err(|e| e.to_string())?);
+fn invoke_image(args: &InvokeArgs, request: Vec<u8>) -> Result<u8, InvokeError> {
+    let image = std::sync::Arc::new(host_vmm::Image::open(&args.function)?);
     let mut config = VmConfig { timeout: timeout(args)?, ..VmConfig::default() };
     args.boot_devices.refuse_on_restore()?;
     args.restore_devices.apply(&args.backends, &mut config, &image)?;
     crate::confine(&args.seccomp)?;
-    let mut lane = Lanes::start(image, config, Mode::Fresh, 0).map_err(|e| e.to_string())?.lane();
+    let mut lane = Lanes::start(image, config, Mode::Fresh, 0)?.lane();
     let mut kernel_log = Vec::new();
     let served = if args.verbose {
         lane.serve(request, &mut std::io::stderr().lock())
     } else {
         lane.serve(request, &mut kernel_log)
-    }
-    .map_err(|e| e.to_string())?;
+    }?;
     let measured = || {
         let mut measured = Measured::of_served(&served);
-        let private = lane.used().map(|vm| vm.vm().private_memory()).transpose().map_err(|e| e.to_string())?;
+        let private = lane.used().map(|vm| vm.vm().private_memory()).transpose()?;
         measured.memory.private_kib = private.map(|bytes| bytes / 1024);
         Ok(measured)
     };
@@ -163,10 +222,10 @@ fn invoke_image(args: &InvokeArgs, request: Vec<u8>) -> Result<u8, String> {
 fn finish_invoke(
     args: &InvokeArgs,
     (outcome, response): (&Outcome, Option<&FunctionResponse>),
-    measured: impl FnOnce() -> Result<Measured, String>,
+    measured: impl FnOnce() -> Result<Measured, InvokeError>,
     devices: &[host_vmm::virtio::DeviceStats],
     kernel_log: &[u8],
-) -> Result<u8, String> {
+) -> Result<u8, InvokeError> {
     if !args.json {
         return conclude(outcome, response, kernel_log);
     }
@@ -179,7 +238,7 @@ fn finish_invoke(
 
 /// Ends a one-request run, under either hypervisor: the response if the guest answered and
 /// exited cleanly, otherwise the kernel's log (empty if it was already shown) and why it ended.
-pub fn conclude(outcome: &Outcome, response: Option<&FunctionResponse>, kernel_log: &[u8]) -> Result<u8, String> {
+pub fn conclude(outcome: &Outcome, response: Option<&FunctionResponse>, kernel_log: &[u8]) -> Result<u8, InvokeError> {
     settle(outcome, response, kernel_log, answer)
 }
 
@@ -188,8 +247,8 @@ fn settle(
     outcome: &Outcome,
     response: Option<&FunctionResponse>,
     kernel_log: &[u8],
-    respond: impl FnOnce(&FunctionResponse) -> Result<u8, String>,
-) -> Result<u8, String> {
+    respond: impl FnOnce(&FunctionResponse) -> Result<u8, InvokeError>,
+) -> Result<u8, InvokeError> {
     // A failed init is the function's failure, reported like a request's: its response.
     let clean = matches!(outcome, Outcome::Exited(0) | Outcome::Answered | Outcome::InitFailed(_));
     if !clean {
@@ -197,7 +256,7 @@ fn settle(
     }
     match (clean, response) {
         (true, Some(response)) => respond(response),
-        (true, None) => Err("the guest exited without answering the request".into()),
+        (true, None) => Err(InvokeError::NoAnswer),
         (false, _) => Ok(crate::finish(outcome)),
     }
 }
@@ -215,37 +274,33 @@ fn without_banner(log: &[u8]) -> Vec<u8> {
 
 /// The request body `--data` or `--input` names; a file is read within `within`, and `-` is
 /// standard input, read to its end.
-pub fn request_body(data: Option<&String>, input: Option<&PathBuf>, within: Duration) -> Result<Vec<u8>, String> {
+pub fn request_body(data: Option<&String>, input: Option<&PathBuf>, within: Duration) -> Result<Vec<u8>, InvokeError> {
     match (data, input) {
         (Some(data), _) => Ok(data.as_bytes().to_vec()),
         (None, Some(path)) if path.as_os_str() == "-" => {
             use std::io::Read as _;
             let limit = abi::invoke::MAX_REQUEST_BYTES;
             let mut body = Vec::new();
-            std::io::stdin()
-                .lock()
-                .take(limit + 1)
-                .read_to_end(&mut body)
-                .map_err(|e| format!("--input -: reading standard input: {e}"))?;
+            std::io::stdin().lock().take(limit + 1).read_to_end(&mut body).map_err(InvokeError::Stdin)?;
             if body.len() as u64 > limit {
-                return Err(format!("--input -: the request is larger than {limit} bytes"));
+                return Err(InvokeError::StdinTooLarge(limit));
             }
             Ok(body)
         }
-        (None, Some(path)) => crate::pack::read_limited(path, abi::invoke::MAX_REQUEST_BYTES, "request", within),
-        (None, None) => Err("give the request with --data or --input".into()),
+        (None, Some(path)) => Ok(crate::files::read_limited(path, abi::invoke::MAX_REQUEST_BYTES, "request", within)?),
+        (None, None) => Err(InvokeError::NoRequest),
     }
 }
 
 /// Reads and validates a function bundle, within `within`.
-pub fn load_function(path: &std::path::Path, within: Duration) -> Result<Function, String> {
-    let bytes = crate::pack::read_limited(path, MAX_BUNDLE_FILE, "function bundle", within)?;
-    Function::from_bundle(bytes).map_err(|e| format!("{}: {e}", path.display()))
+pub fn load_function(path: &std::path::Path, within: Duration) -> Result<Function, InvokeError> {
+    let bytes = crate::files::read_limited(path, MAX_BUNDLE_FILE, "function bundle", within)?;
+    Function::from_bundle(bytes).map_err(|source| InvokeError::Bundle { path: path.to_path_buf(), source })
 }
 
 /// Prints a response and returns the exit code it implies; a response that cannot be written
 /// (a closed pipe, a full disk) is an error, so that it is never lost with an exit code of 0.
-pub fn answer(response: &FunctionResponse) -> Result<u8, String> {
+pub fn answer(response: &FunctionResponse) -> Result<u8, InvokeError> {
     let mut stdout = std::io::stdout().lock();
     stdout
         .write_all(&response.stdout)

@@ -6,17 +6,37 @@ use std::time::Duration;
 use host_vmm::KernelImage;
 
 use crate::KernelArgs;
+use crate::files::FilesError;
+
+/// A kernel, ramdisk or timeout a command cannot use.
+#[derive(Debug, thiserror::Error)]
+pub enum KernelArgsError {
+    /// The kernel built into thaw is not valid (a broken build).
+    #[error("built-in kernel: {0}")]
+    BuiltIn(&'static host_vmm::KernelError),
+    /// The kernel `--kernel` names is not valid.
+    #[error("kernel {name}: {source}")]
+    Invalid {
+        /// The kernel file, or "built-in kernel".
+        name: String,
+        /// What is wrong with it.
+        source: host_vmm::KernelError,
+    },
+    /// `--timeout` is not a positive number of seconds.
+    #[error("--timeout {0}: must be a positive number of seconds")]
+    Timeout(f64),
+    /// A file could not be read.
+    #[error(transparent)]
+    File(#[from] FilesError),
+}
 
 /// The guest kernel built with this binary.
 pub static BUILT_IN: &[u8] = include_bytes!(env!("CARGO_BIN_FILE_GUEST_KERNEL_thaw-guest"));
 
 /// The built-in kernel, parsed and validated once per process.
-pub fn built_in() -> Result<&'static KernelImage, String> {
-    static PARSED: std::sync::OnceLock<Result<KernelImage, String>> = std::sync::OnceLock::new();
-    PARSED
-        .get_or_init(|| KernelImage::parse(BUILT_IN).map_err(|e| format!("built-in kernel: {e}")))
-        .as_ref()
-        .map_err(Clone::clone)
+pub fn built_in() -> Result<&'static KernelImage, KernelArgsError> {
+    static PARSED: std::sync::OnceLock<Result<KernelImage, host_vmm::KernelError>> = std::sync::OnceLock::new();
+    PARSED.get_or_init(|| KernelImage::parse(BUILT_IN)).as_ref().map_err(KernelArgsError::BuiltIn)
 }
 
 /// Largest kernel file thaw reads.
@@ -26,8 +46,8 @@ const MAX_KERNEL_FILE: u64 = 256 << 20;
 const MAX_RAMDISK_FILE: u64 = 64 << 20;
 
 /// Reads the file `--ramdisk` names, for a kernel booted on its own.
-pub fn load_ramdisk(path: &std::path::Path, args: &KernelArgs) -> Result<Vec<u8>, String> {
-    crate::pack::read_limited(path, MAX_RAMDISK_FILE, "ramdisk", timeout(args)?)
+pub fn load_ramdisk(path: &std::path::Path, args: &KernelArgs) -> Result<Vec<u8>, KernelArgsError> {
+    Ok(crate::files::read_limited(path, MAX_RAMDISK_FILE, "ramdisk", timeout(args)?)?)
 }
 
 /// A kernel's bytes and where they came from.
@@ -41,25 +61,24 @@ pub struct Kernel {
 }
 
 /// Reads and validates the kernel `args` names.
-pub fn load(args: &KernelArgs) -> Result<Kernel, String> {
+pub fn load(args: &KernelArgs) -> Result<Kernel, KernelArgsError> {
     let bytes = match &args.kernel {
-        Some(path) => crate::pack::read_limited(path, MAX_KERNEL_FILE, "kernel", timeout(args)?)?,
+        Some(path) => crate::files::read_limited(path, MAX_KERNEL_FILE, "kernel", timeout(args)?)?,
         None => BUILT_IN.to_vec(),
     };
-    let name = args.kernel.as_ref().map_or("built-in kernel".into(), |p| p.display().to_string());
-    let image = KernelImage::parse(&bytes).map_err(|e| format!("kernel {name}: {e}"))?;
+    let image = KernelImage::parse(&bytes).map_err(|source| KernelArgsError::Invalid {
+        name: args.kernel.as_ref().map_or("built-in kernel".into(), |p| p.display().to_string()),
+        source,
+    })?;
     Ok(Kernel { bytes, path: args.kernel.clone(), image })
 }
 
 /// The timeout `args` asks for.
-pub fn timeout(args: &KernelArgs) -> Result<Duration, String> {
+pub fn timeout(args: &KernelArgs) -> Result<Duration, KernelArgsError> {
     parse_timeout(args.timeout)
 }
 
 /// A `--timeout` value: a positive, finite number of seconds.
-pub fn parse_timeout(secs: f64) -> Result<Duration, String> {
-    Duration::try_from_secs_f64(secs)
-        .ok()
-        .filter(|t| !t.is_zero())
-        .ok_or_else(|| format!("--timeout {secs}: must be a positive number of seconds"))
+pub fn parse_timeout(secs: f64) -> Result<Duration, KernelArgsError> {
+    Duration::try_from_secs_f64(secs).ok().filter(|t| !t.is_zero()).ok_or(KernelArgsError::Timeout(secs))
 }

@@ -33,6 +33,7 @@ mod bench;
 mod client;
 mod demo;
 mod devices;
+mod files;
 mod inspect;
 mod invoke;
 mod kernel;
@@ -141,35 +142,39 @@ fn main() -> ExitCode {
             return ExitCode::from(abi::exit_code::HOST_ERROR as u8);
         }
     };
-    let result = match cli.command {
-        Command::Completions { shell } => completions(shell),
-        Command::Run(args) => run::run(&args),
-        Command::Qemu(args) => qemu::run(&args),
-        Command::Bench(args) => bench::run(&args),
-        Command::Demo(args) => demo::run(&args),
-        Command::New(args) => new::run(&args),
-        Command::Pack(args) => pack::run(&args),
-        Command::Serve(args) => serve::run(&args),
-        Command::Deploy(args) => client::deploy(&args),
-        Command::Call(args) => client::call(&args),
-        Command::Functions(args) => client::functions(&args),
-        Command::Logs(args) => client::logs(&args),
-        Command::Invoke(args) => invoke::run(&args),
-        Command::Snapshot(args) => snapshot::run(&args),
-        Command::Inspect(args) => inspect::run(&args),
-        Command::Restore(args) => restore::run(&args),
-    };
+    match cli.command {
+        Command::Completions { shell } => exit(completions(shell)),
+        Command::Run(args) => exit(run::run(&args)),
+        Command::Qemu(args) => exit(qemu::run(&args)),
+        Command::Bench(args) => exit(bench::run(&args)),
+        Command::Demo(args) => exit(demo::run(&args)),
+        Command::New(args) => exit(new::run(&args)),
+        Command::Pack(args) => exit(pack::run(&args)),
+        Command::Serve(args) => exit(serve::run(&args)),
+        Command::Deploy(args) => exit(client::deploy(&args)),
+        Command::Call(args) => exit(client::call(&args)),
+        Command::Functions(args) => exit(client::functions(&args)),
+        Command::Logs(args) => exit(client::logs(&args)),
+        Command::Invoke(args) => exit(invoke::run(&args)),
+        Command::Snapshot(args) => exit(snapshot::run(&args)),
+        Command::Inspect(args) => exit(inspect::run(&args)),
+        Command::Restore(args) => exit(restore::run(&args)),
+    }
+}
+
+/// The process's exit: a command's own code, or its error on one line and code 125.
+fn exit<E: std::error::Error>(result: Result<u8, E>) -> ExitCode {
     match result {
         Ok(code) => ExitCode::from(code),
-        Err(message) => {
-            eprintln!("thaw: error: {message}");
+        Err(e) => {
+            eprintln!("thaw: error: {e}");
             ExitCode::from(abi::exit_code::HOST_ERROR as u8)
         }
     }
 }
 
 /// `thaw completions SHELL`: the completion script on stdout.
-fn completions(shell: clap_complete::Shell) -> Result<u8, String> {
+fn completions(shell: clap_complete::Shell) -> Result<u8, OutputError> {
     use clap::CommandFactory as _;
     let mut script = Vec::new();
     clap_complete::generate(shell, &mut Cli::command(), "thaw", &mut script);
@@ -188,14 +193,14 @@ pub struct SeccompArgs {
 
 /// Confines the process to its syscall allow-list (`host_vmm::seccomp`) once its setup is done
 /// and before any guest runs, unless `--no-seccomp` says not to, which is said loudly.
-pub fn confine(args: &SeccompArgs) -> Result<(), String> {
+pub fn confine(args: &SeccompArgs) -> Result<(), host_vmm::seccomp::SeccompError> {
     if args.no_seccomp {
         eprintln!(
             "thaw: WARNING: --no-seccomp: VMs run without the syscall allow-list; a guest that escaped into thaw could use any system call. Use it only to debug thaw."
         );
         return Ok(());
     }
-    host_vmm::seccomp::install().map_err(|e| e.to_string())
+    host_vmm::seccomp::install()
 }
 
 /// The exit status of a process whose reader went away (128 + SIGPIPE), as a shell reports
@@ -206,11 +211,19 @@ const BROKEN_PIPE_STATUS: i32 = 128 + libc::SIGPIPE;
 /// stdout"). A closed pipe is not an error but the end: thaw exits at once, quietly, with
 /// [`BROKEN_PIPE_STATUS`], as `cat` and `grep` do (nobody is left to read a message). Anything
 /// else (a full disk) is an error line and exit code 125.
-pub fn write_failed(what: &str, e: std::io::Error) -> String {
+pub fn write_failed(what: &'static str, e: std::io::Error) -> OutputError {
     if e.kind() == std::io::ErrorKind::BrokenPipe {
         std::process::exit(BROKEN_PIPE_STATUS);
     }
-    format!("writing {what}: {e}")
+    OutputError { what, source: e }
+}
+
+/// Output that could not be written ([`write_failed`]).
+#[derive(Debug, thiserror::Error)]
+#[error("writing {what}: {source}")]
+pub struct OutputError {
+    what: &'static str,
+    source: std::io::Error,
 }
 
 /// Prints why the guest ended (unless it exited 0) and returns the process exit code.

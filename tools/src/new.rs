@@ -67,19 +67,44 @@ fn valid_name(name: &str) -> bool {
         && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
 }
 
+/// Why a function could not be created.
+#[derive(Debug, thiserror::Error)]
+pub enum NewError {
+    /// The name is not one cargo and thaw both take.
+    #[error("{0:?} is not a function name: use 1-64 of [A-Za-z0-9_-], starting with a letter")]
+    Name(String),
+    /// `--lang c --kind reactor`.
+    #[error("--kind reactor: a C function is a command (main per request)")]
+    CReactor,
+    /// A directory could not be created (the function's own: it may exist).
+    #[error("creating {}: {source}", path.display())]
+    Create {
+        /// The directory.
+        path: std::path::PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A file could not be written.
+    #[error("writing {}: {source}", path.display())]
+    Write {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The next steps could not be printed.
+    #[error(transparent)]
+    Output(#[from] crate::OutputError),
+}
+
 /// Runs `thaw new`: writes the function's files into a new directory and prints how to build,
 /// pack and call it.
-pub fn run(args: &NewArgs) -> Result<u8, String> {
+pub fn run(args: &NewArgs) -> Result<u8, NewError> {
     if !valid_name(&args.name) {
-        return Err(format!(
-            "{:?} is not a function name: use 1-64 of [A-Za-z0-9_-], starting with a letter",
-            args.name
-        ));
+        return Err(NewError::Name(args.name.clone()));
     }
     let kind = match (args.lang, args.kind) {
-        (Lang::C, Some(Kind::Reactor)) => {
-            return Err("--kind reactor: a C function is a command (main per request)".into());
-        }
+        (Lang::C, Some(Kind::Reactor)) => return Err(NewError::CReactor),
         (Lang::C, _) => Kind::Command,
         (Lang::Rust, kind) => kind.unwrap_or(Kind::Reactor),
     };
@@ -90,14 +115,14 @@ pub fn run(args: &NewArgs) -> Result<u8, String> {
     };
     let dir = args.into.as_deref().unwrap_or(Path::new(".")).join(&args.name);
     // Creating the directory itself (not its parents) fails if it exists: nothing is overwritten.
-    std::fs::create_dir(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    std::fs::create_dir(&dir).map_err(|source| NewError::Create { path: dir.clone(), source })?;
     for (path, text) in templates {
         let file = dir.join(path);
         if let Some(parent) = file.parent() {
-            std::fs::create_dir_all(parent).map_err(|e| format!("creating {}: {e}", parent.display()))?;
+            std::fs::create_dir_all(parent).map_err(|source| NewError::Create { path: parent.into(), source })?;
         }
         std::fs::write(&file, text.replace("NAME", &args.name))
-            .map_err(|e| format!("writing {}: {e}", file.display()))?;
+            .map_err(|source| NewError::Write { path: file.clone(), source })?;
     }
     let build = match args.lang {
         Lang::Rust => {

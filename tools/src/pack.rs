@@ -1,14 +1,132 @@
 //! `thaw pack`: validate a wasm (or WAT) function, compile it ahead of time for the guest's
 //! engine (`abi::engine`), and write both as a bundle.
 
-use std::ffi::OsStr;
+use std::ffi::{OsStr, OsString};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
-use abi::bundle::{self, Connection, Manifest};
+use abi::bundle::{self, Connection, GuestPathError, Manifest};
 use clap::Args;
-use host_vmm::files::FileError;
 use host_vmm::function::{self, FunctionKind};
+
+use crate::files::{FilesError, READ_WITHIN, read_limited, write_atomically};
+
+/// Why a function could not be packed.
+#[derive(Debug, thiserror::Error)]
+pub enum PackError {
+    /// Neither a file nor `--example`.
+    #[error("give a .wasm or .wat file, or --example NAME")]
+    NoInput,
+    /// `--example` names no built-in example.
+    #[error("no example {0}")]
+    NoExample(String),
+    /// The input is neither a wasm module nor WAT.
+    #[error("{input}: not a wasm module, and not valid WAT: {message}")]
+    NotWasm {
+        /// The file, or "example NAME".
+        input: String,
+        /// The WAT parser's error on one line.
+        message: String,
+    },
+    /// What went wrong packing `input`.
+    #[error("{input}: {source}")]
+    Input {
+        /// The file, or "example NAME".
+        input: String,
+        /// What went wrong.
+        source: Box<PackError>,
+    },
+    /// The module is not a function thaw runs.
+    #[error(transparent)]
+    Function(#[from] function::FunctionError),
+    /// Cranelift could not compile the module.
+    #[error("compiling the module: {}", chain(.0))]
+    Compile(wasmtime::Error),
+    /// The bundle or its manifest is not valid.
+    #[error(transparent)]
+    Bundle(#[from] bundle::BundleError),
+    /// `--connect` is not `NAME=PORT`.
+    #[error("{0:?} is not NAME=PORT")]
+    NotConnection(String),
+    /// `--connect`'s port is not a number.
+    #[error("{text:?}: port {port:?} is not a number from 1 to 4294967294")]
+    ConnectionPort {
+        /// The whole option.
+        text: String,
+        /// The port as given.
+        port: String,
+    },
+    /// `--data-dir`'s guest path is not UTF-8.
+    #[error("--data-dir {spec}: the guest path {mount} is not UTF-8")]
+    DataMountUtf8 {
+        /// The whole option.
+        spec: String,
+        /// The guest path, lossily.
+        mount: String,
+    },
+    /// `--data-dir`'s guest path is not a valid one.
+    #[error("--data-dir {spec}: {source}")]
+    DataMount {
+        /// The whole option.
+        spec: String,
+        /// What is wrong with the path.
+        source: GuestPathError,
+    },
+    /// A directory of `--data-dir` could not be read.
+    #[error("--data-dir {}: {source}", path.display())]
+    DataDirUnreadable {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A name in `--data-dir` is not UTF-8.
+    #[error("--data-dir: {} has a name that is not UTF-8: {name:?}", dir.display())]
+    DataDirName {
+        /// The directory holding it.
+        dir: PathBuf,
+        /// The name.
+        name: OsString,
+    },
+    /// `--data-dir` holds more than a volume takes.
+    #[error("--data-dir {}: more than 1 GiB of files", .0.display())]
+    DataDirTooLarge(PathBuf),
+    /// `--data-dir` holds a symlink, device or socket.
+    #[error("--data-dir: {} is neither a regular file nor a directory (symlinks and devices are not packed)", .0.display())]
+    DataDirEntry(PathBuf),
+    /// The volume could not be built from `--data-dir`.
+    #[error("--data-dir {}: {source}", dir.display())]
+    Volume {
+        /// The directory.
+        dir: PathBuf,
+        /// Why.
+        source: abi::volume::VolumeError,
+    },
+    /// `--scratch-mib` is out of range.
+    #[error("--scratch-mib {0}: outside 1..={max} MiB", max = bundle::MAX_SCRATCH_MIB)]
+    ScratchMib(u32),
+    /// `--scratch-dir` given more often than a function may have.
+    #[error("--scratch-dir: given {0} times, more than the {max} in-memory directories a function may have", max = bundle::MAX_SCRATCH_DIRS)]
+    ScratchDirCount(usize),
+    /// A `--scratch-dir` is not a valid guest path.
+    #[error("--scratch-dir {dir}: {source}")]
+    ScratchDir {
+        /// The directory.
+        dir: String,
+        /// What is wrong with it.
+        source: GuestPathError,
+    },
+    /// A `--scratch-dir` given twice.
+    #[error("--scratch-dir {0}: given twice")]
+    ScratchDirTwice(String),
+    /// A file could not be read or written.
+    #[error(transparent)]
+    File(#[from] FilesError),
+}
+
+/// A Wasmtime error with its causes, on one line.
+fn chain(e: &wasmtime::Error) -> String {
+    e.chain().map(ToString::to_string).collect::<Vec<_>>().join(": ")
+}
 
 /// Arguments of `thaw pack`.
 #[derive(Args, Debug)]
@@ -98,8 +216,9 @@ pub const EXAMPLE_NAMES: [&str; 7] =
     [EXAMPLES[0].0, EXAMPLES[1].0, EXAMPLES[2].0, EXAMPLES[3].0, EXAMPLES[4].0, EXAMPLES[5].0, EXAMPLES[6].0];
 
 /// A bundle of the built-in example `name` with default settings and `memory_mib` of memory.
-pub fn example_bundle(name: &str, memory_mib: u32) -> Result<Vec<u8>, String> {
-    let (_, wasm, sample) = EXAMPLES.iter().find(|(n, ..)| *n == name).ok_or_else(|| format!("no example {name}"))?;
+pub fn example_bundle(name: &str, memory_mib: u32) -> Result<Vec<u8>, PackError> {
+    let (_, wasm, sample) =
+        EXAMPLES.iter().find(|(n, ..)| *n == name).ok_or_else(|| PackError::NoExample(name.into()))?;
     let settings = BundleSettings {
         name: name.into(),
         memory_mib,
@@ -112,7 +231,9 @@ pub fn example_bundle(name: &str, memory_mib: u32) -> Result<Vec<u8>, String> {
         scratch_dirs: default_scratch_dirs(),
         data_mount: bundle::DEFAULT_DATA_MOUNT.into(),
     };
-    bundle_wasm(&settings, wasm, &[]).map(|(bundle, ..)| bundle).map_err(|e| format!("example {name}: {e}"))
+    bundle_wasm(&settings, wasm, &[])
+        .map(|(bundle, ..)| bundle)
+        .map_err(|e| PackError::Input { input: format!("example {name}"), source: Box::new(e) })
 }
 
 /// What a bundle holds beside its wasm and data volume.
@@ -148,20 +269,17 @@ pub fn default_scratch_dirs() -> Vec<String> {
 
 /// `wasm` compiled for the guest's engine, metering `fuel` or not: the code a bundle carries.
 /// Compiling takes from tens of milliseconds to about a second for a large module.
-pub fn compile(wasm: &[u8], fuel: bool) -> Result<Vec<u8>, String> {
-    let failed = |e: wasmtime::Error| {
-        format!("compiling the module: {}", e.chain().map(ToString::to_string).collect::<Vec<_>>().join(": "))
-    };
-    let engine = abi::engine::compiler(fuel).map_err(failed)?;
-    engine.precompile_module(wasm).map_err(failed)
+pub fn compile(wasm: &[u8], fuel: bool) -> Result<Vec<u8>, PackError> {
+    let engine = abi::engine::compiler(fuel).map_err(PackError::Compile)?;
+    engine.precompile_module(wasm).map_err(PackError::Compile)
 }
 
 /// `bundle` with its code compiled afresh from its wasm, for a bundle from someone else: its
 /// shipped code, if any, is not trusted. Older bundles come out as version 6, with the
 /// filesystem settings they had (the defaults before version 6).
-pub fn recompile(bundle: &[u8]) -> Result<Vec<u8>, String> {
-    let parsed = bundle::parse(bundle).map_err(|e| e.to_string())?;
-    function::check_wasm(&parsed).map_err(|e| e.to_string())?;
+pub fn recompile(bundle: &[u8]) -> Result<Vec<u8>, PackError> {
+    let parsed = bundle::parse(bundle)?;
+    function::check_wasm(&parsed)?;
     let code = compile(parsed.wasm, parsed.manifest.fuel.is_some())?;
     let manifest = Manifest { code_sha256: Some(function::sha256(&code)), ..parsed.manifest };
     let volume = parsed.volume.unwrap_or_default();
@@ -175,8 +293,8 @@ pub fn bundle_wasm(
     settings: &BundleSettings,
     wasm: &[u8],
     volume: &[u8],
-) -> Result<(Vec<u8>, Manifest, FunctionKind), String> {
-    let kind = function::validate_wasm(wasm, settings.memory_mib).map_err(|e| e.to_string())?;
+) -> Result<(Vec<u8>, Manifest, FunctionKind), PackError> {
+    let kind = function::validate_wasm(wasm, settings.memory_mib)?;
     let code = compile(wasm, settings.fuel.is_some())?;
     let manifest = Manifest {
         name: settings.name.clone(),
@@ -193,36 +311,38 @@ pub fn bundle_wasm(
         scratch_dirs: settings.scratch_dirs.clone(),
         data_mount: settings.data_mount.clone(),
     };
-    manifest.validate().map_err(|e| e.to_string())?;
+    manifest.validate()?;
     Ok((bundle::encode(&manifest, wasm, &code, volume), manifest, kind))
 }
 
 /// Parses a `--connect NAME=PORT` entry (the manifest validates the name and port).
-pub fn parse_connection(text: &str) -> Result<Connection, String> {
-    let (name, port) = text.split_once('=').ok_or_else(|| format!("{text:?} is not NAME=PORT"))?;
-    let port = port.parse().map_err(|_| format!("{text:?}: port {port:?} is not a number from 1 to 4294967294"))?;
+pub fn parse_connection(text: &str) -> Result<Connection, PackError> {
+    let (name, port) = text.split_once('=').ok_or_else(|| PackError::NotConnection(text.into()))?;
+    let port = port.parse().map_err(|_| PackError::ConnectionPort { text: text.into(), port: port.into() })?;
     Ok(Connection { name: name.into(), port })
 }
 
 /// Splits `--data-dir DIR[:GUEST_PATH]` into the directory and where the function sees it: at
 /// the last ':' when what follows starts with '/', so that a directory name with colons still
 /// works; without a guest path, [`bundle::DEFAULT_DATA_MOUNT`].
-pub fn split_data_dir(spec: &OsStr) -> Result<(PathBuf, String), String> {
+pub fn split_data_dir(spec: &OsStr) -> Result<(PathBuf, String), PackError> {
     use std::os::unix::ffi::OsStrExt;
     let bytes = spec.as_bytes();
     let Some(colon) = bytes.iter().rposition(|&b| b == b':').filter(|&at| bytes.get(at + 1) == Some(&b'/')) else {
         return Ok((PathBuf::from(spec), bundle::DEFAULT_DATA_MOUNT.into()));
     };
     let (dir, mount) = (OsStr::from_bytes(&bytes[..colon]), OsStr::from_bytes(&bytes[colon + 1..]));
-    let fail = |why: String| format!("--data-dir {}: {why}", spec.display());
-    let mount = mount.to_str().ok_or_else(|| fail(format!("the guest path {} is not UTF-8", mount.display())))?;
-    bundle::check_guest_path(mount).map_err(fail)?;
+    let spec = spec.display().to_string();
+    let Some(mount) = mount.to_str() else {
+        return Err(PackError::DataMountUtf8 { spec, mount: mount.display().to_string() });
+    };
+    bundle::check_guest_path(mount).map_err(|source| PackError::DataMount { spec, source })?;
     Ok((PathBuf::from(dir), mount.into()))
 }
 
 /// The in-memory directories `thaw pack`'s flags ask for, each checked, with an error naming the
 /// flag and the value.
-fn scratch_dirs(args: &PackArgs) -> Result<Vec<String>, String> {
+fn scratch_dirs(args: &PackArgs) -> Result<Vec<String>, PackError> {
     if args.no_scratch_dirs {
         return Ok(Vec::new());
     }
@@ -230,35 +350,29 @@ fn scratch_dirs(args: &PackArgs) -> Result<Vec<String>, String> {
         return Ok(default_scratch_dirs());
     }
     if args.scratch_dirs.len() > bundle::MAX_SCRATCH_DIRS {
-        return Err(format!(
-            "--scratch-dir: given {} times, more than the {} in-memory directories a function may have",
-            args.scratch_dirs.len(),
-            bundle::MAX_SCRATCH_DIRS
-        ));
+        return Err(PackError::ScratchDirCount(args.scratch_dirs.len()));
     }
     for (i, dir) in args.scratch_dirs.iter().enumerate() {
-        bundle::check_guest_path(dir).map_err(|e| format!("--scratch-dir {dir}: {e}"))?;
+        bundle::check_guest_path(dir).map_err(|source| PackError::ScratchDir { dir: dir.clone(), source })?;
         if args.scratch_dirs[..i].contains(dir) {
-            return Err(format!("--scratch-dir {dir}: given twice"));
+            return Err(PackError::ScratchDirTwice(dir.clone()));
         }
     }
     Ok(args.scratch_dirs.clone())
 }
 
 /// Builds a data volume from the tree at `dir`: regular files and directories, with UTF-8 names.
-pub fn volume_from_dir(dir: &Path) -> Result<Vec<u8>, String> {
+pub fn volume_from_dir(dir: &Path) -> Result<Vec<u8>, PackError> {
     let mut files = Vec::new();
     let mut dirs = Vec::new();
     let mut total = 0u64;
     let mut pending = vec![(dir.to_path_buf(), String::new())];
     while let Some((path, relative)) = pending.pop() {
-        let fail = |e: std::io::Error| format!("--data-dir {}: {e}", path.display());
+        let fail = |source| PackError::DataDirUnreadable { path: path.clone(), source };
         for entry in std::fs::read_dir(&path).map_err(fail)? {
             let entry = entry.map_err(fail)?;
-            let name = entry
-                .file_name()
-                .into_string()
-                .map_err(|n| format!("--data-dir: {} has a name that is not UTF-8: {n:?}", path.display()))?;
+            let name =
+                entry.file_name().into_string().map_err(|name| PackError::DataDirName { dir: path.clone(), name })?;
             let inner = if relative.is_empty() { name } else { format!("{relative}/{name}") };
             let kind = entry.file_type().map_err(fail)?;
             if kind.is_dir() {
@@ -268,36 +382,15 @@ pub fn volume_from_dir(dir: &Path) -> Result<Vec<u8>, String> {
                 let bytes = read_limited(&entry.path(), abi::volume::MAX_VOLUME_BYTES, "data file", READ_WITHIN)?;
                 total += bytes.len() as u64;
                 if total > abi::volume::MAX_VOLUME_BYTES {
-                    return Err(format!("--data-dir {}: more than 1 GiB of files", dir.display()));
+                    return Err(PackError::DataDirTooLarge(dir.to_path_buf()));
                 }
                 files.push((inner, bytes));
             } else {
-                return Err(format!(
-                    "--data-dir: {} is neither a regular file nor a directory (symlinks and devices are not packed)",
-                    entry.path().display()
-                ));
+                return Err(PackError::DataDirEntry(entry.path()));
             }
         }
     }
-    abi::volume::build(&files, &dirs).map_err(|e| format!("--data-dir {}: {e}", dir.display()))
-}
-
-/// Reads a file (or a pipe, a FIFO, a device) of at most `limit` bytes within `within`
-/// ([`host_vmm::files::read_capped`]), naming it in every error.
-pub fn read_limited(path: &Path, limit: u64, what: &str, within: Duration) -> Result<Vec<u8>, String> {
-    host_vmm::files::read_capped(path, limit, within).map_err(|e| match e {
-        FileError::Io(e) => format!("reading {what} {}: {e}", path.display()),
-        e => format!("{what} {}: {e}", path.display()),
-    })
-}
-
-/// How long a command without a `--timeout` of its own waits for a file it reads whole (a FIFO
-/// whose writer never comes).
-pub const READ_WITHIN: Duration = Duration::from_secs(30);
-
-/// Writes `bytes` to `path` atomically, and only as a regular file (`host_vmm::files`).
-pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), String> {
-    host_vmm::files::write_atomically(path, bytes).map_err(|e| format!("writing {}: {e}", path.display()))
+    abi::volume::build(&files, &dirs).map_err(|source| PackError::Volume { dir: dir.to_path_buf(), source })
 }
 
 /// A WAT error on one line: the message and where, without the source excerpt.
@@ -312,8 +405,8 @@ fn one_line(error: &wat::Error) -> String {
 }
 
 /// Runs `thaw pack` and returns the process exit code.
-pub fn run(args: &PackArgs) -> Result<u8, String> {
-    host_vmm::files::remove_drafts_on_signal().map_err(|e| format!("watching for SIGTERM: {e}"))?;
+pub fn run(args: &PackArgs) -> Result<u8, PackError> {
+    crate::files::remove_drafts_on_signal()?;
     let example = args.example.as_ref().and_then(|name| EXAMPLES.iter().find(|(n, ..)| n == name));
     let (source, input, stem) = match (&args.input, example) {
         (_, Some((name, wasm, _))) => (wasm.to_vec(), format!("example {name}"), name.to_string()),
@@ -322,19 +415,19 @@ pub fn run(args: &PackArgs) -> Result<u8, String> {
             let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
             (source, path.display().to_string(), stem)
         }
-        (None, None) => return Err("give a .wasm or .wat file, or --example NAME".into()),
+        (None, None) => return Err(PackError::NoInput),
     };
     let is_wat = args.input.as_ref().is_some_and(|p| p.extension().is_some_and(|e| e == "wat"));
     let is_text = is_wat || !source.starts_with(b"\0asm");
     let wasm = if is_text {
         wat::parse_bytes(&source)
-            .map_err(|e| format!("{input}: not a wasm module, and not valid WAT: {}", one_line(&e)))?
+            .map_err(|e| PackError::NotWasm { input: input.clone(), message: one_line(&e) })?
             .into_owned()
     } else {
         source
     };
     if !(1..=bundle::MAX_SCRATCH_MIB).contains(&args.scratch_mib) {
-        return Err(format!("--scratch-mib {}: outside 1..={} MiB", args.scratch_mib, bundle::MAX_SCRATCH_MIB));
+        return Err(PackError::ScratchMib(args.scratch_mib));
     }
     let scratch_dirs = scratch_dirs(args)?;
     let (data_dir, data_mount) = match &args.data_dir {
@@ -362,7 +455,7 @@ pub fn run(args: &PackArgs) -> Result<u8, String> {
     let compiling = crate::progress::Status::show(&format!("thaw: compiling {}...", settings.name));
     let bundled = bundle_wasm(&settings, &wasm, &volume);
     drop(compiling);
-    let (bytes, manifest, kind) = bundled.map_err(|e| format!("{input}: {e}"))?;
+    let (bytes, manifest, kind) = bundled.map_err(|e| PackError::Input { input, source: Box::new(e) })?;
     let compile_ms = started.elapsed().as_millis();
     let output = args.output.clone().unwrap_or_else(|| PathBuf::from(format!("{}.thaw", manifest.name)));
     write_atomically(&output, &bytes)?;

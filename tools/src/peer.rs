@@ -14,6 +14,53 @@ use wasmtime_wasi::p2::pipe::{MemoryInputPipe, MemoryOutputPipe};
 
 use crate::stats::{Percentiles, Phases};
 
+/// Why the peer could not measure a function.
+#[derive(Debug, thiserror::Error)]
+pub enum PeerError {
+    /// The function needs devices the peer does not give.
+    #[error("--peer wasmtime: the peer runs functions without a data volume or service connections")]
+    Devices,
+    /// The bundle is not valid.
+    #[error(transparent)]
+    Bundle(#[from] abi::bundle::BundleError),
+    /// Wasmtime could not be set up.
+    #[error("--peer wasmtime: {0}")]
+    Setup(wasmtime::Error),
+    /// Wasmtime could not compile the module.
+    #[error("--peer wasmtime: compiling: {0}")]
+    Compile(wasmtime::Error),
+    /// A run failed.
+    #[error("--peer wasmtime: run {run}: {why}")]
+    Run {
+        /// Which run, from 1.
+        run: usize,
+        /// Why.
+        why: Box<PeerError>,
+    },
+    /// The store refused the fuel.
+    #[error("{0}")]
+    Fuel(wasmtime::Error),
+    /// The module could not be instantiated.
+    #[error("instantiating: {0}")]
+    Instantiate(wasmtime::Error),
+    /// An export failed or trapped.
+    #[error("{name}: {error}")]
+    Call {
+        /// The export.
+        name: &'static str,
+        /// Why.
+        error: wasmtime::Error,
+    },
+    /// The peer's answer differs from thaw's.
+    #[error("--peer wasmtime: the peer answered {peer:?}, thaw answered {thaw:?}; they must do the same work")]
+    Differs {
+        /// The peer's answer.
+        peer: String,
+        /// Thaw's.
+        thaw: String,
+    },
+}
+
 /// The peer's name and version in reports.
 pub const NAME: &str = "Wasmtime 50.0.1, in process";
 
@@ -33,30 +80,28 @@ pub fn measure(
     request: &[u8],
     runs: usize,
     expected: &[u8],
-) -> Result<Phases<Percentiles>, String> {
+) -> Result<Phases<Percentiles>, PeerError> {
     if function.volume.is_some() || !function.manifest.connections.is_empty() {
-        return Err("--peer wasmtime: the peer runs functions without a data volume or service connections".into());
+        return Err(PeerError::Devices);
     }
-    let parsed = abi::bundle::parse(&function.bundle).map_err(|e| e.to_string())?;
+    let parsed = abi::bundle::parse(&function.bundle)?;
     let mut config = Config::new();
     config.consume_fuel(function.manifest.fuel.is_some());
-    let engine = Engine::new(&config).map_err(|e| format!("--peer wasmtime: {e}"))?;
+    let engine = Engine::new(&config).map_err(PeerError::Setup)?;
     let started = Instant::now();
-    let module = Module::new(&engine, parsed.wasm).map_err(|e| format!("--peer wasmtime: compiling: {e}"))?;
+    let module = Module::new(&engine, parsed.wasm).map_err(PeerError::Compile)?;
     let compile_us = started.elapsed().as_micros() as u64;
     let mut linker = Linker::<Peer>::new(&engine);
-    wasmtime_wasi::p1::add_to_linker_sync(&mut linker, |peer| &mut peer.wasi)
-        .map_err(|e| format!("--peer wasmtime: {e}"))?;
+    wasmtime_wasi::p1::add_to_linker_sync(&mut linker, |peer| &mut peer.wasi).map_err(PeerError::Setup)?;
     let mut samples = Vec::with_capacity(runs);
     for run in 0..runs {
         let (phases, stdout) = serve(function, &engine, &linker, &module, request)
-            .map_err(|e| format!("--peer wasmtime: run {}: {e}", run + 1))?;
+            .map_err(|e| PeerError::Run { run: run + 1, why: Box::new(e) })?;
         if run == 0 && stdout != expected {
-            return Err(format!(
-                "--peer wasmtime: the peer answered {:?}, thaw answered {:?}; they must do the same work",
-                String::from_utf8_lossy(&stdout),
-                String::from_utf8_lossy(expected)
-            ));
+            return Err(PeerError::Differs {
+                peer: String::from_utf8_lossy(&stdout).into_owned(),
+                thaw: String::from_utf8_lossy(expected).into_owned(),
+            });
         }
         samples.push(phases);
     }
@@ -72,7 +117,7 @@ fn serve(
     linker: &Linker<Peer>,
     module: &Module,
     request: &[u8],
-) -> Result<(Phases<u64>, Vec<u8>), String> {
+) -> Result<(Phases<u64>, Vec<u8>), PeerError> {
     let manifest = &function.manifest;
     let stdout = MemoryOutputPipe::new(MAX_OUTPUT);
     let env: Vec<(&str, &str)> = manifest.env.iter().filter_map(|entry| entry.split_once('=')).collect();
@@ -89,11 +134,11 @@ fn serve(
     let mut store = Store::new(engine, Peer { wasi, limits });
     store.limiter(|peer| &mut peer.limits);
     if let Some(fuel) = manifest.fuel {
-        store.set_fuel(fuel).map_err(|e| e.to_string())?;
+        store.set_fuel(fuel).map_err(PeerError::Fuel)?;
     }
     let mut phases = Phases::default();
     let started = Instant::now();
-    let instance = linker.instantiate(&mut store, module).map_err(|e| format!("instantiating: {e}"))?;
+    let instance = linker.instantiate(&mut store, module).map_err(PeerError::Instantiate)?;
     phases.instantiate_us = Some(started.elapsed().as_micros() as u64);
     let started = Instant::now();
     match function.kind {
@@ -116,16 +161,16 @@ fn serve(
 }
 
 /// Calls the export `name`, if the module has it; `proc_exit(0)` counts as returning.
-fn call(store: &mut Store<Peer>, instance: &Instance, name: &str) -> Result<(), String> {
+fn call(store: &mut Store<Peer>, instance: &Instance, name: &'static str) -> Result<(), PeerError> {
     let Some(func) = instance.get_func(&mut *store, name) else {
         return Ok(());
     };
-    let func = func.typed::<(), ()>(&*store).map_err(|e| format!("{name}: {e}"))?;
+    let func = func.typed::<(), ()>(&*store).map_err(|error| PeerError::Call { name, error })?;
     match func.call(&mut *store, ()) {
         Ok(()) => Ok(()),
-        Err(e) => match e.downcast_ref::<wasmtime_wasi::I32Exit>() {
+        Err(error) => match error.downcast_ref::<wasmtime_wasi::I32Exit>() {
             Some(wasmtime_wasi::I32Exit(0)) => Ok(()),
-            _ => Err(format!("{name}: {e}")),
+            _ => Err(PeerError::Call { name, error }),
         },
     }
 }

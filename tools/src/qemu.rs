@@ -24,6 +24,54 @@ use host_vmm::{FunctionResponse, FunctionStatus, GuestError, Outcome};
 use crate::KernelArgs;
 use crate::invoke::OptionalFunctionArgs;
 
+/// Why a guest could not be run under QEMU.
+#[derive(Debug, thiserror::Error)]
+pub enum QemuError {
+    /// No temporary directory.
+    #[error("creating a temporary directory: {0}")]
+    TempDir(std::io::Error),
+    /// A file for QEMU could not be written.
+    #[error("writing the {what} for QEMU: {source}")]
+    Write {
+        /// "ramdisk", "volume", "built-in kernel".
+        what: &'static str,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The bootloader could not build the disk image.
+    #[error("building the BIOS disk image: {0}")]
+    DiskImage(String),
+    /// QEMU could not be started.
+    #[error("starting {program}: {source} (install QEMU: apt-get install qemu-system-x86)")]
+    Start {
+        /// The QEMU binary.
+        program: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// QEMU's stdout was not piped.
+    #[error("QEMU's stdout was not captured")]
+    NoStdout,
+    /// QEMU could not be waited for.
+    #[error("waiting for QEMU: {0}")]
+    Wait(std::io::Error),
+    /// QEMU ended without the guest's exit code.
+    #[error("QEMU ended ({0}) without the guest exiting through isa-debug-exit")]
+    NoExitCode(std::process::ExitStatus),
+    /// No entropy for the guest's parameters.
+    #[error(transparent)]
+    Entropy(#[from] host_vmm::host::HostError),
+    /// The kernel, ramdisk or timeout.
+    #[error(transparent)]
+    Kernel(#[from] crate::kernel::KernelArgsError),
+    /// The function, its request, or its answer.
+    #[error(transparent)]
+    Invoke(#[from] crate::invoke::InvokeError),
+    /// The guest's output could not be written.
+    #[error(transparent)]
+    Output(#[from] crate::OutputError),
+}
+
 /// Arguments of `thaw qemu`.
 #[derive(Args, Debug)]
 pub struct QemuArgs {
@@ -123,9 +171,9 @@ fn parse_response(text: &str) -> Option<FunctionResponse> {
 
 /// The frames a function's guest reads from COM1: host parameters (with `flags`), the request,
 /// the end.
-fn request_frames(request: &[u8], flags: u32) -> Result<Vec<u8>, String> {
+fn request_frames(request: &[u8], flags: u32) -> Result<Vec<u8>, QemuError> {
     let mut entropy = [0u8; 32];
-    host_vmm::host::entropy(&mut entropy).map_err(|e| e.to_string())?;
+    host_vmm::host::entropy(&mut entropy)?;
     let wall_clock_ns = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
@@ -142,7 +190,7 @@ fn request_frames(request: &[u8], flags: u32) -> Result<Vec<u8>, String> {
 }
 
 /// Runs `thaw qemu` and returns the process exit code.
-pub fn run(args: &QemuArgs) -> Result<u8, String> {
+pub fn run(args: &QemuArgs) -> Result<u8, QemuError> {
     let kernel = crate::kernel::load(&args.kernel)?;
     let timeout = crate::kernel::timeout(&args.kernel)?;
     let (function, request) = match args.function.load(crate::kernel::timeout(&args.kernel)?)? {
@@ -150,10 +198,10 @@ pub fn run(args: &QemuArgs) -> Result<u8, String> {
         None => (None, None),
     };
     let memory = args.memory.unwrap_or(function.as_ref().map_or(128, |f| f.vm_memory_mib().max(128)));
-    let dir = tempfile::tempdir().map_err(|e| format!("creating a temporary directory: {e}"))?;
-    let write = |name: &str, bytes: &[u8]| {
-        let path = dir.path().join(name);
-        std::fs::write(&path, bytes).map(|()| path).map_err(|e| format!("writing the {name} for QEMU: {e}"))
+    let dir = tempfile::tempdir().map_err(QemuError::TempDir)?;
+    let write = |what: &'static str, bytes: &[u8]| {
+        let path = dir.path().join(what);
+        std::fs::write(&path, bytes).map(|()| path).map_err(|source| QemuError::Write { what, source })
     };
     // The guest's ramdisk is the bundle without its data volume, which QEMU serves as a disk.
     let ramdisk = match (&function, &args.ramdisk) {
@@ -184,11 +232,7 @@ pub fn run(args: &QemuArgs) -> Result<u8, String> {
     let flags = if args.console.is_some() { FLAG_CONSOLE_LOG } else { 0 };
     let kernel_path = match &kernel.path {
         Some(path) => path.clone(),
-        None => {
-            let path = dir.path().join("thaw-guest");
-            std::fs::write(&path, &kernel.bytes).map_err(|e| format!("writing the built-in kernel: {e}"))?;
-            path
-        }
+        None => write("thaw-guest", &kernel.bytes)?,
     };
     let image = dir.path().join("disk.img");
     build_disk_image(&kernel_path, ramdisk.as_deref(), &image)?;
@@ -204,7 +248,7 @@ pub fn run(args: &QemuArgs) -> Result<u8, String> {
         .stdin(if request.is_some() { Stdio::piped() } else { Stdio::null() })
         .stdout(Stdio::piped())
         .spawn()
-        .map_err(|e| format!("starting {}: {e} (install QEMU: apt-get install qemu-system-x86)", args.qemu))?;
+        .map_err(|source| QemuError::Start { program: args.qemu.clone(), source })?;
     let mut pending = request.zip(child.stdin.take());
     let mut frame_error = None;
     let serving = function.is_some();
@@ -252,11 +296,11 @@ pub fn run(args: &QemuArgs) -> Result<u8, String> {
         return Err(e);
     }
     if let Some(e) = write_error {
-        return Err(crate::write_failed("the guest's output to stdout", e));
+        return Err(crate::write_failed("the guest's output to stdout", e).into());
     }
     drop((out, err));
     if serving {
-        crate::invoke::conclude(&outcome, responses.first(), &kernel_log)
+        Ok(crate::invoke::conclude(&outcome, responses.first(), &kernel_log)?)
     } else {
         Ok(crate::finish(&outcome))
     }
@@ -264,7 +308,7 @@ pub fn run(args: &QemuArgs) -> Result<u8, String> {
 
 /// Builds a BIOS-bootable disk image of `kernel` (and `ramdisk`) at `image`, with the
 /// bootloader's own logging off so the serial line carries only what the kernel prints.
-fn build_disk_image(kernel: &Path, ramdisk: Option<&Path>, image: &Path) -> Result<(), String> {
+fn build_disk_image(kernel: &Path, ramdisk: Option<&Path>, image: &Path) -> Result<(), QemuError> {
     let mut config = bootloader::BootConfig::default();
     config.frame_buffer_logging = false;
     config.serial_logging = false;
@@ -273,7 +317,7 @@ fn build_disk_image(kernel: &Path, ramdisk: Option<&Path>, image: &Path) -> Resu
     if let Some(ramdisk) = ramdisk {
         boot.set_ramdisk(ramdisk);
     }
-    boot.create_disk_image(image).map_err(|e| format!("building the BIOS disk image: {e:#}"))
+    boot.create_disk_image(image).map_err(|e| QemuError::DiskImage(format!("{e:#}")))
 }
 
 /// Streams QEMU's serial output line by line into `on_line`, enforces the timeout, and decides
@@ -282,8 +326,8 @@ fn supervise(
     mut child: Child,
     timeout: Duration,
     mut on_line: impl FnMut(String, &mut Option<Outcome>),
-) -> Result<Outcome, String> {
-    let stdout = child.stdout.take().ok_or("QEMU's stdout was not captured")?;
+) -> Result<Outcome, QemuError> {
+    let stdout = child.stdout.take().ok_or(QemuError::NoStdout)?;
     let (lines_tx, lines) = mpsc::channel();
     let reader = std::thread::spawn(move || {
         for line in BufReader::new(stdout).split(b'\n') {
@@ -299,7 +343,7 @@ fn supervise(
         if let Ok(line) = lines.recv_timeout(Duration::from_millis(20)) {
             on_line(line, &mut reported);
         }
-        if let Some(status) = child.try_wait().map_err(|e| format!("waiting for QEMU: {e}"))? {
+        if let Some(status) = child.try_wait().map_err(QemuError::Wait)? {
             break Some(status);
         }
         if Instant::now() >= deadline {
@@ -318,7 +362,7 @@ fn supervise(
     match (reported, status.code().and_then(guest_code_from_qemu_status)) {
         (Some(outcome), _) => Ok(outcome),
         (None, Some(code)) => Ok(Outcome::Exited(code)),
-        (None, None) => Err(format!("QEMU ended ({status}) without the guest exiting through isa-debug-exit")),
+        (None, None) => Err(QemuError::NoExitCode(status)),
     }
 }
 

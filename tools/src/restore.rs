@@ -15,6 +15,98 @@ use host_vmm::{Image, Instance, Lanes, Mode, REWRITTEN_PAGES, Served, VmConfig};
 
 use crate::stats::{BatchStats, Floor, Measured, PoolSummary, RequestStats, Status, us};
 
+/// Why a batch could not be served, or did not serve cleanly.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    /// `--count 0` or `--concurrency 0`.
+    #[error("--count and --concurrency must be at least 1")]
+    NoWork,
+    /// `--mode pool --pool 0`.
+    #[error("--pool 0: a pool needs at least one parked VM")]
+    EmptyPool,
+    /// `--verify` in pool mode.
+    #[error("--verify checks the kept VMs of --mode reset or the reused memory of --mode fresh")]
+    VerifyPool,
+    /// `--rate` is not a positive number.
+    #[error("--rate {0}: must be a positive number of requests per second")]
+    Rate(f64),
+    /// `--hold` outside fresh mode.
+    #[error("--hold keeps the fresh VMs of --mode fresh; pool and reset modes keep their own")]
+    HoldMode,
+    /// `--requests` names an empty file.
+    #[error("{}: no requests in it (one per line)", .0.display())]
+    NoRequests(PathBuf),
+    /// `--responses` could not be opened.
+    #[error("--responses {}: {source}", path.display())]
+    Responses {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// `--responses` could not be written.
+    #[error("writing --responses: {0}")]
+    ResponsesWrite(std::io::Error),
+    /// A worker's VM failed.
+    #[error("a restored VM failed: {0}")]
+    VmFailed(Box<RestoreError>),
+    /// The memory a fresh VM found could not be checked.
+    #[error("verify: after {served} fresh VMs, {source}")]
+    Unverified {
+        /// Requests served before.
+        served: usize,
+        /// Why.
+        source: host_vmm::VmmError,
+    },
+    /// `--verify` found memory that differs from the image.
+    #[error("verify: {what} differs from the image in guest pages {pages:?}")]
+    Differs {
+        /// Whose memory, after what.
+        what: String,
+        /// The guest pages that differ and should not.
+        pages: Vec<u64>,
+    },
+    /// Some requests did not answer cleanly.
+    #[error(
+        "{count} of {total} requests did not answer cleanly (the first: {first}); the summary counts only the clean ones"
+    )]
+    Unclean {
+        /// How many.
+        count: usize,
+        /// Of how many.
+        total: usize,
+        /// The first's number and why.
+        first: String,
+    },
+    /// The timeout.
+    #[error(transparent)]
+    Kernel(#[from] crate::kernel::KernelArgsError),
+    /// A device option.
+    #[error(transparent)]
+    Devices(#[from] crate::devices::DevicesError),
+    /// A file.
+    #[error(transparent)]
+    File(#[from] crate::files::FilesError),
+    /// The request.
+    #[error(transparent)]
+    Invoke(#[from] crate::invoke::InvokeError),
+    /// The image.
+    #[error(transparent)]
+    Image(#[from] host_vmm::snapshot::SnapshotError),
+    /// The VMM.
+    #[error(transparent)]
+    Vmm(#[from] host_vmm::VmmError),
+    /// The syscall allow-list.
+    #[error(transparent)]
+    Seccomp(#[from] host_vmm::seccomp::SeccompError),
+    /// The stats.
+    #[error(transparent)]
+    Stats(#[from] crate::stats::StatsError),
+    /// The summary could not be written.
+    #[error(transparent)]
+    Output(#[from] crate::OutputError),
+}
+
 /// `--mode`: its values and what each does, for `--help` and completions.
 pub fn mode_parser() -> impl clap::builder::TypedValueParser<Value = Mode> {
     use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
@@ -115,7 +207,7 @@ struct Run<'a> {
     /// How many requests ended each way.
     statuses: Mutex<std::collections::BTreeMap<Status, usize>>,
     held: Mutex<Vec<Instance>>,
-    failure: Mutex<Option<String>>,
+    failure: Mutex<Option<RestoreError>>,
     /// Requests that did not answer cleanly.
     unclean: Mutex<Vec<String>>,
     responses: Option<Mutex<std::io::BufWriter<std::fs::File>>>,
@@ -150,7 +242,7 @@ impl Run<'_> {
         Instant::now()
     }
 
-    fn fail(&self, problem: String) {
+    fn fail(&self, problem: RestoreError) {
         lock(&self.failure).get_or_insert(problem);
     }
 
@@ -171,7 +263,7 @@ impl Run<'_> {
             stats.request = Some(number);
             stats.measured = measured.clone();
             if let Err(e) = writeln!(lock(file), "{}", stats.to_json()) {
-                self.fail(format!("writing --responses: {e}"));
+                self.fail(RestoreError::ResponsesWrite(e));
                 return false;
             }
         }
@@ -191,24 +283,24 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// One worker: a lane of its own, readied once (in reset mode, its kept VM restored and parked,
 /// touching its working set), serving requests until none are left, each VM put back after its
 /// answer is recorded.
-fn worker(run: &Run<'_>, lanes: &Arc<Lanes>) -> Result<(), String> {
+fn worker(run: &Run<'_>, lanes: &Arc<Lanes>) -> Result<(), RestoreError> {
     let mut lane = lanes.lane();
-    lane.ready().map_err(|e| e.to_string())?;
+    lane.ready()?;
     let mut served_here = 0usize;
     while let Some(number) = run.next_request() {
         let queued = run.arrive(number).elapsed();
-        let served = lane.serve(run.body(number), &mut std::io::sink()).map_err(|e| e.to_string())?;
+        let served = lane.serve(run.body(number), &mut std::io::sink())?;
         let mut sample = Measured::of_served(&served);
         sample.phases.to_response_us = Some(us(served.timings.to_response + queued));
         if lanes.mode() == Mode::Fresh || served_here.is_multiple_of(MEMORY_SAMPLE_EVERY) {
-            let used = lane.used().map(|vm| vm.vm().private_memory()).transpose().map_err(|e| e.to_string())?;
+            let used = lane.used().map(|vm| vm.vm().private_memory()).transpose()?;
             sample.memory.private_kib = used.map(|bytes| bytes / 1024);
         }
         served_here += 1;
         if run.args.hold {
             lock(&run.held).extend(lane.hold());
         } else {
-            let put_back = lane.put_back().map_err(|e| e.to_string())?;
+            let put_back = lane.put_back()?;
             if let Some((took, dirty)) = put_back.reset {
                 sample.phases.reset_us = Some(us(took));
                 sample.memory.dirty_pages = Some(dirty.pages());
@@ -222,7 +314,7 @@ fn worker(run: &Run<'_>, lanes: &Arc<Lanes>) -> Result<(), String> {
         }
     }
     if run.args.verify && lanes.mode() == Mode::Reset {
-        let differing = lane.pages_differing_from_image().map_err(|e| e.to_string())?;
+        let differing = lane.pages_differing_from_image()?;
         lock(&run.verified).push((served_here, differing));
     }
     Ok(())
@@ -230,18 +322,18 @@ fn worker(run: &Run<'_>, lanes: &Arc<Lanes>) -> Result<(), String> {
 
 /// Restores one more fresh VM, which must find the memory an earlier fresh VM left, and checks
 /// that memory against the image before the guest runs.
-fn verify_reused_memory(lanes: &Arc<Lanes>, served: usize) -> Result<(), String> {
+fn verify_reused_memory(lanes: &Arc<Lanes>, served: usize) -> Result<(), RestoreError> {
     let differing =
-        lanes.lane().pages_differing_from_image().map_err(|e| format!("verify: after {served} fresh VMs, {e}"))?;
+        lanes.lane().pages_differing_from_image().map_err(|source| RestoreError::Unverified { served, source })?;
     check_memory(&format!("after {served} fresh VMs, the memory they left for the next"), &differing)
 }
 
 /// Fails unless `differing` (pages of `what` that differ from the image) holds only pages the
 /// host rewrites for every request, and says so.
-fn check_memory(what: &str, differing: &[u64]) -> Result<(), String> {
+fn check_memory(what: &str, differing: &[u64]) -> Result<(), RestoreError> {
     let unexpected: Vec<u64> = differing.iter().copied().filter(|p| !REWRITTEN_PAGES.contains(p)).collect();
     if !unexpected.is_empty() {
-        return Err(format!("verify: {what} differs from the image in guest pages {unexpected:?}"));
+        return Err(RestoreError::Differs { what: what.into(), pages: unexpected });
     }
     eprintln!(
         "thaw: verify: {what} equals the image except pages {differing:?}, which the host rewrites for every request"
@@ -286,36 +378,40 @@ impl RestoreArgs {
 }
 
 /// Runs `thaw restore` and returns the process exit code.
-pub fn run(args: &RestoreArgs) -> Result<u8, String> {
+pub fn run(args: &RestoreArgs) -> Result<u8, RestoreError> {
     let floor = if args.floor { Some(Floor::measure(args.count.min(500))?) } else { None };
     serve_batch(args, floor)
 }
 
 /// Serves the batch `args` describes and reports on it, with the ratio to `floor` if given.
-pub fn serve_batch(args: &RestoreArgs, floor: Option<Floor>) -> Result<u8, String> {
+pub fn serve_batch(args: &RestoreArgs, floor: Option<Floor>) -> Result<u8, RestoreError> {
     if args.count == 0 || args.concurrency == 0 {
-        return Err("--count and --concurrency must be at least 1".into());
+        return Err(RestoreError::NoWork);
     }
     if args.mode == Mode::Pool && args.pool == 0 {
-        return Err("--pool 0: a pool needs at least one parked VM".into());
+        return Err(RestoreError::EmptyPool);
     }
     if args.verify && args.mode == Mode::Pool {
-        return Err("--verify checks the kept VMs of --mode reset or the reused memory of --mode fresh".into());
+        return Err(RestoreError::VerifyPool);
     }
-    if args.rate.is_some_and(|r| !(r.is_finite() && r > 0.0)) {
-        return Err(format!("--rate {}: must be a positive number of requests per second", args.rate.unwrap_or(0.0)));
+    if let Some(rate) = args.rate.filter(|r| !(r.is_finite() && *r > 0.0)) {
+        return Err(RestoreError::Rate(rate));
     }
     if args.hold && args.mode != Mode::Fresh {
-        return Err("--hold keeps the fresh VMs of --mode fresh; pool and reset modes keep their own".into());
+        return Err(RestoreError::HoldMode);
     }
     let requests = match &args.requests {
         Some(path) => {
-            let text =
-                crate::pack::read_limited(path, 64 << 20, "request list", crate::kernel::parse_timeout(args.timeout)?)?;
+            let text = crate::files::read_limited(
+                path,
+                64 << 20,
+                "request list",
+                crate::kernel::parse_timeout(args.timeout)?,
+            )?;
             let lines: Vec<Vec<u8>> =
                 text.split(|&b| b == b'\n').filter(|l| !l.is_empty()).map(<[u8]>::to_vec).collect();
             if lines.is_empty() {
-                return Err(format!("{}: no requests in it (one per line)", path.display()));
+                return Err(RestoreError::NoRequests(path.clone()));
             }
             lines
         }
@@ -325,21 +421,22 @@ pub fn serve_batch(args: &RestoreArgs, floor: Option<Floor>) -> Result<u8, Strin
             crate::kernel::parse_timeout(args.timeout)?,
         )?],
     };
-    let image = Image::open(&args.image).map_err(|e| e.to_string())?;
-    let image = Arc::new(if args.template { image.to_template().map_err(|e| e.to_string())? } else { image });
+    let image = Image::open(&args.image)?;
+    let image = Arc::new(if args.template { image.to_template()? } else { image });
     let timeout = crate::kernel::parse_timeout(args.timeout)?;
     let mut config = VmConfig { timeout, ..VmConfig::default() };
     args.devices.apply(&args.backends, &mut config, &image)?;
     let responses = match &args.responses {
         None => None,
         Some(path) => Some(Mutex::new(std::io::BufWriter::new(
-            host_vmm::files::open_output(path, false).map_err(|e| format!("--responses {}: {e}", path.display()))?,
+            host_vmm::files::open_output(path, false)
+                .map_err(|source| RestoreError::Responses { path: path.clone(), source })?,
         ))),
     };
     crate::confine(&args.seccomp)?;
-    let lanes = Lanes::start(Arc::clone(&image), config, args.mode, args.pool).map_err(|e| e.to_string())?;
+    let lanes = Lanes::start(Arc::clone(&image), config, args.mode, args.pool)?;
     // Traffic starts once the pool is full, as it would on a node that has been up.
-    lanes.fill(args.pool, timeout).map_err(|e| e.to_string())?;
+    lanes.fill(args.pool, timeout)?;
     let run = Run {
         args,
         requests,
@@ -382,10 +479,10 @@ pub fn serve_batch(args: &RestoreArgs, floor: Option<Floor>) -> Result<u8, Strin
     let peak_alive = lock(&run.held).len();
     drop(run.held);
     if let Some(file) = &run.responses {
-        lock(file).flush().map_err(|e| format!("writing --responses: {e}"))?;
+        lock(file).flush().map_err(RestoreError::ResponsesWrite)?;
     }
     if let Some(problem) = run.failure.into_inner().unwrap_or_else(|p| p.into_inner()) {
-        return Err(format!("a restored VM failed: {problem}"));
+        return Err(RestoreError::VmFailed(Box::new(problem)));
     }
     if args.verify && args.mode == Mode::Fresh {
         verify_reused_memory(&lanes, args.count)?;
@@ -426,11 +523,7 @@ pub fn serve_batch(args: &RestoreArgs, floor: Option<Floor>) -> Result<u8, Strin
     }
     match unclean.first() {
         None => Ok(0),
-        Some(first) => Err(format!(
-            "{} of {} requests did not answer cleanly (the first: {first}); the summary counts only the clean ones",
-            unclean.len(),
-            args.count
-        )),
+        Some(first) => Err(RestoreError::Unclean { count: unclean.len(), total: args.count, first: first.clone() }),
     }
 }
 

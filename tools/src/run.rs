@@ -36,8 +36,25 @@ pub struct RunArgs {
     backends: crate::devices::Backends,
 }
 
+/// Why a kernel could not be run.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The kernel, ramdisk or timeout.
+    #[error(transparent)]
+    Kernel(#[from] crate::kernel::KernelArgsError),
+    /// A device option.
+    #[error(transparent)]
+    Devices(#[from] crate::devices::DevicesError),
+    /// The VMM.
+    #[error(transparent)]
+    Vmm(VmmError),
+    /// The guest's output could not be written.
+    #[error(transparent)]
+    Output(crate::OutputError),
+}
+
 /// Runs `thaw run` and returns the process exit code.
-pub fn run(args: &RunArgs) -> Result<u8, String> {
+pub fn run(args: &RunArgs) -> Result<u8, RunError> {
     let kernel = crate::kernel::load(&args.kernel)?;
     let ramdisk = args.ramdisk.as_deref().map(|path| crate::kernel::load_ramdisk(path, &args.kernel)).transpose()?;
     let mut config = VmConfig {
@@ -50,8 +67,10 @@ pub fn run(args: &RunArgs) -> Result<u8, String> {
     crate::devices::check_services(&config)?;
     let stdout = std::io::stdout();
     let report = host_vmm::run_kernel(&kernel.image, &config, &mut stdout.lock()).map_err(|e| match e {
-        VmmError::Exit(ExitError::Output(e)) => crate::write_failed("the guest's output to stdout", e),
-        e => e.to_string(),
+        VmmError::Exit(ExitError::Output(e)) => {
+            RunError::Output(crate::write_failed("the guest's output to stdout", e))
+        }
+        e => RunError::Vmm(e),
     })?;
     if args.timings {
         print_timings(&report);

@@ -8,6 +8,34 @@ use std::time::Duration;
 use clap::Args;
 use host_vmm::VmConfig;
 
+/// Why a function could not be snapshotted.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    /// Snapshotting the function in `path` failed.
+    #[error("{}: {source}", path.display())]
+    Function {
+        /// Its bundle.
+        path: PathBuf,
+        /// Why.
+        source: Box<SnapshotError>,
+    },
+    /// The kernel or the timeout.
+    #[error(transparent)]
+    Kernel(#[from] crate::kernel::KernelArgsError),
+    /// A device option.
+    #[error(transparent)]
+    Devices(#[from] crate::devices::DevicesError),
+    /// A file.
+    #[error(transparent)]
+    File(#[from] crate::files::FilesError),
+    /// The bundle.
+    #[error(transparent)]
+    Invoke(#[from] crate::invoke::InvokeError),
+    /// The VMM.
+    #[error(transparent)]
+    Vmm(#[from] host_vmm::VmmError),
+}
+
 /// Arguments of `thaw snapshot`.
 #[derive(Args, Debug)]
 pub struct SnapshotArgs {
@@ -35,8 +63,8 @@ pub struct SnapshotArgs {
 }
 
 /// Runs `thaw snapshot` and returns the process exit code.
-pub fn run(args: &SnapshotArgs) -> Result<u8, String> {
-    host_vmm::files::remove_drafts_on_signal().map_err(|e| format!("watching for SIGTERM: {e}"))?;
+pub fn run(args: &SnapshotArgs) -> Result<u8, SnapshotError> {
+    crate::files::remove_drafts_on_signal()?;
     let timeout = crate::kernel::parse_timeout(args.timeout)?;
     let function = crate::invoke::load_function(&args.function, timeout)?;
     let mut config = VmConfig::default();
@@ -55,7 +83,8 @@ pub fn run(args: &SnapshotArgs) -> Result<u8, String> {
     ));
     let snapshotted = snapshot_function(&function, &args.output, timeout, config, sample);
     drop(working);
-    let (status, init_stderr) = snapshotted.map_err(|e| format!("{}: {e}", args.function.display()))?;
+    let (status, init_stderr) =
+        snapshotted.map_err(|e| SnapshotError::Function { path: args.function.clone(), source: Box::new(e) })?;
     // What init wrote to stderr: the one run of init the author sees.
     let _ = std::io::Write::write_all(&mut std::io::stderr(), &init_stderr);
     let output = args.output.display();
@@ -77,7 +106,7 @@ pub fn snapshot_function(
     timeout: Duration,
     devices: VmConfig,
     sample: Option<Vec<u8>>,
-) -> Result<(String, Vec<u8>), String> {
+) -> Result<(String, Vec<u8>), SnapshotError> {
     let kernel = crate::kernel::built_in()?;
     let captured = host_vmm::capture::snapshot_function(
         kernel,
@@ -87,8 +116,7 @@ pub fn snapshot_function(
         devices,
         sample,
         &mut std::io::stderr(),
-    )
-    .map_err(|e| e.to_string())?;
+    )?;
     let stats = captured.stats;
     let working_set = match &captured.working_set {
         None => "no working set".to_string(),

@@ -10,6 +10,23 @@ use host_vmm::virtio::DeviceStats;
 use host_vmm::{FunctionResponse, FunctionStatus, Outcome, RunReport, Served};
 use serde::{Deserialize, Serialize};
 
+/// Measurements that could not be taken or printed.
+#[derive(Debug, thiserror::Error)]
+pub enum StatsError {
+    /// The floor's runs failed.
+    #[error("measuring the floor: {0}")]
+    Floor(host_vmm::VmmError),
+    /// The floor was asked for zero runs.
+    #[error("measuring the floor: no runs")]
+    NoRuns,
+    /// The stats could not be written as JSON.
+    #[error("serializing the stats: {0}")]
+    Json(#[from] serde_json::Error),
+    /// They could not be printed.
+    #[error(transparent)]
+    Output(#[from] crate::OutputError),
+}
+
 /// How a request ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -446,13 +463,13 @@ pub struct Floor {
 
 impl Floor {
     /// Measures the floor `runs` times ([`host_vmm::floor::measure`]).
-    pub fn measure(runs: usize) -> Result<Self, String> {
+    pub fn measure(runs: usize) -> Result<Self, StatsError> {
         eprintln!("thaw: bench: measuring the floor ({runs} fresh and {runs} kept runs)");
-        let floor = host_vmm::floor::measure(runs).map_err(|e| format!("measuring the floor: {e}"))?;
+        let floor = host_vmm::floor::measure(runs).map_err(StatsError::Floor)?;
         let of = |times: &[Duration]| Percentiles::of(times.iter().map(|&d| us(d)));
         match (of(&floor.fresh), of(&floor.kept)) {
             (Some(fresh), Some(kept)) => Ok(Self { stats: FloorStats { fresh, kept, versus: None }, runs }),
-            _ => Err("measuring the floor: no runs".into()),
+            _ => Err(StatsError::NoRuns),
         }
     }
 
@@ -575,9 +592,9 @@ pub fn us(d: Duration) -> u64 {
 }
 
 /// Prints `value` as one JSON line on stdout.
-pub fn print_json(value: &impl Serialize) -> Result<(), String> {
-    let text = serde_json::to_string(value).map_err(|e| format!("serializing the stats: {e}"))?;
-    outln!("{text}")
+pub fn print_json(value: &impl Serialize) -> Result<(), StatsError> {
+    let text = serde_json::to_string(value)?;
+    Ok(outln!("{text}")?)
 }
 
 #[cfg(test)]

@@ -16,7 +16,7 @@ use serde_json::json;
 #[cfg(test)]
 use abi::params::InstanceId;
 
-use super::deployed::{Answer, Rejected};
+use super::deployed::{Answer, DeployedError, Rejected};
 use super::registry::{Deployment, Registry, RegistryError, is_name};
 use crate::stats::{RequestStats, Status};
 
@@ -240,10 +240,19 @@ async fn remove(State(api): State<Arc<Api>>, Path(name): Path<String>, headers: 
 
 fn registry_error(e: &RegistryError) -> Response {
     let status = match e {
-        RegistryError::Invalid(_) => StatusCode::BAD_REQUEST,
-        RegistryError::Unusable(_) => StatusCode::UNPROCESSABLE_ENTITY,
+        RegistryError::Settings(_)
+        | RegistryError::Bundle(_)
+        | RegistryError::Wasm(_)
+        | RegistryError::NotFunction(_)
+        | RegistryError::Function(_)
+        | RegistryError::Service { .. } => StatusCode::BAD_REQUEST,
+        RegistryError::Unusable { .. } => StatusCode::UNPROCESSABLE_ENTITY,
         RegistryError::NotFound(_) => StatusCode::NOT_FOUND,
-        RegistryError::Store(_) | RegistryError::Host(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        RegistryError::Store(_)
+        | RegistryError::Scratch { .. }
+        | RegistryError::Blocking(_)
+        | RegistryError::Image(_)
+        | RegistryError::Start(_) => StatusCode::INTERNAL_SERVER_ERROR,
     };
     error(status, e)
 }
@@ -274,7 +283,7 @@ async fn invoke(State(api): State<Arc<Api>>, Path(name): Path<String>, headers: 
         }
         Err(Rejected::Closed) => return error(StatusCode::SERVICE_UNAVAILABLE, format!("{name} is shutting down")),
     };
-    let answer = answer.await.unwrap_or_else(|_| Err("the vCPU thread serving it ended".into()));
+    let answer = answer.await.unwrap_or(Err(DeployedError::ThreadEnded));
     deployed.metrics.request.observe(arrived.elapsed());
     let mut response = answer_response(&answer, deployed.serving.timeout_ms);
     if let Ok(version) = HeaderValue::from_str(&deployed.version) {
@@ -288,7 +297,7 @@ async fn invoke(State(api): State<Arc<Api>>, Path(name): Path<String>, headers: 
 /// timeout (`timeout_ms`); 500 when the host could not run it. The errors' bodies are the
 /// shared request stats (`crate::stats`), whose `error` says what went wrong in one line.
 /// Headers carry the instance id and the timings.
-pub fn answer_response(answer: &Result<Answer, String>, timeout_ms: u64) -> Response {
+pub fn answer_response(answer: &Result<Answer, DeployedError>, timeout_ms: u64) -> Response {
     let answer = match answer {
         Ok(answer) => answer,
         Err(why) => {
@@ -354,7 +363,7 @@ mod tests {
         Answer { served, queued: Duration::from_micros(3), took }
     }
 
-    fn answered(status: FunctionStatus) -> Result<Answer, String> {
+    fn answered(status: FunctionStatus) -> Result<Answer, DeployedError> {
         let response = FunctionResponse {
             status,
             stdout: b"out".to_vec(),
@@ -396,7 +405,7 @@ mod tests {
         assert_eq!(timed_out.status(), StatusCode::GATEWAY_TIMEOUT);
         let panicked = answer_response(&Ok(ended(Outcome::Panicked("boom".into()))), 1000);
         assert_eq!(panicked.status(), StatusCode::BAD_GATEWAY);
-        let host = answer_response(&Err("KVM_RUN: Bad address".into()), 1000);
+        let host = answer_response(&Err(DeployedError::ThreadEnded), 1000);
         assert_eq!(host.status(), StatusCode::INTERNAL_SERVER_ERROR);
     }
 

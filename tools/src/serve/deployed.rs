@@ -25,6 +25,26 @@ use super::settings::Serving;
 /// How long a new version may take to ready its VMs.
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// Why a version could not start, or a request got no answer from its VM.
+#[derive(Debug, thiserror::Error)]
+pub enum DeployedError {
+    /// A vCPU thread could not be started.
+    #[error("starting a vCPU thread: {0}")]
+    Thread(std::io::Error),
+    /// A VM could not be readied for the version.
+    #[error("readying a VM: {0}")]
+    Ready(VmmError),
+    /// The VMs took longer than [`READY_TIMEOUT`].
+    #[error("the VMs were not ready within {} s", READY_TIMEOUT.as_secs())]
+    NotReady,
+    /// The vCPU thread ended before it answered.
+    #[error("the vCPU thread serving it ended")]
+    ThreadEnded,
+    /// The VM could not serve the request.
+    #[error(transparent)]
+    Vmm(#[from] VmmError),
+}
+
 /// vCPU threads of versions that were replaced or removed, for the server to join at its end.
 pub type Retired = Arc<Mutex<Vec<JoinHandle<()>>>>;
 
@@ -51,7 +71,7 @@ pub enum Rejected {
 struct Job {
     body: Vec<u8>,
     arrived: Instant,
-    reply: oneshot::Sender<Result<Answer, String>>,
+    reply: oneshot::Sender<Result<Answer, DeployedError>>,
 }
 
 /// A function version that is serving.
@@ -82,10 +102,10 @@ impl Deployed {
         poll: Duration,
         metrics: Arc<FunctionMetrics>,
         retired: Retired,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, DeployedError> {
         let mut config = VmConfig { timeout: Duration::from_millis(serving.timeout_ms), ..VmConfig::default() };
         config.backends.services = services;
-        let lanes = Lanes::start(image, config, serving.mode, serving.pool).map_err(|e| e.to_string())?;
+        let lanes = Lanes::start(image, config, serving.mode, serving.pool)?;
         let (queue, jobs) = mpsc::sync_channel(serving.queue);
         let jobs = Arc::new(Mutex::new(jobs));
         let (ready, readied) = mpsc::channel();
@@ -96,7 +116,7 @@ impl Deployed {
             let thread = std::thread::Builder::new()
                 .name(format!("thaw-vcpu-{index}"))
                 .spawn(move || worker.run(&jobs, &ready))
-                .map_err(|e| format!("starting a vCPU thread: {e}"))?;
+                .map_err(DeployedError::Thread)?;
             threads.push(thread);
         }
         drop(ready);
@@ -111,23 +131,22 @@ impl Deployed {
             retired,
         };
         let deadline = Instant::now() + READY_TIMEOUT;
-        let late = || format!("the VMs were not ready within {} s", READY_TIMEOUT.as_secs());
         for _ in 0..serving.concurrency {
             match readied.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
                 Ok(Ok(())) => {}
-                Ok(Err(error)) => return Err(format!("readying a VM: {error}")),
-                Err(_) => return Err(late()),
+                Ok(Err(error)) => return Err(DeployedError::Ready(error)),
+                Err(_) => return Err(DeployedError::NotReady),
             }
         }
         lanes.fill(1, deadline.saturating_duration_since(Instant::now())).map_err(|e| match e {
-            VmmError::PoolSlow(_) => late(),
-            e => format!("readying a VM: {e}"),
+            VmmError::PoolSlow(_) => DeployedError::NotReady,
+            e => DeployedError::Ready(e),
         })?;
         Ok(deployed)
     }
 
     /// Queues `body`; the receiver gets the answer (or why the VM could not give one).
-    pub fn submit(&self, body: Vec<u8>) -> Result<oneshot::Receiver<Result<Answer, String>>, Rejected> {
+    pub fn submit(&self, body: Vec<u8>) -> Result<oneshot::Receiver<Result<Answer, DeployedError>>, Rejected> {
         let (reply, answer) = oneshot::channel();
         let queue = self.queue.as_ref().ok_or(Rejected::Closed)?;
         self.metrics.in_flight.fetch_add(1, Ordering::Relaxed);
@@ -182,7 +201,7 @@ struct Worker {
 }
 
 impl Worker {
-    fn run(mut self, jobs: &Mutex<Receiver<Job>>, ready: &mpsc::Sender<Result<(), String>>) {
+    fn run(mut self, jobs: &Mutex<Receiver<Job>>, ready: &mpsc::Sender<Result<(), VmmError>>) {
         let _ = ready.send(self.ready());
         loop {
             // Ahead of the request: a failure here is met again by the request, which reports it.
@@ -198,7 +217,7 @@ impl Worker {
                 Err(error) => {
                     self.metrics.vm_failures.fetch_add(1, Ordering::Relaxed);
                     self.metrics.restore_failures.fetch_add(1, Ordering::Relaxed);
-                    Err(error.to_string())
+                    Err(DeployedError::Vmm(error))
                 }
             };
             if let Ok(answer) = &result {
@@ -225,7 +244,7 @@ impl Worker {
     }
 
     /// Readies its lane (reset mode: a kept VM restored and parked, when it has none).
-    fn ready(&mut self) -> Result<(), String> {
+    fn ready(&mut self) -> Result<(), VmmError> {
         match self.lane.ready() {
             Ok(Some(took)) => {
                 self.metrics.restore.observe(took);
@@ -235,7 +254,7 @@ impl Worker {
             Ok(None) => Ok(()),
             Err(error) => {
                 self.metrics.restore_failures.fetch_add(1, Ordering::Relaxed);
-                Err(error.to_string())
+                Err(error)
             }
         }
     }

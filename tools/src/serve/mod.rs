@@ -97,14 +97,80 @@ pub struct ServeArgs {
     seccomp: crate::SeccompArgs,
 }
 
+/// Why the server could not start, or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// `--service` is not `NAME=SOCKET`.
+    #[error("{0:?} is not NAME=SOCKET")]
+    NotService(String),
+    /// `--service`'s name is not a connection name.
+    #[error("{text:?}: the name {name:?} is not 1 to 32 of A-Z a-z 0-9 _ (as in thaw pack --connect)")]
+    ServiceName {
+        /// The whole option.
+        text: String,
+        /// The name.
+        name: String,
+    },
+    /// `--service`'s socket path is empty.
+    #[error("{0:?}: the socket path is empty")]
+    ServicePath(String),
+    /// `--listen unix:` without a path.
+    #[error("--listen unix: needs a socket path")]
+    NoSocketPath,
+    /// `--listen` is neither form.
+    #[error("--listen {0:?}: not ADDRESS:PORT (such as 127.0.0.1:8400) or unix:PATH")]
+    Listen(String),
+    /// `--listen unix:PATH` names a file that is not a socket.
+    #[error("--listen unix:{}: exists and is not a socket", .0.display())]
+    NotSocket(PathBuf),
+    /// The listener could not be bound.
+    #[error("--listen {listen}: {source}")]
+    Bind {
+        /// What `--listen` named.
+        listen: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Nowhere to put the store.
+    #[error("no --state-dir, XDG_STATE_HOME or HOME to put the store in")]
+    NoStateDir,
+    /// The server's own defaults fail a deploy's checks.
+    #[error("thaw serve defaults: {0}")]
+    Defaults(settings::SettingsError),
+    /// The admin token file is not UTF-8.
+    #[error("{}: the token is not UTF-8", .0.display())]
+    TokenUtf8(PathBuf),
+    /// The admin token is too weak.
+    #[error("{}: the token must be at least 16 characters, with no spaces", .0.display())]
+    WeakToken(PathBuf),
+    /// The async runtime could not start.
+    #[error("starting the async runtime: {0}")]
+    Runtime(std::io::Error),
+    /// The signal handlers could not be installed.
+    #[error("watching for SIGTERM: {0}")]
+    Signals(std::io::Error),
+    /// The token file.
+    #[error(transparent)]
+    File(#[from] crate::files::FilesError),
+    /// The syscall allow-list.
+    #[error(transparent)]
+    Seccomp(#[from] host_vmm::seccomp::SeccompError),
+    /// The store.
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+    /// Loading the stored functions.
+    #[error(transparent)]
+    Registry(#[from] registry::RegistryError),
+}
+
 /// Parses a `--service NAME=SOCKET` entry.
-fn parse_service(text: &str) -> Result<(String, PathBuf), String> {
-    let (name, path) = text.split_once('=').ok_or_else(|| format!("{text:?} is not NAME=SOCKET"))?;
+fn parse_service(text: &str) -> Result<(String, PathBuf), ServeError> {
+    let (name, path) = text.split_once('=').ok_or_else(|| ServeError::NotService(text.into()))?;
     if !abi::bundle::is_connection_name(name) {
-        return Err(format!("{text:?}: the name {name:?} is not 1 to 32 of A-Z a-z 0-9 _ (as in thaw pack --connect)"));
+        return Err(ServeError::ServiceName { text: text.into(), name: name.into() });
     }
     if path.is_empty() {
-        return Err(format!("{text:?}: the socket path is empty"));
+        return Err(ServeError::ServicePath(text.into()));
     }
     Ok((name.to_string(), PathBuf::from(path)))
 }
@@ -129,7 +195,7 @@ fn init_log(format: LogFormat) {
 }
 
 /// Where the store lives by default.
-fn default_state_dir() -> Result<PathBuf, String> {
+fn default_state_dir() -> Result<PathBuf, ServeError> {
     if let Some(dir) = std::env::var_os("XDG_STATE_HOME").filter(|d| !d.is_empty()) {
         return Ok(PathBuf::from(dir).join("thaw"));
     }
@@ -137,7 +203,7 @@ fn default_state_dir() -> Result<PathBuf, String> {
     if unsafe { libc::geteuid() } == 0 {
         return Ok(PathBuf::from("/var/lib/thaw"));
     }
-    let home = std::env::var_os("HOME").ok_or("no --state-dir, XDG_STATE_HOME or HOME to put the store in")?;
+    let home = std::env::var_os("HOME").ok_or(ServeError::NoStateDir)?;
     Ok(PathBuf::from(home).join(".local/state/thaw"))
 }
 
@@ -148,19 +214,16 @@ enum Listen {
     Unix(PathBuf),
 }
 
-fn parse_listen(text: &str) -> Result<Listen, String> {
+fn parse_listen(text: &str) -> Result<Listen, ServeError> {
     match text.strip_prefix("unix:") {
-        Some("") => Err("--listen unix: needs a socket path".into()),
+        Some("") => Err(ServeError::NoSocketPath),
         Some(path) => Ok(Listen::Unix(PathBuf::from(path))),
-        None => text
-            .parse()
-            .map(Listen::Tcp)
-            .map_err(|_| format!("--listen {text:?}: not ADDRESS:PORT (such as 127.0.0.1:8400) or unix:PATH")),
+        None => text.parse().map(Listen::Tcp).map_err(|_| ServeError::Listen(text.into())),
     }
 }
 
 /// Runs the server until SIGTERM or SIGINT; returns the exit code.
-pub fn run(args: &ServeArgs) -> Result<u8, String> {
+pub fn run(args: &ServeArgs) -> Result<u8, ServeError> {
     init_log(args.log_format);
     let listen = parse_listen(&args.listen)?;
     let defaults = Serving {
@@ -176,15 +239,15 @@ pub fn run(args: &ServeArgs) -> Result<u8, String> {
         "pool={}&concurrency={}&queue={}&timeout_ms={}",
         args.pool, args.concurrency, args.queue, args.timeout_ms
     );
-    settings::parse(&query, &defaults).map_err(|e| format!("thaw serve defaults: {e}"))?;
+    settings::parse(&query, &defaults).map_err(ServeError::Defaults)?;
     let token = match &args.admin_token_file {
         None => None,
         Some(path) => {
-            let text = crate::pack::read_limited(path, 4096, "admin token", crate::pack::READ_WITHIN)?;
-            let token = String::from_utf8(text).map_err(|_| format!("{}: the token is not UTF-8", path.display()))?;
+            let text = crate::files::read_limited(path, 4096, "admin token", crate::files::READ_WITHIN)?;
+            let token = String::from_utf8(text).map_err(|_| ServeError::TokenUtf8(path.clone()))?;
             let token = token.trim().to_string();
             if token.len() < 16 || token.contains(char::is_whitespace) {
-                return Err(format!("{}: the token must be at least 16 characters, with no spaces", path.display()));
+                return Err(ServeError::WeakToken(path.clone()));
             }
             Some(token)
         }
@@ -198,19 +261,19 @@ pub fn run(args: &ServeArgs) -> Result<u8, String> {
         .thread_name("thaw-http")
         .enable_all()
         .build()
-        .map_err(|e| format!("starting the async runtime: {e}"))?;
+        .map_err(ServeError::Runtime)?;
     let listener = runtime.block_on(bind(&listen))?;
     // Setup is done once the listener is bound: from here on, every thread runs under the
     // syscall allow-list, before any guest runs (the store's functions start in the next step).
     crate::confine(&args.seccomp)?;
-    let store = Store::open(&state_dir).map_err(|e| e.to_string())?;
+    let store = Store::open(&state_dir)?;
     info!(store = %state_dir.display(), "function store opened");
     let operator = Operator {
         defaults,
         services: args.services.iter().cloned().collect(),
         poll: Duration::from_micros(args.poll_us),
     };
-    let registry = Registry::load(store, operator).map_err(|e| e.to_string())?;
+    let registry = Registry::load(store, operator)?;
     let retired = registry.retired();
     let local_listener = match &listen {
         Listen::Tcp(addr) => addr.ip().is_loopback(),
@@ -247,27 +310,27 @@ pub fn run(args: &ServeArgs) -> Result<u8, String> {
 }
 
 /// Binds `listen`: a TCP address, or a Unix socket made private (mode 0600).
-async fn bind(listen: &Listen) -> Result<Listener, String> {
+async fn bind(listen: &Listen) -> Result<Listener, ServeError> {
     Ok(match listen.clone() {
         Listen::Tcp(addr) => {
-            let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| format!("--listen {addr}: {e}"))?;
-            let bound = listener.local_addr().map_err(|e| e.to_string())?;
+            let failed = |source| ServeError::Bind { listen: addr.to_string(), source };
+            let listener = tokio::net::TcpListener::bind(addr).await.map_err(failed)?;
+            let bound = listener.local_addr().map_err(failed)?;
             info!("listening on http://{bound}");
             Listener::Tcp(listener)
         }
         Listen::Unix(path) => {
             use std::os::unix::fs::{FileTypeExt, PermissionsExt};
             // A socket left by an earlier run is replaced; any other file is not.
+            let failed = |source| ServeError::Bind { listen: format!("unix:{}", path.display()), source };
             if let Ok(meta) = std::fs::symlink_metadata(&path) {
                 if !meta.file_type().is_socket() {
-                    return Err(format!("--listen unix:{}: exists and is not a socket", path.display()));
+                    return Err(ServeError::NotSocket(path));
                 }
-                std::fs::remove_file(&path).map_err(|e| format!("--listen unix:{}: {e}", path.display()))?;
+                std::fs::remove_file(&path).map_err(failed)?;
             }
-            let listener =
-                tokio::net::UnixListener::bind(&path).map_err(|e| format!("--listen unix:{}: {e}", path.display()))?;
-            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
-                .map_err(|e| format!("--listen unix:{}: {e}", path.display()))?;
+            let listener = tokio::net::UnixListener::bind(&path).map_err(failed)?;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).map_err(failed)?;
             info!("listening on unix:{}", path.display());
             Listener::Unix(listener, path)
         }
@@ -277,8 +340,8 @@ async fn bind(listen: &Listen) -> Result<Listener, String> {
 /// Serves the API on `listener` until a signal, then lets in-flight requests finish for up to
 /// `grace`. A client that takes longer than `read_timeout` to send its request's headers loses
 /// its connection.
-async fn serve(listener: Listener, api: Arc<Api>, grace: Duration, read_timeout: Duration) -> Result<(), String> {
-    let stop = stop_signal().map_err(|e| format!("watching for SIGTERM: {e}"))?;
+async fn serve(listener: Listener, api: Arc<Api>, grace: Duration, read_timeout: Duration) -> Result<(), ServeError> {
+    let stop = stop_signal().map_err(ServeError::Signals)?;
     let router = api::router(api);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut stop = std::pin::pin!(stop);
@@ -383,8 +446,8 @@ mod tests {
     #[test]
     fn services_are_named_as_bundles_name_their_connections() {
         assert_eq!(parse_service("db=/run/db.sock").unwrap(), ("db".to_string(), PathBuf::from("/run/db.sock")));
-        assert!(parse_service("db").unwrap_err().contains("is not NAME=SOCKET"));
-        assert!(parse_service("../db=/x").unwrap_err().contains("is not 1 to 32 of A-Z a-z 0-9 _"));
-        assert!(parse_service("db=").unwrap_err().contains("the socket path is empty"));
+        assert!(parse_service("db").unwrap_err().to_string().contains("is not NAME=SOCKET"));
+        assert!(parse_service("../db=/x").unwrap_err().to_string().contains("is not 1 to 32 of A-Z a-z 0-9 _"));
+        assert!(parse_service("db=").unwrap_err().to_string().contains("the socket path is empty"));
     }
 }

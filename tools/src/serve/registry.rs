@@ -17,32 +17,78 @@ use host_vmm::{Image, VmConfig};
 use serde::Serialize;
 use tracing::{error, info, warn};
 
-use super::deployed::{Deployed, Retired};
+use super::deployed::{Deployed, DeployedError, Retired};
 use super::metrics::{self, FunctionMetrics};
 use super::settings::{self, Serving};
 use super::store::{Record, Store, StoreError};
+use crate::files::FilesError;
+use crate::snapshot::SnapshotError;
 
 /// Wall-clock limit for a deploy's cold boot and init.
 const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Why a deploy or a delete failed.
+/// Why a deploy or a delete failed, or a function cannot serve. `api.rs` gives each its HTTP
+/// status.
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
-    /// The upload or its settings are not acceptable (400).
-    #[error("{0}")]
-    Invalid(String),
+    /// The serving settings are not acceptable (400).
+    #[error(transparent)]
+    Settings(#[from] settings::SettingsError),
+    /// The uploaded bundle is not acceptable (400).
+    #[error(transparent)]
+    Bundle(crate::pack::PackError),
+    /// The uploaded wasm module is not acceptable (400).
+    #[error("the wasm module: {0}")]
+    Wasm(crate::pack::PackError),
+    /// The upload is neither a bundle nor a wasm module (400).
+    #[error("the body is neither a thaw bundle (.thaw) nor a wasm module (.wasm): it starts with [{0}]")]
+    NotFunction(String),
+    /// The bundle is not a valid function (400).
+    #[error(transparent)]
+    Function(#[from] host_vmm::function::FunctionError),
+    /// The function connects to a service this server does not offer (400).
+    #[error(
+        "the function connects to service {name:?} (port {port}), which this server does not offer (it offers: {offered}); start thaw serve with --service {name}=SOCKET"
+    )]
+    Service {
+        /// The service's name.
+        name: String,
+        /// Its vsock port.
+        port: u32,
+        /// The services the server offers, or "none".
+        offered: String,
+    },
     /// The function could not be booted, initialized or snapshotted (422).
-    #[error("{0}")]
-    Unusable(String),
+    #[error("{name}: {why}")]
+    Unusable {
+        /// The function's name.
+        name: String,
+        /// Why, without the scratch directory's path.
+        why: String,
+    },
     /// No such function (404).
     #[error("no function {0:?} is deployed")]
     NotFound(String),
     /// The store failed (500).
     #[error(transparent)]
     Store(#[from] StoreError),
-    /// Something else on the host failed (500).
+    /// The store's scratch space refused a directory (500).
+    #[error("{}: {source}", path.display())]
+    Scratch {
+        /// The scratch space.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Work on the blocking pool panicked or was cancelled (500).
     #[error("{0}")]
-    Host(String),
+    Blocking(tokio::task::JoinError),
+    /// The stored image could not be opened (500).
+    #[error(transparent)]
+    Image(#[from] host_vmm::snapshot::SnapshotError),
+    /// The version could not start serving (500).
+    #[error(transparent)]
+    Start(#[from] DeployedError),
 }
 
 /// What a deploy did.
@@ -81,7 +127,7 @@ pub struct View {
 struct Slot {
     record: Record,
     metrics: Arc<FunctionMetrics>,
-    serving: Result<Arc<Deployed>, String>,
+    serving: Result<Arc<Deployed>, Arc<RegistryError>>,
 }
 
 /// The deployed functions.
@@ -117,29 +163,25 @@ impl Registry {
         let mut slots = HashMap::new();
         for record in store.records()? {
             let metrics = Arc::<FunctionMetrics>::default();
-            let serving = resolve(&operator.services, &record.serving)
-                .and_then(|services| {
-                    let image = Image::open(&store.image_path(&record.version)).map_err(|e| e.to_string())?;
-                    Ok((image, services))
-                })
-                .and_then(|(image, services)| {
-                    Deployed::start(
-                        &record.version,
-                        &record.serving,
-                        Arc::new(image),
-                        services,
-                        operator.poll,
-                        Arc::clone(&metrics),
-                        Arc::clone(&retired),
-                    )
-                });
+            let serving = resolve(&operator.services, &record.serving).and_then(|services| {
+                let image = Image::open(&store.image_path(&record.version))?;
+                Ok(Deployed::start(
+                    &record.version,
+                    &record.serving,
+                    Arc::new(image),
+                    services,
+                    operator.poll,
+                    Arc::clone(&metrics),
+                    Arc::clone(&retired),
+                )?)
+            });
             match &serving {
                 Ok(_) => {
                     info!(function = record.name, version = short(&record.version), "serving from its stored image")
                 }
                 Err(error) => error!(function = record.name, %error, "cannot serve"),
             }
-            let serving = serving.map(Arc::new);
+            let serving = serving.map(Arc::new).map_err(Arc::new);
             slots.insert(record.name.clone(), Slot { record, metrics, serving });
         }
         let removed = store.collect_garbage()?;
@@ -161,7 +203,7 @@ impl Registry {
     }
 
     /// The serving version of `name`: `Ok(None)` if none is deployed, `Err` with why if it failed.
-    pub fn serving(&self, name: &str) -> Result<Option<Arc<Deployed>>, String> {
+    pub fn serving(&self, name: &str) -> Result<Option<Arc<Deployed>>, Arc<RegistryError>> {
         match self.slots.read().unwrap_or_else(|p| p.into_inner()).get(name) {
             None => Ok(None),
             Some(slot) => slot.serving.clone().map(Some),
@@ -204,31 +246,24 @@ impl Registry {
 
     /// Deploys `upload` (a bundle or a bare wasm) as `name` with the settings in `query`.
     pub async fn deploy(&self, name: &str, upload: Vec<u8>, query: &str) -> Result<(Deployment, View), RegistryError> {
-        let (mut serving, packing) =
-            settings::parse(query, &self.operator.defaults).map_err(|e| RegistryError::Invalid(e.to_string()))?;
+        let (mut serving, packing) = settings::parse(query, &self.operator.defaults)?;
         // The code is compiled here from the wasm, never taken from the upload, off the async
         // workers: it is the slow part of a deploy after the snapshot.
         let bundle = if upload.starts_with(&abi::bundle::MAGIC) {
             if let Some(given) = packing.first_given() {
-                return Err(RegistryError::Invalid(settings::SettingsError::InBundle(given.into()).to_string()));
+                return Err(settings::SettingsError::InBundle(given.into()).into());
             }
-            blocking(move || crate::pack::recompile(&upload)).await?.map_err(RegistryError::Invalid)?
+            blocking(move || crate::pack::recompile(&upload)).await?.map_err(RegistryError::Bundle)?
         } else if upload.starts_with(b"\0asm") {
             let settings = packing.bundle_settings(name);
-            blocking(move || crate::pack::bundle_wasm(&settings, &upload, &[]))
-                .await?
-                .map_err(|e| RegistryError::Invalid(format!("the wasm module: {e}")))?
-                .0
+            blocking(move || crate::pack::bundle_wasm(&settings, &upload, &[])).await?.map_err(RegistryError::Wasm)?.0
         } else {
             let head: Vec<String> = upload.iter().take(8).map(|b| format!("{b:02x}")).collect();
-            return Err(RegistryError::Invalid(format!(
-                "the body is neither a thaw bundle (.thaw) nor a wasm module (.wasm): it starts with [{}]",
-                head.join(" ")
-            )));
+            return Err(RegistryError::NotFunction(head.join(" ")));
         };
-        let function = Function::from_bundle(bundle).map_err(|e| RegistryError::Invalid(e.to_string()))?;
+        let function = Function::from_bundle(bundle)?;
         serving.services = function.manifest.connections.iter().map(|c| (c.port, c.name.clone())).collect();
-        let services = resolve(&self.operator.services, &serving).map_err(RegistryError::Invalid)?;
+        let services = resolve(&self.operator.services, &serving)?;
         let version = version(&function.bundle, &serving.devices);
 
         let unchanged = |slots: &HashMap<String, Slot>| {
@@ -275,12 +310,11 @@ impl Registry {
         }
         let (version_owned, serving_owned, counters, retired, poll) =
             (version.clone(), serving.clone(), Arc::clone(&metrics), Arc::clone(&self.retired), self.operator.poll);
-        let deployed = blocking(move || {
-            let image = Image::open(&image_path).map_err(|e| e.to_string())?;
-            Deployed::start(&version_owned, &serving_owned, Arc::new(image), services, poll, counters, retired)
+        let deployed = blocking(move || -> Result<Deployed, RegistryError> {
+            let image = Image::open(&image_path)?;
+            Ok(Deployed::start(&version_owned, &serving_owned, Arc::new(image), services, poll, counters, retired)?)
         })
-        .await?
-        .map_err(RegistryError::Host)?;
+        .await??;
         self.store.activate(name, &version, &serving)?;
         let record = self.record(name)?;
         let slot = Slot { record, metrics, serving: Ok(Arc::new(deployed)) };
@@ -307,14 +341,15 @@ impl Registry {
         let dir = tempfile::Builder::new()
             .prefix(&format!("{}-", short(version)))
             .tempdir_in(&scratch)
-            .map_err(|e| RegistryError::Host(format!("{}: {e}", scratch.display())))?;
+            .map_err(|source| RegistryError::Scratch { path: scratch.clone(), source })?;
         let (bundle_path, image_path) = (dir.path().join("function.thaw"), dir.path().join("image.snap"));
         let made = image_path.clone();
         let name = function.manifest.name.clone();
         let devices: Vec<DeviceKind> = devices.iter().filter_map(|d| DeviceKind::from_name(d)).collect();
-        let status = blocking(move || {
+        let status = blocking(move || -> Result<_, SnapshotError> {
             // The bundle file backs the data volume's block device during the cold boot.
-            std::fs::write(&bundle_path, &function.bundle).map_err(|e| format!("{}: {e}", bundle_path.display()))?;
+            std::fs::write(&bundle_path, &function.bundle)
+                .map_err(|source| FilesError::Unwritable { path: bundle_path.clone(), source })?;
             let mut config = VmConfig { devices, ..VmConfig::default() };
             config.backends.services = services;
             crate::devices::add_function_devices(&mut config, &function, &bundle_path)?;
@@ -323,8 +358,10 @@ impl Registry {
         })
         .await?
         // The scratch directory's name is the store's business, not the client's.
-        .map_err(|e| e.replace(&format!("{}/", dir.path().display()), ""))
-        .map_err(|e| RegistryError::Unusable(format!("{name}: {e}")))?;
+        .map_err(|e| RegistryError::Unusable {
+            name: name.clone(),
+            why: e.to_string().replace(&format!("{}/", dir.path().display()), ""),
+        })?;
         let (status, init_stderr) = status;
         info!("{status}");
         if !init_stderr.is_empty() {
@@ -379,7 +416,7 @@ fn view(slot: &Slot) -> View {
 
 /// Runs `work` on tokio's blocking pool.
 async fn blocking<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> Result<T, RegistryError> {
-    tokio::task::spawn_blocking(work).await.map_err(|e| RegistryError::Host(e.to_string()))
+    tokio::task::spawn_blocking(work).await.map_err(RegistryError::Blocking)
 }
 
 /// A function's version: the SHA-256 of its bundle, or, when it has extra `devices` (which its
@@ -395,15 +432,13 @@ fn version(bundle: &[u8], devices: &[String]) -> String {
 
 /// The host sockets that `serving`'s vsock ports reach, from the server's named `services`; an
 /// error naming the first service the server does not offer.
-fn resolve(services: &BTreeMap<String, PathBuf>, serving: &Serving) -> Result<Services, String> {
+fn resolve(services: &BTreeMap<String, PathBuf>, serving: &Serving) -> Result<Services, RegistryError> {
     let mut ports = BTreeMap::new();
     for (port, name) in &serving.services {
         let Some(path) = services.get(name) else {
             let offered: Vec<&str> = services.keys().map(String::as_str).collect();
             let offered = if offered.is_empty() { "none".to_string() } else { offered.join(", ") };
-            return Err(format!(
-                "the function connects to service {name:?} (port {port}), which this server does not offer (it offers: {offered}); start thaw serve with --service {name}=SOCKET"
-            ));
+            return Err(RegistryError::Service { name: name.clone(), port: *port, offered });
         };
         ports.insert(*port, path.clone());
     }

@@ -34,7 +34,7 @@ pub enum SettingsError {
     InBundle(String),
     /// The query string is not `key=value&…`.
     #[error("the query string is not key=value pairs: {0}")]
-    Query(String),
+    Query(serde_urlencoded::de::Error),
 }
 
 /// How a deployed function is served.
@@ -133,8 +133,7 @@ const MAX_TIMEOUT_MS: u64 = 3_600_000;
 
 /// Parses a deploy's query string (`mode=pool&concurrency=4&env=K=V&env=…`) over `defaults`.
 pub fn parse(query: &str, defaults: &Serving) -> Result<(Serving, Packing), SettingsError> {
-    let pairs: Vec<(String, String)> =
-        serde_urlencoded::from_str(query).map_err(|e| SettingsError::Query(e.to_string()))?;
+    let pairs: Vec<(String, String)> = serde_urlencoded::from_str(query).map_err(SettingsError::Query)?;
     let mut serving = defaults.clone();
     let mut packing = Packing::default();
     for (key, value) in pairs {
@@ -163,7 +162,9 @@ pub fn parse(query: &str, defaults: &Serving) -> Result<(Serving, Packing), Sett
             "env" if value.contains('=') => packing.env.push(value),
             "env" => return Err(invalid("K=V")),
             "arg" => packing.args.push(value),
-            "connect" => packing.connections.push(crate::pack::parse_connection(&value).map_err(|e| invalid(&e))?),
+            "connect" => {
+                packing.connections.push(crate::pack::parse_connection(&value).map_err(|e| invalid(&e.to_string()))?)
+            }
             "devices" => {
                 let mut devices = Vec::new();
                 for device in value.split(',') {
