@@ -66,7 +66,8 @@ pub enum FunctionError {
     Entry(String),
     /// The module's memory starts larger than the function may use.
     #[error(
-        "memory {name:?} starts at {pages} pages ({mib} MiB), more than the {limit_mib} MiB the function may use (pack with --memory {mib} or more)"
+        "memory {name:?} starts at {pages} {unit} ({mib} MiB), more than the {limit_mib} MiB the function may use (pack with --memory {mib} or more)",
+        unit = if *pages == 1 { "page" } else { "pages" }
     )]
     Memory {
         /// The memory's export name.

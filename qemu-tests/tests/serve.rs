@@ -416,11 +416,23 @@ fn hostile_uploads_names_and_requests_get_a_status_that_says_why() {
     let hello = example("hello");
     let error = |reply: &Reply| reply.body.split(r#""error":""#).nth(1).unwrap_or_default().to_string();
 
-    for name in ["..%2F..%2Fetc", &"x".repeat(65), "%C3%BC", "a%20b"] {
+    for name in ["..%2F..%2Fetc", &"x".repeat(65), "%C3%BC", "a%20b", "%2E", "%2E%2E"] {
         let refused = put(&server.functions(name), &hello);
         assert_eq!(refused.status, 400, "{name}: {}", refused.body);
         assert!(error(&refused).contains("is not a function name"), "{}", refused.body);
     }
+    // Issue 28, defect 8: what the router refuses itself is JSON too, like every error.
+    let not_utf8 = put(&server.functions("%FF"), &hello);
+    assert_eq!(not_utf8.status, 400, "{}", not_utf8.body);
+    assert!(
+        !error(&not_utf8).is_empty() && not_utf8.headers["content-type"] == "application/json",
+        "{}",
+        not_utf8.body
+    );
+    let wrong_method = reply(agent().patch(server.functions("f")).send(&hello[..]));
+    assert_eq!(wrong_method.status, 405, "{}", wrong_method.body);
+    assert_eq!(error(&wrong_method), "method not allowed\"}", "{}", wrong_method.body);
+    assert!(wrong_method.headers.contains_key("allow"), "{:?}", wrong_method.headers);
     // A byte of the wasm changed: its hash no longer matches.
     let wasm_at = 64 + u32::from_le_bytes(hello[16..20].try_into().unwrap()) as usize;
     let mut corrupted = hello.clone();
@@ -539,6 +551,27 @@ fn admin_routes_need_a_token_off_loopback_and_a_unix_socket_is_private() {
     assert_eq!(refused.status, 403, "{}", refused.body);
     drop(open);
 
+    // Issue 28, defect 6: on loopback without a token, a web page whose name rebinds to
+    // 127.0.0.1 can neither deploy nor delete: its Host and Origin are not this machine's.
+    let local_state = tempfile::tempdir().unwrap();
+    let local = Server::start(local_state.path(), &[]);
+    let address = local.url.strip_prefix("http://").unwrap().to_string();
+    let raw = |head: &str| {
+        let mut stream = std::net::TcpStream::connect(&address).unwrap();
+        let request = format!("{head}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", hello.len());
+        stream.write_all(request.as_bytes()).and_then(|()| stream.write_all(&hello)).unwrap();
+        let mut answer = String::new();
+        let _ = stream.read_to_string(&mut answer);
+        answer
+    };
+    let rebound = raw("PUT /v1/functions/hello HTTP/1.1\r\nHost: attacker.example:8400");
+    assert!(rebound.starts_with("HTTP/1.1 403") && rebound.contains(r#"not \"attacker.example:8400\""#), "{rebound}");
+    let from_page =
+        raw(&format!("DELETE /v1/functions/hello HTTP/1.1\r\nHost: {address}\r\nOrigin: http://attacker.example"));
+    assert!(from_page.starts_with("HTTP/1.1 403"), "{from_page}");
+    assert_eq!(put(&local.functions("hello"), &hello).status, 201, "a loopback Host deploys");
+    drop(local);
+
     let token = state.path().join("token");
     std::fs::write(&token, "correct-horse-battery-staple\n").unwrap();
     let guarded = Server::start(state.path(), &["--admin-token-file", token.to_str().unwrap()]);
@@ -550,6 +583,22 @@ fn admin_routes_need_a_token_off_loopback_and_a_unix_socket_is_private() {
             .send(&hello[..]),
     );
     assert_eq!(with_token.status, 201, "{}", with_token.body);
+    // The scheme in any case (RFC 9110): issue 28, defect 8.
+    let lower = reply(
+        agent()
+            .delete(guarded.functions("hello"))
+            .header("Authorization", "bearer correct-horse-battery-staple")
+            .call(),
+    );
+    assert_eq!(lower.status, 200, "{}", lower.body);
+    assert_eq!(put(&guarded.functions("hello"), &hello).status, 401);
+    let again = reply(
+        agent()
+            .put(guarded.functions("hello"))
+            .header("Authorization", "Bearer correct-horse-battery-staple")
+            .send(&hello[..]),
+    );
+    assert_eq!(again.status, 201, "{}", again.body);
     // Invocations need no token.
     assert_eq!(post(&format!("{}/invoke", guarded.functions("hello")), b"{}").status, 200);
     drop(guarded);
@@ -609,6 +658,9 @@ fn the_cli_client_deploys_calls_lists_and_reads_logs() {
     assert!(run.stderr.contains("the server answered 502: the function trapped"), "{}", run.stderr);
     let run = thaw(&["logs", "scribble", "--lines", "1"]);
     assert!(run.stdout.ends_with(" stderr  scribbled\n"), "{}", run.stdout);
+    // Issue 28, defect 7: the instance column is the VM's id, not 0.
+    let instance = run.stdout.split(' ').next().unwrap_or_default();
+    assert!(instance.len() == 32 && instance.chars().all(|c| c.is_ascii_hexdigit()), "{}", run.stdout);
 
     let run = thaw(&["functions"]);
     assert_eq!(run.code, Some(0), "{}", run.stderr);

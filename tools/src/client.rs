@@ -312,13 +312,47 @@ pub fn logs(args: &LogsArgs) -> Result<u8, ClientError> {
         print_json(&json)?;
         return Ok(0);
     }
+    // The function's bytes reach a terminal only as text: its escape sequences could set the
+    // title, recolour or rewrite what the operator sees.
+    let terminal = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    let shown = |text: &str| if terminal { printable(text) } else { text.to_string() };
     for line in json["lines"].as_array().into_iter().flatten() {
         outln!(
             "{} {:<7} {}",
-            line["instance"].as_u64().unwrap_or(0),
+            line["instance"].as_str().unwrap_or("?"),
             line["stream"].as_str().unwrap_or("?"),
-            line["text"].as_str().unwrap_or("")
+            shown(line["text"].as_str().unwrap_or(""))
         )?;
     }
     Ok(0)
+}
+
+/// `text` with its control characters (but tab) escaped as `\xNN`, as journalctl
+/// shows a service's output on a terminal.
+fn printable(text: &str) -> String {
+    use std::fmt::Write as _;
+    let mut shown = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '\t' => shown.push(c),
+            // Unicode's control characters are C0, DEL and C1: all below 0x100.
+            c if c.is_control() => {
+                let _ = write!(shown, "\\x{:02x}", c as u32);
+            }
+            c => shown.push(c),
+        }
+    }
+    shown
+}
+
+#[cfg(test)]
+mod tests {
+    use super::printable;
+
+    #[test]
+    fn a_function_s_control_characters_reach_a_terminal_escaped() {
+        assert_eq!(printable("plain\ttext, ünïcode"), "plain\ttext, ünïcode");
+        assert_eq!(printable("\x1b]0;pwned\x07title"), "\\x1b]0;pwned\\x07title");
+        assert_eq!(printable("\x1b[31mred\r\x7f\u{9b}2J"), "\\x1b[31mred\\x0d\\x7f\\x9b2J");
+    }
 }

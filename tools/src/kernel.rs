@@ -22,8 +22,8 @@ pub enum KernelArgsError {
         /// What is wrong with it.
         source: host_vmm::KernelError,
     },
-    /// `--timeout` is not a positive number of seconds.
-    #[error("--timeout {0}: must be a positive number of seconds")]
+    /// `--timeout` is not a positive number of seconds, or is past [`MAX_TIMEOUT_SECS`].
+    #[error("--timeout {}: must be a positive number of seconds, at most {MAX_TIMEOUT_SECS}", shown(*.0))]
     Timeout(f64),
     /// A file could not be read.
     #[error(transparent)]
@@ -78,7 +78,19 @@ pub fn timeout(args: &KernelArgs) -> Result<Duration, KernelArgsError> {
     parse_timeout(args.timeout)
 }
 
-/// A `--timeout` value: a positive, finite number of seconds.
+/// The longest `--timeout`: a year.
+pub const MAX_TIMEOUT_SECS: u64 = 365 * 24 * 3600;
+
+/// A `--timeout` value: a positive number of seconds, at most [`MAX_TIMEOUT_SECS`].
 pub fn parse_timeout(secs: f64) -> Result<Duration, KernelArgsError> {
-    Duration::try_from_secs_f64(secs).ok().filter(|t| !t.is_zero()).ok_or(KernelArgsError::Timeout(secs))
+    Duration::try_from_secs_f64(secs)
+        .ok()
+        .filter(|t| !t.is_zero() && t.as_secs() <= MAX_TIMEOUT_SECS)
+        .ok_or(KernelArgsError::Timeout(secs))
+}
+
+/// `secs` as the user would have written it: in exponent form when it is huge (`1e100`, not a
+/// hundred digits).
+fn shown(secs: f64) -> String {
+    if secs.abs() >= 1e15 { format!("{secs:e}") } else { secs.to_string() }
 }

@@ -136,9 +136,7 @@ fn main() -> ExitCode {
         // A usage error is thaw's own failure (125, as the README says, not clap's 2), in one
         // line like every other.
         Err(e) => {
-            let text = e.to_string();
-            let first = text.lines().next().unwrap_or_default().trim_start_matches("error: ");
-            eprintln!("thaw: error: {first} (see --help)");
+            eprintln!("thaw: error: {} (see --help)", usage_error(&e.to_string()));
             return ExitCode::from(abi::exit_code::HOST_ERROR as u8);
         }
     };
@@ -160,6 +158,18 @@ fn main() -> ExitCode {
         Command::Inspect(args) => exit(inspect::run(&args)),
         Command::Restore(args) => exit(restore::run(&args)),
     }
+}
+
+/// clap's usage error on one line: its first line, with the lines indented under it (the
+/// missing arguments' names) joined on, and without the usage and tips that follow.
+fn usage_error(text: &str) -> String {
+    let mut lines = text.lines();
+    let mut line = lines.next().unwrap_or_default().trim_start_matches("error: ").to_string();
+    for more in lines.take_while(|l| l.starts_with("  ")) {
+        line.push(' ');
+        line.push_str(more.trim());
+    }
+    line
 }
 
 /// The process's exit: a command's own code, or its error on one line and code 125.

@@ -147,7 +147,8 @@ pub struct PackArgs {
     #[arg(long = "arg", value_name = "A")]
     args: Vec<String>,
     /// Most linear memory the function may use, in MiB.
-    #[arg(long, value_name = "MIB", default_value_t = 16)]
+    #[arg(long, value_name = "MIB", default_value_t = 16,
+          value_parser = clap::value_parser!(u32).range(1..=i64::from(bundle::MAX_MEMORY_MIB)))]
     memory: u32,
     /// Instruction budget per invocation (Wasmtime fuel: about one unit per wasm instruction)
     /// [default: no limit].

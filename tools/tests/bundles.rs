@@ -142,7 +142,9 @@ fn pack_refuses_what_is_not_a_thaw_function() {
     assert!(pack(&bad_sig).contains("does not match WASI's"));
     let handler = s.file("ok.wat", HANDLER.as_bytes());
     assert!(refused(&["pack", handler.to_str().unwrap(), "--env", "NOEQUALS", "-o", out]).contains("is not KEY=VALUE"));
-    assert!(refused(&["pack", handler.to_str().unwrap(), "--memory", "0", "-o", out]).contains("0 MiB"));
+    // Issue 28, defect 11: refused as the flag's value, not as a memory of "1 pages (1 MiB)".
+    let zero = refused(&["pack", handler.to_str().unwrap(), "--memory", "0", "-o", out]);
+    assert!(zero.contains("invalid value '0' for '--memory <MIB>': 0 is not in 1..=4096"), "{zero}");
     assert!(!Path::new(out).exists(), "a refused pack must not leave a bundle behind");
 }
 

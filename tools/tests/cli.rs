@@ -67,6 +67,8 @@ fn rejects_missing_files_and_bad_option_values() {
     assert!(rejected(&["run", "--memory", "1"]).contains("memory size 1 MiB"));
     assert!(rejected(&["run", "--timeout", "0"]).contains("--timeout 0: must be a positive"));
     assert!(rejected(&["run", "--timeout", "NaN"]).contains("--timeout NaN"));
+    let huge = rejected(&["run", "--timeout", "1e100"]);
+    assert!(huge.contains("--timeout 1e100: must be a positive number of seconds, at most 31536000"), "{huge}");
     assert!(rejected(&["qemu", "--kernel", "/bin/ls"]).contains("is not ET_EXEC"));
     assert!(rejected(&["run", "--ramdisk", "/nonexistent/r"]).contains("reading ramdisk /nonexistent/r"));
     assert!(rejected(&["qemu", "--ramdisk", "/nonexistent/r"]).contains("reading ramdisk /nonexistent/r"));
@@ -102,6 +104,9 @@ fn endless_inputs_are_cut_at_their_cap() {
 fn usage_errors_exit_125_with_one_line() {
     assert!(rejected(&["pack", "--bogus"]).contains("unexpected argument '--bogus'"));
     assert!(rejected(&["invoke"]).contains("required"));
+    // Issue 28, defect 11: the missing arguments are named.
+    let missing = rejected(&["snapshot", "x.thaw"]);
+    assert!(missing.contains("not provided: --output <FUNCTION.snap> (see --help)"), "{missing}");
     assert!(rejected(&["frobnicate"]).contains("unrecognized subcommand 'frobnicate'"));
     let help = Command::new(THAW).args(["pack", "--help"]).output().unwrap();
     assert_eq!(help.status.code(), Some(0));
@@ -142,5 +147,22 @@ fn completions_are_printed_for_each_shell() {
         assert_eq!(out.status.code(), Some(0), "{shell}");
         let script = String::from_utf8_lossy(&out.stdout);
         assert!(script.contains(marker) && script.contains("scratch-mib"), "{shell}: {script}");
+    }
+}
+
+/// Issue 28, defect 8: a token no header can carry is refused at start, as a short one is.
+#[test]
+fn serve_refuses_an_admin_token_no_request_could_match() {
+    let state = tempfile::tempdir().unwrap();
+    for token in ["short", "sixteen-or-more-ümlauts", "has a space in the middle"] {
+        let file = scratch("token", token.as_bytes());
+        let line = rejected(&[
+            "serve",
+            "--admin-token-file",
+            file.to_str().unwrap(),
+            "--state-dir",
+            state.path().to_str().unwrap(),
+        ]);
+        assert!(line.contains("the token must be at least 16 printable ASCII characters, with no spaces"), "{line}");
     }
 }

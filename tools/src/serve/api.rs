@@ -23,21 +23,38 @@ use crate::stats::{RequestStats, Status};
 /// Who may use the admin routes (deploy, delete, logs).
 #[derive(Debug, Clone)]
 pub struct Admin {
-    /// With a token, every admin request must carry it as `Authorization: Bearer TOKEN`.
+    /// With a token, every admin request must carry it as `Authorization: Bearer TOKEN` (the
+    /// scheme in any case, RFC 9110).
     pub token: Option<String>,
-    /// Without one, admin requests are taken only on a loopback address or a Unix socket.
-    pub local_listener: bool,
+    /// Without one, where admin requests are taken from.
+    pub exposure: Exposure,
+}
+
+/// Who can reach what the server listens on, as the admin policy sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exposure {
+    /// A Unix socket (mode 0600): only this machine's processes that may open it reach it.
+    Unix,
+    /// A loopback address: only this machine's processes reach it, and web pages whose name
+    /// rebinds to it, which the `Host` and `Origin` rule keeps out.
+    Loopback,
+    /// Any other address.
+    Network,
 }
 
 impl Admin {
     fn check(&self, headers: &HeaderMap) -> Result<(), Refusal> {
-        match &self.token {
-            Some(token) => {
-                let given = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).unwrap_or("");
-                let expected = format!("Bearer {token}");
+        let header = |name| headers.get(name).and_then(|v: &HeaderValue| v.to_str().ok());
+        match (&self.token, self.exposure) {
+            (Some(token), _) => {
+                let given = header(header::AUTHORIZATION).unwrap_or("");
+                let given = match given.split_once(' ') {
+                    Some((scheme, given)) if scheme.eq_ignore_ascii_case("bearer") => given.trim(),
+                    _ => "",
+                };
                 // Compare every byte, so the time taken says nothing about the token.
-                let same = given.len() == expected.len()
-                    && given.bytes().zip(expected.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0;
+                let same = given.len() == token.len()
+                    && given.bytes().zip(token.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0;
                 if same {
                     Ok(())
                 } else {
@@ -47,13 +64,51 @@ impl Admin {
                     ))
                 }
             }
-            None if self.local_listener => Ok(()),
-            None => Err(Refusal(
+            (None, Exposure::Unix) => Ok(()),
+            (None, Exposure::Loopback) => {
+                let host = header(header::HOST).unwrap_or("");
+                if !is_loopback_host(host) {
+                    return Err(Refusal(
+                        StatusCode::FORBIDDEN,
+                        format!(
+                            "admin routes without a token take Host: localhost or a loopback address, not {host:?}"
+                        ),
+                    ));
+                }
+                match header(header::ORIGIN) {
+                    Some(origin) if !origin_is_loopback(origin) => Err(Refusal(
+                        StatusCode::FORBIDDEN,
+                        format!("admin routes without a token refuse requests from the web page at {origin:?}"),
+                    )),
+                    _ => Ok(()),
+                }
+            }
+            (None, Exposure::Network) => Err(Refusal(
                 StatusCode::FORBIDDEN,
                 "admin routes are refused on a non-loopback listener unless thaw serve has --admin-token-file".into(),
             )),
         }
     }
+}
+
+/// True for a `Host` (an authority: a name or address and an optional port) naming this
+/// machine: `localhost` or a loopback address. A DNS name that resolves to 127.0.0.1 is not
+/// one, which is what keeps a rebinding web page out.
+fn is_loopback_host(authority: &str) -> bool {
+    let host = match authority.strip_prefix('[') {
+        Some(rest) => rest.split_once(']').map_or("", |(ip, _)| ip),
+        None => authority
+            .rsplit_once(':')
+            .map_or(authority, |(host, port)| if port.bytes().all(|b| b.is_ascii_digit()) { host } else { authority }),
+    };
+    host.eq_ignore_ascii_case("localhost")
+        || host.eq_ignore_ascii_case("localhost.")
+        || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+/// True for an `Origin` (`scheme://authority`) whose authority is a loopback host.
+fn origin_is_loopback(origin: &str) -> bool {
+    origin.split_once("://").is_some_and(|(_, authority)| is_loopback_host(authority))
 }
 
 /// Caps on request bodies.
@@ -87,7 +142,34 @@ pub fn router(api: Arc<Api>) -> Router {
         .route("/v1/functions/{name}/invoke", post(invoke))
         .route("/v1/functions/{name}/logs", get(logs))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such route (see docs/API.md)") })
+        .layer(axum::middleware::map_response(json_errors))
         .with_state(api)
+}
+
+/// An error the router made itself (a method a route does not take, a name that is not UTF-8)
+/// as JSON with one `error` line, like the handlers' own: its first line of text, or the
+/// status's name. Its other headers (`Allow`) stay.
+async fn json_errors(response: Response) -> Response {
+    let status = response.status();
+    let json =
+        response.headers().get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if json || !(status.is_client_error() || status.is_server_error()) {
+        return response;
+    }
+    let (parts, body) = response.into_parts();
+    let text = axum::body::to_bytes(body, 4096).await.unwrap_or_default();
+    let text = String::from_utf8_lossy(&text);
+    let line = match text.lines().next().map(str::trim) {
+        Some(line) if !line.is_empty() => line.to_string(),
+        _ => status.canonical_reason().unwrap_or("refused").to_lowercase(),
+    };
+    let mut response = error(status, line);
+    for (name, value) in &parts.headers {
+        if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
+            response.headers_mut().insert(name, value.clone());
+        }
+    }
+    response
 }
 
 /// A JSON error with one line saying what was wrong.
@@ -411,16 +493,49 @@ mod tests {
 
     #[test]
     fn admin_routes_need_the_token_or_a_local_listener() {
-        let mut headers = HeaderMap::new();
-        let local = Admin { token: None, local_listener: true };
-        assert!(local.check(&headers).is_ok());
-        let open = Admin { token: None, local_listener: false };
-        assert_eq!(open.check(&headers).unwrap_err().0, StatusCode::FORBIDDEN);
-        let guarded = Admin { token: Some("s3cret".into()), local_listener: true };
-        assert_eq!(guarded.check(&headers).unwrap_err().0, StatusCode::UNAUTHORIZED);
-        headers.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer s3cres"));
-        assert_eq!(guarded.check(&headers).unwrap_err().0, StatusCode::UNAUTHORIZED);
-        headers.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer s3cret"));
-        assert!(guarded.check(&headers).is_ok());
+        let headers = |pairs: &[(header::HeaderName, &'static str)]| {
+            let mut headers = HeaderMap::new();
+            for (name, value) in pairs {
+                headers.insert(name.clone(), HeaderValue::from_static(value));
+            }
+            headers
+        };
+        let none = headers(&[]);
+        let unix = Admin { token: None, exposure: Exposure::Unix };
+        assert!(unix.check(&none).is_ok());
+        assert!(unix.check(&headers(&[(header::HOST, "thaw")])).is_ok());
+        let open = Admin { token: None, exposure: Exposure::Network };
+        assert_eq!(open.check(&headers(&[(header::HOST, "localhost")])).unwrap_err().0, StatusCode::FORBIDDEN);
+
+        let guarded = Admin { token: Some("s3cret".into()), exposure: Exposure::Loopback };
+        let bearer = |value| headers(&[(header::AUTHORIZATION, value), (header::HOST, "attacker.example")]);
+        assert_eq!(guarded.check(&none).unwrap_err().0, StatusCode::UNAUTHORIZED);
+        for wrong in ["Bearer s3cres", "Bearer s3cre", "Bearer s3cret2", "Basic s3cret", "s3cret", "Bearer"] {
+            assert_eq!(guarded.check(&bearer(wrong)).unwrap_err().0, StatusCode::UNAUTHORIZED, "{wrong}");
+        }
+        // The scheme is case-insensitive (RFC 9110 section 11.1); the token is not.
+        for right in ["Bearer s3cret", "bearer s3cret", "BEARER  s3cret"] {
+            assert!(guarded.check(&bearer(right)).is_ok(), "{right}");
+        }
+        assert!(guarded.check(&bearer("Bearer S3CRET")).is_err());
+
+        // Issue 28, defect 6: without a token, a loopback listener takes admin requests only for
+        // a loopback Host and from no foreign web page, so a name rebound to 127.0.0.1 cannot.
+        let local = Admin { token: None, exposure: Exposure::Loopback };
+        for host in ["localhost", "LocalHost:8400", "127.0.0.1:8400", "127.1.2.3", "[::1]:8400", "[::1]"] {
+            assert!(local.check(&headers(&[(header::HOST, host)])).is_ok(), "{host}");
+            let same_site = headers(&[(header::HOST, host), (header::ORIGIN, "http://localhost:3000")]);
+            assert!(local.check(&same_site).is_ok(), "{host}");
+        }
+        for host in ["attacker.example", "attacker.example:8400", "127.0.0.1.nip.io", "localhost.attacker.example", ""]
+        {
+            let refused = local.check(&headers(&[(header::HOST, host)])).unwrap_err();
+            assert_eq!(refused.0, StatusCode::FORBIDDEN, "{host}");
+            assert!(refused.1.contains(&format!("not {host:?}")), "{}", refused.1);
+        }
+        for origin in ["http://attacker.example", "https://127.0.0.1.attacker.example:443", "null"] {
+            let refused = local.check(&headers(&[(header::HOST, "localhost:8400"), (header::ORIGIN, origin)]));
+            assert_eq!(refused.unwrap_err().0, StatusCode::FORBIDDEN, "{origin}");
+        }
     }
 }

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use clap::{Args, ValueEnum};
 use tracing::{info, warn};
 
-use self::api::{Admin, Api, Limits};
+use self::api::{Admin, Api, Exposure, Limits};
 use self::registry::{Operator, Registry};
 use self::settings::Serving;
 use self::store::Store;
@@ -141,7 +141,7 @@ pub enum ServeError {
     #[error("{}: the token is not UTF-8", .0.display())]
     TokenUtf8(PathBuf),
     /// The admin token is too weak.
-    #[error("{}: the token must be at least 16 characters, with no spaces", .0.display())]
+    #[error("{}: the token must be at least 16 printable ASCII characters, with no spaces", .0.display())]
     WeakToken(PathBuf),
     /// The async runtime could not start.
     #[error("starting the async runtime: {0}")]
@@ -246,7 +246,8 @@ pub fn run(args: &ServeArgs) -> Result<u8, ServeError> {
             let text = crate::files::read_limited(path, 4096, "admin token", crate::files::READ_WITHIN)?;
             let token = String::from_utf8(text).map_err(|_| ServeError::TokenUtf8(path.clone()))?;
             let token = token.trim().to_string();
-            if token.len() < 16 || token.contains(char::is_whitespace) {
+            // Printable ASCII only: a header carries nothing else, so no request could match.
+            if token.len() < 16 || !token.bytes().all(|b| b.is_ascii_graphic()) {
                 return Err(ServeError::WeakToken(path.clone()));
             }
             Some(token)
@@ -275,13 +276,14 @@ pub fn run(args: &ServeArgs) -> Result<u8, ServeError> {
     };
     let registry = Registry::load(store, operator)?;
     let retired = registry.retired();
-    let local_listener = match &listen {
-        Listen::Tcp(addr) => addr.ip().is_loopback(),
-        Listen::Unix(_) => true,
+    let exposure = match &listen {
+        Listen::Tcp(addr) if addr.ip().is_loopback() => Exposure::Loopback,
+        Listen::Tcp(_) => Exposure::Network,
+        Listen::Unix(_) => Exposure::Unix,
     };
     let api = Arc::new(Api {
         registry,
-        admin: Admin { token, local_listener },
+        admin: Admin { token, exposure },
         limits: Limits {
             upload: args.max_upload_mib << 20,
             request: args.max_request_mib << 20,

@@ -150,9 +150,13 @@ pub struct Operator {
     pub poll: Duration,
 }
 
-/// True for a function name: 1 to 64 of `[A-Za-z0-9._-]`.
+/// True for a function name: 1 to 64 of `[A-Za-z0-9._-]`, but not `.` or `..`, which clients
+/// resolve away before they send a URL.
 pub fn is_name(name: &str) -> bool {
-    (1..=64).contains(&name.len()) && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+    (1..=64).contains(&name.len())
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+        && name != "."
+        && name != ".."
 }
 
 impl Registry {
