@@ -56,7 +56,18 @@ impl Drop for Server {
 /// Spawns `thaw ARGS`, keeps its stderr, and returns once it prints where it listens (what
 /// follows "listening on ").
 fn spawn(args: &[&str]) -> (Child, Arc<Mutex<String>>, String) {
-    let mut child = Command::new(THAW).args(args).stderr(Stdio::piped()).stdout(Stdio::null()).spawn().unwrap();
+    spawn_command(Command::new(THAW).args(args))
+}
+
+/// [`spawn`], with at most `files` descriptors open at once (`ulimit -n`).
+fn spawn_with_file_limit(files: u32, args: &[&str]) -> (Child, Arc<Mutex<String>>, String) {
+    let script = format!("ulimit -n {files} && exec \"$0\" \"$@\"");
+    spawn_command(Command::new("sh").arg("-c").arg(script).arg(THAW).args(args))
+}
+
+/// Spawns `command`, keeps its stderr, and returns once it prints where it listens.
+fn spawn_command(command: &mut Command) -> (Child, Arc<Mutex<String>>, String) {
+    let mut child = command.stderr(Stdio::piped()).stdout(Stdio::null()).spawn().unwrap();
     let stderr = child.stderr.take().unwrap();
     let log = Arc::new(Mutex::new(String::new()));
     let (tx, rx) = std::sync::mpsc::channel();
@@ -859,4 +870,50 @@ fn serve_runs_as_an_unprivileged_user_in_the_systemd_units_sandbox() {
     made("pkill", &["-TERM", "-f", "^/tmp/thaw/thaw serve"]);
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(0), "{status:?}");
+}
+
+/// Issue 28, defect 11: out of descriptors, the accept loop fails every 10 ms until a
+/// connection closes; it says so at most once a second, with how many failures it did not log.
+#[test]
+fn out_of_descriptors_the_accept_loop_logs_once_a_second() {
+    let state = tempfile::tempdir().unwrap();
+    let (mut child, log, listening) =
+        spawn_with_file_limit(64, &["serve", "--listen", "127.0.0.1:0", "--state-dir", state.path().to_str().unwrap()]);
+    let address = listening.strip_prefix("http://").unwrap().to_string();
+    let held: Vec<_> = (0..100).filter_map(|_| std::net::TcpStream::connect(&address).ok()).collect();
+    std::thread::sleep(Duration::from_millis(2500));
+    let failures = log.lock().unwrap().matches("accepting a connection failed").count();
+    drop(held);
+    let _ = child.kill();
+    let _ = child.wait();
+    let log = log.lock().unwrap().clone();
+    assert!((1..=4).contains(&failures), "{failures} lines in 2.5 s: {log}");
+    assert!(log.contains("also_failed"), "{log}");
+}
+
+/// Issue 28, defect 5: a second agent on a state directory or a Unix socket that a live agent
+/// uses is refused with one line, and the first serves on, its socket still there.
+#[test]
+fn two_agents_never_share_a_state_directory_or_a_socket() {
+    let state = tempfile::tempdir().unwrap();
+    let first = Server::start(state.path(), &[]);
+    assert_eq!(put(&first.functions("hello"), &example("hello")).status, 201);
+    let second = run_thaw(&["serve", "--listen", "127.0.0.1:0", "--state-dir", state.path().to_str().unwrap()]);
+    assert_eq!(second.code, Some(125), "{}", second.stderr);
+    assert_eq!(second.stderr.lines().count(), 1, "{}", second.stderr);
+    assert!(second.stderr.contains("another thaw serve uses the state directory"), "{}", second.stderr);
+    let answer = post(&format!("{}/invoke", first.functions("hello")), br#"{"name": "first"}"#);
+    assert_eq!((answer.status, answer.body.as_str()), (200, "{\"greeting\":\"Hello, first!\"}\n"));
+    drop(first);
+
+    let socket = state.path().join("thaw.sock");
+    let address = format!("unix:{}", socket.display());
+    let (child, log, _) = spawn(&["serve", "--listen", &address, "--state-dir", state.path().to_str().unwrap()]);
+    let _first = Server { child, url: String::new(), log };
+    let other_state = tempfile::tempdir().unwrap();
+    let second = run_thaw(&["serve", "--listen", &address, "--state-dir", other_state.path().to_str().unwrap()]);
+    assert_eq!(second.code, Some(125), "{}", second.stderr);
+    assert!(second.stderr.contains("another process accepts connections on it"), "{}", second.stderr);
+    let answer = unix_request(&socket, "POST", "/v1/functions/hello/invoke", br#"{"name": "still"}"#);
+    assert!(answer.ends_with("{\"greeting\":\"Hello, still!\"}\n"), "{answer}");
 }

@@ -123,6 +123,9 @@ pub enum ServeError {
     /// `--listen unix:PATH` names a file that is not a socket.
     #[error("--listen unix:{}: exists and is not a socket", .0.display())]
     NotSocket(PathBuf),
+    /// `--listen unix:PATH` names a socket another process accepts connections on.
+    #[error("--listen unix:{}: another process accepts connections on it; stop it, or listen elsewhere", .0.display())]
+    SocketInUse(PathBuf),
     /// The listener could not be bound.
     #[error("--listen {listen}: {source}")]
     Bind {
@@ -263,12 +266,13 @@ pub fn run(args: &ServeArgs) -> Result<u8, ServeError> {
         .enable_all()
         .build()
         .map_err(ServeError::Runtime)?;
+    // The store first: its lock keeps a second agent from touching the first's socket too.
+    let store = Store::open(&state_dir)?;
+    info!(store = %state_dir.display(), "function store opened");
     let listener = runtime.block_on(bind(&listen))?;
     // Setup is done once the listener is bound: from here on, every thread runs under the
     // syscall allow-list, before any guest runs (the store's functions start in the next step).
     crate::confine(&args.seccomp)?;
-    let store = Store::open(&state_dir)?;
-    info!(store = %state_dir.display(), "function store opened");
     let operator = Operator {
         defaults,
         services: args.services.iter().cloned().collect(),
@@ -323,11 +327,16 @@ async fn bind(listen: &Listen) -> Result<Listener, ServeError> {
         }
         Listen::Unix(path) => {
             use std::os::unix::fs::{FileTypeExt, PermissionsExt};
-            // A socket left by an earlier run is replaced; any other file is not.
+            // A socket left by an earlier run is replaced; a live one, or any other file, is not.
             let failed = |source| ServeError::Bind { listen: format!("unix:{}", path.display()), source };
             if let Ok(meta) = std::fs::symlink_metadata(&path) {
                 if !meta.file_type().is_socket() {
                     return Err(ServeError::NotSocket(path));
+                }
+                match std::os::unix::net::UnixStream::connect(&path) {
+                    Ok(_) => return Err(ServeError::SocketInUse(path)),
+                    Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
+                    Err(e) => return Err(failed(e)),
                 }
                 std::fs::remove_file(&path).map_err(failed)?;
             }
@@ -339,6 +348,25 @@ async fn bind(listen: &Listen) -> Result<Listener, ServeError> {
     })
 }
 
+/// The accept loop's failures, logged at most once a second with how many were not: out of
+/// descriptors, it fails every 10 ms until a connection closes.
+#[derive(Default)]
+struct AcceptFailures {
+    logged: Option<Instant>,
+    unlogged: u64,
+}
+
+impl AcceptFailures {
+    fn note(&mut self, error: &std::io::Error) {
+        if self.logged.is_some_and(|at| at.elapsed() < Duration::from_secs(1)) {
+            self.unlogged += 1;
+            return;
+        }
+        warn!(%error, also_failed = self.unlogged, "accepting a connection failed");
+        (self.logged, self.unlogged) = (Some(Instant::now()), 0);
+    }
+}
+
 /// Serves the API on `listener` until a signal, then lets in-flight requests finish for up to
 /// `grace`. A client that takes longer than `read_timeout` to send its request's headers loses
 /// its connection.
@@ -347,6 +375,7 @@ async fn serve(listener: Listener, api: Arc<Api>, grace: Duration, read_timeout:
     let router = api::router(api);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut stop = std::pin::pin!(stop);
+    let mut failed = AcceptFailures::default();
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -358,7 +387,7 @@ async fn serve(listener: Listener, api: Arc<Api>, grace: Duration, read_timeout:
             // Running out of descriptors, or a connection reset before it was accepted: the
             // listener itself is fine.
             Err(error) => {
-                warn!(%error, "accepting a connection failed");
+                failed.note(&error);
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
         }

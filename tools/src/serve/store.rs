@@ -39,6 +39,9 @@ pub enum StoreError {
         /// What failed.
         source: rusqlite::Error,
     },
+    /// Another `thaw serve` holds the state directory.
+    #[error("another thaw serve uses the state directory {} (it holds the lock on {}); stop it, or give this one its own --state-dir", .0.display(), .0.join(LOCK_FILE).display())]
+    Locked(PathBuf),
     /// The database holds something this thaw cannot read.
     #[error("{path}: {detail}")]
     Corrupt {
@@ -65,10 +68,42 @@ pub struct Record {
 /// The schema this thaw writes (SQLite's `user_version`).
 const SCHEMA_VERSION: i64 = 1;
 
+/// The file in the state directory whose lock says one agent uses it.
+const LOCK_FILE: &str = "lock";
+
 /// The store.
 pub struct Store {
     root: PathBuf,
     db: Mutex<Connection>,
+    /// Locked for as long as the store is open (`flock`, released when the process ends).
+    _lock: std::fs::File,
+}
+
+/// Takes the state directory `root`'s lock, without waiting: [`StoreError::Locked`] if another
+/// process holds it.
+fn lock(root: &Path) -> Result<std::fs::File, StoreError> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = root.join(LOCK_FILE);
+    let io = |source| StoreError::Io { path: path.clone(), source };
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(&path)
+        .map_err(io)?;
+    // SAFETY: flock on a descriptor this function owns; it touches no memory.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let error = std::io::Error::last_os_error();
+        if error.kind() == std::io::ErrorKind::WouldBlock {
+            return Err(StoreError::Locked(root.to_path_buf()));
+        }
+        return Err(io(error));
+    }
+    Ok(file)
 }
 
 /// True for a version: 64 lower-case hex digits.
@@ -77,7 +112,9 @@ pub fn is_version(text: &str) -> bool {
 }
 
 impl Store {
-    /// Opens (creating if needed) the store under `root`, and empties its `tmp/`.
+    /// Opens (creating if needed) the store under `root`, and empties its `tmp/`. Only one
+    /// process at a time has it open: another's rows and images would be overwritten and
+    /// collected under it.
     pub fn open(root: &Path) -> Result<Self, StoreError> {
         let io = |path: &Path| {
             let path = path.to_path_buf();
@@ -86,6 +123,7 @@ impl Store {
         for dir in [root.to_path_buf(), root.join("images"), root.join("tmp")] {
             std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir).map_err(io(&dir))?;
         }
+        let lock = lock(root)?;
         let tmp = root.join("tmp");
         for entry in std::fs::read_dir(&tmp).map_err(io(&tmp))? {
             let path = entry.map_err(io(&tmp))?.path();
@@ -121,7 +159,7 @@ impl Store {
                 });
             }
         }
-        Ok(Self { root: root.to_path_buf(), db: Mutex::new(db) })
+        Ok(Self { root: root.to_path_buf(), db: Mutex::new(db), _lock: lock })
     }
 
     fn db(&self) -> std::sync::MutexGuard<'_, Connection> {
@@ -289,7 +327,24 @@ mod tests {
         let error = store.records().unwrap_err().to_string();
         assert!(error.ends_with(r#"function "evil" has version "../../etc/passwd", not a SHA-256"#), "{error}");
         db.pragma_update(None, "user_version", 7).unwrap();
+        drop(store);
         let error = Store::open(dir.path()).err().unwrap().to_string();
         assert!(error.ends_with("schema version 7, from a newer thaw (this one reads 1)"), "{error}");
+    }
+
+    /// Issue 28, defect 5: a second agent on the same state directory is refused before it
+    /// touches anything (here the first's scratch file), with one line; it may start once the
+    /// first has closed the store.
+    #[test]
+    fn one_process_at_a_time_has_the_store_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = Store::open(dir.path()).unwrap();
+        std::fs::write(first.scratch().join("being-made"), b"x").unwrap();
+        let error = Store::open(dir.path()).err().unwrap().to_string();
+        assert!(error.starts_with("another thaw serve uses the state directory"), "{error}");
+        assert!(error.contains(&format!("{}/lock", dir.path().display())), "{error}");
+        assert!(first.scratch().join("being-made").exists(), "the refused agent emptied the first's tmp/");
+        drop(first);
+        Store::open(dir.path()).unwrap();
     }
 }
