@@ -135,7 +135,7 @@ impl Instance {
         let (outcome, _) = self.vm.run(
             output,
             &mut self.mailbox,
-            self.config.timeout,
+            self.config.ready_timeout,
             CheckpointMode::Continue,
             &mut BootTimings::default(),
         )?;

@@ -917,3 +917,32 @@ fn two_agents_never_share_a_state_directory_or_a_socket() {
     let answer = unix_request(&socket, "POST", "/v1/functions/hello/invoke", br#"{"name": "still"}"#);
     assert!(answer.ends_with("{\"greeting\":\"Hello, still!\"}\n"), "{answer}");
 }
+
+/// Issue 28, defect 3: a request's limit bounds requests, not readying a VM, so a function
+/// with a 1 ms limit still serves after a restart; the deploy's init limit is a setting.
+#[test]
+fn a_request_limit_does_not_bound_readying_and_the_init_limit_is_a_setting() {
+    let state = tempfile::tempdir().unwrap();
+    let server = Server::start(state.path(), &[]);
+    let hello = example("hello");
+    for mode in ["reset", "pool"] {
+        let deployed = put(&format!("{}?mode={mode}&timeout_ms=1", server.functions(mode)), &hello);
+        assert_eq!(deployed.status, 201, "{mode}: {}", deployed.body);
+    }
+    let heavy = example("heavy-init");
+    let cut_short = put(&format!("{}?init_timeout_ms=1", server.functions("heavy")), &heavy);
+    assert_eq!(cut_short.status, 422, "{}", cut_short.body);
+    assert!(cut_short.body.contains("timed out"), "{}", cut_short.body);
+    let refused = put(&format!("{}?init_timeout_ms=0", server.functions("heavy")), &heavy);
+    assert_eq!(refused.status, 400, "{}", refused.body);
+    let deployed = put(&format!("{}?init_timeout_ms=30000", server.functions("heavy")), &heavy);
+    assert_eq!(deployed.status, 201, "{}", deployed.body);
+    assert!(deployed.body.contains(r#""init_timeout_ms":30000"#), "{}", deployed.body);
+    server.kill();
+
+    let server = Server::start(state.path(), &[]);
+    for name in ["reset", "pool", "heavy"] {
+        let shown = get(&server.functions(name));
+        assert!(shown.body.contains(r#""state":"serving""#), "{name}: {}\n{}", shown.body, server.log());
+    }
+}

@@ -11,8 +11,13 @@ use crate::virtio::Backends;
 pub struct VmConfig {
     /// Guest memory in MiB.
     pub memory_mib: u64,
-    /// Wall-clock limit for the run, from the first `KVM_RUN`.
+    /// Wall-clock limit for the run, from the first `KVM_RUN`: a boot with its init, or one
+    /// request.
     pub timeout: Duration,
+    /// Wall-clock limit for readying a restored VM: resuming it from its checkpoint until it
+    /// waits for its request ([`Instance::park`](crate::Instance::park)). A request's own limit
+    /// may be far shorter than that takes.
+    pub ready_timeout: Duration,
     /// Bytes to load as the kernel's ramdisk.
     pub ramdisk: Option<Vec<u8>>,
     /// Requests to hand the guest through the invoke mailbox, in order.
@@ -38,6 +43,7 @@ impl Default for VmConfig {
         Self {
             memory_mib: 64,
             timeout: Duration::from_secs(10),
+            ready_timeout: Duration::from_secs(10),
             ramdisk: None,
             requests: Vec::new(),
             measure_memory: false,

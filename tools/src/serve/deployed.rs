@@ -22,7 +22,7 @@ use super::logs::Capture;
 use super::metrics::FunctionMetrics;
 use super::settings::Serving;
 
-/// How long a new version may take to ready its VMs.
+/// How long a new version may take to ready its VMs, at least (its init limit, if longer).
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Why a version could not start, or a request got no answer from its VM.
@@ -34,9 +34,9 @@ pub enum DeployedError {
     /// A VM could not be readied for the version.
     #[error("readying a VM: {0}")]
     Ready(VmmError),
-    /// The VMs took longer than [`READY_TIMEOUT`].
-    #[error("the VMs were not ready within {} s", READY_TIMEOUT.as_secs())]
-    NotReady,
+    /// The VMs took longer than this to be ready.
+    #[error("the VMs were not ready within {} s", .0.as_secs())]
+    NotReady(Duration),
     /// The vCPU thread ended before it answered.
     #[error("the vCPU thread serving it ended")]
     ThreadEnded,
@@ -103,7 +103,12 @@ impl Deployed {
         metrics: Arc<FunctionMetrics>,
         retired: Retired,
     ) -> Result<Self, DeployedError> {
-        let mut config = VmConfig { timeout: Duration::from_millis(serving.timeout_ms), ..VmConfig::default() };
+        let init_timeout = Duration::from_millis(serving.init_timeout_ms);
+        let mut config = VmConfig {
+            timeout: Duration::from_millis(serving.timeout_ms),
+            ready_timeout: init_timeout,
+            ..VmConfig::default()
+        };
         config.backends.services = services;
         let lanes = Lanes::start(image, config, serving.mode, serving.pool)?;
         let (queue, jobs) = mpsc::sync_channel(serving.queue);
@@ -130,16 +135,17 @@ impl Deployed {
             threads,
             retired,
         };
-        let deadline = Instant::now() + READY_TIMEOUT;
+        let within = init_timeout.max(READY_TIMEOUT);
+        let deadline = Instant::now() + within;
         for _ in 0..serving.concurrency {
             match readied.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
                 Ok(Ok(())) => {}
                 Ok(Err(error)) => return Err(DeployedError::Ready(error)),
-                Err(_) => return Err(DeployedError::NotReady),
+                Err(_) => return Err(DeployedError::NotReady(within)),
             }
         }
         lanes.fill(1, deadline.saturating_duration_since(Instant::now())).map_err(|e| match e {
-            VmmError::PoolSlow(_) => DeployedError::NotReady,
+            VmmError::PoolSlow(_) => DeployedError::NotReady(within),
             e => DeployedError::Ready(e),
         })?;
         Ok(deployed)

@@ -57,6 +57,10 @@ pub struct ServeArgs {
     /// Default wall-clock limit per request in milliseconds; past it, 504 (?timeout_ms=).
     #[arg(long, value_name = "MS", default_value_t = 10_000)]
     timeout_ms: u64,
+    /// Default wall-clock limit in milliseconds for a deploy's cold boot and init, and for
+    /// readying each VM restored from its snapshot; past it, the deploy fails (?init_timeout_ms=).
+    #[arg(long, value_name = "MS", default_value_t = 60_000)]
+    init_timeout_ms: u64,
     /// Largest deploy upload, in MiB.
     #[arg(long, value_name = "MIB", default_value_t = 256)]
     max_upload_mib: usize,
@@ -235,12 +239,13 @@ pub fn run(args: &ServeArgs) -> Result<u8, ServeError> {
         concurrency: args.concurrency,
         queue: args.queue,
         timeout_ms: args.timeout_ms,
+        init_timeout_ms: args.init_timeout_ms,
         ..Serving::default()
     };
     // The defaults pass the same checks a deploy's parameters do.
     let query = format!(
-        "pool={}&concurrency={}&queue={}&timeout_ms={}",
-        args.pool, args.concurrency, args.queue, args.timeout_ms
+        "pool={}&concurrency={}&queue={}&timeout_ms={}&init_timeout_ms={}",
+        args.pool, args.concurrency, args.queue, args.timeout_ms, args.init_timeout_ms
     );
     settings::parse(&query, &defaults).map_err(ServeError::Defaults)?;
     let token = match &args.admin_token_file {

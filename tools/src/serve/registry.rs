@@ -24,9 +24,6 @@ use super::store::{Record, Store, StoreError};
 use crate::files::FilesError;
 use crate::snapshot::SnapshotError;
 
-/// Wall-clock limit for a deploy's cold boot and init.
-const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(60);
-
 /// Why a deploy or a delete failed, or a function cannot serve. `api.rs` gives each its HTTP
 /// status.
 #[derive(Debug, thiserror::Error)]
@@ -289,7 +286,7 @@ impl Registry {
         let mut made = None;
         let _changing = loop {
             if made.is_none() && !image_path.exists() {
-                let snapshot = self.snapshot(Arc::clone(&function), &version, &serving.devices, services.clone());
+                let snapshot = self.snapshot(Arc::clone(&function), &version, &serving, services.clone());
                 made = Some(snapshot.await?);
             }
             let changing = self.changing.lock().await;
@@ -331,16 +328,17 @@ impl Registry {
         Ok((if existed { Deployment::Updated } else { Deployment::Created }, shown))
     }
 
-    /// Cold-boots `function` with the extra `devices` and its `services`, and snapshots it
-    /// after init with its working set, in a new directory in the store's scratch space.
+    /// Cold-boots `function` with `serving`'s extra devices and its `services`, within its
+    /// init limit, and snapshots it after init with its working set, in a new directory in the store's scratch space.
     /// Returns the directory (removed when dropped) and the image in it.
     async fn snapshot(
         &self,
         function: Arc<Function>,
         version: &str,
-        devices: &[String],
+        serving: &Serving,
         services: Services,
     ) -> Result<(tempfile::TempDir, PathBuf), RegistryError> {
+        let init_timeout = Duration::from_millis(serving.init_timeout_ms);
         let scratch = self.store.scratch();
         let dir = tempfile::Builder::new()
             .prefix(&format!("{}-", short(version)))
@@ -349,7 +347,7 @@ impl Registry {
         let (bundle_path, image_path) = (dir.path().join("function.thaw"), dir.path().join("image.snap"));
         let made = image_path.clone();
         let name = function.manifest.name.clone();
-        let devices: Vec<DeviceKind> = devices.iter().filter_map(|d| DeviceKind::from_name(d)).collect();
+        let devices: Vec<DeviceKind> = serving.devices.iter().filter_map(|d| DeviceKind::from_name(d)).collect();
         let status = blocking(move || -> Result<_, SnapshotError> {
             // The bundle file backs the data volume's block device during the cold boot.
             std::fs::write(&bundle_path, &function.bundle)
@@ -358,7 +356,7 @@ impl Registry {
             config.backends.services = services;
             crate::devices::add_function_devices(&mut config, &function, &bundle_path)?;
             let sample = function.manifest.sample_request.clone().unwrap_or_default();
-            crate::snapshot::snapshot_function(&function, &made, SNAPSHOT_TIMEOUT, config, Some(sample))
+            crate::snapshot::snapshot_function(&function, &made, init_timeout, config, Some(sample))
         })
         .await?
         // The scratch directory's name is the store's business, not the client's.

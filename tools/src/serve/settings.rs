@@ -26,7 +26,7 @@ pub enum SettingsError {
     },
     /// A parameter no deploy takes.
     #[error(
-        "query parameter {0:?} is not a deploy setting (mode, pool, concurrency, queue, timeout_ms, devices, memory, fuel, env, arg, connect)"
+        "query parameter {0:?} is not a deploy setting (mode, pool, concurrency, queue, timeout_ms, init_timeout_ms, devices, memory, fuel, env, arg, connect)"
     )]
     Unknown(String),
     /// A packing parameter given with a bundle, which carries its own.
@@ -50,6 +50,10 @@ pub struct Serving {
     pub queue: usize,
     /// Wall-clock limit per request, in milliseconds; past it the request gets 504.
     pub timeout_ms: u64,
+    /// Wall-clock limit for the deploy's cold boot and init, and for readying each VM restored
+    /// from its snapshot (a request's limit may be far shorter), in milliseconds.
+    #[serde(default = "default_init_timeout_ms")]
+    pub init_timeout_ms: u64,
     /// Devices its VMs have beyond those its bundle implies (`entropy`). They are taken into
     /// its snapshot, so they are part of its version.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -68,10 +72,16 @@ impl Default for Serving {
             concurrency: 2,
             queue: 64,
             timeout_ms: 10_000,
+            init_timeout_ms: default_init_timeout_ms(),
             devices: Vec::new(),
             services: BTreeMap::new(),
         }
     }
+}
+
+/// The init limit of a function stored before it was a setting: the 60 s it had then.
+fn default_init_timeout_ms() -> u64 {
+    60_000
 }
 
 /// What a bare `.wasm` is packed with; unset values take `thaw pack`'s defaults.
@@ -151,9 +161,8 @@ pub fn parse(query: &str, defaults: &Serving) -> Result<(Serving, Packing), Sett
             "pool" => serving.pool = count(MAX_VMS, 1)?,
             "concurrency" => serving.concurrency = count(MAX_VMS, 1)?,
             "queue" => serving.queue = count(MAX_QUEUE, 0)?,
-            "timeout_ms" => {
-                serving.timeout_ms = count(MAX_TIMEOUT_MS as usize, 1)? as u64;
-            }
+            "timeout_ms" => serving.timeout_ms = count(MAX_TIMEOUT_MS as usize, 1)? as u64,
+            "init_timeout_ms" => serving.init_timeout_ms = count(MAX_TIMEOUT_MS as usize, 1)? as u64,
             "memory" => {
                 packing.memory_mib =
                     Some(value.parse().ok().filter(|m| *m >= 1).ok_or_else(|| invalid("a number of MiB"))?)
@@ -194,10 +203,18 @@ mod tests {
     #[test]
     fn parameters_override_the_defaults_and_repeat_where_they_are_lists() {
         let (serving, packing) =
-            parse("mode=pool&pool=3&queue=0&timeout_ms=2500&env=A%3D1&env=B=2&arg=x&memory=32&connect=db=5000&devices=entropy,entropy", &Serving::default())
+            parse("mode=pool&pool=3&queue=0&timeout_ms=2500&init_timeout_ms=90000&env=A%3D1&env=B=2&arg=x&memory=32&connect=db=5000&devices=entropy,entropy", &Serving::default())
                 .unwrap();
         let devices = vec!["entropy".to_string()];
-        let expected = Serving { mode: Mode::Pool, pool: 3, queue: 0, timeout_ms: 2500, devices, ..Serving::default() };
+        let expected = Serving {
+            mode: Mode::Pool,
+            pool: 3,
+            queue: 0,
+            timeout_ms: 2500,
+            init_timeout_ms: 90_000,
+            devices,
+            ..Serving::default()
+        };
         assert_eq!(serving, expected);
         assert_eq!(packing.connections, [Connection { name: "db".into(), port: 5000 }]);
         assert_eq!(packing.env, ["A=1", "B=2"]);
@@ -213,6 +230,10 @@ mod tests {
         assert_eq!(error("mode=warm"), r#"query parameter mode="warm": one of reset, pool, fresh"#);
         assert_eq!(error("concurrency=0"), r#"query parameter concurrency="0": a whole number from 1 to 64"#);
         assert_eq!(error("timeout_ms=-1"), r#"query parameter timeout_ms="-1": a whole number from 1 to 3600000"#);
+        assert_eq!(
+            error("init_timeout_ms=0"),
+            r#"query parameter init_timeout_ms="0": a whole number from 1 to 3600000"#
+        );
         assert_eq!(error("env=NOEQUALS"), r#"query parameter env="NOEQUALS": K=V"#);
         assert!(error("path=../../etc").starts_with(r#"query parameter "path" is not a deploy setting"#));
         assert!(error("devices=console").starts_with(r#"query parameter devices="console": a list of: entropy"#));
