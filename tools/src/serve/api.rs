@@ -12,6 +12,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::json;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 #[cfg(test)]
 use abi::params::InstanceId;
@@ -111,8 +112,8 @@ fn origin_is_loopback(origin: &str) -> bool {
     origin.split_once("://").is_some_and(|(_, authority)| is_loopback_host(authority))
 }
 
-/// Caps on request bodies.
-#[derive(Debug, Clone, Copy)]
+/// Caps on request bodies, each and all together.
+#[derive(Debug, Clone)]
 pub struct Limits {
     /// A deploy's upload, in bytes.
     pub upload: usize,
@@ -120,6 +121,25 @@ pub struct Limits {
     pub request: usize,
     /// How long a body may take to arrive.
     pub read_timeout: Duration,
+    /// The invocation bodies held at once across all connections, in KiB: each reserves its
+    /// declared length (or the cap, when it declares none) before it is read.
+    pub requests_held: Arc<Semaphore>,
+    /// Uploads read at once: one.
+    pub uploads_held: Arc<Semaphore>,
+}
+
+impl Limits {
+    /// Limits of `upload` and `request` bytes each, and `held` bytes of requests together.
+    pub fn new(upload: usize, request: usize, held: usize, read_timeout: Duration) -> Self {
+        let kib = u32::try_from(held.div_ceil(1024)).unwrap_or(u32::MAX).min(Semaphore::MAX_PERMITS as u32);
+        Self {
+            upload,
+            request,
+            read_timeout,
+            requests_held: Arc::new(Semaphore::new(kib as usize)),
+            uploads_held: Arc::new(Semaphore::new(1)),
+        }
+    }
 }
 
 /// What the handlers share.
@@ -183,33 +203,69 @@ struct Refusal(StatusCode, String);
 
 impl IntoResponse for Refusal {
     fn into_response(self) -> Response {
-        error(self.0, self.1)
+        let mut response = error(self.0, self.1);
+        // Busy, not wrong: the same request may pass in a moment.
+        if matches!(self.0, StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE) {
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        response
     }
+}
+
+/// 429 for a function whose queue is full.
+fn queue_full(name: &str, deployed: &super::deployed::Deployed) -> Refusal {
+    Refusal(StatusCode::TOO_MANY_REQUESTS, format!("{name}: its queue of {} requests is full", deployed.serving.queue))
 }
 
 fn bad_name(name: &str) -> Refusal {
     Refusal(StatusCode::BAD_REQUEST, format!("{name:?} is not a function name: 1 to 64 of A-Z a-z 0-9 . _ -"))
 }
 
-/// Most of a refused request's body the server still reads, so that a client that sends its
-/// whole body before reading the answer gets the answer rather than a reset connection.
+/// Most of a refused request's body the server still reads (and drops), so that a client that
+/// sends its whole body before reading the answer gets the answer rather than a reset
+/// connection.
 const DRAIN_BYTES: usize = 1 << 20;
 
-/// `refusal`, after reading what `body` sends within `timeout`, up to [`DRAIN_BYTES`].
+/// `refusal`, after [`drain`]ing `body`.
 async fn refuse(refusal: Refusal, body: Body, timeout: Duration) -> Response {
-    let _ = tokio::time::timeout(timeout, axum::body::to_bytes(body, DRAIN_BYTES)).await;
+    drain(body, timeout).await;
     refusal.into_response()
 }
 
-/// Reads `body` whole: 413 when it is (or says it is) larger than `cap`, 408 when it takes longer
-/// than `timeout` to arrive, 400 when the connection fails under it.
+/// Reads and drops what `body` sends within `timeout`, up to [`DRAIN_BYTES`]: nothing of it is
+/// kept.
+async fn drain(mut body: Body, timeout: Duration) {
+    use http_body_util::BodyExt as _;
+    let drain = async {
+        let mut read = 0;
+        while read < DRAIN_BYTES {
+            match body.frame().await {
+                Some(Ok(frame)) => read += frame.data_ref().map_or(0, Bytes::len),
+                _ => break,
+            }
+        }
+    };
+    let _ = tokio::time::timeout(timeout, drain).await;
+}
+
+/// A body read whole, and its share of the server's budget for bodies, held as long as the body
+/// is.
+struct Held {
+    bytes: Bytes,
+    _budget: OwnedSemaphorePermit,
+}
+
+/// Reads `body` whole, once `budget` grants `permits` of it at once: 503 when it cannot (the
+/// server holds as many bodies as it takes), 413 when the body is (or says it is) larger than
+/// `cap`, 408 when it takes longer than `timeout` to arrive, 400 when the connection fails under
+/// it.
 async fn read_body(
     headers: &HeaderMap,
     body: Body,
     what: &str,
-    cap: usize,
-    timeout: Duration,
-) -> Result<Bytes, Refusal> {
+    (cap, timeout): (usize, Duration),
+    (budget, permits): (&Arc<Semaphore>, u32),
+) -> Result<Held, Refusal> {
     let too_large =
         || Refusal(StatusCode::PAYLOAD_TOO_LARGE, format!("the {what} is larger than the {cap}-byte limit"));
     let declared =
@@ -217,6 +273,12 @@ async fn read_body(
     if declared.is_some_and(|len| len > cap as u64) {
         return Err(too_large());
     }
+    let Ok(budget) = Arc::clone(budget).try_acquire_many_owned(permits) else {
+        return Err(Refusal(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("the server is reading as many {what}s as it holds at once; retry"),
+        ));
+    };
     match tokio::time::timeout(timeout, axum::body::to_bytes(body, cap)).await {
         Err(_) => Err(Refusal(
             StatusCode::REQUEST_TIMEOUT,
@@ -226,8 +288,16 @@ async fn read_body(
             Ok(_) => Err(too_large()),
             Err(error) => Err(Refusal(StatusCode::BAD_REQUEST, format!("reading the {what}: {error}"))),
         },
-        Ok(Ok(bytes)) => Ok(bytes),
+        Ok(Ok(bytes)) => Ok(Held { bytes, _budget: budget }),
     }
+}
+
+/// The KiB of the request budget a body reserves: its declared length, or `cap` when it
+/// declares none (a chunked body), at least 1.
+fn reserved_kib(headers: &HeaderMap, cap: usize) -> u32 {
+    let declared =
+        headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<usize>().ok());
+    u32::try_from(declared.unwrap_or(cap).min(cap).div_ceil(1024).max(1)).unwrap_or(u32::MAX)
 }
 
 async fn metrics(State(api): State<Arc<Api>>) -> Response {
@@ -262,11 +332,13 @@ async fn deploy(
     if !is_name(&name) {
         return refuse(bad_name(&name), upload, api.limits.read_timeout).await;
     }
-    let upload = match read_body(&headers, upload, "upload", api.limits.upload, api.limits.read_timeout).await {
+    let limits = &api.limits;
+    let budget = (&limits.uploads_held, 1);
+    let upload = match read_body(&headers, upload, "upload", (limits.upload, limits.read_timeout), budget).await {
         Ok(upload) => upload,
         Err(refused) => return refused.into_response(),
     };
-    match api.registry.deploy(&name, Vec::from(upload), query.as_deref().unwrap_or("")).await {
+    match api.registry.deploy(&name, Vec::from(upload.bytes), query.as_deref().unwrap_or("")).await {
         Ok((deployment, view)) => {
             let status = if deployment == Deployment::Created { StatusCode::CREATED } else { StatusCode::OK };
             (status, axum::Json(json!({ "deployment": deployment, "function": view }))).into_response()
@@ -344,25 +416,32 @@ async fn invoke(State(api): State<Arc<Api>>, Path(name): Path<String>, headers: 
     if !is_name(&name) {
         return refuse(bad_name(&name), request, api.limits.read_timeout).await;
     }
-    let request = match read_body(&headers, request, "request", api.limits.request, api.limits.read_timeout).await {
+    // The route, the function and its queue decide before a byte of the body is read.
+    let read_timeout = api.limits.read_timeout;
+    let deployed = match api.registry.serving(&name) {
+        Ok(Some(deployed)) => deployed,
+        Ok(None) => {
+            let missing = Refusal(StatusCode::NOT_FOUND, format!("no function {name:?} is deployed"));
+            return refuse(missing, request, read_timeout).await;
+        }
+        Err(why) => {
+            drain(request, read_timeout).await;
+            // Failed until it is deployed again, not busy: no Retry-After.
+            return error(StatusCode::SERVICE_UNAVAILABLE, format!("{name} cannot serve: {why}"));
+        }
+    };
+    if deployed.queue_full() {
+        return refuse(queue_full(&name, &deployed), request, read_timeout).await;
+    }
+    let limits = &api.limits;
+    let budget = (&limits.requests_held, reserved_kib(&headers, limits.request));
+    let request = match read_body(&headers, request, "request", (limits.request, limits.read_timeout), budget).await {
         Ok(request) => request,
         Err(refused) => return refused.into_response(),
     };
-    let deployed = match api.registry.serving(&name) {
-        Ok(Some(deployed)) => deployed,
-        Ok(None) => return error(StatusCode::NOT_FOUND, format!("no function {name:?} is deployed")),
-        Err(why) => return error(StatusCode::SERVICE_UNAVAILABLE, format!("{name} cannot serve: {why}")),
-    };
-    let answer = match deployed.submit(Vec::from(request)) {
+    let answer = match deployed.submit(Vec::from(request.bytes)) {
         Ok(answer) => answer,
-        Err(Rejected::Full) => {
-            let mut response = error(
-                StatusCode::TOO_MANY_REQUESTS,
-                format!("{name}: its queue of {} requests is full", deployed.serving.queue),
-            );
-            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-            return response;
-        }
+        Err(Rejected::Full) => return queue_full(&name, &deployed).into_response(),
         Err(Rejected::Closed) => return error(StatusCode::SERVICE_UNAVAILABLE, format!("{name} is shutting down")),
     };
     let answer = answer.await.unwrap_or(Err(DeployedError::ThreadEnded));

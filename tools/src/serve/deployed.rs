@@ -173,6 +173,14 @@ impl Deployed {
         }
     }
 
+    /// True when its queue is full, so that a request would get 429 and its body need not be
+    /// read. An early answer only: [`Deployed::submit`] decides. A queue of 0 (a request is
+    /// taken only by a thread that waits for one) is never full here.
+    pub fn queue_full(&self) -> bool {
+        let queued = usize::try_from(self.metrics.queued.load(Ordering::Relaxed)).unwrap_or(0);
+        self.serving.queue > 0 && queued >= self.serving.queue
+    }
+
     /// VMs alive for its function now: those vCPU threads hold, and this version's pool's.
     pub fn live_vms(&self) -> u64 {
         let pooled =

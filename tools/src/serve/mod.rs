@@ -67,6 +67,15 @@ pub struct ServeArgs {
     /// Largest invocation request, in MiB (the guest takes at most 16).
     #[arg(long, value_name = "MIB", default_value_t = 16)]
     max_request_mib: usize,
+    /// Invocation bodies held at once across all connections, in MiB: each reserves its
+    /// declared length before it is read, and one that does not fit gets 503 with Retry-After.
+    /// Uploads are read one at a time besides.
+    #[arg(long, value_name = "MIB", default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=65_536))]
+    max_held_mib: u64,
+    /// Connections open at once; past it, new ones wait in the listen backlog until one
+    /// closes. Each holds at most 64 KiB of request headers.
+    #[arg(long, value_name = "N", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    max_connections: u32,
     /// A file holding the token that deploy and delete must carry (Authorization: Bearer).
     /// Without it they are taken only on a loopback address or a Unix socket.
     #[arg(long, value_name = "FILE")]
@@ -293,15 +302,19 @@ pub fn run(args: &ServeArgs) -> Result<u8, ServeError> {
     let api = Arc::new(Api {
         registry,
         admin: Admin { token, exposure },
-        limits: Limits {
-            upload: args.max_upload_mib << 20,
-            request: args.max_request_mib << 20,
-            read_timeout: Duration::from_secs(args.read_timeout),
-        },
+        limits: Limits::new(
+            args.max_upload_mib << 20,
+            args.max_request_mib << 20,
+            usize::try_from(args.max_held_mib << 20).unwrap_or(usize::MAX),
+            Duration::from_secs(args.read_timeout),
+        ),
     });
     let grace = Duration::from_secs(args.grace);
-    let read_timeout = Duration::from_secs(args.read_timeout);
-    runtime.block_on(serve(listener, Arc::clone(&api), grace, read_timeout))?;
+    let connections = Connections {
+        read_timeout: Duration::from_secs(args.read_timeout),
+        open: Arc::new(tokio::sync::Semaphore::new(args.max_connections as usize)),
+    };
+    runtime.block_on(serve(listener, Arc::clone(&api), grace, connections))?;
     // Every version stops taking requests; its threads serve what is queued and destroy their VMs.
     api.registry.stop_all();
     drop(api);
@@ -372,23 +385,41 @@ impl AcceptFailures {
     }
 }
 
+/// How connections are held: how many at once, and how long a client may take to send its
+/// headers.
+struct Connections {
+    read_timeout: Duration,
+    /// One permit per open connection (`--max-connections`).
+    open: Arc<tokio::sync::Semaphore>,
+}
+
+/// Most bytes of request headers a connection buffers; past it, 431.
+const MAX_HEADER_BYTES: usize = 64 << 10;
+
 /// Serves the API on `listener` until a signal, then lets in-flight requests finish for up to
-/// `grace`. A client that takes longer than `read_timeout` to send its request's headers loses
-/// its connection.
-async fn serve(listener: Listener, api: Arc<Api>, grace: Duration, read_timeout: Duration) -> Result<(), ServeError> {
+/// `grace`. At most `connections.open` connections are open at once; a client that takes longer
+/// than `connections.read_timeout` to send its request's headers loses its connection.
+async fn serve(listener: Listener, api: Arc<Api>, grace: Duration, connections: Connections) -> Result<(), ServeError> {
     let stop = stop_signal().map_err(ServeError::Signals)?;
     let router = api::router(api);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut stop = std::pin::pin!(stop);
     let mut failed = AcceptFailures::default();
+    let read_timeout = connections.read_timeout;
     loop {
+        // A free connection slot first: past the limit, clients wait in the listen backlog.
+        let slot = tokio::select! {
+            slot = Arc::clone(&connections.open).acquire_owned() => slot,
+            _ = &mut stop => break,
+        };
+        let Ok(slot) = slot else { break };
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
             _ = &mut stop => break,
         };
         match accepted {
-            Ok(Stream::Tcp(stream)) => serve_connection(stream, &router, &graceful, read_timeout),
-            Ok(Stream::Unix(stream)) => serve_connection(stream, &router, &graceful, read_timeout),
+            Ok(Stream::Tcp(stream)) => serve_connection(stream, &router, &graceful, read_timeout, slot),
+            Ok(Stream::Unix(stream)) => serve_connection(stream, &router, &graceful, read_timeout, slot),
             // Running out of descriptors, or a connection reset before it was accepted: the
             // listener itself is fine.
             Err(error) => {
@@ -439,12 +470,14 @@ impl Drop for Listener {
     }
 }
 
-/// Serves one connection (HTTP/1.1, keep-alive) on its own task, watched for a graceful shutdown.
+/// Serves one connection (HTTP/1.1, keep-alive) on its own task, watched for a graceful shutdown,
+/// holding its `slot` until it closes.
 fn serve_connection<S>(
     stream: S,
     router: &axum::Router,
     graceful: &hyper_util::server::graceful::GracefulShutdown,
     read_timeout: Duration,
+    slot: tokio::sync::OwnedSemaphorePermit,
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -452,11 +485,13 @@ fn serve_connection<S>(
     let connection = hyper::server::conn::http1::Builder::new()
         .timer(hyper_util::rt::TokioTimer::new())
         .header_read_timeout(read_timeout)
+        .max_buf_size(MAX_HEADER_BYTES)
         .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
     let connection = graceful.watch(connection);
     tokio::spawn(async move {
         // A client that hangs up or times out ends only its own connection.
         let _ = connection.await;
+        drop(slot);
     });
 }
 
