@@ -1001,6 +1001,7 @@ fn forty_unfinished_sixteen_mib_bodies_keep_the_agent_small() {
         *statuses.entry((target, status)).or_default() += 1;
     }
     drop(writers);
+    eprintln!("the agent's RSS: {before} MiB before, {now} MiB after, {peak} MiB at the peak; {statuses:?}");
     assert!(peak < 200, "{before} MiB before, {now} MiB after, {peak} MiB at the peak; {statuses:?}");
     assert_eq!(statuses.get(&("nope", "404".into())), Some(&40), "{statuses:?}");
     // At most four 16 MiB bodies fit the budget: they wait for the rest (no answer yet).
