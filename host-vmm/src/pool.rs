@@ -1,5 +1,8 @@
 //! The parked pool: VMs restored from one image and run until they wait for their request,
 //! kept ready by a background filler thread, so that a request pays only for its own handling.
+//! A VM the filler cannot ready (out of descriptors or memory for a moment) is counted, shown in
+//! [`PoolStats::failing`], and tried again after a backoff of 10 ms doubling to 2 s: one
+//! transient error never stops the pool.
 //!
 //! The filler restores and parks one VM at a time and hands it over a bounded channel: at most
 //! `size` VMs wait parked, plus the one being prepared. Keep `size` small: on PVM every live VM
@@ -36,6 +39,10 @@ pub struct PoolStats {
     pub destroyed: u64,
     /// Working-set pages the filled VMs' guests touched before parking, in all.
     pub warmed_pages: u64,
+    /// VMs the filler could not restore or park.
+    pub fill_failures: u64,
+    /// Why the filler's latest attempt failed, while it retries; `None` once one succeeds.
+    pub failing: Option<String>,
 }
 
 impl PoolStats {
@@ -60,6 +67,7 @@ struct Counters {
     restored_here_nanos: AtomicU64,
     destroyed: AtomicU64,
     warmed_pages: AtomicU64,
+    fill_failures: AtomicU64,
 }
 
 fn nanos(d: Duration) -> u64 {
@@ -72,7 +80,8 @@ pub struct Pool {
     parked: Option<Mutex<Receiver<Instance>>>,
     reaper: Option<Sender<Instance>>,
     stop: Arc<AtomicBool>,
-    failure: Arc<Mutex<Option<String>>>,
+    /// Why the filler's latest attempt failed, until one succeeds.
+    failing: Arc<Mutex<Option<String>>>,
     counters: Arc<Counters>,
     threads: Vec<JoinHandle<()>>,
 }
@@ -84,14 +93,20 @@ impl Pool {
         let (to_pool, parked) = mpsc::sync_channel(size.max(1));
         let (reaper, used) = mpsc::channel::<Instance>();
         let stop = Arc::new(AtomicBool::new(false));
-        let failure = Arc::new(Mutex::new(None));
+        let failing = Arc::new(Mutex::new(None));
         let counters = Arc::new(Counters::default());
         let spawn_error = VmmError::Threads;
         let filler = {
-            let (stop, failure, counters) = (Arc::clone(&stop), Arc::clone(&failure), Arc::clone(&counters));
+            let filler =
+                Filler { stop: Arc::clone(&stop), failing: Arc::clone(&failing), counters: Arc::clone(&counters) };
+            let ready = move || {
+                let mut instance = Instance::restore(&image, &config, Role::Ahead, &mut BootTimings::default())?;
+                instance.park(&mut std::io::sink())?;
+                Ok(instance)
+            };
             std::thread::Builder::new()
                 .name("thaw-pool-filler".into())
-                .spawn(move || fill(&image, &config, &to_pool, &stop, &failure, &counters))
+                .spawn(move || filler.run(ready, |instance| instance.vm().warmed_pages(), &to_pool))
                 .map_err(spawn_error)?
         };
         let reaper_thread = {
@@ -110,7 +125,7 @@ impl Pool {
             parked: Some(Mutex::new(parked)),
             reaper: Some(reaper),
             stop,
-            failure,
+            failing,
             counters,
             threads: vec![filler, reaper_thread],
         })
@@ -135,8 +150,8 @@ impl Pool {
     }
 
     fn stopped(&self) -> VmmError {
-        let failure = self.failure.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        VmmError::PoolStopped(failure.unwrap_or_else(|| "it exited".into()))
+        let failing = self.failing.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        VmmError::PoolStopped(failing.unwrap_or_else(|| "it exited".into()))
     }
 
     /// Counts a request that found none parked and got a VM restored on its own thread, in
@@ -165,36 +180,65 @@ impl Pool {
             restored_here_time: Duration::from_nanos(c.restored_here_nanos.load(Ordering::Relaxed)),
             destroyed: c.destroyed.load(Ordering::Relaxed),
             warmed_pages: c.warmed_pages.load(Ordering::Relaxed),
+            fill_failures: c.fill_failures.load(Ordering::Relaxed),
+            failing: self.failing.lock().unwrap_or_else(|p| p.into_inner()).clone(),
         }
     }
 }
 
-/// The filler's loop: restore, park, hand over, until the pool stops or a VM fails.
-fn fill(
-    image: &Arc<Image>,
-    config: &VmConfig,
-    to_pool: &SyncSender<Instance>,
-    stop: &AtomicBool,
-    failure: &Mutex<Option<String>>,
-    counters: &Counters,
-) {
-    while !stop.load(Ordering::Relaxed) {
-        let started = Instant::now();
-        let parked = Instance::restore(image, config, Role::Ahead, &mut BootTimings::default())
-            .and_then(|mut instance| instance.park(&mut std::io::sink()).map(|_| instance));
-        match parked {
-            Ok(instance) => {
-                counters.filled.fetch_add(1, Ordering::Relaxed);
-                counters.fill_nanos.fetch_add(nanos(started.elapsed()), Ordering::Relaxed);
-                counters.warmed_pages.fetch_add(instance.vm().warmed_pages(), Ordering::Relaxed);
-                if to_pool.send(instance).is_err() {
-                    return; // the pool is gone
+/// The first wait after a failed fill; it doubles after each failure in a row, up to
+/// [`MAX_BACKOFF`].
+const FIRST_BACKOFF: Duration = Duration::from_millis(10);
+/// The longest wait between failed fills.
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
+
+/// What the filler thread shares with its pool.
+struct Filler {
+    stop: Arc<AtomicBool>,
+    failing: Arc<Mutex<Option<String>>>,
+    counters: Arc<Counters>,
+}
+
+impl Filler {
+    /// The filler's loop: `ready` a VM (restored and parked), hand it over, until the pool stops
+    /// or is gone. A failure is counted and kept in `failing`, and `ready` is tried again after
+    /// a backoff; a success clears it. `warmed` says how many working-set pages a VM touched.
+    fn run<T>(
+        &self,
+        mut ready: impl FnMut() -> Result<T, VmmError>,
+        warmed: impl Fn(&T) -> u64,
+        to_pool: &SyncSender<T>,
+    ) {
+        let mut backoff = FIRST_BACKOFF;
+        while !self.stop.load(Ordering::Relaxed) {
+            let started = Instant::now();
+            match ready() {
+                Ok(vm) => {
+                    let c = &self.counters;
+                    c.filled.fetch_add(1, Ordering::Relaxed);
+                    c.fill_nanos.fetch_add(nanos(started.elapsed()), Ordering::Relaxed);
+                    c.warmed_pages.fetch_add(warmed(&vm), Ordering::Relaxed);
+                    *self.failing.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                    backoff = FIRST_BACKOFF;
+                    if to_pool.send(vm).is_err() {
+                        return; // the pool is gone
+                    }
+                }
+                Err(e) => {
+                    self.counters.fill_failures.fetch_add(1, Ordering::Relaxed);
+                    *self.failing.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
+                    self.wait(backoff);
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
                 }
             }
-            Err(e) => {
-                *failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
-                return;
-            }
+        }
+    }
+
+    /// Sleeps `time`, or less when the pool stops meanwhile.
+    fn wait(&self, time: Duration) {
+        let until = Instant::now() + time;
+        while !self.stop.load(Ordering::Relaxed) && Instant::now() < until {
+            std::thread::sleep(FIRST_BACKOFF.min(until.saturating_duration_since(Instant::now())));
         }
     }
 }
@@ -209,5 +253,52 @@ impl Drop for Pool {
         for thread in self.threads.drain(..) {
             let _ = thread.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue 28, defect 2: a filler that failed once (out of descriptors) stopped for good, and
+    /// every later request failed. Now it retries with a backoff, says why meanwhile, counts
+    /// the failures, and clears the reason once a VM is ready again.
+    #[test]
+    fn the_filler_retries_after_failures_and_says_why_meanwhile() {
+        let filler = Arc::new(Filler {
+            stop: Arc::new(AtomicBool::new(false)),
+            failing: Arc::new(Mutex::new(None)),
+            counters: Arc::new(Counters::default()),
+        });
+        let (to_pool, parked) = mpsc::sync_channel(1);
+        let (attempted, attempts) = mpsc::channel();
+        let thread = {
+            let filler = Arc::clone(&filler);
+            std::thread::spawn(move || {
+                let mut calls = 0u32;
+                let ready = move || {
+                    calls += 1;
+                    let _ = attempted.send(calls);
+                    if calls <= 3 {
+                        return Err(VmmError::Threads(std::io::Error::from_raw_os_error(libc::EMFILE)));
+                    }
+                    Ok(calls)
+                };
+                filler.run(ready, |_| 5, &to_pool);
+            })
+        };
+        for expected in 1..=3 {
+            assert_eq!(attempts.recv_timeout(Duration::from_secs(10)), Ok(expected));
+        }
+        let failing = || filler.failing.lock().unwrap().clone();
+        let during = failing().unwrap_or_default();
+        assert!(during.contains("Too many open files"), "{during:?}");
+        assert_eq!(parked.recv_timeout(Duration::from_secs(10)), Ok(4), "the fourth attempt parks a VM");
+        assert_eq!(failing(), None, "a success clears the failure");
+        let c = &filler.counters;
+        assert_eq!((c.fill_failures.load(Ordering::Relaxed), c.warmed_pages.load(Ordering::Relaxed) >= 5), (3, true));
+        filler.stop.store(true, Ordering::Relaxed);
+        drop(parked);
+        thread.join().unwrap();
     }
 }

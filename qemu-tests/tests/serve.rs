@@ -1030,3 +1030,99 @@ fn past_the_connection_limit_a_client_waits_for_a_slot() {
     fifth.read_to_string(&mut answer).unwrap();
     assert!(answer.starts_with("HTTP/1.1 200") && answer.ends_with("ok\n"), "{answer}");
 }
+
+/// One request on a kept-alive connection; its status and body.
+fn keep_alive_request(stream: &mut std::net::TcpStream, method: &str, path: &str, body: &[u8]) -> (u16, String) {
+    let head = format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: {}\r\n\r\n", body.len());
+    stream.write_all(head.as_bytes()).and_then(|()| stream.write_all(body)).unwrap();
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap();
+    let status = line.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let mut length = 0;
+    loop {
+        line.clear();
+        reader.read_line(&mut line).unwrap();
+        if line.trim().is_empty() {
+            break;
+        }
+        if let Some((name, value)) = line.split_once(':')
+            && name.eq_ignore_ascii_case("content-length")
+        {
+            length = value.trim().parse().unwrap();
+        }
+    }
+    let mut answer = vec![0; length];
+    reader.read_exact(&mut answer).unwrap();
+    (status, String::from_utf8_lossy(&answer).into_owned())
+}
+
+/// Issue 28, defect 2: out of descriptors for a moment, a pool's filler once stopped for good
+/// (every later invoke 500, the state still `serving`, no failure counted). Now the state says
+/// it is degraded and the metrics count the failures while descriptors are short, and once
+/// they are back the pool serves again.
+#[test]
+fn a_pool_recovers_once_descriptors_are_back_and_says_so_meanwhile() {
+    let state = tempfile::tempdir().unwrap();
+    let args =
+        ["serve", "--listen", "127.0.0.1:0", "--read-timeout", "600", "--state-dir", state.path().to_str().unwrap()];
+    let (child, log, listening) = spawn_with_file_limit(128, &args);
+    let server = Server { child, url: listening, log };
+    assert_eq!(
+        put(&format!("{}?mode=pool&pool=1&concurrency=1", server.functions("hello")), &example("hello")).status,
+        201
+    );
+    let address = server.url.strip_prefix("http://").unwrap().to_string();
+    let mut client = std::net::TcpStream::connect(&address).unwrap();
+    let invoke = "/v1/functions/hello/invoke";
+    assert_eq!(keep_alive_request(&mut client, "POST", invoke, b"{}").0, 200);
+    // Idle connections until the agent has no descriptor left for another, and then some more
+    // waiting in its backlog: the accept loop, trying every 10 ms, takes every
+    // descriptor a destroyed VM frees, and the filler, backing off, finds none.
+    let mut idle = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !server.log().contains("accepting a connection failed") {
+        assert!(Instant::now() < deadline, "descriptors never ran out: {}", server.log());
+        idle.extend(std::net::TcpStream::connect(&address).ok());
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    eprintln!("descriptors ran out after {} connections", idle.len());
+    let socket_address: std::net::SocketAddr = address.parse().unwrap();
+    let waiting = Duration::from_millis(200);
+    idle.extend((0..50).map_while(|_| std::net::TcpStream::connect_timeout(&socket_address, waiting).ok()));
+    // The parked VM serves; the filler, readying the next at once, finds no descriptor. Until
+    // it succeeds the state says so, and its failures are counted either way.
+    assert_eq!(keep_alive_request(&mut client, "POST", invoke, b"{}").0, 200);
+    let (mut degraded, mut filler_failures) = (false, 0.0);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !(degraded && filler_failures >= 1.0) && Instant::now() < deadline {
+        let (_, shown) = keep_alive_request(&mut client, "GET", "/v1/functions/hello", b"");
+        degraded |= shown.contains(r#""state":"degraded: its pool cannot ready VMs, and retries ("#);
+        let (_, metrics) = keep_alive_request(&mut client, "GET", "/metrics", b"");
+        filler_failures = metric(&metrics, r#"thaw_pool_fill_failures_total{function="hello"}"#);
+        let restore_failures = metric(&metrics, r#"thaw_restore_failures_total{function="hello"}"#);
+        assert!(restore_failures >= filler_failures, "{metrics}");
+    }
+    assert!(degraded && filler_failures >= 1.0, "degraded: {degraded}, filler failures: {filler_failures}");
+
+    drop(idle);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, body) = keep_alive_request(&mut client, "POST", invoke, br#"{"name": "again"}"#);
+        if status == 200 {
+            assert_eq!(body, "{\"greeting\":\"Hello, again!\"}\n");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the pool never recovered: {status} {body}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // The filler's next try, at most 2 s of backoff later, parks a VM and clears the state.
+    loop {
+        let (_, shown) = keep_alive_request(&mut client, "GET", "/v1/functions/hello", b"");
+        if shown.contains(r#""state":"serving""#) {
+            break;
+        }
+        assert!(Instant::now() < deadline + Duration::from_secs(5), "{shown}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}

@@ -128,18 +128,28 @@ pub fn render(functions: &[Sample<'_>]) -> String {
             let _ = writeln!(out, "thaw_requests_total{{{},outcome=\"{outcome}\"}} {value}", label(f.name));
         }
     }
-    let counters: [Row<AtomicU64>; 3] = [
+    let counters: [Row<AtomicU64>; 2] = [
         ("thaw_vms_replaced_total", "Kept VMs destroyed and replaced because their guest kernel failed.", |m| {
             &m.replaced
         }),
         ("thaw_resets_total", "Kept VMs reset to the image after a request.", |m| &m.resets),
-        ("thaw_restore_failures_total", "VMs that could not be restored, reset or parked.", |m| &m.restore_failures),
     ];
     for (name, help, field) in counters {
         describe(&mut out, name, "counter", help);
         for f in functions {
             let _ = writeln!(out, "{name}{{{}}} {}", label(f.name), load(field(f.metrics)));
         }
+    }
+    let name = "thaw_restore_failures_total";
+    describe(
+        &mut out,
+        name,
+        "counter",
+        "VMs that could not be restored, reset or parked, the pool's filler's included.",
+    );
+    for f in functions {
+        let filler = f.pool.as_ref().map_or(0, |p| p.fill_failures);
+        let _ = writeln!(out, "{name}{{{}}} {}", label(f.name), load(&f.metrics.restore_failures) + filler);
     }
     let gauges: [Row<AtomicI64>; 3] = [
         ("thaw_in_flight", "Requests queued or being served.", |m| &m.in_flight),
@@ -165,7 +175,7 @@ pub fn render(functions: &[Sample<'_>]) -> String {
     }
     let pools: Vec<(&str, &PoolStats)> =
         functions.iter().filter_map(|f| f.pool.as_ref().map(|p| (f.name, p))).collect();
-    let pool_metrics: [PoolRow; 4] = [
+    let pool_metrics: [PoolRow; 5] = [
         ("thaw_pool_parked", "gauge", "VMs parked and waiting for a request.", |p| {
             p.filled.saturating_sub(p.ready) as f64
         }),
@@ -173,6 +183,12 @@ pub fn render(functions: &[Sample<'_>]) -> String {
         ("thaw_pool_fill_seconds_total", "counter", "Time the filler spent; filled / this is its fill rate.", |p| {
             p.fill_time.as_secs_f64()
         }),
+        (
+            "thaw_pool_fill_failures_total",
+            "counter",
+            "VMs the pool's filler could not restore or park (it retries, backing off to 2 s).",
+            |p| p.fill_failures as f64,
+        ),
         (
             "thaw_pool_restored_here_total",
             "counter",

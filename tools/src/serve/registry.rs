@@ -406,7 +406,10 @@ fn view(slot: &Slot) -> View {
         name: record.name.clone(),
         version: record.version.clone(),
         state: match &slot.serving {
-            Ok(_) => "serving".to_string(),
+            Ok(deployed) => match deployed.pool_stats().and_then(|pool| pool.failing) {
+                Some(why) => format!("degraded: its pool cannot ready VMs, and retries ({why})"),
+                None => "serving".to_string(),
+            },
             Err(why) => format!("failed: {why}"),
         },
         settings: record.serving.clone(),
