@@ -974,7 +974,7 @@ fn forty_unfinished_sixteen_mib_bodies_keep_the_agent_small() {
     let mut answers = Vec::new();
     for target in ["nope", "hello"] {
         for _ in 0..40 {
-            let mut stream = std::net::TcpStream::connect(&address).unwrap();
+            let stream = std::net::TcpStream::connect(&address).unwrap();
             let mut writer = stream.try_clone().unwrap();
             let head = format!(
                 "POST /v1/functions/{target}/invoke HTTP/1.1\r\nHost: {address}\r\nContent-Length: {}\r\n\r\n",
