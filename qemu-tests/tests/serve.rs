@@ -1126,3 +1126,31 @@ fn a_pool_recovers_once_descriptors_are_back_and_says_so_meanwhile() {
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+/// Issue 28, defect 4: an image cut short under a serving version made every invoke fail while
+/// its state said `serving`, and a redeploy of the same content answered "unchanged". Now the
+/// state says failed, and the redeploy snapshots it again and serves.
+#[test]
+fn a_redeploy_repairs_a_damaged_stored_image() {
+    let state = tempfile::tempdir().unwrap();
+    let server = Server::start(state.path(), &[]);
+    let hello = example("hello");
+    let deployed = put(&server.functions("hello"), &hello);
+    assert_eq!(deployed.status, 201, "{}", deployed.body);
+    let image = state.path().join("images").join(format!("{}.snap", version(&deployed.body)));
+    std::fs::OpenOptions::new().write(true).open(&image).unwrap().set_len(8192).unwrap();
+    let shown = get(&server.functions("hello"));
+    assert!(shown.body.contains(r#""state":"failed: its stored image was cut short"#), "{}", shown.body);
+
+    let repaired = put(&server.functions("hello"), &hello);
+    assert_eq!(repaired.status, 200, "{}", repaired.body);
+    assert!(repaired.body.contains(r#""deployment":"updated""#), "{}", repaired.body);
+    assert!(repaired.body.contains(r#""state":"serving""#), "{}", repaired.body);
+    assert!(std::fs::metadata(&image).unwrap().len() > 8192, "the image was not written again");
+    for _ in 0..3 {
+        let answer = post(&format!("{}/invoke", server.functions("hello")), br#"{"name": "mended"}"#);
+        assert_eq!((answer.status, answer.body.as_str()), (200, "{\"greeting\":\"Hello, mended!\"}\n"));
+    }
+    // Unchanged again once whole.
+    assert!(put(&server.functions("hello"), &hello).body.contains(r#""deployment":"unchanged""#));
+}

@@ -83,6 +83,10 @@ pub struct Deployed {
     /// What its function has done (shared by all its versions).
     pub metrics: Arc<FunctionMetrics>,
     lanes: Arc<Lanes>,
+    /// The stored image its VMs are restored from.
+    image: Arc<Image>,
+    /// Its file's length when this version started.
+    image_len: u64,
     queue: Option<SyncSender<Job>>,
     threads: Vec<JoinHandle<()>>,
     retired: Retired,
@@ -110,7 +114,7 @@ impl Deployed {
             ..VmConfig::default()
         };
         config.backends.services = services;
-        let lanes = Lanes::start(image, config, serving.mode, serving.pool)?;
+        let lanes = Lanes::start(Arc::clone(&image), config, serving.mode, serving.pool)?;
         let (queue, jobs) = mpsc::sync_channel(serving.queue);
         let jobs = Arc::new(Mutex::new(jobs));
         let (ready, readied) = mpsc::channel();
@@ -131,6 +135,8 @@ impl Deployed {
             serving: serving.clone(),
             metrics,
             lanes: Arc::clone(&lanes),
+            image_len: image_len(&image),
+            image,
             queue: Some(queue),
             threads,
             retired,
@@ -186,6 +192,12 @@ impl Deployed {
         let pooled =
             self.pool_stats().map_or(0, |stats| (stats.filled + stats.restored_here).saturating_sub(stats.destroyed));
         u64::try_from(self.metrics.live_vms.load(Ordering::Relaxed)).unwrap_or(0) + pooled
+    }
+
+    /// Whether the stored image its VMs are restored from still has the length it was opened
+    /// with: a file cut short under it can no longer be restored from.
+    pub fn image_intact(&self) -> bool {
+        image_len(&self.image) == self.image_len
     }
 
     /// What this version's pool has done (pool mode).
@@ -320,6 +332,11 @@ impl Worker {
         };
         counter.fetch_add(1, Ordering::Relaxed);
     }
+}
+
+/// The length of `image`'s file now (0 when it cannot be read).
+fn image_len(image: &Image) -> u64 {
+    image.file().metadata().map_or(0, |m| m.len())
 }
 
 /// The next job: polled for up to `window`, yielding the core to any other thread that is

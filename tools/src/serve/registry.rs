@@ -267,16 +267,22 @@ impl Registry {
         let services = resolve(&self.operator.services, &serving)?;
         let version = version(&function.bundle, &serving.devices);
 
+        let image_path = self.store.image_path(&version);
+        // Unchanged only while its image is whole, where it is stored and under its VMs: a
+        // damaged one is snapshotted again, and the version restarted from the new image.
         let unchanged = |slots: &HashMap<String, Slot>| {
             slots
                 .get(name)
-                .filter(|slot| slot.serving.as_ref().is_ok_and(|d| d.version == version && d.serving == serving))
+                .filter(|slot| {
+                    slot.serving.as_ref().is_ok_and(|d| {
+                        d.version == version && d.serving == serving && d.image_intact() && usable(&image_path)
+                    })
+                })
                 .map(view)
         };
         if let Some(shown) = unchanged(&self.slots.read().unwrap_or_else(|p| p.into_inner())) {
             return Ok((Deployment::Unchanged, shown));
         }
-        let image_path = self.store.image_path(&version);
         // The snapshot, the slow part, runs before the lock, so one function's long init does
         // not hold up another's deploy; it works in a directory of its own in tmp/. An image
         // that was stored already may be collected before the lock is taken (its last function
@@ -285,12 +291,12 @@ impl Registry {
         let function = Arc::new(function);
         let mut made = None;
         let _changing = loop {
-            if made.is_none() && !image_path.exists() {
+            if made.is_none() && !usable(&image_path) {
                 let snapshot = self.snapshot(Arc::clone(&function), &version, &serving, services.clone());
                 made = Some(snapshot.await?);
             }
             let changing = self.changing.lock().await;
-            if made.is_some() || image_path.exists() {
+            if made.is_some() || usable(&image_path) {
                 break changing;
             }
         };
@@ -305,7 +311,8 @@ impl Registry {
         let metrics = metrics.unwrap_or_default();
         if let Some((_scratch, made)) = &made {
             // A deploy of the same version may have kept its image meanwhile; either will do.
-            if !image_path.exists() {
+            // A damaged one is replaced.
+            if !usable(&image_path) {
                 self.store.keep_image(made, &version)?;
             }
         }
@@ -406,6 +413,9 @@ fn view(slot: &Slot) -> View {
         name: record.name.clone(),
         version: record.version.clone(),
         state: match &slot.serving {
+            Ok(deployed) if !deployed.image_intact() => {
+                "failed: its stored image was cut short under it; deploying it again repairs it".to_string()
+            }
             Ok(deployed) => match deployed.pool_stats().and_then(|pool| pool.failing) {
                 Some(why) => format!("degraded: its pool cannot ready VMs, and retries ({why})"),
                 None => "serving".to_string(),
@@ -417,6 +427,12 @@ fn view(slot: &Slot) -> View {
         live_vms: slot.serving.as_ref().map_or(0, |d| d.live_vms()),
         counters: Arc::clone(&slot.metrics),
     }
+}
+
+/// True when the stored image at `path` opens and validates (all but its memory bytes): one
+/// cut short or damaged in its metadata is not reused.
+fn usable(path: &std::path::Path) -> bool {
+    Image::open(path).is_ok()
 }
 
 /// Runs `work` on tokio's blocking pool.
