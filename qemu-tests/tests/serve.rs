@@ -1154,3 +1154,33 @@ fn a_redeploy_repairs_a_damaged_stored_image() {
     // Unchanged again once whole.
     assert!(put(&server.functions("hello"), &hello).body.contains(r#""deployment":"unchanged""#));
 }
+
+/// Issue 28, defect 8: a deploy whose image does not fit the state directory's disk is the
+/// server's failure (507), not the function's (422). The state directory is a 1 MiB tmpfs in a
+/// mount namespace of the agent's own.
+#[test]
+fn a_full_disk_on_deploy_is_the_server_s_failure() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    std::fs::create_dir(&state).unwrap();
+    let script = format!("mount -t tmpfs -o size=1m thaw-full {} && exec \"$0\" \"$@\"", state.display());
+    let (child, log, listening) = spawn_command(
+        Command::new("unshare").args(["--mount", "--propagation", "private", "sh", "-c", &script, THAW]).args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--state-dir",
+            state.to_str().unwrap(),
+        ]),
+    );
+    let server = Server { child, url: listening, log };
+    let full = put(&server.functions("hello"), &example("hello"));
+    assert_eq!(full.status, 507, "{}", full.body);
+    assert!(
+        full.body.contains("the server's disk is full") && full.body.contains("No space left on device"),
+        "{}",
+        full.body
+    );
+    assert!(!full.body.contains(".tmp"), "the scratch directory's path leaked: {}", full.body);
+    assert_eq!(get(&server.functions("hello")).status, 404, "a failed deploy deploys nothing");
+}

@@ -401,6 +401,7 @@ fn registry_error(e: &RegistryError) -> Response {
         | RegistryError::Function(_)
         | RegistryError::Service { .. } => StatusCode::BAD_REQUEST,
         RegistryError::Unusable { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+        RegistryError::NoSpace { .. } => StatusCode::INSUFFICIENT_STORAGE,
         RegistryError::NotFound(_) => StatusCode::NOT_FOUND,
         RegistryError::Store(_)
         | RegistryError::Scratch { .. }

@@ -63,6 +63,14 @@ pub enum RegistryError {
         /// Why, without the scratch directory's path.
         why: String,
     },
+    /// The node ran out of disk space, or of its quota, making the function's image (507).
+    #[error("{name}: the server's disk is full: {why}")]
+    NoSpace {
+        /// The function's name.
+        name: String,
+        /// What could not be written, without the scratch directory's path.
+        why: String,
+    },
     /// No such function (404).
     #[error("no function {0:?} is deployed")]
     NotFound(String),
@@ -366,10 +374,10 @@ impl Registry {
             crate::snapshot::snapshot_function(&function, &made, init_timeout, config, Some(sample))
         })
         .await?
-        // The scratch directory's name is the store's business, not the client's.
-        .map_err(|e| RegistryError::Unusable {
-            name: name.clone(),
-            why: e.to_string().replace(&format!("{}/", dir.path().display()), ""),
+        .map_err(|e| {
+            // The scratch directory's name is the store's business, not the client's.
+            let (name, why) = (name.clone(), e.to_string().replace(&format!("{}/", dir.path().display()), ""));
+            if out_of_space(&e) { RegistryError::NoSpace { name, why } } else { RegistryError::Unusable { name, why } }
         })?;
         let (status, init_stderr) = status;
         info!("{status}");
@@ -427,6 +435,20 @@ fn view(slot: &Slot) -> View {
         live_vms: slot.serving.as_ref().map_or(0, |d| d.live_vms()),
         counters: Arc::clone(&slot.metrics),
     }
+}
+
+/// True when `error` comes from a full disk or quota (ENOSPC, EDQUOT) anywhere in its chain.
+fn out_of_space(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(error);
+    while let Some(e) = cause {
+        if let Some(io) = e.downcast_ref::<std::io::Error>()
+            && matches!(io.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT))
+        {
+            return true;
+        }
+        cause = e.source();
+    }
+    false
 }
 
 /// True when the stored image at `path` opens and validates (all but its memory bytes): one
