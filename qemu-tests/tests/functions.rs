@@ -331,3 +331,36 @@ fn bench_sets_thaw_against_wasmtime_running_the_same_function() {
     assert_eq!(differs.code, Some(125), "{differs:#?}");
     assert!(differs.stderr.contains("they must do the same work"), "{}", differs.stderr);
 }
+
+/// Issue 28, defect 9: a module whose tables or memories the VM cannot hold failed as a guest
+/// kernel panic (exit 101). It is the function's failure, as a trapping init is: exit 104, with
+/// what could not be allocated. A 64-bit memory runs, limited by `--memory` as a 32-bit one.
+#[test]
+fn a_module_the_vm_cannot_hold_fails_as_the_function() {
+    let dir = tempfile::tempdir().unwrap();
+    for (wat, says) in [
+        (
+            "(module (table 100000000 funcref) (memory (export \"memory\") 1) (func (export \"handle\")))",
+            "failed to allocate 800000000 bytes",
+        ),
+        (
+            "(module (memory (export \"memory\") 1024) (memory 1024) (func (export \"handle\")))",
+            "no 67108864 bytes of heap for a linear memory",
+        ),
+    ] {
+        let source = dir.path().join("module.wat");
+        std::fs::write(&source, wat).unwrap();
+        let (_guard, bundle) = pack(&source, &["--memory", "64"]);
+        let run = invoke(&bundle, "x", &[]);
+        assert_eq!(run.code, Some(104), "{wat}: {run:#?}");
+        assert!(
+            run.stderr.contains("function trapped: instantiating the module: ") && run.stderr.contains(says),
+            "{run:#?}"
+        );
+        assert!(!run.stderr.contains("panicked"), "{run:#?}");
+    }
+    let source = dir.path().join("memory64.wat");
+    std::fs::write(&source, "(module (memory (export \"memory\") i64 1) (func (export \"handle\") (i64.store (i64.const 8) (i64.const 42))))").unwrap();
+    let (_guard, bundle) = pack(&source, &[]);
+    assert_eq!(invoke(&bundle, "x", &[]).code, Some(0));
+}

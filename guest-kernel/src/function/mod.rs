@@ -233,14 +233,19 @@ fn run(bundle: &Bundle<'static>, transport: Transport) -> Result<core::convert::
         set_fuel(&mut store, manifest.fuel)?;
         let instance = match linker.instantiate(&mut store, &module) {
             Ok(instance) => instance,
-            // A start function that traps or exits is the function's failure, as in init.
-            Err(error) if error.is::<Trap>() || error.is::<wasi::Exit>() => {
+            // A start function that traps or exits is the function's failure, as in init; so is
+            // a module whose tables or memories this VM cannot hold (issue 28).
+            Err(error) => {
+                let during = if error.is::<Trap>() || error.is::<wasi::Exit>() {
+                    "in its start function"
+                } else {
+                    "instantiating the module"
+                };
                 let (status, exit_code, message) = ending(Err(error));
                 let ctx = store.data();
-                let message = alloc::format!("in its start function: {message}");
+                let message = alloc::format!("{during}: {message}");
                 transport.init_failed(status, exit_code, &ctx.stdout, &ctx.stderr, message.as_bytes());
             }
-            Err(e) => return Err(alloc::format!("instantiating the module: {e}")),
         };
         platform::milestone(Milestone::Instantiated);
         for init in ["_initialize", "init"] {
