@@ -122,23 +122,19 @@ pub struct Limits {
     /// How long a body may take to arrive.
     pub read_timeout: Duration,
     /// The invocation bodies held at once across all connections, in KiB: each reserves its
-    /// declared length (or the cap, when it declares none) before it is read.
+    /// declared length (or the cap, when it declares none) before it is read, until its answer.
     pub requests_held: Arc<Semaphore>,
-    /// Uploads read at once: one.
+    /// The uploads held at once, in KiB, the same way until their deploy ends: one upload's cap
+    /// in all.
     pub uploads_held: Arc<Semaphore>,
 }
 
 impl Limits {
-    /// Limits of `upload` and `request` bytes each, and `held` bytes of requests together.
+    /// Limits of `upload` and `request` bytes each, `held` bytes of requests together, and one
+    /// upload's worth of uploads together.
     pub fn new(upload: usize, request: usize, held: usize, read_timeout: Duration) -> Self {
-        let kib = u32::try_from(held.div_ceil(1024)).unwrap_or(u32::MAX).min(Semaphore::MAX_PERMITS as u32);
-        Self {
-            upload,
-            request,
-            read_timeout,
-            requests_held: Arc::new(Semaphore::new(kib as usize)),
-            uploads_held: Arc::new(Semaphore::new(1)),
-        }
+        let kib = |bytes: usize| Semaphore::new(bytes.div_ceil(1024).min(Semaphore::MAX_PERMITS));
+        Self { upload, request, read_timeout, requests_held: Arc::new(kib(held)), uploads_held: Arc::new(kib(upload)) }
     }
 }
 
@@ -333,7 +329,7 @@ async fn deploy(
         return refuse(bad_name(&name), upload, api.limits.read_timeout).await;
     }
     let limits = &api.limits;
-    let budget = (&limits.uploads_held, 1);
+    let budget = (&limits.uploads_held, reserved_kib(&headers, limits.upload));
     let upload = match read_body(&headers, upload, "upload", (limits.upload, limits.read_timeout), budget).await {
         Ok(upload) => upload,
         Err(refused) => return refused.into_response(),

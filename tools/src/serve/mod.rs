@@ -69,7 +69,7 @@ pub struct ServeArgs {
     max_request_mib: usize,
     /// Invocation bodies held at once across all connections, in MiB: each reserves its
     /// declared length before it is read, and one that does not fit gets 503 with Retry-After.
-    /// Uploads are read one at a time besides.
+    /// Uploads held at once share `--max-upload-mib` the same way.
     #[arg(long, value_name = "MIB", default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=65_536))]
     max_held_mib: u64,
     /// Connections open at once; past it, new ones wait in the listen backlog until one
