@@ -427,7 +427,7 @@ async fn invoke(State(api): State<Arc<Api>>, Path(name): Path<String>, headers: 
             return error(StatusCode::SERVICE_UNAVAILABLE, format!("{name} cannot serve: {why}"));
         }
     };
-    if deployed.queue_full() {
+    if deployed.admit().is_err() {
         return refuse(queue_full(&name, &deployed), request, read_timeout).await;
     }
     let limits = &api.limits;

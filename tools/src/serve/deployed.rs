@@ -179,12 +179,16 @@ impl Deployed {
         }
     }
 
-    /// True when its queue is full, so that a request would get 429 and its body need not be
-    /// read. An early answer only: [`Deployed::submit`] decides. A queue of 0 (a request is
-    /// taken only by a thread that waits for one) is never full here.
-    pub fn queue_full(&self) -> bool {
+    /// Refuses a request, counted as rejected, when its queue is full now, so that its body
+    /// need not be read. An early answer only: [`Deployed::submit`] decides. A queue of 0 (a
+    /// request is taken only by a thread that waits for one) is never full here.
+    pub fn admit(&self) -> Result<(), Rejected> {
         let queued = usize::try_from(self.metrics.queued.load(Ordering::Relaxed)).unwrap_or(0);
-        self.serving.queue > 0 && queued >= self.serving.queue
+        if self.serving.queue > 0 && queued >= self.serving.queue {
+            self.metrics.rejected.fetch_add(1, Ordering::Relaxed);
+            return Err(Rejected::Full);
+        }
+        Ok(())
     }
 
     /// VMs alive for its function now: those vCPU threads hold, and this version's pool's.
