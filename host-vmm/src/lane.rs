@@ -112,18 +112,9 @@ impl Lanes {
     }
 
     /// In pool mode: waits until the filler has parked `count` VMs (traffic then finds the pool
-    /// as on a node that has been up), failing when it stops or `timeout` passes first.
+    /// as on a node that has been up), as [`Pool::wait_filled`].
     pub fn fill(&self, count: usize, timeout: Duration) -> Result<(), VmmError> {
-        let Some(pool) = &self.pool else { return Ok(()) };
-        let started = Instant::now();
-        while pool.stats().filled < count as u64 {
-            pool.check()?;
-            if started.elapsed() > timeout {
-                return Err(VmmError::PoolSlow(timeout));
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        Ok(())
+        self.pool.as_ref().map_or(Ok(()), |pool| pool.wait_filled(count, timeout))
     }
 
     /// What the pool has done so far (pool mode).

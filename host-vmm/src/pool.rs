@@ -90,6 +90,20 @@ impl Pool {
     /// Starts the filler, which keeps `size` VMs (at least one) parked from `image`, and the
     /// reaper.
     pub fn start(image: Arc<Image>, config: VmConfig, size: usize) -> Result<Self, VmmError> {
+        let ready = move || {
+            let mut instance = Instance::restore(&image, &config, Role::Ahead, &mut BootTimings::default())?;
+            instance.park(&mut std::io::sink())?;
+            Ok(instance)
+        };
+        Self::with_ready(ready, size)
+    }
+
+    /// Starts the filler, which keeps `size` VMs (at least one) parked, each made by `ready`,
+    /// and the reaper.
+    fn with_ready(
+        ready: impl FnMut() -> Result<Instance, VmmError> + Send + 'static,
+        size: usize,
+    ) -> Result<Self, VmmError> {
         let (to_pool, parked) = mpsc::sync_channel(size.max(1));
         let (reaper, used) = mpsc::channel::<Instance>();
         let stop = Arc::new(AtomicBool::new(false));
@@ -99,11 +113,6 @@ impl Pool {
         let filler = {
             let filler =
                 Filler { stop: Arc::clone(&stop), failing: Arc::clone(&failing), counters: Arc::clone(&counters) };
-            let ready = move || {
-                let mut instance = Instance::restore(&image, &config, Role::Ahead, &mut BootTimings::default())?;
-                instance.park(&mut std::io::sink())?;
-                Ok(instance)
-            };
             std::thread::Builder::new()
                 .name("thaw-pool-filler".into())
                 .spawn(move || filler.run(ready, |instance| instance.vm().warmed_pages(), &to_pool))
@@ -142,6 +151,21 @@ impl Pool {
             Err(TryRecvError::Empty) => Ok(None),
             Err(TryRecvError::Disconnected) => Err(self.stopped()),
         }
+    }
+
+    /// Waits until the filler has parked `count` VMs, failing when it stops or `timeout` passes
+    /// first (with the filler's last failure, since it retries one for as long as it lasts).
+    pub fn wait_filled(&self, count: usize, timeout: Duration) -> Result<(), VmmError> {
+        let started = Instant::now();
+        while self.counters.filled.load(Ordering::Relaxed) < count as u64 {
+            self.check()?;
+            if started.elapsed() > timeout {
+                let failing = self.failing.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                return Err(VmmError::PoolSlow { within: timeout, failing });
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        Ok(())
     }
 
     /// Fails when the filler has stopped.
@@ -300,5 +324,18 @@ mod tests {
         filler.stop.store(true, Ordering::Relaxed);
         drop(parked);
         thread.join().unwrap();
+    }
+
+    /// A pool that can never park a VM is waited for only until its timeout, and then says why
+    /// its filler keeps failing, not only that it was slow (before, the reason was lost).
+    #[test]
+    fn a_pool_that_never_parks_says_why_when_its_wait_ends() {
+        let ready = || Err(VmmError::Threads(std::io::Error::from_raw_os_error(libc::EMFILE)));
+        let pool = Pool::with_ready(ready, 1).unwrap();
+        let e = pool.wait_filled(1, Duration::from_millis(200)).unwrap_err();
+        let VmmError::PoolSlow { within, failing: Some(why) } = &e else { panic!("{e}") };
+        assert_eq!(*within, Duration::from_millis(200));
+        assert!(why.contains("Too many open files"), "{e}");
+        assert!(e.to_string().starts_with("the pool parked no VM within 0.2 s: its filler keeps failing: "), "{e}");
     }
 }

@@ -185,22 +185,58 @@ fn a_trap_is_reported_with_its_message() {
     assert!(run.stderr.contains("unreachable"), "{run:#?}");
 }
 
-/// Code compiled with other engine settings (here with fuel metering, which the manifest no
-/// longer asks for) passes the host's checks, its hash being right, and the guest's Wasmtime
-/// refuses it in one line that says to repack (the guest's failure: its log comes first).
+/// The bundle rule (docs/SECURITY.md §3): a bundle whose code is not what this thaw compiles
+/// from its wasm, with every hash recomputed so that it is well formed, runs its wasm, compiled
+/// here. On d51ce75 it ran the other code: json-transform's answer to hello's request. Code
+/// compiled with other engine settings (fuel metering the manifest does not ask for) is
+/// replaced the same way, and `thaw inspect` says which code is which.
 #[test]
-fn code_compiled_for_other_engine_settings_is_refused_by_the_guest_with_a_line_to_repack() {
-    let (dir, bundle) = pack(&fixture("trap.wat"), &["--fuel", "1000"]);
-    let bytes = std::fs::read(&bundle).unwrap();
+fn a_bundle_runs_its_wasm_compiled_here_never_the_code_it_carries() {
+    let cache = tempfile::tempdir().unwrap();
+    let thaw_cached =
+        |args: &[&str]| common::run(Command::new(common::THAW).args(args).env("XDG_CACHE_HOME", cache.path()));
+    let (dir, hello) = example("hello", &[]);
+    let (_json_dir, json) = example("json-transform", &[]);
+    let (_fuel_dir, fueled) = pack(&fixture("trap.wat"), &["--fuel", "1000"]);
+    let hello_bytes = std::fs::read(&hello).unwrap();
+    let hello_parsed = abi::bundle::parse(&hello_bytes).unwrap();
+    let json_bytes = std::fs::read(&json).unwrap();
+    let json_code = abi::bundle::parse(&json_bytes).unwrap().code.to_vec();
+    let sha = |b: &[u8]| -> [u8; 32] { <sha2::Sha256 as sha2::Digest>::digest(b).into() };
+    let manifest = abi::bundle::Manifest { code_sha256: Some(sha(&json_code)), ..hello_parsed.manifest.clone() };
+    let swapped = dir.path().join("swapped.thaw");
+    std::fs::write(&swapped, abi::bundle::encode(&manifest, hello_parsed.wasm, &json_code, &[])).unwrap();
+    let swapped = swapped.to_str().unwrap();
+
+    let shown = thaw_cached(&["inspect", swapped]);
+    assert!(shown.stdout.contains("; thaw runs it only if it is what thaw compiles from the wasm"), "{shown:#?}");
+    let request = r#"{"name": "ada"}"#;
+    let answers = |bundle: &str| {
+        let kvm = thaw_cached(&["invoke", bundle, "--data", request]);
+        let emulated = thaw_cached(&["qemu", bundle, "--data", request, "--timeout", "120"]);
+        assert_eq!((&kvm.stdout, kvm.code), (&emulated.stdout, emulated.code), "{kvm:#?}\n{emulated:#?}");
+        kvm
+    };
+    let run = answers(swapped);
+    assert_eq!((run.stdout.as_str(), run.code), ("{\"greeting\":\"Hello, ada!\"}\n", Some(0)), "{run:#?}");
+    // Running it compiled hello's wasm into the cache: now inspect can tell.
+    let shown = thaw_cached(&["inspect", &hello]);
+    assert!(shown.stdout.contains("; compiled by this thaw from the wasm\n"), "{shown:#?}");
+    let shown = thaw_cached(&["inspect", swapped]);
+    assert!(shown.stdout.contains("; not what this thaw compiles from the wasm, so it never runs"), "{shown:#?}");
+
+    let bytes = std::fs::read(&fueled).unwrap();
     let parsed = abi::bundle::parse(&bytes).unwrap();
     let manifest = abi::bundle::Manifest { fuel: None, ..parsed.manifest.clone() };
-    let foreign = dir.path().join("foreign.thaw");
-    std::fs::write(&foreign, abi::bundle::encode(&manifest, parsed.wasm, parsed.code, &[])).unwrap();
-    let run = both(foreign.to_str().unwrap(), "");
-    assert_ne!(run.code, Some(0), "{run:#?}");
-    let line = run.stderr.lines().last().unwrap_or_default();
-    assert!(line.contains("the compiled code does not fit this thaw's engine"), "{run:#?}");
-    assert!(line.contains("fuel") && line.contains("repack it with this thaw"), "{run:#?}");
+    let unmetered = dir.path().join("unmetered.thaw");
+    std::fs::write(&unmetered, abi::bundle::encode(&manifest, parsed.wasm, parsed.code, &[])).unwrap();
+    let run = answers(unmetered.to_str().unwrap());
+    assert_eq!(
+        run.code,
+        Some(abi::exit_code::FUNCTION_TRAPPED as i32),
+        "the fixture's trap, not the engine's refusal: {run:#?}"
+    );
+    assert!(!run.stderr.contains("does not fit this thaw's engine"), "{run:#?}");
 }
 
 #[test]

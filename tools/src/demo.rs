@@ -141,8 +141,9 @@ pub fn run(args: &DemoArgs) -> Result<u8, DemoError> {
         None => temp.path().to_path_buf(),
     };
     let kernel = crate::kernel::built_in()?;
+    let cache = crate::code::CodeCache::user();
     for name in crate::pack::EXAMPLE_NAMES {
-        let bundle = crate::pack::example_bundle(name, 16)?;
+        let bundle = crate::pack::example_bundle(name, 16, &cache)?;
         crate::files::write_atomically(&dir.join(format!("{name}.thaw")), &bundle)?;
         eprintln!("thaw demo: packed {name} ({} KiB)", bundle.len() / 1024);
     }

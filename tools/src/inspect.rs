@@ -242,8 +242,8 @@ fn written_pages(runs: &[abi::workingset::Run]) -> u64 {
 }
 
 /// Shows what a function bundle's manifest says, with its filesystem settings and the
-/// directories the guest preopens. The framing, CRC and manifest are validated; the SHA-256s
-/// and the module are checked when the bundle is run.
+/// directories the guest preopens, and whether its code is this thaw's. The framing, CRC and
+/// manifest are validated; the SHA-256s and the module are checked when the bundle is run.
 fn inspect_bundle(args: &InspectArgs) -> Result<u8, InspectError> {
     let path = &args.image;
     let bytes =
@@ -251,6 +251,9 @@ fn inspect_bundle(args: &InspectArgs) -> Result<u8, InspectError> {
     let parsed = abi::bundle::parse(&bytes).map_err(|source| InspectError::Bundle { path: path.clone(), source })?;
     let version = bytes.get(8..12).and_then(|b| b.try_into().ok()).map_or(0, u32::from_le_bytes);
     let m = &parsed.manifest;
+    // Whether the code is what this thaw makes from the wasm (the bundle rule, `code.rs`); when
+    // the cache does not know, it is settled when the bundle runs.
+    let own = crate::code::is_own(&parsed, &crate::code::CodeCache::user()).ok().flatten();
     let preopens: Vec<_> = m.preopens().into_iter().zip(3..).map(|(dir, fd)| (fd, dir)).collect();
     if args.json {
         let connections: Vec<_> = m.connections.iter().map(|c| json!({ "name": c.name, "port": c.port })).collect();
@@ -260,7 +263,7 @@ fn inspect_bundle(args: &InspectArgs) -> Result<u8, InspectError> {
             "format_version": version,
             "file_bytes": bytes.len(),
             "function": { "name": m.name, "wasm_bytes": parsed.wasm.len(), "wasm_sha256": hex::encode(m.wasm_sha256) },
-            "code": { "bytes": parsed.code.len(), "sha256": m.code_sha256.as_ref().map(hex::encode) },
+            "code": { "bytes": parsed.code.len(), "sha256": m.code_sha256.as_ref().map(hex::encode), "own": own },
             "memory_mib": m.memory_mib,
             "fuel": m.fuel,
             "args": m.args,
@@ -289,8 +292,15 @@ fn inspect_bundle(args: &InspectArgs) -> Result<u8, InspectError> {
     outln!("  file        {} bytes; framing, checksum and manifest validated", bytes.len())?;
     outln!("  function    {} ({} bytes of wasm, sha256 {})", m.name, parsed.wasm.len(), hex::encode(m.wasm_sha256))?;
     match &m.code_sha256 {
-        Some(sha) => outln!("  code        {} bytes (sha256 {})", parsed.code.len(), hex::encode(sha))?,
-        None => outln!("  code        none: this format version cannot run; repack it with `thaw pack`")?,
+        Some(sha) => {
+            let own = match own {
+                Some(true) => "compiled by this thaw from the wasm",
+                Some(false) => "not what this thaw compiles from the wasm, so it never runs: thaw runs its own",
+                None => "thaw runs it only if it is what thaw compiles from the wasm, and its own otherwise",
+            };
+            outln!("  code        {} bytes (sha256 {}); {own}", parsed.code.len(), hex::encode(sha))?
+        }
+        None => outln!("  code        none: thaw compiles the wasm when it runs")?,
     }
     let fuel = m.fuel.map_or("no limit".to_string(), |f| format!("{f} per invocation"));
     outln!("  memory      {} MiB of linear memory; fuel {fuel}", m.memory_mib)?;

@@ -38,7 +38,7 @@ pub enum InvokeError {
         /// The file.
         path: PathBuf,
         /// What is wrong.
-        source: host_vmm::function::FunctionError,
+        source: crate::code::CodeError,
     },
     /// Neither `--data` nor `--input`.
     #[error("give the request with --data or --input")]
@@ -292,10 +292,16 @@ pub fn request_body(data: Option<&String>, input: Option<&PathBuf>, within: Dura
     }
 }
 
-/// Reads and validates a function bundle, within `within`.
+/// Reads and validates a function bundle, within `within`, with code this thaw compiled from
+/// its wasm ([`crate::code::own`], the bundle rule).
 pub fn load_function(path: &std::path::Path, within: Duration) -> Result<Function, InvokeError> {
     let bytes = crate::files::read_limited(path, MAX_BUNDLE_FILE, "function bundle", within)?;
-    Function::from_bundle(bytes).map_err(|source| InvokeError::Bundle { path: path.to_path_buf(), source })
+    let checking = crate::progress::Status::show(&format!("thaw: checking {}'s code...", path.display()));
+    let owned = crate::code::own(bytes, &crate::code::CodeCache::user());
+    drop(checking);
+    owned
+        .and_then(|bundle| Ok(Function::from_bundle(bundle)?))
+        .map_err(|source| InvokeError::Bundle { path: path.to_path_buf(), source })
 }
 
 /// Prints a response and returns the exit code it implies; a response that cannot be written

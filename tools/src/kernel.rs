@@ -28,6 +28,14 @@ pub enum KernelArgsError {
     /// A file could not be read.
     #[error(transparent)]
     File(#[from] FilesError),
+    /// The ramdisk is a function bundle whose code could not be had (`code::own`).
+    #[error("ramdisk {}: {source}", path.display())]
+    Bundle {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What is wrong.
+        source: crate::code::CodeError,
+    },
 }
 
 /// The guest kernel built with this binary.
@@ -45,9 +53,15 @@ const MAX_KERNEL_FILE: u64 = 256 << 20;
 /// The largest file `--ramdisk` loads.
 const MAX_RAMDISK_FILE: u64 = 64 << 20;
 
-/// Reads the file `--ramdisk` names, for a kernel booted on its own.
+/// Reads the file `--ramdisk` names, for a kernel booted on its own. A function bundle there
+/// gets this thaw's code, as `thaw invoke` gives it (the bundle rule, `code.rs`).
 pub fn load_ramdisk(path: &std::path::Path, args: &KernelArgs) -> Result<Vec<u8>, KernelArgsError> {
-    Ok(crate::files::read_limited(path, MAX_RAMDISK_FILE, "ramdisk", timeout(args)?)?)
+    let bytes = crate::files::read_limited(path, MAX_RAMDISK_FILE, "ramdisk", timeout(args)?)?;
+    if !bytes.starts_with(&abi::bundle::MAGIC) {
+        return Ok(bytes);
+    }
+    crate::code::own(bytes, &crate::code::CodeCache::user())
+        .map_err(|source| KernelArgsError::Bundle { path: path.to_path_buf(), source })
 }
 
 /// A kernel's bytes and where they came from.

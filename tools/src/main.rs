@@ -31,6 +31,7 @@ macro_rules! outln {
 
 mod bench;
 mod client;
+mod code;
 mod demo;
 mod devices;
 mod files;

@@ -8,6 +8,7 @@ use abi::bundle::{self, Connection, GuestPathError, Manifest};
 use clap::Args;
 use host_vmm::function::{self, FunctionKind};
 
+use crate::code::{self, Code, CodeCache, CodeError};
 use crate::files::{FilesError, READ_WITHIN, read_limited, write_atomically};
 
 /// Why a function could not be packed.
@@ -38,9 +39,9 @@ pub enum PackError {
     /// The module is not a function thaw runs.
     #[error(transparent)]
     Function(#[from] function::FunctionError),
-    /// Cranelift could not compile the module.
-    #[error("compiling the module: {}", chain(.0))]
-    Compile(wasmtime::Error),
+    /// The module could not be compiled.
+    #[error(transparent)]
+    Code(#[from] CodeError),
     /// The bundle or its manifest is not valid.
     #[error(transparent)]
     Bundle(#[from] bundle::BundleError),
@@ -121,11 +122,6 @@ pub enum PackError {
     /// A file could not be read or written.
     #[error(transparent)]
     File(#[from] FilesError),
-}
-
-/// A Wasmtime error with its causes, on one line.
-fn chain(e: &wasmtime::Error) -> String {
-    e.chain().map(ToString::to_string).collect::<Vec<_>>().join(": ")
 }
 
 /// Arguments of `thaw pack`.
@@ -216,8 +212,9 @@ const EXAMPLES: [(&str, &[u8], &str); 7] = [
 pub const EXAMPLE_NAMES: [&str; 7] =
     [EXAMPLES[0].0, EXAMPLES[1].0, EXAMPLES[2].0, EXAMPLES[3].0, EXAMPLES[4].0, EXAMPLES[5].0, EXAMPLES[6].0];
 
-/// A bundle of the built-in example `name` with default settings and `memory_mib` of memory.
-pub fn example_bundle(name: &str, memory_mib: u32) -> Result<Vec<u8>, PackError> {
+/// A bundle of the built-in example `name` with default settings and `memory_mib` of memory,
+/// its code from `cache` when it is there.
+pub fn example_bundle(name: &str, memory_mib: u32, cache: &CodeCache) -> Result<Vec<u8>, PackError> {
     let (_, wasm, sample) =
         EXAMPLES.iter().find(|(n, ..)| *n == name).ok_or_else(|| PackError::NoExample(name.into()))?;
     let settings = BundleSettings {
@@ -232,8 +229,8 @@ pub fn example_bundle(name: &str, memory_mib: u32) -> Result<Vec<u8>, PackError>
         scratch_dirs: default_scratch_dirs(),
         data_mount: bundle::DEFAULT_DATA_MOUNT.into(),
     };
-    bundle_wasm(&settings, wasm, &[])
-        .map(|(bundle, ..)| bundle)
+    bundle_wasm(&settings, wasm, &[], cache)
+        .map(|packed| packed.bundle)
         .map_err(|e| PackError::Input { input: format!("example {name}"), source: Box::new(e) })
 }
 
@@ -268,35 +265,31 @@ pub fn default_scratch_dirs() -> Vec<String> {
     bundle::DEFAULT_SCRATCH_DIRS.iter().map(|d| d.to_string()).collect()
 }
 
-/// `wasm` compiled for the guest's engine, metering `fuel` or not: the code a bundle carries.
-/// Compiling takes from tens of milliseconds to about a second for a large module.
-pub fn compile(wasm: &[u8], fuel: bool) -> Result<Vec<u8>, PackError> {
-    let engine = abi::engine::compiler(fuel).map_err(PackError::Compile)?;
-    engine.precompile_module(wasm).map_err(PackError::Compile)
+/// A function packed by [`bundle_wasm`].
+#[derive(Debug)]
+pub struct Packed {
+    /// The bundle.
+    pub bundle: Vec<u8>,
+    /// Its manifest.
+    pub manifest: Manifest,
+    /// How the function is entered.
+    pub kind: FunctionKind,
+    /// The code's length in bytes.
+    pub code_len: usize,
+    /// Whether the code came from the cache rather than the compiler.
+    pub cached: bool,
 }
 
-/// `bundle` with its code compiled afresh from its wasm, for a bundle from someone else: its
-/// shipped code, if any, is not trusted. Older bundles come out as version 6, with the
-/// filesystem settings they had (the defaults before version 6).
-pub fn recompile(bundle: &[u8]) -> Result<Vec<u8>, PackError> {
-    let parsed = bundle::parse(bundle)?;
-    function::check_wasm(&parsed)?;
-    let code = compile(parsed.wasm, parsed.manifest.fuel.is_some())?;
-    let manifest = Manifest { code_sha256: Some(function::sha256(&code)), ..parsed.manifest };
-    let volume = parsed.volume.unwrap_or_default();
-    Ok(bundle::encode(&manifest, parsed.wasm, &code, volume))
-}
-
-/// Validates `wasm` as a function, compiles it, and encodes both with `settings` and `volume`
-/// (empty for none) as a bundle. Returns the bundle, its manifest and how the function is
-/// entered.
+/// Validates `wasm` as a function, compiles it (or finds its code in `cache`), and encodes both
+/// with `settings` and `volume` (empty for none) as a bundle.
 pub fn bundle_wasm(
     settings: &BundleSettings,
     wasm: &[u8],
     volume: &[u8],
-) -> Result<(Vec<u8>, Manifest, FunctionKind), PackError> {
+    cache: &CodeCache,
+) -> Result<Packed, PackError> {
     let kind = function::validate_wasm(wasm, settings.memory_mib)?;
-    let code = compile(wasm, settings.fuel.is_some())?;
+    let Code { bytes: code, cached } = code::compile(wasm, settings.fuel.is_some(), cache)?;
     let manifest = Manifest {
         name: settings.name.clone(),
         wasm_sha256: function::sha256(wasm),
@@ -313,7 +306,7 @@ pub fn bundle_wasm(
         data_mount: settings.data_mount.clone(),
     };
     manifest.validate()?;
-    Ok((bundle::encode(&manifest, wasm, &code, volume), manifest, kind))
+    Ok(Packed { bundle: bundle::encode(&manifest, wasm, &code, volume), manifest, kind, code_len: code.len(), cached })
 }
 
 /// Parses a `--connect NAME=PORT` entry (the manifest validates the name and port).
@@ -454,13 +447,17 @@ pub fn run(args: &PackArgs) -> Result<u8, PackError> {
     };
     let started = std::time::Instant::now();
     let compiling = crate::progress::Status::show(&format!("thaw: compiling {}...", settings.name));
-    let bundled = bundle_wasm(&settings, &wasm, &volume);
+    let cache = CodeCache::user();
+    let bundled = bundle_wasm(&settings, &wasm, &volume, &cache);
     drop(compiling);
-    let (bytes, manifest, kind) = bundled.map_err(|e| PackError::Input { input, source: Box::new(e) })?;
-    let compile_ms = started.elapsed().as_millis();
+    let Packed { bundle: bytes, manifest, kind, code_len, cached } =
+        bundled.map_err(|e| PackError::Input { input, source: Box::new(e) })?;
+    let compiled = match cached {
+        true => format!("with {code_len} bytes of code from the cache"),
+        false => format!("compiled to {code_len} bytes of code in {} ms", started.elapsed().as_millis()),
+    };
     let output = args.output.clone().unwrap_or_else(|| PathBuf::from(format!("{}.thaw", manifest.name)));
     write_atomically(&output, &bytes)?;
-    let code_len = bundle::parse(&bytes).map_or(0, |b| b.code.len());
     let kind = match kind {
         FunctionKind::Reactor => "reactor",
         FunctionKind::Command => "command",
@@ -479,7 +476,7 @@ pub fn run(args: &PackArgs) -> Result<u8, PackError> {
         data.push_str(&format!(", a {}-byte sample request", sample.len()));
     }
     eprintln!(
-        "thaw: packed {} ({kind}, {} bytes of wasm compiled to {code_len} bytes of code in {compile_ms} ms, {} MiB memory{data}) into {}",
+        "thaw: packed {} ({kind}, {} bytes of wasm {compiled}, {} MiB memory{data}) into {}",
         manifest.name,
         wasm.len(),
         manifest.memory_mib,

@@ -121,9 +121,18 @@ pub enum VmmError {
     /// A pool's filler stopped, with why.
     #[error("the pool's filler stopped: {0}")]
     PoolStopped(String),
-    /// A pool did not park its VMs in time.
-    #[error("the pool parked no VM within {:.1} s", .0.as_secs_f64())]
-    PoolSlow(std::time::Duration),
+    /// A pool did not park its VMs in time, with why its filler is failing if it is.
+    #[error(
+        "the pool parked no VM within {:.1} s{}",
+        within.as_secs_f64(),
+        failing.as_ref().map(|why| format!(": its filler keeps failing: {why}")).unwrap_or_default()
+    )]
+    PoolSlow {
+        /// How long it was waited for.
+        within: std::time::Duration,
+        /// The filler's last failure, if its last try failed.
+        failing: Option<String>,
+    },
     /// A fresh VM found no memory an earlier one left (`--verify`).
     #[error("no memory an earlier fresh VM left was there to reuse (the reset needs /proc/self/pagemap)")]
     NoSpareMemory,

@@ -151,7 +151,7 @@ impl Deployed {
             }
         }
         lanes.fill(1, deadline.saturating_duration_since(Instant::now())).map_err(|e| match e {
-            VmmError::PoolSlow(_) => DeployedError::NotReady(within),
+            VmmError::PoolSlow { failing: None, .. } => DeployedError::NotReady(within),
             e => DeployedError::Ready(e),
         })?;
         Ok(deployed)

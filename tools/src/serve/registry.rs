@@ -33,7 +33,7 @@ pub enum RegistryError {
     Settings(#[from] settings::SettingsError),
     /// The uploaded bundle is not acceptable (400).
     #[error(transparent)]
-    Bundle(crate::pack::PackError),
+    Bundle(crate::code::CodeError),
     /// The uploaded wasm module is not acceptable (400).
     #[error("the wasm module: {0}")]
     Wasm(crate::pack::PackError),
@@ -256,16 +256,21 @@ impl Registry {
     /// Deploys `upload` (a bundle or a bare wasm) as `name` with the settings in `query`.
     pub async fn deploy(&self, name: &str, upload: Vec<u8>, query: &str) -> Result<(Deployment, View), RegistryError> {
         let (mut serving, packing) = settings::parse(query, &self.operator.defaults)?;
-        // The code is compiled here from the wasm, never taken from the upload, off the async
-        // workers: it is the slow part of a deploy after the snapshot.
+        // The code is this agent's, compiled from the wasm or found in its code cache, never
+        // taken from the upload (the bundle rule, `code.rs`); off the async workers, since
+        // compiling is the slow part of a deploy after the snapshot.
+        let cache = self.store.code_cache();
         let bundle = if upload.starts_with(&abi::bundle::MAGIC) {
             if let Some(given) = packing.first_given() {
                 return Err(settings::SettingsError::InBundle(given.into()).into());
             }
-            blocking(move || crate::pack::recompile(&upload)).await?.map_err(RegistryError::Bundle)?
+            blocking(move || crate::code::own(upload, &cache)).await?.map_err(RegistryError::Bundle)?
         } else if upload.starts_with(b"\0asm") {
             let settings = packing.bundle_settings(name);
-            blocking(move || crate::pack::bundle_wasm(&settings, &upload, &[])).await?.map_err(RegistryError::Wasm)?.0
+            blocking(move || crate::pack::bundle_wasm(&settings, &upload, &[], &cache))
+                .await?
+                .map_err(RegistryError::Wasm)?
+                .bundle
         } else {
             let head: Vec<String> = upload.iter().take(8).map(|b| format!("{b:02x}")).collect();
             return Err(RegistryError::NotFunction(head.join(" ")));

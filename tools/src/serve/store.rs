@@ -4,6 +4,7 @@
 //! STATE/thaw.db              SQLite: each function's name, version and serving settings
 //! STATE/images/VERSION.snap  the snapshot image of each version (VERSION: its bundle's SHA-256)
 //! STATE/tmp/                 bundles and images being made; emptied at every start
+//! STATE/code/                the code this agent compiled, by wasm and engine (`code.rs`)
 //! ```
 //!
 //! A deploy makes the image in `tmp/`, renames it into `images/` and syncs the directory, and
@@ -174,6 +175,11 @@ impl Store {
     pub fn image_path(&self, version: &str) -> PathBuf {
         debug_assert!(is_version(version));
         self.root.join("images").join(format!("{version}.snap"))
+    }
+
+    /// The agent's code cache.
+    pub fn code_cache(&self) -> crate::code::CodeCache {
+        crate::code::CodeCache::at(self.root.join("code"))
     }
 
     /// A directory for files being made, emptied at every start.
