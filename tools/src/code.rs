@@ -20,6 +20,7 @@ use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
 use abi::bundle::{self, Manifest};
+use host_vmm::Function;
 use host_vmm::function::{self, FunctionError};
 use sha2::{Digest as _, Sha256};
 
@@ -85,6 +86,30 @@ impl CodeCache {
         file.take(32 + bundle::MAX_CODE_BYTES + 1).read_to_end(&mut entry).ok()?;
         let (sha, code) = entry.split_at_checked(32)?;
         (sha == Sha256::digest(code).as_slice()).then(|| code.to_vec())
+    }
+
+    /// Whether `key`'s entry is `sha` and `code` (`None`: no entry), read in small pieces:
+    /// reading a large entry whole costs more in page faults than the comparison. The entry's
+    /// own hash is not checked: it equals the caller's, which the caller checks.
+    fn holds(&self, key: &str, sha: &[u8; 32], code: &[u8]) -> Option<bool> {
+        use std::io::Read as _;
+        let mut file = std::fs::File::open(self.dir.as_ref()?.join(key)).ok()?;
+        if file.metadata().ok()?.len() != 32 + code.len() as u64 {
+            return Some(false);
+        }
+        let mut piece = vec![0; 64 << 10];
+        file.read_exact(&mut piece[..32]).ok()?;
+        if piece[..32] != sha[..] {
+            return Some(false);
+        }
+        for expected in code.chunks(piece.len()) {
+            let read = &mut piece[..expected.len()];
+            file.read_exact(read).ok()?;
+            if read != expected {
+                return Some(false);
+            }
+        }
+        Some(true)
     }
 
     /// Keeps `code` under `key`, then trims the cache to [`CACHE_LIMIT_BYTES`]; a failure is
@@ -169,34 +194,52 @@ pub struct Code {
 /// (tens of milliseconds to seconds for a large module) and then cached.
 pub fn compile(wasm: &[u8], fuel: bool, cache: &CodeCache) -> Result<Code, CodeError> {
     let (engine, key) = engine_and_key(fuel, &function::sha256(wasm))?;
-    if let Some(bytes) = cache.get(&key) {
+    compile_as(&engine, &key, wasm, cache)
+}
+
+/// [`compile`] with the engine and the key in hand.
+fn compile_as(engine: &wasmtime::Engine, key: &str, wasm: &[u8], cache: &CodeCache) -> Result<Code, CodeError> {
+    if let Some(bytes) = cache.get(key) {
         return Ok(Code { bytes, cached: true });
     }
     let bytes = engine.precompile_module(wasm).map_err(CodeError::Compile)?;
-    cache.put(&key, &bytes);
+    cache.put(key, &bytes);
     Ok(Code { bytes, cached: false })
 }
 
-/// `bundle` with code this thaw compiled: unchanged when its code is exactly that, otherwise
-/// re-encoded with it (an older bundle comes out as the current version, with the filesystem
-/// settings it had). The wasm is validated first, so nothing invalid is compiled.
-pub fn own(bundle: Vec<u8>, cache: &CodeCache) -> Result<Vec<u8>, CodeError> {
+/// `bundle` as a function with code this thaw compiled: its own code when that is exactly what
+/// this thaw makes from its wasm (found in `cache`, or compiled to tell), and otherwise the code
+/// made here, re-encoded into it (an older bundle then comes out as the current version, with
+/// the filesystem settings it had). [`Function::from_bundle`] validates the result whole.
+pub fn own(bundle: Vec<u8>, cache: &CodeCache) -> Result<Function, CodeError> {
     let parsed = bundle::parse(&bundle)?;
+    // The key is made from the manifest's wasm hash before anything checks it: a false one
+    // finds nothing, or fails `from_bundle`, which checks both hashes the cache was matched on.
+    let (engine, key) = engine_and_key(parsed.manifest.fuel.is_some(), &parsed.manifest.wasm_sha256)?;
+    if parsed.manifest.code_sha256.is_some_and(|sha| cache.holds(&key, &sha, parsed.code) == Some(true)) {
+        return Ok(Function::from_bundle(bundle)?);
+    }
+    // Nothing invalid is compiled.
     function::check_wasm(&parsed)?;
-    let code = compile(parsed.wasm, parsed.manifest.fuel.is_some(), cache)?.bytes;
+    let code = compile_as(&engine, &key, parsed.wasm, cache)?.bytes;
     if parsed.manifest.code_sha256.is_some() && parsed.code == code.as_slice() {
-        return Ok(bundle);
+        return Ok(Function::from_bundle(bundle)?);
     }
     let manifest = Manifest { code_sha256: Some(function::sha256(&code)), ..parsed.manifest };
     let volume = parsed.volume.unwrap_or_default();
-    Ok(bundle::encode(&manifest, parsed.wasm, &code, volume))
+    Ok(Function::from_bundle(bundle::encode(&manifest, parsed.wasm, &code, volume))?)
 }
 
 /// Whether `parsed`'s code is what this thaw compiled from its wasm, as far as `cache` knows
 /// (`None`: not in the cache, so it would be compiled to tell).
 pub fn is_own(parsed: &bundle::Bundle<'_>, cache: &CodeCache) -> Result<Option<bool>, CodeError> {
     let (_, key) = engine_and_key(parsed.manifest.fuel.is_some(), &parsed.manifest.wasm_sha256)?;
-    Ok(cache.get(&key).map(|code| code == parsed.code))
+    let sha = parsed.manifest.code_sha256.unwrap_or_default();
+    Ok(match cache.holds(&key, &sha, parsed.code) {
+        // A damaged entry tells nothing.
+        Some(false) => cache.get(&key).map(|_| false),
+        known => known,
+    })
 }
 
 #[cfg(test)]
@@ -230,7 +273,7 @@ mod tests {
         let code = compile(&wasm, false, &CodeCache::none()).unwrap().bytes;
         assert_eq!(code, compile(&wasm, false, &CodeCache::none()).unwrap().bytes);
         let bundle = bundle::encode(&manifest(&wasm, &code), &wasm, &code, &[]);
-        assert_eq!(own(bundle.clone(), &CodeCache::none()).unwrap(), bundle);
+        assert_eq!(own(bundle.clone(), &CodeCache::none()).unwrap().bundle, bundle);
     }
 
     #[test]
@@ -241,12 +284,32 @@ mod tests {
         assert_ne!(other, mine);
         // The tamperer recomputed every hash: the bundle is well formed.
         let tampered = bundle::encode(&manifest(&wasm, &other), &wasm, &other, &[]);
-        host_vmm::Function::from_bundle(tampered.clone()).unwrap();
-        let owned = own(tampered, &CodeCache::none()).unwrap();
+        Function::from_bundle(tampered.clone()).unwrap();
+        let owned = own(tampered, &CodeCache::none()).unwrap().bundle;
         let parsed = bundle::parse(&owned).unwrap();
         assert_eq!(parsed.code, mine.as_slice());
         assert_eq!(parsed.manifest.code_sha256, Some(function::sha256(&mine)));
         assert_eq!(parsed.wasm, wasm.as_slice());
+    }
+
+    #[test]
+    fn a_cached_entry_is_used_only_for_the_wasm_whose_hash_made_its_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = CodeCache::at(dir.path().to_path_buf());
+        let wasm = wat::parse_str(WAT).unwrap();
+        let other = wat::parse_str(OTHER).unwrap();
+        let other_code = compile(&other, false, &cache).unwrap().bytes;
+        // The manifest names the other wasm, whose code the cache holds and the bundle carries.
+        let lying = Manifest { wasm_sha256: function::sha256(&other), ..manifest(&wasm, &other_code) };
+        let e = own(bundle::encode(&lying, &wasm, &other_code, &[]), &cache).unwrap_err().to_string();
+        assert!(e.contains("wasm SHA-256") && e.contains("does not match"), "{e}");
+        // Told the truth, the same bundle gets its own wasm's code, whatever the cache holds.
+        let tampered = bundle::encode(&manifest(&wasm, &other_code), &wasm, &other_code, &[]);
+        for _ in 0..2 {
+            let owned = own(tampered.clone(), &cache).unwrap();
+            assert_eq!(owned.bundle, own(tampered.clone(), &CodeCache::none()).unwrap().bundle);
+            assert_ne!(bundle::parse(&owned.bundle).unwrap().code, other_code.as_slice());
+        }
     }
 
     #[test]

@@ -299,9 +299,7 @@ pub fn load_function(path: &std::path::Path, within: Duration) -> Result<Functio
     let checking = crate::progress::Status::show(&format!("thaw: checking {}'s code...", path.display()));
     let owned = crate::code::own(bytes, &crate::code::CodeCache::user());
     drop(checking);
-    owned
-        .and_then(|bundle| Ok(Function::from_bundle(bundle)?))
-        .map_err(|source| InvokeError::Bundle { path: path.to_path_buf(), source })
+    owned.map_err(|source| InvokeError::Bundle { path: path.to_path_buf(), source })
 }
 
 /// Prints a response and returns the exit code it implies; a response that cannot be written

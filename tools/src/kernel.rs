@@ -61,6 +61,7 @@ pub fn load_ramdisk(path: &std::path::Path, args: &KernelArgs) -> Result<Vec<u8>
         return Ok(bytes);
     }
     crate::code::own(bytes, &crate::code::CodeCache::user())
+        .map(|function| function.bundle)
         .map_err(|source| KernelArgsError::Bundle { path: path.to_path_buf(), source })
 }
 

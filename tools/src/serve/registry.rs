@@ -260,22 +260,19 @@ impl Registry {
         // taken from the upload (the bundle rule, `code.rs`); off the async workers, since
         // compiling is the slow part of a deploy after the snapshot.
         let cache = self.store.code_cache();
-        let bundle = if upload.starts_with(&abi::bundle::MAGIC) {
+        let function = if upload.starts_with(&abi::bundle::MAGIC) {
             if let Some(given) = packing.first_given() {
                 return Err(settings::SettingsError::InBundle(given.into()).into());
             }
             blocking(move || crate::code::own(upload, &cache)).await?.map_err(RegistryError::Bundle)?
         } else if upload.starts_with(b"\0asm") {
             let settings = packing.bundle_settings(name);
-            blocking(move || crate::pack::bundle_wasm(&settings, &upload, &[], &cache))
-                .await?
-                .map_err(RegistryError::Wasm)?
-                .bundle
+            let packed = blocking(move || crate::pack::bundle_wasm(&settings, &upload, &[], &cache)).await?;
+            Function::from_bundle(packed.map_err(RegistryError::Wasm)?.bundle)?
         } else {
             let head: Vec<String> = upload.iter().take(8).map(|b| format!("{b:02x}")).collect();
             return Err(RegistryError::NotFunction(head.join(" ")));
         };
-        let function = Function::from_bundle(bundle)?;
         serving.services = function.manifest.connections.iter().map(|c| (c.port, c.name.clone())).collect();
         let services = resolve(&self.operator.services, &serving)?;
         let version = version(&function.bundle, &serving.devices);
