@@ -12,8 +12,8 @@
 //! compatibility hash (Wasmtime's version, its compiler's target and flags, and every setting
 //! the code depends on, fuel metering among them). Each file is the code's SHA-256 followed by
 //! the code; a file whose hash does not match is a miss, so a damaged cache costs a compile,
-//! never a wrong answer. The cache only saves time: one that cannot be read or written is
-//! compiled around with one warning.
+//! never a wrong answer. The cache only saves time: an entry that cannot be read is compiled
+//! again, and one that cannot be written costs one warning.
 
 use std::hash::{Hash as _, Hasher};
 use std::io::Write as _;
