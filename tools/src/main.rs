@@ -37,6 +37,7 @@ mod devices;
 mod files;
 mod inspect;
 mod invoke;
+mod js;
 mod kernel;
 mod new;
 mod pack;

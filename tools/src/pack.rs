@@ -10,6 +10,7 @@ use host_vmm::function::{self, FunctionKind};
 
 use crate::code::{self, Code, CodeCache, CodeError};
 use crate::files::{FilesError, READ_WITHIN, read_limited, write_atomically};
+use crate::js::JsError;
 
 /// Why a function could not be packed.
 #[derive(Debug, thiserror::Error)]
@@ -122,14 +123,26 @@ pub enum PackError {
     /// A file could not be read or written.
     #[error(transparent)]
     File(#[from] FilesError),
+    /// JavaScript that cannot be packed as given.
+    #[error(transparent)]
+    Js(#[from] JsError),
 }
+
+/// Linear memory a wasm function gets unless `--memory` says otherwise, in MiB.
+const DEFAULT_MEMORY_MIB: u32 = 16;
 
 /// Arguments of `thaw pack`.
 #[derive(Args, Debug)]
 pub struct PackArgs {
-    /// The function: a core wasm module for wasm32-wasip1 (.wasm) or its text form (.wat).
-    #[arg(value_name = "FUNCTION.wasm|FUNCTION.wat", required_unless_present = "example")]
+    /// The function: a core wasm module for wasm32-wasip1 (.wasm) or its text form (.wat); or
+    /// JavaScript: a module (.js, .mjs), or a directory of modules and the files they read,
+    /// which the function sees at /app.
+    #[arg(value_name = "FUNCTION.wasm|.wat|.js|DIR", required_unless_present = "example")]
     input: Option<PathBuf>,
+    /// JavaScript in a directory: its entry module, relative to the directory [default: index.js
+    /// or index.mjs].
+    #[arg(long, value_name = "FILE")]
+    entry: Option<String>,
     /// Pack one of the example functions built into thaw instead of a file.
     #[arg(long, value_name = "NAME", conflicts_with = "input", value_parser = clap::builder::PossibleValuesParser::new(EXAMPLE_NAMES))]
     example: Option<String>,
@@ -142,10 +155,10 @@ pub struct PackArgs {
     /// An argument the function sees after its name (repeatable).
     #[arg(long = "arg", value_name = "A")]
     args: Vec<String>,
-    /// Most linear memory the function may use, in MiB.
-    #[arg(long, value_name = "MIB", default_value_t = 16,
+    /// Most linear memory the function may use, in MiB [default: 16; 128 for JavaScript].
+    #[arg(long, value_name = "MIB",
           value_parser = clap::value_parser!(u32).range(1..=i64::from(bundle::MAX_MEMORY_MIB)))]
-    memory: u32,
+    memory: Option<u32>,
     /// Instruction budget per invocation (Wasmtime fuel: about one unit per wasm instruction)
     /// [default: no limit].
     #[arg(long, value_name = "N")]
@@ -402,6 +415,13 @@ fn one_line(error: &wat::Error) -> String {
 pub fn run(args: &PackArgs) -> Result<u8, PackError> {
     crate::files::remove_drafts_on_signal()?;
     let example = args.example.as_ref().and_then(|name| EXAMPLES.iter().find(|(n, ..)| n == name));
+    let script = args.input.as_deref().filter(|path| example.is_none() && crate::js::is_javascript(path));
+    if let Some(path) = script {
+        return pack_javascript(args, path);
+    }
+    if args.entry.is_some() {
+        return Err(JsError::EntryWithFile.into());
+    }
     let (source, input, stem) = match (&args.input, example) {
         (_, Some((name, wasm, _))) => (wasm.to_vec(), format!("example {name}"), name.to_string()),
         (Some(path), None) => {
@@ -420,27 +440,83 @@ pub fn run(args: &PackArgs) -> Result<u8, PackError> {
     } else {
         source
     };
-    if !(1..=bundle::MAX_SCRATCH_MIB).contains(&args.scratch_mib) {
-        return Err(PackError::ScratchMib(args.scratch_mib));
-    }
-    let scratch_dirs = scratch_dirs(args)?;
     let (data_dir, data_mount) = match &args.data_dir {
         Some(spec) => split_data_dir(spec.as_os_str()).map(|(dir, mount)| (Some(dir), mount))?,
         None => (None, bundle::DEFAULT_DATA_MOUNT.into()),
     };
     let volume = data_dir.as_deref().map(volume_from_dir).transpose()?.unwrap_or_default();
+    let memory_mib = args.memory.unwrap_or(DEFAULT_MEMORY_MIB);
+    let sample = example.map(|(_, _, sample)| *sample);
+    pack(args, Packing { wasm, input, stem, volume, data_mount, env: args.env.clone(), memory_mib, sample })
+}
+
+/// `thaw pack` of JavaScript at `path`: the runtime built into thaw, with the function's files
+/// as its data volume at [`crate::js::MOUNT`] and its entry module named in the runtime's
+/// environment.
+fn pack_javascript(args: &PackArgs, path: &Path) -> Result<u8, PackError> {
+    if args.data_dir.is_some() {
+        return Err(JsError::DataDir.into());
+    }
+    let entry = crate::js::entry(path, args.entry.as_deref())?;
+    let volume = if path.is_dir() {
+        volume_from_dir(path)?
+    } else {
+        let source = read_limited(path, abi::volume::MAX_VOLUME_BYTES, "function", READ_WITHIN)?;
+        abi::volume::build(&[(entry.clone(), source)], &[])
+            .map_err(|source| PackError::Volume { dir: path.to_path_buf(), source })?
+    };
+    let named = if path.is_dir() {
+        std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf())
+    } else {
+        path.with_extension("")
+    };
+    let stem = named.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let env = std::iter::once(format!("{}={}/{entry}", crate::js::ENTRY_VARIABLE, crate::js::MOUNT))
+        .chain(args.env.iter().cloned())
+        .collect();
+    let packing = Packing {
+        wasm: crate::js::RUNTIME.to_vec(),
+        input: path.display().to_string(),
+        stem,
+        volume,
+        data_mount: crate::js::MOUNT.into(),
+        env,
+        memory_mib: args.memory.unwrap_or(crate::js::DEFAULT_MEMORY_MIB),
+        sample: None,
+    };
+    pack(args, packing)
+}
+
+/// What `thaw pack` packs, whatever the function's language.
+struct Packing {
+    wasm: Vec<u8>,
+    /// The input as errors name it.
+    input: String,
+    /// The name unless `--name` gives one.
+    stem: String,
+    volume: Vec<u8>,
+    data_mount: String,
+    env: Vec<String>,
+    memory_mib: u32,
+    /// The example's documented request, if it is one.
+    sample: Option<&'static str>,
+}
+
+/// Packs `packing` with the rest of `args`, writes the bundle and says what it holds.
+fn pack(args: &PackArgs, packing: Packing) -> Result<u8, PackError> {
+    let Packing { wasm, input, stem, volume, data_mount, env, memory_mib, sample } = packing;
+    if !(1..=bundle::MAX_SCRATCH_MIB).contains(&args.scratch_mib) {
+        return Err(PackError::ScratchMib(args.scratch_mib));
+    }
+    let scratch_dirs = scratch_dirs(args)?;
     let settings = BundleSettings {
         name: args.name.clone().unwrap_or(stem),
-        memory_mib: args.memory,
+        memory_mib,
         fuel: args.fuel,
-        env: args.env.clone(),
+        env,
         args: args.args.clone(),
         connections: args.connections.clone(),
-        sample_request: args
-            .sample_data
-            .as_deref()
-            .or(example.map(|(_, _, sample)| *sample))
-            .map(|s| s.as_bytes().to_vec()),
+        sample_request: args.sample_data.as_deref().or(sample).map(|s| s.as_bytes().to_vec()),
         scratch_mib: args.scratch_mib,
         scratch_dirs,
         data_mount,

@@ -1,0 +1,200 @@
+//! JavaScript functions (issue 29): modules written here, packed by `thaw pack` with the runtime
+//! built into thaw (QuickJS-NG), answered under KVM and under QEMU, from a cold boot and from
+//! their snapshot in every serving mode.
+
+use std::path::Path;
+use std::process::Command;
+
+mod common;
+
+use common::{Run, run_thaw};
+
+/// The exit code of a function that failed (the runtime traps after writing the error).
+const FAILED: i32 = abi::exit_code::FUNCTION_TRAPPED as i32;
+
+/// Writes `files` (name, source) into a fresh directory.
+fn function(files: &[(&str, &str)]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, source) in files {
+        let path = dir.path().join(name);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, source).unwrap();
+    }
+    dir
+}
+
+/// Packs `input` (a directory or a file) with `extra` flags into `out`.
+fn pack(input: &Path, out: &Path, extra: &[&str]) -> Run {
+    let mut args = vec!["pack", input.to_str().unwrap(), "-o", out.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    run_thaw(&args)
+}
+
+/// Packs the function in `dir` and returns its bundle's path.
+fn packed(dir: &Path) -> String {
+    let out = dir.join("function.thaw");
+    let run = pack(dir, &out, &[]);
+    assert_eq!(run.code, Some(0), "{run:#?}");
+    out.to_str().unwrap().to_string()
+}
+
+/// Answers `data` with `bundle` under KVM and under QEMU; both must agree. Returns the KVM run.
+fn both(bundle: &str, data: &str) -> Run {
+    assert!(Path::new("/dev/kvm").exists(), "thaw invoke boots a guest under KVM and needs /dev/kvm");
+    let (kvm, emulated) = std::thread::scope(|s| {
+        let emulated = s.spawn(|| run_thaw(&["qemu", bundle, "--data", data, "--timeout", "120"]));
+        (run_thaw(&["invoke", bundle, "--data", data]), emulated.join().expect("qemu run"))
+    });
+    assert_eq!(kvm.stdout, emulated.stdout, "response differs\nkvm: {kvm:#?}\nqemu: {emulated:#?}");
+    assert_eq!(kvm.stderr, emulated.stderr, "stderr differs\nkvm: {kvm:#?}\nqemu: {emulated:#?}");
+    assert_eq!(kvm.code, emulated.code, "exit code differs\nkvm: {kvm:#?}\nqemu: {emulated:#?}");
+    kvm
+}
+
+/// A function as a new user writes one: a table built at the top level, a helper imported from
+/// another of its files, a JSON request and a JSON answer.
+const GREETER: &[(&str, &str)] = &[
+    (
+        "index.mjs",
+        r#"import { greet } from "./lib/greet.js";
+const squares = new Map();
+for (let i = 0; i < 1000; i++) squares.set(i, i * i);
+console.log("built", squares.size, "squares");
+export function handle(request) {
+  const { name, n } = JSON.parse(request);
+  return { greeting: greet(name), square: squares.get(n) };
+}
+"#,
+    ),
+    ("lib/greet.js", "export const greet = (name) => `Hello, ${name}!`;\n"),
+];
+
+#[test]
+fn a_javascript_function_answers_with_its_own_modules_under_kvm_and_qemu() {
+    let dir = function(GREETER);
+    let bundle = packed(dir.path());
+    for (name, n) in [("ada", 12), ("grace", 999)] {
+        let run = both(&bundle, &format!(r#"{{"name": "{name}", "n": {n}}}"#));
+        assert_eq!(run.code, Some(0), "{run:#?}");
+        assert_eq!(run.stdout, format!(r#"{{"greeting":"Hello, {name}!","square":{}}}"#, n * n));
+        assert_eq!(run.stderr, "built 1000 squares\n", "console writes to stderr: {run:#?}");
+    }
+    let shown = run_thaw(&["inspect", &bundle]);
+    assert!(shown.stdout.contains("THAW_JS_ENTRY=/app/index.mjs"), "{shown:#?}");
+    assert!(shown.stdout.contains("128 MiB of linear memory"), "the JavaScript default: {shown:#?}");
+}
+
+#[test]
+fn answers_are_strings_bytes_json_or_nothing_and_a_promise_is_awaited() {
+    let dir = function(&[(
+        "index.js",
+        r#"export default async function (request) {
+  await Promise.resolve();
+  switch (request) {
+    case "string": return "plain text";
+    case "bytes": return new Uint8Array([0x68, 0x69, 0x00, 0xff]);
+    case "buffer": return new Uint8Array([0x6f, 0x6b]).buffer;
+    case "nothing": return undefined;
+    default: return { request, list: [1, "two", null] };
+  }
+}
+"#,
+    )]);
+    let bundle = packed(dir.path());
+    let answer = |data: &str| {
+        let output = Command::new(common::THAW).args(["invoke", &bundle, "--data", data]).output().unwrap();
+        assert_eq!(output.status.code(), Some(0), "{}", String::from_utf8_lossy(&output.stderr));
+        output.stdout
+    };
+    assert_eq!(answer("string"), b"plain text");
+    assert_eq!(answer("bytes"), b"hi\x00\xff");
+    assert_eq!(answer("buffer"), b"ok");
+    assert_eq!(answer("nothing"), b"");
+    assert_eq!(answer("other"), br#"{"request":"other","list":[1,"two",null]}"#);
+}
+
+#[test]
+fn javascript_errors_fail_the_function_with_the_file_line_and_stack() {
+    let cases: &[(&str, &str, &[&str])] = &[
+        ("export function handle(r) {\n  return r +;\n}\n", "x", &["SyntaxError: ", "/app/index.js:2:"]),
+        ("throw new RangeError(\"top level\");\n", "x", &["RangeError: top level", "/app/index.js:1"]),
+        (
+            "export function handle(r) {\n  return JSON.parse(r).a.b;\n}\n",
+            "{}",
+            &["TypeError: ", "at handle (/app/index.js:2"],
+        ),
+        (
+            "export async function handle(r) {\n  await null;\n  throw new Error(\"no \" + r);\n}\n",
+            "x",
+            &["Error: no x", "at handle (/app/index.js:3"],
+        ),
+        ("export const handle = 5;\n", "x", &["/app/index.js exports no handler"]),
+        ("import _ from \"lodash\";\nexport default () => 1;\n", "x", &["lodash", "esbuild --bundle --format=esm"]),
+        ("export const handle = () => new Promise(() => {});\n", "x", &["the handler's promise never settled"]),
+    ];
+    for (i, (source, data, expected)) in cases.iter().enumerate() {
+        let dir = function(&[("index.js", source)]);
+        let bundle = packed(dir.path());
+        // QEMU too for the first (an error in init) and the third (one in the handler).
+        let run = if i == 0 || i == 2 { both(&bundle, data) } else { run_thaw(&["invoke", &bundle, "--data", data]) };
+        assert_eq!(run.code, Some(FAILED), "{source}: {run:#?}");
+        assert!(run.stdout.is_empty(), "{source}: {run:#?}");
+        for part in *expected {
+            assert!(run.stderr.contains(part), "{source}: {part:?} not in {run:#?}");
+        }
+        assert!(run.stderr.trim_end().ends_with("`unreachable` instruction executed"), "{source}: {run:#?}");
+    }
+}
+
+#[test]
+fn a_javascript_function_serves_from_its_snapshot_in_every_mode() {
+    let dir = function(GREETER);
+    let bundle = packed(dir.path());
+    let image = dir.path().join("function.snap");
+    let run = run_thaw(&["snapshot", &bundle, "-o", image.to_str().unwrap()]);
+    assert_eq!(run.code, Some(0), "{run:#?}");
+    for mode in ["fresh", "pool", "reset"] {
+        let responses = dir.path().join(format!("{mode}.jsonl"));
+        let run = run_thaw(&[
+            "restore",
+            image.to_str().unwrap(),
+            "--mode",
+            mode,
+            "--count",
+            "20",
+            "--data",
+            r#"{"name": "ada", "n": 7}"#,
+            "--responses",
+            responses.to_str().unwrap(),
+        ]);
+        assert_eq!(run.code, Some(0), "{mode}: {run:#?}");
+        let lines = std::fs::read_to_string(&responses).unwrap();
+        assert_eq!(lines.lines().count(), 20, "{mode}");
+        for line in lines.lines() {
+            let line: serde_json::Value = serde_json::from_str(line).unwrap();
+            assert_eq!(line["status"], "ok", "{mode}: {line}");
+            assert_eq!(line["stdout"], r#"{"greeting":"Hello, ada!","square":49}"#, "{mode}: {line}");
+            assert_eq!(line["stderr"], "", "{mode}: the top level ran once, in the snapshot: {line}");
+        }
+    }
+}
+
+#[test]
+fn pack_refuses_javascript_it_cannot_pack_naming_what_to_do() {
+    let dir = function(&[("main.js", "export default () => 1;\n")]);
+    let out = dir.path().join("f.thaw");
+    let refused = |input: &Path, extra: &[&str], expected: &str| {
+        let run = pack(input, &out, extra);
+        assert_eq!(run.code, Some(125), "{run:#?}");
+        assert!(run.stderr.contains(expected), "{expected:?} not in {run:#?}");
+        assert_eq!(run.stderr.lines().count(), 1, "{run:#?}");
+    };
+    refused(dir.path(), &[], "no index.js or index.mjs here: name the entry module with --entry FILE");
+    refused(dir.path(), &["--entry", "../main.js"], "--entry \"../main.js\": must be a .js or .mjs file inside");
+    refused(&dir.path().join("main.js"), &["--entry", "main.js"], "--entry is for a directory");
+    refused(dir.path(), &["--entry", "main.js", "--data-dir", "/tmp"], "--data-dir: a JavaScript function's files");
+    let run = pack(dir.path(), &out, &["--entry", "main.js", "--memory", "64"]);
+    assert_eq!(run.code, Some(0), "{run:#?}");
+    let shown = run_thaw(&["inspect", out.to_str().unwrap()]);
+    assert!(shown.stdout.contains("64 MiB of linear memory"), "--memory overrides the default: {shown:#?}");
+}
