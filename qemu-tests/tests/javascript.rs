@@ -179,6 +179,57 @@ fn a_javascript_function_serves_from_its_snapshot_in_every_mode() {
     }
 }
 
+/// Every VM restored from one image gives its own `Math.random` (QuickJS-NG seeds its own from
+/// the clock in init, so without the runtime's it would replay one sequence), in every mode, and
+/// `Date.now()` is the host's time at the request, not the snapshot's.
+#[test]
+fn every_restored_vm_has_its_own_math_random_and_the_hosts_clock() {
+    let dir = function(&[(
+        "index.js",
+        "const atInit = Math.random();\nexport const handle = () => `${Math.random()} ${Date.now()}`;\n",
+    )]);
+    let bundle = packed(dir.path());
+    let image = dir.path().join("function.snap");
+    let run = run_thaw(&["snapshot", &bundle, "-o", image.to_str().unwrap()]);
+    assert_eq!(run.code, Some(0), "{run:#?}");
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let now_ms = || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis();
+    let mut seen = std::collections::HashSet::new();
+    for mode in ["fresh", "pool", "reset"] {
+        let responses = dir.path().join(format!("{mode}.jsonl"));
+        let before = now_ms();
+        let run = run_thaw(&[
+            "restore",
+            image.to_str().unwrap(),
+            "--mode",
+            mode,
+            "--count",
+            "200",
+            "--data",
+            "x",
+            "--responses",
+            responses.to_str().unwrap(),
+        ]);
+        let after = now_ms();
+        assert_eq!(run.code, Some(0), "{mode}: {run:#?}");
+        let lines = std::fs::read_to_string(&responses).unwrap();
+        assert_eq!(lines.lines().count(), 200, "{mode}");
+        for line in lines.lines() {
+            let line: serde_json::Value = serde_json::from_str(line).unwrap();
+            let answer = line["stdout"].as_str().unwrap_or_default();
+            let [random, date] = answer.split(' ').collect::<Vec<_>>()[..] else { panic!("{mode}: {line}") };
+            assert!(seen.insert(random.to_string()), "{mode}: Math.random repeated {random}");
+            let date: u128 = date.parse().unwrap();
+            // The snapshot is at least 1.5 s older than `before`.
+            assert!(
+                before - 1000 <= date && date <= after + 1000,
+                "{mode}: Date.now() {date} not in [{before}, {after}]"
+            );
+        }
+    }
+    assert_eq!(seen.len(), 600);
+}
+
 #[test]
 fn pack_refuses_javascript_it_cannot_pack_naming_what_to_do() {
     let dir = function(&[("main.js", "export default () => 1;\n")]);

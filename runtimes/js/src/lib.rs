@@ -15,7 +15,7 @@
 //! A JavaScript error, thrown at the top level or by the handler, is written to stderr with its
 //! stack, and the function then traps: thaw reports it as the function's failure (exit 104).
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::io::{Read as _, Write as _};
 
 use rquickjs::loader::{ImportAttributes, Loader, Resolver};
@@ -39,6 +39,38 @@ struct Loaded {
 thread_local! {
     /// The loaded function (wasm32-wasip1 has one thread).
     static LOADED: RefCell<Option<Loaded>> = const { RefCell::new(None) };
+    /// `Math.random`'s state, seeded on its first use in each request (`None` until then).
+    static RANDOM: Cell<Option<u64>> = const { Cell::new(None) };
+}
+
+#[link(wasm_import_module = "wasi_snapshot_preview1")]
+unsafe extern "C" {
+    /// WASI's `random_get`: fills `len` bytes at `buf` from the host's entropy.
+    #[link_name = "random_get"]
+    fn wasi_random_get(buf: *mut u8, len: usize) -> i32;
+}
+
+/// `Math.random`, replacing QuickJS-NG's: that one is seeded from the clock when the context is
+/// created, in init, so every VM restored from one snapshot would give the same sequence. This
+/// one is seeded from WASI's `random_get` on its first use in each request (thaw gives every
+/// restored VM its own entropy), and steps with SplitMix64.
+fn math_random() -> f64 {
+    let state = RANDOM.get().unwrap_or_else(|| {
+        let mut seed = [0u8; 8];
+        // SAFETY: `seed` is writable for its 8 bytes while the call runs.
+        let errno = unsafe { wasi_random_get(seed.as_mut_ptr(), seed.len()) };
+        if errno != 0 {
+            fail(&format!("thaw-js: random_get failed with WASI errno {errno}"));
+        }
+        u64::from_le_bytes(seed)
+    });
+    let state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    RANDOM.set(Some(state));
+    let mut z = state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^= z >> 31;
+    (z >> 11) as f64 / (1u64 << 53) as f64
 }
 
 /// Writes `message` to stderr and traps, which thaw reports as the function's failure.
@@ -156,8 +188,11 @@ fn console_write<'js>(ctx: Ctx<'js>, args: Rest<Value<'js>>) {
 }
 
 /// Installs the globals a function sees beyond the language's own: `console`, whose every method
-/// writes one line to stderr (stdout is the response).
+/// writes one line to stderr (stdout is the response), and a `Math.random` that differs in every
+/// restored VM ([`math_random`]).
 fn install_globals(ctx: &Ctx<'_>) -> rquickjs::Result<()> {
+    let math: Object = ctx.globals().get("Math")?;
+    math.set("random", Function::new(ctx.clone(), math_random)?)?;
     let console = Object::new(ctx.clone())?;
     for method in ["log", "info", "debug", "warn", "error", "trace"] {
         console.set(method, Function::new(ctx.clone(), console_write)?)?;
@@ -236,6 +271,7 @@ fn call<'js>(ctx: &Ctx<'js>, handler: &Persistent<Function<'static>>, request: S
 /// Answers one request: stdin is the request, stdout the response.
 #[unsafe(no_mangle)]
 pub extern "C" fn handle() {
+    RANDOM.set(None);
     let mut request = Vec::new();
     if let Err(e) = std::io::stdin().read_to_end(&mut request) {
         fail(&format!("thaw-js: reading the request: {e}"));
