@@ -12,6 +12,8 @@
 //!   `Uint8Array` or an `ArrayBuffer` as bytes, `undefined` or `null` as nothing, and anything
 //!   else as JSON.
 //!
+//! `Math.random` is the runtime's, seeded afresh in every request ([`math_random`]).
+//!
 //! A JavaScript error, thrown at the top level or by the handler, is written to stderr with its
 //! stack, and the function then traps: thaw reports it as the function's failure (exit 104).
 
