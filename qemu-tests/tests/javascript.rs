@@ -180,13 +180,14 @@ fn a_javascript_function_serves_from_its_snapshot_in_every_mode() {
 }
 
 /// Every VM restored from one image gives its own `Math.random` (QuickJS-NG seeds its own from
-/// the clock in init, so without the runtime's it would replay one sequence), in every mode, and
-/// `Date.now()` is the host's time at the request, not the snapshot's.
+/// the clock in init, so without the runtime's it would replay one sequence) and its own
+/// `crypto.randomUUID()`, in every mode, and `Date.now()` is the host's time at the request,
+/// not the snapshot's.
 #[test]
-fn every_restored_vm_has_its_own_math_random_and_the_hosts_clock() {
+fn every_restored_vm_has_its_own_math_random_and_uuids_and_the_hosts_clock() {
     let dir = function(&[(
         "index.js",
-        "const atInit = Math.random();\nexport const handle = () => `${Math.random()} ${Date.now()}`;\n",
+        "const atInit = Math.random();\nexport const handle = () => `${Math.random()} ${crypto.randomUUID()} ${Date.now()}`;\n",
     )]);
     let bundle = packed(dir.path());
     let image = dir.path().join("function.snap");
@@ -217,8 +218,9 @@ fn every_restored_vm_has_its_own_math_random_and_the_hosts_clock() {
         for line in lines.lines() {
             let line: serde_json::Value = serde_json::from_str(line).unwrap();
             let answer = line["stdout"].as_str().unwrap_or_default();
-            let [random, date] = answer.split(' ').collect::<Vec<_>>()[..] else { panic!("{mode}: {line}") };
+            let [random, uuid, date] = answer.split(' ').collect::<Vec<_>>()[..] else { panic!("{mode}: {line}") };
             assert!(seen.insert(random.to_string()), "{mode}: Math.random repeated {random}");
+            assert!(seen.insert(uuid.to_string()), "{mode}: crypto.randomUUID repeated {uuid}");
             let date: u128 = date.parse().unwrap();
             // The snapshot is at least 1.5 s older than `before`.
             assert!(
@@ -227,7 +229,50 @@ fn every_restored_vm_has_its_own_math_random_and_the_hosts_clock() {
             );
         }
     }
-    assert_eq!(seen.len(), 600);
+    assert_eq!(seen.len(), 1200);
+}
+
+/// `TextEncoder`, `TextDecoder` (UTF-8, invalid bytes replaced) and `crypto`, checked against
+/// what Rust computes from the same request.
+#[test]
+fn text_encoding_and_crypto_globals_behave_as_on_the_web() {
+    let dir = function(&[(
+        "index.js",
+        r#"export function handle(request) {
+  const bytes = new TextEncoder().encode(request);
+  const words = crypto.getRandomValues(new Uint32Array(8));
+  return {
+    utf8: Array.from(bytes),
+    back: new TextDecoder().decode(bytes),
+    invalid: new TextDecoder("UTF-8").decode(new Uint8Array([0x61, 0xff, 0x62])),
+    view: new TextDecoder().decode(new DataView(bytes.buffer, 1, 2)),
+    words: words.length,
+    distinct: new Set(words).size,
+    uuid: crypto.randomUUID(),
+    refused: (() => { try { new TextDecoder("latin1"); return "no"; } catch (e) { return e.name; } })(),
+    tooMany: (() => { try { crypto.getRandomValues(new Uint8Array(65537)); return "no"; } catch (e) { return e.name; } })(),
+  };
+}
+"#,
+    )]);
+    let bundle = packed(dir.path());
+    let request = "héllo € 𝄞";
+    let run = run_thaw(&["invoke", &bundle, "--data", request]);
+    assert_eq!(run.code, Some(0), "{run:#?}");
+    let answer: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+    let utf8: Vec<u64> = request.bytes().map(u64::from).collect();
+    assert_eq!(answer["utf8"], serde_json::json!(utf8));
+    assert_eq!(answer["back"], request);
+    assert_eq!(answer["invalid"], "a\u{fffd}b");
+    assert_eq!(answer["view"], String::from_utf8_lossy(&request.as_bytes()[1..3]).as_ref());
+    assert_eq!((answer["words"].as_u64(), answer["distinct"].as_u64()), (Some(8), Some(8)));
+    let uuid = answer["uuid"].as_str().unwrap();
+    let groups: Vec<usize> = uuid.split('-').map(str::len).collect();
+    assert_eq!(groups, [8, 4, 4, 4, 12], "{uuid}");
+    assert!(uuid.chars().all(|c| c == '-' || c.is_ascii_hexdigit()), "{uuid}");
+    assert_eq!(&uuid[14..15], "4", "version 4: {uuid}");
+    assert!("89ab".contains(&uuid[19..20]), "the RFC 4122 variant: {uuid}");
+    assert_eq!((answer["refused"].as_str(), answer["tooMany"].as_str()), (Some("RangeError"), Some("RangeError")));
 }
 
 #[test]

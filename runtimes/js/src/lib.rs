@@ -12,7 +12,9 @@
 //!   `Uint8Array` or an `ArrayBuffer` as bytes, `undefined` or `null` as nothing, and anything
 //!   else as JSON.
 //!
-//! `Math.random` is the runtime's, seeded afresh in every request ([`math_random`]).
+//! The globals beyond the language's own are `console`, UTF-8 `TextEncoder`/`TextDecoder` and
+//! `crypto` ([`install_globals`]). `Math.random` is the runtime's, seeded afresh in every
+//! request ([`math_random`]).
 //!
 //! A JavaScript error, thrown at the top level or by the handler, is written to stderr with its
 //! stack, and the function then traps: thaw reports it as the function's failure (exit 104).
@@ -52,6 +54,15 @@ unsafe extern "C" {
     fn wasi_random_get(buf: *mut u8, len: usize) -> i32;
 }
 
+/// Fills `bytes` from the host's entropy (WASI `random_get`).
+fn random_bytes(bytes: &mut [u8]) {
+    // SAFETY: `bytes` is writable for its whole length while the call runs.
+    let errno = unsafe { wasi_random_get(bytes.as_mut_ptr(), bytes.len()) };
+    if errno != 0 {
+        fail(&format!("thaw-js: random_get failed with WASI errno {errno}"));
+    }
+}
+
 /// `Math.random`, replacing QuickJS-NG's: that one is seeded from the clock when the context is
 /// created, in init, so every VM restored from one snapshot would give the same sequence. This
 /// one is seeded from WASI's `random_get` on its first use in each request (thaw gives every
@@ -59,11 +70,7 @@ unsafe extern "C" {
 fn math_random() -> f64 {
     let state = RANDOM.get().unwrap_or_else(|| {
         let mut seed = [0u8; 8];
-        // SAFETY: `seed` is writable for its 8 bytes while the call runs.
-        let errno = unsafe { wasi_random_get(seed.as_mut_ptr(), seed.len()) };
-        if errno != 0 {
-            fail(&format!("thaw-js: random_get failed with WASI errno {errno}"));
-        }
+        random_bytes(&mut seed);
         u64::from_le_bytes(seed)
     });
     let state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
@@ -189,12 +196,99 @@ fn console_write<'js>(ctx: Ctx<'js>, args: Rest<Value<'js>>) {
     let _ = writeln!(stderr, "{line}");
 }
 
+/// The native half of `TextEncoder.encode`: `text` as UTF-8.
+fn encode_utf8<'js>(ctx: Ctx<'js>, text: String) -> rquickjs::Result<TypedArray<'js, u8>> {
+    TypedArray::new(ctx, text.into_bytes())
+}
+
+/// The native half of `TextDecoder.decode`: the bytes of a typed array, a `DataView`'s view or
+/// an `ArrayBuffer` as text, invalid UTF-8 replaced (U+FFFD), as the WHATWG decoder does by
+/// default.
+fn decode_utf8<'js>(bytes: Value<'js>) -> rquickjs::Result<String> {
+    let text = |raw: Option<&[u8]>| String::from_utf8_lossy(raw.unwrap_or_default()).into_owned();
+    if let Ok(array) = TypedArray::<u8>::from_value(bytes.clone()) {
+        // SAFETY: the bytes are copied out before any JavaScript runs again.
+        return Ok(text(unsafe { array.as_bytes() }));
+    }
+    if let Some(buffer) = ArrayBuffer::from_value(bytes) {
+        // SAFETY: as above.
+        return Ok(text(unsafe { buffer.as_bytes() }));
+    }
+    Err(rquickjs::Error::new_from_js_message(
+        "value",
+        "Uint8Array",
+        "TextDecoder.decode takes a Uint8Array or an ArrayBuffer",
+    ))
+}
+
+/// The native half of `crypto.getRandomValues` and `crypto.randomUUID`: `count` bytes of the
+/// host's entropy.
+fn random_u8<'js>(ctx: Ctx<'js>, count: usize) -> rquickjs::Result<TypedArray<'js, u8>> {
+    let mut bytes = vec![0; count.min(65536)];
+    random_bytes(&mut bytes);
+    TypedArray::new(ctx, bytes)
+}
+
+/// The Web globals written in JavaScript over the native helpers above, which they then hide.
+const WEB_GLOBALS: &str = r#"(native) => {
+  const define = (name, value) =>
+    Object.defineProperty(globalThis, name, { value, writable: true, configurable: true, enumerable: false });
+  class TextEncoder {
+    get encoding() { return "utf-8"; }
+    encode(input = "") { return native.encode(String(input)); }
+  }
+  class TextDecoder {
+    constructor(label = "utf-8") {
+      if (!/^\s*(utf-?8|unicode-1-1-utf-8)\s*$/i.test(String(label))) {
+        throw new RangeError(`TextDecoder: only utf-8 is supported, not ${label}`);
+      }
+    }
+    get encoding() { return "utf-8"; }
+    decode(input) {
+      if (input === undefined) return "";
+      if (ArrayBuffer.isView(input) && !(input instanceof Uint8Array)) {
+        input = new Uint8Array(input.buffer, input.byteOffset, input.byteLength);
+      }
+      return native.decode(input);
+    }
+  }
+  const crypto = {
+    getRandomValues(array) {
+      if (!ArrayBuffer.isView(array) || array instanceof Float32Array || array instanceof Float64Array || array instanceof DataView) {
+        throw new TypeError("crypto.getRandomValues takes an integer typed array");
+      }
+      if (array.byteLength > 65536) {
+        throw new RangeError(`crypto.getRandomValues: ${array.byteLength} bytes asked, at most 65536`);
+      }
+      new Uint8Array(array.buffer, array.byteOffset, array.byteLength).set(native.random(array.byteLength));
+      return array;
+    },
+    randomUUID() {
+      const b = native.random(16);
+      b[6] = (b[6] & 0x0f) | 0x40;
+      b[8] = (b[8] & 0x3f) | 0x80;
+      const hex = Array.from(b, (x) => x.toString(16).padStart(2, "0")).join("");
+      return `${hex.slice(0, 8)}-${hex.slice(8, 12)}-${hex.slice(12, 16)}-${hex.slice(16, 20)}-${hex.slice(20)}`;
+    },
+  };
+  define("TextEncoder", TextEncoder);
+  define("TextDecoder", TextDecoder);
+  define("crypto", crypto);
+}"#;
+
 /// Installs the globals a function sees beyond the language's own: `console`, whose every method
-/// writes one line to stderr (stdout is the response), and a `Math.random` that differs in every
-/// restored VM ([`math_random`]).
+/// writes one line to stderr (stdout is the response); a `Math.random` that differs in every
+/// restored VM ([`math_random`]); UTF-8 `TextEncoder` and `TextDecoder`; and
+/// `crypto.getRandomValues` and `crypto.randomUUID` from the host's entropy.
 fn install_globals(ctx: &Ctx<'_>) -> rquickjs::Result<()> {
     let math: Object = ctx.globals().get("Math")?;
     math.set("random", Function::new(ctx.clone(), math_random)?)?;
+    let native = Object::new(ctx.clone())?;
+    native.set("encode", Function::new(ctx.clone(), encode_utf8)?)?;
+    native.set("decode", Function::new(ctx.clone(), decode_utf8)?)?;
+    native.set("random", Function::new(ctx.clone(), random_u8)?)?;
+    let web: Function = ctx.eval(WEB_GLOBALS)?;
+    web.call::<_, ()>((native,))?;
     let console = Object::new(ctx.clone())?;
     for method in ["log", "info", "debug", "warn", "error", "trace"] {
         console.set(method, Function::new(ctx.clone(), console_write)?)?;
