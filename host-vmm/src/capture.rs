@@ -36,6 +36,21 @@ pub struct Captured {
     pub init_stderr: Vec<u8>,
 }
 
+/// The first lines of what a function wrote, as one line for an error: at most three non-empty
+/// lines, trimmed and joined with " | ", control characters shown as `?` (the guest wrote them:
+/// no terminal escapes reach an operator's screen), cut at 300 characters. That is a JavaScript
+/// error's message and innermost frames, or a Rust panic's place and message.
+pub fn first_lines(stderr: &[u8]) -> String {
+    const MOST: usize = 300;
+    let text = String::from_utf8_lossy(stderr);
+    let lines: Vec<&str> = text.lines().map(str::trim).filter(|l| !l.is_empty()).take(3).collect();
+    let joined: String = lines.join(" | ").chars().map(|c| if c.is_control() { '?' } else { c }).collect();
+    match joined.char_indices().nth(MOST) {
+        Some((cut, _)) => format!("{}...", &joined[..cut]),
+        None => joined,
+    }
+}
+
 /// Cold-boots `function` on `kernel` with the devices (and device settings) of `devices`, runs
 /// it to its checkpoint within `timeout`, and writes its image to `output`. With a `sample`
 /// request, records the pages that request touches into the image first. The guest's own log is
@@ -58,8 +73,10 @@ pub fn snapshot_function(
     let (outcome, _) = vm.run(&mut guest_log, &mut mailbox, timeout, CheckpointMode::Capture, &mut timings)?;
     let init_stderr = mailbox.init_stderr;
     if !matches!(outcome, Outcome::Checkpointed) {
-        let _ = log.write_all(&guest_log);
-        return Err(VmmError::NoCheckpoint(outcome));
+        // A failed init's stderr came with its failure.
+        let stderr = mailbox.responses.pop().map(|r| r.stderr).unwrap_or_default();
+        let _ = log.write_all(&guest_log).and_then(|()| log.write_all(&stderr));
+        return Err(VmmError::NoCheckpoint { outcome, said: first_lines(&stderr) });
     }
     let boot_and_init = started.elapsed();
     let guest = GuestMetadata {
@@ -96,4 +113,23 @@ pub fn snapshot_function(
     let stats = vm.snapshot(output, guest, volume, runs)?;
     drop((image, draft));
     Ok(Captured { stats, boot_and_init, working_set: Some(recording), init_stderr })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::first_lines;
+
+    #[test]
+    fn a_failed_inits_stderr_becomes_one_safe_line() {
+        assert_eq!(first_lines(b""), "");
+        assert_eq!(
+            first_lines(b"SyntaxError: unexpected token\n    at /app/index.js:2:12\n\n"),
+            "SyntaxError: unexpected token | at /app/index.js:2:12"
+        );
+        assert_eq!(first_lines(b"a\nb\nc\nd\n"), "a | b | c");
+        assert_eq!(first_lines(b"\x1b[2Jcleared\r\x07"), "?[2Jcleared??");
+        let long = first_lines(&[b'x'; 400]);
+        assert_eq!((long.len(), long.ends_with("...")), (303, true));
+        assert_eq!(first_lines(&[0xff, b'!']), "\u{fffd}!");
+    }
 }

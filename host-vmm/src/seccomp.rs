@@ -4,7 +4,9 @@
 //! [`install`] runs once setup is done: arguments read, files opened, listeners bound. It
 //! applies the list to every thread at once (`SECCOMP_FILTER_FLAG_TSYNC`), and threads started
 //! later (vCPU threads, pool fillers, the watchdog) inherit it. A syscall that is not on the
-//! list kills the whole process with SIGSYS. A guest that escaped into a vCPU thread could then
+//! list is never made: the kernel sends the thread SIGSYS instead, whose handler ([`on_sigsys`])
+//! writes one line naming the call to stderr and ends the whole process by SIGSYS, as the
+//! filter's own kill would, but saying why. A guest that escaped into a vCPU thread could then
 //! do no more than thaw itself does: KVM ioctls, memory, files it may open, Unix sockets, and
 //! threads. It could not execute a program, start a process, trace, mount, or load anything
 //! into the kernel.
@@ -149,6 +151,7 @@ pub fn install() -> Result<(), SeccompError> {
     if *installed {
         return Ok(());
     }
+    report_refusals()?;
     // The clone3 filter first: the allow-list forbids the prctl and seccomp calls that
     // installing one more filter makes.
     for program in [clone3_unavailable()?, allow_list()?] {
@@ -156,6 +159,76 @@ pub fn install() -> Result<(), SeccompError> {
     }
     *installed = true;
     Ok(())
+}
+
+/// Installs [`on_sigsys`] as the process's SIGSYS handler.
+fn report_refusals() -> Result<(), SeccompError> {
+    // SAFETY: an all-zero sigaction is a valid value (no flags, an empty mask) that the lines
+    // below fill in.
+    let mut action: libc::sigaction = unsafe { std::mem::zeroed() };
+    action.sa_sigaction = on_sigsys as extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void) as usize;
+    action.sa_flags = libc::SA_SIGINFO;
+    // SAFETY: `action` is a valid sigaction whose handler is async-signal-safe (it only calls
+    // write, sigaction and raise); the old action is not asked for.
+    if unsafe { libc::sigaction(libc::SIGSYS, &action, std::ptr::null_mut()) } != 0 {
+        return Err(SeccompError::Install(format!("the SIGSYS handler: {}", std::io::Error::last_os_error())));
+    }
+    Ok(())
+}
+
+/// The SIGSYS handler: a call off the list was refused (`SECCOMP_RET_TRAP`). Writes
+/// `thaw: system call N is not on thaw's allow-list ...` to stderr, then ends the process by
+/// SIGSYS: the default action, raised again, is delivered as soon as this handler returns.
+/// Allocates nothing and calls only async-signal-safe functions.
+extern "C" fn on_sigsys(_signal: libc::c_int, info: *mut libc::siginfo_t, _context: *mut libc::c_void) {
+    /// Where Linux puts a SIGSYS's `si_syscall` in `siginfo_t` on x86-64: after `si_signo`,
+    /// `si_errno`, `si_code`, their padding and `si_call_addr`.
+    const SI_SYSCALL_OFFSET: usize = 24;
+    let number = if info.is_null() {
+        None
+    } else {
+        // SAFETY: the kernel passes a whole siginfo_t (128 bytes) for a SA_SIGINFO handler, and
+        // for a seccomp SIGSYS the int at this offset is the call's number.
+        Some(unsafe { info.cast::<u8>().add(SI_SYSCALL_OFFSET).cast::<i32>().read_unaligned() })
+    };
+    let mut line = [0u8; 160];
+    let mut at = 0;
+    let mut put = |bytes: &[u8]| {
+        let n = bytes.len().min(line.len() - at);
+        line[at..at + n].copy_from_slice(&bytes[..n]);
+        at += n;
+    };
+    put(b"thaw: system call ");
+    let mut digits = [0u8; 11];
+    let mut first = digits.len();
+    let mut value = number.map_or(0, i32::unsigned_abs);
+    loop {
+        first -= 1;
+        digits[first] = b'0' + (value % 10) as u8;
+        value /= 10;
+        if value == 0 {
+            break;
+        }
+    }
+    match number {
+        Some(n) if n < 0 => put(b"-"),
+        None => put(b"?"),
+        Some(_) => {}
+    }
+    if number.is_some() {
+        put(&digits[first..]);
+    }
+    put(b" is not on thaw's allow-list (host-vmm/src/seccomp.rs); the process ends\n");
+    // SAFETY: write, sigaction and raise are async-signal-safe; `line` holds `at` bytes; an
+    // all-zero sigaction with SIG_DFL (0) is the default action. The filter allows all three
+    // calls (write, rt_sigaction, and the getpid, gettid and tgkill of raise).
+    unsafe {
+        libc::write(libc::STDERR_FILENO, line.as_ptr().cast(), at);
+        let mut default: libc::sigaction = std::mem::zeroed();
+        default.sa_sigaction = libc::SIG_DFL;
+        libc::sigaction(libc::SIGSYS, &default, std::ptr::null_mut());
+        libc::raise(libc::SIGSYS);
+    }
 }
 
 fn build(
@@ -174,7 +247,8 @@ fn rule(index: u8, len: SeccompCmpArgLen, op: SeccompCmpOp, value: u64) -> Resul
     SeccompRule::new(vec![SeccompCondition::new(index, len, op, value).map_err(build)?]).map_err(build)
 }
 
-/// Everything thaw does, and nothing else: any other call kills the process.
+/// Everything thaw does, and nothing else: any other call is refused with SIGSYS
+/// ([`on_sigsys`]), which ends the process.
 fn allow_list() -> Result<BpfProgram, SeccompError> {
     use SeccompCmpArgLen::{Dword, Qword};
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = ALLOWED.iter().map(|&call| (call, Vec::new())).collect();
@@ -191,7 +265,7 @@ fn allow_list() -> Result<BpfProgram, SeccompError> {
         libc::SYS_prctl,
         names.iter().map(|&n| rule(0, Dword, SeccompCmpOp::Eq, n as u64)).collect::<Result<_, _>>()?,
     );
-    build(rules, SeccompAction::KillProcess, SeccompAction::Allow)
+    build(rules, SeccompAction::Trap, SeccompAction::Allow)
 }
 
 /// `clone3` fails with `ENOSYS` (its flags cannot be checked), so that glibc uses `clone`.

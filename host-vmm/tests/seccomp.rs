@@ -1,6 +1,6 @@
 //! The syscall allow-list (`host_vmm::seccomp`) under real VMs: a vCPU thread that runs the
 //! floor guest, fresh and kept (restored, run, reset), works under the filter, and a call off the
-//! list made on that thread kills the whole process with SIGSYS.
+//! list made on that thread kills the whole process with SIGSYS, after one line naming the call.
 //!
 //! A filter cannot be removed once installed, so each case runs this test binary again as a
 //! child process ([`child`]) and looks at how it ended.
@@ -11,14 +11,15 @@ use std::process::{Command, ExitStatus};
 /// Set in the child's environment: what it does under the filter.
 const CHILD: &str = "THAW_SECCOMP_CHILD";
 
-fn run_child(what: &str) -> ExitStatus {
+/// How the child doing `what` ended, and what it wrote to stderr.
+fn run_child(what: &str) -> (ExitStatus, String) {
     assert!(std::path::Path::new("/dev/kvm").exists(), "this test runs VMs under KVM and needs /dev/kvm");
-    Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "child", "--test-threads", "1"])
-        .stdout(std::process::Stdio::null())
+    let output = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "child", "--test-threads", "1", "--nocapture"])
         .env(CHILD, what)
-        .status()
-        .unwrap()
+        .output()
+        .unwrap();
+    (output.status, String::from_utf8_lossy(&output.stderr).into_owned())
 }
 
 /// The child's work; a no-op when the test runs on its own, outside a child.
@@ -48,12 +49,15 @@ fn child() {
 
 #[test]
 fn vms_run_under_the_filter() {
-    let status = run_child("normal");
-    assert!(status.success(), "{status:?}");
+    let (status, stderr) = run_child("normal");
+    assert!(status.success(), "{status:?}: {stderr}");
 }
 
 #[test]
-fn a_call_off_the_list_on_a_vcpu_thread_kills_the_process() {
-    let status = run_child("forbidden");
-    assert_eq!(status.signal(), Some(libc::SIGSYS), "{status:?}");
+fn a_call_off_the_list_on_a_vcpu_thread_kills_the_process_saying_which() {
+    let (status, stderr) = run_child("forbidden");
+    assert_eq!(status.signal(), Some(libc::SIGSYS), "{status:?}: {stderr}");
+    let line = format!("thaw: system call {} is not on thaw's allow-list", libc::SYS_execve);
+    assert!(stderr.contains(&line), "{stderr}");
+    assert!(!stderr.contains("execve returned"), "{stderr}");
 }

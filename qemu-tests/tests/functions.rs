@@ -310,6 +310,7 @@ fn a_failing_init_is_the_functions_failure_not_a_kernel_panic() {
         assert_eq!(run.code, Some(125), "{name}: {run:#?}");
         let last = run.stderr.lines().last().unwrap_or_default();
         assert!(last.contains("the function ended before reaching its checkpoint: the function "), "{name}: {last}");
+        assert!(last.ends_with("; it wrote: starting up"), "what init wrote is in the error: {last}");
         assert!(!run.stderr.contains("guest-kernel/src") && !run.stderr.contains("panicked"), "{run:#?}");
         assert!(!image.exists());
     }

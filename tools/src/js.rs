@@ -22,6 +22,12 @@ pub const DEFAULT_MEMORY_MIB: u32 = 128;
 /// The entry modules looked for in a directory, in order, when `--entry` is not given.
 pub const DEFAULT_ENTRIES: [&str; 2] = ["index.js", "index.mjs"];
 
+/// Where `thaw pack --bundle` puts the bundled entry module among a directory's files.
+pub const BUNDLED: &str = ".thaw/bundle.mjs";
+
+/// The runtime's built-in modules, which a bundle leaves for the runtime to provide.
+const BUILT_IN_MODULES: [&str; 4] = ["node:fs", "node:fs/promises", "fs", "fs/promises"];
+
 /// Why a JavaScript function could not be packed.
 #[derive(Debug, thiserror::Error)]
 pub enum JsError {
@@ -39,6 +45,30 @@ pub enum JsError {
     /// `--entry` without a directory.
     #[error("--entry is for a directory; a .js or .mjs file is its own entry")]
     EntryWithFile,
+    /// `--bundle` without JavaScript.
+    #[error("--bundle is for JavaScript: a .js or .mjs file, or a directory")]
+    BundleNotJavaScript,
+    /// No esbuild to bundle with.
+    #[error(
+        "--bundle runs esbuild, found neither in the function's node_modules/.bin nor on PATH: install it (`apt install esbuild`, or `npm install --save-dev esbuild` in the function's directory)"
+    )]
+    NoEsbuild,
+    /// esbuild could not be started or its output read.
+    #[error("--bundle: running {}: {source}", esbuild.display())]
+    EsbuildRun {
+        /// The esbuild found.
+        esbuild: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// esbuild refused.
+    #[error("--bundle: esbuild could not bundle {}: {said}", entry.display())]
+    Esbuild {
+        /// The entry module.
+        entry: PathBuf,
+        /// The start of what esbuild said.
+        said: String,
+    },
     /// `--data-dir` with JavaScript.
     #[error(
         "--data-dir: a JavaScript function's files are its data volume, at {MOUNT}: put data files in its directory"
@@ -46,9 +76,52 @@ pub enum JsError {
     DataDir,
 }
 
+/// Whether `thaw pack` leaves an entry of a JavaScript function's directory out of its files:
+/// bundles and snapshot images (thaw's own output, which packing again would swallow),
+/// `node_modules` (packages are bundled into the function's own files first) and `.git`.
+pub fn left_out(name: &str, is_dir: bool) -> bool {
+    if is_dir { name == "node_modules" || name == ".git" } else { name.ends_with(".thaw") || name.ends_with(".snap") }
+}
+
 /// Whether `input` is a JavaScript function: a `.js` or `.mjs` file, or a directory.
 pub fn is_javascript(input: &Path) -> bool {
     input.is_dir() || input.extension().is_some_and(|e| e == "js" || e == "mjs")
+}
+
+/// The esbuild `thaw pack --bundle` runs: the function's own (`node_modules/.bin/esbuild` in
+/// its directory `dir`), else the first on `PATH`.
+fn esbuild(dir: Option<&Path>) -> Option<PathBuf> {
+    let local = dir.map(|dir| dir.join("node_modules/.bin/esbuild")).filter(|p| p.is_file());
+    local.or_else(|| {
+        let path = std::env::var_os("PATH")?;
+        std::env::split_paths(&path).map(|dir| dir.join("esbuild")).find(|p| p.is_file())
+    })
+}
+
+/// The module at `entry` bundled by esbuild with the packages it imports, as one ES module for
+/// the runtime (`--platform=neutral`, packages' `module` or `main` field), the runtime's
+/// built-in modules left to it. `dir` is the function's directory, if it has one.
+pub fn bundle(entry: &Path, dir: Option<&Path>) -> Result<Vec<u8>, JsError> {
+    let esbuild = esbuild(dir).ok_or(JsError::NoEsbuild)?;
+    let run = |source| JsError::EsbuildRun { esbuild: esbuild.clone(), source };
+    let out = tempfile::tempdir().map_err(run)?;
+    let outfile = out.path().join("bundle.mjs");
+    let output = std::process::Command::new(&esbuild)
+        .arg(entry)
+        .args(["--bundle", "--format=esm", "--platform=neutral", "--main-fields=module,main"])
+        .args(["--log-level=error", "--color=false"])
+        .args(BUILT_IN_MODULES.map(|m| format!("--external:{m}")))
+        .arg(format!("--outfile={}", outfile.display()))
+        .output()
+        .map_err(run)?;
+    if !output.status.success() {
+        let said = match host_vmm::capture::first_lines(&output.stderr) {
+            said if said.is_empty() => output.status.to_string(),
+            said => said,
+        };
+        return Err(JsError::Esbuild { entry: entry.to_path_buf(), said });
+    }
+    std::fs::read(&outfile).map_err(run)
 }
 
 /// The entry module of the function at `input`, named relative to it: a file is its own; a

@@ -1,4 +1,4 @@
-//! `thaw new`: scaffold a function (Rust or C) that builds and packs as written. The files are
+//! `thaw new`: scaffold a function (Rust, C or JavaScript) that builds and packs as written. The files are
 //! the templates in `tools/templates/`, which docs/FUNCTIONS.md shows whole; a test checks that
 //! the two agree and that what `thaw new` writes builds, packs and answers.
 
@@ -13,6 +13,8 @@ pub enum Lang {
     Rust,
     /// C, built with clang and wasi-libc (a command).
     C,
+    /// JavaScript, run by thaw's own runtime (a module whose top level is init).
+    Js,
 }
 
 /// How a Rust function is entered.
@@ -33,7 +35,8 @@ pub struct NewArgs {
     /// The language.
     #[arg(long, value_enum, default_value = "rust")]
     lang: Lang,
-    /// For Rust: a reactor or a command [default: reactor]. A C function is a command.
+    /// For Rust: a reactor or a command [default: reactor]. A C function is a command; a
+    /// JavaScript one is a module with a handler.
     #[arg(long, value_enum)]
     kind: Option<Kind>,
     /// Create the function's directory under this one [default: the current directory].
@@ -59,6 +62,11 @@ const C: &[Template] = &[
     ("Makefile", include_str!("../templates/c/Makefile")),
     (".gitignore", "*.wasm\n*.thaw\n*.snap\n"),
 ];
+const JS: &[Template] = &[
+    ("index.mjs", include_str!("../templates/js/index.mjs")),
+    ("greetings.json", include_str!("../templates/js/greetings.json")),
+    (".gitignore", "*.thaw\n*.snap\n"),
+];
 
 /// True for a name cargo and thaw both take.
 fn valid_name(name: &str) -> bool {
@@ -76,6 +84,9 @@ pub enum NewError {
     /// `--lang c --kind reactor`.
     #[error("--kind reactor: a C function is a command (main per request)")]
     CReactor,
+    /// `--lang js --kind ...`.
+    #[error("--kind: a JavaScript function is a module whose handler is called per request; leave --kind out")]
+    JsKind,
     /// A directory could not be created (the function's own: it may exist).
     #[error("creating {}: {source}", path.display())]
     Create {
@@ -107,11 +118,14 @@ pub fn run(args: &NewArgs) -> Result<u8, NewError> {
         (Lang::C, Some(Kind::Reactor)) => return Err(NewError::CReactor),
         (Lang::C, _) => Kind::Command,
         (Lang::Rust, kind) => kind.unwrap_or(Kind::Reactor),
+        (Lang::Js, Some(_)) => return Err(NewError::JsKind),
+        (Lang::Js, None) => Kind::Reactor,
     };
     let (templates, what) = match (args.lang, kind) {
         (Lang::Rust, Kind::Reactor) => (RUST_REACTOR, "a Rust reactor"),
         (Lang::Rust, Kind::Command) => (RUST_COMMAND, "a Rust command"),
         (Lang::C, _) => (C, "a C command"),
+        (Lang::Js, _) => (JS, "a JavaScript module"),
     };
     let dir = args.into.as_deref().unwrap_or(Path::new(".")).join(&args.name);
     // Creating the directory itself (not its parents) fails if it exists: nothing is overwritten.
@@ -139,9 +153,11 @@ pub fn run(args: &NewArgs) -> Result<u8, NewError> {
             "  make                               # clang and wasi-libc: see the Makefile\n  thaw pack {}.wasm\n",
             args.name
         ),
+        Lang::Js => "  thaw pack .                        # the directory: index.mjs and the files beside it\n".into(),
     };
+    let data = if args.lang == Lang::Js { r#"'{"name": "thaw", "lang": "fr"}'"# } else { "'hello thaw'" };
     outln!(
-        "created {} ({what})\nnext:\n  cd {}\n{build}  thaw invoke {}.thaw --data 'hello thaw'",
+        "created {} ({what})\nnext:\n  cd {}\n{build}  thaw invoke {}.thaw --data {data}",
         dir.display(),
         dir.display(),
         args.name

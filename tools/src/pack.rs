@@ -143,6 +143,10 @@ pub struct PackArgs {
     /// or index.mjs].
     #[arg(long, value_name = "FILE")]
     entry: Option<String>,
+    /// JavaScript: bundle the entry module and the npm packages it imports into one module
+    /// first, with esbuild (the function's node_modules/.bin/esbuild, else the one on PATH).
+    #[arg(long)]
+    bundle: bool,
     /// Pack one of the example functions built into thaw instead of a file.
     #[arg(long, value_name = "NAME", conflicts_with = "input", value_parser = clap::builder::PossibleValuesParser::new(EXAMPLE_NAMES))]
     example: Option<String>,
@@ -368,8 +372,18 @@ fn scratch_dirs(args: &PackArgs) -> Result<Vec<String>, PackError> {
     Ok(args.scratch_dirs.clone())
 }
 
-/// Builds a data volume from the tree at `dir`: regular files and directories, with UTF-8 names.
-pub fn volume_from_dir(dir: &Path) -> Result<Vec<u8>, PackError> {
+/// Builds a data volume from the tree at `dir`: regular files and directories, with UTF-8 names,
+/// but those `left_out` (given each entry's name and whether it is a directory) says to skip.
+pub fn volume_from_dir(dir: &Path, left_out: fn(&str, bool) -> bool) -> Result<Vec<u8>, PackError> {
+    let (files, dirs) = tree(dir, left_out)?;
+    abi::volume::build(&files, &dirs).map_err(|source| PackError::Volume { dir: dir.to_path_buf(), source })
+}
+
+/// A tree's files (path in the tree, bytes) and directories.
+type Tree = (Vec<(String, Vec<u8>)>, Vec<String>);
+
+/// The tree at `dir`, as [`volume_from_dir`] takes it.
+fn tree(dir: &Path, left_out: fn(&str, bool) -> bool) -> Result<Tree, PackError> {
     let mut files = Vec::new();
     let mut dirs = Vec::new();
     let mut total = 0u64;
@@ -380,8 +394,11 @@ pub fn volume_from_dir(dir: &Path) -> Result<Vec<u8>, PackError> {
             let entry = entry.map_err(fail)?;
             let name =
                 entry.file_name().into_string().map_err(|name| PackError::DataDirName { dir: path.clone(), name })?;
-            let inner = if relative.is_empty() { name } else { format!("{relative}/{name}") };
             let kind = entry.file_type().map_err(fail)?;
+            if left_out(&name, kind.is_dir()) {
+                continue;
+            }
+            let inner = if relative.is_empty() { name } else { format!("{relative}/{name}") };
             if kind.is_dir() {
                 dirs.push(inner.clone());
                 pending.push((entry.path(), inner));
@@ -397,7 +414,7 @@ pub fn volume_from_dir(dir: &Path) -> Result<Vec<u8>, PackError> {
             }
         }
     }
-    abi::volume::build(&files, &dirs).map_err(|source| PackError::Volume { dir: dir.to_path_buf(), source })
+    Ok((files, dirs))
 }
 
 /// A WAT error on one line: the message and where, without the source excerpt.
@@ -422,6 +439,9 @@ pub fn run(args: &PackArgs) -> Result<u8, PackError> {
     if args.entry.is_some() {
         return Err(JsError::EntryWithFile.into());
     }
+    if args.bundle {
+        return Err(JsError::BundleNotJavaScript.into());
+    }
     let (source, input, stem) = match (&args.input, example) {
         (_, Some((name, wasm, _))) => (wasm.to_vec(), format!("example {name}"), name.to_string()),
         (Some(path), None) => {
@@ -444,10 +464,13 @@ pub fn run(args: &PackArgs) -> Result<u8, PackError> {
         Some(spec) => split_data_dir(spec.as_os_str()).map(|(dir, mount)| (Some(dir), mount))?,
         None => (None, bundle::DEFAULT_DATA_MOUNT.into()),
     };
-    let volume = data_dir.as_deref().map(volume_from_dir).transpose()?.unwrap_or_default();
+    let volume = data_dir.as_deref().map(|dir| volume_from_dir(dir, |_, _| false)).transpose()?.unwrap_or_default();
     let memory_mib = args.memory.unwrap_or(DEFAULT_MEMORY_MIB);
     let sample = example.map(|(_, _, sample)| *sample);
-    pack(args, Packing { wasm, input, stem, volume, data_mount, env: args.env.clone(), memory_mib, sample })
+    pack(
+        args,
+        Packing { wasm, input, stem, volume, data_mount, env: args.env.clone(), memory_mib, sample, language: None },
+    )
 }
 
 /// `thaw pack` of JavaScript at `path`: the runtime built into thaw, with the function's files
@@ -457,14 +480,35 @@ fn pack_javascript(args: &PackArgs, path: &Path) -> Result<u8, PackError> {
     if args.data_dir.is_some() {
         return Err(JsError::DataDir.into());
     }
-    let entry = crate::js::entry(path, args.entry.as_deref())?;
-    let volume = if path.is_dir() {
-        volume_from_dir(path)?
+    let packing = javascript(path, args.entry.as_deref(), &args.env, args.bundle)?;
+    let packing = Packing { memory_mib: args.memory.unwrap_or(packing.memory_mib), ..packing };
+    pack(args, packing)
+}
+
+/// What packs the JavaScript function at `path` (a `.js` or `.mjs` file, or a directory with
+/// its `entry`), with `env` beside the entry's. With `bundle`, the entry is esbuild's bundle of
+/// it: in place of a file, or beside a directory's files at [`crate::js::BUNDLED`].
+fn javascript(path: &Path, entry: Option<&str>, env: &[String], bundle: bool) -> Result<Packing, PackError> {
+    let mut entry = crate::js::entry(path, entry)?;
+    let (mut files, mut dirs) = if path.is_dir() {
+        tree(path, crate::js::left_out)?
     } else {
-        let source = read_limited(path, abi::volume::MAX_VOLUME_BYTES, "function", READ_WITHIN)?;
-        abi::volume::build(&[(entry.clone(), source)], &[])
-            .map_err(|source| PackError::Volume { dir: path.to_path_buf(), source })?
+        (vec![(entry.clone(), read_limited(path, abi::volume::MAX_VOLUME_BYTES, "function", READ_WITHIN)?)], Vec::new())
     };
+    if bundle {
+        let dir = path.is_dir().then_some(path);
+        let module = crate::js::bundle(&dir.map_or_else(|| path.to_path_buf(), |d| d.join(&entry)), dir)?;
+        if dir.is_some() {
+            let (parent, _) = crate::js::BUNDLED.split_once('/').unwrap_or_default();
+            dirs.push(parent.to_string());
+            files.push((crate::js::BUNDLED.to_string(), module));
+            entry = crate::js::BUNDLED.to_string();
+        } else {
+            files[0].1 = module;
+        }
+    }
+    let volume =
+        abi::volume::build(&files, &dirs).map_err(|source| PackError::Volume { dir: path.to_path_buf(), source })?;
     let named = if path.is_dir() {
         std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf())
     } else {
@@ -472,19 +516,73 @@ fn pack_javascript(args: &PackArgs, path: &Path) -> Result<u8, PackError> {
     };
     let stem = named.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
     let env = std::iter::once(format!("{}={}/{entry}", crate::js::ENTRY_VARIABLE, crate::js::MOUNT))
-        .chain(args.env.iter().cloned())
+        .chain(env.iter().cloned())
         .collect();
-    let packing = Packing {
+    Ok(Packing {
         wasm: crate::js::RUNTIME.to_vec(),
         input: path.display().to_string(),
         stem,
         volume,
         data_mount: crate::js::MOUNT.into(),
         env,
-        memory_mib: args.memory.unwrap_or(crate::js::DEFAULT_MEMORY_MIB),
+        memory_mib: crate::js::DEFAULT_MEMORY_MIB,
         sample: None,
+        language: Some(format!("JavaScript, entry {}/{entry}", crate::js::MOUNT)),
+    })
+}
+
+/// What `thaw deploy` packs a JavaScript function with, as `thaw pack`'s flags of those names
+/// would.
+#[derive(Debug)]
+pub struct JavaScriptOptions {
+    /// The entry module of a directory.
+    pub entry: Option<String>,
+    /// `K=V` environment entries.
+    pub env: Vec<String>,
+    /// Most linear memory, in MiB (the JavaScript default when `None`).
+    pub memory: Option<u32>,
+    /// Whether esbuild bundles the npm packages it imports.
+    pub bundle: bool,
+    /// The request the bundle carries for `thaw snapshot`'s working set.
+    pub sample: Option<String>,
+}
+
+/// The bundle `thaw pack` makes of the JavaScript function at `path` with `options`, named
+/// `name`: what `thaw deploy` uploads for one.
+pub fn javascript_bundle(path: &Path, name: &str, options: &JavaScriptOptions) -> Result<Vec<u8>, PackError> {
+    let Packing { wasm, input, volume, data_mount, env, memory_mib, .. } =
+        javascript(path, options.entry.as_deref(), &options.env, options.bundle)?;
+    let settings = BundleSettings {
+        name: name.to_string(),
+        memory_mib: options.memory.unwrap_or(memory_mib),
+        fuel: None,
+        env,
+        args: Vec::new(),
+        connections: Vec::new(),
+        sample_request: options.sample.as_ref().map(|s| s.as_bytes().to_vec()),
+        scratch_mib: bundle::DEFAULT_SCRATCH_MIB,
+        scratch_dirs: default_scratch_dirs(),
+        data_mount,
     };
-    pack(args, packing)
+    let packed = bundle_wasm(&settings, &wasm, &volume, &CodeCache::user());
+    Ok(packed.map_err(|e| PackError::Input { input, source: Box::new(e) })?.bundle)
+}
+
+/// The bundle of a JavaScript function uploaded to `thaw serve` as one module's `source`, packed
+/// with `settings` (named as the function is): the module is the function's only file,
+/// `/app/NAME.mjs`, and its code comes from `cache`, compiled once per runtime.
+pub fn javascript_module(
+    source: Vec<u8>,
+    mut settings: BundleSettings,
+    cache: &CodeCache,
+) -> Result<Vec<u8>, PackError> {
+    // A function's name has no '/', so this is one file's name.
+    let file = format!("{}.mjs", settings.name);
+    let volume = abi::volume::build(&[(file.clone(), source)], &[])
+        .map_err(|source| PackError::Volume { dir: PathBuf::from(crate::js::MOUNT), source })?;
+    settings.env.insert(0, format!("{}={}/{file}", crate::js::ENTRY_VARIABLE, crate::js::MOUNT));
+    settings.data_mount = crate::js::MOUNT.into();
+    Ok(bundle_wasm(&settings, crate::js::RUNTIME, &volume, cache)?.bundle)
 }
 
 /// What `thaw pack` packs, whatever the function's language.
@@ -500,11 +598,14 @@ struct Packing {
     memory_mib: u32,
     /// The example's documented request, if it is one.
     sample: Option<&'static str>,
+    /// What the summary calls a function in a language thaw runs on its own runtime (the wasm
+    /// is then the runtime's); `None` for a wasm function, which is called a reactor or command.
+    language: Option<String>,
 }
 
 /// Packs `packing` with the rest of `args`, writes the bundle and says what it holds.
 fn pack(args: &PackArgs, packing: Packing) -> Result<u8, PackError> {
-    let Packing { wasm, input, stem, volume, data_mount, env, memory_mib, sample } = packing;
+    let Packing { wasm, input, stem, volume, data_mount, env, memory_mib, sample, language } = packing;
     if !(1..=bundle::MAX_SCRATCH_MIB).contains(&args.scratch_mib) {
         return Err(PackError::ScratchMib(args.scratch_mib));
     }
@@ -534,9 +635,10 @@ fn pack(args: &PackArgs, packing: Packing) -> Result<u8, PackError> {
     };
     let output = args.output.clone().unwrap_or_else(|| PathBuf::from(format!("{}.thaw", manifest.name)));
     write_atomically(&output, &bytes)?;
-    let kind = match kind {
-        FunctionKind::Reactor => "reactor",
-        FunctionKind::Command => "command",
+    let kind = match (language, kind) {
+        (Some(language), _) => format!("{language}, on a runtime of"),
+        (None, FunctionKind::Reactor) => "reactor,".to_string(),
+        (None, FunctionKind::Command) => "command,".to_string(),
     };
     let mut data = match manifest.scratch_dirs.as_slice() {
         [] => ", no in-memory directories".to_string(),
@@ -552,7 +654,7 @@ fn pack(args: &PackArgs, packing: Packing) -> Result<u8, PackError> {
         data.push_str(&format!(", a {}-byte sample request", sample.len()));
     }
     eprintln!(
-        "thaw: packed {} ({kind}, {} bytes of wasm {compiled}, {} MiB memory{data}) into {}",
+        "thaw: packed {} ({kind} {} bytes of wasm {compiled}, {} MiB memory{data}) into {}",
         manifest.name,
         wasm.len(),
         manifest.memory_mib,

@@ -2,15 +2,18 @@
 //! process by Wasmtime (Cranelift, WASI preview 1 from `wasmtime-wasi`), phase by phase as
 //! thaw's guest runs it: compile, instantiate, init, handle. Each run instantiates the module
 //! anew, runs init and serves the request, as a cold invocation does; the module is compiled
-//! once, and that one compile is the compile phase.
+//! once, and that one compile is the compile phase. The function sees the files thaw's guest
+//! gives it: its data volume, unpacked once into a temporary directory preopened at its mount
+//! (writable, as in the guest, but what one run writes there the next run sees), and its
+//! scratch directories, each an empty temporary directory in every run.
 
 use std::time::Instant;
 
 use host_vmm::function::{Function, FunctionKind};
 use wasmtime::{Config, Engine, Instance, Linker, Module, Store, StoreLimits, StoreLimitsBuilder};
-use wasmtime_wasi::WasiCtxBuilder;
 use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::p2::pipe::{MemoryInputPipe, MemoryOutputPipe};
+use wasmtime_wasi::{FsPerms, WasiCtxBuilder};
 
 use crate::stats::{Percentiles, Phases};
 
@@ -18,8 +21,16 @@ use crate::stats::{Percentiles, Phases};
 #[derive(Debug, thiserror::Error)]
 pub enum PeerError {
     /// The function needs devices the peer does not give.
-    #[error("--peer wasmtime: the peer runs functions without a data volume or service connections")]
+    #[error("--peer wasmtime: the peer runs functions without service connections")]
     Devices,
+    /// The function's files could not be laid out on the host.
+    #[error("--peer wasmtime: {what}: {error}")]
+    Files {
+        /// What was being done.
+        what: String,
+        /// Why it failed.
+        error: std::io::Error,
+    },
     /// The bundle is not valid.
     #[error(transparent)]
     Bundle(#[from] abi::bundle::BundleError),
@@ -81,10 +92,11 @@ pub fn measure(
     runs: usize,
     expected: &[u8],
 ) -> Result<Phases<Percentiles>, PeerError> {
-    if function.volume.is_some() || !function.manifest.connections.is_empty() {
+    if !function.manifest.connections.is_empty() {
         return Err(PeerError::Devices);
     }
     let parsed = abi::bundle::parse(&function.bundle)?;
+    let volume = unpack_volume(function)?;
     let mut config = Config::new();
     config.consume_fuel(function.manifest.fuel.is_some());
     let engine = Engine::new(&config).map_err(PeerError::Setup)?;
@@ -95,7 +107,7 @@ pub fn measure(
     wasmtime_wasi::p1::add_to_linker_sync(&mut linker, |peer| &mut peer.wasi).map_err(PeerError::Setup)?;
     let mut samples = Vec::with_capacity(runs);
     for run in 0..runs {
-        let (phases, stdout) = serve(function, &engine, &linker, &module, request)
+        let (phases, stdout) = serve(function, volume.as_ref(), &engine, &linker, &module, request)
             .map_err(|e| PeerError::Run { run: run + 1, why: Box::new(e) })?;
         if run == 0 && stdout != expected {
             return Err(PeerError::Differs {
@@ -110,9 +122,31 @@ pub fn measure(
     Ok(phases)
 }
 
+/// The function's data volume unpacked into a new temporary directory, if it has one.
+fn unpack_volume(function: &Function) -> Result<Option<tempfile::TempDir>, PeerError> {
+    let Some((offset, len)) = function.volume else { return Ok(None) };
+    let files = |what: &str, error| PeerError::Files { what: what.to_string(), error };
+    // `Function::parse` checked that the volume lies in the bundle and parses.
+    let bytes = &function.bundle[offset as usize..(offset + len) as usize];
+    let directory = abi::volume::parse(bytes).map_err(|e| files("the data volume", std::io::Error::other(e)))?;
+    let root = tempfile::tempdir().map_err(|e| files("a directory for the data volume", e))?;
+    for entry in &directory.entries {
+        let path = root.path().join(&entry.path);
+        let written = match entry.kind {
+            abi::volume::EntryKind::Directory => std::fs::create_dir_all(&path),
+            abi::volume::EntryKind::File => {
+                std::fs::write(&path, &bytes[entry.offset as usize..(entry.offset + entry.size) as usize])
+            }
+        };
+        written.map_err(|e| files(&format!("unpacking {}", entry.path), e))?;
+    }
+    Ok(Some(root))
+}
+
 /// One cold invocation: a new instance, its init, the request. Returns the phases and stdout.
 fn serve(
     function: &Function,
+    volume: Option<&tempfile::TempDir>,
     engine: &Engine,
     linker: &Linker<Peer>,
     module: &Module,
@@ -123,13 +157,30 @@ fn serve(
     let env: Vec<(&str, &str)> = manifest.env.iter().filter_map(|entry| entry.split_once('=')).collect();
     let mut args = vec![manifest.name.as_str()];
     args.extend(manifest.args.iter().map(String::as_str));
-    let wasi = WasiCtxBuilder::new()
-        .stdin(MemoryInputPipe::new(request.to_vec()))
+    let mut wasi = WasiCtxBuilder::new();
+    wasi.stdin(MemoryInputPipe::new(request.to_vec()))
         .stdout(stdout.clone())
         .stderr(MemoryOutputPipe::new(MAX_OUTPUT))
         .args(&args)
-        .envs(&env)
-        .build_p1();
+        .envs(&env);
+    let files = |what: &str, error| PeerError::Files { what: what.to_string(), error };
+    let mut scratch = Vec::new();
+    for dir in manifest.preopens() {
+        let (host, perms) = match volume {
+            Some(volume) if dir == manifest.data_mount && !manifest.scratch_dirs.iter().any(|d| d == dir) => {
+                (volume.path().to_path_buf(), FsPerms::ReadWrite)
+            }
+            _ => {
+                let fresh = tempfile::tempdir().map_err(|e| files("a scratch directory", e))?;
+                let path = fresh.path().to_path_buf();
+                scratch.push(fresh);
+                (path, FsPerms::ReadWrite)
+            }
+        };
+        wasi.preopened_dir(&host, dir, perms)
+            .map_err(|e| files(&format!("preopening {dir}"), std::io::Error::other(e.to_string())))?;
+    }
+    let wasi = wasi.build_p1();
     let limits = StoreLimitsBuilder::new().memory_size((manifest.memory_mib as usize) << 20).build();
     let mut store = Store::new(engine, Peer { wasi, limits });
     store.limiter(|peer| &mut peer.limits);

@@ -108,8 +108,16 @@ pub enum VmmError {
     #[error("resetting guest memory: {0}")]
     Reset(#[from] MemoryError),
     /// The function ended before reaching its checkpoint, so there is nothing to snapshot.
-    #[error("the function ended before reaching its checkpoint: {0}")]
-    NoCheckpoint(Outcome),
+    #[error(
+        "the function ended before reaching its checkpoint: {outcome}{}",
+        if said.is_empty() { String::new() } else { format!("; it wrote: {said}") }
+    )]
+    NoCheckpoint {
+        /// How it ended.
+        outcome: Outcome,
+        /// The start of what it wrote to stderr, on one line ([`crate::capture::first_lines`]).
+        said: String,
+    },
     /// A restored VM's guest ended before it waited for its request.
     #[error("a restored VM ended before it waited for its request: {0}")]
     NotParked(Outcome),

@@ -157,12 +157,26 @@ pub fn router(api: Arc<Api>) -> Router {
         .route("/v1/functions/{name}", get(show).put(deploy).delete(remove))
         .route("/v1/functions/{name}/invoke", post(invoke))
         .route("/v1/functions/{name}/logs", get(logs))
-        .fallback(|| async { error(StatusCode::NOT_FOUND, "no such route (see docs/API.md)") })
+        .method_not_allowed_fallback(wrong_method)
+        .fallback(no_route)
         .layer(axum::middleware::map_response(json_errors))
         .with_state(api)
 }
 
-/// An error the router made itself (a method a route does not take, a name that is not UTF-8)
+/// 404 for a path no route takes, after [`drain`]ing the body.
+async fn no_route(State(api): State<Arc<Api>>, body: Body) -> Response {
+    refuse(Refusal(StatusCode::NOT_FOUND, "no such route (see docs/API.md)".into()), body, api.limits.read_timeout)
+        .await
+}
+
+/// 405 for a method a route does not take, after [`drain`]ing the body (the router adds `Allow`).
+async fn wrong_method(State(api): State<Arc<Api>>, method: axum::http::Method, body: Body) -> Response {
+    let refusal =
+        Refusal(StatusCode::METHOD_NOT_ALLOWED, format!("this route does not take {method} (see docs/API.md)"));
+    refuse(refusal, body, api.limits.read_timeout).await
+}
+
+/// An error the router made itself (a name that is not UTF-8)
 /// as JSON with one `error` line, like the handlers' own: its first line of text, or the
 /// status's name. Its other headers (`Allow`) stay.
 async fn json_errors(response: Response) -> Response {
@@ -288,6 +302,14 @@ async fn read_body(
     }
 }
 
+/// Whether a deploy's `Content-Type` says its body is a JavaScript module: `text/javascript`
+/// (RFC 9239) or the older `application/javascript`, in any case, with any parameters.
+fn is_javascript(headers: &HeaderMap) -> bool {
+    let Some(value) = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()) else { return false };
+    let essence = value.split(';').next().unwrap_or("").trim();
+    ["text/javascript", "application/javascript"].iter().any(|t| essence.eq_ignore_ascii_case(t))
+}
+
 /// The KiB of the request budget a body reserves: its declared length, or `cap` when it
 /// declares none (a chunked body), at least 1.
 fn reserved_kib(headers: &HeaderMap, cap: usize) -> u32 {
@@ -334,7 +356,8 @@ async fn deploy(
         Ok(upload) => upload,
         Err(refused) => return refused.into_response(),
     };
-    match api.registry.deploy(&name, Vec::from(upload.bytes), query.as_deref().unwrap_or("")).await {
+    let javascript = is_javascript(&headers);
+    match api.registry.deploy(&name, Vec::from(upload.bytes), javascript, query.as_deref().unwrap_or("")).await {
         Ok((deployment, view)) => {
             let status = if deployment == Deployment::Created { StatusCode::CREATED } else { StatusCode::OK };
             (status, axum::Json(json!({ "deployment": deployment, "function": view }))).into_response()
@@ -393,6 +416,7 @@ fn registry_error(e: &RegistryError) -> Response {
         RegistryError::Settings(_)
         | RegistryError::Bundle(_)
         | RegistryError::Wasm(_)
+        | RegistryError::JavaScript(_)
         | RegistryError::NotFunction(_)
         | RegistryError::Function(_)
         | RegistryError::Service { .. } => StatusCode::BAD_REQUEST,
@@ -565,6 +589,24 @@ mod tests {
         assert_eq!(panicked.status(), StatusCode::BAD_GATEWAY);
         let host = answer_response(&Err(DeployedError::ThreadEnded), 1000);
         assert_eq!(host.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    }
+
+    #[test]
+    fn a_deploy_is_javascript_only_when_its_content_type_says_so() {
+        let typed = |value: &'static str| {
+            let mut headers = HeaderMap::new();
+            headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(value));
+            is_javascript(&headers)
+        };
+        for yes in
+            ["text/javascript", "Text/JavaScript; charset=utf-8", "application/javascript", " text/javascript ;x=y"]
+        {
+            assert!(typed(yes), "{yes}");
+        }
+        for no in ["application/octet-stream", "text/javascriptx", "text/plain", "javascript", ""] {
+            assert!(!typed(no), "{no}");
+        }
+        assert!(!is_javascript(&HeaderMap::new()));
     }
 
     #[test]

@@ -333,12 +333,23 @@ pub fn run(args: &ServeArgs) -> Result<u8, ServeError> {
     Ok(0)
 }
 
-/// Binds `listen`: a TCP address, or a Unix socket made private (mode 0600).
+/// Connections the kernel completes and queues for `accept` (the kernel caps it at
+/// `net.core.somaxconn`, 4096 by default). std and tokio ask for 128, which a burst of clients
+/// overflows while the accept loop waits for a slot or a thread; a connection queued past it
+/// can be dropped and then reset once its client has sent the request.
+const LISTEN_BACKLOG: u32 = 4096;
+
+/// Binds `listen` with a [`LISTEN_BACKLOG`]: a TCP address, or a Unix socket made private
+/// (mode 0600).
 async fn bind(listen: &Listen) -> Result<Listener, ServeError> {
     Ok(match listen.clone() {
         Listen::Tcp(addr) => {
             let failed = |source| ServeError::Bind { listen: addr.to_string(), source };
-            let listener = tokio::net::TcpListener::bind(addr).await.map_err(failed)?;
+            let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4() } else { tokio::net::TcpSocket::new_v6() };
+            let socket = socket.map_err(failed)?;
+            socket.set_reuseaddr(true).map_err(failed)?;
+            socket.bind(addr).map_err(failed)?;
+            let listener = socket.listen(LISTEN_BACKLOG).map_err(failed)?;
             let bound = listener.local_addr().map_err(failed)?;
             info!("listening on http://{bound}");
             Listener::Tcp(listener)
@@ -358,7 +369,9 @@ async fn bind(listen: &Listen) -> Result<Listener, ServeError> {
                 }
                 std::fs::remove_file(&path).map_err(failed)?;
             }
-            let listener = tokio::net::UnixListener::bind(&path).map_err(failed)?;
+            let socket = tokio::net::UnixSocket::new_stream().map_err(failed)?;
+            socket.bind(&path).map_err(failed)?;
+            let listener = socket.listen(LISTEN_BACKLOG).map_err(failed)?;
             std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).map_err(failed)?;
             info!("listening on unix:{}", path.display());
             Listener::Unix(listener, path)

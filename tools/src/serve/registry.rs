@@ -37,8 +37,13 @@ pub enum RegistryError {
     /// The uploaded wasm module is not acceptable (400).
     #[error("the wasm module: {0}")]
     Wasm(crate::pack::PackError),
-    /// The upload is neither a bundle nor a wasm module (400).
-    #[error("the body is neither a thaw bundle (.thaw) nor a wasm module (.wasm): it starts with [{0}]")]
+    /// The uploaded JavaScript module could not be packed (400).
+    #[error("the JavaScript module: {0}")]
+    JavaScript(crate::pack::PackError),
+    /// The upload is neither a bundle nor a wasm module, and not said to be JavaScript (400).
+    #[error(
+        "the body is neither a thaw bundle (.thaw) nor a wasm module (.wasm): it starts with [{0}] (a JavaScript module is sent with Content-Type: text/javascript)"
+    )]
     NotFunction(String),
     /// The bundle is not a valid function (400).
     #[error(transparent)]
@@ -221,13 +226,13 @@ impl Registry {
 
     /// `name` as the API shows it.
     pub fn view(&self, name: &str) -> Option<View> {
-        self.slots.read().unwrap_or_else(|p| p.into_inner()).get(name).map(view)
+        self.slots.read().unwrap_or_else(|p| p.into_inner()).get(name).map(|slot| self.shown(slot))
     }
 
     /// Every function, by name.
     pub fn views(&self) -> Vec<View> {
         let slots = self.slots.read().unwrap_or_else(|p| p.into_inner());
-        let mut views: Vec<View> = slots.values().map(view).collect();
+        let mut views: Vec<View> = slots.values().map(|slot| self.shown(slot)).collect();
         views.sort_by(|a, b| a.name.cmp(&b.name));
         views
     }
@@ -253,8 +258,15 @@ impl Registry {
         metrics::render(&samples)
     }
 
-    /// Deploys `upload` (a bundle or a bare wasm) as `name` with the settings in `query`.
-    pub async fn deploy(&self, name: &str, upload: Vec<u8>, query: &str) -> Result<(Deployment, View), RegistryError> {
+    /// Deploys `upload` (a bundle, a bare wasm, or with `javascript` a JavaScript module) as
+    /// `name` with the settings in `query`.
+    pub async fn deploy(
+        &self,
+        name: &str,
+        upload: Vec<u8>,
+        javascript: bool,
+        query: &str,
+    ) -> Result<(Deployment, View), RegistryError> {
         let (mut serving, packing) = settings::parse(query, &self.operator.defaults)?;
         // The code is this agent's, compiled from the wasm or found in its code cache, never
         // taken from the upload (the bundle rule, `code.rs`); off the async workers, since
@@ -269,6 +281,11 @@ impl Registry {
             let settings = packing.bundle_settings(name);
             let packed = blocking(move || crate::pack::bundle_wasm(&settings, &upload, &[], &cache)).await?;
             Function::from_bundle(packed.map_err(RegistryError::Wasm)?.bundle)?
+        } else if javascript {
+            let mut settings = packing.bundle_settings(name);
+            settings.memory_mib = packing.memory_mib.unwrap_or(crate::js::DEFAULT_MEMORY_MIB);
+            let packed = blocking(move || crate::pack::javascript_module(upload, settings, &cache)).await?;
+            Function::from_bundle(packed.map_err(RegistryError::JavaScript)?)?
         } else {
             let head: Vec<String> = upload.iter().take(8).map(|b| format!("{b:02x}")).collect();
             return Err(RegistryError::NotFunction(head.join(" ")));
@@ -414,6 +431,15 @@ impl Registry {
             Ok(_) => {}
             Err(error) => warn!(%error, "collecting unused images failed"),
         }
+    }
+}
+
+impl Registry {
+    /// `slot` as the API shows it, a failure's paths in the state directory written `STATE/`.
+    fn shown(&self, slot: &Slot) -> View {
+        let mut shown = view(slot);
+        shown.state = self.store.without_root(&shown.state);
+        shown
     }
 }
 

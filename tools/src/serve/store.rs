@@ -177,6 +177,14 @@ impl Store {
         self.root.join("images").join(format!("{version}.snap"))
     }
 
+    /// `text` with the paths under the state directory written `STATE/...`, as the docs write
+    /// them: what the API shows does not tell clients where the agent keeps its files. Only an
+    /// absolute state directory is replaced: a relative one could match inside other words.
+    pub fn without_root(&self, text: &str) -> String {
+        let root = format!("{}/", self.root.to_string_lossy().trim_end_matches('/'));
+        if self.root.is_absolute() && root.len() > 1 { text.replace(&root, "STATE/") } else { text.to_string() }
+    }
+
     /// The agent's code cache.
     pub fn code_cache(&self) -> crate::code::CodeCache {
         crate::code::CodeCache::at(self.root.join("code"))
@@ -292,6 +300,17 @@ mod tests {
 
     const V1: &str = "1111111111111111111111111111111111111111111111111111111111111111";
     const V2: &str = "2222222222222222222222222222222222222222222222222222222222222222";
+
+    #[test]
+    fn what_the_api_shows_names_the_state_directory_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let image = store.image_path(V1);
+        let shown = store.without_root(&format!("failed: {}: No such file or directory", image.display()));
+        assert_eq!(shown, format!("failed: STATE/images/{V1}.snap: No such file or directory"));
+        assert!(!shown.contains(&*dir.path().to_string_lossy()));
+        assert_eq!(store.without_root("serving"), "serving");
+    }
 
     #[test]
     fn functions_survive_reopening_and_garbage_is_only_what_nothing_references() {
