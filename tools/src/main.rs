@@ -40,6 +40,7 @@ mod invoke;
 mod js;
 mod kernel;
 mod new;
+mod oci;
 mod pack;
 #[cfg(feature = "peer")]
 mod peer;
@@ -102,6 +103,10 @@ enum Command {
     Deploy(client::DeployArgs),
     /// Invoke a function on a `thaw serve`: the response on stdout.
     Call(client::CallArgs),
+    /// Push a bundle (.thaw) or a snapshot image (.snap) to an OCI registry.
+    Push(oci::PushArgs),
+    /// Pull a bundle or a snapshot image from an OCI registry, checked before it is written.
+    Pull(oci::PullArgs),
     /// List the functions a `thaw serve` has, with their versions and counters.
     Functions(client::FunctionsArgs),
     /// Show the last lines a function on a `thaw serve` wrote.
@@ -153,6 +158,8 @@ fn main() -> ExitCode {
         Command::Serve(args) => exit(serve::run(&args)),
         Command::Deploy(args) => exit(client::deploy(&args)),
         Command::Call(args) => exit(client::call(&args)),
+        Command::Push(args) => exit(oci::push(&args)),
+        Command::Pull(args) => exit(oci::pull(&args)),
         Command::Functions(args) => exit(client::functions(&args)),
         Command::Logs(args) => exit(client::logs(&args)),
         Command::Invoke(args) => exit(invoke::run(&args)),
