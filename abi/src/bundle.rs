@@ -5,7 +5,8 @@
 //!   offset  size  field
 //!   0       8     magic "THAWFUNC"
 //!   8       4     format version: 6, which carries compiled code and the function's
-//!                 filesystem settings. Version 5 (compiled code, no filesystem settings) is
+//!                 filesystem settings, or 7, which adds flags (a command initialized up to
+//!                 its first read). Version 5 (compiled code, no filesystem settings) is
 //!                 read and run with the default settings. Older bundles are read (1: plain;
 //!                 2: with a data volume; 3: with service connections; 4: with a sample
 //!                 request) so they can be inspected, but not run: repack them
@@ -34,7 +35,8 @@
 //! records the working set with), from version 5 the sample request behind a presence byte (0,
 //! or 1 followed by the version 4 field) and then the code's SHA-256 (32 bytes), in version 6
 //! the filesystem settings: scratch MiB (u32), scratch directories (u16 count, at most
-//! [`MAX_SCRATCH_DIRS`], strings) and the data mount (string), and, exactly when the bundle has a
+//! [`MAX_SCRATCH_DIRS`], strings) and the data mount (string), in version 7 the flags (u32:
+//! bit 0 [`FLAG_INIT_UNTIL_READ`], every other bit zero), and, exactly when the bundle has a
 //! volume, the volume's SHA-256 (32 bytes). A manifest from before version 6 reads with the
 //! defaults: [`DEFAULT_SCRATCH_MIB`], [`DEFAULT_SCRATCH_DIRS`] and [`DEFAULT_DATA_MOUNT`].
 //!
@@ -69,8 +71,14 @@ pub const FORMAT_VERSION_WITH_SAMPLE: u32 = 4;
 /// read and run, with the default settings.
 pub const FORMAT_VERSION_WITH_CODE: u32 = 5;
 /// The version it writes for a bundle with compiled code and the function's filesystem
-/// settings: every bundle `thaw pack` writes now, and the newest it reads.
+/// settings: every bundle `thaw pack` writes now without flags.
 pub const FORMAT_VERSION_WITH_FILESYSTEM: u32 = 6;
+/// The version it writes for a bundle with flags ([`FLAG_INIT_UNTIL_READ`]): the newest it
+/// reads.
+pub const FORMAT_VERSION_WITH_FLAGS: u32 = 7;
+/// Manifest flag (version 7): a command's start-up, up to its first read of stdin, is its init,
+/// which a snapshot captures (docs/FUNCTIONS.md).
+pub const FLAG_INIT_UNTIL_READ: u32 = 1;
 /// Largest compiled code.
 pub const MAX_CODE_BYTES: u64 = 256 << 20;
 /// Where in a bundle the code may start: its offset is a multiple of this.
@@ -239,6 +247,9 @@ pub struct Manifest {
     /// Where the data volume appears in the guest: a valid guest path, `/` allowed (bundle
     /// version 6, where it is present even without a volume; else [`DEFAULT_DATA_MOUNT`]).
     pub data_mount: String,
+    /// A command's start-up, up to its first read of stdin, is its init ([`FLAG_INIT_UNTIL_READ`],
+    /// bundle version 7; else false).
+    pub init_until_read: bool,
 }
 
 /// A parsed bundle borrowing its wasm bytes.
@@ -266,9 +277,7 @@ pub enum BundleError {
     #[error(fmt = fmt_bad_magic)]
     BadMagic([u8; 8]),
     /// A format version this code does not read.
-    #[error(
-        "bundle format version {0} is not supported (this thaw reads versions 1 to {FORMAT_VERSION_WITH_FILESYSTEM})"
-    )]
+    #[error("bundle format version {0} is not supported (this thaw reads versions 1 to {FORMAT_VERSION_WITH_FLAGS})")]
     UnsupportedVersion(u32),
     /// A header field with an impossible value.
     #[error("bundle header: {field} is {value}, expected {expected}")]
@@ -445,6 +454,12 @@ impl Manifest {
         let defaults = self.scratch_mib == DEFAULT_SCRATCH_MIB
             && self.scratch_dirs.iter().map(String::as_str).eq(DEFAULT_SCRATCH_DIRS.iter().copied())
             && self.data_mount == DEFAULT_DATA_MOUNT;
+        if self.code_sha256.is_none() && self.init_until_read {
+            return bad(
+                "flags",
+                "a manifest without compiled code is written in a version before 7, which has no flags".into(),
+            );
+        }
         if self.code_sha256.is_none() && !defaults {
             return bad(
                 "filesystem settings",
@@ -472,7 +487,9 @@ impl Manifest {
 
     /// The format version a bundle with this manifest is written in.
     pub fn format_version(&self) -> u32 {
-        if self.code_sha256.is_some() {
+        if self.code_sha256.is_some() && self.flags() != 0 {
+            FORMAT_VERSION_WITH_FLAGS
+        } else if self.code_sha256.is_some() {
             FORMAT_VERSION_WITH_FILESYSTEM
         } else if self.sample_request.is_some() {
             FORMAT_VERSION_WITH_SAMPLE
@@ -483,6 +500,11 @@ impl Manifest {
         } else {
             FORMAT_VERSION
         }
+    }
+
+    /// The version 7 flags word.
+    fn flags(&self) -> u32 {
+        if self.init_until_read { FLAG_INIT_UNTIL_READ } else { 0 }
     }
 
     /// The manifest's encoding.
@@ -523,6 +545,9 @@ impl Manifest {
                 put_string(&mut out, dir);
             }
             put_string(&mut out, &self.data_mount);
+        }
+        if version >= FORMAT_VERSION_WITH_FLAGS {
+            out.extend_from_slice(&self.flags().to_le_bytes());
         }
         if let Some(sha) = &self.volume_sha256 {
             out.extend_from_slice(sha);
@@ -592,6 +617,13 @@ impl Manifest {
         } else {
             (DEFAULT_SCRATCH_MIB, default_scratch_dirs(), DEFAULT_DATA_MOUNT.into())
         };
+        let flags = if version >= FORMAT_VERSION_WITH_FLAGS { r.u32("flags")? } else { 0 };
+        if flags & !FLAG_INIT_UNTIL_READ != 0 {
+            return Err(BundleError::BadField {
+                field: "flags",
+                reason: alloc::format!("{flags:#x} sets bits this thaw does not know"),
+            });
+        }
         let volume_sha256 = match r.bytes.len() {
             0 => None,
             32 => Some(r.take(32, "volume sha256")?.try_into().unwrap_or([0; 32])),
@@ -611,6 +643,7 @@ impl Manifest {
             scratch_mib,
             scratch_dirs,
             data_mount,
+            init_until_read: flags & FLAG_INIT_UNTIL_READ != 0,
         };
         manifest.validate()?;
         Ok(manifest)
@@ -660,7 +693,7 @@ pub fn parse(bytes: &[u8]) -> Result<Bundle<'_>, BundleError> {
         return Err(BundleError::BadMagic(magic));
     }
     let version = u32_at(bytes, 8);
-    if !(FORMAT_VERSION..=FORMAT_VERSION_WITH_FILESYSTEM).contains(&version) {
+    if !(FORMAT_VERSION..=FORMAT_VERSION_WITH_FLAGS).contains(&version) {
         return Err(BundleError::UnsupportedVersion(version));
     }
     let header_len = u32_at(bytes, 12);
@@ -738,7 +771,7 @@ pub fn parse(bytes: &[u8]) -> Result<Bundle<'_>, BundleError> {
         return Err(BundleError::BadHeader {
             field: "format version",
             value: version.into(),
-            expected: "6 (or 5) with code; before it 1 plain, 2 with a volume only, 3 with connections, 4 with a sample",
+            expected: "7 with code and flags, 6 (or 5) with code and none; before it 1 plain, 2 with a volume only, 3 with connections, 4 with a sample",
         });
     }
     if manifest.volume_sha256.is_some() != (volume_len > 0) {
@@ -782,6 +815,7 @@ mod tests {
             scratch_mib: DEFAULT_SCRATCH_MIB,
             scratch_dirs: default_scratch_dirs(),
             data_mount: DEFAULT_DATA_MOUNT.into(),
+            init_until_read: false,
         }
     }
 
@@ -1003,6 +1037,53 @@ mod tests {
         assert_eq!(parse(&encode(&bare, wasm, code, &volume)).unwrap().manifest, bare);
     }
 
+    #[test]
+    fn init_until_read_makes_version_7_and_its_bytes_are_golden() {
+        let (wasm, code) = (b"\0asm\x01\0\0\0", b"\x7fELF compiled");
+        let m = Manifest { init_until_read: true, ..manifest_v6() };
+        let bytes = encode(&m, wasm, code, &[]);
+        // Version 6's fields, then the flags word: bit 0.
+        let manifest_bytes = [
+            MANIFEST_HEAD,
+            b"\0",
+            &[5; 32],
+            b"\x20\0\0\0",
+            b"\x02\0\x04\0/tmp\x05\0/work",
+            b"\x04\0/srv",
+            b"\x01\0\0\0",
+        ]
+        .concat();
+        assert_eq!(m.encode(), manifest_bytes);
+        let header = golden_header(7, 0x90, [0x02, 0xa8, 0x20, 0xa1], code);
+        assert_eq!(&bytes[..HEADER_LEN], &header[..]);
+        assert_eq!(parse(&bytes).unwrap().manifest, m);
+        // With a volume, its hash stays last.
+        let with_volume = Manifest { volume_sha256: Some([9; 32]), ..m.clone() };
+        assert!(with_volume.encode().ends_with(&[&b"\x01\0\0\0"[..], &[9; 32]].concat()));
+
+        // Without the flag, the same manifest is version 6, byte for byte as before.
+        assert_eq!(u32_at(&encode(&manifest_v6(), wasm, code, &[]), 8), 6);
+        // Hostile flags: a bit this thaw does not know, and version 7 with no flag set.
+        let mut unknown = bytes.clone();
+        let flags_at = HEADER_LEN + manifest_bytes.len() - 4;
+        unknown[flags_at] = 3;
+        let crc = crc32(&[&unknown[..40], &unknown[HEADER_LEN..HEADER_LEN + manifest_bytes.len()]]);
+        unknown[40..44].copy_from_slice(&crc.to_le_bytes());
+        assert_eq!(
+            parse(&unknown).unwrap_err().to_string(),
+            "bundle manifest: flags: 0x3 sets bits this thaw does not know"
+        );
+        unknown[flags_at] = 0;
+        let crc = crc32(&[&unknown[..40], &unknown[HEADER_LEN..HEADER_LEN + manifest_bytes.len()]]);
+        unknown[40..44].copy_from_slice(&crc.to_le_bytes());
+        assert!(
+            parse(&unknown).unwrap_err().to_string().contains("format version is 7, expected 7 with code and flags")
+        );
+        // A manifest without code cannot carry the flag.
+        let codeless = Manifest { init_until_read: true, ..manifest() };
+        assert!(codeless.validate().unwrap_err().to_string().contains("flags: a manifest without compiled code"));
+    }
+
     /// A version 5 bundle as the thaw before version 6 wrote it, byte for byte: [`manifest`]
     /// with code, and `code`.
     fn v5_golden(code: &[u8]) -> Vec<u8> {
@@ -1197,7 +1278,7 @@ mod tests {
             ),
             (
                 BundleError::UnsupportedVersion(9),
-                "bundle format version 9 is not supported (this thaw reads versions 1 to 6)",
+                "bundle format version 9 is not supported (this thaw reads versions 1 to 7)",
             ),
             (
                 BundleError::BadHeader { field: "wasm length", value: 0, expected: "1 to 268435456" },

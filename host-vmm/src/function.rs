@@ -230,7 +230,20 @@ pub fn check_wasm(parsed: &bundle::Bundle<'_>) -> Result<FunctionKind, FunctionE
             actual: hex::encode(actual),
         });
     }
-    validate_wasm(parsed.wasm, parsed.manifest.memory_mib)
+    let kind = validate_wasm(parsed.wasm, parsed.manifest.memory_mib)?;
+    check_entry(&parsed.manifest, kind)?;
+    Ok(kind)
+}
+
+/// Checks that the manifest's way of entering the module fits its `kind`: only a command can be
+/// initialized up to its first read of stdin (a reactor's init is its init exports).
+pub fn check_entry(manifest: &Manifest, kind: FunctionKind) -> Result<(), FunctionError> {
+    if manifest.init_until_read && kind == FunctionKind::Reactor {
+        return Err(FunctionError::Entry(
+            "init until the first read applies to commands (which export _start), but this module exports handle: its init is _initialize and init".into(),
+        ));
+    }
+    Ok(())
 }
 
 impl Function {
@@ -368,6 +381,7 @@ mod tests {
             scratch_mib: bundle::DEFAULT_SCRATCH_MIB,
             scratch_dirs: bundle::DEFAULT_SCRATCH_DIRS.iter().map(|d| d.to_string()).collect(),
             data_mount: bundle::DEFAULT_DATA_MOUNT.into(),
+            init_until_read: false,
         };
         let e = Function::from_bundle(bundle::encode(&manifest, &wasm, code, &[])).unwrap_err().to_string();
         assert!(e.contains("wasm SHA-256") && e.contains("does not match the manifest's"), "{e}");

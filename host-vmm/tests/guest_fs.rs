@@ -198,6 +198,7 @@ fn vm_with(scratch_mib: u32, volume: Option<&[(&str, &[u8])]>) -> Vm {
         scratch_mib,
         scratch_dirs: DEFAULT_SCRATCH_DIRS.iter().map(|d| d.to_string()).collect(),
         data_mount: DEFAULT_DATA_MOUNT.into(),
+        init_until_read: false,
     };
     let (volume, handles, clock) = (FakeVolume::new(volume), FakeHandles::default(), FakeClock::default());
     clock.0.set(1_000);

@@ -264,6 +264,7 @@ mod tests {
             scratch_mib: bundle::DEFAULT_SCRATCH_MIB,
             scratch_dirs: Vec::new(),
             data_mount: bundle::DEFAULT_DATA_MOUNT.into(),
+            init_until_read: false,
         }
     }
 

@@ -266,6 +266,7 @@ fn inspect_bundle(args: &InspectArgs) -> Result<u8, InspectError> {
             "code": { "bytes": parsed.code.len(), "sha256": m.code_sha256.as_ref().map(hex::encode), "own": own },
             "memory_mib": m.memory_mib,
             "fuel": m.fuel,
+            "init_until_read": m.init_until_read,
             "args": m.args,
             "env": m.env,
             "connections": connections,
@@ -304,6 +305,9 @@ fn inspect_bundle(args: &InspectArgs) -> Result<u8, InspectError> {
     }
     let fuel = m.fuel.map_or("no limit".to_string(), |f| format!("{f} per invocation"));
     outln!("  memory      {} MiB of linear memory; fuel {fuel}", m.memory_mib)?;
+    if m.init_until_read {
+        outln!("  init        a command's start-up, up to its first read of stdin (--init-until-read)")?;
+    }
     outln!("  args        {:?}", m.args)?;
     outln!("  env         {:?}", m.env)?;
     for (i, c) in m.connections.iter().enumerate() {

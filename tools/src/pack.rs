@@ -196,6 +196,12 @@ pub struct PackArgs {
     /// documented request; otherwise none, and snapshot uses the empty request].
     #[arg(long, value_name = "STRING")]
     sample_data: Option<String>,
+    /// A command (a module exporting _start): run its start-up, up to its first read of stdin,
+    /// once as its init, which `thaw snapshot` captures; each request then continues from inside
+    /// that read. What it computed before the read, random seeds included, is shared by every VM
+    /// restored from one image (docs/FUNCTIONS.md) [default: the whole command runs per request].
+    #[arg(long)]
+    init_until_read: bool,
     /// Where to write the bundle [default: NAME.thaw in the current directory, NAME being the
     /// function's name].
     #[arg(short, long, value_name = "FUNCTION.thaw")]
@@ -245,6 +251,7 @@ pub fn example_bundle(name: &str, memory_mib: u32, cache: &CodeCache) -> Result<
         scratch_mib: bundle::DEFAULT_SCRATCH_MIB,
         scratch_dirs: default_scratch_dirs(),
         data_mount: bundle::DEFAULT_DATA_MOUNT.into(),
+        init_until_read: false,
     };
     bundle_wasm(&settings, wasm, &[], cache)
         .map(|packed| packed.bundle)
@@ -274,6 +281,8 @@ pub struct BundleSettings {
     pub scratch_dirs: Vec<String>,
     /// Where its data volume appears.
     pub data_mount: String,
+    /// Whether a command's start-up, up to its first read of stdin, is its init.
+    pub init_until_read: bool,
 }
 
 /// The in-memory directories a function gets unless told otherwise
@@ -321,8 +330,10 @@ pub fn bundle_wasm(
         scratch_mib: settings.scratch_mib,
         scratch_dirs: settings.scratch_dirs.clone(),
         data_mount: settings.data_mount.clone(),
+        init_until_read: settings.init_until_read,
     };
     manifest.validate()?;
+    function::check_entry(&manifest, kind)?;
     Ok(Packed { bundle: bundle::encode(&manifest, wasm, &code, volume), manifest, kind, code_len: code.len(), cached })
 }
 
@@ -563,6 +574,7 @@ pub fn javascript_bundle(path: &Path, name: &str, options: &JavaScriptOptions) -
         scratch_mib: bundle::DEFAULT_SCRATCH_MIB,
         scratch_dirs: default_scratch_dirs(),
         data_mount,
+        init_until_read: false,
     };
     let packed = bundle_wasm(&settings, &wasm, &volume, &CodeCache::user());
     Ok(packed.map_err(|e| PackError::Input { input, source: Box::new(e) })?.bundle)
@@ -621,6 +633,7 @@ fn pack(args: &PackArgs, packing: Packing) -> Result<u8, PackError> {
         scratch_mib: args.scratch_mib,
         scratch_dirs,
         data_mount,
+        init_until_read: args.init_until_read,
     };
     let started = std::time::Instant::now();
     let compiling = crate::progress::Status::show(&format!("thaw: compiling {}...", settings.name));
@@ -638,6 +651,9 @@ fn pack(args: &PackArgs, packing: Packing) -> Result<u8, PackError> {
     let kind = match (language, kind) {
         (Some(language), _) => format!("{language}, on a runtime of"),
         (None, FunctionKind::Reactor) => "reactor,".to_string(),
+        (None, FunctionKind::Command) if manifest.init_until_read => {
+            "command initialized up to its first read of stdin,".to_string()
+        }
         (None, FunctionKind::Command) => "command,".to_string(),
     };
     let mut data = match manifest.scratch_dirs.as_slice() {

@@ -126,6 +126,7 @@ fn invoke_refuses_wasm_bytes_that_do_not_match_or_are_not_wasm() {
         scratch_mib: abi::bundle::DEFAULT_SCRATCH_MIB,
         scratch_dirs: vec!["/".into(), "/tmp".into()],
         data_mount: abi::bundle::DEFAULT_DATA_MOUNT.into(),
+        init_until_read: false,
     };
     let line = invoke(&s.file("junk.thaw", &abi::bundle::encode(&manifest, junk, code, &[])));
     assert!(line.contains("not a valid WebAssembly module"), "{line}");

@@ -4,7 +4,9 @@
 //!
 //! The function contract is in docs/FUNCTIONS.md: a reactor exports `handle` (and optionally
 //! `_initialize` and `init`, run once); a command exports `_start`, run in a fresh instance of
-//! the compiled module for every request.
+//! the compiled module for every request. A command packed with `--init-until-read` instead
+//! runs `_start` once at boot, and its first read of stdin is where init ends
+//! ([`at_first_read`]): the checkpoint is taken inside that read, which then returns the request.
 //!
 //! Requests arrive through a [`Transport`]: the invoke mailbox under thaw's VMM, or frames on
 //! the serial line under QEMU (`abi::qemu`). Everything else is the same on both.
@@ -20,13 +22,14 @@ use alloc::vec::Vec;
 use abi::bundle::Bundle;
 use abi::hypercall::{CheckpointResult, HYPERCALL_PAGE_SIZE, Hypercall, Milestone};
 use abi::invoke::{self, NextReply, NextRequest, Range, Response};
-use wasmtime::{Engine, InstancePre, Linker, Module, Store, Trap, TypedFunc};
+use wasmtime::{AsContextMut, Caller, Engine, InstancePre, Linker, Module, Store, Trap, TypedFunc};
 
 use abi::params::HostParams;
 use abi::qemu;
 
 use crate::{hypercall, phys, platform, serial};
 
+use wasi::FirstRead;
 pub use wasi::WasiCtx;
 
 /// How a module is entered for each request.
@@ -274,24 +277,17 @@ fn run(bundle: &Bundle<'static>, transport: Transport) -> Result<core::convert::
     } else {
         return Err("the module exports neither handle nor _start".into());
     };
-    let ctx = store.data_mut();
-    if !ctx.stderr.is_empty() {
-        transport.init_output(&ctx.stderr);
-        ctx.stderr.clear();
-    }
-    platform::milestone(Milestone::Initialized);
-    // The init-less boot point: a snapshot taken here skips everything above on every request.
-    // A restored copy gets fresh entropy, clock and instance id, and must not reuse ours.
     let mut first_request = None;
-    if let Some(restored) = transport.checkpoint()? {
-        crate::devices::restored(&restored.params);
-        store.data_mut().reseed(&restored.params);
-        // Restored ahead of its request: map what the request will touch before asking for it.
-        crate::workingset::touch(restored.warm);
-        first_request = restored.first_request;
-    }
-
     let mut request = Vec::new();
+    let answered = match &entry {
+        Entry::Command(pre) if manifest.init_until_read => {
+            start_until_read(pre, &mut store, transport, manifest, &params)?
+        }
+        _ => false,
+    };
+    if !answered {
+        first_request = end_init(transport, store.data_mut())?;
+    }
     loop {
         match first_request.take() {
             Some(first) => request = first,
@@ -317,6 +313,91 @@ fn run(bundle: &Bundle<'static>, transport: Transport) -> Result<core::convert::
     // No more requests: the VM is about to be discarded, so exit here instead of returning and
     // dropping the store, module and engine, which would only fault in pages for nothing.
     platform::exit(0)
+}
+
+/// Ends init: hands the host what init wrote to stderr, then offers the checkpoint. This is the
+/// init-less boot point: a snapshot taken here skips everything before it on every request. A
+/// restored copy gets fresh entropy, clock and instance id, and must not reuse ours; it returns
+/// the first request when the VMM handed one in with the resume.
+fn end_init(transport: Transport, ctx: &mut WasiCtx) -> Result<Option<Vec<u8>>, String> {
+    if !ctx.stderr.is_empty() {
+        transport.init_output(&ctx.stderr);
+        ctx.stderr.clear();
+    }
+    platform::milestone(Milestone::Initialized);
+    let Some(restored) = transport.checkpoint()? else { return Ok(None) };
+    crate::devices::restored(&restored.params);
+    ctx.reseed(&restored.params);
+    // Restored ahead of its request: map what the request will touch before asking for it.
+    crate::workingset::touch(restored.warm);
+    Ok(restored.first_request)
+}
+
+/// Runs a command packed with `--init-until-read` from `_start` until its first read of stdin,
+/// where [`at_first_read`] ends init and takes the first request, and then to its end, which
+/// answers that request: true. A command that writes to stdout before reading, or ends without
+/// reading, is run whole for every request as any command is: `store` is then fresh, and false.
+/// One that fails before reading fails its init.
+fn start_until_read(
+    pre: &InstancePre<WasiCtx>,
+    store: &mut Store<WasiCtx>,
+    transport: Transport,
+    manifest: &abi::bundle::Manifest,
+    params: &HostParams,
+) -> Result<bool, String> {
+    store.data_mut().first_read = FirstRead::Awaited { fuel: manifest.fuel };
+    set_fuel(&mut *store, manifest.fuel)?;
+    let result = pre
+        .instantiate(&mut *store)
+        .and_then(|instance| instance.get_typed_func::<(), ()>(&mut *store, "_start")?.call(&mut *store, ()));
+    if store.data().first_read == FirstRead::NotAwaited {
+        let (status, exit_code, message) = ending(result);
+        let ctx = store.data_mut();
+        transport.respond(status, exit_code, &ctx.stdout, &ctx.stderr, message.as_bytes());
+        ctx.end();
+        return Ok(true);
+    }
+    let why = match result {
+        Err(error) if error.is::<wasi::WroteBeforeRead>() => "wrote to stdout before its first read of stdin",
+        Ok(()) => "ended without reading stdin",
+        Err(error) if error.downcast_ref::<wasi::Exit>().is_some_and(|exit| exit.0 == 0) => {
+            "ended without reading stdin"
+        }
+        Err(error) => {
+            let (status, exit_code, message) = ending(Err(error));
+            let ctx = store.data();
+            let message = alloc::format!("before its first read of stdin: {message}");
+            transport.init_failed(status, exit_code, &ctx.stdout, &ctx.stderr, message.as_bytes());
+        }
+    };
+    let mut fresh = WasiCtx::new(manifest, params);
+    fresh.stderr = alloc::format!(
+        "thaw: the command {why}, so its start-up runs on every request (--init-until-read has no effect)\n"
+    )
+    .into_bytes();
+    *store = new_store(pre.module().engine(), fresh);
+    Ok(false)
+}
+
+/// The first `fd_read` of stdin by a command running [`start_until_read`]: ends init there
+/// ([`end_init`]: the checkpoint), then takes the first request as stdin, with a fresh fuel
+/// budget, and the read goes on to return it. With no request to answer (the VM that took the
+/// snapshot), the VM ends here.
+fn at_first_read(caller: &mut Caller<'_, WasiCtx>, fuel: Option<u64>) {
+    let transport = Transport::for_platform();
+    let taken = end_init(transport, caller.data_mut()).and_then(|first| {
+        let mut request = Vec::new();
+        match first {
+            Some(first) => request = first,
+            None if transport.next_request(&mut request)? => {}
+            None => platform::exit(0),
+        }
+        caller.data_mut().begin(request);
+        set_fuel(&mut *caller, fuel)
+    });
+    if let Err(message) = taken {
+        panic!("the command's first read of stdin: {message}");
+    }
 }
 
 /// A store for the function's instances, limited as [`WasiCtx`] says.
@@ -370,9 +451,9 @@ fn ending(result: wasmtime::Result<()>) -> (u32, u32, String) {
 }
 
 /// Gives the store the manifest's fuel for one call (without a budget the code does not meter).
-fn set_fuel<T>(store: &mut Store<T>, fuel: Option<u64>) -> Result<(), String> {
+fn set_fuel(mut store: impl AsContextMut, fuel: Option<u64>) -> Result<(), String> {
     match fuel {
-        Some(fuel) => store.set_fuel(fuel).map_err(|e| alloc::format!("setting fuel: {e}")),
+        Some(fuel) => store.as_context_mut().set_fuel(fuel).map_err(|e| alloc::format!("setting fuel: {e}")),
         None => Ok(()),
     }
 }

@@ -61,6 +61,22 @@ pub struct WasiCtx {
     files: GuestFiles,
     /// The sockets to host services.
     sockets: Sockets,
+    /// Whether a command's start-up is running up to its first read of stdin.
+    pub first_read: FirstRead,
+}
+
+/// Where a command initialized up to its first read of stdin stands (docs/FUNCTIONS.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FirstRead {
+    /// Not running such a start-up: fd 0 reads the request as usual.
+    NotAwaited,
+    /// Running the start-up: the first `fd_read` of fd 0 ends init ([`super::at_first_read`])
+    /// and then reads the request, with a fresh `fuel` budget; a write to fd 1 before it
+    /// abandons the start-up with [`WroteBeforeRead`].
+    Awaited {
+        /// The manifest's fuel per invocation.
+        fuel: Option<u64>,
+    },
 }
 
 impl WasiCtx {
@@ -84,6 +100,7 @@ impl WasiCtx {
             stdio: BTreeMap::from([(0, Stdio::In), (1, Stdio::Out), (2, Stdio::Err)]),
             files: GuestFiles::new(manifest, &params.instance_id.to_string(), socket_fds, clock, BlockVolume, IoTable),
             sockets,
+            first_read: FirstRead::NotAwaited,
         }
     }
 
@@ -157,6 +174,19 @@ impl core::fmt::Display for Exit {
 }
 
 impl core::error::Error for Exit {}
+
+/// How a start-up run up to the first read of stdin ends when it writes to stdout first: its
+/// output would belong to no request, so the command runs whole for every request instead.
+#[derive(Debug)]
+pub struct WroteBeforeRead;
+
+impl core::fmt::Display for WroteBeforeRead {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str("wrote to stdout before its first read of stdin")
+    }
+}
+
+impl core::error::Error for WroteBeforeRead {}
 
 type Ctx<'a> = Caller<'a, WasiCtx>;
 
@@ -244,7 +274,17 @@ fn scatter(
     Ok(total)
 }
 
-fn fd_write(mut caller: Ctx<'_>, fd: i32, iovs: i32, count: i32, nwritten: i32) -> i32 {
+/// `fd_write`; a write to stdout ends a start-up awaiting its first read ([`WroteBeforeRead`]).
+fn fd_write(caller: Ctx<'_>, fd: i32, iovs: i32, count: i32, nwritten: i32) -> wasmtime::Result<i32> {
+    let ctx = caller.data();
+    if matches!(ctx.first_read, FirstRead::Awaited { .. }) && ctx.stdio.get(&(fd as u32)) == Some(&Stdio::Out) {
+        return Err(wasmtime::Error::new(WroteBeforeRead));
+    }
+    Ok(write(caller, fd, iovs, count, nwritten))
+}
+
+/// Writes to any fd: a standard stream, a socket or a file.
+fn write(mut caller: Ctx<'_>, fd: i32, iovs: i32, count: i32, nwritten: i32) -> i32 {
     call(&mut caller, |mem, ctx| {
         let fd = fd as u32;
         let n = match ctx.stdio.get(&fd).copied() {
@@ -309,6 +349,13 @@ fn socket_recv(mem: &mut [u8], ctx: &mut WasiCtx, fd: u32, iovs: i32, count: i32
 }
 
 fn fd_read(mut caller: Ctx<'_>, fd: i32, iovs: i32, count: i32, nread: i32) -> i32 {
+    let ctx = caller.data();
+    if let FirstRead::Awaited { fuel } = ctx.first_read
+        && ctx.stdio.get(&(fd as u32)) == Some(&Stdio::In)
+    {
+        caller.data_mut().first_read = FirstRead::NotAwaited;
+        super::at_first_read(&mut caller, fuel);
+    }
     call(&mut caller, |mem, ctx| {
         let fd = fd as u32;
         let n = match ctx.stdio.get(&fd) {
@@ -366,7 +413,7 @@ fn sock_send(caller: Ctx<'_>, fd: i32, iovs: i32, count: i32, _flags: i32, nwrit
     if !caller.data().sockets.has(fd as u32) {
         return i32::from(not_a_socket(caller.data(), fd as u32));
     }
-    fd_write(caller, fd, iovs, count, nwritten)
+    write(caller, fd, iovs, count, nwritten)
 }
 
 #[allow(clippy::too_many_arguments)] // the WASI signature

@@ -130,6 +130,7 @@ impl Packing {
             scratch_mib: abi::bundle::DEFAULT_SCRATCH_MIB,
             scratch_dirs: crate::pack::default_scratch_dirs(),
             data_mount: abi::bundle::DEFAULT_DATA_MOUNT.into(),
+            init_until_read: false,
         }
     }
 }
