@@ -67,8 +67,8 @@ fn invoke_refuses_a_wrong_magic_and_a_wrong_version() {
         invoke(&s.file("magic.thaw", &bytes)).contains("neither a function bundle (THAWFUNC) nor a snapshot image")
     );
     let mut bytes = s.bundle();
-    bytes[8] = 7;
-    assert!(invoke(&s.file("version.thaw", &bytes)).contains("format version 7 is not supported"));
+    bytes[8] = 8;
+    assert!(invoke(&s.file("version.thaw", &bytes)).contains("format version 8 is not supported"));
 }
 
 #[test]
