@@ -92,10 +92,11 @@ pub struct ServeTimings {
 }
 
 impl Served {
-    /// True when the function answered cleanly.
+    /// True when the function answered cleanly: it returned, or exited with code 0 (a command
+    /// that ends with `proc_exit(0)`, as Python's `os._exit(0)` does), as the stats' status says.
     pub fn is_ok(&self) -> bool {
         matches!(self.outcome, Outcome::Answered)
-            && matches!(self.response.as_ref().map(|r| &r.status), Some(FunctionStatus::Ok))
+            && matches!(self.response.as_ref().map(|r| &r.status), Some(FunctionStatus::Ok | FunctionStatus::Exited(0)))
     }
 
     /// True when the VM may be reset and serve again: the function answered (whatever its

@@ -161,15 +161,20 @@ fn a_start_up_that_writes_first_never_reads_or_fails_is_not_kept() {
         (i32.store (i32.const 4) (i32.const 1024))
         (drop (call $read (i32.const 0) (i32.const 0) (i32.const 1) (i32.const 8)))
         (i32.store (i32.const 4) (i32.load (i32.const 8)))
-        (drop (call $write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8)))))"#;
+        (drop (call $write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8)))
+        ;; AFTER
+        ))"#;
     const SAY_HI: &str = "(i32.store (i32.const 16) (i32.const 64)) (i32.store (i32.const 20) (i32.const 3)) (drop (call $write (i32.const 1) (i32.const 16) (i32.const 1) (i32.const 24)))";
     let dir = tempfile::tempdir().unwrap();
-    for (name, before, stdout, why) in [
-        ("reads", "", "ping", None),
-        ("writes-first", SAY_HI, "hi ping", Some("wrote to stdout before its first read of stdin")),
+    // `exits` ends with proc_exit(0), as Python's os._exit(0) does: a clean answer too.
+    const EXIT_0: &str = "(call $exit (i32.const 0))";
+    for (name, before, after, stdout, why) in [
+        ("reads", "", "", "ping", None),
+        ("exits", "", EXIT_0, "ping", None),
+        ("writes-first", SAY_HI, "", "hi ping", Some("wrote to stdout before its first read of stdin")),
     ] {
         let wat = dir.path().join(format!("{name}.wat"));
-        std::fs::write(&wat, READ_THEN_ECHO.replace(";; BEFORE", before)).unwrap();
+        std::fs::write(&wat, READ_THEN_ECHO.replace(";; BEFORE", before).replace(";; AFTER", after)).unwrap();
         let bundle = pack(dir.path(), wat.to_str().unwrap(), &["--init-until-read"]);
         let note = why.map(|why| {
             format!(
