@@ -198,6 +198,19 @@ fn a_start_up_that_writes_first_never_reads_or_fails_is_not_kept() {
         }
     }
 
+    // One that never reads: its start-up ran to its end in init, and runs again per request.
+    let wat = dir.path().join("never-reads.wat");
+    std::fs::write(&wat, r#"(module (memory (export "memory") 1) (func (export "_start")))"#).unwrap();
+    let bundle = pack(dir.path(), wat.to_str().unwrap(), &["--init-until-read"]);
+    let (kvm, qemu) = both(&bundle, "ping");
+    for run in [kvm, qemu] {
+        assert_eq!((run.code, run.stdout.as_str()), (Some(0), ""), "{run:#?}");
+        assert_eq!(
+            run.stderr,
+            "thaw: the command ended without reading stdin, so its start-up runs on every request (--init-until-read has no effect)\n"
+        );
+    }
+
     let wat = dir.path().join("fails.wat");
     std::fs::write(&wat, READ_THEN_ECHO.replace(";; BEFORE", "unreachable")).unwrap();
     let bundle = pack(dir.path(), wat.to_str().unwrap(), &["--init-until-read"]);

@@ -359,16 +359,14 @@ fn start_until_read(
     }
     let why = match result {
         Err(error) if error.is::<wasi::WroteBeforeRead>() => "wrote to stdout before its first read of stdin",
-        Ok(()) => "ended without reading stdin",
-        Err(error) if error.downcast_ref::<wasi::Exit>().is_some_and(|exit| exit.0 == 0) => {
-            "ended without reading stdin"
-        }
-        Err(error) => {
+        Err(error) if !error.downcast_ref::<wasi::Exit>().is_some_and(|exit| exit.0 == 0) => {
             let (status, exit_code, message) = ending(Err(error));
             let ctx = store.data();
             let message = alloc::format!("before its first read of stdin: {message}");
             transport.init_failed(status, exit_code, &ctx.stdout, &ctx.stderr, message.as_bytes());
         }
+        // Returned, or exited with code 0.
+        _ => "ended without reading stdin",
     };
     let mut fresh = WasiCtx::new(manifest, params);
     fresh.stderr = alloc::format!(
