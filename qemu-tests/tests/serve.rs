@@ -778,6 +778,32 @@ fn the_cli_client_deploys_javascript_files_and_directories() {
 /// Issue 29: a JavaScript module PUT with `Content-Type: text/javascript` is packed by the server
 /// with the JavaScript defaults and the query's settings; a module that does not parse is refused
 /// with its file, line and message; JavaScript sent without that type is refused, saying so.
+/// A command deployed as a bare wasm with `init_until_read=true` answers every call from its
+/// snapshot with the table its start-up built once (issue 30); a reactor cannot take it.
+#[test]
+fn a_command_deployed_with_init_until_read_keeps_its_start_up_in_the_snapshot() {
+    let state = tempfile::tempdir().unwrap();
+    let server = Server::start(state.path(), &[]);
+    let wasm = std::fs::read(env!("CARGO_BIN_FILE_FIXTURE_STARTUP_TABLE_startup_table")).unwrap();
+    let url = format!("{}?mode=reset&memory=64&init_until_read=true", server.functions("primes"));
+    let deployed = put(&url, &wasm);
+    assert_eq!(deployed.status, 201, "{}", deployed.body);
+    assert!(server.log().contains("startup-table: 664579 primes below 10000000"), "{}", server.log());
+    let mut tables = std::collections::HashSet::new();
+    for (n, prime) in [(1, 2), (10, 29), (664_579, 9_999_991)] {
+        let answer = post(&format!("{}/invoke", server.functions("primes")), n.to_string().as_bytes());
+        assert_eq!(answer.status, 200, "{}", answer.body);
+        let fields: Vec<&str> = answer.body.split_whitespace().collect();
+        assert_eq!(fields.get(2), Some(&prime.to_string().as_str()), "{}", answer.body);
+        tables.insert(fields[0].to_string());
+    }
+    assert_eq!(tables.len(), 1, "the start-up ran once, before the snapshot: {tables:?}");
+
+    let reactor = put(&format!("{}?init_until_read=true", server.functions("reactor")), &fixture("scribble.wat"));
+    assert_eq!(reactor.status, 400, "{}", reactor.body);
+    assert!(reactor.body.contains("init until the first read applies to commands"), "{}", reactor.body);
+}
+
 #[test]
 fn a_javascript_module_uploaded_over_http_is_packed_by_the_server() {
     let state = tempfile::tempdir().unwrap();

@@ -26,7 +26,7 @@ pub enum SettingsError {
     },
     /// A parameter no deploy takes.
     #[error(
-        "query parameter {0:?} is not a deploy setting (mode, pool, concurrency, queue, timeout_ms, init_timeout_ms, devices, memory, fuel, env, arg, connect)"
+        "query parameter {0:?} is not a deploy setting (mode, pool, concurrency, queue, timeout_ms, init_timeout_ms, devices, memory, fuel, env, arg, connect, init_until_read)"
     )]
     Unknown(String),
     /// A packing parameter given with a bundle, which carries its own.
@@ -97,6 +97,9 @@ pub struct Packing {
     pub args: Vec<String>,
     /// Host services it connects to (`NAME=PORT`, as `thaw pack --connect`).
     pub connections: Vec<Connection>,
+    /// A command's start-up, up to its first read of stdin, is its init (as `thaw pack
+    /// --init-until-read`).
+    pub init_until_read: bool,
 }
 
 impl Packing {
@@ -112,6 +115,8 @@ impl Packing {
             Some("arg")
         } else if !self.connections.is_empty() {
             Some("connect")
+        } else if self.init_until_read {
+            Some("init_until_read")
         } else {
             None
         }
@@ -130,7 +135,7 @@ impl Packing {
             scratch_mib: abi::bundle::DEFAULT_SCRATCH_MIB,
             scratch_dirs: crate::pack::default_scratch_dirs(),
             data_mount: abi::bundle::DEFAULT_DATA_MOUNT.into(),
-            init_until_read: false,
+            init_until_read: self.init_until_read,
         }
     }
 }
@@ -172,6 +177,13 @@ pub fn parse(query: &str, defaults: &Serving) -> Result<(Serving, Packing), Sett
             "env" if value.contains('=') => packing.env.push(value),
             "env" => return Err(invalid("K=V")),
             "arg" => packing.args.push(value),
+            "init_until_read" => {
+                packing.init_until_read = match value.as_str() {
+                    "true" | "1" => true,
+                    "false" | "0" => false,
+                    _ => return Err(invalid("true or false")),
+                }
+            }
             "connect" => {
                 packing.connections.push(crate::pack::parse_connection(&value).map_err(|e| invalid(&e.to_string()))?)
             }
@@ -223,6 +235,11 @@ mod tests {
         assert_eq!(packing.memory_mib, Some(32));
         assert_eq!(packing.first_given(), Some("memory"));
         assert_eq!(parse("", &Serving::default()).unwrap(), (Serving::default(), Packing::default()));
+        let (_, packing) = parse("init_until_read=true", &Serving::default()).unwrap();
+        assert!(packing.bundle_settings("f").init_until_read);
+        assert_eq!(packing.first_given(), Some("init_until_read"));
+        let (_, packing) = parse("init_until_read=0", &Serving::default()).unwrap();
+        assert_eq!(packing, Packing::default());
     }
 
     #[test]
@@ -238,6 +255,7 @@ mod tests {
         assert_eq!(error("env=NOEQUALS"), r#"query parameter env="NOEQUALS": K=V"#);
         assert!(error("path=../../etc").starts_with(r#"query parameter "path" is not a deploy setting"#));
         assert!(error("devices=console").starts_with(r#"query parameter devices="console": a list of: entropy"#));
+        assert_eq!(error("init_until_read=yes"), r#"query parameter init_until_read="yes": true or false"#);
         assert!(error("connect=db").contains(r#""db" is not NAME=PORT"#), "{}", error("connect=db"));
     }
 }
