@@ -8,7 +8,7 @@ use std::path::Path;
 
 mod common;
 
-use common::{Run, run_thaw};
+use common::{Run, restore, run_thaw};
 
 /// The command that builds a table of primes before it reads stdin.
 const STARTUP_TABLE: &str = env!("CARGO_BIN_FILE_FIXTURE_STARTUP_TABLE_startup_table");
@@ -55,30 +55,6 @@ fn snapshot(bundle: &str, image: &Path) -> String {
     run.stderr
 }
 
-/// Serves `count` requests of `data` from `image` in `mode` and returns each response's record.
-fn restore(image: &Path, mode: &str, count: usize, data: &str) -> Vec<serde_json::Value> {
-    let responses = image.with_file_name(format!("{mode}.jsonl"));
-    let count_text = count.to_string();
-    let args = [
-        "restore",
-        image.to_str().unwrap(),
-        "--mode",
-        mode,
-        "--count",
-        &count_text,
-        "--data",
-        data,
-        "--responses",
-        responses.to_str().unwrap(),
-    ];
-    let run = run_thaw(&args);
-    assert_eq!(run.code, Some(0), "{mode}: {run:#?}");
-    let lines = std::fs::read_to_string(&responses).unwrap();
-    let records: Vec<serde_json::Value> = lines.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-    assert_eq!(records.len(), count, "{mode}");
-    records
-}
-
 #[test]
 fn a_command_initialized_until_its_first_read_answers_cold_under_kvm_and_qemu() {
     let dir = tempfile::tempdir().unwrap();
@@ -123,7 +99,7 @@ fn its_start_up_is_in_the_snapshot_and_every_restored_vm_continues_inside_the_re
     let mut tables = HashSet::new();
     let mut fresh = HashSet::new();
     for mode in ["fresh", "pool", "reset"] {
-        for line in restore(&image, mode, 100, "5000\n") {
+        for line in restore(image.to_str().unwrap(), mode, 100, "5000\n") {
             assert_eq!(line["status"], "ok", "{mode}: {line}");
             assert_eq!(line["stderr"], "", "{mode}: the start-up did not run again: {line}");
             let (table, random, prime) = answer(line["stdout"].as_str().unwrap());
@@ -138,7 +114,7 @@ fn its_start_up_is_in_the_snapshot_and_every_restored_vm_continues_inside_the_re
     let image = dir.path().join("whole.snap");
     snapshot(&whole, &image);
     let mut tables = HashSet::new();
-    for line in restore(&image, "fresh", 5, "5000") {
+    for line in restore(image.to_str().unwrap(), "fresh", 5, "5000") {
         assert_eq!(line["stderr"], BUILT, "without the flag, each request starts the command: {line}");
         assert!(tables.insert(answer(line["stdout"].as_str().unwrap()).0), "{line}");
     }
@@ -192,7 +168,7 @@ fn a_start_up_that_writes_first_never_reads_or_fails_is_not_kept() {
             assert!(said.contains(note.trim_end()), "{name}: {said}");
         }
         for mode in ["fresh", "reset"] {
-            for line in restore(&image, mode, 3, "ping") {
+            for line in restore(image.to_str().unwrap(), mode, 3, "ping") {
                 assert_eq!(line["stdout"], stdout, "{name} {mode}: {line}");
             }
         }

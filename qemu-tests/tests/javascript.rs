@@ -7,7 +7,7 @@ use std::process::Command;
 
 mod common;
 
-use common::{Run, run_thaw};
+use common::{Run, restore, run_thaw};
 
 /// The exit code of a function that failed (the runtime traps after writing the error).
 const FAILED: i32 = abi::exit_code::FUNCTION_TRAPPED as i32;
@@ -57,29 +57,6 @@ fn snapshot(dir: &Path, bundle: &str) -> String {
     let run = run_thaw(&["snapshot", bundle, "-o", image.to_str().unwrap()]);
     assert_eq!(run.code, Some(0), "{run:#?}");
     image.to_str().unwrap().to_string()
-}
-
-/// Serves `count` requests of `data` from `image` in `mode` and returns each response's record.
-fn restore(image: &str, mode: &str, count: usize, data: &str) -> Vec<serde_json::Value> {
-    let responses = Path::new(image).with_file_name(format!("{mode}.jsonl"));
-    let count_text = count.to_string();
-    let run = run_thaw(&[
-        "restore",
-        image,
-        "--mode",
-        mode,
-        "--count",
-        &count_text,
-        "--data",
-        data,
-        "--responses",
-        responses.to_str().unwrap(),
-    ]);
-    assert_eq!(run.code, Some(0), "{mode}: {run:#?}");
-    let lines = std::fs::read_to_string(&responses).unwrap();
-    let records: Vec<serde_json::Value> = lines.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-    assert_eq!(records.len(), count, "{mode}");
-    records
 }
 
 /// A function as a new user writes one: a table built at the top level, a helper imported from

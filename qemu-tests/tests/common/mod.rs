@@ -32,3 +32,28 @@ pub fn run(command: &mut Command) -> Run {
         stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
     }
 }
+
+/// Serves `count` requests of `data` from the snapshot image at `image` with `thaw restore` in
+/// `mode`, and returns each response's record (`--responses`, written beside the image).
+#[allow(dead_code)] // not every test file restores
+pub fn restore(image: &str, mode: &str, count: usize, data: &str) -> Vec<serde_json::Value> {
+    let responses = std::path::Path::new(image).with_file_name(format!("{mode}.jsonl"));
+    let count_text = count.to_string();
+    let run = run_thaw(&[
+        "restore",
+        image,
+        "--mode",
+        mode,
+        "--count",
+        &count_text,
+        "--data",
+        data,
+        "--responses",
+        responses.to_str().unwrap(),
+    ]);
+    assert_eq!(run.code, Some(0), "{mode}: {run:#?}");
+    let lines = std::fs::read_to_string(&responses).unwrap();
+    let records: Vec<serde_json::Value> = lines.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(records.len(), count, "{mode}");
+    records
+}
