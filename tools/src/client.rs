@@ -24,24 +24,25 @@ pub struct ServerArgs {
 pub struct DeployArgs {
     /// The function's name on the server.
     name: String,
-    /// A bundle (.thaw, from `thaw pack`), a bare wasm module (.wasm), or a JavaScript function
-    /// (a .js or .mjs file, or a directory with index.js or index.mjs), which is packed here
-    /// as `thaw pack` packs it and uploaded as its bundle.
+    /// A bundle (.thaw, from `thaw pack`), a bare wasm module (.wasm), or a JavaScript or
+    /// Python function (a .js, .mjs or .py file, or a directory with index.js, index.mjs,
+    /// handler.py or main.py), which is packed here as `thaw pack` packs it and uploaded as its
+    /// bundle.
     #[arg(value_name = "FILE")]
     file: PathBuf,
     /// Deploy settings, passed as query parameters (repeatable): mode=reset|pool|fresh, pool=N,
     /// concurrency=N, queue=N, timeout_ms=MS, and for a bare wasm memory=MIB, fuel=N,
-    /// env=K=V, arg=A. For JavaScript, memory= and env= are packed here instead.
+    /// env=K=V, arg=A. For JavaScript and Python, memory= and env= are packed here instead.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     settings: Vec<String>,
-    /// JavaScript in a directory: the entry module, as `thaw pack --entry`.
+    /// JavaScript or Python in a directory: the entry module, as `thaw pack --entry`.
     #[arg(long, value_name = "FILE")]
     entry: Option<String>,
     /// JavaScript: bundle the npm packages it imports with esbuild, as `thaw pack --bundle`.
     #[arg(long)]
     bundle: bool,
-    /// JavaScript: a request it answers, which the server's snapshot records the working set
-    /// with, as `thaw pack --sample-data` (without one, the empty request's).
+    /// JavaScript or Python: a request it answers, which the server's snapshot records the
+    /// working set with, as `thaw pack --sample-data` (without one, the empty request's).
     #[arg(long, value_name = "STRING")]
     sample_data: Option<String>,
     /// Print the server's JSON answer.
@@ -116,15 +117,15 @@ pub enum ClientError {
     /// `--set` is not `KEY=VALUE`.
     #[error("--set {0:?} is not KEY=VALUE")]
     Setting(String),
-    /// `--set memory=` of a JavaScript function is not a number.
+    /// `--set memory=` of a JavaScript or Python function is not a number.
     #[error("--set memory={0:?}: the memory is a number of MiB")]
     Memory(String),
-    /// `--entry`, `--bundle` or `--sample-data` given for a function that is not JavaScript.
+    /// `--entry`, `--bundle` or `--sample-data` given for a function that is not source.
     #[error(
-        "{}: --entry, --bundle and --sample-data are for JavaScript (a .js or .mjs file, or a directory)",
+        "{}: --entry, --bundle and --sample-data are for JavaScript or Python (a .js, .mjs or .py file, or a directory)",
         .0.display()
     )]
-    NotJavaScript(PathBuf),
+    NotSource(PathBuf),
     /// The request could not be built (a URL or token HTTP does not take).
     #[error("{url}: {source}")]
     Request {
@@ -241,31 +242,32 @@ fn print_json(value: &serde_json::Value) -> Result<(), ClientError> {
 
 /// `thaw deploy`.
 pub fn deploy(args: &DeployArgs) -> Result<u8, ClientError> {
-    let javascript = crate::js::is_javascript(&args.file);
-    if !javascript && (args.entry.is_some() || args.bundle || args.sample_data.is_some()) {
-        return Err(ClientError::NotJavaScript(args.file.clone()));
+    let language = crate::pack::Language::of(&args.file, args.entry.as_deref());
+    let source = language != crate::pack::Language::Wasm;
+    if !source && (args.entry.is_some() || args.bundle || args.sample_data.is_some()) {
+        return Err(ClientError::NotSource(args.file.clone()));
     }
     let mut query = Vec::new();
     let (mut memory, mut env) = (None, Vec::new());
     for setting in &args.settings {
         let (key, value) = setting.split_once('=').ok_or_else(|| ClientError::Setting(setting.clone()))?;
         match key {
-            "memory" if javascript => {
+            "memory" if source => {
                 memory = Some(value.parse().map_err(|_| ClientError::Memory(value.to_string()))?);
             }
-            "env" if javascript => env.push(value.to_string()),
+            "env" if source => env.push(value.to_string()),
             _ => query.push(format!("{}={}", encode(key), encode(value))),
         }
     }
-    let upload = if javascript {
-        let options = crate::pack::JavaScriptOptions {
+    let upload = if source {
+        let options = crate::pack::SourceOptions {
             entry: args.entry.clone(),
             env,
             memory,
             bundle: args.bundle,
             sample: args.sample_data.clone(),
         };
-        crate::pack::javascript_bundle(&args.file, &args.name, &options)?
+        crate::pack::source_bundle(&args.file, &args.name, &options)?
     } else {
         crate::files::read_limited(&args.file, 1 << 30, "function", crate::files::READ_WITHIN)?
     };

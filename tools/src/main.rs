@@ -45,6 +45,7 @@ mod pack;
 #[cfg(feature = "peer")]
 mod peer;
 mod progress;
+mod python;
 mod qemu;
 mod restore;
 mod run;

@@ -11,6 +11,7 @@ use host_vmm::function::{self, FunctionKind};
 use crate::code::{self, Code, CodeCache, CodeError};
 use crate::files::{FilesError, READ_WITHIN, read_limited, write_atomically};
 use crate::js::JsError;
+use crate::python::PyError;
 
 /// Why a function could not be packed.
 #[derive(Debug, thiserror::Error)]
@@ -126,6 +127,9 @@ pub enum PackError {
     /// JavaScript that cannot be packed as given.
     #[error(transparent)]
     Js(#[from] JsError),
+    /// Python that cannot be packed as given.
+    #[error(transparent)]
+    Python(#[from] PyError),
 }
 
 /// Linear memory a wasm function gets unless `--memory` says otherwise, in MiB.
@@ -391,10 +395,10 @@ pub fn volume_from_dir(dir: &Path, left_out: fn(&str, bool) -> bool) -> Result<V
 }
 
 /// A tree's files (path in the tree, bytes) and directories.
-type Tree = (Vec<(String, Vec<u8>)>, Vec<String>);
+pub type Tree = (Vec<(String, Vec<u8>)>, Vec<String>);
 
 /// The tree at `dir`, as [`volume_from_dir`] takes it.
-fn tree(dir: &Path, left_out: fn(&str, bool) -> bool) -> Result<Tree, PackError> {
+pub fn tree(dir: &Path, left_out: fn(&str, bool) -> bool) -> Result<Tree, PackError> {
     let mut files = Vec::new();
     let mut dirs = Vec::new();
     let mut total = 0u64;
@@ -439,13 +443,53 @@ fn one_line(error: &wat::Error) -> String {
     }
 }
 
+/// The language of a function's source, which decides the runtime it is packed with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Language {
+    /// A wasm module or its text form: the function itself.
+    Wasm,
+    /// JavaScript, on the runtime built into thaw.
+    JavaScript,
+    /// Python, on CPython for WASI.
+    Python,
+}
+
+impl Language {
+    /// The language of the function at `input` whose module `--entry` may name: Python for a
+    /// `.py` file or a directory with a Python module ([`crate::python::is_python`]),
+    /// JavaScript for a `.js` or `.mjs` file or another directory, and wasm otherwise.
+    pub fn of(input: &Path, entry: Option<&str>) -> Self {
+        if crate::python::is_python(input, entry) {
+            Self::Python
+        } else if crate::js::is_javascript(input) {
+            Self::JavaScript
+        } else {
+            Self::Wasm
+        }
+    }
+}
+
 /// Runs `thaw pack` and returns the process exit code.
 pub fn run(args: &PackArgs) -> Result<u8, PackError> {
     crate::files::remove_drafts_on_signal()?;
     let example = args.example.as_ref().and_then(|name| EXAMPLES.iter().find(|(n, ..)| n == name));
-    let script = args.input.as_deref().filter(|path| example.is_none() && crate::js::is_javascript(path));
-    if let Some(path) = script {
-        return pack_javascript(args, path);
+    let source = args.input.as_deref().filter(|_| example.is_none());
+    let language = source.map_or(Language::Wasm, |path| Language::of(path, args.entry.as_deref()));
+    if let (Some(path), Language::JavaScript | Language::Python) = (source, language) {
+        if args.data_dir.is_some() {
+            return Err(match language {
+                Language::Python => PyError::DataDir.into(),
+                _ => JsError::DataDir.into(),
+            });
+        }
+        let options = SourceOptions {
+            entry: args.entry.clone(),
+            env: args.env.clone(),
+            memory: args.memory,
+            bundle: args.bundle,
+            sample: None,
+        };
+        return pack(args, from_source(path, language, &options)?);
     }
     if args.entry.is_some() {
         return Err(JsError::EntryWithFile.into());
@@ -477,29 +521,71 @@ pub fn run(args: &PackArgs) -> Result<u8, PackError> {
     };
     let volume = data_dir.as_deref().map(|dir| volume_from_dir(dir, |_, _| false)).transpose()?.unwrap_or_default();
     let memory_mib = args.memory.unwrap_or(DEFAULT_MEMORY_MIB);
-    let sample = example.map(|(_, _, sample)| *sample);
+    let sample = example.map(|(_, _, sample)| sample.to_string());
     pack(
         args,
-        Packing { wasm, input, stem, volume, data_mount, env: args.env.clone(), memory_mib, sample, language: None },
+        Packing {
+            wasm,
+            input,
+            stem,
+            volume,
+            data_mount,
+            env: args.env.clone(),
+            args: Vec::new(),
+            memory_mib,
+            sample,
+            init_until_read: args.init_until_read,
+            language: None,
+        },
     )
 }
 
-/// `thaw pack` of JavaScript at `path`: the runtime built into thaw, with the function's files
-/// as its data volume at [`crate::js::MOUNT`] and its entry module named in the runtime's
-/// environment.
-fn pack_javascript(args: &PackArgs, path: &Path) -> Result<u8, PackError> {
-    if args.data_dir.is_some() {
-        return Err(JsError::DataDir.into());
+/// What `thaw pack` and `thaw deploy` pack a JavaScript or Python function with, as `thaw
+/// pack`'s flags of those names would.
+#[derive(Debug, Default)]
+pub struct SourceOptions {
+    /// The entry module of a directory.
+    pub entry: Option<String>,
+    /// `K=V` environment entries, after the runtime's own.
+    pub env: Vec<String>,
+    /// Most linear memory, in MiB (the language's default when `None`).
+    pub memory: Option<u32>,
+    /// Whether esbuild bundles the npm packages a JavaScript function imports.
+    pub bundle: bool,
+    /// The request the bundle carries for `thaw snapshot`'s working set.
+    pub sample: Option<String>,
+}
+
+/// What packs the function in `language` at `path` (a file, or a directory with its entry
+/// module) with `options`.
+fn from_source(path: &Path, language: Language, options: &SourceOptions) -> Result<Packing, PackError> {
+    if language != Language::JavaScript && options.bundle {
+        return Err(JsError::BundleNotJavaScript.into());
     }
-    let packing = javascript(path, args.entry.as_deref(), &args.env, args.bundle)?;
-    let packing = Packing { memory_mib: args.memory.unwrap_or(packing.memory_mib), ..packing };
-    pack(args, packing)
+    let mut packing = match language {
+        Language::Python => python(path, options.entry.as_deref())?,
+        _ => javascript(path, options.entry.as_deref(), options.bundle)?,
+    };
+    packing.env.extend(options.env.iter().cloned());
+    packing.memory_mib = options.memory.unwrap_or(packing.memory_mib);
+    packing.sample = options.sample.clone();
+    Ok(packing)
+}
+
+/// The name a function's source at `path` gives it: a directory's name, or a file's stem.
+fn source_stem(path: &Path) -> String {
+    let named = if path.is_dir() {
+        std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf())
+    } else {
+        path.with_extension("")
+    };
+    named.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default()
 }
 
 /// What packs the JavaScript function at `path` (a `.js` or `.mjs` file, or a directory with
-/// its `entry`), with `env` beside the entry's. With `bundle`, the entry is esbuild's bundle of
-/// it: in place of a file, or beside a directory's files at [`crate::js::BUNDLED`].
-fn javascript(path: &Path, entry: Option<&str>, env: &[String], bundle: bool) -> Result<Packing, PackError> {
+/// its `entry`). With `bundle`, the entry is esbuild's bundle of it: in place of a file, or
+/// beside a directory's files at [`crate::js::BUNDLED`].
+fn javascript(path: &Path, entry: Option<&str>, bundle: bool) -> Result<Packing, PackError> {
     let mut entry = crate::js::entry(path, entry)?;
     let (mut files, mut dirs) = if path.is_dir() {
         tree(path, crate::js::left_out)?
@@ -520,61 +606,73 @@ fn javascript(path: &Path, entry: Option<&str>, env: &[String], bundle: bool) ->
     }
     let volume =
         abi::volume::build(&files, &dirs).map_err(|source| PackError::Volume { dir: path.to_path_buf(), source })?;
-    let named = if path.is_dir() {
-        std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf())
-    } else {
-        path.with_extension("")
-    };
-    let stem = named.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-    let env = std::iter::once(format!("{}={}/{entry}", crate::js::ENTRY_VARIABLE, crate::js::MOUNT))
-        .chain(env.iter().cloned())
-        .collect();
     Ok(Packing {
         wasm: crate::js::RUNTIME.to_vec(),
         input: path.display().to_string(),
-        stem,
+        stem: source_stem(path),
         volume,
         data_mount: crate::js::MOUNT.into(),
-        env,
+        env: vec![format!("{}={}/{entry}", crate::js::ENTRY_VARIABLE, crate::js::MOUNT)],
+        args: Vec::new(),
         memory_mib: crate::js::DEFAULT_MEMORY_MIB,
         sample: None,
+        init_until_read: false,
         language: Some(format!("JavaScript, entry {}/{entry}", crate::js::MOUNT)),
     })
 }
 
-/// What `thaw deploy` packs a JavaScript function with, as `thaw pack`'s flags of those names
-/// would.
-#[derive(Debug)]
-pub struct JavaScriptOptions {
-    /// The entry module of a directory.
-    pub entry: Option<String>,
-    /// `K=V` environment entries.
-    pub env: Vec<String>,
-    /// Most linear memory, in MiB (the JavaScript default when `None`).
-    pub memory: Option<u32>,
-    /// Whether esbuild bundles the npm packages it imports.
-    pub bundle: bool,
-    /// The request the bundle carries for `thaw snapshot`'s working set.
-    pub sample: Option<String>,
+/// What packs the Python function at `path` (a `.py` file, or a directory with its `entry`):
+/// CPython for WASI as a command whose start-up, up to the runner's read of the request, is its
+/// init; its volume at `/` holds the standard library, the runner, the packages of the
+/// function's `requirements.txt`, and the function's files at [`crate::python::MOUNT`].
+fn python(path: &Path, entry: Option<&str>) -> Result<Packing, PackError> {
+    let entry = crate::python::entry(path, entry)?;
+    let runtime = crate::python::Runtime::find()?;
+    let (mut files, mut dirs) = crate::python::runtime_tree(&runtime, crate::python::requirements(path).as_deref())?;
+    let app = crate::python::MOUNT.trim_start_matches('/');
+    let (own, own_dirs) = if path.is_dir() {
+        tree(path, crate::python::left_out)?
+    } else {
+        (vec![(entry.clone(), read_limited(path, abi::volume::MAX_VOLUME_BYTES, "function", READ_WITHIN)?)], Vec::new())
+    };
+    dirs.push(app.to_string());
+    dirs.extend(own_dirs.into_iter().map(|d| format!("{app}/{d}")));
+    files.extend(own.into_iter().map(|(file, bytes)| (format!("{app}/{file}"), bytes)));
+    let volume =
+        abi::volume::build(&files, &dirs).map_err(|source| PackError::Volume { dir: path.to_path_buf(), source })?;
+    Ok(Packing {
+        wasm: runtime.wasm()?,
+        input: path.display().to_string(),
+        stem: source_stem(path),
+        volume,
+        data_mount: "/".into(),
+        env: crate::python::environment(&entry),
+        args: vec![crate::python::runner_argument()],
+        memory_mib: crate::python::DEFAULT_MEMORY_MIB,
+        sample: None,
+        init_until_read: true,
+        language: Some(format!("Python, module {}/{entry}", crate::python::MOUNT)),
+    })
 }
 
-/// The bundle `thaw pack` makes of the JavaScript function at `path` with `options`, named
-/// `name`: what `thaw deploy` uploads for one.
-pub fn javascript_bundle(path: &Path, name: &str, options: &JavaScriptOptions) -> Result<Vec<u8>, PackError> {
-    let Packing { wasm, input, volume, data_mount, env, memory_mib, .. } =
-        javascript(path, options.entry.as_deref(), &options.env, options.bundle)?;
+/// The bundle `thaw pack` makes of the JavaScript or Python function at `path` with `options`,
+/// named `name`: what `thaw deploy` uploads for one.
+pub fn source_bundle(path: &Path, name: &str, options: &SourceOptions) -> Result<Vec<u8>, PackError> {
+    let language = Language::of(path, options.entry.as_deref());
+    let Packing { wasm, input, volume, data_mount, env, args, memory_mib, sample, init_until_read, .. } =
+        from_source(path, language, options)?;
     let settings = BundleSettings {
         name: name.to_string(),
-        memory_mib: options.memory.unwrap_or(memory_mib),
+        memory_mib,
         fuel: None,
         env,
-        args: Vec::new(),
+        args,
         connections: Vec::new(),
-        sample_request: options.sample.as_ref().map(|s| s.as_bytes().to_vec()),
+        sample_request: sample.map(String::into_bytes),
         scratch_mib: bundle::DEFAULT_SCRATCH_MIB,
         scratch_dirs: default_scratch_dirs(),
         data_mount,
-        init_until_read: false,
+        init_until_read,
     };
     let packed = bundle_wasm(&settings, &wasm, &volume, &CodeCache::user());
     Ok(packed.map_err(|e| PackError::Input { input, source: Box::new(e) })?.bundle)
@@ -607,9 +705,13 @@ struct Packing {
     volume: Vec<u8>,
     data_mount: String,
     env: Vec<String>,
+    /// The runtime's own arguments, before `--arg`'s.
+    args: Vec<String>,
     memory_mib: u32,
-    /// The example's documented request, if it is one.
-    sample: Option<&'static str>,
+    /// The request the bundle carries unless `--sample-data` gives one.
+    sample: Option<String>,
+    /// Whether the command's start-up is its init.
+    init_until_read: bool,
     /// What the summary calls a function in a language thaw runs on its own runtime (the wasm
     /// is then the runtime's); `None` for a wasm function, which is called a reactor or command.
     language: Option<String>,
@@ -617,7 +719,19 @@ struct Packing {
 
 /// Packs `packing` with the rest of `args`, writes the bundle and says what it holds.
 fn pack(args: &PackArgs, packing: Packing) -> Result<u8, PackError> {
-    let Packing { wasm, input, stem, volume, data_mount, env, memory_mib, sample, language } = packing;
+    let Packing {
+        wasm,
+        input,
+        stem,
+        volume,
+        data_mount,
+        env,
+        args: runtime_args,
+        memory_mib,
+        sample,
+        init_until_read,
+        language,
+    } = packing;
     if !(1..=bundle::MAX_SCRATCH_MIB).contains(&args.scratch_mib) {
         return Err(PackError::ScratchMib(args.scratch_mib));
     }
@@ -627,13 +741,13 @@ fn pack(args: &PackArgs, packing: Packing) -> Result<u8, PackError> {
         memory_mib,
         fuel: args.fuel,
         env,
-        args: args.args.clone(),
+        args: runtime_args.into_iter().chain(args.args.iter().cloned()).collect(),
         connections: args.connections.clone(),
-        sample_request: args.sample_data.as_deref().or(sample).map(|s| s.as_bytes().to_vec()),
+        sample_request: args.sample_data.clone().or(sample).map(String::into_bytes),
         scratch_mib: args.scratch_mib,
         scratch_dirs,
         data_mount,
-        init_until_read: args.init_until_read,
+        init_until_read: init_until_read || args.init_until_read,
     };
     let started = std::time::Instant::now();
     let compiling = crate::progress::Status::show(&format!("thaw: compiling {}...", settings.name));
