@@ -1,7 +1,7 @@
 //! A function author's first steps, as docs/FUNCTIONS.md gives them: `thaw new` writes each
-//! skeleton (Rust reactor, Rust command, C, JavaScript), the docs show exactly those files, and
-//! each builds with its own toolchain (cargo for wasm32-wasip1; clang with wasi-libc; none for
-//! JavaScript) and answers cold, from a snapshot and under QEMU.
+//! skeleton (Rust reactor, Rust command, C, JavaScript, Python), the docs show exactly those
+//! files, and each builds with its own toolchain (cargo for wasm32-wasip1; clang with wasi-libc;
+//! none for JavaScript and Python) and answers cold, from a snapshot and under QEMU.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -141,6 +141,7 @@ fn thaw_new_refuses_bad_names_existing_directories_and_a_c_reactor() {
         (vec!["new", "../escape"], "is not a function name"),
         (vec!["new", "f", "--lang", "c", "--kind", "reactor"], "a C function is a command"),
         (vec!["new", "f", "--lang", "js", "--kind", "command"], "a JavaScript function is a module"),
+        (vec!["new", "f", "--lang", "python", "--kind", "reactor"], "a Python function is a module"),
     ] {
         let run = thaw_in(parent.path(), &args);
         assert_eq!(run.code, Some(125), "{run:#?}");
@@ -173,6 +174,32 @@ fn the_javascript_skeleton_packs_and_answers_as_documented() {
     assert_eq!(snap.code, Some(0), "{snap:#?}");
     let restored = thaw_in(&dir, &["invoke", "my-fn.snap", "--data", r#"{"lang": "de"}"#]);
     assert_eq!((restored.code, restored.stdout.as_str()), (Some(0), r#"{"message":"Hallo, world!"}"#), "{restored:#?}");
+    let qemu = thaw_in(&dir, &["qemu", "my-fn.thaw", "--data", request, "--timeout", "120"]);
+    assert_eq!((qemu.code, qemu.stdout.as_str()), (Some(0), expected), "{qemu:#?}");
+}
+
+#[test]
+fn the_python_skeleton_packs_and_answers_as_documented() {
+    let (_guard, dir) = new(&["--lang", "python"]);
+    assert_documented(&dir, &["handler.py", "greetings.json", "requirements.txt"]);
+    let request = r#"{"name": "thaw", "lang": "fr"}"#;
+    let expected = r#"{"message": "Bonjour, thaw!"}"#;
+    assert!(docs().contains(&format!("--data '{request}'   # prints {expected}")), "the docs say what it prints");
+    for round in 0..2 {
+        // Packing again must not take the first bundle into the function's files.
+        let packed = thaw_in(&dir, &["pack", "."]);
+        assert_eq!(packed.code, Some(0), "{packed:#?}");
+        assert!(packed.stderr.contains("(Python, module /app/handler.py"), "round {round}: {packed:#?}");
+        let inspect = thaw_in(&dir, &["inspect", "my-fn.thaw", "--json"]);
+        let manifest: serde_json::Value = serde_json::from_str(&inspect.stdout).unwrap();
+        assert_eq!(manifest["init_until_read"], true, "{inspect:#?}");
+    }
+    let cold = thaw_in(&dir, &["invoke", "my-fn.thaw", "--data", request]);
+    assert_eq!((cold.code, cold.stdout.as_str()), (Some(0), expected), "{cold:#?}");
+    let snap = thaw_in(&dir, &["snapshot", "my-fn.thaw", "-o", "my-fn.snap"]);
+    assert_eq!(snap.code, Some(0), "{snap:#?}");
+    let restored = thaw_in(&dir, &["invoke", "my-fn.snap", "--data", r#"{"lang": "de"}"#]);
+    assert_eq!((restored.code, restored.stdout.as_str()), (Some(0), r#"{"message": "Hallo, world!"}"#), "{restored:#?}");
     let qemu = thaw_in(&dir, &["qemu", "my-fn.thaw", "--data", request, "--timeout", "120"]);
     assert_eq!((qemu.code, qemu.stdout.as_str()), (Some(0), expected), "{qemu:#?}");
 }

@@ -8,7 +8,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 mod common;
 
-use common::{Run, run_thaw};
+use common::{Run, both, run_thaw};
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/fixtures").join(name)
@@ -57,18 +57,6 @@ fn invoke(bundle: &str, data: &str, extra: &[&str]) -> Run {
 
 fn qemu(bundle: &str, data: &str) -> Run {
     thaw(&["qemu", bundle, "--data", data, "--timeout", "120"])
-}
-
-/// Serves `data` under KVM and QEMU at once; both must agree. Returns the KVM run.
-fn both(bundle: &str, data: &str) -> Run {
-    let (kvm, emulated) = std::thread::scope(|s| {
-        let emulated = s.spawn(|| qemu(bundle, data));
-        (invoke(bundle, data, &[]), emulated.join().expect("qemu run"))
-    });
-    assert_eq!(kvm.stdout, emulated.stdout, "response differs\nkvm: {kvm:#?}\nqemu: {emulated:#?}");
-    assert_eq!(kvm.stderr, emulated.stderr, "stderr differs\nkvm: {kvm:#?}\nqemu: {emulated:#?}");
-    assert_eq!(kvm.code, emulated.code, "exit code differs\nkvm: {kvm:#?}\nqemu: {emulated:#?}");
-    kvm
 }
 
 #[test]

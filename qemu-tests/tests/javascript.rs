@@ -7,21 +7,10 @@ use std::process::Command;
 
 mod common;
 
-use common::{Run, restore, run_thaw};
+use common::{Run, both, function, restore, run_thaw, snapshot};
 
 /// The exit code of a function that failed (the runtime traps after writing the error).
 const FAILED: i32 = abi::exit_code::FUNCTION_TRAPPED as i32;
-
-/// Writes `files` (name, source) into a fresh directory.
-fn function(files: &[(&str, &str)]) -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    for (name, source) in files {
-        let path = dir.path().join(name);
-        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-        std::fs::write(path, source).unwrap();
-    }
-    dir
-}
 
 /// Packs `input` (a directory or a file) with `extra` flags into `out`.
 fn pack(input: &Path, out: &Path, extra: &[&str]) -> Run {
@@ -36,27 +25,6 @@ fn packed(dir: &Path) -> String {
     let run = pack(dir, &out, &[]);
     assert_eq!(run.code, Some(0), "{run:#?}");
     out.to_str().unwrap().to_string()
-}
-
-/// Answers `data` with `bundle` under KVM and under QEMU; both must agree. Returns the KVM run.
-fn both(bundle: &str, data: &str) -> Run {
-    assert!(Path::new("/dev/kvm").exists(), "thaw invoke boots a guest under KVM and needs /dev/kvm");
-    let (kvm, emulated) = std::thread::scope(|s| {
-        let emulated = s.spawn(|| run_thaw(&["qemu", bundle, "--data", data, "--timeout", "120"]));
-        (run_thaw(&["invoke", bundle, "--data", data]), emulated.join().expect("qemu run"))
-    });
-    assert_eq!(kvm.stdout, emulated.stdout, "response differs\nkvm: {kvm:#?}\nqemu: {emulated:#?}");
-    assert_eq!(kvm.stderr, emulated.stderr, "stderr differs\nkvm: {kvm:#?}\nqemu: {emulated:#?}");
-    assert_eq!(kvm.code, emulated.code, "exit code differs\nkvm: {kvm:#?}\nqemu: {emulated:#?}");
-    kvm
-}
-
-/// Snapshots `bundle` into `dir` and returns the image's path.
-fn snapshot(dir: &Path, bundle: &str) -> String {
-    let image = dir.join("function.snap");
-    let run = run_thaw(&["snapshot", bundle, "-o", image.to_str().unwrap()]);
-    assert_eq!(run.code, Some(0), "{run:#?}");
-    image.to_str().unwrap().to_string()
 }
 
 /// A function as a new user writes one: a table built at the top level, a helper imported from

