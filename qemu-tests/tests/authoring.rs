@@ -199,7 +199,11 @@ fn the_python_skeleton_packs_and_answers_as_documented() {
     let snap = thaw_in(&dir, &["snapshot", "my-fn.thaw", "-o", "my-fn.snap"]);
     assert_eq!(snap.code, Some(0), "{snap:#?}");
     let restored = thaw_in(&dir, &["invoke", "my-fn.snap", "--data", r#"{"lang": "de"}"#]);
-    assert_eq!((restored.code, restored.stdout.as_str()), (Some(0), r#"{"message": "Hallo, world!"}"#), "{restored:#?}");
+    assert_eq!(
+        (restored.code, restored.stdout.as_str()),
+        (Some(0), r#"{"message": "Hallo, world!"}"#),
+        "{restored:#?}"
+    );
     let qemu = thaw_in(&dir, &["qemu", "my-fn.thaw", "--data", request, "--timeout", "120"]);
     assert_eq!((qemu.code, qemu.stdout.as_str()), (Some(0), expected), "{qemu:#?}");
 }

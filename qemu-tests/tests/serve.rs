@@ -775,9 +775,46 @@ fn the_cli_client_deploys_javascript_files_and_directories() {
     assert!(run.stderr.contains("SyntaxError") && run.stderr.contains("/app/broken.js:2"), "{}", run.stderr);
 }
 
-/// Issue 29: a JavaScript module PUT with `Content-Type: text/javascript` is packed by the server
-/// with the JavaScript defaults and the query's settings; a module that does not parse is refused
-/// with its file, line and message; JavaScript sent without that type is refused, saying so.
+/// Issue 30: `thaw deploy NAME DIR` packs a Python function on the client, its requirements
+/// included, as `thaw pack` would, and deploys its bundle, which answers from its snapshot; a
+/// module that fails at its top level is refused by the deploy's snapshot with its traceback.
+#[test]
+fn the_cli_client_deploys_a_python_directory_with_its_requirements() {
+    let state = tempfile::tempdir().unwrap();
+    let server = Server::start(state.path(), &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, text: &str| {
+        let path = dir.path().join(name);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, text).unwrap();
+    };
+    write(
+        "app/handler.py",
+        "from dateutil.parser import isoparse\nSTARTED = 'init'\ndef handle(request: str):\n    return {'weekday': isoparse(request).strftime('%A'), 'started': STARTED}\n",
+    );
+    write("app/requirements.txt", "python-dateutil==2.9.0.post0\n");
+    write("broken/handler.py", "import json\nCONFIG = json.loads('{')\n");
+    let thaw = |args: &[&str]| {
+        let mut all = args.to_vec();
+        all.extend_from_slice(&["--server", &server.url]);
+        run_thaw(&all)
+    };
+    let app = dir.path().join("app");
+    let run = thaw(&["deploy", "dates", app.to_str().unwrap(), "--set", "mode=reset", "--sample-data", "2024-03-01"]);
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    for (date, weekday) in [("2024-03-01", "Friday"), ("1969-07-20", "Sunday")] {
+        let run = thaw(&["call", "dates", "--data", date]);
+        assert_eq!(run.code, Some(0), "{}", run.stderr);
+        let answer: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+        assert_eq!((answer["weekday"].as_str(), answer["started"].as_str()), (Some(weekday), Some("init")), "{answer}");
+    }
+    let broken = dir.path().join("broken");
+    let run = thaw(&["deploy", "broken", broken.to_str().unwrap()]);
+    assert_eq!(run.code, Some(125), "{run:#?}");
+    assert!(run.stderr.contains("the server answered 422"), "{}", run.stderr);
+    assert!(run.stderr.contains("File \"/app/handler.py\", line 2, in <module>"), "{}", run.stderr);
+}
+
 /// A command deployed as a bare wasm with `init_until_read=true` answers every call from its
 /// snapshot with the table its start-up built once (issue 30); a reactor cannot take it.
 #[test]
@@ -804,6 +841,9 @@ fn a_command_deployed_with_init_until_read_keeps_its_start_up_in_the_snapshot() 
     assert!(reactor.body.contains("init until the first read applies to commands"), "{}", reactor.body);
 }
 
+/// Issue 29: a JavaScript module PUT with `Content-Type: text/javascript` is packed by the server
+/// with the JavaScript defaults and the query's settings; a module that does not parse is refused
+/// with its file, line and message; JavaScript sent without that type is refused, saying so.
 #[test]
 fn a_javascript_module_uploaded_over_http_is_packed_by_the_server() {
     let state = tempfile::tempdir().unwrap();

@@ -199,7 +199,7 @@ pub fn entry(input: &Path, entry: Option<&str>) -> Result<String, PyError> {
 /// bytecode caches, virtual environments, `.git`, and thaw's own bundles and images.
 pub fn left_out(name: &str, is_dir: bool) -> bool {
     if is_dir {
-        matches!(name, "__pycache__" | ".git" | ".venv" | "venv" | ".mypy_cache" | ".pytest_cache")
+        matches!(name, "__pycache__" | ".git" | ".venv" | "venv")
     } else {
         name.ends_with(".thaw") || name.ends_with(".snap") || name.ends_with(".pyc")
     }
