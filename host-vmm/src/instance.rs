@@ -27,7 +27,7 @@ use abi::params::InstanceId;
 
 use crate::mailbox::Mailbox;
 use crate::memory::DirtyPages;
-use crate::outcome::{FunctionResponse, FunctionStatus, Outcome};
+use crate::outcome::{FunctionResponse, Outcome};
 use crate::snapshot::Image;
 use crate::virtio::DeviceStats;
 use crate::vm::{BootTimings, CheckpointMode, Role, Vm, VmConfig, VmmError};
@@ -92,11 +92,10 @@ pub struct ServeTimings {
 }
 
 impl Served {
-    /// True when the function answered cleanly: it returned, or exited with code 0 (a command
-    /// that ends with `proc_exit(0)`, as Python's `os._exit(0)` does), as the stats' status says.
+    /// True when the function answered cleanly ([`crate::outcome::FunctionStatus::is_clean`]), as the stats'
+    /// status says.
     pub fn is_ok(&self) -> bool {
-        matches!(self.outcome, Outcome::Answered)
-            && matches!(self.response.as_ref().map(|r| &r.status), Some(FunctionStatus::Ok | FunctionStatus::Exited(0)))
+        matches!(self.outcome, Outcome::Answered) && self.response.as_ref().is_some_and(|r| r.status.is_clean())
     }
 
     /// True when the VM may be reset and serve again: the function answered (whatever its

@@ -20,6 +20,14 @@ pub enum FunctionStatus {
     Exited(u32),
 }
 
+impl FunctionStatus {
+    /// True when the function answered cleanly: it returned, or exited with code 0 (a command
+    /// that ends with `proc_exit(0)`, as Python's `os._exit(0)` does).
+    pub fn is_clean(&self) -> bool {
+        matches!(self, Self::Ok | Self::Exited(0))
+    }
+}
+
 /// One invocation's result.
 #[derive(Debug, Clone)]
 pub struct FunctionResponse {

@@ -222,3 +222,23 @@ fn pack_refuses_c_extensions_and_a_missing_module_by_name() {
     let refused = run_thaw(&["pack", dir.path().to_str().unwrap(), "--entry", "../app.py"]);
     assert!(refused.stderr.contains("--entry \"../app.py\": must be a .py file inside"), "{refused:#?}");
 }
+
+/// `thaw bench --peer wasmtime` runs the same CPython in process with host Wasmtime, with the
+/// volume at `/` (the standard library, the runner, the function's files) as the guest grafts
+/// it: the two must answer alike, which they cannot unless the peer found the module. The peer
+/// runs the command whole each time, start-up included, as a process per request would.
+#[test]
+fn the_wasmtime_peer_runs_a_python_function_with_its_files() {
+    let dir = function(&[
+        (
+            "handler.py",
+            "from helper import N\ndef handle(request: str):\n    open('/tmp/out', 'w').write(request * N)\n    return open('/tmp/out').read()\n",
+        ),
+        ("helper.py", "N = 2\n"),
+    ]);
+    let bundle = packed(dir.path(), dir.path());
+    let run = run_thaw(&["bench", &bundle, "--peer", "wasmtime", "--runs", "2", "--data", "ab", "--json"]);
+    assert_eq!(run.code, Some(0), "{run:#?}");
+    let stats: serde_json::Value = serde_json::from_str(&run.stdout).expect("one JSON object");
+    assert!(stats["peer"]["phases"]["handle_us"]["p50"].as_u64().is_some(), "{stats}");
+}

@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use clap::Args;
-use host_vmm::{FunctionStatus, Mode, Outcome, RunReport, VmConfig};
+use host_vmm::{Mode, Outcome, RunReport, VmConfig};
 
 use crate::KernelArgs;
 use crate::invoke::OptionalFunctionArgs;
@@ -271,7 +271,7 @@ fn measure(
         if !matches!(report.outcome, Outcome::Exited(0) | Outcome::Answered) {
             return Err(BenchError::Unclean { run: i + 1, why: report.outcome.to_string() });
         }
-        if let Some(response) = report.responses.iter().find(|r| r.status != FunctionStatus::Ok) {
+        if let Some(response) = report.responses.iter().find(|r| !r.status.is_clean()) {
             let why = RequestStats::new(&report.outcome, Some(response)).error.unwrap_or_default();
             return Err(BenchError::Unclean { run: i + 1, why });
         }

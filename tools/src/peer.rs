@@ -5,7 +5,7 @@
 //! once, and that one compile is the compile phase. The function sees the files thaw's guest
 //! gives it: its data volume, unpacked once into a temporary directory preopened at its mount
 //! (writable, as in the guest, but what one run writes there the next run sees), and its
-//! scratch directories, each an empty temporary directory in every run.
+//! other scratch directories, each an empty temporary directory in every run.
 
 use std::time::Instant;
 
@@ -55,12 +55,20 @@ pub enum PeerError {
     #[error("instantiating: {0}")]
     Instantiate(wasmtime::Error),
     /// An export failed or trapped.
-    #[error("{name}: {error}")]
+    #[error("{name}: {error:#}")]
     Call {
         /// The export.
         name: &'static str,
         /// Why.
         error: wasmtime::Error,
+    },
+    /// An export failed, and the function said why on stderr.
+    #[error("{why}; it wrote: {stderr}")]
+    Said {
+        /// How it failed.
+        why: Box<PeerError>,
+        /// The start of what it wrote to stderr.
+        stderr: String,
     },
     /// The peer's answer differs from thaw's.
     #[error("--peer wasmtime: the peer answered {peer:?}, thaw answered {thaw:?}; they must do the same work")]
@@ -154,22 +162,23 @@ fn serve(
 ) -> Result<(Phases<u64>, Vec<u8>), PeerError> {
     let manifest = &function.manifest;
     let stdout = MemoryOutputPipe::new(MAX_OUTPUT);
+    let stderr = MemoryOutputPipe::new(MAX_OUTPUT);
     let env: Vec<(&str, &str)> = manifest.env.iter().filter_map(|entry| entry.split_once('=')).collect();
-    let mut args = vec![manifest.name.as_str()];
-    args.extend(manifest.args.iter().map(String::as_str));
+    // The manifest's arguments start with argv[0], the function's name, as the guest gives them.
+    let args: Vec<&str> = manifest.args.iter().map(String::as_str).collect();
     let mut wasi = WasiCtxBuilder::new();
     wasi.stdin(MemoryInputPipe::new(request.to_vec()))
         .stdout(stdout.clone())
-        .stderr(MemoryOutputPipe::new(MAX_OUTPUT))
+        .stderr(stderr.clone())
         .args(&args)
         .envs(&env);
     let files = |what: &str, error| PeerError::Files { what: what.to_string(), error };
     let mut scratch = Vec::new();
     for dir in manifest.preopens() {
         let (host, perms) = match volume {
-            Some(volume) if dir == manifest.data_mount && !manifest.scratch_dirs.iter().any(|d| d == dir) => {
-                (volume.path().to_path_buf(), FsPerms::ReadWrite)
-            }
+            // The volume, also where a scratch directory is mounted with it, as the guest
+            // grafts it there (a Python function's, at /).
+            Some(volume) if dir == manifest.data_mount => (volume.path().to_path_buf(), FsPerms::ReadWrite),
             _ => {
                 let fresh = tempfile::tempdir().map_err(|e| files("a scratch directory", e))?;
                 let path = fresh.path().to_path_buf();
@@ -192,20 +201,27 @@ fn serve(
     let instance = linker.instantiate(&mut store, module).map_err(PeerError::Instantiate)?;
     phases.instantiate_us = Some(started.elapsed().as_micros() as u64);
     let started = Instant::now();
-    match function.kind {
-        FunctionKind::Reactor => {
-            for name in ["_initialize", "init"] {
-                call(&mut store, &instance, name)?;
+    let ran = (|| {
+        match function.kind {
+            FunctionKind::Reactor => {
+                for name in ["_initialize", "init"] {
+                    call(&mut store, &instance, name)?;
+                }
+                phases.init_us = Some(started.elapsed().as_micros() as u64);
+                let started = Instant::now();
+                call(&mut store, &instance, "handle")?;
+                phases.handle_us = Some(started.elapsed().as_micros() as u64);
             }
-            phases.init_us = Some(started.elapsed().as_micros() as u64);
-            let started = Instant::now();
-            call(&mut store, &instance, "handle")?;
-            phases.handle_us = Some(started.elapsed().as_micros() as u64);
+            FunctionKind::Command => {
+                call(&mut store, &instance, "_start")?;
+                phases.handle_us = Some(started.elapsed().as_micros() as u64);
+            }
         }
-        FunctionKind::Command => {
-            call(&mut store, &instance, "_start")?;
-            phases.handle_us = Some(started.elapsed().as_micros() as u64);
-        }
+        Ok(())
+    })();
+    if let Err(why) = ran {
+        let stderr = host_vmm::capture::first_lines(&stderr.contents());
+        return Err(if stderr.is_empty() { why } else { PeerError::Said { why: Box::new(why), stderr } });
     }
     drop(store);
     Ok((phases, stdout.contents().to_vec()))
