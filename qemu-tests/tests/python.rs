@@ -242,3 +242,72 @@ fn the_wasmtime_peer_runs_a_python_function_with_its_files() {
     let stats: serde_json::Value = serde_json::from_str(&run.stdout).expect("one JSON object");
     assert!(stats["peer"]["phases"]["handle_us"]["p50"].as_u64().is_some(), "{stats}");
 }
+
+/// Conformance: CPython's own regression tests for the modules functions use most, from the
+/// runtime's `test` package, imported at the module's top level (so their import is in the
+/// snapshot) and run one module per request. Each passes whole in thaw, cold and from the
+/// image, and `thaw bench --peer wasmtime` checks that the same wasm on host Wasmtime answers
+/// the same counts.
+#[test]
+fn cpython_regression_tests_pass_cold_from_the_image_and_on_host_wasmtime() {
+    const MODULES: [(&str, u32); 8] = [
+        ("test_json", 168),
+        ("test_re", 158),
+        ("test_datetime", 992),
+        ("test_hashlib", 77),
+        ("test_random", 101),
+        ("test_base64", 36),
+        ("test_collections", 112),
+        ("test_decimal", 718),
+    ];
+    let names: Vec<String> = MODULES.iter().map(|(name, _)| format!("{name:?}")).collect();
+    let handler = format!(
+        "import importlib, sys, unittest\n\
+         MODULES = {{name: importlib.import_module('test.' + name) for name in [{}]}}\n\
+         def handle(request: str):\n\
+         \x20   suite = unittest.defaultTestLoader.loadTestsFromModule(MODULES[request])\n\
+         \x20   result = unittest.TextTestRunner(stream=sys.stderr, verbosity=0).run(suite)\n\
+         \x20   return f'{{request}} run={{result.testsRun}} failures={{len(result.failures)}} errors={{len(result.errors)}}'\n",
+        names.join(", ")
+    );
+    let dir = function(&[("handler.py", &handler)]);
+    let stdlib = run(Command::new("python3")
+        .args(["-c", "import importlib.util as u; print(u.find_spec('nuitka').submodule_search_locations[0])"]));
+    let tests = Path::new(stdlib.stdout.trim()).join("wasi-python/lib/python3.11/test");
+    let copied = run(Command::new("cp").arg("-r").arg(&tests).arg(dir.path()));
+    assert_eq!(copied.code, Some(0), "the runtime's test package: {copied:#?}");
+    let out = dir.path().join("tests.thaw");
+    let packed = run_thaw(&[
+        "pack",
+        dir.path().to_str().unwrap(),
+        "--memory",
+        "1024",
+        "--scratch-mib",
+        "64",
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(packed.code, Some(0), "{packed:#?}");
+    let bundle = out.to_str().unwrap();
+    let image = snapshot(dir.path(), bundle);
+    for (name, count) in MODULES {
+        let expected = format!("{name} run={count} failures=0 errors=0");
+        let restored = run_thaw(&["invoke", &image, "--data", name]);
+        assert_eq!((restored.code, restored.stdout.as_str()), (Some(0), expected.as_str()), "{restored:#?}");
+        // Cold in thaw, then on host Wasmtime: bench fails unless both answer alike.
+        let both = run_thaw(&[
+            "bench",
+            bundle,
+            "--peer",
+            "wasmtime",
+            "--runs",
+            "1",
+            "--data",
+            name,
+            "--timeout",
+            "120",
+            "--json",
+        ]);
+        assert_eq!(both.code, Some(0), "{name}: {both:#?}");
+    }
+}
