@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 mod common;
 
-use common::{THAW, run_thaw};
+use common::{THAW, function, run_thaw};
 
 /// A running `thaw serve` and what it has printed.
 struct Server {
@@ -782,18 +782,14 @@ fn the_cli_client_deploys_javascript_files_and_directories() {
 fn the_cli_client_deploys_a_python_directory_with_its_requirements() {
     let state = tempfile::tempdir().unwrap();
     let server = Server::start(state.path(), &[]);
-    let dir = tempfile::tempdir().unwrap();
-    let write = |name: &str, text: &str| {
-        let path = dir.path().join(name);
-        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-        std::fs::write(&path, text).unwrap();
-    };
-    write(
-        "app/handler.py",
-        "from dateutil.parser import isoparse\nSTARTED = 'init'\ndef handle(request: str):\n    return {'weekday': isoparse(request).strftime('%A'), 'started': STARTED}\n",
-    );
-    write("app/requirements.txt", "python-dateutil==2.9.0.post0\n");
-    write("broken/handler.py", "import json\nCONFIG = json.loads('{')\n");
+    let dir = function(&[
+        (
+            "app/handler.py",
+            "from dateutil.parser import isoparse\nSTARTED = 'init'\ndef handle(request: str):\n    return {'weekday': isoparse(request).strftime('%A'), 'started': STARTED}\n",
+        ),
+        ("app/requirements.txt", "python-dateutil==2.9.0.post0\n"),
+        ("broken/handler.py", "import json\nCONFIG = json.loads('{')\n"),
+    ]);
     let thaw = |args: &[&str]| {
         let mut all = args.to_vec();
         all.extend_from_slice(&["--server", &server.url]);

@@ -1,5 +1,6 @@
 //! `thaw pack`: validate a wasm (or WAT) function, compile it ahead of time for the guest's
-//! engine (`abi::engine`), and write both as a bundle.
+//! engine (`abi::engine`), and write both as a bundle; a JavaScript or Python function is packed
+//! as its runtime's wasm with the function's files as its data volume (`js.rs`, `python.rs`).
 
 use std::ffi::{OsStr, OsString};
 use std::path::{Path, PathBuf};
@@ -139,12 +140,13 @@ const DEFAULT_MEMORY_MIB: u32 = 16;
 #[derive(Args, Debug)]
 pub struct PackArgs {
     /// The function: a core wasm module for wasm32-wasip1 (.wasm) or its text form (.wat); or
-    /// JavaScript: a module (.js, .mjs), or a directory of modules and the files they read,
-    /// which the function sees at /app.
-    #[arg(value_name = "FUNCTION.wasm|.wat|.js|DIR", required_unless_present = "example")]
+    /// JavaScript or Python: a module (.js, .mjs, .py), or a directory of modules and the files
+    /// they read, which the function sees at /app (a directory with handler.py or main.py, or
+    /// only .py files, is Python; a Python function's requirements.txt is installed with pip).
+    #[arg(value_name = "FUNCTION.wasm|.wat|.js|.py|DIR", required_unless_present = "example")]
     input: Option<PathBuf>,
-    /// JavaScript in a directory: its entry module, relative to the directory [default: index.js
-    /// or index.mjs].
+    /// JavaScript or Python in a directory: its entry module, relative to the directory
+    /// [default: index.js or index.mjs; handler.py or main.py].
     #[arg(long, value_name = "FILE")]
     entry: Option<String>,
     /// JavaScript: bundle the entry module and the npm packages it imports into one module
@@ -163,7 +165,8 @@ pub struct PackArgs {
     /// An argument the function sees after its name (repeatable).
     #[arg(long = "arg", value_name = "A")]
     args: Vec<String>,
-    /// Most linear memory the function may use, in MiB [default: 16; 128 for JavaScript].
+    /// Most linear memory the function may use, in MiB [default: 16; 128 for JavaScript and
+    /// Python].
     #[arg(long, value_name = "MIB",
           value_parser = clap::value_parser!(u32).range(1..=i64::from(bundle::MAX_MEMORY_MIB)))]
     memory: Option<u32>,
@@ -203,7 +206,8 @@ pub struct PackArgs {
     /// A command (a module exporting _start): run its start-up, up to its first read of stdin,
     /// once as its init, which `thaw snapshot` captures; each request then continues from inside
     /// that read. What it computed before the read, random seeds included, is shared by every VM
-    /// restored from one image (docs/FUNCTIONS.md) [default: the whole command runs per request].
+    /// restored from one image (docs/FUNCTIONS.md) [default: the whole command runs per request;
+    /// a Python function is always packed so].
     #[arg(long)]
     init_until_read: bool,
     /// Where to write the bundle [default: NAME.thaw in the current directory, NAME being the
