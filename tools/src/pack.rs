@@ -399,10 +399,10 @@ pub fn volume_from_dir(dir: &Path, left_out: fn(&str, bool) -> bool) -> Result<V
 }
 
 /// A tree's files (path in the tree, bytes) and directories.
-pub type Tree = (Vec<(String, Vec<u8>)>, Vec<String>);
+type Tree = (Vec<(String, Vec<u8>)>, Vec<String>);
 
 /// The tree at `dir`, as [`volume_from_dir`] takes it.
-pub fn tree(dir: &Path, left_out: fn(&str, bool) -> bool) -> Result<Tree, PackError> {
+fn tree(dir: &Path, left_out: fn(&str, bool) -> bool) -> Result<Tree, PackError> {
     let mut files = Vec::new();
     let mut dirs = Vec::new();
     let mut total = 0u64;
@@ -632,16 +632,19 @@ fn javascript(path: &Path, entry: Option<&str>, bundle: bool) -> Result<Packing,
 fn python(path: &Path, entry: Option<&str>) -> Result<Packing, PackError> {
     let entry = crate::python::entry(path, entry)?;
     let runtime = crate::python::Runtime::find()?;
-    let (mut files, mut dirs) = crate::python::runtime_tree(&runtime, crate::python::requirements(path).as_deref())?;
+    let layout = crate::python::layout(&runtime, crate::python::requirements(path).as_deref())?;
+    let (mut files, mut dirs) = (layout.files.clone(), layout.dirs.clone());
+    for part in &layout.read {
+        graft(&mut files, &mut dirs, part.at, tree(&part.dir, part.left_out)?);
+    }
     let app = crate::python::MOUNT.trim_start_matches('/');
-    let (own, own_dirs) = if path.is_dir() {
+    let own = if path.is_dir() {
         tree(path, crate::python::left_out)?
     } else {
         (vec![(entry.clone(), read_limited(path, abi::volume::MAX_VOLUME_BYTES, "function", READ_WITHIN)?)], Vec::new())
     };
     dirs.push(app.to_string());
-    dirs.extend(own_dirs.into_iter().map(|d| format!("{app}/{d}")));
-    files.extend(own.into_iter().map(|(file, bytes)| (format!("{app}/{file}"), bytes)));
+    graft(&mut files, &mut dirs, app, own);
     let volume =
         abi::volume::build(&files, &dirs).map_err(|source| PackError::Volume { dir: path.to_path_buf(), source })?;
     Ok(Packing {
@@ -657,6 +660,12 @@ fn python(path: &Path, entry: Option<&str>) -> Result<Packing, PackError> {
         init_until_read: true,
         language: Some(format!("Python, module {}/{entry}", crate::python::MOUNT)),
     })
+}
+
+/// Adds `tree`'s files and directories to `files` and `dirs`, under `at`.
+fn graft(files: &mut Vec<(String, Vec<u8>)>, dirs: &mut Vec<String>, at: &str, (tree_files, tree_dirs): Tree) {
+    files.extend(tree_files.into_iter().map(|(path, bytes)| (format!("{at}/{path}"), bytes)));
+    dirs.extend(tree_dirs.into_iter().map(|path| format!("{at}/{path}")));
 }
 
 /// The bundle `thaw pack` makes of the JavaScript or Python function at `path` with `options`,

@@ -9,7 +9,6 @@
 use std::path::{Path, PathBuf};
 
 use crate::files::{FilesError, READ_WITHIN, read_limited};
-use crate::pack::{PackError, Tree, tree};
 
 /// Where the function's files appear in the guest.
 pub const MOUNT: &str = "/app";
@@ -228,25 +227,46 @@ fn stdlib_left_out(name: &str, is_dir: bool) -> bool {
     if is_dir { DIRS.contains(&name) } else { name.ends_with(".pyc") }
 }
 
-/// What a Python function's volume holds but for the function's own files: the standard
-/// library of `runtime`, the runner, and the packages `requirements` lists (if it names one),
-/// each directory read as `thaw pack` reads a function's.
-pub fn runtime_tree(runtime: &Runtime, requirements: Option<&Path>) -> Result<Tree, PackError> {
-    let mut files = Vec::new();
+/// What a Python function's volume holds but for the function's own files: the runner and the
+/// directories above it, and the host directories to read into it (each with where it goes and
+/// what to leave out): the standard library of `runtime`, and the packages pip installed from
+/// `requirements` (if it names one) into `installed`, which lives as long as the layout.
+#[derive(Debug)]
+pub struct Layout {
+    /// Files written as they are (path in the volume, bytes): the runner.
+    pub files: Vec<(String, Vec<u8>)>,
+    /// Directories of the volume that hold them.
+    pub dirs: Vec<String>,
+    /// Host directories read into the volume.
+    pub read: Vec<Part>,
+    /// Where pip installed the requirements.
+    _installed: Option<tempfile::TempDir>,
+}
+
+/// A host directory read into a Python function's volume.
+#[derive(Debug)]
+pub struct Part {
+    /// The directory.
+    pub dir: PathBuf,
+    /// Where it goes in the volume.
+    pub at: &'static str,
+    /// What of it is left out, given each entry's name and whether it is a directory.
+    pub left_out: fn(&str, bool) -> bool,
+}
+
+/// The [`Layout`] of a function on `runtime` whose requirements are `requirements`: pip runs
+/// here.
+pub fn layout(runtime: &Runtime, requirements: Option<&Path>) -> Result<Layout, PyError> {
     let mut dirs: Vec<String> =
         ["usr", "usr/local", "usr/local/lib", STDLIB, "usr/local/lib/thaw"].map(String::from).to_vec();
-    let (stdlib, stdlib_dirs) = tree(&runtime.stdlib(), stdlib_left_out)?;
-    files.extend(stdlib.into_iter().map(|(path, bytes)| (format!("{STDLIB}/{path}"), bytes)));
-    dirs.extend(stdlib_dirs.into_iter().map(|path| format!("{STDLIB}/{path}")));
-    files.push((RUNNER_PATH.to_string(), RUNNER.to_vec()));
-    if let Some(requirements) = requirements {
-        let target = install(requirements)?;
-        let (packages, package_dirs) = tree(target.path(), |name, is_dir| is_dir && name == "__pycache__")?;
+    let mut read = vec![Part { dir: runtime.stdlib(), at: STDLIB, left_out: stdlib_left_out }];
+    let installed = requirements.map(install).transpose()?;
+    if let Some(target) = &installed {
         dirs.push(SITE_PACKAGES.to_string());
-        files.extend(packages.into_iter().map(|(path, bytes)| (format!("{SITE_PACKAGES}/{path}"), bytes)));
-        dirs.extend(package_dirs.into_iter().map(|path| format!("{SITE_PACKAGES}/{path}")));
+        let left_out = |name: &str, is_dir| is_dir && name == "__pycache__";
+        read.push(Part { dir: target.path().to_path_buf(), at: SITE_PACKAGES, left_out });
     }
-    Ok((files, dirs))
+    Ok(Layout { files: vec![(RUNNER_PATH.to_string(), RUNNER.to_vec())], dirs, read, _installed: installed })
 }
 
 /// The `requirements.txt` beside the function at `input` (in it, for a directory), if there is
