@@ -92,8 +92,8 @@ pub struct ServeTimings {
 }
 
 impl Served {
-    /// True when the function answered cleanly ([`crate::outcome::FunctionStatus::is_clean`]), as the stats'
-    /// status says.
+    /// True when the function answered cleanly
+    /// ([`crate::outcome::FunctionStatus::is_clean`]), as the stats' status says.
     pub fn is_ok(&self) -> bool {
         matches!(self.outcome, Outcome::Answered) && self.response.as_ref().is_some_and(|r| r.status.is_clean())
     }

@@ -1,6 +1,7 @@
-//! `thaw new`: scaffold a function (Rust, C, JavaScript or Python) that builds and packs as written. The files are
-//! the templates in `tools/templates/`, which docs/FUNCTIONS.md shows whole; a test checks that
-//! the two agree and that what `thaw new` writes builds, packs and answers.
+//! `thaw new`: scaffold a function (Rust, C, JavaScript or Python) that builds and packs as
+//! written. The files are the templates in `tools/templates/`, which docs/FUNCTIONS.md shows
+//! whole; a test checks that the two agree and that what `thaw new` writes builds, packs and
+//! answers.
 
 use std::path::{Path, PathBuf};
 
