@@ -81,10 +81,10 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Show init-less boot end to end: cold boot vs restore vs template, and memory per instance.
     Demo(demo::DemoArgs),
-    /// Create a new function (Rust or C) that builds and packs as written.
+    /// Create a new function (Rust, C, JavaScript or Python) that builds and packs as written.
     New(new::NewArgs),
-    /// Validate a WebAssembly function, compile it ahead of time for the guest, and package both
-    /// as a bundle (.thaw).
+    /// Validate a WebAssembly function (or a JavaScript or Python one, on its runtime), compile
+    /// it ahead of time for the guest, and package both as a bundle (.thaw).
     Pack(pack::PackArgs),
     /// Answer one request: cold-boot a bundle (.thaw), or restore a snapshot image (.snap).
     Invoke(invoke::InvokeArgs),
