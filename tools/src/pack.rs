@@ -632,9 +632,10 @@ fn javascript(path: &Path, entry: Option<&str>, bundle: bool) -> Result<Packing,
 fn python(path: &Path, entry: Option<&str>) -> Result<Packing, PackError> {
     let entry = crate::python::entry(path, entry)?;
     let runtime = crate::python::Runtime::find()?;
+    // `layout` keeps pip's directory until the volume is built.
     let layout = crate::python::layout(&runtime, crate::python::requirements(path).as_deref())?;
-    let (mut files, mut dirs) = (layout.files.clone(), layout.dirs.clone());
-    for part in &layout.read {
+    let crate::python::Layout { mut files, mut dirs, ref read, .. } = layout;
+    for part in read {
         graft(&mut files, &mut dirs, part.at, tree(&part.dir, part.left_out)?);
     }
     let app = crate::python::MOUNT.trim_start_matches('/');

