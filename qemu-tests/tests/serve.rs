@@ -811,6 +811,58 @@ fn the_cli_client_deploys_a_python_directory_with_its_requirements() {
     assert!(run.stderr.contains("File \"/app/handler.py\", line 2, in <module>"), "{}", run.stderr);
 }
 
+/// Issue 30: a Python module PUT with `Content-Type: text/x-python` is packed by the server as
+/// `thaw pack handler.py` packs one file, with the query's settings; a module that fails at its
+/// top level is refused with its traceback; a server without CPython for WASI says it cannot
+/// pack Python (501), naming where it looked.
+#[test]
+fn a_python_module_uploaded_over_http_is_packed_by_the_server() {
+    let state = tempfile::tempdir().unwrap();
+    let server = Server::start(state.path(), &[]);
+    let put_py = |url: &str, content_type: &str, source: &str| {
+        reply(agent().put(url).header("content-type", content_type).send(source.as_bytes()))
+    };
+    let source = "import hashlib\nTABLE = {n: hashlib.sha256(str(n).encode()).hexdigest()[:8] for n in range(1000)}\n\
+                  def handle(request: str):\n    return {'n': int(request), 'digest': TABLE.get(int(request))}\n";
+    let deployed =
+        put_py(&format!("{}?mode=pool", server.functions("digests")), "text/x-python; charset=utf-8", source);
+    assert_eq!(deployed.status, 201, "{}", deployed.body);
+    assert!(deployed.body.contains(r#""mode":"pool""#), "{}", deployed.body);
+    for n in [0u32, 7, 999] {
+        let answer = post(&format!("{}/invoke", server.functions("digests")), n.to_string().as_bytes());
+        let expected = format!("{:x}", <sha2::Sha256 as sha2::Digest>::digest(n.to_string().as_bytes()));
+        assert_eq!(
+            (answer.status, answer.body.as_str()),
+            (200, format!(r#"{{"n": {n}, "digest": "{}"}}"#, &expected[..8]).as_str())
+        );
+    }
+    let again = put_py(&format!("{}?mode=pool", server.functions("digests")), "text/x-script.python", source);
+    assert!(again.body.contains(r#""deployment":"unchanged""#), "{}", again.body);
+
+    let broken = put_py(&server.functions("broken"), "text/x-python", "import json\nCONFIG = json.loads('{')\n");
+    assert_eq!(broken.status, 422, "{}", broken.body);
+    assert!(broken.body.contains(r#"File \"/app/broken.py\", line 2, in <module>"#), "{}", broken.body);
+
+    let untyped = put_py(&server.functions("untyped"), "text/plain", source);
+    assert_eq!(untyped.status, 400, "{}", untyped.body);
+    assert!(untyped.body.contains("a Python module with text/x-python"), "{}", untyped.body);
+
+    // A server that finds no runtime: its data directory is empty.
+    let (data, state) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut command = Command::new(THAW);
+    command.args(["serve", "--listen", "127.0.0.1:0", "--state-dir", state.path().to_str().unwrap()]);
+    let (child, log, url) = spawn_command(command.env("XDG_DATA_HOME", data.path()).env_remove("THAW_PYTHON_RUNTIME"));
+    let bare = Server { child, url, log };
+    let refused = put_py(&bare.functions("digests"), "text/x-python", source);
+    assert_eq!(refused.status, 501, "{}", refused.body);
+    let looked = data.path().join("thaw/python3.11-wasi");
+    assert!(
+        refused.body.contains(&format!("this server cannot pack Python: no CPython for WASI in {}", looked.display())),
+        "{}",
+        refused.body
+    );
+}
+
 /// A command deployed as a bare wasm with `init_until_read=true` answers every call from its
 /// snapshot with the table its start-up built once (issue 30); a reactor cannot take it.
 #[test]

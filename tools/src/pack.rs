@@ -632,22 +632,12 @@ fn javascript(path: &Path, entry: Option<&str>, bundle: bool) -> Result<Packing,
 fn python(path: &Path, entry: Option<&str>) -> Result<Packing, PackError> {
     let entry = crate::python::entry(path, entry)?;
     let runtime = crate::python::Runtime::find()?;
-    // `layout` keeps pip's directory until the volume is built.
-    let layout = crate::python::layout(&runtime, crate::python::requirements(path).as_deref())?;
-    let crate::python::Layout { mut files, mut dirs, ref read, .. } = layout;
-    for part in read {
-        graft(&mut files, &mut dirs, part.at, tree(&part.dir, part.left_out)?);
-    }
-    let app = crate::python::MOUNT.trim_start_matches('/');
     let own = if path.is_dir() {
         tree(path, crate::python::left_out)?
     } else {
         (vec![(entry.clone(), read_limited(path, abi::volume::MAX_VOLUME_BYTES, "function", READ_WITHIN)?)], Vec::new())
     };
-    dirs.push(app.to_string());
-    graft(&mut files, &mut dirs, app, own);
-    let volume =
-        abi::volume::build(&files, &dirs).map_err(|source| PackError::Volume { dir: path.to_path_buf(), source })?;
+    let volume = python_volume(&runtime, crate::python::requirements(path).as_deref(), own, path)?;
     Ok(Packing {
         wasm: runtime.wasm()?,
         input: path.display().to_string(),
@@ -661,6 +651,43 @@ fn python(path: &Path, entry: Option<&str>) -> Result<Packing, PackError> {
         init_until_read: true,
         language: Some(format!("Python, module {}/{entry}", crate::python::MOUNT)),
     })
+}
+
+/// The data volume of a Python function on `runtime`: its [`crate::python::Layout`] (the
+/// standard library, the runner, and `requirements`' packages, which pip installs here) and the
+/// function's own files, `own`, at [`crate::python::MOUNT`]. `input` names the function in errors.
+fn python_volume(
+    runtime: &crate::python::Runtime,
+    requirements: Option<&Path>,
+    own: Tree,
+    input: &Path,
+) -> Result<Vec<u8>, PackError> {
+    // `layout` keeps pip's directory until the volume is built.
+    let layout = crate::python::layout(runtime, requirements)?;
+    let crate::python::Layout { mut files, mut dirs, ref read, .. } = layout;
+    for part in read {
+        graft(&mut files, &mut dirs, part.at, tree(&part.dir, part.left_out)?);
+    }
+    let app = crate::python::MOUNT.trim_start_matches('/');
+    dirs.push(app.to_string());
+    graft(&mut files, &mut dirs, app, own);
+    abi::volume::build(&files, &dirs).map_err(|source| PackError::Volume { dir: input.to_path_buf(), source })
+}
+
+/// The bundle of a Python module sent as one file (`thaw serve`'s deploy of `text/x-python`),
+/// packed as `thaw pack` packs a single `.py` file without requirements: the module is
+/// `/app/NAME.py`, and `settings` gain what the runner needs.
+pub fn python_module(source: Vec<u8>, mut settings: BundleSettings, cache: &CodeCache) -> Result<Vec<u8>, PackError> {
+    let runtime = crate::python::Runtime::find()?;
+    // A function's name has no '/', so this is one file's name.
+    let entry = format!("{}.py", settings.name);
+    let volume =
+        python_volume(&runtime, None, (vec![(entry.clone(), source)], Vec::new()), Path::new(crate::python::MOUNT))?;
+    settings.env.splice(0..0, crate::python::environment(&entry));
+    settings.args.insert(0, crate::python::runner_argument());
+    settings.data_mount = "/".into();
+    settings.init_until_read = true;
+    Ok(bundle_wasm(&settings, &runtime.wasm()?, &volume, cache)?.bundle)
 }
 
 /// Adds `tree`'s files and directories to `files` and `dirs`, under `at`.

@@ -19,6 +19,7 @@ use abi::params::InstanceId;
 
 use super::deployed::{Answer, DeployedError, Rejected};
 use super::registry::{Deployment, Registry, RegistryError, is_name};
+use crate::pack::Language;
 use crate::stats::{RequestStats, Status};
 
 /// Who may use the admin routes (deploy, delete, logs).
@@ -302,12 +303,22 @@ async fn read_body(
     }
 }
 
-/// Whether a deploy's `Content-Type` says its body is a JavaScript module: `text/javascript`
-/// (RFC 9239) or the older `application/javascript`, in any case, with any parameters.
-fn is_javascript(headers: &HeaderMap) -> bool {
-    let Some(value) = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()) else { return false };
+/// The language a deploy's `Content-Type` says its body is in, in any case, with any
+/// parameters: JavaScript for `text/javascript` (RFC 9239) or the older
+/// `application/javascript`, Python for `text/x-python` (what Python's own `mimetypes` calls a
+/// `.py` file) or `text/x-script.python`, and otherwise wasm (a bundle or a module, which its
+/// first bytes tell apart).
+fn language(headers: &HeaderMap) -> Language {
+    let Some(value) = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()) else { return Language::Wasm };
     let essence = value.split(';').next().unwrap_or("").trim();
-    ["text/javascript", "application/javascript"].iter().any(|t| essence.eq_ignore_ascii_case(t))
+    let is = |types: &[&str]| types.iter().any(|t| essence.eq_ignore_ascii_case(t));
+    if is(&["text/javascript", "application/javascript"]) {
+        Language::JavaScript
+    } else if is(&["text/x-python", "text/x-script.python"]) {
+        Language::Python
+    } else {
+        Language::Wasm
+    }
 }
 
 /// The KiB of the request budget a body reserves: its declared length, or `cap` when it
@@ -356,8 +367,8 @@ async fn deploy(
         Ok(upload) => upload,
         Err(refused) => return refused.into_response(),
     };
-    let javascript = is_javascript(&headers);
-    match api.registry.deploy(&name, Vec::from(upload.bytes), javascript, query.as_deref().unwrap_or("")).await {
+    let language = language(&headers);
+    match api.registry.deploy(&name, Vec::from(upload.bytes), language, query.as_deref().unwrap_or("")).await {
         Ok((deployment, view)) => {
             let status = if deployment == Deployment::Created { StatusCode::CREATED } else { StatusCode::OK };
             (status, axum::Json(json!({ "deployment": deployment, "function": view }))).into_response()
@@ -417,12 +428,14 @@ fn registry_error(e: &RegistryError) -> Response {
         | RegistryError::Bundle(_)
         | RegistryError::Wasm(_)
         | RegistryError::JavaScript(_)
+        | RegistryError::Python(_)
         | RegistryError::NotFunction(_)
         | RegistryError::Function(_)
         | RegistryError::Service { .. } => StatusCode::BAD_REQUEST,
         RegistryError::Unusable { .. } => StatusCode::UNPROCESSABLE_ENTITY,
         RegistryError::NoSpace { .. } => StatusCode::INSUFFICIENT_STORAGE,
         RegistryError::NotFound(_) => StatusCode::NOT_FOUND,
+        RegistryError::NoPython(_) => StatusCode::NOT_IMPLEMENTED,
         RegistryError::Store(_)
         | RegistryError::Scratch { .. }
         | RegistryError::Blocking(_)
@@ -592,21 +605,26 @@ mod tests {
     }
 
     #[test]
-    fn a_deploy_is_javascript_only_when_its_content_type_says_so() {
+    fn a_deploy_is_source_only_when_its_content_type_says_so() {
         let typed = |value: &'static str| {
             let mut headers = HeaderMap::new();
             headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(value));
-            is_javascript(&headers)
+            language(&headers)
         };
-        for yes in
+        for js in
             ["text/javascript", "Text/JavaScript; charset=utf-8", "application/javascript", " text/javascript ;x=y"]
         {
-            assert!(typed(yes), "{yes}");
+            assert_eq!(typed(js), Language::JavaScript, "{js}");
         }
-        for no in ["application/octet-stream", "text/javascriptx", "text/plain", "javascript", ""] {
-            assert!(!typed(no), "{no}");
+        for py in ["text/x-python", "Text/X-Python; charset=utf-8", "text/x-script.python"] {
+            assert_eq!(typed(py), Language::Python, "{py}");
         }
-        assert!(!is_javascript(&HeaderMap::new()));
+        for no in
+            ["application/octet-stream", "text/javascriptx", "text/plain", "javascript", "text/python", "x-python", ""]
+        {
+            assert_eq!(typed(no), Language::Wasm, "{no}");
+        }
+        assert_eq!(language(&HeaderMap::new()), Language::Wasm);
     }
 
     #[test]

@@ -22,6 +22,7 @@ use super::metrics::{self, FunctionMetrics};
 use super::settings::{self, Serving};
 use super::store::{Record, Store, StoreError};
 use crate::files::FilesError;
+use crate::pack::Language;
 use crate::snapshot::SnapshotError;
 
 /// Why a deploy or a delete failed, or a function cannot serve. `api.rs` gives each its HTTP
@@ -40,9 +41,15 @@ pub enum RegistryError {
     /// The uploaded JavaScript module could not be packed (400).
     #[error("the JavaScript module: {0}")]
     JavaScript(crate::pack::PackError),
-    /// The upload is neither a bundle nor a wasm module, and not said to be JavaScript (400).
+    /// The uploaded Python module could not be packed (400).
+    #[error("the Python module: {0}")]
+    Python(crate::pack::PackError),
+    /// This server has no CPython for WASI to pack a Python module with (501).
+    #[error("this server cannot pack Python: {0}")]
+    NoPython(crate::python::PyError),
+    /// The upload is neither a bundle nor a wasm module, and not said to be source (400).
     #[error(
-        "the body is neither a thaw bundle (.thaw) nor a wasm module (.wasm): it starts with [{0}] (a JavaScript module is sent with Content-Type: text/javascript)"
+        "the body is neither a thaw bundle (.thaw) nor a wasm module (.wasm): it starts with [{0}] (a JavaScript module is sent with Content-Type: text/javascript, a Python module with text/x-python)"
     )]
     NotFunction(String),
     /// The bundle is not a valid function (400).
@@ -258,13 +265,13 @@ impl Registry {
         metrics::render(&samples)
     }
 
-    /// Deploys `upload` (a bundle, a bare wasm, or with `javascript` a JavaScript module) as
-    /// `name` with the settings in `query`.
+    /// Deploys `upload` (a bundle or a bare wasm, or a module of the source `language` the
+    /// upload's type says) as `name` with the settings in `query`.
     pub async fn deploy(
         &self,
         name: &str,
         upload: Vec<u8>,
-        javascript: bool,
+        language: Language,
         query: &str,
     ) -> Result<(Deployment, View), RegistryError> {
         let (mut serving, packing) = settings::parse(query, &self.operator.defaults)?;
@@ -281,11 +288,21 @@ impl Registry {
             let settings = packing.bundle_settings(name);
             let packed = blocking(move || crate::pack::bundle_wasm(&settings, &upload, &[], &cache)).await?;
             Function::from_bundle(packed.map_err(RegistryError::Wasm)?.bundle)?
-        } else if javascript {
+        } else if language == Language::JavaScript {
             let mut settings = packing.bundle_settings(name);
             settings.memory_mib = packing.memory_mib.unwrap_or(crate::js::DEFAULT_MEMORY_MIB);
             let packed = blocking(move || crate::pack::javascript_module(upload, settings, &cache)).await?;
             Function::from_bundle(packed.map_err(RegistryError::JavaScript)?)?
+        } else if language == Language::Python {
+            let mut settings = packing.bundle_settings(name);
+            settings.memory_mib = packing.memory_mib.unwrap_or(crate::python::DEFAULT_MEMORY_MIB);
+            let packed = blocking(move || crate::pack::python_module(upload, settings, &cache)).await?;
+            Function::from_bundle(packed.map_err(|e| match e {
+                crate::pack::PackError::Python(
+                    e @ (crate::python::PyError::NoRuntime(_) | crate::python::PyError::IncompleteRuntime { .. }),
+                ) => RegistryError::NoPython(e),
+                e => RegistryError::Python(e),
+            })?)?
         } else {
             let head: Vec<String> = upload.iter().take(8).map(|b| format!("{b:02x}")).collect();
             return Err(RegistryError::NotFunction(head.join(" ")));
