@@ -2,7 +2,9 @@
 //! CNCF distribution, which `.ci/run` installs) on loopback: bundles and snapshot images go up
 //! and come back byte for byte, a pulled image restores and answers, and what the registry
 //! sends wrong (a changed file, another tool's artifact) is refused in one line without a file
-//! written.
+//! written. A registry that asks for credentials gets those `docker login` left in Docker's
+//! `config.json`: itself with htpasswd (Basic), or its token service (Bearer), which a test runs
+//! as the distribution spec describes, signing its tokens with `openssl`.
 
 mod common;
 
@@ -10,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::run_thaw;
+use common::{run, run_thaw};
 use sha2::{Digest as _, Sha256};
 
 /// A `docker-registry` on a free loopback port, storing in a directory of its own.
@@ -23,11 +25,16 @@ struct Registry {
 
 impl Registry {
     fn start() -> Self {
-        let storage = tempfile::tempdir().unwrap();
+        Self::start_with(tempfile::tempdir().unwrap(), "")
+    }
+
+    /// A registry whose configuration ends with `auth` (an `auth:` section, or nothing), storing
+    /// in `storage`, where the files `auth` names may be.
+    fn start_with(storage: tempfile::TempDir, auth: &str) -> Self {
         let config = storage.path().join("config.yml");
         std::fs::write(
             &config,
-            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: /unused\nhttp:\n  addr: 127.0.0.1:0\n",
+            format!("version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: /unused\nhttp:\n  addr: 127.0.0.1:0\n{auth}"),
         )
         .unwrap();
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
@@ -42,7 +49,9 @@ impl Registry {
             .expect("docker-registry runs (.ci/run installs Debian's docker-registry)");
         let registry = Self { child, address, storage };
         let deadline = Instant::now() + Duration::from_secs(20);
-        while ureq::get(&format!("http://{}/v2/", registry.address)).call().is_err() {
+        // Any answer will do: a registry that asks for credentials answers 401.
+        let agent = ureq::Agent::new_with_config(ureq::Agent::config_builder().http_status_as_error(false).build());
+        while agent.get(&format!("http://{}/v2/", registry.address)).call().is_err() {
             assert!(Instant::now() < deadline, "docker-registry did not answer on {}", registry.address);
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -174,4 +183,208 @@ fn what_is_not_thaw_s_is_refused_in_one_line() {
         assert_eq!(run.code, Some(125), "{args:?}: {run:?}");
         assert!(run.stderr.contains(says) && run.stderr.lines().count() == 1, "{args:?}: {}", run.stderr);
     }
+}
+
+/// Docker's configuration directory (`DOCKER_CONFIG`) holding `config`.
+fn docker_config(config: &serde_json::Value) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
+    dir
+}
+
+/// A login for `registry` as `docker login` writes it.
+fn logged_in(registry: &str, user: &str, password: &str) -> tempfile::TempDir {
+    use base64::Engine as _;
+    let auth = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+    docker_config(&serde_json::json!({ "auths": { registry: { "auth": auth } } }))
+}
+
+/// `thaw ARGS` with Docker's configuration in `config`.
+fn thaw_with(config: &Path, args: &[&str]) -> common::Run {
+    common::run(Command::new(common::THAW).args(args).env("DOCKER_CONFIG", config).env_remove("HOME"))
+}
+
+/// A registry with htpasswd auth (Basic): without a login, a push says to log in; with the
+/// wrong password, the registry's 401 is shown; with `docker login`'s entry, push and pull work;
+/// credentials kept by a credential helper are named as such.
+#[test]
+fn a_registry_with_basic_auth_takes_the_login_docker_left() {
+    let storage = tempfile::tempdir().unwrap();
+    let hashed = run(Command::new("python3").args([
+        "-W",
+        "ignore",
+        "-c",
+        "import crypt; print(crypt.crypt('s3cret', crypt.mksalt(crypt.METHOD_BLOWFISH, rounds=16)))",
+    ]));
+    assert!(hashed.stdout.starts_with("$2"), "bcrypt from python3's crypt: {hashed:?}");
+    let htpasswd = storage.path().join("htpasswd");
+    std::fs::write(&htpasswd, format!("ada:{}", hashed.stdout.trim())).unwrap();
+    let auth = format!("auth:\n  htpasswd:\n    realm: thaw-test\n    path: {}\n", htpasswd.display());
+    let registry = Registry::start_with(storage, &auth);
+    let dir = tempfile::tempdir().unwrap();
+    let at = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
+    assert_eq!(run_thaw(&["pack", "--example", "hello", "-o", &at("hello.thaw")]).code, Some(0));
+    let reference = format!("{}/functions/hello:v1", registry.address);
+
+    let nobody = docker_config(&serde_json::json!({ "auths": {} }));
+    let run = thaw_with(nobody.path(), &["push", &at("hello.thaw"), &reference]);
+    assert_eq!(run.code, Some(125), "{run:?}");
+    let expected = format!(
+        "{} asks for credentials and {} has none for it: run `docker login {}`",
+        registry.address,
+        nobody.path().join("config.json").display(),
+        registry.address
+    );
+    assert!(run.stderr.contains(&expected), "{}", run.stderr);
+
+    let wrong = logged_in(&registry.address, "ada", "guess");
+    let run = thaw_with(wrong.path(), &["push", &at("hello.thaw"), &reference]);
+    assert_eq!(run.code, Some(125), "{run:?}");
+    assert!(run.stderr.contains("the registry answered 401"), "{}", run.stderr);
+
+    let ada = logged_in(&registry.address, "ada", "s3cret");
+    let run = thaw_with(ada.path(), &["push", &at("hello.thaw"), &reference]);
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    let run = thaw_with(ada.path(), &["pull", &reference, "-o", &at("pulled.thaw")]);
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    assert_eq!(std::fs::read(at("pulled.thaw")).unwrap(), std::fs::read(at("hello.thaw")).unwrap());
+
+    let helper = docker_config(&serde_json::json!({ "auths": {}, "credsStore": "desktop" }));
+    let run = thaw_with(helper.path(), &["pull", &reference, "-o", &at("helper.thaw")]);
+    assert_eq!(run.code, Some(125), "{run:?}");
+    assert!(run.stderr.contains("in the credential helper docker-credential-desktop"), "{}", run.stderr);
+    assert!(!Path::new(&at("helper.thaw")).exists());
+}
+
+/// The token service of a registry with token auth: it answers `GET /token` with a JWT for the
+/// scope asked, signed with `key` and carrying `cert`, to `ada:s3cret` in Basic auth (and to no
+/// one else), and records each scope it granted.
+struct TokenService {
+    address: String,
+    granted: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl TokenService {
+    fn start(key: PathBuf, cert_der: Vec<u8>) -> Self {
+        use base64::Engine as _;
+        use std::io::{BufRead as _, BufReader, Write as _};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        let granted = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let kept = std::sync::Arc::clone(&granted);
+        std::thread::spawn(move || {
+            let b64 = base64::engine::general_purpose::STANDARD;
+            let url = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+            let password = format!("Basic {}", b64.encode("ada:s3cret"));
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { continue };
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut line = String::new();
+                reader.read_line(&mut line).unwrap();
+                let target = line.split(' ').nth(1).unwrap_or("").to_string();
+                let mut authorized = false;
+                loop {
+                    let mut header = String::new();
+                    if reader.read_line(&mut header).unwrap() <= 2 {
+                        break;
+                    }
+                    let (name, value) = header.split_once(':').unwrap_or(("", ""));
+                    authorized |= name.eq_ignore_ascii_case("authorization") && value.trim() == password;
+                }
+                let query = target.split_once('?').map_or("", |(_, q)| q);
+                let param = |name: &str| {
+                    query
+                        .split('&')
+                        .find_map(|kv| kv.strip_prefix(&format!("{name}=")))
+                        .map(|v| v.replace("%3A", ":").replace("%2F", "/").replace("%2C", ","))
+                };
+                let scope = param("scope").unwrap_or_default();
+                let (status, body) = if !authorized {
+                    ("401 Unauthorized", "{}".to_string())
+                } else {
+                    let mut parts = scope.splitn(3, ':');
+                    let (kind, name, actions) = (parts.next(), parts.next(), parts.next());
+                    let access = match (kind, name, actions) {
+                        (Some(kind), Some(name), Some(actions)) => {
+                            serde_json::json!([{ "type": kind, "name": name, "actions": actions.split(',').collect::<Vec<_>>() }])
+                        }
+                        _ => serde_json::json!([]),
+                    };
+                    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+                    let header = serde_json::json!({ "alg": "RS256", "typ": "JWT", "x5c": [b64.encode(&cert_der)] });
+                    let claims = serde_json::json!({
+                        "iss": "thaw-test-issuer", "sub": "ada", "aud": param("service").unwrap_or_default(),
+                        "exp": now + 300, "nbf": now - 10, "iat": now, "jti": format!("{now}-{}", kept.lock().unwrap().len()),
+                        "access": access,
+                    });
+                    let signed = format!("{}.{}", url.encode(header.to_string()), url.encode(claims.to_string()));
+                    let mut openssl = Command::new("openssl")
+                        .args(["dgst", "-sha256", "-sign"])
+                        .arg(&key)
+                        .stdin(Stdio::piped())
+                        .stdout(Stdio::piped())
+                        .spawn()
+                        .unwrap();
+                    openssl.stdin.take().unwrap().write_all(signed.as_bytes()).unwrap();
+                    let signature = openssl.wait_with_output().unwrap().stdout;
+                    kept.lock().unwrap().push(scope.clone());
+                    (
+                        "200 OK",
+                        serde_json::json!({ "token": format!("{signed}.{}", url.encode(signature)) }).to_string(),
+                    )
+                };
+                let _ = write!(
+                    stream,
+                    "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+            }
+        });
+        Self { address, granted }
+    }
+}
+
+/// A registry with token auth (Bearer): thaw asks the realm the registry names for a token with
+/// the login `docker login` left, for the scope the registry asks, and pushes and pulls with it.
+#[test]
+fn a_registry_with_token_auth_gets_a_token_from_its_realm() {
+    let storage = tempfile::tempdir().unwrap();
+    let (key, cert) = (storage.path().join("key.pem"), storage.path().join("cert.pem"));
+    let made = run(Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=thaw-test", "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert));
+    assert_eq!(made.code, Some(0), "openssl makes the token signer's key: {made:?}");
+    let der = Command::new("openssl").args(["x509", "-outform", "DER", "-in"]).arg(&cert).output().unwrap().stdout;
+    let tokens = TokenService::start(key, der);
+    let auth = format!(
+        "auth:\n  token:\n    realm: http://{}/token\n    service: thaw-test-service\n    issuer: thaw-test-issuer\n    rootcertbundle: {}\n",
+        tokens.address,
+        cert.display()
+    );
+    let registry = Registry::start_with(storage, &auth);
+    let dir = tempfile::tempdir().unwrap();
+    let at = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
+    assert_eq!(run_thaw(&["pack", "--example", "hello", "-o", &at("hello.thaw")]).code, Some(0));
+    let reference = format!("{}/functions/hello:v1", registry.address);
+
+    let nobody = docker_config(&serde_json::json!({}));
+    let run = thaw_with(nobody.path(), &["push", &at("hello.thaw"), &reference]);
+    assert_eq!(run.code, Some(125), "{run:?}");
+    assert!(
+        run.stderr.contains(&format!("http://{}/token", tokens.address)) && run.stderr.contains("401"),
+        "{}",
+        run.stderr
+    );
+
+    let ada = logged_in(&registry.address, "ada", "s3cret");
+    let run = thaw_with(ada.path(), &["push", &at("hello.thaw"), &reference]);
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    let run = thaw_with(ada.path(), &["pull", &reference, "-o", &at("pulled.thaw")]);
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    assert_eq!(std::fs::read(at("pulled.thaw")).unwrap(), std::fs::read(at("hello.thaw")).unwrap());
+    let granted = tokens.granted.lock().unwrap().clone();
+    assert!(granted.iter().any(|s| s == "repository:functions/hello:pull,push"), "{granted:?}");
+    assert!(granted.iter().any(|s| s == "repository:functions/hello:pull"), "{granted:?}");
 }

@@ -104,7 +104,7 @@ enum Command {
     Deploy(client::DeployArgs),
     /// Invoke a function on a `thaw serve`: the response on stdout.
     Call(client::CallArgs),
-    /// Push a bundle (.thaw) or a snapshot image (.snap) to an OCI registry.
+    /// Push a bundle (.thaw) or a snapshot image (.snap) to an OCI registry (logged in as `docker login` left it).
     Push(oci::PushArgs),
     /// Pull a bundle or a snapshot image from an OCI registry, checked before it is written.
     Pull(oci::PullArgs),

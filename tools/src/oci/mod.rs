@@ -8,8 +8,11 @@
 //! digest, when the reference names one), then the file's size, digest and format, before it
 //! writes the file atomically.
 //!
-//! This step speaks plain HTTP to a registry on a loopback address, or to any with `--insecure`,
-//! without credentials.
+//! A registry that answers 401 gets the credentials `docker login` left for it ([`auth`]):
+//! itself, for Basic auth, or its token service, for a token (Bearer). This step speaks plain
+//! HTTP, to a registry (and a token service) on a loopback address, or to any with `--insecure`.
+
+mod auth;
 
 use std::path::{Path, PathBuf};
 
@@ -141,6 +144,19 @@ pub enum OciError {
         /// What arrived.
         got: String,
     },
+    /// The registry's login could not be made.
+    #[error(transparent)]
+    Auth(#[from] auth::AuthError),
+    /// A token service off loopback, which would get the credentials in plain HTTP.
+    #[error(
+        "{registry} sends thaw to the token service {realm}, which plain HTTP would not keep private; give --insecure to use it anyway"
+    )]
+    RealmNotLoopback {
+        /// The registry.
+        registry: String,
+        /// The token service.
+        realm: String,
+    },
     /// The summary could not be written.
     #[error(transparent)]
     Output(#[from] crate::OutputError),
@@ -212,12 +228,7 @@ impl Reference {
 
     /// Whether the registry is on a loopback address.
     fn is_loopback(&self) -> bool {
-        let host = match self.registry.rsplit_once(':') {
-            Some((host, port)) if port.bytes().all(|b| b.is_ascii_digit()) => host,
-            _ => self.registry.as_str(),
-        };
-        let host = host.trim_start_matches('[').trim_end_matches(']');
-        host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+        is_loopback(&self.registry)
     }
 
     /// The base URL of the registry's API for this repository.
@@ -227,6 +238,16 @@ impl Reference {
         }
         Ok(format!("http://{}/v2/{}", self.registry, self.repository))
     }
+}
+
+/// Whether `authority` (`host[:port]`) is a loopback address.
+fn is_loopback(authority: &str) -> bool {
+    let host = match authority.rsplit_once(':') {
+        Some((host, port)) if port.bytes().all(|b| b.is_ascii_digit()) => host,
+        _ => authority,
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
 /// Which of thaw's files an artifact is.
@@ -312,18 +333,117 @@ fn validate(kind: Kind, bytes: &[u8], path: &Path, what: &str) -> Result<serde_j
     }
 }
 
-fn agent() -> ureq::Agent {
-    ureq::Agent::new_with_config(ureq::Agent::config_builder().http_status_as_error(false).build())
+/// Requests to one registry, logged in as its challenges ask: a 401 is answered ([`auth`]) and
+/// the request sent once more; what the answer earned goes with every later request.
+struct Session {
+    agent: ureq::Agent,
+    registry: String,
+    insecure: bool,
+    /// The `Authorization` the last challenge earned.
+    authorization: Option<String>,
 }
 
-/// Sends a request and returns the answer, or the registry's refusal unless `ok` takes its status.
-fn send(
-    request: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
+impl Session {
+    fn new(reference: &Reference, insecure: bool) -> Self {
+        let agent = ureq::Agent::new_with_config(ureq::Agent::config_builder().http_status_as_error(false).build());
+        Self { agent, registry: reference.registry.clone(), insecure, authorization: None }
+    }
+
+    /// Sends `method` to `url` with `headers` and `body`, and returns the answer, or the
+    /// registry's refusal unless `ok` takes its status.
+    fn send(
+        &mut self,
+        method: &str,
+        url: &str,
+        headers: &[(&str, &str)],
+        body: Option<&[u8]>,
+        ok: &[u16],
+    ) -> Result<ureq::http::Response<ureq::Body>, OciError> {
+        let mut answer = self.call(method, url, headers, body)?;
+        if answer.status().as_u16() == 401 {
+            let challenge = answer.headers().get("www-authenticate").and_then(|v| v.to_str().ok()).unwrap_or("");
+            self.authorization = Some(self.log_in(challenge)?);
+            answer = self.call(method, url, headers, body)?;
+        }
+        refused_unless(answer, url, ok)
+    }
+
+    fn call(
+        &self,
+        method: &str,
+        url: &str,
+        headers: &[(&str, &str)],
+        body: Option<&[u8]>,
+    ) -> Result<ureq::http::Response<ureq::Body>, OciError> {
+        let mut request = ureq::http::Request::builder().method(method).uri(url);
+        for (name, value) in headers.iter().copied().chain(self.authorization.as_deref().map(|a| ("authorization", a)))
+        {
+            request = request.header(name, value);
+        }
+        let sent = match body {
+            Some(body) => request.body(body).map_err(ureq::Error::Http).and_then(|r| self.agent.run(r)),
+            None => request.body(()).map_err(ureq::Error::Http).and_then(|r| self.agent.run(r)),
+        };
+        sent.map_err(|source| OciError::Connection { url: url.to_string(), source: Box::new(source) })
+    }
+
+    /// The `Authorization` that answers `challenge`, with the credentials `docker login` left.
+    fn log_in(&self, challenge: &str) -> Result<String, OciError> {
+        let challenge = auth::Challenge::parse(challenge, &self.registry)?;
+        let path = auth::config_path().unwrap_or_else(|| PathBuf::from("~/.docker/config.json"));
+        let credentials = match auth::login(&path, &self.registry)? {
+            auth::Login::Credentials(credentials) => Some(credentials),
+            auth::Login::Helper(helper) => {
+                return Err(auth::AuthError::Helper { registry: self.registry.clone(), helper, path }.into());
+            }
+            auth::Login::None => None,
+        };
+        let (realm, service, scope) = match (challenge, credentials.as_ref()) {
+            (auth::Challenge::Basic, Some(credentials)) => return Ok(credentials.basic()),
+            (auth::Challenge::Basic, None) => {
+                return Err(auth::AuthError::NoCredentials { registry: self.registry.clone(), path }.into());
+            }
+            (auth::Challenge::Bearer { realm, service, scope }, _) => (realm, service, scope),
+        };
+        // The token service gets the credentials, in plain HTTP as the registry does.
+        let authority = realm.split_once("://").map_or("", |(_, rest)| rest.split(['/', '?']).next().unwrap_or(""));
+        if !realm.starts_with("http://") || !(self.insecure || is_loopback(authority)) {
+            return Err(OciError::RealmNotLoopback { registry: self.registry.clone(), realm });
+        }
+        let url = auth::Challenge::token_url(&realm, service.as_deref(), scope.as_deref());
+        let basic = credentials.map(|c| c.basic());
+        let headers: Vec<(&str, &str)> = basic.iter().map(|b| ("authorization", b.as_str())).collect();
+        let anonymous = Self {
+            agent: self.agent.clone(),
+            registry: self.registry.clone(),
+            insecure: self.insecure,
+            authorization: None,
+        };
+        let mut answer =
+            refused_unless(anonymous.call("GET", &url, &headers, None)?, &url, &[200]).map_err(|e| match e {
+                OciError::Refused { status, body, .. } => auth::AuthError::Token {
+                    realm: realm.clone(),
+                    why: format!("the token service answered {status}: {body}"),
+                }
+                .into(),
+                e => e,
+            })?;
+        let body = answer
+            .body_mut()
+            .with_config()
+            .limit(MAX_MANIFEST_BYTES)
+            .read_to_vec()
+            .map_err(|source| OciError::Connection { url: url.clone(), source: Box::new(source) })?;
+        Ok(format!("Bearer {}", auth::token_of(&body, &realm)?))
+    }
+}
+
+/// The answer, or the registry's refusal unless `ok` takes its status.
+fn refused_unless(
+    mut response: ureq::http::Response<ureq::Body>,
     url: &str,
     ok: &[u16],
 ) -> Result<ureq::http::Response<ureq::Body>, OciError> {
-    let mut response =
-        request.map_err(|source| OciError::Connection { url: url.to_string(), source: Box::new(source) })?;
     let status = response.status().as_u16();
     if ok.contains(&status) {
         return Ok(response);
@@ -334,13 +454,13 @@ fn send(
 }
 
 /// Uploads `bytes` as the blob `digest` unless the registry has it; returns whether it did.
-fn upload_blob(agent: &ureq::Agent, base: &str, digest: &str, bytes: &[u8]) -> Result<bool, OciError> {
+fn upload_blob(session: &mut Session, base: &str, digest: &str, bytes: &[u8]) -> Result<bool, OciError> {
     let url = format!("{base}/blobs/{digest}");
-    if send(agent.head(&url).call(), &url, &[200, 404])?.status().as_u16() == 200 {
+    if session.send("HEAD", &url, &[], None, &[200, 404])?.status().as_u16() == 200 {
         return Ok(false);
     }
     let start = format!("{base}/blobs/uploads/");
-    let started = send(agent.post(&start).send_empty(), &start, &[202])?;
+    let started = session.send("POST", &start, &[], Some(&[]), &[202])?;
     let location = started
         .headers()
         .get("location")
@@ -362,7 +482,7 @@ fn upload_blob(agent: &ureq::Agent, base: &str, digest: &str, bytes: &[u8]) -> R
     };
     let separator = if location.contains('?') { '&' } else { '?' };
     let put = format!("{location}{separator}digest={digest}");
-    send(agent.put(&put).content_type("application/octet-stream").send(bytes), &put, &[201])?;
+    session.send("PUT", &put, &[("content-type", "application/octet-stream")], Some(bytes), &[201])?;
     Ok(true)
 }
 
@@ -382,9 +502,9 @@ pub fn push(args: &PushArgs) -> Result<u8, OciError> {
     let config = serde_json::to_vec(&facts).unwrap_or_default();
     let (layer_digest, config_digest) = (digest_of(&bytes), digest_of(&config));
 
-    let agent = agent();
-    let sent = upload_blob(&agent, &base, &layer_digest, &bytes)?;
-    upload_blob(&agent, &base, &config_digest, &config)?;
+    let mut session = Session::new(&reference, args.insecure);
+    let sent = upload_blob(&mut session, &base, &layer_digest, &bytes)?;
+    upload_blob(&mut session, &base, &config_digest, &config)?;
     let manifest = json!({
         "schemaVersion": 2,
         "mediaType": MANIFEST_TYPE,
@@ -399,7 +519,7 @@ pub fn push(args: &PushArgs) -> Result<u8, OciError> {
     });
     let manifest = serde_json::to_vec(&manifest).unwrap_or_default();
     let url = format!("{base}/manifests/{}", reference.manifest_name());
-    send(agent.put(&url).content_type(MANIFEST_TYPE).send(&manifest[..]), &url, &[201])?;
+    session.send("PUT", &url, &[("content-type", MANIFEST_TYPE)], Some(&manifest), &[201])?;
     let shown = if sent { "" } else { " (the registry had the file already)" };
     eprintln!("thaw: pushed {} to {}{shown}", args.file.display(), args.reference);
     outln!("{}@{}", args.reference.split('@').next().unwrap_or_default(), digest_of(&manifest))?;
@@ -462,9 +582,9 @@ fn write_sparse(file: &std::fs::File, bytes: &[u8]) -> std::io::Result<()> {
 pub fn pull(args: &PullArgs) -> Result<u8, OciError> {
     let reference = Reference::parse(&args.reference)?;
     let base = reference.base(args.insecure)?;
-    let agent = agent();
+    let mut session = Session::new(&reference, args.insecure);
     let url = format!("{base}/manifests/{}", reference.manifest_name());
-    let mut answer = send(agent.get(&url).header("accept", MANIFEST_TYPE).call(), &url, &[200])?;
+    let mut answer = session.send("GET", &url, &[("accept", MANIFEST_TYPE)], None, &[200])?;
     let manifest = answer
         .body_mut()
         .with_config()
@@ -484,7 +604,7 @@ pub fn pull(args: &PullArgs) -> Result<u8, OciError> {
     let (kind, digest, size) = layer_of(&manifest, &args.reference)?;
 
     let url = format!("{base}/blobs/{digest}");
-    let mut answer = send(agent.get(&url).call(), &url, &[200])?;
+    let mut answer = session.send("GET", &url, &[], None, &[200])?;
     // One byte past the size: a longer blob is caught, not cut to fit.
     let bytes = answer
         .body_mut()
