@@ -28,8 +28,9 @@ impl Registry {
         Self::start_with(tempfile::tempdir().unwrap(), "")
     }
 
-    /// A registry whose configuration ends with `auth` (an `auth:` section, or nothing), storing
-    /// in `storage`, where the files `auth` names may be.
+    /// A registry whose configuration ends with `auth` (an `auth:` section, or `tls:` settings
+    /// of its `http:` section, or nothing), storing in `storage`, where the files `auth` names
+    /// may be.
     fn start_with(storage: tempfile::TempDir, auth: &str) -> Self {
         let config = storage.path().join("config.yml");
         std::fs::write(
@@ -176,7 +177,7 @@ fn what_is_not_thaw_s_is_refused_in_one_line() {
     for (args, says) in [
         (vec!["push", &at("notes.txt"), "127.0.0.1:1/a:b"], "not a thaw bundle or snapshot image"),
         (vec!["pull", "127.0.0.1:1/Upper:tag"], "the repository is not lower-case names"),
-        (vec!["pull", "registry.example/a:b"], "give --insecure to use it anyway"),
+        (vec!["pull", "registry.example/a:b"], "https://registry.example/v2/a/manifests/b"),
         (vec!["pull", "127.0.0.1:1/a:b"], "127.0.0.1:1"),
     ] {
         let run = run_thaw(&args);
@@ -387,4 +388,67 @@ fn a_registry_with_token_auth_gets_a_token_from_its_realm() {
     let granted = tokens.granted.lock().unwrap().clone();
     assert!(granted.iter().any(|s| s == "repository:functions/hello:pull,push"), "{granted:?}");
     assert!(granted.iter().any(|s| s == "repository:functions/hello:pull"), "{granted:?}");
+}
+
+/// A registry on loopback that speaks TLS with a certificate of the test's own authority: with
+/// that authority trusted (`SSL_CERT_FILE`), push and pull go through in HTTPS; with the
+/// system's trusted certificates only, the certificate is refused and nothing falls back to
+/// plain HTTP.
+#[test]
+fn a_registry_in_https_is_trusted_as_ssl_cert_file_says() {
+    let storage = tempfile::tempdir().unwrap();
+    let file = |name: &str| storage.path().join(name).to_str().unwrap().to_string();
+    std::fs::write(file("san.ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+    for args in [
+        vec!["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=thaw-test-ca"]
+            .into_iter()
+            .map(String::from)
+            .chain(["-keyout".into(), file("ca.key"), "-out".into(), file("ca.pem")])
+            .collect::<Vec<_>>(),
+        ["req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1", "-keyout"]
+            .into_iter()
+            .map(String::from)
+            .chain([file("server.key"), "-out".into(), file("server.csr")])
+            .collect(),
+        ["x509", "-req", "-days", "1", "-in"]
+            .into_iter()
+            .map(String::from)
+            .chain([file("server.csr"), "-CA".into(), file("ca.pem"), "-CAkey".into(), file("ca.key")])
+            .chain(["-CAcreateserial".into(), "-extfile".into(), file("san.ext"), "-out".into(), file("server.pem")])
+            .collect(),
+    ] {
+        let made = run(Command::new("openssl").args(&args));
+        assert_eq!(made.code, Some(0), "openssl {args:?}: {made:?}");
+    }
+    let tls = format!("  tls:\n    certificate: {}\n    key: {}\n", file("server.pem"), file("server.key"));
+    let ca = file("ca.pem");
+    let registry = Registry::start_with(storage, &tls);
+    let dir = tempfile::tempdir().unwrap();
+    let at = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
+    assert_eq!(run_thaw(&["pack", "--example", "hello", "-o", &at("hello.thaw")]).code, Some(0));
+    let reference = format!("{}/functions/hello:v1", registry.address);
+    let thaw = |trusted: &str, args: &[&str]| run(Command::new(common::THAW).args(args).env("SSL_CERT_FILE", trusted));
+
+    let run = thaw(&ca, &["push", &at("hello.thaw"), &reference]);
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    let run = thaw(&ca, &["pull", &reference, "-o", &at("pulled.thaw")]);
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    assert_eq!(std::fs::read(at("pulled.thaw")).unwrap(), std::fs::read(at("hello.thaw")).unwrap());
+
+    let system = "/etc/ssl/certs/ca-certificates.crt";
+    assert!(Path::new(system).is_file(), "Debian's bundle of trusted certificates (ca-certificates)");
+    let run = thaw(system, &["pull", &reference, "-o", &at("untrusted.thaw")]);
+    assert_eq!(run.code, Some(125), "{run:?}");
+    let refused = format!("https://{}/v2/: ", registry.address);
+    assert!(run.stderr.contains(&refused) && run.stderr.contains("certificate"), "{}", run.stderr);
+    assert!(!Path::new(&at("untrusted.thaw")).exists());
+    let run = thaw(&file_in(&dir, "empty.pem", ""), &["pull", &reference]);
+    assert!(run.stderr.contains("empty.pem: the certificates to trust: it holds no PEM certificate"), "{}", run.stderr);
+}
+
+/// `contents` written to `name` in `dir`; its path.
+fn file_in(dir: &tempfile::TempDir, name: &str, contents: &str) -> String {
+    let path = dir.path().join(name);
+    std::fs::write(&path, contents).unwrap();
+    path.to_str().unwrap().to_string()
 }

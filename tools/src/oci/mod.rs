@@ -8,9 +8,11 @@
 //! digest, when the reference names one), then the file's size, digest and format, before it
 //! writes the file atomically.
 //!
-//! A registry that answers 401 gets the credentials `docker login` left for it ([`auth`]):
-//! itself, for Basic auth, or its token service, for a token (Bearer). This step speaks plain
-//! HTTP, to a registry (and a token service) on a loopback address, or to any with `--insecure`.
+//! A registry is spoken to in HTTPS, its certificate checked against the system's trusted
+//! certificates (`SSL_CERT_FILE`, else the distribution's bundle, else Mozilla's); plain HTTP
+//! only with `--insecure`, or to a registry on a loopback address that does not speak TLS (as
+//! Docker does). A registry that answers 401 gets the credentials `docker login` left for it
+//! ([`auth`]): itself, for Basic auth, or its token service, for a token (Bearer).
 
 mod auth;
 
@@ -43,7 +45,7 @@ pub struct PushArgs {
     /// 127.0.0.1:5000/functions/hello:v1.
     #[arg(value_name = "REF")]
     reference: String,
-    /// Speak plain HTTP to a registry that is not on a loopback address.
+    /// Speak plain HTTP, not HTTPS, to the registry and its token service.
     #[arg(long)]
     insecure: bool,
 }
@@ -57,7 +59,7 @@ pub struct PullArgs {
     /// Where to write the file [default: the repository's last name, with .thaw or .snap].
     #[arg(short, long, value_name = "FILE")]
     output: Option<PathBuf>,
-    /// Speak plain HTTP to a registry that is not on a loopback address.
+    /// Speak plain HTTP, not HTTPS, to the registry and its token service.
     #[arg(long)]
     insecure: bool,
 }
@@ -73,11 +75,6 @@ pub enum OciError {
         /// What is wrong with it.
         why: String,
     },
-    /// Plain HTTP to a registry off loopback, without `--insecure`.
-    #[error(
-        "{0}: thaw speaks plain HTTP to registries, which only a loopback address keeps private; give --insecure to use it anyway"
-    )]
-    NotLoopback(String),
     /// A push reference with a digest.
     #[error("{0}: a push names a tag, not a digest (the registry computes the digest)")]
     PushDigest(String),
@@ -144,12 +141,20 @@ pub enum OciError {
         /// What arrived.
         got: String,
     },
+    /// The trusted certificates could not be read.
+    #[error("{}: the certificates to trust: {why}", file.display())]
+    Trust {
+        /// The file (`SSL_CERT_FILE`, or the system's bundle).
+        file: PathBuf,
+        /// What is wrong.
+        why: String,
+    },
     /// The registry's login could not be made.
     #[error(transparent)]
     Auth(#[from] auth::AuthError),
-    /// A token service off loopback, which would get the credentials in plain HTTP.
+    /// A token service in plain HTTP off loopback, which would get the credentials unprotected.
     #[error(
-        "{registry} sends thaw to the token service {realm}, which plain HTTP would not keep private; give --insecure to use it anyway"
+        "{registry} sends thaw to the token service {realm}, which plain HTTP off loopback would not keep private; give --insecure to use it anyway"
     )]
     RealmNotLoopback {
         /// The registry.
@@ -229,14 +234,6 @@ impl Reference {
     /// Whether the registry is on a loopback address.
     fn is_loopback(&self) -> bool {
         is_loopback(&self.registry)
-    }
-
-    /// The base URL of the registry's API for this repository.
-    fn base(&self, insecure: bool) -> Result<String, OciError> {
-        if !insecure && !self.is_loopback() {
-            return Err(OciError::NotLoopback(self.registry.clone()));
-        }
-        Ok(format!("http://{}/v2/{}", self.registry, self.repository))
     }
 }
 
@@ -344,9 +341,33 @@ struct Session {
 }
 
 impl Session {
-    fn new(reference: &Reference, insecure: bool) -> Self {
-        let agent = ureq::Agent::new_with_config(ureq::Agent::config_builder().http_status_as_error(false).build());
-        Self { agent, registry: reference.registry.clone(), insecure, authorization: None }
+    fn new(reference: &Reference, insecure: bool) -> Result<Self, OciError> {
+        let tls = ureq::tls::TlsConfig::builder().root_certs(trusted()?).build();
+        let config = ureq::Agent::config_builder().http_status_as_error(false).tls_config(tls).build();
+        let agent = ureq::Agent::new_with_config(config);
+        Ok(Self { agent, registry: reference.registry.clone(), insecure, authorization: None })
+    }
+
+    /// The base URL of `reference`'s repository: HTTPS, but for plain HTTP with `--insecure`,
+    /// or on a loopback address when the registry there does not speak TLS (it answers an HTTPS
+    /// request, whatever the status, or fails for a reason other than its certificate).
+    fn base(&self, reference: &Reference) -> Result<String, OciError> {
+        let path = format!("/v2/{}", reference.repository);
+        if self.insecure {
+            return Ok(format!("http://{}{path}", self.registry));
+        }
+        let secure = format!("https://{}{path}", self.registry);
+        if !reference.is_loopback() {
+            return Ok(secure);
+        }
+        let probe = format!("https://{}/v2/", self.registry);
+        match self.call("GET", &probe, &[], None) {
+            Ok(_) => Ok(secure),
+            Err(OciError::Connection { source, .. }) if is_untrusted(&source) => {
+                Err(OciError::Connection { url: probe, source })
+            }
+            Err(_) => Ok(format!("http://{}{path}", self.registry)),
+        }
     }
 
     /// Sends `method` to `url` with `headers` and `body`, and returns the answer, or the
@@ -405,9 +426,10 @@ impl Session {
             }
             (auth::Challenge::Bearer { realm, service, scope }, _) => (realm, service, scope),
         };
-        // The token service gets the credentials, in plain HTTP as the registry does.
+        // The token service gets the credentials: in HTTPS, or in plain HTTP where the registry
+        // could be spoken to in it.
         let authority = realm.split_once("://").map_or("", |(_, rest)| rest.split(['/', '?']).next().unwrap_or(""));
-        if !realm.starts_with("http://") || !(self.insecure || is_loopback(authority)) {
+        if realm.starts_with("http://") && !(self.insecure || is_loopback(authority)) {
             return Err(OciError::RealmNotLoopback { registry: self.registry.clone(), realm });
         }
         let url = auth::Challenge::token_url(&realm, service.as_deref(), scope.as_deref());
@@ -436,6 +458,40 @@ impl Session {
             .map_err(|source| OciError::Connection { url: url.clone(), source: Box::new(source) })?;
         Ok(format!("Bearer {}", auth::token_of(&body, &realm)?))
     }
+}
+
+/// Whether `error` is a TLS peer's certificate refused (which rustls reports inside an I/O error).
+fn is_untrusted(error: &ureq::Error) -> bool {
+    let rustls = match error {
+        ureq::Error::Rustls(e) => Some(e),
+        ureq::Error::Io(e) => e.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>()),
+        _ => None,
+    };
+    matches!(rustls, Some(rustls::Error::InvalidCertificate(_)))
+}
+
+/// The certificates a registry's must chain to: those of the file `SSL_CERT_FILE` names, else
+/// the distribution's bundle of the system's trusted ones, else (on a system with neither)
+/// Mozilla's, built into thaw.
+fn trusted() -> Result<ureq::tls::RootCerts, OciError> {
+    const BUNDLES: [&str; 3] =
+        ["/etc/ssl/certs/ca-certificates.crt", "/etc/pki/tls/certs/ca-bundle.crt", "/etc/ssl/cert.pem"];
+    let named = std::env::var_os("SSL_CERT_FILE").filter(|f| !f.is_empty()).map(PathBuf::from);
+    let Some(file) = named.clone().or_else(|| BUNDLES.iter().map(PathBuf::from).find(|f| f.is_file())) else {
+        return Ok(ureq::tls::RootCerts::WebPki);
+    };
+    let bad = |why: String| OciError::Trust { file: file.clone(), why };
+    let pem = crate::files::read_limited(&file, 16 << 20, "certificate bundle", crate::files::READ_WITHIN)?;
+    let mut certificates = Vec::new();
+    for item in ureq::tls::parse_pem(&pem) {
+        if let ureq::tls::PemItem::Certificate(certificate) = item.map_err(|e| bad(e.to_string()))? {
+            certificates.push(certificate);
+        }
+    }
+    if certificates.is_empty() {
+        return Err(bad("it holds no PEM certificate".into()));
+    }
+    Ok(ureq::tls::RootCerts::new_with_certs(&certificates))
 }
 
 /// The answer, or the registry's refusal unless `ok` takes its status.
@@ -492,7 +548,6 @@ pub fn push(args: &PushArgs) -> Result<u8, OciError> {
     if reference.digest.is_some() {
         return Err(OciError::PushDigest(args.reference.clone()));
     }
-    let base = reference.base(args.insecure)?;
     let bytes = crate::files::read_limited(&args.file, MAX_ARTIFACT_BYTES, "file", crate::files::READ_WITHIN)?;
     let kind = Kind::of_magic(&bytes).ok_or_else(|| OciError::NotArtifact {
         path: args.file.clone(),
@@ -502,7 +557,8 @@ pub fn push(args: &PushArgs) -> Result<u8, OciError> {
     let config = serde_json::to_vec(&facts).unwrap_or_default();
     let (layer_digest, config_digest) = (digest_of(&bytes), digest_of(&config));
 
-    let mut session = Session::new(&reference, args.insecure);
+    let mut session = Session::new(&reference, args.insecure)?;
+    let base = session.base(&reference)?;
     let sent = upload_blob(&mut session, &base, &layer_digest, &bytes)?;
     upload_blob(&mut session, &base, &config_digest, &config)?;
     let manifest = json!({
@@ -581,8 +637,8 @@ fn write_sparse(file: &std::fs::File, bytes: &[u8]) -> std::io::Result<()> {
 /// `thaw pull`.
 pub fn pull(args: &PullArgs) -> Result<u8, OciError> {
     let reference = Reference::parse(&args.reference)?;
-    let base = reference.base(args.insecure)?;
-    let mut session = Session::new(&reference, args.insecure);
+    let mut session = Session::new(&reference, args.insecure)?;
+    let base = session.base(&reference)?;
     let url = format!("{base}/manifests/{}", reference.manifest_name());
     let mut answer = session.send("GET", &url, &[("accept", MANIFEST_TYPE)], None, &[200])?;
     let manifest = answer
@@ -680,7 +736,6 @@ mod tests {
         assert_eq!(Reference::parse("localhost/hello").unwrap().tag.as_deref(), Some("latest"));
         assert!(Reference::parse("[::1]:5000/a").unwrap().is_loopback());
         assert!(!Reference::parse("registry.example:5000/a").unwrap().is_loopback());
-        assert!(matches!(Reference::parse("registry.example/a").unwrap().base(false), Err(OciError::NotLoopback(_))));
 
         for (bad, why) in [
             ("hello", "names no registry"),
