@@ -1,5 +1,6 @@
 //! The syscall allow-list of every thaw process that runs VMs (`thaw invoke`, `restore`,
-//! `serve`), built with rust-vmm's seccompiler.
+//! `serve`), and the one of `thaw serve`'s registry puller ([`install_puller`]), built with
+//! rust-vmm's seccompiler.
 //!
 //! [`install`] runs once setup is done: arguments read, files opened, listeners bound. It
 //! applies the list to every thread at once (`SECCOMP_FILTER_FLAG_TSYNC`), and threads started
@@ -143,9 +144,45 @@ const KVMIO: u64 = 0xAE;
 /// Requests std and the terminal make outside KVM's.
 const OTHER_IOCTLS: &[u64] = &[libc::FIONBIO, libc::FIOCLEX, libc::TCGETS, libc::TIOCGWINSZ];
 
-/// Installs the allow-list on every thread of the process, once: a second call does nothing
-/// (installing a filter takes calls the list itself forbids).
+/// Calls that change files, left out of [`install_puller`]'s list.
+const CHANGES_FILES: &[i64] = &[
+    libc::SYS_ftruncate,
+    libc::SYS_fchmod,
+    libc::SYS_fchmodat,
+    libc::SYS_fchown,
+    libc::SYS_mkdir,
+    libc::SYS_mkdirat,
+    libc::SYS_rename,
+    libc::SYS_renameat,
+    libc::SYS_renameat2,
+    libc::SYS_unlink,
+    libc::SYS_unlinkat,
+    libc::SYS_rmdir,
+];
+
+/// Which process a list is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Profile {
+    /// A process that runs VMs: KVM, files, Unix sockets.
+    Vmm,
+    /// `thaw serve`'s registry puller: IP and Unix sockets (name resolution included), files
+    /// read but never written or created, and no KVM.
+    Puller,
+}
+
+/// Installs the allow-list of a process that runs VMs on every thread of the process, once: a
+/// second call does nothing (installing a filter takes calls the list itself forbids).
 pub fn install() -> Result<(), SeccompError> {
+    install_profile(Profile::Vmm)
+}
+
+/// Installs the allow-list of `thaw serve`'s registry puller, which speaks to registries over
+/// the network and runs nothing else: IP sockets, files only read, no KVM, no programs.
+pub fn install_puller() -> Result<(), SeccompError> {
+    install_profile(Profile::Puller)
+}
+
+fn install_profile(profile: Profile) -> Result<(), SeccompError> {
     static INSTALLED: std::sync::Mutex<bool> = std::sync::Mutex::new(false);
     let mut installed = INSTALLED.lock().unwrap_or_else(|p| p.into_inner());
     if *installed {
@@ -154,7 +191,7 @@ pub fn install() -> Result<(), SeccompError> {
     report_refusals()?;
     // The clone3 filter first: the allow-list forbids the prctl and seccomp calls that
     // installing one more filter makes.
-    for program in [clone3_unavailable()?, allow_list()?] {
+    for program in [clone3_unavailable()?, allow_list(profile)?] {
         seccompiler::apply_filter_all_threads(&program).map_err(|e| SeccompError::Install(e.to_string()))?;
     }
     *installed = true;
@@ -247,19 +284,37 @@ fn rule(index: u8, len: SeccompCmpArgLen, op: SeccompCmpOp, value: u64) -> Resul
     SeccompRule::new(vec![SeccompCondition::new(index, len, op, value).map_err(build)?]).map_err(build)
 }
 
-/// Everything thaw does, and nothing else: any other call is refused with SIGSYS
-/// ([`on_sigsys`]), which ends the process.
-fn allow_list() -> Result<BpfProgram, SeccompError> {
+/// Everything the `profile`'s process does, and nothing else: any other call is refused with
+/// SIGSYS ([`on_sigsys`]), which ends the process.
+fn allow_list(profile: Profile) -> Result<BpfProgram, SeccompError> {
     use SeccompCmpArgLen::{Dword, Qword};
-    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = ALLOWED.iter().map(|&call| (call, Vec::new())).collect();
-    let mut ioctls = vec![rule(1, Dword, SeccompCmpOp::MaskedEq(0xff00), KVMIO << 8)?];
+    let allowed = ALLOWED.iter().filter(|call| profile == Profile::Vmm || !CHANGES_FILES.contains(call));
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = allowed.map(|&call| (call, Vec::new())).collect();
+    let mut ioctls = Vec::new();
+    if profile == Profile::Vmm {
+        ioctls.push(rule(1, Dword, SeccompCmpOp::MaskedEq(0xff00), KVMIO << 8)?);
+    }
     for &request in OTHER_IOCTLS {
         ioctls.push(rule(1, Dword, SeccompCmpOp::Eq, request)?);
     }
+    let families: &[i32] = match profile {
+        Profile::Vmm => &[libc::AF_UNIX],
+        Profile::Puller => {
+            // Name resolution: glibc sends its A and AAAA queries at once, and asks how much
+            // a TCP answer holds. A file is opened only to be read.
+            rules.insert(libc::SYS_sendmmsg, Vec::new());
+            rules.insert(libc::SYS_uname, Vec::new());
+            ioctls.push(rule(1, Dword, SeccompCmpOp::Eq, libc::FIONREAD)?);
+            let writes = (libc::O_WRONLY | libc::O_RDWR | libc::O_CREAT | libc::O_TRUNC) as u64;
+            rules.insert(libc::SYS_openat, vec![rule(2, Dword, SeccompCmpOp::MaskedEq(writes), 0)?]);
+            &[libc::AF_UNIX, libc::AF_INET, libc::AF_INET6]
+        }
+    };
     rules.insert(libc::SYS_ioctl, ioctls);
     let thread = libc::CLONE_THREAD as u64;
     rules.insert(libc::SYS_clone, vec![rule(0, Qword, SeccompCmpOp::MaskedEq(thread), thread)?]);
-    rules.insert(libc::SYS_socket, vec![rule(0, Dword, SeccompCmpOp::Eq, libc::AF_UNIX as u64)?]);
+    let sockets = families.iter().map(|&f| rule(0, Dword, SeccompCmpOp::Eq, f as u64)).collect::<Result<_, _>>()?;
+    rules.insert(libc::SYS_socket, sockets);
     let names = [libc::PR_SET_NAME, libc::PR_GET_NAME];
     rules.insert(
         libc::SYS_prctl,
@@ -280,7 +335,8 @@ mod tests {
 
     #[test]
     fn the_filters_compile() {
-        assert!(!allow_list().unwrap().is_empty());
+        assert!(!allow_list(Profile::Vmm).unwrap().is_empty());
+        assert!(!allow_list(Profile::Puller).unwrap().is_empty());
         assert!(!clone3_unavailable().unwrap().is_empty());
     }
 }

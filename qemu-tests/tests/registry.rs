@@ -9,69 +9,10 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
 
-use common::{run, run_thaw};
+use common::{Registry, run, run_thaw};
 use sha2::{Digest as _, Sha256};
-
-/// A `docker-registry` on a free loopback port, storing in a directory of its own.
-struct Registry {
-    child: Child,
-    /// `127.0.0.1:PORT`.
-    address: String,
-    storage: tempfile::TempDir,
-}
-
-impl Registry {
-    fn start() -> Self {
-        Self::start_with(tempfile::tempdir().unwrap(), "")
-    }
-
-    /// A registry whose configuration ends with `auth` (an `auth:` section, or `tls:` settings
-    /// of its `http:` section, or nothing), storing in `storage`, where the files `auth` names
-    /// may be.
-    fn start_with(storage: tempfile::TempDir, auth: &str) -> Self {
-        let config = storage.path().join("config.yml");
-        std::fs::write(
-            &config,
-            format!("version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: /unused\nhttp:\n  addr: 127.0.0.1:0\n{auth}"),
-        )
-        .unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let address = format!("127.0.0.1:{port}");
-        let child = Command::new("docker-registry")
-            .args(["serve", config.to_str().unwrap()])
-            .env("REGISTRY_HTTP_ADDR", &address)
-            .env("REGISTRY_STORAGE_FILESYSTEM_ROOTDIRECTORY", storage.path().join("data"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("docker-registry runs (.ci/run installs Debian's docker-registry)");
-        let registry = Self { child, address, storage };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        // Any answer will do: a registry that asks for credentials answers 401.
-        let agent = ureq::Agent::new_with_config(ureq::Agent::config_builder().http_status_as_error(false).build());
-        while agent.get(&format!("http://{}/v2/", registry.address)).call().is_err() {
-            assert!(Instant::now() < deadline, "docker-registry did not answer on {}", registry.address);
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        registry
-    }
-
-    /// The file the registry stores as the blob `digest` (`sha256:HEX`).
-    fn blob_file(&self, digest: &str) -> PathBuf {
-        let hex = digest.strip_prefix("sha256:").unwrap();
-        self.storage.path().join(format!("data/docker/registry/v2/blobs/sha256/{}/{hex}/data", &hex[..2]))
-    }
-}
-
-impl Drop for Registry {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn sha256(path: &Path) -> String {
     format!("sha256:{}", hex(&Sha256::digest(std::fs::read(path).unwrap())))

@@ -863,6 +863,66 @@ fn a_python_module_uploaded_over_http_is_packed_by_the_server() {
     );
 }
 
+/// Issue 31: `thaw deploy NAME REF` has the server pull the bundle from a real OCI registry
+/// (through its registry puller: the agent itself opens no IP socket), snapshot and serve it; a
+/// second deploy of the same reference downloads nothing; a snapshot image, a tag the registry
+/// lacks and a body that is no reference are refused, each saying why.
+#[test]
+fn a_bundle_is_deployed_by_reference_from_an_oci_registry() {
+    let registry = common::Registry::start();
+    let dir = tempfile::tempdir().unwrap();
+    let at = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
+    assert_eq!(run_thaw(&["pack", "--example", "hello", "-o", &at("hello.thaw")]).code, Some(0));
+    assert_eq!(run_thaw(&["snapshot", &at("hello.thaw"), "-o", &at("hello.snap")]).code, Some(0));
+    let (bundle, image) =
+        (format!("{}/functions/hello:v1", registry.address), format!("{}/functions/hello-image:v1", registry.address));
+    for (file, reference) in [("hello.thaw", &bundle), ("hello.snap", &image)] {
+        let pushed = run_thaw(&["push", &at(file), reference]);
+        assert_eq!(pushed.code, Some(0), "{}", pushed.stderr);
+    }
+    let state = tempfile::tempdir().unwrap();
+    let server = Server::start(state.path(), &[]);
+    let thaw = |args: &[&str]| {
+        let mut all = args.to_vec();
+        all.extend_from_slice(&["--server", &server.url]);
+        run_thaw(&all)
+    };
+
+    let run = thaw(&["deploy", "hello", &bundle, "--set", "mode=reset"]);
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    assert!(run.stdout.starts_with("hello created: version "), "{}", run.stdout);
+    let version = format!("{:x}", <sha2::Sha256 as sha2::Digest>::digest(std::fs::read(at("hello.thaw")).unwrap()));
+    assert!(run.stdout.contains(&version), "the version is the bundle's digest: {}", run.stdout);
+    let answer = thaw(&["call", "hello", "--data", r#"{"name": "registry"}"#]);
+    assert_eq!(answer.stdout, "{\"greeting\":\"Hello, registry!\"}\n", "{}", answer.stderr);
+    assert!(server.log().contains("pulled"), "{}", server.log());
+
+    let again = thaw(&["deploy", "hello", &bundle, "--set", "mode=reset"]);
+    assert_eq!(again.code, Some(0), "{}", again.stderr);
+    assert!(again.stdout.starts_with("hello unchanged"), "{}", again.stdout);
+    assert!(server.log().contains("held already: nothing pulled"), "{}", server.log());
+
+    let put_reference = |name: &str, body: &str| {
+        reply(agent().put(&server.functions(name)).header("content-type", "application/vnd.thaw.reference").send(body))
+    };
+    let refused = put_reference("image", &image);
+    assert_eq!(refused.status, 400, "{}", refused.body);
+    assert!(refused.body.contains("is a snapshot image: thaw serve deploys bundles by reference"), "{}", refused.body);
+    let missing = put_reference("missing", &format!("{}/functions/hello:v9", registry.address));
+    assert_eq!(missing.status, 400, "{}", missing.body);
+    assert!(missing.body.contains("the registry answered 404"), "{}", missing.body);
+    let nonsense = put_reference("nonsense", "not a reference");
+    assert_eq!(nonsense.status, 400, "{}", nonsense.body);
+    assert!(nonsense.body.contains("is not a registry reference"), "{}", nonsense.body);
+    let empty = put_reference("empty", "");
+    assert_eq!(empty.status, 400, "{}", empty.body);
+    assert!(empty.body.contains("is one registry reference"), "{}", empty.body);
+    // Deployed under another name, the same bundle is pulled again (only its image is shared).
+    let other = put_reference("other", &bundle);
+    assert_eq!(other.status, 201, "{}", other.body);
+    assert_eq!(post(&format!("{}/invoke", server.functions("other")), br#"{"name": "b"}"#).status, 200);
+}
+
 /// A command deployed as a bare wasm with `init_until_read=true` answers every call from its
 /// snapshot with the table its start-up built once (issue 30); a reactor cannot take it.
 #[test]

@@ -27,8 +27,9 @@ pub struct DeployArgs {
     /// A bundle (.thaw, from `thaw pack`), a bare wasm module (.wasm), or a JavaScript or
     /// Python function (a .js, .mjs or .py file, or a directory with index.js, index.mjs,
     /// handler.py or main.py), which is packed here as `thaw pack` packs it and uploaded as its
-    /// bundle.
-    #[arg(value_name = "FILE")]
+    /// bundle. Or a bundle in an OCI registry, REGISTRY/REPOSITORY[:TAG][@sha256:DIGEST] (when
+    /// no such file is here), which the server pulls itself.
+    #[arg(value_name = "FILE|REF")]
     file: PathBuf,
     /// Deploy settings, passed as query parameters (repeatable): mode=reset|pool|fresh, pool=N,
     /// concurrency=N, queue=N, timeout_ms=MS, and for a bare wasm memory=MIB, fuel=N,
@@ -204,9 +205,23 @@ impl ServerArgs {
 
     /// Sends one request and reads the whole answer, whatever its status.
     fn send(&self, method: &str, path: &str, body: Option<&[u8]>) -> Result<Answer, ClientError> {
+        self.send_typed(method, path, body, None)
+    }
+
+    /// [`ServerArgs::send`], with the body's `Content-Type`.
+    fn send_typed(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&[u8]>,
+        content_type: Option<&str>,
+    ) -> Result<Answer, ClientError> {
         let url = self.url(path);
         let agent = ureq::Agent::new_with_config(ureq::Agent::config_builder().http_status_as_error(false).build());
         let mut request = ureq::http::Request::builder().method(method).uri(&url);
+        if let Some(content_type) = content_type {
+            request = request.header("Content-Type", content_type);
+        }
         if let Some(token) = self.token()? {
             request = request.header("Authorization", format!("Bearer {token}"));
         }
@@ -242,6 +257,12 @@ fn print_json(value: &serde_json::Value) -> Result<(), ClientError> {
 
 /// `thaw deploy`.
 pub fn deploy(args: &DeployArgs) -> Result<u8, ClientError> {
+    // Not a file here, but a registry reference: the server pulls the bundle.
+    let reference = args
+        .file
+        .to_str()
+        .filter(|text| !args.file.exists() && crate::oci::Reference::parse(text).is_ok())
+        .map(str::to_string);
     let language = crate::pack::Language::of(&args.file, args.entry.as_deref());
     let source = language != crate::pack::Language::Wasm;
     if !source && (args.entry.is_some() || args.bundle || args.sample_data.is_some()) {
@@ -259,7 +280,12 @@ pub fn deploy(args: &DeployArgs) -> Result<u8, ClientError> {
             _ => query.push(format!("{}={}", encode(key), encode(value))),
         }
     }
-    let upload = if source {
+    if reference.is_some() && (source || args.entry.is_some() || args.bundle || args.sample_data.is_some()) {
+        return Err(ClientError::NotSource(args.file.clone()));
+    }
+    let upload = if let Some(reference) = &reference {
+        reference.as_bytes().to_vec()
+    } else if source {
         let options = crate::pack::SourceOptions {
             entry: args.entry.clone(),
             env,
@@ -272,11 +298,14 @@ pub fn deploy(args: &DeployArgs) -> Result<u8, ClientError> {
         crate::files::read_limited(&args.file, 1 << 30, "function", crate::files::READ_WITHIN)?
     };
     let query = if query.is_empty() { String::new() } else { format!("?{}", query.join("&")) };
+    let pulled = if reference.is_some() { ", pulled by the server," } else { "" };
     eprintln!(
-        "thaw: deploying {} to {} (a cold boot and a snapshot, unless the server has this version)",
+        "thaw: deploying {}{pulled} to {} (a cold boot and a snapshot, unless the server has this version)",
         args.name, args.server.server
     );
-    let answer = args.server.send("PUT", &format!("/v1/functions/{}{query}", encode(&args.name)), Some(&upload))?;
+    let content_type = reference.as_ref().map(|_| crate::serve::REFERENCE_TYPE);
+    let path = format!("/v1/functions/{}{query}", encode(&args.name));
+    let answer = args.server.send_typed("PUT", &path, Some(&upload), content_type)?;
     let json = answer.json()?;
     if args.json {
         print_json(&json)?;

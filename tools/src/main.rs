@@ -112,6 +112,9 @@ enum Command {
     Functions(client::FunctionsArgs),
     /// Show the last lines a function on a `thaw serve` wrote.
     Logs(client::LogsArgs),
+    /// `thaw serve`'s registry puller, which the agent starts itself (`serve/puller.rs`).
+    #[command(name = "__puller", hide = true)]
+    Puller(SeccompArgs),
     /// Print a shell completion script for thaw on stdout (e.g. `thaw completions bash >
     /// ~/.local/share/bash-completion/completions/thaw`).
     Completions {
@@ -150,6 +153,7 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Command::Completions { shell } => exit(completions(shell)),
+        Command::Puller(args) => ExitCode::from(serve::puller::run(!args.no_seccomp)),
         Command::Run(args) => exit(run::run(&args)),
         Command::Qemu(args) => exit(qemu::run(&args)),
         Command::Bench(args) => exit(bench::run(&args)),

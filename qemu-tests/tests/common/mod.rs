@@ -1,8 +1,9 @@
 //! What every test file shares: running the real `thaw` binary (an artifact dependency of this
 //! crate) and keeping what it printed.
 
-use std::path::Path;
-use std::process::Command;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
 /// The `thaw` binary this build produced.
 pub const THAW: &str = env!("CARGO_BIN_FILE_TOOLS_thaw");
@@ -93,4 +94,65 @@ pub fn snapshot(dir: &Path, bundle: &str) -> String {
     let run = run_thaw(&["snapshot", bundle, "-o", image.to_str().unwrap()]);
     assert_eq!(run.code, Some(0), "{run:#?}");
     image.to_str().unwrap().to_string()
+}
+
+/// A `docker-registry` (the CNCF distribution, which `.ci/run` installs) on a free loopback
+/// port, storing in a directory of its own.
+#[allow(dead_code)] // not every test file uses a registry
+pub struct Registry {
+    child: Child,
+    /// `127.0.0.1:PORT`.
+    pub address: String,
+    storage: tempfile::TempDir,
+}
+
+#[allow(dead_code)]
+impl Registry {
+    pub fn start() -> Self {
+        Self::start_with(tempfile::tempdir().unwrap(), "")
+    }
+
+    /// A registry whose configuration ends with `auth` (an `auth:` section, or `tls:` settings
+    /// of its `http:` section, or nothing), storing in `storage`, where the files `auth` names
+    /// may be.
+    pub fn start_with(storage: tempfile::TempDir, auth: &str) -> Self {
+        let config = storage.path().join("config.yml");
+        std::fs::write(
+            &config,
+            format!("version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: /unused\nhttp:\n  addr: 127.0.0.1:0\n{auth}"),
+        )
+        .unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let address = format!("127.0.0.1:{port}");
+        let child = Command::new("docker-registry")
+            .args(["serve", config.to_str().unwrap()])
+            .env("REGISTRY_HTTP_ADDR", &address)
+            .env("REGISTRY_STORAGE_FILESYSTEM_ROOTDIRECTORY", storage.path().join("data"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("docker-registry runs (.ci/run installs Debian's docker-registry)");
+        let registry = Self { child, address, storage };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        // Any answer will do: a registry that asks for credentials answers 401.
+        let agent = ureq::Agent::new_with_config(ureq::Agent::config_builder().http_status_as_error(false).build());
+        while agent.get(&format!("http://{}/v2/", registry.address)).call().is_err() {
+            assert!(Instant::now() < deadline, "docker-registry did not answer on {}", registry.address);
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        registry
+    }
+
+    /// The file the registry stores as the blob `digest` (`sha256:HEX`).
+    pub fn blob_file(&self, digest: &str) -> PathBuf {
+        let hex = digest.strip_prefix("sha256:").unwrap();
+        self.storage.path().join(format!("data/docker/registry/v2/blobs/sha256/{}/{hex}/data", &hex[..2]))
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

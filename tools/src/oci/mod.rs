@@ -281,7 +281,7 @@ impl Kind {
 }
 
 /// Whether `text` is `sha256:` and 64 lower-case hex digits.
-fn is_digest(text: &str) -> bool {
+pub(crate) fn is_digest(text: &str) -> bool {
     text.strip_prefix("sha256:")
         .is_some_and(|hex| hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
 }
@@ -634,56 +634,104 @@ fn write_sparse(file: &std::fs::File, bytes: &[u8]) -> std::io::Result<()> {
     file.sync_all()
 }
 
-/// `thaw pull`.
-pub fn pull(args: &PullArgs) -> Result<u8, OciError> {
-    let reference = Reference::parse(&args.reference)?;
-    let mut session = Session::new(&reference, args.insecure)?;
-    let base = session.base(&reference)?;
-    let url = format!("{base}/manifests/{}", reference.manifest_name());
-    let mut answer = session.send("GET", &url, &[("accept", MANIFEST_TYPE)], None, &[200])?;
-    let manifest = answer
-        .body_mut()
-        .with_config()
-        .limit(MAX_MANIFEST_BYTES)
-        .read_to_vec()
-        .map_err(|source| OciError::Connection { url: url.clone(), source: Box::new(source) })?;
-    if let Some(expected) = &reference.digest {
-        let got = digest_of(&manifest);
-        if &got != expected {
+/// A thaw artifact as a registry's manifest names it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listed {
+    /// Which file it is.
+    pub kind: Kind,
+    /// The file's digest (`sha256:HEX`): its SHA-256.
+    pub digest: String,
+    /// The file's size in bytes.
+    pub size: u64,
+}
+
+/// One repository of a registry, read: what `thaw pull` and `thaw serve`'s deploys by reference
+/// take a file from. Each answer is checked before it is given.
+pub struct Source {
+    session: Session,
+    base: String,
+    reference: Reference,
+    /// The reference as given, which errors name.
+    text: String,
+}
+
+impl Source {
+    /// Opens the repository `text` names (`--insecure`: plain HTTP).
+    pub fn open(text: &str, insecure: bool) -> Result<Self, OciError> {
+        let reference = Reference::parse(text)?;
+        let session = Session::new(&reference, insecure)?;
+        let base = session.base(&reference)?;
+        Ok(Self { session, base, reference, text: text.to_string() })
+    }
+
+    /// The reference's repository (`a/b/c`).
+    pub fn repository(&self) -> &str {
+        &self.reference.repository
+    }
+
+    /// Reads the manifest the reference names (of at most 64 KiB, with the digest the
+    /// reference gives, if it gives one) and the file it names.
+    pub fn listed(&mut self) -> Result<Listed, OciError> {
+        let url = format!("{}/manifests/{}", self.base, self.reference.manifest_name());
+        let mut answer = self.session.send("GET", &url, &[("accept", MANIFEST_TYPE)], None, &[200])?;
+        let manifest = answer
+            .body_mut()
+            .with_config()
+            .limit(MAX_MANIFEST_BYTES)
+            .read_to_vec()
+            .map_err(|source| OciError::Connection { url: url.clone(), source: Box::new(source) })?;
+        if let Some(expected) = &self.reference.digest {
+            let got = digest_of(&manifest);
+            if &got != expected {
+                return Err(OciError::Mismatch {
+                    reference: self.text.clone(),
+                    expected: format!("manifest {expected}"),
+                    got: format!("a manifest of {got}"),
+                });
+            }
+        }
+        let (kind, digest, size) = layer_of(&manifest, &self.text)?;
+        Ok(Listed { kind, digest, size })
+    }
+
+    /// The file `listed` names, of its size and digest, and starting as its kind does.
+    pub fn file(&mut self, listed: &Listed) -> Result<Vec<u8>, OciError> {
+        let Listed { kind, digest, size } = listed;
+        let url = format!("{}/blobs/{digest}", self.base);
+        let mut answer = self.session.send("GET", &url, &[], None, &[200])?;
+        // One byte past the size: a longer blob is caught, not cut to fit.
+        let bytes = answer
+            .body_mut()
+            .with_config()
+            .limit(size + 1)
+            .read_to_vec()
+            .map_err(|source| OciError::Connection { url: url.clone(), source: Box::new(source) })?;
+        let got = digest_of(&bytes);
+        if bytes.len() as u64 != *size || &got != digest {
             return Err(OciError::Mismatch {
-                reference: args.reference.clone(),
-                expected: format!("manifest {expected}"),
-                got: format!("a manifest of {got}"),
+                reference: self.text.clone(),
+                expected: format!("file of {size} bytes and {digest}"),
+                got: format!("{} bytes of {got}", bytes.len()),
             });
         }
+        if Kind::of_magic(&bytes) != Some(*kind) {
+            return Err(OciError::Manifest {
+                reference: self.text.clone(),
+                why: format!("its file is not the {} its artifactType says", kind.extension()),
+            });
+        }
+        Ok(bytes)
     }
-    let (kind, digest, size) = layer_of(&manifest, &args.reference)?;
+}
 
-    let url = format!("{base}/blobs/{digest}");
-    let mut answer = session.send("GET", &url, &[], None, &[200])?;
-    // One byte past the size: a longer blob is caught, not cut to fit.
-    let bytes = answer
-        .body_mut()
-        .with_config()
-        .limit(size + 1)
-        .read_to_vec()
-        .map_err(|source| OciError::Connection { url: url.clone(), source: Box::new(source) })?;
-    let got = digest_of(&bytes);
-    if bytes.len() as u64 != size || got != digest {
-        return Err(OciError::Mismatch {
-            reference: args.reference.clone(),
-            expected: format!("file of {size} bytes and {digest}"),
-            got: format!("{} bytes of {got}", bytes.len()),
-        });
-    }
-    if Kind::of_magic(&bytes) != Some(kind) {
-        return Err(OciError::Manifest {
-            reference: args.reference.clone(),
-            why: format!("its file is not the {} its artifactType says", kind.extension()),
-        });
-    }
+/// `thaw pull`.
+pub fn pull(args: &PullArgs) -> Result<u8, OciError> {
+    let mut source = Source::open(&args.reference, args.insecure)?;
+    let listed = source.listed()?;
+    let bytes = source.file(&listed)?;
+    let Listed { kind, digest, .. } = listed;
     let output = args.output.clone().unwrap_or_else(|| {
-        let name = reference.repository.rsplit('/').next().unwrap_or("function");
+        let name = source.repository().rsplit('/').next().unwrap_or("function");
         PathBuf::from(format!("{name}.{}", kind.extension()))
     });
     // The whole file is checked before it takes the output's name: a bundle as it is, an image

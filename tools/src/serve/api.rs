@@ -303,21 +303,30 @@ async fn read_body(
     }
 }
 
+/// The `Content-Type` of a deploy whose body is a registry reference, not a function.
+pub const REFERENCE_TYPE: &str = "application/vnd.thaw.reference";
+/// Longest reference a deploy takes.
+const MAX_REFERENCE: usize = 1024;
+
 /// The language a deploy's `Content-Type` says its body is in, in any case, with any
 /// parameters: JavaScript for `text/javascript` (RFC 9239) or the older
 /// `application/javascript`, Python for `text/x-python` (what Python's own `mimetypes` calls a
-/// `.py` file) or `text/x-script.python`, and otherwise wasm (a bundle or a module, which its
-/// first bytes tell apart).
-fn language(headers: &HeaderMap) -> Language {
-    let Some(value) = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()) else { return Language::Wasm };
+/// `.py` file) or `text/x-script.python`, none for [`REFERENCE_TYPE`] (the body names a bundle
+/// in a registry), and otherwise wasm (a bundle or a module, which its first bytes tell apart).
+fn language(headers: &HeaderMap) -> Option<Language> {
+    let Some(value) = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()) else {
+        return Some(Language::Wasm);
+    };
     let essence = value.split(';').next().unwrap_or("").trim();
     let is = |types: &[&str]| types.iter().any(|t| essence.eq_ignore_ascii_case(t));
     if is(&["text/javascript", "application/javascript"]) {
-        Language::JavaScript
+        Some(Language::JavaScript)
     } else if is(&["text/x-python", "text/x-script.python"]) {
-        Language::Python
+        Some(Language::Python)
+    } else if is(&[REFERENCE_TYPE]) {
+        None
     } else {
-        Language::Wasm
+        Some(Language::Wasm)
     }
 }
 
@@ -367,8 +376,22 @@ async fn deploy(
         Ok(upload) => upload,
         Err(refused) => return refused.into_response(),
     };
-    let language = language(&headers);
-    match api.registry.deploy(&name, Vec::from(upload.bytes), language, query.as_deref().unwrap_or("")).await {
+    let query = query.as_deref().unwrap_or("");
+    let deployed = match language(&headers) {
+        Some(language) => api.registry.deploy(&name, Vec::from(upload.bytes), language, query).await,
+        None => match std::str::from_utf8(&upload.bytes).map(str::trim) {
+            Ok(reference) if !reference.is_empty() && reference.len() <= MAX_REFERENCE => {
+                api.registry.deploy_reference(&name, reference, query).await
+            }
+            _ => {
+                let why = format!(
+                    "the body of a {REFERENCE_TYPE} deploy is one registry reference of UTF-8, at most {MAX_REFERENCE} bytes"
+                );
+                return error(StatusCode::BAD_REQUEST, why);
+            }
+        },
+    };
+    match deployed {
         Ok((deployment, view)) => {
             let status = if deployment == Deployment::Created { StatusCode::CREATED } else { StatusCode::OK };
             (status, axum::Json(json!({ "deployment": deployment, "function": view }))).into_response()
@@ -429,6 +452,8 @@ fn registry_error(e: &RegistryError) -> Response {
         | RegistryError::Wasm(_)
         | RegistryError::JavaScript(_)
         | RegistryError::Python(_)
+        | RegistryError::Reference(_)
+        | RegistryError::ImageByReference(_)
         | RegistryError::NotFunction(_)
         | RegistryError::Function(_)
         | RegistryError::Service { .. } => StatusCode::BAD_REQUEST,
@@ -436,6 +461,7 @@ fn registry_error(e: &RegistryError) -> Response {
         RegistryError::NoSpace { .. } => StatusCode::INSUFFICIENT_STORAGE,
         RegistryError::NotFound(_) => StatusCode::NOT_FOUND,
         RegistryError::NoPython(_) => StatusCode::NOT_IMPLEMENTED,
+        RegistryError::NoPuller(_) => StatusCode::SERVICE_UNAVAILABLE,
         RegistryError::Store(_)
         | RegistryError::Scratch { .. }
         | RegistryError::Blocking(_)
@@ -614,17 +640,18 @@ mod tests {
         for js in
             ["text/javascript", "Text/JavaScript; charset=utf-8", "application/javascript", " text/javascript ;x=y"]
         {
-            assert_eq!(typed(js), Language::JavaScript, "{js}");
+            assert_eq!(typed(js), Some(Language::JavaScript), "{js}");
         }
         for py in ["text/x-python", "Text/X-Python; charset=utf-8", "text/x-script.python"] {
-            assert_eq!(typed(py), Language::Python, "{py}");
+            assert_eq!(typed(py), Some(Language::Python), "{py}");
         }
         for no in
             ["application/octet-stream", "text/javascriptx", "text/plain", "javascript", "text/python", "x-python", ""]
         {
-            assert_eq!(typed(no), Language::Wasm, "{no}");
+            assert_eq!(typed(no), Some(Language::Wasm), "{no}");
         }
-        assert_eq!(language(&HeaderMap::new()), Language::Wasm);
+        assert_eq!(language(&HeaderMap::new()), Some(Language::Wasm));
+        assert_eq!(typed("application/vnd.thaw.reference"), None);
     }
 
     #[test]

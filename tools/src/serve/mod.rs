@@ -4,7 +4,8 @@
 //! runs a VM.
 //!
 //! ```text
-//!  HTTP ─▶ api.rs ─▶ registry.rs ─┬─ deploy: settings.rs, snapshot, store.rs (SQLite + images)
+//!  HTTP ─▶ api.rs ─▶ registry.rs ─┬─ deploy: settings.rs, snapshot, store.rs (SQLite + images);
+//!                                 │    by reference: puller.rs, a process of its own (`thaw __puller`)
 //!                                 ├─ invoke: deployed.rs queue ─▶ vCPU thread ─▶ host-vmm lifecycle
 //!                                 └─ /metrics, logs: metrics.rs, logs.rs
 //! ```
@@ -13,6 +14,7 @@ mod api;
 mod deployed;
 mod logs;
 mod metrics;
+pub mod puller;
 mod registry;
 mod settings;
 mod store;
@@ -25,6 +27,7 @@ use std::time::{Duration, Instant};
 use clap::{Args, ValueEnum};
 use tracing::{info, warn};
 
+pub use self::api::REFERENCE_TYPE;
 use self::api::{Admin, Api, Exposure, Limits};
 use self::registry::{Operator, Registry};
 use self::settings::Serving;
@@ -284,6 +287,15 @@ pub fn run(args: &ServeArgs) -> Result<u8, ServeError> {
     let store = Store::open(&state_dir)?;
     info!(store = %state_dir.display(), "function store opened");
     let listener = runtime.block_on(bind(&listen))?;
+    // The registry puller is a process of its own, started while this one may still start
+    // one: deploys by reference need it, nothing else does.
+    let puller = match puller::Puller::start(!args.seccomp.no_seccomp) {
+        Ok(puller) => Some(Arc::new(puller)),
+        Err(e) => {
+            warn!("{e}: deploys by reference will be refused");
+            None
+        }
+    };
     // Setup is done once the listener is bound: from here on, every thread runs under the
     // syscall allow-list, before any guest runs (the store's functions start in the next step).
     crate::confine(&args.seccomp)?;
@@ -291,6 +303,7 @@ pub fn run(args: &ServeArgs) -> Result<u8, ServeError> {
         defaults,
         services: args.services.iter().cloned().collect(),
         poll: Duration::from_micros(args.poll_us),
+        puller,
     };
     let registry = Registry::load(store, operator)?;
     let retired = registry.retired();

@@ -19,6 +19,7 @@ use tracing::{error, info, warn};
 
 use super::deployed::{Deployed, DeployedError, Retired};
 use super::metrics::{self, FunctionMetrics};
+use super::puller::Puller;
 use super::settings::{self, Serving};
 use super::store::{Record, Store, StoreError};
 use crate::files::FilesError;
@@ -86,6 +87,17 @@ pub enum RegistryError {
     /// No such function (404).
     #[error("no function {0:?} is deployed")]
     NotFound(String),
+    /// A deploy by reference names no bundle, or one the registry would not give (400).
+    #[error("{0}")]
+    Reference(crate::serve::puller::PullerError),
+    /// A deploy by reference names a snapshot image (400).
+    #[error(
+        "{0} is a snapshot image: thaw serve deploys bundles by reference (it runs only code it compiled itself, which an image's memory cannot show), and snapshots them itself"
+    )]
+    ImageByReference(String),
+    /// The registry puller is not running (503).
+    #[error("this server cannot deploy by reference: {0}")]
+    NoPuller(crate::serve::puller::PullerError),
     /// The store failed (500).
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -165,6 +177,8 @@ pub struct Operator {
     pub services: BTreeMap<String, PathBuf>,
     /// How long a vCPU thread polls for its next request before it sleeps (`--poll-us`).
     pub poll: Duration,
+    /// The registry puller deploys by reference ask, or why there is none.
+    pub puller: Option<Arc<Puller>>,
 }
 
 /// True for a function name: 1 to 64 of `[A-Za-z0-9._-]`, but not `.` or `..`, which clients
@@ -377,6 +391,59 @@ impl Registry {
         self.collect_garbage();
         info!(function = name, version = short(&version), settings = serving_summary(&serving), "deployed");
         Ok((if existed { Deployment::Updated } else { Deployment::Created }, shown))
+    }
+
+    /// Deploys the bundle an OCI registry holds under `reference` as `name`, with the settings
+    /// in `query`: the registry puller reads its manifest and, unless `name` already serves
+    /// that bundle (its digest is the version) with these settings, its file, which is then
+    /// deployed as an uploaded bundle is. A snapshot image is refused before it is fetched.
+    pub async fn deploy_reference(
+        &self,
+        name: &str,
+        reference: &str,
+        query: &str,
+    ) -> Result<(Deployment, View), RegistryError> {
+        let puller = self
+            .operator
+            .puller
+            .clone()
+            .ok_or_else(|| RegistryError::NoPuller(super::puller::PullerError::Gone("it did not start".into())))?;
+        let (serving, packing) = settings::parse(query, &self.operator.defaults)?;
+        if let Some(given) = packing.first_given() {
+            return Err(settings::SettingsError::InBundle(given.into()).into());
+        }
+        // The version `name` is at, when nothing but it would change: the services come from
+        // the bundle, which is the version's.
+        let current = self.slots.read().unwrap_or_else(|p| p.into_inner()).get(name).and_then(|slot| {
+            let deployed = slot.serving.as_ref().ok()?;
+            let same = Serving { services: deployed.serving.services.clone(), ..serving.clone() };
+            (deployed.serving == same && deployed.image_intact()).then(|| deployed.version.clone())
+        });
+        let text = reference.to_string();
+        let (listed, file) = blocking(move || {
+            puller.pull(&text, |listed| {
+                listed.kind == crate::oci::Kind::Image || listed.digest.strip_prefix("sha256:") == current.as_deref()
+            })
+        })
+        .await?
+        .map_err(|e| match e {
+            e @ super::puller::PullerError::Gone(_) => RegistryError::NoPuller(e),
+            e => RegistryError::Reference(e),
+        })?;
+        if listed.kind == crate::oci::Kind::Image {
+            return Err(RegistryError::ImageByReference(reference.to_string()));
+        }
+        match file {
+            Some(bundle) => {
+                info!(function = name, reference, bytes = bundle.len(), "pulled");
+                self.deploy(name, bundle, Language::Wasm, query).await
+            }
+            None => {
+                info!(function = name, reference, "held already: nothing pulled");
+                let shown = self.view(name).ok_or_else(|| RegistryError::NotFound(name.to_string()))?;
+                Ok((Deployment::Unchanged, shown))
+            }
+        }
     }
 
     /// Cold-boots `function` with `serving`'s extra devices and its `services`, within its
