@@ -13,7 +13,7 @@
 //! against the manifest as `thaw pull` checks them, or `{"error"}`. The agent checks them again.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::process::{ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::Mutex;
 
 use serde_json::json;
@@ -48,8 +48,9 @@ pub struct Puller {
     talk: Mutex<Talk>,
 }
 
+/// The pipes to the puller. Nothing waits for it or kills it (the agent's allow-list has
+/// neither call): it ends when its stdin does, with the agent.
 struct Talk {
-    child: Child,
     to: ChildStdin,
     from: BufReader<ChildStdout>,
 }
@@ -76,7 +77,7 @@ impl Puller {
         let (Some(to), Some(from)) = (child.stdin.take(), child.stdout.take()) else {
             return Err(PullerError::Start(std::io::Error::other("no pipes")));
         };
-        Ok(Self { talk: Mutex::new(Talk { child, to, from: BufReader::new(from) }) })
+        Ok(Self { talk: Mutex::new(Talk { to, from: BufReader::new(from) }) })
     }
 
     /// Pulls the bundle `reference` names, unless `held` says the agent has the file of its
@@ -89,15 +90,15 @@ impl Puller {
     ) -> Result<(Listed, Option<Vec<u8>>), PullerError> {
         let mut talk = self.talk.lock().unwrap_or_else(|p| p.into_inner());
         let talk = &mut *talk;
-        send(&mut talk.to, &json!({ "reference": reference })).map_err(|e| gone(talk, e))?;
-        let answer = receive(&mut talk.from).map_err(|e| gone(talk, e))?;
+        send(&mut talk.to, &json!({ "reference": reference })).map_err(gone)?;
+        let answer = receive(&mut talk.from).map_err(gone)?;
         let listed = listed_of(&answer)?;
         let fetch = !held(&listed);
-        send(&mut talk.to, &json!({ "fetch": fetch })).map_err(|e| gone(talk, e))?;
+        send(&mut talk.to, &json!({ "fetch": fetch })).map_err(gone)?;
         if !fetch {
             return Ok((listed, None));
         }
-        let answer = receive(&mut talk.from).map_err(|e| gone(talk, e))?;
+        let answer = receive(&mut talk.from).map_err(gone)?;
         if let Some(error) = answer["error"].as_str() {
             return Err(PullerError::Refused(error.to_string()));
         }
@@ -105,7 +106,7 @@ impl Puller {
             return Err(PullerError::Protocol(format!("a file of {} bytes for {}", answer["size"], listed.size)));
         }
         let mut bytes = Vec::new();
-        (&mut talk.from).take(listed.size).read_to_end(&mut bytes).map_err(|e| gone(talk, e))?;
+        (&mut talk.from).take(listed.size).read_to_end(&mut bytes).map_err(gone)?;
         let digest = format!("sha256:{}", hex::encode(host_vmm::function::sha256(&bytes)));
         if bytes.len() as u64 != listed.size || digest != listed.digest {
             return Err(PullerError::Protocol(format!(
@@ -119,20 +120,9 @@ impl Puller {
     }
 }
 
-impl Drop for Puller {
-    fn drop(&mut self) {
-        let talk = self.talk.get_mut().unwrap_or_else(|p| p.into_inner());
-        let _ = talk.child.kill();
-        let _ = talk.child.wait();
-    }
-}
-
-/// [`PullerError::Gone`], with how the puller ended when it has.
-fn gone(talk: &mut Talk, e: std::io::Error) -> PullerError {
-    match talk.child.try_wait() {
-        Ok(Some(status)) => PullerError::Gone(status.to_string()),
-        _ => PullerError::Gone(e.to_string()),
-    }
+/// [`PullerError::Gone`]: the pipe to the puller broke.
+fn gone(e: std::io::Error) -> PullerError {
+    PullerError::Gone(e.to_string())
 }
 
 /// What an answer to a reference says: the listing, or the registry's refusal.
