@@ -53,6 +53,15 @@ fn bundles_and_images_go_through_a_registry_and_come_back_checked() {
         assert_eq!(run.code, Some(0), "{what}: {}", run.stderr);
         assert_eq!(std::fs::read(at(name)).unwrap(), std::fs::read(at("hello.thaw")).unwrap(), "{what}");
     }
+    // The file is here: only the manifest is read. Another file under its name is replaced.
+    let run = run_thaw(&["pull", &reference, "-o", &at("by-tag.thaw")]);
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    assert!(run.stderr.contains("holds") && run.stderr.contains("nothing pulled"), "{}", run.stderr);
+    std::fs::write(at("by-tag.thaw"), b"stale").unwrap();
+    let run = run_thaw(&["pull", &reference, "-o", &at("by-tag.thaw")]);
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    assert!(!run.stderr.contains("nothing pulled"), "{}", run.stderr);
+    assert_eq!(std::fs::read(at("by-tag.thaw")).unwrap(), std::fs::read(at("hello.thaw")).unwrap());
 
     // A snapshot image: pulled, it restores and answers, and it stays sparse.
     let run = run_thaw(&["snapshot", &at("hello.thaw"), "-o", &at("hello.snap")]);

@@ -724,16 +724,28 @@ impl Source {
     }
 }
 
+/// Whether the file at `path` is the one `listed` names: its size, and then its digest.
+fn holds(path: &Path, listed: &Listed) -> bool {
+    std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.len() == listed.size)
+        && crate::files::read_limited(path, MAX_ARTIFACT_BYTES, "file", crate::files::READ_WITHIN)
+            .is_ok_and(|bytes| digest_of(&bytes) == listed.digest)
+}
+
 /// `thaw pull`.
 pub fn pull(args: &PullArgs) -> Result<u8, OciError> {
     let mut source = Source::open(&args.reference, args.insecure)?;
     let listed = source.listed()?;
-    let bytes = source.file(&listed)?;
-    let Listed { kind, digest, .. } = listed;
     let output = args.output.clone().unwrap_or_else(|| {
         let name = source.repository().rsplit('/').next().unwrap_or("function");
-        PathBuf::from(format!("{name}.{}", kind.extension()))
+        PathBuf::from(format!("{name}.{}", listed.kind.extension()))
     });
+    // The file is named by its digest: one that is here already is not fetched again.
+    if holds(&output, &listed) {
+        eprintln!("thaw: {} holds {} already ({}): nothing pulled", output.display(), args.reference, listed.digest);
+        return Ok(0);
+    }
+    let bytes = source.file(&listed)?;
+    let Listed { kind, digest, .. } = listed;
     // The whole file is checked before it takes the output's name: a bundle as it is, an image
     // (which is checked where it lies) under a temporary name beside it.
     match kind {
