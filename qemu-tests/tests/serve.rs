@@ -865,8 +865,9 @@ fn a_python_module_uploaded_over_http_is_packed_by_the_server() {
 
 /// Issue 31: `thaw deploy NAME REF` has the server pull the bundle from a real OCI registry
 /// (through its registry puller: the agent itself opens no IP socket), snapshot and serve it; a
-/// second deploy of the same reference downloads nothing; a snapshot image, a tag the registry
-/// lacks and a body that is no reference are refused, each saying why.
+/// deploy of a digest the agent serves already, under that name or another, downloads nothing;
+/// a snapshot image, a tag the registry lacks and a body that is no reference are refused, each
+/// saying why.
 #[test]
 fn a_bundle_is_deployed_by_reference_from_an_oci_registry() {
     let registry = common::Registry::start();
@@ -917,10 +918,21 @@ fn a_bundle_is_deployed_by_reference_from_an_oci_registry() {
     let empty = put_reference("empty", "");
     assert_eq!(empty.status, 400, "{}", empty.body);
     assert!(empty.body.contains("is one registry reference"), "{}", empty.body);
-    // Deployed under another name, the same bundle is pulled again (only its image is shared).
-    let other = put_reference("other", &bundle);
+    // Under another name, with other settings, the bundle is not pulled again either: the
+    // function is served from the image the agent holds for its digest.
+    let other = reply(
+        agent()
+            .put(&format!("{}?mode=pool", server.functions("other")))
+            .header("content-type", "application/vnd.thaw.reference")
+            .send(bundle.as_str()),
+    );
     assert_eq!(other.status, 201, "{}", other.body);
-    assert_eq!(post(&format!("{}/invoke", server.functions("other")), br#"{"name": "b"}"#).status, 200);
+    assert!(other.body.contains(&version) && other.body.contains(r#""mode":"pool""#), "{}", other.body);
+    let answer = post(&format!("{}/invoke", server.functions("other")), br#"{"name": "b"}"#);
+    assert_eq!((answer.status, answer.body.as_str()), (200, "{\"greeting\":\"Hello, b!\"}\n"));
+    let log = server.log();
+    let lines = |what: &str| log.lines().filter(|l| l.contains(what)).count();
+    assert_eq!((lines("bytes="), lines("held already: nothing pulled")), (1, 2), "{log}");
 }
 
 /// A command deployed as a bare wasm with `init_until_read=true` answers every call from its

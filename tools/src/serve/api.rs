@@ -466,6 +466,7 @@ fn registry_error(e: &RegistryError) -> Response {
         | RegistryError::Scratch { .. }
         | RegistryError::Blocking(_)
         | RegistryError::Image(_)
+        | RegistryError::NotStored
         | RegistryError::Start(_) => StatusCode::INTERNAL_SERVER_ERROR,
     };
     error(status, e)

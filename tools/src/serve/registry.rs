@@ -95,6 +95,10 @@ pub enum RegistryError {
         "{0} is a snapshot image: thaw serve deploys bundles by reference (it runs only code it compiled itself, which an image's memory cannot show), and snapshots them itself"
     )]
     ImageByReference(String),
+    /// A version to serve from its stored image has none (a deploy by reference then pulls the
+    /// bundle after all; never shown).
+    #[error("the image of that version is not stored")]
+    NotStored,
     /// The registry puller is not running (503).
     #[error("this server cannot deploy by reference: {0}")]
     NoPuller(crate::serve::puller::PullerError),
@@ -322,9 +326,21 @@ impl Registry {
             return Err(RegistryError::NotFunction(head.join(" ")));
         };
         serving.services = function.manifest.connections.iter().map(|c| (c.port, c.name.clone())).collect();
-        let services = resolve(&self.operator.services, &serving)?;
         let version = version(&function.bundle, &serving.devices);
+        self.put(name, version, serving, Some(Arc::new(function))).await
+    }
 
+    /// Makes `version` `name`'s, served with `serving`: from its stored image, or, when that is
+    /// not stored, from an image of `function` snapshotted now. Without `function`, a version
+    /// whose image is not stored is [`RegistryError::NotStored`].
+    async fn put(
+        &self,
+        name: &str,
+        version: String,
+        serving: Serving,
+        function: Option<Arc<Function>>,
+    ) -> Result<(Deployment, View), RegistryError> {
+        let services = resolve(&self.operator.services, &serving)?;
         let image_path = self.store.image_path(&version);
         // Unchanged only while its image is whole, where it is stored and under its VMs: a
         // damaged one is snapshotted again, and the version restarted from the new image.
@@ -346,11 +362,11 @@ impl Registry {
         // that was stored already may be collected before the lock is taken (its last function
         // deleted meanwhile); then the function is snapshotted after all. Under the lock,
         // nothing collects it.
-        let function = Arc::new(function);
         let mut made = None;
         let _changing = loop {
             if made.is_none() && !usable(&image_path) {
-                let snapshot = self.snapshot(Arc::clone(&function), &version, &serving, services.clone());
+                let function = function.clone().ok_or(RegistryError::NotStored)?;
+                let snapshot = self.snapshot(function, &version, &serving, services.clone());
                 made = Some(snapshot.await?);
             }
             let changing = self.changing.lock().await;
@@ -412,38 +428,66 @@ impl Registry {
         if let Some(given) = packing.first_given() {
             return Err(settings::SettingsError::InBundle(given.into()).into());
         }
-        // The version `name` is at, when nothing but it would change: the services come from
-        // the bundle, which is the version's.
-        let current = self.slots.read().unwrap_or_else(|p| p.into_inner()).get(name).and_then(|slot| {
-            let deployed = slot.serving.as_ref().ok()?;
-            let same = Serving { services: deployed.serving.services.clone(), ..serving.clone() };
-            (deployed.serving == same && deployed.image_intact()).then(|| deployed.version.clone())
-        });
-        let text = reference.to_string();
-        let (listed, file) = blocking(move || {
-            puller.pull(&text, |listed| {
-                listed.kind == crate::oci::Kind::Image || listed.digest.strip_prefix("sha256:") == current.as_deref()
+        // A bundle's digest is its version, without extra devices. Every function at a version
+        // holds its image, and its services (which come from the bundle): the function is then
+        // served from that image with these settings, and is unchanged when it is `name` with
+        // these settings already.
+        let held: Vec<(bool, String, Serving)> = if serving.devices.is_empty() {
+            let slots = self.slots.read().unwrap_or_else(|p| p.into_inner());
+            slots
+                .iter()
+                .filter_map(|(slot_name, slot)| {
+                    let deployed = slot.serving.as_ref().ok().filter(|d| d.image_intact())?;
+                    let same = Serving { services: deployed.serving.services.clone(), ..serving.clone() };
+                    let unchanged = slot_name == name && deployed.serving == same;
+                    Some((unchanged, deployed.version.clone(), same))
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let (text, versions) = (reference.to_string(), held.iter().map(|(_, v, _)| v.clone()).collect::<Vec<_>>());
+        let pull = |held: Vec<String>| {
+            let (puller, text) = (Arc::clone(&puller), text.clone());
+            blocking(move || {
+                puller.pull(&text, |listed| {
+                    let version = listed.digest.strip_prefix("sha256:").unwrap_or_default();
+                    listed.kind == crate::oci::Kind::Image || held.iter().any(|v| v == version)
+                })
             })
-        })
-        .await?
-        .map_err(|e| match e {
+        };
+        let refused = |e| match e {
             e @ super::puller::PullerError::Gone(_) => RegistryError::NoPuller(e),
             e => RegistryError::Reference(e),
-        })?;
+        };
+        let (listed, mut file) = pull(versions).await?.map_err(refused)?;
         if listed.kind == crate::oci::Kind::Image {
             return Err(RegistryError::ImageByReference(reference.to_string()));
         }
-        match file {
-            Some(bundle) => {
-                info!(function = name, reference, bytes = bundle.len(), "pulled");
-                self.deploy(name, bundle, Language::Wasm, query).await
-            }
-            None => {
-                info!(function = name, reference, "held already: nothing pulled");
+        if file.is_none() {
+            let version = listed.digest.trim_start_matches("sha256:");
+            let (unchanged, _, same) = held
+                .iter()
+                .filter(|(_, v, _)| v == version)
+                .max_by_key(|(unchanged, ..)| *unchanged)
+                .cloned()
+                .ok_or(RegistryError::NotStored)?;
+            info!(function = name, reference, "held already: nothing pulled");
+            if unchanged {
                 let shown = self.view(name).ok_or_else(|| RegistryError::NotFound(name.to_string()))?;
-                Ok((Deployment::Unchanged, shown))
+                return Ok((Deployment::Unchanged, shown));
+            }
+            match self.put(name, version.to_string(), same, None).await {
+                Err(RegistryError::NotStored) => {
+                    // Its image went meanwhile (its last function was deleted): the bundle then.
+                    file = pull(Vec::new()).await?.map_err(refused)?.1;
+                }
+                done => return done,
             }
         }
+        let bundle = file.ok_or(RegistryError::NotStored)?;
+        info!(function = name, reference, bytes = bundle.len(), "pulled");
+        self.deploy(name, bundle, Language::Wasm, query).await
     }
 
     /// Cold-boots `function` with `serving`'s extra devices and its `services`, within its
