@@ -100,7 +100,8 @@ enum Command {
     /// Run the node agent: deploy functions over HTTP, keep them snapshotted in a durable
     /// store, and serve their invocations (docs/API.md).
     Serve(serve::ServeArgs),
-    /// Deploy a bundle or a wasm module to a `thaw serve` (it snapshots it and serves it).
+    /// Deploy a bundle, a wasm module, a JavaScript or Python function, or a bundle in an OCI
+    /// registry to a `thaw serve` (it snapshots it and serves it).
     Deploy(client::DeployArgs),
     /// Invoke a function on a `thaw serve`: the response on stdout.
     Call(client::CallArgs),
