@@ -409,3 +409,29 @@ fn file_in(dir: &tempfile::TempDir, name: &str, contents: &str) -> String {
     std::fs::write(&path, contents).unwrap();
     path.to_str().unwrap().to_string()
 }
+
+/// A registry that takes the connection and then says nothing is given up on after `--timeout`
+/// seconds, with one line that says so, and nothing is written.
+#[test]
+fn a_registry_that_says_nothing_is_given_up_on() {
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = silent.local_addr().unwrap();
+    std::thread::spawn(move || {
+        // Holds every connection open without a byte.
+        let held: Vec<_> = silent.incoming().collect();
+        drop(held);
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let output = dir.path().join("never.thaw");
+    let started = std::time::Instant::now();
+    let run = run_thaw(&["pull", &format!("{address}/a/b:c"), "--timeout", "1", "-o", output.to_str().unwrap()]);
+    assert_eq!(run.code, Some(125), "{run:?}");
+    assert!(run.stderr.contains(&format!("http://{address}/v2/a/b/manifests/c")), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("the registry kept thaw waiting 1 s") && run.stderr.lines().count() == 1,
+        "{}",
+        run.stderr
+    );
+    assert!(started.elapsed() < std::time::Duration::from_secs(30), "gave up after {:?}", started.elapsed());
+    assert!(!output.exists());
+}

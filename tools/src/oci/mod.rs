@@ -32,6 +32,9 @@ pub const CONFIG_TYPE: &str = "application/vnd.thaw.config.v1+json";
 const MANIFEST_TYPE: &str = "application/vnd.oci.image.manifest.v1+json";
 /// Largest manifest read.
 const MAX_MANIFEST_BYTES: u64 = 64 << 10;
+/// How long a registry may keep thaw waiting, unless `--timeout` says otherwise: to connect,
+/// or for the next bytes of an answer or an upload (a large file may take longer in all).
+pub const STALL: std::time::Duration = std::time::Duration::from_secs(30);
 /// Largest file pushed or pulled: it is held in memory.
 pub const MAX_ARTIFACT_BYTES: u64 = 1 << 30;
 
@@ -48,6 +51,10 @@ pub struct PushArgs {
     /// Speak plain HTTP, not HTTPS, to the registry and its token service.
     #[arg(long)]
     insecure: bool,
+    /// Give up on a registry that takes this many seconds to connect, or to send or take the
+    /// next bytes of an answer or an upload.
+    #[arg(long, value_name = "SECONDS", default_value_t = STALL.as_secs(), value_parser = clap::value_parser!(u64).range(1..=3600))]
+    timeout: u64,
 }
 
 /// Arguments of `thaw pull`.
@@ -62,6 +69,10 @@ pub struct PullArgs {
     /// Speak plain HTTP, not HTTPS, to the registry and its token service.
     #[arg(long)]
     insecure: bool,
+    /// Give up on a registry that takes this many seconds to connect, or to send or take the
+    /// next bytes of an answer or an upload.
+    #[arg(long, value_name = "SECONDS", default_value_t = STALL.as_secs(), value_parser = clap::value_parser!(u64).range(1..=3600))]
+    timeout: u64,
 }
 
 /// Why a push or pull failed.
@@ -112,6 +123,16 @@ pub enum OciError {
         url: String,
         /// Why.
         source: Box<ureq::Error>,
+    },
+    /// The registry kept thaw waiting past `--timeout`.
+    #[error(
+        "{url}: the registry kept thaw waiting {seconds} s (to connect, or for the next bytes); give --timeout SECONDS to wait longer"
+    )]
+    Stalled {
+        /// The URL.
+        url: String,
+        /// The limit.
+        seconds: u64,
     },
     /// The registry refused a request.
     #[error("{url}: the registry answered {status}: {body}")]
@@ -336,16 +357,24 @@ struct Session {
     agent: ureq::Agent,
     registry: String,
     insecure: bool,
+    stall: std::time::Duration,
     /// The `Authorization` the last challenge earned.
     authorization: Option<String>,
 }
 
 impl Session {
-    fn new(reference: &Reference, insecure: bool) -> Result<Self, OciError> {
+    fn new(reference: &Reference, insecure: bool, stall: std::time::Duration) -> Result<Self, OciError> {
         let tls = ureq::tls::TlsConfig::builder().root_certs(trusted()?).build();
-        let config = ureq::Agent::config_builder().http_status_as_error(false).tls_config(tls).build();
+        let config = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .tls_config(tls)
+            .timeout_resolve(Some(stall))
+            .timeout_connect(Some(stall))
+            .timeout_per_read(Some(stall))
+            .timeout_per_write(Some(stall))
+            .build();
         let agent = ureq::Agent::new_with_config(config);
-        Ok(Self { agent, registry: reference.registry.clone(), insecure, authorization: None })
+        Ok(Self { agent, registry: reference.registry.clone(), insecure, stall, authorization: None })
     }
 
     /// The base URL of `reference`'s repository: HTTPS, but for plain HTTP with `--insecure`,
@@ -405,7 +434,15 @@ impl Session {
             Some(body) => request.body(body).map_err(ureq::Error::Http).and_then(|r| self.agent.run(r)),
             None => request.body(()).map_err(ureq::Error::Http).and_then(|r| self.agent.run(r)),
         };
-        sent.map_err(|source| OciError::Connection { url: url.to_string(), source: Box::new(source) })
+        sent.map_err(|source| self.failed(url, source))
+    }
+
+    /// The error for `url`'s request or answer failing with `source`.
+    fn failed(&self, url: &str, source: ureq::Error) -> OciError {
+        match source {
+            ureq::Error::Timeout(_) => OciError::Stalled { url: url.to_string(), seconds: self.stall.as_secs() },
+            source => OciError::Connection { url: url.to_string(), source: Box::new(source) },
+        }
     }
 
     /// The `Authorization` that answers `challenge`, with the credentials `docker login` left.
@@ -435,12 +472,8 @@ impl Session {
         let url = auth::Challenge::token_url(&realm, service.as_deref(), scope.as_deref());
         let basic = credentials.map(|c| c.basic());
         let headers: Vec<(&str, &str)> = basic.iter().map(|b| ("authorization", b.as_str())).collect();
-        let anonymous = Self {
-            agent: self.agent.clone(),
-            registry: self.registry.clone(),
-            insecure: self.insecure,
-            authorization: None,
-        };
+        let anonymous =
+            Self { authorization: None, registry: self.registry.clone(), agent: self.agent.clone(), ..*self };
         let mut answer =
             refused_unless(anonymous.call("GET", &url, &headers, None)?, &url, &[200]).map_err(|e| match e {
                 OciError::Refused { status, body, .. } => auth::AuthError::Token {
@@ -455,7 +488,7 @@ impl Session {
             .with_config()
             .limit(MAX_MANIFEST_BYTES)
             .read_to_vec()
-            .map_err(|source| OciError::Connection { url: url.clone(), source: Box::new(source) })?;
+            .map_err(|source| self.failed(&url, source))?;
         Ok(format!("Bearer {}", auth::token_of(&body, &realm)?))
     }
 }
@@ -557,7 +590,7 @@ pub fn push(args: &PushArgs) -> Result<u8, OciError> {
     let config = serde_json::to_vec(&facts).unwrap_or_default();
     let (layer_digest, config_digest) = (digest_of(&bytes), digest_of(&config));
 
-    let mut session = Session::new(&reference, args.insecure)?;
+    let mut session = Session::new(&reference, args.insecure, std::time::Duration::from_secs(args.timeout))?;
     let base = session.base(&reference)?;
     let sent = upload_blob(&mut session, &base, &layer_digest, &bytes)?;
     upload_blob(&mut session, &base, &config_digest, &config)?;
@@ -656,10 +689,11 @@ pub struct Source {
 }
 
 impl Source {
-    /// Opens the repository `text` names (`--insecure`: plain HTTP).
-    pub fn open(text: &str, insecure: bool) -> Result<Self, OciError> {
+    /// Opens the repository `text` names (`--insecure`: plain HTTP), giving up on a registry
+    /// that keeps thaw waiting for `stall`.
+    pub fn open(text: &str, insecure: bool, stall: std::time::Duration) -> Result<Self, OciError> {
         let reference = Reference::parse(text)?;
-        let session = Session::new(&reference, insecure)?;
+        let session = Session::new(&reference, insecure, stall)?;
         let base = session.base(&reference)?;
         Ok(Self { session, base, reference, text: text.to_string() })
     }
@@ -679,7 +713,7 @@ impl Source {
             .with_config()
             .limit(MAX_MANIFEST_BYTES)
             .read_to_vec()
-            .map_err(|source| OciError::Connection { url: url.clone(), source: Box::new(source) })?;
+            .map_err(|source| self.session.failed(&url, source))?;
         if let Some(expected) = &self.reference.digest {
             let got = digest_of(&manifest);
             if &got != expected {
@@ -705,7 +739,7 @@ impl Source {
             .with_config()
             .limit(size + 1)
             .read_to_vec()
-            .map_err(|source| OciError::Connection { url: url.clone(), source: Box::new(source) })?;
+            .map_err(|source| self.session.failed(&url, source))?;
         let got = digest_of(&bytes);
         if bytes.len() as u64 != *size || &got != digest {
             return Err(OciError::Mismatch {
@@ -733,7 +767,7 @@ fn holds(path: &Path, listed: &Listed) -> bool {
 
 /// `thaw pull`.
 pub fn pull(args: &PullArgs) -> Result<u8, OciError> {
-    let mut source = Source::open(&args.reference, args.insecure)?;
+    let mut source = Source::open(&args.reference, args.insecure, std::time::Duration::from_secs(args.timeout))?;
     let listed = source.listed()?;
     let output = args.output.clone().unwrap_or_else(|| {
         let name = source.repository().rsplit('/').next().unwrap_or("function");

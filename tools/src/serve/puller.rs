@@ -173,7 +173,7 @@ pub fn run(confined: bool) -> u8 {
         let reference = request["reference"].as_str().unwrap_or_default().to_string();
         // Only loopback registries are spoken to in plain HTTP (and only when they have no
         // TLS): a deploy cannot ask for less.
-        let mut source = match crate::oci::Source::open(&reference, false) {
+        let mut source = match crate::oci::Source::open(&reference, false, crate::oci::STALL) {
             Ok(source) => source,
             Err(e) => {
                 if send(&mut to, &json!({ "error": e.to_string() })).is_err() {
