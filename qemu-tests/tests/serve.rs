@@ -38,6 +38,13 @@ impl Server {
         format!("{}/v1/functions/{name}", self.url)
     }
 
+    /// Runs the client command `thaw ARGS --server` this server.
+    fn thaw(&self, args: &[&str]) -> common::Run {
+        let mut all = args.to_vec();
+        all.extend_from_slice(&["--server", &self.url]);
+        run_thaw(&all)
+    }
+
     /// Ends the server as a crash would.
     fn kill(mut self) -> String {
         self.child.kill().unwrap();
@@ -116,6 +123,14 @@ fn reply(response: Result<ureq::http::Response<ureq::Body>, ureq::Error>) -> Rep
 fn put(url: &str, body: &[u8]) -> Reply {
     reply(agent().put(url).send(body))
 }
+
+/// A PUT of `body` with `Content-Type: content_type`.
+fn put_typed(url: &str, content_type: &str, body: &str) -> Reply {
+    reply(agent().put(url).header("content-type", content_type).send(body.as_bytes()))
+}
+
+/// The `Content-Type` of a deploy by reference.
+const REFERENCE: &str = "application/vnd.thaw.reference";
 
 fn post(url: &str, body: &[u8]) -> Reply {
     reply(agent().post(url).send(body))
@@ -657,43 +672,38 @@ fn the_cli_client_deploys_calls_lists_and_reads_logs() {
     std::fs::write(&hello, example("hello")).unwrap();
     let scribble = dir.path().join("scribble.wasm");
     std::fs::write(&scribble, fixture("scribble.wat")).unwrap();
-    let thaw = |args: &[&str]| {
-        let mut all = args.to_vec();
-        all.extend_from_slice(&["--server", &server.url]);
-        run_thaw(&all)
-    };
 
-    let run = thaw(&["deploy", "hello", hello.to_str().unwrap(), "--set", "mode=pool"]);
+    let run = server.thaw(&["deploy", "hello", hello.to_str().unwrap(), "--set", "mode=pool"]);
     assert_eq!(run.code, Some(0), "{}", run.stderr);
     assert!(
         run.stdout.starts_with("hello created: version ") && run.stdout.ends_with(", pool mode\n"),
         "{}",
         run.stdout
     );
-    let run = thaw(&["call", "hello", "--data", r#"{"name": "cli"}"#]);
+    let run = server.thaw(&["call", "hello", "--data", r#"{"name": "cli"}"#]);
     assert_eq!((run.code, run.stdout.as_str()), (Some(0), "{\"greeting\":\"Hello, cli!\"}\n"), "{}", run.stderr);
 
-    assert_eq!(thaw(&["deploy", "scribble", scribble.to_str().unwrap(), "--set", "env=A=1"]).code, Some(0));
-    let run = thaw(&["call", "scribble", "--data", "trap"]);
+    assert_eq!(server.thaw(&["deploy", "scribble", scribble.to_str().unwrap(), "--set", "env=A=1"]).code, Some(0));
+    let run = server.thaw(&["call", "scribble", "--data", "trap"]);
     assert_eq!(run.code, Some(104), "{}", run.stderr);
     assert!(run.stderr.contains("the server answered 502: the function trapped"), "{}", run.stderr);
-    let run = thaw(&["logs", "scribble", "--lines", "1"]);
+    let run = server.thaw(&["logs", "scribble", "--lines", "1"]);
     assert!(run.stdout.ends_with(" stderr  scribbled\n"), "{}", run.stdout);
     // Issue 28, defect 7: the instance column is the VM's id, not 0.
     let instance = run.stdout.split(' ').next().unwrap_or_default();
     assert!(instance.len() == 32 && instance.chars().all(|c| c.is_ascii_hexdigit()), "{}", run.stdout);
 
-    let run = thaw(&["functions"]);
+    let run = server.thaw(&["functions"]);
     assert_eq!(run.code, Some(0), "{}", run.stderr);
     let rows: Vec<&str> = run.stdout.lines().collect();
     assert_eq!(rows.len(), 3, "{}", run.stdout);
     assert!(rows[1].starts_with("hello ") && rows[1].contains(" pool "), "{}", rows[1]);
     assert!(rows[2].starts_with("scribble ") && rows[2].contains(" reset "), "{}", rows[2]);
 
-    let run = thaw(&["call", "missing", "--data", "x"]);
+    let run = server.thaw(&["call", "missing", "--data", "x"]);
     assert_eq!(run.code, Some(125));
     assert!(run.stderr.contains(r#"the server answered 404: no function "missing" is deployed"#), "{}", run.stderr);
-    let run = thaw(&["deploy", "hello", hello.to_str().unwrap(), "--set", "bogus=1"]);
+    let run = server.thaw(&["deploy", "hello", hello.to_str().unwrap(), "--set", "bogus=1"]);
     assert_eq!(run.code, Some(125));
     assert!(run.stderr.contains(r#"the server answered 400: query parameter "bogus""#), "{}", run.stderr);
 }
@@ -720,31 +730,26 @@ fn the_cli_client_deploys_javascript_files_and_directories() {
     write("app/lib.js", "export const twice = (s) => s + s;\n");
     write("app/word.txt", "ab");
     let broken = write("broken.js", "export function handle(r) {\n  return r +;\n}\n");
-    let thaw = |args: &[&str]| {
-        let mut all = args.to_vec();
-        all.extend_from_slice(&["--server", &server.url]);
-        run_thaw(&all)
-    };
 
-    let run = thaw(&["deploy", "upper", &file]);
+    let run = server.thaw(&["deploy", "upper", &file]);
     assert_eq!(run.code, Some(0), "{}", run.stderr);
     assert!(run.stdout.starts_with("upper created: version "), "{}", run.stdout);
-    let run = thaw(&["call", "upper", "--data", "shout"]);
+    let run = server.thaw(&["call", "upper", "--data", "shout"]);
     assert_eq!((run.code, run.stdout.as_str()), (Some(0), "SHOUT"), "{}", run.stderr);
 
     let app = dir.path().join("app");
-    let run = thaw(&["deploy", "app", app.to_str().unwrap(), "--set", "mode=pool"]);
+    let run = server.thaw(&["deploy", "app", app.to_str().unwrap(), "--set", "mode=pool"]);
     assert_eq!(run.code, Some(0), "{}", run.stderr);
-    let run = thaw(&["call", "app", "--data", "c"]);
+    let run = server.thaw(&["call", "app", "--data", "c"]);
     assert_eq!((run.code, run.stdout.as_str()), (Some(0), "abcabc"), "{}", run.stderr);
 
     // thaw pack's --entry, and its --memory as a setting, packed here and not sent.
     write("other/main.mjs", "export default (r) => `main:${r}`;\n");
     let other = dir.path().join("other");
     let other = other.to_str().unwrap();
-    let run = thaw(&["deploy", "other", other]);
+    let run = server.thaw(&["deploy", "other", other]);
     assert_eq!(run.code, Some(125), "{run:#?}");
-    let run = thaw(&[
+    let run = server.thaw(&[
         "deploy",
         "other",
         other,
@@ -759,17 +764,17 @@ fn the_cli_client_deploys_javascript_files_and_directories() {
     ]);
     assert_eq!(run.code, Some(0), "{}", run.stderr);
     assert!(run.stdout.contains("fresh mode"), "{}", run.stdout);
-    let run = thaw(&["call", "other", "--data", "x"]);
+    let run = server.thaw(&["call", "other", "--data", "x"]);
     assert_eq!((run.code, run.stdout.as_str()), (Some(0), "main:x"), "{}", run.stderr);
-    let run = thaw(&["deploy", "other", other, "--entry", "main.mjs", "--set", "memory=1"]);
+    let run = server.thaw(&["deploy", "other", other, "--entry", "main.mjs", "--set", "memory=1"]);
     assert_eq!(run.code, Some(125), "{run:#?}");
     assert!(run.stderr.contains("more than the 1 MiB"), "{}", run.stderr);
     let wasm = write("plain.wasm", "\0asm");
-    let run = thaw(&["deploy", "plain", &wasm, "--bundle"]);
+    let run = server.thaw(&["deploy", "plain", &wasm, "--bundle"]);
     assert_eq!(run.code, Some(125), "{run:#?}");
     assert!(run.stderr.contains("--entry, --bundle and --sample-data are for JavaScript"), "{}", run.stderr);
 
-    let run = thaw(&["deploy", "broken", &broken]);
+    let run = server.thaw(&["deploy", "broken", &broken]);
     assert_eq!(run.code, Some(125), "{run:#?}");
     assert!(run.stderr.contains("the server answered 422"), "{}", run.stderr);
     assert!(run.stderr.contains("SyntaxError") && run.stderr.contains("/app/broken.js:2"), "{}", run.stderr);
@@ -790,22 +795,18 @@ fn the_cli_client_deploys_a_python_directory_with_its_requirements() {
         ("app/requirements.txt", "python-dateutil==2.9.0.post0\n"),
         ("broken/handler.py", "import json\nCONFIG = json.loads('{')\n"),
     ]);
-    let thaw = |args: &[&str]| {
-        let mut all = args.to_vec();
-        all.extend_from_slice(&["--server", &server.url]);
-        run_thaw(&all)
-    };
     let app = dir.path().join("app");
-    let run = thaw(&["deploy", "dates", app.to_str().unwrap(), "--set", "mode=reset", "--sample-data", "2024-03-01"]);
+    let run =
+        server.thaw(&["deploy", "dates", app.to_str().unwrap(), "--set", "mode=reset", "--sample-data", "2024-03-01"]);
     assert_eq!(run.code, Some(0), "{}", run.stderr);
     for (date, weekday) in [("2024-03-01", "Friday"), ("1969-07-20", "Sunday")] {
-        let run = thaw(&["call", "dates", "--data", date]);
+        let run = server.thaw(&["call", "dates", "--data", date]);
         assert_eq!(run.code, Some(0), "{}", run.stderr);
         let answer: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
         assert_eq!((answer["weekday"].as_str(), answer["started"].as_str()), (Some(weekday), Some("init")), "{answer}");
     }
     let broken = dir.path().join("broken");
-    let run = thaw(&["deploy", "broken", broken.to_str().unwrap()]);
+    let run = server.thaw(&["deploy", "broken", broken.to_str().unwrap()]);
     assert_eq!(run.code, Some(125), "{run:#?}");
     assert!(run.stderr.contains("the server answered 422"), "{}", run.stderr);
     assert!(run.stderr.contains("File \"/app/handler.py\", line 2, in <module>"), "{}", run.stderr);
@@ -819,13 +820,10 @@ fn the_cli_client_deploys_a_python_directory_with_its_requirements() {
 fn a_python_module_uploaded_over_http_is_packed_by_the_server() {
     let state = tempfile::tempdir().unwrap();
     let server = Server::start(state.path(), &[]);
-    let put_py = |url: &str, content_type: &str, source: &str| {
-        reply(agent().put(url).header("content-type", content_type).send(source.as_bytes()))
-    };
     let source = "import hashlib\nTABLE = {n: hashlib.sha256(str(n).encode()).hexdigest()[:8] for n in range(1000)}\n\
                   def handle(request: str):\n    return {'n': int(request), 'digest': TABLE.get(int(request))}\n";
     let deployed =
-        put_py(&format!("{}?mode=pool", server.functions("digests")), "text/x-python; charset=utf-8", source);
+        put_typed(&format!("{}?mode=pool", server.functions("digests")), "text/x-python; charset=utf-8", source);
     assert_eq!(deployed.status, 201, "{}", deployed.body);
     assert!(deployed.body.contains(r#""mode":"pool""#), "{}", deployed.body);
     for n in [0u32, 7, 999] {
@@ -836,14 +834,14 @@ fn a_python_module_uploaded_over_http_is_packed_by_the_server() {
             (200, format!(r#"{{"n": {n}, "digest": "{}"}}"#, &expected[..8]).as_str())
         );
     }
-    let again = put_py(&format!("{}?mode=pool", server.functions("digests")), "text/x-script.python", source);
+    let again = put_typed(&format!("{}?mode=pool", server.functions("digests")), "text/x-script.python", source);
     assert!(again.body.contains(r#""deployment":"unchanged""#), "{}", again.body);
 
-    let broken = put_py(&server.functions("broken"), "text/x-python", "import json\nCONFIG = json.loads('{')\n");
+    let broken = put_typed(&server.functions("broken"), "text/x-python", "import json\nCONFIG = json.loads('{')\n");
     assert_eq!(broken.status, 422, "{}", broken.body);
     assert!(broken.body.contains(r#"File \"/app/broken.py\", line 2, in <module>"#), "{}", broken.body);
 
-    let untyped = put_py(&server.functions("untyped"), "text/plain", source);
+    let untyped = put_typed(&server.functions("untyped"), "text/plain", source);
     assert_eq!(untyped.status, 400, "{}", untyped.body);
     assert!(untyped.body.contains("a Python module with text/x-python"), "{}", untyped.body);
 
@@ -853,7 +851,7 @@ fn a_python_module_uploaded_over_http_is_packed_by_the_server() {
     command.args(["serve", "--listen", "127.0.0.1:0", "--state-dir", state.path().to_str().unwrap()]);
     let (child, log, url) = spawn_command(command.env("XDG_DATA_HOME", data.path()).env_remove("THAW_PYTHON_RUNTIME"));
     let bare = Server { child, url, log };
-    let refused = put_py(&bare.functions("digests"), "text/x-python", source);
+    let refused = put_typed(&bare.functions("digests"), "text/x-python", source);
     assert_eq!(refused.status, 501, "{}", refused.body);
     let looked = data.path().join("thaw/python3.11-wasi");
     assert!(
@@ -883,29 +881,22 @@ fn a_bundle_is_deployed_by_reference_from_an_oci_registry() {
     }
     let state = tempfile::tempdir().unwrap();
     let server = Server::start(state.path(), &[]);
-    let thaw = |args: &[&str]| {
-        let mut all = args.to_vec();
-        all.extend_from_slice(&["--server", &server.url]);
-        run_thaw(&all)
-    };
 
-    let run = thaw(&["deploy", "hello", &bundle, "--set", "mode=reset"]);
+    let run = server.thaw(&["deploy", "hello", &bundle, "--set", "mode=reset"]);
     assert_eq!(run.code, Some(0), "{}", run.stderr);
     assert!(run.stdout.starts_with("hello created: version "), "{}", run.stdout);
     let version = format!("{:x}", <sha2::Sha256 as sha2::Digest>::digest(std::fs::read(at("hello.thaw")).unwrap()));
     assert!(run.stdout.contains(&version), "the version is the bundle's digest: {}", run.stdout);
-    let answer = thaw(&["call", "hello", "--data", r#"{"name": "registry"}"#]);
+    let answer = server.thaw(&["call", "hello", "--data", r#"{"name": "registry"}"#]);
     assert_eq!(answer.stdout, "{\"greeting\":\"Hello, registry!\"}\n", "{}", answer.stderr);
     assert!(server.log().contains("pulled"), "{}", server.log());
 
-    let again = thaw(&["deploy", "hello", &bundle, "--set", "mode=reset"]);
+    let again = server.thaw(&["deploy", "hello", &bundle, "--set", "mode=reset"]);
     assert_eq!(again.code, Some(0), "{}", again.stderr);
     assert!(again.stdout.starts_with("hello unchanged"), "{}", again.stdout);
     assert!(server.log().contains("held already: nothing pulled"), "{}", server.log());
 
-    let put_reference = |name: &str, body: &str| {
-        reply(agent().put(&server.functions(name)).header("content-type", "application/vnd.thaw.reference").send(body))
-    };
+    let put_reference = |name: &str, body: &str| put_typed(&server.functions(name), REFERENCE, body);
     let refused = put_reference("image", &image);
     assert_eq!(refused.status, 400, "{}", refused.body);
     assert!(refused.body.contains("is a snapshot image: thaw serve deploys bundles by reference"), "{}", refused.body);
@@ -920,12 +911,7 @@ fn a_bundle_is_deployed_by_reference_from_an_oci_registry() {
     assert!(empty.body.contains("is one registry reference"), "{}", empty.body);
     // Under another name, with other settings, the bundle is not pulled again either: the
     // function is served from the image the agent holds for its digest.
-    let other = reply(
-        agent()
-            .put(&format!("{}?mode=pool", server.functions("other")))
-            .header("content-type", "application/vnd.thaw.reference")
-            .send(bundle.as_str()),
-    );
+    let other = put_typed(&format!("{}?mode=pool", server.functions("other")), REFERENCE, &bundle);
     assert_eq!(other.status, 201, "{}", other.body);
     assert!(other.body.contains(&version) && other.body.contains(r#""mode":"pool""#), "{}", other.body);
     let answer = post(&format!("{}/invoke", server.functions("other")), br#"{"name": "b"}"#);
@@ -968,12 +954,9 @@ fn a_command_deployed_with_init_until_read_keeps_its_start_up_in_the_snapshot() 
 fn a_javascript_module_uploaded_over_http_is_packed_by_the_server() {
     let state = tempfile::tempdir().unwrap();
     let server = Server::start(state.path(), &[]);
-    let put_js = |url: &str, content_type: &str, source: &str| {
-        reply(agent().put(url).header("content-type", content_type).send(source.as_bytes()))
-    };
     let source = "const table = new Map([[\"a\", 1], [\"b\", 2]]);\nexport function handle(request) {\n  const { key } = JSON.parse(request);\n  return { key, value: table.get(key) ?? null };\n}\n";
     let deployed =
-        put_js(&format!("{}?mode=pool", server.functions("lookup")), "text/javascript; charset=utf-8", source);
+        put_typed(&format!("{}?mode=pool", server.functions("lookup")), "text/javascript; charset=utf-8", source);
     assert_eq!(deployed.status, 201, "{}", deployed.body);
     assert!(deployed.body.contains(r#""mode":"pool""#), "{}", deployed.body);
     for (key, value) in [("a", "1"), ("b", "2"), ("z", "null")] {
@@ -984,19 +967,19 @@ fn a_javascript_module_uploaded_over_http_is_packed_by_the_server() {
             (200, format!(r#"{{"key":"{key}","value":{value}}}"#).as_str())
         );
     }
-    let again = put_js(&format!("{}?mode=pool", server.functions("lookup")), "application/javascript", source);
+    let again = put_typed(&format!("{}?mode=pool", server.functions("lookup")), "application/javascript", source);
     assert!(again.body.contains(r#""deployment":"unchanged""#), "{}", again.body);
 
     let broken =
-        put_js(&server.functions("broken"), "text/javascript", "export function handle(r) {\n  return r +;\n}\n");
+        put_typed(&server.functions("broken"), "text/javascript", "export function handle(r) {\n  return r +;\n}\n");
     assert_eq!(broken.status, 422, "{}", broken.body);
     assert!(broken.body.contains("SyntaxError") && broken.body.contains("/app/broken.mjs:2"), "{}", broken.body);
 
-    let small = put_js(&format!("{}?memory=1", server.functions("small")), "text/javascript", source);
+    let small = put_typed(&format!("{}?memory=1", server.functions("small")), "text/javascript", source);
     assert_eq!(small.status, 400, "{}", small.body);
     assert!(small.body.contains("more than the 1 MiB the function may use"), "{}", small.body);
 
-    let untyped = put_js(&server.functions("untyped"), "application/octet-stream", source);
+    let untyped = put_typed(&server.functions("untyped"), "application/octet-stream", source);
     assert_eq!(untyped.status, 400, "{}", untyped.body);
     assert!(untyped.body.contains("Content-Type: text/javascript"), "{}", untyped.body);
 }

@@ -409,15 +409,16 @@ impl Session {
         body: Option<&[u8]>,
         ok: &[u16],
     ) -> Result<ureq::http::Response<ureq::Body>, OciError> {
-        let mut answer = self.call(method, url, headers, body)?;
+        let mut answer = self.call(method, url, &with_login(headers, self.authorization.as_deref()), body)?;
         if answer.status().as_u16() == 401 {
             let challenge = answer.headers().get("www-authenticate").and_then(|v| v.to_str().ok()).unwrap_or("");
             self.authorization = Some(self.log_in(challenge)?);
-            answer = self.call(method, url, headers, body)?;
+            answer = self.call(method, url, &with_login(headers, self.authorization.as_deref()), body)?;
         }
         refused_unless(answer, url, ok)
     }
 
+    /// One request with exactly `headers`: no login added.
     fn call(
         &self,
         method: &str,
@@ -426,8 +427,7 @@ impl Session {
         body: Option<&[u8]>,
     ) -> Result<ureq::http::Response<ureq::Body>, OciError> {
         let mut request = ureq::http::Request::builder().method(method).uri(url);
-        for (name, value) in headers.iter().copied().chain(self.authorization.as_deref().map(|a| ("authorization", a)))
-        {
+        for &(name, value) in headers {
             request = request.header(name, value);
         }
         let sent = match body {
@@ -472,10 +472,8 @@ impl Session {
         let url = auth::Challenge::token_url(&realm, service.as_deref(), scope.as_deref());
         let basic = credentials.map(|c| c.basic());
         let headers: Vec<(&str, &str)> = basic.iter().map(|b| ("authorization", b.as_str())).collect();
-        let anonymous =
-            Self { authorization: None, registry: self.registry.clone(), agent: self.agent.clone(), ..*self };
         let mut answer =
-            refused_unless(anonymous.call("GET", &url, &headers, None)?, &url, &[200]).map_err(|e| match e {
+            refused_unless(self.call("GET", &url, &headers, None)?, &url, &[200]).map_err(|e| match e {
                 OciError::Refused { status, body, .. } => auth::AuthError::Token {
                     realm: realm.clone(),
                     why: format!("the token service answered {status}: {body}"),
@@ -491,6 +489,11 @@ impl Session {
             .map_err(|source| self.failed(&url, source))?;
         Ok(format!("Bearer {}", auth::token_of(&body, &realm)?))
     }
+}
+
+/// `headers`, and `authorization` when there is one.
+fn with_login<'a>(headers: &[(&'a str, &'a str)], authorization: Option<&'a str>) -> Vec<(&'a str, &'a str)> {
+    headers.iter().copied().chain(authorization.map(|a| ("authorization", a))).collect()
 }
 
 /// Whether `error` is a TLS peer's certificate refused (which rustls reports inside an I/O error).
@@ -510,7 +513,7 @@ fn trusted() -> Result<ureq::tls::RootCerts, OciError> {
     const BUNDLES: [&str; 3] =
         ["/etc/ssl/certs/ca-certificates.crt", "/etc/pki/tls/certs/ca-bundle.crt", "/etc/ssl/cert.pem"];
     let named = std::env::var_os("SSL_CERT_FILE").filter(|f| !f.is_empty()).map(PathBuf::from);
-    let Some(file) = named.clone().or_else(|| BUNDLES.iter().map(PathBuf::from).find(|f| f.is_file())) else {
+    let Some(file) = named.or_else(|| BUNDLES.iter().map(PathBuf::from).find(|f| f.is_file())) else {
         return Ok(ureq::tls::RootCerts::WebPki);
     };
     let bad = |why: String| OciError::Trust { file: file.clone(), why };

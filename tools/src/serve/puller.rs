@@ -182,7 +182,8 @@ pub fn run(confined: bool) -> u8 {
                 continue;
             }
         };
-        let answer = match source.listed() {
+        let listed = source.listed();
+        let answer = match &listed {
             Ok(listed) => json!({
                 "kind": if listed.kind == Kind::Bundle { "bundle" } else { "image" },
                 "digest": listed.digest,
@@ -190,11 +191,10 @@ pub fn run(confined: bool) -> u8 {
             }),
             Err(e) => json!({ "error": e.to_string() }),
         };
-        let listed = listed_of(&answer).ok();
         if send(&mut to, &answer).is_err() {
             break;
         }
-        let Some(listed) = listed else { continue };
+        let Ok(listed) = listed else { continue };
         let Ok(fetch) = receive(&mut from) else { break };
         if fetch["fetch"] != true {
             continue;
