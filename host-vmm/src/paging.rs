@@ -259,10 +259,16 @@ pub struct Leaf {
 /// the walk stops with an error once the leaves map more than `max_bytes`, so tables that alias
 /// themselves cannot make it run for long.
 pub fn leaves(mem: &GuestRam, root: u64, max_bytes: u64) -> Result<Vec<Leaf>, PagingError> {
+    Ok(leaves_and_tables(mem, root, max_bytes)?.0)
+}
+
+/// [`leaves`], and the guest-physical address of every table the walk read.
+pub fn leaves_and_tables(mem: &GuestRam, root: u64, max_bytes: u64) -> Result<(Vec<Leaf>, Vec<u64>), PagingError> {
     let mut out = Vec::new();
+    let mut tables = Vec::new();
     let mut mapped = 0u64;
-    walk(mem, root & ADDR_MASK, 4, 0, max_bytes, &mut mapped, &mut out)?;
-    Ok(out)
+    walk(mem, root & ADDR_MASK, 4, 0, max_bytes, &mut mapped, &mut (&mut out, &mut tables))?;
+    Ok((out, tables))
 }
 
 fn walk(
@@ -272,8 +278,9 @@ fn walk(
     base: u64,
     max_bytes: u64,
     mapped: &mut u64,
-    out: &mut Vec<Leaf>,
+    out: &mut (&mut Vec<Leaf>, &mut Vec<u64>),
 ) -> Result<(), PagingError> {
+    out.1.push(table);
     let mut bytes = [0u8; 4096];
     mem.read_slice(&mut bytes, GuestAddress(table))
         .map_err(|e| PagingError::Walk { gpa: table, reason: format!("level {level} table unreadable: {e}") })?;
@@ -296,7 +303,7 @@ fn walk(
                 });
             }
             let phys = entry & ADDR_MASK & !(span - 1);
-            out.push(Leaf { virt, phys, size: span, entry });
+            out.0.push(Leaf { virt, phys, size: span, entry });
         } else if level > 1 {
             walk(mem, entry & ADDR_MASK, level - 1, virt, max_bytes, mapped, out)?;
         }

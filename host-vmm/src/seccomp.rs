@@ -156,6 +156,9 @@ enum Profile {
     /// `thaw serve`'s registry puller: IP and Unix sockets (name resolution included), files
     /// read but never written or created, and no KVM.
     Puller,
+    /// A process that runs VMs whose memory a peer holds (`thaw restore URL`): a VMM's list,
+    /// with IP sockets to reach the peer and userfaultfd to fill the memory.
+    VmmWithPeer,
 }
 
 /// Installs the allow-list of a process that runs VMs on every thread of the process, once: a
@@ -168,6 +171,12 @@ pub fn install() -> Result<(), SeccompError> {
 /// the network and runs nothing else: IP sockets, files only read, no KVM, no programs.
 pub fn install_puller() -> Result<(), SeccompError> {
     install_profile(Profile::Puller)
+}
+
+/// Installs the allow-list of a process that runs VMs restored from a peer's image
+/// (`crate::remote`): a VMM's, with IP sockets and userfaultfd.
+pub fn install_with_peer() -> Result<(), SeccompError> {
+    install_profile(Profile::VmmWithPeer)
 }
 
 fn install_profile(profile: Profile) -> Result<(), SeccompError> {
@@ -276,11 +285,12 @@ fn rule(index: u8, len: SeccompCmpArgLen, op: SeccompCmpOp, value: u64) -> Resul
 /// SIGSYS ([`on_sigsys`]), which ends the process.
 fn allow_list(profile: Profile) -> Result<BpfProgram, SeccompError> {
     use SeccompCmpArgLen::{Dword, Qword};
-    let changes_files = if profile == Profile::Vmm { CHANGES_FILES } else { &[] };
+    let runs_vms = profile != Profile::Puller;
+    let changes_files = if runs_vms { CHANGES_FILES } else { &[] };
     let allowed = ALLOWED.iter().chain(changes_files);
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = allowed.map(|&call| (call, Vec::new())).collect();
     let mut ioctls = Vec::new();
-    if profile == Profile::Vmm {
+    if runs_vms {
         ioctls.push(rule(1, Dword, SeccompCmpOp::MaskedEq(0xff00), KVMIO << 8)?);
     }
     for &request in OTHER_IOCTLS {
@@ -288,14 +298,22 @@ fn allow_list(profile: Profile) -> Result<BpfProgram, SeccompError> {
     }
     let families: &[i32] = match profile {
         Profile::Vmm => &[libc::AF_UNIX],
-        Profile::Puller => {
+        Profile::Puller | Profile::VmmWithPeer => {
             // Name resolution: glibc sends its A and AAAA queries at once, and asks how much
-            // a TCP answer holds. A file is opened only to be read.
+            // a TCP answer holds.
             rules.insert(libc::SYS_sendmmsg, Vec::new());
             rules.insert(libc::SYS_uname, Vec::new());
             ioctls.push(rule(1, Dword, SeccompCmpOp::Eq, libc::FIONREAD)?);
-            let writes = (libc::O_WRONLY | libc::O_RDWR | libc::O_CREAT | libc::O_TRUNC) as u64;
-            rules.insert(libc::SYS_openat, vec![rule(2, Dword, SeccompCmpOp::MaskedEq(writes), 0)?]);
+            if profile == Profile::Puller {
+                // A file is opened only to be read.
+                let writes = (libc::O_WRONLY | libc::O_RDWR | libc::O_CREAT | libc::O_TRUNC) as u64;
+                rules.insert(libc::SYS_openat, vec![rule(2, Dword, SeccompCmpOp::MaskedEq(writes), 0)?]);
+            } else {
+                // Each VM's memory gets a userfaultfd (`crate::lazy`), whose requests are
+                // type 0xAA.
+                rules.insert(libc::SYS_userfaultfd, Vec::new());
+                ioctls.push(rule(1, Dword, SeccompCmpOp::MaskedEq(0xff00), 0xAA << 8)?);
+            }
             &[libc::AF_UNIX, libc::AF_INET, libc::AF_INET6]
         }
     };
@@ -326,6 +344,7 @@ mod tests {
     fn the_filters_compile() {
         assert!(!allow_list(Profile::Vmm).unwrap().is_empty());
         assert!(!allow_list(Profile::Puller).unwrap().is_empty());
+        assert!(!allow_list(Profile::VmmWithPeer).unwrap().is_empty());
         assert!(!clone3_unavailable().unwrap().is_empty());
     }
 }

@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use crate::guard::MappingGuard;
+use crate::lazy::{Lazy, LazyStats, PageSource};
 use crate::memory::{self, GuestRam};
 use abi::devices::DeviceState;
 use abi::image::{self, GuestMetadata, ImageInfo, ImageWriter, MemoryRange, VcpuRecord, record, vm_record};
@@ -75,6 +76,21 @@ pub enum SnapshotError {
     /// Guest memory could not be read or mapped.
     #[error("guest memory: {0}")]
     Memory(String),
+    /// A page of an image a peer holds could not be read from it: the VM that needed it
+    /// cannot go on.
+    #[error("restoring from {peer}: {why}")]
+    Peer {
+        /// The peer.
+        peer: String,
+        /// What failed.
+        why: String,
+    },
+    /// Memory filled from a peer could not be set up.
+    #[error(transparent)]
+    Lazy(#[from] crate::lazy::LazyError),
+    /// A restore head is malformed.
+    #[error("{0}")]
+    Head(String),
     /// The image file shrank (or lost pages) while its memory was mapped: the VM that found a
     /// page missing cannot go on, nor can later ones from the same file.
     #[error(
@@ -284,6 +300,25 @@ pub struct Image {
     pub devices: Vec<DeviceState>,
     /// What restores from this image made once and share.
     made: Made,
+    /// Where its memory comes from when a peer holds the image ([`Image::from_head`]).
+    peer: Option<Arc<PeerMemory>>,
+}
+
+/// The memory of an image a peer holds: its page map, the pages that came with the restore
+/// head, and where every other page is read.
+pub struct PeerMemory {
+    nonzero: Vec<(u64, u64)>,
+    sent: Vec<(u64, u64)>,
+    pages: Vec<u8>,
+    source: Arc<dyn PageSource>,
+    /// What the memories of the VMs that are gone did.
+    totals: Mutex<LazyStats>,
+}
+
+impl std::fmt::Debug for PeerMemory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PeerMemory").field("source", &self.source.describe()).finish_non_exhaustive()
+    }
 }
 
 /// Most spare memory mappings an image keeps for fresh VMs ([`Image::take_spare`]): one per
@@ -300,6 +335,8 @@ struct Made {
     working_set_ranges: OnceLock<Vec<(u64, u64)>>,
     /// Memory of fresh VMs that are gone, put back to the image's bytes.
     spares: Mutex<Vec<(MemoryWatch, GuestRam)>>,
+    /// The restore head a peer is sent ([`crate::remote::encoded_head`]).
+    head: OnceLock<Arc<Vec<u8>>>,
 }
 
 /// Watches one mapping of an image's memory for pages that vanish from the file under it
@@ -311,6 +348,22 @@ pub(crate) struct MemoryWatch {
     file: Arc<File>,
     path: PathBuf,
     needed: u64,
+    /// The handler that fills the mapping, for memory a peer holds.
+    lazy: Option<PeerWatch>,
+}
+
+/// The handler of one mapping filled from a peer; what it did is added to the image's totals
+/// when it goes.
+#[derive(Debug)]
+struct PeerWatch {
+    lazy: Lazy,
+    peer: Arc<PeerMemory>,
+}
+
+impl Drop for PeerWatch {
+    fn drop(&mut self) {
+        self.peer.totals.lock().unwrap_or_else(|p| p.into_inner()).add(&self.lazy.stats());
+    }
 }
 
 impl MemoryWatch {
@@ -320,6 +373,14 @@ impl MemoryWatch {
     /// file's length is looked at only then: the request path pays one atomic load.
     pub(crate) fn check(&self, suspect: bool) -> Result<(), SnapshotError> {
         let damaged = self.guard.damaged();
+        if let Some(PeerWatch { lazy, peer }) = &self.lazy {
+            let failure = lazy.failure();
+            if damaged || failure.is_some() {
+                let why = failure.unwrap_or_else(|| "a page could not be read".into());
+                return Err(SnapshotError::Peer { peer: peer.source.describe(), why });
+            }
+            return Ok(());
+        }
         if !damaged && !suspect {
             return Ok(());
         }
@@ -346,7 +407,20 @@ impl Image {
         let declared = metadata.get(40..48).map_or(0, |b| u64::from_le_bytes(b.try_into().unwrap_or([0; 8])));
         let want = declared.clamp(header, file_len.min(image::MAX_METADATA_BYTES).max(header));
         (&mut file).take(want - metadata.len() as u64).read_to_end(&mut metadata).map_err(io)?;
-        let info = image::parse(&metadata, file_len)
+        Self::validated(file, path.to_path_buf(), &metadata, file_len, None)
+    }
+
+    /// Validates an image whose first bytes are `metadata` and whose file is `file_len` bytes:
+    /// everything but the memory bytes.
+    fn validated(
+        file: File,
+        path: PathBuf,
+        metadata: &[u8],
+        file_len: u64,
+        peer: Option<Arc<PeerMemory>>,
+    ) -> Result<Self, SnapshotError> {
+        let path = path.as_path();
+        let info = image::parse(metadata, file_len)
             .map_err(|source| SnapshotError::Image { path: path.to_path_buf(), source })?;
         if !(abi::OLDEST_IMAGE_INTERFACE_VERSION..=abi::INTERFACE_VERSION).contains(&info.guest.interface_version) {
             return Err(SnapshotError::Incompatible(format!(
@@ -380,7 +454,7 @@ impl Image {
                 }
             }
         }
-        Ok(Self { file: Arc::new(file), path: path.to_path_buf(), info, devices, made: Made::default() })
+        Ok(Self { file: Arc::new(file), path: path.to_path_buf(), info, devices, made: Made::default(), peer })
     }
 
     /// Reads `len` bytes of the image's guest memory at `gpa` (holes read as zeros), after
@@ -418,6 +492,76 @@ impl Image {
         }
         let bytes = self.read_guest(guest.io_table_gpa, guest.io_table_len)?;
         abi::iotable::decode(&bytes).map_err(|e| SnapshotError::Incompatible(format!("{}: {e}", self.path.display())))
+    }
+
+    /// An image a peer holds, from the restore head it sent ([`crate::remote`]): a sealed memfd
+    /// holds the metadata, the pages that came with the head and the data volume, at their
+    /// places in the file; every other page of a VM restored from it is read from `source`
+    /// when touched ([`crate::lazy`]). Validated as [`Image::open`] validates a file. Such an
+    /// image restores fresh and pooled VMs, not kept ones: a reset needs the image's bytes here.
+    pub fn from_head(head: crate::remote::Head, source: Arc<dyn PageSource>) -> Result<Image, SnapshotError> {
+        let info = image::parse(&head.metadata, head.file_len)
+            .map_err(|e| SnapshotError::Head(format!("restore head from {}: {e}", source.describe())))?;
+        let path = PathBuf::from(format!("peer:{}:{}", source.describe(), info.guest.function_name));
+        let io = |source| SnapshotError::Io { path: path.clone(), source };
+        let memfd = memfd::MemfdOptions::default()
+            .close_on_exec(true)
+            .allow_sealing(true)
+            .create("thaw-peer-image")
+            .map_err(|e| io(std::io::Error::other(e)))?;
+        let file = memfd.as_file();
+        file.set_len(head.file_len).map_err(io)?;
+        file.write_all_at(&head.metadata, 0).map_err(io)?;
+        let memory = info.memory[0].file_offset;
+        let mut at = 0;
+        for &(first, count) in &head.sent {
+            let len = (count * image::PAGE_SIZE) as usize;
+            file.write_all_at(&head.pages[at..at + len], memory + first * image::PAGE_SIZE).map_err(io)?;
+            at += len;
+        }
+        if let Some((offset, _)) = info.volume {
+            file.write_all_at(&head.volume, offset).map_err(io)?;
+        }
+        use memfd::FileSeal::{SealGrow, SealSeal, SealShrink, SealWrite};
+        memfd.add_seals(&[SealWrite, SealGrow, SealShrink, SealSeal]).map_err(|e| io(std::io::Error::other(e)))?;
+        let peer = PeerMemory {
+            nonzero: head.nonzero,
+            sent: head.sent,
+            pages: head.pages,
+            source,
+            totals: Mutex::new(LazyStats::default()),
+        };
+        Self::validated(memfd.into_file(), path.clone(), &head.metadata, head.file_len, Some(Arc::new(peer)))
+    }
+
+    /// Where the encoded restore head is kept once made.
+    pub(crate) fn head_cache(&self) -> &OnceLock<Arc<Vec<u8>>> {
+        &self.made.head
+    }
+
+    /// Whether a peer holds this image's memory ([`Image::from_head`]).
+    pub fn is_remote(&self) -> bool {
+        self.peer.is_some()
+    }
+
+    /// For an image a peer holds: what the handlers of the VMs restored from it that are gone
+    /// did, summed.
+    pub fn peer_stats(&self) -> Option<LazyStats> {
+        self.peer.as_ref().map(|peer| *peer.totals.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// `len` bytes of the image file at `offset`.
+    pub(crate) fn read_file(&self, offset: u64, len: u64) -> Result<Vec<u8>, SnapshotError> {
+        let mut bytes = vec![0; len as usize];
+        self.file
+            .read_exact_at(&mut bytes, offset)
+            .map_err(|source| SnapshotError::Io { path: self.path.clone(), source })?;
+        Ok(bytes)
+    }
+
+    /// The image file's length now.
+    pub(crate) fn file_len(&self) -> Result<u64, SnapshotError> {
+        self.file.metadata().map(|m| m.len()).map_err(|source| SnapshotError::Io { path: self.path.clone(), source })
     }
 
     /// The open image file (shared; a restored VM's block device reads the data volume from
@@ -470,12 +614,13 @@ impl Image {
             info: self.info.clone(),
             devices: self.devices.clone(),
             made: Made::default(),
+            peer: self.peer.clone(),
         })
     }
 
     /// The (start, end) file ranges of memory data (and, with `volume`, of the data volume)
     /// actually stored, via `SEEK_DATA`/`SEEK_HOLE`.
-    fn data_extents(&self, volume: bool) -> Result<Vec<(u64, u64)>, SnapshotError> {
+    pub(crate) fn data_extents(&self, volume: bool) -> Result<Vec<(u64, u64)>, SnapshotError> {
         use std::os::fd::AsRawFd;
         let fd = self.file.as_raw_fd();
         let mut extents = Vec::new();
@@ -506,15 +651,69 @@ impl Image {
     pub(crate) fn map_memory(&self) -> Result<(MemoryWatch, GuestRam), SnapshotError> {
         let len = self.info.memory[0].len as usize;
         let bitmap = AtomicBitmap::new(len, NonZeroUsize::new(image::PAGE_SIZE as usize).unwrap_or(NonZeroUsize::MIN));
-        let (watch, region) = self.map(libc::PROT_READ | libc::PROT_WRITE, bitmap)?;
+        let (watch, region) = match &self.peer {
+            Some(peer) => self.map_from_peer(peer, bitmap)?,
+            None => self.map(libc::PROT_READ | libc::PROT_WRITE, bitmap)?,
+        };
         let fail = |e: String| SnapshotError::Memory(format!("{}: {e}", self.path.display()));
         let region = GuestRegionMmap::new(region, GuestAddress(0)).ok_or_else(|| fail("address overflow".into()))?;
         Ok((watch, GuestRam::from_regions(vec![region]).map_err(|e| fail(e.to_string()))?))
     }
 
+    /// Memory for a VM restored from an image a peer holds: anonymous, with the pages that came
+    /// with the head written in, and every other non-zero page read from the peer when touched.
+    fn map_from_peer(
+        &self,
+        peer: &Arc<PeerMemory>,
+        bitmap: AtomicBitmap,
+    ) -> Result<(MemoryWatch, MmapRegion<AtomicBitmap>), SnapshotError> {
+        let len = self.info.memory[0].len;
+        let fail = |e: String| SnapshotError::Memory(format!("{}: {e}", self.path.display()));
+        let prot = libc::PROT_READ | libc::PROT_WRITE;
+        let region = MmapRegionBuilder::new_with_bitmap(len as usize, bitmap)
+            .with_mmap_prot(prot)
+            .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE)
+            .build()
+            .map_err(|e| fail(e.to_string()))?;
+        let mut at = 0;
+        for &(first, count) in &peer.sent {
+            let bytes = &peer.pages[at..at + (count * image::PAGE_SIZE) as usize];
+            use vm_memory::VolatileMemory;
+            region
+                .get_slice((first * image::PAGE_SIZE) as usize, bytes.len())
+                .map_err(|e| fail(e.to_string()))?
+                .copy_from(bytes);
+            at += bytes.len();
+        }
+        let guard = MappingGuard::watch(region.as_ptr(), region.size(), prot).map_err(|e| fail(e.to_string()))?;
+        let pages = len / image::PAGE_SIZE;
+        let lazy = crate::lazy::fill_on_demand(
+            region.as_ptr() as u64,
+            pages,
+            peer.nonzero.clone(),
+            &peer.sent,
+            Arc::clone(&peer.source),
+        )?;
+        let watch = MemoryWatch {
+            guard,
+            file: Arc::clone(&self.file),
+            path: self.path.clone(),
+            needed: 0,
+            lazy: Some(PeerWatch { lazy, peer: Arc::clone(peer) }),
+        };
+        Ok((watch, region))
+    }
+
     /// The image's memory, mapped read-only once and shared by every VM restored from this
-    /// image: what a kept VM's changed pages are copied back from.
+    /// image: what a kept VM's changed pages are copied back from. An image a peer holds has
+    /// none.
     pub fn original_memory(&self) -> Result<&MmapRegion, SnapshotError> {
+        if self.peer.is_some() {
+            return Err(SnapshotError::Incompatible(format!(
+                "{}: a kept VM is reset from its image's bytes, which are not on this node; restore from a peer in fresh or pool mode",
+                self.path.display()
+            )));
+        }
         if let Some((_, region)) = self.made.original.get() {
             return Ok(region);
         }
@@ -545,7 +744,7 @@ impl Image {
     /// cannot be reset, one past [`MAX_SPARES`], or one of a file that changed, is unmapped
     /// instead.
     pub(crate) fn put_back(&self, watch: MemoryWatch, mem: GuestRam) {
-        if self.spares() >= MAX_SPARES || watch.check(false).is_err() {
+        if self.peer.is_some() || self.spares() >= MAX_SPARES || watch.check(false).is_err() {
             return;
         }
         let Ok(original) = self.original_memory() else { return };
@@ -584,6 +783,7 @@ impl Image {
             file: Arc::clone(&self.file),
             path: self.path.clone(),
             needed: range.file_offset + range.len,
+            lazy: None,
         };
         Ok((watch, region))
     }

@@ -39,8 +39,18 @@ pub(crate) fn max_mapped(mem_size: u64) -> u64 {
 /// The guest-physical ranges (start, length) behind `runs` under the page tables rooted at
 /// `cr3` in `mem`, merged where they touch. Pages the tables do not map are left out.
 pub fn physical_ranges(mem: &GuestRam, cr3: u64, runs: &[Run]) -> Result<Vec<(u64, u64)>, WorkingSetError> {
+    Ok(physical_ranges_and_tables(mem, cr3, runs)?.0)
+}
+
+/// [`physical_ranges`], and the guest-physical address of every page table the translation
+/// read.
+pub fn physical_ranges_and_tables(
+    mem: &GuestRam,
+    cr3: u64,
+    runs: &[Run],
+) -> Result<(Vec<(u64, u64)>, Vec<u64>), WorkingSetError> {
     let mem_size = mem.last_addr().raw_value().saturating_add(1);
-    let leaves = paging::leaves(mem, cr3, max_mapped(mem_size))?;
+    let (leaves, tables) = paging::leaves_and_tables(mem, cr3, max_mapped(mem_size))?;
     let mut ranges: Vec<(u64, u64)> = Vec::new();
     for run in runs {
         for page in 0..u64::from(run.pages) {
@@ -56,7 +66,7 @@ pub fn physical_ranges(mem: &GuestRam, cr3: u64, runs: &[Run]) -> Result<Vec<(u6
             }
         }
     }
-    Ok(ranges)
+    Ok((ranges, tables))
 }
 
 /// `KVM_PRE_FAULT_MEMORY`: `_IOWR(KVMIO, 0xd5, struct kvm_pre_fault_memory)`.

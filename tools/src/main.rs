@@ -47,6 +47,7 @@ mod peer;
 mod progress;
 mod python;
 mod qemu;
+mod remote;
 mod restore;
 mod run;
 mod serve;
@@ -226,6 +227,15 @@ pub fn confine(args: &SeccompArgs) -> Result<(), host_vmm::seccomp::SeccompError
         return Ok(());
     }
     host_vmm::seccomp::install()
+}
+
+/// [`confine`] for a process whose VMs' memory a peer holds (`thaw restore URL`): the VMM's
+/// allow-list with IP sockets and userfaultfd.
+pub fn confine_with_peer(args: &SeccompArgs) -> Result<(), host_vmm::seccomp::SeccompError> {
+    if args.no_seccomp {
+        return confine(args);
+    }
+    host_vmm::seccomp::install_with_peer()
 }
 
 /// The exit status of a process whose reader went away (128 + SIGPIPE), as a shell reports

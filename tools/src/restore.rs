@@ -93,6 +93,12 @@ pub enum RestoreError {
     /// The image.
     #[error(transparent)]
     Image(#[from] host_vmm::snapshot::SnapshotError),
+    /// The peer holding the image.
+    #[error(transparent)]
+    Peer(#[from] crate::remote::PeerError),
+    /// An option a restore from a peer cannot take.
+    #[error("{0} needs the image on this machine; restoring from a peer takes --mode fresh or pool")]
+    PeerMode(&'static str),
     /// The VMM.
     #[error(transparent)]
     Vmm(#[from] host_vmm::VmmError),
@@ -117,9 +123,14 @@ pub fn mode_parser() -> impl clap::builder::TypedValueParser<Value = Mode> {
 /// Arguments of `thaw restore`.
 #[derive(Args, Debug)]
 pub struct RestoreArgs {
-    /// The snapshot image, from `thaw snapshot`.
-    #[arg(value_name = "FUNCTION.snap")]
+    /// The snapshot image, from `thaw snapshot`; or one a `thaw serve` holds,
+    /// http://HOST:PORT/v1/images/VERSION (VERSION: the function's version there), whose pages
+    /// are then read from that server as the guest touches them.
+    #[arg(value_name = "FUNCTION.snap|URL")]
     image: PathBuf,
+    /// With an image a server holds: a file holding that server's admin token.
+    #[arg(long, value_name = "FILE", env = "THAW_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
     /// How many requests.
     #[arg(long, value_name = "N", default_value_t = 1)]
     count: usize,
@@ -355,6 +366,7 @@ impl RestoreArgs {
     ) -> Self {
         Self {
             image,
+            token_file: None,
             count: runs,
             concurrency: 1,
             mode,
@@ -421,7 +433,18 @@ pub fn serve_batch(args: &RestoreArgs, floor: Option<Floor>) -> Result<u8, Resto
             crate::kernel::parse_timeout(args.timeout)?,
         )?],
     };
-    let image = Image::open(&args.image)?;
+    let peer = crate::remote::is_peer_address(&args.image);
+    let refused =
+        [(args.mode == Mode::Reset, "--mode reset"), (args.template, "--template"), (args.verify, "--verify")];
+    if let Some((_, option)) = refused.iter().find(|(given, _)| peer && *given) {
+        return Err(RestoreError::PeerMode(option));
+    }
+    let image = if peer {
+        let peer = Arc::new(crate::remote::Peer::new(&args.image.to_string_lossy(), args.token_file.as_deref())?);
+        Image::from_head(peer.head()?, peer)?
+    } else {
+        Image::open(&args.image)?
+    };
     let image = Arc::new(if args.template { image.to_template()? } else { image });
     let timeout = crate::kernel::parse_timeout(args.timeout)?;
     let mut config = VmConfig { timeout, ..VmConfig::default() };
@@ -433,7 +456,11 @@ pub fn serve_batch(args: &RestoreArgs, floor: Option<Floor>) -> Result<u8, Resto
                 .map_err(|source| RestoreError::Responses { path: path.clone(), source })?,
         ))),
     };
-    crate::confine(&args.seccomp)?;
+    if peer {
+        crate::confine_with_peer(&args.seccomp)?;
+    } else {
+        crate::confine(&args.seccomp)?;
+    }
     let lanes = Lanes::start(Arc::clone(&image), config, args.mode, args.pool)?;
     // Traffic starts once the pool is full, as it would on a node that has been up.
     lanes.fill(args.pool, timeout)?;
@@ -490,10 +517,29 @@ pub fn serve_batch(args: &RestoreArgs, floor: Option<Floor>) -> Result<u8, Resto
     for (served, differing) in run.verified.into_inner().unwrap_or_else(|p| p.into_inner()) {
         check_memory(&format!("after {served} requests and a reset, the kept VM's memory"), &differing)?;
     }
+    // The VMs go, and with them what their memories read from a peer is counted.
+    drop(lanes);
     let samples = run.samples.into_inner().unwrap_or_else(|p| p.into_inner());
     let unclean = run.unclean.into_inner().unwrap_or_else(|p| p.into_inner());
     let mut stats = BatchStats::new(args.mode.name(), Some(image.info.guest.function_name.clone()), args.count);
-    stats.source = Some(if args.template { "template" } else { "file" }.into());
+    stats.source = Some(
+        if peer {
+            "peer"
+        } else if args.template {
+            "template"
+        } else {
+            "file"
+        }
+        .into(),
+    );
+    stats.remote = image.peer_stats().map(|lazy| crate::stats::RemoteSummary {
+        demand_faults: lazy.demand_faults,
+        demand_pages: lazy.demand_pages,
+        demand_us_per_fault: (lazy.demand_time.as_micros() as u64).checked_div(lazy.demand_faults).unwrap_or(0),
+        zero_page_faults: lazy.zero_faults,
+        prefetched_pages: lazy.prefetched_pages,
+        vms_completed: lazy.completed,
+    });
     stats.concurrency = args.concurrency;
     stats.alive_at_once = if args.hold { peak_alive } else { workers };
     stats.wall_ms = wall.as_millis() as u64;
@@ -553,6 +599,19 @@ fn summary(args: &RestoreArgs, stats: &BatchStats) -> String {
             out,
             "pool: {} VMs parked by the filler at {} per second of its work, each after touching {} working-set pages; {} requests found one ready, {} found none and restored their own ({} ms in all)",
             p.filled, p.fill_rate_per_s, p.warmed_pages_per_vm, p.ready, p.restored_here, p.restored_here_ms
+        );
+    }
+    if let Some(r) = &stats.remote {
+        let _ = writeln!(
+            out,
+            "from the peer: {} pages read on demand in {} faults ({} µs a fault), {} faults on zero pages, {} pages prefetched; {} of {} VMs had all their memory before they went",
+            r.demand_pages,
+            r.demand_faults,
+            r.demand_us_per_fault,
+            r.zero_page_faults,
+            r.prefetched_pages,
+            r.vms_completed,
+            args.count
         );
     }
     if stats.replaced > 0 {

@@ -373,6 +373,23 @@ pub struct PoolSummary {
     pub restored_here_ms: u64,
 }
 
+/// What VMs restored from an image a peer holds read from it (`thaw restore URL`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RemoteSummary {
+    /// Faults resolved by reading from the peer.
+    pub demand_faults: u64,
+    /// Pages those reads brought.
+    pub demand_pages: u64,
+    /// Microseconds each of those faults took on average, the read included.
+    pub demand_us_per_fault: u64,
+    /// Faults on pages that are zero in the image (resolved here, without the peer).
+    pub zero_page_faults: u64,
+    /// Pages the prefetchers brought.
+    pub prefetched_pages: u64,
+    /// VMs whose memory all arrived before they went.
+    pub vms_completed: u64,
+}
+
 /// The peer measured in the same run (`thaw bench --peer`): the same function's phases run by
 /// another runtime.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -496,7 +513,7 @@ pub struct BatchStats {
     /// The function's name (absent for kernel boots).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub function: Option<String>,
-    /// Where restores come from: "file" or "template".
+    /// Where restores come from: "file", "template" or "peer".
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<String>,
     /// Requests (or VMs) in the batch.
@@ -528,6 +545,9 @@ pub struct BatchStats {
     /// The peer, with `thaw bench --peer`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peer: Option<PeerStats>,
+    /// What was read from the peer holding the image (`thaw restore URL`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remote: Option<RemoteSummary>,
 }
 
 impl BatchStats {
@@ -551,6 +571,7 @@ impl BatchStats {
             pool: None,
             floor: None,
             peer: None,
+            remote: None,
         }
     }
 

@@ -337,6 +337,9 @@ impl Vm {
     /// has run.
     pub fn restore(image: &Image, config: &VmConfig, role: Role, timings: &mut BootTimings) -> Result<Self, VmmError> {
         let log_dirty = role == Role::Kept;
+        if log_dirty && image.is_remote() {
+            image.original_memory()?; // the error that says why
+        }
         let warm = if role == Role::Fresh { Vec::new() } else { image.info.working_set.clone() };
         let started = Instant::now();
         let mem_size = image.info.guest_memory_size();

@@ -64,6 +64,9 @@ impl Vm {
                 }
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                     self.vcpu.set_kvm_immediate_exit(0);
+                    // A page of memory filled from a peer that could not be read is poisoned,
+                    // and KVM's signal for it lands here: the guest must not run on.
+                    self.watch.as_ref().map_or(Ok(()), |watch| watch.check(false))?;
                 }
                 Err(e) => {
                     // EFAULT: guest memory the vCPU touched has no page behind it, which for

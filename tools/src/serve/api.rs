@@ -158,6 +158,8 @@ pub fn router(api: Arc<Api>) -> Router {
         .route("/v1/functions/{name}", get(show).put(deploy).delete(remove))
         .route("/v1/functions/{name}/invoke", post(invoke))
         .route("/v1/functions/{name}/logs", get(logs))
+        .route("/v1/images/{version}/head", get(image_head))
+        .route("/v1/images/{version}/pages", get(image_pages))
         .method_not_allowed_fallback(wrong_method)
         .fallback(no_route)
         .layer(axum::middleware::map_response(json_errors))
@@ -430,6 +432,59 @@ async fn logs(
         Some(lines) => axum::Json(json!({ "lines": lines })).into_response(),
         None => error(StatusCode::NOT_FOUND, format!("no function {name:?} is deployed")),
     }
+}
+
+/// What a peer restoring `version` asks for ([`image_head`], [`image_pages`]): admin
+/// routes, since they hand out a function's memory. Runs `answer` on the image off the async
+/// threads.
+async fn held_image(
+    api: Arc<Api>,
+    version: String,
+    headers: &HeaderMap,
+    answer: impl FnOnce(&host_vmm::snapshot::Image) -> Result<Vec<u8>, host_vmm::remote::RemoteError> + Send + 'static,
+) -> Response {
+    if let Err(refused) = api.admin.check(headers) {
+        return refused.into_response();
+    }
+    if !super::store::is_version(&version) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("{version:?} is not an image version (64 lower-case hex digits)"),
+        );
+    }
+    let Some(image) = api.registry.held_image(&version) else {
+        return error(StatusCode::NOT_FOUND, format!("no function here serves version {version}"));
+    };
+    match tokio::task::spawn_blocking(move || answer(&image)).await {
+        Ok(Ok(bytes)) => ([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response(),
+        Ok(Err(host_vmm::remote::RemoteError::Head(why))) => error(StatusCode::BAD_REQUEST, why),
+        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+    }
+}
+
+/// The restore head of an image held here (host_vmm::remote): what a peer needs before its
+/// VM's first instruction.
+async fn image_head(State(api): State<Arc<Api>>, Path(version): Path<String>, headers: HeaderMap) -> Response {
+    held_image(api, version, &headers, |image| Ok(host_vmm::remote::encoded_head(image)?.to_vec())).await
+}
+
+/// `count` guest pages from page `first` of an image held here (`?first=N&count=M`).
+async fn image_pages(
+    State(api): State<Arc<Api>>,
+    Path(version): Path<String>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+) -> Response {
+    let pairs: Vec<(String, String)> = serde_urlencoded::from_str(query.as_deref().unwrap_or("")).unwrap_or_default();
+    let number = |key: &str| pairs.iter().find(|(k, _)| k == key).and_then(|(_, v)| v.parse::<u64>().ok());
+    let (Some(first), Some(count)) = (number("first"), number("count")) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("pages take ?first=N&count=M, not {:?}", query.unwrap_or_default()),
+        );
+    };
+    held_image(api, version, &headers, move |image| host_vmm::remote::pages(image, first, count)).await
 }
 
 async fn remove(State(api): State<Arc<Api>>, Path(name): Path<String>, headers: HeaderMap) -> Response {

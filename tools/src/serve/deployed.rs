@@ -198,6 +198,11 @@ impl Deployed {
         u64::try_from(self.metrics.live_vms.load(Ordering::Relaxed)).unwrap_or(0) + pooled
     }
 
+    /// The stored image its VMs are restored from.
+    pub fn image(&self) -> &Arc<Image> {
+        &self.image
+    }
+
     /// Whether the stored image its VMs are restored from still has the length it was opened
     /// with: a file cut short under it can no longer be restored from.
     pub fn image_intact(&self) -> bool {

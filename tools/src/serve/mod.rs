@@ -17,7 +17,7 @@ mod metrics;
 pub mod puller;
 mod registry;
 mod settings;
-mod store;
+pub mod store;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

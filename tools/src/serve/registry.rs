@@ -249,6 +249,15 @@ impl Registry {
         }
     }
 
+    /// The image of `version` if a function serving here holds it: what a peer restores from.
+    pub fn held_image(&self, version: &str) -> Option<Arc<host_vmm::snapshot::Image>> {
+        let slots = self.slots.read().unwrap_or_else(|p| p.into_inner());
+        slots
+            .values()
+            .filter(|slot| slot.record.version == version)
+            .find_map(|slot| slot.serving.as_ref().ok().map(|deployed| Arc::clone(deployed.image())))
+    }
+
     /// `name` as the API shows it.
     pub fn view(&self, name: &str) -> Option<View> {
         self.slots.read().unwrap_or_else(|p| p.into_inner()).get(name).map(|slot| self.shown(slot))

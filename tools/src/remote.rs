@@ -1,0 +1,147 @@
+//! Restoring from a peer that holds the image (issue 31): `thaw restore
+//! http://HOST:PORT/v1/images/VERSION` asks a `thaw serve` that serves that version for its
+//! restore head (`host_vmm::remote`), makes an image of it, and reads every other page from the
+//! same server when a guest touches it ([`Peer`] is the page source behind
+//! `host_vmm::lazy`). The peer's image routes are admin routes: with `--token-file`, the token
+//! goes with every request.
+
+use std::path::Path;
+use std::time::Duration;
+
+use host_vmm::lazy::PageSource;
+use host_vmm::remote::Head;
+
+/// Why a peer could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum PeerError {
+    /// The address is not one of a peer's images.
+    #[error("{0:?} is not a peer's image: give http://HOST:PORT/v1/images/VERSION (VERSION: 64 hex digits)")]
+    Url(String),
+    /// A request to the peer failed.
+    #[error("{url}: {why}")]
+    Http {
+        /// What was asked.
+        url: String,
+        /// What went wrong.
+        why: String,
+    },
+    /// The head it sent is not one this thaw uses.
+    #[error("{url}: {source}")]
+    Head {
+        /// Where it came from.
+        url: String,
+        /// What is wrong with it.
+        source: host_vmm::remote::RemoteError,
+    },
+    /// The token file could not be read.
+    #[error(transparent)]
+    Token(#[from] crate::files::FilesError),
+}
+
+/// The largest head a peer may send: metadata, working set and volume (a Python function's
+/// volume holds its standard library).
+const MAX_HEAD_BYTES: u64 = 256 << 20;
+
+/// How long a peer may keep a restore waiting: to connect, or for its next bytes.
+pub const STALL: Duration = Duration::from_secs(5);
+
+/// A `thaw serve` that holds an image, and the image's address there.
+pub struct Peer {
+    agent: ureq::Agent,
+    /// `http://HOST:PORT/v1/images/VERSION`.
+    image: String,
+    authorization: Option<String>,
+}
+
+/// Whether `text` names a peer's image rather than a file.
+pub fn is_peer_address(text: &Path) -> bool {
+    text.to_str().is_some_and(|t| t.starts_with("http://") || t.starts_with("https://"))
+}
+
+impl Peer {
+    /// The peer at `url` (`http://HOST:PORT/v1/images/VERSION`), with the admin token in
+    /// `token_file` if given.
+    pub fn new(url: &str, token_file: Option<&Path>) -> Result<Self, PeerError> {
+        let image = url.trim_end_matches('/');
+        let version = image.rsplit_once("/v1/images/").map(|(_, version)| version).unwrap_or_default();
+        if !crate::serve::store::is_version(version) || !is_peer_address(Path::new(image)) {
+            return Err(PeerError::Url(url.into()));
+        }
+        let authorization = match token_file {
+            None => None,
+            Some(path) => {
+                let bytes = crate::files::read_limited(path, 4096, "admin token", crate::files::READ_WITHIN)?;
+                Some(format!("Bearer {}", String::from_utf8_lossy(&bytes).trim()))
+            }
+        };
+        let config = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_connect(Some(STALL))
+            .timeout_per_read(Some(STALL))
+            .timeout_per_write(Some(STALL))
+            .build();
+        Ok(Self { agent: ureq::Agent::new_with_config(config), image: image.into(), authorization })
+    }
+
+    /// GETs `url`, expecting 200 and at most `limit` bytes.
+    fn get(&self, url: &str, limit: u64) -> Result<Vec<u8>, PeerError> {
+        let failed = |why: String| PeerError::Http { url: url.into(), why };
+        let mut request = self.agent.get(url);
+        if let Some(authorization) = &self.authorization {
+            request = request.header("Authorization", authorization);
+        }
+        let mut answer = request.call().map_err(|e| failed(e.to_string()))?;
+        let status = answer.status();
+        let body = answer.body_mut().with_config().limit(limit).read_to_vec();
+        if status != 200 {
+            let text = body.map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
+            let message = serde_json::from_str::<serde_json::Value>(&text)
+                .ok()
+                .and_then(|v| v["error"].as_str().map(String::from))
+                .unwrap_or(text);
+            return Err(failed(format!("the peer answered {status}: {}", message.trim())));
+        }
+        body.map_err(|e| failed(e.to_string()))
+    }
+
+    /// The image's restore head, validated.
+    pub fn head(&self) -> Result<Head, PeerError> {
+        let url = format!("{}/head", self.image);
+        let bytes = self.get(&url, MAX_HEAD_BYTES)?;
+        Head::decode(&bytes).map_err(|source| PeerError::Head { url, source })
+    }
+}
+
+impl PageSource for Peer {
+    fn read(&self, first: u64, into: &mut [u8]) -> Result<(), String> {
+        let count = into.len() as u64 / host_vmm::layout::PAGE_SIZE;
+        let url = format!("{}/pages?first={first}&count={count}", self.image);
+        let bytes = self.get(&url, into.len() as u64 + 1).map_err(|e| e.to_string())?;
+        if bytes.len() != into.len() {
+            return Err(format!("{url}: {} bytes, {} expected", bytes.len(), into.len()));
+        }
+        into.copy_from_slice(&bytes);
+        Ok(())
+    }
+
+    fn describe(&self) -> String {
+        format!("peer {}", self.image)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_peers_image_address_is_taken() {
+        let version = "ab".repeat(32);
+        assert!(Peer::new(&format!("http://10.0.0.2:8400/v1/images/{version}"), None).is_ok());
+        assert!(Peer::new(&format!("http://10.0.0.2:8400/v1/images/{version}/"), None).is_ok());
+        for bad in ["http://10.0.0.2:8400/v1/images/abc", "http://10.0.0.2:8400/", "ftp://x/v1/images/"] {
+            let e = Peer::new(bad, None).err().unwrap().to_string();
+            assert!(e.contains("is not a peer's image"), "{bad}: {e}");
+        }
+        assert!(is_peer_address(Path::new("https://x")) && !is_peer_address(Path::new("hello.snap")));
+    }
+}
