@@ -1,28 +1,34 @@
-//! Guest memory that arrives while the guest runs: a VM restored from a peer's image
+//! Guest memory that arrives while guests run: the image of a VM restored from a peer
 //! ([`crate::remote`]).
 //!
-//! The memory is an anonymous private mapping. The pages the guest touches first (the image's
-//! working set, and the pages the host writes at every restore) are written into it before the
-//! vCPU exists; then the whole range is registered with userfaultfd for missing pages. A
-//! handler thread resolves each fault: a page the image's page map says is zero gets the zero
-//! page, any other is read from the [`PageSource`] (with the pages after it in the same run,
-//! [`DEMAND_CLUSTER`] at most) and copied in. A second thread prefetches every other non-zero
-//! page in large reads; when all of them are in, the range is unregistered, and the memory is
-//! plain private memory with no thread behind it (a page still missing is zero, as in the
-//! image).
+//! Such an image is a memfd the length of the image file. At first it holds the metadata, the
+//! pages that came with the restore head and the volume; every VM restored from it maps it
+//! copy-on-write, as VMs map a local image, so what the memfd holds comes from the shared page
+//! cache. The rest arrives two ways:
+//! - **On demand.** Each VM's mapping is registered with a userfaultfd for missing pages
+//!   ([`Lazy`]), and a thread resolves its faults. A page the image's page map says is zero
+//!   gets the zero page. Any other is made present in the memfd ([`Filler`]: read from the
+//!   [`PageSource`] with the missing pages after it, [`DEMAND_CLUSTER`] at most, unless another
+//!   VM or the prefetcher brought it already), and the faulting thread is woken to find it in
+//!   the page cache.
+//! - **In the background.** One prefetch thread per image reads every missing non-zero page in
+//!   large reads into the memfd. Once all are in, the memfd is the image: VMs restored after
+//!   that use no userfaultfd at all, and no page is read from the source twice.
 //!
 //! The userfaultfd is made without `UFFD_USER_MODE_ONLY`: the guest's faults are taken inside
 //! KVM, in the kernel, and a user-mode-only descriptor never sees them (the vCPU would fail with
 //! `EFAULT`). That needs `/dev/userfaultfd` (tried first) or `CAP_SYS_PTRACE`.
 //!
-//! A page that cannot be fetched is never handed to the guest as zeros. It is poisoned
-//! (`UFFDIO_POISON`, Linux 6.6): the access that waited for it fails with `SIGBUS` (host) or
-//! KVM's poison signal (guest), which [`crate::guard`] turns into a damaged mapping, and the VM
-//! into an error naming the source ([`Lazy::failure`]). On a kernel without poison the access
-//! keeps waiting until the request's watchdog ends the run.
+//! A page that cannot be fetched is never handed to the guest as zeros. It is poisoned in the
+//! VM's mapping (`UFFDIO_POISON`, Linux 6.6): the access that waited for it fails with `SIGBUS`
+//! (host) or KVM's poison signal (guest), which [`crate::guard`] turns into a damaged mapping,
+//! and the VM into an error naming the source ([`Lazy::failure`]). On a kernel without poison
+//! the access keeps waiting until the request's watchdog ends the run.
 
+use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -73,34 +79,21 @@ pub enum LazyError {
     },
 }
 
-/// What the handlers of one memory did, and of all memories of one image when summed
-/// ([`LazyStats::add`]).
+/// What was read for one image, on demand and by its prefetcher.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct LazyStats {
     /// Faults resolved by reading from the source.
     pub demand_faults: u64,
-    /// Pages those reads copied in.
+    /// Pages those reads brought.
     pub demand_pages: u64,
     /// Time spent resolving them, reads included.
     pub demand_time: Duration,
     /// Faults on pages that are zero in the image.
     pub zero_faults: u64,
-    /// Pages the prefetcher copied in.
+    /// Pages the prefetcher brought.
     pub prefetched_pages: u64,
-    /// Memories whose every non-zero page arrived (and which were unregistered).
-    pub completed: u64,
-}
-
-impl LazyStats {
-    /// Adds `other` into this one.
-    pub fn add(&mut self, other: &LazyStats) {
-        self.demand_faults += other.demand_faults;
-        self.demand_pages += other.demand_pages;
-        self.demand_time += other.demand_time;
-        self.zero_faults += other.zero_faults;
-        self.prefetched_pages += other.prefetched_pages;
-        self.completed += other.completed;
-    }
+    /// Every non-zero page of the image is here.
+    pub complete: bool,
 }
 
 /// The ioctls of `<linux/userfaultfd.h>`, which the libc crate does not carry.
@@ -135,14 +128,6 @@ mod uapi {
         pub mode: u64,
         pub ioctls: u64,
     }
-    #[repr(C)]
-    pub struct Copy {
-        pub dst: u64,
-        pub src: u64,
-        pub len: u64,
-        pub mode: u64,
-        pub copy: i64,
-    }
     /// `uffdio_zeropage` and `uffdio_poison` have the same layout.
     #[repr(C)]
     pub struct RangeOp {
@@ -152,59 +137,18 @@ mod uapi {
     }
     pub const UFFDIO_API: u64 = iowr(0x3F, size_of::<Api>());
     pub const UFFDIO_REGISTER: u64 = iowr(0x00, size_of::<Register>());
-    pub const UFFDIO_UNREGISTER: u64 = ior(0x01, size_of::<Range>());
     pub const UFFDIO_WAKE: u64 = ior(0x02, size_of::<Range>());
-    pub const UFFDIO_COPY: u64 = iowr(0x03, size_of::<Copy>());
     pub const UFFDIO_ZEROPAGE: u64 = iowr(0x04, size_of::<RangeOp>());
     pub const UFFDIO_POISON: u64 = iowr(0x08, size_of::<RangeOp>());
 }
 
-/// One page, aligned as `UFFDIO_COPY` wants its source.
+/// One page, aligned for the reads and writes of whole pages.
 #[derive(Clone, Copy, zerocopy::FromBytes, zerocopy::IntoBytes, zerocopy::Immutable, zerocopy::KnownLayout)]
 #[repr(C, align(4096))]
 struct Page([u8; PAGE_SIZE as usize]);
 
 fn page_buffer(pages: u64) -> Vec<Page> {
     vec![Page([0; PAGE_SIZE as usize]); pages as usize]
-}
-
-/// The state the handler and the prefetcher share.
-struct Shared {
-    uffd: OwnedFd,
-    /// The mapping's first byte and its length in pages.
-    base: u64,
-    pages: u64,
-    /// The image's non-zero pages, as sorted runs (first page, count).
-    nonzero: Vec<(u64, u64)>,
-    /// One bit per page: copied in (by either thread, or preloaded).
-    present: Vec<AtomicU64>,
-    source: Arc<dyn PageSource>,
-    /// The first read that failed, which fails every later one at once.
-    failure: Mutex<Option<String>>,
-    /// Whether the kernel took `UFFD_FEATURE_POISON`.
-    poison: bool,
-    stopping: AtomicBool,
-    demand_faults: AtomicU64,
-    demand_pages: AtomicU64,
-    demand_nanos: AtomicU64,
-    zero_faults: AtomicU64,
-    prefetched_pages: AtomicU64,
-    completed: AtomicBool,
-}
-
-/// The handler and prefetcher of one lazily filled memory. Drop it after the VM (so no vCPU
-/// waits on a fault) and before the mapping.
-pub struct Lazy {
-    shared: Arc<Shared>,
-    /// Written to stop the handler.
-    stop: OwnedFd,
-    handler: Option<JoinHandle<()>>,
-}
-
-impl std::fmt::Debug for Lazy {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Lazy").field("pages", &self.shared.pages).field("stats", &self.stats()).finish()
-    }
 }
 
 fn uffd_error(op: &'static str) -> LazyError {
@@ -261,119 +205,31 @@ fn ready_uffd() -> Result<(OwnedFd, bool), LazyError> {
     Err(uffd_error("UFFDIO_API"))
 }
 
-/// Makes `ram` (`pages` pages at `base`, anonymous and private, with `preloaded` already
-/// written) fill itself on demand from `source`: every page of `nonzero` not in `preloaded`
-/// is read when touched, and by a prefetcher meanwhile; every other page is zero.
-pub fn fill_on_demand(
-    base: u64,
+/// What an image's filler and the handlers of its VMs share.
+struct Fill {
+    /// The memfd, and where guest memory starts in it.
+    file: Arc<File>,
+    offset: u64,
     pages: u64,
+    /// The image's non-zero pages, as sorted runs (first page, count).
     nonzero: Vec<(u64, u64)>,
-    preloaded: &[(u64, u64)],
+    /// One bit per page: the memfd holds it.
+    present: Vec<AtomicU64>,
     source: Arc<dyn PageSource>,
-) -> Result<Lazy, LazyError> {
-    let (uffd, poison) = ready_uffd()?;
-    let present: Vec<AtomicU64> = (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect();
-    let shared = Arc::new(Shared {
-        uffd,
-        base,
-        pages,
-        nonzero,
-        present,
-        source,
-        failure: Mutex::new(None),
-        poison,
-        stopping: AtomicBool::new(false),
-        demand_faults: AtomicU64::new(0),
-        demand_pages: AtomicU64::new(0),
-        demand_nanos: AtomicU64::new(0),
-        zero_faults: AtomicU64::new(0),
-        prefetched_pages: AtomicU64::new(0),
-        completed: AtomicBool::new(false),
-    });
-    for &(first, count) in preloaded {
-        if first.checked_add(count).is_none_or(|end| end > pages) {
-            return Err(LazyError::Outside { first, count, pages });
-        }
-        (first..first + count).for_each(|page| shared.mark(page));
-    }
-    let mut register = uapi::Register {
-        range: uapi::Range { start: base, len: pages * PAGE_SIZE },
-        mode: uapi::UFFDIO_REGISTER_MODE_MISSING,
-        ioctls: 0,
-    };
-    // SAFETY: UFFDIO_REGISTER reads and writes the struct we pass; the range is a mapping the
-    // caller owns and keeps until after the `Lazy` is dropped.
-    if unsafe { libc::ioctl(shared.uffd.as_raw_fd(), uapi::UFFDIO_REGISTER as _, &mut register) } != 0 {
-        return Err(uffd_error("UFFDIO_REGISTER"));
-    }
-    // SAFETY: eventfd returns a new descriptor or -1.
-    let stop = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-    if stop < 0 {
-        return Err(LazyError::Memory(format!("eventfd: {}", io::Error::last_os_error())));
-    }
-    // SAFETY: a descriptor the kernel just returned, owned by nothing else.
-    let stop = unsafe { OwnedFd::from_raw_fd(stop) };
-    let spawn = |name: &str, work: fn(&Shared, RawFd), stop: RawFd| {
-        let shared = Arc::clone(&shared);
-        std::thread::Builder::new()
-            .name(name.into())
-            .spawn(move || work(&shared, stop))
-            .map_err(|e| LazyError::Memory(format!("starting the {name} thread: {e}")))
-    };
-    let handler = spawn("thaw-faults", serve_faults, stop.as_raw_fd())?;
-    // The prefetcher is not joined: it stops at its next chunk once `stopping` is set, and a
-    // copy into a range that is no longer registered fails harmlessly.
-    spawn("thaw-prefetch", prefetch, -1)?;
-    Ok(Lazy { shared, stop, handler: Some(handler) })
+    /// The first read that failed, which fails every later one at once.
+    failure: Mutex<Option<String>>,
+    /// Set when the image goes: the prefetcher stops.
+    stopping: AtomicBool,
+    demand_faults: AtomicU64,
+    demand_pages: AtomicU64,
+    demand_nanos: AtomicU64,
+    zero_faults: AtomicU64,
+    prefetched_pages: AtomicU64,
+    /// Every non-zero page is in the memfd.
+    complete: AtomicBool,
 }
 
-impl Lazy {
-    /// Why a page could not be fetched, if one could not: the memory then holds a poisoned
-    /// page, and the VM that touched it cannot go on.
-    pub fn failure(&self) -> Option<String> {
-        self.shared.failure.lock().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-
-    /// What the handler and the prefetcher did so far.
-    pub fn stats(&self) -> LazyStats {
-        let s = &self.shared;
-        LazyStats {
-            demand_faults: s.demand_faults.load(Ordering::Relaxed),
-            demand_pages: s.demand_pages.load(Ordering::Relaxed),
-            demand_time: Duration::from_nanos(s.demand_nanos.load(Ordering::Relaxed)),
-            zero_faults: s.zero_faults.load(Ordering::Relaxed),
-            prefetched_pages: s.prefetched_pages.load(Ordering::Relaxed),
-            completed: u64::from(s.completed.load(Ordering::Relaxed)),
-        }
-    }
-
-    /// Waits until every non-zero page is in (or a read failed, or `timeout` passed); returns
-    /// whether all are in.
-    pub fn wait_complete(&self, timeout: Duration) -> bool {
-        let started = Instant::now();
-        while !self.shared.completed.load(Ordering::Acquire) {
-            if started.elapsed() > timeout || self.failure().is_some() {
-                return false;
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        true
-    }
-}
-
-impl Drop for Lazy {
-    fn drop(&mut self) {
-        self.shared.stopping.store(true, Ordering::Release);
-        let one = 1u64.to_ne_bytes();
-        // SAFETY: writing 8 bytes from a local buffer to our own eventfd.
-        unsafe { libc::write(self.stop.as_raw_fd(), one.as_ptr().cast(), one.len()) };
-        if let Some(handler) = self.handler.take() {
-            let _ = handler.join();
-        }
-    }
-}
-
-impl Shared {
+impl Fill {
     fn mark(&self, page: u64) {
         self.present[(page / 64) as usize].fetch_or(1 << (page % 64), Ordering::AcqRel);
     }
@@ -389,17 +245,224 @@ impl Shared {
         (page < first + count).then_some((first, count))
     }
 
-    fn failed(&self) -> bool {
-        self.failure.lock().unwrap_or_else(|p| p.into_inner()).is_some()
+    fn failure(&self) -> Option<String> {
+        self.failure.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    fn fail(&self, why: String) {
-        let mut failure = self.failure.lock().unwrap_or_else(|p| p.into_inner());
-        failure.get_or_insert(why);
+    /// Reads pages `first`.. (as many as `buffer` holds) from the source and writes those the
+    /// memfd does not hold yet into it. On failure, the first failure is kept and returned.
+    fn fetch(&self, first: u64, buffer: &mut [Page]) -> Result<u64, String> {
+        use zerocopy::IntoBytes;
+        if let Some(failure) = self.failure() {
+            return Err(failure);
+        }
+        let read =
+            self.source.read(first, buffer.as_mut_bytes()).or_else(|_| self.source.read(first, buffer.as_mut_bytes()));
+        let written =
+            read.and_then(|()| self.write(first, buffer).map_err(|e| format!("writing the image's memfd: {e}")));
+        written.map_err(|why| {
+            let why = format!("reading guest pages {first:#x}+{}: {why}", buffer.len());
+            self.failure.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(why).clone()
+        })
     }
 
-    fn range_op(&self, request: u64, first: u64, count: u64) -> io::Result<()> {
-        let range = uapi::Range { start: self.base + first * PAGE_SIZE, len: count * PAGE_SIZE };
+    /// Writes the pages of `buffer` (from page `first`) that the memfd does not hold. Returns
+    /// how many it wrote.
+    fn write(&self, first: u64, buffer: &[Page]) -> io::Result<u64> {
+        use zerocopy::IntoBytes;
+        let mut written = 0;
+        let mut at = 0;
+        while at < buffer.len() {
+            if self.is_present(first + at as u64) {
+                at += 1;
+                continue;
+            }
+            let mut end = at + 1;
+            while end < buffer.len() && !self.is_present(first + end as u64) {
+                end += 1;
+            }
+            let offset = self.offset + (first + at as u64) * PAGE_SIZE;
+            self.file.write_all_at(buffer[at..end].as_bytes(), offset)?;
+            (first + at as u64..first + end as u64).for_each(|page| self.mark(page));
+            written += (end - at) as u64;
+            at = end;
+        }
+        Ok(written)
+    }
+}
+
+/// Fills one image's memfd from a [`PageSource`]: on demand for its VMs' faults ([`Lazy`]),
+/// and by a prefetch thread meanwhile. Dropping it stops the prefetcher.
+pub struct Filler {
+    fill: Arc<Fill>,
+}
+
+impl std::fmt::Debug for Filler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Filler").field("source", &self.fill.source.describe()).field("stats", &self.stats()).finish()
+    }
+}
+
+impl Filler {
+    /// A filler for `file`, whose guest memory of `pages` pages starts at `offset`: the pages
+    /// of `nonzero` are not zero, those of `sent` the file holds already, and every other
+    /// non-zero page is read from `source`. Starts the prefetch thread.
+    pub fn start(
+        file: Arc<File>,
+        offset: u64,
+        pages: u64,
+        nonzero: Vec<(u64, u64)>,
+        sent: &[(u64, u64)],
+        source: Arc<dyn PageSource>,
+    ) -> Result<Self, LazyError> {
+        let present: Vec<AtomicU64> = (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect();
+        let fill = Arc::new(Fill {
+            file,
+            offset,
+            pages,
+            nonzero,
+            present,
+            source,
+            failure: Mutex::new(None),
+            stopping: AtomicBool::new(false),
+            demand_faults: AtomicU64::new(0),
+            demand_pages: AtomicU64::new(0),
+            demand_nanos: AtomicU64::new(0),
+            zero_faults: AtomicU64::new(0),
+            prefetched_pages: AtomicU64::new(0),
+            complete: AtomicBool::new(false),
+        });
+        for &(first, count) in sent {
+            if first.checked_add(count).is_none_or(|end| end > pages) {
+                return Err(LazyError::Outside { first, count, pages });
+            }
+            (first..first + count).for_each(|page| fill.mark(page));
+        }
+        let prefetcher = Arc::clone(&fill);
+        // Not joined: it stops at its next chunk once the image is gone.
+        std::thread::Builder::new()
+            .name("thaw-prefetch".into())
+            .spawn(move || prefetch(&prefetcher))
+            .map_err(|e| LazyError::Memory(format!("starting the prefetch thread: {e}")))?;
+        Ok(Self { fill })
+    }
+
+    /// Makes the mapping of the memfd's guest memory at `base` (private) fill itself: `None`
+    /// once every page is in, when it needs nothing.
+    pub fn attach(&self, base: u64) -> Result<Option<Lazy>, LazyError> {
+        if self.fill.complete.load(Ordering::Acquire) {
+            return Ok(None);
+        }
+        let (uffd, poison) = ready_uffd()?;
+        let mut register = uapi::Register {
+            range: uapi::Range { start: base, len: self.fill.pages * PAGE_SIZE },
+            mode: uapi::UFFDIO_REGISTER_MODE_MISSING,
+            ioctls: 0,
+        };
+        // SAFETY: UFFDIO_REGISTER reads and writes the struct we pass; the range is a mapping
+        // the caller owns and keeps until after the `Lazy` is dropped.
+        if unsafe { libc::ioctl(uffd.as_raw_fd(), uapi::UFFDIO_REGISTER as _, &mut register) } != 0 {
+            return Err(uffd_error("UFFDIO_REGISTER"));
+        }
+        // SAFETY: eventfd returns a new descriptor or -1.
+        let stop = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if stop < 0 {
+            return Err(LazyError::Memory(format!("eventfd: {}", io::Error::last_os_error())));
+        }
+        // SAFETY: a descriptor the kernel just returned, owned by nothing else.
+        let stop = unsafe { OwnedFd::from_raw_fd(stop) };
+        let faults =
+            Arc::new(Faults { uffd, base, poison, poisoned: AtomicBool::new(false), fill: Arc::clone(&self.fill) });
+        let (handler_faults, stop_fd) = (Arc::clone(&faults), stop.as_raw_fd());
+        let handler = std::thread::Builder::new()
+            .name("thaw-faults".into())
+            .spawn(move || serve_faults(&handler_faults, stop_fd))
+            .map_err(|e| LazyError::Memory(format!("starting the fault handler: {e}")))?;
+        Ok(Some(Lazy { faults, stop, handler: Some(handler) }))
+    }
+
+    /// What was read so far, for the image's VMs and by its prefetcher.
+    pub fn stats(&self) -> LazyStats {
+        let f = &self.fill;
+        LazyStats {
+            demand_faults: f.demand_faults.load(Ordering::Relaxed),
+            demand_pages: f.demand_pages.load(Ordering::Relaxed),
+            demand_time: Duration::from_nanos(f.demand_nanos.load(Ordering::Relaxed)),
+            zero_faults: f.zero_faults.load(Ordering::Relaxed),
+            prefetched_pages: f.prefetched_pages.load(Ordering::Relaxed),
+            complete: f.complete.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Waits until every non-zero page is in (or a read failed, or `timeout` passed); returns
+    /// whether all are in.
+    pub fn wait_complete(&self, timeout: Duration) -> bool {
+        let started = Instant::now();
+        while !self.fill.complete.load(Ordering::Acquire) {
+            if started.elapsed() > timeout || self.fill.failure().is_some() {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        true
+    }
+}
+
+impl Drop for Filler {
+    fn drop(&mut self) {
+        self.fill.stopping.store(true, Ordering::Release);
+    }
+}
+
+/// What one VM's fault handler has.
+struct Faults {
+    uffd: OwnedFd,
+    /// The mapping's first byte.
+    base: u64,
+    /// Whether the kernel took `UFFD_FEATURE_POISON`.
+    poison: bool,
+    /// A page of this mapping could not be fetched and was poisoned.
+    poisoned: AtomicBool,
+    fill: Arc<Fill>,
+}
+
+/// The fault handler of one VM's mapping. Drop it after the VM (so no vCPU waits on a fault)
+/// and before the mapping.
+pub struct Lazy {
+    faults: Arc<Faults>,
+    /// Written to stop the handler.
+    stop: OwnedFd,
+    handler: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Lazy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lazy").field("base", &self.faults.base).finish_non_exhaustive()
+    }
+}
+
+impl Lazy {
+    /// Why a page of this mapping could not be fetched, if one could not: the mapping then
+    /// holds a poisoned page, and the VM that touched it cannot go on.
+    pub fn failure(&self) -> Option<String> {
+        self.faults.poisoned.load(Ordering::Acquire).then(|| self.faults.fill.failure().unwrap_or_default())
+    }
+}
+
+impl Drop for Lazy {
+    fn drop(&mut self) {
+        let one = 1u64.to_ne_bytes();
+        // SAFETY: writing 8 bytes from a local buffer to our own eventfd.
+        unsafe { libc::write(self.stop.as_raw_fd(), one.as_ptr().cast(), one.len()) };
+        if let Some(handler) = self.handler.take() {
+            let _ = handler.join();
+        }
+    }
+}
+
+impl Faults {
+    fn range_op(&self, request: u64, page: u64) -> io::Result<()> {
+        let range = uapi::Range { start: self.base + page * PAGE_SIZE, len: PAGE_SIZE };
         let mut op = uapi::RangeOp { range, mode: 0, done: 0 };
         // SAFETY: the request is one of ZEROPAGE or POISON, which read and write the struct we
         // pass, and act only on the registered range inside our mapping.
@@ -416,101 +479,51 @@ impl Shared {
         unsafe { libc::ioctl(self.uffd.as_raw_fd(), uapi::UFFDIO_WAKE as _, &mut range) };
     }
 
-    /// Copies `pages` (read from the source for pages `first`..) into the mapping, skipping
-    /// pages already in. Returns how many it copied.
-    fn copy_in(&self, first: u64, pages: &[Page]) -> io::Result<u64> {
-        let mut copied = 0;
-        let mut at = 0u64;
-        while at < pages.len() as u64 {
-            if self.is_present(first + at) {
-                at += 1;
-                continue;
-            }
-            let mut end = at + 1;
-            while end < pages.len() as u64 && !self.is_present(first + end) {
-                end += 1;
-            }
-            let mut copy = uapi::Copy {
-                dst: self.base + (first + at) * PAGE_SIZE,
-                src: pages[at as usize..].as_ptr() as u64,
-                len: (end - at) * PAGE_SIZE,
-                mode: 0,
-                copy: 0,
-            };
-            // SAFETY: UFFDIO_COPY reads `len` bytes at `src`, which lie in `pages` (page
-            // aligned, `end - at` pages from index `at`), and writes them into the registered
-            // range of our mapping; it also writes the struct's `copy` field.
-            let done = unsafe { libc::ioctl(self.uffd.as_raw_fd(), uapi::UFFDIO_COPY as _, &mut copy) };
-            let error = (done != 0).then(io::Error::last_os_error);
-            let whole = if copy.copy > 0 { copy.copy as u64 / PAGE_SIZE } else { 0 };
-            for page in first + at..first + at + whole {
-                self.mark(page);
-            }
-            copied += whole;
-            match error {
-                None => at = end,
-                // The page after the copied ones is in already (the other thread copied it),
-                // or the copy was cut short: go on from the first page not copied.
-                Some(e) if e.raw_os_error() == Some(libc::EEXIST) => {
-                    self.mark(first + at + whole);
-                    at += whole + 1;
-                }
-                Some(e) if e.raw_os_error() == Some(libc::EAGAIN) => at += whole,
-                Some(e) => return Err(e),
-            }
-        }
-        Ok(copied)
-    }
-
     /// Resolves a fault at `page`.
     fn resolve(&self, page: u64) {
-        if page >= self.pages || self.is_present(page) {
-            self.wake(page.min(self.pages.saturating_sub(1)));
+        let fill = &self.fill;
+        if page >= fill.pages {
             return;
         }
-        let Some((first, count)) = self.run_of(page) else {
-            self.zero_faults.fetch_add(1, Ordering::Relaxed);
-            if self.range_op(uapi::UFFDIO_ZEROPAGE, page, 1).is_err() {
-                self.wake(page);
+        let Some((first, count)) = fill.run_of(page) else {
+            fill.zero_faults.fetch_add(1, Ordering::Relaxed);
+            if self.range_op(uapi::UFFDIO_ZEROPAGE, page).is_err() {
+                self.wake(page); // mapped meanwhile (EEXIST)
             }
             return;
         };
-        let started = Instant::now();
-        let mut end = page + 1;
-        while end < (first + count).min(page + DEMAND_CLUSTER) && !self.is_present(end) {
-            end += 1;
-        }
-        let mut buffer = page_buffer(end - page);
-        let read = if self.failed() {
-            Err(String::new())
-        } else {
-            use zerocopy::IntoBytes;
-            self.source.read(page, buffer.as_mut_bytes()).or_else(|_| self.source.read(page, buffer.as_mut_bytes()))
-        };
-        match read.map_err(|e| e.to_string()).and_then(|()| self.copy_in(page, &buffer).map_err(|e| e.to_string())) {
-            Ok(copied) => {
-                self.demand_faults.fetch_add(1, Ordering::Relaxed);
-                self.demand_pages.fetch_add(copied, Ordering::Relaxed);
-                self.demand_nanos.fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        if !fill.is_present(page) {
+            let started = Instant::now();
+            let mut end = page + 1;
+            while end < (first + count).min(page + DEMAND_CLUSTER) && !fill.is_present(end) {
+                end += 1;
             }
-            Err(why) => {
-                if !why.is_empty() {
-                    self.fail(format!("reading guest page {page:#x} from {}: {why}", self.source.describe()));
+            match fill.fetch(page, &mut page_buffer(end - page)) {
+                Ok(written) => {
+                    fill.demand_faults.fetch_add(1, Ordering::Relaxed);
+                    fill.demand_pages.fetch_add(written, Ordering::Relaxed);
+                    fill.demand_nanos.fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
                 }
-                if self.poison {
-                    let _ = self.range_op(uapi::UFFDIO_POISON, page, 1);
+                Err(_) => {
+                    self.poisoned.store(true, Ordering::Release);
+                    if self.poison {
+                        let _ = self.range_op(uapi::UFFDIO_POISON, page);
+                    }
+                    return;
                 }
             }
         }
+        // The memfd holds the page now: the faulting thread finds it in the page cache.
+        self.wake(page);
     }
 }
 
 /// The handler thread: reads fault messages until `stop` is written or the descriptor fails.
-fn serve_faults(shared: &Shared, stop: RawFd) {
+fn serve_faults(faults: &Faults, stop: RawFd) {
     let mut messages = [0u8; uapi::MSG_LEN * 16];
     loop {
         let mut fds = [
-            libc::pollfd { fd: shared.uffd.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+            libc::pollfd { fd: faults.uffd.as_raw_fd(), events: libc::POLLIN, revents: 0 },
             libc::pollfd { fd: stop, events: libc::POLLIN, revents: 0 },
         ];
         // SAFETY: poll reads and writes the two pollfd structs of the local array.
@@ -525,57 +538,46 @@ fn serve_faults(shared: &Shared, stop: RawFd) {
             return;
         }
         // SAFETY: reads at most `messages.len()` bytes into the local buffer.
-        let n = unsafe { libc::read(shared.uffd.as_raw_fd(), messages.as_mut_ptr().cast(), messages.len()) };
+        let n = unsafe { libc::read(faults.uffd.as_raw_fd(), messages.as_mut_ptr().cast(), messages.len()) };
         if n < 0 {
             match io::Error::last_os_error().raw_os_error() {
                 Some(libc::EAGAIN | libc::EINTR) => continue,
                 _ => return,
             }
         }
-        for message in messages[..n as usize].chunks_exact(uapi::MSG_LEN) {
+        for message in messages[..n as usize].as_chunks::<{ uapi::MSG_LEN }>().0 {
             if message[0] != uapi::UFFD_EVENT_PAGEFAULT {
                 continue;
             }
             let address = u64::from_ne_bytes(message[16..24].try_into().unwrap_or_default());
-            shared.resolve(address.saturating_sub(shared.base) / PAGE_SIZE);
+            faults.resolve(address.saturating_sub(faults.base) / PAGE_SIZE);
         }
     }
 }
 
-/// The prefetcher thread: reads every missing non-zero page in chunks, then unregisters.
-fn prefetch(shared: &Shared, _: RawFd) {
-    use zerocopy::IntoBytes;
+/// The prefetch thread: reads every missing non-zero page into the memfd, in chunks.
+fn prefetch(fill: &Fill) {
     let mut buffer = page_buffer(PREFETCH_CHUNK);
-    for &(run_first, run_count) in &shared.nonzero {
+    for &(run_first, run_count) in &fill.nonzero {
         let mut at = run_first;
         while at < run_first + run_count {
-            if shared.stopping.load(Ordering::Acquire) || shared.failed() {
+            if fill.stopping.load(Ordering::Acquire) {
                 return;
             }
             let end = (run_first + run_count).min(at + PREFETCH_CHUNK);
-            // Skip what is in already (the preloaded working set, demand-faulted pages).
-            if (at..end).all(|page| shared.is_present(page)) {
+            // Skip what is in already (the pages sent with the head, those faulted in).
+            if (at..end).all(|page| fill.is_present(page)) {
                 at = end;
                 continue;
             }
-            let pages = &mut buffer[..(end - at) as usize];
-            if shared.source.read(at, pages.as_mut_bytes()).is_err() {
-                // The demand path retries and reports; the prefetcher only helps.
-                return;
-            }
-            match shared.copy_in(at, pages) {
-                Ok(copied) => shared.prefetched_pages.fetch_add(copied, Ordering::Relaxed),
-                Err(_) => return,
+            match fill.fetch(at, &mut buffer[..(end - at) as usize]) {
+                Ok(written) => fill.prefetched_pages.fetch_add(written, Ordering::Relaxed),
+                Err(_) => return, // kept for the VMs that need a page it could not read
             };
             at = end;
         }
     }
-    let mut range = uapi::Range { start: shared.base, len: shared.pages * PAGE_SIZE };
-    // SAFETY: UFFDIO_UNREGISTER reads the range we pass, the one registered; pages still
-    // missing are then zero-filled by the kernel on first touch, as the image's are.
-    if unsafe { libc::ioctl(shared.uffd.as_raw_fd(), uapi::UFFDIO_UNREGISTER as _, &mut range) } == 0 {
-        shared.completed.store(true, Ordering::Release);
-    }
+    fill.complete.store(true, Ordering::Release);
 }
 
 #[cfg(test)]
@@ -605,14 +607,19 @@ mod tests {
         }
     }
 
-    fn anonymous(pages: u64) -> vm_memory::mmap::MmapRegion {
-        vm_memory::mmap::MmapRegion::build(
-            None,
-            (pages * PAGE_SIZE) as usize,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-        )
-        .unwrap()
+    /// A memfd of `pages` pages after one page of "metadata", and a private mapping of its
+    /// memory, as an image a peer holds is mapped.
+    fn image(pages: u64) -> (Arc<File>, vm_memory::mmap::MmapRegion) {
+        let memfd = memfd::MemfdOptions::default().create("thaw-test").unwrap().into_file();
+        memfd.set_len((pages + 1) * PAGE_SIZE).unwrap();
+        let file = Arc::new(memfd);
+        let region = vm_memory::mmap::MmapRegionBuilder::new((pages * PAGE_SIZE) as usize)
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+            .with_file_offset(vm_memory::FileOffset::new(file.try_clone().unwrap(), PAGE_SIZE))
+            .build()
+            .unwrap();
+        (file, region)
     }
 
     fn byte_at(region: &vm_memory::mmap::MmapRegion, page: u64) -> u8 {
@@ -620,41 +627,67 @@ mod tests {
         region.get_ref::<u8>((page * PAGE_SIZE + 7) as usize).unwrap().load()
     }
 
+    fn filler(
+        file: &Arc<File>,
+        pages: u64,
+        nonzero: Vec<(u64, u64)>,
+        sent: &[(u64, u64)],
+        fail_after: usize,
+    ) -> Filler {
+        let source = Arc::new(Pattern { reads: AtomicUsize::new(0), fail_after });
+        Filler::start(Arc::clone(file), PAGE_SIZE, pages, nonzero, sent, source).unwrap()
+    }
+
     #[test]
-    fn pages_arrive_on_touch_zero_pages_stay_zero_and_the_prefetcher_finishes() {
-        let region = anonymous(600);
-        let source = Arc::new(Pattern { reads: AtomicUsize::new(0), fail_after: usize::MAX });
-        // Non-zero: pages 10..20 and 100..500. Page 10 was preloaded (left zero here, so a
-        // copy over it would show).
-        let lazy = fill_on_demand(region.as_ptr() as u64, 600, vec![(10, 10), (100, 400)], &[(10, 1)], source).unwrap();
-        assert_eq!(byte_at(&region, 10), 0, "a preloaded page is not fetched");
+    fn pages_arrive_on_touch_zero_pages_stay_zero_and_the_image_completes() {
+        let (file, region) = image(600);
+        // The "sent" page 10 holds 0xee in the memfd: a fetch over it would show.
+        file.write_all_at(&[0xee; PAGE_SIZE as usize], PAGE_SIZE + 10 * PAGE_SIZE).unwrap();
+        let filler = filler(&file, 600, vec![(10, 10), (100, 400)], &[(10, 1)], usize::MAX);
+        let lazy = filler.attach(region.as_ptr() as u64).unwrap().unwrap();
+        assert_eq!(byte_at(&region, 10), 0xee, "a page sent with the head is not fetched");
         assert_eq!(byte_at(&region, 11), 12);
         assert_eq!(byte_at(&region, 499), 244); // (499 + 1) as u8
         assert_eq!(byte_at(&region, 5), 0);
         assert_eq!(byte_at(&region, 599), 0);
-        assert!(lazy.wait_complete(Duration::from_secs(10)), "{:?}", lazy.stats());
+        assert!(filler.wait_complete(Duration::from_secs(10)), "{:?}", filler.stats());
         for page in (100..500).step_by(37) {
             assert_eq!(byte_at(&region, page), (page + 1) as u8);
         }
-        let stats = lazy.stats();
+        let stats = filler.stats();
         assert_eq!(stats.demand_pages + stats.prefetched_pages, 409, "{stats:?}");
         assert!(lazy.failure().is_none());
+        // A mapping made now needs no handler, and reads the memfd.
+        drop(lazy);
+        assert!(filler.attach(region.as_ptr() as u64).unwrap().is_none());
+        let (_, second) = {
+            let region = vm_memory::mmap::MmapRegionBuilder::new((600 * PAGE_SIZE) as usize)
+                .with_mmap_prot(libc::PROT_READ)
+                .with_mmap_flags(libc::MAP_PRIVATE)
+                .with_file_offset(vm_memory::FileOffset::new(file.try_clone().unwrap(), PAGE_SIZE))
+                .build()
+                .unwrap();
+            ((), region)
+        };
+        assert_eq!(byte_at(&second, 250), 251);
     }
 
     #[test]
     fn a_page_that_cannot_be_read_is_never_zero_and_names_the_source() {
-        let region = anonymous(64);
+        let (file, region) = image(64);
         let guard =
             crate::guard::MappingGuard::watch(region.as_ptr(), region.size(), libc::PROT_READ | libc::PROT_WRITE)
                 .unwrap();
-        let source = Arc::new(Pattern { reads: AtomicUsize::new(0), fail_after: 0 });
-        let lazy = fill_on_demand(region.as_ptr() as u64, 64, vec![(0, 64)], &[], source).unwrap();
+        let filler = filler(&file, 64, vec![(0, 64)], &[], 0);
+        let lazy = filler.attach(region.as_ptr() as u64).unwrap().unwrap();
         // The read waits for the handler, which fails to fetch and poisons the page: the
         // guard turns the SIGBUS into a zero page and a damaged mapping.
         let _ = byte_at(&region, 3);
         assert!(guard.damaged(), "the access must not complete as if the page were there");
         let failure = lazy.failure().unwrap();
-        assert!(failure.contains("guest page 0x3 from the test pattern: connection reset"), "{failure}");
+        // The first read that failed is the one named (the prefetcher's, or the fault's).
+        assert!(failure.starts_with("reading guest pages 0x") && failure.ends_with(": connection reset"), "{failure}");
+        assert!(!filler.stats().complete);
         drop(lazy);
         drop(guard);
     }

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use crate::guard::MappingGuard;
-use crate::lazy::{Lazy, LazyStats, PageSource};
+use crate::lazy::{Filler, Lazy, LazyStats, PageSource};
 use crate::memory::{self, GuestRam};
 use abi::devices::DeviceState;
 use abi::image::{self, GuestMetadata, ImageInfo, ImageWriter, MemoryRange, VcpuRecord, record, vm_record};
@@ -300,25 +300,8 @@ pub struct Image {
     pub devices: Vec<DeviceState>,
     /// What restores from this image made once and share.
     made: Made,
-    /// Where its memory comes from when a peer holds the image ([`Image::from_head`]).
-    peer: Option<Arc<PeerMemory>>,
-}
-
-/// The memory of an image a peer holds: its page map, the pages that came with the restore
-/// head, and where every other page is read.
-pub struct PeerMemory {
-    nonzero: Vec<(u64, u64)>,
-    sent: Vec<(u64, u64)>,
-    pages: Vec<u8>,
-    source: Arc<dyn PageSource>,
-    /// What the memories of the VMs that are gone did.
-    totals: Mutex<LazyStats>,
-}
-
-impl std::fmt::Debug for PeerMemory {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PeerMemory").field("source", &self.source.describe()).finish_non_exhaustive()
-    }
+    /// What fills its memory when a peer holds the image ([`Image::from_head`]).
+    peer: Option<Arc<Filler>>,
 }
 
 /// Most spare memory mappings an image keeps for fresh VMs ([`Image::take_spare`]): one per
@@ -348,22 +331,9 @@ pub(crate) struct MemoryWatch {
     file: Arc<File>,
     path: PathBuf,
     needed: u64,
-    /// The handler that fills the mapping, for memory a peer holds.
-    lazy: Option<PeerWatch>,
-}
-
-/// The handler of one mapping filled from a peer; what it did is added to the image's totals
-/// when it goes.
-#[derive(Debug)]
-struct PeerWatch {
-    lazy: Lazy,
-    peer: Arc<PeerMemory>,
-}
-
-impl Drop for PeerWatch {
-    fn drop(&mut self) {
-        self.peer.totals.lock().unwrap_or_else(|p| p.into_inner()).add(&self.lazy.stats());
-    }
+    /// The fault handler of a mapping of an image a peer holds, and the peer, while the
+    /// image is not all here.
+    lazy: Option<(Lazy, String)>,
 }
 
 impl MemoryWatch {
@@ -373,11 +343,11 @@ impl MemoryWatch {
     /// file's length is looked at only then: the request path pays one atomic load.
     pub(crate) fn check(&self, suspect: bool) -> Result<(), SnapshotError> {
         let damaged = self.guard.damaged();
-        if let Some(PeerWatch { lazy, peer }) = &self.lazy {
+        if let Some((lazy, peer)) = &self.lazy {
             let failure = lazy.failure();
             if damaged || failure.is_some() {
                 let why = failure.unwrap_or_else(|| "a page could not be read".into());
-                return Err(SnapshotError::Peer { peer: peer.source.describe(), why });
+                return Err(SnapshotError::Peer { peer: peer.clone(), why });
             }
             return Ok(());
         }
@@ -407,18 +377,12 @@ impl Image {
         let declared = metadata.get(40..48).map_or(0, |b| u64::from_le_bytes(b.try_into().unwrap_or([0; 8])));
         let want = declared.clamp(header, file_len.min(image::MAX_METADATA_BYTES).max(header));
         (&mut file).take(want - metadata.len() as u64).read_to_end(&mut metadata).map_err(io)?;
-        Self::validated(file, path.to_path_buf(), &metadata, file_len, None)
+        Self::validated(file, path.to_path_buf(), &metadata, file_len)
     }
 
     /// Validates an image whose first bytes are `metadata` and whose file is `file_len` bytes:
     /// everything but the memory bytes.
-    fn validated(
-        file: File,
-        path: PathBuf,
-        metadata: &[u8],
-        file_len: u64,
-        peer: Option<Arc<PeerMemory>>,
-    ) -> Result<Self, SnapshotError> {
+    fn validated(file: File, path: PathBuf, metadata: &[u8], file_len: u64) -> Result<Self, SnapshotError> {
         let path = path.as_path();
         let info = image::parse(metadata, file_len)
             .map_err(|source| SnapshotError::Image { path: path.to_path_buf(), source })?;
@@ -454,7 +418,7 @@ impl Image {
                 }
             }
         }
-        Ok(Self { file: Arc::new(file), path: path.to_path_buf(), info, devices, made: Made::default(), peer })
+        Ok(Self { file: Arc::new(file), path: path.to_path_buf(), info, devices, made: Made::default(), peer: None })
     }
 
     /// Reads `len` bytes of the image's guest memory at `gpa` (holes read as zeros), after
@@ -494,15 +458,16 @@ impl Image {
         abi::iotable::decode(&bytes).map_err(|e| SnapshotError::Incompatible(format!("{}: {e}", self.path.display())))
     }
 
-    /// An image a peer holds, from the restore head it sent ([`crate::remote`]): a sealed memfd
-    /// holds the metadata, the pages that came with the head and the data volume, at their
-    /// places in the file; every other page of a VM restored from it is read from `source`
-    /// when touched ([`crate::lazy`]). Validated as [`Image::open`] validates a file. Such an
-    /// image restores fresh and pooled VMs, not kept ones: a reset needs the image's bytes here.
+    /// An image a peer holds, from the restore head it sent ([`crate::remote`]): a memfd holds
+    /// the metadata, the pages that came with the head and the data volume, at their places in
+    /// the file, and every other page is read from `source` into it, when a VM touches it and
+    /// by a prefetcher meanwhile ([`crate::lazy`]). Validated as [`Image::open`] validates a
+    /// file. Such an image restores fresh and pooled VMs, not kept ones: a reset copies pages
+    /// back from the image, which is not all here.
     pub fn from_head(head: crate::remote::Head, source: Arc<dyn PageSource>) -> Result<Image, SnapshotError> {
         let info = image::parse(&head.metadata, head.file_len)
             .map_err(|e| SnapshotError::Head(format!("restore head from {}: {e}", source.describe())))?;
-        let path = PathBuf::from(format!("peer:{}:{}", source.describe(), info.guest.function_name));
+        let path = PathBuf::from(source.describe());
         let io = |source| SnapshotError::Io { path: path.clone(), source };
         let memfd = memfd::MemfdOptions::default()
             .close_on_exec(true)
@@ -522,16 +487,16 @@ impl Image {
         if let Some((offset, _)) = info.volume {
             file.write_all_at(&head.volume, offset).map_err(io)?;
         }
-        use memfd::FileSeal::{SealGrow, SealSeal, SealShrink, SealWrite};
-        memfd.add_seals(&[SealWrite, SealGrow, SealShrink, SealSeal]).map_err(|e| io(std::io::Error::other(e)))?;
-        let peer = PeerMemory {
-            nonzero: head.nonzero,
-            sent: head.sent,
-            pages: head.pages,
-            source,
-            totals: Mutex::new(LazyStats::default()),
-        };
-        Self::validated(memfd.into_file(), path.clone(), &head.metadata, head.file_len, Some(Arc::new(peer)))
+        // Its length is fixed; its memory is written as pages arrive.
+        use memfd::FileSeal::{SealGrow, SealSeal, SealShrink};
+        memfd.add_seals(&[SealGrow, SealShrink, SealSeal]).map_err(|e| io(std::io::Error::other(e)))?;
+        let file = Arc::new(memfd.into_file());
+        let pages = info.guest_memory_size() / image::PAGE_SIZE;
+        let filler = Filler::start(Arc::clone(&file), memory, pages, head.nonzero, &head.sent, source)?;
+        let mut image = Self::validated(file.try_clone().map_err(io)?, path, &head.metadata, head.file_len)?;
+        image.file = file;
+        image.peer = Some(Arc::new(filler));
+        Ok(image)
     }
 
     /// Where the encoded restore head is kept once made.
@@ -544,10 +509,9 @@ impl Image {
         self.peer.is_some()
     }
 
-    /// For an image a peer holds: what the handlers of the VMs restored from it that are gone
-    /// did, summed.
+    /// For an image a peer holds: what was read from the peer so far.
     pub fn peer_stats(&self) -> Option<LazyStats> {
-        self.peer.as_ref().map(|peer| *peer.totals.lock().unwrap_or_else(|p| p.into_inner()))
+        self.peer.as_ref().map(|filler| filler.stats())
     }
 
     /// `len` bytes of the image file at `offset`.
@@ -651,57 +615,14 @@ impl Image {
     pub(crate) fn map_memory(&self) -> Result<(MemoryWatch, GuestRam), SnapshotError> {
         let len = self.info.memory[0].len as usize;
         let bitmap = AtomicBitmap::new(len, NonZeroUsize::new(image::PAGE_SIZE as usize).unwrap_or(NonZeroUsize::MIN));
-        let (watch, region) = match &self.peer {
-            Some(peer) => self.map_from_peer(peer, bitmap)?,
-            None => self.map(libc::PROT_READ | libc::PROT_WRITE, bitmap)?,
-        };
+        let (mut watch, region) = self.map(libc::PROT_READ | libc::PROT_WRITE, bitmap)?;
+        if let Some(filler) = &self.peer {
+            let described = self.path.display().to_string();
+            watch.lazy = filler.attach(region.as_ptr() as u64)?.map(|lazy| (lazy, described));
+        }
         let fail = |e: String| SnapshotError::Memory(format!("{}: {e}", self.path.display()));
         let region = GuestRegionMmap::new(region, GuestAddress(0)).ok_or_else(|| fail("address overflow".into()))?;
         Ok((watch, GuestRam::from_regions(vec![region]).map_err(|e| fail(e.to_string()))?))
-    }
-
-    /// Memory for a VM restored from an image a peer holds: anonymous, with the pages that came
-    /// with the head written in, and every other non-zero page read from the peer when touched.
-    fn map_from_peer(
-        &self,
-        peer: &Arc<PeerMemory>,
-        bitmap: AtomicBitmap,
-    ) -> Result<(MemoryWatch, MmapRegion<AtomicBitmap>), SnapshotError> {
-        let len = self.info.memory[0].len;
-        let fail = |e: String| SnapshotError::Memory(format!("{}: {e}", self.path.display()));
-        let prot = libc::PROT_READ | libc::PROT_WRITE;
-        let region = MmapRegionBuilder::new_with_bitmap(len as usize, bitmap)
-            .with_mmap_prot(prot)
-            .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE)
-            .build()
-            .map_err(|e| fail(e.to_string()))?;
-        let mut at = 0;
-        for &(first, count) in &peer.sent {
-            let bytes = &peer.pages[at..at + (count * image::PAGE_SIZE) as usize];
-            use vm_memory::VolatileMemory;
-            region
-                .get_slice((first * image::PAGE_SIZE) as usize, bytes.len())
-                .map_err(|e| fail(e.to_string()))?
-                .copy_from(bytes);
-            at += bytes.len();
-        }
-        let guard = MappingGuard::watch(region.as_ptr(), region.size(), prot).map_err(|e| fail(e.to_string()))?;
-        let pages = len / image::PAGE_SIZE;
-        let lazy = crate::lazy::fill_on_demand(
-            region.as_ptr() as u64,
-            pages,
-            peer.nonzero.clone(),
-            &peer.sent,
-            Arc::clone(&peer.source),
-        )?;
-        let watch = MemoryWatch {
-            guard,
-            file: Arc::clone(&self.file),
-            path: self.path.clone(),
-            needed: 0,
-            lazy: Some(PeerWatch { lazy, peer: Arc::clone(peer) }),
-        };
-        Ok((watch, region))
     }
 
     /// The image's memory, mapped read-only once and shared by every VM restored from this

@@ -36,6 +36,9 @@ pub(crate) fn max_mapped(mem_size: u64) -> u64 {
     mem_size.saturating_mul(4).saturating_add(1 << 30)
 }
 
+/// Guest-physical ranges: (start, length), in bytes.
+pub type Ranges = Vec<(u64, u64)>;
+
 /// The guest-physical ranges (start, length) behind `runs` under the page tables rooted at
 /// `cr3` in `mem`, merged where they touch. Pages the tables do not map are left out.
 pub fn physical_ranges(mem: &GuestRam, cr3: u64, runs: &[Run]) -> Result<Vec<(u64, u64)>, WorkingSetError> {
@@ -48,7 +51,7 @@ pub fn physical_ranges_and_tables(
     mem: &GuestRam,
     cr3: u64,
     runs: &[Run],
-) -> Result<(Vec<(u64, u64)>, Vec<u64>), WorkingSetError> {
+) -> Result<(Ranges, Vec<u64>), WorkingSetError> {
     let mem_size = mem.last_addr().raw_value().saturating_add(1);
     let (leaves, tables) = paging::leaves_and_tables(mem, cr3, max_mapped(mem_size))?;
     let mut ranges: Vec<(u64, u64)> = Vec::new();

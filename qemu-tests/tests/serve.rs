@@ -861,6 +861,204 @@ fn a_python_module_uploaded_over_http_is_packed_by_the_server() {
     );
 }
 
+/// An HTTP/1.1 server standing in for a hostile or dying peer: every request on a connection
+/// gets what `answer(path)` says: `Some((status, body))`, or `None` to close the connection
+/// without a word. A status of 0 stalls (the connection stays open and silent).
+fn hostile_peer(answer: impl Fn(&str) -> Option<(u16, Vec<u8>)> + Send + Sync + 'static) -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let answer = Arc::new(answer);
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let answer = Arc::clone(&answer);
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                loop {
+                    let mut request = String::new();
+                    if reader.read_line(&mut request).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    let mut line = String::new();
+                    while reader.read_line(&mut line).is_ok_and(|n| n > 0) && line != "\r\n" {
+                        line.clear();
+                    }
+                    let path = request.split(' ').nth(1).unwrap_or_default().to_string();
+                    match answer(&path) {
+                        None => return,
+                        Some((0, _)) => std::thread::sleep(Duration::from_secs(120)),
+                        Some((status, body)) => {
+                            let head = format!("HTTP/1.1 {status} X\r\nContent-Length: {}\r\n\r\n", body.len());
+                            if stream.write_all(head.as_bytes()).and_then(|()| stream.write_all(&body)).is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+            });
+        }
+    });
+    url
+}
+
+/// What a hostile peer answers a page request with ([`hostile_peer`]).
+type PageAnswer = fn() -> Option<(u16, Vec<u8>)>;
+
+/// A restore head (docs/FORMAT.md) with the pages it carries removed, so that a VM restored
+/// from it must read every page from the peer; read here from the format as documented.
+fn without_sent_pages(head: &[u8]) -> Vec<u8> {
+    use sha2::{Digest, Sha256};
+    let word = |at: usize| u64::from_le_bytes(head[at..at + 8].try_into().unwrap()) as usize;
+    let (metadata, nonzero, sent) = (word(24), word(32), word(40));
+    let runs_at = 56 + metadata;
+    let sent_pages: usize = (0..sent).map(|i| word(runs_at + 16 * nonzero + 16 * i + 8)).sum();
+    let volume_at = runs_at + 16 * (nonzero + sent) + 4096 * sent_pages;
+    let mut out = head[..runs_at + 16 * nonzero].to_vec();
+    out[40..48].copy_from_slice(&0u64.to_le_bytes());
+    out.extend_from_slice(&head[volume_at..head.len() - 32]);
+    let checksum = Sha256::digest(&out);
+    out.extend_from_slice(&checksum);
+    out
+}
+
+/// Issue 31: a node restores a VM from an image another node's `thaw serve` holds, reading its
+/// memory from there as the guest touches it. The image routes are admin routes.
+#[test]
+fn a_vm_restored_from_a_peer_reads_its_memory_from_there_and_answers_alike() {
+    let state = tempfile::tempdir().unwrap();
+    let token = state.path().join("token");
+    std::fs::write(&token, "node-secret-of-the-cluster\n").unwrap();
+    let token = token.to_str().unwrap();
+    let peer = Server::start(state.path(), &["--admin-token-file", token]);
+    let deployed = reply(
+        agent()
+            .put(peer.functions("hello"))
+            .header("Authorization", "Bearer node-secret-of-the-cluster")
+            .send(&example("hello")[..]),
+    );
+    assert_eq!(deployed.status, 201, "{}", deployed.body);
+    let image = format!("{}/v1/images/{}", peer.url, version(&deployed.body));
+    let dir = tempfile::tempdir().unwrap();
+    let responses = dir.path().join("responses.jsonl");
+    let restore = |extra: &[&str]| {
+        let mut args = vec!["restore", &image, "--data", r#"{"name":"peer"}"#];
+        args.extend_from_slice(extra);
+        run_thaw(&args)
+    };
+
+    let run = restore(&["--token-file", token, "--count", "12", "--json", "--responses", responses.to_str().unwrap()]);
+    assert_eq!(run.code, Some(0), "{}{}", run.stdout, run.stderr);
+    let stats: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+    assert_eq!(stats["source"], "peer");
+    assert_eq!(stats["statuses"]["ok"], 12, "{stats}");
+    let remote = &stats["remote"];
+    let read = remote["demand_pages"].as_u64().unwrap() + remote["prefetched_pages"].as_u64().unwrap();
+    assert!(read > 0, "the memory the head did not carry came from the peer: {remote}");
+    let answers = std::fs::read_to_string(&responses).unwrap();
+    assert_eq!(answers.matches(r#""stdout":"{\"greeting\":\"Hello, peer!\"}\n""#).count(), 12, "{answers}");
+    let pooled = restore(&["--token-file", token, "--mode", "pool", "--count", "4"]);
+    assert_eq!(pooled.code, Some(0), "{}", pooled.stderr);
+
+    let untokened = restore(&[]);
+    assert_eq!(untokened.code, Some(125));
+    assert!(
+        untokened.stderr.contains("the peer answered 401 Unauthorized: this route needs Authorization: Bearer"),
+        "{}",
+        untokened.stderr
+    );
+    let kept = restore(&["--token-file", token, "--mode", "reset"]);
+    assert!(kept.stderr.contains("--mode reset needs the image on this machine"), "{}", kept.stderr);
+    let elsewhere = run_thaw(&[
+        "restore",
+        &format!("{}/v1/images/{}", peer.url, "0".repeat(64)),
+        "--token-file",
+        token,
+        "--data",
+        "{}",
+    ]);
+    assert!(
+        elsewhere.stderr.contains("the peer answered 404 Not Found: no function here serves version 0000"),
+        "{}",
+        elsewhere.stderr
+    );
+}
+
+/// A peer that sends a damaged head, answers pages with errors or short bodies, dies after its
+/// head, or stops answering: each fails the restore with one line saying so, within the
+/// request's timeout, and no VM runs on a page that did not arrive.
+#[test]
+fn a_hostile_or_dying_peer_fails_the_restore_with_one_line_and_never_zeros() {
+    let state = tempfile::tempdir().unwrap();
+    let peer = Server::start(state.path(), &[]);
+    let deployed = put(&peer.functions("hello"), &example("hello"));
+    assert_eq!(deployed.status, 201, "{}", deployed.body);
+    let version = version(&deployed.body);
+    let real = agent()
+        .get(format!("{}/v1/images/{version}/head", peer.url))
+        .call()
+        .unwrap()
+        .body_mut()
+        .with_config()
+        .limit(64 << 20)
+        .read_to_vec()
+        .unwrap();
+    let bare = without_sent_pages(&real);
+    let restore = |url: &str| {
+        let started = Instant::now();
+        let run = run_thaw(&["restore", &format!("{url}/v1/images/{version}"), "--data", "{}", "--timeout", "2"]);
+        (run, started.elapsed())
+    };
+    let serving = |head: Vec<u8>, pages: PageAnswer| {
+        hostile_peer(move |path| if path.ends_with("/head") { Some((200, head.clone())) } else { pages() })
+    };
+
+    let mut flipped = real.clone();
+    flipped[100] ^= 1;
+    let (run, _) = restore(&serving(flipped, || None));
+    assert!(run.stderr.contains("/head: restore head: its SHA-256 does not match"), "{}", run.stderr);
+    let (run, _) = restore(&serving(real[..real.len() / 2].to_vec(), || None));
+    assert!(run.stderr.contains("restore head: its SHA-256 does not match"), "{}", run.stderr);
+    let (run, _) = restore(&serving(real[..20].to_vec(), || None));
+    assert!(run.stderr.contains("shorter than its fixed part"), "{}", run.stderr);
+
+    let cases: [(&str, PageAnswer, &str); 4] = [
+        (
+            "errors",
+            || Some((500, br#"{"error":"disk on fire"}"#.to_vec())),
+            "the peer answered 500 Internal Server Error: disk on fire",
+        ),
+        ("short pages", || Some((200, vec![1; 100])), "100 bytes for"),
+        ("closes", || None, "reading guest pages 0x"),
+        ("stalls", || Some((0, Vec::new())), "the peer sent nothing for 1s"),
+    ];
+    for (what, pages, expected) in cases {
+        let (run, took) = restore(&serving(bare.clone(), pages));
+        assert_eq!(run.code, Some(125), "{what}: {}{}", run.stdout, run.stderr);
+        assert!(
+            run.stderr.starts_with("thaw: error: a restored VM failed: restoring from peer http://"),
+            "{what}: {}",
+            run.stderr
+        );
+        assert!(run.stderr.contains(expected), "{what}: {}", run.stderr);
+        assert_eq!(run.stderr.lines().count(), 1, "{what}: {}", run.stderr);
+        assert!(took < Duration::from_secs(20), "{what}: {took:?}");
+    }
+
+    // The peer dies after its head: the restore fails, it does not hang or run on zeros.
+    let dying = Mutex::new(Some(peer));
+    let url = hostile_peer(move |path| {
+        if path.ends_with("/head") {
+            return Some((200, bare.clone()));
+        }
+        dying.lock().unwrap().take().map(Server::kill);
+        None
+    });
+    let (run, took) = restore(&url);
+    assert_eq!(run.code, Some(125), "{}", run.stderr);
+    assert!(run.stderr.contains("reading guest pages 0x"), "{}", run.stderr);
+    assert!(took < Duration::from_secs(20), "{took:?}");
+}
+
 /// Issue 31: `thaw deploy NAME REF` has the server pull the bundle from a real OCI registry
 /// (through its registry puller: the agent itself opens no IP socket), snapshot and serve it; a
 /// deploy of a digest the agent serves already, under that name or another, downloads nothing;

@@ -42,12 +42,14 @@ pub enum PeerError {
 /// volume holds its standard library).
 const MAX_HEAD_BYTES: u64 = 256 << 20;
 
-/// How long a peer may keep a restore waiting: to connect, or for its next bytes.
+/// How long a peer may keep a restore waiting, to connect or for its next bytes, at most: a
+/// request's timeout shortens it ([`Peer::new`]).
 pub const STALL: Duration = Duration::from_secs(5);
 
 /// A `thaw serve` that holds an image, and the image's address there.
 pub struct Peer {
     agent: ureq::Agent,
+    stall: Duration,
     /// `http://HOST:PORT/v1/images/VERSION`.
     image: String,
     authorization: Option<String>,
@@ -60,8 +62,9 @@ pub fn is_peer_address(text: &Path) -> bool {
 
 impl Peer {
     /// The peer at `url` (`http://HOST:PORT/v1/images/VERSION`), with the admin token in
-    /// `token_file` if given.
-    pub fn new(url: &str, token_file: Option<&Path>) -> Result<Self, PeerError> {
+    /// `token_file` if given. A page is read twice at most before the VM that needs it fails,
+    /// so each read may stall half of `deadline` (a request's timeout), [`STALL`] at most.
+    pub fn new(url: &str, token_file: Option<&Path>, deadline: Duration) -> Result<Self, PeerError> {
         let image = url.trim_end_matches('/');
         let version = image.rsplit_once("/v1/images/").map(|(_, version)| version).unwrap_or_default();
         if !crate::serve::store::is_version(version) || !is_peer_address(Path::new(image)) {
@@ -74,13 +77,14 @@ impl Peer {
                 Some(format!("Bearer {}", String::from_utf8_lossy(&bytes).trim()))
             }
         };
+        let stall = (deadline / 2).clamp(Duration::from_millis(1), STALL);
         let config = ureq::Agent::config_builder()
             .http_status_as_error(false)
-            .timeout_connect(Some(STALL))
-            .timeout_per_read(Some(STALL))
-            .timeout_per_write(Some(STALL))
+            .timeout_connect(Some(stall))
+            .timeout_per_read(Some(stall))
+            .timeout_per_write(Some(stall))
             .build();
-        Ok(Self { agent: ureq::Agent::new_with_config(config), image: image.into(), authorization })
+        Ok(Self { agent: ureq::Agent::new_with_config(config), stall, image: image.into(), authorization })
     }
 
     /// GETs `url`, expecting 200 and at most `limit` bytes.
@@ -90,7 +94,11 @@ impl Peer {
         if let Some(authorization) = &self.authorization {
             request = request.header("Authorization", authorization);
         }
-        let mut answer = request.call().map_err(|e| failed(e.to_string()))?;
+        let said = |e: ureq::Error| match e {
+            ureq::Error::Timeout(_) => format!("the peer sent nothing for {:?}", self.stall),
+            e => e.to_string(),
+        };
+        let mut answer = request.call().map_err(|e| failed(said(e)))?;
         let status = answer.status();
         let body = answer.body_mut().with_config().limit(limit).read_to_vec();
         if status != 200 {
@@ -101,7 +109,7 @@ impl Peer {
                 .unwrap_or(text);
             return Err(failed(format!("the peer answered {status}: {}", message.trim())));
         }
-        body.map_err(|e| failed(e.to_string()))
+        body.map_err(|e| failed(said(e)))
     }
 
     /// The image's restore head, validated.
@@ -116,9 +124,12 @@ impl PageSource for Peer {
     fn read(&self, first: u64, into: &mut [u8]) -> Result<(), String> {
         let count = into.len() as u64 / host_vmm::layout::PAGE_SIZE;
         let url = format!("{}/pages?first={first}&count={count}", self.image);
-        let bytes = self.get(&url, into.len() as u64 + 1).map_err(|e| e.to_string())?;
+        let bytes = self.get(&url, into.len() as u64 + 1).map_err(|e| match e {
+            PeerError::Http { why, .. } => why,
+            e => e.to_string(),
+        })?;
         if bytes.len() != into.len() {
-            return Err(format!("{url}: {} bytes, {} expected", bytes.len(), into.len()));
+            return Err(format!("{} bytes for {count} pages, {} expected", bytes.len(), into.len()));
         }
         into.copy_from_slice(&bytes);
         Ok(())
@@ -136,10 +147,10 @@ mod tests {
     #[test]
     fn only_a_peers_image_address_is_taken() {
         let version = "ab".repeat(32);
-        assert!(Peer::new(&format!("http://10.0.0.2:8400/v1/images/{version}"), None).is_ok());
-        assert!(Peer::new(&format!("http://10.0.0.2:8400/v1/images/{version}/"), None).is_ok());
+        assert!(Peer::new(&format!("http://10.0.0.2:8400/v1/images/{version}"), None, STALL).is_ok());
+        assert!(Peer::new(&format!("http://10.0.0.2:8400/v1/images/{version}/"), None, STALL).is_ok());
         for bad in ["http://10.0.0.2:8400/v1/images/abc", "http://10.0.0.2:8400/", "ftp://x/v1/images/"] {
-            let e = Peer::new(bad, None).err().unwrap().to_string();
+            let e = Peer::new(bad, None, STALL).err().unwrap().to_string();
             assert!(e.contains("is not a peer's image"), "{bad}: {e}");
         }
         assert!(is_peer_address(Path::new("https://x")) && !is_peer_address(Path::new("hello.snap")));

@@ -440,7 +440,9 @@ pub fn serve_batch(args: &RestoreArgs, floor: Option<Floor>) -> Result<u8, Resto
         return Err(RestoreError::PeerMode(option));
     }
     let image = if peer {
-        let peer = Arc::new(crate::remote::Peer::new(&args.image.to_string_lossy(), args.token_file.as_deref())?);
+        let url = args.image.to_string_lossy();
+        let deadline = crate::kernel::parse_timeout(args.timeout)?;
+        let peer = Arc::new(crate::remote::Peer::new(&url, args.token_file.as_deref(), deadline)?);
         Image::from_head(peer.head()?, peer)?
     } else {
         Image::open(&args.image)?
@@ -538,7 +540,7 @@ pub fn serve_batch(args: &RestoreArgs, floor: Option<Floor>) -> Result<u8, Resto
         demand_us_per_fault: (lazy.demand_time.as_micros() as u64).checked_div(lazy.demand_faults).unwrap_or(0),
         zero_page_faults: lazy.zero_faults,
         prefetched_pages: lazy.prefetched_pages,
-        vms_completed: lazy.completed,
+        image_complete: lazy.complete,
     });
     stats.concurrency = args.concurrency;
     stats.alive_at_once = if args.hold { peak_alive } else { workers };
@@ -604,14 +606,13 @@ fn summary(args: &RestoreArgs, stats: &BatchStats) -> String {
     if let Some(r) = &stats.remote {
         let _ = writeln!(
             out,
-            "from the peer: {} pages read on demand in {} faults ({} µs a fault), {} faults on zero pages, {} pages prefetched; {} of {} VMs had all their memory before they went",
+            "from the peer: {} pages read on demand in {} faults ({} µs a fault), {} faults on zero pages, {} pages prefetched; the image is {} here",
             r.demand_pages,
             r.demand_faults,
             r.demand_us_per_fault,
             r.zero_page_faults,
             r.prefetched_pages,
-            r.vms_completed,
-            args.count
+            if r.image_complete { "all" } else { "not all" },
         );
     }
     if stats.replaced > 0 {

@@ -384,10 +384,10 @@ pub struct RemoteSummary {
     pub demand_us_per_fault: u64,
     /// Faults on pages that are zero in the image (resolved here, without the peer).
     pub zero_page_faults: u64,
-    /// Pages the prefetchers brought.
+    /// Pages the prefetcher brought.
     pub prefetched_pages: u64,
-    /// VMs whose memory all arrived before they went.
-    pub vms_completed: u64,
+    /// Every non-zero page of the image had arrived by the end.
+    pub image_complete: bool,
 }
 
 /// The peer measured in the same run (`thaw bench --peer`): the same function's phases run by
