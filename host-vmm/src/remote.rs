@@ -63,22 +63,7 @@ fn bad(detail: impl Into<String>) -> RemoteError {
     RemoteError::Head(detail.into())
 }
 
-/// A decoded, validated restore head.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Head {
-    /// The image file's length.
-    pub file_len: u64,
-    /// The image's metadata, as at the start of its file.
-    pub metadata: Vec<u8>,
-    /// Runs of pages that are not zero in the image (first page, count).
-    pub nonzero: Vec<(u64, u64)>,
-    /// Runs of pages whose bytes came with the head.
-    pub sent: Vec<(u64, u64)>,
-    /// Their bytes, in run order.
-    pub pages: Vec<u8>,
-    /// The data volume (empty when the image has none).
-    pub volume: Vec<u8>,
-}
+pub use crate::snapshot::Head;
 
 impl Head {
     /// The head of `image`, as its holder sends it.

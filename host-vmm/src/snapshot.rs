@@ -289,6 +289,25 @@ pub fn write_image(
     Ok(WriteStats { guest_memory: mem_size, pages_written, file_len })
 }
 
+/// What a peer that holds an image sends first, the restore head: what an image a peer holds
+/// is made of here ([`Image::from_head`]). Its format, and how it is made and checked, are
+/// `crate::remote`'s.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Head {
+    /// The image file's length.
+    pub file_len: u64,
+    /// The image's metadata, as at the start of its file.
+    pub metadata: Vec<u8>,
+    /// Runs of pages that are not zero in the image (first page, count).
+    pub nonzero: Vec<(u64, u64)>,
+    /// Runs of pages whose bytes came with the head.
+    pub sent: Vec<(u64, u64)>,
+    /// Their bytes, in run order.
+    pub pages: Vec<u8>,
+    /// The data volume (empty when the image has none).
+    pub volume: Vec<u8>,
+}
+
 /// An opened, fully validated image.
 #[derive(Debug)]
 pub struct Image {
@@ -458,13 +477,13 @@ impl Image {
         abi::iotable::decode(&bytes).map_err(|e| SnapshotError::Incompatible(format!("{}: {e}", self.path.display())))
     }
 
-    /// An image a peer holds, from the restore head it sent ([`crate::remote`]): a memfd holds
+    /// An image a peer holds, from the restore head it sent (`crate::remote`): a memfd holds
     /// the metadata, the pages that came with the head and the data volume, at their places in
     /// the file, and every other page is read from `source` into it, when a VM touches it and
     /// by a prefetcher meanwhile ([`crate::lazy`]). Validated as [`Image::open`] validates a
     /// file. Such an image restores fresh and pooled VMs, not kept ones: a reset copies pages
     /// back from the image, which is not all here.
-    pub fn from_head(head: crate::remote::Head, source: Arc<dyn PageSource>) -> Result<Image, SnapshotError> {
+    pub fn from_head(head: Head, source: Arc<dyn PageSource>) -> Result<Image, SnapshotError> {
         let info = image::parse(&head.metadata, head.file_len)
             .map_err(|e| SnapshotError::Head(format!("restore head from {}: {e}", source.describe())))?;
         let path = PathBuf::from(source.describe());

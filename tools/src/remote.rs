@@ -67,7 +67,8 @@ impl Peer {
     pub fn new(url: &str, token_file: Option<&Path>, deadline: Duration) -> Result<Self, PeerError> {
         let image = url.trim_end_matches('/');
         let version = image.rsplit_once("/v1/images/").map(|(_, version)| version).unwrap_or_default();
-        if !crate::serve::store::is_version(version) || !is_peer_address(Path::new(image)) {
+        let is_version = version.len() == 64 && version.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+        if !is_version || !is_peer_address(Path::new(image)) {
             return Err(PeerError::Url(url.into()));
         }
         let authorization = match token_file {

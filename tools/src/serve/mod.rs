@@ -17,7 +17,7 @@ mod metrics;
 pub mod puller;
 mod registry;
 mod settings;
-pub mod store;
+mod store;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
