@@ -43,6 +43,10 @@ pub const DEMAND_CLUSTER: u64 = 16;
 /// Pages one prefetch read asks for (1 MiB).
 pub const PREFETCH_CHUNK: u64 = 256;
 
+/// How long the prefetcher waits after the first VM's memory is attached: the first request
+/// runs alone, and gets the CPU and the link (a hello answers within a few milliseconds).
+pub const PREFETCH_DELAY: Duration = Duration::from_millis(10);
+
 /// Where the pages of a lazily filled memory come from: the image's guest memory, page by page.
 pub trait PageSource: Send + Sync {
     /// Fills `into` (a whole number of pages) with the guest pages from page `first` on.
@@ -227,6 +231,8 @@ struct Fill {
     prefetched_pages: AtomicU64,
     /// Every non-zero page is in the memfd.
     complete: AtomicBool,
+    /// When the first VM's memory was attached.
+    first_attach: std::sync::OnceLock<Instant>,
 }
 
 impl Fill {
@@ -306,14 +312,15 @@ impl std::fmt::Debug for Filler {
 impl Filler {
     /// A filler for `file`, whose guest memory of `pages` pages starts at `offset`: the pages
     /// of `nonzero` are not zero, those of `sent` the file holds already, and every other
-    /// non-zero page is read from `source`. Starts the prefetch thread.
+    /// non-zero page is read from `source`: when a VM touches it, and, with `prefetch`, by a
+    /// prefetch thread started now.
     pub fn start(
         file: Arc<File>,
-        offset: u64,
-        pages: u64,
+        (offset, pages): (u64, u64),
         nonzero: Vec<(u64, u64)>,
         sent: &[(u64, u64)],
         source: Arc<dyn PageSource>,
+        prefetch: bool,
     ) -> Result<Self, LazyError> {
         let present: Vec<AtomicU64> = (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect();
         let fill = Arc::new(Fill {
@@ -331,6 +338,7 @@ impl Filler {
             zero_faults: AtomicU64::new(0),
             prefetched_pages: AtomicU64::new(0),
             complete: AtomicBool::new(false),
+            first_attach: std::sync::OnceLock::new(),
         });
         for &(first, count) in sent {
             if first.checked_add(count).is_none_or(|end| end > pages) {
@@ -338,12 +346,14 @@ impl Filler {
             }
             (first..first + count).for_each(|page| fill.mark(page));
         }
-        let prefetcher = Arc::clone(&fill);
-        // Not joined: it stops at its next chunk once the image is gone.
-        std::thread::Builder::new()
-            .name("thaw-prefetch".into())
-            .spawn(move || prefetch(&prefetcher))
-            .map_err(|e| LazyError::Memory(format!("starting the prefetch thread: {e}")))?;
+        if prefetch {
+            let prefetcher = Arc::clone(&fill);
+            // Not joined: it stops at its next chunk once the image is gone.
+            std::thread::Builder::new()
+                .name("thaw-prefetch".into())
+                .spawn(move || prefetch_all(&prefetcher))
+                .map_err(|e| LazyError::Memory(format!("starting the prefetch thread: {e}")))?;
+        }
         Ok(Self { fill })
     }
 
@@ -353,16 +363,19 @@ impl Filler {
         if self.fill.complete.load(Ordering::Acquire) {
             return Ok(None);
         }
+        self.fill.first_attach.get_or_init(Instant::now);
         let (uffd, poison) = ready_uffd()?;
-        let mut register = uapi::Register {
-            range: uapi::Range { start: base, len: self.fill.pages * PAGE_SIZE },
-            mode: uapi::UFFDIO_REGISTER_MODE_MISSING,
-            ioctls: 0,
-        };
-        // SAFETY: UFFDIO_REGISTER reads and writes the struct we pass; the range is a mapping
-        // the caller owns and keeps until after the `Lazy` is dropped.
-        if unsafe { libc::ioctl(uffd.as_raw_fd(), uapi::UFFDIO_REGISTER as _, &mut register) } != 0 {
-            return Err(uffd_error("UFFDIO_REGISTER"));
+        for (first, count) in registered(&self.fill.nonzero) {
+            let mut register = uapi::Register {
+                range: uapi::Range { start: base + first * PAGE_SIZE, len: count * PAGE_SIZE },
+                mode: uapi::UFFDIO_REGISTER_MODE_MISSING,
+                ioctls: 0,
+            };
+            // SAFETY: UFFDIO_REGISTER reads and writes the struct we pass; the range lies in a
+            // mapping the caller owns and keeps until after the `Lazy` is dropped.
+            if unsafe { libc::ioctl(uffd.as_raw_fd(), uapi::UFFDIO_REGISTER as _, &mut register) } != 0 {
+                return Err(uffd_error("UFFDIO_REGISTER"));
+            }
         }
         // SAFETY: eventfd returns a new descriptor or -1.
         let stop = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
@@ -412,6 +425,31 @@ impl Drop for Filler {
     fn drop(&mut self) {
         self.fill.stopping.store(true, Ordering::Release);
     }
+}
+
+/// Most ranges one mapping registers: each splits the mapping, and a process has a bounded
+/// number of mappings (`vm.max_map_count`).
+const MAX_REGISTERED: usize = 256;
+
+/// The ranges of a mapping to register for missing pages: the image's non-zero runs, so that a
+/// zero page is never a userfault (the memfd has a hole there, which reads as zeros), with
+/// runs across the smallest gaps merged until there are [`MAX_REGISTERED`] at most (a zero page
+/// in a merged gap is resolved with the zero page).
+fn registered(nonzero: &[(u64, u64)]) -> Vec<(u64, u64)> {
+    let mut ranges = nonzero.to_vec();
+    let mut gap = 1;
+    while ranges.len() > MAX_REGISTERED {
+        let mut merged: Vec<(u64, u64)> = Vec::with_capacity(ranges.len());
+        for (first, count) in ranges {
+            match merged.last_mut() {
+                Some((start, len)) if first - (*start + *len) < gap => *len = first + count - *start,
+                _ => merged.push((first, count)),
+            }
+        }
+        ranges = merged;
+        gap *= 2;
+    }
+    ranges
 }
 
 /// What one VM's fault handler has.
@@ -555,8 +593,15 @@ fn serve_faults(faults: &Faults, stop: RawFd) {
     }
 }
 
-/// The prefetch thread: reads every missing non-zero page into the memfd, in chunks.
-fn prefetch(fill: &Fill) {
+/// The prefetch thread: reads every missing non-zero page into the memfd, in chunks, from
+/// [`PREFETCH_DELAY`] after the first VM's memory is attached.
+fn prefetch_all(fill: &Fill) {
+    while fill.first_attach.get().is_none_or(|attached| attached.elapsed() < PREFETCH_DELAY) {
+        if fill.stopping.load(Ordering::Acquire) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
     let mut buffer = page_buffer(PREFETCH_CHUNK);
     for &(run_first, run_count) in &fill.nonzero {
         let mut at = run_first;
@@ -635,7 +680,18 @@ mod tests {
         fail_after: usize,
     ) -> Filler {
         let source = Arc::new(Pattern { reads: AtomicUsize::new(0), fail_after });
-        Filler::start(Arc::clone(file), PAGE_SIZE, pages, nonzero, sent, source).unwrap()
+        Filler::start(Arc::clone(file), (PAGE_SIZE, pages), nonzero, sent, source, true).unwrap()
+    }
+
+    #[test]
+    fn registered_ranges_are_the_non_zero_runs_merged_across_the_smallest_gaps() {
+        assert_eq!(registered(&[(1, 2), (5, 1)]), [(1, 2), (5, 1)]);
+        let many: Vec<(u64, u64)> = (0..1000).map(|i| (i * 10 + if i % 2 == 0 { 0 } else { 5 }, 1)).collect();
+        let ranges = registered(&many);
+        assert!(ranges.len() <= MAX_REGISTERED, "{}", ranges.len());
+        for &(first, count) in &many {
+            assert!(ranges.iter().any(|&(start, len)| first >= start && first + count <= start + len));
+        }
     }
 
     #[test]

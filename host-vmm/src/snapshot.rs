@@ -479,11 +479,11 @@ impl Image {
 
     /// An image a peer holds, from the restore head it sent (`crate::remote`): a memfd holds
     /// the metadata, the pages that came with the head and the data volume, at their places in
-    /// the file, and every other page is read from `source` into it, when a VM touches it and
-    /// by a prefetcher meanwhile ([`crate::lazy`]). Validated as [`Image::open`] validates a
+    /// the file, and every other page is read from `source` into it, when a VM touches it and,
+    /// with `prefetch`, by a prefetcher meanwhile ([`crate::lazy`]). Validated as [`Image::open`] validates a
     /// file. Such an image restores fresh and pooled VMs, not kept ones: a reset copies pages
     /// back from the image, which is not all here.
-    pub fn from_head(head: Head, source: Arc<dyn PageSource>) -> Result<Image, SnapshotError> {
+    pub fn from_head(head: Head, source: Arc<dyn PageSource>, prefetch: bool) -> Result<Image, SnapshotError> {
         let info = image::parse(&head.metadata, head.file_len)
             .map_err(|e| SnapshotError::Head(format!("restore head from {}: {e}", source.describe())))?;
         let path = PathBuf::from(source.describe());
@@ -511,7 +511,7 @@ impl Image {
         memfd.add_seals(&[SealGrow, SealShrink, SealSeal]).map_err(|e| io(std::io::Error::other(e)))?;
         let file = Arc::new(memfd.into_file());
         let pages = info.guest_memory_size() / image::PAGE_SIZE;
-        let filler = Filler::start(Arc::clone(&file), memory, pages, head.nonzero, &head.sent, source)?;
+        let filler = Filler::start(Arc::clone(&file), (memory, pages), head.nonzero, &head.sent, source, prefetch)?;
         let mut image = Self::validated(file.try_clone().map_err(io)?, path, &head.metadata, head.file_len)?;
         image.file = file;
         image.peer = Some(Arc::new(filler));

@@ -131,6 +131,10 @@ pub struct RestoreArgs {
     /// With an image a server holds: a file holding that server's admin token.
     #[arg(long, value_name = "FILE", env = "THAW_TOKEN_FILE")]
     token_file: Option<PathBuf>,
+    /// With an image a server holds: read only the pages guests touch, not the rest of the
+    /// image in the background (to measure what demand paging costs).
+    #[arg(long)]
+    no_prefetch: bool,
     /// How many requests.
     #[arg(long, value_name = "N", default_value_t = 1)]
     count: usize,
@@ -367,6 +371,7 @@ impl RestoreArgs {
         Self {
             image,
             token_file: None,
+            no_prefetch: false,
             count: runs,
             concurrency: 1,
             mode,
@@ -439,14 +444,16 @@ pub fn serve_batch(args: &RestoreArgs, floor: Option<Floor>) -> Result<u8, Resto
     if let Some((_, option)) = refused.iter().find(|(given, _)| peer && *given) {
         return Err(RestoreError::PeerMode(option));
     }
+    let head_started = Instant::now();
     let image = if peer {
         let url = args.image.to_string_lossy();
         let deadline = crate::kernel::parse_timeout(args.timeout)?;
         let peer = Arc::new(crate::remote::Peer::new(&url, args.token_file.as_deref(), deadline)?);
-        Image::from_head(peer.head()?, peer)?
+        Image::from_head(peer.head()?, peer, !args.no_prefetch)?
     } else {
         Image::open(&args.image)?
     };
+    let head_us = head_started.elapsed().as_micros() as u64;
     let image = Arc::new(if args.template { image.to_template()? } else { image });
     let timeout = crate::kernel::parse_timeout(args.timeout)?;
     let mut config = VmConfig { timeout, ..VmConfig::default() };
@@ -535,6 +542,7 @@ pub fn serve_batch(args: &RestoreArgs, floor: Option<Floor>) -> Result<u8, Resto
         .into(),
     );
     stats.remote = image.peer_stats().map(|lazy| crate::stats::RemoteSummary {
+        head_us,
         demand_faults: lazy.demand_faults,
         demand_pages: lazy.demand_pages,
         demand_us_per_fault: (lazy.demand_time.as_micros() as u64).checked_div(lazy.demand_faults).unwrap_or(0),
@@ -606,7 +614,8 @@ fn summary(args: &RestoreArgs, stats: &BatchStats) -> String {
     if let Some(r) = &stats.remote {
         let _ = writeln!(
             out,
-            "from the peer: {} pages read on demand in {} faults ({} µs a fault), {} faults on zero pages, {} pages prefetched; the image is {} here",
+            "from the peer: its restore head in {} µs; {} pages read on demand in {} faults ({} µs a fault), {} faults on zero pages, {} pages prefetched; the image is {} here",
+            r.head_us,
             r.demand_pages,
             r.demand_faults,
             r.demand_us_per_fault,

@@ -376,6 +376,8 @@ pub struct PoolSummary {
 /// What VMs restored from an image a peer holds read from it (`thaw restore URL`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RemoteSummary {
+    /// Microseconds from asking for the restore head to an image made of it.
+    pub head_us: u64,
     /// Faults resolved by reading from the peer.
     pub demand_faults: u64,
     /// Pages those reads brought.
