@@ -156,8 +156,11 @@ enum Profile {
     /// `thaw serve`'s registry puller: IP and Unix sockets (name resolution included), files
     /// read but never written or created, and no KVM.
     Puller,
-    /// A process that runs VMs whose memory a peer holds (`thaw restore URL`): a VMM's list,
-    /// with IP sockets to reach the peer and userfaultfd to fill the memory.
+    /// `thaw serve`: a VMM's list, with userfaultfd for the memory of images peers hold, whose
+    /// pages its peer fetcher reads for it.
+    Agent,
+    /// A process that runs VMs whose memory a peer holds (`thaw restore URL`): the agent's
+    /// list, with IP sockets to reach the peer itself.
     VmmWithPeer,
 }
 
@@ -171,6 +174,11 @@ pub fn install() -> Result<(), SeccompError> {
 /// the network and runs nothing else: IP sockets, files only read, no KVM, no programs.
 pub fn install_puller() -> Result<(), SeccompError> {
     install_profile(Profile::Puller)
+}
+
+/// Installs the allow-list of `thaw serve`: a VMM's, with userfaultfd.
+pub fn install_agent() -> Result<(), SeccompError> {
+    install_profile(Profile::Agent)
 }
 
 /// Installs the allow-list of a process that runs VMs restored from a peer's image
@@ -296,24 +304,25 @@ fn allow_list(profile: Profile) -> Result<BpfProgram, SeccompError> {
     for &request in OTHER_IOCTLS {
         ioctls.push(rule(1, Dword, SeccompCmpOp::Eq, request)?);
     }
+    if matches!(profile, Profile::Agent | Profile::VmmWithPeer) {
+        // Each VM's memory of an image a peer holds gets a userfaultfd (`crate::lazy`), whose
+        // requests are type 0xAA.
+        rules.insert(libc::SYS_userfaultfd, Vec::new());
+        ioctls.push(rule(1, Dword, SeccompCmpOp::MaskedEq(0xff00), 0xAA << 8)?);
+    }
+    if profile == Profile::Puller {
+        // A file is opened only to be read.
+        let writes = (libc::O_WRONLY | libc::O_RDWR | libc::O_CREAT | libc::O_TRUNC) as u64;
+        rules.insert(libc::SYS_openat, vec![rule(2, Dword, SeccompCmpOp::MaskedEq(writes), 0)?]);
+    }
     let families: &[i32] = match profile {
-        Profile::Vmm => &[libc::AF_UNIX],
+        Profile::Vmm | Profile::Agent => &[libc::AF_UNIX],
         Profile::Puller | Profile::VmmWithPeer => {
             // Name resolution: glibc sends its A and AAAA queries at once, and asks how much
             // a TCP answer holds.
             rules.insert(libc::SYS_sendmmsg, Vec::new());
             rules.insert(libc::SYS_uname, Vec::new());
             ioctls.push(rule(1, Dword, SeccompCmpOp::Eq, libc::FIONREAD)?);
-            if profile == Profile::Puller {
-                // A file is opened only to be read.
-                let writes = (libc::O_WRONLY | libc::O_RDWR | libc::O_CREAT | libc::O_TRUNC) as u64;
-                rules.insert(libc::SYS_openat, vec![rule(2, Dword, SeccompCmpOp::MaskedEq(writes), 0)?]);
-            } else {
-                // Each VM's memory gets a userfaultfd (`crate::lazy`), whose requests are
-                // type 0xAA.
-                rules.insert(libc::SYS_userfaultfd, Vec::new());
-                ioctls.push(rule(1, Dword, SeccompCmpOp::MaskedEq(0xff00), 0xAA << 8)?);
-            }
             &[libc::AF_UNIX, libc::AF_INET, libc::AF_INET6]
         }
     };
@@ -345,6 +354,7 @@ mod tests {
         assert!(!allow_list(Profile::Vmm).unwrap().is_empty());
         assert!(!allow_list(Profile::Puller).unwrap().is_empty());
         assert!(!allow_list(Profile::VmmWithPeer).unwrap().is_empty());
+        assert!(!allow_list(Profile::Agent).unwrap().is_empty());
         assert!(!clone3_unavailable().unwrap().is_empty());
     }
 }

@@ -528,6 +528,49 @@ impl Image {
         self.peer.is_some()
     }
 
+    /// For an image a peer holds: waits until all of it is here (true), a read failed, or
+    /// `timeout` passed (false). True at once for any other image.
+    pub fn wait_complete(&self, timeout: std::time::Duration) -> bool {
+        self.peer.as_ref().is_none_or(|filler| filler.wait_complete(timeout))
+    }
+
+    /// Writes this image, once all of it is here, to `path` as `thaw snapshot` writes one: to a
+    /// draft beside it, zero pages as holes, synced, read-only, then renamed into place. For an
+    /// image a peer holds, this is the local file later VMs are restored from.
+    pub fn save(&self, path: &Path) -> Result<(), SnapshotError> {
+        let io = |source| SnapshotError::Io { path: path.to_path_buf(), source };
+        if !self.wait_complete(std::time::Duration::ZERO) {
+            return Err(SnapshotError::Memory(format!("{}: not all of the image is here yet", self.path.display())));
+        }
+        let destination = crate::files::destination(path).map_err(io)?;
+        let draft = crate::files::Draft::beside(&destination).map_err(io)?;
+        let file = draft.file();
+        let mut chunks = vec![(0, self.info.metadata_len)];
+        chunks.extend(self.data_extents(true)?);
+        let mut buf = vec![0u8; 1 << 20];
+        for (start, end) in chunks {
+            let mut at = start;
+            while at < end {
+                let n = ((end - at) as usize).min(buf.len());
+                self.file
+                    .read_exact_at(&mut buf[..n], at)
+                    .map_err(|source| SnapshotError::Io { path: self.path.clone(), source })?;
+                // Pages a VM read from a hole are zero pages of the memfd: holes again here.
+                for (i, page) in buf[..n].chunks(image::PAGE_SIZE as usize).enumerate() {
+                    if page.iter().any(|&b| b != 0) {
+                        file.write_all_at(page, at + (i * image::PAGE_SIZE as usize) as u64).map_err(io)?;
+                    }
+                }
+                at += n as u64;
+            }
+        }
+        file.set_len(self.file_len()?).map_err(io)?;
+        file.set_permissions(std::fs::Permissions::from_mode(0o444)).map_err(io)?;
+        file.sync_all().map_err(io)?;
+        draft.persist(&destination).map_err(io)?;
+        Ok(())
+    }
+
     /// For an image a peer holds: what was read from the peer so far.
     pub fn peer_stats(&self) -> Option<LazyStats> {
         self.peer.as_ref().map(|filler| filler.stats())

@@ -983,6 +983,94 @@ fn a_vm_restored_from_a_peer_reads_its_memory_from_there_and_answers_alike() {
     );
 }
 
+/// Issue 31: a function deployed on one node is deployed on a second, which has never seen it,
+/// by naming the first's image. The second answers at once from the first's memory, then stores
+/// the image as it arrives and serves its own copy, which stays when the first is gone. A node
+/// whose peer sends no pages refuses the deploy within the request's timeout, saying why.
+#[test]
+fn a_node_deployed_from_a_peer_answers_at_once_then_from_its_own_copy() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("token");
+    std::fs::write(&token, "node-secret-of-the-cluster\n").unwrap();
+    let token = token.to_str().unwrap();
+    let (a_state, b_state) = (dir.path().join("a"), dir.path().join("b"));
+    let a = Server::start(&a_state, &["--admin-token-file", token]);
+    let b = Server::start(&b_state, &["--admin-token-file", token]);
+    let deployed = a.thaw(&["deploy", "hello", "--token-file", token, "--json", &example_path(&dir, "hello")]);
+    assert_eq!(deployed.code, Some(0), "{}", deployed.stderr);
+    let shown: serde_json::Value = serde_json::from_str(&deployed.stdout).unwrap();
+    let version = shown["function"]["version"].as_str().unwrap().to_string();
+    let image = format!("{}/v1/images/{version}", a.url);
+
+    let from_peer = b.thaw(&["deploy", "hello", &image, "--token-file", token]);
+    assert_eq!(from_peer.code, Some(0), "{}{}", from_peer.stdout, from_peer.stderr);
+    assert!(from_peer.stderr.contains("restored by the server from that peer"), "{}", from_peer.stderr);
+    let invoke = |server: &Server| post(&format!("{}/invoke", server.functions("hello")), br#"{"name":"b"}"#);
+    let first = invoke(&b);
+    assert_eq!((first.status, first.body.as_str()), (200, "{\"greeting\":\"Hello, b!\"}\n"));
+    let stored = b_state.join("images").join(format!("{version}.snap"));
+    let started = Instant::now();
+    while !(stored.exists() && get(&b.functions("hello")).body.contains(r#""state":"serving""#)) {
+        assert!(started.elapsed() < Duration::from_secs(60), "never served from its own copy: {}", b.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(b.log().contains("its image arrived whole from its peer: served from the stored image"), "{}", b.log());
+    drop(a.kill());
+    let after = invoke(&b);
+    assert_eq!((after.status, after.body.as_str()), (200, "{\"greeting\":\"Hello, b!\"}\n"), "{}", b.log());
+    // The version is here now: another name at it fetches nothing from the peer, which is gone.
+    let again = b.thaw(&["deploy", "hello2", &image, "--token-file", token, "--set", "mode=fresh"]);
+    assert_eq!(again.code, Some(0), "{}", again.stderr);
+    assert_eq!(invoke_named(&b, "hello2").status, 200);
+
+    // A peer whose pages never come: the deploy is refused within twice the request's timeout.
+    let c = Server::start(&dir.path().join("c"), &["--admin-token-file", token]);
+    // b serves the version it now holds to peers in turn.
+    let real = agent()
+        .get(format!("{}/v1/images/{version}/head", b.url))
+        .header("Authorization", "Bearer node-secret-of-the-cluster")
+        .call()
+        .unwrap()
+        .body_mut()
+        .with_config()
+        .limit(64 << 20)
+        .read_to_vec()
+        .unwrap();
+    let bare = without_sent_pages(&real);
+    let hostile = hostile_peer(move |path| {
+        if path.ends_with("/head") { Some((200, bare.clone())) } else { Some((500, br#"{"error":"gone"}"#.to_vec())) }
+    });
+    let started = Instant::now();
+    let refused = c.thaw(&[
+        "deploy",
+        "hello",
+        &format!("{hostile}/v1/images/{version}"),
+        "--token-file",
+        token,
+        "--set",
+        "timeout_ms=1000",
+    ]);
+    assert_eq!(refused.code, Some(125), "{}", refused.stderr);
+    assert!(
+        refused.stderr.contains("reading guest pages 0x") && refused.stderr.contains("the peer answered 500"),
+        "{}",
+        refused.stderr
+    );
+    assert!(started.elapsed() < Duration::from_secs(20), "{:?}", started.elapsed());
+}
+
+/// POSTs `{"name":"b"}` to `name` on `server`.
+fn invoke_named(server: &Server, name: &str) -> Reply {
+    post(&format!("{}/invoke", server.functions(name)), br#"{"name":"b"}"#)
+}
+
+/// The example `name`'s bundle, written into `dir`; its path.
+fn example_path(dir: &tempfile::TempDir, name: &str) -> String {
+    let path = dir.path().join(format!("{name}.thaw"));
+    std::fs::write(&path, example(name)).unwrap();
+    path.to_str().unwrap().to_string()
+}
+
 /// A peer that sends a damaged head, answers pages with errors or short bodies, dies after its
 /// head, or stops answering: each fails the restore with one line saying so, within the
 /// request's timeout, and no VM runs on a page that did not arrive.

@@ -28,8 +28,11 @@ pub struct DeployArgs {
     /// Python function (a .js, .mjs or .py file, or a directory with index.js, index.mjs,
     /// handler.py or main.py), which is packed here as `thaw pack` packs it and uploaded as its
     /// bundle. Or a bundle in an OCI registry, REGISTRY/REPOSITORY[:TAG][@sha256:DIGEST] (when
-    /// no such file is here), which the server pulls itself.
-    #[arg(value_name = "FILE|REF")]
+    /// no such file is here), which the server pulls itself. Or a version another `thaw serve`
+    /// serves, http://NODE:PORT/v1/images/VERSION, which the server restores from that node at
+    /// once and serves from its own copy once all of it has arrived (the nodes share the admin
+    /// token).
+    #[arg(value_name = "FILE|REF|URL")]
     file: PathBuf,
     /// Deploy settings, passed as query parameters (repeatable): mode=reset|pool|fresh, pool=N,
     /// concurrency=N, queue=N, timeout_ms=MS, and for a bare wasm memory=MIB, fuel=N,
@@ -257,11 +260,13 @@ fn print_json(value: &serde_json::Value) -> Result<(), ClientError> {
 
 /// `thaw deploy`.
 pub fn deploy(args: &DeployArgs) -> Result<u8, ClientError> {
-    // Not a file here, but a registry reference: the server pulls the bundle.
+    // Not a file here, but a registry reference (the server pulls the bundle), or a peer's
+    // image (the server restores from that peer until the image is its own).
+    let peer = crate::remote::is_peer_address(&args.file);
     let reference = args
         .file
         .to_str()
-        .filter(|text| !args.file.exists() && crate::oci::Reference::parse(text).is_ok())
+        .filter(|text| peer || (!args.file.exists() && crate::oci::Reference::parse(text).is_ok()))
         .map(str::to_string);
     let language = crate::pack::Language::of(&args.file, args.entry.as_deref());
     let source = language != crate::pack::Language::Wasm;
@@ -298,11 +303,17 @@ pub fn deploy(args: &DeployArgs) -> Result<u8, ClientError> {
         crate::files::read_limited(&args.file, 1 << 30, "function", crate::files::READ_WITHIN)?
     };
     let query = if query.is_empty() { String::new() } else { format!("?{}", query.join("&")) };
-    let pulled = if reference.is_some() { ", pulled by the server," } else { "" };
-    eprintln!(
-        "thaw: deploying {}{pulled} to {} (a cold boot and a snapshot, unless the server has this version)",
-        args.name, args.server.server
-    );
+    let pulled = match &reference {
+        Some(_) if peer => ", restored by the server from that peer,",
+        Some(_) => ", pulled by the server,",
+        None => "",
+    };
+    let how = if peer {
+        "its VMs restored from the peer's memory until the server has the whole image"
+    } else {
+        "a cold boot and a snapshot, unless the server has this version"
+    };
+    eprintln!("thaw: deploying {}{pulled} to {} ({how})", args.name, args.server.server);
     let content_type = reference.as_ref().map(|_| crate::serve::REFERENCE_TYPE);
     let path = format!("/v1/functions/{}{query}", encode(&args.name));
     let answer = args.server.send_typed("PUT", &path, Some(&upload), content_type)?;

@@ -117,6 +117,9 @@ enum Command {
     /// `thaw serve`'s registry puller, which the agent starts itself (`serve/puller.rs`).
     #[command(name = "__puller", hide = true)]
     Puller(SeccompArgs),
+    /// `thaw serve`'s peer fetcher, which the agent starts itself (`serve/fetcher.rs`).
+    #[command(name = "__fetcher", hide = true)]
+    Fetcher(SeccompArgs),
     /// Print a shell completion script for thaw on stdout (e.g. `thaw completions bash >
     /// ~/.local/share/bash-completion/completions/thaw`).
     Completions {
@@ -156,6 +159,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Completions { shell } => exit(completions(shell)),
         Command::Puller(args) => ExitCode::from(serve::puller::run(!args.no_seccomp)),
+        Command::Fetcher(args) => ExitCode::from(serve::fetcher::run(!args.no_seccomp)),
         Command::Run(args) => exit(run::run(&args)),
         Command::Qemu(args) => exit(qemu::run(&args)),
         Command::Bench(args) => exit(bench::run(&args)),
@@ -220,22 +224,22 @@ pub struct SeccompArgs {
 /// Confines the process to its syscall allow-list (`host_vmm::seccomp`) once its setup is done
 /// and before any guest runs, unless `--no-seccomp` says not to, which is said loudly.
 pub fn confine(args: &SeccompArgs) -> Result<(), host_vmm::seccomp::SeccompError> {
+    confine_with(args, host_vmm::seccomp::install)
+}
+
+/// [`confine`] with the allow-list `install` puts in place: `thaw serve`'s, or that of a
+/// process whose VMs' memory a peer holds (`thaw restore URL`).
+pub fn confine_with(
+    args: &SeccompArgs,
+    install: fn() -> Result<(), host_vmm::seccomp::SeccompError>,
+) -> Result<(), host_vmm::seccomp::SeccompError> {
     if args.no_seccomp {
         eprintln!(
             "thaw: WARNING: --no-seccomp: VMs run without the syscall allow-list; a guest that escaped into thaw could use any system call. Use it only to debug thaw."
         );
         return Ok(());
     }
-    host_vmm::seccomp::install()
-}
-
-/// [`confine`] for a process whose VMs' memory a peer holds (`thaw restore URL`): the VMM's
-/// allow-list with IP sockets and userfaultfd.
-pub fn confine_with_peer(args: &SeccompArgs) -> Result<(), host_vmm::seccomp::SeccompError> {
-    if args.no_seccomp {
-        return confine(args);
-    }
-    host_vmm::seccomp::install_with_peer()
+    install()
 }
 
 /// The exit status of a process whose reader went away (128 + SIGPIPE), as a shell reports

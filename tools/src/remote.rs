@@ -60,24 +60,37 @@ pub fn is_peer_address(text: &Path) -> bool {
     text.to_str().is_some_and(|t| t.starts_with("http://") || t.starts_with("https://"))
 }
 
+/// The image at `url` (`http://HOST:PORT/v1/images/VERSION`): its address without a trailing
+/// `/`, and its version.
+pub fn image_address(url: &str) -> Result<(String, String), PeerError> {
+    let image = url.trim_end_matches('/');
+    let version = image.rsplit_once("/v1/images/").map(|(_, version)| version).unwrap_or_default();
+    let is_version = version.len() == 64 && version.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+    if !is_version || !is_peer_address(Path::new(image)) {
+        return Err(PeerError::Url(url.into()));
+    }
+    Ok((image.to_string(), version.to_string()))
+}
+
 impl Peer {
     /// The peer at `url` (`http://HOST:PORT/v1/images/VERSION`), with the admin token in
     /// `token_file` if given. A page is read twice at most before the VM that needs it fails,
     /// so each read may stall half of `deadline` (a request's timeout), [`STALL`] at most.
     pub fn new(url: &str, token_file: Option<&Path>, deadline: Duration) -> Result<Self, PeerError> {
-        let image = url.trim_end_matches('/');
-        let version = image.rsplit_once("/v1/images/").map(|(_, version)| version).unwrap_or_default();
-        let is_version = version.len() == 64 && version.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
-        if !is_version || !is_peer_address(Path::new(image)) {
-            return Err(PeerError::Url(url.into()));
-        }
-        let authorization = match token_file {
+        let token = match token_file {
             None => None,
             Some(path) => {
                 let bytes = crate::files::read_limited(path, 4096, "admin token", crate::files::READ_WITHIN)?;
-                Some(format!("Bearer {}", String::from_utf8_lossy(&bytes).trim()))
+                Some(String::from_utf8_lossy(&bytes).trim().to_string())
             }
         };
+        Self::with_token(url, token.as_deref(), deadline)
+    }
+
+    /// [`Peer::new`], with the token itself.
+    pub fn with_token(url: &str, token: Option<&str>, deadline: Duration) -> Result<Self, PeerError> {
+        let (image, _) = image_address(url)?;
+        let authorization = token.map(|token| format!("Bearer {token}"));
         let stall = (deadline / 2).clamp(Duration::from_millis(1), STALL);
         let config = ureq::Agent::config_builder()
             .http_status_as_error(false)
@@ -85,7 +98,7 @@ impl Peer {
             .timeout_per_read(Some(stall))
             .timeout_per_write(Some(stall))
             .build();
-        Ok(Self { agent: ureq::Agent::new_with_config(config), stall, image: image.into(), authorization })
+        Ok(Self { agent: ureq::Agent::new_with_config(config), stall, image, authorization })
     }
 
     /// GETs `url`, expecting 200 and at most `limit` bytes.
@@ -115,24 +128,34 @@ impl Peer {
 
     /// The image's restore head, validated.
     pub fn head(&self) -> Result<Head, PeerError> {
-        let url = format!("{}/head", self.image);
-        let bytes = self.get(&url, MAX_HEAD_BYTES)?;
-        Head::decode(&bytes).map_err(|source| PeerError::Head { url, source })
+        let bytes = self.head_bytes()?;
+        Head::decode(&bytes).map_err(|source| PeerError::Head { url: format!("{}/head", self.image), source })
+    }
+
+    /// The image's restore head as the peer sent it, unchecked.
+    pub fn head_bytes(&self) -> Result<Vec<u8>, PeerError> {
+        self.get(&format!("{}/head", self.image), MAX_HEAD_BYTES)
+    }
+
+    /// `count` pages of the image from page `first`, exactly as many bytes as they hold.
+    pub fn pages(&self, first: u64, count: u64) -> Result<Vec<u8>, String> {
+        let url = format!("{}/pages?first={first}&count={count}", self.image);
+        let expected = count.saturating_mul(host_vmm::layout::PAGE_SIZE);
+        let bytes = self.get(&url, expected + 1).map_err(|e| match e {
+            PeerError::Http { why, .. } => why,
+            e => e.to_string(),
+        })?;
+        if bytes.len() as u64 != expected {
+            return Err(format!("{} bytes for {count} pages, {expected} expected", bytes.len()));
+        }
+        Ok(bytes)
     }
 }
 
 impl PageSource for Peer {
     fn read(&self, first: u64, into: &mut [u8]) -> Result<(), String> {
         let count = into.len() as u64 / host_vmm::layout::PAGE_SIZE;
-        let url = format!("{}/pages?first={first}&count={count}", self.image);
-        let bytes = self.get(&url, into.len() as u64 + 1).map_err(|e| match e {
-            PeerError::Http { why, .. } => why,
-            e => e.to_string(),
-        })?;
-        if bytes.len() != into.len() {
-            return Err(format!("{} bytes for {count} pages, {} expected", bytes.len(), into.len()));
-        }
-        into.copy_from_slice(&bytes);
+        into.copy_from_slice(&self.pages(first, count)?);
         Ok(())
     }
 

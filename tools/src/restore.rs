@@ -466,7 +466,7 @@ pub fn serve_batch(args: &RestoreArgs, floor: Option<Floor>) -> Result<u8, Resto
         ))),
     };
     if peer {
-        crate::confine_with_peer(&args.seccomp)?;
+        crate::confine_with(&args.seccomp, host_vmm::seccomp::install_with_peer)?;
     } else {
         crate::confine(&args.seccomp)?;
     }

@@ -142,7 +142,7 @@ impl Limits {
 /// What the handlers share.
 pub struct Api {
     /// The deployed functions.
-    pub registry: Registry,
+    pub registry: Arc<Registry>,
     /// Who may deploy and delete.
     pub admin: Admin,
     /// Body caps.
@@ -383,11 +383,15 @@ async fn deploy(
         Some(language) => api.registry.deploy(&name, Vec::from(upload.bytes), language, query).await,
         None => match std::str::from_utf8(&upload.bytes).map(str::trim) {
             Ok(reference) if !reference.is_empty() && reference.len() <= MAX_REFERENCE => {
-                api.registry.deploy_reference(&name, reference, query).await
+                if crate::remote::is_peer_address(std::path::Path::new(reference)) {
+                    api.registry.deploy_from_peer(&name, reference, query).await
+                } else {
+                    api.registry.deploy_reference(&name, reference, query).await
+                }
             }
             _ => {
                 let why = format!(
-                    "the body of a {REFERENCE_TYPE} deploy is one registry reference of UTF-8, at most {MAX_REFERENCE} bytes"
+                    "the body of a {REFERENCE_TYPE} deploy is one registry reference or peer's image address of UTF-8, at most {MAX_REFERENCE} bytes"
                 );
                 return error(StatusCode::BAD_REQUEST, why);
             }
@@ -516,7 +520,9 @@ fn registry_error(e: &RegistryError) -> Response {
         RegistryError::NoSpace { .. } => StatusCode::INSUFFICIENT_STORAGE,
         RegistryError::NotFound(_) => StatusCode::NOT_FOUND,
         RegistryError::NoPython(_) => StatusCode::NOT_IMPLEMENTED,
-        RegistryError::NoPuller(_) => StatusCode::SERVICE_UNAVAILABLE,
+        RegistryError::NoPuller(_) | RegistryError::NoFetcher(_) => StatusCode::SERVICE_UNAVAILABLE,
+        RegistryError::Peer(crate::remote::PeerError::Url(_)) => StatusCode::BAD_REQUEST,
+        RegistryError::Peer(_) => StatusCode::BAD_GATEWAY,
         RegistryError::Store(_)
         | RegistryError::Scratch { .. }
         | RegistryError::Blocking(_)

@@ -114,6 +114,7 @@ impl Deployed {
             ..VmConfig::default()
         };
         config.backends.services = services;
+        let (config_timeout, remote) = (config.timeout, image.is_remote());
         let lanes = Lanes::start(Arc::clone(&image), config, serving.mode, serving.pool)?;
         let (queue, jobs) = mpsc::sync_channel(serving.queue);
         let jobs = Arc::new(Mutex::new(jobs));
@@ -141,7 +142,9 @@ impl Deployed {
             threads,
             retired,
         };
-        let within = init_timeout.max(READY_TIMEOUT);
+        // A VM restored from a peer's memory is ready after a few of its page reads, each given
+        // half the request's timeout: one not ready in twice that timeout will not be.
+        let within = if remote { config_timeout * 2 } else { init_timeout.max(READY_TIMEOUT) };
         let deadline = Instant::now() + within;
         for _ in 0..serving.concurrency {
             match readied.recv_timeout(deadline.saturating_duration_since(Instant::now())) {

@@ -12,6 +12,7 @@
 
 mod api;
 mod deployed;
+pub mod fetcher;
 mod logs;
 mod metrics;
 pub mod puller;
@@ -296,14 +297,23 @@ pub fn run(args: &ServeArgs) -> Result<u8, ServeError> {
             None
         }
     };
+    // So is the peer fetcher: deploys from a peer need it.
+    let fetcher = match fetcher::Fetcher::start(!args.seccomp.no_seccomp, token.as_deref()) {
+        Ok(fetcher) => Some(Arc::new(fetcher)),
+        Err(e) => {
+            warn!("{e}: deploys from a peer will be refused");
+            None
+        }
+    };
     // Setup is done once the listener is bound: from here on, every thread runs under the
     // syscall allow-list, before any guest runs (the store's functions start in the next step).
-    crate::confine(&args.seccomp)?;
+    crate::confine_with(&args.seccomp, host_vmm::seccomp::install_agent)?;
     let operator = Operator {
         defaults,
         services: args.services.iter().cloned().collect(),
         poll: Duration::from_micros(args.poll_us),
         puller,
+        fetcher,
     };
     let registry = Registry::load(store, operator)?;
     let retired = registry.retired();
@@ -313,7 +323,7 @@ pub fn run(args: &ServeArgs) -> Result<u8, ServeError> {
         Listen::Unix(_) => Exposure::Unix,
     };
     let api = Arc::new(Api {
-        registry,
+        registry: Arc::new(registry),
         admin: Admin { token, exposure },
         limits: Limits::new(
             args.max_upload_mib << 20,

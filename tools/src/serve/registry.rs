@@ -102,6 +102,13 @@ pub enum RegistryError {
     /// The registry puller is not running (503).
     #[error("this server cannot deploy by reference: {0}")]
     NoPuller(crate::serve::puller::PullerError),
+    /// The peer fetcher is not running (503).
+    #[error("this server cannot deploy from a peer: {0}")]
+    NoFetcher(super::fetcher::FetcherError),
+    /// The peer's address is not an image's, or its head was refused (400), or could not be
+    /// read (502).
+    #[error(transparent)]
+    Peer(#[from] crate::remote::PeerError),
     /// The store failed (500).
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -183,6 +190,8 @@ pub struct Operator {
     pub poll: Duration,
     /// The registry puller deploys by reference ask, or why there is none.
     pub puller: Option<Arc<Puller>>,
+    /// The peer fetcher deploys from a peer ask (`fetcher.rs`).
+    pub fetcher: Option<Arc<super::fetcher::Fetcher>>,
 }
 
 /// True for a function name: 1 to 64 of `[A-Za-z0-9._-]`, but not `.` or `..`, which clients
@@ -499,6 +508,120 @@ impl Registry {
         self.deploy(name, bundle, Language::Wasm, query).await
     }
 
+    /// Deploys as `name`, with the settings in `query`, the version a peer serves at `url`
+    /// (`http://NODE:PORT/v1/images/VERSION`, docs/API.md): from its stored image when this
+    /// agent has that version; else at once from the peer, whose image's head the peer fetcher
+    /// reads and whose pages it reads as VMs touch them (`host_vmm::lazy`), until the whole
+    /// image is here. Then it is stored, and the function served from it like any other
+    /// ([`Registry::settle`]). Until then a kept VM cannot be reset (its image is not here), so
+    /// reset mode is served as pool mode.
+    pub async fn deploy_from_peer(
+        self: &Arc<Self>,
+        name: &str,
+        url: &str,
+        query: &str,
+    ) -> Result<(Deployment, View), RegistryError> {
+        let (serving, packing) = settings::parse(query, &self.operator.defaults)?;
+        if let Some(given) = packing.first_given() {
+            return Err(settings::SettingsError::InBundle(given.into()).into());
+        }
+        let (url, version) = crate::remote::image_address(url)?;
+        if usable(&self.store.image_path(&version)) {
+            info!(function = name, peer = url, "held already: nothing fetched");
+            return self.put(name, version, serving, None).await;
+        }
+        let fetcher =
+            self.operator.fetcher.clone().ok_or(RegistryError::NoFetcher(super::fetcher::FetcherError::Gone))?;
+        let within =
+            Duration::from_millis(serving.timeout_ms).clamp(Duration::from_millis(2), crate::remote::STALL * 2) / 2;
+        let (head_fetcher, head_url) = (Arc::clone(&fetcher), url.clone());
+        let head = blocking(move || head_fetcher.head(&head_url, within)).await?.map_err(|e| {
+            RegistryError::Peer(crate::remote::PeerError::Http { url: format!("{url}/head"), why: e.to_string() })
+        })?;
+        let head = host_vmm::remote::Head::decode(&head)
+            .map_err(|source| crate::remote::PeerError::Head { url: format!("{url}/head"), source })?;
+        let pages = super::fetcher::FetchedPages { fetcher, url: url.clone(), within: within * 2 };
+        let image = Arc::new(Image::from_head(head, Arc::new(pages), true)?);
+        let mut now = serving.clone();
+        if now.mode == host_vmm::lane::Mode::Reset {
+            now.mode = host_vmm::lane::Mode::Pool;
+        }
+        let services = resolve(&self.operator.services, &now)?;
+        let _changing = self.changing.lock().await;
+        let metrics = {
+            let slots = self.slots.read().unwrap_or_else(|p| p.into_inner());
+            slots.get(name).map(|slot| Arc::clone(&slot.metrics))
+        };
+        let existed = metrics.is_some();
+        let metrics = metrics.unwrap_or_default();
+        let (version_owned, counters, retired, poll, served) =
+            (version.clone(), Arc::clone(&metrics), Arc::clone(&self.retired), self.operator.poll, Arc::clone(&image));
+        let deployed =
+            blocking(move || Deployed::start(&version_owned, &now, served, services, poll, counters, retired))
+                .await??;
+        // Not in the store until its image is: a restart before then forgets it.
+        let deployed_at = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let record = Record { name: name.to_string(), version: version.clone(), serving: serving.clone(), deployed_at };
+        let slot = Slot { record, metrics, serving: Ok(Arc::new(deployed)) };
+        let shown = self.shown(&slot);
+        let old = self.slots.write().unwrap_or_else(|p| p.into_inner()).insert(name.to_string(), slot);
+        drop(old);
+        info!(
+            function = name,
+            version = short(&version),
+            peer = url,
+            "deployed from a peer: its pages are read as they are touched"
+        );
+        let registry = Arc::clone(self);
+        let name = name.to_string();
+        tokio::spawn(async move { registry.settle(&name, &version, serving, image).await });
+        Ok((if existed { Deployment::Updated } else { Deployment::Created }, shown))
+    }
+
+    /// Once all of `image` (a peer's, which `name` serves at `version`) is here: stores it, and
+    /// serves `name` from the stored image with `serving`, unless it was deployed again or
+    /// deleted meanwhile. An image that never completes (its peer died) stays served from the
+    /// peer, a VM that needs a page that did not arrive failing with why.
+    async fn settle(&self, name: &str, version: &str, serving: Serving, image: Arc<Image>) {
+        let waiting = Arc::clone(&image);
+        let complete = blocking(move || waiting.wait_complete(Duration::from_secs(3600))).await.unwrap_or(false);
+        if !complete {
+            warn!(
+                function = name,
+                version = short(version),
+                "its image did not arrive whole from its peer; it is served from the peer until deployed again"
+            );
+            return;
+        }
+        let scratch = self.store.scratch().join(format!("{}-from-peer.snap", short(version)));
+        let (saving, path) = (Arc::clone(&image), scratch.clone());
+        match blocking(move || saving.save(&path)).await {
+            Ok(Ok(())) => {}
+            failed => {
+                warn!(
+                    function = name,
+                    version = short(version),
+                    "storing the image that arrived from its peer: {failed:?}"
+                );
+                return;
+            }
+        }
+        let kept = self.store.keep_image(&scratch, version);
+        let still = self.serving(name).ok().flatten().is_some_and(|d| Arc::ptr_eq(d.image(), &image));
+        match kept {
+            Err(e) => warn!(function = name, "storing the image that arrived from its peer: {e}"),
+            Ok(()) if still => match self.put(name, version.to_string(), serving, None).await {
+                Ok(_) => info!(
+                    function = name,
+                    version = short(version),
+                    "its image arrived whole from its peer: served from the stored image"
+                ),
+                Err(e) => warn!(function = name, "serving the image that arrived from its peer: {e}"),
+            },
+            Ok(()) => self.collect_garbage(),
+        }
+    }
+
     /// Cold-boots `function` with `serving`'s extra devices and its `services`, within its
     /// init limit, and snapshots it after init with its working set, in a new directory in the store's scratch space.
     /// Returns the directory (removed when dropped) and the image in it.
@@ -588,6 +711,9 @@ fn view(slot: &Slot) -> View {
         state: match &slot.serving {
             Ok(deployed) if !deployed.image_intact() => {
                 "failed: its stored image was cut short under it; deploying it again repairs it".to_string()
+            }
+            Ok(deployed) if deployed.image().is_remote() => {
+                "serving from its peer, whose pages are read as they are touched, until its image is here".to_string()
             }
             Ok(deployed) => match deployed.pool_stats().and_then(|pool| pool.failing) {
                 Some(why) => format!("degraded: its pool cannot ready VMs, and retries ({why})"),
