@@ -291,21 +291,21 @@ pub fn write_image(
 
 /// What a peer that holds an image sends first, the restore head: what an image a peer holds
 /// is made of here ([`Image::from_head`]). Its format, and how it is made and checked, are
-/// `crate::remote`'s.
+/// `crate::remote`'s; only a head made there (of an image, or decoded and checked) exists.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Head {
     /// The image file's length.
-    pub file_len: u64,
+    pub(crate) file_len: u64,
     /// The image's metadata, as at the start of its file.
-    pub metadata: Vec<u8>,
+    pub(crate) metadata: Vec<u8>,
     /// Runs of pages that are not zero in the image (first page, count).
-    pub nonzero: Vec<(u64, u64)>,
+    pub(crate) nonzero: Vec<(u64, u64)>,
     /// Runs of pages whose bytes came with the head.
-    pub sent: Vec<(u64, u64)>,
+    pub(crate) sent: Vec<(u64, u64)>,
     /// Their bytes, in run order.
-    pub pages: Vec<u8>,
+    pub(crate) pages: Vec<u8>,
     /// The data volume (empty when the image has none).
-    pub volume: Vec<u8>,
+    pub(crate) volume: Vec<u8>,
 }
 
 /// An opened, fully validated image.
