@@ -55,6 +55,53 @@ pub trait PageSource: Send + Sync {
     fn describe(&self) -> String;
 }
 
+/// Several sources of the same image's pages (the nodes that hold it): a read goes to the one
+/// that answered last, and to the others in turn when it fails, so that a holder that dies
+/// costs a read its time, not the VM. The read fails only when every source failed; its error
+/// names each.
+pub struct Holders {
+    sources: Vec<Arc<dyn PageSource>>,
+    /// The index of the source that answered last.
+    current: std::sync::atomic::AtomicUsize,
+}
+
+impl Holders {
+    /// The sources, tried from the first.
+    pub fn new(sources: Vec<Arc<dyn PageSource>>) -> Self {
+        Self { sources, current: std::sync::atomic::AtomicUsize::new(0) }
+    }
+}
+
+impl PageSource for Holders {
+    fn read(&self, first: u64, into: &mut [u8]) -> Result<(), String> {
+        let start = self.current.load(Ordering::Relaxed);
+        let mut failures = Vec::new();
+        for turn in 0..self.sources.len() {
+            let index = (start + turn) % self.sources.len();
+            let source = &self.sources[index];
+            match source.read(first, into) {
+                Ok(()) => {
+                    self.current.store(index, Ordering::Relaxed);
+                    return Ok(());
+                }
+                Err(why) => {
+                    failures.push(if self.sources.len() > 1 { format!("{}: {why}", source.describe()) } else { why })
+                }
+            }
+        }
+        Err(if failures.is_empty() { "no holder to read from".into() } else { failures.join("; ") })
+    }
+
+    fn describe(&self) -> String {
+        match self.sources.as_slice() {
+            [only] => only.describe(),
+            all => {
+                format!("{} holders ({})", all.len(), all.iter().map(|s| s.describe()).collect::<Vec<_>>().join(", "))
+            }
+        }
+    }
+}
+
 /// Why lazily filled memory could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum LazyError {
@@ -681,6 +728,21 @@ mod tests {
     ) -> Filler {
         let source = Arc::new(Pattern { reads: AtomicUsize::new(0), fail_after });
         Filler::start(Arc::clone(file), (PAGE_SIZE, pages), nonzero, sent, source, true).unwrap()
+    }
+
+    #[test]
+    fn a_holder_that_fails_hands_the_read_to_the_next_and_all_failing_names_each() {
+        let dead: Arc<dyn PageSource> = Arc::new(Pattern { reads: AtomicUsize::new(0), fail_after: 0 });
+        let alive: Arc<dyn PageSource> = Arc::new(Pattern { reads: AtomicUsize::new(0), fail_after: usize::MAX });
+        let holders = Holders::new(vec![Arc::clone(&dead), alive]);
+        let mut page = vec![0u8; PAGE_SIZE as usize];
+        holders.read(4, &mut page).unwrap();
+        assert_eq!(page[0], 5);
+        holders.read(6, &mut page).unwrap();
+        assert_eq!(holders.current.load(Ordering::Relaxed), 1, "the one that answered is asked first");
+        let none = Holders::new(vec![Arc::clone(&dead), dead]);
+        let why = none.read(0, &mut page).unwrap_err();
+        assert_eq!(why, "the test pattern: connection reset; the test pattern: connection reset");
     }
 
     #[test]

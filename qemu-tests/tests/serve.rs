@@ -1057,6 +1057,17 @@ fn a_node_deployed_from_a_peer_answers_at_once_then_from_its_own_copy() {
         refused.stderr
     );
     assert!(started.elapsed() < Duration::from_secs(20), "{:?}", started.elapsed());
+    // With b named as a second holder, the same deploy reads its pages from b.
+    let holders = format!("{hostile}/v1/images/{version}\n{}/v1/images/{version}\n", b.url);
+    let both = reply(
+        agent()
+            .put(c.functions("hello"))
+            .header("Authorization", "Bearer node-secret-of-the-cluster")
+            .header("content-type", REFERENCE)
+            .send(holders.as_bytes()),
+    );
+    assert_eq!(both.status, 201, "{}", both.body);
+    assert_eq!(invoke_named(&c, "hello").status, 200, "{}", c.log());
 }
 
 /// POSTs `{"name":"b"}` to `name` on `server`.
@@ -1131,6 +1142,17 @@ fn a_hostile_or_dying_peer_fails_the_restore_with_one_line_and_never_zeros() {
         assert_eq!(run.stderr.lines().count(), 1, "{what}: {}", run.stderr);
         assert!(took < Duration::from_secs(20), "{what}: {took:?}");
     }
+
+    // Another holder of the version takes over the reads of one that closes on every page.
+    let closing = serving(bare.clone(), || None);
+    let holder = format!("{}/v1/images/{version}", peer.url);
+    let image = format!("{closing}/v1/images/{version}");
+    let responses = state.path().join("responses.jsonl");
+    let answered = ["--data", r#"{"name":"peer"}"#, "--responses", responses.to_str().unwrap()];
+    let run = run_thaw(&[&["restore", &image, "--holder", &holder][..], &answered].concat());
+    assert_eq!(run.code, Some(0), "{}{}", run.stdout, run.stderr);
+    let answers = std::fs::read_to_string(&responses).unwrap();
+    assert!(answers.contains(r#"\"greeting\":\"Hello, peer!\""#), "{answers}");
 
     // The peer dies after its head: the restore fails, it does not hang or run on zeros.
     let dying = Mutex::new(Some(peer));

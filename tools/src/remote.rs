@@ -6,6 +6,7 @@
 //! goes with every request.
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use host_vmm::lazy::PageSource;
@@ -36,6 +37,42 @@ pub enum PeerError {
     /// The token file could not be read.
     #[error(transparent)]
     Token(#[from] crate::files::FilesError),
+    /// No holder gave a restore head that checks out.
+    #[error("no holder gave a good restore head: {0}")]
+    NoHead(String),
+    /// Holders named for one image serve different versions.
+    #[error("{0} and {1} are not the same version: every holder must serve the image's")]
+    Mixed(String, String),
+}
+
+/// The image that `urls` (each `http://HOST:PORT/v1/images/VERSION`, one version) all serve: its
+/// restore head from the first holder that gives a good one, and a page source that reads from
+/// all of them, another when one fails (`host_vmm::lazy::Holders`).
+pub fn from_holders(
+    urls: &[String],
+    token_file: Option<&Path>,
+    deadline: Duration,
+) -> Result<(Head, host_vmm::lazy::Holders), PeerError> {
+    let peers = urls.iter().map(|url| Peer::new(url, token_file, deadline)).collect::<Result<Vec<_>, _>>()?;
+    let (first, version) = image_address(&urls[0])?;
+    for url in &urls[1..] {
+        if image_address(url)?.1 != version {
+            return Err(PeerError::Mixed(first, url.clone()));
+        }
+    }
+    let mut failures = Vec::new();
+    let head = peers.iter().find_map(|peer| peer.head().map_err(|e| failures.push(e)).ok());
+    let head = match head {
+        Some(head) => head,
+        // One holder: its error as it is (the tests and users match on it); more: each.
+        None if failures.len() == 1 => return Err(failures.remove(0)),
+        None => {
+            let each: Vec<String> = failures.iter().map(ToString::to_string).collect();
+            return Err(PeerError::NoHead(each.join("; ")));
+        }
+    };
+    let sources = peers.into_iter().map(|peer| Arc::new(peer) as Arc<dyn PageSource>).collect();
+    Ok((head, host_vmm::lazy::Holders::new(sources)))
 }
 
 /// The largest head a peer may send: metadata, working set and volume (a Python function's

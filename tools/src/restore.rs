@@ -96,6 +96,11 @@ pub enum RestoreError {
     /// The peer holding the image.
     #[error(transparent)]
     Peer(#[from] crate::remote::PeerError),
+    /// `--holder` with an image file.
+    #[error(
+        "--holder names another server that holds an image restored from a server (http://NODE:PORT/v1/images/VERSION), not a file"
+    )]
+    HolderOfFile,
     /// An option a restore from a peer cannot take.
     #[error("{0} needs the image on this machine; restoring from a peer takes --mode fresh or pool")]
     PeerMode(&'static str),
@@ -131,6 +136,10 @@ pub struct RestoreArgs {
     /// With an image a server holds: a file holding that server's admin token.
     #[arg(long, value_name = "FILE", env = "THAW_TOKEN_FILE")]
     token_file: Option<PathBuf>,
+    /// With an image a server holds: another server that serves the same version (repeatable).
+    /// Pages are read from the one that answered last, and from the others when it fails.
+    #[arg(long = "holder", value_name = "URL")]
+    holders: Vec<String>,
     /// With an image a server holds: read only the pages guests touch, not the rest of the
     /// image in the background (to measure what demand paging costs).
     #[arg(long)]
@@ -371,6 +380,7 @@ impl RestoreArgs {
         Self {
             image,
             token_file: None,
+            holders: Vec::new(),
             no_prefetch: false,
             count: runs,
             concurrency: 1,
@@ -439,6 +449,9 @@ pub fn serve_batch(args: &RestoreArgs, floor: Option<Floor>) -> Result<u8, Resto
         )?],
     };
     let peer = crate::remote::is_peer_address(&args.image);
+    if !peer && !args.holders.is_empty() {
+        return Err(RestoreError::HolderOfFile);
+    }
     let refused =
         [(args.mode == Mode::Reset, "--mode reset"), (args.template, "--template"), (args.verify, "--verify")];
     if let Some((_, option)) = refused.iter().find(|(given, _)| peer && *given) {
@@ -446,10 +459,11 @@ pub fn serve_batch(args: &RestoreArgs, floor: Option<Floor>) -> Result<u8, Resto
     }
     let head_started = Instant::now();
     let image = if peer {
-        let url = args.image.to_string_lossy();
+        let mut urls = vec![args.image.to_string_lossy().into_owned()];
+        urls.extend(args.holders.iter().cloned());
         let deadline = crate::kernel::parse_timeout(args.timeout)?;
-        let peer = Arc::new(crate::remote::Peer::new(&url, args.token_file.as_deref(), deadline)?);
-        Image::from_head(peer.head()?, peer, !args.no_prefetch)?
+        let (head, holders) = crate::remote::from_holders(&urls, args.token_file.as_deref(), deadline)?;
+        Image::from_head(head, Arc::new(holders), !args.no_prefetch)?
     } else {
         Image::open(&args.image)?
     };

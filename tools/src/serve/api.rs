@@ -384,7 +384,8 @@ async fn deploy(
         None => match std::str::from_utf8(&upload.bytes).map(str::trim) {
             Ok(reference) if !reference.is_empty() && reference.len() <= MAX_REFERENCE => {
                 if crate::remote::is_peer_address(std::path::Path::new(reference)) {
-                    api.registry.deploy_from_peer(&name, reference, query).await
+                    let holders: Vec<String> = reference.split_whitespace().map(String::from).collect();
+                    api.registry.deploy_from_peer(&name, &holders, query).await
                 } else {
                     api.registry.deploy_reference(&name, reference, query).await
                 }

@@ -10,7 +10,7 @@
 //!
 //! ```text
 //! request:  u32 length, u64 id, u8 op, then for op 1 (head): u64 stall in ms, the image URL;
-//!           for op 2 (pages): u64 first page, u64 count, the image URL;
+//!           for op 2 (pages): u64 stall in ms, u64 first page, u64 count, the image URL;
 //!           for op 0 (once, first): the admin token the peers take
 //! answer:   u32 length, u64 id, u8 1 (the bytes follow) or 0 (an error line follows)
 //! ```
@@ -137,9 +137,11 @@ impl Fetcher {
         self.call(OP_HEAD, &payload, stall * 3)
     }
 
-    /// `count` pages from page `first` of the image at `url` (whose head was asked for).
+    /// `count` pages from page `first` of the image at `url`, each of the fetcher's two tries
+    /// stalling half of `within` at most.
     pub fn pages(&self, url: &str, first: u64, count: u64, within: Duration) -> Result<Vec<u8>, FetcherError> {
-        let mut payload = first.to_le_bytes().to_vec();
+        let mut payload = ((within / 2).as_millis() as u64).to_le_bytes().to_vec();
+        payload.extend_from_slice(&first.to_le_bytes());
         payload.extend_from_slice(&count.to_le_bytes());
         payload.extend_from_slice(url.as_bytes());
         self.call(OP_PAGES, &payload, within)
@@ -240,26 +242,31 @@ pub fn run(confined: bool) -> u8 {
 /// What the fetcher answers one request with.
 fn answer(op: u8, payload: &[u8], peers: &Mutex<HashMap<String, Arc<Peer>>>, token: &str) -> Result<Vec<u8>, String> {
     let word = |at: usize| payload.get(at..at + 8).map(|w| u64::from_le_bytes(w.try_into().unwrap_or_default()));
+    let stall = Duration::from_millis(word(0).ok_or("a request without its stall")?);
+    // The peer of an image, made at its first request, read with the stall that request gave.
+    let peer = |url: &str| -> Result<Arc<Peer>, String> {
+        let mut peers = peers.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(peer) = peers.get(url) {
+            return Ok(Arc::clone(peer));
+        }
+        let peer = Arc::new(
+            Peer::with_token(url, (!token.is_empty()).then_some(token), stall * 2).map_err(|e| e.to_string())?,
+        );
+        peers.insert(url.to_string(), Arc::clone(&peer));
+        Ok(peer)
+    };
     match op {
         OP_HEAD => {
-            let stall = Duration::from_millis(word(0).ok_or("a head request without its stall")?);
             let url = String::from_utf8_lossy(&payload[8..]).into_owned();
-            let peer = Arc::new(
-                Peer::with_token(&url, (!token.is_empty()).then_some(token), stall * 2).map_err(|e| e.to_string())?,
-            );
-            let head = peer.head_bytes().map_err(|e| match e {
+            peer(&url)?.head_bytes().map_err(|e| match e {
                 crate::remote::PeerError::Http { why, .. } => why,
                 e => e.to_string(),
-            })?;
-            peers.lock().unwrap_or_else(|p| p.into_inner()).insert(url, peer);
-            Ok(head)
+            })
         }
         OP_PAGES => {
-            let (first, count) = word(0).zip(word(8)).ok_or("a page request without its range")?;
-            let url = String::from_utf8_lossy(&payload[16..]).into_owned();
-            let peer = peers.lock().unwrap_or_else(|p| p.into_inner()).get(&url).cloned();
-            let peer = peer.ok_or_else(|| format!("pages of {url}, whose head was not asked for"))?;
-            peer.pages(first, count)
+            let (first, count) = word(8).zip(word(16)).ok_or("a page request without its range")?;
+            let url = String::from_utf8_lossy(payload.get(24..).unwrap_or_default()).into_owned();
+            peer(&url)?.pages(first, count)
         }
         other => Err(format!("an unknown request {other}")),
     }

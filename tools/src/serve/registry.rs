@@ -508,24 +508,34 @@ impl Registry {
         self.deploy(name, bundle, Language::Wasm, query).await
     }
 
-    /// Deploys as `name`, with the settings in `query`, the version a peer serves at `url`
-    /// (`http://NODE:PORT/v1/images/VERSION`, docs/API.md): from its stored image when this
-    /// agent has that version; else at once from the peer, whose image's head the peer fetcher
-    /// reads and whose pages it reads as VMs touch them (`host_vmm::lazy`), until the whole
-    /// image is here. Then it is stored, and the function served from it like any other
+    /// Deploys as `name`, with the settings in `query`, the version the peers at `holders`
+    /// serve (each `http://NODE:PORT/v1/images/VERSION`, docs/API.md): from its stored image
+    /// when this agent has that version; else at once from the peers, whose image's head the
+    /// peer fetcher reads from the first that gives one, and whose pages it reads as VMs touch
+    /// them (`host_vmm::lazy`), from another holder when one fails, until the whole image is
+    /// here. Then it is stored, and the function served from it like any other
     /// ([`Registry::settle`]). Until then a kept VM cannot be reset (its image is not here), so
     /// reset mode is served as pool mode.
     pub async fn deploy_from_peer(
         self: &Arc<Self>,
         name: &str,
-        url: &str,
+        holders: &[String],
         query: &str,
     ) -> Result<(Deployment, View), RegistryError> {
         let (serving, packing) = settings::parse(query, &self.operator.defaults)?;
         if let Some(given) = packing.first_given() {
             return Err(settings::SettingsError::InBundle(given.into()).into());
         }
-        let (url, version) = crate::remote::image_address(url)?;
+        let mut addresses = Vec::with_capacity(holders.len());
+        for holder in holders {
+            addresses.push(crate::remote::image_address(holder)?);
+        }
+        let Some((url, version)) = addresses.first().cloned() else {
+            return Err(crate::remote::PeerError::Url(String::new()).into());
+        };
+        if let Some((other, _)) = addresses.iter().find(|(_, v)| *v != version) {
+            return Err(crate::remote::PeerError::Mixed(url, other.clone()).into());
+        }
         if usable(&self.store.image_path(&version)) {
             info!(function = name, peer = url, "held already: nothing fetched");
             return self.put(name, version, serving, None).await;
@@ -534,14 +544,35 @@ impl Registry {
             self.operator.fetcher.clone().ok_or(RegistryError::NoFetcher(super::fetcher::FetcherError::Gone))?;
         let within =
             Duration::from_millis(serving.timeout_ms).clamp(Duration::from_millis(2), crate::remote::STALL * 2) / 2;
-        let (head_fetcher, head_url) = (Arc::clone(&fetcher), url.clone());
-        let head = blocking(move || head_fetcher.head(&head_url, within)).await?.map_err(|e| {
-            RegistryError::Peer(crate::remote::PeerError::Http { url: format!("{url}/head"), why: e.to_string() })
-        })?;
-        let head = host_vmm::remote::Head::decode(&head)
-            .map_err(|source| crate::remote::PeerError::Head { url: format!("{url}/head"), source })?;
-        let pages = super::fetcher::FetchedPages { fetcher, url: url.clone(), within: within * 2 };
-        let image = Arc::new(Image::from_head(head, Arc::new(pages), true)?);
+        let urls: Vec<String> = addresses.into_iter().map(|(url, _)| url).collect();
+        let (head_fetcher, head_urls) = (Arc::clone(&fetcher), urls.clone());
+        let head = blocking(move || {
+            let mut failures = Vec::new();
+            for url in &head_urls {
+                let head = head_fetcher
+                    .head(url, within)
+                    .map_err(|e| e.to_string())
+                    .and_then(|bytes| host_vmm::remote::Head::decode(&bytes).map_err(|e| e.to_string()));
+                match head {
+                    Ok(head) => return Ok(head),
+                    Err(why) => failures.push(format!("{url}/head: {why}")),
+                }
+            }
+            Err(crate::remote::PeerError::NoHead(failures.join("; ")))
+        })
+        .await??;
+        let sources = urls
+            .iter()
+            .map(|url| {
+                let pages = super::fetcher::FetchedPages {
+                    fetcher: Arc::clone(&fetcher),
+                    url: url.clone(),
+                    within: within * 2,
+                };
+                Arc::new(pages) as Arc<dyn host_vmm::lazy::PageSource>
+            })
+            .collect();
+        let image = Arc::new(Image::from_head(head, Arc::new(host_vmm::lazy::Holders::new(sources)), true)?);
         let mut now = serving.clone();
         if now.mode == host_vmm::lane::Mode::Reset {
             now.mode = host_vmm::lane::Mode::Pool;
