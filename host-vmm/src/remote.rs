@@ -68,6 +68,10 @@ pub use crate::snapshot::Head;
 impl Head {
     /// The head of `image`, as its holder sends it.
     pub fn of(image: &Image) -> Result<Self, RemoteError> {
+        if !image.wait_complete(std::time::Duration::ZERO) {
+            // Its holes would read as zero pages that are not.
+            return Err(bad(format!("{}: not all of the image is here yet", image.path().display())));
+        }
         let info = &image.info;
         let range = info.memory[0];
         let memory_pages = range.len / PAGE_SIZE;

@@ -258,13 +258,15 @@ impl Registry {
         }
     }
 
-    /// The image of `version` if a function serving here holds it: what a peer restores from.
+    /// The image of `version` if a function serving here holds it, stored here: what a peer
+    /// restores from. An image still arriving from a peer is not one (its holes are not all
+    /// zero pages).
     pub fn held_image(&self, version: &str) -> Option<Arc<host_vmm::snapshot::Image>> {
         let slots = self.slots.read().unwrap_or_else(|p| p.into_inner());
-        slots
-            .values()
-            .filter(|slot| slot.record.version == version)
-            .find_map(|slot| slot.serving.as_ref().ok().map(|deployed| Arc::clone(deployed.image())))
+        slots.values().filter(|slot| slot.record.version == version).find_map(|slot| {
+            let deployed = slot.serving.as_ref().ok().filter(|d| !d.image().is_remote())?;
+            Some(Arc::clone(deployed.image()))
+        })
     }
 
     /// `name` as the API shows it.
