@@ -5,9 +5,10 @@
 //! pages that came with the restore head and the volume; every VM restored from it maps it
 //! copy-on-write, as VMs map a local image, so what the memfd holds comes from the shared page
 //! cache. The rest arrives two ways:
-//! - **On demand.** Each VM's mapping is registered with a userfaultfd for missing pages
-//!   ([`Lazy`]), and a thread resolves its faults. A page the image's page map says is zero
-//!   gets the zero page. Any other is made present in the memfd ([`Filler`]: read from the
+//! - **On demand.** The image's non-zero runs in each VM's mapping are registered with a
+//!   userfaultfd for missing pages ([`Lazy`]); a zero page is a hole in the memfd and reads as
+//!   zeros without a fault (one in a gap between merged runs gets the zero page). A thread
+//!   resolves the faults: the page is made present in the memfd ([`Filler`]: read from the
 //!   [`PageSource`] with the missing pages after it, [`DEMAND_CLUSTER`] at most, unless another
 //!   VM or the prefetcher brought it already), and the faulting thread is woken to find it in
 //!   the page cache.
@@ -23,13 +24,14 @@
 //! VM's mapping (`UFFDIO_POISON`, Linux 6.6): the access that waited for it fails with `SIGBUS`
 //! (host) or KVM's poison signal (guest), which [`crate::guard`] turns into a damaged mapping,
 //! and the VM into an error naming the source ([`Lazy::failure`]). On a kernel without poison
-//! the access keeps waiting until the request's watchdog ends the run.
+//! (before 6.6) the page stays missing and the access waits, until the request's watchdog ends
+//! the run (not tried: these machines run 6.18).
 
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::FileExt;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -62,13 +64,13 @@ pub trait PageSource: Send + Sync {
 pub struct Holders {
     sources: Vec<Arc<dyn PageSource>>,
     /// The index of the source that answered last.
-    current: std::sync::atomic::AtomicUsize,
+    current: AtomicUsize,
 }
 
 impl Holders {
     /// The sources, tried from the first.
     pub fn new(sources: Vec<Arc<dyn PageSource>>) -> Self {
-        Self { sources, current: std::sync::atomic::AtomicUsize::new(0) }
+        Self { sources, current: AtomicUsize::new(0) }
     }
 }
 
@@ -675,7 +677,6 @@ fn prefetch_all(fill: &Fill) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::AtomicUsize;
 
     /// A source whose page `n` is filled with the byte `n + 1`, counting its reads, failing
     /// from read `fail_after` on.
