@@ -456,6 +456,11 @@ impl Filler {
         }
     }
 
+    /// Why a read failed, if one did: the first failure, which fails every later read.
+    pub fn failure(&self) -> Option<String> {
+        self.fill.failure()
+    }
+
     /// Waits until every non-zero page is in (or a read failed, or `timeout` passed); returns
     /// whether all are in.
     pub fn wait_complete(&self, timeout: Duration) -> bool {

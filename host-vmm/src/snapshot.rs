@@ -571,6 +571,12 @@ impl Image {
         Ok(())
     }
 
+    /// For an image a peer holds: why a read of its pages failed, if one did (then the rest of
+    /// it will not arrive).
+    pub fn peer_failure(&self) -> Option<String> {
+        self.peer.as_ref().and_then(|filler| filler.failure())
+    }
+
     /// For an image a peer holds: what was read from the peer so far.
     pub fn peer_stats(&self) -> Option<LazyStats> {
         self.peer.as_ref().map(|filler| filler.stats())

@@ -616,31 +616,37 @@ impl Registry {
     /// deleted meanwhile. An image that never completes (its peer died) stays served from the
     /// peer, a VM that needs a page that did not arrive failing with why.
     async fn settle(&self, name: &str, version: &str, serving: Serving, image: Arc<Image>) {
-        let waiting = Arc::clone(&image);
-        let complete = blocking(move || waiting.wait_complete(Duration::from_secs(3600))).await.unwrap_or(false);
-        if !complete {
-            warn!(
-                function = name,
-                version = short(version),
-                "its image did not arrive whole from its peer; it is served from the peer until deployed again"
-            );
-            return;
-        }
-        let scratch = self.store.scratch().join(format!("{}-from-peer.snap", short(version)));
-        let (saving, path) = (Arc::clone(&image), scratch.clone());
-        match blocking(move || saving.save(&path)).await {
-            Ok(Ok(())) => {}
-            failed => {
+        let still = || self.serving(name).ok().flatten().is_some_and(|d| Arc::ptr_eq(d.image(), &image));
+        loop {
+            let waiting = Arc::clone(&image);
+            if blocking(move || waiting.wait_complete(Duration::from_secs(1))).await.unwrap_or(false) {
+                break;
+            }
+            // Deployed again or deleted: the image goes, and its prefetcher stops.
+            if !still() {
+                return;
+            }
+            if image.peer_failure().is_some() {
                 warn!(
                     function = name,
                     version = short(version),
-                    "storing the image that arrived from its peer: {failed:?}"
+                    "its image did not arrive whole from its peer; it is served from the peer until deployed again"
                 );
                 return;
             }
         }
+        let scratch = self.store.scratch().join(format!("{}-from-peer.snap", short(version)));
+        let (saving, path) = (Arc::clone(&image), scratch.clone());
+        let saved = match blocking(move || saving.save(&path)).await {
+            Ok(saved) => saved.map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        if let Err(why) = saved {
+            warn!(function = name, version = short(version), "storing the image that arrived from its peer: {why}");
+            return;
+        }
         let kept = self.store.keep_image(&scratch, version);
-        let still = self.serving(name).ok().flatten().is_some_and(|d| Arc::ptr_eq(d.image(), &image));
+        let still = still();
         match kept {
             Err(e) => warn!(function = name, "storing the image that arrived from its peer: {e}"),
             Ok(()) if still => match self.put(name, version.to_string(), serving, None).await {
