@@ -350,9 +350,9 @@ pub(crate) struct MemoryWatch {
     file: Arc<File>,
     path: PathBuf,
     needed: u64,
-    /// The fault handler of a mapping of an image a peer holds, and the peer, while the
-    /// image is not all here.
-    lazy: Option<(Lazy, String)>,
+    /// The fault handler of a mapping of an image a peer holds, while the image is not all
+    /// here.
+    lazy: Option<Lazy>,
 }
 
 impl MemoryWatch {
@@ -362,11 +362,11 @@ impl MemoryWatch {
     /// file's length is looked at only then: the request path pays one atomic load.
     pub(crate) fn check(&self, suspect: bool) -> Result<(), SnapshotError> {
         let damaged = self.guard.damaged();
-        if let Some((lazy, peer)) = &self.lazy {
+        if let Some(lazy) = &self.lazy {
             let failure = lazy.failure();
             if damaged || failure.is_some() {
                 let why = failure.unwrap_or_else(|| "a page could not be read".into());
-                return Err(SnapshotError::Peer { peer: peer.clone(), why });
+                return Err(SnapshotError::Peer { peer: self.path.display().to_string(), why });
             }
             return Ok(());
         }
@@ -545,25 +545,15 @@ impl Image {
         let destination = crate::files::destination(path).map_err(io)?;
         let draft = crate::files::Draft::beside(&destination).map_err(io)?;
         let file = draft.file();
-        let mut chunks = vec![(0, self.info.metadata_len)];
-        chunks.extend(self.data_extents(true)?);
-        let mut buf = vec![0u8; 1 << 20];
-        for (start, end) in chunks {
-            let mut at = start;
-            while at < end {
-                let n = ((end - at) as usize).min(buf.len());
-                self.file
-                    .read_exact_at(&mut buf[..n], at)
-                    .map_err(|source| SnapshotError::Io { path: self.path.clone(), source })?;
-                // Pages a VM read from a hole are zero pages of the memfd: holes again here.
-                for (i, page) in buf[..n].chunks(image::PAGE_SIZE as usize).enumerate() {
-                    if page.iter().any(|&b| b != 0) {
-                        file.write_all_at(page, at + (i * image::PAGE_SIZE as usize) as u64).map_err(io)?;
-                    }
+        self.copy_stored(|bytes, at| {
+            // Pages a VM read from a hole are zero pages of the memfd: holes again here.
+            for (i, page) in bytes.chunks(image::PAGE_SIZE as usize).enumerate() {
+                if page.iter().any(|&b| b != 0) {
+                    file.write_all_at(page, at + (i * image::PAGE_SIZE as usize) as u64).map_err(io)?;
                 }
-                at += n as u64;
             }
-        }
+            Ok(())
+        })?;
         file.set_len(self.file_len()?).map_err(io)?;
         file.set_permissions(std::fs::Permissions::from_mode(0o444)).map_err(io)?;
         file.sync_all().map_err(io)?;
@@ -625,19 +615,7 @@ impl Image {
             .map_err(|e| io(std::io::Error::other(e)))?;
         let file_len = self.file.metadata().map_err(io)?.len();
         memfd.as_file().set_len(file_len).map_err(io)?;
-        // Copy the metadata, then only the stored (non-hole) memory data.
-        let mut chunks = vec![(0, self.info.metadata_len)];
-        chunks.extend(self.data_extents(true)?);
-        let mut buf = vec![0u8; 1 << 20];
-        for (start, end) in chunks {
-            let mut at = start;
-            while at < end {
-                let n = ((end - at) as usize).min(buf.len());
-                self.file.read_exact_at(&mut buf[..n], at).map_err(io)?;
-                memfd.as_file().write_all_at(&buf[..n], at).map_err(io)?;
-                at += n as u64;
-            }
-        }
+        self.copy_stored(|bytes, at| memfd.as_file().write_all_at(bytes, at).map_err(io))?;
         use memfd::FileSeal::{SealGrow, SealSeal, SealShrink, SealWrite};
         memfd.add_seals(&[SealWrite, SealGrow, SealShrink, SealSeal]).map_err(|e| io(std::io::Error::other(e)))?;
         Ok(Image {
@@ -648,6 +626,26 @@ impl Image {
             made: Made::default(),
             peer: self.peer.clone(),
         })
+    }
+
+    /// Hands `write` the metadata, then only the stored (non-hole) memory data and volume, each
+    /// piece (1 MiB at most) with its offset in the file.
+    fn copy_stored(&self, mut write: impl FnMut(&[u8], u64) -> Result<(), SnapshotError>) -> Result<(), SnapshotError> {
+        let mut chunks = vec![(0, self.info.metadata_len)];
+        chunks.extend(self.data_extents(true)?);
+        let mut buf = vec![0u8; 1 << 20];
+        for (start, end) in chunks {
+            let mut at = start;
+            while at < end {
+                let n = ((end - at) as usize).min(buf.len());
+                self.file
+                    .read_exact_at(&mut buf[..n], at)
+                    .map_err(|source| SnapshotError::Io { path: self.path.clone(), source })?;
+                write(&buf[..n], at)?;
+                at += n as u64;
+            }
+        }
+        Ok(())
     }
 
     /// The (start, end) file ranges of memory data (and, with `volume`, of the data volume)
@@ -685,8 +683,7 @@ impl Image {
         let bitmap = AtomicBitmap::new(len, NonZeroUsize::new(image::PAGE_SIZE as usize).unwrap_or(NonZeroUsize::MIN));
         let (mut watch, region) = self.map(libc::PROT_READ | libc::PROT_WRITE, bitmap)?;
         if let Some(filler) = &self.peer {
-            let described = self.path.display().to_string();
-            watch.lazy = filler.attach(region.as_ptr() as u64)?.map(|lazy| (lazy, described));
+            watch.lazy = filler.attach(region.as_ptr() as u64)?;
         }
         let fail = |e: String| SnapshotError::Memory(format!("{}: {e}", self.path.display()));
         let region = GuestRegionMmap::new(region, GuestAddress(0)).ok_or_else(|| fail("address overflow".into()))?;

@@ -901,6 +901,17 @@ fn hostile_peer(answer: impl Fn(&str) -> Option<(u16, Vec<u8>)> + Send + Sync + 
     url
 }
 
+/// The restore head `server` serves for `version`, asked for with `authorization`.
+fn restore_head(server: &Server, version: &str, authorization: &str) -> Vec<u8> {
+    let mut request = agent().get(format!("{}/v1/images/{version}/head", server.url));
+    if !authorization.is_empty() {
+        request = request.header("Authorization", authorization);
+    }
+    let mut answer = request.call().unwrap();
+    assert_eq!(answer.status(), 200);
+    answer.body_mut().with_config().limit(64 << 20).read_to_vec().unwrap()
+}
+
 /// What a hostile peer answers a page request with ([`hostile_peer`]).
 type PageAnswer = fn() -> Option<(u16, Vec<u8>)>;
 
@@ -1026,16 +1037,7 @@ fn a_node_deployed_from_a_peer_answers_at_once_then_from_its_own_copy() {
     // A peer whose pages never come: the deploy is refused within twice the request's timeout.
     let c = Server::start(&dir.path().join("c"), &["--admin-token-file", token]);
     // b serves the version it now holds to peers in turn.
-    let real = agent()
-        .get(format!("{}/v1/images/{version}/head", b.url))
-        .header("Authorization", "Bearer node-secret-of-the-cluster")
-        .call()
-        .unwrap()
-        .body_mut()
-        .with_config()
-        .limit(64 << 20)
-        .read_to_vec()
-        .unwrap();
+    let real = restore_head(&b, &version, "Bearer node-secret-of-the-cluster");
     let bare = without_sent_pages(&real);
     let hostile = hostile_peer(move |path| {
         if path.ends_with("/head") { Some((200, bare.clone())) } else { Some((500, br#"{"error":"gone"}"#.to_vec())) }
@@ -1092,15 +1094,7 @@ fn a_hostile_or_dying_peer_fails_the_restore_with_one_line_and_never_zeros() {
     let deployed = put(&peer.functions("hello"), &example("hello"));
     assert_eq!(deployed.status, 201, "{}", deployed.body);
     let version = version(&deployed.body);
-    let real = agent()
-        .get(format!("{}/v1/images/{version}/head", peer.url))
-        .call()
-        .unwrap()
-        .body_mut()
-        .with_config()
-        .limit(64 << 20)
-        .read_to_vec()
-        .unwrap();
+    let real = restore_head(&peer, &version, "");
     let bare = without_sent_pages(&real);
     let restore = |url: &str| {
         let started = Instant::now();

@@ -45,6 +45,16 @@ pub enum PeerError {
     Mixed(String, String),
 }
 
+impl PeerError {
+    /// What went wrong, without the address when it is an answer's (the caller names the peer).
+    pub fn reason(self) -> String {
+        match self {
+            Self::Http { why, .. } => why,
+            e => e.to_string(),
+        }
+    }
+}
+
 /// The image that `urls` (each `http://HOST:PORT/v1/images/VERSION`, one version) all serve: its
 /// restore head from the first holder that gives a good one, and a page source that reads from
 /// all of them, another when one fails (`host_vmm::lazy::Holders`).
@@ -178,10 +188,7 @@ impl Peer {
     pub fn pages(&self, first: u64, count: u64) -> Result<Vec<u8>, String> {
         let url = format!("{}/pages?first={first}&count={count}", self.image);
         let expected = count.saturating_mul(host_vmm::layout::PAGE_SIZE);
-        let bytes = self.get(&url, expected + 1).map_err(|e| match e {
-            PeerError::Http { why, .. } => why,
-            e => e.to_string(),
-        })?;
+        let bytes = self.get(&url, expected + 1).map_err(PeerError::reason)?;
         if bytes.len() as u64 != expected {
             return Err(format!("{} bytes for {count} pages, {expected} expected", bytes.len()));
         }

@@ -20,7 +20,7 @@
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
-use std::process::{ChildStdin, ChildStdout, Command, Stdio};
+use std::process::{ChildStdin, ChildStdout};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::Duration;
@@ -74,18 +74,7 @@ impl Fetcher {
     /// Starts the fetcher, confined unless `confined` is false, and gives it the `token` peers
     /// take (this agent's admin token: every node has the same).
     pub fn start(confined: bool, token: Option<&str>) -> Result<Self, FetcherError> {
-        let exe = std::env::current_exe().map_err(FetcherError::Start)?;
-        let mut child = Command::new(exe)
-            .arg(COMMAND)
-            .args((!confined).then_some("--no-seccomp"))
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .map_err(FetcherError::Start)?;
-        let (Some(to), Some(from)) = (child.stdin.take(), child.stdout.take()) else {
-            return Err(FetcherError::Start(std::io::Error::other("no pipes")));
-        };
+        let (to, from) = super::puller::spawn_helper(COMMAND, confined).map_err(FetcherError::Start)?;
         let waiting = Arc::new(Mutex::new(Some(HashMap::new())));
         let answers = Arc::clone(&waiting);
         std::thread::Builder::new()
@@ -98,13 +87,8 @@ impl Fetcher {
     }
 
     fn send(&self, id: u64, op: u8, payload: &[u8]) -> std::io::Result<()> {
-        let mut frame = Vec::with_capacity(13 + payload.len());
-        frame.extend_from_slice(&(9 + payload.len() as u32).to_le_bytes());
-        frame.extend_from_slice(&id.to_le_bytes());
-        frame.push(op);
-        frame.extend_from_slice(payload);
         let mut to = self.to.lock().unwrap_or_else(|p| p.into_inner());
-        to.write_all(&frame).and_then(|()| to.flush())
+        to.write_all(&frame(id, op, payload)).and_then(|()| to.flush())
     }
 
     /// Sends a request and waits `within` for its answer.
@@ -146,6 +130,16 @@ impl Fetcher {
         payload.extend_from_slice(url.as_bytes());
         self.call(OP_PAGES, &payload, within)
     }
+}
+
+/// One frame: its length, `id`, `kind` (a request's op or an answer's status) and `body`.
+fn frame(id: u64, kind: u8, body: &[u8]) -> Vec<u8> {
+    let mut frame = Vec::with_capacity(13 + body.len());
+    frame.extend_from_slice(&(9 + body.len() as u32).to_le_bytes());
+    frame.extend_from_slice(&id.to_le_bytes());
+    frame.push(kind);
+    frame.extend_from_slice(body);
+    frame
 }
 
 /// Reads one frame: its id, its op or status byte, and the rest.
@@ -227,13 +221,8 @@ pub fn run(confined: bool) -> u8 {
                 Ok(bytes) => (1, bytes),
                 Err(why) => (0, why.into_bytes()),
             };
-            let mut frame = Vec::with_capacity(13 + body.len());
-            frame.extend_from_slice(&(9 + body.len() as u32).to_le_bytes());
-            frame.extend_from_slice(&id.to_le_bytes());
-            frame.push(ok);
-            frame.extend_from_slice(&body);
             let mut to = to.lock().unwrap_or_else(|p| p.into_inner());
-            let _ = to.write_all(&frame).and_then(|()| to.flush());
+            let _ = to.write_all(&frame(id, ok, &body)).and_then(|()| to.flush());
         });
     }
     0
@@ -258,10 +247,7 @@ fn answer(op: u8, payload: &[u8], peers: &Mutex<HashMap<String, Arc<Peer>>>, tok
     match op {
         OP_HEAD => {
             let url = String::from_utf8_lossy(&payload[8..]).into_owned();
-            peer(&url)?.head_bytes().map_err(|e| match e {
-                crate::remote::PeerError::Http { why, .. } => why,
-                e => e.to_string(),
-            })
+            peer(&url)?.head_bytes().map_err(crate::remote::PeerError::reason)
         }
         OP_PAGES => {
             let (first, count) = word(8).zip(word(16)).ok_or("a page request without its range")?;

@@ -65,18 +65,7 @@ impl Puller {
     /// Starts the puller: this binary, run as [`COMMAND`], confined unless `confined` is false
     /// (`thaw serve --no-seccomp`).
     pub fn start(confined: bool) -> Result<Self, PullerError> {
-        let exe = std::env::current_exe().map_err(PullerError::Start)?;
-        let mut child = Command::new(exe)
-            .arg(COMMAND)
-            .args((!confined).then_some("--no-seccomp"))
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .map_err(PullerError::Start)?;
-        let (Some(to), Some(from)) = (child.stdin.take(), child.stdout.take()) else {
-            return Err(PullerError::Start(std::io::Error::other("no pipes")));
-        };
+        let (to, from) = spawn_helper(COMMAND, confined).map_err(PullerError::Start)?;
         Ok(Self { talk: Mutex::new(Talk { to, from: BufReader::new(from) }) })
     }
 
@@ -117,6 +106,23 @@ impl Puller {
             )));
         }
         Ok((listed, Some(bytes)))
+    }
+}
+
+/// Starts a helper of the agent's (the puller, the peer fetcher): this binary run as `command`,
+/// confined unless `confined` is false, spoken to over its stdin and stdout. Nothing waits for
+/// it or kills it (the agent's allow-list has neither call): it ends when its stdin does.
+pub fn spawn_helper(command: &str, confined: bool) -> std::io::Result<(ChildStdin, ChildStdout)> {
+    let mut child = Command::new(std::env::current_exe()?)
+        .arg(command)
+        .args((!confined).then_some("--no-seccomp"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()?;
+    match (child.stdin.take(), child.stdout.take()) {
+        (Some(to), Some(from)) => Ok((to, from)),
+        _ => Err(std::io::Error::other("no pipes")),
     }
 }
 
